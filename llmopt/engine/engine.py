@@ -1,0 +1,170 @@
+"""LLMEngine: the one generate loop every front end drives.
+
+``add_request`` tokenizes and queues; ``step`` schedules, runs one batched forward, samples, and
+post-processes (append, stop strings, EOS, max_tokens, context end, free blocks), returning the
+outputs that changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable, Iterable
+
+import torch
+
+from llmopt.config import EngineConfig
+from llmopt.engine.kv_cache import BlockManager
+from llmopt.engine.runner import ModelRunner
+from llmopt.engine.sampler import sample
+from llmopt.engine.sampling_params import SamplingParams
+from llmopt.engine.scheduler import Scheduler
+from llmopt.engine.sequence import RequestOutput, Sequence
+from llmopt.models.loader import load_model
+
+log = logging.getLogger(__name__)
+
+Prompt = str | list[int] | list[dict[str, str]]  # text, token ids, or chat messages
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+class LLMEngine:
+    def __init__(self, model: str, config: EngineConfig | None = None, quant: str | None = None,
+                 group_size: int = 64):
+        self.config = cfg = config or EngineConfig()
+        torch.set_num_threads(cfg.num_threads)
+        self.loaded = load_model(model, dtype=cfg.torch_dtype, max_positions=cfg.max_model_len or 8192)
+        self.model, self.tokenizer, self.model_config = self.loaded.model, self.loaded.tokenizer, self.loaded.config
+        self.max_model_len = self.model.max_positions
+        self.quant = quant
+        if quant:
+            from llmopt.quant.linear import quantize_model
+
+            quantize_model(self.model, quant, group_size=group_size)
+        per_block = ModelRunner.kv_bytes_per_block(self.model, cfg.block_size, cfg.torch_dtype)
+        num_blocks = cfg.num_kv_blocks or max(1, int(cfg.kv_cache_memory_gb * 2**30 // per_block))
+        self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(cfg, self.block_manager)
+        self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, cfg.torch_dtype)
+        self.lock = threading.RLock()  # add/abort may come from other threads than step()
+        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "computed_prefill_tokens": 0, "steps": 0}
+        log.info("engine: %d KV blocks x %d tokens, max_model_len %d, %d threads", num_blocks, cfg.block_size,
+                 self.max_model_len, cfg.num_threads)
+
+    # ---- requests -------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: Prompt) -> tuple[list[int], str | None]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt), prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            return self.tokenizer.apply_chat_template(prompt), None
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            bad = [t for t in prompt if not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.model_config.vocab_size - 1})")
+            return list(prompt), None
+        raise TypeError("a prompt is a string, a list of token ids, or a list of chat messages")
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
+                    request_id: str | None = None) -> Sequence:
+        params = params or SamplingParams()
+        ids, text = self.encode_prompt(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLongError(f"the prompt has {len(ids)} tokens but the context window fits "
+                                     f"{self.max_model_len} (prompt + at least one new token); shorten it")
+        seq = Sequence(ids, params, self.tokenizer, request_id, text)
+        with self.lock:
+            self.scheduler.add(seq)
+            self.stats["prompt_tokens"] += len(ids)
+        return seq
+
+    def abort(self, request_id: str) -> bool:
+        with self.lock:
+            return self.scheduler.abort(request_id) is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        with self.lock:
+            batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        seqs, logits = self.runner.execute(batch)
+        now = time.perf_counter()
+        outputs: list[RequestOutput] = []
+        with self.lock:
+            self.stats["steps"] += 1
+            for seq, n in batch:
+                p0 = seq.num_computed_tokens
+                self.stats["computed_prefill_tokens"] += max(0, min(p0 + n, len(seq.prompt_ids)) - p0)
+                seq.num_computed_tokens += n
+                self.block_manager.register_computed(seq)
+            if logits is None:
+                return []
+            tokens, lps = sample(logits, seqs)
+            for seq, tok, lp in zip(seqs, tokens, lps):
+                if seq.finished:  # aborted while the step ran
+                    continue
+                delta = self._append(seq, tok, lp, now)
+                outputs.append(RequestOutput.of(seq, delta))
+        return outputs
+
+    def _append(self, seq: Sequence, token: int, lp: Any, now: float) -> str:
+        p = seq.params
+        seq.output_ids.append(token)
+        seq.token_times.append(now)
+        self.stats["generated_tokens"] += 1
+        if seq.metrics.first_token_time is None:
+            seq.metrics.first_token_time = now
+        if lp is not None:
+            seq.logprobs.append(lp)
+        reason = None
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.tokenizer.stop_token_ids):
+            reason = "stop"
+            delta = ""
+        else:
+            delta = seq.detok.add(token)
+            seq.text += delta
+            if p.stop and delta:
+                tail_from = max(0, len(seq.text) - len(delta) - max(len(s) for s in p.stop))
+                hits = [(seq.text.find(s, tail_from), s) for s in p.stop]
+                hits = [(i, s) for i, s in hits if i >= 0]
+                if hits:
+                    i, s = min(hits)
+                    keep = i + len(s) if p.include_stop_str_in_output else i
+                    delta = delta[: max(0, len(delta) - (len(seq.text) - keep))]
+                    seq.text = seq.text[:keep]
+                    reason = "stop"
+        if reason is None and (len(seq.output_ids) >= p.max_tokens or len(seq) >= self.max_model_len):
+            reason = "length"
+        if reason:
+            self.scheduler.finish(seq, reason)
+        return delta
+
+    def generate(self, prompts: Iterable[Prompt], params: SamplingParams | list[SamplingParams] | None = None,
+                 on_progress: Callable[[int, int], None] | None = None) -> list[RequestOutput]:
+        prompts = list(prompts)
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
+        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        done = 0
+        while any(not s.finished for s in seqs):
+            outs = self.step()
+            finished_now = sum(1 for o in outs if o.finished)
+            if finished_now and on_progress:
+                done += finished_now
+                on_progress(done, len(seqs))
+        return [RequestOutput.of(s) for s in seqs]
+
+    def score(self, token_ids: list[int]) -> torch.Tensor:
+        if len(token_ids) > self.max_model_len:
+            raise PromptTooLongError(f"{len(token_ids)} tokens do not fit the context window of {self.max_model_len}")
+        return self.runner.score(token_ids)

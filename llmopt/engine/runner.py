@@ -1,0 +1,78 @@
+"""ModelRunner: owns the model and the KV cache tensors; turns a scheduled step into one flat
+batch (ids, positions, slot mapping, block tables), runs the forward and returns the logits of
+the sequences whose last token was computed."""
+
+from __future__ import annotations
+
+import torch
+
+from llmopt.engine.sequence import Sequence
+from llmopt.models.transformer import AttnContext, PrefillSpan, Transformer
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int, dtype: torch.dtype):
+        self.model = model
+        self.block_size = block_size
+        cfg = model.cfg
+        shape = (cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=dtype)
+        self.v_cache = torch.zeros(shape, dtype=dtype)
+        for i, layer in enumerate(model.layers):
+            layer.self_attn.k_cache = self.k_cache[i]
+            layer.self_attn.v_cache = self.v_cache[i]
+
+    @staticmethod
+    def kv_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) -> int:
+        c = model.cfg
+        return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * torch.finfo(dtype).bits // 8
+
+    def _slots(self, seq: Sequence, start: int, n: int) -> list[int]:
+        bs, bt = self.block_size, seq.block_table
+        return [bt[p // bs] * bs + p % bs for p in range(start, start + n)]
+
+    @torch.inference_mode()
+    def execute(self, batch: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor | None]:
+        """Run one step. Returns (sequences to sample for, logits [len, V])."""
+        decodes = [(s, n) for s, n in batch if n == 1]
+        prefills = [(s, n) for s, n in batch if n > 1]
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        for seq, _ in decodes:
+            p = seq.num_computed_tokens
+            ids.append(seq.token_ids[p])
+            pos.append(p)
+            slots.extend(self._slots(seq, p, 1))
+        spans = []
+        for seq, n in prefills:
+            p = seq.num_computed_tokens
+            spans.append(PrefillSpan(len(ids), n, p + n, torch.tensor(seq.block_table, dtype=torch.int32)))
+            ids.extend(seq.token_ids[p:p + n])
+            pos.extend(range(p, p + n))
+            slots.extend(self._slots(seq, p, n))
+        ctx = AttnContext(slot_mapping=torch.tensor(slots, dtype=torch.long), num_decode=len(decodes), prefills=spans)
+        if decodes:
+            width = max(len(s.block_table) for s, _ in decodes)
+            ctx.decode_block_tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table))
+                                                    for s, _ in decodes], dtype=torch.int32)
+            ctx.decode_context_lens = torch.tensor([s.num_computed_tokens + 1 for s, _ in decodes], dtype=torch.int32)
+        hidden = self.model(torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long), ctx)
+        # sample where the chunk reaches the end of the sequence's known tokens
+        rows, sample_seqs, end = [], [], 0
+        for seq, n in decodes + prefills:
+            end += n
+            if seq.num_computed_tokens + n == len(seq):
+                rows.append(end - 1)
+                sample_seqs.append(seq)
+        if not rows:
+            return [], None
+        return sample_seqs, self.model.compute_logits(hidden[torch.tensor(rows)])
+
+    @torch.inference_mode()
+    def score(self, token_ids: list[int]) -> torch.Tensor:
+        """log p(ids[i+1] | ids[:i+1]) for i in [0, len-1), float32, one causal pass, no cache."""
+        ids = torch.tensor(token_ids, dtype=torch.long)
+        hidden = self.model(ids, torch.arange(len(ids)), None)
+        logp = torch.log_softmax(self.model.compute_logits(hidden[:-1]), -1)
+        return logp.gather(1, ids[1:, None])[:, 0]

@@ -1,0 +1,94 @@
+"""Continuous batching: which sequences run in the next step and how many tokens each computes.
+
+Policy, top to bottom: running sequences first (decodes take one token; a prompt being prefilled
+in chunks takes what is left of the token budget), then waiting sequences in arrival order while
+the budget, ``max_num_seqs`` and free KV blocks allow. When blocks run out, the most recently
+admitted running sequence is preempted: its blocks are freed and it is recomputed later.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from llmopt.config import EngineConfig
+from llmopt.engine.kv_cache import BlockManager
+from llmopt.engine.sequence import Sequence, Status
+
+
+class Scheduler:
+    def __init__(self, cfg: EngineConfig, block_manager: BlockManager):
+        self.cfg = cfg
+        self.bm = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.bm.free_seq(seq)
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """Returns ``[(seq, num_tokens_to_compute)]`` for this step."""
+        budget = self.cfg.max_num_batched_tokens
+        out: list[tuple[Sequence, int]] = []
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted below by an earlier sequence
+                continue
+            if budget == 0:
+                break
+            n = min(seq.num_to_compute, budget)
+            while not self.bm.can_grow(seq, n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status != Status.RUNNING:
+                continue
+            self.bm.grow(seq, n)
+            out.append((seq, n))
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_to_compute, budget)
+            if not self.bm.admit(seq, n):
+                if not self.running and not out:
+                    raise RuntimeError(f"the KV cache ({self.bm.num_blocks} blocks of {self.bm.block_size}) "
+                                       f"cannot hold one sequence of {len(seq)} tokens; raise kv_cache_memory_gb")
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            if seq.metrics.first_scheduled_time is None:
+                seq.metrics.first_scheduled_time = time.perf_counter()
+            self.running.append(seq)
+            n = min(n, seq.num_to_compute)  # prefix hits shrink the work
+            out.append((seq, n))
+            budget -= n
+        return out
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        seq.metrics.finish_time = time.perf_counter()
+        if seq in self.running:
+            self.running.remove(seq)
+        self.bm.free_seq(seq)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        for seq in list(self.running) + list(self.waiting):
+            if seq.request_id == request_id:
+                if seq in self.waiting:
+                    self.waiting.remove(seq)
+                self.finish(seq, "abort")
+                return seq
+        return None

@@ -1,0 +1,117 @@
+"""A request as the engine sees it: token ids, sampling state, KV block table and timings."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from llmopt.engine.sampling_params import SamplingParams
+from llmopt.models.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_ids = itertools.count()
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), best first
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+
+class Sequence:
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer,
+                 request_id: str | None = None, prompt: str | None = None):
+        self.seq_id = next(_ids)
+        self.request_id = request_id if request_id is not None else str(self.seq_id)
+        self.prompt = prompt
+        self.prompt_ids = list(prompt_ids)
+        self.output_ids: list[int] = []
+        self.params = params
+        self.status = Status.WAITING
+        self.block_table: list[int] = []
+        self.num_computed_tokens = 0  # tokens whose K/V are in the cache
+        self.num_cached_tokens = 0  # of the prompt, how many came from the prefix cache (last admission)
+        self.num_hashed_blocks = 0  # leading blocks registered in the prefix cache
+        self.block_hashes: list[int] = []
+        self.finish_reason: str | None = None
+        self.num_preemptions = 0
+        self.metrics = RequestMetrics(arrival_time=time.perf_counter())
+        self.generator = torch.Generator().manual_seed(params.seed if params.seed is not None
+                                                       else random.getrandbits(63))
+        self.detok = IncrementalDetokenizer(tokenizer, self.prompt_ids, params.skip_special_tokens)
+        self.text = ""
+        self.logprobs: list[TokenLogprob] = []
+        self.token_times: list[float] = []
+
+    # token ids of prompt + output; the engine computes K/V for these
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_to_compute(self) -> int:
+        return len(self) - self.num_computed_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status == Status.FINISHED
+
+    def __repr__(self) -> str:
+        return (f"Sequence(id={self.seq_id}, len={len(self)}, computed={self.num_computed_tokens}, "
+                f"status={self.status.value})")
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    logprobs: list[TokenLogprob] | None
+    metrics: RequestMetrics
+    num_cached_tokens: int
+    delta: str = ""  # text added by the step that produced this output
+    token_times: list[float] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, seq: Sequence, delta: str = "") -> "RequestOutput":
+        return cls(seq.request_id, seq.prompt, seq.prompt_ids, seq.text, list(seq.output_ids), seq.finished,
+                   seq.finish_reason, list(seq.logprobs) if seq.params.logprobs is not None else None,
+                   seq.metrics, seq.num_cached_tokens, delta, list(seq.token_times))
+
+    @property
+    def tpot(self) -> float | None:
+        """Mean time per output token after the first (seconds)."""
+        if len(self.token_times) < 2:
+            return None
+        return (self.token_times[-1] - self.token_times[0]) / (len(self.token_times) - 1)

