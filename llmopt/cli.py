@@ -96,6 +96,32 @@ def models():
     console.print(t)
 
 
+# Commands whose logic lives in a package: (command name, module, function). Each module keeps its
+# heavy imports inside the function so that `llmopt --help` stays fast.
+_COMMANDS = [
+    ("run", "llmopt.batch.cli", "run_command"),
+    ("bench", "llmopt.bench.cli", "bench_command"),
+    ("eval", "llmopt.tasks.cli", "eval_command"),
+    ("report", "llmopt.tasks.cli", "report_command"),
+    ("quantize", "llmopt.quant.cli", "quantize_command"),
+    ("serve", "llmopt.serve.cli", "serve_command"),
+]
+
+
+def _register() -> None:
+    import importlib
+
+    for name, module, attr in _COMMANDS:
+        try:
+            fn = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError):
+            continue
+        app.command(name)(guarded(fn))
+
+
+_register()
+
+
 def run() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -36,24 +36,26 @@ class LoadedModel:
     load_seconds: float
 
 
-def load_model(model: str | Path, dtype: torch.dtype = torch.float32,
-               max_positions: int | None = None) -> LoadedModel:
-    t0 = time.perf_counter()
+def open_checkpoint(model: str | Path) -> tuple[ModelConfig, Tokenizer, Iterator[tuple[str, torch.Tensor]], Path]:
+    """Resolve ``model`` and open it: (config, tokenizer, lazy HF-named fp32 weights, file or dir)."""
     path = resolve(model)
     if path.is_dir():
         if (path / "config.json").exists():
-            cfg, tok, weights = _open_hf_dir(path)
-        else:
-            ggufs = sorted(path.glob("*.gguf"))
-            if len(ggufs) != 1:
-                raise ModelLoadError(
-                    f"directory {str(path)!r} has no config.json" +
-                    (f" and {len(ggufs)} .gguf files (name one)" if ggufs else " and no .gguf file") +
-                    ": give a Hugging Face model directory or a GGUF file")
-            path = ggufs[0]
-            cfg, tok, weights = _open_gguf(path)
-    else:
-        cfg, tok, weights = _open_gguf(path)
+            return (*_open_hf_dir(path), path)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) != 1:
+            raise ModelLoadError(
+                f"directory {str(path)!r} has no config.json" +
+                (f" and {len(ggufs)} .gguf files (name one)" if ggufs else " and no .gguf file") +
+                ": give a Hugging Face model directory or a GGUF file")
+        path = ggufs[0]
+    return (*_open_gguf(path), path)
+
+
+def load_model(model: str | Path, dtype: torch.dtype = torch.float32,
+               max_positions: int | None = None) -> LoadedModel:
+    t0 = time.perf_counter()
+    cfg, tok, weights, path = open_checkpoint(model)
     n_pos = min(max_positions or cfg.max_position_embeddings, cfg.max_position_embeddings)
     with torch.device("meta"):
         net = Transformer(cfg, max_positions=n_pos)
@@ -61,6 +63,8 @@ def load_model(model: str | Path, dtype: torch.dtype = torch.float32,
     net.reset_buffers()
     try:
         net.load_weights(weights)
+    except ModelLoadError:
+        raise
     except (KeyError, ValueError) as e:
         raise ModelLoadError(f"{path.name}: {e.args[0] if e.args else e}") from None
     if dtype != torch.float32:
@@ -70,6 +74,24 @@ def load_model(model: str | Path, dtype: torch.dtype = torch.float32,
     secs = time.perf_counter() - t0
     log.info("loaded %s (%s, %d layers) in %.2f s", path, cfg.arch, cfg.num_layers, secs)
     return LoadedModel(net, tok, cfg, path, secs)
+
+
+def load_transformers_model(model: str | Path, dtype: torch.dtype = torch.float32) -> Any:
+    """The unoptimized original: a transformers ``AutoModelForCausalLM`` holding exactly the weights
+    llmopt loads (dequantized GGUF or safetensors), for baselines and parity checks."""
+    from transformers import AutoModelForCausalLM
+
+    cfg, _, weights, _ = open_checkpoint(model)
+    hf = AutoModelForCausalLM.from_config(cfg.hf_config, dtype=torch.float32)
+    state = dict(weights)
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise ModelLoadError(f"transformers model does not fit the checkpoint: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+    return hf.to(dtype).eval()
 
 
 # ---- Hugging Face directories ---------------------------------------------------------------
