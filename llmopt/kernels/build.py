@@ -23,7 +23,7 @@ CSRC = Path(__file__).parent / "csrc"
 _lock = threading.Lock()
 _cache: dict[str, ModuleType | None] = {}
 
-CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffast-math", "-fno-finite-math-only", "-std=c++17"]
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffast-math", "-fno-finite-math-only"]
 
 
 def native_enabled() -> bool:

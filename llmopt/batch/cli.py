@@ -1,0 +1,118 @@
+"""``llmopt run``: a thin typer command over ``llmopt.batch``. The main CLI registers ``run_command``;
+heavy imports (torch, the engine) stay inside it so that ``llmopt --help`` stays fast."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+
+from llmopt.models.registry import DEFAULT_MODEL  # already imported by the main CLI
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from llmopt.batch.runner import RunSummary
+
+
+def summary_table(summary: RunSummary, load_s: float | None, wall_s: float) -> Table:
+    """Cases, questions, total / mean case duration and output tokens/s of this run."""
+    from rich.table import Table
+
+    t = Table(title=f"llmopt run -> {summary.out}")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    total = len(summary.cases)
+    if summary.kind == "cases":
+        t.add_row("test cases run / resumed / total",
+                  f"{len(summary.ran)} / {total - len(summary.ran)} / {total}")
+    t.add_row("questions answered / resumed", f"{summary.questions} / {summary.resumed_questions}")
+    if summary.kind == "cases":
+        t.add_row("total case duration", f"{summary.duration_ms:,.1f} ms")
+        t.add_row("mean case duration", f"{summary.duration_ms / len(summary.ran):,.1f} ms" if summary.ran else "-")
+    else:
+        t.add_row("inference time", f"{summary.duration_ms:,.1f} ms")
+    t.add_row("output tokens", f"{summary.output_tokens:,}")
+    t.add_row("output tokens/s", f"{summary.tokens_per_s:.1f}" if summary.ran else "-")
+    t.add_row("model load", f"{load_s:.1f} s" if load_s is not None else "not needed")
+    t.add_row("wall time", f"{wall_s:.1f} s")
+    return t
+
+
+def run_command(
+    cases: Annotated[Path, typer.Argument(help="batch file: test cases or a flat list of questions, .jsonl or "
+                                               ".json (schema: docs/batch.md)")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="results: JSONL, one line per test case; or one "
+                                                                "JSON object for a flat list of questions")],
+    model: Annotated[str, typer.Option(help="registry name, Hugging Face directory or .gguf file")] = DEFAULT_MODEL,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="skip what OUT already holds for these "
+                                                                      "cases (by id); --no-resume overwrites OUT")] = True,
+    system: Annotated[Optional[str], typer.Option(help="default system prompt (\"\" = none; a file's 'system' "
+                                                       "fields win); default: asks for <think>/<answer>")] = None,
+    max_tokens: Annotated[int, typer.Option(help="most new tokens per answer where the file sets no max_tokens",
+                                            min=1)] = 256,
+    concurrency: Annotated[int, typer.Option(help="questions in flight at once where the file sets no "
+                                                  "concurrency", min=1)] = 4,
+    temperature: Annotated[float, typer.Option(help="0 = greedy", min=0.0)] = 0.0,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling mass", min=0.0, max=1.0)] = 1.0,
+    seed: Annotated[Optional[int], typer.Option(help="sampling seed (with --temperature > 0)")] = None,
+    stop_at_answer: Annotated[bool, typer.Option("--stop-at-answer/--no-stop-at-answer",
+                                                 help="end each answer at its first </answer>")] = True,
+    quant: Annotated[Optional[str], typer.Option(help="quantize on load: int8, int4, ... (RTN)")] = None,
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16")] = "float32",
+    threads: Annotated[Optional[int], typer.Option(help="torch threads (default: $LLMOPT_NUM_THREADS or all "
+                                                        "cores; 1 is faster on a busy machine)", min=1)] = None,
+) -> None:
+    """Answer a competition batch file: per-test-case results with their duration (ms), resumable."""
+    import time
+
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    from llmopt.batch.cases import load_batch
+    from llmopt.batch.runner import DEFAULT_SYSTEM_PROMPT, BatchRun, RunOptions
+
+    console, err = Console(), Console(stderr=True)
+    t_start = time.perf_counter()
+    batch = load_batch(cases)
+    options = RunOptions(system=DEFAULT_SYSTEM_PROMPT if system is None else system, max_tokens=max_tokens,
+                         concurrency=concurrency, temperature=temperature, top_p=top_p, seed=seed,
+                         stop_at_answer=stop_at_answer)
+    run = BatchRun(batch, output, options, resume=resume)
+    todo = run.pending_questions
+    what = f"{len(batch.cases)} test cases" if batch.kind == "cases" else f"{len(batch.questions)} questions"
+    err.print(f"{cases}: {what}; {todo} answers to compute, {batch.num_questions - todo} already done", highlight=False)
+
+    engine, load_s = None, None
+    if todo:
+        from llmopt.config import EngineConfig
+        from llmopt.engine.engine import LLMEngine
+
+        t0 = time.perf_counter()
+        with err.status(f"loading {model}"):
+            config = EngineConfig(max_num_seqs=max(EngineConfig.max_num_seqs, run.max_concurrency), dtype=dtype,
+                                  num_threads=threads)
+            engine = LLMEngine(model, config, quant=quant)
+        load_s = time.perf_counter() - t0
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    try:
+        with Progress(*columns, console=err, transient=True, disable=not todo) as progress:
+            task = progress.add_task("answering", total=todo)
+
+            def on_answer(case, out) -> None:
+                progress.update(task, advance=1, description=f"case {case.id}" if case else "answering")
+
+            def on_case(res) -> None:
+                progress.console.print(f"case {res.id}: {len(res.results)} questions, {res.duration_ms:,.1f} ms, "
+                                       f"{res.output_tokens} tokens", highlight=False)
+
+            summary = run.run(engine, on_answer=on_answer, on_case=on_case)
+    except KeyboardInterrupt:
+        kept = output if batch.kind == "cases" else run.partial
+        err.print(f"interrupted: finished work is in {kept}; run the same command again to resume", highlight=False)
+        raise
+    console.print(summary_table(summary, load_s, time.perf_counter() - t_start))

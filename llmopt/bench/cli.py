@@ -1,0 +1,83 @@
+"""``llmopt bench``: a thin typer command over :mod:`llmopt.bench.grid`. The main CLI registers
+``bench_command``; rich output (status line, table) lives here and only here."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err = Console(stderr=True)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def results_table(result: dict[str, Any], title: str | None = None) -> Table:
+    """The bench table: one row per (cell, system); ratios are against the reference system."""
+    from rich.markup import escape
+
+    from .grid import TABLE_COLUMNS, _threads, table_rows
+
+    m = result["machine"]
+    t = Table(title=title or f"{result['model']['name']}: {_threads(m['threads'])}, {m['cpu_model']}",
+              caption=f"ref = {result['settings']['reference']}; peak RSS = high-water RSS of the process that runs "
+                      "only that system, during the run; timings on a shared machine are noisy")
+    for col in TABLE_COLUMNS:
+        t.add_column(col, justify="left" if col == "system" else "right")
+    last = None
+    for row in table_rows(result):
+        if last is not None and row[:2] != last:
+            t.add_section()
+        last = row[:2]
+        t.add_row(*(escape(c) for c in row))  # "llmopt[int4]" is not rich markup
+    return t
+
+
+def save_json(result: dict[str, Any], path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
+def bench_command(
+    model: Annotated[str, typer.Argument(help="registry name, Hugging Face directory or .gguf file")] = DEFAULT_MODEL,
+    concurrency: Annotated[str, typer.Option(help="comma-separated numbers of requests that arrive at once")] = "1,4,16",
+    input_len: Annotated[str, typer.Option(help="comma-separated prompt lengths in tokens (random ids, seeded)")] = "128",
+    output_len: Annotated[str, typer.Option(help="comma-separated output lengths in tokens (greedy, EOS ignored)")] = "128",
+    threads: Annotated[Optional[int], typer.Option(help="torch/OpenMP threads per system (default: all cores)", min=1)] = None,
+    baseline: Annotated[str, typer.Option(help="hf: transformers generate on the same weights, side by side; none: llmopt only")] = "hf",
+    quant: Annotated[Optional[str], typer.Option(help="extra llmopt rows quantized on load, e.g. int8,int4 (needs llmopt.quant.linear)")] = None,
+    repeat: Annotated[int, typer.Option(help="measured runs per cell and system (order alternates between runs)", min=1)] = 1,
+    warmup: Annotated[bool, typer.Option("--warmup/--no-warmup", help="a short run of each cell's shape before measuring it")] = True,
+    seed: Annotated[int, typer.Option(help="seed of the random prompts")] = 0,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="write every cell, both systems, ratios and machine info to this JSON file")] = None,
+    markdown: Annotated[bool, typer.Option("--markdown", help="also print the table as Markdown (for a README)")] = False,
+) -> None:
+    """Throughput, TTFT, TPOT and peak memory over concurrency x input x output length, llmopt
+    against the unoptimized original (transformers), side by side in one run."""
+    from .grid import GridConfig, check_quant_available, markdown_table, parse_int_list, product_cells, run_grid
+
+    quants = [q.strip() for q in quant.split(",") if q.strip()] if quant else []
+    check_quant_available(quants)  # fail before loading anything
+    cells = product_cells(parse_int_list(concurrency, "--concurrency"), parse_int_list(input_len, "--input-len"),
+                          parse_int_list(output_len, "--output-len"))
+    config = GridConfig(model=model, cells=cells, threads=threads or os.cpu_count() or 1, baseline=baseline,
+                        quants=quants, repeat=repeat, warmup=warmup, seed=seed)
+    command = "llmopt " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    with err.status("starting") as status:
+        result = run_grid(config, progress=lambda msg: status.update(msg), command=command)
+    out = console if console.is_terminal else Console(width=200)  # piped: do not wrap the table at 80 columns
+    out.print(results_table(result))
+    if markdown:
+        out.print(markdown_table(result), highlight=False, markup=False, soft_wrap=True)
+    if json_out is not None:
+        save_json(result, json_out)
+        err.print(f"wrote {json_out}")

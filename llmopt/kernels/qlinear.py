@@ -1,0 +1,212 @@
+"""Quantized linear: native dispatch + plain-torch reference for every weight format.
+
+``linear(x, qw, bias)`` computes ``x @ W.T + bias`` for a packed :class:`QuantizedWeight`:
+
+* native (``llmopt_qgemm`` extension, AVX2/FMA/F16C, CPU fp32 activations):
+    - M <= ``LARGE_M`` rows: fused kernel that decodes weights in registers, reuses every decoded
+      8-weight vector across a tile of up to 4 activation rows, OpenMP over output columns;
+    - M > ``LARGE_M`` (prefill): decode a chunk of weight rows (``CHUNK_BYTES`` of fp32, a reused
+      per-thread buffer) with the native decoder and call torch's fp32 GEMM (MKL) on it; measured
+      faster than the fused kernel from M ~ 64-128 on (the fused kernel's activation tile no longer
+      fits L2), see benchmarks/bench_qlinear.py;
+    - w8a8: own int8 kernel for every M (dynamic per-token activation quantization);
+    - w4a8: own int4 x int8 kernel for every M (dynamic per-token, per-group activation
+      quantization; integer group dot products, float scale/min per group).
+* reference (any device, any shape): ``dequantize`` then ``F.linear``; for w8a8 the exact
+  integer emulation (per-token int8 activations, int products summed exactly in float64); for
+  w4a8 the dequantized int8 activations times the int4 weights plus the exact min term.
+
+The native path is used when the extension builds (``LLMOPT_NATIVE`` != 0, AVX2 present), ``x``
+is on CPU, and the format/group size has a kernel; otherwise the reference is used silently.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from ..quant.formats import FORMATS, QuantizedWeight, codes, dequantize
+from ..quant.rtn import quantize_activations_int8, quantize_activations_int8_grouped
+from .build import native_enabled
+
+__all__ = [
+    "native_module",
+    "native_available",
+    "supports_native",
+    "linear",
+    "reference_linear",
+    "native_linear",
+    "dequantize_native",
+    "LARGE_M",
+]
+
+_FMT_ID = {"int4": 0, "int8": 1, "int3": 2, "int2": 3, "fp8": 4, "fp4": 5}
+
+LARGE_M = int(os.environ.get("LLMOPT_QLINEAR_LARGE_M", "64"))
+CHUNK_BYTES = 8 << 20  # fp32 bytes of weight decoded per chunk on the large-M path (L2/L3 sized)
+CHUNK_N = None  # fixed rows per chunk (tests); None -> from CHUNK_BYTES
+
+_ws = threading.local()  # per-thread decode workspace (avoids page-faulting a fresh buffer per call)
+
+
+def _workspace(rows: int, k: int) -> torch.Tensor:
+    buf = getattr(_ws, "buf", None)
+    if buf is None or buf.numel() < rows * k:
+        buf = torch.empty(rows * k, dtype=torch.float32)
+        _ws.buf = buf
+    return buf[: rows * k].view(rows, k)
+
+
+_mod = None
+_tried = False
+
+
+def native_module():
+    """The compiled extension, or None (built lazily, once per process)."""
+    global _mod, _tried
+    if not _tried:
+        from .build import load_extension
+
+        _mod = load_extension("llmopt_qgemm", ["qgemm.cpp"])
+        _tried = True
+    return _mod
+
+
+def native_available() -> bool:
+    return native_enabled() and native_module() is not None
+
+
+# group sizes with a native kernel (mirror of run_float's dispatch in csrc/qgemm.cpp):
+# in-block group sizes, "any multiple of the block", per-channel (G == 1 with gs == K)
+_NATIVE_GS = {
+    "int4": ((32, 64), True, False),
+    "int3": ((32, 64, 128), True, False),
+    "int2": ((32, 64, 128), True, False),
+    "int8": ((32,), True, True),
+    "fp8": ((), False, True),
+    "fp4": ((32,), False, False),
+}
+
+
+def supports_native(qw: QuantizedWeight) -> bool:
+    """True if a native kernel exists for this format + group size (independent of the build)."""
+    if qw.fmt == "w8a8":
+        return True
+    if qw.fmt == "w4a8":
+        return qw.group_size in (32, 64, 128, 256)
+    if qw.fmt not in _NATIVE_GS:
+        return False
+    n, k = qw.shape
+    gs = qw.group_size
+    inblock, any_block, per_channel = _NATIVE_GS[qw.fmt]
+    if per_channel and gs == k:
+        return True
+    if gs in inblock:
+        return True
+    return any_block and gs % FORMATS[qw.fmt].block == 0
+
+
+def reference_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain-torch reference (device-agnostic). ``x [..., K]`` -> ``[..., N]`` in x's dtype."""
+    n, k = qw.shape
+    if qw.fmt == "w8a8":
+        xf = x.float()
+        xq, sx = quantize_activations_int8(xf)
+        wq = qw["qweight"][:, :k]
+        acc = xq.double() @ wq.double().t()  # exact integer sums
+        y = (acc * (sx.double() * qw["scales"].double().reshape(1, n))).float()
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(x.dtype)
+    if qw.fmt == "w4a8":
+        gs = qw.group_size
+        xf = x.float()
+        xq, sx = quantize_activations_int8_grouped(xf, gs)
+        xhat = (xq.float().reshape(*xq.shape[:-1], k // gs, gs) * sx.unsqueeze(-1)).reshape(xq.shape)
+        q = codes(qw).float().reshape(n, k // gs, gs)
+        wq = (q * qw["scales"].float().unsqueeze(-1)).reshape(n, k)  # weight part without the mins
+        xsum = xf.reshape(*xf.shape[:-1], k // gs, gs).sum(-1)  # exact activation sums for the mins
+        y = F.linear(xhat, wq) + xsum @ qw["mins"].float().t()
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(x.dtype)
+    w = dequantize(qw).to(x.device)
+    return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
+
+
+def dequantize_native(qw: QuantizedWeight, n0: int = 0, n1: int | None = None) -> torch.Tensor:
+    """Native decode of rows ``[n0, n1)`` to fp32 (falls back to the reference)."""
+    n, k = qw.shape
+    n1 = n if n1 is None else n1
+    mod = native_module()
+    if mod is None or qw.fmt not in _FMT_ID or not supports_native(qw) or qw["qweight"].device.type != "cpu":
+        return dequantize(qw)[n0:n1]
+    return mod.dequant(_FMT_ID[qw.fmt], qw["qweight"], qw["scales"], qw.tensors.get("mins"), n, k,
+                       qw.group_size, n0, n1)
+
+
+def native_linear(x2: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None, mod) -> torch.Tensor:
+    """Native path on a 2-D fp32 CPU ``x2 [M, K]``."""
+    n, k = qw.shape
+    m = x2.shape[0]
+    if qw.fmt == "w8a8":
+        return mod.w8a8_gemm(x2, qw["qweight"], qw["scales"], bias)
+    if qw.fmt == "w4a8":
+        return mod.w4a8_gemm(x2, qw["qweight"], qw["scales"], qw["mins"], qw.group_size, bias)
+    if m > LARGE_M:
+        # prefill: decode a chunk of weight rows to fp32 (cache-sized, reused buffer) + fp32 GEMM
+        chunk = CHUNK_N or (n if 4 * n * k <= CHUNK_BYTES else max(16, CHUNK_BYTES // (4 * k) // 16 * 16))
+        mins = qw.tensors.get("mins")
+        out = torch.empty(m, n, dtype=torch.float32)
+        for n0 in range(0, n, chunk):
+            n1 = min(n, n0 + chunk)
+            w = mod.dequant(_FMT_ID[qw.fmt], qw["qweight"], qw["scales"], mins, n, k, qw.group_size, n0, n1,
+                            _workspace(n1 - n0, k))
+            if n1 - n0 == n:  # one chunk: write straight into the output
+                if bias is None:
+                    torch.mm(x2, w.t(), out=out)
+                else:
+                    torch.addmm(bias, x2, w.t(), out=out)
+            elif bias is None:
+                out[:, n0:n1] = x2 @ w.t()
+            else:
+                out[:, n0:n1] = torch.addmm(bias[n0:n1], x2, w.t())
+        return out
+    return mod.qgemm(x2, _FMT_ID[qw.fmt], qw["qweight"], qw["scales"], qw.tensors.get("mins"), n, k,
+                     qw.group_size, bias)
+
+
+def linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None,
+           backend: str = "auto") -> torch.Tensor:
+    """``x [..., K] @ W.T + bias`` -> ``[..., N]`` (output dtype = x dtype).
+
+    ``backend``: "auto" (native when possible), "native" (error if impossible), "reference".
+    """
+    n, k = qw.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features, weight expects {k}")
+    if backend == "reference":
+        return reference_linear(x, qw, bias)
+    if backend == "auto" and x.requires_grad and torch.is_grad_enabled():
+        return reference_linear(x, qw, bias)  # autograd-capable path (native kernels are inference-only)
+    mod = native_module() if (x.device.type == "cpu" and native_enabled()) else None
+    ok = mod is not None and supports_native(qw) and qw["qweight"].device.type == "cpu"
+    if not ok:
+        if backend == "native":
+            raise RuntimeError(f"no native kernel for {qw.fmt} (group {qw.group_size}) on {x.device}")
+        return reference_linear(x, qw, bias)
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
+    if x2.dtype != torch.float32:
+        x2 = x2.float()
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    b = bias
+    if b is not None and b.dtype != torch.float32:
+        b = b.float()
+    y = native_linear(x2, qw, b, mod)  # inference only: no autograd through the native kernels
+    if x.dim() != 2:
+        y = y.reshape(*x.shape[:-1], n)
+    return y if y.dtype == x.dtype else y.to(x.dtype)

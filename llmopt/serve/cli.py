@@ -1,0 +1,91 @@
+"""``llmopt serve``: the OpenAI-compatible HTTP server (registered by ``llmopt/cli.py``).
+
+Heavy imports (torch, fastapi, uvicorn) happen inside the function so ``llmopt --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from llmopt.models.registry import DEFAULT_MODEL
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def serve_command(
+    model: Annotated[str, typer.Argument(help="registry name (see `llmopt models`), Hugging Face directory or "
+                                              ".gguf file")] = DEFAULT_MODEL,
+    host: Annotated[str, typer.Option(help="address to bind (loopback by default; use --api-key if you "
+                                           "open it up)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port", min=0, max=65535)] = 8000,
+    quant: Annotated[Optional[str], typer.Option(help="quantize on load: int8, int4, ... (RTN)")] = None,
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16")] = "float32",
+    api_key: Annotated[Optional[str], typer.Option(envvar="LLMOPT_API_KEY", help="require 'Authorization: "
+                                                   "Bearer KEY' on every /v1 route (401 otherwise)")] = None,
+    served_model_name: Annotated[Optional[str], typer.Option(help="the model id clients send (default: MODEL)")]
+    = None,
+    max_num_seqs: Annotated[int, typer.Option(help="most sequences decoded together", min=1)] = 64,
+    max_num_batched_tokens: Annotated[int, typer.Option(help="token budget of one engine step", min=1)] = 2048,
+    max_model_len: Annotated[Optional[int], typer.Option(help="context window (default: the model's, at most "
+                                                         "8192)", min=2)] = None,
+    kv_cache_gb: Annotated[float, typer.Option(help="memory for the paged KV cache (GiB)", min=0.0)] = 2.0,
+    num_threads: Annotated[Optional[int], typer.Option(help="torch threads (default: all cores)", min=1)] = None,
+    max_queue: Annotated[int, typer.Option(help="sequences that may wait beyond --max-num-seqs; more get 503 "
+                                                "with Retry-After", min=0)] = 64,
+    request_timeout: Annotated[float, typer.Option(help="seconds a request may take before it is aborted "
+                                                        "(504)", min=0.001)] = 600.0,
+    shutdown_timeout: Annotated[float, typer.Option(help="on SIGTERM, seconds to let running requests finish "
+                                                         "before they are cancelled", min=0.0)] = 30.0,
+    reasoning_parser: Annotated[Optional[str], typer.Option(help="'think': return <think>...</think> of chat "
+                                                            "answers as reasoning_content")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+):
+    """Serve MODEL over the OpenAI HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
+    /health, /metrics)."""
+    import logging
+    import signal
+    import sys
+
+    import uvicorn
+
+    from llmopt.config import EngineConfig
+    from llmopt.engine.engine import LLMEngine
+    from llmopt.serve.app import ServeConfig, create_app
+
+    if reasoning_parser not in (None, "think"):
+        raise ValueError(f"--reasoning-parser must be 'think', got {reasoning_parser!r}")
+    if quant:
+        import importlib.util
+
+        if importlib.util.find_spec("llmopt.quant.linear") is None:
+            raise ValueError(f"--quant {quant}: quantize-on-load is not available in this build "
+                             "(llmopt.quant.linear is missing); serve an already quantized GGUF instead")
+    if host not in _LOOPBACK and not api_key:
+        logging.getLogger(__name__).warning("binding %s without --api-key: anyone who can reach it can use it", host)
+    cfg = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                       kv_cache_memory_gb=kv_cache_gb, max_model_len=max_model_len, num_threads=num_threads,
+                       dtype=dtype)
+    print(f"llmopt serve: loading {model} ...", file=sys.stderr, flush=True)
+    engine = LLMEngine(model, cfg, quant=quant)
+    names = [served_model_name or model] + ([model] if served_model_name and served_model_name != model else [])
+    app = create_app(engine, ServeConfig(model_names=names, api_key=api_key, max_queue=max_queue,
+                                         request_timeout=request_timeout, reasoning_parser=reasoning_parser))
+    server_state = app.state.server
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame) -> None:  # SIGTERM / SIGINT: stop taking requests first
+            server_state.loop.draining = True
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout,
+                            access_log=log_level == "debug")
+    # uvicorn re-raises the signal it handled once it has shut down; with these handlers that is a no-op,
+    # so a graceful SIGTERM ends the process with exit code 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    print(f"llmopt serve: {names[0]} on http://{host}:{port}/v1 (context {server_state.context_len} tokens, "
+          f"{engine.block_manager.num_blocks} KV blocks)", file=sys.stderr, flush=True)
+    Server(config).run()
+    print("llmopt serve: stopped", file=sys.stderr, flush=True)

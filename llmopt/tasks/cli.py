@@ -1,0 +1,150 @@
+"""``llmopt eval`` and ``llmopt report``: thin typer commands over llmopt.tasks and
+llmopt.report. The main CLI registers ``eval_command`` and ``report_command``; rich output
+(progress bars, tables) lives here and only here."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
+from rich.table import Table
+
+from .base import DEFAULT_MODEL, SUITE_NAMES
+
+console = Console()
+err = Console(stderr=True)
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def _ci(pair: Any, digits: int = 3) -> str:
+    return f"[{_fmt(pair[0], digits)}, {_fmt(pair[1], digits)}]" if pair else "-"
+
+
+def results_table(run: dict[str, Any], title: str) -> Table:
+    """The per-suite table of one eval run."""
+    from llmopt.report.build import SUITE_HEADER, suite_rows
+
+    t = Table(title=escape(title))
+    for col in SUITE_HEADER:
+        t.add_column(col, justify="left" if col in ("suite", "metric") else "right")
+    for row in suite_rows(run):
+        t.add_row(*row)
+    return t
+
+
+def deltas_table(comparison: dict[str, Any]) -> Table:
+    t = Table(title="candidate - baseline (same items)")
+    for col in ("suite", "metric", "candidate", "baseline", "delta", "95% CI", "McNemar p"):
+        t.add_column(col, justify="left" if col in ("suite", "metric") else "right")
+    for suite, d in comparison["deltas"].items():
+        digits = 2 if d["metric"] == "ppl" else 3
+        t.add_row(suite, d["metric"], _fmt(d["candidate"], digits), _fmt(d["baseline"], digits),
+                  _fmt(d["delta"], digits), _ci(d["delta_ci95"], digits),
+                  _fmt(d.get("mcnemar", {}).get("p_value")))
+    return t
+
+
+def _invocation() -> str:
+    """The command line as typed: ``llmopt ...``, or ``python -m llmopt.tasks.cli ...``."""
+    prog = "llmopt"
+    if sys.argv and sys.argv[0].endswith(("tasks/cli.py", "tasks\\cli.py")):
+        prog = "python -m llmopt.tasks.cli"
+    return " ".join([prog, *(shlex.quote(a) for a in sys.argv[1:])])
+
+
+def _run_one(model: str, quant: Optional[str], config: Any, command: str) -> dict[str, Any]:
+    from dataclasses import replace
+
+    from .evaluate import load_llm, run_eval
+
+    cfg = replace(config, model=model, quant=quant)
+    with err.status(escape(f"loading {model} (quant={quant or 'none'})")):
+        llm = load_llm(model, quant)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as progress:
+        tasks: dict[str, Any] = {}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if not err.is_terminal and (done == total or stage == "generate"):
+                # no live bar in a log file: one line per generated batch and finished stage
+                err.print(escape(f"{model} [{quant or 'none'}] {stage}: {done}/{total}"),
+                          highlight=False)
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(escape(f"{model} [{quant or 'none'}] {stage}"),
+                                                 total=total)
+            progress.update(tasks[stage], completed=done, total=total)
+
+        return run_eval(llm, cfg, progress=on_progress, command=command)
+
+
+def eval_command(
+    model: Annotated[str, typer.Argument(help="registry name, Hugging Face directory or .gguf file")] = DEFAULT_MODEL,
+    suite: Annotated[str, typer.Option("--suite", help=f"comma-separated suites: {','.join(SUITE_NAMES)} (or 'all')")] = "math,logic,code,format",
+    quant: Annotated[Optional[str], typer.Option(help="quantize on load: int8, int4, ... (default: none)")] = None,
+    n: Annotated[int, typer.Option("--n", help="items per suite", min=1)] = 20,
+    seed: Annotated[int, typer.Option(help="seed that picks the items (and sampling seeds)")] = 0,
+    samples: Annotated[int, typer.Option(help="samples per item; more than 1 reports pass@k", min=1)] = 1,
+    temperature: Annotated[Optional[float], typer.Option(help="default: 0 (greedy) for 1 sample, 0.8 for more", min=0.0)] = None,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling mass", min=0.0, max=1.0)] = 1.0,
+    max_tokens: Annotated[int, typer.Option(help="most new tokens per answer", min=1)] = 512,
+    batch_size: Annotated[int, typer.Option(help="prompts handed to the engine at once", min=1)] = 8,
+    shots: Annotated[int, typer.Option(help="few-shot demos per prompt, in the answer format", min=0)] = 0,
+    ppl_max_tokens: Annotated[int, typer.Option(help="tokens scored per perplexity document", min=2)] = 512,
+    code_timeout: Annotated[float, typer.Option(help="seconds per HumanEval program in the sandbox", min=0.1)] = 10.0,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="write suites and every item to this JSON file")] = None,
+    compare: Annotated[Optional[str], typer.Option("--compare", help="baseline to run on the same items: 'fp32', 'quant=int8' or 'model=PATH,quant=none'")] = None,
+) -> None:
+    """Accuracy, format score and perplexity on offline suites, with 95% intervals."""
+    from .evaluate import EvalConfig, compare_runs, parse_spec, parse_suites, save_json
+
+    command = _invocation()
+    config = EvalConfig(model=model, quant=quant, suites=parse_suites(suite), n=n, seed=seed,
+                        samples=samples, temperature=temperature, top_p=top_p,
+                        max_tokens=max_tokens, batch_size=batch_size, shots=shots,
+                        ppl_max_tokens=ppl_max_tokens, code_timeout_s=code_timeout)
+    run = _run_one(model, quant, config, command)
+    console.print(results_table(run, f"{model} [{quant or 'none'}]: n={n}, seed={seed}"))
+    result: dict[str, Any] = run
+    if compare is not None:
+        base_model, base_quant = parse_spec(compare, model)
+        baseline = _run_one(base_model, base_quant, config, command)
+        console.print(results_table(baseline, f"baseline {base_model} [{base_quant or 'none'}]"))
+        result = compare_runs(run, baseline)
+        console.print(deltas_table(result))
+    if json_out is not None:
+        save_json(result, json_out)
+        err.print(f"wrote {json_out}")
+
+
+def report_command(
+    run_dirs: Annotated[list[Path], typer.Argument(help="run directories or JSON files from `llmopt eval --json` / `llmopt bench`")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="directory for report.md, report.html and figures/")] = Path("report"),
+) -> None:
+    """Markdown and HTML report with plots from saved runs."""
+    from llmopt.report.build import build_report
+
+    command = _invocation()
+    files = build_report(run_dirs, out, command=command)
+    console.print(f"wrote {files.markdown}, {files.html} and {len(files.figures)} figures")
+
+
+def _standalone_app() -> typer.Typer:  # pragma: no cover - for trying the commands alone
+    app = typer.Typer(add_completion=False)
+    app.command("eval")(eval_command)
+    app.command("report")(report_command)
+    return app
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _standalone_app()()

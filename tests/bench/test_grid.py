@@ -1,0 +1,67 @@
+"""``llmopt bench``: a tiny grid end to end (structure and greedy-token agreement, never speed)."""
+
+import json
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from llmopt.bench.baselines import left_pad
+from llmopt.bench.grid import Cell, parse_int_list, percentile, product_cells, random_prompts
+from llmopt.cli import app
+
+SYSTEM_KEYS = {"output_tokens_per_s", "stream_decode_tokens_per_s", "ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms",
+               "tpot_p90_ms", "peak_rss_mb", "peak_rss_scope", "wall_s", "output_tokens",
+               "cpu_ms_per_output_token"}
+RATIO_KEYS = {"output_tokens_per_s_x", "stream_decode_tokens_per_s_x", "ttft_p50_speedup_x", "tpot_p50_speedup_x",
+              "cpu_per_token_speedup_x", "peak_rss_x"}
+
+
+def test_bench_cli_writes_both_systems_and_they_agree_on_greedy_tokens(tiny_models, tmp_path):
+    out = tmp_path / "bench.json"
+    res = CliRunner().invoke(app, ["bench", str(tiny_models["llama"][1]), "--concurrency", "1,3",
+                                   "--input-len", "7", "--output-len", "5", "--threads", "1", "--repeat", "2",
+                                   "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert data["kind"] == "llmopt-bench"
+    assert {"cpu_model", "threads", "torch", "git"} <= set(data["machine"]) and data["machine"]["threads"] == 1
+    assert [(c["concurrency"], c["input_len"], c["output_len"]) for c in data["cells"]] == [(1, 7, 5), (3, 7, 5)]
+    for cell in data["cells"]:
+        assert cell["reference"] == "transformers"
+        assert set(cell["systems"]) == {"llmopt", "transformers"}
+        for m in cell["systems"].values():
+            assert SYSTEM_KEYS <= set(m)
+            assert m["output_tokens"] == cell["concurrency"] * 5
+            assert len(m["output_tokens_per_s_runs"]) == 2 and m["peak_rss_mb"] > 0
+        assert set(cell["ratios"]["llmopt"]) == RATIO_KEYS
+        match = cell["greedy_tokens_vs_reference"]["llmopt"]
+        assert match["requests"] == 2 * cell["concurrency"] and match["all_identical"], match
+        assert cell["systems"]["llmopt"]["prefix_cache_hit_tokens"] == 0  # fresh prompts every run
+    assert {(r["concurrency"], r["backend"]) for r in data["rows"]} == {(c, s) for c in (1, 3)
+                                                                         for s in ("llmopt", "transformers")}
+    assert "┏" in res.output and f"wrote {out}" in res.output  # the rich table, then the file
+
+
+def test_bench_rejects_bad_grid_values_with_a_clear_message():
+    with pytest.raises(ValueError, match="--concurrency"):
+        parse_int_list("1,x", "--concurrency")
+    with pytest.raises(ValueError, match="--output-len"):
+        parse_int_list("0", "--output-len")
+    res = CliRunner().invoke(app, ["bench", "--baseline", "vllm", "--concurrency", "1"])
+    assert res.exit_code != 0 and "baseline" in res.output
+
+
+def test_bench_quant_says_what_is_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "llmopt.quant.linear", None)  # as if it did not import
+    res = CliRunner().invoke(app, ["bench", "--quant", "int4"])
+    assert res.exit_code != 0 and "llmopt.quant.linear" in res.output
+
+
+def test_grid_helpers():
+    assert product_cells([1, 4], [8], [2, 3]) == [Cell(1, 8, 2), Cell(4, 8, 2), Cell(1, 8, 3), Cell(4, 8, 3)]
+    p = random_prompts(3, 11, 50, seed=1)
+    assert p == random_prompts(3, 11, 50, seed=1) and all(len(x) == 11 and max(x) < 50 for x in p)
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5 and percentile([], 90) is None
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
