@@ -50,6 +50,8 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(cfg, self.block_manager)
         self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, cfg.torch_dtype)
+        # one sequence must fit the KV cache as well as the rope table
+        self.max_model_len = min(self.max_model_len, num_blocks * cfg.block_size)
         self.lock = threading.RLock()  # add/abort may come from other threads than step()
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "computed_prefill_tokens": 0, "steps": 0}
         log.info("engine: %d KV blocks x %d tokens, max_model_len %d, %d threads", num_blocks, cfg.block_size,
@@ -92,6 +94,8 @@ class LLMEngine:
 
     # ---- the loop -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if torch.get_num_threads() != self.config.num_threads:  # the setting is per thread
+            torch.set_num_threads(self.config.num_threads)
         with self.lock:
             batch = self.scheduler.schedule()
         if not batch:

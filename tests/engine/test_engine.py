@@ -161,3 +161,10 @@ def test_incremental_detokenizer_never_splits_multibyte(tiny_models):
     deltas = [d.add(i) for i in ids]
     assert "".join(deltas) == text
     assert all("\ufffd" not in x for x in deltas)
+
+
+def test_prompt_larger_than_kv_cache_is_rejected_up_front(tiny_models):
+    llm = LLM(str(tiny_models["llama"][1]), num_kv_blocks=4, block_size=8)
+    assert llm.engine.max_model_len == 32
+    with pytest.raises(PromptTooLongError, match="40 tokens.*fits 32"):
+        llm.generate([[5] * 40], GREEDY)

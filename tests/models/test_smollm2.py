@@ -31,12 +31,13 @@ def test_greedy_64_tokens_match_transformers_gguf(hf_model):
     msgs = [[{"role": "user", "content": p}] for p in PROMPTS]
     outs = llm.chat(msgs, SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True))
     for m, o in zip(msgs, outs):
-        ids = hf_tok.apply_chat_template(m, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        ids = ids["input_ids"]
+        enc = hf_tok.apply_chat_template(m, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        ids = enc["input_ids"]
         assert ids[0].tolist() == o.prompt_token_ids  # same chat template and tokenization
+        # the explicit attention mask matters: the pad token (<|im_end|>) also occurs in the prompt
         with torch.no_grad():
-            ref = model.generate(ids, max_new_tokens=64, do_sample=False, eos_token_id=None,
-                                 pad_token_id=hf_tok.pad_token_id or 0)
+            ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False,
+                                 eos_token_id=None, pad_token_id=hf_tok.pad_token_id)
         assert o.token_ids == ref[0, ids.shape[1]:].tolist()
 
 
