@@ -176,7 +176,9 @@ def _plan() -> _Plan:
         if os.geteuid() != 0:
             flags = ("--map-root-user", *flags)
         cand = (unshare, *flags, "--", sh, "-c", _MOUNT_SCRIPT, "sh")
-        if _probe([*cand, "-", "16", sys.executable, "-I", "-c", "pass"]):
+        # probe with sh, not sys.executable: a venv under /tmp is hidden by the fresh tmpfs, and
+        # the interpreter is chosen below anyway
+        if _probe([*cand, "-", "16", sh, "-c", "true"]):
             namespaces = cand
             layers += ["netns", "pidns", "mountns"]
     python, drop = sys.executable, ()
