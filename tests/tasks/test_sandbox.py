@@ -114,8 +114,10 @@ def test_deleting_a_sentinel_in_tmp_path_fails(tmp_path):
 @pytest.fixture
 def world_writable_dir():
     # A directory anyone may write to, outside /tmp, so the sandbox sees it: only the sandbox
-    # itself (a read-only view of the host) can stop the deletion, not file permissions.
-    d = os.path.join(os.path.dirname(os.path.abspath(__file__)), f".sandbox-victim-{os.getpid()}")
+    # itself (a read-only view of the host) can stop the deletion, not file permissions. Not in the
+    # checkout: a clone may live under /tmp (covered by the sandbox's tmpfs) or under a 0700 home.
+    base = "/var/cache" if os.access("/var/cache", os.W_OK) else os.path.dirname(os.path.abspath(__file__))
+    d = os.path.join(base, f".llmopt-sandbox-victim-{os.getpid()}")
     os.makedirs(d)
     os.chmod(d, 0o777)
     try:
