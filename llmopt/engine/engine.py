@@ -132,24 +132,39 @@ class LLMEngine:
         reason = None
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.tokenizer.stop_token_ids):
             reason = "stop"
-            delta = ""
         else:
-            delta = seq.detok.add(token)
-            seq.text += delta
-            if p.stop and delta:
-                tail_from = max(0, len(seq.text) - len(delta) - max(len(s) for s in p.stop))
+            piece = seq.detok.add(token)
+            seq.text += piece
+            if p.stop and piece:
+                tail_from = max(0, len(seq.text) - len(piece) - max(len(s) for s in p.stop))
                 hits = [(seq.text.find(s, tail_from), s) for s in p.stop]
                 hits = [(i, s) for i, s in hits if i >= 0]
                 if hits:
                     i, s = min(hits)
-                    keep = i + len(s) if p.include_stop_str_in_output else i
-                    delta = delta[: max(0, len(delta) - (len(seq.text) - keep))]
-                    seq.text = seq.text[:keep]
+                    seq.text = seq.text[: i + len(s) if p.include_stop_str_in_output else i]
                     reason = "stop"
         if reason is None and (len(seq.output_ids) >= p.max_tokens or len(seq) >= self.max_model_len):
             reason = "length"
         if reason:
             self.scheduler.finish(seq, reason)
+        return self._release_text(seq)
+
+    @staticmethod
+    def _release_text(seq: Sequence) -> str:
+        """The text that became final with this step. While a sequence runs, a tail of its text that
+        is a prefix of one of its stop strings is held back (it may yet turn into the stop string,
+        which is cut), so concatenated deltas always equal the final text."""
+        text, p = seq.text, seq.params
+        end = len(text)
+        if not seq.finished and p.stop and not p.include_stop_str_in_output:
+            longest = max(len(s) for s in p.stop)
+            for i in range(max(seq.released_chars, end - longest + 1), end):
+                tail = text[i:]
+                if any(s.startswith(tail) for s in p.stop):
+                    end = i
+                    break
+        delta = text[seq.released_chars:end]
+        seq.released_chars = max(seq.released_chars, end)
         return delta
 
     def generate(self, prompts: Iterable[Prompt], params: SamplingParams | list[SamplingParams] | None = None,

@@ -64,6 +64,7 @@ class Sequence:
                                                        else random.getrandbits(63))
         self.detok = IncrementalDetokenizer(tokenizer, self.prompt_ids, params.skip_special_tokens)
         self.text = ""
+        self.released_chars = 0  # chars of ``text`` already handed out as ``RequestOutput.delta``
         self.logprobs: list[TokenLogprob] = []
         self.token_times: list[float] = []
 

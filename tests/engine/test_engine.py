@@ -113,6 +113,42 @@ def test_stop_conditions_and_logprobs(llama_dir):
         assert abs(lp.top[0][1] - lp.logprob) < 1e-6 and lp.logprob <= 0
 
 
+def _stream(llm, prompt, params):
+    """Step the engine by hand; return the deltas of one request and its final text."""
+    eng = llm.engine
+    seq = eng.add_request(prompt, params)
+    deltas = []
+    while not seq.finished:
+        deltas += [o.delta for o in eng.step() if o.request_id == seq.request_id]
+    return deltas, seq.text
+
+
+def test_streamed_deltas_never_leak_a_stop_string(llama_dir):
+    llm = LLM(llama_dir, kv_cache_memory_gb=0.05)
+    prompt = _prompts(1, seed=11)[0]
+    free = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    deltas, text = _stream(llm, prompt, free)
+    assert "".join(deltas) == text and len(deltas) == 30
+    # a stop string that spans two tokens: the end of one token's text and the start of the next
+    pieces = [d for d in deltas if d.strip()]
+    assert len(pieces) >= 4, "the tiny model should produce visible text"
+    a, b = pieces[len(pieces) // 2], pieces[len(pieces) // 2 + 1]
+    stop = a[-2:] + b[:2]
+    cut = text.find(stop)
+    assert cut >= 0
+    deltas, final = _stream(llm, prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=[stop]))
+    assert final == text[:cut]
+    streamed = ""
+    for d in deltas:  # what a client saw was, at every step, a prefix of the final text
+        streamed += d
+        assert final.startswith(streamed), (streamed, final)
+    assert streamed == final
+    # include_stop_str_in_output streams the stop string too
+    deltas, final = _stream(llm, prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=[stop],
+                                                        include_stop_str_in_output=True))
+    assert final == text[:cut + len(stop)] and "".join(deltas) == final
+
+
 def test_eos_stops_generation(tiny_models):
     hf, d, _ = tiny_models["llama"]
     llm = LLM(str(d), kv_cache_memory_gb=0.05)
