@@ -45,6 +45,11 @@ class LLMEngine:
             from llmopt.quant.linear import quantize_model
 
             quantize_model(self.model, quant, group_size=group_size)
+        self.packed_linears = 0
+        if cfg.packed_linear and cfg.torch_dtype == torch.float32:
+            from llmopt.kernels.dense import pack_linears
+
+            self.packed_linears = pack_linears(self.model)  # 0 when the native kernel is unavailable
         per_block = ModelRunner.kv_bytes_per_block(self.model, cfg.block_size, cfg.torch_dtype)
         num_blocks = cfg.num_kv_blocks or max(1, int(cfg.kv_cache_memory_gb * 2**30 // per_block))
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
@@ -54,8 +59,8 @@ class LLMEngine:
         self.max_model_len = min(self.max_model_len, num_blocks * cfg.block_size)
         self.lock = threading.RLock()  # add/abort may come from other threads than step()
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "computed_prefill_tokens": 0, "steps": 0}
-        log.info("engine: %d KV blocks x %d tokens, max_model_len %d, %d threads", num_blocks, cfg.block_size,
-                 self.max_model_len, cfg.num_threads)
+        log.info("engine: %d KV blocks x %d tokens, max_model_len %d, %d threads, %d packed fp32 linears",
+                 num_blocks, cfg.block_size, self.max_model_len, cfg.num_threads, self.packed_linears)
 
     # ---- requests -------------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt) -> tuple[list[int], str | None]:

@@ -111,8 +111,11 @@ class Attention(nn.Module):
         flat_k, flat_v = kc.view(-1, self.num_kv_heads, self.head_dim), vc.view(-1, self.num_kv_heads, self.head_dim)
         flat_k.index_copy_(0, ctx.slot_mapping, k.to(kc.dtype))
         flat_v.index_copy_(0, ctx.slot_mapping, v.to(vc.dtype))
-        out = torch.empty_like(q)
         nd = ctx.num_decode
+        if nd == q.shape[0]:  # a pure decode step: the kernel's output is the whole result
+            return ops.paged_decode_attention(q, kc, vc, ctx.decode_block_tables, ctx.decode_context_lens,
+                                              self.scale, self.window)
+        out = torch.empty_like(q)
         if nd:
             out[:nd] = ops.paged_decode_attention(
                 q[:nd], kc, vc, ctx.decode_block_tables, ctx.decode_context_lens, self.scale, self.window)
