@@ -5,9 +5,13 @@
     .venv/bin/python benchmarks/bench_qlinear.py --formats int4:64,w8a8 --shapes 8192x2048
 
 Shapes are ``in x out`` (K x N). ``--cache cold`` (default) rotates over enough copies of every
-weight that their total size exceeds ~4x the L3 cache, so each call streams its weight from DRAM
-like a real decoder layer does (for M > 64, which is compute-bound, one copy is used);
-``hot`` reuses one weight (it sits in L3 when it fits).
+weight that their total size exceeds max(4x the L3 cache, ``--cold-mib`` = 320 MiB), so each call
+streams its weight from DRAM like a real decoder layer does (for M > 64, which is compute-bound,
+one copy is used); ``hot`` reuses one weight (it sits in L3 when it fits).
+
+``int4`` is run twice: ``fp32-act`` (exact weight-only kernel) and ``int8-act`` (the w4a8 integer
+kernel reading the int4 layout: what ``LLM(quant="int4")`` uses at decode, see kernels/qlinear.py).
+The last lines summarize int4 / w4a8 GEMV (M=1) against fbgemm's W8A8 side by side.
 Reported: median time per call (min in brackets), effective weight bandwidth (bytes of the
 weight representation incl. scales / median time), and speed relative to fbgemm W8A8
 (>1 = faster than fbgemm). Prints numbers only; never asserts on time.
@@ -81,6 +85,7 @@ def main() -> None:
                                          "fp8,fp4",
                     help="comma list of fmt[:group_size]")
     ap.add_argument("--cache", choices=("cold", "hot"), default="cold")
+    ap.add_argument("--cold-mib", type=int, default=320, help="cold cache: min MiB of distinct weight copies")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--min-time", type=float, default=0.05, help="seconds per timing round")
     ap.add_argument("--no-fp32", action="store_true")
@@ -105,7 +110,7 @@ def main() -> None:
     mod = Q.native_module()
     flags = cpu_flags()
     isa = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16") if f in flags]
-    target = 4 * l3_bytes() if args.cache == "cold" else 0
+    target = max(4 * l3_bytes(), args.cold_mib << 20) if args.cache == "cold" else 0
     print(f"# torch {torch.__version__}, threads={torch.get_num_threads()}, native={'yes' if mod else 'NO (reference)'}, "
           f"cache={args.cache} (rotating >= {target >> 20} MiB of weights per method), clock={args.clock}, "
           f"cpu flags: {' '.join(isa)}")
@@ -114,11 +119,12 @@ def main() -> None:
         print("# NOTE: this CPU exposes AVX-512 VNNI; fbgemm uses it at run time, llmopt kernels are AVX2-only.")
 
     def copies_for(nbytes: int) -> int:
-        return max(1, min(64, -(-target // max(nbytes, 1)))) if target else 1
+        return max(1, min(512, -(-target // max(nbytes, 1)))) if target else 1
 
-    hdr = f"{'K x N':>11} {'M':>4}  {'method':<14} {'bpw':>5} {'median ms':>10} {'(min)':>9} {'GB/s':>7} {'vs fbgemm':>9}"
+    hdr = f"{'K x N':>11} {'M':>4}  {'method':<20} {'bpw':>5} {'median ms':>10} {'(min)':>9} {'GB/s':>7} {'vs fbgemm':>9}"
     print(hdr)
     print("-" * len(hdr))
+    summary = []
     for k, n in shapes:
         w = torch.randn(n, k) * 0.02
         methods = []  # (name, bpw, nbytes, fns, args)
@@ -144,8 +150,12 @@ def main() -> None:
                                  and qw.group_size != k else "")
             if not (mod and Q.supports_native(qw)):
                 label += " (ref)"
-            methods.append((label, qw.bits_per_weight, qw.nbytes,
-                            [(lambda q: (lambda x: Q.linear(x, q)))(q) for q in reps]))
+            acts = [None]
+            if name == "int4":
+                acts = ["fp32"] + (["int8"] if Q._a8_capable(qw) else [])
+            for act in acts:
+                methods.append((label + (f" {act}-act" if act else ""), qw.bits_per_weight, qw.nbytes,
+                                [(lambda q, a: (lambda x: Q.linear(x, q, act=a)))(q, act) for q in reps]))
         for m in ms:
             x = torch.randn(m, k)
             fb_t = None
@@ -160,10 +170,18 @@ def main() -> None:
                     if label == "fbgemm w8a8":
                         fb_t = med
                     ratio = f"{fb_t / med:8.2f}x" if fb_t else f"{'':>9}"
-                    print(f"{k:>5} x{n:>5} {m:>4}  {label:<14} {bpw:5.2f} {med * 1e3:10.3f} {mn * 1e3:9.3f} "
+                    if fb_t and m == 1 and (label.startswith("int4 g64") or label.startswith("w4a8 g64")):
+                        summary.append(f"{k}x{n} (N={n}, K={k}) M=1  {label:<20} {med * 1e3:7.3f} ms  vs fbgemm "
+                                       f"w8a8 {fb_t * 1e3:7.3f} ms  ->  {fb_t / med:.2f}x")
+                    print(f"{k:>5} x{n:>5} {m:>4}  {label:<20} {bpw:5.2f} {med * 1e3:10.3f} {mn * 1e3:9.3f} "
                           f"{nbytes / med / 1e9:7.1f} {ratio}", flush=True)
             print()
         del methods
+    if summary:
+        print(f"# GEMV summary (threads={torch.get_num_threads()}, cache={args.cache}, "
+              f"load average now {os.getloadavg()[0]:.2f}):")
+        for line in summary:
+            print("  " + line)
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ def test_w4a8_close_to_int4(ext):
     w = torch.randn(64, 512) * 0.02
     x = torch.randn(8, 512)
     ref = x @ w.t()
-    e4 = (Q.linear(x, F.quantize(w, "int4", 64)) - ref).norm() / ref.norm()
+    e4 = (Q.linear(x, F.quantize(w, "int4", 64), act="fp32") - ref).norm() / ref.norm()
     e48 = (Q.linear(x, F.quantize(w, "w4a8", 64)) - ref).norm() / ref.norm()
     assert e48 < e4 * 1.05  # int8 activations add little on top of the int4 weight error
 
@@ -164,3 +164,80 @@ def test_autograd_input_uses_differentiable_path():
     y = Q.linear(x, qw)
     y.sum().backward()
     assert torch.allclose(x.grad, F.dequantize(qw).sum(0).expand(3, -1), atol=1e-4)
+
+
+# ---- int4 with int8 activations (w4a8 kernel on the int4 lane layout) ---------------------------
+A8_CASES = [(64, 64), (64, 320), (128, 384), (128, 640), (256, 768)]
+
+
+@pytest.mark.parametrize("gs,k", A8_CASES, ids=[f"g{g}-k{k}" for g, k in A8_CASES])
+def test_int4_act_int8_native_matches_reference(ext, gs, k):
+    g = torch.Generator().manual_seed(7 * k + gs)
+    w = torch.randn(N, k, generator=g) * 0.05
+    qw = F.quantize(w, "int4", gs)
+    bias = torch.randn(N, generator=g)
+    for m in (1, 2, 3, 5, 16, 17, 100):
+        x = torch.randn(m, k, generator=g) * torch.logspace(-2, 1, m).unsqueeze(1)
+        for b in (None, bias):
+            ref = Q.reference_linear(x, qw, b, act="int8")
+            out = Q.linear(x, qw, b, backend="native", act="int8")
+            err = _rel(out, ref)
+            assert err < 2e-5, f"g{gs} K={k} M={m} bias={b is not None}: rel err {err:.2e}"
+            exact = Q.linear(x, qw, b, backend="native", act="fp32")
+            assert _rel(exact, Q.reference_linear(x, qw, b, act="fp32")) < 2e-5
+            assert _rel(out, exact) < 0.05  # int8 activations: close to, not equal to, the exact path
+
+
+def test_int4_act_int8_same_as_w4a8_format(ext):
+    """Same codes in two layouts: int4 + int8 activations == the w4a8 format."""
+    torch.manual_seed(1)
+    w = torch.randn(50, 256) * 0.05
+    x = torch.randn(6, 256)
+    a = Q.linear(x, F.quantize(w, "int4", 64), act="int8")
+    b = Q.linear(x, F.quantize(w, "w4a8", 64))
+    assert _rel(a, b) < 1e-5
+
+
+def test_int4_act_policy(ext, monkeypatch):
+    torch.manual_seed(2)
+    qw = F.quantize(torch.randn(40, 128), "int4", 64)
+    x = torch.randn(3, 128)
+    monkeypatch.setattr(Q, "INT4_ACT", "int8")
+    assert torch.equal(Q.linear(x, qw), Q.linear(x, qw, act="int8"))
+    assert torch.equal(Q.reference_linear(x, qw), Q.reference_linear(x, qw, act="int8"))
+    monkeypatch.setattr(Q, "INT4_A8_MAX_M", 2)  # M=3 above the threshold -> exact
+    assert torch.equal(Q.linear(x, qw), Q.linear(x, qw, act="fp32"))
+    monkeypatch.setattr(Q, "INT4_ACT", "fp32")
+    monkeypatch.setattr(Q, "INT4_A8_MAX_M", 64)
+    assert torch.equal(Q.linear(x, qw), Q.linear(x, qw, act="fp32"))
+    q32 = F.quantize(torch.randn(40, 128), "int4", 32)  # whole-block groups only
+    with pytest.raises(ValueError, match="multiple of 64"):
+        Q.linear(x, q32, act="int8")
+    with pytest.raises(ValueError, match="act must be"):
+        Q.linear(x, qw, act="int4")
+    with pytest.raises(RuntimeError, match="layout 1"):
+        ext.w4a8_gemm(x, q32["qweight"], q32["scales"], q32["mins"], 32, None, 1)
+
+
+def test_quantlinear_cached_dispatch(ext, monkeypatch):
+    from llmopt.quant.linear import QuantLinear
+
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(192, 33)
+    q = QuantLinear.from_linear(lin, "int4", 64)
+    for act in ("int8", "fp32"):
+        monkeypatch.setattr(Q, "INT4_ACT", act)
+        for m in (1, 4, 70):
+            x = torch.randn(m, 192)
+            assert torch.equal(q(x), Q.linear(x, q.qweight_packed, q.bias))
+    x3 = torch.randn(2, 3, 192)
+    assert torch.equal(q(x3), Q.linear(x3, q.qweight_packed, q.bias))
+    # replacing a packed tensor or the bias drops the cached dispatch
+    x = torch.randn(2, 192)
+    q.bias = torch.zeros(33)
+    assert torch.equal(q(x), Q.linear(x, q.qweight_packed, None))
+    other = QuantLinear.from_linear(torch.nn.Linear(192, 33), "int4", 64)
+    q.load_state_dict(other.state_dict())
+    assert torch.equal(q(x), other(x))
+    q.qweight = other.qweight.clone()
+    assert torch.equal(q(x), other(x))

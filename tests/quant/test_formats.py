@@ -268,7 +268,7 @@ def test_quantize_model_swaps_the_right_modules(fmt):
     ids = torch.randint(0, 50, (2, 7))
     with torch.no_grad():
         ref = model(ids)
-    out_model = quantize_model(model, fmt, group_size=32)
+    out_model = quantize_model(model, fmt, group_size=32, quantize_lm_head=False)
     assert out_model is model
     names = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     expect = {f"layers.{i}.{p}" for i in range(2) for p in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")}
@@ -303,3 +303,49 @@ def test_model_dtype_cast_keeps_packed_dtypes():
     yb = model(x.to(torch.bfloat16))
     assert yb.dtype == torch.bfloat16
     assert torch.allclose(yb.float(), y, rtol=2e-2, atol=2e-2)
+
+
+class _TiedToy(_Toy):
+    def __init__(self):
+        super().__init__()
+        self.lm_head.weight = self.embed_tokens.weight  # tied, as SmolLM2
+
+
+@pytest.mark.parametrize("head_fmt", [None, "int8"])
+def test_quantize_tied_lm_head_keeps_embedding_float(head_fmt):
+    torch.manual_seed(0)
+    model = _TiedToy().eval()
+    emb = model.embed_tokens.weight.detach().clone()
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        ref = model(ids)
+    quantize_model(model, "int4", group_size=32, quantize_lm_head=True, lm_head_fmt=head_fmt)
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.fmt == (head_fmt or "int4")
+    assert isinstance(model.embed_tokens, nn.Embedding) and torch.equal(model.embed_tokens.weight, emb)
+    assert type(model.embed_proj) is nn.Linear  # "embed" stays skipped
+    expect = F.quantize(emb, head_fmt or "int4", 32)
+    assert torch.equal(model.lm_head.qweight, expect["qweight"])
+    with torch.no_grad():
+        out = model(ids)
+    assert ((out - ref).norm() / ref.norm()).item() < 0.15
+
+
+def test_quantize_model_lm_head_defaults():
+    from llmopt.quant import linear as L
+
+    # default skip -> module default QUANTIZE_LM_HEAD (engine path)
+    m = _TiedToy()
+    quantize_model(m, "int4", group_size=32)
+    assert isinstance(m.lm_head, QuantLinear) == L.QUANTIZE_LM_HEAD
+    # a caller's own skip list keeps its meaning unless quantize_lm_head is given
+    m = _TiedToy()
+    quantize_model(m, "int4", group_size=32, skip=("lm_head", "embed"))
+    assert type(m.lm_head) is nn.Linear
+    m = _TiedToy()
+    quantize_model(m, "int4", group_size=32, skip=("embed",), quantize_lm_head=False)
+    assert type(m.lm_head) is nn.Linear
+    m = _TiedToy()
+    quantize_model(m, "int4", group_size=32, skip=("lm_head", "embed"), quantize_lm_head=True)
+    assert isinstance(m.lm_head, QuantLinear)
+    with pytest.raises(ValueError, match="lm_head format"):
+        quantize_model(_TiedToy(), "int4", lm_head_fmt="int5")

@@ -17,7 +17,9 @@
 // Integer formats (activations quantized at run time):
 //   w8a8 = per-token int8 activations x per-channel int8 weights (sign trick with
 //          _mm256_maddubs_epi16: |w| (u8) * sign(x, w) (s8) never saturates since |w|,|x| <= 127);
-//   w4a8 = int4 grouped weights x per-token-per-group int8 activations (maddubs(q u8, x s8)).
+//   w4a8 = int4 grouped weights x per-token-per-group int8 activations (maddubs(q u8, x s8));
+//          the same kernel reads int4's lane layout (w4a8_gemm layout=1) after permuting the
+//          int8 activations per 64-block: that is "int4 with int8 activations" (qlinear.INT4_ACT).
 // Threads: OpenMP (torch's pool size), dynamic chunks of output columns.
 
 // Minimal torch includes (torch/extension.h triples the compile time).
@@ -816,6 +818,7 @@ LLMOPT_INLINE void dot_w4a8(const uint8_t* __restrict w, const float* const* com
       }
       const int64_t g = b / BPG;
       for (int r = 0; r < R; ++r) {
+        // (tried: two shifts + add instead of madd here: 10-25% slower)
         const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[r], ones));
         acc[r][a] = _mm256_fmadd_ps(f, _mm256_broadcast_ss(comb[r] + g), acc[r][a]);
       }
@@ -838,15 +841,38 @@ LLMOPT_INLINE void dot_w4a8(const uint8_t* __restrict w, const float* const* com
   }
 }
 
+// The int4 "8 lanes x j" layout (formats.pack_lanes) read by the same maddubs kernel: for a 64-block
+// loaded as 32 bytes, (v & 0xF) byte 4l+b is weight 16b+l and ((v >> 4) & 0xF) byte 4l+b is weight
+// 16b+8+l (l = lane 0..7, b = byte 0..3). Permuting each 64-block of the int8 activations into that
+// order once per call lets int4 weights use the integer kernel unchanged (whole-block groups only:
+// group size a multiple of 64, since the two halves mix the two 32-halves of a block).
+void permute_blocks_to_lanes(int8_t* xq, int64_t M, int64_t Kp) {
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    int8_t tmp[64];
+    for (int64_t m = m0; m < m1; ++m) {
+      for (int64_t b0 = 0; b0 < Kp; b0 += 64) {
+        int8_t* d = xq + m * Kp + b0;
+        std::memcpy(tmp, d, 64);
+        for (int l = 0; l < 8; ++l)
+          for (int b = 0; b < 4; ++b) {
+            d[4 * l + b] = tmp[16 * b + l];
+            d[32 + 4 * l + b] = tmp[16 * b + 8 + l];
+          }
+      }
+    }
+  });
+}
+
 template <int GS>
 void w4a8_core(const float* x, int64_t M, int64_t K, const uint8_t* W, int64_t N, const void* scales, int scale_kind,
-               const void* mins, int min_kind, const float* bp, float* Y) {
+               const void* mins, int min_kind, const float* bp, float* Y, bool lanes = false) {
   const int64_t nblk = (K + 63) / 64, Kp = nblk * 64;
   const int64_t G = K / GS;
   const int64_t Gp = std::max<int64_t>(G, (Kp + GS - 1) / GS);
   std::vector<int8_t> xq((size_t)M * Kp);
   std::vector<float> sx((size_t)M * Gp), xsum((size_t)M * G);
   quant_rows_group_i8(x, M, K, Kp, GS, xq.data(), sx.data(), xsum.data(), Gp);
+  if (lanes) permute_blocks_to_lanes(xq.data(), M, Kp);
   // k-chunk (in 64-blocks, a multiple of the group) keeps a tile of activation rows in L1
   int64_t kcb = nblk;
   if (M > 1) {
@@ -907,8 +933,11 @@ void w4a8_core(const float* x, int64_t M, int64_t K, const uint8_t* W, int64_t N
   });
 }
 
+// layout 0: w4a8 (ggml halves), 1: int4 lanes (group size must then be a multiple of 64)
 at::Tensor w4a8_gemm(at::Tensor x, at::Tensor qweight, at::Tensor scales, at::Tensor mins, int64_t gs,
-                     c10::optional<at::Tensor> bias) {
+                     c10::optional<at::Tensor> bias, int64_t layout) {
+  TORCH_CHECK(layout == 0 || (layout == 1 && gs % 64 == 0), "w4a8: layout 1 (int4 lanes) needs a group size "
+              "multiple of 64, got layout ", layout, " group ", gs);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "w4a8: x must be 2-D float32");
   TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.is_contiguous(), "w4a8: qweight uint8 contiguous");
   TORCH_CHECK(gs == 32 || gs == 64 || gs == 128 || gs == 256, "w4a8: group size must be 32/64/128/256");
@@ -934,10 +963,10 @@ at::Tensor w4a8_gemm(at::Tensor x, at::Tensor qweight, at::Tensor scales, at::Te
   const uint8_t* W = qweight.data_ptr<uint8_t>();
   float* Y = y.data_ptr<float>();
   switch (gs) {
-    case 32: w4a8_core<32>(xp, M, K, W, N, scales.data_ptr(), sk, mn.data_ptr(), mk, bp, Y); break;
-    case 64: w4a8_core<64>(xp, M, K, W, N, scales.data_ptr(), sk, mn.data_ptr(), mk, bp, Y); break;
-    case 128: w4a8_core<128>(xp, M, K, W, N, scales.data_ptr(), sk, mn.data_ptr(), mk, bp, Y); break;
-    default: w4a8_core<256>(xp, M, K, W, N, scales.data_ptr(), sk, mn.data_ptr(), mk, bp, Y); break;
+    case 32: w4a8_core<32>(xp, M, K, W, N, scales.data_ptr(), sk, mn.data_ptr(), mk, bp, Y, layout == 1); break;
+    case 64: w4a8_core<64>(xp, M, K, W, N, scales.data_ptr(), sk, mn.data_ptr(), mk, bp, Y, layout == 1); break;
+    case 128: w4a8_core<128>(xp, M, K, W, N, scales.data_ptr(), sk, mn.data_ptr(), mk, bp, Y, layout == 1); break;
+    default: w4a8_core<256>(xp, M, K, W, N, scales.data_ptr(), sk, mn.data_ptr(), mk, bp, Y, layout == 1); break;
   }
   return y;
 }
@@ -979,7 +1008,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("qweight"), py::arg("wscale"), py::arg("bias"));
   m.def("quantize_act_i8", &quantize_act_i8, "per-token int8 activation quantization (for tests)");
   m.def("w4a8_gemm", &w4a8_gemm, "int4 grouped weights x per-group int8 activations", py::arg("x"),
-        py::arg("qweight"), py::arg("scales"), py::arg("mins"), py::arg("group_size"), py::arg("bias"));
+        py::arg("qweight"), py::arg("scales"), py::arg("mins"), py::arg("group_size"), py::arg("bias"),
+        py::arg("layout") = 0);
   m.def("quantize_act_i8_grouped", &quantize_act_i8_grouped, "per-token per-group int8 activations (for tests)");
   m.def("_set_prefetch", [](int64_t bytes) { PREFETCH_BYTES = bytes; },
         "set the software prefetch distance (bytes) of the float-decode kernels");
