@@ -12,6 +12,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console()
@@ -22,14 +23,15 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 def results_table(result: dict[str, Any], title: str | None = None) -> Table:
     """The bench table: one row per (cell, system); ratios are against the reference system."""
-    from rich.markup import escape
-
     from .grid import TABLE_COLUMNS, _threads, table_rows
 
     m = result["machine"]
     t = Table(title=title or f"{result['model']['name']}: {_threads(m['threads'])}, {m['cpu_model']}",
-              caption=f"ref = {result['settings']['reference']}; peak RSS = high-water RSS of the process that runs "
-                      "only that system, during the run; timings on a shared machine are noisy")
+              caption=f"ref = {result['settings']['reference']}; "
+                      + ("same greedy tokens n/a = a peer with its own arithmetic (not a correctness check); "
+                         if result["settings"].get("peers") else "")
+                      + "peak RSS = high-water RSS of the process that runs only that system, during the run; "
+                      "timings on a shared machine are noisy")
     for col in TABLE_COLUMNS:
         t.add_column(col, justify="left" if col == "system" else "right")
     last = None
@@ -55,22 +57,28 @@ def bench_command(
     threads: Annotated[Optional[int], typer.Option(help="torch/OpenMP threads per system (default: all cores)", min=1)] = None,
     baseline: Annotated[str, typer.Option(help="hf: transformers generate on the same weights, side by side; none: llmopt only")] = "hf",
     quant: Annotated[Optional[str], typer.Option(help="extra llmopt rows quantized on load, e.g. int8,int4 (needs llmopt.quant.linear)")] = None,
+    peer: Annotated[Optional[str], typer.Option(help="other engines side by side on the same GGUF file: llamacpp (needs pip install 'llmopt[llamacpp]'; skipped with a message if missing)")] = None,
     repeat: Annotated[int, typer.Option(help="measured runs per cell and system (order alternates between runs)", min=1)] = 1,
     warmup: Annotated[bool, typer.Option("--warmup/--no-warmup", help="a short run of each cell's shape before measuring it")] = True,
     seed: Annotated[int, typer.Option(help="seed of the random prompts")] = 0,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write every cell, both systems, ratios and machine info to this JSON file")] = None,
     markdown: Annotated[bool, typer.Option("--markdown", help="also print the table as Markdown (for a README)")] = False,
 ) -> None:
-    """Throughput, TTFT, TPOT and peak memory over concurrency x input x output length, llmopt
-    against the unoptimized original (transformers), side by side in one run."""
-    from .grid import GridConfig, check_quant_available, markdown_table, parse_int_list, product_cells, run_grid
+    """Throughput, TTFT, TPOT, prefill and peak memory over concurrency x input x output length,
+    llmopt against the unoptimized original (transformers) and optional peers (llama.cpp), side by
+    side in one run."""
+    from .grid import (GridConfig, check_quant_available, markdown_table, parse_int_list, peer_problems,
+                       product_cells, run_grid)
 
     quants = [q.strip() for q in quant.split(",") if q.strip()] if quant else []
     check_quant_available(quants)  # fail before loading anything
     cells = product_cells(parse_int_list(concurrency, "--concurrency"), parse_int_list(input_len, "--input-len"),
                           parse_int_list(output_len, "--output-len"))
+    peers = list(dict.fromkeys(p.strip() for p in peer.split(",") if p.strip())) if peer else []
     config = GridConfig(model=model, cells=cells, threads=threads or os.cpu_count() or 1, baseline=baseline,
-                        quants=quants, repeat=repeat, warmup=warmup, seed=seed)
+                        quants=quants, peers=peers, repeat=repeat, warmup=warmup, seed=seed)
+    for name, why in peer_problems(peers, model).items():
+        err.print(f"[yellow]skipping {name}:[/yellow] {escape(why)}")
     command = "llmopt " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     with err.status("starting") as status:
         result = run_grid(config, progress=lambda msg: status.update(msg), command=command)

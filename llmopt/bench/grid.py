@@ -23,8 +23,16 @@ Method (the numbers mean exactly this):
   the run / output tokens. It hardly depends on other load, so on a shared machine it is the
   steadier comparison — cleanest at one thread, since idle OpenMP threads spin and count as CPU.
 - A warmup run (same shape, ``WARMUP_TOKENS`` output tokens, its own prompts) precedes every cell.
+- ``prefill_tokens_per_s`` = concurrency x input_len / (time the last request got its first token -
+  t0), median over runs: prompt throughput. At concurrency 1, input 512, output 1 it is the figure
+  llama.cpp's ``llama-bench`` calls pp512 (one 512-token prompt, one 512-token batch).
+- Peers (``--peer llamacpp``: llama.cpp on the same GGUF file) run under the same rules in their
+  own process. Their arithmetic differs (llama.cpp multiplies quantized weights with quantized
+  activations), so their greedy tokens are recorded but their agreement with the reference is not
+  a correctness check: the table shows ``n/a`` there.
 - Ratios compare each system with the reference (transformers when run, else llmopt fp32):
-  ``output_tokens_per_s_x`` = system / reference (higher is better); ``ttft_p50_speedup_x``,
+  ``output_tokens_per_s_x`` and ``prefill_tokens_per_s_x`` = system / reference (higher is
+  better); ``ttft_p50_speedup_x``,
   ``tpot_p50_speedup_x`` and ``cpu_per_token_speedup_x`` = reference / system (higher is better);
   ``peak_rss_x`` = system / reference (lower is better).
 
@@ -55,7 +63,9 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 WARMUP_TOKENS = 4
 LLMOPT = "llmopt"
 TRANSFORMERS = "transformers"
+LLAMACPP = "llama.cpp"
 BASELINES = ("hf", "none")
+PEERS = {"llamacpp": LLAMACPP}  # --peer value -> system name
 
 
 # ---- the grid ----------------------------------------------------------------------------------
@@ -77,6 +87,7 @@ class GridConfig:
     threads: int = 2
     baseline: str = "hf"  # hf: transformers generate on the same weights; none: llmopt only
     quants: list[str] = field(default_factory=list)  # extra llmopt systems, e.g. ["int8", "int4"]
+    peers: list[str] = field(default_factory=list)  # other engines on the same model, e.g. ["llamacpp"]
     repeat: int = 1
     warmup: bool = True
     seed: int = 0
@@ -91,11 +102,14 @@ class GridConfig:
         for q in self.quants:
             if not q or q in ("none", "fp32"):
                 raise ValueError(f"--quant lists extra formats next to fp32 (e.g. int8,int4), got {q!r}")
+        for peer in self.peers:
+            if peer not in PEERS:
+                raise ValueError(f"unknown --peer {peer!r}; known: {', '.join(PEERS)}")
 
     @property
     def systems(self) -> list[str]:
-        """System names in run order: llmopt fp32, llmopt[quant]..., then the baseline."""
-        names = [LLMOPT] + [f"{LLMOPT}[{q}]" for q in self.quants]
+        """System names in run order: llmopt fp32, llmopt[quant]..., the peers, then the baseline."""
+        names = [LLMOPT] + [f"{LLMOPT}[{q}]" for q in self.quants] + [PEERS[p] for p in self.peers]
         return names + ([TRANSFORMERS] if self.baseline == "hf" else [])
 
     @property
@@ -240,9 +254,17 @@ def _make_system(kind: str, kwargs: dict[str, Any]) -> Any:
 
 
 def _worker_main(conn: Any, kind: str, kwargs: dict[str, Any]) -> None:
-    """Body of a worker process: load one system, then run the cells the coordinator sends."""
+    """Body of a spawned worker process: load one system, then run the cells the coordinator sends."""
+    serve(conn, lambda: _make_system(kind, kwargs))
+
+
+def serve(conn: Any, make_system: Callable[[], Any]) -> None:
+    """The worker protocol, over a ``multiprocessing`` connection: ``("ready", info)`` once the
+    system is loaded, then ``("ok", RunTrace as a dict)`` per ``("run", prompts, output_len)``
+    until ``("stop",)``; ``("error", text)`` instead on failure. Plain data only, so a worker that
+    loaded this file without the ``llmopt`` package (the llama.cpp one) speaks it too."""
     try:
-        system = _make_system(kind, kwargs)
+        system = make_system()
         conn.send(("ready", {"vocab_size": system.vocab_size, **system.info}))
     except BaseException as e:  # noqa: BLE001 - reported to the coordinator, which raises
         conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
@@ -250,6 +272,8 @@ def _worker_main(conn: Any, kind: str, kwargs: dict[str, Any]) -> None:
     while True:
         msg = conn.recv()
         if msg[0] == "stop":
+            if hasattr(system, "close"):
+                system.close()  # native resources in order (llama.cpp: contexts before the model)
             return
         _, prompts, output_len = msg
         try:
@@ -258,21 +282,50 @@ def _worker_main(conn: Any, kind: str, kwargs: dict[str, Any]) -> None:
             t0, t_end, ids, times, extra = system.run(prompts, output_len)
             trace = RunTrace(t0, t_end, ids, times, peak_rss_bytes(), "run" if can_reset else "process",
                              _cpu_seconds() - cpu0, extra)
-            conn.send(("ok", trace))
+            conn.send(("ok", asdict(trace)))
         except BaseException as e:  # noqa: BLE001
             conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
 
 
+class _Subprocess:
+    """A ``subprocess.Popen`` with the part of ``multiprocessing.Process`` that ``Worker`` uses."""
+
+    def __init__(self, popen: subprocess.Popen):
+        self.popen = popen
+
+    def is_alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def join(self, timeout: float | None = None) -> None:
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def terminate(self) -> None:
+        self.popen.terminate()
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.popen.poll()
+
+
 class Worker:
-    """One system in its own process (spawned, so it shares no torch state with anything else)."""
+    """One system in its own process (spawned, so it shares no torch state with anything else).
+
+    The llama.cpp peer runs ``llamacpp.py`` as a plain script instead: a spawned worker imports the
+    ``llmopt`` package, and with it torch (~250 MB RSS that would be charged to llama.cpp)."""
 
     def __init__(self, name: str, kind: str, kwargs: dict[str, Any], threads: int):
         import multiprocessing as mp
 
         self.name = name
+        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+        if kind == LLAMACPP:
+            self._start_script(kind, kwargs, env)
+            return
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)  # inherited by the child at spawn, before it imports torch
         try:
@@ -285,6 +338,25 @@ class Worker:
                 else:
                     os.environ[k] = v
         child.close()
+        self._wait_ready()
+
+    def _start_script(self, kind: str, kwargs: dict[str, Any], env: dict[str, str]) -> None:
+        import json
+        import socket
+        from multiprocessing.connection import Connection
+
+        script = Path(__file__).with_name("llamacpp.py")
+        ours, theirs = socket.socketpair()
+        try:
+            popen = subprocess.Popen([sys.executable, str(script), str(theirs.fileno()), json.dumps(kwargs)],
+                                     pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env={**os.environ, **env})
+        finally:
+            theirs.close()
+        self.conn = Connection(ours.detach())
+        self.proc = _Subprocess(popen)
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
         try:
             self.info = self._recv()
         except BaseException:
@@ -309,7 +381,7 @@ class Worker:
 
     def run(self, prompts: list[list[int]], output_len: int) -> RunTrace:
         self.conn.send(("run", prompts, output_len))
-        return self._recv()
+        return RunTrace(**self._recv())
 
     def close(self) -> None:
         if self.proc.is_alive():
@@ -341,12 +413,13 @@ def _ms(x: float | None) -> float | None:
 
 def summarize(traces: list[RunTrace], cell: Cell) -> dict[str, Any]:
     """Metrics of one system on one cell, over its measured runs."""
-    tps, walls, ttft, tpot, e2e = [], [], [], [], []
+    tps, walls, ttft, tpot, e2e, prefill = [], [], [], [], [], []
     for t in traces:
         n_out = sum(len(ids) for ids in t.token_ids)
         wall = t.t_end - t.t0
         walls.append(wall)
         tps.append(n_out / wall)
+        prefill.append(len(t.token_times) * cell.input_len / (max(times[0] for times in t.token_times) - t.t0))
         for times in t.token_times:
             ttft.append(times[0] - t.t0)
             e2e.append(times[-1] - t.t0)
@@ -358,6 +431,7 @@ def summarize(traces: list[RunTrace], cell: Cell) -> dict[str, Any]:
         "output_tokens_per_s_runs": [round(x, 3) for x in tps],
         "output_tokens_per_s_stdev": round(statistics.stdev(tps), 3) if len(tps) > 1 else None,
         "stream_decode_tokens_per_s": round(1.0 / tpot50, 3) if tpot50 else None,
+        "prefill_tokens_per_s": round(statistics.median(prefill), 3),
         "ttft_p50_ms": _ms(percentile(ttft, 50)),
         "ttft_p90_ms": _ms(percentile(ttft, 90)),
         "tpot_p50_ms": _ms(tpot50),
@@ -406,6 +480,7 @@ def ratios(system: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
     return {
         "output_tokens_per_s_x": _ratio(system["output_tokens_per_s"], ref["output_tokens_per_s"]),
         "stream_decode_tokens_per_s_x": _ratio(system["stream_decode_tokens_per_s"], ref["stream_decode_tokens_per_s"]),
+        "prefill_tokens_per_s_x": _ratio(system["prefill_tokens_per_s"], ref["prefill_tokens_per_s"]),
         "ttft_p50_speedup_x": _ratio(ref["ttft_p50_ms"], system["ttft_p50_ms"]),
         "tpot_p50_speedup_x": _ratio(ref["tpot_p50_ms"], system["tpot_p50_ms"]),
         "cpu_per_token_speedup_x": _ratio(ref["cpu_ms_per_output_token"], system["cpu_ms_per_output_token"]),
@@ -482,6 +557,25 @@ def machine_info(threads: int) -> dict[str, Any]:
 
 
 # ---- the run -----------------------------------------------------------------------------------
+def peer_problems(peers: list[str], model: str) -> dict[str, str]:
+    """System name -> why that peer cannot run here (not installed, model not a GGUF file); the grid
+    skips those peers and says so."""
+    out = {}
+    for peer in peers:
+        if PEERS.get(peer) == LLAMACPP:
+            from llmopt.bench.llamacpp import missing_reason, resolve_gguf
+
+            why = missing_reason()
+            if why is None:
+                try:
+                    resolve_gguf(model)
+                except Exception as e:  # noqa: BLE001 - the message is the point
+                    why = str(e)
+            if why:
+                out[LLAMACPP] = why
+    return out
+
+
 def check_quant_available(quants: list[str]) -> None:
     """``--quant`` needs ``llmopt.quant.linear``; say so plainly when it does not import yet."""
     if not quants:
@@ -511,6 +605,15 @@ def run_grid(config: GridConfig, progress: Progress | None = None, command: str 
                  "max_num_seqs": max(64, max_c)}
     specs: list[tuple[str, str, dict[str, Any]]] = [(LLMOPT, LLMOPT, dict(llmopt_kw))]
     specs += [(f"{LLMOPT}[{q}]", LLMOPT, {**llmopt_kw, "quant": q}) for q in config.quants]
+    skipped = peer_problems(config.peers, config.model)
+    for name, why in skipped.items():
+        say(f"skipping {name}: {why}")
+        log.warning("bench: skipping %s: %s", name, why)
+    if LLAMACPP in [PEERS[p] for p in config.peers] and LLAMACPP not in skipped:
+        from llmopt.bench.llamacpp import resolve_gguf
+
+        specs.append((LLAMACPP, LLAMACPP, {"model": str(resolve_gguf(config.model)), "threads": config.threads,
+                                           "max_seq_len": max(c.input_len + c.output_len for c in config.cells)}))
     if config.baseline == "hf":
         specs.append((TRANSFORMERS, TRANSFORMERS, {"model": config.model, "threads": config.threads}))
     workers: dict[str, Worker] = {}
@@ -521,7 +624,7 @@ def run_grid(config: GridConfig, progress: Progress | None = None, command: str 
         for name, kind, kw in specs:
             say(f"loading {name} ({config.model})")
             workers[name] = Worker(name, kind, kw, config.threads)
-        vocab = workers[LLMOPT].info["vocab_size"]
+        vocab = min(w.info["vocab_size"] for w in workers.values())  # prompt ids every system can take
         for i, cell in enumerate(config.cells, 1):
             tag = f"cell {i}/{len(config.cells)}: concurrency {cell.concurrency}, in {cell.input_len}, out {cell.output_len}"
             if config.warmup:
@@ -553,7 +656,8 @@ def run_grid(config: GridConfig, progress: Progress | None = None, command: str 
         "settings": {
             "cells": [asdict(c) for c in config.cells], "threads": config.threads, "repeat": config.repeat,
             "warmup_tokens": WARMUP_TOKENS if config.warmup else 0, "seed": config.seed,
-            "baseline": config.baseline, "quants": config.quants, "reference": config.reference,
+            "baseline": config.baseline, "quants": config.quants, "peers": config.peers, "skipped": skipped,
+            "reference": config.reference,
             "systems": {name: {k: v for k, v in w.info.items() if k != "vocab_size"} for name, w in workers.items()},
         },
         "machine": machine,
@@ -566,6 +670,9 @@ def _cell_result(cell: Cell, traces: dict[str, list[RunTrace]], reference: str) 
     systems = {name: summarize(ts, cell) for name, ts in traces.items()}
     ref_ids = [t.token_ids for t in traces[reference]]
     others = [n for n in systems if n != reference]
+    tokens = {n: compare_tokens([t.token_ids for t in traces[n]], ref_ids) for n in others}
+    for n in others:
+        tokens[n]["comparable"] = n not in PEERS.values()  # a peer's arithmetic differs: agreement is no check
     return {
         "concurrency": cell.concurrency,
         "input_len": cell.input_len,
@@ -573,7 +680,7 @@ def _cell_result(cell: Cell, traces: dict[str, list[RunTrace]], reference: str) 
         "reference": reference,
         "systems": systems,
         "ratios": {n: ratios(systems[n], systems[reference]) for n in others},
-        "greedy_tokens_vs_reference": {n: compare_tokens([t.token_ids for t in traces[n]], ref_ids) for n in others},
+        "greedy_tokens_vs_reference": tokens,
     }
 
 
@@ -583,7 +690,8 @@ def _rows(cell: dict[str, Any]) -> list[dict[str, Any]]:
     for name, m in cell["systems"].items():
         row = {"concurrency": cell["concurrency"], "input_len": cell["input_len"], "output_len": cell["output_len"],
                "backend": name}
-        row.update({k: m[k] for k in ("output_tokens_per_s", "stream_decode_tokens_per_s", "ttft_p50_ms",
+        row.update({k: m[k] for k in ("output_tokens_per_s", "stream_decode_tokens_per_s", "prefill_tokens_per_s",
+                                      "ttft_p50_ms",
                                       "ttft_p90_ms", "tpot_p50_ms", "tpot_p90_ms", "cpu_ms_per_output_token",
                                       "peak_rss_mb")})
         r = cell["ratios"].get(name)
@@ -603,7 +711,8 @@ def _f(x: Any, digits: int = 1) -> str:
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
-TABLE_COLUMNS = ("conc.", "in / out", "system", "output tok/s", "decode tok/s/stream", "TTFT p50 / p90 (ms)",
+TABLE_COLUMNS = ("conc.", "in / out", "system", "output tok/s", "decode tok/s/stream", "prefill tok/s",
+                 "TTFT p50 / p90 (ms)",
                  "TPOT p50 / p90 (ms)", "CPU ms/token", "peak RSS (MB)", "tok/s vs ref", "same greedy tokens")
 
 
@@ -616,13 +725,14 @@ def table_rows(result: dict[str, Any]) -> list[list[str]]:
             match = cell["greedy_tokens_vs_reference"].get(name)
             out.append([
                 str(cell["concurrency"]), f"{cell['input_len']} / {cell['output_len']}", name,
-                _f(m["output_tokens_per_s"]), _f(m["stream_decode_tokens_per_s"]),
+                _f(m["output_tokens_per_s"]), _f(m["stream_decode_tokens_per_s"]), _f(m.get("prefill_tokens_per_s"), 0),
                 f"{_f(m['ttft_p50_ms'], 0)} / {_f(m['ttft_p90_ms'], 0)}",
                 f"{_f(m['tpot_p50_ms'])} / {_f(m['tpot_p90_ms'])}",
                 _f(m["cpu_ms_per_output_token"]),
                 _f(m["peak_rss_mb"], 0),
                 f"{r['output_tokens_per_s_x']:.2f}x" if r and r["output_tokens_per_s_x"] is not None else "(ref)",
-                "(ref)" if match is None else f"{match['identical']}/{match['requests']}",
+                "(ref)" if match is None else f"{match['identical']}/{match['requests']}"
+                if match.get("comparable", True) else "n/a",
             ])
     return out
 
@@ -637,4 +747,11 @@ def markdown_table(result: dict[str, Any]) -> str:
                  f"transformers {m['transformers']}, commit {(m['git'].get('commit') or '?')[:10]}"
                  f"{' (dirty)' if m['git'].get('dirty') else ''}; repeat {result['settings']['repeat']}, "
                  f"load average {m['load_average_start']} -> {m['load_average_end']}.")
+    peer = result["settings"].get("systems", {}).get(LLAMACPP)
+    if peer:
+        lines.append(f"llama.cpp: llama-cpp-python {peer.get('llama_cpp_python')}, the same GGUF file with its own "
+                     "quantized arithmetic (so its greedy tokens are not compared: n/a); concurrency > 1 decodes all "
+                     "sequences in one llama_decode per step.")
+    for name, why in result["settings"].get("skipped", {}).items():
+        lines.append(f"{name} skipped: {why}")
     return "\n".join(lines)

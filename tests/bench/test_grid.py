@@ -12,9 +12,9 @@ from llmopt.cli import app
 
 SYSTEM_KEYS = {"output_tokens_per_s", "stream_decode_tokens_per_s", "ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms",
                "tpot_p90_ms", "peak_rss_mb", "peak_rss_scope", "wall_s", "output_tokens",
-               "cpu_ms_per_output_token"}
+               "cpu_ms_per_output_token", "prefill_tokens_per_s"}
 RATIO_KEYS = {"output_tokens_per_s_x", "stream_decode_tokens_per_s_x", "ttft_p50_speedup_x", "tpot_p50_speedup_x",
-              "cpu_per_token_speedup_x", "peak_rss_x"}
+              "cpu_per_token_speedup_x", "peak_rss_x", "prefill_tokens_per_s_x"}
 
 
 def test_bench_cli_writes_both_systems_and_they_agree_on_greedy_tokens(tiny_models, tmp_path):
@@ -65,3 +65,32 @@ def test_grid_helpers():
     assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5 and percentile([], 90) is None
     ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_prefill_tokens_per_s_is_prompt_tokens_over_time_to_the_last_first_token():
+    from llmopt.bench.grid import RunTrace, summarize
+
+    # two requests of 10 prompt tokens arrive at t0 = 0; their first tokens come at 0.5 s and 1.0 s
+    trace = RunTrace(t0=0.0, t_end=2.0, token_ids=[[1, 2], [3, 4]], token_times=[[0.5, 1.5], [1.0, 2.0]],
+                     peak_rss_bytes=2**20, peak_rss_scope="run")
+    m = summarize([trace], Cell(2, 10, 2))
+    assert m["prefill_tokens_per_s"] == 20.0 and m["output_tokens_per_s"] == 2.0
+    assert m["ttft_p50_ms"] == 750.0 and m["tpot_p50_ms"] == 1000.0
+
+
+def test_peers_are_validated_and_a_missing_llama_cpp_is_skipped_with_a_message(tiny_models, tmp_path, monkeypatch):
+    from llmopt.bench.grid import GridConfig, peer_problems
+
+    with pytest.raises(ValueError, match="unknown --peer 'vllm'"):
+        GridConfig(peers=["vllm"])
+    assert GridConfig(peers=["llamacpp"], baseline="none").systems == ["llmopt", "llama.cpp"]
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if llama-cpp-python were not installed
+    assert "pip install 'llmopt[llamacpp]'" in peer_problems(["llamacpp"], str(tiny_models["llama"][2]))["llama.cpp"]
+    out = tmp_path / "bench.json"
+    res = CliRunner().invoke(app, ["bench", str(tiny_models["llama"][1]), "--concurrency", "1", "--input-len", "4",
+                                   "--output-len", "2", "--threads", "1", "--baseline", "none", "--no-warmup",
+                                   "--peer", "llamacpp", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "skipping llama.cpp" in res.output and "not installed" in res.output
+    data = json.loads(out.read_text())
+    assert list(data["cells"][0]["systems"]) == ["llmopt"] and "llama.cpp" in data["settings"]["skipped"]

@@ -1,0 +1,254 @@
+"""llama.cpp as an optional peer in ``llmopt bench`` (``pip install 'llmopt[llamacpp]'``).
+
+``LlamaCppSystem`` runs the same GGUF file llmopt loads (the registry's Q4_1 file runs natively in
+llama.cpp, no conversion) through llama-cpp-python and follows the bench method exactly: the
+cell's prompts as token ids, greedy (argmax of the logits), exactly ``output_len`` tokens with EOS
+ignored, a timestamp per generated token, all requests arriving together at ``t0``.
+
+- Concurrency 1: the high-level ``llama_cpp.Llama`` (``n_batch=512``, ``logits_all=False``):
+  ``eval`` the prompt, then one ``eval`` per generated token.
+- Concurrency > 1: llama.cpp's batch API, as in its ``batched`` example and
+  ``llama-batched-bench``: a second context on the same model with ``n_seq_max = concurrency``
+  (one KV stream per sequence), the prompts of all sequences decoded together (``n_batch`` tokens
+  per ``llama_decode``, logits only at each sequence's last prompt token), then one
+  ``llama_decode`` per step holding the next token of every sequence (one ``seq_id`` each), with
+  per-sequence logits. Every sequence of a step shares that step's timestamp, as in llmopt.
+
+llama.cpp multiplies Q4_1 weights with 8-bit-quantized activations, llmopt fp32 and transformers
+dequantize the weights and compute in fp32, so greedy tokens legitimately differ: the grid records
+them but does not count agreement with the reference as a correctness check.
+
+The bench runs this system in its own process started as ``python llamacpp.py <fd> <json>``: this
+file imports nothing from ``llmopt`` at module level, so that process never imports torch (which
+would add ~250 MB of RSS that llama.cpp does not need) and its peak RSS is llama.cpp's own.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+NAME = "llama.cpp"
+PEER = "llamacpp"  # the --peer value
+INSTALL_HINT = "pip install 'llmopt[llamacpp]' (builds llama.cpp from source, a few minutes)"
+CTX_ALIGN = 256  # llama.cpp pads context sizes to 256 cells
+
+
+def missing_reason() -> str | None:
+    """None if llama-cpp-python is importable here, else why not (without importing it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return f"llama_cpp is not installed: {INSTALL_HINT}"
+    return None
+
+
+def resolve_gguf(model: str | Path) -> Path:
+    """A registry name or a path -> an existing ``.gguf`` file (llama.cpp reads nothing else)."""
+    p = Path(model).expanduser()
+    if not p.is_file():
+        from llmopt.models.registry import resolve  # only for registry names: imports llmopt
+
+        p = resolve(model)
+    if not p.is_file() or p.suffix.lower() != ".gguf":
+        raise ValueError(f"llama.cpp runs GGUF files only; model {str(model)!r} resolves to {p}, which is not a "
+                         ".gguf file")
+    return p
+
+
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+class LlamaCppSystem:
+    """llama.cpp through llama-cpp-python with the bench's ``run`` interface (see the module docstring)."""
+
+    def __init__(self, model: str, threads: int, max_seq_len: int = 1024, n_batch: int = 512,
+                 verbose: bool = False):
+        import llama_cpp
+        import numpy as np
+
+        self._lc, self._np = llama_cpp, np
+        path = resolve_gguf(model)
+        t0 = time.perf_counter()
+        self.n_batch = n_batch
+        self.max_seq_len = max_seq_len
+        self.llm = llama_cpp.Llama(str(path), n_threads=threads, n_threads_batch=threads,
+                                   # llama.cpp caps n_batch at n_ctx: keep the context at least n_batch long
+                                   n_ctx=max(_round_up(max_seq_len, CTX_ALIGN), n_batch), n_batch=n_batch,
+                                   n_ubatch=n_batch,
+                                   logits_all=False, verbose=verbose)  # not verbose: llama.cpp logs errors only
+        self.vocab_size = self.llm.n_vocab()
+        if llama_cpp.llama_n_batch(self.llm.ctx) < n_batch:
+            raise RuntimeError(f"llama.cpp took n_batch {llama_cpp.llama_n_batch(self.llm.ctx)} instead of {n_batch}")
+        self._batched: tuple[int, int, Any, Any] | None = None  # (n_seq, n_ctx_seq, ctx, batch)
+        self._batched_n_batch = n_batch  # what the batched context really takes per llama_decode
+        self.info = {
+            "llama_cpp_python": getattr(llama_cpp, "__version__", None),
+            "gguf": str(path),
+            "weights": "as stored in the GGUF (llama.cpp runs the quantized tensors natively)",
+            "threads": threads, "n_batch": n_batch,
+            "flash_attn_type": int(self.llm.context_params.flash_attn_type),
+            "concurrency_1": "Llama.eval, one token at a time",
+            "concurrency_n": "batched: one llama_decode per step, one seq_id per request (n_seq_max = concurrency)",
+            "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+            "load_seconds": round(time.perf_counter() - t0, 3),
+        }
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _argmax(self, ctx: Any, i: int) -> int:
+        ptr = self._lc.llama_get_logits_ith(ctx, i)
+        if not ptr:
+            raise RuntimeError(f"llama.cpp returned no logits for batch index {i}")
+        return int(self._np.ctypeslib.as_array(ptr, shape=(self.vocab_size,)).argmax())
+
+    def _check(self, prompts: list[list[int]], output_len: int) -> None:
+        if not prompts or output_len < 1:
+            raise ValueError("a run needs at least one prompt and output_len >= 1")
+        for p in prompts:
+            if not p:
+                raise ValueError("llama.cpp needs non-empty prompts")
+            if min(p) < 0 or max(p) >= self.vocab_size:
+                raise ValueError(f"prompt token id out of range for a vocabulary of {self.vocab_size}")
+
+    def close(self) -> None:
+        self._free_batched()
+        self.llm.close()
+
+    def _free_batched(self) -> None:
+        if self._batched is not None:
+            _, _, ctx, batch = self._batched
+            self._lc.llama_batch_free(batch)
+            self._lc.llama_free(ctx)
+            self._batched = None
+
+    def _batched_context(self, n_seq: int, seq_len: int) -> tuple[Any, Any]:
+        """A context for ``n_seq`` parallel sequences of up to ``seq_len`` tokens each, with the same
+        settings as the single-sequence one (threads, n_batch, attention, KV types); reused while the
+        shape fits, replaced otherwise, freed before a single-sequence run (so an idle KV cache never
+        inflates a later cell's RSS)."""
+        lc = self._lc
+        n_ctx_seq = _round_up(seq_len, CTX_ALIGN)
+        if self._batched is not None and self._batched[:2] == (n_seq, n_ctx_seq):
+            return self._batched[2], self._batched[3]
+        self._free_batched()
+        limit = lc.llama_max_parallel_sequences()
+        if n_seq > limit:
+            raise ValueError(f"llama.cpp supports at most {limit} parallel sequences, the cell asks for {n_seq}")
+        params = lc.llama_context_params.from_buffer_copy(self.llm.context_params)
+        params.n_seq_max = n_seq
+        params.n_ctx = n_seq * n_ctx_seq  # split evenly: one KV stream of n_ctx_seq cells per sequence
+        params.kv_unified = False
+        params.n_batch = params.n_ubatch = self.n_batch
+        ctx = lc.llama_init_from_model(self.llm.model, params)
+        if not ctx:
+            raise RuntimeError(f"llama.cpp could not create a context for {n_seq} sequences of {n_ctx_seq} tokens")
+        self._batched_n_batch = lc.llama_n_batch(ctx)  # capped at n_ctx by llama.cpp
+        batch = lc.llama_batch_init(max(self.n_batch, n_seq), 0, 1)
+        self._batched = (n_seq, n_ctx_seq, ctx, batch)
+        return ctx, batch
+
+    def _decode(self, ctx: Any, batch: Any, items: list[tuple[int, int, int, bool]]) -> None:
+        """One ``llama_decode`` of ``items`` = (token, position, seq_id, wants_logits)."""
+        for i, (tok, pos, seq, logits) in enumerate(items):
+            batch.token[i] = tok
+            batch.pos[i] = pos
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = 1 if logits else 0
+        batch.n_tokens = len(items)
+        rc = self._lc.llama_decode(ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc} on a batch of {len(items)} tokens "
+                               "(1: no KV slot, -1: invalid batch, < -1: fatal)")
+
+    # ---- the bench interface -------------------------------------------------------------------
+    def run(self, prompts: list[list[int]], output_len: int) -> tuple[float, float, list[list[int]],
+                                                                       list[list[float]], dict[str, Any]]:
+        """All prompts arrive at ``t0``; returns (t0, t_end, token ids, token times, extras) per request."""
+        self._check(prompts, output_len)
+        if len(prompts) == 1:
+            self._free_batched()  # an idle multi-sequence KV cache must not count in this run's RSS
+            return self._run_single(prompts[0], output_len)
+        return self._run_batched(prompts, output_len)
+
+    def _run_single(self, prompt: list[int], output_len: int) -> Any:
+        lc, llm = self._lc, self.llm
+        if len(prompt) + output_len > llm.n_ctx():
+            raise ValueError(f"prompt + output ({len(prompt) + output_len} tokens) exceed the llama.cpp context "
+                             f"({llm.n_ctx()}); construct the system with a larger max_seq_len")
+        lc.llama_memory_clear(lc.llama_get_memory(llm.ctx), True)
+        llm.reset()
+        ids: list[int] = []
+        times: list[float] = []
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        for k in range(output_len):
+            ids.append(self._argmax(llm.ctx, -1))
+            times.append(time.perf_counter())
+            if k + 1 < output_len:
+                llm.eval([ids[-1]])
+        t_end = time.perf_counter()
+        return t0, t_end, [ids], [times], {"llama_decode_calls": -(-len(prompt) // self.n_batch) + output_len - 1}
+
+    def _run_batched(self, prompts: list[list[int]], output_len: int) -> Any:
+        lc = self._lc
+        n = len(prompts)
+        ctx, batch = self._batched_context(n, max(len(p) for p in prompts) + output_len)
+        lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+        ids: list[list[int]] = [[] for _ in prompts]
+        times: list[list[float]] = [[] for _ in prompts]
+        calls = 0
+        t0 = time.perf_counter()
+        # prefill: every prompt token of every sequence, n_batch per llama_decode; logits only where a
+        # sequence's prompt ends, read right after the call that produced them
+        flat = [(tok, pos, s, pos == len(p) - 1) for s, p in enumerate(prompts) for pos, tok in enumerate(p)]
+        step = min(self.n_batch, self._batched_n_batch)
+        for start in range(0, len(flat), step):
+            chunk = flat[start:start + step]
+            self._decode(ctx, batch, chunk)
+            calls += 1
+            firsts = [(s, self._argmax(ctx, i)) for i, (_, _, s, last) in enumerate(chunk) if last]
+            now = time.perf_counter()
+            for s, tok in firsts:
+                ids[s].append(tok)
+                times[s].append(now)
+        # decode: one llama_decode per step with the last token of every sequence
+        for _ in range(output_len - 1):
+            self._decode(ctx, batch, [(ids[s][-1], len(p) + len(ids[s]) - 1, s, True) for s, p in enumerate(prompts)])
+            calls += 1
+            nxt = [self._argmax(ctx, s) for s in range(n)]
+            now = time.perf_counter()
+            for s in range(n):
+                ids[s].append(nxt[s])
+                times[s].append(now)
+        t_end = time.perf_counter()
+        return t0, t_end, ids, times, {"llama_decode_calls": calls}
+
+
+def _main(argv: list[str]) -> None:
+    """Standalone bench worker: ``python llamacpp.py FD JSON_KWARGS``. Talks the grid's worker
+    protocol over the inherited socket FD, loading ``grid.py`` by file path so that nothing imports
+    the ``llmopt`` package (and with it torch)."""
+    import importlib.util
+    import json
+    import sys
+    from multiprocessing.connection import Connection
+
+    here = Path(__file__).resolve().parent
+    if sys.path and Path(sys.path[0] or ".").resolve() == here:
+        sys.path.pop(0)  # this folder is not a package root: grid.py, cli.py must not shadow anything
+    spec = importlib.util.spec_from_file_location("_llmopt_bench_grid_standalone", here / "grid.py")
+    grid = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = grid  # dataclasses resolve their module by name
+    spec.loader.exec_module(grid)
+    conn = Connection(int(argv[0]))
+    kwargs = json.loads(argv[1])
+    grid.serve(conn, lambda: LlamaCppSystem(**kwargs))
+
+
+if __name__ == "__main__":
+    import sys as _sys
+
+    _main(_sys.argv[1:])
