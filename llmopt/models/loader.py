@@ -55,6 +55,11 @@ def open_checkpoint(model: str | Path) -> tuple[ModelConfig, Tokenizer, Iterator
 def load_model(model: str | Path, dtype: torch.dtype = torch.float32,
                max_positions: int | None = None) -> LoadedModel:
     t0 = time.perf_counter()
+    src = resolve(model)
+    if src.is_dir() and (src / "quant_config.json").exists():  # written by `llmopt quantize`
+        from llmopt.quant.checkpoint import load_quantized
+
+        return load_quantized(src, dtype, max_positions)
     cfg, tok, weights, path = open_checkpoint(model)
     n_pos = min(max_positions or cfg.max_position_embeddings, cfg.max_position_embeddings)
     with torch.device("meta"):

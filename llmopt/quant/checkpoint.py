@@ -1,0 +1,369 @@
+"""Quantized checkpoints: a directory that ``load_model`` / ``LLM(DIR)`` / ``llmopt generate --model
+DIR`` load like any Hugging Face directory.
+
+Layout of ``DIR``:
+
+- ``model.safetensors``: float tensors under their Hugging Face names (``model.embed_tokens.weight``,
+  ``model.norm.weight``, un-fused ``q_proj``/``k_proj``/``v_proj``/``gate_proj``/``up_proj`` for
+  linears that stayed float, ``lm_head.weight`` unless tied), stored as ``float_dtype`` (bfloat16
+  by default); every quantized linear as its packed tensors under its llmopt module name with the
+  ``model.`` prefix, e.g. ``model.layers.0.self_attn.qkv_proj.qweight`` / ``.scales`` / ``.mins``
+  / ``.bias`` (fp32) and ``lm_head.qweight`` for a quantized head.
+- ``quant_config.json``: per module ``fmt``, ``group_size``, ``in_features``, ``out_features``,
+  ``bias``, ``bits_per_weight``; ``format`` (the decoder linears' format, or "mixed"; a quantized
+  head is reported as ``lm_head_format``); the method, average bits, llmopt version, tied embeddings,
+  float dtype and the caller's ``quant_info``. Its presence is what makes ``load_model`` delegate
+  to :func:`load_quantized`.
+- ``config.json`` (transformers' config of the model, checked to read back to the same
+  ``ModelConfig``; for a GGUF source it is the config llmopt rebuilt from the GGUF metadata),
+  and the tokenizer (``save_pretrained`` of the wrapped HF tokenizer: ``tokenizer.json``, its
+  config and the chat template); the eos ids are written into ``config.json``.
+
+What is loaded back is bit-identical to the in-memory model that was saved, provided its float
+weights are representable in ``float_dtype`` (see :func:`round_float_weights_`, which the CLI
+applies before measuring, so that the measured model is the saved model).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmopt.config import ModelConfig, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["save_quantized", "load_quantized", "is_quantized_checkpoint", "round_float_weights_",
+           "QUANT_CONFIG", "WEIGHTS_FILE", "FORMAT_VERSION"]
+
+QUANT_CONFIG = "quant_config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+
+_ARCH_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _llmopt_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("llmopt")
+    except Exception:  # noqa: BLE001
+        import llmopt
+
+        return getattr(llmopt, "__version__", "unknown")
+
+
+def _hf_module_name(name: str) -> str:
+    """llmopt module name (``layers.0.mlp.down_proj``) -> checkpoint name (``model.layers...``)."""
+    return name if name.startswith("lm_head") else f"model.{name}"
+
+
+def _module_name(hf_name: str) -> str:
+    return hf_name.removeprefix("model.")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    for k, v in _DTYPES.items():
+        if v == dtype:
+            return k
+    raise ValueError(f"float_dtype must be one of {', '.join(_DTYPES)}, got {dtype}")
+
+
+def is_quantized_checkpoint(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / QUANT_CONFIG).exists()
+
+
+@torch.no_grad()
+def round_float_weights_(model: nn.Module, float_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Round (in place) every float parameter to ``float_dtype`` and back to its own dtype, so the
+    in-memory model equals what :func:`save_quantized` with that ``float_dtype`` stores.
+    Quantized linears are untouched (their packed tensors are stored exactly)."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != float_dtype:
+            p.copy_(p.to(float_dtype).to(p.dtype))
+    return model
+
+
+def _quant_modules(model: nn.Module) -> dict[str, nn.Module]:
+    from .linear import QuantLinear
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def _split_fused(model: nn.Module, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """A float fused parameter (``layers.0.self_attn.qkv_proj.weight``) -> HF-named shards."""
+    parts = name.split(".")
+    if len(parts) < 2 or parts[-2] not in _FUSED:
+        return [(name, tensor)]
+    mod = parts[-2]
+    ranges = model._shard_ranges(mod)
+    return [(".".join(parts[:-2] + [hf, parts[-1]]), tensor[lo:hi])
+            for hf, (lo, hi) in zip(_FUSED[mod], ranges)]
+
+
+def _hf_config_for(config: ModelConfig, float_dtype: torch.dtype) -> Any:
+    """The transformers config to write: the model's own (HF dir) or the one llmopt rebuilt from
+    the GGUF metadata, with every field ``ModelConfig`` reads forced to the ModelConfig values."""
+    from transformers import AutoConfig
+
+    c = config
+    if c.hf_config is not None:
+        hf = copy.deepcopy(c.hf_config)
+    else:
+        hf = AutoConfig.for_model(c.arch, rope_parameters={"rope_theta": 10000.0, "rope_type": "default"})
+    fields = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                  num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+                  num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
+                  max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_word_embeddings,
+                  bos_token_id=c.bos_token_id,
+                  eos_token_id=(c.eos_token_ids[0] if len(c.eos_token_ids) == 1 else list(c.eos_token_ids) or None))
+    if c.arch == "llama":
+        fields["attention_bias"] = c.attention_bias
+    for k, v in fields.items():
+        setattr(hf, k, v)
+    hf.architectures = [_ARCH_CLASS[c.arch]]
+    try:
+        hf.dtype = float_dtype
+    except Exception:  # noqa: BLE001 - older transformers: torch_dtype
+        pass
+    return hf
+
+
+def _check_config_roundtrip(out: Path, config: ModelConfig) -> None:
+    from transformers import AutoConfig
+
+    back = ModelConfig.from_hf(AutoConfig.from_pretrained(out))
+    keys = ("arch", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+            "head_dim", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings", "attention_bias",
+            "o_bias", "qk_norm", "layer_windows", "bos_token_id")
+    bad = [k for k in keys if getattr(back, k) != getattr(config, k)]
+    if sorted(back.eos_token_ids) != sorted(config.eos_token_ids):
+        bad.append("eos_token_ids")
+    if bad:
+        raise RuntimeError(f"the written config.json does not read back to the same model config ({', '.join(bad)})")
+
+
+def save_quantized(model: nn.Module, tokenizer: Any, config: ModelConfig, out_dir: str | Path,
+                   quant_info: dict[str, Any] | None = None,
+                   float_dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
+    """Write ``model`` (a :class:`~llmopt.models.transformer.Transformer` whose linears are partly or
+    wholly :class:`~llmopt.quant.linear.QuantLinear`) to ``out_dir`` (created if needed; files
+    already there are overwritten). ``tokenizer`` is an llmopt ``Tokenizer`` (or a HF tokenizer).
+    ``quant_info`` (JSON-serialisable; ``method`` is read from it, default "rtn") is stored in
+    ``quant_config.json``. Returns the quant_config dict that was written."""
+    from safetensors.torch import save_file
+
+    from .formats import FORMATS
+
+    quant_info = dict(quant_info or {})
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    qmods = _quant_modules(model)
+    if not qmods:
+        log.warning("save_quantized: the model has no quantized linear; writing a float checkpoint")
+    tensors: dict[str, torch.Tensor] = {}
+    modules: dict[str, dict[str, Any]] = {}
+    q_params = q_bits = 0.0
+    for name, m in qmods.items():
+        if m.fmt not in FORMATS:
+            raise ValueError(f"module {name} has unknown format {m.fmt!r}")
+        hname = _hf_module_name(name)
+        for key, t in m.packed_state().items():
+            tensors[f"{hname}.{key}"] = t.detach().to("cpu").contiguous()
+        bpw = float(m.bits_per_weight)
+        modules[hname] = {"fmt": m.fmt, "group_size": int(m.group_size), "in_features": int(m.in_features),
+                          "out_features": int(m.out_features), "bias": m.bias is not None,
+                          "bits_per_weight": round(bpw, 6)}
+        n = m.in_features * m.out_features
+        q_params += n
+        q_bits += bpw * n
+    tied = bool(config.tie_word_embeddings)
+    lm_head_tied = tied and "lm_head" not in qmods
+    float_params = 0
+    for pname, p in model.named_parameters():  # shared (tied) parameters appear once
+        if pname == "lm_head.weight" and tied:
+            continue
+        for hname, t in _split_fused(model, pname, p.detach()):
+            tensors[_hf_module_name(hname)] = t.to("cpu", float_dtype).contiguous()
+        float_params += p.numel()
+    # config + tokenizer first, weights, then quant_config.json last: a directory without it is never
+    # mistaken for a complete quantized checkpoint
+    hf = _hf_config_for(config, float_dtype)
+    hf.save_pretrained(out)
+    _check_config_roundtrip(out, config)
+    hf_tok = getattr(tokenizer, "hf", tokenizer)
+    hf_tok.save_pretrained(out)
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt", "llmopt_quant": str(FORMAT_VERSION)})
+    weights_bytes = (out / WEIGHTS_FILE).stat().st_size
+    total_params = q_params + float_params
+    body = sorted({v["fmt"] for k, v in modules.items() if k != "lm_head"})  # a separate head format is
+    fmts = body or sorted({v["fmt"] for v in modules.values()})          # not "mixed" precision
+    qc = {
+        "quant_method": "llmopt",
+        "format_version": FORMAT_VERSION,
+        "llmopt_version": _llmopt_version(),
+        "method": quant_info.get("method", "rtn"),
+        "format": fmts[0] if len(fmts) == 1 else ("mixed" if fmts else "float"),
+        "avg_bits_per_weight": round(q_bits / q_params, 6) if q_params else None,  # quantized linears
+        "avg_bits_all_params": round(8.0 * weights_bytes / total_params, 6) if total_params else None,
+        "quantized_params": int(q_params),
+        "total_params": int(total_params),
+        "weights_bytes": int(weights_bytes),
+        "lm_head_format": modules["lm_head"]["fmt"] if "lm_head" in modules else None,
+        "float_dtype": _dtype_name(float_dtype),
+        "tie_word_embeddings": tied,
+        "lm_head_tied_to_embeddings": lm_head_tied,
+        "modules": modules,
+        "quant_info": quant_info,
+    }
+    (out / QUANT_CONFIG).write_text(json.dumps(qc, indent=2) + "\n", encoding="utf-8")
+    return qc
+
+
+# ---- loading ------------------------------------------------------------------------------------
+_ROW_SHAPES: dict[tuple[str, int, int], dict[str, tuple[tuple[int, ...], torch.dtype]]] = {}
+
+
+def _expected_packed(fmt: str, k: int, group_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Shapes (dim 0 = out_features, given as 1) and dtypes of the packed tensors of a [*, k] weight,
+    taken from the real packer on one zero row."""
+    key = (fmt, k, group_size)
+    if key not in _ROW_SHAPES:
+        from .formats import quantize
+
+        qw = quantize(torch.zeros(1, k), fmt, group_size, search=False)
+        if qw.group_size != group_size:
+            raise ValueError(f"group_size {group_size} is not what {fmt} uses for in_features={k} ({qw.group_size})")
+        _ROW_SHAPES[key] = {n: (tuple(t.shape), t.dtype) for n, t in qw.tensors.items()}
+    return _ROW_SHAPES[key]
+
+
+def _read_quant_config(path: Path) -> dict[str, Any]:
+    f = path / QUANT_CONFIG
+    try:
+        qc = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{f} is not readable JSON ({e}); re-run `llmopt quantize`") from None
+    if not isinstance(qc, dict) or not isinstance(qc.get("modules"), dict):
+        raise ModelLoadError(f"{f} has no 'modules' table: it is not an llmopt quantized checkpoint")
+    ver = qc.get("format_version", 1)
+    if not isinstance(ver, int) or ver > FORMAT_VERSION:
+        raise ModelLoadError(f"{f} has format_version {ver!r}; this llmopt reads up to {FORMAT_VERSION}: "
+                             "upgrade llmopt")
+    return qc
+
+
+def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
+                   max_positions: int | None = None):
+    """Load a directory written by :func:`save_quantized`; returns a ``LoadedModel`` exactly like
+    :func:`llmopt.models.loader.load_model`. Errors are ``ModelLoadError`` naming the problem."""
+    from safetensors import SafetensorError, safe_open
+
+    from llmopt.models.loader import LoadedModel, _open_hf_dir
+    from llmopt.models.transformer import Transformer
+
+    from .formats import FORMATS
+    from .linear import QuantLinear
+
+    t0 = time.perf_counter()
+    path = Path(path)
+    qc = _read_quant_config(path)
+    wfile = path / WEIGHTS_FILE
+    if not wfile.exists():
+        raise ModelLoadError(f"{path} has {QUANT_CONFIG} but no {WEIGHTS_FILE}: the checkpoint is incomplete, "
+                             "re-run `llmopt quantize`")
+    cfg, tok, _ = _open_hf_dir(path)  # weights are read below
+    n_pos = min(max_positions or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    with torch.device("meta"):
+        net = Transformer(cfg, max_positions=n_pos)
+    net.to_empty(device="cpu")
+    net.reset_buffers()  # rope table + tie lm_head to the embeddings (before lm_head may be replaced)
+
+    try:
+        st = safe_open(str(wfile), framework="pt")
+        keys = set(st.keys())
+    except (SafetensorError, OSError) as e:
+        raise ModelLoadError(f"{wfile.name} is not a readable safetensors file: {e}") from None
+
+    where = f"{path.name}/{QUANT_CONFIG}"
+    packed_keys: set[str] = set()
+    for hname, spec in qc["modules"].items():
+        if not isinstance(spec, dict):
+            raise ModelLoadError(f"{where}: entry {hname!r} is not an object")
+        fmt = spec.get("fmt")
+        if fmt not in FORMATS:
+            raise ModelLoadError(f"{where}: module {hname!r} has unknown format {fmt!r} (known: "
+                                 f"{', '.join(sorted(FORMATS))}); the checkpoint needs a newer llmopt or is corrupt")
+        name = _module_name(hname)
+        try:
+            old = net.get_submodule(name)
+        except AttributeError:
+            raise ModelLoadError(f"{where}: module {hname!r} does not exist in a {cfg.arch} model with "
+                                 f"{cfg.num_layers} layers") from None
+        if not isinstance(old, nn.Linear):
+            raise ModelLoadError(f"{where}: module {hname!r} is not a linear layer")
+        try:
+            gs, k, n = int(spec["group_size"]), int(spec["in_features"]), int(spec["out_features"])
+        except (KeyError, TypeError, ValueError):
+            raise ModelLoadError(f"{where}: module {hname!r} needs integer group_size, in_features and "
+                                 "out_features") from None
+        if (n, k) != (old.out_features, old.in_features):
+            raise ModelLoadError(f"{where}: module {hname!r} is [{n}, {k}] but the model (config.json) has "
+                                 f"[{old.out_features}, {old.in_features}]: config and weights do not match")
+        try:
+            expected = _expected_packed(fmt, k, gs)
+        except ValueError as e:
+            raise ModelLoadError(f"{where}: module {hname!r}: {e}") from None
+        t: dict[str, torch.Tensor] = {}
+        for key, (row_shape, tdtype) in expected.items():
+            full = f"{hname}.{key}"
+            if full not in keys:
+                raise ModelLoadError(f"{wfile.name} lacks tensor {full!r} that {QUANT_CONFIG} needs: "
+                                     "the checkpoint is incomplete, re-run `llmopt quantize`")
+            x = st.get_tensor(full)
+            want = (n, *row_shape[1:])
+            if tuple(x.shape) != want or x.dtype != tdtype:
+                raise ModelLoadError(f"{wfile.name}: tensor {full!r} is {tuple(x.shape)} {x.dtype}, a {fmt} "
+                                     f"[{n}, {k}] group {gs} weight needs {want} {tdtype}")
+            t[key] = x
+            packed_keys.add(full)
+        bias = None
+        if spec.get("bias") or f"{hname}.bias" in keys:
+            full = f"{hname}.bias"
+            if full not in keys:
+                raise ModelLoadError(f"{wfile.name} lacks tensor {full!r}: the checkpoint is incomplete")
+            bias = st.get_tensor(full).float()
+            if tuple(bias.shape) != (n,):
+                raise ModelLoadError(f"{wfile.name}: tensor {full!r} is {tuple(bias.shape)}, expected ({n},)")
+            packed_keys.add(full)
+        parent_name, _, child = name.rpartition(".")
+        parent = net.get_submodule(parent_name) if parent_name else net
+        setattr(parent, child, QuantLinear.from_packed(fmt, gs, k, n, t, bias))
+
+    def floats():
+        for key in sorted(keys - packed_keys):
+            yield key, st.get_tensor(key).float()
+
+    try:
+        net.load_weights(floats())
+    except (KeyError, ValueError) as e:
+        raise ModelLoadError(f"{wfile.name}: {e.args[0] if e.args else e}") from None
+    if dtype != torch.float32:
+        net.to(dtype)
+        net.cos_sin = net.cos_sin.float()
+    net.eval()
+    secs = time.perf_counter() - t0
+    log.info("loaded quantized %s (%s, %d quantized linears) in %.2f s", path, qc.get("format"),
+             len(qc["modules"]), secs)
+    return LoadedModel(net, tok, cfg, path, secs)
