@@ -57,7 +57,7 @@ def bench_command(
     threads: Annotated[Optional[int], typer.Option(help="torch/OpenMP threads per system (default: all cores)", min=1)] = None,
     baseline: Annotated[str, typer.Option(help="hf: transformers generate on the same weights, side by side; none: llmopt only")] = "hf",
     quant: Annotated[Optional[str], typer.Option(help="extra llmopt rows quantized on load, e.g. int8,int4 (needs llmopt.quant.linear)")] = None,
-    peer: Annotated[Optional[str], typer.Option(help="other engines side by side on the same GGUF file: llamacpp (needs pip install 'llmopt[llamacpp]'; skipped with a message if missing)")] = None,
+    peer: Annotated[Optional[str], typer.Option(help="other engines side by side on the same GGUF file: llamacpp (needs pip install 'llmopt\\[llamacpp]'; skipped with a message if missing)")] = None,
     repeat: Annotated[int, typer.Option(help="measured runs per cell and system (order alternates between runs)", min=1)] = 1,
     warmup: Annotated[bool, typer.Option("--warmup/--no-warmup", help="a short run of each cell's shape before measuring it")] = True,
     seed: Annotated[int, typer.Option(help="seed of the random prompts")] = 0,
