@@ -241,3 +241,34 @@ def test_quantlinear_cached_dispatch(ext, monkeypatch):
     assert torch.equal(q(x), other(x))
     q.qweight = other.qweight.clone()
     assert torch.equal(q(x), other(x))
+
+
+_PARALLEL_CHECK = r"""
+import torch
+from llmopt.kernels import qlinear as Q
+from llmopt.quant import formats as F
+torch.set_num_threads(2)
+worst = 0.0
+for fmt, gs, k in [("int4", 64, 192), ("int8", 32, 96), ("w8a8", None, 100), ("w4a8", 64, 192), ("int3", 128, 384)]:
+    g = torch.Generator().manual_seed(k)
+    w = torch.randn(300, k, generator=g) * 0.05
+    qw = F.quantize(w, fmt, gs)
+    for m in (1, 5, 33):
+        x = torch.randn(m, k, generator=g)
+        got = Q.linear(x, qw, backend="native")
+        ref = Q.reference_linear(x, qw, act="int8") if fmt == "int4" and Q.INT4_ACT == "int8" else Q.reference_linear(x, qw)
+        worst = max(worst, ((got - ref).abs().max() / ref.abs().max()).item())
+print(worst)
+"""
+
+
+def test_native_matches_reference_on_the_threaded_path(ext):
+    """The tests above are small enough to run on the calling thread (LLMOPT_QGEMM_MIN_PAR); this one
+    forces every call through the 2-thread column split, in a fresh process (the setting is read once)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, LLMOPT_QGEMM_MIN_PAR="0")
+    out = subprocess.run([sys.executable, "-c", _PARALLEL_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) < 2e-3
