@@ -206,3 +206,23 @@ def test_quantized_models_close_to_float(tiny, cal):
     for name in ("gptq", "awq"):
         assert errs[name, "int4"] < min(0.15, errs["rtn", "int4"]), errs
         assert errs[name, "int8"] < min(0.015, errs["rtn", "int8"]), errs
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_layer_stages_equal_the_decoder_layer_forward(tiny, arch):
+    """GPTQ runs each decoder layer stage by stage (gptq.layer_stages); it must stay exactly the
+    model's own DecoderLayer.forward, whatever changes there (q/k norm, biases, first layer)."""
+    from llmopt.quant.gptq import layer_stages
+
+    model = tiny[arch][1].model
+    T = 11
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(T, model.cfg.hidden_size, generator=g)
+    pos = torch.arange(T)
+    with torch.inference_mode():
+        want_x, want_r = x.clone(), None  # add_rms_norm works in place: no shared tensors
+        got_x, got_r = [x.clone()], [None]
+        for layer in model.layers:
+            want_x, want_r = layer(want_x, want_r, pos, model.cos_sin, None)
+            got_x, got_r = layer_stages(layer, got_x, got_r, [pos], model.cos_sin)
+            assert torch.equal(got_x[0], want_x) and torch.equal(got_r[0], want_r)
