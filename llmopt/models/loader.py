@@ -61,24 +61,38 @@ def load_model(model: str | Path, dtype: torch.dtype = torch.float32,
 
         return load_quantized(src, dtype, max_positions)
     cfg, tok, weights, path = open_checkpoint(model)
+    net = empty_model(cfg, max_positions)
+    fill_weights(net, weights, dtype, path.name)
+    secs = time.perf_counter() - t0
+    log.info("loaded %s (%s, %d layers) in %.2f s", path, cfg.arch, cfg.num_layers, secs)
+    return LoadedModel(net, tok, cfg, path, secs)
+
+
+def empty_model(cfg: ModelConfig, max_positions: int | None = None) -> Transformer:
+    """An uninitialized CPU model for ``cfg`` (weights still to load), its rope table computed and
+    lm_head tied to the embedding where the config says so. ``max_positions`` caps the rope table."""
     n_pos = min(max_positions or cfg.max_position_embeddings, cfg.max_position_embeddings)
     with torch.device("meta"):
         net = Transformer(cfg, max_positions=n_pos)
     net.to_empty(device="cpu")
     net.reset_buffers()
+    return net
+
+
+def fill_weights(net: Transformer, weights: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype,
+                 source: str) -> None:
+    """Load Hugging Face-named float tensors into ``net`` (errors name ``source``), cast to ``dtype``
+    (the rope table stays float32) and switch to eval mode."""
     try:
         net.load_weights(weights)
     except ModelLoadError:
         raise
     except (KeyError, ValueError) as e:
-        raise ModelLoadError(f"{path.name}: {e.args[0] if e.args else e}") from None
+        raise ModelLoadError(f"{source}: {e.args[0] if e.args else e}") from None
     if dtype != torch.float32:
         net.to(dtype)
         net.cos_sin = net.cos_sin.float()
     net.eval()
-    secs = time.perf_counter() - t0
-    log.info("loaded %s (%s, %d layers) in %.2f s", path, cfg.arch, cfg.num_layers, secs)
-    return LoadedModel(net, tok, cfg, path, secs)
 
 
 def load_transformers_model(model: str | Path, dtype: torch.dtype = torch.float32) -> Any:

@@ -72,8 +72,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
                 ctx: AttnContext | None) -> torch.Tensor:
-        T = x.shape[0]
-        qkv = self.qkv_proj(x)
+        return self.o_proj(self.attend(self.qkv_proj(x), positions, cos_sin, ctx))
+
+    def attend(self, qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+               ctx: AttnContext | None) -> torch.Tensor:
+        """Everything between ``qkv_proj`` and ``o_proj``: split, q/k norm, rope, attention.
+        Returns the ``o_proj`` input ``[T, num_heads * head_dim]``."""
+        T = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
@@ -88,7 +93,7 @@ class Attention(nn.Module):
             out = self._causal(q, k, v, self.window)
         else:
             out = self._paged(q, k, v, ctx)
-        return self.o_proj(out.reshape(T, self.q_size))
+        return out.reshape(T, self.q_size)
 
     def _causal(self, q, k, v, window, ctx_len: int | None = None) -> torch.Tensor:
         """Attention of q [n, Hq, D] over k/v [c, Hk, D], the queries being the last n positions."""
@@ -185,6 +190,10 @@ class Transformer(nn.Module):
         # [max_pos, head_dim]: cos in the first half, sin in the second (see kernels.ops.rope_)
         self.cos_sin = torch.cat([freqs.cos() * attn_scale, freqs.sin() * attn_scale], -1).to(self.cos_sin.device)
 
+    def rope_table(self, dtype: torch.dtype) -> torch.Tensor:
+        """The rope table in the activations' dtype, as the layers get it."""
+        return self.cos_sin if dtype == torch.float32 else self.cos_sin.to(dtype)
+
     @property
     def max_positions(self) -> int:
         return self.cos_sin.shape[0]
@@ -193,7 +202,7 @@ class Transformer(nn.Module):
                 ctx: AttnContext | None = None) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm."""
         x = self.embed_tokens(input_ids)
-        cos_sin = self.cos_sin if x.dtype == torch.float32 else self.cos_sin.to(x.dtype)
+        cos_sin = self.rope_table(x.dtype)
         residual = None
         for layer in self.layers:
             x, residual = layer(x, residual, positions, cos_sin, ctx)

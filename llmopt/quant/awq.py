@@ -51,7 +51,7 @@ from torch import nn
 from . import rtn
 from .formats import FORMATS, dequantize, effective_group_size
 from .formats import quantize as rtn_quantize
-from .gptq import (Progress, check_model_and_calib, embed_inputs, is_target, model_cos_sin, output_error,
+from .gptq import (Progress, check_model_and_calib, embed_inputs, is_target, output_error,
                    set_module)
 from .linear import DEFAULT_SKIP, QuantLinear
 
@@ -165,7 +165,7 @@ def _awq(model: nn.Module, fmt: str, group_size: int, calib, skip, progress: Pro
     xs = [e for e, _ in emb]
     positions = [p for _, p in emb]
     residuals: list = [None] * len(xs)
-    cos_sin = model_cos_sin(model, xs[0].dtype)
+    cos_sin = model.rope_table(xs[0].dtype)
     n_layers = len(model.layers)
     for li, layer in enumerate(model.layers):
         attn, mlp = layer.self_attn, layer.mlp

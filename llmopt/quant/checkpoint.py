@@ -270,8 +270,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
     :func:`llmopt.models.loader.load_model`. Errors are ``ModelLoadError`` naming the problem."""
     from safetensors import SafetensorError, safe_open
 
-    from llmopt.models.loader import LoadedModel, _open_hf_dir
-    from llmopt.models.transformer import Transformer
+    from llmopt.models.loader import LoadedModel, _open_hf_dir, empty_model, fill_weights
 
     from .formats import FORMATS
     from .linear import QuantLinear
@@ -284,11 +283,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
         raise ModelLoadError(f"{path} has {QUANT_CONFIG} but no {WEIGHTS_FILE}: the checkpoint is incomplete, "
                              "re-run `llmopt quantize`")
     cfg, tok, _ = _open_hf_dir(path)  # weights are read below
-    n_pos = min(max_positions or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    with torch.device("meta"):
-        net = Transformer(cfg, max_positions=n_pos)
-    net.to_empty(device="cpu")
-    net.reset_buffers()  # rope table + tie lm_head to the embeddings (before lm_head may be replaced)
+    net = empty_model(cfg, max_positions)  # lm_head tied before it may be replaced below
 
     try:
         st = safe_open(str(wfile), framework="pt")
@@ -355,14 +350,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
         for key in sorted(keys - packed_keys):
             yield key, st.get_tensor(key).float()
 
-    try:
-        net.load_weights(floats())
-    except (KeyError, ValueError) as e:
-        raise ModelLoadError(f"{wfile.name}: {e.args[0] if e.args else e}") from None
-    if dtype != torch.float32:
-        net.to(dtype)
-        net.cos_sin = net.cos_sin.float()
-    net.eval()
+    fill_weights(net, floats(), dtype, wfile.name)
     secs = time.perf_counter() - t0
     log.info("loaded quantized %s (%s, %d quantized linears) in %.2f s", path, qc.get("format"),
              len(qc["modules"]), secs)

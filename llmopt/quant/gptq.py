@@ -295,28 +295,6 @@ def embed_inputs(model: nn.Module, calib: Sequence[Sequence[int]]):
     return out
 
 
-def model_cos_sin(model: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """The rope table as ``Transformer.forward`` passes it to the layers."""
-    return model.cos_sin if dtype == torch.float32 else model.cos_sin.to(dtype)
-
-
-def attention_core(attn: nn.Module, qkv: torch.Tensor, positions: torch.Tensor,
-                   cos_sin: torch.Tensor) -> torch.Tensor:
-    """``Attention.forward`` between ``qkv_proj`` and ``o_proj`` (causal, no cache): the o_proj input."""
-    T = qkv.shape[0]
-    q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-    q = q.reshape(T, attn.num_heads, attn.head_dim)
-    k = k.reshape(T, attn.num_kv_heads, attn.head_dim)
-    v = v.reshape(T, attn.num_kv_heads, attn.head_dim)
-    if attn.q_norm is not None:
-        q = attn.q_norm(q)
-        k = attn.k_norm(k)
-    else:
-        q, k = q.contiguous(), k.contiguous()
-    ops.rope_(q, k, positions, cos_sin)
-    return attn._causal(q, k, v, attn.window).reshape(T, attn.q_size)
-
-
 def layer_stages(layer: nn.Module, xs: list, residuals: list, positions: list, cos_sin: torch.Tensor,
                  on_inputs: Callable[[str, list], None] | None = None):
     """Run ``DecoderLayer.forward`` (causal, no cache) over many sequences, one linear at a time.
@@ -339,7 +317,7 @@ def layer_stages(layer: nn.Module, xs: list, residuals: list, positions: list, c
                                                layer.input_layernorm.eps)
             hs.append(h)
     cb("self_attn.qkv_proj", hs)
-    outs = [attention_core(attn, attn.qkv_proj(h), p, cos_sin) for h, p in zip(hs, positions)]
+    outs = [attn.attend(attn.qkv_proj(h), p, cos_sin, None) for h, p in zip(hs, positions)]
     del hs
     cb("self_attn.o_proj", outs)
     hs = []
@@ -396,7 +374,7 @@ def gptq_quantize_model(model: nn.Module, fmt: str, group_size: int = 64, calib:
     emb = embed_inputs(model, calib)
     xs = [e for e, _ in emb]
     positions = [p for _, p in emb]
-    cos_sin = model_cos_sin(model, xs[0].dtype)
+    cos_sin = model.rope_table(xs[0].dtype)
     residuals: list = [None] * len(xs)
     n_layers = len(layers)
 
