@@ -103,12 +103,14 @@ class RequestOutput:
     num_cached_tokens: int
     delta: str = ""  # text added by the step that produced this output
     token_times: list[float] = field(default_factory=list)
+    released_chars: int = 0  # text[:released_chars] is final (a stop string can no longer cut it)
 
     @classmethod
     def of(cls, seq: Sequence, delta: str = "") -> "RequestOutput":
         return cls(seq.request_id, seq.prompt, seq.prompt_ids, seq.text, list(seq.output_ids), seq.finished,
                    seq.finish_reason, list(seq.logprobs) if seq.params.logprobs is not None else None,
-                   seq.metrics, seq.num_cached_tokens, delta, list(seq.token_times))
+                   seq.metrics, seq.num_cached_tokens, delta, list(seq.token_times),
+                   len(seq.text) if seq.finished else seq.released_chars)
 
     @property
     def tpot(self) -> float | None:

@@ -690,9 +690,6 @@ class _Formatter:
             c.text_offset = len(p)
         self.reasoning = chat and server.cfg.reasoning_parser == "think"
         self.in_think = in_think
-        stop = req.stop if isinstance(req.stop, list) else ([req.stop] if req.stop else [])
-        # Streaming holds back the tail that could still become a stop string (cut from the final text).
-        self.holdback = max((len(x) for x in stop), default=1) - 1 if not req.include_stop_str_in_output else 0
 
     def add(self, index: int, out: RequestOutput) -> None:
         self.choices[index].out = out
@@ -763,7 +760,7 @@ class _Formatter:
     def chunks(self, index: int, out: RequestOutput) -> list[dict[str, Any]]:
         c = self.choices[index]
         c.out = out
-        text = out.text if out.finished else out.text[:max(0, len(out.text) - self.holdback)]
+        text = out.text[:out.released_chars]  # the engine holds back a tail that may become a stop string
         new_lps = out.logprobs[c.sent_tokens:] if out.logprobs is not None else None
         c.sent_tokens = len(out.token_ids)
         finish = out.finish_reason if out.finished else None

@@ -175,17 +175,19 @@ def test_split_reasoning_streamed_pieces_add_up(text, in_think):
     assert (sent_r, sent_c) == (final_r or "", final_c)
 
 
-def _out(text: str, finished: bool, reason=None):
-    return SimpleNamespace(text=text, finished=finished, finish_reason=reason, logprobs=None, token_ids=[0])
+def _out(text: str, finished: bool, reason=None, released: int | None = None):
+    return SimpleNamespace(text=text, finished=finished, finish_reason=reason, logprobs=None, token_ids=[0],
+                           released_chars=len(text) if released is None else released)
 
 
 def test_stream_holds_back_a_partial_stop_string():
-    """The engine's deltas may include the start of a stop string that a later step cuts off; the
-    server streams from the full text minus a holdback, so the pieces add up to the final text."""
+    """The text may end in the start of a stop string that a later step cuts off; the engine marks
+    only the text before it as released (tests/engine: test_streamed_deltas_never_leak_a_stop_string)
+    and the server streams only released text, so the pieces add up to the final text."""
     req = SimpleNamespace(model=TINY, stop=["World"], include_stop_str_in_output=False, stream_options=None)
     server = SimpleNamespace(cfg=SimpleNamespace(reasoning_parser=None))
     fmt = _Formatter(server, req, "cmpl-1", 1, 3, chat=False, prefixes=None, in_think=False)
-    steps = [_out("Hello", False), _out("Hello Wo", False), _out("Hello ", True, "stop")]
+    steps = [_out("Hello", False), _out("Hello Wo", False, released=6), _out("Hello ", True, "stop")]
     pieces = [ch["choices"][0]["text"] for o in steps for ch in fmt.chunks(0, o)]
     assert "".join(pieces) == "Hello "
 
