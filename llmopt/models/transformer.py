@@ -206,6 +206,10 @@ class Transformer(nn.Module):
         residual = None
         for layer in self.layers:
             x, residual = layer(x, residual, positions, cos_sin, ctx)
+        return self.final_norm(x, residual)
+
+    def final_norm(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The last layer's output plus its residual stream, normalized: the lm_head input."""
         x, _ = ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)
         return x
 

@@ -96,7 +96,7 @@ class _Runner:
             for ids in self.seqs:
                 pos = torch.arange(len(ids))
                 x = model.embed_tokens(ids)
-                cos_sin = self._cos_sin(x)
+                cos_sin = self.model.rope_table(x.dtype)
                 res = None
                 states = []
                 for layer in model.layers:
@@ -105,16 +105,9 @@ class _Runner:
                 self.cache.append(states)
                 self.ref_logp.append(self._head(x, res))
 
-    def _cos_sin(self, x):
-        m = self.model
-        return m.cos_sin if x.dtype == torch.float32 else m.cos_sin.to(x.dtype)
-
     def _head(self, x, res) -> torch.Tensor:
-        from llmopt.kernels import ops
-
         m = self.model
-        h, _ = ops.add_rms_norm(x, res, m.norm.weight, m.norm.eps)
-        return torch.log_softmax(m.compute_logits(h), dim=-1)
+        return torch.log_softmax(m.compute_logits(m.final_norm(x, res)), dim=-1)
 
     @torch.no_grad()
     def mean_kl(self, start_layer: int | None) -> float:
@@ -131,7 +124,7 @@ class _Runner:
                 x, res = self.cache[s][start]
                 x = x.clone()
                 res = None if res is None else res.clone()
-            cos_sin = self._cos_sin(x)
+            cos_sin = self.model.rope_table(x.dtype)
             for layer in m.layers[start:]:
                 x, res = layer(x, res, pos, cos_sin, None)
             logq = self._head(x, res)
