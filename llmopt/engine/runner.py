@@ -4,10 +4,15 @@ the sequences whose last token was computed."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from llmopt.engine.sequence import Sequence
+from llmopt.kernels.decode_step import FusedDecoder
 from llmopt.models.transformer import AttnContext, PrefillSpan, Transformer
+
+log = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -21,6 +26,12 @@ class ModelRunner:
         for i, layer in enumerate(model.layers):
             layer.self_attn.k_cache = self.k_cache[i]
             layer.self_attn.v_cache = self.v_cache[i]
+        # decode-only steps of an int4 model run the whole layer stack in one native call
+        try:
+            self.fused = FusedDecoder.build(model)
+        except Exception as e:  # noqa: BLE001 - a plan that cannot be built means "op by op"
+            log.warning("fused decode step unavailable (%s); using the op-by-op forward", e)
+            self.fused = None
 
     @staticmethod
     def kv_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) -> int:
@@ -57,7 +68,12 @@ class ModelRunner:
             ctx.decode_block_tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table))
                                                     for s, _ in decodes], dtype=torch.int32)
             ctx.decode_context_lens = torch.tensor([s.num_computed_tokens + 1 for s, _ in decodes], dtype=torch.int32)
-        hidden = self.model(torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long), ctx)
+        input_ids, positions = torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long)
+        hidden = None
+        if self.fused is not None and not prefills:
+            hidden = self.fused.run(input_ids, positions, ctx)
+        if hidden is None:
+            hidden = self.model(input_ids, positions, ctx)
         # sample where the chunk reaches the end of the sequence's known tokens
         rows, sample_seqs, end = [], [], 0
         for seq, n in decodes + prefills:

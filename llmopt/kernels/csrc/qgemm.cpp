@@ -40,12 +40,13 @@
 #include <utility>
 #include <vector>
 
+#include "w4a8.h"
+
 namespace {
 
-#define LLMOPT_INLINE inline __attribute__((always_inline))
+using namespace llmopt_q;
 
 enum Fmt : int64_t { F_INT4 = 0, F_INT8 = 1, F_INT3 = 2, F_INT2 = 3, F_FP8 = 4, F_FP4 = 5 };
-enum ScaleKind : int { SK_F32 = 0, SK_F16 = 1, SK_E8M0 = 2 };
 
 template <int I, int N, class F>
 LLMOPT_INLINE void static_for(F& f) {
@@ -53,13 +54,6 @@ LLMOPT_INLINE void static_for(F& f) {
     f(std::integral_constant<int, I>{});
     static_for<I + 1, N>(f);
   }
-}
-
-LLMOPT_INLINE float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 LLMOPT_INLINE int32_t hsum_i32(__m256i v) {
@@ -280,39 +274,6 @@ void parallel_columns(int64_t begin, int64_t end, int64_t chunk, const F& f, int
 template <class F>
 void parallel_columns_w(int64_t work, int64_t begin, int64_t end, int64_t chunk, const F& f) {
   parallel_columns(begin, end, chunk, f, work);
-}
-
-// scales/mins -> fp32 scratch
-void load_params(const void* src, int kind, int64_t count, float* dst) {
-  int64_t i = 0;
-  if (kind == SK_F32) {
-    std::memcpy(dst, src, sizeof(float) * count);
-    return;
-  }
-  if (kind == SK_F16) {
-    const uint16_t* s = (const uint16_t*)src;
-    for (; i + 8 <= count; i += 8)
-      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s + i))));
-    for (; i < count; ++i) dst[i] = _cvtsh_ss(s[i]);
-    return;
-  }
-  // E8M0: 2^(e-127); e == 0 is treated as 0 (never produced by the quantizer)
-  const uint8_t* s = (const uint8_t*)src;
-  for (; i < count; ++i) {
-    uint32_t bits = uint32_t(s[i]) << 23;
-    float f;
-    std::memcpy(&f, &bits, 4);
-    dst[i] = f;
-  }
-}
-
-LLMOPT_INLINE float dot_f32(const float* a, const float* b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  float s = hsum(acc);
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
 }
 
 struct Problem {
@@ -748,136 +709,17 @@ at::Tensor w8a8_gemm(at::Tensor x, at::Tensor qweight, at::Tensor wscale, c10::o
 //   y[m,n] = sum_g scale[n,g] * sx[m,g] * sum_{k in g} q[n,k] xq[m,k] + sum_g min[n,g] * xsum[m,g]
 // ------------------------------------------------------------------------------------------
 
-// per-row, per-group symmetric int8 (round half to even) + exact float group sums
+// W4A8 (int4 grouped weights x per-token, per-group int8 activations; kernels in w4a8.h)
+
+// per-row, per-group symmetric int8 (round half to even) + exact float group sums; lanes: permute
+// each 64-block for the int4 lane layout
 void quant_rows_group_i8(const float* x, int64_t M, int64_t K, int64_t Kp, int64_t gs, int8_t* xq, float* sx,
-                         float* xsum, int64_t Gp) {
+                         float* xsum, int64_t Gp, bool lanes = false) {
   const int64_t G = K / gs;
   at::parallel_for(0, M, 8, [&](int64_t m0, int64_t m1) {
-    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
     for (int64_t m = m0; m < m1; ++m) {
-      const float* xr = x + m * K;
-      int8_t* d = xq + m * Kp;
-      for (int64_t g = 0; g < G; ++g) {
-        const float* xg = xr + g * gs;
-        __m256 am = _mm256_setzero_ps(), sm = _mm256_setzero_ps();
-        for (int64_t k = 0; k < gs; k += 8) {
-          const __m256 v = _mm256_loadu_ps(xg + k);
-          am = _mm256_max_ps(am, _mm256_and_ps(v, absmask));
-          sm = _mm256_add_ps(sm, v);
-        }
-        __m128 a4 = _mm_max_ps(_mm256_castps256_ps128(am), _mm256_extractf128_ps(am, 1));
-        a4 = _mm_max_ps(a4, _mm_movehl_ps(a4, a4));
-        a4 = _mm_max_ss(a4, _mm_movehdup_ps(a4));
-        volatile float amax_v = _mm_cvtss_f32(a4);  // keep the divisions exactly as written (matches torch)
-        const float inv = amax_v > 0.f ? 127.0f / amax_v : 0.f;
-        sx[m * Gp + g] = amax_v / 127.0f;
-        xsum[m * G + g] = hsum(sm);
-        const __m256 iv = _mm256_set1_ps(inv);
-        for (int64_t k = 0; k < gs; k += 8) {
-          __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xg + k), iv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-          __m256i i32 = _mm256_cvtps_epi32(v);
-          __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
-          _mm_storel_epi64((__m128i*)(d + g * gs + k), _mm_packs_epi16(i16, i16));
-        }
-      }
-      for (int64_t k = K; k < Kp; ++k) d[k] = 0;
-      for (int64_t g = G; g < Gp; ++g) sx[m * Gp + g] = 0.f;
-    }
-  });
-}
-
-// comb[g] = scale[g] * sx[g]: the per-group float factor of the integer group sums
-template <int R, int GS>
-LLMOPT_INLINE void dot_w4a8(const uint8_t* __restrict w, const float* const* comb, const int8_t* const* xq, int64_t b0,
-                            int64_t b1, float* out) {
-  constexpr int NA = (R == 1) ? 4 : 2;  // independent FMA chains per row (latency 4)
-  __m256 acc[R][NA];
-  for (int r = 0; r < R; ++r)
-    for (int a = 0; a < NA; ++a) acc[r][a] = _mm256_setzero_ps();
-  const __m256i m4 = _mm256_set1_epi8(0x0F);
-  const __m256i ones = _mm256_set1_epi16(1);
-  // accumulator indices must be compile-time constants (else acc[][] lives in memory): unroll
-  if constexpr (GS == 32) {
-    auto blk = [&](int64_t b, auto ac) {
-      constexpr int a = decltype(ac)::value;
-      const __m256i v = _mm256_loadu_si256((const __m256i*)(w + b * 32));
-      const __m256i lo = _mm256_and_si256(v, m4);
-      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-      for (int r = 0; r < R; ++r) {
-        const __m256i i0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)(xq[r] + b * 64))), ones);
-        const __m256i i1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(xq[r] + b * 64 + 32))), ones);
-        acc[r][a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_broadcast_ss(comb[r] + 2 * b), acc[r][a]);
-        acc[r][a + 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_broadcast_ss(comb[r] + 2 * b + 1), acc[r][a + 1]);
-      }
-    };
-    int64_t b = b0;
-    if constexpr (NA == 4) {
-      for (; b + 2 <= b1; b += 2) {
-        blk(b, std::integral_constant<int, 0>{});
-        blk(b + 1, std::integral_constant<int, 2>{});
-      }
-    }
-    for (; b < b1; ++b) blk(b, std::integral_constant<int, 0>{});
-  } else {
-    constexpr int BPG = GS / 64;
-    auto grp = [&](int64_t b, auto ac) {
-      constexpr int a = decltype(ac)::value;
-      __m256i s16[R];
-      for (int r = 0; r < R; ++r) s16[r] = _mm256_setzero_si256();
-      for (int i = 0; i < BPG; ++i) {
-        const int64_t bb = b + i;
-        const __m256i v = _mm256_loadu_si256((const __m256i*)(w + bb * 32));
-        const __m256i lo = _mm256_and_si256(v, m4);
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-        for (int r = 0; r < R; ++r) {
-          const __m256i p0 = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)(xq[r] + bb * 64)));
-          const __m256i p1 = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(xq[r] + bb * 64 + 32)));
-          s16[r] = _mm256_add_epi16(s16[r], _mm256_add_epi16(p0, p1));
-        }
-      }
-      const int64_t g = b / BPG;
-      for (int r = 0; r < R; ++r) {
-        // (tried: two shifts + add instead of madd here: 10-25% slower)
-        const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[r], ones));
-        acc[r][a] = _mm256_fmadd_ps(f, _mm256_broadcast_ss(comb[r] + g), acc[r][a]);
-      }
-    };
-    int64_t b = b0;
-    for (; b + NA * BPG <= b1; b += NA * BPG) {
-      grp(b, std::integral_constant<int, 0>{});
-      grp(b + BPG, std::integral_constant<int, 1>{});
-      if constexpr (NA == 4) {
-        grp(b + 2 * BPG, std::integral_constant<int, 2>{});
-        grp(b + 3 * BPG, std::integral_constant<int, 3>{});
-      }
-    }
-    for (; b < b1; b += BPG) grp(b, std::integral_constant<int, 0>{});
-  }
-  for (int r = 0; r < R; ++r) {
-    __m256 a = acc[r][0];
-    for (int i = 1; i < NA; ++i) a = _mm256_add_ps(a, acc[r][i]);
-    out[r] += hsum(a);
-  }
-}
-
-// The int4 "8 lanes x j" layout (formats.pack_lanes) read by the same maddubs kernel: for a 64-block
-// loaded as 32 bytes, (v & 0xF) byte 4l+b is weight 16b+l and ((v >> 4) & 0xF) byte 4l+b is weight
-// 16b+8+l (l = lane 0..7, b = byte 0..3). Permuting each 64-block of the int8 activations into that
-// order once per call lets int4 weights use the integer kernel unchanged (whole-block groups only:
-// group size a multiple of 64, since the two halves mix the two 32-halves of a block).
-void permute_blocks_to_lanes(int8_t* xq, int64_t M, int64_t Kp) {
-  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    int8_t tmp[64];
-    for (int64_t m = m0; m < m1; ++m) {
-      for (int64_t b0 = 0; b0 < Kp; b0 += 64) {
-        int8_t* d = xq + m * Kp + b0;
-        std::memcpy(tmp, d, 64);
-        for (int l = 0; l < 8; ++l)
-          for (int b = 0; b < 4; ++b) {
-            d[4 * l + b] = tmp[16 * b + l];
-            d[32 + 4 * l + b] = tmp[16 * b + 8 + l];
-          }
-      }
+      quant_row_group_i8(x + m * K, K, Kp, gs, xq + m * Kp, sx + m * Gp, xsum + m * G, Gp);
+      if (lanes) permute_row_to_lanes(xq + m * Kp, Kp);
     }
   });
 }
@@ -885,70 +727,17 @@ void permute_blocks_to_lanes(int8_t* xq, int64_t M, int64_t Kp) {
 template <int GS>
 void w4a8_core(const float* x, int64_t M, int64_t K, const uint8_t* W, int64_t N, const void* scales, int scale_kind,
                const void* mins, int min_kind, const float* bp, float* Y, bool lanes = false) {
-  const int64_t nblk = (K + 63) / 64, Kp = nblk * 64;
-  const int64_t G = K / GS;
-  const int64_t Gp = std::max<int64_t>(G, (Kp + GS - 1) / GS);
-  std::vector<int8_t> xq((size_t)M * Kp);
-  std::vector<float> sx((size_t)M * Gp), xsum((size_t)M * G);
-  quant_rows_group_i8(x, M, K, Kp, GS, xq.data(), sx.data(), xsum.data(), Gp);
-  if (lanes) permute_blocks_to_lanes(xq.data(), M, Kp);
-  // k-chunk (in 64-blocks, a multiple of the group) keeps a tile of activation rows in L1
-  int64_t kcb = nblk;
-  if (M > 1) {
-    kcb = std::max<int64_t>(64, GS / 64);
-    if (kcb >= nblk) kcb = nblk;
-  }
-  const int ssz = scale_kind == SK_F32 ? 4 : 2, msz = min_kind == SK_F32 ? 4 : 2;
-  constexpr int64_t CB = 16;
+  const W4A8Act shape = w4a8_act_shape(M, K, GS);
+  std::vector<int8_t> xq((size_t)M * shape.Kp);
+  std::vector<float> sx((size_t)M * shape.Gp), xsum((size_t)M * shape.G);
+  quant_rows_group_i8(x, M, K, shape.Kp, GS, xq.data(), sx.data(), xsum.data(), shape.Gp, lanes);
+  W4A8Act A = shape;
+  A.xq = xq.data();
+  A.sx = sx.data();
+  A.xsum = xsum.data();
   parallel_columns_w(M * N * K, 0, N, COLS_PER_TASK, [&](int64_t n0, int64_t n1) {
-    std::vector<float> acc((size_t)M * CB), sc((size_t)CB * Gp, 0.f), mn(G), comb((size_t)4 * Gp);
-    for (int64_t nc = n0; nc < n1; nc += CB) {
-      const int64_t nce = std::min(nc + CB, n1);
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t n = nc; n < nce; ++n) load_params((const char*)scales + n * G * ssz, scale_kind, G, &sc[(n - nc) * Gp]);
-      for (int64_t kb = 0; kb < nblk; kb += kcb) {
-        const int64_t kbe = std::min(kb + kcb, nblk);
-        // group range of this k-chunk (GS == 32: two groups per block)
-        const int64_t g0 = GS == 32 ? 2 * kb : kb / (GS / 64), g1 = GS == 32 ? 2 * kbe : (kbe + GS / 64 - 1) / (GS / 64);
-        auto tile = [&](auto rc, int64_t m) {
-          constexpr int R = decltype(rc)::value;
-          const int8_t* xr[R];
-          const float* cr[R];
-          for (int r = 0; r < R; ++r) {
-            xr[r] = &xq[(m + r) * Kp];
-            cr[r] = comb.data() + r * Gp;
-          }
-          for (int64_t n = nc; n < nce; ++n) {
-            const float* s = &sc[(n - nc) * Gp];
-            for (int r = 0; r < R; ++r) {
-              const float* sxr = &sx[(m + r) * Gp];
-              float* c = comb.data() + r * Gp;
-              int64_t g = g0;
-              for (; g + 8 <= g1; g += 8)
-                _mm256_storeu_ps(c + g, _mm256_mul_ps(_mm256_loadu_ps(s + g), _mm256_loadu_ps(sxr + g)));
-              for (; g < g1; ++g) c[g] = s[g] * sxr[g];
-            }
-            float o[R];
-            for (int r = 0; r < R; ++r) o[r] = 0.f;
-            dot_w4a8<R, GS>(W + n * Kp / 2, cr, xr, kb, kbe, o);
-            for (int r = 0; r < R; ++r) acc[(m + r) * CB + (n - nc)] += o[r];
-          }
-        };
-        int64_t m = 0;
-        for (; m + 4 <= M; m += 4) tile(std::integral_constant<int, 4>{}, m);
-        if (M - m >= 2) {
-          tile(std::integral_constant<int, 2>{}, m);
-          m += 2;
-        }
-        if (m < M) tile(std::integral_constant<int, 1>{}, m);
-      }
-      for (int64_t n = nc; n < nce; ++n) {
-        load_params((const char*)mins + n * G * msz, min_kind, G, mn.data());
-        const float b = bp ? bp[n] : 0.f;
-        for (int64_t m = 0; m < M; ++m)
-          Y[m * N + n] = acc[m * CB + (n - nc)] + dot_f32(mn.data(), &xsum[m * G], G) + b;
-      }
-    }
+    thread_local W4A8Scratch scratch;
+    w4a8_cols<GS>(A, W, scales, scale_kind, mins, min_kind, bp, Y, N, n0, n1, scratch);
   });
 }
 

@@ -1,0 +1,465 @@
+// One native call for the whole decoder stack of a pure decode step (every sequence adds one token)
+// of a model whose layer linears are int4 with int8 activations (the engine's int4 decode path).
+//
+// Why: a decode step of a small model is ~150 short kernels (SmolLM2-135M: 30 layers x (2 norms,
+// 4 GEMVs, rope, attention, silu)). Called one by one from Python each pays the interpreter, the
+// torch dispatcher, an output allocation and an OpenMP fork/join, which together cost about as
+// much as the arithmetic. Here one OpenMP parallel region runs the whole stack: the threads split
+// each op (rows, heads, or output columns taken from an atomic counter) and meet at a barrier
+// between dependent ops, the way llama.cpp's graph executor does.
+//
+// Per layer, for M decode rows (all buffers preallocated, reused across steps):
+//   h = rmsnorm(x) / add+rmsnorm        rows split
+//   xq = int8(h) per weight group       rows split            (w4a8.h)
+//   qkv = W_qkv xq (+ bias)             columns, atomic chunks (w4a8.h)
+//   q/k rmsnorm (qwen3), rope, k/v -> paged cache        (row, head) split
+//   attn = softmax(q k^T) v             (row, kv head[, token split]) items   (fused_kernels.h)
+//   o = W_o int8(attn)                  quantize rows, then columns
+//   h = add+rmsnorm(o)                  rows
+//   gu = W_gu int8(h)                   quantize rows, then columns
+//   a = silu(g) * u, int8(a)            rows
+//   y = W_down a                        columns
+// The same row / column kernels as the standalone ops are used, so the result equals the op-by-op
+// forward (tests/kernels/test_decode_step.py holds them equal).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/csrc/utils/pybind.h>
+#include <omp.h>
+
+#include <atomic>
+#include <memory>
+#include <vector>
+
+#include "fused_kernels.h"
+#include "w4a8.h"
+
+namespace {
+
+namespace F = llmopt_f;
+namespace Q = llmopt_q;
+
+constexpr int64_t kColsPerTask = 32;  // output columns per atomic work item of a GEMV
+// Rows from which the 4-column tiles (w4a8_cols4) beat the standalone column kernel (w4a8_cols):
+// SmolLM2-135M int4 decode step, 1 thread: M=1 8.3 vs 6.9 ms, M=2 11.4 vs 9.1, M=4 16.5 vs 19.9,
+// M=16 40.2 vs 48.4 ms.
+constexpr int64_t kTileMinRows = 4;
+
+bool defined(const at::Tensor& t) { return t.defined() && t.numel() > 0; }
+
+const float* fptr(const at::Tensor& t) { return defined(t) ? t.data_ptr<float>() : nullptr; }
+
+int scale_kind(const at::Tensor& t, const char* what) {
+  if (t.scalar_type() == at::kFloat) return Q::SK_F32;
+  TORCH_CHECK(t.scalar_type() == at::kHalf, what, " must be float16 or float32");
+  return Q::SK_F16;
+}
+
+void check_vec(const at::Tensor& t, int64_t n, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n, what,
+              " must be a contiguous CPU float32 tensor of ", n, " elements");
+}
+
+// An int4 linear in the lane layout read with int8 activations (qlinear: int4 + INT4_ACT=int8).
+struct QLin {
+  at::Tensor qw, sc, mn, bias;  // kept alive
+  at::Tensor sc4, mn4;          // scales / mins interleaved by 4 columns (fp16 models), else undefined
+  int64_t N = 0, K = 0, gs = 0;
+  int sk = 0, mk = 0;
+
+  QLin() = default;
+  QLin(at::Tensor qweight, at::Tensor scales, at::Tensor mins, at::Tensor b, int64_t n, int64_t k, int64_t group,
+       const char* what, bool tiles)
+      : qw(std::move(qweight)), sc(std::move(scales)), mn(std::move(mins)), bias(std::move(b)), N(n), K(k), gs(group) {
+    TORCH_CHECK(gs == 64 || gs == 128 || gs == 256, what, ": group size must be 64, 128 or 256, got ", gs);
+    TORCH_CHECK(K % gs == 0, what, ": in_features ", K, " not a multiple of the group size ", gs);
+    TORCH_CHECK(qw.device().is_cpu() && qw.scalar_type() == at::kByte && qw.is_contiguous() && qw.dim() == 2 &&
+                    qw.size(0) == N && qw.size(1) == (K + 63) / 64 * 32,
+                what, ": qweight must be contiguous uint8 [", N, ", ", (K + 63) / 64 * 32, "]");
+    TORCH_CHECK(sc.is_contiguous() && sc.numel() == N * (K / gs), what, ": scales must be [N, K / group]");
+    TORCH_CHECK(mn.is_contiguous() && mn.numel() == N * (K / gs), what, ": mins must be [N, K / group]");
+    sk = scale_kind(sc, what);
+    mk = scale_kind(mn, what);
+    if (defined(bias)) check_vec(bias, N, "bias");
+    if (tiles && N % 4 == 0 && sk == Q::SK_F16 && mk == Q::SK_F16) {  // 4-column tiles (w4a8_cols4)
+      sc4 = at::empty({N * (K / gs)}, sc.options());
+      mn4 = at::empty({N * (K / gs)}, mn.options());
+      Q::interleave4_f16((const uint16_t*)sc.data_ptr(), N, K / gs, (uint16_t*)sc4.data_ptr());
+      Q::interleave4_f16((const uint16_t*)mn.data_ptr(), N, K / gs, (uint16_t*)mn4.data_ptr());
+    }
+  }
+
+  // columns [n0, n1) of y [A.M, N] (row stride ldy)
+  void cols(const Q::W4A8Act& A, float* y, int64_t ldy, int64_t n0, int64_t n1, Q::W4A8Scratch& s) const {
+    Q::with_group(gs, [&](auto g) {
+      constexpr int GS = decltype(g)::value;
+      if (sc4.defined() && A.M >= kTileMinRows)
+        Q::w4a8_cols4<GS>(A, qw.data_ptr<uint8_t>(), (const uint16_t*)sc4.data_ptr(), (const uint16_t*)mn4.data_ptr(),
+                          fptr(bias), y, ldy, n0, n1);
+      else
+        Q::w4a8_cols<GS>(A, qw.data_ptr<uint8_t>(), sc.data_ptr(), sk, mn.data_ptr(), mk, fptr(bias), y, ldy, n0, n1, s);
+    });
+  }
+};
+
+struct Layer {
+  at::Tensor ln1, ln2, qn, kn, kc, vc;
+  QLin qkv, o, gu, down;
+  int64_t window = -1;
+};
+
+// Per-thread scratch.
+struct ThreadScratch {
+  Q::W4A8Scratch w;
+  std::vector<float> qs, acc, sc, m, l;
+  std::vector<const float*> krow, vrow;
+};
+
+class DecodeStep {
+ public:
+  DecodeStep(int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t intermediate,
+             double eps, double scale, const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& ints,
+             at::Tensor final_norm, at::Tensor cos_sin, bool tiles)
+      : H_(hidden), Hq_(num_heads), Hk_(num_kv_heads), D_(head_dim), I_(intermediate), eps_((float)eps),
+        scale_((float)scale), final_norm_(std::move(final_norm)), cos_sin_(std::move(cos_sin)) {
+    TORCH_CHECK(Hk_ > 0 && Hq_ % Hk_ == 0, "num_heads must be a multiple of num_kv_heads");
+    TORCH_CHECK(D_ % 2 == 0, "head_dim must be even");
+    TORCH_CHECK(tensors.size() % kTensorsPerLayer == 0 && ints.size() == tensors.size() / kTensorsPerLayer * kIntsPerLayer,
+                "decode step: expected ", kTensorsPerLayer, " tensors and ", kIntsPerLayer, " ints per layer");
+    check_vec(final_norm_, H_, "final norm weight");
+    TORCH_CHECK(cos_sin_.device().is_cpu() && cos_sin_.scalar_type() == at::kFloat && cos_sin_.is_contiguous() &&
+                    cos_sin_.dim() == 2 && cos_sin_.size(1) == D_,
+                "cos_sin must be a contiguous float32 [max_pos, head_dim] table");
+    const int64_t QKV = (Hq_ + 2 * Hk_) * D_;
+    const int64_t nl = (int64_t)tensors.size() / kTensorsPerLayer;
+    for (int64_t i = 0; i < nl; ++i) {
+      const at::Tensor* t = &tensors[i * kTensorsPerLayer];
+      const int64_t* v = &ints[i * kIntsPerLayer];
+      Layer L;
+      L.ln1 = t[0];
+      check_vec(L.ln1, H_, "input_layernorm weight");
+      L.qkv = QLin(t[1], t[2], t[3], t[4], QKV, H_, v[0], "qkv_proj", tiles);
+      L.o = QLin(t[5], t[6], t[7], t[8], H_, Hq_ * D_, v[1], "o_proj", tiles);
+      L.ln2 = t[9];
+      check_vec(L.ln2, H_, "post_attention_layernorm weight");
+      L.gu = QLin(t[10], t[11], t[12], at::Tensor(), 2 * I_, H_, v[2], "gate_up_proj", tiles);
+      L.down = QLin(t[13], t[14], t[15], at::Tensor(), H_, I_, v[3], "down_proj", tiles);
+      L.qn = t[16];
+      L.kn = t[17];
+      TORCH_CHECK(defined(L.qn) == defined(L.kn), "q_norm and k_norm come together");
+      if (defined(L.qn)) {
+        check_vec(L.qn, D_, "q_norm weight");
+        check_vec(L.kn, D_, "k_norm weight");
+      }
+      L.kc = t[18];
+      L.vc = t[19];
+      for (const at::Tensor* c : {&L.kc, &L.vc}) {
+        TORCH_CHECK(c->device().is_cpu() && c->scalar_type() == at::kFloat && c->is_contiguous() && c->dim() == 4 &&
+                        c->size(2) == Hk_ && c->size(3) == D_,
+                    "k/v cache must be a contiguous float32 [num_blocks, block_size, num_kv_heads, head_dim] tensor");
+      }
+      TORCH_CHECK(L.kc.sizes() == L.vc.sizes(), "k and v caches must have one shape");
+      TORCH_CHECK(layers_.empty() || L.kc.sizes() == layers_[0].kc.sizes(), "all layers' caches must have one shape");
+      L.window = v[4];
+      layers_.push_back(std::move(L));
+    }
+    TORCH_CHECK(!layers_.empty(), "decode step: no layers");
+  }
+
+  int64_t num_layers() const { return (int64_t)layers_.size(); }
+
+  // x [M, H]: the embeddings of the M new tokens; positions int64 [M]; slots int64 [M] (cache slot
+  // = block * block_size + offset of each new token); block_tables int32 [M, max_blocks];
+  // context_lens int32 [M] (the new token included). Returns the final-normed hidden states [M, H].
+  at::Tensor run(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& slots,
+                 const at::Tensor& block_tables, const at::Tensor& context_lens) {
+    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 &&
+                    x.size(1) == H_,
+                "x must be a contiguous float32 [M, ", H_, "] tensor");
+    const int64_t M = x.size(0);
+    auto idx_ok = [&](const at::Tensor& t, at::ScalarType st, int64_t dim) {
+      return t.device().is_cpu() && t.scalar_type() == st && t.is_contiguous() && t.dim() == dim && t.size(0) == M;
+    };
+    TORCH_CHECK(idx_ok(positions, at::kLong, 1), "positions must be a contiguous int64 [M] tensor");
+    TORCH_CHECK(idx_ok(slots, at::kLong, 1), "slots must be a contiguous int64 [M] tensor");
+    TORCH_CHECK(idx_ok(block_tables, at::kInt, 2), "block_tables must be a contiguous int32 [M, max_blocks] tensor");
+    TORCH_CHECK(idx_ok(context_lens, at::kInt, 1), "context_lens must be a contiguous int32 [M] tensor");
+    auto out = at::empty({M, H_}, x.options());
+    if (M == 0) return out;
+    const int64_t NB = layers_[0].kc.size(0), BS = layers_[0].kc.size(1), MB = block_tables.size(1);
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    const int64_t* slot = slots.data_ptr<int64_t>();
+    const int32_t* bt = block_tables.data_ptr<int32_t>();
+    const int32_t* cl = context_lens.data_ptr<int32_t>();
+    // validate everything the threads will touch (no exception may leave the parallel region)
+    for (int64_t b = 0; b < M; ++b) {
+      TORCH_CHECK(pos[b] >= 0 && pos[b] < cos_sin_.size(0), "position ", pos[b], " out of range [0, ",
+                  cos_sin_.size(0), ")");
+      TORCH_CHECK(slot[b] >= 0 && slot[b] < NB * BS, "slot ", slot[b], " out of range [0, ", NB * BS, ")");
+      const int64_t L = cl[b];
+      TORCH_CHECK(L >= 1 && L <= MB * BS, "context_lens[", b, "] = ", L, " out of range [1, ", MB * BS, "]");
+      for (int64_t j = 0; j * BS < L; ++j) {
+        const int64_t blk = bt[b * MB + j];
+        TORCH_CHECK(blk >= 0 && blk < NB, "block_tables[", b, "][", j, "] = ", blk, " out of range [0, ", NB, ")");
+      }
+    }
+
+    const int nt = std::max(1, at::get_num_threads());
+    const int64_t QKV = (Hq_ + 2 * Hk_) * D_, G = Hq_ / Hk_, half = D_ / 2;
+    // attention split over tokens when there are fewer (row, kv head) pairs than threads, per layer
+    // (windows differ): the rule of the standalone paged_decode_attention, so both give the same sums
+    std::vector<int64_t> splits(num_layers(), 1);
+    int64_t max_items = M * Hk_;
+    if (M * Hk_ < nt) {
+      for (int64_t li = 0; li < num_layers(); ++li) {
+        const int64_t w = layers_[li].window;
+        int64_t span = 0;
+        for (int64_t b = 0; b < M; ++b) span = std::max<int64_t>(span, w > 0 ? std::min<int64_t>(cl[b], w) : cl[b]);
+        const int64_t S = std::min<int64_t>((nt + M * Hk_ - 1) / (M * Hk_), std::max<int64_t>(1, span / 256));
+        splits[li] = std::max<int64_t>(1, std::min<int64_t>(S, span));
+        max_items = std::max(max_items, M * Hk_ * splits[li]);
+      }
+    }
+
+    const int64_t kmax = std::max({H_, Hq_ * D_, I_});
+    const int64_t Kp = (kmax + 63) / 64 * 64;
+    resid_.resize(M * H_);
+    h_.resize(M * H_);
+    qkv_.resize(M * QKV);
+    att_.resize(M * Hq_ * D_);
+    gu_.resize(M * 2 * I_);
+    act_.resize(M * I_);
+    y_.resize(M * H_);
+    xq_.resize(M * Kp);
+    sx_.resize(M * Kp / 32 + 8);
+    xsum_.resize(M * Kp / 32 + 8);
+    if (max_items > M * Hk_) {
+      part_m_.resize(max_items * G);
+      part_l_.resize(max_items * G);
+      part_acc_.resize(max_items * G * D_);
+    }
+    if ((int64_t)scratch_.size() < nt) scratch_.resize(nt);
+    const int64_t nops = num_layers() * 5;
+    std::unique_ptr<std::atomic<int64_t>[]> counters(new std::atomic<int64_t>[nops]);
+    for (int64_t i = 0; i < nops; ++i) counters[i].store(0, std::memory_order_relaxed);
+
+    const float* xp = x.data_ptr<float>();
+    const float* cs = cos_sin_.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    float *resid = resid_.data(), *h = h_.data(), *qkv = qkv_.data(), *att = att_.data(), *gu = gu_.data(),
+          *act = act_.data(), *y = y_.data();
+    const float eps = eps_;
+
+#pragma omp parallel num_threads(nt)
+    {
+      const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+      ThreadScratch& ts = scratch_[tid];
+      ts.qs.resize(G * D_);
+      ts.acc.resize(G * D_);
+      ts.sc.resize(G * F::kTile);
+      ts.m.resize(G);
+      ts.l.resize(G);
+      ts.krow.resize(F::kTile);
+      ts.vrow.resize(F::kTile);
+      Q::W4A8Act A{};
+
+      // quantize rows of src [M, K] for lin, then every thread takes column chunks from counter c
+      auto gemv = [&](const QLin& lin, const float* src, float* dst, std::atomic<int64_t>& c) {
+        A = Q::w4a8_act_shape(M, lin.K, lin.gs);
+        A.xq = xq_.data();
+        A.sx = sx_.data();
+        A.xsum = xsum_.data();
+        for (int64_t r = tid; r < M; r += nth) {
+          Q::quant_row_group_i8(src + r * lin.K, lin.K, A.Kp, lin.gs, xq_.data() + r * A.Kp, sx_.data() + r * A.Gp,
+                                xsum_.data() + r * A.G, A.Gp);
+          Q::permute_row_to_lanes(xq_.data() + r * A.Kp, A.Kp);
+        }
+#pragma omp barrier
+        const int64_t nchunks = (lin.N + kColsPerTask - 1) / kColsPerTask;
+        for (;;) {
+          const int64_t k = c.fetch_add(1, std::memory_order_relaxed);
+          if (k >= nchunks) break;
+          lin.cols(A, dst, lin.N, k * kColsPerTask, std::min(lin.N, (k + 1) * kColsPerTask), ts.w);
+        }
+#pragma omp barrier
+      };
+
+      for (int64_t li = 0; li < num_layers(); ++li) {
+        const Layer& L = layers_[li];
+        std::atomic<int64_t>* ctr = &counters[li * 5];
+        // 1. (residual add +) input RMSNorm
+        for (int64_t r = tid; r < M; r += nth) {
+          if (li == 0) {
+            std::copy(xp + r * H_, xp + (r + 1) * H_, resid + r * H_);
+            F::rms_norm_row(resid + r * H_, L.ln1.data_ptr<float>(), h + r * H_, H_, eps);
+          } else {
+            F::add_rms_norm_row(y + r * H_, resid + r * H_, L.ln1.data_ptr<float>(), h + r * H_, H_, eps);
+          }
+        }
+#pragma omp barrier
+        // 2. qkv projection
+        gemv(L.qkv, h, qkv, ctr[0]);
+        // 3. q/k norm, rope, new k/v into the cache
+        {
+          float* kc = L.kc.data_ptr<float>();
+          float* vc = L.vc.data_ptr<float>();
+          const float* qn = fptr(L.qn);
+          const float* kn = fptr(L.kn);
+          const int64_t heads = Hq_ + Hk_;
+          for (int64_t job = tid; job < M * heads; job += nth) {
+            const int64_t r = job / heads, hh = job % heads;
+            float* v = qkv + r * QKV + hh * D_;  // q heads then k heads
+            if (qn) F::rms_norm_row(v, hh < Hq_ ? qn : kn, v, D_, eps);
+            F::rope_head(v, cs + pos[r] * D_, half);
+            if (hh >= Hq_) {
+              const int64_t kvh = hh - Hq_;
+              std::copy(v, v + D_, kc + (slot[r] * Hk_ + kvh) * D_);
+              const float* vv = qkv + r * QKV + (Hq_ + Hk_ + kvh) * D_;
+              std::copy(vv, vv + D_, vc + (slot[r] * Hk_ + kvh) * D_);
+            }
+          }
+        }
+#pragma omp barrier
+        // 4. attention over the paged cache
+        {
+          const float* kc = L.kc.data_ptr<float>();
+          const float* vc = L.vc.data_ptr<float>();
+          const int64_t ks0 = BS * Hk_ * D_, ks1 = Hk_ * D_;
+          const int64_t S = splits[li], items = M * Hk_ * S;
+          for (;;) {
+            const int64_t item = ctr[1].fetch_add(1, std::memory_order_relaxed);
+            if (item >= items) break;
+            const int64_t b = item / (Hk_ * S), kvh = (item / S) % Hk_, split = item % S;
+            const int64_t Lc = cl[b];
+            const int64_t start = L.window > 0 ? std::max<int64_t>(0, Lc - L.window) : 0;
+            const int64_t chunk = (Lc - start + S - 1) / S;
+            const int64_t t0 = start + split * chunk, t1 = std::min(Lc, t0 + chunk);
+            for (int64_t g = 0; g < G; ++g) {
+              const float* src = qkv + b * QKV + (kvh * G + g) * D_;
+              for (int64_t d = 0; d < D_; ++d) ts.qs[g * D_ + d] = src[d] * scale_;
+            }
+            const F::PagedKV kv{kc + kvh * D_, vc + kvh * D_, ks0, ks1, ks0, ks1, bt + b * MB, BS};
+            F::attend_range(ts.qs.data(), G, D_, kv, t0, std::max(t0, t1), ts.m.data(), ts.l.data(), ts.acc.data(),
+                            ts.sc.data(), ts.krow.data(), ts.vrow.data());
+            if (S == 1) {
+              for (int64_t g = 0; g < G; ++g) {
+                float* dst = att + b * Hq_ * D_ + (kvh * G + g) * D_;
+                if (ts.l[g] > 0.0f) {
+                  std::copy(ts.acc.begin() + g * D_, ts.acc.begin() + (g + 1) * D_, dst);
+                  F::scale_inplace(dst, D_, 1.0f / ts.l[g]);
+                } else {
+                  std::fill(dst, dst + D_, 0.0f);
+                }
+              }
+            } else {
+              std::copy(ts.m.begin(), ts.m.end(), part_m_.begin() + item * G);
+              std::copy(ts.l.begin(), ts.l.end(), part_l_.begin() + item * G);
+              std::copy(ts.acc.begin(), ts.acc.end(), part_acc_.begin() + item * G * D_);
+            }
+          }
+          if (S > 1) {
+#pragma omp barrier
+            merge_splits(M, S, G, att, tid, nth);
+          }
+        }
+#pragma omp barrier
+        // 5. output projection, residual add + post-attention RMSNorm
+        gemv(L.o, att, y, ctr[2]);
+        for (int64_t r = tid; r < M; r += nth)
+          F::add_rms_norm_row(y + r * H_, resid + r * H_, L.ln2.data_ptr<float>(), h + r * H_, H_, eps);
+#pragma omp barrier
+        // 6. MLP: gate/up, silu * up, down
+        gemv(L.gu, h, gu, ctr[3]);
+        for (int64_t r = tid; r < M; r += nth) F::silu_mul_range(gu + r * 2 * I_, gu + r * 2 * I_ + I_, act + r * I_, 0, I_);
+#pragma omp barrier
+        gemv(L.down, act, y, ctr[4]);
+      }
+      // final residual add + norm
+      for (int64_t r = tid; r < M; r += nth)
+        F::add_rms_norm_row(y + r * H_, resid + r * H_, final_norm_.data_ptr<float>(), op + r * H_, H_, eps);
+    }
+    return out;
+  }
+
+ private:
+  static constexpr size_t kTensorsPerLayer = 20;
+  static constexpr size_t kIntsPerLayer = 5;
+
+  // flash-decoding merge of the token splits: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s
+  void merge_splits(int64_t M, int64_t S, int64_t G, float* att, int tid, int nth) {
+    const float neg_inf = -std::numeric_limits<float>::infinity();
+    for (int64_t bh = tid; bh < M * Hk_; bh += nth) {
+      const int64_t b = bh / Hk_, kvh = bh % Hk_;
+      for (int64_t g = 0; g < G; ++g) {
+        float* dst = att + b * Hq_ * D_ + (kvh * G + g) * D_;
+        std::fill(dst, dst + D_, 0.0f);
+        float mx = neg_inf;
+        for (int64_t s = 0; s < S; ++s) mx = std::max(mx, part_m_[(bh * S + s) * G + g]);
+        if (mx == neg_inf) continue;
+        float denom = 0.0f;
+        for (int64_t s = 0; s < S; ++s) {
+          const int64_t idx = (bh * S + s) * G + g;
+          if (part_m_[idx] == neg_inf) continue;
+          const float w = std::exp(part_m_[idx] - mx);
+          denom += w * part_l_[idx];
+          const float* a = part_acc_.data() + idx * D_;
+          const __m256 vw = _mm256_set1_ps(w);
+          int64_t d = 0;
+          for (; d + 8 <= D_; d += 8)
+            _mm256_storeu_ps(dst + d, _mm256_fmadd_ps(vw, _mm256_loadu_ps(a + d), _mm256_loadu_ps(dst + d)));
+          for (; d < D_; ++d) dst[d] += w * a[d];
+        }
+        F::scale_inplace(dst, D_, 1.0f / denom);
+      }
+    }
+  }
+
+  int64_t H_, Hq_, Hk_, D_, I_;
+  float eps_, scale_;
+  at::Tensor final_norm_, cos_sin_;
+  std::vector<Layer> layers_;
+  std::vector<float> resid_, h_, qkv_, att_, gu_, act_, y_, sx_, xsum_, part_m_, part_l_, part_acc_;
+  std::vector<int8_t> xq_;
+  std::vector<ThreadScratch> scratch_;
+};
+
+// One int4 linear through the decode step's GEMV kernels (tests: tiles against the reference).
+at::Tensor linear_a8(const at::Tensor& x, at::Tensor qweight, at::Tensor scales, at::Tensor mins, int64_t gs,
+                     c10::optional<at::Tensor> bias, bool tiles) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
+  const QLin lin(qweight, scales, mins, bias.has_value() ? *bias : at::Tensor(), N, K, gs, "linear", tiles);
+  Q::W4A8Act A = Q::w4a8_act_shape(M, K, gs);
+  std::vector<int8_t> xq(M * A.Kp);
+  std::vector<float> sx(M * A.Gp), xsum(M * A.G);
+  for (int64_t r = 0; r < M; ++r) {
+    Q::quant_row_group_i8(x.data_ptr<float>() + r * K, K, A.Kp, gs, xq.data() + r * A.Kp, sx.data() + r * A.Gp,
+                          xsum.data() + r * A.G, A.Gp);
+    Q::permute_row_to_lanes(xq.data() + r * A.Kp, A.Kp);
+  }
+  A.xq = xq.data();
+  A.sx = sx.data();
+  A.xsum = xsum.data();
+  auto y = at::empty({M, N}, x.options());
+  Q::W4A8Scratch scratch;
+  lin.cols(A, y.data_ptr<float>(), N, 0, N, scratch);
+  return y;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "llmopt: the decoder stack of an int4 decode step in one native call";
+  py::class_<DecodeStep>(m, "DecodeStep")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double, const std::vector<at::Tensor>&,
+                    const std::vector<int64_t>&, at::Tensor, at::Tensor, bool>(),
+           py::arg("hidden"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"),
+           py::arg("intermediate"), py::arg("eps"), py::arg("scale"), py::arg("tensors"), py::arg("ints"),
+           py::arg("final_norm"), py::arg("cos_sin"), py::arg("tiles") = true)
+      .def("run", &DecodeStep::run, py::arg("x"), py::arg("positions"), py::arg("slots"), py::arg("block_tables"),
+           py::arg("context_lens"), py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("num_layers", &DecodeStep::num_layers);
+  m.def("linear_a8", &linear_a8, "one int4 (lane layout) linear with int8 activations through the step's kernels",
+        py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("mins"), py::arg("group_size"),
+        py::arg("bias") = py::none(), py::arg("tiles") = true);
+}

@@ -1,0 +1,333 @@
+// Row-level AVX2/FMA kernels shared by the standalone fused ops (fused.cpp) and the one-call decode
+// step (decode.cpp): reductions, exp, RMSNorm rows, residual add + RMSNorm rows, SiLU*mul ranges,
+// rotary embedding of one head, and the tiled online-softmax attention of one (sequence, kv head)
+// over a token range of a paged KV cache.
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+namespace llmopt_f {
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// exp(x) for 8 floats: x = n*ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial (Cephes
+// coefficients, ~1 ulp), 2^n built in the exponent bits. Returns +inf above ~88.72, 0 below
+// ~-87.34 (no denormals), NaN for NaN.
+inline __m256 exp256(__m256 x) {
+  const __m256 hi = _mm256_set1_ps(88.3762626647949f);
+  const __m256 lo = _mm256_set1_ps(-87.3365447504f);
+  const __m256 inf_at = _mm256_set1_ps(88.72283935546875f);
+  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
+  const __m256 ln2_hi = _mm256_set1_ps(0.693359375f);
+  const __m256 ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
+  const __m256 one = _mm256_set1_ps(1.0f);
+
+  const __m256 overflow = _mm256_cmp_ps(x, inf_at, _CMP_GT_OQ);
+  const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  // min/max return their second operand when one is NaN: keep x second so NaN propagates.
+  __m256 xc = _mm256_max_ps(lo, _mm256_min_ps(hi, x));
+
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, ln2_hi, xc);
+  r = _mm256_fnmadd_ps(n, ln2_lo, r);
+
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, one));
+
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  y = _mm256_blendv_ps(y, _mm256_set1_ps(std::numeric_limits<float>::infinity()), overflow);
+  y = _mm256_andnot_ps(underflow, y);
+  return y;
+}
+
+// sum(a[i] * b[i]) with four independent FMA chains.
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);
+    s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), s3);
+  }
+  for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+  float s = hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline float sum_squares(const float* a, int64_t n) { return dot(a, a, n); }
+
+// out[i] = (x[i] * inv) * w[i]  (HF order: normalize, then scale by the weight)
+inline void scale_by_weight(const float* x, const float* w, float* out, int64_t n, float inv) {
+  const __m256 vinv = _mm256_set1_ps(inv);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + i), vinv);
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(v, _mm256_loadu_ps(w + i)));
+  }
+  for (; i < n; ++i) out[i] = (x[i] * inv) * w[i];
+}
+
+// out[0:H] = rms_norm(x[0:H]) * w  (HF order: normalize, then scale by the weight)
+inline void rms_norm_row(const float* x, const float* w, float* out, int64_t H, float eps) {
+  const float inv = 1.0f / std::sqrt(sum_squares(x, H) / static_cast<float>(H) + eps);
+  scale_by_weight(x, w, out, H, inv);
+}
+
+// sr[0:H] += x[0:H] (in place: sr becomes the sum); out = rms_norm(sr) * w. One pass adds, stores
+// the sum and accumulates its squares; a second re-reads the (L1-resident) sum and normalizes.
+inline void add_rms_norm_row(const float* xr, float* sr, const float* w, float* out, int64_t H, float eps) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= H; i += 16) {
+    const __m256 s0 = _mm256_add_ps(_mm256_loadu_ps(sr + i), _mm256_loadu_ps(xr + i));
+    const __m256 s1 = _mm256_add_ps(_mm256_loadu_ps(sr + i + 8), _mm256_loadu_ps(xr + i + 8));
+    _mm256_storeu_ps(sr + i, s0);
+    _mm256_storeu_ps(sr + i + 8, s1);
+    a0 = _mm256_fmadd_ps(s0, s0, a0);
+    a1 = _mm256_fmadd_ps(s1, s1, a1);
+  }
+  for (; i + 8 <= H; i += 8) {
+    const __m256 s0 = _mm256_add_ps(_mm256_loadu_ps(sr + i), _mm256_loadu_ps(xr + i));
+    _mm256_storeu_ps(sr + i, s0);
+    a0 = _mm256_fmadd_ps(s0, s0, a0);
+  }
+  float ss = hsum(_mm256_add_ps(a0, a1));
+  for (; i < H; ++i) {
+    const float s = sr[i] + xr[i];
+    sr[i] = s;
+    ss += s * s;
+  }
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(H) + eps);
+  scale_by_weight(sr, w, out, H, inv);
+}
+
+// o[c] = silu(g[c]) * u[c] for c in [c0, c1). Sigmoid from e = exp(-|g|) in (0, 1]: 1/(1+e) for
+// g >= 0, e/(1+e) for g < 0; the denominator stays in [1, 2], so rcp + one Newton step (~2 ulp)
+// replaces the slow divide.
+inline void silu_mul_range(const float* g, const float* u, float* o, int64_t c0, int64_t c1) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 two = _mm256_set1_ps(2.0f);
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  int64_t c = c0;
+  for (; c + 8 <= c1; c += 8) {
+    const __m256 vg = _mm256_loadu_ps(g + c);
+    const __m256 e = exp256(_mm256_or_ps(vg, sign));  // exp(-|g|)
+    const __m256 den = _mm256_add_ps(one, e);
+    __m256 r = _mm256_rcp_ps(den);
+    r = _mm256_mul_ps(r, _mm256_fnmadd_ps(den, r, two));
+    const __m256 sig = _mm256_blendv_ps(r, _mm256_mul_ps(e, r), vg);  // picks e*r where g < 0
+    _mm256_storeu_ps(o + c, _mm256_mul_ps(_mm256_mul_ps(vg, sig), _mm256_loadu_ps(u + c)));
+  }
+  for (; c < c1; ++c) o[c] = g[c] / (1.0f + std::exp(-g[c])) * u[c];
+}
+
+inline void rope_head(float* x, const float* cs, int64_t half) {
+  const float* cosp = cs;
+  const float* sinp = cs + half;
+  float* x1 = x;
+  float* x2 = x + half;
+  int64_t i = 0;
+  for (; i + 8 <= half; i += 8) {
+    const __m256 c = _mm256_loadu_ps(cosp + i), s = _mm256_loadu_ps(sinp + i);
+    const __m256 a = _mm256_loadu_ps(x1 + i), b = _mm256_loadu_ps(x2 + i);
+    _mm256_storeu_ps(x1 + i, _mm256_fmsub_ps(a, c, _mm256_mul_ps(b, s)));
+    _mm256_storeu_ps(x2 + i, _mm256_fmadd_ps(b, c, _mm256_mul_ps(a, s)));
+  }
+  for (; i < half; ++i) {
+    const float a = x1[i], b = x2[i];
+    x1[i] = a * cosp[i] - b * sinp[i];
+    x2[i] = b * cosp[i] + a * sinp[i];
+  }
+}
+
+constexpr int64_t kTile = 32;
+
+// acc[0:D] += sum_i p[i] * rows[i][0:D] for i < n.
+inline void accumulate_pv(float* acc, const float* p, const float* const* rows, int64_t n, int64_t D) {
+  int64_t d = 0;
+  for (; d + 64 <= D; d += 64) {
+    __m256 a0 = _mm256_loadu_ps(acc + d), a1 = _mm256_loadu_ps(acc + d + 8);
+    __m256 a2 = _mm256_loadu_ps(acc + d + 16), a3 = _mm256_loadu_ps(acc + d + 24);
+    __m256 a4 = _mm256_loadu_ps(acc + d + 32), a5 = _mm256_loadu_ps(acc + d + 40);
+    __m256 a6 = _mm256_loadu_ps(acc + d + 48), a7 = _mm256_loadu_ps(acc + d + 56);
+    for (int64_t i = 0; i < n; ++i) {
+      const __m256 w = _mm256_broadcast_ss(p + i);
+      const float* v = rows[i] + d;
+      a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v), a0);
+      a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8), a1);
+      a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 16), a2);
+      a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 24), a3);
+      a4 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 32), a4);
+      a5 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 40), a5);
+      a6 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 48), a6);
+      a7 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 56), a7);
+    }
+    _mm256_storeu_ps(acc + d, a0);
+    _mm256_storeu_ps(acc + d + 8, a1);
+    _mm256_storeu_ps(acc + d + 16, a2);
+    _mm256_storeu_ps(acc + d + 24, a3);
+    _mm256_storeu_ps(acc + d + 32, a4);
+    _mm256_storeu_ps(acc + d + 40, a5);
+    _mm256_storeu_ps(acc + d + 48, a6);
+    _mm256_storeu_ps(acc + d + 56, a7);
+  }
+  for (; d + 8 <= D; d += 8) {
+    __m256 a = _mm256_loadu_ps(acc + d);
+    for (int64_t i = 0; i < n; ++i) a = _mm256_fmadd_ps(_mm256_broadcast_ss(p + i), _mm256_loadu_ps(rows[i] + d), a);
+    _mm256_storeu_ps(acc + d, a);
+  }
+  for (; d < D; ++d) {
+    float a = acc[d];
+    for (int64_t i = 0; i < n; ++i) a += p[i] * rows[i][d];
+    acc[d] = a;
+  }
+}
+
+// Horizontal sums of 8 vectors: result[j] = sum of all lanes of v_j.
+inline __m256 reduce8(__m256 v0, __m256 v1, __m256 v2, __m256 v3, __m256 v4, __m256 v5, __m256 v6, __m256 v7) {
+  const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(v0, v1), _mm256_hadd_ps(v2, v3));
+  const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(v4, v5), _mm256_hadd_ps(v6, v7));
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+inline __m128 reduce4(__m256 v0, __m256 v1, __m256 v2, __m256 v3) {
+  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(v0, v1), _mm256_hadd_ps(v2, v3));
+  return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
+// sc[g * kTile + i] = qs[g, :] . rows[i][:] for g < G, i < n.
+// Micro-kernel: 4 tokens x 2 heads per pass (6 loads feed 8 independent FMA chains), then one
+// transpose-style reduction writes the 8 scores; D % 8 != 0 and leftover tokens use plain dots.
+inline void tile_scores(const float* qs, const float* const* rows, int64_t n, int64_t G, int64_t D, float* sc) {
+  int64_t i = 0;
+  if (D % 8 == 0) {
+    for (; i + 4 <= n; i += 4) {
+      const float *k0 = rows[i], *k1 = rows[i + 1], *k2 = rows[i + 2], *k3 = rows[i + 3];
+      int64_t g = 0;
+      for (; g + 2 <= G; g += 2) {
+        const float* qa = qs + g * D;
+        const float* qb = qa + D;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(), b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) {
+          const __m256 x0 = _mm256_loadu_ps(k0 + d), x1 = _mm256_loadu_ps(k1 + d);
+          const __m256 x2 = _mm256_loadu_ps(k2 + d), x3 = _mm256_loadu_ps(k3 + d);
+          const __m256 va = _mm256_loadu_ps(qa + d), vb = _mm256_loadu_ps(qb + d);
+          a0 = _mm256_fmadd_ps(va, x0, a0);
+          a1 = _mm256_fmadd_ps(va, x1, a1);
+          a2 = _mm256_fmadd_ps(va, x2, a2);
+          a3 = _mm256_fmadd_ps(va, x3, a3);
+          b0 = _mm256_fmadd_ps(vb, x0, b0);
+          b1 = _mm256_fmadd_ps(vb, x1, b1);
+          b2 = _mm256_fmadd_ps(vb, x2, b2);
+          b3 = _mm256_fmadd_ps(vb, x3, b3);
+        }
+        const __m256 r = reduce8(a0, a1, a2, a3, b0, b1, b2, b3);
+        _mm_storeu_ps(sc + g * kTile + i, _mm256_castps256_ps128(r));
+        _mm_storeu_ps(sc + (g + 1) * kTile + i, _mm256_extractf128_ps(r, 1));
+      }
+      if (g < G) {
+        const float* qa = qs + g * D;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) {
+          const __m256 va = _mm256_loadu_ps(qa + d);
+          a0 = _mm256_fmadd_ps(va, _mm256_loadu_ps(k0 + d), a0);
+          a1 = _mm256_fmadd_ps(va, _mm256_loadu_ps(k1 + d), a1);
+          a2 = _mm256_fmadd_ps(va, _mm256_loadu_ps(k2 + d), a2);
+          a3 = _mm256_fmadd_ps(va, _mm256_loadu_ps(k3 + d), a3);
+        }
+        _mm_storeu_ps(sc + g * kTile + i, reduce4(a0, a1, a2, a3));
+      }
+    }
+  }
+  for (; i < n; ++i)
+    for (int64_t g = 0; g < G; ++g) sc[g * kTile + i] = dot(qs + g * D, rows[i], D);
+}
+
+inline void scale_inplace(float* x, int64_t n, float s) {
+  const __m256 vs = _mm256_set1_ps(s);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), vs));
+  for (; i < n; ++i) x[i] *= s;
+}
+
+// A paged KV cache seen by one (sequence, kv head): token t lives at base + bt[t / BS] * s0 +
+// (t % BS) * s1 (base already offset to the kv head).
+struct PagedKV {
+  const float* k;
+  const float* v;
+  int64_t ks0, ks1, vs0, vs1;
+  const int32_t* bt;  // this sequence's block table
+  int64_t BS;
+};
+
+// Online-softmax attention of the G query heads qs [G, D] (already multiplied by the softmax
+// scale) over tokens [t0, t1): on return m[g] is the running max, l[g] the sum of exp(s - m) and
+// acc[g, :] the unnormalized sum of exp(s - m) * v (m = -inf, l = 0, acc = 0 for an empty range).
+// Scratch: sc [G * kTile], krow / vrow [kTile].
+inline void attend_range(const float* qs, int64_t G, int64_t D, const PagedKV& kv, int64_t t0, int64_t t1,
+                         float* m, float* l, float* acc, float* sc, const float** krow, const float** vrow) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  std::fill(acc, acc + G * D, 0.0f);
+  std::fill(m, m + G, neg_inf);
+  std::fill(l, l + G, 0.0f);
+  for (int64_t tile = t0; tile < t1; tile += kTile) {
+    const int64_t n = std::min(kTile, t1 - tile);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t t = tile + i;
+      const int64_t blk = kv.bt[t / kv.BS], slot = t % kv.BS;
+      krow[i] = kv.k + blk * kv.ks0 + slot * kv.ks1;
+      vrow[i] = kv.v + blk * kv.vs0 + slot * kv.vs1;
+    }
+    // scores: sc[g, i] = (q_g * scale) . k_i ; padded with -inf up to kTile
+    tile_scores(qs, krow, n, G, D, sc);
+    for (int64_t g = 0; g < G; ++g) {
+      float* s = sc + g * kTile;
+      for (int64_t i = n; i < kTile; ++i) s[i] = neg_inf;
+      // online softmax: one rescale of (l, acc) per tile
+      __m256 vmax = _mm256_set1_ps(neg_inf);
+      for (int64_t i = 0; i < kTile; i += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + i));
+      const float m_new = std::max(m[g], hmax(vmax));
+      const __m256 vm = _mm256_set1_ps(m_new);
+      __m256 vsum = _mm256_setzero_ps();
+      for (int64_t i = 0; i < kTile; i += 8) {
+        const __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + i), vm));
+        _mm256_storeu_ps(s + i, p);
+        vsum = _mm256_add_ps(vsum, p);
+      }
+      const float alpha = std::exp(m[g] - m_new);  // 0 on the first tile (m = -inf)
+      if (alpha != 1.0f) scale_inplace(acc + g * D, D, alpha);
+      l[g] = l[g] * alpha + hsum(vsum);
+      m[g] = m_new;
+    }
+    // acc_g += P_g @ V_tile
+    for (int64_t g = 0; g < G; ++g) accumulate_pv(acc + g * D, sc + g * kTile, vrow, n, D);
+  }
+}
+
+}  // namespace llmopt_f

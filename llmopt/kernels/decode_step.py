@@ -1,0 +1,129 @@
+"""The decoder stack of a pure decode step in one native call (``csrc/decode.cpp``).
+
+:class:`FusedDecoder` wraps the native ``DecodeStep`` for a :class:`~llmopt.models.transformer.Transformer`
+whose layer linears are all int4 (group size 64/128/256) run with int8 activations, the engine's
+int4 decode path (``kernels.qlinear``: ``INT4_ACT == "int8"`` for ``M <= INT4_A8_MAX_M`` rows).
+It computes exactly what ``Transformer.forward`` computes for a decode-only batch (same kernels,
+same order), minus the ~150 Python-level op calls and OpenMP fork/joins per step.
+
+``FusedDecoder.build(model)`` returns ``None`` (and the engine keeps the op-by-op forward) when the
+model does not qualify: native kernels off or not built, float32 activations or caches missing,
+a linear in another format, or ``LLMOPT_FUSED_DECODE=0`` in the environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from . import qlinear
+from .build import load_extension, native_enabled
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FusedDecoder", "fused_decode_enabled"]
+
+_UNSET = object()
+_ext = _UNSET
+
+
+def _native():
+    global _ext
+    if _ext is _UNSET:
+        _ext = load_extension("llmopt_decode", ["decode.cpp"])
+    return _ext
+
+
+def fused_decode_enabled() -> bool:
+    """``LLMOPT_FUSED_DECODE`` (default on) and the native kernels enabled."""
+    return native_enabled() and os.environ.get("LLMOPT_FUSED_DECODE", "1") not in ("0", "false", "no")
+
+
+def _why_not(model) -> str | None:
+    """Why ``model`` cannot use the fused decode step (None if it can)."""
+    from ..quant.linear import QuantLinear
+
+    cfg = model.cfg
+    for i, layer in enumerate(model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        for name, lin in (("qkv_proj", attn.qkv_proj), ("o_proj", attn.o_proj), ("gate_up_proj", mlp.gate_up_proj),
+                          ("down_proj", mlp.down_proj)):
+            if not isinstance(lin, QuantLinear) or lin.fmt != "int4" or not qlinear._a8_capable(lin.qweight_packed):
+                return f"layer {i} {name} is not int4 with a group size multiple of 64"
+            if lin.qweight.device.type != "cpu":
+                return "weights are not on the CPU"
+        if attn.k_cache is None or attn.k_cache.dtype != torch.float32 or not attn.k_cache.is_contiguous():
+            return "no contiguous float32 KV cache"
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            if norm.weight.dtype != torch.float32:
+                return "norm weights are not float32"
+    if cfg.num_heads % cfg.num_kv_heads:
+        return "num_heads not a multiple of num_kv_heads"
+    return None
+
+
+class FusedDecoder:
+    """``run(input_ids, positions, ctx)`` -> final-normed hidden states ``[M, hidden]`` of a decode-only
+    step (``ctx.num_decode == M``, no prefills), or ``None`` when this step must take the op-by-op path
+    (more rows than the int8-activation limit, or int4 activations switched to exact)."""
+
+    def __init__(self, model, step):
+        self.model = model
+        self.step = step
+        self._cache_ptr = model.layers[0].self_attn.k_cache.data_ptr()
+
+    @classmethod
+    def build(cls, model, tiles: bool | None = None) -> "FusedDecoder | None":
+        """``tiles``: the 4-column GEMV tiles (default; env ``LLMOPT_DECODE_TILES=0`` turns them off),
+        else the column kernel of the standalone ``w4a8_gemm`` (bit-identical to the op-by-op forward)."""
+        if not fused_decode_enabled():
+            return None
+        why = _why_not(model)
+        if why is not None:
+            log.debug("fused decode step not used: %s", why)
+            return None
+        ext = _native()
+        if ext is None:
+            return None
+        cfg = model.cfg
+        none = torch.empty(0)
+        tensors: list[torch.Tensor] = []
+        ints: list[int] = []
+        for layer in model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if mlp.gate_up_proj.bias is not None or mlp.down_proj.bias is not None:
+                return None
+
+            def packed(lin, bias=True):
+                t = [lin.qweight, lin.scales, lin.mins]
+                return t + [lin.bias if lin.bias is not None else none] if bias else t
+
+            tensors += [layer.input_layernorm.weight.detach(), *packed(attn.qkv_proj), *packed(attn.o_proj),
+                        layer.post_attention_layernorm.weight.detach(), *packed(mlp.gate_up_proj, False),
+                        *packed(mlp.down_proj, False),
+                        attn.q_norm.weight.detach() if attn.q_norm is not None else none,
+                        attn.k_norm.weight.detach() if attn.k_norm is not None else none,
+                        attn.k_cache, attn.v_cache]
+            ints += [attn.qkv_proj.group_size, attn.o_proj.group_size, mlp.gate_up_proj.group_size,
+                     mlp.down_proj.group_size, -1 if attn.window is None else int(attn.window)]
+        step = ext.DecodeStep(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
+                              float(cfg.rms_norm_eps), float(model.layers[0].self_attn.scale), tensors, ints,
+                              model.norm.weight.detach(), model.rope_table(torch.float32),
+                              os.environ.get("LLMOPT_DECODE_TILES", "1") != "0" if tiles is None else bool(tiles))
+        return cls(model, step)
+
+    def usable(self, num_rows: int) -> bool:
+        return (qlinear.INT4_ACT == "int8" and num_rows <= qlinear.INT4_A8_MAX_M
+                and self.model.layers[0].self_attn.k_cache.data_ptr() == self._cache_ptr)
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor | None:
+        m = input_ids.shape[0]
+        if not self.usable(m) or ctx.num_decode != m or ctx.prefills:
+            return None
+        x = self.model.embed_tokens(input_ids)
+        if x.dtype != torch.float32:
+            return None
+        return self.step.run(x.contiguous(), positions, ctx.slot_mapping, ctx.decode_block_tables,
+                             ctx.decode_context_lens)
