@@ -8,12 +8,19 @@ Layout of ``DIR``:
   linears that stayed float, ``lm_head.weight`` unless tied), stored as ``float_dtype`` (bfloat16
   by default); every quantized linear as its packed tensors under its llmopt module name with the
   ``model.`` prefix, e.g. ``model.layers.0.self_attn.qkv_proj.qweight`` / ``.scales`` / ``.mins``
-  / ``.bias`` (fp32) and ``lm_head.qweight`` for a quantized head.
+  / ``.bias`` (fp32) and ``lm_head.qweight`` for a quantized head. A quantized input embedding
+  (:class:`~llmopt.quant.embedding.QuantEmbedding`) that shares a quantized tied head's packed
+  tensors has no tensor of its own (the head's are stored once); an unshared one is stored as
+  ``model.embed_tokens.qweight`` / ``.scales`` / ``.mins`` (and no ``model.embed_tokens.weight``).
 - ``quant_config.json``: per module ``fmt``, ``group_size``, ``in_features``, ``out_features``,
   ``bias``, ``bits_per_weight``; ``format`` (the decoder linears' format, or "mixed"; a quantized
   head is reported as ``lm_head_format``); the method, average bits, llmopt version, tied embeddings,
-  float dtype and the caller's ``quant_info``. Its presence is what makes ``load_model`` delegate
-  to :func:`load_quantized`.
+  float dtype and the caller's ``quant_info``. Quantized embeddings are listed under ``embeddings``
+  (per module ``fmt``, ``group_size``, ``num_embeddings``, ``embedding_dim``, ``bits_per_weight``,
+  ``shared_with``: the checkpoint name of the head whose tensors it reads, or null), with
+  ``embedding_format`` at the top level; such a checkpoint has ``format_version`` 2 (older llmopt
+  refuses it by name instead of failing on a missing float table), all others 1. Its presence is
+  what makes ``load_model`` delegate to :func:`load_quantized`.
 - ``config.json`` (transformers' config of the model, checked to read back to the same
   ``ModelConfig``; for a GGUF source it is the config llmopt rebuilt from the GGUF metadata),
   and the tokenizer (``save_pretrained`` of the wrapped HF tokenizer: ``tokenizer.json``, its
@@ -45,7 +52,7 @@ __all__ = ["save_quantized", "load_quantized", "is_quantized_checkpoint", "round
 
 QUANT_CONFIG = "quant_config.json"
 WEIGHTS_FILE = "model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # highest written / read; 1 = no quantized embedding
 
 _ARCH_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -99,6 +106,12 @@ def _quant_modules(model: nn.Module) -> dict[str, nn.Module]:
     from .linear import QuantLinear
 
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def _quant_embeddings(model: nn.Module) -> dict[str, nn.Module]:
+    from .embedding import QuantEmbedding
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantEmbedding)}
 
 
 def _split_fused(model: nn.Module, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
@@ -175,6 +188,7 @@ def save_quantized(model: nn.Module, tokenizer: Any, config: ModelConfig, out_di
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, dict[str, Any]] = {}
     q_params = q_bits = 0.0
+    bias_params = 0  # float biases of quantized linears: stored (fp32), counted as float parameters
     for name, m in qmods.items():
         if m.fmt not in FORMATS:
             raise ValueError(f"module {name} has unknown format {m.fmt!r}")
@@ -188,9 +202,29 @@ def save_quantized(model: nn.Module, tokenizer: Any, config: ModelConfig, out_di
         n = m.in_features * m.out_features
         q_params += n
         q_bits += bpw * n
+        bias_params += m.bias.numel() if m.bias is not None else 0
+    # quantized embeddings: a table shared with a quantized head of this model is stored once (as the
+    # head, already counted above); any other is stored and counted as its own packed tensors
+    head_names = {id(m): n for n, m in qmods.items()}
+    embeddings: dict[str, dict[str, Any]] = {}
+    for name, e in _quant_embeddings(model).items():
+        if e.fmt not in FORMATS:
+            raise ValueError(f"embedding {name} has unknown format {e.fmt!r}")
+        hname = _hf_module_name(name)
+        shared = head_names.get(id(e.source)) if e.tied else None
+        bpw = float(e.bits_per_weight)
+        embeddings[hname] = {"fmt": e.fmt, "group_size": int(e.group_size), "num_embeddings": int(e.num_embeddings),
+                             "embedding_dim": int(e.embedding_dim), "bits_per_weight": round(bpw, 6),
+                             "shared_with": _hf_module_name(shared) if shared is not None else None}
+        if shared is None:
+            for key, t in e.packed_state().items():
+                tensors[f"{hname}.{key}"] = t.detach().to("cpu").contiguous()
+            n = e.num_embeddings * e.embedding_dim
+            q_params += n
+            q_bits += bpw * n
     tied = bool(config.tie_word_embeddings)
     lm_head_tied = tied and "lm_head" not in qmods
-    float_params = 0
+    float_params = bias_params
     for pname, p in model.named_parameters():  # shared (tied) parameters appear once
         if pname == "lm_head.weight" and tied:
             continue
@@ -209,22 +243,26 @@ def save_quantized(model: nn.Module, tokenizer: Any, config: ModelConfig, out_di
     total_params = q_params + float_params
     body = sorted({v["fmt"] for k, v in modules.items() if k != "lm_head"})  # a separate head format is
     fmts = body or sorted({v["fmt"] for v in modules.values()})          # not "mixed" precision
+    emb = embeddings.get("model.embed_tokens")
     qc = {
         "quant_method": "llmopt",
-        "format_version": FORMAT_VERSION,
+        "format_version": 2 if embeddings else 1,
         "llmopt_version": _llmopt_version(),
         "method": quant_info.get("method", "rtn"),
         "format": fmts[0] if len(fmts) == 1 else ("mixed" if fmts else "float"),
-        "avg_bits_per_weight": round(q_bits / q_params, 6) if q_params else None,  # quantized linears
+        "avg_bits_per_weight": round(q_bits / q_params, 6) if q_params else None,  # quantized linears + tables
         "avg_bits_all_params": round(8.0 * weights_bytes / total_params, 6) if total_params else None,
         "quantized_params": int(q_params),
         "total_params": int(total_params),
         "weights_bytes": int(weights_bytes),
         "lm_head_format": modules["lm_head"]["fmt"] if "lm_head" in modules else None,
+        "embedding_format": emb["fmt"] if emb else None,
+        "embedding_shared_with_lm_head": bool(emb and emb["shared_with"] == "lm_head"),
         "float_dtype": _dtype_name(float_dtype),
         "tie_word_embeddings": tied,
         "lm_head_tied_to_embeddings": lm_head_tied,
         "modules": modules,
+        "embeddings": embeddings,
         "quant_info": quant_info,
     }
     (out / QUANT_CONFIG).write_text(json.dumps(qc, indent=2) + "\n", encoding="utf-8")
@@ -272,6 +310,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
 
     from llmopt.models.loader import LoadedModel, _open_hf_dir, empty_model, fill_weights
 
+    from .embedding import ROW_PACKED_FORMATS, QuantEmbedding
     from .formats import FORMATS
     from .linear import QuantLinear
 
@@ -293,6 +332,27 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
 
     where = f"{path.name}/{QUANT_CONFIG}"
     packed_keys: set[str] = set()
+
+    def read_packed(hname: str, fmt: str, n: int, k: int, gs: int) -> dict[str, torch.Tensor]:
+        try:
+            expected = _expected_packed(fmt, k, gs)
+        except ValueError as e:
+            raise ModelLoadError(f"{where}: module {hname!r}: {e}") from None
+        t: dict[str, torch.Tensor] = {}
+        for key, (row_shape, tdtype) in expected.items():
+            full = f"{hname}.{key}"
+            if full not in keys:
+                raise ModelLoadError(f"{wfile.name} lacks tensor {full!r} that {QUANT_CONFIG} needs: "
+                                     "the checkpoint is incomplete, re-run `llmopt quantize`")
+            x = st.get_tensor(full)
+            want = (n, *row_shape[1:])
+            if tuple(x.shape) != want or x.dtype != tdtype:
+                raise ModelLoadError(f"{wfile.name}: tensor {full!r} is {tuple(x.shape)} {x.dtype}, a {fmt} "
+                                     f"[{n}, {k}] group {gs} weight needs {want} {tdtype}")
+            t[key] = x
+            packed_keys.add(full)
+        return t
+
     for hname, spec in qc["modules"].items():
         if not isinstance(spec, dict):
             raise ModelLoadError(f"{where}: entry {hname!r} is not an object")
@@ -316,23 +376,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
         if (n, k) != (old.out_features, old.in_features):
             raise ModelLoadError(f"{where}: module {hname!r} is [{n}, {k}] but the model (config.json) has "
                                  f"[{old.out_features}, {old.in_features}]: config and weights do not match")
-        try:
-            expected = _expected_packed(fmt, k, gs)
-        except ValueError as e:
-            raise ModelLoadError(f"{where}: module {hname!r}: {e}") from None
-        t: dict[str, torch.Tensor] = {}
-        for key, (row_shape, tdtype) in expected.items():
-            full = f"{hname}.{key}"
-            if full not in keys:
-                raise ModelLoadError(f"{wfile.name} lacks tensor {full!r} that {QUANT_CONFIG} needs: "
-                                     "the checkpoint is incomplete, re-run `llmopt quantize`")
-            x = st.get_tensor(full)
-            want = (n, *row_shape[1:])
-            if tuple(x.shape) != want or x.dtype != tdtype:
-                raise ModelLoadError(f"{wfile.name}: tensor {full!r} is {tuple(x.shape)} {x.dtype}, a {fmt} "
-                                     f"[{n}, {k}] group {gs} weight needs {want} {tdtype}")
-            t[key] = x
-            packed_keys.add(full)
+        t = read_packed(hname, fmt, n, k, gs)
         bias = None
         if spec.get("bias") or f"{hname}.bias" in keys:
             full = f"{hname}.bias"
@@ -345,6 +389,52 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
         parent_name, _, child = name.rpartition(".")
         parent = net.get_submodule(parent_name) if parent_name else net
         setattr(parent, child, QuantLinear.from_packed(fmt, gs, k, n, t, bias))
+
+    # quantized embeddings (format_version 2; absent from older checkpoints: the table is float)
+    embeddings = qc.get("embeddings") or {}
+    if not isinstance(embeddings, dict):
+        raise ModelLoadError(f"{where}: 'embeddings' is not an object")
+    for hname, spec in embeddings.items():
+        if not isinstance(spec, dict):
+            raise ModelLoadError(f"{where}: embedding {hname!r} is not an object")
+        fmt = spec.get("fmt")
+        if fmt not in ROW_PACKED_FORMATS:
+            raise ModelLoadError(f"{where}: embedding {hname!r} has format {fmt!r}, which this llmopt cannot hold as "
+                                 f"an embedding (known: {', '.join(ROW_PACKED_FORMATS)})")
+        name = _module_name(hname)
+        try:
+            old = net.get_submodule(name)
+        except AttributeError:
+            raise ModelLoadError(f"{where}: embedding {hname!r} does not exist in a {cfg.arch} model") from None
+        if not isinstance(old, nn.Embedding):
+            raise ModelLoadError(f"{where}: module {hname!r} is not an embedding")
+        try:
+            gs, n, k = int(spec["group_size"]), int(spec["num_embeddings"]), int(spec["embedding_dim"])
+        except (KeyError, TypeError, ValueError):
+            raise ModelLoadError(f"{where}: embedding {hname!r} needs integer group_size, num_embeddings and "
+                                 "embedding_dim") from None
+        if (n, k) != (old.num_embeddings, old.embedding_dim):
+            raise ModelLoadError(f"{where}: embedding {hname!r} is [{n}, {k}] but the model (config.json) has "
+                                 f"[{old.num_embeddings}, {old.embedding_dim}]: config and weights do not match")
+        shared = spec.get("shared_with")
+        if shared:
+            head = net.get_submodule(_module_name(shared)) if shared in qc["modules"] else None
+            if not isinstance(head, QuantLinear):
+                raise ModelLoadError(f"{where}: embedding {hname!r} shares the tensors of {shared!r}, which is not a "
+                                     "quantized linear of this checkpoint")
+            if (head.fmt, head.group_size, head.out_features, head.in_features) != (fmt, gs, n, k):
+                raise ModelLoadError(f"{where}: embedding {hname!r} ({fmt}, group {gs}, [{n}, {k}]) does not match "
+                                     f"the {shared!r} it shares ({head.fmt}, group {head.group_size}, "
+                                     f"[{head.out_features}, {head.in_features}])")
+            new = QuantEmbedding.tied_to(head)
+        else:
+            try:
+                new = QuantEmbedding.from_packed(fmt, gs, n, k, read_packed(hname, fmt, n, k, gs))
+            except ValueError as e:
+                raise ModelLoadError(f"{where}: embedding {hname!r}: {e}") from None
+        parent_name, _, child = name.rpartition(".")
+        parent = net.get_submodule(parent_name) if parent_name else net
+        setattr(parent, child, new)
 
     def floats():
         for key in sorted(keys - packed_keys):

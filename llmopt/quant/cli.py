@@ -24,6 +24,7 @@ err = Console(stderr=True, soft_wrap=True)
 
 METHODS = ("rtn", "gptq", "awq")
 CALIB_METHOD_FORMATS = ("int4", "int3", "int2", "int8", "w4a8")  # what gptq / awq can produce
+EMBEDDING_MODES = ("auto", "quantized", "float")
 FLOAT_DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
                 "float32": "float32", "fp32": "float32"}
 
@@ -110,7 +111,11 @@ def quantize_command(
     sens_len: Annotated[int, typer.Option(help="mixed: their length in tokens", min=16)] = 128,
     ppl_texts: Annotated[int, typer.Option(help="held-out texts scored for perplexity (0 = skip perplexity)", min=0)] = 8,
     ppl_tokens: Annotated[int, typer.Option(help="tokens scored per held-out text", min=16)] = 256,
-    skip: Annotated[str, typer.Option(help="comma-separated substrings of module names kept in float")] = "lm_head,embed",
+    skip: Annotated[str, typer.Option(help="comma-separated substrings of module names kept in float (lm_head: see --lm-head)")] = "lm_head,embed",
+    lm_head: Annotated[str, typer.Option("--lm-head", help="lm_head format (RTN, group --group-size): int8 (the engine's default), "
+                                                          "another format, or float; overrides --skip for lm_head")] = "int8",
+    embedding: Annotated[str, typer.Option(help="input embedding: auto (tied models: shares the quantized lm_head's tensors; "
+                                                "untied: float), quantized (untied too, in the lm_head format), float")] = "auto",
     float_dtype: Annotated[str, typer.Option(help="storage of the float tensors (embeddings, norms): bfloat16, float16 or float32")] = "bfloat16",
     threads: Annotated[Optional[int], typer.Option(help="torch threads (default: all cores)", min=1)] = None,
     seed: Annotated[int, typer.Option(help="seed of the calibration windows")] = 0,
@@ -139,6 +144,12 @@ def quantize_command(
     candidates = menu or DEFAULT_CANDIDATES
     if group_size <= 0 or group_size % 8:
         raise ValueError(f"--group-size {group_size}: must be a positive multiple of 8 (e.g. 32, 64, 128)")
+    lm_head = lm_head.strip().lower()
+    if lm_head not in FORMATS and lm_head not in ("float", "none"):
+        raise ValueError(f"--lm-head {lm_head!r}: use float or one of {', '.join(FORMATS)}")
+    head_fmt = None if lm_head in ("float", "none") else lm_head
+    if embedding not in EMBEDDING_MODES:
+        raise ValueError(f"--embedding {embedding!r}: use {', '.join(EMBEDDING_MODES)}")
     if float_dtype not in FLOAT_DTYPES:
         raise ValueError(f"--float-dtype {float_dtype!r}: use bfloat16, float16 or float32")
     fdtype = getattr(torch, FLOAT_DTYPES[float_dtype])
@@ -157,7 +168,7 @@ def quantize_command(
 
     from . import calib as calib_mod
     from .checkpoint import WEIGHTS_FILE, load_quantized, round_float_weights_, save_quantized
-    from .linear import quantize_model
+    from .linear import QUANTIZE_EMBED, quantize_model
     from .mixed import allocate_bits, bits_range, layer_sensitivity, linear_sizes, menu_target, quantize_mixed, quantizable_linears
 
     times: dict[str, float] = {}
@@ -188,6 +199,17 @@ def quantize_command(
                 ks = sorted({k for _, k in bad} | {m.in_features for m in targets.values()})
                 raise ValueError(f"--group-size {group_size} does not divide in_features={bad[0][1]} of {bad[0][0]} "
                                  f"({len(bad)} linears): use a group size that divides {', '.join(map(str, ks))}")
+        # lm_head (RTN in --lm-head, after the body whatever the method) and the input embedding
+        head_ok = head_fmt is not None and cfg.hidden_size % effective_group_size(head_fmt, cfg.hidden_size, group_size) == 0
+        tied = bool(cfg.tie_word_embeddings)
+        if embedding == "quantized" and tied and not head_ok:
+            raise ValueError("--embedding quantized: the embedding of this tied model is quantized by sharing the "
+                             "quantized lm_head, which stays float here" +
+                             ("" if head_fmt is None else f" (--group-size {group_size} does not divide "
+                                                          f"hidden_size={cfg.hidden_size})") + ": give --lm-head int8")
+        quant_embed = {"auto": QUANTIZE_EMBED and tied and head_ok, "quantized": True, "float": False}[embedding]
+        head_kw = dict(quantize_lm_head=head_fmt is not None, lm_head_fmt=head_fmt, quantize_embedding=quant_embed,
+                       embedding_fmt=(head_fmt or "int8") if quant_embed else None)
         n_params = sum(p.numel() for p in net.parameters())  # tied weights counted once
         bf16_bytes = 2 * n_params
         texts = calib_mod.heldout_texts()[:ppl_texts] if ppl_texts else []
@@ -230,7 +252,7 @@ def quantize_command(
             stats = stats.get("stats")
         elif method == "rtn":
             done = bars.step(f"quantize {fmt} (rtn)")
-            quantize_model(net, fmt, group_size=group_size, skip=skips)
+            quantize_model(net, fmt, group_size=group_size, skip=skips, **head_kw)
             done()
         elif method == "gptq":
             from .gptq import gptq_quantize_model
@@ -240,6 +262,8 @@ def quantize_command(
             from .awq import awq_quantize_model
 
             stats = awq_quantize_model(net, fmt, group_size, calib, skip=skips, progress=bars.cb(f"awq {fmt}"))
+        if mixed or method != "rtn":  # the head and the embedding only ("" is in every name: body skipped)
+            quantize_model(net, fmt if fmt in FORMATS else "int4", group_size=group_size, skip=("",), **head_kw)
         times["quantize"] = time.perf_counter() - t - times.get("sensitivity", 0.0)
         round_float_weights_(net, fdtype)  # measure exactly what is saved
 
@@ -254,7 +278,7 @@ def quantize_command(
         done = bars.step(f"write {output}")
         t = time.perf_counter()
         info = {"method": method, "format": "mixed" if mixed else fmt, "group_size": group_size,
-                "source": str(src), "skip": list(skips),
+                "source": str(src), "skip": list(skips), "lm_head": lm_head, "embedding": embedding,
                 "calibration": ({"seqs": calib_seqs, "seq_len": seq_len, "seed": seed} if calib else None)}
         if mixed:
             info.update({"target_bits": target, "menu": list(menu) if menu else None,
@@ -293,6 +317,9 @@ def quantize_command(
         "bf16_bytes": bf16_bytes,
         "params": n_params,
         "quantized_params": qc["quantized_params"],
+        "lm_head_format": qc["lm_head_format"],
+        "embedding_format": qc["embedding_format"],
+        "embedding_shared_with_lm_head": qc["embedding_shared_with_lm_head"],
         "compression_vs_bf16": bf16_bytes / size_bytes,
         "ppl_before": ppl_before,
         "ppl_after": ppl_after,
@@ -340,7 +367,10 @@ def _print_table(r: dict[str, Any]) -> None:
     t = Table(title=title, show_header=True)
     t.add_column("measure")
     t.add_column("value", justify="right")
-    t.add_row("bits per weight (quantized linears)", f"{r['bits_per_weight']:.3f}" if r["bits_per_weight"] else "-")
+    t.add_row("bits per weight (quantized linears + embedding)",
+              f"{r['bits_per_weight']:.3f}" if r["bits_per_weight"] else "-")
+    t.add_row("lm_head / embedding", f"{r['lm_head_format'] or 'float'} / {r['embedding_format'] or 'float'}"
+                                     + (" (shared)" if r["embedding_shared_with_lm_head"] else ""))
     t.add_row("bits per parameter (whole checkpoint)", f"{r['bits_per_weight_all_params']:.3f}")
     t.add_row("size of model.safetensors", mb(r["size_bytes"]))
     t.add_row("BF16 size (2 B x all parameters)", mb(r["bf16_bytes"]))

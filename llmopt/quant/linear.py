@@ -5,6 +5,9 @@ The state dict holds only plain tensors (``qweight``, ``scales``, optional ``min
 ``bias``) so it can be written with ``safetensors``; the format name and group size are module
 attributes (``fmt``, ``group_size``) that a checkpoint writer must store alongside (e.g. in the
 safetensors metadata) and pass back to :meth:`QuantLinear.from_packed`.
+
+``quantize_model`` also swaps input embeddings for :class:`~llmopt.quant.embedding.QuantEmbedding`
+(by default: a table tied to the quantized ``lm_head`` then shares the head's packed tensors).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from .formats import FORMATS, QuantizedWeight, dequantize, effective_group_size,
 
 log = logging.getLogger(__name__)
 
-__all__ = ["QuantLinear", "quantize_model", "DEFAULT_SKIP", "QUANTIZE_LM_HEAD", "LM_HEAD_FMT"]
+__all__ = ["QuantLinear", "quantize_model", "tied_embeddings", "DEFAULT_SKIP", "QUANTIZE_LM_HEAD", "LM_HEAD_FMT",
+           "QUANTIZE_EMBED"]
 
 DEFAULT_SKIP = ("lm_head", "embed")
 
@@ -29,6 +33,11 @@ DEFAULT_SKIP = ("lm_head", "embed")
 _env_head = os.environ.get("LLMOPT_QUANT_LM_HEAD", "int8").strip()
 QUANTIZE_LM_HEAD: bool = _env_head not in ("0", "", "false", "no")
 LM_HEAD_FMT: str | None = _env_head if _env_head in FORMATS else None  # None: the model's format
+
+# Default of ``quantize_model(quantize_embedding=None)`` on the engine's path (see quantize_model): a
+# tied input embedding becomes a QuantEmbedding sharing the quantized head's packed tensors. Env
+# ``LLMOPT_QUANT_EMBED=0`` keeps it float (the pre-QuantEmbedding behaviour: head and table twice).
+QUANTIZE_EMBED: bool = os.environ.get("LLMOPT_QUANT_EMBED", "1").strip().lower() not in ("0", "", "false", "no")
 
 
 class QuantLinear(nn.Module):
@@ -135,36 +144,78 @@ class QuantLinear(nn.Module):
                 f"bpw={self.bits_per_weight:.3f}")
 
 
+def tied_embeddings(model: nn.Module) -> dict[str, str]:
+    """``{embedding name: lm_head name}`` of the float ``nn.Embedding`` modules whose weight *is* a
+    float ``lm_head``'s weight (tied parameters, as ``Transformer`` ties them)."""
+    heads = {n: m for n, m in model.named_modules()
+             if n.rpartition(".")[2] == "lm_head" and isinstance(m, nn.Linear)}
+    out = {}
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Embedding):
+            for hn, h in heads.items():
+                if h.weight is m.weight:
+                    out[n] = hn
+    return out
+
+
+def _set_module(model: nn.Module, name: str, mod: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, mod)
+
+
 def quantize_model(model: nn.Module, fmt: str, group_size: int = 64, skip=DEFAULT_SKIP,
                    scale_dtype: torch.dtype = torch.float16, search: bool | None = None,
-                   quantize_lm_head: bool | None = None, lm_head_fmt: str | None = None) -> nn.Module:
+                   quantize_lm_head: bool | None = None, lm_head_fmt: str | None = None,
+                   quantize_embedding: bool | None = None, embedding_fmt: str | None = None) -> nn.Module:
     """Replace (in place) every ``nn.Linear`` whose qualified name contains none of the ``skip``
     substrings by a :class:`QuantLinear`; returns ``model``.
 
     ``quantize_lm_head``: also quantize ``lm_head`` (in ``lm_head_fmt``, default ``fmt``), whatever
-    ``skip`` says about it. A head tied to the input embedding gets its own packed copy and the
-    embedding stays float (``embed_tokens`` is an ``nn.Embedding``, never touched here). None means
-    :data:`QUANTIZE_LM_HEAD` / :data:`LM_HEAD_FMT` when ``skip`` is DEFAULT_SKIP (the engine's path)
-    and "follow ``skip``" otherwise (callers passing their own skip list keep their behaviour).
+    ``skip`` says about it. None means :data:`QUANTIZE_LM_HEAD` / :data:`LM_HEAD_FMT` when ``skip`` is
+    DEFAULT_SKIP (the engine's path) and "follow ``skip``" otherwise (callers passing their own skip
+    list keep their behaviour).
     The head is the largest matrix of small models (SmolLM2-135M: 49152 x 576, 113 MB fp32, ~40% of
     an int4 decode step). Engine default: int8 (g = ``group_size``, exact fp32 activations), measured
     on SmolLM2-135M-Instruct int4 g64 (ppl on 10 pydoc topics / 4236 tokens): float head 17.225,
     int8 head 17.234 (+0.05%), w8a8 head 17.456 (+1.3%), int4 head 18.495 (+7.4%); float model
     12.821. Head time per decode step (1 thread, M=1): fp32 7.4 ms, int8 1.5 ms, int4 1.0 ms.
 
+    ``quantize_embedding`` (the ``nn.Embedding`` modules; ``skip`` does not apply to them):
+
+    - tied embedding (its weight *is* a quantized ``lm_head``'s weight): replaced by a
+      :class:`~llmopt.quant.embedding.QuantEmbedding` that shares the head's packed tensors (one
+      copy in memory and in checkpoints; the table is then the head's ``fmt`` / group size, and
+      ``embedding_fmt`` may only name that format). With the head left float the table stays float
+      (``quantize_embedding=True`` then raises ``ValueError``).
+    - untied embedding: only when ``quantize_embedding`` is True, as its own QuantEmbedding in
+      ``embedding_fmt``, default the quantized head's format (else ``lm_head_fmt`` or ``fmt``),
+      group ``group_size`` along the hidden dim. Off by default: unlike the tied case it saves no
+      copy, and a gather is cheap in float (only the file shrinks).
+    - None: :data:`QUANTIZE_EMBED` (env ``LLMOPT_QUANT_EMBED``, default on) for tied embeddings on
+      the engine's path (``quantize_lm_head`` None and DEFAULT_SKIP), off otherwise (callers that
+      choose the head themselves choose the embedding too).
+
     A layer whose ``in_features`` is not a multiple of the format's group size is left in float
     (logged), so odd shapes never break a model.
     """
+    from .embedding import QuantEmbedding
+
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; known: {sorted(FORMATS)}")
     if lm_head_fmt is not None and lm_head_fmt not in FORMATS:
         raise ValueError(f"unknown lm_head format {lm_head_fmt!r}; known: {sorted(FORMATS)}")
+    if embedding_fmt is not None and embedding_fmt not in FORMATS:
+        raise ValueError(f"unknown embedding format {embedding_fmt!r}; known: {sorted(FORMATS)}")
     default_skip = skip is DEFAULT_SKIP
     skip = tuple(skip or ())
+    engine_path = quantize_lm_head is None and default_skip
     if quantize_lm_head is None and default_skip:
         quantize_lm_head = QUANTIZE_LM_HEAD
         if lm_head_fmt is None:
             lm_head_fmt = LM_HEAD_FMT
+    ties = tied_embeddings(model)  # before the heads are swapped
+    embeds = {n: m for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
     targets = []
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear):
@@ -176,13 +227,43 @@ def quantize_model(model: nn.Module, fmt: str, group_size: int = 64, skip=DEFAUL
         if not any(s in name for s in skip):
             targets.append((name, fmt))
     for name, f in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        lin = getattr(parent, child)
+        lin = model.get_submodule(name)
         gs = effective_group_size(f, lin.in_features, group_size)
         if lin.in_features % gs:
             log.warning("quantize_model: keeping %s in float (in_features=%d not a multiple of %d)",
                         name, lin.in_features, gs)
             continue
-        setattr(parent, child, QuantLinear.from_linear(lin, f, group_size, scale_dtype=scale_dtype, search=search))
+        _set_module(model, name, QuantLinear.from_linear(lin, f, group_size, scale_dtype=scale_dtype, search=search))
+
+    explicit = quantize_embedding is not None
+    if quantize_embedding is None:
+        quantize_embedding = QUANTIZE_EMBED and engine_path
+    if not quantize_embedding:
+        return model
+    qheads = [m for n, m in model.named_modules() if n.rpartition(".")[2] == "lm_head" and isinstance(m, QuantLinear)]
+    for ename, emb in embeds.items():
+        dtype = emb.weight.dtype if emb.weight.is_floating_point() else torch.float32
+        hname = ties.get(ename)
+        if hname is not None:
+            head = model.get_submodule(hname)
+            if not isinstance(head, QuantLinear):
+                if explicit:
+                    raise ValueError(f"quantize_embedding: {ename} is tied to {hname}, which stays float: a tied "
+                                     "embedding is quantized by sharing the quantized head (quantize_lm_head=True)")
+                continue
+            if embedding_fmt is not None and embedding_fmt != head.fmt:
+                raise ValueError(f"quantize_embedding: {ename} is tied to {hname} ({head.fmt}) and shares its packed "
+                                 f"tensors: embedding_fmt={embedding_fmt!r} cannot differ from it")
+            _set_module(model, ename, QuantEmbedding.tied_to(head, dtype=dtype))
+            continue
+        if not explicit:
+            continue  # the default quantizes tied tables only
+        f = embedding_fmt or (qheads[0].fmt if len(qheads) == 1 else None) or lm_head_fmt or fmt
+        gs = effective_group_size(f, emb.embedding_dim, group_size)
+        if emb.embedding_dim % gs:
+            log.warning("quantize_model: keeping %s in float (embedding_dim=%d not a multiple of %d)",
+                        ename, emb.embedding_dim, gs)
+            continue
+        _set_module(model, ename, QuantEmbedding.from_embedding(emb, f, group_size, scale_dtype=scale_dtype,
+                                                                search=search))
     return model

@@ -221,7 +221,8 @@ def test_cli_json_and_reload(tiny_models, tmp_path):
     assert r["format"] == "int4" and r["method"] == "rtn"
     assert r["size_bytes"] == (out / WEIGHTS_FILE).stat().st_size
     assert r["compression_vs_bf16"] > 1 and r["compression_vs_bf16"] == pytest.approx(r["bf16_bytes"] / r["size_bytes"])
-    assert 4 < r["bits_per_weight"] < 6
+    # int4 g32 body (5 bpw) + the default int8 g32 lm_head (8.5 bpw), a quarter of this tiny model's weights
+    assert r["lm_head_format"] == "int8" and 5 < r["bits_per_weight"] < 8.5
     assert math.isfinite(r["ppl_before"]) and math.isfinite(r["ppl_after"]) and r["ppl_before"] > 1
     assert abs(math.log(r["ppl_after"] / r["ppl_before"])) < 0.5
     assert "compression vs BF16" in res.output
@@ -242,7 +243,9 @@ def test_cli_mixed(tiny_models, tmp_path):
     r = json.loads(js.read_text())
     qc = json.loads((out / QUANT_CONFIG).read_text())
     assert r["format"] == "mixed" and set(r["plan"].values()) <= {"int2", "int4", "int8"}
-    assert {k.removeprefix("model."): v["fmt"] for k, v in qc["modules"].items()} == r["plan"]
+    # the plan covers the decoder linears; lm_head is --lm-head (int8 by default), outside the plan
+    assert {k.removeprefix("model."): v["fmt"] for k, v in qc["modules"].items() if k != "lm_head"} == r["plan"]
+    assert qc["modules"]["lm_head"]["fmt"] == "int8"
     assert r["plan_bits_per_weight"] <= r["target_bits"] + 1e-9
     assert set(r["sensitivity"]) == set(r["plan"])
     assert r["compression_vs_bf16"] > 1 and math.isfinite(r["ppl_after"])
@@ -287,7 +290,8 @@ def test_cli_calibrated_methods(tiny_models, tmp_path, method, bits):
     if bits:
         assert set(r["plan"].values()) <= {"int2", "int4"} and qc["format"] in ("mixed", "int2", "int4")
     else:
-        assert qc["format"] == "int4" and len(qc["modules"]) == 8  # 2 layers x 4 linears
+        assert qc["format"] == "int4" and len(qc["modules"]) == 9  # 2 layers x 4 linears + the int8 lm_head
+        assert qc["lm_head_format"] == "int8"
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])  # tied / untied embeddings
