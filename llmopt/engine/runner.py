@@ -72,7 +72,8 @@ class ModelRunner:
         hidden = None
         if self.fused is not None and not prefills:
             hidden = self.fused.run(input_ids, positions, ctx)
-        if hidden is None:
+        fused = hidden is not None
+        if not fused:
             hidden = self.model(input_ids, positions, ctx)
         # sample where the chunk reaches the end of the sequence's known tokens
         rows, sample_seqs, end = [], [], 0
@@ -83,7 +84,9 @@ class ModelRunner:
                 sample_seqs.append(seq)
         if not rows:
             return [], None
-        return sample_seqs, self.model.compute_logits(hidden[torch.tensor(rows)])
+        hidden = hidden[torch.tensor(rows)]
+        logits = self.fused.logits(hidden) if fused else None
+        return sample_seqs, self.model.compute_logits(hidden) if logits is None else logits
 
     @torch.inference_mode()
     def score(self, token_ids: list[int]) -> torch.Tensor:

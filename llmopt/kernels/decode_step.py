@@ -69,9 +69,10 @@ class FusedDecoder:
     step (``ctx.num_decode == M``, no prefills), or ``None`` when this step must take the op-by-op path
     (more rows than the int8-activation limit, or int4 activations switched to exact)."""
 
-    def __init__(self, model, step):
+    def __init__(self, model, step, head=None):
         self.model = model
         self.step = step
+        self.head = head
         self._cache_ptr = model.layers[0].self_attn.k_cache.data_ptr()
 
     @classmethod
@@ -112,7 +113,21 @@ class FusedDecoder:
                               float(cfg.rms_norm_eps), float(model.layers[0].self_attn.scale), tensors, ints,
                               model.norm.weight.detach(), model.rope_table(torch.float32),
                               os.environ.get("LLMOPT_DECODE_TILES", "1") != "0" if tiles is None else bool(tiles))
-        return cls(model, step)
+        return cls(model, step, cls._head(ext, model))
+
+    @staticmethod
+    def _head(ext, model):
+        """The lm_head as an int8 x int8-activation linear (``I8Linear``) when it is an int8 QuantLinear
+        with fp16 group scales, else None (the head then runs as the model's own module)."""
+        from ..quant.linear import QuantLinear
+
+        head = model.lm_head
+        if not isinstance(head, QuantLinear) or head.fmt != "int8" or head.scales.dtype != torch.float16:
+            return None
+        gs = head.group_size
+        if gs not in (32, 64, 128, 256) or head.in_features % gs or head.out_features % 4:
+            return None
+        return ext.I8Linear(head.qweight, head.scales, head.in_features, gs, head.bias)
 
     def usable(self, num_rows: int) -> bool:
         return (qlinear.INT4_ACT == "int8" and num_rows <= qlinear.INT4_A8_MAX_M
@@ -127,3 +142,9 @@ class FusedDecoder:
             return None
         return self.step.run(x.contiguous(), positions, ctx.slot_mapping, ctx.decode_block_tables,
                              ctx.decode_context_lens)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits of decode rows through the int8-activation head, or None (use ``compute_logits``)."""
+        if self.head is None or not self.usable(hidden.shape[0]) or hidden.dtype != torch.float32:
+            return None
+        return self.head(hidden.contiguous())

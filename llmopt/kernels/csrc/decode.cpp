@@ -39,7 +39,10 @@ namespace {
 namespace F = llmopt_f;
 namespace Q = llmopt_q;
 
-constexpr int64_t kColsPerTask = 32;  // output columns per atomic work item of a GEMV
+constexpr int64_t kColsPerTask = 32;  // output columns of a GEMV work item: a multiple of this
+// Work items per thread and GEMV: few and contiguous (see gemv in run). SmolLM2-135M int4 decode
+// step, 2 threads, M=1: 32-column items 5.2 ms, 2 items per thread 2.3 ms (1 thread: 4.2 ms).
+constexpr int64_t kChunksPerThread = 2;
 // Rows from which the 4-column tiles (w4a8_cols4) beat the standalone column kernel (w4a8_cols):
 // SmolLM2-135M int4 decode step, 1 thread: M=1 8.3 vs 6.9 ms, M=2 11.4 vs 9.1, M=4 16.5 vs 19.9,
 // M=16 40.2 vs 48.4 ms.
@@ -275,11 +278,15 @@ class DecodeStep {
           Q::permute_row_to_lanes(xq_.data() + r * A.Kp, A.Kp);
         }
 #pragma omp barrier
-        const int64_t nchunks = (lin.N + kColsPerTask - 1) / kColsPerTask;
+        // a few large contiguous chunks: each thread streams long runs of weight rows (small
+        // interleaved chunks defeat the hardware prefetcher: 2 threads were slower than 1 at M=1)
+        const int64_t per = (lin.N + nth * kChunksPerThread - 1) / (nth * kChunksPerThread);
+        const int64_t csz = std::max<int64_t>(kColsPerTask, (per + kColsPerTask - 1) / kColsPerTask * kColsPerTask);
+        const int64_t nchunks = (lin.N + csz - 1) / csz;
         for (;;) {
           const int64_t k = c.fetch_add(1, std::memory_order_relaxed);
           if (k >= nchunks) break;
-          lin.cols(A, dst, lin.N, k * kColsPerTask, std::min(lin.N, (k + 1) * kColsPerTask), ts.w);
+          lin.cols(A, dst, lin.N, k * csz, std::min(lin.N, (k + 1) * csz), ts.w);
         }
 #pragma omp barrier
       };
@@ -423,6 +430,78 @@ class DecodeStep {
   std::vector<ThreadScratch> scratch_;
 };
 
+// int8 grouped weights (format "int8", fp16 scales) x per-group int8 activations, 4-column tiles:
+// the decode-time lm_head (qlinear.INT4_ACT == "int8" decodes with int8 activations throughout).
+class I8Linear {
+ public:
+  I8Linear(at::Tensor qweight, at::Tensor scales, int64_t in_features, int64_t group_size, c10::optional<at::Tensor> bias)
+      : qw_(std::move(qweight)), K_(in_features), gs_(group_size) {
+    TORCH_CHECK(gs_ == 32 || gs_ == 64 || gs_ == 128 || gs_ == 256, "I8Linear: group size must be 32/64/128/256");
+    TORCH_CHECK(K_ % gs_ == 0, "I8Linear: in_features must be a multiple of the group size");
+    TORCH_CHECK(qw_.device().is_cpu() && qw_.scalar_type() == at::kChar && qw_.is_contiguous() && qw_.dim() == 2 &&
+                    qw_.size(1) >= K_,
+                "I8Linear: qweight must be contiguous int8 [N, >= K]");
+    N_ = qw_.size(0);
+    TORCH_CHECK(N_ % 4 == 0, "I8Linear: out_features must be a multiple of 4");
+    TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.numel() == N_ * (K_ / gs_),
+                "I8Linear: scales must be contiguous float16 [N, K / group]");
+    sc4_ = at::empty({scales.numel()}, scales.options());
+    Q::interleave4_f16((const uint16_t*)scales.data_ptr(), N_, K_ / gs_, (uint16_t*)sc4_.data_ptr());
+    if (bias.has_value() && bias->defined()) {
+      bias_ = bias->contiguous();
+      check_vec(bias_, N_, "bias");
+    }
+  }
+
+  at::Tensor forward(const at::Tensor& x) {
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(1) == K_,
+                "I8Linear: x must be contiguous float32 [M, ", K_, "]");
+    const int64_t M = x.size(0);
+    auto y = at::empty({M, N_}, x.options());
+    if (M == 0) return y;
+    Q::W4A8Act A = Q::w4a8_act_shape(M, K_, gs_);
+    xq_.resize(M * A.Kp);
+    sx_.resize(M * A.Gp);
+    xsum_.resize(M * A.G);
+    A.xq = xq_.data();
+    A.sx = sx_.data();
+    A.xsum = xsum_.data();
+    const float* xp = x.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    const int nt = std::max(1, at::get_num_threads());
+    const int64_t Kp = qw_.size(1);
+    const int8_t* W = qw_.data_ptr<int8_t>();
+    const uint16_t* sc4 = (const uint16_t*)sc4_.data_ptr();
+    const float* bp = fptr(bias_);
+    std::atomic<int64_t> next{0};
+#pragma omp parallel num_threads(nt)
+    {
+      const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+      for (int64_t r = tid; r < M; r += nth)
+        Q::quant_row_group_i8(xp + r * K_, K_, A.Kp, gs_, xq_.data() + r * A.Kp, sx_.data() + r * A.Gp,
+                              xsum_.data() + r * A.G, A.Gp);
+#pragma omp barrier
+      const int64_t per = (N_ + nth * kChunksPerThread - 1) / (nth * kChunksPerThread);
+      const int64_t csz = std::max<int64_t>(kColsPerTask, (per + kColsPerTask - 1) / kColsPerTask * kColsPerTask);
+      const int64_t nchunks = (N_ + csz - 1) / csz;
+      for (;;) {
+        const int64_t k = next.fetch_add(1, std::memory_order_relaxed);
+        if (k >= nchunks) break;
+        Q::with_group(gs_, [&](auto g) {
+          Q::i8_cols4<decltype(g)::value>(A, W, Kp, sc4, bp, yp, N_, k * csz, std::min(N_, (k + 1) * csz));
+        });
+      }
+    }
+    return y;
+  }
+
+ private:
+  at::Tensor qw_, sc4_, bias_;
+  int64_t K_, gs_, N_ = 0;
+  std::vector<int8_t> xq_;
+  std::vector<float> sx_, xsum_;
+};
+
 // One int4 linear through the decode step's GEMV kernels (tests: tiles against the reference).
 at::Tensor linear_a8(const at::Tensor& x, at::Tensor qweight, at::Tensor scales, at::Tensor mins, int64_t gs,
                      c10::optional<at::Tensor> bias, bool tiles) {
@@ -459,6 +538,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("run", &DecodeStep::run, py::arg("x"), py::arg("positions"), py::arg("slots"), py::arg("block_tables"),
            py::arg("context_lens"), py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("num_layers", &DecodeStep::num_layers);
+  py::class_<I8Linear>(m, "I8Linear")
+      .def(py::init<at::Tensor, at::Tensor, int64_t, int64_t, c10::optional<at::Tensor>>(), py::arg("qweight"),
+           py::arg("scales"), py::arg("in_features"), py::arg("group_size"), py::arg("bias") = py::none())
+      .def("__call__", &I8Linear::forward, py::arg("x"), py::call_guard<py::gil_scoped_release>());
   m.def("linear_a8", &linear_a8, "one int4 (lane layout) linear with int8 activations through the step's kernels",
         py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("mins"), py::arg("group_size"),
         py::arg("bias") = py::none(), py::arg("tiles") = true);

@@ -383,4 +383,64 @@ void w4a8_cols4(const W4A8Act& A, const uint8_t* W, const uint16_t* sc4, const u
   }
 }
 
+// ---- int8 grouped (symmetric) weights x per-group int8 activations ----------------------------
+// The decode-time lm_head: weights int8 [N, Kp] natural order (formats "int8", q in [-127, 127],
+// rows padded to Kp = roundup(K, 32)), fp16 scale per group of GS; activations quantized per group
+// of GS (quant_row_group_i8, no lane permutation). |w| (u8) * sign(x, w) (s8) pair sums are
+// <= 2 * 127 * 127 < 2^15: each maddubs is widened to int32 at once.
+//   y[m, n] = sum_g scale[n, g] * sx[m, g] * sum_{k in g} q[n, k] xq[m, k] + bias[n]
+template <int GS, int R>
+LLMOPT_INLINE void gemv4_i8(const int8_t* __restrict W, int64_t Kp, const uint16_t* __restrict sc4, int64_t G,
+                            const int8_t* __restrict xq, int64_t xKp, const float* __restrict sx, int64_t Gp,
+                            __m128* out) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m128 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i s[R][4];
+    for (int c = 0; c < 4; ++c) {
+      for (int r = 0; r < R; ++r) s[r][c] = _mm256_setzero_si256();
+      for (int i = 0; i < GS / 32; ++i) {
+        const __m256i wv = _mm256_loadu_si256((const __m256i*)(W + c * Kp + g * GS + i * 32));
+        const __m256i aw = _mm256_abs_epi8(wv);
+        for (int r = 0; r < R; ++r) {
+          const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + r * xKp + g * GS + i * 32));
+          const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv)), ones);
+          s[r][c] = _mm256_add_epi32(s[r][c], p);
+        }
+      }
+    }
+    const __m128 sc = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(sc4 + g * 4)));
+    for (int r = 0; r < R; ++r) {
+      const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(s[r][0], s[r][1]), _mm256_hadd_epi32(s[r][2], s[r][3]));
+      const __m128i t = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+      acc[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(t), _mm_mul_ps(sc, _mm_set1_ps(sx[r * Gp + g])), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = acc[r];
+}
+
+// Columns [n0, n1) (multiples of 4) of Y [A.M, N]; A from quant_row_group_i8 with group GS (rows
+// A.Kp apart, which must cover the weight rows' Kp).
+template <int GS>
+void i8_cols4(const W4A8Act& A, const int8_t* W, int64_t Kp, const uint16_t* sc4, const float* bp, float* Y,
+              int64_t ldy, int64_t n0, int64_t n1) {
+  const int64_t G = A.G;
+  for (int64_t n = n0; n < n1; n += 4) {
+    const __m128 b = bp ? _mm_loadu_ps(bp + n) : _mm_setzero_ps();
+    const int8_t* w = W + n * Kp;
+    __m128 r[2];
+    int64_t m = 0;
+    for (; m + 2 <= A.M; m += 2) {
+      gemv4_i8<GS, 2>(w, Kp, sc4 + n * G, G, A.xq + m * A.Kp, A.Kp, A.sx + m * A.Gp, A.Gp, r);
+      _mm_storeu_ps(Y + m * ldy + n, _mm_add_ps(r[0], b));
+      _mm_storeu_ps(Y + (m + 1) * ldy + n, _mm_add_ps(r[1], b));
+    }
+    if (m < A.M) {
+      gemv4_i8<GS, 1>(w, Kp, sc4 + n * G, G, A.xq + m * A.Kp, A.Kp, A.sx + m * A.Gp, A.Gp, r);
+      _mm_storeu_ps(Y + m * ldy + n, _mm_add_ps(r[0], b));
+    }
+  }
+}
+
 }  // namespace llmopt_q
