@@ -29,6 +29,7 @@
 
 #include <atomic>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "fused_kernels.h"
@@ -189,6 +190,7 @@ class DecodeStep {
     TORCH_CHECK(idx_ok(context_lens, at::kInt, 1), "context_lens must be a contiguous int32 [M] tensor");
     auto out = at::empty({M, H_}, x.options());
     if (M == 0) return out;
+    std::lock_guard<std::mutex> guard(mu_);  // the step's buffers are shared: one call at a time
     const int64_t NB = layers_[0].kc.size(0), BS = layers_[0].kc.size(1), MB = block_tables.size(1);
     const int64_t* pos = positions.data_ptr<int64_t>();
     const int64_t* slot = slots.data_ptr<int64_t>();
@@ -428,6 +430,7 @@ class DecodeStep {
   std::vector<float> resid_, h_, qkv_, att_, gu_, act_, y_, sx_, xsum_, part_m_, part_l_, part_acc_;
   std::vector<int8_t> xq_;
   std::vector<ThreadScratch> scratch_;
+  std::mutex mu_;
 };
 
 // int8 grouped weights (format "int8", fp16 scales) x per-group int8 activations, 4-column tiles:
@@ -459,6 +462,7 @@ class I8Linear {
     const int64_t M = x.size(0);
     auto y = at::empty({M, N_}, x.options());
     if (M == 0) return y;
+    std::lock_guard<std::mutex> guard(mu_);  // shared activation buffers: one call at a time
     Q::W4A8Act A = Q::w4a8_act_shape(M, K_, gs_);
     xq_.resize(M * A.Kp);
     sx_.resize(M * A.Gp);
@@ -500,6 +504,7 @@ class I8Linear {
   int64_t K_, gs_, N_ = 0;
   std::vector<int8_t> xq_;
   std::vector<float> sx_, xsum_;
+  std::mutex mu_;
 };
 
 // One int4 linear through the decode step's GEMV kernels (tests: tiles against the reference).
