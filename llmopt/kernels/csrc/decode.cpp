@@ -394,32 +394,13 @@ class DecodeStep {
   static constexpr size_t kTensorsPerLayer = 20;
   static constexpr size_t kIntsPerLayer = 5;
 
-  // flash-decoding merge of the token splits: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s
+  // flash-decoding merge of the token splits (pairs split across the threads)
   void merge_splits(int64_t M, int64_t S, int64_t G, float* att, int tid, int nth) {
-    const float neg_inf = -std::numeric_limits<float>::infinity();
     for (int64_t bh = tid; bh < M * Hk_; bh += nth) {
       const int64_t b = bh / Hk_, kvh = bh % Hk_;
-      for (int64_t g = 0; g < G; ++g) {
-        float* dst = att + b * Hq_ * D_ + (kvh * G + g) * D_;
-        std::fill(dst, dst + D_, 0.0f);
-        float mx = neg_inf;
-        for (int64_t s = 0; s < S; ++s) mx = std::max(mx, part_m_[(bh * S + s) * G + g]);
-        if (mx == neg_inf) continue;
-        float denom = 0.0f;
-        for (int64_t s = 0; s < S; ++s) {
-          const int64_t idx = (bh * S + s) * G + g;
-          if (part_m_[idx] == neg_inf) continue;
-          const float w = std::exp(part_m_[idx] - mx);
-          denom += w * part_l_[idx];
-          const float* a = part_acc_.data() + idx * D_;
-          const __m256 vw = _mm256_set1_ps(w);
-          int64_t d = 0;
-          for (; d + 8 <= D_; d += 8)
-            _mm256_storeu_ps(dst + d, _mm256_fmadd_ps(vw, _mm256_loadu_ps(a + d), _mm256_loadu_ps(dst + d)));
-          for (; d < D_; ++d) dst[d] += w * a[d];
-        }
-        F::scale_inplace(dst, D_, 1.0f / denom);
-      }
+      for (int64_t g = 0; g < G; ++g)
+        F::merge_splits(part_m_.data(), part_l_.data(), part_acc_.data(), S, G, D_, bh, g,
+                        att + b * Hq_ * D_ + (kvh * G + g) * D_);
     }
   }
 

@@ -253,7 +253,6 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
   const int64_t ks0 = k_cache.stride(0), ks1 = k_cache.stride(1), ks2 = k_cache.stride(2);
   const int64_t vs0 = v_cache.stride(0), vs1 = v_cache.stride(1), vs2 = v_cache.stride(2);
   const float fscale = static_cast<float>(scale);
-  const float neg_inf = -std::numeric_limits<float>::infinity();
 
 #pragma omp parallel num_threads(nt) if (items > 1)
   {
@@ -299,26 +298,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
 #pragma omp parallel for num_threads(nt) if (B * Hk * G * D >= kParallelMinElems) schedule(static)
     for (int64_t bh = 0; bh < B * Hk; ++bh) {
       const int64_t b = bh / Hk, kvh = bh % Hk;
-      for (int64_t g = 0; g < G; ++g) {
-        float M = neg_inf;
-        for (int64_t s = 0; s < S; ++s) M = std::max(M, part_m[(bh * S + s) * G + g]);
-        if (M == neg_inf) continue;  // empty context
-        float* dst = op + (b * Hq + kvh * G + g) * D;
-        float denom = 0.0f;
-        for (int64_t s = 0; s < S; ++s) {
-          const int64_t idx = (bh * S + s) * G + g;
-          if (part_m[idx] == neg_inf) continue;
-          const float w = std::exp(part_m[idx] - M);
-          denom += w * part_l[idx];
-          const float* a = part_acc.data() + idx * D;
-          const __m256 vw = _mm256_set1_ps(w);
-          int64_t d = 0;
-          for (; d + 8 <= D; d += 8)
-            _mm256_storeu_ps(dst + d, _mm256_fmadd_ps(vw, _mm256_loadu_ps(a + d), _mm256_loadu_ps(dst + d)));
-          for (; d < D; ++d) dst[d] += w * a[d];
-        }
-        scale_inplace(dst, D, 1.0f / denom);
-      }
+      for (int64_t g = 0; g < G; ++g)
+        merge_splits(part_m.data(), part_l.data(), part_acc.data(), S, G, D, bh, g, op + (b * Hq + kvh * G + g) * D);
     }
   }
   return out;

@@ -330,4 +330,30 @@ inline void attend_range(const float* qs, int64_t G, int64_t D, const PagedKV& k
   }
 }
 
+// Flash-decoding merge of S token splits for one (sequence, kv head) pair bh and query head g:
+// dst[0:D] = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s over the splits' partial (m, l, acc)
+// (pm / pl [pairs * S, G], pacc [pairs * S, G, D]); zeros for an empty context.
+inline void merge_splits(const float* pm, const float* pl, const float* pacc, int64_t S, int64_t G, int64_t D,
+                         int64_t bh, int64_t g, float* dst) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  std::fill(dst, dst + D, 0.0f);
+  float M = neg_inf;
+  for (int64_t s = 0; s < S; ++s) M = std::max(M, pm[(bh * S + s) * G + g]);
+  if (M == neg_inf) return;  // empty context
+  float denom = 0.0f;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t idx = (bh * S + s) * G + g;
+    if (pm[idx] == neg_inf) continue;
+    const float w = std::exp(pm[idx] - M);
+    denom += w * pl[idx];
+    const float* a = pacc + idx * D;
+    const __m256 vw = _mm256_set1_ps(w);
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8)
+      _mm256_storeu_ps(dst + d, _mm256_fmadd_ps(vw, _mm256_loadu_ps(a + d), _mm256_loadu_ps(dst + d)));
+    for (; d < D; ++d) dst[d] += w * a[d];
+  }
+  scale_inplace(dst, D, 1.0f / denom);
+}
+
 }  // namespace llmopt_f

@@ -312,6 +312,12 @@ inline void interleave4_f16(const uint16_t* src, int64_t N, int64_t G, uint16_t*
       for (int c = 0; c < 4; ++c) dst[(n4 * G + g) * 4 + c] = src[(n4 * 4 + c) * G + g];
 }
 
+// {sum of v[0], sum of v[1], sum of v[2], sum of v[3]} (all 8 int32 lanes of each)
+LLMOPT_INLINE __m128i hsum4_i32(const __m256i* v) {
+  const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+  return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
 // 4 output columns x R activation rows (R = 1, 2) for the int4 lane layout (group GS, a multiple
 // of 64): each 32-byte weight block is decoded once for the R rows; the integer group sums of the 4
 // columns are reduced horizontally to one int32x4 per row (exact), then one float FMA per group and
@@ -349,8 +355,7 @@ LLMOPT_INLINE void gemv4_w4a8(const uint8_t* __restrict W, int64_t rowbytes, con
     const __m128 sc = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(sc4 + g * 4)));
     const __m128 mn = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(mn4 + g * 4)));
     for (int r = 0; r < R; ++r) {
-      const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(s[r][0], s[r][1]), _mm256_hadd_epi32(s[r][2], s[r][3]));
-      const __m128i t = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+      const __m128i t = hsum4_i32(s[r]);
       acc[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(t), _mm_mul_ps(sc, _mm_set1_ps(sx[r * Gp + g])), acc[r]);
       accm[r] = _mm_fmadd_ps(mn, _mm_set1_ps(xsum[r * G + g]), accm[r]);
     }
@@ -412,8 +417,7 @@ LLMOPT_INLINE void gemv4_i8(const int8_t* __restrict W, int64_t Kp, const uint16
     }
     const __m128 sc = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(sc4 + g * 4)));
     for (int r = 0; r < R; ++r) {
-      const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(s[r][0], s[r][1]), _mm256_hadd_epi32(s[r][2], s[r][3]));
-      const __m128i t = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+      const __m128i t = hsum4_i32(s[r]);
       acc[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(t), _mm_mul_ps(sc, _mm_set1_ps(sx[r * Gp + g])), acc[r]);
     }
   }
