@@ -132,7 +132,7 @@ def supports_native(qw: QuantizedWeight) -> bool:
 
 def _a8_capable(qw: QuantizedWeight) -> bool:
     """int4 weights the w4a8 integer kernel can read in place (whole-block groups)."""
-    return qw.fmt == "int4" and qw.group_size % 64 == 0 and qw.group_size <= 256
+    return qw.fmt == "int4" and qw.group_size in (64, 128, 256)  # the w4a8 kernel's group sizes
 
 
 def _int4_uses_a8(qw: QuantizedWeight, m: int, act: str | None) -> bool:

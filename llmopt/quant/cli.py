@@ -100,14 +100,20 @@ def quantize_command(
     model: Annotated[str, typer.Argument(help="registry name, Hugging Face directory or .gguf file")],
     output: Annotated[Path, typer.Option("--output", "-o", help="checkpoint directory to write (LLM(DIR) loads it)")],
     fmt: Annotated[str, typer.Option("--format", "-f", help="int4, int3, int2, int8, fp8, fp4, w8a8, w4a8 (ignored with --bits)")] = "int4",
-    group_size: Annotated[int, typer.Option("--group-size", "-g", help="weights per scale group along in_features (grouped formats)")] = 64,
+    group_size: Annotated[Optional[int], typer.Option("--group-size", "-g", help="weights per scale group along in_features (grouped formats; "
+                                                                   "default 64; with --bits and no -g: chosen per linear among the native sizes)")] = None,
     method: Annotated[str, typer.Option(help="rtn (round to nearest), gptq or awq (calibrated; int2/3/4/8, w4a8)")] = "rtn",
     bits: Annotated[Optional[str], typer.Option(help="mixed precision per layer: an average like 3.5 (real bits per weight incl. "
-                                                     "scales, over int2/int3/int4/int8) or a menu like 2,4,8 (target = mean of the menu)")] = None,
+                                                     "scales, over int2/int3/int4/int8) or a menu like 2,4,8 or int4:g32,int3:g64 "
+                                                     "(target = mean of the menu)")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write the measurements (and the mixed plan) to this JSON file")] = None,
     calib_seqs: Annotated[int, typer.Option(help="gptq/awq calibration sequences", min=1)] = 32,
     seq_len: Annotated[int, typer.Option(help="gptq/awq calibration sequence length in tokens", min=16)] = 512,
-    sens_seqs: Annotated[int, typer.Option(help="mixed: calibration sequences of the per-layer sensitivity", min=1)] = 4,
+    sensitivity_est: Annotated[str, typer.Option("--sensitivity", help="mixed: fisher (Fisher estimate + re-measurement, fast) or kl "
+                                                                     "(measured KL of each linear alone, slow)")] = "fisher",
+    refine: Annotated[int, typer.Option(help="mixed (fisher): re-measurement rounds of the plan", min=0)] = 1,
+    sens_seqs: Annotated[Optional[int], typer.Option(help="mixed: calibration sequences of the per-layer sensitivity "
+                                                          "(default 16 for fisher, 4 for kl)", min=1)] = None,
     sens_len: Annotated[int, typer.Option(help="mixed: their length in tokens", min=16)] = 128,
     ppl_texts: Annotated[int, typer.Option(help="held-out texts scored for perplexity (0 = skip perplexity)", min=0)] = 8,
     ppl_tokens: Annotated[int, typer.Option(help="tokens scored per held-out text", min=16)] = 256,
@@ -142,6 +148,12 @@ def quantize_command(
     if not mixed and method != "rtn" and fmt not in CALIB_METHOD_FORMATS:
         raise ValueError(f"--method {method} supports {', '.join(CALIB_METHOD_FORMATS)}, not {fmt}: use --method rtn")
     candidates = menu or DEFAULT_CANDIDATES
+    if sensitivity_est not in ("fisher", "kl"):
+        raise ValueError(f"--sensitivity {sensitivity_est!r}: use fisher or kl")
+    per_module_gs = mixed and group_size is None  # --bits without -g: group size chosen per linear
+    group_size = 64 if group_size is None else group_size
+    if sens_seqs is None:
+        sens_seqs = 16 if sensitivity_est == "fisher" else 4
     if group_size <= 0 or group_size % 8:
         raise ValueError(f"--group-size {group_size}: must be a positive multiple of 8 (e.g. 32, 64, 128)")
     lm_head = lm_head.strip().lower()
@@ -169,7 +181,7 @@ def quantize_command(
     from . import calib as calib_mod
     from .checkpoint import WEIGHTS_FILE, load_quantized, round_float_weights_, save_quantized
     from .linear import QUANTIZE_EMBED, quantize_model
-    from .mixed import allocate_bits, bits_range, layer_sensitivity, linear_sizes, menu_target, quantize_mixed, quantizable_linears
+    from .mixed import bits_range, linear_sizes, plan_mixed, quantize_mixed, quantizable_linears
 
     times: dict[str, float] = {}
     result: dict[str, Any] = {}
@@ -186,7 +198,7 @@ def quantize_command(
         if not targets:
             raise ValueError(f"--skip {skip!r} leaves no linear layer to quantize")
         # group size must divide every target's in_features for the formats that use it
-        for f in (candidates if mixed else (fmt,)):
+        for f in (() if per_module_gs else candidates if mixed else (fmt,)):
             bad = []
             for n, m in targets.items():
                 try:
@@ -231,22 +243,20 @@ def quantize_command(
         stats: Any = None
         if mixed:
             sizes = linear_sizes(net, skips)
-            lo, _ = bits_range(sizes, candidates, group_size)
+            mgs = None if per_module_gs else group_size
+            lo, _ = bits_range(sizes, candidates, mgs)
             if target is not None and target < lo:
                 raise ValueError(f"--bits {bits}: the lowest average this model reaches with "
-                                 f"{', '.join(candidates)} at group size {group_size} is {lo:.3f} bits per weight "
-                                 "(scales included): raise --bits")
+                                 f"{', '.join(candidates)} at group size {mgs or 'per linear'} is {lo:.3f} bits per "
+                                 "weight (scales included): raise --bits")
             sens_calib = calib_mod.calibration_batches(tok, n_seqs=sens_seqs, seq_len=sens_len, seed=seed)
             ts = time.perf_counter()
-            sensitivity = layer_sensitivity(net, sens_calib, candidates=candidates, group_size=group_size,
-                                            progress=bars.cb("sensitivity (KL per linear x format)"), skip=skips)
+            mp = plan_mixed(net, sens_calib, target_bits=target, menu=candidates, group_size=mgs,
+                            estimator=sensitivity_est, refine=refine if sensitivity_est == "fisher" else 0,
+                            seed=seed, skip=skips,
+                            progress=bars.cb(f"sensitivity ({sensitivity_est}) + allocation"))
             times["sensitivity"] = time.perf_counter() - ts
-            if target is None:
-                target_used = menu_target({n: sizes[n] for n in sensitivity}, menu, group_size)
-            else:
-                target_used = target
-            plan, achieved = allocate_bits(sensitivity, sizes, target_bits=target_used, menu=menu,
-                                           group_size=group_size)
+            sensitivity, plan, achieved, target_used = mp["sensitivity"], mp["plan"], mp["bits"], mp["target_bits"]
             stats = quantize_mixed(net, plan, group_size, method=method, calib=calib,
                                    progress=bars.cb(f"quantize mixed ({method})"))
             stats = stats.get("stats")
@@ -277,11 +287,12 @@ def quantize_command(
 
         done = bars.step(f"write {output}")
         t = time.perf_counter()
-        info = {"method": method, "format": "mixed" if mixed else fmt, "group_size": group_size,
+        info = {"method": method, "format": "mixed" if mixed else fmt, "group_size": None if per_module_gs else group_size,
                 "source": str(src), "skip": list(skips), "lm_head": lm_head, "embedding": embedding,
                 "calibration": ({"seqs": calib_seqs, "seq_len": seq_len, "seed": seed} if calib else None)}
         if mixed:
             info.update({"target_bits": target, "menu": list(menu) if menu else None,
+                         "sensitivity": sensitivity_est, "refine": refine,
                          "sensitivity_calibration": {"seqs": sens_seqs, "seq_len": sens_len, "seed": seed}})
         qc = save_quantized(net, tok, cfg, output, info, float_dtype=fdtype)
         times["save"] = time.perf_counter() - t
@@ -309,7 +320,7 @@ def quantize_command(
         "output": str(output),
         "format": "mixed" if mixed else fmt,
         "method": method,
-        "group_size": group_size,
+        "group_size": "per linear" if per_module_gs else group_size,
         "bits_per_weight": qc["avg_bits_per_weight"],
         "bits_per_weight_all_params": qc["avg_bits_all_params"],
         "size_bytes": size_bytes,
@@ -342,6 +353,9 @@ def quantize_command(
             "plan_bits_per_weight": achieved,
             "plan_counts": dict(sorted(Counter(plan.values()).items())),
             "plan": plan,
+            "sensitivity_estimator": sensitivity_est,
+            "calib_kl": mp["calib_kl"],
+            "refine_rounds": mp["rounds"],
             "sensitivity": sensitivity,
         })
     if stats is not None:
