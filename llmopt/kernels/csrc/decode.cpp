@@ -44,6 +44,30 @@ constexpr int64_t kColsPerTask = 32;  // output columns of a GEMV work item: a m
 // Work items per thread and GEMV: few and contiguous (see gemv in run). SmolLM2-135M int4 decode
 // step, 2 threads, M=1: 32-column items 5.2 ms, 2 items per thread 2.3 ms (1 thread: 4.2 ms).
 constexpr int64_t kChunksPerThread = 2;
+
+// Rows r0, r0 + step, ... of x [M, K] quantized into the activation buffers of A (xq / sx / xsum,
+// laid out as w4a8_act_shape gives), lane-permuted for the int4 lane layout.
+void quant_rows(const float* x, int64_t K, int64_t gs, const Q::W4A8Act& A, int8_t* xq, float* sx, float* xsum,
+                bool lanes, int64_t r0, int64_t step) {
+  for (int64_t r = r0; r < A.M; r += step) {
+    Q::quant_row_group_i8(x + r * K, K, A.Kp, gs, xq + r * A.Kp, sx + r * A.Gp, xsum + r * A.G, A.Gp);
+    if (lanes) Q::permute_row_to_lanes(xq + r * A.Kp, A.Kp);
+  }
+}
+
+// Columns [0, N) as a few long contiguous runs per thread (kChunksPerThread, multiples of
+// kColsPerTask) taken from counter c: f(n0, n1) for each run this thread gets.
+template <class Fn>
+void for_column_runs(int64_t N, int nth, std::atomic<int64_t>& c, const Fn& f) {
+  const int64_t per = (N + nth * kChunksPerThread - 1) / (nth * kChunksPerThread);
+  const int64_t csz = std::max<int64_t>(kColsPerTask, (per + kColsPerTask - 1) / kColsPerTask * kColsPerTask);
+  const int64_t nchunks = (N + csz - 1) / csz;
+  for (;;) {
+    const int64_t k = c.fetch_add(1, std::memory_order_relaxed);
+    if (k >= nchunks) break;
+    f(k * csz, std::min(N, (k + 1) * csz));
+  }
+}
 // Rows from which the 4-column tiles (w4a8_cols4) beat the standalone column kernel (w4a8_cols):
 // SmolLM2-135M int4 decode step, 1 thread: M=1 8.3 vs 6.9 ms, M=2 11.4 vs 9.1, M=4 16.5 vs 19.9,
 // M=16 40.2 vs 48.4 ms.
@@ -274,22 +298,11 @@ class DecodeStep {
         A.xq = xq_.data();
         A.sx = sx_.data();
         A.xsum = xsum_.data();
-        for (int64_t r = tid; r < M; r += nth) {
-          Q::quant_row_group_i8(src + r * lin.K, lin.K, A.Kp, lin.gs, xq_.data() + r * A.Kp, sx_.data() + r * A.Gp,
-                                xsum_.data() + r * A.G, A.Gp);
-          Q::permute_row_to_lanes(xq_.data() + r * A.Kp, A.Kp);
-        }
+        quant_rows(src, lin.K, lin.gs, A, xq_.data(), sx_.data(), xsum_.data(), true, tid, nth);
 #pragma omp barrier
         // a few large contiguous chunks: each thread streams long runs of weight rows (small
         // interleaved chunks defeat the hardware prefetcher: 2 threads were slower than 1 at M=1)
-        const int64_t per = (lin.N + nth * kChunksPerThread - 1) / (nth * kChunksPerThread);
-        const int64_t csz = std::max<int64_t>(kColsPerTask, (per + kColsPerTask - 1) / kColsPerTask * kColsPerTask);
-        const int64_t nchunks = (lin.N + csz - 1) / csz;
-        for (;;) {
-          const int64_t k = c.fetch_add(1, std::memory_order_relaxed);
-          if (k >= nchunks) break;
-          lin.cols(A, dst, lin.N, k * csz, std::min(lin.N, (k + 1) * csz), ts.w);
-        }
+        for_column_runs(lin.N, nth, c, [&](int64_t n0, int64_t n1) { lin.cols(A, dst, lin.N, n0, n1, ts.w); });
 #pragma omp barrier
       };
 
@@ -462,20 +475,11 @@ class I8Linear {
 #pragma omp parallel num_threads(nt)
     {
       const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-      for (int64_t r = tid; r < M; r += nth)
-        Q::quant_row_group_i8(xp + r * K_, K_, A.Kp, gs_, xq_.data() + r * A.Kp, sx_.data() + r * A.Gp,
-                              xsum_.data() + r * A.G, A.Gp);
+      quant_rows(xp, K_, gs_, A, xq_.data(), sx_.data(), xsum_.data(), false, tid, nth);
 #pragma omp barrier
-      const int64_t per = (N_ + nth * kChunksPerThread - 1) / (nth * kChunksPerThread);
-      const int64_t csz = std::max<int64_t>(kColsPerTask, (per + kColsPerTask - 1) / kColsPerTask * kColsPerTask);
-      const int64_t nchunks = (N_ + csz - 1) / csz;
-      for (;;) {
-        const int64_t k = next.fetch_add(1, std::memory_order_relaxed);
-        if (k >= nchunks) break;
-        Q::with_group(gs_, [&](auto g) {
-          Q::i8_cols4<decltype(g)::value>(A, W, Kp, sc4, bp, yp, N_, k * csz, std::min(N_, (k + 1) * csz));
-        });
-      }
+      for_column_runs(N_, nth, next, [&](int64_t n0, int64_t n1) {
+        Q::with_group(gs_, [&](auto g) { Q::i8_cols4<decltype(g)::value>(A, W, Kp, sc4, bp, yp, N_, n0, n1); });
+      });
     }
     return y;
   }
@@ -497,11 +501,7 @@ at::Tensor linear_a8(const at::Tensor& x, at::Tensor qweight, at::Tensor scales,
   Q::W4A8Act A = Q::w4a8_act_shape(M, K, gs);
   std::vector<int8_t> xq(M * A.Kp);
   std::vector<float> sx(M * A.Gp), xsum(M * A.G);
-  for (int64_t r = 0; r < M; ++r) {
-    Q::quant_row_group_i8(x.data_ptr<float>() + r * K, K, A.Kp, gs, xq.data() + r * A.Kp, sx.data() + r * A.Gp,
-                          xsum.data() + r * A.G, A.Gp);
-    Q::permute_row_to_lanes(xq.data() + r * A.Kp, A.Kp);
-  }
+  quant_rows(x.data_ptr<float>(), K, gs, A, xq.data(), sx.data(), xsum.data(), true, 0, 1);
   A.xq = xq.data();
   A.sx = sx.data();
   A.xsum = xsum.data();
