@@ -6,6 +6,8 @@ hash, so later imports are instant. A build that fails (no compiler, no AVX2) lo
 and returns ``None``; callers then use the plain-torch reference of every op.
 
 Set ``LLMOPT_NATIVE=0`` to force the references (the tests do this to check the fallback).
+``LLMOPT_W4_PREFETCH`` sets the software prefetch distance of the int4 x int8 kernels in bytes
+(default 2048, 0 = off), for experiments.
 """
 
 from __future__ import annotations
@@ -78,5 +80,7 @@ def load_extension(name: str, sources: list[str]) -> ModuleType | None:
                 log.warning("llmopt: native build of %s failed (%s); using plain-torch kernels", name,
                             str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
                 mod = None
+        if mod is not None and hasattr(mod, "_set_w4_prefetch") and os.environ.get("LLMOPT_W4_PREFETCH"):
+            mod._set_w4_prefetch(int(os.environ["LLMOPT_W4_PREFETCH"]))  # experiments: bytes ahead, 0 = off
         _cache[name] = mod
         return mod

@@ -167,7 +167,7 @@ def test_autograd_input_uses_differentiable_path():
 
 
 # ---- int4 with int8 activations (w4a8 kernel on the int4 lane layout) ---------------------------
-A8_CASES = [(64, 64), (64, 320), (128, 384), (128, 640), (256, 768)]
+A8_CASES = [(64, 64), (64, 320), (128, 384), (128, 640), (256, 768), (64, 1088)]  # 1088: 17 groups
 
 
 @pytest.mark.parametrize("gs,k", A8_CASES, ids=[f"g{g}-k{k}" for g, k in A8_CASES])
@@ -186,6 +186,28 @@ def test_int4_act_int8_native_matches_reference(ext, gs, k):
             exact = Q.linear(x, qw, b, backend="native", act="fp32")
             assert _rel(exact, Q.reference_linear(x, qw, b, act="fp32")) < 2e-5
             assert _rel(out, exact) < 0.05  # int8 activations: close to, not equal to, the exact path
+
+
+@pytest.mark.parametrize("gs,k", [(64, 1088), (128, 384), (256, 768)])
+def test_w4a8_row_path_bit_identical_to_blocked_path(ext, gs, k):
+    """1-3 rows with fp16 scales take the one-row-at-a-time path; float32 scales (the same values)
+    take the blocked path: same arithmetic in the same order, so bit-identical. The software
+    prefetch distance changes nothing either."""
+    g = torch.Generator().manual_seed(k)
+    qw = F.quantize(torch.randn(45, k, generator=g) * 0.05, "int4", gs)
+    bias = torch.randn(45, generator=g)
+    sc, mn = qw["scales"], qw["mins"]
+    assert sc.dtype == torch.float16 and mn.dtype == torch.float16
+    for m in (1, 2, 3):
+        x = torch.randn(m, k, generator=g)
+        fast = ext.w4a8_gemm(x, qw["qweight"], sc, mn, gs, bias, 1)
+        blocked = ext.w4a8_gemm(x, qw["qweight"], sc.float(), mn.float(), gs, bias, 1)
+        assert torch.equal(fast, blocked), f"M={m}"
+        try:
+            ext._set_w4_prefetch(0)
+            assert torch.equal(ext.w4a8_gemm(x, qw["qweight"], sc, mn, gs, bias, 1), fast)
+        finally:
+            ext._set_w4_prefetch(2048)
 
 
 def test_int4_act_int8_same_as_w4a8_format(ext):

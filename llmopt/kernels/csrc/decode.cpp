@@ -531,4 +531,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_a8", &linear_a8, "one int4 (lane layout) linear with int8 activations through the step's kernels",
         py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("mins"), py::arg("group_size"),
         py::arg("bias") = py::none(), py::arg("tiles") = true);
+  m.def("_set_w4_prefetch", [](int64_t bytes) { Q::w4_prefetch_bytes = bytes; },
+        "set the software prefetch distance (bytes, 0 = off) of the int4 x int8 kernels");
 }

@@ -171,8 +171,8 @@ struct DecFp8 {  // e4m3fn -> fp16 bits by shift+mask (exact incl. subnormals) -
 // ------------------------------------------------------------------------------------------
 
 // software prefetch distance (bytes ahead in the weight stream) of the float-decode kernels:
-// measured +25-40% on DRAM-streaming GEMV here (HW prefetch alone lags behind). The integer kernels
-// (w8a8, w4a8) were measured neutral-to-slower with it (-20% for w8a8) and do not prefetch.
+// measured +25-40% on DRAM-streaming GEMV here (HW prefetch alone lags behind). w8a8 was measured
+// slower with it (-20%) and does not prefetch; w4a8 has its own distance (w4a8.h).
 // Tunable for experiments through _set_prefetch().
 int64_t PREFETCH_BYTES = 2048;
 
@@ -829,6 +829,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_act_i8_grouped", &quantize_act_i8_grouped, "per-token per-group int8 activations (for tests)");
   m.def("_set_prefetch", [](int64_t bytes) { PREFETCH_BYTES = bytes; },
         "set the software prefetch distance (bytes) of the float-decode kernels");
+  m.def("_set_w4_prefetch", [](int64_t bytes) { w4_prefetch_bytes = bytes; },
+        "set the software prefetch distance (bytes, 0 = off) of the int4 x int8 kernels");
   m.attr("FMT_INT4") = (int64_t)F_INT4;
   m.attr("FMT_INT8") = (int64_t)F_INT8;
   m.attr("FMT_INT3") = (int64_t)F_INT3;
