@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,15 @@ INT4_ACT = os.environ.get("LLMOPT_INT4_ACT", "int8")
 INT4_A8_MAX_M = int(os.environ.get("LLMOPT_INT4_A8_MAX_M", str(LARGE_M)))
 if INT4_ACT not in ("int8", "fp32"):
     raise ValueError(f"LLMOPT_INT4_ACT must be 'int8' or 'fp32', got {INT4_ACT!r}")
+# From TILE_MIN_M rows, with at most TILE_MAX_K input features, the int4 x int8 path runs 4-column
+# tiles (csrc/w4a8.h: each weight block decoded once for two rows, four columns reduced in one
+# vector). One thread, tiles vs the column kernel, M = 4 / 16 / 64: 576x1536 (K x N) 1.59x / 1.38x /
+# 1.73x; 1536x576 1.05x / 1.02x / 0.89x; 8192x2048 0.89x / 0.89x / 1.10x; 2048x8192 0.76x / 0.87x /
+# 1.29x. They read fp16 scales / mins interleaved by 4 columns: a copy (1/8 of the int4 codes'
+# bytes) made at the first such call. LLMOPT_DECODE_TILES=0 turns them off here and in the decode step.
+TILE_MIN_M = 4
+TILE_MAX_K = 1024
+TILES = os.environ.get("LLMOPT_DECODE_TILES", "1") != "0"
 CHUNK_BYTES = 8 << 20  # fp32 bytes of weight decoded per chunk on the large-M path (L2/L3 sized)
 CHUNK_N = None  # fixed rows per chunk (tests); None -> from CHUNK_BYTES
 
@@ -79,6 +89,32 @@ def _workspace(rows: int, k: int) -> torch.Tensor:
         buf = torch.empty(rows * k, dtype=torch.float32)
         _ws.buf = buf
     return buf[: rows * k].view(rows, k)
+
+
+_tile_params_cache: dict[int, tuple] = {}  # id(scales) -> (ref, version, mins ref, version, scales4, mins4)
+
+
+def _tile_params(qw: QuantizedWeight, m: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(scales4, mins4) for w4a8_gemm's 4-column tiles, or (None, None) where they do not apply.
+
+    Cached per scales tensor and rebuilt when the scales or mins tensor is replaced or written in
+    place (tensor version counters)."""
+    n, k = qw.shape
+    if not TILES or m < TILE_MIN_M or k > TILE_MAX_K:
+        return None, None
+    sc, mn = qw["scales"], qw.tensors.get("mins")
+    if mn is None or sc.dtype != torch.float16 or mn.dtype != torch.float16 or n % 4 or qw.group_size < 64:
+        return None, None
+    key = id(sc)
+    hit = _tile_params_cache.get(key)
+    if hit is not None and hit[0]() is sc and hit[1] == sc._version and hit[2]() is mn and hit[3] == mn._version:
+        return hit[4], hit[5]
+    g = k // qw.group_size
+    sc4 = sc.reshape(n // 4, 4, g).transpose(1, 2).contiguous()
+    mn4 = mn.reshape(n // 4, 4, g).transpose(1, 2).contiguous()
+    ref = weakref.ref(sc, lambda _r, key=key: _tile_params_cache.pop(key, None))  # dropped with the scales
+    _tile_params_cache[key] = (ref, sc._version, weakref.ref(mn), mn._version, sc4, mn4)
+    return sc4, mn4
 
 
 _mod = None
@@ -210,7 +246,8 @@ def native_linear(x2: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | No
     if qw.fmt == "w4a8":
         return mod.w4a8_gemm(x2, qw["qweight"], qw["scales"], qw["mins"], qw.group_size, bias)
     if _int4_uses_a8(qw, m, act):
-        return mod.w4a8_gemm(x2, qw["qweight"], qw["scales"], qw["mins"], qw.group_size, bias, 1)
+        return mod.w4a8_gemm(x2, qw["qweight"], qw["scales"], qw["mins"], qw.group_size, bias, 1,
+                             *_tile_params(qw, m))
     if m > LARGE_M:
         # prefill: decode a chunk of weight rows to fp32 (cache-sized, reused buffer) + fp32 GEMM
         chunk = CHUNK_N or (n if 4 * n * k <= CHUNK_BYTES else max(16, CHUNK_BYTES // (4 * k) // 16 * 16))
@@ -291,7 +328,7 @@ def make_forward(qw: QuantizedWeight, bias: torch.Tensor | None = None):
             return linear(x, qw, bias)
         m = x.shape[0]
         if a8_ok and m <= INT4_A8_MAX_M and INT4_ACT == "int8":  # policy read per call (tests flip it)
-            return mod.w4a8_gemm(x, qweight, scales, mins, gs, b, 1)
+            return mod.w4a8_gemm(x, qweight, scales, mins, gs, b, 1, *_tile_params(qw, m))
         if fmt_id is None or m > LARGE_M:
             return native_linear(x, qw, b, mod, "fp32" if fmt == "int4" else None)
         return mod.qgemm(x, fmt_id, qweight, scales, mins, n, k, gs, b)

@@ -45,7 +45,18 @@ def _step(lens: list[int], seed: int = 0):
 
 
 def _both(eng, lens, tiles, seed=0):
-    """(fused hidden, fused caches, op-by-op hidden, op-by-op caches) from the same random cache."""
+    """(fused hidden, fused caches, op-by-op hidden, op-by-op caches) from the same random cache;
+    ``tiles`` for both paths (the op-by-op int4 linears take them from 4 rows with K <= 1024)."""
+    from llmopt.kernels import qlinear
+
+    qlinear_tiles, qlinear.TILES = qlinear.TILES, tiles
+    try:
+        return _both_run(eng, lens, tiles, seed)
+    finally:
+        qlinear.TILES = qlinear_tiles
+
+
+def _both_run(eng, lens, tiles, seed):
     r = eng.runner
     g = torch.Generator().manual_seed(seed)
     k0 = torch.randn(r.k_cache.shape, generator=g)
@@ -93,12 +104,26 @@ def test_tile_kernel_vs_reference(rows, gs):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-def test_tiles_stack_close(tmp_path, arch):
-    """With tiles (used from 4 rows on) the sums run in another order, and the next int8
-    re-quantization of slightly different activations may round a value the other way: close, not
-    equal (the kernel itself is held to the reference above)."""
+def test_tiles_stack_bit_identical(tmp_path, arch):
+    """From 4 rows on both paths run the 4-column tiles (the op-by-op linears do for K <= 1024, as
+    all of this model's): exact too."""
     eng = _engine(tmp_path, arch)
     a, ca, b, cb = _both(eng, [5 + 7 * i for i in range(6)], tiles=True)
+    assert torch.equal(a, b)
+    assert torch.equal(ca[0], cb[0]) and torch.equal(ca[1], cb[1])
+
+
+def test_tiles_against_column_kernels_close(tmp_path):
+    """Tiles on one side only: the sums run in another order and the next int8 re-quantization of
+    slightly different activations may round a value the other way: close, not equal."""
+    from llmopt.kernels import qlinear
+
+    eng = _engine(tmp_path, "llama")
+    lens = [5 + 7 * i for i in range(6)]
+    before = qlinear.TILES
+    a = _both(eng, lens, tiles=True)[0]
+    b = _both(eng, lens, tiles=False)[2]
+    assert qlinear.TILES == before  # restored
     assert ((a - b).norm() / b.norm()) < 2e-2
     assert (a - b).abs().max() < 0.1 * b.abs().max()
 

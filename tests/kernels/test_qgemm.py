@@ -210,6 +210,52 @@ def test_w4a8_row_path_bit_identical_to_blocked_path(ext, gs, k):
             ext._set_w4_prefetch(2048)
 
 
+@pytest.mark.parametrize("gs,k", [(64, 576), (128, 384), (256, 768), (64, 2048)])
+def test_w4a8_four_column_tiles_match_reference(ext, gs, k):
+    """scales4 / mins4 (interleaved by 4 columns) switch 4+ rows to the 4-column tiles."""
+    g = torch.Generator().manual_seed(3 * k + gs)
+    n = 52
+    qw = F.quantize(torch.randn(n, k, generator=g) * 0.05, "int4", gs)
+    bias = torch.randn(n, generator=g)
+    sc, mn = qw["scales"], qw["mins"]
+    sc4 = sc.reshape(n // 4, 4, -1).transpose(1, 2).contiguous()
+    mn4 = mn.reshape(n // 4, 4, -1).transpose(1, 2).contiguous()
+    for m in (1, 3, 4, 5, 16, 17, 64):
+        x = torch.randn(m, k, generator=g) * torch.logspace(-2, 1, m).unsqueeze(1)
+        for b in (None, bias):
+            ref = Q.reference_linear(x, qw, b, act="int8")
+            out = ext.w4a8_gemm(x, qw["qweight"], sc, mn, gs, b, 1, sc4, mn4)
+            assert _rel(out, ref) < 2e-5, f"M={m}"
+    with pytest.raises(RuntimeError, match="needs mins4"):
+        ext.w4a8_gemm(x, qw["qweight"], sc, mn, gs, None, 1, sc4, None)
+    with pytest.raises(RuntimeError, match="float16"):
+        ext.w4a8_gemm(x, qw["qweight"], sc, mn, gs, None, 1, sc4.float(), mn4)
+    q97 = F.quantize(torch.randn(97, k, generator=g), "int4", gs)
+    s97 = q97["scales"].reshape(-1)[: 96 * (k // gs)]  # any N % 4 != 0 is refused
+    with pytest.raises(RuntimeError, match="N % 4"):
+        ext.w4a8_gemm(x, q97["qweight"], q97["scales"], q97["mins"], gs, None, 1, s97, s97)
+
+
+def test_linear_builds_tile_scales_once_and_after_changes(ext, monkeypatch):
+    monkeypatch.setattr(Q, "TILES", True)
+    torch.manual_seed(5)
+    qw = F.quantize(torch.randn(40, 576) * 0.05, "int4", 64)
+    x = torch.randn(8, 576)
+    assert Q._tile_params(qw, 3) == (None, None)  # below TILE_MIN_M
+    sc4, mn4 = Q._tile_params(qw, 8)
+    assert sc4 is not None and Q._tile_params(qw, 8)[0] is sc4  # cached per scales tensor
+    assert torch.equal(sc4[1, 2], qw["scales"][4:8, 2])  # [N/4, G, 4]: tile 1, group 2, columns 4..7
+    y0 = Q.linear(x, qw, act="int8")
+    assert _rel(y0, Q.reference_linear(x, qw, act="int8")) < 2e-5
+    qw["scales"].mul_(2)  # in place: the copy is rebuilt (version counter)
+    assert Q._tile_params(qw, 8)[0] is not sc4
+    assert _rel(Q.linear(x, qw, act="int8"), Q.reference_linear(x, qw, act="int8")) < 2e-5
+    big = F.quantize(torch.randn(8, 2048) * 0.05, "int4", 64)
+    assert Q._tile_params(big, 8) == (None, None)  # K > TILE_MAX_K: the column kernel is faster there
+    monkeypatch.setattr(Q, "TILES", False)
+    assert Q._tile_params(qw, 8) == (None, None)
+
+
 def test_int4_act_int8_same_as_w4a8_format(ext):
     """Same codes in two layouts: int4 + int8 activations == the w4a8 format."""
     torch.manual_seed(1)

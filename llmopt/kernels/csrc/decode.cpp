@@ -68,10 +68,6 @@ void for_column_runs(int64_t N, int nth, std::atomic<int64_t>& c, const Fn& f) {
     f(k * csz, std::min(N, (k + 1) * csz));
   }
 }
-// Rows from which the 4-column tiles (w4a8_cols4) beat the standalone column kernel (w4a8_cols):
-// SmolLM2-135M int4 decode step, 1 thread: M=1 8.3 vs 6.9 ms, M=2 11.4 vs 9.1, M=4 16.5 vs 19.9,
-// M=16 40.2 vs 48.4 ms.
-constexpr int64_t kTileMinRows = 4;
 
 bool defined(const at::Tensor& t) { return t.defined() && t.numel() > 0; }
 
@@ -121,7 +117,7 @@ struct QLin {
   void cols(const Q::W4A8Act& A, float* y, int64_t ldy, int64_t n0, int64_t n1, Q::W4A8Scratch& s) const {
     Q::with_group(gs, [&](auto g) {
       constexpr int GS = decltype(g)::value;
-      if (sc4.defined() && A.M >= kTileMinRows)
+      if (sc4.defined() && A.M >= Q::kW4TileMinRows)
         Q::w4a8_cols4<GS>(A, qw.data_ptr<uint8_t>(), (const uint16_t*)sc4.data_ptr(), (const uint16_t*)mn4.data_ptr(),
                           fptr(bias), y, ldy, n0, n1);
       else

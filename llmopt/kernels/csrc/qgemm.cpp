@@ -734,7 +734,8 @@ void quant_rows_group_i8(const float* x, int64_t M, int64_t K, int64_t Kp, int64
 
 template <int GS>
 void w4a8_core(const float* x, int64_t M, int64_t K, const uint8_t* W, int64_t N, const void* scales, int scale_kind,
-               const void* mins, int min_kind, const float* bp, float* Y, bool lanes = false) {
+               const void* mins, int min_kind, const float* bp, float* Y, bool lanes = false,
+               const uint16_t* sc4 = nullptr, const uint16_t* mn4 = nullptr) {
   const W4A8Act shape = w4a8_act_shape(M, K, GS);
   std::vector<int8_t> xq((size_t)M * shape.Kp);
   std::vector<float> sx((size_t)M * shape.Gp), xsum((size_t)M * shape.G);
@@ -743,15 +744,26 @@ void w4a8_core(const float* x, int64_t M, int64_t K, const uint8_t* W, int64_t N
   A.xq = xq.data();
   A.sx = sx.data();
   A.xsum = xsum.data();
+  if constexpr (GS >= 64) {
+    if (sc4 && M >= kW4TileMinRows) {  // 4-column tiles (chunks are multiples of 4 columns; N % 4 == 0)
+      parallel_columns_w(M * N * K, 0, N, COLS_PER_TASK, [&](int64_t n0, int64_t n1) {
+        w4a8_cols4<GS>(A, W, sc4, mn4, bp, Y, N, n0, n1);
+      });
+      return;
+    }
+  }
   parallel_columns_w(M * N * K, 0, N, COLS_PER_TASK, [&](int64_t n0, int64_t n1) {
     thread_local W4A8Scratch scratch;
     w4a8_cols<GS>(A, W, scales, scale_kind, mins, min_kind, bp, Y, N, n0, n1, scratch);
   });
 }
 
-// layout 0: w4a8 (ggml halves), 1: int4 lanes (group size must then be a multiple of 64)
+// layout 0: w4a8 (ggml halves), 1: int4 lanes (group size must then be a multiple of 64).
+// scales4 / mins4: optional fp16 copies of scales / mins interleaved by 4 columns ([N/4, G, 4], see
+// interleave4_f16); with them, 4+ rows run the 4-column tiles (group >= 64, N % 4 == 0).
 at::Tensor w4a8_gemm(at::Tensor x, at::Tensor qweight, at::Tensor scales, at::Tensor mins, int64_t gs,
-                     c10::optional<at::Tensor> bias, int64_t layout) {
+                     c10::optional<at::Tensor> bias, int64_t layout, c10::optional<at::Tensor> scales4,
+                     c10::optional<at::Tensor> mins4) {
   TORCH_CHECK(layout == 0 || (layout == 1 && gs % 64 == 0), "w4a8: layout 1 (int4 lanes) needs a group size "
               "multiple of 64, got layout ", layout, " group ", gs);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "w4a8: x must be 2-D float32");
@@ -773,17 +785,25 @@ at::Tensor w4a8_gemm(at::Tensor x, at::Tensor qweight, at::Tensor scales, at::Te
     TORCH_CHECK(bb.numel() == N, "w4a8: bias size");
     bp = bb.data_ptr<float>();
   }
+  const uint16_t *sc4 = nullptr, *mn4 = nullptr;
+  if (scales4.has_value() && scales4->defined()) {
+    TORCH_CHECK(mins4.has_value() && mins4->defined(), "w4a8: scales4 needs mins4");
+    TORCH_CHECK(gs >= 64 && N % 4 == 0, "w4a8: 4-column tiles need group >= 64 and N % 4 == 0");
+    for (const at::Tensor* t : {&*scales4, &*mins4})
+      TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->numel() == N * (K / gs),
+                  "w4a8: scales4 / mins4 must be contiguous float16 [N/4, K/gs, 4]");
+    sc4 = (const uint16_t*)scales4->data_ptr();
+    mn4 = (const uint16_t*)mins4->data_ptr();
+  }
   auto y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   const float* xp = x.data_ptr<float>();
   const uint8_t* W = qweight.data_ptr<uint8_t>();
   float* Y = y.data_ptr<float>();
-  switch (gs) {
-    case 32: w4a8_core<32>(xp, M, K, W, N, scales.data_ptr(), sk, mn.data_ptr(), mk, bp, Y, layout == 1); break;
-    case 64: w4a8_core<64>(xp, M, K, W, N, scales.data_ptr(), sk, mn.data_ptr(), mk, bp, Y, layout == 1); break;
-    case 128: w4a8_core<128>(xp, M, K, W, N, scales.data_ptr(), sk, mn.data_ptr(), mk, bp, Y, layout == 1); break;
-    default: w4a8_core<256>(xp, M, K, W, N, scales.data_ptr(), sk, mn.data_ptr(), mk, bp, Y, layout == 1); break;
-  }
+  with_group(gs, [&](auto g) {
+    w4a8_core<decltype(g)::value>(xp, M, K, W, N, scales.data_ptr(), sk, mn.data_ptr(), mk, bp, Y, layout == 1, sc4,
+                                  mn4);
+  });
   return y;
 }
 
@@ -825,7 +845,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_act_i8", &quantize_act_i8, "per-token int8 activation quantization (for tests)");
   m.def("w4a8_gemm", &w4a8_gemm, "int4 grouped weights x per-group int8 activations", py::arg("x"),
         py::arg("qweight"), py::arg("scales"), py::arg("mins"), py::arg("group_size"), py::arg("bias"),
-        py::arg("layout") = 0);
+        py::arg("layout") = 0, py::arg("scales4") = py::none(), py::arg("mins4") = py::none());
   m.def("quantize_act_i8_grouped", &quantize_act_i8_grouped, "per-token per-group int8 activations (for tests)");
   m.def("_set_prefetch", [](int64_t bytes) { PREFETCH_BYTES = bytes; },
         "set the software prefetch distance (bytes) of the float-decode kernels");
