@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -84,3 +85,20 @@ def load_extension(name: str, sources: list[str]) -> ModuleType | None:
             mod._set_w4_prefetch(int(os.environ["LLMOPT_W4_PREFETCH"]))  # experiments: bytes ahead, 0 = off
         _cache[name] = mod
         return mod
+
+
+def extension_loader(name: str, sources: list[str]) -> Callable[[], ModuleType | None]:
+    """A function returning the extension ``name`` (or ``None``), built / looked up by
+    :func:`load_extension` on its first call only. The answer is kept, so later calls (the kernels'
+    hot paths) neither take the build lock nor read ``LLMOPT_NATIVE`` again."""
+    mod: ModuleType | None = None
+    loaded = False
+
+    def native() -> ModuleType | None:
+        nonlocal mod, loaded
+        if not loaded:
+            mod = load_extension(name, sources)
+            loaded = True
+        return mod
+
+    return native

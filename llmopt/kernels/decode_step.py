@@ -19,21 +19,13 @@ import os
 import torch
 
 from . import qlinear
-from .build import load_extension, native_enabled
+from .build import extension_loader, native_enabled
 
 log = logging.getLogger(__name__)
 
 __all__ = ["FusedDecoder", "fused_decode_enabled"]
 
-_UNSET = object()
-_ext = _UNSET
-
-
-def _native():
-    global _ext
-    if _ext is _UNSET:
-        _ext = load_extension("llmopt_decode", ["decode.cpp"])
-    return _ext
+_native = extension_loader("llmopt_decode", ["decode.cpp"])
 
 
 def fused_decode_enabled() -> bool:

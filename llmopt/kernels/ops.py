@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .build import load_extension
+from .build import extension_loader
 
 __all__ = [
     "native_available",
@@ -30,16 +30,8 @@ __all__ = [
     "paged_decode_attention_ref",
 ]
 
-_UNSET = object()
-_ext = _UNSET
-
-
-def _native():
-    """The compiled extension module, or ``None`` (built / looked up once, on first use)."""
-    global _ext
-    if _ext is _UNSET:
-        _ext = load_extension("llmopt_fused", ["fused.cpp"])
-    return _ext
+# the compiled extension module, or None (built / looked up once, on first use)
+_native = extension_loader("llmopt_fused", ["fused.cpp"])
 
 
 def native_available() -> bool:

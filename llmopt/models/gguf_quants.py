@@ -273,12 +273,10 @@ def _deq_q3_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
         o.mul_(dl[s:e])
 
 
-def _deq_q4_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
-    # block_q4_K: d, dmin, scales[12], qs[128]
-    # sub-block 2j = low nibbles of qs[32j:32j+32], 2j+1 = their high nibbles
+def _deq_q45_k(blocks: torch.Tensor, out: torch.Tensor, qs: torch.Tensor, qh: torch.Tensor | None) -> None:
+    """Q4_K (``qh`` None) / Q5_K: the nibbles of ``qs`` [n, 128], with Q5_K's 5th bits from ``qh`` [n, 32]."""
     n = blocks.shape[0]
     dl, ml = _k_scales(blocks, 4)
-    qs = blocks[:, 16:144]
     buf = torch.empty((min(n, max(1, _CHUNK_ELEMENTS // QK_K)), 4, 2, 32), dtype=torch.uint8)
     lo, hi, q = buf[:, :, 0], buf[:, :, 1], buf.view(-1, 8, 32)
     for s, e in _rows(n, QK_K):
@@ -286,29 +284,24 @@ def _deq_q4_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
         c = qs[s:e].view(k, 4, 32)
         torch.bitwise_and(c, 15, out=lo[:k])
         torch.bitwise_right_shift(c, 4, out=hi[:k])
+        if qh is not None:
+            hb = (qh[s:e].view(k, 1, 32) >> _SHIFT8.view(1, 8, 1)).bitwise_and_(1)
+            q[:k].bitwise_or_(hb << 4)
         o = out[s:e].view(k, 8, 32)
         o.copy_(q[:k])
         o.mul_(dl[s:e]).sub_(ml[s:e])
+
+
+def _deq_q4_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
+    # block_q4_K: d, dmin, scales[12], qs[128]
+    # sub-block 2j = low nibbles of qs[32j:32j+32], 2j+1 = their high nibbles
+    _deq_q45_k(blocks, out, blocks[:, 16:144], None)
 
 
 def _deq_q5_k(blocks: torch.Tensor, out: torch.Tensor) -> None:
     # block_q5_K: d, dmin, scales[12], qh[32], qs[128]
     # as Q4_K, plus bit s of qh[l] is bit 4 of element l of sub-block s
-    n = blocks.shape[0]
-    dl, ml = _k_scales(blocks, 4)
-    qh, qs = blocks[:, 16:48], blocks[:, 48:176]
-    buf = torch.empty((min(n, max(1, _CHUNK_ELEMENTS // QK_K)), 4, 2, 32), dtype=torch.uint8)
-    lo, hi, q = buf[:, :, 0], buf[:, :, 1], buf.view(-1, 8, 32)
-    for s, e in _rows(n, QK_K):
-        k = e - s
-        c = qs[s:e].view(k, 4, 32)
-        torch.bitwise_and(c, 15, out=lo[:k])
-        torch.bitwise_right_shift(c, 4, out=hi[:k])
-        hb = (qh[s:e].view(k, 1, 32) >> _SHIFT8.view(1, 8, 1)).bitwise_and_(1)
-        q[:k].bitwise_or_(hb << 4)
-        o = out[s:e].view(k, 8, 32)
-        o.copy_(q[:k])
-        o.mul_(dl[s:e]).sub_(ml[s:e])
+    _deq_q45_k(blocks, out, blocks[:, 48:176], blocks[:, 16:48])
 
 
 def _deq_q6_k(blocks: torch.Tensor, out: torch.Tensor) -> None:

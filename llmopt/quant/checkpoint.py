@@ -312,7 +312,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
 
     from .embedding import ROW_PACKED_FORMATS, QuantEmbedding
     from .formats import FORMATS
-    from .linear import QuantLinear
+    from .linear import QuantLinear, _set_module
 
     t0 = time.perf_counter()
     path = Path(path)
@@ -353,6 +353,30 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
             packed_keys.add(full)
         return t
 
+    def replaced(hname: str, spec: dict[str, Any], kind: str, cls: type[nn.Module], is_a: str, in_model: str,
+                 dims: tuple[str, str], needs: str) -> tuple[str, int, int, int]:
+        """Check the ``kind`` entry ``hname`` of ``quant_config.json`` against the module it replaces:
+        it exists in ``net`` (``in_model`` describes the model), is ``is_a`` (a ``cls``) and has the
+        ``[rows, cols]`` shape that ``spec`` gives under the keys ``dims``, which are also the attributes
+        of ``cls`` holding it (``needs`` lists them for the error). Returns the llmopt module name, the
+        group size, rows and cols."""
+        name = _module_name(hname)
+        try:
+            old = net.get_submodule(name)
+        except AttributeError:
+            raise ModelLoadError(f"{where}: {kind} {hname!r} does not exist in {in_model}") from None
+        if not isinstance(old, cls):
+            raise ModelLoadError(f"{where}: module {hname!r} is not {is_a}")
+        try:
+            gs, n, k = int(spec["group_size"]), int(spec[dims[0]]), int(spec[dims[1]])
+        except (KeyError, TypeError, ValueError):
+            raise ModelLoadError(f"{where}: {kind} {hname!r} needs integer group_size, {needs}") from None
+        want = (getattr(old, dims[0]), getattr(old, dims[1]))
+        if (n, k) != want:
+            raise ModelLoadError(f"{where}: {kind} {hname!r} is [{n}, {k}] but the model (config.json) has "
+                                 f"[{want[0]}, {want[1]}]: config and weights do not match")
+        return name, gs, n, k
+
     for hname, spec in qc["modules"].items():
         if not isinstance(spec, dict):
             raise ModelLoadError(f"{where}: entry {hname!r} is not an object")
@@ -360,22 +384,9 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
         if fmt not in FORMATS:
             raise ModelLoadError(f"{where}: module {hname!r} has unknown format {fmt!r} (known: "
                                  f"{', '.join(sorted(FORMATS))}); the checkpoint needs a newer llmopt or is corrupt")
-        name = _module_name(hname)
-        try:
-            old = net.get_submodule(name)
-        except AttributeError:
-            raise ModelLoadError(f"{where}: module {hname!r} does not exist in a {cfg.arch} model with "
-                                 f"{cfg.num_layers} layers") from None
-        if not isinstance(old, nn.Linear):
-            raise ModelLoadError(f"{where}: module {hname!r} is not a linear layer")
-        try:
-            gs, k, n = int(spec["group_size"]), int(spec["in_features"]), int(spec["out_features"])
-        except (KeyError, TypeError, ValueError):
-            raise ModelLoadError(f"{where}: module {hname!r} needs integer group_size, in_features and "
-                                 "out_features") from None
-        if (n, k) != (old.out_features, old.in_features):
-            raise ModelLoadError(f"{where}: module {hname!r} is [{n}, {k}] but the model (config.json) has "
-                                 f"[{old.out_features}, {old.in_features}]: config and weights do not match")
+        name, gs, n, k = replaced(hname, spec, "module", nn.Linear, "a linear layer",
+                                  f"a {cfg.arch} model with {cfg.num_layers} layers",
+                                  ("out_features", "in_features"), "in_features and out_features")
         t = read_packed(hname, fmt, n, k, gs)
         bias = None
         if spec.get("bias") or f"{hname}.bias" in keys:
@@ -386,9 +397,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
             if tuple(bias.shape) != (n,):
                 raise ModelLoadError(f"{wfile.name}: tensor {full!r} is {tuple(bias.shape)}, expected ({n},)")
             packed_keys.add(full)
-        parent_name, _, child = name.rpartition(".")
-        parent = net.get_submodule(parent_name) if parent_name else net
-        setattr(parent, child, QuantLinear.from_packed(fmt, gs, k, n, t, bias))
+        _set_module(net, name, QuantLinear.from_packed(fmt, gs, k, n, t, bias))
 
     # quantized embeddings (format_version 2; absent from older checkpoints: the table is float)
     embeddings = qc.get("embeddings") or {}
@@ -401,21 +410,8 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
         if fmt not in ROW_PACKED_FORMATS:
             raise ModelLoadError(f"{where}: embedding {hname!r} has format {fmt!r}, which this llmopt cannot hold as "
                                  f"an embedding (known: {', '.join(ROW_PACKED_FORMATS)})")
-        name = _module_name(hname)
-        try:
-            old = net.get_submodule(name)
-        except AttributeError:
-            raise ModelLoadError(f"{where}: embedding {hname!r} does not exist in a {cfg.arch} model") from None
-        if not isinstance(old, nn.Embedding):
-            raise ModelLoadError(f"{where}: module {hname!r} is not an embedding")
-        try:
-            gs, n, k = int(spec["group_size"]), int(spec["num_embeddings"]), int(spec["embedding_dim"])
-        except (KeyError, TypeError, ValueError):
-            raise ModelLoadError(f"{where}: embedding {hname!r} needs integer group_size, num_embeddings and "
-                                 "embedding_dim") from None
-        if (n, k) != (old.num_embeddings, old.embedding_dim):
-            raise ModelLoadError(f"{where}: embedding {hname!r} is [{n}, {k}] but the model (config.json) has "
-                                 f"[{old.num_embeddings}, {old.embedding_dim}]: config and weights do not match")
+        name, gs, n, k = replaced(hname, spec, "embedding", nn.Embedding, "an embedding", f"a {cfg.arch} model",
+                                  ("num_embeddings", "embedding_dim"), "num_embeddings and embedding_dim")
         shared = spec.get("shared_with")
         if shared:
             head = net.get_submodule(_module_name(shared)) if shared in qc["modules"] else None
@@ -432,9 +428,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
                 new = QuantEmbedding.from_packed(fmt, gs, n, k, read_packed(hname, fmt, n, k, gs))
             except ValueError as e:
                 raise ModelLoadError(f"{where}: embedding {hname!r}: {e}") from None
-        parent_name, _, child = name.rpartition(".")
-        parent = net.get_submodule(parent_name) if parent_name else net
-        setattr(parent, child, new)
+        _set_module(net, name, new)
 
     def floats():
         for key in sorted(keys - packed_keys):

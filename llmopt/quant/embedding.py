@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._packed import PackedWeightViews
 from .formats import FORMATS, QuantizedWeight, dequantize, effective_group_size, quantize
 
 __all__ = ["QuantEmbedding", "ROW_PACKED_FORMATS"]
@@ -50,7 +51,7 @@ def _check_row_packed(qw: QuantizedWeight) -> None:
                              f"token ({n} rows): a layout that packs across rows cannot be gathered")
 
 
-class QuantEmbedding(nn.Module):
+class QuantEmbedding(PackedWeightViews, nn.Module):
     """``table[ids]`` with ``table`` (``[num_embeddings, embedding_dim]``) stored packed.
 
     Output: fp32 by default (exactly ``dequantize(table)[ids]``); after a dtype cast of the model
@@ -114,10 +115,14 @@ class QuantEmbedding(nn.Module):
             raise ValueError(f"QuantEmbedding.tied_to needs a QuantLinear, got {type(head).__name__}")
         return cls(source=head, dtype=dtype)
 
-    # -- views ---------------------------------------------------------------------------------
+    # -- views (qweight_packed, bits_per_weight, weight = the table: see PackedWeightViews) ------
     @property
     def tied(self) -> bool:
         return self.__dict__["source"] is not None
+
+    @property
+    def _packed_shape(self) -> tuple[int, int]:
+        return (self.num_embeddings, self.embedding_dim)
 
     def _packed(self) -> dict[str, torch.Tensor]:
         src = self.__dict__["source"]
@@ -131,19 +136,6 @@ class QuantEmbedding(nn.Module):
             if src is not None and name in self.__dict__.get("_tensor_names", ()):
                 return getattr(src, name)
         return super().__getattr__(name)
-
-    @property
-    def qweight_packed(self) -> QuantizedWeight:
-        return QuantizedWeight(self.fmt, (self.num_embeddings, self.embedding_dim), self.group_size, self._packed())
-
-    @property
-    def bits_per_weight(self) -> float:
-        return self.qweight_packed.bits_per_weight
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """Dequantized fp32 table (reference decode; for inspection / fallbacks)."""
-        return dequantize(self.qweight_packed)
 
     def packed_state(self) -> dict[str, torch.Tensor]:
         """The packed tensors (for a tied embedding: the head's, which a checkpoint stores once)."""

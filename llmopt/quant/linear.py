@@ -18,7 +18,8 @@ import os
 import torch
 from torch import nn
 
-from .formats import FORMATS, QuantizedWeight, dequantize, effective_group_size, quantize
+from ._packed import PackedWeightViews
+from .formats import FORMATS, QuantizedWeight, effective_group_size, quantize
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ LM_HEAD_FMT: str | None = _env_head if _env_head in FORMATS else None  # None: t
 QUANTIZE_EMBED: bool = os.environ.get("LLMOPT_QUANT_EMBED", "1").strip().lower() not in ("0", "", "false", "no")
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(PackedWeightViews, nn.Module):
     """``y = x @ W.T + b`` with ``W`` stored in a packed quantized format (see ``formats``)."""
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None):
@@ -103,25 +104,17 @@ class QuantLinear(nn.Module):
         self._fwd = None
         return self
 
-    # -- views ---------------------------------------------------------------------------------
+    # -- views (qweight_packed, bits_per_weight, weight: see PackedWeightViews) -----------------
     @property
-    def qweight_packed(self) -> QuantizedWeight:
-        return QuantizedWeight(self.fmt, (self.out_features, self.in_features), self.group_size,
-                               {k: getattr(self, k) for k in self._tensor_names})
+    def _packed_shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
 
-    @property
-    def bits_per_weight(self) -> float:
-        """Stored bits per weight: codes (incl. block padding) + scales + mins (bias excluded)."""
-        return self.qweight_packed.bits_per_weight
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """Dequantized fp32 weight (reference decode; for inspection / fallbacks)."""
-        return dequantize(self.qweight_packed)
+    def _packed(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in self._tensor_names}
 
     def packed_state(self) -> dict[str, torch.Tensor]:
         """Plain tensors to save (same keys as ``state_dict()``)."""
-        d = {k: getattr(self, k) for k in self._tensor_names}
+        d = self._packed()
         if self.bias is not None:
             d["bias"] = self.bias
         return d
