@@ -89,6 +89,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--min-time", type=float, default=0.05, help="seconds per timing round")
     ap.add_argument("--no-fp32", action="store_true")
+    ap.add_argument("--w4-prefetch", default=None,
+                    help="comma list of software prefetch distances (bytes, 0 = off) for int4 with int8 "
+                         "activations and w4a8, each its own line (A/B in one run); default: the built-in 2048")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu = CPU time of the calling thread (only with --threads 1): immune to the "
                          "time slicing of a machine shared with other jobs, not to their cache/DRAM use")
@@ -117,6 +120,10 @@ def main() -> None:
     print(f"# load average at start: {os.getloadavg()[0]:.2f}")
     if "avx512_vnni" in flags:
         print("# NOTE: this CPU exposes AVX-512 VNNI; fbgemm uses it at run time, llmopt kernels are AVX2-only.")
+
+    pf_list = [int(v) for v in args.w4_prefetch.split(",")] if args.w4_prefetch else []
+    if pf_list and not (mod and hasattr(mod, "_set_w4_prefetch")):
+        ap.error("--w4-prefetch needs the native kernels")
 
     def copies_for(nbytes: int) -> int:
         return max(1, min(512, -(-target // max(nbytes, 1)))) if target else 1
@@ -154,8 +161,13 @@ def main() -> None:
             if name == "int4":
                 acts = ["fp32"] + (["int8"] if Q._a8_capable(qw) else [])
             for act in acts:
-                methods.append((label + (f" {act}-act" if act else ""), qw.bits_per_weight, qw.nbytes,
-                                [(lambda q, a: (lambda x: Q.linear(x, q, act=a)))(q, act) for q in reps]))
+                integer = name == "w4a8" or act == "int8"
+                for pf in (pf_list if integer and pf_list else [None]):
+                    methods.append((label + (f" {act}-act" if act else "") + (f" pf{pf}" if pf is not None else ""),
+                                    qw.bits_per_weight, qw.nbytes,
+                                    [(lambda q, a, d: (lambda x: Q.linear(x, q, act=a) if d is None
+                                                       else (mod._set_w4_prefetch(d), Q.linear(x, q, act=a))[1]))
+                                     (q, act, pf) for q in reps]))
         for m in ms:
             x = torch.randn(m, k)
             fb_t = None
