@@ -81,8 +81,12 @@ def load_extension(name: str, sources: list[str]) -> ModuleType | None:
                 log.warning("llmopt: native build of %s failed (%s); using plain-torch kernels", name,
                             str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
                 mod = None
-        if mod is not None and hasattr(mod, "_set_w4_prefetch") and os.environ.get("LLMOPT_W4_PREFETCH"):
-            mod._set_w4_prefetch(int(os.environ["LLMOPT_W4_PREFETCH"]))  # experiments: bytes ahead, 0 = off
+        pf = os.environ.get("LLMOPT_W4_PREFETCH")
+        if mod is not None and hasattr(mod, "_set_w4_prefetch") and pf:  # experiments: bytes ahead, 0 = off
+            if pf.isdigit():
+                mod._set_w4_prefetch(int(pf))
+            else:
+                log.warning("llmopt: LLMOPT_W4_PREFETCH=%r is not a whole number of bytes; keeping the default", pf)
         _cache[name] = mod
         return mod
 

@@ -340,3 +340,32 @@ def test_native_matches_reference_on_the_threaded_path(ext):
     out = subprocess.run([sys.executable, "-c", _PARALLEL_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.strip().splitlines()[-1]) < 2e-3
+
+
+_PREFETCH_ENV_CHECK = r"""
+import logging, torch
+logging.basicConfig(level=logging.WARNING)
+from llmopt.kernels import qlinear as Q
+from llmopt.quant import formats as F
+torch.manual_seed(0)
+qw = F.quantize(torch.randn(64, 640) * 0.05, "int4", 64)
+x = torch.randn(1, 640)
+print(repr(Q.linear(x, qw, act="int8").sum().item()))
+"""
+
+
+def test_w4_prefetch_env(ext):
+    """LLMOPT_W4_PREFETCH sets the int4 prefetch distance at load (results unchanged); a value that
+    is not a number of bytes warns and keeps the default."""
+    import subprocess
+    import sys
+
+    outs = {}
+    for v in ("0", "4096", "lots"):
+        env = dict(os.environ, LLMOPT_W4_PREFETCH=v)
+        p = subprocess.run([sys.executable, "-c", _PREFETCH_ENV_CHECK], env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        outs[v] = p.stdout.strip().splitlines()[-1]
+        assert ("not a whole number of bytes" in p.stderr) == (v == "lots")
+    assert len(set(outs.values())) == 1, outs
