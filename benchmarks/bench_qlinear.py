@@ -125,6 +125,17 @@ def main() -> None:
     if pf_list and not (mod and hasattr(mod, "_set_w4_prefetch")):
         ap.error("--w4-prefetch needs the native kernels")
 
+    def call(q, act, prefetch):
+        """``x -> Q.linear(x, q, act=act)``, with the int4 prefetch distance set first when given."""
+        if prefetch is None:
+            return lambda x: Q.linear(x, q, act=act)
+
+        def run(x):
+            mod._set_w4_prefetch(prefetch)
+            return Q.linear(x, q, act=act)
+
+        return run
+
     def copies_for(nbytes: int) -> int:
         return max(1, min(512, -(-target // max(nbytes, 1)))) if target else 1
 
@@ -164,10 +175,7 @@ def main() -> None:
                 integer = name == "w4a8" or act == "int8"
                 for pf in (pf_list if integer and pf_list else [None]):
                     methods.append((label + (f" {act}-act" if act else "") + (f" pf{pf}" if pf is not None else ""),
-                                    qw.bits_per_weight, qw.nbytes,
-                                    [(lambda q, a, d: (lambda x: Q.linear(x, q, act=a) if d is None
-                                                       else (mod._set_w4_prefetch(d), Q.linear(x, q, act=a))[1]))
-                                     (q, act, pf) for q in reps]))
+                                    qw.bits_per_weight, qw.nbytes, [call(q, act, pf) for q in reps]))
         for m in ms:
             x = torch.randn(m, k)
             fb_t = None

@@ -438,27 +438,34 @@ constexpr int64_t kW4TileMinRows = 4;
 
 // Columns [n0, n1) (multiples of 4) of Y [A.M, N] for the int4 lane layout with interleaved fp16
 // scales / mins (interleave4_f16). Each 4-column weight slice stays in L1 across the rows.
+// The rows of one 4-column tile at column n, two at a time (then an odd last one):
+// tile(integral_constant R, m, out) writes rows m..m+R-1 into out[0..R); each plus bias[n..n+4)
+// is stored at Y[row, n..n+4).
+template <class Tile>
+LLMOPT_INLINE void tile_rows(int64_t M, const float* bp, float* Y, int64_t ldy, int64_t n, const Tile& tile) {
+  const __m128 b = bp ? _mm_loadu_ps(bp + n) : _mm_setzero_ps();
+  __m128 r[2];
+  int64_t m = 0;
+  for (; m + 2 <= M; m += 2) {
+    tile(std::integral_constant<int, 2>{}, m, r);
+    _mm_storeu_ps(Y + m * ldy + n, _mm_add_ps(r[0], b));
+    _mm_storeu_ps(Y + (m + 1) * ldy + n, _mm_add_ps(r[1], b));
+  }
+  if (m < M) {
+    tile(std::integral_constant<int, 1>{}, m, r);
+    _mm_storeu_ps(Y + m * ldy + n, _mm_add_ps(r[0], b));
+  }
+}
+
 template <int GS>
 void w4a8_cols4(const W4A8Act& A, const uint8_t* W, const uint16_t* sc4, const uint16_t* mn4, const float* bp,
                 float* Y, int64_t ldy, int64_t n0, int64_t n1) {
   const int64_t rowbytes = A.Kp / 2, G = A.G;
-  for (int64_t n = n0; n < n1; n += 4) {
-    const __m128 b = bp ? _mm_loadu_ps(bp + n) : _mm_setzero_ps();
-    const uint8_t* w = W + n * rowbytes;
-    __m128 r[2];
-    int64_t m = 0;
-    for (; m + 2 <= A.M; m += 2) {
-      gemv4_w4a8<GS, 2>(w, rowbytes, sc4 + n * G, mn4 + n * G, G, A.xq + m * A.Kp, A.Kp, A.sx + m * A.Gp, A.Gp,
-                        A.xsum + m * G, r);
-      _mm_storeu_ps(Y + m * ldy + n, _mm_add_ps(r[0], b));
-      _mm_storeu_ps(Y + (m + 1) * ldy + n, _mm_add_ps(r[1], b));
-    }
-    if (m < A.M) {
-      gemv4_w4a8<GS, 1>(w, rowbytes, sc4 + n * G, mn4 + n * G, G, A.xq + m * A.Kp, A.Kp, A.sx + m * A.Gp, A.Gp,
-                        A.xsum + m * G, r);
-      _mm_storeu_ps(Y + m * ldy + n, _mm_add_ps(r[0], b));
-    }
-  }
+  for (int64_t n = n0; n < n1; n += 4)
+    tile_rows(A.M, bp, Y, ldy, n, [&](auto rc, int64_t m, __m128* r) {
+      gemv4_w4a8<GS, decltype(rc)::value>(W + n * rowbytes, rowbytes, sc4 + n * G, mn4 + n * G, G, A.xq + m * A.Kp,
+                                          A.Kp, A.sx + m * A.Gp, A.Gp, A.xsum + m * G, r);
+    });
 }
 
 // ---- int8 grouped (symmetric) weights x per-group int8 activations ----------------------------
@@ -504,21 +511,11 @@ template <int GS>
 void i8_cols4(const W4A8Act& A, const int8_t* W, int64_t Kp, const uint16_t* sc4, const float* bp, float* Y,
               int64_t ldy, int64_t n0, int64_t n1) {
   const int64_t G = A.G;
-  for (int64_t n = n0; n < n1; n += 4) {
-    const __m128 b = bp ? _mm_loadu_ps(bp + n) : _mm_setzero_ps();
-    const int8_t* w = W + n * Kp;
-    __m128 r[2];
-    int64_t m = 0;
-    for (; m + 2 <= A.M; m += 2) {
-      gemv4_i8<GS, 2>(w, Kp, sc4 + n * G, G, A.xq + m * A.Kp, A.Kp, A.sx + m * A.Gp, A.Gp, r);
-      _mm_storeu_ps(Y + m * ldy + n, _mm_add_ps(r[0], b));
-      _mm_storeu_ps(Y + (m + 1) * ldy + n, _mm_add_ps(r[1], b));
-    }
-    if (m < A.M) {
-      gemv4_i8<GS, 1>(w, Kp, sc4 + n * G, G, A.xq + m * A.Kp, A.Kp, A.sx + m * A.Gp, A.Gp, r);
-      _mm_storeu_ps(Y + m * ldy + n, _mm_add_ps(r[0], b));
-    }
-  }
+  for (int64_t n = n0; n < n1; n += 4)
+    tile_rows(A.M, bp, Y, ldy, n, [&](auto rc, int64_t m, __m128* r) {
+      gemv4_i8<GS, decltype(rc)::value>(W + n * Kp, Kp, sc4 + n * G, G, A.xq + m * A.Kp, A.Kp, A.sx + m * A.Gp, A.Gp,
+                                        r);
+    });
 }
 
 }  // namespace llmopt_q
