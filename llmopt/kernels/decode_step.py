@@ -81,6 +81,8 @@ class FusedDecoder:
         if ext is None:
             return None
         cfg = model.cfg
+        if tiles is None:
+            tiles = qlinear.TILES  # env LLMOPT_DECODE_TILES
         none = torch.empty(0)
         tensors: list[torch.Tensor] = []
         ints: list[int] = []
@@ -89,13 +91,16 @@ class FusedDecoder:
             if mlp.gate_up_proj.bias is not None or mlp.down_proj.bias is not None:
                 return None
 
-            def packed(lin, bias=True):
-                t = [lin.qweight, lin.scales, lin.mins]
-                return t + [lin.bias if lin.bias is not None else none] if bias else t
+            def packed(lin):
+                """qweight, scales, mins, their 4-column interleaved copies (shared with the op-by-op
+                path, qlinear.interleaved_scales; empty: column kernel only), bias (empty: none)."""
+                sc4, mn4 = qlinear.interleaved_scales(lin.qweight_packed) if tiles else (None, None)
+                return [lin.qweight, lin.scales, lin.mins, none if sc4 is None else sc4, none if mn4 is None else mn4,
+                        none if lin.bias is None else lin.bias]
 
             tensors += [layer.input_layernorm.weight.detach(), *packed(attn.qkv_proj), *packed(attn.o_proj),
-                        layer.post_attention_layernorm.weight.detach(), *packed(mlp.gate_up_proj, False),
-                        *packed(mlp.down_proj, False),
+                        layer.post_attention_layernorm.weight.detach(), *packed(mlp.gate_up_proj),
+                        *packed(mlp.down_proj),
                         attn.q_norm.weight.detach() if attn.q_norm is not None else none,
                         attn.k_norm.weight.detach() if attn.k_norm is not None else none,
                         attn.k_cache, attn.v_cache]
@@ -103,8 +108,7 @@ class FusedDecoder:
                      mlp.down_proj.group_size, -1 if attn.window is None else int(attn.window)]
         step = ext.DecodeStep(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
                               float(cfg.rms_norm_eps), float(model.layers[0].self_attn.scale), tensors, ints,
-                              model.norm.weight.detach(), model.rope_table(torch.float32),
-                              os.environ.get("LLMOPT_DECODE_TILES", "1") != "0" if tiles is None else bool(tiles))
+                              model.norm.weight.detach(), model.rope_table(torch.float32))
         return cls(model, step, cls._head(ext, model))
 
     @staticmethod

@@ -94,14 +94,14 @@ def _workspace(rows: int, k: int) -> torch.Tensor:
 _tile_params_cache: dict[int, tuple] = {}  # id(scales) -> (ref, version, mins ref, version, scales4, mins4)
 
 
-def _tile_params(qw: QuantizedWeight, m: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(scales4, mins4) for w4a8_gemm's 4-column tiles, or (None, None) where they do not apply.
+def interleaved_scales(qw: QuantizedWeight) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """fp16 scales / mins of an int4 weight interleaved by 4 columns (``[N/4, G, 4]``), what the
+    4-column tiles read (``w4a8_gemm``'s ``scales4`` / ``mins4``, the fused decode step), or
+    (None, None) if they cannot run it (N % 4, group < 64, not fp16).
 
-    Cached per scales tensor and rebuilt when the scales or mins tensor is replaced or written in
-    place (tensor version counters)."""
+    One copy per weight, shared by both users: cached per scales tensor and rebuilt when the scales
+    or mins tensor is replaced or written in place (tensor version counters)."""
     n, k = qw.shape
-    if not TILES or m < TILE_MIN_M or k > TILE_MAX_K:
-        return None, None
     sc, mn = qw["scales"], qw.tensors.get("mins")
     if mn is None or sc.dtype != torch.float16 or mn.dtype != torch.float16 or n % 4 or qw.group_size < 64:
         return None, None
@@ -115,6 +115,13 @@ def _tile_params(qw: QuantizedWeight, m: int) -> tuple[torch.Tensor | None, torc
     ref = weakref.ref(sc, lambda _r, key=key: _tile_params_cache.pop(key, None))  # dropped with the scales
     _tile_params_cache[key] = (ref, sc._version, weakref.ref(mn), mn._version, sc4, mn4)
     return sc4, mn4
+
+
+def _tile_params(qw: QuantizedWeight, m: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(scales4, mins4) for an ``m``-row int4 x int8 product where the tiles pay off, else (None, None)."""
+    if not TILES or m < TILE_MIN_M or qw.shape[1] > TILE_MAX_K:
+        return None, None
+    return interleaved_scales(qw)
 
 
 _mod = None

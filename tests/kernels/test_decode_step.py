@@ -89,7 +89,7 @@ def test_generic_columns_bit_identical(tmp_path, arch, threads):
 @pytest.mark.parametrize("gs", [64, 128, 256])
 def test_tile_kernel_vs_reference(rows, gs):
     """The 4-column GEMV tiles against the plain-torch int4 x int8-activation reference."""
-    from llmopt.kernels.qlinear import reference_linear
+    from llmopt.kernels.qlinear import interleaved_scales, reference_linear
     from llmopt.quant.formats import quantize
 
     g = torch.Generator().manual_seed(rows * gs)
@@ -98,19 +98,47 @@ def test_tile_kernel_vs_reference(rows, gs):
     x = torch.randn(rows, k, generator=g)
     bias = torch.randn(n, generator=g)
     ref = reference_linear(x, qw, bias, act="int8")
+    sc4, mn4 = interleaved_scales(qw)
+    assert sc4 is not None
     for tiles in (True, False):
-        y = decode_step._native().linear_a8(x, qw["qweight"], qw["scales"], qw["mins"], gs, bias, tiles)
+        y = decode_step._native().linear_a8(x, qw["qweight"], qw["scales"], qw["mins"], gs, bias,
+                                            sc4 if tiles else None, mn4 if tiles else None)
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_tile_copies_checked():
+    from llmopt.kernels.qlinear import interleaved_scales
+    from llmopt.quant.formats import quantize
+
+    qw = quantize(torch.randn(8, 128), "int4", 64)
+    sc4, mn4 = interleaved_scales(qw)
+    x = torch.randn(4, 128)
+    lin = decode_step._native().linear_a8
+    with pytest.raises(RuntimeError, match="come together"):
+        lin(x, qw["qweight"], qw["scales"], qw["mins"], 64, None, sc4, None)
+    with pytest.raises(RuntimeError, match="contiguous float16"):
+        lin(x, qw["qweight"], qw["scales"], qw["mins"], 64, None, sc4.float(), mn4)
+    q6 = quantize(torch.randn(6, 128), "int4", 64)
+    assert interleaved_scales(q6) == (None, None)  # N % 4 != 0: no tiles
+    with pytest.raises(RuntimeError, match="out_features % 4"):
+        lin(x, q6["qweight"], q6["scales"], q6["mins"], 64, None, q6["scales"], q6["mins"])
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_tiles_stack_bit_identical(tmp_path, arch):
     """From 4 rows on both paths run the 4-column tiles (the op-by-op linears do for K <= 1024, as
     all of this model's): exact too."""
+    from llmopt.kernels import qlinear
+
     eng = _engine(tmp_path, arch)
+    lins = [m for layer in eng.model.layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                                         layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+    copies = [qlinear._tile_params_cache[id(lin.scales)][4] for lin in lins]  # made by the engine's step
     a, ca, b, cb = _both(eng, [5 + 7 * i for i in range(6)], tiles=True)
     assert torch.equal(a, b)
     assert torch.equal(ca[0], cb[0]) and torch.equal(ca[1], cb[1])
+    # the op-by-op path used the step's interleaved copies: one per linear, not a second set
+    assert all(qlinear.interleaved_scales(lin.qweight_packed)[0] is c for lin, c in zip(lins, copies))
 
 
 def test_tiles_against_column_kernels_close(tmp_path):

@@ -87,14 +87,17 @@ void check_vec(const at::Tensor& t, int64_t n, const char* what) {
 // An int4 linear in the lane layout read with int8 activations (qlinear: int4 + INT4_ACT=int8).
 struct QLin {
   at::Tensor qw, sc, mn, bias;  // kept alive
-  at::Tensor sc4, mn4;          // scales / mins interleaved by 4 columns (fp16 models), else undefined
+  at::Tensor sc4, mn4;          // scales / mins interleaved by 4 columns for the tiles, else empty
   int64_t N = 0, K = 0, gs = 0;
   int sk = 0, mk = 0;
 
   QLin() = default;
-  QLin(at::Tensor qweight, at::Tensor scales, at::Tensor mins, at::Tensor b, int64_t n, int64_t k, int64_t group,
-       const char* what, bool tiles)
-      : qw(std::move(qweight)), sc(std::move(scales)), mn(std::move(mins)), bias(std::move(b)), N(n), K(k), gs(group) {
+  // scales4 / mins4: fp16 copies of scales / mins interleaved by 4 columns (interleave4_f16; in
+  // Python qlinear.interleaved_scales) for the 4-column tiles from kW4TileMinRows rows, or empty
+  QLin(at::Tensor qweight, at::Tensor scales, at::Tensor mins, at::Tensor scales4, at::Tensor mins4, at::Tensor b,
+       int64_t n, int64_t k, int64_t group, const char* what)
+      : qw(std::move(qweight)), sc(std::move(scales)), mn(std::move(mins)), bias(std::move(b)), sc4(std::move(scales4)),
+        mn4(std::move(mins4)), N(n), K(k), gs(group) {
     TORCH_CHECK(gs == 64 || gs == 128 || gs == 256, what, ": group size must be 64, 128 or 256, got ", gs);
     TORCH_CHECK(K % gs == 0, what, ": in_features ", K, " not a multiple of the group size ", gs);
     TORCH_CHECK(qw.device().is_cpu() && qw.scalar_type() == at::kByte && qw.is_contiguous() && qw.dim() == 2 &&
@@ -105,11 +108,15 @@ struct QLin {
     sk = scale_kind(sc, what);
     mk = scale_kind(mn, what);
     if (defined(bias)) check_vec(bias, N, "bias");
-    if (tiles && N % 4 == 0 && sk == Q::SK_F16 && mk == Q::SK_F16) {  // 4-column tiles (w4a8_cols4)
-      sc4 = at::empty({N * (K / gs)}, sc.options());
-      mn4 = at::empty({N * (K / gs)}, mn.options());
-      Q::interleave4_f16((const uint16_t*)sc.data_ptr(), N, K / gs, (uint16_t*)sc4.data_ptr());
-      Q::interleave4_f16((const uint16_t*)mn.data_ptr(), N, K / gs, (uint16_t*)mn4.data_ptr());
+    TORCH_CHECK(defined(sc4) == defined(mn4), what, ": scales4 and mins4 come together");
+    if (defined(sc4)) {
+      TORCH_CHECK(N % 4 == 0, what, ": 4-column tiles need out_features % 4 == 0");
+      for (const at::Tensor* t : {&sc4, &mn4})
+        TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kHalf && t->is_contiguous() &&
+                        t->numel() == N * (K / gs),
+                    what, ": scales4 / mins4 must be contiguous float16 [N/4, K/group, 4]");
+    } else {
+      sc4 = mn4 = at::Tensor();  // cols() tests defined()
     }
   }
 
@@ -143,7 +150,7 @@ class DecodeStep {
  public:
   DecodeStep(int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t intermediate,
              double eps, double scale, const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& ints,
-             at::Tensor final_norm, at::Tensor cos_sin, bool tiles)
+             at::Tensor final_norm, at::Tensor cos_sin)
       : H_(hidden), Hq_(num_heads), Hk_(num_kv_heads), D_(head_dim), I_(intermediate), eps_((float)eps),
         scale_((float)scale), final_norm_(std::move(final_norm)), cos_sin_(std::move(cos_sin)) {
     TORCH_CHECK(Hk_ > 0 && Hq_ % Hk_ == 0, "num_heads must be a multiple of num_kv_heads");
@@ -162,21 +169,21 @@ class DecodeStep {
       Layer L;
       L.ln1 = t[0];
       check_vec(L.ln1, H_, "input_layernorm weight");
-      L.qkv = QLin(t[1], t[2], t[3], t[4], QKV, H_, v[0], "qkv_proj", tiles);
-      L.o = QLin(t[5], t[6], t[7], t[8], H_, Hq_ * D_, v[1], "o_proj", tiles);
-      L.ln2 = t[9];
+      L.qkv = QLin(t[1], t[2], t[3], t[4], t[5], t[6], QKV, H_, v[0], "qkv_proj");
+      L.o = QLin(t[7], t[8], t[9], t[10], t[11], t[12], H_, Hq_ * D_, v[1], "o_proj");
+      L.ln2 = t[13];
       check_vec(L.ln2, H_, "post_attention_layernorm weight");
-      L.gu = QLin(t[10], t[11], t[12], at::Tensor(), 2 * I_, H_, v[2], "gate_up_proj", tiles);
-      L.down = QLin(t[13], t[14], t[15], at::Tensor(), H_, I_, v[3], "down_proj", tiles);
-      L.qn = t[16];
-      L.kn = t[17];
+      L.gu = QLin(t[14], t[15], t[16], t[17], t[18], t[19], 2 * I_, H_, v[2], "gate_up_proj");
+      L.down = QLin(t[20], t[21], t[22], t[23], t[24], t[25], H_, I_, v[3], "down_proj");
+      L.qn = t[26];
+      L.kn = t[27];
       TORCH_CHECK(defined(L.qn) == defined(L.kn), "q_norm and k_norm come together");
       if (defined(L.qn)) {
         check_vec(L.qn, D_, "q_norm weight");
         check_vec(L.kn, D_, "k_norm weight");
       }
-      L.kc = t[18];
-      L.vc = t[19];
+      L.kc = t[28];
+      L.vc = t[29];
       for (const at::Tensor* c : {&L.kc, &L.vc}) {
         TORCH_CHECK(c->device().is_cpu() && c->scalar_type() == at::kFloat && c->is_contiguous() && c->dim() == 4 &&
                         c->size(2) == Hk_ && c->size(3) == D_,
@@ -400,7 +407,7 @@ class DecodeStep {
   }
 
  private:
-  static constexpr size_t kTensorsPerLayer = 20;
+  static constexpr size_t kTensorsPerLayer = 30;
   static constexpr size_t kIntsPerLayer = 5;
 
   // flash-decoding merge of the token splits (pairs split across the threads)
@@ -488,12 +495,15 @@ class I8Linear {
   std::mutex mu_;
 };
 
-// One int4 linear through the decode step's GEMV kernels (tests: tiles against the reference).
+// One int4 linear through the decode step's GEMV kernels (tests: tiles, given scales4 / mins4,
+// against the reference).
 at::Tensor linear_a8(const at::Tensor& x, at::Tensor qweight, at::Tensor scales, at::Tensor mins, int64_t gs,
-                     c10::optional<at::Tensor> bias, bool tiles) {
+                     c10::optional<at::Tensor> bias, c10::optional<at::Tensor> scales4,
+                     c10::optional<at::Tensor> mins4) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32 [M, K]");
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
-  const QLin lin(qweight, scales, mins, bias.has_value() ? *bias : at::Tensor(), N, K, gs, "linear", tiles);
+  auto opt = [](const c10::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); };
+  const QLin lin(qweight, scales, mins, opt(scales4), opt(mins4), opt(bias), N, K, gs, "linear");
   Q::W4A8Act A = Q::w4a8_act_shape(M, K, gs);
   std::vector<int8_t> xq(M * A.Kp);
   std::vector<float> sx(M * A.Gp), xsum(M * A.G);
@@ -513,10 +523,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "llmopt: the decoder stack of an int4 decode step in one native call";
   py::class_<DecodeStep>(m, "DecodeStep")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double, const std::vector<at::Tensor>&,
-                    const std::vector<int64_t>&, at::Tensor, at::Tensor, bool>(),
+                    const std::vector<int64_t>&, at::Tensor, at::Tensor>(),
            py::arg("hidden"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"),
            py::arg("intermediate"), py::arg("eps"), py::arg("scale"), py::arg("tensors"), py::arg("ints"),
-           py::arg("final_norm"), py::arg("cos_sin"), py::arg("tiles") = true)
+           py::arg("final_norm"), py::arg("cos_sin"))
       .def("run", &DecodeStep::run, py::arg("x"), py::arg("positions"), py::arg("slots"), py::arg("block_tables"),
            py::arg("context_lens"), py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("num_layers", &DecodeStep::num_layers);
@@ -526,7 +536,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("__call__", &I8Linear::forward, py::arg("x"), py::call_guard<py::gil_scoped_release>());
   m.def("linear_a8", &linear_a8, "one int4 (lane layout) linear with int8 activations through the step's kernels",
         py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("mins"), py::arg("group_size"),
-        py::arg("bias") = py::none(), py::arg("tiles") = true);
+        py::arg("bias") = py::none(), py::arg("scales4") = py::none(), py::arg("mins4") = py::none());
   m.def("_set_w4_prefetch", [](int64_t bytes) { Q::w4_prefetch_bytes = bytes; },
         "set the software prefetch distance (bytes, 0 = off) of the int4 x int8 kernels");
 }
