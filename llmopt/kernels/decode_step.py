@@ -46,6 +46,8 @@ def _why_not(model) -> str | None:
                 return f"layer {i} {name} is not int4 with a group size multiple of 64"
             if lin.qweight.device.type != "cpu":
                 return "weights are not on the CPU"
+        if mlp.gate_up_proj.bias is not None or mlp.down_proj.bias is not None:
+            return f"layer {i} has MLP biases"
         if attn.k_cache is None or attn.k_cache.dtype != torch.float32 or not attn.k_cache.is_contiguous():
             return "no contiguous float32 KV cache"
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
@@ -69,8 +71,8 @@ class FusedDecoder:
 
     @classmethod
     def build(cls, model, tiles: bool | None = None) -> "FusedDecoder | None":
-        """``tiles``: the 4-column GEMV tiles (default; env ``LLMOPT_DECODE_TILES=0`` turns them off),
-        else the column kernel of the standalone ``w4a8_gemm`` (bit-identical to the op-by-op forward)."""
+        """``tiles``: the 4-column GEMV tiles from 4 rows (default ``qlinear.TILES``; env
+        ``LLMOPT_DECODE_TILES=0`` turns them off), else the column kernel at every row count."""
         if not fused_decode_enabled():
             return None
         why = _why_not(model)
@@ -88,8 +90,6 @@ class FusedDecoder:
         ints: list[int] = []
         for layer in model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            if mlp.gate_up_proj.bias is not None or mlp.down_proj.bias is not None:
-                return None
 
             def packed(lin):
                 """qweight, scales, mins, their 4-column interleaved copies (shared with the op-by-op

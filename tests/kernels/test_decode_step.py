@@ -182,6 +182,11 @@ def test_not_used_when_model_does_not_qualify(tmp_path, monkeypatch):
     assert _engine(tmp_path, quant=None).runner.fused is None  # float model
     assert _engine(tmp_path, quant="int8").runner.fused is None  # another format
     assert _engine(tmp_path, quant="int4", group_size=32).runner.fused is None  # int8 activations need g % 64 == 0
+    model = _engine(tmp_path / "b").model  # MLP biases (no loaded model has them): the step has no place for them
+    assert decode_step._why_not(model) is None
+    model.layers[1].mlp.down_proj.bias = torch.zeros(model.cfg.hidden_size)
+    assert decode_step._why_not(model) == "layer 1 has MLP biases"
+    assert FusedDecoder.build(model) is None
     monkeypatch.setenv("LLMOPT_FUSED_DECODE", "0")
     assert _engine(tmp_path).runner.fused is None
 
