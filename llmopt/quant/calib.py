@@ -7,6 +7,12 @@ deterministically, independent of the Python hash seed, by the parity of the fir
 AWQ calibrate on :func:`calibration_batches`; quantization quality reports score perplexity on
 :func:`heldout_texts` only, so a method is never scored on the text it was fitted to.
 
+Topics quote each other: ``compound`` contains the whole of ``if``, ``else`` and ``while``,
+``typesseq`` most of ``typesseq-mutable``, ``specialnames`` a third of its paragraphs elsewhere.
+So the held-out texts are deduplicated by paragraph: a held-out paragraph that also stands
+(whitespace-normalized) in any calibration topic is dropped, and a topic left with nothing is
+dropped (:func:`heldout_texts`). No held-out paragraph is ever seen by calibration.
+
 Note: ``llmopt eval --suite ppl`` samples from *all* topics (``random.Random(seed).sample`` over
 every name), so its numbers mix calibration and held-out topics; use :func:`perplexity` on
 :func:`heldout_texts` to compare quantization methods.
@@ -15,6 +21,7 @@ every name), so its numbers mix calibration and held-out topics; use :func:`perp
 from __future__ import annotations
 
 import hashlib
+import re
 import math
 import random
 from typing import Any, Sequence
@@ -29,6 +36,7 @@ __all__ = [
     "heldout_names",
     "calibration_texts",
     "heldout_texts",
+    "paragraphs",
     "calibration_batches",
     "score_texts",
     "perplexity",
@@ -56,10 +64,22 @@ def calibration_texts() -> list[str]:
     return [topics[n] for n in calibration_names()]
 
 
+def paragraphs(text: str) -> list[str]:
+    """The paragraphs of ``text`` (split at blank lines), each whitespace-normalized."""
+    return [" ".join(p.split()) for p in re.split(r"\n\s*\n", text) if p.strip()]
+
+
 def heldout_texts() -> list[str]:
-    """Texts of the held-out topics, in sorted-name order."""
+    """Texts of the held-out topics in sorted-name order, without any paragraph that also stands in
+    a calibration topic (see the module docstring); topics left empty are dropped."""
     topics = load_topics()
-    return [topics[n] for n in heldout_names()]
+    seen = {p for n in calibration_names() for p in paragraphs(topics[n])}
+    out = []
+    for n in heldout_names():
+        kept = [p for p in re.split(r"\n\s*\n", topics[n]) if p.strip() and " ".join(p.split()) not in seen]
+        if kept:
+            out.append("\n\n".join(kept))
+    return out
 
 
 def calibration_batches(tokenizer: Any, n_seqs: int = 32, seq_len: int = 512, seed: int = 0) -> list[list[int]]:

@@ -53,10 +53,24 @@ def test_split_is_disjoint_complete_and_balanced():
     assert sorted(cal + held) == sorted(topics)
     assert 0.3 < len(cal) / len(topics) < 0.7
     assert C.calibration_texts() == [topics[n] for n in cal]
-    assert C.heldout_texts() == [topics[n] for n in held]
+    # held-out texts are the held-out topics minus every paragraph that calibration also has
+    held_texts = C.heldout_texts()
+    assert 30 <= len(held_texts) <= len(held)
+    assert all(any(p in C.paragraphs(topics[n]) for n in held) for t in held_texts for p in C.paragraphs(t))
     # deterministic: a function of the name only (sha256, not the salted built-in hash)
     assert [n for n in reversed(sorted(topics)) if C.is_calibration_topic(n)] == cal[::-1]
     assert C.calibration_names() == cal
+
+
+def test_heldout_paragraphs_never_stand_in_calibration():
+    from pydoc_data.topics import topics
+
+    cal_paragraphs = {p for t in C.calibration_texts() for p in C.paragraphs(t)}
+    held_paragraphs = [p for t in C.heldout_texts() for p in C.paragraphs(t)]
+    assert held_paragraphs and cal_paragraphs.isdisjoint(held_paragraphs)
+    # the overlap was real: ``if`` is held out and its paragraphs stand inside ``compound``
+    if "if" in C.heldout_names() and "compound" in C.calibration_names():
+        assert set(C.paragraphs(topics["if"])) & cal_paragraphs
 
 
 def test_calibration_batches(tiny):
