@@ -625,9 +625,12 @@ def run_grid(config: GridConfig, progress: Progress | None = None, command: str 
         log.warning("bench: skipping %s: %s", name, why)
     if LLAMACPP in [PEERS[p] for p in config.peers] and LLAMACPP not in skipped:
         from llmopt.bench.llamacpp import resolve_gguf
+        from llmopt.config import EngineConfig
 
         specs.append((LLAMACPP, LLAMACPP, {"model": str(resolve_gguf(config.model)), "threads": config.threads,
-                                           "max_seq_len": max(c.input_len + c.output_len for c in config.cells)}))
+                                           "max_seq_len": max(c.input_len + c.output_len for c in config.cells),
+                                           # llama.cpp gets our engine's token budget per step as n_batch
+                                           "n_batch": EngineConfig().max_num_batched_tokens}))
     if config.baseline == "hf":
         specs.append((TRANSFORMERS, TRANSFORMERS, {"model": config.model, "threads": config.threads}))
     workers: dict[str, Worker] = {}

@@ -5,14 +5,16 @@ llama.cpp, no conversion) through llama-cpp-python and follows the bench method 
 cell's prompts as token ids, greedy (argmax of the logits), exactly ``output_len`` tokens with EOS
 ignored, a timestamp per generated token, all requests arriving together at ``t0``.
 
-- Concurrency 1: the high-level ``llama_cpp.Llama`` (``n_batch=512``, ``logits_all=False``):
-  ``eval`` the prompt, then one ``eval`` per generated token.
-- Concurrency > 1: llama.cpp's batch API, as in its ``batched`` example and
-  ``llama-batched-bench``: a second context on the same model with ``n_seq_max = concurrency``
-  (one KV stream per sequence), the prompts of all sequences decoded together (``n_batch`` tokens
-  per ``llama_decode``, logits only at each sequence's last prompt token), then one
-  ``llama_decode`` per step holding the next token of every sequence (one ``seq_id`` each), with
-  per-sequence logits. Every sequence of a step shares that step's timestamp, as in llmopt.
+- Every cell, concurrency 1 included, runs through llama.cpp's batch API the way ``llama-server``
+  schedules (continuous batching): a context with ``n_seq_max = concurrency`` (one KV stream per
+  sequence); each ``llama_decode`` holds the next token of every sequence that has started
+  generating, then as many prompt tokens as still fit in ``n_batch`` (logits only at each
+  sequence's last prompt token). So a sequence whose prompt is done decodes while the others are
+  still being prefilled, exactly as llmopt's scheduler does, and its TPOT holds no wait for them.
+- Its best settings: ``n_batch`` = llmopt's token budget per step (``EngineConfig``'s
+  ``max_num_batched_tokens``, 2048), ``n_ubatch`` = llama.cpp's default (512), flash attention as
+  llama.cpp decides by default (``LLAMA_FLASH_ATTN_TYPE_AUTO``; llama-cpp-python's ``Llama()``
+  turns it off unless asked, so the contexts here are built from the C parameters directly).
 
 llama.cpp multiplies Q4_1 weights with 8-bit-quantized activations, llmopt fp32 and transformers
 dequantize the weights and compute in fp32, so greedy tokens legitimately differ: the grid records
@@ -64,34 +66,36 @@ def _round_up(n: int, k: int) -> int:
 class LlamaCppSystem:
     """llama.cpp through llama-cpp-python with the bench's ``run`` interface (see the module docstring)."""
 
-    def __init__(self, model: str, threads: int, max_seq_len: int = 1024, n_batch: int = 512,
-                 verbose: bool = False):
+    def __init__(self, model: str, threads: int, max_seq_len: int = 1024, n_batch: int = 2048,
+                 n_ubatch: int = 512, flash_attn: str = "auto", verbose: bool = False):
         import llama_cpp
         import numpy as np
 
         self._lc, self._np = llama_cpp, np
+        modes = {"auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                 "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED}
+        if flash_attn not in modes:
+            raise ValueError(f"flash_attn must be one of {', '.join(modes)}, got {flash_attn!r}")
+        if n_batch < 1 or n_ubatch < 1:
+            raise ValueError(f"n_batch and n_ubatch must be >= 1, got {n_batch}, {n_ubatch}")
+        n_ubatch = min(n_ubatch, n_batch)  # llama.cpp's own rule
         path = resolve_gguf(model)
         t0 = time.perf_counter()
-        self.n_batch = n_batch
+        self.n_batch, self.n_ubatch, self.flash_attn = n_batch, n_ubatch, modes[flash_attn]
         self.max_seq_len = max_seq_len
-        self.llm = llama_cpp.Llama(str(path), n_threads=threads, n_threads_batch=threads,
-                                   # llama.cpp caps n_batch at n_ctx: keep the context at least n_batch long
-                                   n_ctx=max(_round_up(max_seq_len, CTX_ALIGN), n_batch), n_batch=n_batch,
-                                   n_ubatch=n_batch,
-                                   logits_all=False, verbose=verbose)  # not verbose: llama.cpp logs errors only
+        # The high-level object only holds the model (its own small context is never used for a run).
+        self.llm = llama_cpp.Llama(str(path), n_threads=threads, n_threads_batch=threads, n_ctx=CTX_ALIGN,
+                                   n_batch=CTX_ALIGN, n_ubatch=CTX_ALIGN, logits_all=False, verbose=verbose)
         self.vocab_size = self.llm.n_vocab()
-        if llama_cpp.llama_n_batch(self.llm.ctx) < n_batch:
-            raise RuntimeError(f"llama.cpp took n_batch {llama_cpp.llama_n_batch(self.llm.ctx)} instead of {n_batch}")
         self._batched: tuple[int, int, Any, Any] | None = None  # (n_seq, n_ctx_seq, ctx, batch)
-        self._batched_n_batch = n_batch  # what the batched context really takes per llama_decode
+        self._batched_n_batch = n_batch  # what the context really takes per llama_decode
         self.info = {
             "llama_cpp_python": getattr(llama_cpp, "__version__", None),
             "gguf": str(path),
             "weights": "as stored in the GGUF (llama.cpp runs the quantized tensors natively)",
-            "threads": threads, "n_batch": n_batch,
-            "flash_attn_type": int(self.llm.context_params.flash_attn_type),
-            "concurrency_1": "Llama.eval, one token at a time",
-            "concurrency_n": "batched: one llama_decode per step, one seq_id per request (n_seq_max = concurrency)",
+            "threads": threads, "n_batch": n_batch, "n_ubatch": n_ubatch, "flash_attn": flash_attn,
+            "scheduling": "continuous batching through llama_decode: started sequences decode while later "
+                          "prompts prefill (n_seq_max = concurrency, one KV stream per sequence)",
             "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
             "load_seconds": round(time.perf_counter() - t0, 3),
         }
@@ -124,10 +128,9 @@ class LlamaCppSystem:
             self._batched = None
 
     def _batched_context(self, n_seq: int, seq_len: int) -> tuple[Any, Any]:
-        """A context for ``n_seq`` parallel sequences of up to ``seq_len`` tokens each, with the same
-        settings as the single-sequence one (threads, n_batch, attention, KV types); reused while the
-        shape fits, replaced otherwise, freed before a single-sequence run (so an idle KV cache never
-        inflates a later cell's RSS)."""
+        """A context for ``n_seq`` parallel sequences of up to ``seq_len`` tokens each (threads,
+        ``n_batch``, ``n_ubatch`` and flash attention as constructed); reused while the shape fits,
+        replaced otherwise (so an idle KV cache never inflates a later cell's RSS)."""
         lc = self._lc
         n_ctx_seq = _round_up(seq_len, CTX_ALIGN)
         if self._batched is not None and self._batched[:2] == (n_seq, n_ctx_seq):
@@ -140,7 +143,9 @@ class LlamaCppSystem:
         params.n_seq_max = n_seq
         params.n_ctx = n_seq * n_ctx_seq  # split evenly: one KV stream of n_ctx_seq cells per sequence
         params.kv_unified = False
-        params.n_batch = params.n_ubatch = self.n_batch
+        params.n_batch = self.n_batch
+        params.n_ubatch = self.n_ubatch
+        params.flash_attn_type = self.flash_attn
         ctx = lc.llama_init_from_model(self.llm.model, params)
         if not ctx:
             raise RuntimeError(f"llama.cpp could not create a context for {n_seq} sequences of {n_ctx_seq} tokens")
@@ -166,62 +171,32 @@ class LlamaCppSystem:
     # ---- the bench interface -------------------------------------------------------------------
     def run(self, prompts: list[list[int]], output_len: int) -> tuple[float, float, list[list[int]],
                                                                        list[list[float]], dict[str, Any]]:
-        """All prompts arrive at ``t0``; returns (t0, t_end, token ids, token times, extras) per request."""
+        """All prompts arrive at ``t0``; returns (t0, t_end, token ids, token times, extras) per request.
+        Each ``llama_decode`` carries the next token of every started sequence first, then prompt
+        tokens up to ``n_batch`` (see the module docstring)."""
         self._check(prompts, output_len)
-        if len(prompts) == 1:
-            self._free_batched()  # an idle multi-sequence KV cache must not count in this run's RSS
-            return self._run_single(prompts[0], output_len)
-        return self._run_batched(prompts, output_len)
-
-    def _run_single(self, prompt: list[int], output_len: int) -> Any:
-        lc, llm = self._lc, self.llm
-        if len(prompt) + output_len > llm.n_ctx():
-            raise ValueError(f"prompt + output ({len(prompt) + output_len} tokens) exceed the llama.cpp context "
-                             f"({llm.n_ctx()}); construct the system with a larger max_seq_len")
-        lc.llama_memory_clear(lc.llama_get_memory(llm.ctx), True)
-        llm.reset()
-        ids: list[int] = []
-        times: list[float] = []
-        t0 = time.perf_counter()
-        llm.eval(prompt)
-        for k in range(output_len):
-            ids.append(self._argmax(llm.ctx, -1))
-            times.append(time.perf_counter())
-            if k + 1 < output_len:
-                llm.eval([ids[-1]])
-        t_end = time.perf_counter()
-        return t0, t_end, [ids], [times], {"llama_decode_calls": -(-len(prompt) // self.n_batch) + output_len - 1}
-
-    def _run_batched(self, prompts: list[list[int]], output_len: int) -> Any:
         lc = self._lc
         n = len(prompts)
         ctx, batch = self._batched_context(n, max(len(p) for p in prompts) + output_len)
         lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
         ids: list[list[int]] = [[] for _ in prompts]
         times: list[list[float]] = [[] for _ in prompts]
-        calls = 0
-        t0 = time.perf_counter()
-        # prefill: every prompt token of every sequence, n_batch per llama_decode; logits only where a
-        # sequence's prompt ends, read right after the call that produced them
-        flat = [(tok, pos, s, pos == len(p) - 1) for s, p in enumerate(prompts) for pos, tok in enumerate(p)]
+        pending = [(tok, pos, s, pos == len(p) - 1) for s, p in enumerate(prompts) for pos, tok in enumerate(p)]
         step = min(self.n_batch, self._batched_n_batch)
-        for start in range(0, len(flat), step):
-            chunk = flat[start:start + step]
-            self._decode(ctx, batch, chunk)
+        calls, next_prompt = 0, 0
+        t0 = time.perf_counter()
+        while next_prompt < len(pending) or any(len(x) < output_len for x in ids):
+            items = [(ids[s][-1], len(prompts[s]) + len(ids[s]) - 1, s, True)
+                     for s in range(n) if ids[s] and len(ids[s]) < output_len]
+            take = max(0, step - len(items))
+            items += pending[next_prompt:next_prompt + take]
+            next_prompt += take
+            self._decode(ctx, batch, items)
             calls += 1
-            firsts = [(s, self._argmax(ctx, i)) for i, (_, _, s, last) in enumerate(chunk) if last]
+            new = [(s, self._argmax(ctx, i)) for i, (_, _, s, want) in enumerate(items) if want]
             now = time.perf_counter()
-            for s, tok in firsts:
+            for s, tok in new:
                 ids[s].append(tok)
-                times[s].append(now)
-        # decode: one llama_decode per step with the last token of every sequence
-        for _ in range(output_len - 1):
-            self._decode(ctx, batch, [(ids[s][-1], len(p) + len(ids[s]) - 1, s, True) for s, p in enumerate(prompts)])
-            calls += 1
-            nxt = [self._argmax(ctx, s) for s in range(n)]
-            now = time.perf_counter()
-            for s in range(n):
-                ids[s].append(nxt[s])
                 times[s].append(now)
         t_end = time.perf_counter()
         return t0, t_end, ids, times, {"llama_decode_calls": calls}

@@ -10,6 +10,7 @@ pytest.importorskip("llama_cpp")
 from typer.testing import CliRunner  # noqa: E402
 
 from llmopt.bench.grid import random_prompts  # noqa: E402
+from llmopt.config import EngineConfig  # noqa: E402
 from llmopt.bench.llamacpp import LlamaCppSystem, resolve_gguf  # noqa: E402
 from llmopt.cli import app  # noqa: E402
 from tests.conftest import SMOLLM2, requires_smollm2  # noqa: E402
@@ -62,10 +63,20 @@ def test_chunked_prefill_of_mixed_lengths_matches_too(system):
     try:
         prompts = [random_prompts(1, n, system.vocab_size, seed=n)[0] for n in (13, 5, 11)]
         result = small.run(prompts, 3)
-        assert result[4]["llama_decode_calls"] == 4 + 2  # 29 prompt tokens in 8-token batches, then 2 steps
+        # continuous batching: 29 prompt tokens plus the started sequences' decodes, 8 per llama_decode
+        assert result[4]["llama_decode_calls"] == 6
+        times = result[3]
+        assert times[0][1] <= times[2][0]  # the first sequence decodes while the last one still prefills
         assert result[2] == [system.run([p], 3)[2][0] for p in prompts]
     finally:
         small.close()
+
+
+def test_peer_runs_with_llama_cpp_defaults_and_refuses_bad_settings(system):
+    assert system.info["flash_attn"] == "auto" and system.info["n_ubatch"] == 512
+    assert system.info["n_batch"] == EngineConfig().max_num_batched_tokens  # our token budget per step
+    with pytest.raises(ValueError, match="flash_attn"):
+        LlamaCppSystem(SMOLLM2, threads=1, flash_attn="sometimes")
 
 
 def test_prefill_batches_are_not_capped_by_one_sequence_context(system):
