@@ -1,0 +1,114 @@
+"""Native GGUF linear (llmopt.kernels.gguf_linear) vs dequantized fp32 torch matmul (MKL) vs fbgemm
+dynamic int8, side by side in one run, per type, per CPU path.
+
+    python benchmarks/bench_gguf_linear.py [--threads 2] [--types Q4_0,Q4_K] [--ms 1,16,512]
+
+Shapes are K x N (in_features x out_features): SmolLM2-135M-like 576x1536 (MLP up), 1536x576 (MLP
+down), 576x49152 (output layer), and 2048x8192. Weights: random blocks from gguf.quants.quantize
+(K-quants: random bytes with valid fp16 scales; skipped where K is not a multiple of 256, as llama.cpp
+does). Times are the minimum over repetitions after a warm-up (the least disturbed run: this is meant
+for shared machines; --stat median for the median);
+"x mkl" is the fp32 MKL time divided by the row's time (> 1 = faster than MKL on dequantized weights).
+fbgemm int8 quantizes the weights per channel and the activations per tensor (a different, lossier
+model): it is the speed reference for an int8 path, not a quality peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import gguf
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gguf import quants
+
+from llmopt.kernels import gguf_linear as G
+
+QT = gguf.GGMLQuantizationType
+SHAPES = [(576, 1536), (1536, 576), (576, 49152), (2048, 8192)]
+DEFAULT_TYPES = "Q4_0,Q4_1,Q5_0,Q5_1,Q8_0,Q4_K,Q5_K,Q6_K"
+_SCALE_OFFS = {QT.Q2_K: [80, 82], QT.Q3_K: [108], QT.Q4_K: [0, 2], QT.Q5_K: [0, 2], QT.Q6_K: [208]}
+
+
+def random_blocks(qt: QT, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [n, bytes_per_row] GGUF blocks of type qt for an [n, k] weight."""
+    block, ts = gguf.GGML_QUANT_SIZES[qt]
+    if qt not in _SCALE_OFFS:
+        return quants.quantize((rng.standard_normal((n, k)) * 0.05).astype(np.float32), qt)
+    raw = rng.integers(0, 256, size=(n, k // block, ts), dtype=np.uint8)
+    for off in _SCALE_OFFS[qt]:
+        v = (np.abs(rng.standard_normal((n, k // block))) * 1e-3).astype(np.float16)
+        raw[..., off:off + 2] = v.view(np.uint8).reshape(n, k // block, 2)
+    return raw.reshape(n, -1)
+
+
+def timeit(fn, budget_s: float = 0.4, min_reps: int = 3, max_reps: int = 200, stat: str = "min") -> float:
+    fn()  # warm-up (first-touch, caches)
+    times: list[float] = []
+    t_end = time.perf_counter() + budget_s
+    while len(times) < min_reps or (time.perf_counter() < t_end and len(times) < max_reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times) if stat == "min" else statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--types", default=DEFAULT_TYPES)
+    ap.add_argument("--ms", default="1,16,512")
+    ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES))
+    ap.add_argument("--budget", type=float, default=0.4, help="seconds of timing per cell")
+    ap.add_argument("--stat", choices=["min", "median"], default="min")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")  # fbgemm's deprecation notice
+    rng = np.random.default_rng(0)
+    types = [QT[t.strip().upper()] for t in args.types.split(",") if t.strip()]
+    ms = [int(m) for m in args.ms.split(",")]
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    paths = G.available_paths()
+    print(f"torch {torch.__version__}, threads {args.threads}, default path {G.cpu_path()}, paths {paths}, "
+          f"cpu capability {torch.backends.cpu.get_cpu_capability()}")
+    print(f"times in ms ({args.stat} per cell); 'x mkl' = fp32 MKL time / this time")
+    for k, n in shapes:
+        x_by_m = {m: torch.randn(m, k) for m in ms}
+        w32 = torch.randn(n, k) * 0.05
+        lin = torch.ao.nn.quantized.dynamic.Linear(k, n, dtype=torch.qint8)
+        lin.set_weight_bias(torch.quantize_per_channel(w32, (w32.abs().amax(1) / 127).clamp_min(1e-8),
+                                                       torch.zeros(n, dtype=torch.long), 0, torch.qint8), None)
+        base: dict[int, tuple[float, float]] = {}
+        for m in ms:
+            x = x_by_m[m]
+            t_mkl = timeit(lambda: F.linear(x, w32), args.budget, stat=args.stat)
+            t_fb = timeit(lambda: lin(x), args.budget, stat=args.stat)
+            base[m] = (t_mkl, t_fb)
+        print(f"\nK x N = {k} x {n}")
+        head = f"{'type':6s} {'bpw':>5s}  " + "  ".join(
+            f"{'M=' + str(m):>8s} {'mkl':>7s} {'fbgemm8':>7s} " + " ".join(f"{p:>7s} {'x mkl':>5s}" for p in paths)
+            for m in ms)
+        print(head)
+        for qt in types:
+            if k % gguf.GGML_QUANT_SIZES[qt][0]:
+                print(f"{qt.name:6s}  n/a (K not a multiple of its block size)")
+                continue
+            pk = G.pack_gguf(random_blocks(qt, n, k, rng), qt, (n, k))
+            cells = []
+            for m in ms:
+                x = x_by_m[m]
+                t_mkl, t_fb = base[m]
+                row = f"{'':8s} {t_mkl * 1e3:7.3f} {t_fb * 1e3:7.3f} "
+                for p in paths:
+                    t = timeit(lambda: G.gguf_linear(x, pk, path=p), args.budget, stat=args.stat)
+                    row += f"{t * 1e3:7.3f} {t_mkl / t:5.2f} "
+                cells.append(row)
+            print(f"{qt.name:6s} {pk.bits_per_weight:5.2f}  " + " ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
