@@ -85,8 +85,8 @@ def main() -> None:
         base: dict[int, tuple[float, float]] = {}
         for m in ms:
             x = x_by_m[m]
-            t_mkl = timeit(lambda: F.linear(x, w32), args.budget, stat=args.stat)
-            t_fb = timeit(lambda: lin(x), args.budget, stat=args.stat)
+            t_mkl = timeit(lambda x=x, w32=w32: F.linear(x, w32), args.budget, stat=args.stat)
+            t_fb = timeit(lambda x=x, lin=lin: lin(x), args.budget, stat=args.stat)
             base[m] = (t_mkl, t_fb)
         print(f"\nK x N = {k} x {n}")
         head = f"{'type':6s} {'bpw':>5s}  " + "  ".join(
@@ -104,7 +104,7 @@ def main() -> None:
                 t_mkl, t_fb = base[m]
                 row = f"{'':8s} {t_mkl * 1e3:7.3f} {t_fb * 1e3:7.3f} "
                 for p in paths:
-                    t = timeit(lambda: G.gguf_linear(x, pk, path=p), args.budget, stat=args.stat)
+                    t = timeit(lambda x=x, pk=pk, p=p: G.gguf_linear(x, pk, path=p), args.budget, stat=args.stat)
                     row += f"{t * 1e3:7.3f} {t_mkl / t:5.2f} "
                 cells.append(row)
             print(f"{qt.name:6s} {pk.bits_per_weight:5.2f}  " + " ".join(cells))

@@ -18,8 +18,8 @@ Summation order and batch invariance: every output is one fma chain over k in or
 number of rows, the row tile, the thread count or the instruction set, so row i of an M-row call
 is bit-identical to the same row computed alone (tests pin this). Paths (by M):
 
-* M <= ``small_m`` (default 4, decode): weights decoded in registers, each decoded 16-column vector
-  reused by up to 4 rows (memory-bound GEMV);
+* M <= ``small_m`` (``SMALL_M``: 4 on AVX-512, 2 on AVX2; decode): weights decoded in registers,
+  each decoded 16-column vector reused by up to 4 rows (GEMV);
 * larger M (prefill): a chunk of 256 k x 16-32 columns is dequantized to fp32 once per thread and
   tile and fed to a register-blocked fp32 micro-kernel (6 rows x 16-32 columns).
 
@@ -51,15 +51,16 @@ QT = gguf.GGMLQuantizationType
 LANES = 16
 
 __all__ = [
-    "GGUFPacked",
-    "pack_gguf",
-    "gguf_linear",
-    "dequantize_packed",
-    "supported_types",
-    "cpu_path",
-    "available_paths",
-    "native_module",
     "PATHS",
+    "GGUFPacked",
+    "available_paths",
+    "cpu_path",
+    "dequantize_packed",
+    "gguf_linear",
+    "native_dequantize",
+    "native_module",
+    "pack_gguf",
+    "supported_types",
 ]
 
 PATHS = ("avx512", "avx2")  # native paths, best first
@@ -425,7 +426,7 @@ def _cpu_flags() -> frozenset[str]:
     # not Linux: torch's own cpuid-based answer ("AVX512", "AVX2", "DEFAULT", ...)
     cap = torch.backends.cpu.get_cpu_capability().upper()
     flags = set()
-    if cap.startswith("AVX2") or cap.startswith("AVX512"):
+    if cap.startswith(("AVX2", "AVX512")):
         flags |= set(_ISA_CPU_FLAGS["avx2"])
     if cap.startswith("AVX512"):
         flags |= set(_ISA_CPU_FLAGS["avx512"])
@@ -497,7 +498,11 @@ def cpu_path() -> str:
 # the linear
 # ---------------------------------------------------------------------------------------------
 
-SMALL_M = 4  # rows up to which the register-tile (decode) path runs; above, the dequantized-panel path
+# Rows up to which the register-tile (decode) path runs, per path; above, the dequantized-panel path.
+# Measured (1 thread, Zen 4, Q4_0 / Q4_K, 1536x576 and 2048x8192, benchmarks/bench_gguf_linear.py-style
+# timing): AVX-512 register tiles win up to M = 4 (R = 2..4 tiles share two panels' decode); AVX2 ones
+# up to M = 2 (at M = 4 the panel path is 5-20% faster). Results do not depend on it.
+SMALL_M = {"avx512": 4, "avx2": 2}
 
 
 def gguf_linear(x: torch.Tensor, packed: GGUFPacked, bias: torch.Tensor | None = None, *,
@@ -505,10 +510,11 @@ def gguf_linear(x: torch.Tensor, packed: GGUFPacked, bias: torch.Tensor | None =
     """``x [..., K] @ W.T + bias`` -> ``[..., N]`` in x's dtype, W the packed GGUF weight.
 
     path: None = :func:`cpu_path`; "avx512" / "avx2" force a native build (ValueError if this CPU
-    or build does not have it); "reference" = dequantize + ``F.linear``. small_m: see ``SMALL_M``
-    (results do not depend on it). Inference only: no autograd through the native kernels."""
+    or build does not have it); "reference" = dequantize + ``F.linear``. small_m: rows up to which
+    the register-tile path runs (default ``SMALL_M[path]``; results do not depend on it).
+    Inference only: no autograd through the native kernels (autograd inputs take the reference)."""
     if not isinstance(packed, GGUFPacked):
-        raise ValueError(f"packed must be a GGUFPacked (from pack_gguf), got {type(packed).__name__}")
+        raise ValueError(f"packed must be a GGUFPacked (from pack_gguf), got {type(packed).__name__}")  # noqa: TRY004 - bad input is a ValueError here
     n, k = packed.shape
     label = f"{packed.name or 'weight'!r} ({packed.type_name}, {n}x{k})"
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -524,10 +530,9 @@ def gguf_linear(x: torch.Tensor, packed: GGUFPacked, bias: torch.Tensor | None =
         if use not in PATHS:
             raise ValueError(f"unknown path {use!r}; choose one of {', '.join(PATHS)}, reference")
         mod = native_module(use)
-        if mod is None:
-            if path is not None:
-                raise ValueError(f"CPU path {use!r} is not available here (available: "
-                                 f"{', '.join(available_paths()) or 'none'}, reference)")
+        if mod is None and path is not None:
+            raise ValueError(f"CPU path {use!r} is not available here (available: "
+                             f"{', '.join(available_paths()) or 'none'}, reference)")
     if mod is None or x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
         w = dequantize_packed(packed).to(x.device)
         return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
@@ -535,7 +540,7 @@ def gguf_linear(x: torch.Tensor, packed: GGUFPacked, bias: torch.Tensor | None =
     if x2.dtype != torch.float32:
         x2 = x2.float()
     b = None if bias is None else bias.float()
-    y = mod.gemm(x2.contiguous(), packed.data, packed.ggml_type, n, k, b, SMALL_M if small_m is None else small_m)
+    y = mod.gemm(x2.contiguous(), packed.data, packed.ggml_type, n, k, b, SMALL_M[use] if small_m is None else small_m)
     y = y.reshape(*x.shape[:-1], n)
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
@@ -548,11 +553,4 @@ def native_dequantize(packed: GGUFPacked, path: str | None = None) -> torch.Tens
         return dequantize_packed(packed)
     n, k = packed.shape
     return mod.dequant(packed.data, packed.ggml_type, n, k)
-
-
-def _check_block_bytes() -> None:  # used by tests: Python's layout table == the C++ one
-    for path in available_paths():
-        mod = native_module(path)
-        for t in _TYPES.values():
-            assert mod.block_bytes(int(t.qt)) == t.block_bytes, (path, t.qt.name)
 

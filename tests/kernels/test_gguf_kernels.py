@@ -225,7 +225,7 @@ def _cpu_path_in_subprocess(env_value: str | None, native: str = "1") -> subproc
         env["LLMOPT_CPU_PATH"] = env_value
     code = ("import logging; logging.basicConfig(level=logging.WARNING)\n"
             "from llmopt.kernels import gguf_linear as G\nprint('PATH', G.cpu_path())")
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_env_override_forces_the_avx2_path(paths):
