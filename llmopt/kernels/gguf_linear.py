@@ -266,17 +266,17 @@ def _plane(codes: np.ndarray, bits: int) -> np.ndarray:
     return np.ascontiguousarray(acc.transpose(0, 2, 3, 1)).reshape(p, nblk, -1)
 
 
-def _as_qtype(ggml_type: int | str | QT, name: str) -> QT:
+def _as_qtype(ggml_type: int | str | gguf.GGMLQuantizationType, name: str) -> gguf.GGMLQuantizationType:
     try:
         if isinstance(ggml_type, str):
-            return QT[ggml_type.upper()]
+            return gguf.GGMLQuantizationType[ggml_type.upper()]
         return QT(int(ggml_type))
     except (KeyError, ValueError, TypeError):
         raise ValueError(f"tensor {name or '?'!r}: unknown GGML type {ggml_type!r}; native types: "
                          f"{', '.join(supported_types())}") from None
 
 
-def pack_gguf(raw: torch.Tensor | np.ndarray, ggml_type: int | str | QT, shape: tuple[int, int] | list[int],
+def pack_gguf(raw: torch.Tensor | np.ndarray, ggml_type: int | str | gguf.GGMLQuantizationType, shape: tuple[int, int] | list[int],
               name: str = "") -> GGUFPacked:
     """Repack a GGUF tensor's raw blocks (as read from the file) for :func:`gguf_linear`, losslessly.
 
@@ -291,11 +291,11 @@ def pack_gguf(raw: torch.Tensor | np.ndarray, ggml_type: int | str | QT, shape: 
         raise ValueError(f"{label!r} has GGML type {qt.name}, which has no native kernel; native types: "
                          f"{', '.join(supported_types())} (dequantize it instead)")
     t = _TYPES[qt]
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != 2 or min(shape) <= 0:
+    dims = tuple(int(s) for s in shape)
+    if len(dims) != 2 or min(dims) <= 0:
         raise ValueError(f"{label!r} ({qt.name}): shape must be 2-D (out_features, in_features) with "
-                         f"positive sizes, got {shape}")
-    n, k = shape
+                         f"positive sizes, got {dims}")
+    n, k = dims
     block, type_size = gguf.GGML_QUANT_SIZES[qt]
     if k % block:
         raise ValueError(f"{label!r} ({qt.name}): in_features {k} is not a multiple of the block size {block}; "
@@ -307,7 +307,7 @@ def pack_gguf(raw: torch.Tensor | np.ndarray, ggml_type: int | str | QT, shape: 
     nblk = k // block
     expected = n * nblk * type_size
     if arr.size != expected:
-        raise ValueError(f"{label!r} ({qt.name}, shape {shape}): expected {expected} bytes of blocks "
+        raise ValueError(f"{label!r} ({qt.name}, shape {dims}): expected {expected} bytes of blocks "
                          f"({n} rows x {nblk} blocks x {type_size} B), got {arr.size}")
     blocks = arr.reshape(n, nblk, type_size)
     p = (n + LANES - 1) // LANES
@@ -320,10 +320,10 @@ def pack_gguf(raw: torch.Tensor | np.ndarray, ggml_type: int | str | QT, shape: 
             a = np.ascontiguousarray(f[sec].transpose(0, 2, 1)).view(np.uint8)  # [P, nblk, 16] fp16 bits
         elif sec in ("sc", "mn"):
             a = np.ascontiguousarray(f[sec].transpose(0, 2, 3, 1))  # [P, nblk, NS, 16]
+        elif sec == "low" and t.l == 8:  # one code per byte: just interleave the columns
+            a = np.ascontiguousarray(f["q"].transpose(0, 2, 3, 1))
         elif sec == "low":
-            q = f["q"] if t.l == 8 else f["q"] & np.uint8((1 << t.l) - 1)
-            a = q.transpose(0, 2, 3, 1) if t.l == 8 else None
-            a = np.ascontiguousarray(a) if a is not None else _plane(q, t.l)
+            a = _plane(f["q"] & np.uint8((1 << t.l) - 1), t.l)
         else:
             a = _plane((f["q"] >> np.uint8(t.l)) & np.uint8((1 << t.h) - 1), t.h)
         parts.append(a.reshape(p, nblk, nbytes))
