@@ -23,10 +23,15 @@ is bit-identical to the same row computed alone (tests pin this). Paths (by M):
 * larger M (prefill): a chunk of 256 k x 16-32 columns is dequantized to fp32 once per thread and
   tile and fed to a register-blocked fp32 micro-kernel (6 rows x 16-32 columns).
 
+A separate, named mode ``act="int8"`` (Q4_0, Q4_1, Q8_0, Q4_K) quantizes the activations to int8
+per row and 32 k and uses integer dot products, like llama.cpp's Q8 activations: faster at decode,
+not exact (see :func:`gguf_linear`). The default is ``act="fp32"``.
+
 Instruction sets (:func:`cpu_path`): the same C++ source is built once per ISA (AVX2/FMA/F16C, the
-floor; AVX-512 F/BW/VL) and the best one the CPU reports is chosen at the first call.
-``LLMOPT_CPU_PATH`` (``avx512``, ``avx2``, ``reference``; read once) forces a lower path, e.g. to
-test the AVX2 path on an AVX-512 machine. A CPU without AVX2/FMA (or ``LLMOPT_NATIVE=0``) gets the
+floor; AVX-512 F/BW/VL; AVX-512 + VNNI, which only changes the int8 mode's dot products) and the
+best one the CPU reports is chosen at the first call. ``LLMOPT_CPU_PATH`` (``avx512_vnni``,
+``avx512``, ``avx2``, ``reference``; read once) forces a lower path, e.g. to test the AVX2 path on
+an AVX-512 machine. A CPU without AVX2/FMA (or ``LLMOPT_NATIVE=0``) gets the
 plain-torch reference (dequantize, then ``F.linear``) with one warning: never an illegal instruction.
 """
 
@@ -58,12 +63,13 @@ __all__ = [
     "dequantize_packed",
     "gguf_linear",
     "native_dequantize",
+    "quantize_act_int8",
     "native_module",
     "pack_gguf",
     "supported_types",
 ]
 
-PATHS = ("avx512", "avx2")  # native paths, best first
+PATHS = ("avx512_vnni", "avx512", "avx2")  # native paths, best first
 _SC_NONE, _SC_U8, _SC_S8, _SC_NIB = 0, 1, 2, 3
 
 
@@ -86,6 +92,11 @@ class _TypeDesc:
     @property
     def ns(self) -> int:
         return self.qb // self.s
+
+    @property
+    def a8(self) -> bool:
+        """Has the int8-activation kernel (``kA8`` in csrc/gguf_kernels.h)."""
+        return self.s == 32 and self.h == 0 and self.l in (4, 8)
 
     @property
     def sections(self) -> list[tuple[str, int]]:
@@ -125,8 +136,14 @@ _TYPES: dict[QT, _TypeDesc] = {
 }
 
 
-def supported_types() -> list[str]:
-    """Names of the GGUF types with a native kernel (``gguf.GGMLQuantizationType`` names)."""
+def supported_types(act: str = "fp32") -> list[str]:
+    """Names of the GGUF types with a native kernel (``gguf.GGMLQuantizationType`` names) for
+    fp32 activations (every type) or, ``act="int8"``, int8 activations (32-wide sub-blocks of 4- or
+    8-bit codes: Q4_0, Q4_1, Q8_0, Q4_K)."""
+    if act == "int8":
+        return [t.qt.name for t in _TYPES.values() if t.a8]
+    if act != "fp32":
+        raise ValueError(f"act must be 'fp32' or 'int8', got {act!r}")
     return [t.name for t in _TYPES]
 
 
@@ -404,10 +421,12 @@ _COMMON = ["-O3", "-fopenmp", "-ffp-contract=off"]  # no -ffast-math: the summat
 _ISA_FLAGS = {
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl"],
+    "avx512_vnni": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
 }
 _ISA_CPU_FLAGS = {  # /proc/cpuinfo flags a path needs
     "avx2": ("avx2", "fma", "f16c"),
     "avx512": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl"),
+    "avx512_vnni": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
 }
 
 _lock = threading.Lock()
@@ -429,7 +448,7 @@ def _cpu_flags() -> frozenset[str]:
     if cap.startswith(("AVX2", "AVX512")):
         flags |= set(_ISA_CPU_FLAGS["avx2"])
     if cap.startswith("AVX512"):
-        flags |= set(_ISA_CPU_FLAGS["avx512"])
+        flags |= set(_ISA_CPU_FLAGS["avx512"])  # (VNNI not inferred: torch does not report it)
     return frozenset(flags)
 
 
@@ -502,17 +521,23 @@ def cpu_path() -> str:
 # Measured (1 thread, Zen 4, Q4_0 / Q4_K, 1536x576 and 2048x8192, benchmarks/bench_gguf_linear.py-style
 # timing): AVX-512 register tiles win up to M = 4 (R = 2..4 tiles share two panels' decode); AVX2 ones
 # up to M = 2 (at M = 4 the panel path is 5-20% faster). Results do not depend on it.
-SMALL_M = {"avx512": 4, "avx2": 2}
+SMALL_M = {"avx512_vnni": 4, "avx512": 4, "avx2": 2}
 
 
 def gguf_linear(x: torch.Tensor, packed: GGUFPacked, bias: torch.Tensor | None = None, *,
-                path: str | None = None, small_m: int | None = None) -> torch.Tensor:
+                act: str = "fp32", path: str | None = None, small_m: int | None = None) -> torch.Tensor:
     """``x [..., K] @ W.T + bias`` -> ``[..., N]`` in x's dtype, W the packed GGUF weight.
 
     path: None = :func:`cpu_path`; "avx512" / "avx2" force a native build (ValueError if this CPU
     or build does not have it); "reference" = dequantize + ``F.linear``. small_m: rows up to which
     the register-tile path runs (default ``SMALL_M[path]``; results do not depend on it).
-    Inference only: no autograd through the native kernels (autograd inputs take the reference)."""
+    Inference only: no autograd through the native kernels (autograd inputs take the reference).
+
+    act: "fp32" (default) = the dequantized fp32 model up to summation order; "int8" = the separate
+    int8-activation mode (decode; like llama.cpp's Q8 activations): each row quantized per 32 k to
+    int8 (scale amax / 127, round half to even), integer dot products per 32-wide sub-block, then
+    scaled: ``x_hat @ W.T`` with ``x_hat = dequantized int8 x``, up to float rounding; batch-invariant
+    too. Types: :func:`supported_types` ("int8"); others raise ValueError."""
     if not isinstance(packed, GGUFPacked):
         raise ValueError(f"packed must be a GGUFPacked (from pack_gguf), got {type(packed).__name__}")  # noqa: TRY004 - bad input is a ValueError here
     n, k = packed.shape
@@ -524,6 +549,11 @@ def gguf_linear(x: torch.Tensor, packed: GGUFPacked, bias: torch.Tensor | None =
         raise ValueError(f"{label}: x has shape {tuple(x.shape)}; its last dimension must be in_features = {k}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != n):
         raise ValueError(f"{label}: bias has shape {tuple(bias.shape)}, expected ({n},)")
+    if act not in ("fp32", "int8"):
+        raise ValueError(f"{label}: act must be 'fp32' or 'int8', got {act!r}")
+    if act == "int8" and not _TYPES[QT(packed.ggml_type)].a8:
+        raise ValueError(f"{label}: no int8-activation kernel for {packed.type_name} (types: "
+                         f"{', '.join(supported_types('int8'))}); use act='fp32'")
     use = cpu_path() if path is None else path
     mod = None
     if use != "reference":
@@ -535,14 +565,31 @@ def gguf_linear(x: torch.Tensor, packed: GGUFPacked, bias: torch.Tensor | None =
                              f"{', '.join(available_paths()) or 'none'}, reference)")
     if mod is None or x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
         w = dequantize_packed(packed).to(x.device)
-        return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
+        xf = x.float() if act == "fp32" else quantize_act_int8(x.float().reshape(-1, k)).reshape(x.shape)
+        return F.linear(xf, w, None if bias is None else bias.float()).to(x.dtype)
     x2 = x.reshape(-1, k)
     if x2.dtype != torch.float32:
         x2 = x2.float()
     b = None if bias is None else bias.float()
-    y = mod.gemm(x2.contiguous(), packed.data, packed.ggml_type, n, k, b, SMALL_M[use] if small_m is None else small_m)
+    if act == "int8":
+        y = mod.gemm_a8(x2.contiguous(), packed.data, packed.ggml_type, n, k, b)
+    else:
+        y = mod.gemm(x2.contiguous(), packed.data, packed.ggml_type, n, k, b,
+                     SMALL_M[use] if small_m is None else small_m)
     y = y.reshape(*x.shape[:-1], n)
     return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def quantize_act_int8(x: torch.Tensor) -> torch.Tensor:
+    """What the int8 mode computes with: ``x [M, K]`` (K a multiple of 32) quantized per row and 32 k
+    (scale amax / 127, round half to even) and dequantized again, fp32."""
+    m, k = x.shape
+    xb = x.float().reshape(m, k // 32, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    c127 = torch.full_like(amax, 127.0)  # elementwise true divisions, as the kernel does them
+    inv = torch.where(amax > 0, c127 / amax, torch.zeros_like(amax))
+    xq = torch.round(xb * inv)
+    return (xq.double() * (amax / c127).double()).float().reshape(m, k)
 
 
 def native_dequantize(packed: GGUFPacked, path: str | None = None) -> torch.Tensor:

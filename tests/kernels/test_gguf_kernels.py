@@ -87,6 +87,8 @@ def test_native_paths_report_their_instruction_set(paths):
     flags = G._cpu_flags()
     if {"avx512f", "avx512bw", "avx512vl"} <= flags:
         assert "avx512" in paths
+    if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
+        assert "avx512_vnni" in paths
 
 
 def test_layout_tables_agree_between_python_and_cpp(paths):
@@ -150,6 +152,52 @@ def test_rows_are_bit_identical_whatever_the_batch(paths, parallel_always, threa
                 for small_m in (0, 4, 1000):  # dequantized-panel path, default split, register tiles only
                     y = G.gguf_linear(x[:m], packed, bias, path=p, small_m=small_m)
                     assert torch.equal(y, alone[:m]), f"{qt.name} path={p} threads={nt} M={m} small_m={small_m}"
+
+
+A8_TYPES = [QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K]
+
+
+def test_int8_mode_types():
+    assert G.supported_types("int8") == [t.name for t in A8_TYPES]
+    assert set(G.supported_types()) == set(IDS)
+
+
+@pytest.mark.parametrize("qt", A8_TYPES, ids=[t.name for t in A8_TYPES])
+def test_int8_activations_match_the_quantized_activation_reference(paths, parallel_always, threads, qt):
+    """act="int8" == (x quantized per row and 32 k, dequantized) @ W.T up to float rounding, on every
+    path; the integer sums are exact, so every path gives the same bits; rows are batch-invariant."""
+    packed, w = case(qt, seed=4)
+    n, k = packed.shape
+    g = torch.Generator().manual_seed(11)
+    xs = torch.randn(max(MS), k, generator=g) * torch.logspace(-3, 1, max(MS)).unsqueeze(1)
+    xs[5] = 0  # amax == 0: scale 0, codes 0
+    bias = torch.randn(n, generator=g)
+    xhat = G.quantize_act_int8(xs)
+    exact = xhat.double() @ w.double().t() + bias.double()
+    bound = (k // 32 + 2) * 2.0 ** -22 * (xhat.double().abs() @ w.double().abs().t() + bias.double().abs())
+    threads(1)
+    alone = torch.cat([G.gguf_linear(xs[i:i + 1], packed, bias, act="int8", path=paths[-1])
+                       for i in range(xs.shape[0])])
+    assert ((alone.double() - exact).abs() <= bound).all(), f"{qt.name}: int8 mode off the quantized reference"
+    for p in paths:
+        for nt in (1, 2):
+            threads(nt)
+            for m in MS:
+                y = G.gguf_linear(xs[:m], packed, bias, act="int8", path=p)
+                assert torch.equal(y, alone[:m]), f"{qt.name} int8 path={p} threads={nt} M={m}"
+    yr = G.gguf_linear(xs[:16], packed, bias, act="int8", path="reference")
+    assert ((yr.double() - exact[:16]).abs() <= bound[:16]).all()
+    # and it stays close to the exact fp32 product (int8 activations cost ~0.5% relative error here)
+    y32 = xs[:16].double() @ w.double().t() + bias.double()
+    assert ((alone[:16].double() - y32).norm() / y32.norm()).item() < 2e-2
+
+
+def test_int8_mode_refuses_types_without_its_kernel(paths):
+    packed, _ = case(QT.Q6_K)
+    with pytest.raises(ValueError, match=r"'test.Q6_K' \(Q6_K, 37x768\): no int8-activation kernel for Q6_K"):
+        G.gguf_linear(torch.randn(1, 768), packed, act="int8")
+    with pytest.raises(ValueError, match="act must be 'fp32' or 'int8'"):
+        G.gguf_linear(torch.randn(1, 768), packed, act="int4")
 
 
 def test_reference_path_and_other_input_forms(paths):

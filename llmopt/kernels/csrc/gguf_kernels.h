@@ -53,7 +53,11 @@ namespace llmopt_gguf {
 // 16-lane vectors
 // ------------------------------------------------------------------------------------------
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if defined(__AVX512VNNI__)
+constexpr const char* kIsa = "avx512_vnni";
+#else
 constexpr const char* kIsa = "avx512";
+#endif
 struct V {
   using F = __m512;
   using I = __m512i;
@@ -73,7 +77,44 @@ struct V {
   static GGUF_INLINE F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static GGUF_INLINE F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static GGUF_INLINE F neg(F a) { return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a), _mm512_set1_epi32(int(0x80000000u)))); }
+  // --- int8 activations ---
+  static GGUF_INLINE I izero() { return _mm512_setzero_si512(); }
+  static GGUF_INLINE I iset1(int32_t v) { return _mm512_set1_epi32(v); }
+  static GGUF_INLINE I isub(I a, I b) { return _mm512_sub_epi32(a, b); }
+  static GGUF_INLINE I srl16_4(I a) { return _mm512_srli_epi16(a, 4); }
+  static GGUF_INLINE I and8(I a, int m) { return _mm512_and_si512(a, _mm512_set1_epi8((char)m)); }
+  // 4 rows of 16 bytes at p (row i, column c = p[16 i + c]) -> lane c = bytes (r0[c], r1[c], r2[c], r3[c])
+  static GGUF_INLINE I t4x16(const uint8_t* p) {
+    const __m512i v = _mm512_loadu_si512((const void*)p);
+    const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m512i sh = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+    return _mm512_shuffle_epi8(_mm512_permutexvar_epi32(idx, v), sh);
+  }
+  // acc += per-lane dot of 4 unsigned codes (u, < 128) with 4 signed activations (x)
+  static GGUF_INLINE I dot_u(I acc, I u, I x) {
+#if defined(__AVX512VNNI__)
+    return _mm512_dpbusd_epi32(acc, u, x);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, x), _mm512_set1_epi16(1)));
+#endif
+  }
+  // acc += per-lane dot of 4 signed codes (w, int8) with 4 signed activations (x, |x| <= 127);
+  // VNNI: of (w + 128) with x; the caller subtracts 128 * sum(x) (kQ8Bias)
+  static GGUF_INLINE I dot_s(I acc, I w, I x) {
+#if defined(__AVX512VNNI__)
+    return _mm512_dpbusd_epi32(acc, _mm512_xor_si512(w, _mm512_set1_epi8((char)0x80)), x);
+#else
+    const __m512i xs = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(_mm512_abs_epi8(w), xs), _mm512_set1_epi16(1)));
+#endif
+  }
+  static GGUF_INLINE F cvti(I a) { return _mm512_cvtepi32_ps(a); }
 };
+#if defined(__AVX512VNNI__)
+constexpr int32_t kQ8Bias = 128;
+#else
+constexpr int32_t kQ8Bias = 0;
+#endif
 #else
 constexpr const char* kIsa = "avx2";
 struct V {
@@ -104,7 +145,38 @@ struct V {
     const __m256 s = _mm256_castsi256_ps(_mm256_set1_epi32(int(0x80000000u)));
     return {_mm256_xor_ps(x.a, s), _mm256_xor_ps(x.b, s)};
   }
+  // --- int8 activations ---
+  static GGUF_INLINE I izero() { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+  static GGUF_INLINE I iset1(int32_t v) { return {_mm256_set1_epi32(v), _mm256_set1_epi32(v)}; }
+  static GGUF_INLINE I isub(I x, I y) { return {_mm256_sub_epi32(x.a, y.a), _mm256_sub_epi32(x.b, y.b)}; }
+  static GGUF_INLINE I srl16_4(I x) { return {_mm256_srli_epi16(x.a, 4), _mm256_srli_epi16(x.b, 4)}; }
+  static GGUF_INLINE I and8(I x, int m) { const __m256i v = _mm256_set1_epi8((char)m); return {_mm256_and_si256(x.a, v), _mm256_and_si256(x.b, v)}; }
+  // 4 rows of 16 bytes at p (row i, column c = p[16 i + c]) -> lane c = bytes (r0[c], r1[c], r2[c], r3[c])
+  static GGUF_INLINE I t4x16(const uint8_t* p) {
+    const __m128i r0 = _mm_loadu_si128((const __m128i*)p), r1 = _mm_loadu_si128((const __m128i*)(p + 16));
+    const __m128i r2 = _mm_loadu_si128((const __m128i*)(p + 32)), r3 = _mm_loadu_si128((const __m128i*)(p + 48));
+    // [r0 c0-7, r1 c0-7 | r2 c0-7, r3 c0-7] and the same for c8-15
+    const __m256i lo = _mm256_set_m128i(_mm_unpacklo_epi64(r2, r3), _mm_unpacklo_epi64(r0, r1));
+    const __m256i hi = _mm256_set_m128i(_mm_unpackhi_epi64(r2, r3), _mm_unpackhi_epi64(r0, r1));
+    const __m256i idx = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    const __m256i sh = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                        0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    return {_mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(lo, idx), sh),
+            _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(hi, idx), sh)};
+  }
+  static GGUF_INLINE __m256i dot_u1(__m256i acc, __m256i u, __m256i x) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1)));
+  }
+  // acc += per-lane dot of 4 unsigned codes (u, < 128) with 4 signed activations (x)
+  static GGUF_INLINE I dot_u(I acc, I u, I x) { return {dot_u1(acc.a, u.a, x.a), dot_u1(acc.b, u.b, x.b)}; }
+  // acc += per-lane dot of 4 signed codes (w) with 4 signed activations (|x| <= 127): |w| * sign(x, w)
+  static GGUF_INLINE I dot_s(I acc, I w, I x) {
+    return {dot_u1(acc.a, _mm256_abs_epi8(w.a), _mm256_sign_epi8(x.a, w.a)),
+            dot_u1(acc.b, _mm256_abs_epi8(w.b), _mm256_sign_epi8(x.b, w.b))};
+  }
+  static GGUF_INLINE F cvti(I x) { return cvt(x); }
 };
+constexpr int32_t kQ8Bias = 0;
 #endif
 using F = V::F;
 using I = V::I;
@@ -306,6 +378,106 @@ GGUF_INLINE void tile_buf(const float* const* buf, const float* const* xr, int64
   }
   for (int r = 0; r < R; ++r)
     for (int p = 0; p < PP; ++p) V::store(yt + r * ldy + p * LANES, acc[r][p]);
+}
+
+// ------------------------------------------------------------------------------------------
+// int8 activations (the separate "int8" mode; decode): x quantized per row and per 32 k like
+// llama.cpp's Q8_0 (dx = amax / 127, xq = round-half-even(x / dx)), integer dot products per
+// sub-block of 32, then per sub-block and column, in k order:
+//   acc = fma(float(isum - OFF * xs), A * dx, acc);  acc = fma(Bm, dx * xs, acc)  (types with mins)
+// isum = sum q * xq, xs = sum xq (exact integers). Types: 32-wide sub-blocks of 4- or 8-bit codes
+// (Q4_0, Q4_1, Q4_K, Q8_0). Per-row order fixed: batch-invariant, like the fp32 path; the integer
+// sums are exact, so every ISA build gives the same bits too.
+// Activation layout (per row): xq [K] int8, for 4-bit codes each group of 8 k permuted to
+// (0, 2, 4, 6, 1, 3, 5, 7) (the low / high nibbles of 4 consecutive code bytes), dx / xs [K / 32].
+// ------------------------------------------------------------------------------------------
+template <class T>
+constexpr bool kA8 = T::S == 32 && T::H == 0 && (T::L == 4 || T::L == 8);
+
+// A and the mins term Bm (0 if none) of sub-block s, for the int8 mode
+template <class T>
+GGUF_INLINE void params_a8(const uint8_t* blk, int s, F& A, F& Bm) {
+  const F d = V::h16(blk);
+  if constexpr (T::SCK == SC_NONE) {
+    A = d;
+    Bm = T::M2 ? V::h16(blk + T::OFF_M2) : V::zero();
+  } else {
+    A = V::mul(d, V::cvt(V::u8(blk + T::OFF_SC + 16 * s)));
+    Bm = V::neg(V::mul(V::h16(blk + T::OFF_M2), V::cvt(V::u8(blk + T::OFF_MN + 16 * s))));
+  }
+}
+
+struct A8Row {
+  const int8_t* xq;
+  const float* dx;
+  const int32_t* xs;
+};
+
+template <class T, int NP, int R>
+GGUF_INLINE void tile_a8(const uint8_t* const* pan, const A8Row* rows, int64_t nblk, float* out) {
+  static_assert(kA8<T>, "no int8-activation kernel for this type");
+  constexpr int32_t off = T::L == 8 ? kQ8Bias : T::OFF;
+  F acc[NP][R];
+  for (int p = 0; p < NP; ++p)
+    for (int r = 0; r < R; ++r) acc[p][r] = V::zero();
+  const int64_t pf = g_prefetch;
+  for (int64_t b = 0; b < nblk; ++b) {
+    const uint8_t* blk[NP];
+    for (int p = 0; p < NP; ++p) {
+      blk[p] = pan[p] + b * T::BB;
+      if (pf > 0)
+        for (int o = 0; o < T::BB; o += 64) _mm_prefetch((const char*)(blk[p] + o + pf), _MM_HINT_T0);
+    }
+    for (int s = 0; s < T::NS; ++s) {
+      const int64_t sb = b * T::NS + s;  // 32-wide sub-block index along k
+      I is[NP][R];
+      for (int p = 0; p < NP; ++p)
+        for (int r = 0; r < R; ++r) is[p][r] = V::izero();
+      if constexpr (T::L == 4) {
+        for (int g = 0; g < 32; g += 8) {  // 8 k = 4 code bytes per column
+          I lo[NP], hi[NP];
+          for (int p = 0; p < NP; ++p) {
+            const I t = V::t4x16(blk[p] + T::OFF_LOW + 16 * ((s * 32 + g) / 2));
+            lo[p] = V::and8(t, 0x0F);
+            hi[p] = V::and8(V::srl16_4(t), 0x0F);
+          }
+          for (int r = 0; r < R; ++r) {
+            const int8_t* xg = rows[r].xq + sb * 32 + g;
+            int32_t x0, x1;
+            std::memcpy(&x0, xg, 4);
+            std::memcpy(&x1, xg + 4, 4);
+            const I xv0 = V::iset1(x0), xv1 = V::iset1(x1);
+            for (int p = 0; p < NP; ++p) is[p][r] = V::dot_u(V::dot_u(is[p][r], lo[p], xv0), hi[p], xv1);
+          }
+        }
+      } else {
+        for (int g = 0; g < 32; g += 4) {  // 4 k = 4 code bytes per column
+          I w[NP];
+          for (int p = 0; p < NP; ++p) w[p] = V::t4x16(blk[p] + T::OFF_LOW + 16 * (s * 32 + g));
+          for (int r = 0; r < R; ++r) {
+            int32_t x0;
+            std::memcpy(&x0, rows[r].xq + sb * 32 + g, 4);
+            const I xv = V::iset1(x0);
+            for (int p = 0; p < NP; ++p) is[p][r] = V::dot_s(is[p][r], w[p], xv);
+          }
+        }
+      }
+      for (int p = 0; p < NP; ++p) {
+        F A, Bm;
+        params_a8<T>(blk[p], s, A, Bm);
+        for (int r = 0; r < R; ++r) {
+          const float dx = rows[r].dx[sb];
+          const int32_t xs = rows[r].xs[sb];
+          I it = is[p][r];
+          if constexpr (off != 0) it = V::isub(it, V::iset1(off * xs));
+          acc[p][r] = V::fma(V::cvti(it), V::mul(A, V::set1(dx)), acc[p][r]);
+          if constexpr (T::M2) acc[p][r] = V::fma(Bm, V::set1(dx * float(xs)), acc[p][r]);
+        }
+      }
+    }
+  }
+  for (int p = 0; p < NP; ++p)
+    for (int r = 0; r < R; ++r) V::store(out + (p * R + r) * LANES, acc[p][r]);
 }
 
 }  // namespace llmopt_gguf

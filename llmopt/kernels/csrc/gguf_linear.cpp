@@ -1,6 +1,7 @@
 // Python entry points of the native GGUF kernels (gguf_kernels.h), built once per instruction set:
-// llmopt_gguf_avx2 (-mavx2 -mfma -mf16c) and llmopt_gguf_avx512 (+ -mavx512f/bw/vl). Which one runs
-// is decided in Python (gguf_linear.cpu_path) from what the CPU reports.
+// llmopt_gguf_avx2 (-mavx2 -mfma -mf16c), llmopt_gguf_avx512 (+ -mavx512f/bw/vl) and
+// llmopt_gguf_avx512_vnni (+ -mavx512vnni: only the int8-activation dot products differ). Which one
+// runs is decided in Python (gguf_linear.cpu_path) from what the CPU reports.
 //
 // gemm(x [M, K] fp32, data, type, N, K, bias) -> [M, N]:
 //   M <= small_m : register tiles (weights decoded in registers, reused by up to 4 rows), groups of
@@ -21,6 +22,7 @@
 #include <omp.h>
 
 #include <atomic>
+#include <cmath>
 #include <vector>
 
 #include "gguf_kernels.h"
@@ -178,6 +180,84 @@ void run_buf(const Job& J) {
   });
 }
 
+// ---- int8 activations ----------------------------------------------------------------------
+
+// one row: per 32 k, dx = amax / 127 and xq = round-half-even(x * (127 / amax)) (0 if amax == 0),
+// xs = sum xq; perm8: store each group of 8 in the order (0, 2, 4, 6, 1, 3, 5, 7)
+void quant_row_a8(const float* x, int64_t K, bool perm8, int8_t* xq, float* dx, int32_t* xs) {
+  static constexpr int kPerm[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+  for (int64_t b = 0; b < K / 32; ++b) {
+    const float* xb = x + b * 32;
+    float amax = 0.f;
+    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    volatile float amax_v = amax;  // the divisions exactly as written (the torch reference does the same)
+    const float inv = amax_v > 0.f ? 127.0f / amax_v : 0.f;
+    dx[b] = amax_v / 127.0f;
+    int32_t sum = 0;
+    int8_t q[32];
+    for (int i = 0; i < 32; ++i) {
+      q[i] = (int8_t)std::nearbyint(xb[i] * inv);
+      sum += q[i];
+    }
+    xs[b] = sum;
+    int8_t* o = xq + b * 32;
+    if (perm8) {
+      for (int g = 0; g < 32; g += 8)
+        for (int i = 0; i < 8; ++i) o[g + i] = q[g + kPerm[i]];
+    } else {
+      std::memcpy(o, q, 32);
+    }
+  }
+}
+
+template <class T, int NP, int R>
+void a8_tile(const Job& J, const A8Row* rows, int64_t p, int64_t m0) {
+  const uint8_t* pan[NP];
+  for (int i = 0; i < NP; ++i) pan[i] = J.w + (p + i) * J.nblk * T::BB;
+  alignas(64) float out[NP * R * LANES];
+  tile_a8<T, NP, R>(pan, rows + m0, J.nblk, out);
+  for (int i = 0; i < NP; ++i) write_rows(J, p + i, m0, R, out + i * R * LANES, LANES);
+}
+
+template <class T, int R, int NP>
+void a8_rows(const Job& J, const A8Row* rows, int64_t p, int64_t pe, int64_t m0) {
+  if constexpr (NP > 1) {
+    for (; p + NP <= pe; p += NP) a8_tile<T, NP, R>(J, rows, p, m0);
+  }
+  for (; p < pe; ++p) a8_tile<T, 1, R>(J, rows, p, m0);
+}
+
+template <class T>
+void run_a8(const Job& J) {
+  const int64_t nsb = J.K / 32;
+  std::vector<int8_t> xq((size_t)J.M * J.K);
+  std::vector<float> dx((size_t)J.M * nsb);
+  std::vector<int32_t> xs((size_t)J.M * nsb);
+  std::vector<A8Row> rows(J.M);
+  for (int64_t m = 0; m < J.M; ++m) {
+    quant_row_a8(J.x + m * J.K, J.K, T::L == 4, &xq[m * J.K], &dx[m * nsb], &xs[m * nsb]);
+    rows[m] = {&xq[m * J.K], &dx[m * nsb], &xs[m * nsb]};
+  }
+  const int64_t groups = (J.P + PG - 1) / PG;
+  parallel_units(groups, J.M * J.N * J.K / 4, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t p = g * PG, pe = std::min(J.P, p + PG);
+      const int64_t ntiles = (J.M + MAX_R - 1) / MAX_R;
+      int64_t m0 = 0;
+      for (int64_t t = 0; t < ntiles; ++t) {
+        const int R = (int)((J.M - m0) / (ntiles - t));
+        switch (R) {
+          case 1: a8_rows<T, 1, NP_R1>(J, rows.data(), p, pe, m0); break;
+          case 2: a8_rows<T, 2, NP_R2>(J, rows.data(), p, pe, m0); break;
+          case 3: a8_rows<T, 3, NP_R4>(J, rows.data(), p, pe, m0); break;
+          default: a8_rows<T, 4, NP_R4>(J, rows.data(), p, pe, m0); break;
+        }
+        m0 += R;
+      }
+    }
+  });
+}
+
 int64_t block_bytes(int64_t type) {
   int64_t bb = -1;
   with_type(type, [&](auto t) { bb = decltype(t)::BB; });
@@ -231,6 +311,44 @@ at::Tensor gemm(at::Tensor x, at::Tensor data, int64_t type, int64_t N, int64_t 
   return y;
 }
 
+// y = x @ W.T + bias with x quantized to int8 per row and 32 k (see tile_a8)
+at::Tensor gemm_a8(at::Tensor x, at::Tensor data, int64_t type, int64_t N, int64_t K, c10::optional<at::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu() && x.size(1) == K,
+              "gguf.gemm_a8: x must be a float32 CPU tensor [M, ", K, "]");
+  check_data(data, type, N, K);
+  bool ok = false;
+  with_type(type, [&](auto t) { ok = kA8<decltype(t)>; });
+  TORCH_CHECK(ok, "gguf.gemm_a8: no int8-activation kernel for ggml type id ", type);
+  x = x.contiguous();
+  at::Tensor bb;
+  Job J{};
+  if (bias.has_value() && bias->defined()) {
+    bb = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(bb.numel() == N, "gguf.gemm_a8: bias must have ", N, " elements");
+    J.bias = bb.data_ptr<float>();
+  }
+  const int64_t M = x.size(0);
+  auto y = at::empty({M, N}, x.options());
+  if (M == 0) return y;
+  J.x = x.data_ptr<float>();
+  J.w = data.data_ptr<uint8_t>();
+  J.y = y.data_ptr<float>();
+  J.M = M; J.N = N; J.K = K;
+  J.P = (N + LANES - 1) / LANES;
+  J.nblk = K / block_size(type);
+  with_type(type, [&](auto t) {
+    using T = decltype(t);
+    if constexpr (kA8<T>) run_a8<T>(J);
+  });
+  return y;
+}
+
+bool has_a8(int64_t type) {
+  bool ok = false;
+  with_type(type, [&](auto t) { ok = kA8<decltype(t)>; });
+  return ok;
+}
+
 at::Tensor dequant(at::Tensor data, int64_t type, int64_t N, int64_t K) {
   check_data(data, type, N, K);
   auto out = at::empty({N, K}, at::TensorOptions().dtype(at::kFloat));
@@ -261,6 +379,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "llmopt native GGUF block-type kernels (one build per instruction set)";
   m.def("gemm", &gemm, "y = x @ dequant(W).T + bias on the packed GGUF layout", py::arg("x"), py::arg("data"),
         py::arg("type"), py::arg("N"), py::arg("K"), py::arg("bias") = py::none(), py::arg("small_m") = 4);
+  m.def("gemm_a8", &gemm_a8, "y = x @ dequant(W).T + bias with int8 activations (per row, per 32 k)",
+        py::arg("x"), py::arg("data"), py::arg("type"), py::arg("N"), py::arg("K"), py::arg("bias") = py::none());
+  m.def("has_a8", &has_a8, "whether a ggml type has the int8-activation kernel");
   m.def("dequant", &dequant, "packed GGUF layout -> fp32 [N, K]", py::arg("data"), py::arg("type"), py::arg("N"),
         py::arg("K"));
   m.def("block_bytes", &block_bytes, "bytes of one 16-column packed block of a ggml type");
