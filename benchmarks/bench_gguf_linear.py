@@ -8,7 +8,8 @@ down), 576x49152 (output layer), and 2048x8192. Weights: random blocks from gguf
 (K-quants: random bytes with valid fp16 scales; skipped where K is not a multiple of 256, as llama.cpp
 does). Times are the minimum over repetitions after a warm-up (the least disturbed run: this is meant
 for shared machines; --stat median for the median);
-"x mkl" is the fp32 MKL time divided by the row's time (> 1 = faster than MKL on dequantized weights).
+In parentheses: the fp32 MKL time divided by the cell's time (> 1 = faster than MKL on the
+dequantized weights). "int8" columns: the act="int8" mode (int8 activations, decode), not exact.
 fbgemm int8 quantizes the weights per channel and the activations per tensor (a different, lossier
 model): it is the speed reference for an int8 path, not a quality peer.
 """
@@ -75,7 +76,11 @@ def main() -> None:
     paths = G.available_paths()
     print(f"torch {torch.__version__}, threads {args.threads}, default path {G.cpu_path()}, paths {paths}, "
           f"cpu capability {torch.backends.cpu.get_cpu_capability()}")
-    print(f"times in ms ({args.stat} per cell); 'x mkl' = fp32 MKL time / this time")
+    print(f"times in ms ({args.stat} per cell)")
+    fp32_paths = [p for p in paths if p != "avx512_vnni"]  # (its fp32 kernel is the avx512 one)
+    a8_types = set(G.supported_types("int8"))
+    cols = ["mkl", "fbgemm8"] + [f"fp32 {p}" for p in fp32_paths] + [f"int8 {p}" for p in paths]
+    print("cells: ms (MKL time / this time); int8 = the act='int8' mode (decode only: M <= 64)")
     for k, n in shapes:
         x_by_m = {m: torch.randn(m, k) for m in ms}
         w32 = torch.randn(n, k) * 0.05
@@ -89,26 +94,27 @@ def main() -> None:
             t_fb = timeit(lambda x=x, lin=lin: lin(x), args.budget, stat=args.stat)
             base[m] = (t_mkl, t_fb)
         print(f"\nK x N = {k} x {n}")
-        head = f"{'type':6s} {'bpw':>5s}  " + "  ".join(
-            f"{'M=' + str(m):>8s} {'mkl':>7s} {'fbgemm8':>7s} " + " ".join(f"{p:>7s} {'x mkl':>5s}" for p in paths)
-            for m in ms)
-        print(head)
+        print(f"{'type':6s} {'bpw':>5s} {'M':>4s} " + " ".join(f"{c:>17s}" for c in cols))
         for qt in types:
             if k % gguf.GGML_QUANT_SIZES[qt][0]:
                 print(f"{qt.name:6s}  n/a (K not a multiple of its block size)")
                 continue
             pk = G.pack_gguf(random_blocks(qt, n, k, rng), qt, (n, k))
-            cells = []
             for m in ms:
                 x = x_by_m[m]
                 t_mkl, t_fb = base[m]
-                row = f"{'':8s} {t_mkl * 1e3:7.3f} {t_fb * 1e3:7.3f} "
-                for p in paths:
+                cells = [f"{t_mkl * 1e3:9.3f}        ", f"{t_fb * 1e3:9.3f} ({t_mkl / t_fb:5.2f})"]
+                for p in fp32_paths:
                     t = timeit(lambda x=x, pk=pk, p=p: G.gguf_linear(x, pk, path=p), args.budget, stat=args.stat)
-                    row += f"{t * 1e3:7.3f} {t_mkl / t:5.2f} "
-                cells.append(row)
-            print(f"{qt.name:6s} {pk.bits_per_weight:5.2f}  " + " ".join(cells))
-
+                    cells.append(f"{t * 1e3:9.3f} ({t_mkl / t:5.2f})")
+                for p in paths:
+                    if qt.name not in a8_types or m > 64:
+                        cells.append(f"{'-':>17s}")
+                        continue
+                    t = timeit(lambda x=x, pk=pk, p=p: G.gguf_linear(x, pk, act="int8", path=p), args.budget,
+                               stat=args.stat)
+                    cells.append(f"{t * 1e3:9.3f} ({t_mkl / t:5.2f})")
+                print(f"{qt.name:6s} {pk.bits_per_weight:5.2f} {m:4d} " + " ".join(cells))
 
 if __name__ == "__main__":
     main()

@@ -2,7 +2,7 @@
 kernel is packed, decoded (must equal llmopt's / gguf's dequantization bit for bit) and multiplied
 (error against a float64 matmul of the dequantized weight, in units of the fp32 summation bound
 K * 2^-23 * |x| @ |W|.T), then timed at M = 1 (decode) and M = 64 against the dequantized fp32
-matmul (MKL), all linears of the file summed.
+matmul (MKL), all linears of the file summed; the act="int8" mode is timed at M = 1 too.
 
     python benchmarks/gguf_model_tensors.py [--model smollm2-135m-instruct] [--threads 2]
 """
@@ -48,6 +48,8 @@ def main() -> None:
     n_checked = 0
     worst = 0.0
     t_ours = {p: {1: 0.0, 64: 0.0} for p in G.available_paths()}
+    t_a8 = {p: 0.0 for p in G.available_paths()}
+    a8_err: list[float] = []
     t_mkl = {1: 0.0, 64: 0.0}
     per_type = Counter()
     for t in f.tensors:
@@ -70,6 +72,11 @@ def main() -> None:
             t_mkl[m] += best_of(lambda x=x, w=w: F.linear(x, w))
             for p in G.available_paths():
                 t_ours[p][m] += best_of(lambda x=x, packed=packed, p=p: G.gguf_linear(x, packed, path=p))
+            if m == 1 and t.qtype.name in G.supported_types("int8"):
+                y8 = G.gguf_linear(x, packed, act="int8")
+                a8_err.append(((y8.double() - exact).norm() / exact.norm()).item())
+                for p in G.available_paths():
+                    t_a8[p] += best_of(lambda x=x, packed=packed, p=p: G.gguf_linear(x, packed, act="int8", path=p))
         per_type[t.qtype.name] += 1
         n_checked += 1
     print(f"checked {n_checked} tensors {dict(per_type)}: decode bit-exact on every path; paths bit-identical; "
@@ -79,6 +86,12 @@ def main() -> None:
         for p in t_ours:
             row += f" | native {p} {t_ours[p][m] * 1e3:8.2f} ms ({t_mkl[m] / t_ours[p][m]:.2f}x)"
         print(row)
+    if a8_err:
+        row = "M=  1, act='int8': "
+        row += " | ".join(f"{p} {t_a8[p] * 1e3:8.2f} ms ({t_mkl[1] / t_a8[p]:.2f}x MKL)" for p in t_a8)
+        print(row)
+        print(f"act='int8' relative error vs the exact product (random x, {len(a8_err)} tensors): "
+              f"median {sorted(a8_err)[len(a8_err) // 2]:.2e}, max {max(a8_err):.2e}")
 
 
 if __name__ == "__main__":

@@ -61,11 +61,12 @@ __all__ = [
     "available_paths",
     "cpu_path",
     "dequantize_packed",
+    "gguf_embedding",
     "gguf_linear",
     "native_dequantize",
-    "quantize_act_int8",
     "native_module",
     "pack_gguf",
+    "quantize_act_int8",
     "supported_types",
 ]
 
@@ -578,6 +579,21 @@ def gguf_linear(x: torch.Tensor, packed: GGUFPacked, bias: torch.Tensor | None =
                      SMALL_M[use] if small_m is None else small_m)
     y = y.reshape(*x.shape[:-1], n)
     return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def gguf_embedding(ids: torch.Tensor, packed: GGUFPacked) -> torch.Tensor:
+    """Rows ``ids`` of the packed weight as fp32 ``[*ids.shape, K]`` (an embedding lookup on a tied
+    output layer without a second copy of the table): only the 16-row panels holding the ids are
+    decoded, to exactly ``gguf.quants.dequantize``'s values."""
+    n, k = packed.shape
+    if ids.dtype not in (torch.int32, torch.int64) or (ids.numel() and (ids.min() < 0 or ids.max() >= n)):
+        raise ValueError(f"{packed.name or 'embedding'!r} ({packed.type_name}, {n}x{k}): ids must be integers "
+                         f"in [0, {n})")
+    flat = ids.reshape(-1).long().cpu()
+    panels, inv = torch.unique(flat // LANES, return_inverse=True)
+    sub = GGUFPacked(packed.ggml_type, (panels.numel() * LANES, k), packed.data[panels].contiguous())
+    rows = dequantize_packed(sub).reshape(panels.numel(), LANES, k)
+    return rows[inv, flat % LANES].reshape(*ids.shape, k)
 
 
 def quantize_act_int8(x: torch.Tensor) -> torch.Tensor:

@@ -214,6 +214,14 @@ def test_reference_path_and_other_input_forms(paths):
     assert yb.dtype == torch.bfloat16 and yb.shape == (2, 5, n)
 
 
+def test_embedding_rows_equal_gguf_dequantize():
+    packed, w = case(QT.Q6_K, seed=5)
+    ids = torch.tensor([[0, 36, 17], [17, 5, 36]])
+    assert torch.equal(G.gguf_embedding(ids, packed), w[ids])
+    with pytest.raises(ValueError, match=r"ids must be integers in \[0, 37\)"):
+        G.gguf_embedding(torch.tensor([37]), packed)
+
+
 def test_torch_tensor_and_flat_raw_pack_the_same(paths):
     raw = random_blocks(QT.Q5_1, 20, 64)
     a = G.pack_gguf(raw, QT.Q5_1, (20, 64))
