@@ -542,6 +542,43 @@ def gguf_linear(x: torch.Tensor, packed: GGUFPacked, bias: torch.Tensor | None =
     if not isinstance(packed, GGUFPacked):
         raise ValueError(f"packed must be a GGUFPacked (from pack_gguf), got {type(packed).__name__}")  # noqa: TRY004 - bad input is a ValueError here
     n, k = packed.shape
+    # hot path first (decode calls this per layer per token): checks without building messages
+    if (not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() == 0 or x.shape[-1] != k
+            or (bias is not None and (bias.dim() != 1 or bias.shape[0] != n)) or act not in ("fp32", "int8")
+            or (act == "int8" and packed.ggml_type not in _A8_IDS)):
+        _raise_bad_input(x, packed, bias, act)
+    use = (_chosen or cpu_path()) if path is None else path
+    mod = _modules.get(use)
+    if mod is None and use != "reference":
+        if use not in PATHS:
+            raise ValueError(f"unknown path {use!r}; choose one of {', '.join(PATHS)}, reference")
+        mod = native_module(use)
+        if mod is None and path is not None:
+            raise ValueError(f"CPU path {use!r} is not available here (available: "
+                             f"{', '.join(available_paths()) or 'none'}, reference)")
+    if mod is None or not x.is_cpu or (x.requires_grad and torch.is_grad_enabled()):
+        w = dequantize_packed(packed).to(x.device)
+        xf = x.float() if act == "fp32" else quantize_act_int8(x.float().reshape(-1, k)).reshape(x.shape)
+        return F.linear(xf, w, None if bias is None else bias.float()).to(x.dtype)
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
+    if x2.dtype != torch.float32:
+        x2 = x2.float()
+    b = None if bias is None or bias.dtype == torch.float32 else bias.float()
+    b = bias if b is None else b
+    if act == "int8":
+        y = mod.gemm_a8(x2, packed.data, packed.ggml_type, n, k, b)
+    else:
+        y = mod.gemm(x2, packed.data, packed.ggml_type, n, k, b, SMALL_M[use] if small_m is None else small_m)
+    if x.dim() != 2:
+        y = y.reshape(*x.shape[:-1], n)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+_A8_IDS = frozenset(int(t.qt) for t in _TYPES.values() if t.a8)
+
+
+def _raise_bad_input(x: object, packed: GGUFPacked, bias: torch.Tensor | None, act: str) -> None:
+    n, k = packed.shape
     label = f"{packed.name or 'weight'!r} ({packed.type_name}, {n}x{k})"
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise ValueError(f"{label}: x must be a floating-point tensor, got "
@@ -552,33 +589,8 @@ def gguf_linear(x: torch.Tensor, packed: GGUFPacked, bias: torch.Tensor | None =
         raise ValueError(f"{label}: bias has shape {tuple(bias.shape)}, expected ({n},)")
     if act not in ("fp32", "int8"):
         raise ValueError(f"{label}: act must be 'fp32' or 'int8', got {act!r}")
-    if act == "int8" and not _TYPES[QT(packed.ggml_type)].a8:
-        raise ValueError(f"{label}: no int8-activation kernel for {packed.type_name} (types: "
-                         f"{', '.join(supported_types('int8'))}); use act='fp32'")
-    use = cpu_path() if path is None else path
-    mod = None
-    if use != "reference":
-        if use not in PATHS:
-            raise ValueError(f"unknown path {use!r}; choose one of {', '.join(PATHS)}, reference")
-        mod = native_module(use)
-        if mod is None and path is not None:
-            raise ValueError(f"CPU path {use!r} is not available here (available: "
-                             f"{', '.join(available_paths()) or 'none'}, reference)")
-    if mod is None or x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
-        w = dequantize_packed(packed).to(x.device)
-        xf = x.float() if act == "fp32" else quantize_act_int8(x.float().reshape(-1, k)).reshape(x.shape)
-        return F.linear(xf, w, None if bias is None else bias.float()).to(x.dtype)
-    x2 = x.reshape(-1, k)
-    if x2.dtype != torch.float32:
-        x2 = x2.float()
-    b = None if bias is None else bias.float()
-    if act == "int8":
-        y = mod.gemm_a8(x2.contiguous(), packed.data, packed.ggml_type, n, k, b)
-    else:
-        y = mod.gemm(x2.contiguous(), packed.data, packed.ggml_type, n, k, b,
-                     SMALL_M[use] if small_m is None else small_m)
-    y = y.reshape(*x.shape[:-1], n)
-    return y if y.dtype == x.dtype else y.to(x.dtype)
+    raise ValueError(f"{label}: no int8-activation kernel for {packed.type_name} (types: "
+                     f"{', '.join(supported_types('int8'))}); use act='fp32'")
 
 
 def gguf_embedding(ids: torch.Tensor, packed: GGUFPacked) -> torch.Tensor:
