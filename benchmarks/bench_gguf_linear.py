@@ -6,8 +6,9 @@ dynamic int8, side by side in one run, per type, per CPU path.
 Shapes are K x N (in_features x out_features): SmolLM2-135M-like 576x1536 (MLP up), 1536x576 (MLP
 down), 576x49152 (output layer), and 2048x8192. Weights: random blocks from gguf.quants.quantize
 (K-quants: random bytes with valid fp16 scales; skipped where K is not a multiple of 256, as llama.cpp
-does). Times are the minimum over repetitions after a warm-up (the least disturbed run: this is meant
-for shared machines; --stat median for the median);
+does). All methods of one shape and M are timed in interleaved rounds (each once per round), and a
+cell is the minimum over rounds (the least disturbed run: this is meant for shared machines;
+--stat median for the median).
 In parentheses: the fp32 MKL time divided by the cell's time (> 1 = faster than MKL on the
 dequantized weights). "int8" columns: the act="int8" mode (int8 activations, decode), not exact.
 fbgemm int8 quantizes the weights per channel and the activations per tensor (a different, lossier
@@ -20,6 +21,7 @@ import argparse
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 
 import gguf
 import numpy as np
@@ -47,15 +49,24 @@ def random_blocks(qt: QT, n: int, k: int, rng: np.random.Generator) -> np.ndarra
     return raw.reshape(n, -1)
 
 
-def timeit(fn, budget_s: float = 0.4, min_reps: int = 3, max_reps: int = 200, stat: str = "min") -> float:
-    fn()  # warm-up (first-touch, caches)
-    times: list[float] = []
-    t_end = time.perf_counter() + budget_s
-    while len(times) < min_reps or (time.perf_counter() < t_end and len(times) < max_reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times) if stat == "min" else statistics.median(times)
+def time_interleaved(fns: dict[str, Callable[[], object]], budget_s: float, min_rounds: int = 3,
+                     stat: str = "min") -> dict[str, float]:
+    """Seconds per call of each fn, measured in interleaved rounds (every fn once per round, until
+    ``min_rounds`` and ``budget_s`` per fn are reached), so load changes on a shared machine hit all
+    of them alike; the minimum (or median) over rounds."""
+    for fn in fns.values():
+        fn()  # warm-up (first touch, caches)
+    times: dict[str, list[float]] = {key: [] for key in fns}
+    t_end = time.perf_counter() + budget_s * len(fns)
+    rounds = 0
+    while rounds < min_rounds or (time.perf_counter() < t_end and rounds < 200):
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+        rounds += 1
+    pick = min if stat == "min" else statistics.median
+    return {key: pick(v) for key, v in times.items()}
 
 
 def main() -> None:
@@ -64,7 +75,7 @@ def main() -> None:
     ap.add_argument("--types", default=DEFAULT_TYPES)
     ap.add_argument("--ms", default="1,16,512")
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES))
-    ap.add_argument("--budget", type=float, default=0.4, help="seconds of timing per cell")
+    ap.add_argument("--budget", type=float, default=0.3, help="seconds of timing per cell")
     ap.add_argument("--stat", choices=["min", "median"], default="min")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -82,39 +93,36 @@ def main() -> None:
     cols = ["mkl", "fbgemm8"] + [f"fp32 {p}" for p in fp32_paths] + [f"int8 {p}" for p in paths]
     print("cells: ms (MKL time / this time); int8 = the act='int8' mode (decode only: M <= 64)")
     for k, n in shapes:
-        x_by_m = {m: torch.randn(m, k) for m in ms}
         w32 = torch.randn(n, k) * 0.05
         lin = torch.ao.nn.quantized.dynamic.Linear(k, n, dtype=torch.qint8)
         lin.set_weight_bias(torch.quantize_per_channel(w32, (w32.abs().amax(1) / 127).clamp_min(1e-8),
                                                        torch.zeros(n, dtype=torch.long), 0, torch.qint8), None)
-        base: dict[int, tuple[float, float]] = {}
-        for m in ms:
-            x = x_by_m[m]
-            t_mkl = timeit(lambda x=x, w32=w32: F.linear(x, w32), args.budget, stat=args.stat)
-            t_fb = timeit(lambda x=x, lin=lin: lin(x), args.budget, stat=args.stat)
-            base[m] = (t_mkl, t_fb)
+        packs = {qt: G.pack_gguf(random_blocks(qt, n, k, rng), qt, (n, k)) for qt in types
+                 if k % gguf.GGML_QUANT_SIZES[qt][0] == 0}
         print(f"\nK x N = {k} x {n}")
         print(f"{'type':6s} {'bpw':>5s} {'M':>4s} " + " ".join(f"{c:>17s}" for c in cols))
+        res: dict[int, dict[str, float]] = {}
+        for m in ms:
+            x = torch.randn(m, k)
+            fns: dict[str, Callable[[], object]] = {
+                "mkl": lambda x=x, w32=w32: F.linear(x, w32), "fbgemm8": lambda x=x, lin=lin: lin(x)}
+            for qt, pk in packs.items():
+                for p in fp32_paths:
+                    fns[f"{qt.name} fp32 {p}"] = lambda x=x, pk=pk, p=p: G.gguf_linear(x, pk, path=p)
+                if qt.name in a8_types and m <= 64:
+                    for p in paths:
+                        fns[f"{qt.name} int8 {p}"] = lambda x=x, pk=pk, p=p: G.gguf_linear(x, pk, act="int8", path=p)
+            res[m] = time_interleaved(fns, args.budget, stat=args.stat)
         for qt in types:
-            if k % gguf.GGML_QUANT_SIZES[qt][0]:
+            if qt not in packs:
                 print(f"{qt.name:6s}  n/a (K not a multiple of its block size)")
                 continue
-            pk = G.pack_gguf(random_blocks(qt, n, k, rng), qt, (n, k))
             for m in ms:
-                x = x_by_m[m]
-                t_mkl, t_fb = base[m]
-                cells = [f"{t_mkl * 1e3:9.3f}        ", f"{t_fb * 1e3:9.3f} ({t_mkl / t_fb:5.2f})"]
-                for p in fp32_paths:
-                    t = timeit(lambda x=x, pk=pk, p=p: G.gguf_linear(x, pk, path=p), args.budget, stat=args.stat)
-                    cells.append(f"{t * 1e3:9.3f} ({t_mkl / t:5.2f})")
-                for p in paths:
-                    if qt.name not in a8_types or m > 64:
-                        cells.append(f"{'-':>17s}")
-                        continue
-                    t = timeit(lambda x=x, pk=pk, p=p: G.gguf_linear(x, pk, act="int8", path=p), args.budget,
-                               stat=args.stat)
-                    cells.append(f"{t * 1e3:9.3f} ({t_mkl / t:5.2f})")
-                print(f"{qt.name:6s} {pk.bits_per_weight:5.2f} {m:4d} " + " ".join(cells))
+                r = res[m]
+                cells = [f"{r['mkl'] * 1e3:9.3f}        "]
+                for key in ["fbgemm8"] + [f"{qt.name} fp32 {p}" for p in fp32_paths] + [f"{qt.name} int8 {p}" for p in paths]:
+                    cells.append(f"{r[key] * 1e3:9.3f} ({r['mkl'] / r[key]:5.2f})" if key in r else f"{'-':>17s}")
+                print(f"{qt.name:6s} {packs[qt].bits_per_weight:5.2f} {m:4d} " + " ".join(cells))
 
 if __name__ == "__main__":
     main()
