@@ -47,8 +47,12 @@ def cache_dir() -> Path:
     return root / "torch_extensions"
 
 
-def load_extension(name: str, sources: list[str]) -> ModuleType | None:
-    """Compile (once) and import the extension ``name`` built from ``csrc/<sources>``."""
+def load_extension(name: str, sources: list[str], cflags: list[str] | None = None) -> ModuleType | None:
+    """Compile (once) and import the extension ``name`` built from ``csrc/<sources>``.
+
+    ``cflags`` replaces :data:`CFLAGS` (per-instruction-set builds of one source, e.g. the GGUF
+    kernels' AVX-512 variant); the caller must only ask for flags the CPU can run."""
+    flags = CFLAGS if cflags is None else cflags
     if not native_enabled():
         return None
     with _lock:
@@ -62,7 +66,7 @@ def load_extension(name: str, sources: list[str]) -> ModuleType | None:
             digest = hashlib.sha1()
             for p in paths + [str(CSRC / h) for h in sorted(os.listdir(CSRC)) if h.endswith(".h")]:
                 digest.update(Path(p).read_bytes())
-            digest.update(" ".join(CFLAGS).encode())
+            digest.update(" ".join(flags).encode())
             build_dir = cache_dir() / f"{name}_{digest.hexdigest()[:12]}"
             build_dir.mkdir(parents=True, exist_ok=True)
             try:
@@ -71,7 +75,7 @@ def load_extension(name: str, sources: list[str]) -> ModuleType | None:
                 mod = load(
                     name=name,
                     sources=paths,
-                    extra_cflags=CFLAGS,
+                    extra_cflags=flags,
                     extra_ldflags=["-fopenmp"],
                     extra_include_paths=[str(CSRC)],
                     build_directory=str(build_dir),

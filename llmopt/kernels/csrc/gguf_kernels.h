@@ -1,0 +1,483 @@
+// Native GGUF block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) on a
+// lossless repacked layout: y[M, N] = x[M, K] @ W.T (+ bias), fp32 activations.
+//
+// One source, compiled once per instruction set (gguf_linear.cpp with -mavx2 or -mavx512*): the
+// 16-lane vector type V below is two ymm on AVX2 and one zmm on AVX-512. Python (gguf_linear.py)
+// loads the build the CPU can run.
+//
+// Packed layout (made by gguf_linear.pack_gguf; every section is for 16 output columns, "lanes")
+// ----------------------------------------------------------------------------------------------
+//   data : uint8 [P, nblk, BB]   P = ceil(N / 16) panels of 16 columns (zero padded), nblk = K / QB
+//   one 16-column block (the GGUF block of QB weights of each of the 16 columns), BB bytes:
+//     D    fp16 [16]          d (legacy types, K-quants' super-block d)
+//     M2   fp16 [16]          m (Q4_1, Q5_1) or dmin (Q2_K, Q4_K, Q5_K)           if T::M2
+//     SC   u8/s8 [NS][16]     per sub-block scale (K-quants: 6-bit unpacked; Q3_K: minus 32;
+//                             Q6_K: int8; Q2_K: the raw byte, scale | min << 4)    if T::SCK
+//     MN   u8 [NS][16]        per sub-block 6-bit min (Q4_K, Q5_K)                 if T::MN
+//     LOW  [QB / (8/L)][16]   low L bits of the codes: byte (g, c) = sum_j lo(q[c][g*(8/L)+j]) << L*j
+//     HIGH [QB / (8/H)][16]   the H bits above them, same packing                  if T::H
+//   The codes q are the GGUF ones, unsigned (Q8_0: the int8 itself), in natural k order.
+//   Same bytes as the GGUF data except the K-quants' 6-bit scales stored one per byte
+//   (Q4_K / Q5_K / Q3_K: +64 bytes per 16 blocks, +2-3.5%).
+//
+// Exactness: every weight is decoded to the fp32 value gguf.quants.dequantize gives, bit for bit:
+//   w = fma(float(q), A, B)  with A, B per sub-block and 16 lanes:
+//     legacy: A = d, B = m (Q4_1/Q5_1) or -OFF * d (Q4_0: 8, Q5_0: 16) or 0 (Q8_0)
+//     K:      A = d * sc,  B = -(dmin * min) (Q2_K/Q4_K/Q5_K) or -OFF * A (Q3_K: 4, Q6_K: 32)
+//   A and B are exact in fp32 (an fp16 times a <= 8-bit integer, times a power of two), and the
+//   reference's own product A * q is exact wherever it adds a B (<= 22 significant bits), so the one
+//   rounding of the fma is the reference's one rounding (Q6_K: round(A * (q - 32)) either way).
+//
+// Summation order (batch invariance): every output y[m, n] is ONE chain of fmas over k = 0..K-1 in
+// order, starting from +0, then "+ bias[n]" if there is a bias. All paths (register tiles for
+// small M, dequantized panel + micro-kernel for large M, any thread count, any row tile, AVX2 or
+// AVX-512) keep that order, so row i of an M-row call is bit-identical to the same row alone, and
+// both ISA builds give the same bits. The cost: no split accumulators along k (the latency of the
+// fma chain is hidden by tiles of several panels x rows instead), no per-block factoring of the
+// scale (one more fma per 16 decoded weights than a "scale the partial sum" kernel).
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+
+#define GGUF_INLINE inline __attribute__((always_inline))
+
+namespace llmopt_gguf {
+
+// ------------------------------------------------------------------------------------------
+// 16-lane vectors
+// ------------------------------------------------------------------------------------------
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if defined(__AVX512VNNI__)
+constexpr const char* kIsa = "avx512_vnni";
+#else
+constexpr const char* kIsa = "avx512";
+#endif
+struct V {
+  using F = __m512;
+  using I = __m512i;
+  static GGUF_INLINE F zero() { return _mm512_setzero_ps(); }
+  static GGUF_INLINE F set1(float v) { return _mm512_set1_ps(v); }
+  static GGUF_INLINE F bcast(const float* p) { return _mm512_set1_ps(*p); }
+  static GGUF_INLINE F load(const float* p) { return _mm512_loadu_ps(p); }
+  static GGUF_INLINE void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static GGUF_INLINE I u8(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)); }
+  static GGUF_INLINE I s8(const uint8_t* p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)); }
+  static GGUF_INLINE F h16(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+  static GGUF_INLINE I andi(I a, int m) { return _mm512_and_si512(a, _mm512_set1_epi32(m)); }
+  static GGUF_INLINE I or_(I a, I b) { return _mm512_or_si512(a, b); }
+  template <int S> static GGUF_INLINE I shl(I a) { return _mm512_slli_epi32(a, S); }
+  template <int S> static GGUF_INLINE I shr(I a) { return _mm512_srli_epi32(a, S); }
+  static GGUF_INLINE F cvt(I a) { return _mm512_cvtepi32_ps(a); }
+  static GGUF_INLINE F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static GGUF_INLINE F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static GGUF_INLINE F neg(F a) { return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a), _mm512_set1_epi32(int(0x80000000u)))); }
+  // --- int8 activations ---
+  static GGUF_INLINE I izero() { return _mm512_setzero_si512(); }
+  static GGUF_INLINE I iset1(int32_t v) { return _mm512_set1_epi32(v); }
+  static GGUF_INLINE I isub(I a, I b) { return _mm512_sub_epi32(a, b); }
+  static GGUF_INLINE I srl16_4(I a) { return _mm512_srli_epi16(a, 4); }
+  static GGUF_INLINE I and8(I a, int m) { return _mm512_and_si512(a, _mm512_set1_epi8((char)m)); }
+  // 4 rows of 16 bytes at p (row i, column c = p[16 i + c]) -> lane c = bytes (r0[c], r1[c], r2[c], r3[c])
+  static GGUF_INLINE I t4x16(const uint8_t* p) {
+    const __m512i v = _mm512_loadu_si512((const void*)p);
+    const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m512i sh = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+    return _mm512_shuffle_epi8(_mm512_permutexvar_epi32(idx, v), sh);
+  }
+  // acc += per-lane dot of 4 unsigned codes (u, < 128) with 4 signed activations (x)
+  static GGUF_INLINE I dot_u(I acc, I u, I x) {
+#if defined(__AVX512VNNI__)
+    return _mm512_dpbusd_epi32(acc, u, x);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, x), _mm512_set1_epi16(1)));
+#endif
+  }
+  // acc += per-lane dot of 4 signed codes (w, int8) with 4 signed activations (x, |x| <= 127);
+  // VNNI: of (w + 128) with x; the caller subtracts 128 * sum(x) (kQ8Bias)
+  static GGUF_INLINE I dot_s(I acc, I w, I x) {
+#if defined(__AVX512VNNI__)
+    return _mm512_dpbusd_epi32(acc, _mm512_xor_si512(w, _mm512_set1_epi8((char)0x80)), x);
+#else
+    const __m512i xs = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(_mm512_abs_epi8(w), xs), _mm512_set1_epi16(1)));
+#endif
+  }
+  static GGUF_INLINE F cvti(I a) { return _mm512_cvtepi32_ps(a); }
+};
+#if defined(__AVX512VNNI__)
+constexpr int32_t kQ8Bias = 128;
+#else
+constexpr int32_t kQ8Bias = 0;
+#endif
+#else
+constexpr const char* kIsa = "avx2";
+struct V {
+  struct F { __m256 a, b; };
+  struct I { __m256i a, b; };
+  static GGUF_INLINE F zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+  static GGUF_INLINE F set1(float v) { return {_mm256_set1_ps(v), _mm256_set1_ps(v)}; }
+  static GGUF_INLINE F bcast(const float* p) { const __m256 v = _mm256_broadcast_ss(p); return {v, v}; }
+  static GGUF_INLINE F load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+  static GGUF_INLINE void store(float* p, F v) { _mm256_storeu_ps(p, v.a); _mm256_storeu_ps(p + 8, v.b); }
+  static GGUF_INLINE I u8(const uint8_t* p) {
+    return {_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)), _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8)))};
+  }
+  static GGUF_INLINE I s8(const uint8_t* p) {
+    return {_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)), _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8)))};
+  }
+  static GGUF_INLINE F h16(const uint8_t* p) {
+    return {_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + 16)))};
+  }
+  static GGUF_INLINE I andi(I x, int m) { const __m256i v = _mm256_set1_epi32(m); return {_mm256_and_si256(x.a, v), _mm256_and_si256(x.b, v)}; }
+  static GGUF_INLINE I or_(I x, I y) { return {_mm256_or_si256(x.a, y.a), _mm256_or_si256(x.b, y.b)}; }
+  template <int S> static GGUF_INLINE I shl(I x) { return {_mm256_slli_epi32(x.a, S), _mm256_slli_epi32(x.b, S)}; }
+  template <int S> static GGUF_INLINE I shr(I x) { return {_mm256_srli_epi32(x.a, S), _mm256_srli_epi32(x.b, S)}; }
+  static GGUF_INLINE F cvt(I x) { return {_mm256_cvtepi32_ps(x.a), _mm256_cvtepi32_ps(x.b)}; }
+  static GGUF_INLINE F fma(F x, F y, F z) { return {_mm256_fmadd_ps(x.a, y.a, z.a), _mm256_fmadd_ps(x.b, y.b, z.b)}; }
+  static GGUF_INLINE F mul(F x, F y) { return {_mm256_mul_ps(x.a, y.a), _mm256_mul_ps(x.b, y.b)}; }
+  static GGUF_INLINE F neg(F x) {
+    const __m256 s = _mm256_castsi256_ps(_mm256_set1_epi32(int(0x80000000u)));
+    return {_mm256_xor_ps(x.a, s), _mm256_xor_ps(x.b, s)};
+  }
+  // --- int8 activations ---
+  static GGUF_INLINE I izero() { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+  static GGUF_INLINE I iset1(int32_t v) { return {_mm256_set1_epi32(v), _mm256_set1_epi32(v)}; }
+  static GGUF_INLINE I isub(I x, I y) { return {_mm256_sub_epi32(x.a, y.a), _mm256_sub_epi32(x.b, y.b)}; }
+  static GGUF_INLINE I srl16_4(I x) { return {_mm256_srli_epi16(x.a, 4), _mm256_srli_epi16(x.b, 4)}; }
+  static GGUF_INLINE I and8(I x, int m) { const __m256i v = _mm256_set1_epi8((char)m); return {_mm256_and_si256(x.a, v), _mm256_and_si256(x.b, v)}; }
+  // 4 rows of 16 bytes at p (row i, column c = p[16 i + c]) -> lane c = bytes (r0[c], r1[c], r2[c], r3[c])
+  static GGUF_INLINE I t4x16(const uint8_t* p) {
+    const __m128i r0 = _mm_loadu_si128((const __m128i*)p), r1 = _mm_loadu_si128((const __m128i*)(p + 16));
+    const __m128i r2 = _mm_loadu_si128((const __m128i*)(p + 32)), r3 = _mm_loadu_si128((const __m128i*)(p + 48));
+    // [r0 c0-7, r1 c0-7 | r2 c0-7, r3 c0-7] and the same for c8-15
+    const __m256i lo = _mm256_set_m128i(_mm_unpacklo_epi64(r2, r3), _mm_unpacklo_epi64(r0, r1));
+    const __m256i hi = _mm256_set_m128i(_mm_unpackhi_epi64(r2, r3), _mm_unpackhi_epi64(r0, r1));
+    const __m256i idx = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    const __m256i sh = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                        0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    return {_mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(lo, idx), sh),
+            _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(hi, idx), sh)};
+  }
+  static GGUF_INLINE __m256i dot_u1(__m256i acc, __m256i u, __m256i x) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1)));
+  }
+  // acc += per-lane dot of 4 unsigned codes (u, < 128) with 4 signed activations (x)
+  static GGUF_INLINE I dot_u(I acc, I u, I x) { return {dot_u1(acc.a, u.a, x.a), dot_u1(acc.b, u.b, x.b)}; }
+  // acc += per-lane dot of 4 signed codes (w) with 4 signed activations (|x| <= 127): |w| * sign(x, w)
+  static GGUF_INLINE I dot_s(I acc, I w, I x) {
+    return {dot_u1(acc.a, _mm256_abs_epi8(w.a), _mm256_sign_epi8(x.a, w.a)),
+            dot_u1(acc.b, _mm256_abs_epi8(w.b), _mm256_sign_epi8(x.b, w.b))};
+  }
+  static GGUF_INLINE F cvti(I x) { return cvt(x); }
+};
+constexpr int32_t kQ8Bias = 0;
+#endif
+using F = V::F;
+using I = V::I;
+constexpr int LANES = 16;
+
+template <int A, int B, class Fn>
+GGUF_INLINE void static_for(Fn&& f) {
+  if constexpr (A < B) {
+    f(std::integral_constant<int, A>{});
+    static_for<A + 1, B>(f);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// type descriptors (mirrored by gguf_linear._TYPES in Python)
+// ------------------------------------------------------------------------------------------
+enum ScKind { SC_NONE = 0, SC_U8 = 1, SC_S8 = 2, SC_NIB = 3 };
+
+template <int QB_, int S_, int L_, int H_, bool M2_, int SCK_, bool MN_, int OFF_, bool SIGNED_>
+struct TypeDesc {
+  static constexpr int QB = QB_, S = S_, NS = QB_ / S_, L = L_, H = H_, SCK = SCK_, OFF = OFF_;
+  static constexpr bool M2 = M2_, MN = MN_, SIGNED = SIGNED_;
+  static constexpr int PER = 8 / L;                 // codes per byte of the LOW plane
+  static constexpr int HPER = H ? 8 / H : 1;        // codes per byte of the HIGH plane
+  static constexpr int G = PER > HPER ? PER : HPER; // k per decode group (one load of each plane)
+  static constexpr bool HAS_B = M2 || MN || OFF != 0;
+  static constexpr int OFF_M2 = 32;
+  static constexpr int OFF_SC = 32 + (M2 ? 32 : 0);
+  static constexpr int OFF_MN = OFF_SC + (SCK != SC_NONE ? NS * 16 : 0);
+  static constexpr int OFF_LOW = OFF_MN + (MN ? NS * 16 : 0);
+  static constexpr int OFF_HIGH = OFF_LOW + QB * 16 * L / 8;
+  static constexpr int BB = OFF_HIGH + QB * 16 * H / 8;
+  static_assert(S % G == 0, "a decode group must not straddle sub-blocks");
+};
+
+//                     QB   S  L  H  M2     SCK     MN     OFF SIGNED
+using TQ4_0 = TypeDesc<32, 32, 4, 0, false, SC_NONE, false, 8, false>;
+using TQ4_1 = TypeDesc<32, 32, 4, 0, true, SC_NONE, false, 0, false>;
+using TQ5_0 = TypeDesc<32, 32, 4, 1, false, SC_NONE, false, 16, false>;
+using TQ5_1 = TypeDesc<32, 32, 4, 1, true, SC_NONE, false, 0, false>;
+using TQ8_0 = TypeDesc<32, 32, 8, 0, false, SC_NONE, false, 0, true>;
+using TQ2_K = TypeDesc<256, 16, 2, 0, true, SC_NIB, false, 0, false>;
+using TQ3_K = TypeDesc<256, 16, 2, 1, false, SC_S8, false, 4, false>;
+using TQ4_K = TypeDesc<256, 32, 4, 0, true, SC_U8, true, 0, false>;
+using TQ5_K = TypeDesc<256, 32, 4, 1, true, SC_U8, true, 0, false>;
+using TQ6_K = TypeDesc<256, 16, 4, 2, false, SC_S8, false, 32, false>;
+
+// ggml type ids (gguf.GGMLQuantizationType)
+enum GgmlType : int64_t { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+
+template <class Fn>
+inline bool with_type(int64_t t, Fn&& f) {
+  switch (t) {
+    case Q4_0: f(TQ4_0{}); return true;
+    case Q4_1: f(TQ4_1{}); return true;
+    case Q5_0: f(TQ5_0{}); return true;
+    case Q5_1: f(TQ5_1{}); return true;
+    case Q8_0: f(TQ8_0{}); return true;
+    case Q2_K: f(TQ2_K{}); return true;
+    case Q3_K: f(TQ3_K{}); return true;
+    case Q4_K: f(TQ4_K{}); return true;
+    case Q5_K: f(TQ5_K{}); return true;
+    case Q6_K: f(TQ6_K{}); return true;
+    default: return false;
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// decoding
+// ------------------------------------------------------------------------------------------
+
+// A, B of sub-block s of a 16-column block (see the header comment)
+template <class T>
+GGUF_INLINE void params(const uint8_t* blk, int s, F& A, F& B) {
+  const F d = V::h16(blk);
+  if constexpr (T::SCK == SC_NONE) {
+    A = d;
+    if constexpr (T::M2) B = V::h16(blk + T::OFF_M2);
+    else if constexpr (T::OFF != 0) B = V::mul(d, V::set1(-float(T::OFF)));
+    else B = V::zero();
+  } else {
+    const uint8_t* sc = blk + T::OFF_SC + 16 * s;
+    I si;
+    if constexpr (T::SCK == SC_S8) si = V::s8(sc);
+    else if constexpr (T::SCK == SC_NIB) si = V::andi(V::u8(sc), 15);
+    else si = V::u8(sc);
+    A = V::mul(d, V::cvt(si));
+    if constexpr (T::MN) B = V::neg(V::mul(V::h16(blk + T::OFF_M2), V::cvt(V::u8(blk + T::OFF_MN + 16 * s))));
+    else if constexpr (T::SCK == SC_NIB) B = V::neg(V::mul(V::h16(blk + T::OFF_M2), V::cvt(V::shr<4>(V::u8(sc)))));
+    else if constexpr (T::OFF != 0) B = V::mul(A, V::set1(-float(T::OFF)));
+    else B = V::zero();
+  }
+}
+
+// weight vector (16 columns) at k = k0 + j of a block (k0: start of a decode group, multiple of
+// T::G); lo / hi hold the plane vectors loaded at j % PER == 0 / j % HPER == 0
+template <class T, int j>
+GGUF_INLINE F weight(const uint8_t* blk, int k0, I& lo, I& hi, const F& A, const F& B) {
+  if constexpr (j % T::PER == 0) {
+    const uint8_t* p = blk + T::OFF_LOW + 16 * ((k0 + j) / T::PER);
+    lo = T::SIGNED ? V::s8(p) : V::u8(p);
+  }
+  I q;
+  constexpr int sh = T::L * (j % T::PER);
+  if constexpr (T::L == 8) q = lo;
+  else if constexpr (sh + T::L == 8) q = V::template shr<sh>(lo);
+  else if constexpr (sh == 0) q = V::andi(lo, (1 << T::L) - 1);
+  else q = V::andi(V::template shr<sh>(lo), (1 << T::L) - 1);
+  if constexpr (T::H > 0) {
+    if constexpr (j % T::HPER == 0) hi = V::u8(blk + T::OFF_HIGH + 16 * ((k0 + j) / T::HPER));
+    constexpr int hs = T::H * (j % T::HPER);  // position of this code's high bits in the byte
+    I h = V::andi(hi, ((1 << T::H) - 1) << hs);
+    if constexpr (T::L > hs) h = V::template shl<T::L - hs>(h);
+    else if constexpr (T::L < hs) h = V::template shr<hs - T::L>(h);
+    q = V::or_(q, h);
+  }
+  const F qf = V::cvt(q);
+  if constexpr (T::HAS_B) return V::fma(qf, A, B);
+  else return V::mul(qf, A);
+}
+
+// software prefetch distance in the weight stream (bytes)
+inline int64_t g_prefetch = 1024;
+
+// ------------------------------------------------------------------------------------------
+// register tiles: NP panels x R activation rows over all K, weights decoded in registers
+//   acc[p][r] (16 columns of panel p, row r) = sum_k w[p][k] * x[r][k], one fma chain in k order
+// ------------------------------------------------------------------------------------------
+template <class T, int NP, int R>
+GGUF_INLINE void tile_reg(const uint8_t* const* pan, const float* const* xr, int64_t nblk, float* out /*[NP][R][16]*/) {
+  F acc[NP][R];
+  for (int p = 0; p < NP; ++p)
+    for (int r = 0; r < R; ++r) acc[p][r] = V::zero();
+  const int64_t pf = g_prefetch;
+  for (int64_t b = 0; b < nblk; ++b) {
+    const uint8_t* blk[NP];
+    for (int p = 0; p < NP; ++p) {
+      blk[p] = pan[p] + b * T::BB;
+      if (pf > 0)
+        for (int o = 0; o < T::BB; o += 64) _mm_prefetch((const char*)(blk[p] + o + pf), _MM_HINT_T0);
+    }
+    const float* xb[R];
+    for (int r = 0; r < R; ++r) xb[r] = xr[r] + b * T::QB;
+    for (int s = 0; s < T::NS; ++s) {
+      F A[NP], B[NP];
+      for (int p = 0; p < NP; ++p) params<T>(blk[p], s, A[p], B[p]);
+      for (int g = s * T::S; g < (s + 1) * T::S; g += T::G) {
+        I lo[NP], hi[NP];
+        static_for<0, T::G>([&](auto jc) {
+          constexpr int j = decltype(jc)::value;
+          F xv[R];
+          for (int r = 0; r < R; ++r) xv[r] = V::bcast(xb[r] + g + j);
+          for (int p = 0; p < NP; ++p) {
+            const F w = weight<T, j>(blk[p], g, lo[p], hi[p], A[p], B[p]);
+            for (int r = 0; r < R; ++r) acc[p][r] = V::fma(w, xv[r], acc[p][r]);
+          }
+        });
+      }
+    }
+  }
+  for (int p = 0; p < NP; ++p)
+    for (int r = 0; r < R; ++r) V::store(out + (p * R + r) * LANES, acc[p][r]);
+}
+
+// dequantize blocks [b0, b1) of one panel to buf[k - b0 * QB][16]
+template <class T>
+inline void dequant_panel(const uint8_t* pan, int64_t b0, int64_t b1, float* buf) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint8_t* blk = pan + b * T::BB;
+    float* o = buf + (b - b0) * T::QB * LANES;
+    for (int s = 0; s < T::NS; ++s) {
+      F A, B;
+      params<T>(blk, s, A, B);
+      for (int g = s * T::S; g < (s + 1) * T::S; g += T::G) {
+        I lo, hi;
+        static_for<0, T::G>([&](auto jc) {
+          constexpr int j = decltype(jc)::value;
+          V::store(o + (g + j) * LANES, weight<T, j>(blk, g, lo, hi, A, B));
+        });
+      }
+    }
+  }
+}
+
+// fp32 micro-kernel on dequantized panels: R rows x PP panels, k in [0, kn) of the chunk;
+// acc continues from yt (first == false) so the chain over k is unbroken across chunks
+template <int R, int PP>
+GGUF_INLINE void tile_buf(const float* const* buf, const float* const* xr, int64_t kn, float* yt, int64_t ldy, bool first) {
+  F acc[R][PP];
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < PP; ++p) acc[r][p] = first ? V::zero() : V::load(yt + r * ldy + p * LANES);
+  for (int64_t k = 0; k < kn; ++k) {
+    F w[PP];
+    for (int p = 0; p < PP; ++p) w[p] = V::load(buf[p] + k * LANES);
+    for (int r = 0; r < R; ++r) {
+      const F xv = V::bcast(xr[r] + k);
+      for (int p = 0; p < PP; ++p) acc[r][p] = V::fma(w[p], xv, acc[r][p]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < PP; ++p) V::store(yt + r * ldy + p * LANES, acc[r][p]);
+}
+
+// ------------------------------------------------------------------------------------------
+// int8 activations (the separate "int8" mode; decode): x quantized per row and per 32 k like
+// llama.cpp's Q8_0 (dx = amax / 127, xq = round-half-even(x / dx)), integer dot products per
+// sub-block of 32, then per sub-block and column, in k order:
+//   acc = fma(float(isum - OFF * xs), A * dx, acc);  acc = fma(Bm, dx * xs, acc)  (types with mins)
+// isum = sum q * xq, xs = sum xq (exact integers). Types: 32-wide sub-blocks of 4- or 8-bit codes
+// (Q4_0, Q4_1, Q4_K, Q8_0). Per-row order fixed: batch-invariant, like the fp32 path; the integer
+// sums are exact, so every ISA build gives the same bits too.
+// Activation layout (per row): xq [K] int8, for 4-bit codes each group of 8 k permuted to
+// (0, 2, 4, 6, 1, 3, 5, 7) (the low / high nibbles of 4 consecutive code bytes), dx / xs [K / 32].
+// ------------------------------------------------------------------------------------------
+template <class T>
+constexpr bool kA8 = T::S == 32 && T::H == 0 && (T::L == 4 || T::L == 8);
+
+// A and the mins term Bm (0 if none) of sub-block s, for the int8 mode
+template <class T>
+GGUF_INLINE void params_a8(const uint8_t* blk, int s, F& A, F& Bm) {
+  const F d = V::h16(blk);
+  if constexpr (T::SCK == SC_NONE) {
+    A = d;
+    Bm = T::M2 ? V::h16(blk + T::OFF_M2) : V::zero();
+  } else {
+    A = V::mul(d, V::cvt(V::u8(blk + T::OFF_SC + 16 * s)));
+    Bm = V::neg(V::mul(V::h16(blk + T::OFF_M2), V::cvt(V::u8(blk + T::OFF_MN + 16 * s))));
+  }
+}
+
+struct A8Row {
+  const int8_t* xq;
+  const float* dx;
+  const int32_t* xs;
+};
+
+template <class T, int NP, int R>
+GGUF_INLINE void tile_a8(const uint8_t* const* pan, const A8Row* rows, int64_t nblk, float* out) {
+  static_assert(kA8<T>, "no int8-activation kernel for this type");
+  constexpr int32_t off = T::L == 8 ? kQ8Bias : T::OFF;
+  F acc[NP][R];
+  for (int p = 0; p < NP; ++p)
+    for (int r = 0; r < R; ++r) acc[p][r] = V::zero();
+  const int64_t pf = g_prefetch;
+  for (int64_t b = 0; b < nblk; ++b) {
+    const uint8_t* blk[NP];
+    for (int p = 0; p < NP; ++p) {
+      blk[p] = pan[p] + b * T::BB;
+      if (pf > 0)
+        for (int o = 0; o < T::BB; o += 64) _mm_prefetch((const char*)(blk[p] + o + pf), _MM_HINT_T0);
+    }
+    for (int s = 0; s < T::NS; ++s) {
+      const int64_t sb = b * T::NS + s;  // 32-wide sub-block index along k
+      I is[NP][R];
+      for (int p = 0; p < NP; ++p)
+        for (int r = 0; r < R; ++r) is[p][r] = V::izero();
+      if constexpr (T::L == 4) {
+        for (int g = 0; g < 32; g += 8) {  // 8 k = 4 code bytes per column
+          I lo[NP], hi[NP];
+          for (int p = 0; p < NP; ++p) {
+            const I t = V::t4x16(blk[p] + T::OFF_LOW + 16 * ((s * 32 + g) / 2));
+            lo[p] = V::and8(t, 0x0F);
+            hi[p] = V::and8(V::srl16_4(t), 0x0F);
+          }
+          for (int r = 0; r < R; ++r) {
+            const int8_t* xg = rows[r].xq + sb * 32 + g;
+            int32_t x0, x1;
+            std::memcpy(&x0, xg, 4);
+            std::memcpy(&x1, xg + 4, 4);
+            const I xv0 = V::iset1(x0), xv1 = V::iset1(x1);
+            for (int p = 0; p < NP; ++p) is[p][r] = V::dot_u(V::dot_u(is[p][r], lo[p], xv0), hi[p], xv1);
+          }
+        }
+      } else {
+        for (int g = 0; g < 32; g += 4) {  // 4 k = 4 code bytes per column
+          I w[NP];
+          for (int p = 0; p < NP; ++p) w[p] = V::t4x16(blk[p] + T::OFF_LOW + 16 * (s * 32 + g));
+          for (int r = 0; r < R; ++r) {
+            int32_t x0;
+            std::memcpy(&x0, rows[r].xq + sb * 32 + g, 4);
+            const I xv = V::iset1(x0);
+            for (int p = 0; p < NP; ++p) is[p][r] = V::dot_s(is[p][r], w[p], xv);
+          }
+        }
+      }
+      for (int p = 0; p < NP; ++p) {
+        F A, Bm;
+        params_a8<T>(blk[p], s, A, Bm);
+        for (int r = 0; r < R; ++r) {
+          const float dx = rows[r].dx[sb];
+          const int32_t xs = rows[r].xs[sb];
+          I it = is[p][r];
+          if constexpr (off != 0) it = V::isub(it, V::iset1(off * xs));
+          acc[p][r] = V::fma(V::cvti(it), V::mul(A, V::set1(dx)), acc[p][r]);
+          if constexpr (T::M2) acc[p][r] = V::fma(Bm, V::set1(dx * float(xs)), acc[p][r]);
+        }
+      }
+    }
+  }
+  for (int p = 0; p < NP; ++p)
+    for (int r = 0; r < R; ++r) V::store(out + (p * R + r) * LANES, acc[p][r]);
+}
+
+}  // namespace llmopt_gguf

@@ -1,0 +1,392 @@
+// Python entry points of the native GGUF kernels (gguf_kernels.h), built once per instruction set:
+// llmopt_gguf_avx2 (-mavx2 -mfma -mf16c), llmopt_gguf_avx512 (+ -mavx512f/bw/vl) and
+// llmopt_gguf_avx512_vnni (+ -mavx512vnni: only the int8-activation dot products differ). Which one
+// runs is decided in Python (gguf_linear.cpu_path) from what the CPU reports.
+//
+// gemm(x [M, K] fp32, data, type, N, K, bias) -> [M, N]:
+//   M <= small_m : register tiles (weights decoded in registers, reused by up to 4 rows), groups of
+//                  4 panels (64 columns) so the weights stay in L1/L2 across row tiles;
+//   M >  small_m : per thread, a chunk of KC k's of PP panels is dequantized to fp32 (L1/L2) once,
+//                  then every 6-row tile runs the fp32 micro-kernel on it.
+// Both keep one fma chain per output in k order (see gguf_kernels.h), so the result does not
+// depend on M, on small_m, on the thread count or on the ISA.
+// Threads: OpenMP (torch's pool size); a few contiguous column runs per thread (long sequential
+// weight streams for the hardware prefetcher), handed out dynamically (a preempted thread does
+// not stall the call on a shared machine).
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/csrc/utils/pybind.h>
+#include <omp.h>
+
+#include <atomic>
+#include <cmath>
+#include <vector>
+
+#include "gguf_kernels.h"
+
+namespace {
+
+using namespace llmopt_gguf;
+
+#if defined(__AVX512F__)
+constexpr int NP_R1 = 4, NP_R2 = 2, NP_R4 = 2;  // panels per register tile by row count
+constexpr int PP = 2;                           // panels per micro-kernel tile
+#else
+constexpr int NP_R1 = 2, NP_R2 = 2, NP_R4 = 1;
+constexpr int PP = 1;
+#endif
+constexpr int PG = 4;         // panels per group on the register path
+constexpr int MAX_R = 4;      // rows per register tile
+constexpr int BUF_R = 6;      // rows per micro-kernel tile
+constexpr int64_t KC = 256;   // k per dequantized chunk (a multiple of every block size)
+
+int64_t g_min_parallel_work = int64_t(1) << 22;  // M*N*K below this: the calling thread only
+constexpr int64_t kItemsPerThread = 2;
+
+template <class Fn>
+void parallel_units(int64_t units, int64_t work, const Fn& f) {
+  if (units <= 0) return;
+  const int nt = at::get_num_threads();
+  if (nt <= 1 || units <= 1 || work < g_min_parallel_work || at::in_parallel_region() || omp_in_parallel()) {
+    f(0, units);
+    return;
+  }
+  const int64_t per = (units + nt * kItemsPerThread - 1) / (nt * kItemsPerThread);
+  const int64_t items = (units + per - 1) / per;
+  std::atomic<int64_t> next{0};
+#pragma omp parallel num_threads(nt)
+  {
+    for (;;) {
+      const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
+      if (c >= items) break;
+      f(c * per, std::min(units, (c + 1) * per));
+    }
+  }
+}
+
+struct Job {
+  const float* x;
+  const uint8_t* w;
+  const float* bias;
+  float* y;
+  int64_t M, N, K, P, nblk;
+};
+
+// out tile [R][16] of panel p, rows m0.. -> y (+ bias), valid columns only
+GGUF_INLINE void write_rows(const Job& J, int64_t p, int64_t m0, int R, const float* t, int64_t ldt) {
+  const int64_t n0 = p * LANES;
+  const int nc = (int)std::min<int64_t>(LANES, J.N - n0);
+  for (int r = 0; r < R; ++r) {
+    float* yr = J.y + (m0 + r) * J.N + n0;
+    const float* tr = t + r * ldt;
+    if (J.bias) {
+      for (int c = 0; c < nc; ++c) yr[c] = tr[c] + J.bias[n0 + c];
+    } else {
+      std::memcpy(yr, tr, sizeof(float) * nc);
+    }
+  }
+}
+
+template <class T, int NP, int R>
+void reg_tile(const Job& J, int64_t p, int64_t m0) {
+  const uint8_t* pan[NP];
+  for (int i = 0; i < NP; ++i) pan[i] = J.w + (p + i) * J.nblk * T::BB;
+  const float* xr[R];
+  for (int r = 0; r < R; ++r) xr[r] = J.x + (m0 + r) * J.K;
+  alignas(64) float out[NP * R * LANES];
+  tile_reg<T, NP, R>(pan, xr, J.nblk, out);
+  for (int i = 0; i < NP; ++i) write_rows(J, p + i, m0, R, out + i * R * LANES, LANES);
+}
+
+// panels [p, pe) for rows m0 .. m0+R, NP panels at a time
+template <class T, int R, int NP>
+void reg_rows(const Job& J, int64_t p, int64_t pe, int64_t m0) {
+  if constexpr (NP > 1) {
+    for (; p + NP <= pe; p += NP) reg_tile<T, NP, R>(J, p, m0);
+  }
+  for (; p < pe; ++p) reg_tile<T, 1, R>(J, p, m0);
+}
+
+template <class T>
+void run_reg(const Job& J) {
+  const int64_t groups = (J.P + PG - 1) / PG;
+  parallel_units(groups, J.M * J.N * J.K, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t p = g * PG, pe = std::min(J.P, p + PG);
+      const int64_t ntiles = (J.M + MAX_R - 1) / MAX_R;
+      int64_t m0 = 0;
+      for (int64_t t = 0; t < ntiles; ++t) {
+        const int R = (int)((J.M - m0) / (ntiles - t));  // balanced row tiles
+        switch (R) {
+          case 1: reg_rows<T, 1, NP_R1>(J, p, pe, m0); break;
+          case 2: reg_rows<T, 2, NP_R2>(J, p, pe, m0); break;
+          case 3: reg_rows<T, 3, NP_R4>(J, p, pe, m0); break;
+          default: reg_rows<T, 4, NP_R4>(J, p, pe, m0); break;
+        }
+        m0 += R;
+      }
+    }
+  });
+}
+
+template <int NPP>
+void buf_rows(const Job& J, const float* const* buf, int64_t k0, int64_t kn, float* yt, int64_t ldy, bool first) {
+  const int64_t ntiles = (J.M + BUF_R - 1) / BUF_R;
+  int64_t m0 = 0;
+  for (int64_t t = 0; t < ntiles; ++t) {
+    const int R = (int)((J.M - m0) / (ntiles - t));
+    const float* xr[BUF_R];
+    for (int r = 0; r < R; ++r) xr[r] = J.x + (m0 + r) * J.K + k0;
+    float* yr = yt + m0 * ldy;
+    switch (R) {
+      case 1: tile_buf<1, NPP>(buf, xr, kn, yr, ldy, first); break;
+      case 2: tile_buf<2, NPP>(buf, xr, kn, yr, ldy, first); break;
+      case 3: tile_buf<3, NPP>(buf, xr, kn, yr, ldy, first); break;
+      case 4: tile_buf<4, NPP>(buf, xr, kn, yr, ldy, first); break;
+      case 5: tile_buf<5, NPP>(buf, xr, kn, yr, ldy, first); break;
+      default: tile_buf<6, NPP>(buf, xr, kn, yr, ldy, first); break;
+    }
+    m0 += R;
+  }
+}
+
+template <class T>
+void run_buf(const Job& J) {
+  const int64_t units = (J.P + PP - 1) / PP;
+  const int64_t bpc = KC / T::QB;  // blocks per chunk
+  parallel_units(units, J.M * J.N * J.K, [&](int64_t u0, int64_t u1) {
+    std::vector<float> bufv((size_t)PP * KC * LANES + 16);
+    std::vector<float> ytv((size_t)J.M * PP * LANES + 16);
+    float* bufp = bufv.data();
+    float* yt = ytv.data();
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t p = u * PP;
+      const int np = (int)std::min<int64_t>(PP, J.P - p);
+      const float* buf[PP];
+      for (int i = 0; i < PP; ++i) buf[i] = bufp + (size_t)i * KC * LANES;
+      const int64_t ldy = np * LANES;
+      for (int64_t b0 = 0; b0 < J.nblk; b0 += bpc) {
+        const int64_t b1 = std::min(J.nblk, b0 + bpc);
+        for (int i = 0; i < np; ++i) dequant_panel<T>(J.w + (p + i) * J.nblk * T::BB, b0, b1, bufp + (size_t)i * KC * LANES);
+        const int64_t kn = (b1 - b0) * T::QB;
+        if (np == PP) buf_rows<PP>(J, buf, b0 * T::QB, kn, yt, ldy, b0 == 0);
+        else buf_rows<1>(J, buf, b0 * T::QB, kn, yt, ldy, b0 == 0);
+      }
+      for (int i = 0; i < np; ++i) write_rows(J, p + i, 0, (int)J.M, yt + i * LANES, ldy);
+    }
+  });
+}
+
+// ---- int8 activations ----------------------------------------------------------------------
+
+// one row: per 32 k, dx = amax / 127 and xq = round-half-even(x * (127 / amax)) (0 if amax == 0),
+// xs = sum xq; perm8: store each group of 8 in the order (0, 2, 4, 6, 1, 3, 5, 7)
+void quant_row_a8(const float* x, int64_t K, bool perm8, int8_t* xq, float* dx, int32_t* xs) {
+  static constexpr int kPerm[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+  for (int64_t b = 0; b < K / 32; ++b) {
+    const float* xb = x + b * 32;
+    float amax = 0.f;
+    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    volatile float amax_v = amax;  // the divisions exactly as written (the torch reference does the same)
+    const float inv = amax_v > 0.f ? 127.0f / amax_v : 0.f;
+    dx[b] = amax_v / 127.0f;
+    int32_t sum = 0;
+    int8_t q[32];
+    for (int i = 0; i < 32; ++i) {
+      q[i] = (int8_t)std::nearbyint(xb[i] * inv);
+      sum += q[i];
+    }
+    xs[b] = sum;
+    int8_t* o = xq + b * 32;
+    if (perm8) {
+      for (int g = 0; g < 32; g += 8)
+        for (int i = 0; i < 8; ++i) o[g + i] = q[g + kPerm[i]];
+    } else {
+      std::memcpy(o, q, 32);
+    }
+  }
+}
+
+template <class T, int NP, int R>
+void a8_tile(const Job& J, const A8Row* rows, int64_t p, int64_t m0) {
+  const uint8_t* pan[NP];
+  for (int i = 0; i < NP; ++i) pan[i] = J.w + (p + i) * J.nblk * T::BB;
+  alignas(64) float out[NP * R * LANES];
+  tile_a8<T, NP, R>(pan, rows + m0, J.nblk, out);
+  for (int i = 0; i < NP; ++i) write_rows(J, p + i, m0, R, out + i * R * LANES, LANES);
+}
+
+template <class T, int R, int NP>
+void a8_rows(const Job& J, const A8Row* rows, int64_t p, int64_t pe, int64_t m0) {
+  if constexpr (NP > 1) {
+    for (; p + NP <= pe; p += NP) a8_tile<T, NP, R>(J, rows, p, m0);
+  }
+  for (; p < pe; ++p) a8_tile<T, 1, R>(J, rows, p, m0);
+}
+
+template <class T>
+void run_a8(const Job& J) {
+  const int64_t nsb = J.K / 32;
+  std::vector<int8_t> xq((size_t)J.M * J.K);
+  std::vector<float> dx((size_t)J.M * nsb);
+  std::vector<int32_t> xs((size_t)J.M * nsb);
+  std::vector<A8Row> rows(J.M);
+  for (int64_t m = 0; m < J.M; ++m) {
+    quant_row_a8(J.x + m * J.K, J.K, T::L == 4, &xq[m * J.K], &dx[m * nsb], &xs[m * nsb]);
+    rows[m] = {&xq[m * J.K], &dx[m * nsb], &xs[m * nsb]};
+  }
+  const int64_t groups = (J.P + PG - 1) / PG;
+  parallel_units(groups, J.M * J.N * J.K / 4, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t p = g * PG, pe = std::min(J.P, p + PG);
+      const int64_t ntiles = (J.M + MAX_R - 1) / MAX_R;
+      int64_t m0 = 0;
+      for (int64_t t = 0; t < ntiles; ++t) {
+        const int R = (int)((J.M - m0) / (ntiles - t));
+        switch (R) {
+          case 1: a8_rows<T, 1, NP_R1>(J, rows.data(), p, pe, m0); break;
+          case 2: a8_rows<T, 2, NP_R2>(J, rows.data(), p, pe, m0); break;
+          case 3: a8_rows<T, 3, NP_R4>(J, rows.data(), p, pe, m0); break;
+          default: a8_rows<T, 4, NP_R4>(J, rows.data(), p, pe, m0); break;
+        }
+        m0 += R;
+      }
+    }
+  });
+}
+
+int64_t block_bytes(int64_t type) {
+  int64_t bb = -1;
+  with_type(type, [&](auto t) { bb = decltype(t)::BB; });
+  TORCH_CHECK(bb > 0, "gguf: no native kernel for ggml type id ", type);
+  return bb;
+}
+
+int64_t block_size(int64_t type) {
+  int64_t qb = -1;
+  with_type(type, [&](auto t) { qb = decltype(t)::QB; });
+  TORCH_CHECK(qb > 0, "gguf: no native kernel for ggml type id ", type);
+  return qb;
+}
+
+void check_data(const at::Tensor& data, int64_t type, int64_t N, int64_t K) {
+  const int64_t qb = block_size(type), bb = block_bytes(type);
+  TORCH_CHECK(N > 0 && K > 0 && K % qb == 0, "gguf: K = ", K, " is not a positive multiple of the block size ", qb);
+  const int64_t P = (N + LANES - 1) / LANES;
+  TORCH_CHECK(data.scalar_type() == at::kByte && data.is_contiguous() && data.device().is_cpu() &&
+                  data.numel() == P * (K / qb) * bb,
+              "gguf: packed data must be a contiguous uint8 CPU tensor of ", P * (K / qb) * bb, " bytes");
+}
+
+at::Tensor gemm(at::Tensor x, at::Tensor data, int64_t type, int64_t N, int64_t K, c10::optional<at::Tensor> bias,
+                int64_t small_m) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu() && x.size(1) == K,
+              "gguf.gemm: x must be a float32 CPU tensor [M, ", K, "]");
+  check_data(data, type, N, K);
+  x = x.contiguous();
+  at::Tensor bb;
+  Job J{};
+  if (bias.has_value() && bias->defined()) {
+    bb = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(bb.numel() == N, "gguf.gemm: bias must have ", N, " elements");
+    J.bias = bb.data_ptr<float>();
+  }
+  const int64_t M = x.size(0);
+  auto y = at::empty({M, N}, x.options());
+  if (M == 0) return y;
+  J.x = x.data_ptr<float>();
+  J.w = data.data_ptr<uint8_t>();
+  J.y = y.data_ptr<float>();
+  J.M = M; J.N = N; J.K = K;
+  J.P = (N + LANES - 1) / LANES;
+  J.nblk = K / block_size(type);
+  with_type(type, [&](auto t) {
+    using T = decltype(t);
+    if (M <= small_m) run_reg<T>(J);
+    else run_buf<T>(J);
+  });
+  return y;
+}
+
+// y = x @ W.T + bias with x quantized to int8 per row and 32 k (see tile_a8)
+at::Tensor gemm_a8(at::Tensor x, at::Tensor data, int64_t type, int64_t N, int64_t K, c10::optional<at::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu() && x.size(1) == K,
+              "gguf.gemm_a8: x must be a float32 CPU tensor [M, ", K, "]");
+  check_data(data, type, N, K);
+  bool ok = false;
+  with_type(type, [&](auto t) { ok = kA8<decltype(t)>; });
+  TORCH_CHECK(ok, "gguf.gemm_a8: no int8-activation kernel for ggml type id ", type);
+  x = x.contiguous();
+  at::Tensor bb;
+  Job J{};
+  if (bias.has_value() && bias->defined()) {
+    bb = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(bb.numel() == N, "gguf.gemm_a8: bias must have ", N, " elements");
+    J.bias = bb.data_ptr<float>();
+  }
+  const int64_t M = x.size(0);
+  auto y = at::empty({M, N}, x.options());
+  if (M == 0) return y;
+  J.x = x.data_ptr<float>();
+  J.w = data.data_ptr<uint8_t>();
+  J.y = y.data_ptr<float>();
+  J.M = M; J.N = N; J.K = K;
+  J.P = (N + LANES - 1) / LANES;
+  J.nblk = K / block_size(type);
+  with_type(type, [&](auto t) {
+    using T = decltype(t);
+    if constexpr (kA8<T>) run_a8<T>(J);
+  });
+  return y;
+}
+
+bool has_a8(int64_t type) {
+  bool ok = false;
+  with_type(type, [&](auto t) { ok = kA8<decltype(t)>; });
+  return ok;
+}
+
+at::Tensor dequant(at::Tensor data, int64_t type, int64_t N, int64_t K) {
+  check_data(data, type, N, K);
+  auto out = at::empty({N, K}, at::TensorOptions().dtype(at::kFloat));
+  const int64_t P = (N + LANES - 1) / LANES;
+  const uint8_t* w = data.data_ptr<uint8_t>();
+  float* o = out.data_ptr<float>();
+  with_type(type, [&](auto t) {
+    using T = decltype(t);
+    const int64_t nblk = K / T::QB;
+    parallel_units(P, N * K, [&](int64_t p0, int64_t p1) {
+      std::vector<float> buf((size_t)K * LANES);
+      for (int64_t p = p0; p < p1; ++p) {
+        dequant_panel<T>(w + p * nblk * T::BB, 0, nblk, buf.data());
+        const int nc = (int)std::min<int64_t>(LANES, N - p * LANES);
+        for (int c = 0; c < nc; ++c) {
+          float* orow = o + (p * LANES + c) * K;
+          for (int64_t k = 0; k < K; ++k) orow[k] = buf[k * LANES + c];
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "llmopt native GGUF block-type kernels (one build per instruction set)";
+  m.def("gemm", &gemm, "y = x @ dequant(W).T + bias on the packed GGUF layout", py::arg("x"), py::arg("data"),
+        py::arg("type"), py::arg("N"), py::arg("K"), py::arg("bias") = py::none(), py::arg("small_m") = 4);
+  m.def("gemm_a8", &gemm_a8, "y = x @ dequant(W).T + bias with int8 activations (per row, per 32 k)",
+        py::arg("x"), py::arg("data"), py::arg("type"), py::arg("N"), py::arg("K"), py::arg("bias") = py::none());
+  m.def("has_a8", &has_a8, "whether a ggml type has the int8-activation kernel");
+  m.def("dequant", &dequant, "packed GGUF layout -> fp32 [N, K]", py::arg("data"), py::arg("type"), py::arg("N"),
+        py::arg("K"));
+  m.def("block_bytes", &block_bytes, "bytes of one 16-column packed block of a ggml type");
+  m.def("isa", []() { return std::string(kIsa); }, "instruction set this build was compiled for");
+  m.def("_set_prefetch", [](int64_t b) { g_prefetch = b; }, "software prefetch distance in bytes (0 = off)");
+  m.def("_set_min_parallel_work", [](int64_t w) { g_min_parallel_work = w; },
+        "M*N*K below which a call runs on the calling thread (tests use 0)");
+}

@@ -1,0 +1,299 @@
+"""Native GGUF block-type kernels (llmopt.kernels.gguf_linear) vs gguf.quants.dequantize + a matmul,
+on every CPU path this machine runs (AVX-512 where present, and always the AVX2 floor)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import quants
+
+from llmopt.kernels import build
+from llmopt.kernels import gguf_linear as G
+
+QT = gguf.GGMLQuantizationType
+TYPES = [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K]
+IDS = [t.name for t in TYPES]
+MS = [1, 2, 3, 4, 7, 16, 64, 200]
+# K crosses the kernels' 256-wide k chunks and is not a multiple of them; N is not a multiple of the
+# 16-column panel nor of the 4-panel group
+SHAPE = {32: (37, 544), 256: (37, 768)}  # block size -> (N, K)
+_SCALE_OFFS = {QT.Q2_K: [80, 82], QT.Q3_K: [108], QT.Q4_K: [0, 2], QT.Q5_K: [0, 2], QT.Q6_K: [208]}
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def random_blocks(qt: QT, n: int, k: int, seed: int = 0) -> np.ndarray:
+    """uint8 [n, bytes_per_row]: gguf.quants.quantize of random weights, or (types gguf cannot
+    quantize: K-quants) random bytes with valid, small fp16 scales."""
+    rng = np.random.default_rng(seed)
+    block, ts = gguf.GGML_QUANT_SIZES[qt]
+    if qt not in _SCALE_OFFS:
+        return quants.quantize((rng.standard_normal((n, k)) * 0.05).astype(np.float32), qt)
+    raw = rng.integers(0, 256, size=(n, k // block, ts), dtype=np.uint8)
+    for off in _SCALE_OFFS[qt]:
+        v = (rng.standard_normal((n, k // block)) * 1e-2).astype(np.float16)
+        raw[..., off:off + 2] = v.view(np.uint8).reshape(n, k // block, 2)
+    return raw.reshape(n, -1)
+
+
+def case(qt: QT, seed: int = 0) -> tuple[G.GGUFPacked, torch.Tensor]:
+    n, k = SHAPE[gguf.GGML_QUANT_SIZES[qt][0]]
+    raw = random_blocks(qt, n, k, seed)
+    w = torch.from_numpy(quants.dequantize(raw, qt).reshape(n, k).astype(np.float32))
+    return G.pack_gguf(raw, qt, (n, k), name=f"test.{qt.name}"), w
+
+
+@pytest.fixture(scope="module")
+def paths() -> list[str]:
+    if not build.native_enabled():
+        pytest.skip("LLMOPT_NATIVE=0")
+    ps = G.available_paths()
+    if build.cpu_has_avx2():
+        assert "avx2" in ps, "the AVX2 GGUF kernels did not build on an AVX2 machine (see the llmopt warning)"
+    if not ps:
+        pytest.skip("CPU without AVX2: no native GGUF path")
+    return ps
+
+
+@pytest.fixture
+def parallel_always(paths):
+    """Every call splits over the threads (the default keeps small problems on one thread)."""
+    for p in paths:
+        G.native_module(p)._set_min_parallel_work(0)
+    yield
+    for p in paths:
+        G.native_module(p)._set_min_parallel_work(1 << 22)
+
+
+@pytest.fixture
+def threads():
+    old = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(old)
+
+
+def test_native_paths_report_their_instruction_set(paths):
+    assert "avx2" in paths
+    for p in paths:
+        assert G.native_module(p).isa() == p
+    assert G.cpu_path() in paths or os.environ.get("LLMOPT_CPU_PATH") == "reference"
+    flags = G._cpu_flags()
+    if {"avx512f", "avx512bw", "avx512vl"} <= flags:
+        assert "avx512" in paths
+    if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
+        assert "avx512_vnni" in paths
+
+
+def test_layout_tables_agree_between_python_and_cpp(paths):
+    for p in paths:
+        mod = G.native_module(p)
+        for qt in TYPES:
+            assert mod.block_bytes(int(qt)) == G._TYPES[qt].block_bytes, (p, qt.name)
+
+
+@pytest.mark.parametrize("qt", TYPES, ids=IDS)
+def test_packed_weights_decode_bit_exact_to_gguf_dequantize(paths, qt):
+    packed, w = case(qt)
+    assert torch.equal(G.dequantize_packed(packed), w)  # torch decode of the layout
+    for p in paths:
+        assert torch.equal(G.native_dequantize(packed, p), w), p  # the kernels' own decoder
+
+
+def _check_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, what: str) -> None:
+    """|y - exact| <= K * 2^-23 * (|x| @ |w|.T): fp32 summation error of any order, nothing more."""
+    exact = x.double() @ w.double().t()
+    if bias is not None:
+        exact = exact + bias.double()
+    bound = x.shape[1] * 2.0 ** -23 * (x.double().abs() @ w.double().abs().t()) + 1e-30
+    if bias is not None:
+        bound = bound + bias.double().abs() * 2.0 ** -23
+    excess = ((y.double() - exact).abs() / bound).max().item()
+    assert excess <= 1.0, f"{what}: error {excess:.2f}x the fp32 summation bound"
+
+
+@pytest.mark.parametrize("qt", TYPES, ids=IDS)
+def test_linear_matches_dequantized_matmul_on_every_path(paths, parallel_always, threads, qt):
+    packed, w = case(qt, seed=1)
+    n, k = packed.shape
+    g = torch.Generator().manual_seed(int(qt))
+    xs = torch.randn(max(MS), k, generator=g)
+    bias = torch.randn(n, generator=g)
+    for p in paths:
+        for nt in (1, 2):
+            threads(nt)
+            for m in MS:
+                for b in (None, bias):
+                    y = G.gguf_linear(xs[:m], packed, b, path=p)
+                    assert y.shape == (m, n) and y.dtype == torch.float32
+                    _check_close(y, xs[:m], w, b, f"{qt.name} path={p} threads={nt} M={m} bias={b is not None}")
+
+
+@pytest.mark.parametrize("qt", TYPES, ids=IDS)
+def test_rows_are_bit_identical_whatever_the_batch(paths, parallel_always, threads, qt):
+    """Batch invariance: row i of an M-row call == row i computed alone, for every M, tile choice,
+    thread count and instruction set (one fma chain per output in k order everywhere)."""
+    packed, _ = case(qt, seed=2)
+    n, k = packed.shape
+    x = torch.randn(200, k, generator=torch.Generator().manual_seed(7))
+    bias = torch.randn(n)
+    threads(1)
+    alone = torch.cat([G.gguf_linear(x[i:i + 1], packed, bias, path=paths[-1]) for i in range(x.shape[0])])
+    for p in paths:
+        for nt in (1, 2):
+            threads(nt)
+            for m in MS:
+                for small_m in (0, 4, 1000):  # dequantized-panel path, default split, register tiles only
+                    y = G.gguf_linear(x[:m], packed, bias, path=p, small_m=small_m)
+                    assert torch.equal(y, alone[:m]), f"{qt.name} path={p} threads={nt} M={m} small_m={small_m}"
+
+
+A8_TYPES = [QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K]
+
+
+def test_int8_mode_types():
+    assert G.supported_types("int8") == [t.name for t in A8_TYPES]
+    assert set(G.supported_types()) == set(IDS)
+
+
+@pytest.mark.parametrize("qt", A8_TYPES, ids=[t.name for t in A8_TYPES])
+def test_int8_activations_match_the_quantized_activation_reference(paths, parallel_always, threads, qt):
+    """act="int8" == (x quantized per row and 32 k, dequantized) @ W.T up to float rounding, on every
+    path; the integer sums are exact, so every path gives the same bits; rows are batch-invariant."""
+    packed, w = case(qt, seed=4)
+    n, k = packed.shape
+    g = torch.Generator().manual_seed(11)
+    xs = torch.randn(max(MS), k, generator=g) * torch.logspace(-3, 1, max(MS)).unsqueeze(1)
+    xs[5] = 0  # amax == 0: scale 0, codes 0
+    bias = torch.randn(n, generator=g)
+    xhat = G.quantize_act_int8(xs)
+    exact = xhat.double() @ w.double().t() + bias.double()
+    bound = (k // 32 + 2) * 2.0 ** -22 * (xhat.double().abs() @ w.double().abs().t() + bias.double().abs())
+    threads(1)
+    alone = torch.cat([G.gguf_linear(xs[i:i + 1], packed, bias, act="int8", path=paths[-1])
+                       for i in range(xs.shape[0])])
+    assert ((alone.double() - exact).abs() <= bound).all(), f"{qt.name}: int8 mode off the quantized reference"
+    for p in paths:
+        for nt in (1, 2):
+            threads(nt)
+            for m in MS:
+                y = G.gguf_linear(xs[:m], packed, bias, act="int8", path=p)
+                assert torch.equal(y, alone[:m]), f"{qt.name} int8 path={p} threads={nt} M={m}"
+    yr = G.gguf_linear(xs[:16], packed, bias, act="int8", path="reference")
+    assert ((yr.double() - exact[:16]).abs() <= bound[:16]).all()
+    # and it stays close to the exact fp32 product (int8 activations cost ~0.5% relative error here)
+    y32 = xs[:16].double() @ w.double().t() + bias.double()
+    assert ((alone[:16].double() - y32).norm() / y32.norm()).item() < 2e-2
+
+
+def test_int8_mode_refuses_types_without_its_kernel(paths):
+    packed, _ = case(QT.Q6_K)
+    with pytest.raises(ValueError, match=r"'test.Q6_K' \(Q6_K, 37x768\): no int8-activation kernel for Q6_K"):
+        G.gguf_linear(torch.randn(1, 768), packed, act="int8")
+    with pytest.raises(ValueError, match="act must be 'fp32' or 'int8'"):
+        G.gguf_linear(torch.randn(1, 768), packed, act="int4")
+
+
+def test_reference_path_and_other_input_forms(paths):
+    packed, w = case(QT.Q4_K, seed=3)
+    n, k = packed.shape
+    x = torch.randn(2, 5, k)
+    bias = torch.randn(n)
+    y = G.gguf_linear(x, packed, bias)
+    assert y.shape == (2, 5, n)
+    _check_close(y.reshape(10, n), x.reshape(10, k), w, bias, "3-D input")
+    yr = G.gguf_linear(x, packed, bias, path="reference")
+    _check_close(yr.reshape(10, n), x.reshape(10, k), w, bias, "reference path")
+    yb = G.gguf_linear(x.to(torch.bfloat16), packed, bias)
+    assert yb.dtype == torch.bfloat16 and yb.shape == (2, 5, n)
+
+
+def test_embedding_rows_equal_gguf_dequantize():
+    packed, w = case(QT.Q6_K, seed=5)
+    ids = torch.tensor([[0, 36, 17], [17, 5, 36]])
+    assert torch.equal(G.gguf_embedding(ids, packed), w[ids])
+    with pytest.raises(ValueError, match=r"ids must be integers in \[0, 37\)"):
+        G.gguf_embedding(torch.tensor([37]), packed)
+
+
+def test_torch_tensor_and_flat_raw_pack_the_same(paths):
+    raw = random_blocks(QT.Q5_1, 20, 64)
+    a = G.pack_gguf(raw, QT.Q5_1, (20, 64))
+    b = G.pack_gguf(torch.from_numpy(raw.reshape(-1).copy()), "q5_1", [20, 64])
+    c = G.pack_gguf(raw, int(QT.Q5_1), (20, 64))
+    assert torch.equal(a.data, b.data) and torch.equal(a.data, c.data)
+    assert a.type_name == "Q5_1" and a.shape == (20, 64)
+
+
+def test_bad_input_names_the_tensor_and_type():
+    raw = random_blocks(QT.Q4_0, 8, 64)
+    with pytest.raises(ValueError, match=r"'blk.0.ffn_up'.*F16.*no native kernel"):
+        G.pack_gguf(np.zeros((8, 64), np.float16), QT.F16, (8, 64), name="blk.0.ffn_up")
+    with pytest.raises(ValueError, match=r"'w'.*unknown GGML type 'Q9_9'"):
+        G.pack_gguf(raw, "Q9_9", (8, 64), name="w")
+    with pytest.raises(ValueError, match=r"'w' \(Q4_0, shape \(8, 32\)\): expected 144 bytes.*got 288"):
+        G.pack_gguf(raw, QT.Q4_0, (8, 32), name="w")
+    with pytest.raises(ValueError, match=r"'w' \(Q4_0\): in_features 48 is not a multiple of the block size 32"):
+        G.pack_gguf(raw, QT.Q4_0, (12, 48), name="w")
+    with pytest.raises(ValueError, match=r"'w' \(Q4_0\): shape must be 2-D"):
+        G.pack_gguf(raw, QT.Q4_0, (2, 4, 64), name="w")
+    packed = G.pack_gguf(raw, QT.Q4_0, (8, 64), name="w")
+    with pytest.raises(ValueError, match=r"'w' \(Q4_0, 8x64\): x has shape \(3, 60\).*in_features = 64"):
+        G.gguf_linear(torch.randn(3, 60), packed)
+    with pytest.raises(ValueError, match=r"'w' \(Q4_0, 8x64\): x must be a floating-point tensor"):
+        G.gguf_linear(torch.ones(3, 64, dtype=torch.int32), packed)
+    with pytest.raises(ValueError, match=r"'w' \(Q4_0, 8x64\): bias has shape \(7,\), expected \(8,\)"):
+        G.gguf_linear(torch.randn(3, 64), packed, torch.randn(7))
+    with pytest.raises(ValueError, match="GGUFPacked"):
+        G.gguf_linear(torch.randn(3, 64), raw)
+    with pytest.raises(ValueError, match="unknown path 'sse2'"):
+        G.gguf_linear(torch.randn(3, 64), packed, path="sse2")
+
+
+def test_cpu_without_avx2_gets_the_reference_not_a_crash(monkeypatch, caplog):
+    """A CPU reporting no AVX2: no native module is loaded, the torch reference runs, one warning."""
+    monkeypatch.setattr(G, "_cpu_flags", lambda: frozenset({"sse2", "sse4_2"}))
+    monkeypatch.setattr(G, "_modules", {})
+    monkeypatch.setattr(G, "_chosen", None)
+    monkeypatch.delenv("LLMOPT_CPU_PATH", raising=False)
+    with caplog.at_level(logging.WARNING, logger=G.__name__):
+        assert G.cpu_path() == "reference"
+    if build.native_enabled():
+        assert "plain-torch reference" in caplog.text
+    assert G.available_paths() == []
+    packed, w = case(QT.Q8_0)
+    x = torch.randn(3, packed.shape[1])
+    _check_close(G.gguf_linear(x, packed), x, w, None, "reference on a CPU without AVX2")
+    with pytest.raises(ValueError, match="'avx2' is not available here"):
+        G.gguf_linear(x, packed, path="avx2")
+
+
+def _cpu_path_in_subprocess(env_value: str | None, native: str = "1") -> subprocess.CompletedProcess:
+    env = dict(os.environ, LLMOPT_NATIVE=native, PYTHONPATH=str(ROOT))
+    env.pop("LLMOPT_CPU_PATH", None)
+    if env_value is not None:
+        env["LLMOPT_CPU_PATH"] = env_value
+    code = ("import logging; logging.basicConfig(level=logging.WARNING)\n"
+            "from llmopt.kernels import gguf_linear as G\nprint('PATH', G.cpu_path())")
+    return subprocess.run([sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_env_override_forces_the_avx2_path(paths):
+    r = _cpu_path_in_subprocess("avx2")
+    assert r.returncode == 0, r.stderr
+    assert "PATH avx2" in r.stdout
+    r = _cpu_path_in_subprocess("fastest")  # not a path: warned, then chosen from the CPU
+    assert r.returncode == 0, r.stderr
+    assert f"PATH {paths[0]}" in r.stdout and "LLMOPT_CPU_PATH='fastest'" in r.stderr
+
+
+def test_native_off_means_reference():
+    r = _cpu_path_in_subprocess(None, native="0")
+    assert r.returncode == 0, r.stderr
+    assert "PATH reference" in r.stdout
