@@ -207,7 +207,7 @@ class _Plan:
 
 def _probe(cmd: list[str], stdin: bytes = b"") -> bool:
     try:
-        done = subprocess.run(cmd, input=stdin, capture_output=True, timeout=30)
+        done = subprocess.run(cmd, input=stdin, capture_output=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return False
     if done.returncode != 0:
@@ -231,13 +231,14 @@ def _interpreters() -> list[tuple[str, str]]:
     installation (never a virtualenv, whose site-packages live in a checkout), ``python3`` on
     PATH, ``/usr/bin/python3``."""
     found: list[tuple[str, str]] = []
+    ask = ("import os, sys; print(os.path.realpath(sys.executable)); "
+           "print(os.path.realpath(sys.base_prefix))")
     for exe in (sys.executable, shutil.which("python3"), "/usr/bin/python3"):
         if exe is None or not os.path.exists(exe):
             continue
         try:
             exe, base = subprocess.run(
-                [exe, "-I", "-c", "import os, sys; print(os.path.realpath(sys.executable));"
-                                  "print(os.path.realpath(sys.base_prefix))"],
+                [exe, "-I", "-c", ask],
                 capture_output=True, text=True, timeout=30, check=True,
             ).stdout.split("\n")[:2]
         except (OSError, subprocess.SubprocessError, ValueError):
