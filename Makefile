@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 # Build every native kernel now (cached per source hash, shared by checkouts), so none compiles
 # inside the first request or timed case.
 setup: $(STAMP)
-	$(PY) -m llmopt.kernels.build
+	$(PY) -W ignore::RuntimeWarning -m llmopt.kernels.build
 
 # The main job: the competition batch format on the shipped example cases, with the default model.
 run: setup
