@@ -23,6 +23,7 @@ from llmopt.config import SUPPORTED_ARCHS, ModelConfig, ModelLoadError
 from llmopt.models.registry import resolve
 from llmopt.models.tokenizer import Tokenizer
 from llmopt.models.transformer import Transformer
+from llmopt.models.validate import finite_weights
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def fill_weights(net: Transformer, weights: Iterator[tuple[str, torch.Tensor]], 
     """Load Hugging Face-named float tensors into ``net`` (errors name ``source``), cast to ``dtype``
     (the rope table stays float32) and switch to eval mode."""
     try:
-        net.load_weights(weights)
+        net.load_weights(finite_weights(weights, source))
     except ModelLoadError:
         raise
     except (KeyError, ValueError) as e:
