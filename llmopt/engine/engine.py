@@ -97,6 +97,21 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def running_ids(self) -> list[str]:
+        """Request ids of the sequences in the running batch (a snapshot taken under the lock)."""
+        with self.lock:
+            return [s.request_id for s in self.scheduler.running]
+
+    def waiting_ids(self) -> list[str]:
+        """Request ids of the sequences waiting to be scheduled, oldest first (under the lock)."""
+        with self.lock:
+            return [s.request_id for s in self.scheduler.waiting]
+
+    def num_waiting(self) -> int:
+        """Sequences waiting in the scheduler (under the lock)."""
+        with self.lock:
+            return len(self.scheduler.waiting)
+
     # ---- the loop -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         if torch.get_num_threads() != self.config.num_threads:  # the setting is per thread

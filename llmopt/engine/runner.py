@@ -9,7 +9,7 @@ import logging
 import torch
 
 from llmopt.engine.sequence import Sequence
-from llmopt.kernels.decode_step import FusedDecoder
+from llmopt.engine.fused_decode import FusedDecoder
 from llmopt.models.transformer import AttnContext, PrefillSpan, Transformer
 
 log = logging.getLogger(__name__)

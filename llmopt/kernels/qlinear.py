@@ -44,8 +44,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from ..quant.formats import FORMATS, QuantizedWeight, codes, dequantize
-from ..quant.rtn import quantize_activations_int8, quantize_activations_int8_grouped
+from llmopt.formats.layouts import FORMATS, QuantizedWeight, codes, dequantize
+from llmopt.formats.rtn import quantize_activations_int8, quantize_activations_int8_grouped
 from .build import native_enabled
 
 __all__ = [
@@ -173,7 +173,7 @@ def supports_native(qw: QuantizedWeight) -> bool:
     return any_block and gs % FORMATS[qw.fmt].block == 0
 
 
-def _a8_capable(qw: QuantizedWeight) -> bool:
+def a8_capable(qw: QuantizedWeight) -> bool:
     """int4 weights the w4a8 integer kernel can read in place (whole-block groups)."""
     return qw.fmt == "int4" and qw.group_size in (64, 128, 256)  # the w4a8 kernel's group sizes
 
@@ -183,10 +183,10 @@ def _int4_uses_a8(qw: QuantizedWeight, m: int, act: str | None) -> bool:
     if qw.fmt != "int4":
         return False
     if act is None:
-        return INT4_ACT == "int8" and m <= INT4_A8_MAX_M and _a8_capable(qw)
+        return INT4_ACT == "int8" and m <= INT4_A8_MAX_M and a8_capable(qw)
     if act not in ("int8", "fp32"):
         raise ValueError(f"act must be 'int8' or 'fp32', got {act!r}")
-    if act == "int8" and not _a8_capable(qw):
+    if act == "int8" and not a8_capable(qw):
         raise ValueError(f"int4 with int8 activations needs a group size multiple of 64 (<= 256), "
                          f"got {qw.group_size}")
     return act == "int8"
@@ -326,7 +326,7 @@ def make_forward(qw: QuantizedWeight, bias: torch.Tensor | None = None):
     fmt, gs = qw.fmt, qw.group_size
     qweight, scales, mins = qw["qweight"], qw["scales"], qw.tensors.get("mins")
     b = None if bias is None else bias.float().contiguous()
-    a8_ok = fmt == "int4" and _a8_capable(qw)
+    a8_ok = fmt == "int4" and a8_capable(qw)
     fmt_id = _FMT_ID.get(fmt)
 
     def fwd(x: torch.Tensor) -> torch.Tensor:

@@ -134,7 +134,7 @@ def quantize_command(
 
     from llmopt.models.registry import resolve
 
-    from .formats import FORMATS, effective_group_size
+    from llmopt.formats.layouts import FORMATS, effective_group_size
     from .mixed import DEFAULT_CANDIDATES
 
     t_start = time.perf_counter()

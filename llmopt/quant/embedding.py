@@ -1,8 +1,8 @@
 """``QuantEmbedding``: a drop-in ``nn.Embedding`` replacement holding the ``[vocab, hidden]`` table as
-a packed :class:`~llmopt.quant.formats.QuantizedWeight` (groups along the hidden dim), whose
+a packed :class:`~llmopt.formats.layouts.QuantizedWeight` (groups along the hidden dim), whose
 forward gathers the packed rows of the input ids and dequantizes only those rows.
 
-Why gathering packed rows is exact: every format of :mod:`llmopt.quant.formats` packs each output
+Why gathering packed rows is exact: every format of :mod:`llmopt.formats.layouts` packs each output
 row (= table row = token) on its own. ``qweight`` is ``[N, Kp * bits / 8]`` (int4/int2/fp4 "8 lanes
 x j" blocks, int3 2-bit + 1-bit planes, w4a8 ggml halves, int8/w8a8/fp8 natural order: all blocks of
 one row follow each other, no block spans two rows), ``scales`` / ``mins`` are ``[N, K / gs]`` or
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ._packed import PackedWeightViews
-from .formats import FORMATS, QuantizedWeight, dequantize, effective_group_size, quantize
+from llmopt.formats.layouts import FORMATS, QuantizedWeight, dequantize, effective_group_size, quantize
 
 __all__ = ["QuantEmbedding", "ROW_PACKED_FORMATS"]
 

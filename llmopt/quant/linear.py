@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ._packed import PackedWeightViews
-from .formats import FORMATS, QuantizedWeight, effective_group_size, quantize
+from llmopt.formats.layouts import FORMATS, QuantizedWeight, effective_group_size, quantize
 
 log = logging.getLogger(__name__)
 

@@ -51,7 +51,7 @@ def test_specs_bits_and_candidates():
     assert bits == sorted(bits)
     # every default candidate has a native kernel; group sizes without one are left out
     from llmopt.kernels.qlinear import supports_native
-    from llmopt.quant.formats import quantize
+    from llmopt.formats.layouts import quantize
 
     for s in c576 + c1536:
         f, g = mixed.parse_spec(s)
