@@ -5,7 +5,9 @@ handlers (``errors``) and every middleware. Add middleware here, nowhere else.
 
 The pieces: ``llmopt.engine.async_engine`` steps the engine in a background thread; ``jobs`` admits
 HTTP requests onto it (bounded, 503 + Retry-After beyond ``max_num_seqs + max_queue``);
-``handlers`` validates, tokenizes and waits for outputs; ``responses`` turns them into OpenAI bodies
+``handlers`` reads bodies (bounded in size and time), validates and tokenizes them in a thread pool
+off the event loop, and waits for outputs; ``connections`` sets the uvicorn limits (header timeout
+and size); ``responses`` turns them into OpenAI bodies
 and chunks; ``streaming`` sends chunks as server-sent events; ``reasoning`` splits ``<think>``;
 ``metrics`` holds the Prometheus registry; ``errors`` maps every failure to an OpenAI error body.
 """
@@ -36,13 +38,41 @@ log = logging.getLogger(__name__)
 _ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
 
 
+_OPEN_ROUTES = ("/health", "/metrics")  # answered without the API key
+
+
+def _host_name(host: bytes) -> str:
+    """The name part of a Host header value: 'localhost:8000' -> 'localhost', '[::1]:80' -> '::1'."""
+    h = host.decode("latin-1").strip().lower()
+    if h.startswith("["):
+        return h[1:h.find("]")] if "]" in h else h
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+
+
 class _Gate:
-    """Pure ASGI middleware: the API key on /v1 routes, and request counts by route and status."""
+    """Pure ASGI middleware, first on every request: the Host allowlist (a loopback server answers
+    only its loopback names, so a web page cannot reach it by DNS rebinding), the API key on every
+    route but /health and /metrics (/openapi.json included), and request counts by route and status."""
 
     def __init__(self, app: Any, server: OpenAIServer):
         self.app, self.server = app, server
         key = server.cfg.api_key
         self.expected = f"Bearer {key}".encode() if key else None
+        hosts = server.cfg.allowed_hosts
+        self.hosts = None if hosts is None else {h.strip("[]").lower() for h in hosts}
+
+    def refusal(self, scope: dict) -> APIError | None:
+        headers = dict(scope.get("headers") or [])
+        host = headers.get(b"host")
+        if self.hosts is not None and host is not None and _host_name(host) not in self.hosts:
+            return APIError(400, f"Host header {host.decode('latin-1')[:100]!r} is not allowed here (this server "
+                                 f"answers {', '.join(sorted(self.hosts))}); to reach it under another name, "
+                                 f"start it with --allowed-host NAME", code="host_not_allowed")
+        if (self.expected is not None and scope.get("path", "") not in _OPEN_ROUTES
+                and not secrets.compare_digest(headers.get(b"authorization", b""), self.expected)):
+            return APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' with the "
+                                     "key given to --api-key", code="invalid_api_key")
+        return None
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -57,12 +87,9 @@ class _Gate:
             await send(msg)
 
         try:
-            if self.expected is not None and path.startswith("/v1"):
-                got = dict(scope.get("headers") or []).get(b"authorization", b"")
-                if not secrets.compare_digest(got, self.expected):
-                    err = APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' with the "
-                                        "key given to --api-key", code="invalid_api_key")
-                    return await err.response()(scope, receive, counting_send)
+            err = self.refusal(scope)
+            if err is not None:
+                return await err.response()(scope, receive, counting_send)
             await self.app(scope, receive, counting_send)
         finally:
             self.server.metrics.requests.labels(route, str(status["code"])).inc()
@@ -81,6 +108,7 @@ def create_app(engine: LLMEngine, config: ServeConfig) -> FastAPI:
         yield
         server.loop.draining = True
         server.loop.stop()
+        server.pool.shutdown(wait=False, cancel_futures=True)
         log.info("engine thread stopped")
 
     app = FastAPI(title="llmopt OpenAI-compatible server", lifespan=lifespan, docs_url=None, redoc_url=None)

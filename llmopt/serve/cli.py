@@ -11,7 +11,7 @@ import typer
 
 from llmopt.models.registry import DEFAULT_MODEL
 
-_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+from llmopt.serve.config import LOOPBACK_HOSTS as _LOOPBACK
 
 
 def serve_command(
@@ -40,6 +40,13 @@ def serve_command(
                                                          "before they are cancelled", min=0.0)] = 30.0,
     reasoning_parser: Annotated[Optional[str], typer.Option(help="'think': return <think>...</think> of chat "
                                                             "answers as reasoning_content")] = None,
+    allowed_host: Annotated[Optional[list[str]], typer.Option(help="a Host header name to accept (repeat for "
+                                                               "more); default on loopback: localhost, "
+                                                               "127.0.0.1, ::1; elsewhere: any")] = None,
+    header_timeout: Annotated[float, typer.Option(help="seconds a client has to send a request's headers "
+                                                       "(slower connections are closed)", min=0.1)] = 10.0,
+    body_timeout: Annotated[float, typer.Option(help="seconds a client has to send a request body (408 after)",
+                                                min=0.1)] = 30.0,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ):
     """Serve MODEL over the OpenAI HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
@@ -51,6 +58,7 @@ def serve_command(
     import uvicorn
 
     from llmopt.config import EngineConfig
+    from llmopt.serve.connections import uvicorn_config
     from llmopt.engine.engine import LLMEngine
     from llmopt.serve.app import ServeConfig, create_app
 
@@ -70,8 +78,10 @@ def serve_command(
     print(f"llmopt serve: loading {model} ...", file=sys.stderr, flush=True)
     engine = LLMEngine(model, cfg, quant=quant)
     names = [served_model_name or model] + ([model] if served_model_name and served_model_name != model else [])
+    hosts = tuple(allowed_host) if allowed_host else (_LOOPBACK if host in _LOOPBACK else None)
     app = create_app(engine, ServeConfig(model_names=names, api_key=api_key, max_queue=max_queue,
-                                         request_timeout=request_timeout, reasoning_parser=reasoning_parser))
+                                         request_timeout=request_timeout, reasoning_parser=reasoning_parser,
+                                         body_timeout=body_timeout, allowed_hosts=hosts))
     server_state = app.state.server
 
     class Server(uvicorn.Server):
@@ -79,8 +89,8 @@ def serve_command(
             server_state.loop.draining = True
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout,
-                            access_log=log_level == "debug")
+    config = uvicorn_config(app, host=host, port=port, header_timeout=header_timeout, log_level=log_level,
+                            timeout_graceful_shutdown=shutdown_timeout, access_log=log_level == "debug")
     # uvicorn re-raises the signal it handled once it has shut down; with these handlers that is a no-op,
     # so a graceful SIGTERM ends the process with exit code 0.
     for sig in (signal.SIGTERM, signal.SIGINT):

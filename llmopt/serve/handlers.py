@@ -6,17 +6,19 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 from llmopt.engine.engine import LLMEngine
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.engine.sequence import RequestOutput
 from llmopt.serve import protocol as P
-from llmopt.serve.config import MAX_BODY_BYTES, POLL_SECONDS, ServeConfig
+from llmopt.serve.config import POLL_SECONDS, ServeConfig
 from llmopt.serve.errors import APIError, ClientGone, validation_error
 from llmopt.serve.jobs import Job, JobQueue
 from llmopt.serve.metrics import ServerMetrics
@@ -25,6 +27,9 @@ from llmopt.serve.responses import Formatter
 from llmopt.serve.streaming import JobStreamingResponse, sse
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_CLOSE = {"Connection": "close"}  # after refusing a body we did not read: the client must stop sending
 
 
 def _tokens(n: int) -> str:
@@ -42,13 +47,49 @@ class OpenAIServer:
         # a sequence must fit both the context window and the whole KV cache
         self.context_len = min(engine.max_model_len, bm.num_blocks * bm.block_size)
         self._token_str: dict[int, str] = {}
+        self.pool = ThreadPoolExecutor(max_workers=config.tokenizer_threads, thread_name_prefix="llmopt-tokenize")
 
     # -- helpers --
-    async def parse(self, request: Request, model: type[BaseModel]) -> Any:
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            raise APIError(413, f"the request body has {len(body)} bytes; the limit is {MAX_BODY_BYTES}",
-                           code="body_too_large")
+    async def offload(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run CPU-heavy request work (JSON validation, tokenization, chat templates) in the
+        tokenizer pool, so the event loop keeps serving /health and streams meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def read_body(self, request: Request) -> bytes:
+        """The JSON body, refused before it is read when its type or declared size is wrong, and
+        while it is read when it grows past the limit or takes too long."""
+        ctype = request.headers.get("content-type", "")
+        if ctype.split(";")[0].strip().lower() != "application/json":
+            raise APIError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}: send the "
+                                f"request as a JSON body", code="unsupported_media_type", headers=_CLOSE)
+        limit = self.cfg.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise APIError(400, f"Content-Length is not a number: {declared[:40]!r}", code="invalid_request",
+                               headers=_CLOSE)
+            if int(declared) > limit:
+                raise APIError(413, f"the request body has {int(declared)} bytes (Content-Length); the limit is "
+                                    f"{limit}", code="body_too_large", headers=_CLOSE)
+        body = bytearray()
+        try:
+            async with asyncio.timeout(self.cfg.body_timeout):
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > limit:
+                        raise APIError(413, f"the request body is larger than the limit of {limit} bytes",
+                                       code="body_too_large", headers=_CLOSE)
+        except TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {self.cfg.body_timeout:g} s "
+                                f"({len(body)} bytes received)", code="body_timeout", headers=_CLOSE) from None
+        except ClientDisconnect:
+            log.info("client %s disconnected during the upload of %s (%d of %s bytes received)",
+                     request.client.host if request.client else "?", request.url.path, len(body),
+                     declared or "unknown")
+            raise ClientGone(499, "the client disconnected during the upload", code="client_disconnected") from None
+        return bytes(body)
+
+    def validate(self, body: bytes, model: type[BaseModel]) -> Any:
         if not body.strip():
             raise APIError(400, "the request body is empty: send a JSON object", code="invalid_json")
         try:
@@ -60,6 +101,10 @@ class OpenAIServer:
                                 f"{self.cfg.model_names[0]!r} (see GET /v1/models)", param="model",
                            code="model_not_found")
         return req
+
+    async def parse(self, request: Request, model: type[BaseModel]) -> Any:
+        body = await self.read_body(request)
+        return await self.offload(self.validate, body, model)
 
     def token_str(self, tid: int) -> str:
         s = self._token_str.get(tid)
@@ -167,7 +212,8 @@ class OpenAIServer:
         if req.echo and req.logprobs is not None:
             raise APIError(400, "echo with logprobs is not supported (no prompt logprobs)", param="echo",
                            code="invalid_value")
-        prompts = [self.encode(p) for p in req.prompts()]
+        self.loop.check_admissible(len(req.prompts()) * req.n, "prompt" if len(req.prompts()) > 1 else "n")
+        prompts = await self.offload(lambda: [self.encode(p) for p in req.prompts()])
         items, prefixes = [], []
         for pi, ids in enumerate(prompts):
             max_tokens = self.check_length(len(ids), req.max_tokens, "prompt")
@@ -182,12 +228,8 @@ class OpenAIServer:
 
     async def chat(self, request: Request) -> Response:
         req: P.ChatCompletionRequest = await self.parse(request, P.ChatCompletionRequest)
-        messages = [m.for_template() for m in req.messages]
-        try:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
-        except Exception as e:  # noqa: BLE001 - template errors are the caller's input
-            raise APIError(400, f"messages: the chat template rejected them: {e}", param="messages",
-                           code="invalid_value") from None
+        self.loop.check_admissible(req.n, "n")
+        ids = await self.offload(self.chat_ids, req)
         max_tokens = self.check_length(len(ids), req.max_new_tokens, "messages")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         items = [(ids, self.sampling_params(req, max_tokens, logprobs, j)) for j in range(req.n)]
@@ -196,6 +238,14 @@ class OpenAIServer:
             in_think = self.tokenizer.decode(ids[-8:], skip_special_tokens=False).rstrip().endswith(THINK_OPEN)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         return await self._run(request, req, rid, items, len(ids), chat=True, in_think=in_think)
+
+    def chat_ids(self, req: P.ChatCompletionRequest) -> list[int]:
+        messages = [m.for_template() for m in req.messages]
+        try:
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
+        except Exception as e:  # noqa: BLE001 - template errors are the caller's input
+            raise APIError(400, f"messages: the chat template rejected them: {e}", param="messages",
+                           code="invalid_value") from None
 
     async def _run(self, request: Request, req: Any, rid: str, items: list, n_prompt: int, chat: bool,
                    prefixes: list[str] | None = None, in_think: bool = False) -> Response:

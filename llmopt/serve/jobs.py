@@ -2,8 +2,9 @@
 
 Each HTTP request is a ``Job`` of ``n`` engine sequences (``<id>-<index>``) feeding one asyncio
 queue. Admission is bounded: at most ``max_num_seqs`` sequences run and ``max_queue`` more wait;
-beyond that the server answers 503 with ``Retry-After`` at once. A job ends exactly once
-(``Job.close``): finished, failed, timed out, or its client went away; closing an unfinished job
+beyond that the server answers 503 with ``Retry-After`` at once, and a request that needs more than
+``max_num_seqs + max_queue`` sequences by itself, which no wait could admit, gets 400. A job ends
+exactly once (``Job.close``): finished, failed, timed out, or its client went away; closing an unfinished job
 aborts its sequences, which frees their KV blocks.
 """
 
@@ -97,8 +98,17 @@ class JobQueue:
             raise APIError(503, f"the engine thread died ({self.engine.error or 'exited'}); restart the server",
                            code="engine_dead")
 
+    def check_admissible(self, n: int, param: str) -> None:
+        """400 for a request of ``n`` sequences that could never be admitted, even on an idle server
+        (a 503 would tell the client to retry the same request forever)."""
+        if n > self.capacity:
+            raise APIError(400, f"{param}: this request needs {n} sequences (prompts x n) but the server admits at "
+                                f"most {self.capacity} at once (--max-num-seqs + --max-queue); send fewer prompts "
+                                f"or a smaller n per request", param=param, code="too_many_sequences")
+
     def admit(self, request_id: str, n: int, retry_after: int) -> Job:
         self.check_alive()
+        self.check_admissible(n, "n")
         if self.draining:
             raise APIError(503, "the server is shutting down", code="shutting_down")
         if self.inflight + n > self.capacity:
