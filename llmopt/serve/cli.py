@@ -10,7 +10,6 @@ from typing import Annotated, Optional
 import typer
 
 from llmopt.models.registry import DEFAULT_MODEL
-
 from llmopt.serve.config import LOOPBACK_HOSTS as _LOOPBACK
 
 
@@ -27,7 +26,10 @@ def serve_command(
     served_model_name: Annotated[Optional[str], typer.Option(help="the model id clients send (default: MODEL)")]
     = None,
     max_num_seqs: Annotated[int, typer.Option(help="most sequences decoded together", min=1)] = 64,
-    max_num_batched_tokens: Annotated[int, typer.Option(help="token budget of one engine step", min=1)] = 2048,
+    max_num_batched_tokens: Annotated[int, typer.Option(help="token budget of one engine step: a long prompt "
+                                                             "is prefilled in chunks of what running streams "
+                                                             "leave of it, so smaller keeps streams flowing",
+                                                        min=1)] = 512,
     max_model_len: Annotated[Optional[int], typer.Option(help="context window (default: the model's, at most "
                                                          "8192)", min=2)] = None,
     kv_cache_gb: Annotated[float, typer.Option(help="memory for the paged KV cache (GiB)", min=0.0)] = 2.0,
@@ -58,9 +60,9 @@ def serve_command(
     import uvicorn
 
     from llmopt.config import EngineConfig
-    from llmopt.serve.connections import uvicorn_config
     from llmopt.engine.engine import LLMEngine
     from llmopt.serve.app import ServeConfig, create_app
+    from llmopt.serve.connections import uvicorn_config, warm_up
 
     if reasoning_parser not in (None, "think"):
         raise ValueError(f"--reasoning-parser must be 'think', got {reasoning_parser!r}")
@@ -77,6 +79,7 @@ def serve_command(
                        dtype=dtype)
     print(f"llmopt serve: loading {model} ...", file=sys.stderr, flush=True)
     engine = LLMEngine(model, cfg, quant=quant)
+    warm_up(engine)
     names = [served_model_name or model] + ([model] if served_model_name and served_model_name != model else [])
     hosts = tuple(allowed_host) if allowed_host else (_LOOPBACK if host in _LOOPBACK else None)
     app = create_app(engine, ServeConfig(model_names=names, api_key=api_key, max_queue=max_queue,

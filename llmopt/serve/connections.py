@@ -67,6 +67,22 @@ class HeaderTimeoutH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
 
+def warm_up(engine: Any) -> float:
+    """Before the first request: build and load every native kernel and run one two-token request,
+    so no compilation or first-call setup lands inside a client's request. Returns the seconds."""
+    import time
+
+    from llmopt.engine.sampling_params import SamplingParams
+    from llmopt.kernels.build import warm_kernels
+
+    t0 = time.perf_counter()
+    warm_kernels()
+    engine.generate(["Hello"], SamplingParams(max_tokens=2, temperature=0.0))
+    took = time.perf_counter() - t0
+    log.info("warm-up: %.2f s", took)
+    return took
+
+
 def uvicorn_config(app: Any, host: str, port: int, header_timeout: float = 10.0, **kwargs: Any) -> uvicorn.Config:
     """A uvicorn config for ``app`` with the connection limits above."""
     protocol = type("HeaderTimeoutH11", (HeaderTimeoutH11Protocol,), {"header_timeout": header_timeout})
