@@ -72,14 +72,17 @@ class OpenAIServer:
                 raise APIError(413, f"the request body has {int(declared)} bytes (Content-Length); the limit is "
                                     f"{limit}", code="body_too_large", headers=_CLOSE)
         body = bytearray()
+
+        async def collect() -> None:
+            async for chunk in request.stream():
+                body.extend(chunk)
+                if len(body) > limit:
+                    raise APIError(413, f"the request body is larger than the limit of {limit} bytes",
+                                   code="body_too_large", headers=_CLOSE)
+
         try:
-            async with asyncio.timeout(self.cfg.body_timeout):
-                async for chunk in request.stream():
-                    body += chunk
-                    if len(body) > limit:
-                        raise APIError(413, f"the request body is larger than the limit of {limit} bytes",
-                                       code="body_too_large", headers=_CLOSE)
-        except TimeoutError:
+            await asyncio.wait_for(collect(), self.cfg.body_timeout)
+        except asyncio.TimeoutError:
             raise APIError(408, f"the request body did not arrive within {self.cfg.body_timeout:g} s "
                                 f"({len(body)} bytes received)", code="body_timeout", headers=_CLOSE) from None
         except ClientDisconnect:
