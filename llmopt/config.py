@@ -43,7 +43,7 @@ class ModelConfig:
     hf_config: Any = field(repr=False, default=None)  # transformers PretrainedConfig (rope parameters)
 
     @classmethod
-    def from_hf(cls, hf: Any) -> "ModelConfig":
+    def from_hf(cls, hf: Any) -> ModelConfig:
         arch = hf.model_type
         if arch not in SUPPORTED_ARCHS:
             raise ModelLoadError(
@@ -126,6 +126,11 @@ class EngineConfig:
         if self.num_threads is None:
             env = os.environ.get("LLMOPT_NUM_THREADS")
             self.num_threads = int(env) if env else (os.cpu_count() or 1)
+
+    @property
+    def threads(self) -> int:
+        """``num_threads`` as resolved by ``__post_init__`` (never None after construction)."""
+        return self.num_threads or 1
 
     @property
     def torch_dtype(self) -> torch.dtype:

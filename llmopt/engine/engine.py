@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -36,7 +37,7 @@ class LLMEngine:
     def __init__(self, model: str, config: EngineConfig | None = None, quant: str | None = None,
                  group_size: int = 64):
         self.config = cfg = config or EngineConfig()
-        torch.set_num_threads(cfg.num_threads)
+        torch.set_num_threads(cfg.threads)
         self.loaded = load_model(model, dtype=cfg.torch_dtype, max_positions=cfg.max_model_len or 8192)
         self.model, self.tokenizer, self.model_config = self.loaded.model, self.loaded.tokenizer, self.loaded.config
         self.max_model_len = self.model.max_positions
@@ -69,10 +70,11 @@ class LLMEngine:
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
             return self.tokenizer.apply_chat_template(prompt), None
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            bad = [t for t in prompt if not 0 <= t < self.model_config.vocab_size]
+            ids = [t for t in prompt if isinstance(t, int)]
+            bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
             if bad:
                 raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.model_config.vocab_size - 1})")
-            return list(prompt), None
+            return ids, None
         raise TypeError("a prompt is a string, a list of token ids, or a list of chat messages")
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
@@ -115,7 +117,7 @@ class LLMEngine:
     # ---- the loop -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         if torch.get_num_threads() != self.config.num_threads:  # the setting is per thread
-            torch.set_num_threads(self.config.num_threads)
+            torch.set_num_threads(self.config.threads)
         with self.lock:
             batch = self.scheduler.schedule()
         if not batch:

@@ -69,7 +69,7 @@ class FusedDecoder:
         self._cache_ptr = model.layers[0].self_attn.k_cache.data_ptr()
 
     @classmethod
-    def build(cls, model, tiles: bool | None = None) -> "FusedDecoder | None":
+    def build(cls, model, tiles: bool | None = None) -> FusedDecoder | None:
         """``tiles``: the 4-column GEMV tiles from 4 rows (default ``qlinear.TILES``; env
         ``LLMOPT_DECODE_TILES=0`` turns them off), else the column kernel at every row count."""
         if not fused_decode_enabled():

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from llmopt.formats.layouts import FORMATS, QuantizedWeight, codes, dequantize
 from llmopt.formats.rtn import quantize_activations_int8, quantize_activations_int8_grouped
+
 from .build import native_enabled
 
 __all__ = [
@@ -112,7 +113,10 @@ def interleaved_scales(qw: QuantizedWeight) -> tuple[torch.Tensor | None, torch.
     g = k // qw.group_size
     sc4 = sc.reshape(n // 4, 4, g).transpose(1, 2).contiguous()
     mn4 = mn.reshape(n // 4, 4, g).transpose(1, 2).contiguous()
-    ref = weakref.ref(sc, lambda _r, key=key: _tile_params_cache.pop(key, None))  # dropped with the scales
+    def _drop(_r: object, key: int = key) -> None:  # the cache entry goes with the scales tensor
+        _tile_params_cache.pop(key, None)
+
+    ref = weakref.ref(sc, _drop)
     _tile_params_cache[key] = (ref, sc._version, weakref.ref(mn), mn._version, sc4, mn4)
     return sc4, mn4
 

@@ -132,9 +132,9 @@ def quantize_command(
     held-out perplexity before/after and the time taken."""
     import torch
 
+    from llmopt.formats.layouts import FORMATS, effective_group_size
     from llmopt.models.registry import resolve
 
-    from llmopt.formats.layouts import FORMATS, effective_group_size
     from .mixed import DEFAULT_CANDIDATES
 
     t_start = time.perf_counter()
@@ -181,7 +181,7 @@ def quantize_command(
     from . import calib as calib_mod
     from .checkpoint import WEIGHTS_FILE, load_quantized, round_float_weights_, save_quantized
     from .linear import QUANTIZE_EMBED, quantize_model
-    from .mixed import bits_range, linear_sizes, plan_mixed, quantize_mixed, quantizable_linears
+    from .mixed import bits_range, linear_sizes, plan_mixed, quantizable_linears, quantize_mixed
 
     times: dict[str, float] = {}
     result: dict[str, Any] = {}

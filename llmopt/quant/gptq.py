@@ -28,16 +28,17 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from llmopt.kernels import ops
-
 from llmopt.formats import rtn
 from llmopt.formats.layouts import FORMATS, QuantizedWeight, dequantize, effective_group_size, pack_lanes
 from llmopt.formats.layouts import quantize as rtn_quantize
+from llmopt.kernels import ops
+
 from .linear import DEFAULT_SKIP, QuantLinear
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,9 @@ import os
 import torch
 from torch import nn
 
-from ._packed import PackedWeightViews
 from llmopt.formats.layouts import FORMATS, QuantizedWeight, effective_group_size, quantize
+
+from ._packed import PackedWeightViews
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class QuantLinear(PackedWeightViews, nn.Module):
     # -- construction ------------------------------------------------------------------------
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: str, group_size: int = 64,
-                    scale_dtype: torch.dtype = torch.float16, search: bool | None = None) -> "QuantLinear":
+                    scale_dtype: torch.dtype = torch.float16, search: bool | None = None) -> QuantLinear:
         """Quantize an ``nn.Linear`` (RTN). ``group_size`` is ignored by per-channel / fixed-block
         formats (fp8, w8a8: per channel; fp4: 32). ``search``: see ``formats.quantize``."""
         qw = quantize(linear.weight.detach(), fmt, group_size, scale_dtype=scale_dtype, search=search)
@@ -74,7 +75,7 @@ class QuantLinear(PackedWeightViews, nn.Module):
 
     @classmethod
     def from_packed(cls, fmt: str, group_size: int, in_features: int, out_features: int,
-                    tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None) -> "QuantLinear":
+                    tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None) -> QuantLinear:
         """Rebuild from saved tensors (``qweight``, ``scales``, [``mins``], [``bias``])."""
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r}")

@@ -49,7 +49,8 @@ import heapq
 import logging
 import math
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -136,9 +137,8 @@ def _native(fmt: str, in_features: int, group_size: int) -> bool:
     int4 g192 passes ``supports_native`` but the w4a8 kernel rejects it, so it is left out)."""
     key = (fmt, int(in_features), int(group_size))
     if key not in _NATIVE_CACHE:
-        from llmopt.kernels.qlinear import supports_native
-
         from llmopt.formats.layouts import quantize
+        from llmopt.kernels.qlinear import supports_native
 
         ok = bool(supports_native(quantize(torch.zeros(1, in_features), fmt, group_size, search=False)))
         if fmt == "int4" and group_size % 64 == 0 and group_size <= 256 and group_size not in (64, 128, 256):
@@ -848,8 +848,8 @@ def _gptq_mixed(model: nn.Module, plan: dict[str, tuple[str, int | None]], calib
     scheme of ``gptq.gptq_quantize_model``: each Hessian from inputs computed with every earlier
     module already quantized)."""
     from llmopt.formats.layouts import dequantize
-    from .gptq import (check_model_and_calib, embed_inputs, gptq_quantize_weight, gram, layer_stages,
-                       output_error)
+
+    from .gptq import check_model_and_calib, embed_inputs, gptq_quantize_weight, gram, layer_stages, output_error
     from .linear import QuantLinear
 
     check_model_and_calib(model, calib)

@@ -6,7 +6,8 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -185,7 +186,7 @@ class OpenAIServer:
         messages = [m.for_template() for m in req.messages]
         try:
             ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
-        except Exception as e:  # noqa: BLE001 - template errors are the caller's input
+        except Exception as e:  # template errors are the caller's input
             raise APIError(400, f"messages: the chat template rejected them: {e}", param="messages",
                            code="invalid_value") from None
         max_tokens = self.check_length(len(ids), req.max_new_tokens, "messages")
