@@ -22,7 +22,9 @@ from llmopt.engine.sampler import sample
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.engine.scheduler import Scheduler
 from llmopt.engine.sequence import RequestOutput, Sequence
+from llmopt.kernels import qlinear
 from llmopt.models.loader import load_model
+from llmopt.quant.linear import DEFAULT_SKIP, quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +44,13 @@ class LLMEngine:
         self.model, self.tokenizer, self.model_config = self.loaded.model, self.loaded.tokenizer, self.loaded.config
         self.max_model_len = self.model.max_positions
         self.quant = quant
+        ks = cfg.kernel_settings
+        qlinear.configure(int4_act=ks.int4_act, int4_a8_max_m=ks.int4_a8_max_m, large_m=ks.large_m,
+                          tiles=ks.decode_tiles)
         if quant:
-            from llmopt.quant.linear import quantize_model
-
-            quantize_model(self.model, quant, group_size=group_size)
+            quantize_model(self.model, quant, group_size=group_size, skip=DEFAULT_SKIP,
+                           quantize_lm_head=ks.quant_lm_head, lm_head_fmt=ks.lm_head_fmt,
+                           quantize_embedding="tied" if ks.quant_embed else False)
         self.packed_linears = 0
         if cfg.packed_linear and cfg.torch_dtype == torch.float32:
             from llmopt.kernels.dense import pack_linears
@@ -55,7 +60,8 @@ class LLMEngine:
         num_blocks = cfg.num_kv_blocks or max(1, int(cfg.kv_cache_memory_gb * 2**30 // per_block))
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(cfg, self.block_manager)
-        self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, cfg.torch_dtype)
+        self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, cfg.torch_dtype,
+                                  fused_decode=ks.fused_decode)
         # one sequence must fit the KV cache as well as the rope table
         self.max_model_len = min(self.max_model_len, num_blocks * cfg.block_size)
         self.lock = threading.RLock()  # add/abort may come from other threads than step()

@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, num_blocks: int, block_size: int, dtype: torch.dtype):
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 fused_decode: bool = True):
         self.model = model
         self.block_size = block_size
         cfg = model.cfg
@@ -30,7 +31,7 @@ class ModelRunner:
             attn.v_cache = self.v_cache[i]
         # decode-only steps of an int4 model run the whole layer stack in one native call
         try:
-            self.fused: FusedDecoder | None = FusedDecoder.build(model)
+            self.fused: FusedDecoder | None = FusedDecoder.build(model, enabled=fused_decode)
         except Exception as e:  # a plan that cannot be built means "op by op"
             log.warning("fused decode step unavailable (%s); using the op-by-op forward", e)
             self.fused = None
