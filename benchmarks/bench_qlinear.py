@@ -31,8 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llmopt.kernels import qlinear as Q  # noqa: E402
-from llmopt.formats import layouts as F  # noqa: E402
+from llmopt.formats import layouts as F
+from llmopt.kernels import qlinear as Q
 
 
 def l3_bytes() -> int:

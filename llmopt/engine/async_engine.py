@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from llmopt.engine.engine import LLMEngine
 from llmopt.engine.sampling_params import SamplingParams
@@ -112,7 +112,7 @@ class AsyncEngine:
     def _run(self) -> None:
         import torch
 
-        torch.set_num_threads(self.engine.config.num_threads)  # the intra-op setting is per thread
+        torch.set_num_threads(self.engine.config.threads)  # the intra-op setting is per thread
         try:
             while True:
                 idle = not self.engine.has_unfinished()

@@ -9,13 +9,12 @@ Python-level op calls and OpenMP fork/joins per step.
 
 ``FusedDecoder.build(model)`` returns ``None`` (and the engine keeps the op-by-op forward) when the
 model does not qualify: native kernels off or not built, float32 activations or caches missing,
-a linear in another format, or ``LLMOPT_FUSED_DECODE=0`` in the environment.
+a linear in another format, or ``KernelSettings.fused_decode`` off (env ``LLMOPT_FUSED_DECODE=0``).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
@@ -29,9 +28,9 @@ log = logging.getLogger(__name__)
 __all__ = ["FusedDecoder", "fused_decode_enabled"]
 
 
-def fused_decode_enabled() -> bool:
-    """``LLMOPT_FUSED_DECODE`` (default on) and the native kernels enabled."""
-    return native_enabled() and os.environ.get("LLMOPT_FUSED_DECODE", "1") not in ("0", "false", "no")
+def fused_decode_enabled(enabled: bool = True) -> bool:
+    """``enabled`` (``KernelSettings.fused_decode``) and the native kernels enabled."""
+    return enabled and native_enabled()
 
 
 def _why_not(model) -> str | None:
@@ -69,10 +68,11 @@ class FusedDecoder:
         self._cache_ptr = model.layers[0].self_attn.k_cache.data_ptr()
 
     @classmethod
-    def build(cls, model, tiles: bool | None = None) -> "FusedDecoder | None":
+    def build(cls, model, tiles: bool | None = None, enabled: bool = True) -> FusedDecoder | None:
         """``tiles``: the 4-column GEMV tiles from 4 rows (default ``qlinear.TILES``; env
-        ``LLMOPT_DECODE_TILES=0`` turns them off), else the column kernel at every row count."""
-        if not fused_decode_enabled():
+        ``KernelSettings.decode_tiles``), else the column kernel at every row count. ``enabled``:
+        ``KernelSettings.fused_decode``."""
+        if not fused_decode_enabled(enabled):
             return None
         why = _why_not(model)
         if why is not None:
@@ -83,7 +83,7 @@ class FusedDecoder:
             return None
         cfg = model.cfg
         if tiles is None:
-            tiles = qlinear.TILES  # env LLMOPT_DECODE_TILES
+            tiles = qlinear.TILES  # KernelSettings.decode_tiles, set by the engine
         none = torch.empty(0)
         tensors: list[torch.Tensor] = []
         ints: list[int] = []

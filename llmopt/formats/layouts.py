@@ -188,7 +188,7 @@ class QuantizedWeight:
         """Stored bits (codes incl. block padding + scales + mins) per real weight."""
         return 8.0 * self.nbytes / (self.shape[0] * self.shape[1])
 
-    def to(self, device) -> "QuantizedWeight":
+    def to(self, device) -> QuantizedWeight:
         return QuantizedWeight(self.fmt, self.shape, self.group_size,
                                {k: v.to(device) for k, v in self.tensors.items()})
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -162,7 +163,7 @@ def open_hf_dir(path: Path) -> tuple[ModelConfig, Tokenizer, Iterator[tuple[str,
     files = _safetensors_files(path)
     try:
         tok = Tokenizer.from_dir(str(path), cfg.eos_token_ids)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise ModelLoadError(f"cannot load the tokenizer from {str(path)!r} ({type(e).__name__}: {e}); "
                              "the directory needs tokenizer.json (or tokenizer_config.json + vocab)") from None
     return cfg, tok, _iter_safetensors(files)

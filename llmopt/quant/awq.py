@@ -51,8 +51,8 @@ from torch import nn
 from llmopt.formats import rtn
 from llmopt.formats.layouts import FORMATS, dequantize, effective_group_size
 from llmopt.formats.layouts import quantize as rtn_quantize
-from .gptq import (Progress, check_model_and_calib, embed_inputs, is_target, output_error,
-                   set_module)
+
+from .gptq import Progress, check_model_and_calib, embed_inputs, is_target, output_error, set_module
 from .linear import DEFAULT_SKIP, QuantLinear
 
 log = logging.getLogger(__name__)

@@ -17,10 +17,10 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-
 
 __all__ = [
     "is_calibration_topic",

@@ -147,7 +147,7 @@ def _hf_config_for(config: ModelConfig, float_dtype: torch.dtype) -> Any:
     hf.architectures = [_ARCH_CLASS[c.arch]]
     try:
         hf.dtype = float_dtype
-    except Exception:  # noqa: BLE001 - older transformers: torch_dtype
+    except Exception:  # older transformers: torch_dtype
         pass
     return hf
 
@@ -307,8 +307,9 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
     :func:`llmopt.models.loader.load_model`. Errors are ``ModelLoadError`` naming the problem."""
     from safetensors import SafetensorError, safe_open
 
-    from .embedding import ROW_PACKED_FORMATS, QuantEmbedding
     from llmopt.formats.layouts import FORMATS
+
+    from .embedding import ROW_PACKED_FORMATS, QuantEmbedding
     from .linear import QuantLinear, _set_module
 
     t0 = time.perf_counter()

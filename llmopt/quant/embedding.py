@@ -23,8 +23,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._packed import PackedWeightViews
 from llmopt.formats.layouts import FORMATS, QuantizedWeight, dequantize, effective_group_size, quantize
+
+from ._packed import PackedWeightViews
 
 __all__ = ["QuantEmbedding", "ROW_PACKED_FORMATS"]
 
@@ -84,7 +85,7 @@ class QuantEmbedding(PackedWeightViews, nn.Module):
     # -- construction ------------------------------------------------------------------------
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, fmt: str, group_size: int | None = 64,
-                       scale_dtype: torch.dtype = torch.float16, search: bool | None = None) -> "QuantEmbedding":
+                       scale_dtype: torch.dtype = torch.float16, search: bool | None = None) -> QuantEmbedding:
         """RTN-quantize an ``nn.Embedding`` table in ``fmt`` (groups of ``group_size`` along the hidden
         dim; per-channel / fixed-block formats ignore it, see ``formats.effective_group_size``)."""
         if fmt not in FORMATS:
@@ -100,13 +101,13 @@ class QuantEmbedding(PackedWeightViews, nn.Module):
 
     @classmethod
     def from_packed(cls, fmt: str, group_size: int, num_embeddings: int, embedding_dim: int,
-                    tensors: dict[str, torch.Tensor]) -> "QuantEmbedding":
+                    tensors: dict[str, torch.Tensor]) -> QuantEmbedding:
         """Rebuild from saved tensors (``qweight``, ``scales``, [``mins``])."""
         t = {k: tensors[k] for k in _PACKED_NAMES if k in tensors}
         return cls(QuantizedWeight(fmt, (int(num_embeddings), int(embedding_dim)), int(group_size), t))
 
     @classmethod
-    def tied_to(cls, head: nn.Module, dtype: torch.dtype = torch.float32) -> "QuantEmbedding":
+    def tied_to(cls, head: nn.Module, dtype: torch.dtype = torch.float32) -> QuantEmbedding:
         """An embedding sharing the packed tensors of ``head`` (a ``QuantLinear`` ``[vocab, hidden]``
         whose weight is the table, as a tied ``lm_head``). No copy is made."""
         from .linear import QuantLinear

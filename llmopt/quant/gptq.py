@@ -28,16 +28,17 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from llmopt.kernels import ops
-
 from llmopt.formats import rtn
 from llmopt.formats.layouts import FORMATS, QuantizedWeight, dequantize, effective_group_size, pack_lanes
 from llmopt.formats.layouts import quantize as rtn_quantize
+from llmopt.kernels import ops
+
 from .linear import DEFAULT_SKIP, QuantLinear
 
 log = logging.getLogger(__name__)
@@ -347,6 +348,31 @@ def gram(inputs: list) -> tuple[torch.Tensor, int]:
 
 
 @torch.no_grad()
+def gptq_layer_loop(model: nn.Module, calib: Sequence[Sequence[int]],
+                    on_linear: Callable[[str, list], None], progress: Progress | None = None,
+                    label: str = "gptq", num_layers: int | None = None) -> None:
+    """The sequential GPTQ pass shared by uniform and mixed-precision GPTQ: run the calibration
+    sequences through the decoder layer by layer (the first ``num_layers``, default all) and call
+    ``on_linear(name, inputs)`` with each linear's inputs as they come, computed with every earlier
+    linear already replaced; ``on_linear`` quantizes the module ``name`` (or leaves it)."""
+    check_model_and_calib(model, calib)
+    with torch.no_grad():
+        emb = embed_inputs(model, calib)
+        xs = [e for e, _ in emb]
+        positions = [p for _, p in emb]
+        cos_sin = model.rope_table(xs[0].dtype)
+        residuals: list = [None] * len(xs)
+        layers = model.layers if num_layers is None else model.layers[:num_layers]
+        n_layers = len(layers)
+        for li, layer in enumerate(layers):
+            def on_inputs(rel: str, inputs: list, prefix: str = f"layers.{li}.") -> None:
+                on_linear(prefix + rel, inputs)
+
+            xs, residuals = layer_stages(layer, xs, residuals, positions, cos_sin, on_inputs)
+            if progress is not None:
+                progress(li + 1, n_layers, f"{label} layer {li}")
+
+
 def gptq_quantize_model(model: nn.Module, fmt: str, group_size: int = 64, calib: list[list[int]] | None = None,
                         skip=DEFAULT_SKIP, damp: float = 0.01, block_size: int = 128,
                         progress: Progress | None = None, act_order: bool = False,
@@ -368,44 +394,31 @@ def gptq_quantize_model(model: nn.Module, fmt: str, group_size: int = 64, calib:
     check_model_and_calib(model, calib)
     skip = tuple(skip or ())
     t0 = time.perf_counter()
-    layers = model.layers
     stats: dict[str, Any] = {"method": "gptq", "fmt": fmt, "group_size": group_size,
                              "tokens": sum(len(s) for s in calib), "layers": {}, "kept_float": []}
-    emb = embed_inputs(model, calib)
-    xs = [e for e, _ in emb]
-    positions = [p for _, p in emb]
-    cos_sin = model.rope_table(xs[0].dtype)
-    residuals: list = [None] * len(xs)
-    n_layers = len(layers)
 
-    for li, layer in enumerate(layers):
-        prefix = f"layers.{li}."
+    def on_linear(name: str, inputs: list) -> None:
+        mod = model.get_submodule(name)
+        if not is_target(name, mod, skip):
+            return
+        gs = effective_group_size(fmt, mod.in_features, group_size)
+        if mod.in_features % gs:
+            log.warning("gptq: keeping %s in float (in_features=%d not a multiple of %d)",
+                        name, mod.in_features, gs)
+            stats["kept_float"].append(name)
+            return
+        S, n = gram(inputs)
+        H = S * (2.0 / n)
+        W = mod.weight.detach().float()
+        qw, st = gptq_quantize_weight(W, H, fmt, group_size, damp=damp, block_size=block_size,
+                                      act_order=act_order, search=search, scale_dtype=scale_dtype)
+        st["rel_err"] = output_error(W, dequantize(qw), S)
+        st["rel_err_rtn"] = output_error(W, dequantize(rtn_quantize(W, fmt, group_size, scale_dtype,
+                                                                    search=search)), S)
+        stats["layers"][name] = st
+        bias = mod.bias.detach() if mod.bias is not None else None
+        set_module(model, name, QuantLinear(qw, bias).to(W.device))
 
-        def on_inputs(rel: str, inputs: list, prefix=prefix) -> None:
-            name = prefix + rel
-            mod = model.get_submodule(name)
-            if not is_target(name, mod, skip):
-                return
-            gs = effective_group_size(fmt, mod.in_features, group_size)
-            if mod.in_features % gs:
-                log.warning("gptq: keeping %s in float (in_features=%d not a multiple of %d)",
-                            name, mod.in_features, gs)
-                stats["kept_float"].append(name)
-                return
-            S, n = gram(inputs)
-            H = S * (2.0 / n)
-            W = mod.weight.detach().float()
-            qw, st = gptq_quantize_weight(W, H, fmt, group_size, damp=damp, block_size=block_size,
-                                          act_order=act_order, search=search, scale_dtype=scale_dtype)
-            st["rel_err"] = output_error(W, dequantize(qw), S)
-            st["rel_err_rtn"] = output_error(W, dequantize(rtn_quantize(W, fmt, group_size, scale_dtype,
-                                                                        search=search)), S)
-            stats["layers"][name] = st
-            bias = mod.bias.detach() if mod.bias is not None else None
-            set_module(model, name, QuantLinear(qw, bias).to(W.device))
-
-        xs, residuals = layer_stages(layer, xs, residuals, positions, cos_sin, on_inputs)
-        if progress is not None:
-            progress(li + 1, n_layers, f"gptq {fmt} layer {li}")
+    gptq_layer_loop(model, calib, on_linear, progress, label=f"gptq {fmt}")
     stats["seconds"] = time.perf_counter() - t0
     return stats

@@ -6,8 +6,9 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator, Callable, TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -246,7 +247,7 @@ class OpenAIServer:
         messages = [m.for_template() for m in req.messages]
         try:
             return self.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
-        except Exception as e:  # noqa: BLE001 - template errors are the caller's input
+        except Exception as e:  # template errors are the caller's input
             raise APIError(400, f"messages: the chat template rejected them: {e}", param="messages",
                            code="invalid_value") from None
 

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 class Job:
     """One HTTP request: ``n`` engine sequences whose outputs arrive on one asyncio queue."""
 
-    def __init__(self, jobs: "JobQueue", request_id: str, n: int):
+    def __init__(self, jobs: JobQueue, request_id: str, n: int):
         self.jobs = jobs
         self.request_id = request_id
         self.n = n

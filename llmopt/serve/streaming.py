@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 from fastapi.responses import StreamingResponse
 
@@ -29,7 +30,7 @@ class JobStreamingResponse(StreamingResponse):
             self.job.close()
 
 
-async def sse(fmt: "Formatter", first: tuple[int, RequestOutput], rest: AsyncIterator, job: Job
+async def sse(fmt: Formatter, first: tuple[int, RequestOutput], rest: AsyncIterator, job: Job
                ) -> AsyncIterator[str]:
     def event(obj: Any) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"

@@ -6,13 +6,12 @@ import pytest
 import torch
 
 from llmopt.config import EngineConfig
-from llmopt.engine.engine import LLMEngine
 from llmopt.engine import fused_decode
+from llmopt.engine.engine import LLMEngine
 from llmopt.engine.fused_decode import FusedDecoder
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.kernels import decode_step
 from llmopt.models.transformer import AttnContext
-
 from tests.conftest import save_hf_dir, tiny_hf_model
 
 pytestmark = pytest.mark.skipif(decode_step._native() is None, reason="native kernels unavailable")
@@ -90,8 +89,8 @@ def test_generic_columns_bit_identical(tmp_path, arch, threads):
 @pytest.mark.parametrize("gs", [64, 128, 256])
 def test_tile_kernel_vs_reference(rows, gs):
     """The 4-column GEMV tiles against the plain-torch int4 x int8-activation reference."""
-    from llmopt.kernels.qlinear import interleaved_scales, reference_linear
     from llmopt.formats.layouts import quantize
+    from llmopt.kernels.qlinear import interleaved_scales, reference_linear
 
     g = torch.Generator().manual_seed(rows * gs)
     n, k = 52, 2 * 256 + gs  # N % 4 == 0, K a multiple of the group and not of 256
@@ -108,8 +107,8 @@ def test_tile_kernel_vs_reference(rows, gs):
 
 
 def test_tile_copies_checked():
-    from llmopt.kernels.qlinear import interleaved_scales
     from llmopt.formats.layouts import quantize
+    from llmopt.kernels.qlinear import interleaved_scales
 
     qw = quantize(torch.randn(8, 128), "int4", 64)
     sc4, mn4 = interleaved_scales(qw)

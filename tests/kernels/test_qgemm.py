@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
+from llmopt.formats import layouts as F
 from llmopt.kernels import build
 from llmopt.kernels import qlinear as Q
-from llmopt.formats import layouts as F
 
 # (fmt, group_size, K): K is a multiple of the group size; several K are deliberately not a
 # multiple of the kernel block (int4/fp4: 64, int3/int2: 128, int8/fp8/w8a8: 32) to hit padding.

@@ -183,7 +183,7 @@ def test_slow_headers_get_the_connection_closed(srv):
                 if s.recv(65536) == b"":
                     closed_after = time.monotonic() - t0
                     break
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except (BrokenPipeError, ConnectionResetError):
                 closed_after = time.monotonic() - t0
