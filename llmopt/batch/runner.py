@@ -29,9 +29,10 @@ import os
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from llmopt.batch.cases import Batch, Case, Id, Question
 from llmopt.engine.sampling_params import SamplingParams
@@ -140,6 +141,40 @@ def answer(engine: Any, prompts: list[Messages], params: SamplingParams, concurr
     return results  # type: ignore[return-value]
 
 
+def check_output_path(out: Path) -> None:
+    """Fail before any work (and before the model loads) if results cannot be written to ``out``:
+    an existing directory, a path under a file, or a place this user cannot create files in."""
+    if out.is_dir():
+        raise ValueError(f"-o {out} is a directory; give a file path such as {out / 'results.jsonl'}")
+    for parent in out.parents:  # nearest existing ancestor: the one a mkdir -p would start from
+        if not parent.exists() and not parent.is_symlink():
+            continue
+        if not parent.is_dir():
+            raise ValueError(f"-o {out}: {parent} is a file, not a directory; choose an output path "
+                             f"whose parent directories are directories")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ValueError(f"-o {out}: cannot create files in {parent} (permission denied); "
+                             f"choose a writable directory")
+        return
+
+
+def warm_up(engine: Any) -> float | None:
+    """Build and load every native kernel and run one two-token greedy request, so that neither
+    compilation nor first-call setup (lazily packed weights, thread pools) lands in the first
+    timed case. Returns the seconds it took, or None for an engine that has already run a step
+    (it is warm)."""
+    from llmopt.kernels.build import warm_kernels
+
+    if engine.stats["steps"] > 0:
+        return None
+    t0 = time.perf_counter()
+    ready = warm_kernels()
+    answer(engine, [[{"role": "user", "content": "Hello"}]], SamplingParams(max_tokens=2, temperature=0.0), 1)
+    took = time.perf_counter() - t0
+    log.info("warm-up: %.2fs (native kernels: %s)", took, ", ".join(n for n, ok in ready.items() if ok) or "none")
+    return took
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -189,8 +224,10 @@ class BatchRun:
     def __init__(self, batch: Batch, out: str | Path, options: RunOptions | None = None, resume: bool = True):
         self.batch, self.out, self.options = batch, Path(out), options or RunOptions()
         self.partial = self.out.with_name(self.out.name + ".partial.jsonl")
+        check_output_path(self.out)
         if self.out.resolve() == batch.path.resolve():
             raise ValueError(f"the output file {self.out} is the input file; choose another -o")
+        self.warmup_s: float | None = None  # time of warm_up() in the last run, None if not run
         self.done_cases: dict[int, dict] = {}  # case index -> its line in OUT
         self.done_answers: dict[tuple[type, Id], str] = {}  # flat mode: question id -> content
         if resume and batch.kind == "cases":
@@ -298,6 +335,8 @@ class BatchRun:
         answer, ``on_case`` after each test case is written."""
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.check_prompts(engine)
+        if self.pending():
+            self.warmup_s = warm_up(engine)
         if self.batch.kind == "cases":
             return self._run_cases(engine, on_answer, on_case)
         return self._run_questions(engine, on_answer)

@@ -540,7 +540,7 @@ def gguf_linear(x: torch.Tensor, packed: GGUFPacked, bias: torch.Tensor | None =
     scaled: ``x_hat @ W.T`` with ``x_hat = dequantized int8 x``, up to float rounding; batch-invariant
     too. Types: :func:`supported_types` ("int8"); others raise ValueError."""
     if not isinstance(packed, GGUFPacked):
-        raise ValueError(f"packed must be a GGUFPacked (from pack_gguf), got {type(packed).__name__}")  # noqa: TRY004 - bad input is a ValueError here
+        raise ValueError(f"packed must be a GGUFPacked (from pack_gguf), got {type(packed).__name__}")
     n, k = packed.shape
     # hot path first (decode calls this per layer per token): checks without building messages
     if (not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() == 0 or x.shape[-1] != k

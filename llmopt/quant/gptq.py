@@ -7,9 +7,9 @@ not-yet-quantized columns with the inverse Hessian ``H^-1`` of ``H = 2 X^T X / n
 ``damp * mean(diag H)``). ``H^-1`` enters through its upper Cholesky factor (float64), and the
 updates are applied lazily in blocks of ``block_size`` columns. Group parameters (scale / min)
 are computed on the fly from the *updated* weights when the column loop reaches a group's first
-column, using the same rules as RTN (:mod:`llmopt.quant.rtn`: fp16 scale+min from the group
+column, using the same rules as RTN (:mod:`llmopt.formats.rtn`: fp16 scale+min from the group
 range; optional clipping search), so the codes + params are exactly the plain grouped layout of
-:mod:`llmopt.quant.formats` and ``QuantLinear`` runs them with the native kernels.
+:mod:`llmopt.formats.layouts` and ``QuantLinear`` runs them with the native kernels.
 ``act_order=True`` quantizes columns in decreasing ``diag(H)`` order with the group parameters
 fixed up front from the original weights ("static groups"), so the stored layout stays the plain
 grouped one.
@@ -28,16 +28,17 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from llmopt.formats import rtn
+from llmopt.formats.layouts import FORMATS, QuantizedWeight, dequantize, effective_group_size, pack_lanes
+from llmopt.formats.layouts import quantize as rtn_quantize
 from llmopt.kernels import ops
 
-from . import rtn
-from .formats import FORMATS, QuantizedWeight, dequantize, effective_group_size, pack_lanes
-from .formats import quantize as rtn_quantize
 from .linear import DEFAULT_SKIP, QuantLinear
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def pack_codes(fmt: str, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tens
                group_size: int) -> QuantizedWeight:
     """Pack natural-order codes ``q [N, K]`` (``[0, 2**bits)`` for the affine formats,
     ``[-127, 127]`` for int8) and per-group ``scales``/``mins [N, K/gs]`` into ``fmt``'s layout
-    (see the table in :mod:`llmopt.quant.formats`)."""
+    (see the table in :mod:`llmopt.formats.layouts`)."""
     n, k = q.shape
     spec = FORMATS[fmt]
     t: dict[str, torch.Tensor] = {}
@@ -347,6 +348,31 @@ def gram(inputs: list) -> tuple[torch.Tensor, int]:
 
 
 @torch.no_grad()
+def gptq_layer_loop(model: nn.Module, calib: Sequence[Sequence[int]],
+                    on_linear: Callable[[str, list], None], progress: Progress | None = None,
+                    label: str = "gptq", num_layers: int | None = None) -> None:
+    """The sequential GPTQ pass shared by uniform and mixed-precision GPTQ: run the calibration
+    sequences through the decoder layer by layer (the first ``num_layers``, default all) and call
+    ``on_linear(name, inputs)`` with each linear's inputs as they come, computed with every earlier
+    linear already replaced; ``on_linear`` quantizes the module ``name`` (or leaves it)."""
+    check_model_and_calib(model, calib)
+    with torch.no_grad():
+        emb = embed_inputs(model, calib)
+        xs = [e for e, _ in emb]
+        positions = [p for _, p in emb]
+        cos_sin = model.rope_table(xs[0].dtype)
+        residuals: list = [None] * len(xs)
+        layers = model.layers if num_layers is None else model.layers[:num_layers]
+        n_layers = len(layers)
+        for li, layer in enumerate(layers):
+            def on_inputs(rel: str, inputs: list, prefix: str = f"layers.{li}.") -> None:
+                on_linear(prefix + rel, inputs)
+
+            xs, residuals = layer_stages(layer, xs, residuals, positions, cos_sin, on_inputs)
+            if progress is not None:
+                progress(li + 1, n_layers, f"{label} layer {li}")
+
+
 def gptq_quantize_model(model: nn.Module, fmt: str, group_size: int = 64, calib: list[list[int]] | None = None,
                         skip=DEFAULT_SKIP, damp: float = 0.01, block_size: int = 128,
                         progress: Progress | None = None, act_order: bool = False,
@@ -368,44 +394,31 @@ def gptq_quantize_model(model: nn.Module, fmt: str, group_size: int = 64, calib:
     check_model_and_calib(model, calib)
     skip = tuple(skip or ())
     t0 = time.perf_counter()
-    layers = model.layers
     stats: dict[str, Any] = {"method": "gptq", "fmt": fmt, "group_size": group_size,
                              "tokens": sum(len(s) for s in calib), "layers": {}, "kept_float": []}
-    emb = embed_inputs(model, calib)
-    xs = [e for e, _ in emb]
-    positions = [p for _, p in emb]
-    cos_sin = model.rope_table(xs[0].dtype)
-    residuals: list = [None] * len(xs)
-    n_layers = len(layers)
 
-    for li, layer in enumerate(layers):
-        prefix = f"layers.{li}."
+    def on_linear(name: str, inputs: list) -> None:
+        mod = model.get_submodule(name)
+        if not is_target(name, mod, skip):
+            return
+        gs = effective_group_size(fmt, mod.in_features, group_size)
+        if mod.in_features % gs:
+            log.warning("gptq: keeping %s in float (in_features=%d not a multiple of %d)",
+                        name, mod.in_features, gs)
+            stats["kept_float"].append(name)
+            return
+        S, n = gram(inputs)
+        H = S * (2.0 / n)
+        W = mod.weight.detach().float()
+        qw, st = gptq_quantize_weight(W, H, fmt, group_size, damp=damp, block_size=block_size,
+                                      act_order=act_order, search=search, scale_dtype=scale_dtype)
+        st["rel_err"] = output_error(W, dequantize(qw), S)
+        st["rel_err_rtn"] = output_error(W, dequantize(rtn_quantize(W, fmt, group_size, scale_dtype,
+                                                                    search=search)), S)
+        stats["layers"][name] = st
+        bias = mod.bias.detach() if mod.bias is not None else None
+        set_module(model, name, QuantLinear(qw, bias).to(W.device))
 
-        def on_inputs(rel: str, inputs: list, prefix=prefix) -> None:
-            name = prefix + rel
-            mod = model.get_submodule(name)
-            if not is_target(name, mod, skip):
-                return
-            gs = effective_group_size(fmt, mod.in_features, group_size)
-            if mod.in_features % gs:
-                log.warning("gptq: keeping %s in float (in_features=%d not a multiple of %d)",
-                            name, mod.in_features, gs)
-                stats["kept_float"].append(name)
-                return
-            S, n = gram(inputs)
-            H = S * (2.0 / n)
-            W = mod.weight.detach().float()
-            qw, st = gptq_quantize_weight(W, H, fmt, group_size, damp=damp, block_size=block_size,
-                                          act_order=act_order, search=search, scale_dtype=scale_dtype)
-            st["rel_err"] = output_error(W, dequantize(qw), S)
-            st["rel_err_rtn"] = output_error(W, dequantize(rtn_quantize(W, fmt, group_size, scale_dtype,
-                                                                        search=search)), S)
-            stats["layers"][name] = st
-            bias = mod.bias.detach() if mod.bias is not None else None
-            set_module(model, name, QuantLinear(qw, bias).to(W.device))
-
-        xs, residuals = layer_stages(layer, xs, residuals, positions, cos_sin, on_inputs)
-        if progress is not None:
-            progress(li + 1, n_layers, f"gptq {fmt} layer {li}")
+    gptq_layer_loop(model, calib, on_linear, progress, label=f"gptq {fmt}")
     stats["seconds"] = time.perf_counter() - t0
     return stats

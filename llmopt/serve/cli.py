@@ -10,8 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from llmopt.models.registry import DEFAULT_MODEL
-
-_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+from llmopt.serve.config import LOOPBACK_HOSTS as _LOOPBACK
 
 
 def serve_command(
@@ -27,7 +26,10 @@ def serve_command(
     served_model_name: Annotated[Optional[str], typer.Option(help="the model id clients send (default: MODEL)")]
     = None,
     max_num_seqs: Annotated[int, typer.Option(help="most sequences decoded together", min=1)] = 64,
-    max_num_batched_tokens: Annotated[int, typer.Option(help="token budget of one engine step", min=1)] = 2048,
+    max_num_batched_tokens: Annotated[int, typer.Option(help="token budget of one engine step: a long prompt "
+                                                             "is prefilled in chunks of what running streams "
+                                                             "leave of it, so smaller keeps streams flowing",
+                                                        min=1)] = 512,
     max_model_len: Annotated[Optional[int], typer.Option(help="context window (default: the model's, at most "
                                                          "8192)", min=2)] = None,
     kv_cache_gb: Annotated[float, typer.Option(help="memory for the paged KV cache (GiB)", min=0.0)] = 2.0,
@@ -40,6 +42,13 @@ def serve_command(
                                                          "before they are cancelled", min=0.0)] = 30.0,
     reasoning_parser: Annotated[Optional[str], typer.Option(help="'think': return <think>...</think> of chat "
                                                             "answers as reasoning_content")] = None,
+    allowed_host: Annotated[Optional[list[str]], typer.Option(help="a Host header name to accept (repeat for "
+                                                               "more); default on loopback: localhost, "
+                                                               "127.0.0.1, ::1; elsewhere: any")] = None,
+    header_timeout: Annotated[float, typer.Option(help="seconds a client has to send a request's headers "
+                                                       "(slower connections are closed)", min=0.1)] = 10.0,
+    body_timeout: Annotated[float, typer.Option(help="seconds a client has to send a request body (408 after)",
+                                                min=0.1)] = 30.0,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ):
     """Serve MODEL over the OpenAI HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
@@ -53,6 +62,7 @@ def serve_command(
     from llmopt.config import EngineConfig
     from llmopt.engine.engine import LLMEngine
     from llmopt.serve.app import ServeConfig, create_app
+    from llmopt.serve.connections import uvicorn_config, warm_up
 
     if reasoning_parser not in (None, "think"):
         raise ValueError(f"--reasoning-parser must be 'think', got {reasoning_parser!r}")
@@ -69,9 +79,12 @@ def serve_command(
                        dtype=dtype)
     print(f"llmopt serve: loading {model} ...", file=sys.stderr, flush=True)
     engine = LLMEngine(model, cfg, quant=quant)
+    warm_up(engine)
     names = [served_model_name or model] + ([model] if served_model_name and served_model_name != model else [])
+    hosts = tuple(allowed_host) if allowed_host else (_LOOPBACK if host in _LOOPBACK else None)
     app = create_app(engine, ServeConfig(model_names=names, api_key=api_key, max_queue=max_queue,
-                                         request_timeout=request_timeout, reasoning_parser=reasoning_parser))
+                                         request_timeout=request_timeout, reasoning_parser=reasoning_parser,
+                                         body_timeout=body_timeout, allowed_hosts=hosts))
     server_state = app.state.server
 
     class Server(uvicorn.Server):
@@ -79,8 +92,8 @@ def serve_command(
             server_state.loop.draining = True
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout,
-                            access_log=log_level == "debug")
+    config = uvicorn_config(app, host=host, port=port, header_timeout=header_timeout, log_level=log_level,
+                            timeout_graceful_shutdown=shutdown_timeout, access_log=log_level == "debug")
     # uvicorn re-raises the signal it handled once it has shut down; with these handlers that is a no-op,
     # so a graceful SIGTERM ends the process with exit code 0.
     for sig in (signal.SIGTERM, signal.SIGINT):

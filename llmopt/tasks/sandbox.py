@@ -9,19 +9,27 @@ Layers, each named in ``SandboxResult.isolation`` when the machine supports it:
     set by a trusted bootstrap before the program's first line: RLIMIT_AS (memory), RLIMIT_CPU,
     RLIMIT_FSIZE, RLIMIT_NOFILE, RLIMIT_NPROC, no core files. The program arrives on stdin, so
     nothing of it is written to disk by us.
-``netns``, ``pidns``, ``mountns`` (``unshare``, as root or in an unprivileged user namespace)
+``netns``, ``pidns``, ``mountns``, ``minroot`` (``unshare``, as root or in an unprivileged user
+namespace)
     a network namespace with no interface up, not even loopback, so every connect fails; a PID
     namespace whose processes all die with its first one, so a child that calls setsid() still
-    cannot outlive the run; a mount namespace in which every inherited mount is remounted
-    read-only and fresh size-limited tmpfs hide ``/tmp``, ``/var/tmp``, ``/dev/shm`` and
-    ``/run/lock``. The working directory, HOME and TMPDIR are ``/tmp/sandbox`` on that tmpfs:
-    the program can write nowhere else, and what it wrote is gone when the namespace dies.
+    cannot outlive the run, with a ``/proc`` mounted fresh inside it, so the program sees its own
+    processes only (not the host's, nor their command lines); a mount namespace whose root is
+    a new tmpfs (``pivot_root``, the host's tree is detached) holding only read-only bind mounts
+    of ``/usr``, the ``/lib*`` and ``/bin`` directories, the interpreter's installation and
+    ``/etc/ld.so.cache``, a few device nodes (null, zero, full, random, urandom) and fresh
+    size-limited tmpfs on ``/tmp``, ``/var/tmp`` and ``/dev/shm``. Nothing else of the host is
+    visible: no ``/etc/passwd``, no home directories, no checkout, no ``/sys``. The working
+    directory, HOME and TMPDIR are ``/tmp/sandbox`` on that tmpfs: the program can write nowhere
+    else, and what it wrote is gone when the namespace dies.
 ``uid:65534`` (as root)
     the interpreter is started by ``setpriv`` as nobody, no supplementary groups, no_new_privs:
     the program cannot touch files it does not own, and RLIMIT_NPROC is enforced (the kernel
-    does not enforce it on root). The interpreter is the first of ``sys.executable``,
-    ``python3`` on PATH and ``/usr/bin/python3`` that finds its own standard library as nobody
-    (a Python installed under a 0700 home directory does not).
+    does not enforce it on root).
+
+The interpreter is the base installation (never a virtualenv) of the first of ``sys.executable``,
+``python3`` on PATH and ``/usr/bin/python3`` that finds its own standard library inside the
+sandbox (as nobody when run as root).
 ``tempdir`` (only without ``mountns``)
     a fresh temporary directory as working directory, HOME and TMPDIR, removed afterwards.
 ``socket-preamble`` (only without ``netns``)
@@ -55,7 +63,6 @@ log = logging.getLogger(__name__)
 
 NOBODY = 65534
 NS_WORKDIR = "/tmp/sandbox"
-_WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 
 # Trusted code run with ``python -I -c``: argv[1] is the JSON config, the program is on stdin.
 _BOOTSTRAP = r"""
@@ -83,21 +90,63 @@ del source
 exec(code, {"__name__": "__main__", "__file__": "main.py", "__builtins__": __builtins__})
 """
 
-# Run by /bin/sh as (namespace) root inside the new namespaces, before dropping to nobody:
-# every inherited mount becomes read-only, then fresh tmpfs cover the world-writable dirs.
-# $1: uid to own the working directory or "-", $2: tmpfs size in MiB, then the command.
+# What the minimal root shows of the host, read-only: system directories (or their symlinks, as
+# on merged-/usr systems), and single files the dynamic linker wants.
+_ROOT_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+_ROOT_FILES = ("/etc/ld.so.cache",)
+_DEVICES = ("null", "zero", "full", "random", "urandom")
+_WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+
+# Run by /bin/sh as (namespace) root, PID 1 of the new PID namespace, inside the new mount
+# namespace: builds the minimal root on a fresh tmpfs at $3, mounts a /proc that shows this PID
+# namespace only, pivots into the new root, detaches the host's tree, makes / read-only and
+# execs the command. $1: uid to own the working directory or "-", $2: tmpfs size in MiB, $3: an
+# empty directory to build the root on, $4: ':'-separated extra directories to show read-only
+# (the interpreter's installation), then the command.
 _MOUNT_SCRIPT = r"""
 set -e
-while read -r _dev mnt _rest; do
-  mount -o remount,bind,ro "$mnt" 2>/dev/null || true
-done < /proc/self/mounts
-for d in """ + " ".join(_WRITABLE_DIRS) + r"""; do
-  if [ -d "$d" ]; then mount -t tmpfs -o "size=${2}m,mode=1777" llmopt-sandbox "$d"; fi
+R=$3
+CALLER_PATH=$PATH
+PATH=/usr/local/sbin:/usr/sbin:/sbin:$PATH
+mount -t tmpfs -o "size=${2}m,mode=755" llmopt-sandbox-root "$R"
+robind() {  # robind SRC: show SRC read-only at the same path under $R
+  if [ -d "$1" ]; then mkdir -p "$R$1"; else mkdir -p "$R$(dirname "$1")"; : > "$R$1"; fi
+  mount --bind "$1" "$R$1"
+  mount -o remount,bind,ro,nosuid "$R$1"
+}
+for d in """ + " ".join(_ROOT_DIRS) + r"""; do
+  if [ -L "$d" ]; then ln -s "$(readlink "$d")" "$R$d"; elif [ -d "$d" ]; then robind "$d"; fi
 done
-mkdir -m 700 """ + NS_WORKDIR + r"""
-if [ "$1" != "-" ]; then chown "$1:$1" """ + NS_WORKDIR + r"""; fi
+for f in """ + " ".join(_ROOT_FILES) + r"""; do
+  if [ -f "$f" ]; then robind "$f"; fi
+done
+IFS=:
+for d in $4; do
+  if [ -n "$d" ]; then robind "$d"; fi
+done
+unset IFS
+mkdir -p "$R/dev" "$R/proc" "$R/etc" "$R/.oldroot"
+for n in """ + " ".join(_DEVICES) + r"""; do robind "/dev/$n"; done
+ln -s /proc/self/fd "$R/dev/fd"
+ln -s /proc/self/fd/0 "$R/dev/stdin"
+ln -s /proc/self/fd/1 "$R/dev/stdout"
+ln -s /proc/self/fd/2 "$R/dev/stderr"
+mount -t proc -o ro,nosuid,nodev,noexec proc "$R/proc"
+for d in """ + " ".join(_WRITABLE_DIRS) + r"""; do
+  mkdir -p "$R$d"
+  mount -t tmpfs -o "size=${2}m,mode=1777,nosuid,nodev" llmopt-sandbox "$R$d"
+done
+mkdir -m 700 "$R""" + NS_WORKDIR + r""""
+if [ "$1" != "-" ]; then chown "$1:$1" "$R""" + NS_WORKDIR + r""""; fi
+cd "$R"
+pivot_root . .oldroot
+cd /
+umount -l /.oldroot
+rmdir /.oldroot
+mount -o remount,ro,nosuid,nodev /
 cd """ + NS_WORKDIR + r"""
-shift 2
+PATH=$CALLER_PATH
+shift 4
 exec "$@"
 """
 
@@ -145,17 +194,20 @@ class _Plan:
     drop: tuple[str, ...]  # setpriv words, () when not dropping privileges
     python: str
     layers: tuple[str, ...]
+    shown: tuple[str, ...] = ()  # the interpreter's directories, shown read-only in the root
 
-    def command(self, limits: SandboxLimits, tail: list[str]) -> list[str]:
+    def command(self, limits: SandboxLimits, root: str, tail: list[str]) -> list[str]:
+        """The argv of one run; ``root`` is an empty directory the namespace builds its root on."""
         if not self.namespaces:
             return [*self.drop, *tail]
         owner = str(NOBODY) if self.drop else "-"
-        return [*self.namespaces, owner, str(limits.disk_mb), *self.drop, *tail]
+        return [*self.namespaces, owner, str(limits.disk_mb), root, ":".join(self.shown),
+                *self.drop, *tail]
 
 
 def _probe(cmd: list[str], stdin: bytes = b"") -> bool:
     try:
-        done = subprocess.run(cmd, input=stdin, capture_output=True, timeout=30)
+        done = subprocess.run(cmd, input=stdin, capture_output=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return False
     if done.returncode != 0:
@@ -163,7 +215,37 @@ def _probe(cmd: list[str], stdin: bytes = b"") -> bool:
     return done.returncode == 0
 
 
+def _probe_plan(plan: _Plan, tail: list[str]) -> bool:
+    root = tempfile.mkdtemp(prefix="llmopt-sandbox-probe-")
+    try:
+        return _probe(plan.command(SandboxLimits(), root, tail))
+    finally:
+        os.rmdir(root)
+
+
 _PROBE_IMPORTS = "import collections, functools, hashlib, itertools, json, math, re, string, typing"
+
+
+def _interpreters() -> list[tuple[str, str]]:
+    """(executable, installation prefix) of the candidate interpreters: this one's base
+    installation (never a virtualenv, whose site-packages live in a checkout), ``python3`` on
+    PATH, ``/usr/bin/python3``."""
+    found: list[tuple[str, str]] = []
+    ask = ("import os, sys; print(os.path.realpath(sys.executable)); "
+           "print(os.path.realpath(sys.base_prefix))")
+    for exe in (sys.executable, shutil.which("python3"), "/usr/bin/python3"):
+        if exe is None or not os.path.exists(exe):
+            continue
+        try:
+            exe, base = subprocess.run(
+                [exe, "-I", "-c", ask],
+                capture_output=True, text=True, timeout=30, check=True,
+            ).stdout.split("\n")[:2]
+        except (OSError, subprocess.SubprocessError, ValueError):
+            continue
+        if exe and (exe, base) not in found:
+            found.append((exe, base))
+    return found
 
 
 @functools.lru_cache(maxsize=1)
@@ -176,41 +258,41 @@ def _plan() -> _Plan:
         if os.geteuid() != 0:
             flags = ("--map-root-user", *flags)
         cand = (unshare, *flags, "--", sh, "-c", _MOUNT_SCRIPT, "sh")
-        # probe with sh, not sys.executable: a venv under /tmp is hidden by the fresh tmpfs, and
-        # the interpreter is chosen below anyway
-        if _probe([*cand, "-", "16", sh, "-c", "true"]):
+        # probe with sh, not sys.executable: the interpreter is chosen below
+        if _probe_plan(_Plan(cand, (), "", ()), [sh, "-c", "true"]):
             namespaces = cand
-            layers += ["netns", "pidns", "mountns"]
-    python, drop = sys.executable, ()
+            layers += ["netns", "pidns", "mountns", "minroot"]
+        else:
+            log.warning("unshare is present but the sandbox root cannot be built here")
+    drop: tuple[str, ...] = ()
     setpriv = shutil.which("setpriv")
     if os.geteuid() == 0 and setpriv is not None:
-        cand_drop = (setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                     "--no-new-privs", "--")
-        seen: list[str] = []
-        for exe in (sys.executable, shutil.which("python3"), "/usr/bin/python3"):
-            if exe is None or exe in seen or not os.path.exists(exe):
-                continue
-            seen.append(exe)
-            try:
-                base = subprocess.run(
-                    [exe, "-I", "-c", "import sys; print(sys.base_prefix)"],
-                    capture_output=True, text=True, timeout=30, check=True,
-                ).stdout.strip()
-            except (OSError, subprocess.SubprocessError):
-                continue
+        drop = (setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                "--no-new-privs", "--")
+    python, shown = sys.executable, ()
+    if namespaces or drop:
+        for exe, base in _interpreters():
+            shown_dirs = (base,) if exe.startswith(base + os.sep) else (base, os.path.dirname(exe))
             code = f"{_PROBE_IMPORTS}\nimport sys\nassert sys.base_prefix == {base!r}, sys.base_prefix"
-            trial = _Plan(namespaces, cand_drop, exe, ())
-            if _probe(trial.command(SandboxLimits(), [exe, "-I", "-c", code])):
-                python, drop = exe, cand_drop
-                layers.append(f"uid:{NOBODY}")
+            trial = _Plan(namespaces, drop, exe, (), shown_dirs)
+            if _probe_plan(trial, [exe, "-I", "-c", code]):
+                python, shown = exe, shown_dirs
                 break
         else:
-            log.warning("no Python interpreter runs as uid %d: the sandbox keeps root", NOBODY)
+            if drop:
+                log.warning("no Python interpreter runs as uid %d: the sandbox keeps root", NOBODY)
+                drop = ()
+            if namespaces:
+                log.warning("no Python interpreter runs in the sandbox root: no namespaces")
+                namespaces = ()
+                layers = layers[:2]
+    if drop:
+        layers.append(f"uid:{NOBODY}")
     if not namespaces:
         layers += ["tempdir", "socket-preamble"]
         log.warning("unshare is not usable here: the sandbox has no network, PID or mount "
                     "namespace and blocks sockets in Python only")
-    return _Plan(namespaces, drop, python, tuple(layers))
+    return _Plan(namespaces, drop, python, tuple(layers), shown)
 
 
 def isolation_layers() -> tuple[str, ...]:
@@ -321,7 +403,9 @@ def run_python(code: str, limits: SandboxLimits | None = None) -> SandboxResult:
             workdir = cwd = hostdir
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir,
                "LANG": "C.UTF-8"}
-        cmd = plan.command(limits, [plan.python, "-I", "-c", _BOOTSTRAP, json.dumps(cfg)])
+        root = os.path.join(ctrldir, "root")
+        os.mkdir(root)
+        cmd = plan.command(limits, root, [plan.python, "-I", "-c", _BOOTSTRAP, json.dumps(cfg)])
         out_path = os.path.join(ctrldir, "stdout")
         err_path = os.path.join(ctrldir, "stderr")
         start = time.monotonic()

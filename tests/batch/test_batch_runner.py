@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 
 from llmopt.batch import BatchFormatError, BatchRun, RunOptions, load_batch
 from llmopt.batch.runner import DEFAULT_SYSTEM_PROMPT, messages_for
-
 from tests.conftest import SMOLLM2, requires_smollm2
 
 FAST = RunOptions(max_tokens=8, concurrency=2)
@@ -268,3 +267,49 @@ def test_cli_with_everything_already_done_needs_no_model(tmp_path):
     r = CliRunner().invoke(app, ["run", str(p), "-o", str(out)])
     assert r.exit_code == 0, r.output
     assert "1 / 0 / 1" not in r.output and "0 / 1 / 1" in r.output and "not needed" in r.output
+
+
+# ---- output path checked before the model loads ----------------------------------------------------
+
+@pytest.mark.parametrize("make_out, message", [
+    (lambda d: d, "is a directory; give a file path such as"),
+    (lambda d: d / "a-file.txt" / "out.jsonl", "a-file.txt is a file, not a directory"),
+    (lambda d: d / "a-file.txt" / "deeper" / "out.jsonl", "a-file.txt is a file, not a directory"),
+])
+def test_cli_rejects_an_unwritable_output_path_before_loading_the_model(tmp_path, make_out, message):
+    from llmopt.cli import app
+
+    p = write_jsonl(tmp_path / "cases.jsonl", [case("a", [1])])
+    (tmp_path / "a-file.txt").write_text("not a directory")
+    out = make_out(tmp_path)
+    # a model that cannot load: had the CLI loaded it first, its error would be the one reported
+    r = CliRunner().invoke(app, ["run", str(p), "-o", str(out), "--model", str(tmp_path / "missing.gguf")])
+    assert r.exit_code == 1, r.output
+    assert message in r.output and "missing.gguf" not in r.output
+    assert "Traceback" not in r.output
+    assert (tmp_path / "a-file.txt").read_text() == "not a directory"
+
+
+@requires_smollm2
+def test_a_fresh_engine_is_warmed_before_the_first_case_is_timed(tmp_path):
+    from llmopt.config import EngineConfig
+    from llmopt.engine.engine import LLMEngine
+    from llmopt.kernels import build
+
+    engine = LLMEngine(SMOLLM2, EngineConfig(num_threads=1))
+    assert engine.stats["steps"] == 0
+    p = write_jsonl(tmp_path / "cases.jsonl", [case("a", [1], max_tokens=2)])
+    run = BatchRun(load_batch(p), tmp_path / "out.jsonl", FAST)
+    seen: dict = {}
+
+    def on_answer(c, out) -> None:
+        seen.setdefault("cached", set(build._cache))
+
+    summary = run.run(engine, on_answer=on_answer)
+    assert run.warmup_s is not None and run.warmup_s > 0
+    assert engine.stats["generated_tokens"] == 2 + summary.output_tokens  # warm-up's two tokens first
+    if build.native_enabled() and build.cpu_has_avx2():
+        assert set(build.EXTENSIONS) <= seen["cached"]
+    again = BatchRun(load_batch(p), tmp_path / "again.jsonl", FAST)
+    again.run(engine)
+    assert again.warmup_s is None  # an engine that has run is warm: no second warm-up

@@ -90,6 +90,13 @@ CASES = [
     ("GET on a POST route", "GET", C, None, None, 405, None),
     ("unknown route", "GET", "/v1/nothing", None, None, 404, None),
     ("body over 8 MiB", "POST", C, b"{" + b" " * (8 * 2**20) + b"}", None, 413, None),
+    ("text/plain body (a web page's form post)", "POST", C, json.dumps(comp()).encode(),
+     {"Content-Type": "text/plain"}, 415, None),
+    ("no Content-Type", "POST", C, json.dumps(comp()).encode(), {"Content-Type": ""}, 415, None),
+    ("foreign Host header (DNS rebinding)", "GET", "/v1/models", None, {"Host": "evil.example"}, 400, None),
+    ("/openapi.json without the API key", "GET", "/openapi.json", None, {"Authorization": ""}, 401, None),
+    ("more sequences than the server admits (prompts x n)", "POST", C, comp(prompt=["hi"] * 6, n=16), None, 400,
+     "prompt"),
 ]
 
 
@@ -102,7 +109,7 @@ def answers(server):
             if body is None:
                 r = http.request(method, path, headers=h)
             elif isinstance(body, bytes):
-                r = http.request(method, path, content=body, headers=dict(h, **{"Content-Type": "application/json"}))
+                r = http.request(method, path, content=body, headers={"Content-Type": "application/json", **h})
             else:
                 r = http.request(method, path, json=body, headers=h)
             out.append((case, method, path, body, r))

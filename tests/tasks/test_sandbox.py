@@ -34,7 +34,7 @@ def _unsandboxed(code: str, timeout: float = 10) -> subprocess.CompletedProcess:
 
 def test_machine_provides_the_full_isolation_this_suite_relies_on():
     layers = isolation_layers()
-    for layer in ("process-group", "rlimits", "netns", "pidns", "mountns"):
+    for layer in ("process-group", "rlimits", "netns", "pidns", "mountns", "minroot"):
         assert layer in layers, f"sandbox lacks {layer}: {layers}"
     if os.geteuid() == 0:
         assert "uid:65534" in layers
@@ -128,7 +128,7 @@ def world_writable_dir():
         os.rmdir(d)
 
 
-def test_deleting_a_visible_world_writable_file_fails(world_writable_dir):
+def test_world_writable_host_file_is_neither_visible_nor_deletable(world_writable_dir):
     victim = os.path.join(world_writable_dir, "sentinel.txt")
     control = os.path.join(world_writable_dir, "control.txt")
     for path in (victim, control):
@@ -138,11 +138,88 @@ def test_deleting_a_visible_world_writable_file_fails(world_writable_dir):
     assert _unsandboxed(_DELETE.format(path=control)).returncode == 0
     assert not os.path.exists(control)
     r = run_python(_DELETE.format(path=victim) + f"open({victim!r}, 'w').write('overwritten')\n")
-    assert "sees it: True" in r.stdout, "the program could not see the file: vacuous test"
-    assert r.status == "error"
-    assert "Read-only file system" in r.stderr or "PermissionError" in r.stderr
+    assert "sees it: False" in r.stdout, r.stdout
+    assert r.status == "error" and "FileNotFoundError" in r.stderr
     with open(victim) as fh:
         assert fh.read() == "x"
+
+
+_READ = (
+    "import sys\n"
+    "for path in sys.argv[1:] or {paths!r}:\n"
+    "    try:\n"
+    "        with open(path, 'rb') as fh:\n"
+    "            print('read', path, len(fh.read()))\n"
+    "    except OSError as e:\n"
+    "        print('refused', path, type(e).__name__)\n"
+)
+
+
+def test_host_files_and_the_checkout_cannot_be_read():
+    checkout_file = os.path.abspath(__file__)
+    paths = ["/etc/passwd", "/etc/hostname", checkout_file,
+             os.path.join(os.path.dirname(checkout_file), "conftest.py")]
+    paths = [p for p in paths if os.path.exists(p)]
+    control = _unsandboxed(_READ.format(paths=paths))
+    assert control.stdout.count("read ") == len(paths), control.stdout  # readable on the host
+    r = run_python(_READ.format(paths=paths))
+    assert r.status == "ok", r.stderr
+    assert r.stdout.count("refused") == len(paths) and "read " not in r.stdout, r.stdout
+    assert "FileNotFoundError" in r.stdout
+
+
+_PROCS = (
+    "import os\n"
+    "pids = sorted(int(p) for p in os.listdir('/proc') if p.isdigit())\n"
+    "print('pids', pids, 'me', os.getpid())\n"
+    "found = []\n"
+    "needle = {reversed_secret!r}[::-1].encode()  # not spelled out on our own command line\n"
+    "for pid in sorted(set(pids + [{host_pid}])):\n"
+    "    try:\n"
+    "        with open(f'/proc/{{pid}}/cmdline', 'rb') as fh:\n"
+    "            if needle in fh.read():\n"
+    "                found.append(pid)\n"
+    "    except OSError:\n"
+    "        pass\n"
+    "print('secret found in', found)\n"
+)
+
+
+def test_program_sees_only_its_own_processes_not_host_command_lines():
+    secret = f"--api-key=sk-sandbox-secret-{os.getpid()}"
+    host = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", secret])
+    try:
+        code = _PROCS.format(host_pid=host.pid, reversed_secret=secret[::-1])
+        control = _unsandboxed(code)
+        assert f"secret found in [{host.pid}]" in control.stdout, control.stdout
+        r = run_python(code)
+        assert r.status == "ok", r.stderr
+        assert "pids [1] me 1" in r.stdout, r.stdout
+        assert "secret found in []" in r.stdout, r.stdout
+    finally:
+        host.kill()
+        host.wait()
+
+
+_MOUNTS = (
+    "import os\n"
+    "print(sorted(os.listdir('/')))\n"
+    "for line in open('/proc/self/mounts'):\n"
+    "    _dev, where, _fs, opts = line.split()[:4]\n"
+    "    print(where, opts.split(',')[0])\n"
+)
+
+
+def test_root_is_minimal_and_read_only_outside_the_scratch_dirs():
+    r = run_python(_MOUNTS)
+    assert r.status == "ok", r.stderr
+    top, *mounts = r.stdout.splitlines()
+    allowed = {"bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "etc", "dev", "proc",
+               "tmp", "var", "root", "home", "opt"}  # root/home/opt only as the path to Python
+    assert set(eval(top)) <= allowed, top
+    writable = {where for where, mode in (m.split() for m in mounts) if mode == "rw"}
+    assert writable == {"/tmp", "/var/tmp", "/dev/shm"}, mounts
+    assert any(m.split()[0] == "/" for m in mounts)
 
 
 def test_nothing_the_program_writes_is_left_behind():
