@@ -1,4 +1,5 @@
-# Two entry points: `make run` (set up + the main job on the embedded model) and `make test`.
+# Entry points: `make run` (set up + the main job on the embedded model), `make test`, and `make lint`
+# (ruff + mypy on the core packages; CI runs it before the tests).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -6,7 +7,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.stamp-install
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +26,10 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check llmopt tests benchmarks
+	$(VENV)/bin/mypy
 
 bench: setup
 	$(PY) benchmarks/bench_engine.py

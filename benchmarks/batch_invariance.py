@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from llmopt import LLM, SamplingParams  # noqa: E402
+from llmopt import LLM, SamplingParams
 
 PROMPTS = ["What is 17 * 23?", "Name three colors.", "Write a haiku about rain.", "Explain gravity briefly.",
            "What is the capital of Japan?", "List prime numbers below 30.", "Tell me a joke.",

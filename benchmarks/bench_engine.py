@@ -25,10 +25,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rich.console import Console  # noqa: E402
+from rich.console import Console
 
-from llmopt.bench.cli import results_table, save_json  # noqa: E402
-from llmopt.bench.grid import Cell, GridConfig, markdown_table, run_grid  # noqa: E402
+from llmopt.bench.cli import results_table, save_json
+from llmopt.bench.grid import Cell, GridConfig, markdown_table, run_grid
 
 MODEL = "smollm2-135m-instruct"
 CELLS = [Cell(concurrency=1, input_len=128, output_len=128), Cell(concurrency=16, input_len=128, output_len=128)]

@@ -17,16 +17,15 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llmopt.kernels import ops  # noqa: E402
-
+from llmopt.kernels import ops
 
 CLOCK = time.perf_counter
 STAT: Callable[[list[float]], float] = statistics.median

@@ -31,8 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llmopt.kernels import qlinear as Q  # noqa: E402
-from llmopt.quant import formats as F  # noqa: E402
+from llmopt.formats import layouts as F
+from llmopt.kernels import qlinear as Q
 
 
 def l3_bytes() -> int:
@@ -170,7 +170,7 @@ def main() -> None:
                 label += " (ref)"
             acts = [None]
             if name == "int4":
-                acts = ["fp32"] + (["int8"] if Q._a8_capable(qw) else [])
+                acts = ["fp32"] + (["int8"] if Q.a8_capable(qw) else [])
             for act in acts:
                 integer = name == "w4a8" or act == "int8"
                 for pf in (pf_list if integer and pf_list else [None]):

@@ -31,13 +31,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from llmopt.models.loader import load_model  # noqa: E402
-from llmopt.quant import calib  # noqa: E402
-from llmopt.quant.awq import awq_quantize_model  # noqa: E402
-from llmopt.quant.gptq import gptq_quantize_model  # noqa: E402
-from llmopt.quant.linear import quantize_model  # noqa: E402
+from llmopt.models.loader import load_model
+from llmopt.quant import calib
+from llmopt.quant.awq import awq_quantize_model
+from llmopt.quant.gptq import gptq_quantize_model
+from llmopt.quant.linear import quantize_model
 
 MODEL = "smollm2-135m-instruct"
 

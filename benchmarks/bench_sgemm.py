@@ -75,7 +75,7 @@ def bench_kernels(ms, rounds: int, pool_mb: float, variants: list[dict] | None) 
             fns = [lambda x, w: F.linear(x, w)]
             pools = [ws]
             for v in variants:
-                def run(x, p, v=v):
+                def run(x, p, v=v, n=n):
                     return mod.gemm(x, p, n, None)
                 fns.append(run)
                 pools.append(ps)
@@ -124,7 +124,7 @@ def bench_e2e(tokens: int, threads: int, model: str, repeats: int = 3) -> None:
     tpack = time.perf_counter() - t0
     packed = {n: net.get_submodule(n) for n in original}
     res = {"as loaded": ([], [], None), "pack_linears": ([], [], None)}
-    for tag, mods in (("as loaded", original), ("pack_linears", packed)):  # warm-up
+    for _tag, mods in (("as loaded", original), ("pack_linears", packed)):  # warm-up
         swap_in(mods)
         llm.generate([prompt], sp)
     for _ in range(repeats):

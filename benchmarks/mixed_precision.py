@@ -78,7 +78,7 @@ def main() -> None:
         t, c = time.perf_counter(), time.process_time()
         try:
             cmd.main(argv, standalone_mode=False)
-        except Exception as e:  # noqa: BLE001 - report the failed run, go on with the others
+        except Exception as e:  # report the failed run, go on with the others
             print(f"run {name} failed: {type(e).__name__}: {e}", flush=True)
             continue
         wall, cpu = time.perf_counter() - t, time.process_time() - c

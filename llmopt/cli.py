@@ -108,14 +108,24 @@ _COMMANDS = [
 ]
 
 
+class CommandImportError(RuntimeError):
+    """A subcommand's module is missing or broken: an install problem, reported instead of hidden."""
+
+
 def _register() -> None:
+    """Register every subcommand. A module that does not import (or lacks its function) stops the
+    CLI with an error naming the command, the module and the cause: a command never silently
+    disappears from ``llmopt --help``."""
     import importlib
 
     for name, module, attr in _COMMANDS:
         try:
             fn = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError):
-            continue
+        except (ImportError, AttributeError) as e:
+            raise CommandImportError(
+                f"llmopt: the '{name}' command cannot be loaded: {module}.{attr} failed with "
+                f"{type(e).__name__}: {e}. Reinstall llmopt with its dependencies (pip install -e .) "
+                "or fix the import") from e
         app.command(name)(guarded(fn))
 
 

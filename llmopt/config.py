@@ -9,6 +9,7 @@ per-layer sliding windows.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +44,7 @@ class ModelConfig:
     hf_config: Any = field(repr=False, default=None)  # transformers PretrainedConfig (rope parameters)
 
     @classmethod
-    def from_hf(cls, hf: Any) -> "ModelConfig":
+    def from_hf(cls, hf: Any) -> ModelConfig:
         arch = hf.model_type
         if arch not in SUPPORTED_ARCHS:
             raise ModelLoadError(
@@ -103,6 +104,80 @@ class ModelConfig:
         return inv.float(), float(scale)
 
 
+_FALSE = ("0", "", "false", "no", "off")
+
+
+def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a whole number; unset it or give an integer") from None
+
+
+@dataclass
+class KernelSettings:
+    """The switches of the kernels and of the engine's quantize-on-load, in one place.
+
+    Defaults are the measured choices (see ``kernels/qlinear.py`` and ``quant/linear.py`` for the
+    numbers). Environment variables are overrides for experiments, read once by :meth:`from_env`
+    when an ``EngineConfig`` is built without explicit settings (and by the CLI), never at import:
+
+    ==========================  ===================  =============================================
+    variable                    field                meaning
+    ==========================  ===================  =============================================
+    ``LLMOPT_INT4_ACT``         ``int4_act``         "int8" (activations quantized per group for
+                                                     int4 decode) or "fp32" (exact int4)
+    ``LLMOPT_INT4_A8_MAX_M``    ``int4_a8_max_m``    most rows that take the int8-activation path
+    ``LLMOPT_QLINEAR_LARGE_M``  ``large_m``          from this many rows on, dequantize + fp32 GEMM
+    ``LLMOPT_DECODE_TILES``     ``decode_tiles``     4-column int4 x int8 tiles ("0": off)
+    ``LLMOPT_FUSED_DECODE``     ``fused_decode``     one native call per int4 decode step ("0": off)
+    ``LLMOPT_QUANT_LM_HEAD``    ``quant_lm_head``,   "0"/"1" or a format name for the head when
+                                ``lm_head_fmt``      quantizing on load (default int8)
+    ``LLMOPT_QUANT_EMBED``      ``quant_embed``      a tied embedding shares the quantized head
+                                                     ("0": float)
+    ==========================  ===================  =============================================
+
+    Build-time variables stay with the build (``kernels/build.py``): ``LLMOPT_NATIVE``,
+    ``LLMOPT_CACHE``, ``LLMOPT_W4_PREFETCH``; ``LLMOPT_NUM_THREADS`` is ``EngineConfig.num_threads``.
+    """
+
+    int4_act: str = "int8"
+    int4_a8_max_m: int = 64
+    large_m: int = 64
+    decode_tiles: bool = True
+    fused_decode: bool = True
+    quant_lm_head: bool = True
+    lm_head_fmt: str | None = "int8"  # None: the model's format
+    quant_embed: bool = True
+
+    def __post_init__(self) -> None:
+        if self.int4_act not in ("int8", "fp32"):
+            raise ValueError(f"int4_act (LLMOPT_INT4_ACT) must be 'int8' or 'fp32', got {self.int4_act!r}")
+        if self.int4_a8_max_m < 0 or self.large_m < 0:
+            raise ValueError("int4_a8_max_m and large_m must be >= 0")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> KernelSettings:
+        """Defaults overridden by the ``LLMOPT_*`` variables above (``environ``: default ``os.environ``)."""
+        env = os.environ if environ is None else environ
+        large_m = _env_int(env, "LLMOPT_QLINEAR_LARGE_M", cls.large_m)
+        head = env.get("LLMOPT_QUANT_LM_HEAD", "int8").strip()
+        on = ("1", "true", "yes", "on")
+        return cls(
+            int4_act=env.get("LLMOPT_INT4_ACT", cls.int4_act),
+            int4_a8_max_m=_env_int(env, "LLMOPT_INT4_A8_MAX_M", large_m),
+            large_m=large_m,
+            decode_tiles=env.get("LLMOPT_DECODE_TILES", "1") != "0",
+            fused_decode=env.get("LLMOPT_FUSED_DECODE", "1").strip().lower() not in _FALSE,
+            quant_lm_head=head.lower() not in _FALSE,
+            lm_head_fmt=None if head.lower() in _FALSE + on else head,
+            quant_embed=env.get("LLMOPT_QUANT_EMBED", "1").strip().lower() not in _FALSE,
+        )
+
+
 @dataclass
 class EngineConfig:
     """Knobs of the serving engine (defaults sized for a 2-core CPU)."""
@@ -117,6 +192,7 @@ class EngineConfig:
     num_threads: int | None = None  # torch intra-op threads; None: os.cpu_count()
     dtype: str = "float32"  # float32 | bfloat16
     packed_linear: bool = True  # fp32 linears on pre-packed weights (kernels/dense.py); False: torch's GEMM
+    kernels: KernelSettings | None = None  # None: KernelSettings.from_env() (defaults + LLMOPT_* overrides)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
@@ -126,6 +202,18 @@ class EngineConfig:
         if self.num_threads is None:
             env = os.environ.get("LLMOPT_NUM_THREADS")
             self.num_threads = int(env) if env else (os.cpu_count() or 1)
+        if self.kernels is None:
+            self.kernels = KernelSettings.from_env()
+
+    @property
+    def kernel_settings(self) -> KernelSettings:
+        """``kernels`` as resolved by ``__post_init__``."""
+        return self.kernels if self.kernels is not None else KernelSettings()
+
+    @property
+    def threads(self) -> int:
+        """``num_threads`` as resolved by ``__post_init__`` (never None after construction)."""
+        return self.num_threads or 1
 
     @property
     def torch_dtype(self) -> torch.dtype:

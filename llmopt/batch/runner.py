@@ -29,9 +29,10 @@ import os
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from llmopt.batch.cases import Batch, Case, Id, Question
 from llmopt.engine.sampling_params import SamplingParams

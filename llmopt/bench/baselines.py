@@ -78,7 +78,7 @@ class TransformersSystem:
                      "attn_implementation": getattr(cfg, "_attn_implementation", None),
                      "load_seconds": round(time.perf_counter() - t0, 3)}
 
-    def run(self, prompts: list[list[int]], output_len: int) -> "RunResult":
+    def run(self, prompts: list[list[int]], output_len: int) -> RunResult:
         import torch
 
         clock = _clock_streamer()

@@ -67,8 +67,15 @@ def bench_command(
     """Throughput, TTFT, TPOT, prefill and peak memory over concurrency x input x output length,
     llmopt against the unoptimized original (transformers) and optional peers (llama.cpp), side by
     side in one run."""
-    from .grid import (GridConfig, check_quant_available, markdown_table, parse_int_list, peer_problems,
-                       product_cells, run_grid)
+    from .grid import (
+        GridConfig,
+        check_quant_available,
+        markdown_table,
+        parse_int_list,
+        peer_problems,
+        product_cells,
+        run_grid,
+    )
 
     quants = [q.strip() for q in quant.split(",") if q.strip()] if quant else []
     check_quant_available(quants)  # fail before loading anything

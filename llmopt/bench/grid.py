@@ -52,10 +52,11 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +281,7 @@ def serve(conn: Any, make_system: Callable[[], Any]) -> None:
     try:
         system = make_system()
         conn.send(("ready", {"vocab_size": system.vocab_size, **system.info}))
-    except BaseException as e:  # noqa: BLE001 - reported to the coordinator, which raises
+    except BaseException as e:  # reported to the coordinator, which raises
         conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
         return
     while True:
@@ -297,7 +298,7 @@ def serve(conn: Any, make_system: Callable[[], Any]) -> None:
             trace = RunTrace(t0, t_end, ids, times, peak_rss_bytes(), "run" if can_reset else "process",
                              _cpu_seconds() - cpu0, extra)
             conn.send(("ok", asdict(trace)))
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
 
 
@@ -583,7 +584,7 @@ def peer_problems(peers: list[str], model: str) -> dict[str, str]:
             if why is None:
                 try:
                     resolve_gguf(model)
-                except Exception as e:  # noqa: BLE001 - the message is the point
+                except Exception as e:  # the message is the point
                     why = str(e)
             if why:
                 out[LLAMACPP] = why

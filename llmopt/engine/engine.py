@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,7 +22,9 @@ from llmopt.engine.sampler import sample
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.engine.scheduler import Scheduler
 from llmopt.engine.sequence import RequestOutput, Sequence
+from llmopt.kernels import qlinear
 from llmopt.models.loader import load_model
+from llmopt.quant.linear import DEFAULT_SKIP, quantize_model
 
 if TYPE_CHECKING:
     from llmopt.engine.guided import GuidedDecoder
@@ -39,15 +42,18 @@ class LLMEngine:
     def __init__(self, model: str, config: EngineConfig | None = None, quant: str | None = None,
                  group_size: int = 64):
         self.config = cfg = config or EngineConfig()
-        torch.set_num_threads(cfg.num_threads)
+        torch.set_num_threads(cfg.threads)
         self.loaded = load_model(model, dtype=cfg.torch_dtype, max_positions=cfg.max_model_len or 8192)
         self.model, self.tokenizer, self.model_config = self.loaded.model, self.loaded.tokenizer, self.loaded.config
         self.max_model_len = self.model.max_positions
         self.quant = quant
+        ks = cfg.kernel_settings
+        qlinear.configure(int4_act=ks.int4_act, int4_a8_max_m=ks.int4_a8_max_m, large_m=ks.large_m,
+                          tiles=ks.decode_tiles)
         if quant:
-            from llmopt.quant.linear import quantize_model
-
-            quantize_model(self.model, quant, group_size=group_size)
+            quantize_model(self.model, quant, group_size=group_size, skip=DEFAULT_SKIP,
+                           quantize_lm_head=ks.quant_lm_head, lm_head_fmt=ks.lm_head_fmt,
+                           quantize_embedding="tied" if ks.quant_embed else False)
         self.packed_linears = 0
         if cfg.packed_linear and cfg.torch_dtype == torch.float32:
             from llmopt.kernels.dense import pack_linears
@@ -57,7 +63,8 @@ class LLMEngine:
         num_blocks = cfg.num_kv_blocks or max(1, int(cfg.kv_cache_memory_gb * 2**30 // per_block))
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(cfg, self.block_manager)
-        self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, cfg.torch_dtype)
+        self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, cfg.torch_dtype,
+                                  fused_decode=ks.fused_decode)
         # one sequence must fit the KV cache as well as the rope table
         self.max_model_len = min(self.max_model_len, num_blocks * cfg.block_size)
         self.lock = threading.RLock()  # add/abort may come from other threads than step()
@@ -73,10 +80,11 @@ class LLMEngine:
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
             return self.tokenizer.apply_chat_template(prompt), None
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            bad = [t for t in prompt if not 0 <= t < self.model_config.vocab_size]
+            ids = [t for t in prompt if isinstance(t, int)]
+            bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
             if bad:
                 raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.model_config.vocab_size - 1})")
-            return list(prompt), None
+            return ids, None
         raise TypeError("a prompt is a string, a list of token ids, or a list of chat messages")
 
     def guided_decoder(self) -> "GuidedDecoder":
@@ -114,10 +122,25 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def running_ids(self) -> list[str]:
+        """Request ids of the sequences in the running batch (a snapshot taken under the lock)."""
+        with self.lock:
+            return [s.request_id for s in self.scheduler.running]
+
+    def waiting_ids(self) -> list[str]:
+        """Request ids of the sequences waiting to be scheduled, oldest first (under the lock)."""
+        with self.lock:
+            return [s.request_id for s in self.scheduler.waiting]
+
+    def num_waiting(self) -> int:
+        """Sequences waiting in the scheduler (under the lock)."""
+        with self.lock:
+            return len(self.scheduler.waiting)
+
     # ---- the loop -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         if torch.get_num_threads() != self.config.num_threads:  # the setting is per thread
-            torch.set_num_threads(self.config.num_threads)
+            torch.set_num_threads(self.config.threads)
         with self.lock:
             batch = self.scheduler.schedule()
         if not batch:

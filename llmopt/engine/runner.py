@@ -5,18 +5,20 @@ the sequences whose last token was computed."""
 from __future__ import annotations
 
 import logging
+from typing import cast
 
 import torch
 
+from llmopt.engine.fused_decode import FusedDecoder
 from llmopt.engine.sequence import Sequence
-from llmopt.kernels.decode_step import FusedDecoder
-from llmopt.models.transformer import AttnContext, PrefillSpan, Transformer
+from llmopt.models.transformer import Attention, AttnContext, PrefillSpan, Transformer
 
 log = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, num_blocks: int, block_size: int, dtype: torch.dtype):
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 fused_decode: bool = True):
         self.model = model
         self.block_size = block_size
         cfg = model.cfg
@@ -24,12 +26,13 @@ class ModelRunner:
         self.k_cache = torch.zeros(shape, dtype=dtype)
         self.v_cache = torch.zeros(shape, dtype=dtype)
         for i, layer in enumerate(model.layers):
-            layer.self_attn.k_cache = self.k_cache[i]
-            layer.self_attn.v_cache = self.v_cache[i]
+            attn = cast(Attention, layer.self_attn)
+            attn.k_cache = self.k_cache[i]
+            attn.v_cache = self.v_cache[i]
         # decode-only steps of an int4 model run the whole layer stack in one native call
         try:
-            self.fused = FusedDecoder.build(model)
-        except Exception as e:  # noqa: BLE001 - a plan that cannot be built means "op by op"
+            self.fused: FusedDecoder | None = FusedDecoder.build(model, enabled=fused_decode)
+        except Exception as e:  # a plan that cannot be built means "op by op"
             log.warning("fused decode step unavailable (%s); using the op-by-op forward", e)
             self.fused = None
 
@@ -69,12 +72,10 @@ class ModelRunner:
                                                     for s, _ in decodes], dtype=torch.int32)
             ctx.decode_context_lens = torch.tensor([s.num_computed_tokens + 1 for s, _ in decodes], dtype=torch.int32)
         input_ids, positions = torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long)
-        hidden = None
+        fused_hidden = None
         if self.fused is not None and not prefills:
-            hidden = self.fused.run(input_ids, positions, ctx)
-        fused = hidden is not None
-        if not fused:
-            hidden = self.model(input_ids, positions, ctx)
+            fused_hidden = self.fused.run(input_ids, positions, ctx)
+        hidden = self.model(input_ids, positions, ctx) if fused_hidden is None else fused_hidden
         # sample where the chunk reaches the end of the sequence's known tokens
         rows, sample_seqs, end = [], [], 0
         for seq, n in decodes + prefills:
@@ -85,7 +86,7 @@ class ModelRunner:
         if not rows:
             return [], None
         hidden = hidden[torch.tensor(rows)]
-        logits = self.fused.logits(hidden) if fused else None
+        logits = self.fused.logits(hidden) if self.fused is not None and fused_hidden is not None else None
         return sample_seqs, self.model.compute_logits(hidden) if logits is None else logits
 
     @torch.inference_mode()

@@ -112,7 +112,7 @@ class RequestOutput:
     released_chars: int = 0  # text[:released_chars] is final (a stop string can no longer cut it)
 
     @classmethod
-    def of(cls, seq: Sequence, delta: str = "") -> "RequestOutput":
+    def of(cls, seq: Sequence, delta: str = "") -> RequestOutput:
         return cls(seq.request_id, seq.prompt, seq.prompt_ids, seq.text, list(seq.output_ids), seq.finished,
                    seq.finish_reason, list(seq.logprobs) if seq.params.logprobs is not None else None,
                    seq.metrics, seq.num_cached_tokens, delta, list(seq.token_times),

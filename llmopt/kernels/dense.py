@@ -22,6 +22,8 @@ OpenMP-split over panels, bias fused.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -158,7 +160,7 @@ class PackedLinear(nn.Module):
         self.register_parameter("bias", bias)  # None allowed: forward reads self._parameters["bias"]
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "PackedLinear":
+    def from_linear(cls, linear: nn.Linear) -> PackedLinear:
         """Pack ``linear`` (the weight is copied into the packed layout; the bias shares its storage)."""
         return cls(linear.weight, linear.bias)
 
@@ -203,8 +205,9 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # fast path (decode: ~2 us of Python per call instead of ~5 through packed_linear)
-        mod = _ext if _ext is not _UNSET else native_module()
-        p, b = self._buffers["packed"], self._parameters["bias"]
+        mod: Any = _ext if _ext is not _UNSET else native_module()
+        p: torch.Tensor = self._buffers["packed"]  # type: ignore[assignment]
+        b = self._parameters["bias"]
         if (mod is not None and x.dim() == 2 and x.dtype == torch.float32 and p.dtype == torch.float32
                 and x.device.type == "cpu" and p.device.type == "cpu" and x.is_contiguous()
                 and (b is None or (b.dtype == torch.float32 and b.device.type == "cpu"))

@@ -22,7 +22,7 @@ is on CPU, and the format/group size has a kernel; otherwise the reference is us
 Activation precision of ``int4`` (``act``): "fp32" = the exact weight-only kernel above; "int8" =
 the w4a8 integer kernel run directly on the int4 layout (activations quantized per token and per
 weight group to int8 like llama.cpp's Q4 x Q8; group size a multiple of 64). ``INT4_ACT``
-(env ``LLMOPT_INT4_ACT``, "int8" or "fp32") is what ``linear`` uses for int4 when ``act`` is not
+(``KernelSettings.int4_act``, env override ``LLMOPT_INT4_ACT``, "int8" or "fp32") is what ``linear`` uses for int4 when ``act`` is not
 given: with "int8", rows M <= ``INT4_A8_MAX_M`` (decode, small batches) use the integer kernel and
 larger M (prefill) keep the exact dequant + fp32 GEMM path. See ``_int4_uses_a8``.
 
@@ -32,20 +32,20 @@ SmolLM2-135M-Instruct, int4 g64 RTN, int8 g64 lm_head (ppl: 10 pydoc topics, 423
 17.85 (+3.6%) with int8 activations at *every* M (an upper bound: the engine quantizes activations
 only at decode, prefill/scoring stay exact); float model 12.82. Speed: decode CPU time per step
 (1 thread) 10.9 -> 9.4 ms at 1 sequence, 78 -> 60 ms at 16 sequences; per GEMV 1.4-1.7x faster
-than the exact kernel. Set ``LLMOPT_INT4_ACT=fp32`` for exact int4.
+than the exact kernel. ``KernelSettings(int4_act="fp32")`` (or ``LLMOPT_INT4_ACT=fp32``) gives exact int4.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import weakref
 
 import torch
 import torch.nn.functional as F
 
-from ..quant.formats import FORMATS, QuantizedWeight, codes, dequantize
-from ..quant.rtn import quantize_activations_int8, quantize_activations_int8_grouped
+from llmopt.formats.layouts import FORMATS, QuantizedWeight, codes, dequantize
+from llmopt.formats.rtn import quantize_activations_int8, quantize_activations_int8_grouped
+
 from .build import native_enabled
 
 __all__ = [
@@ -59,24 +59,36 @@ __all__ = [
     "LARGE_M",
     "INT4_ACT",
     "make_forward",
+    "configure",
 ]
 
 _FMT_ID = {"int4": 0, "int8": 1, "int3": 2, "int2": 3, "fp8": 4, "fp4": 5}
 
-LARGE_M = int(os.environ.get("LLMOPT_QLINEAR_LARGE_M", "64"))
-INT4_ACT = os.environ.get("LLMOPT_INT4_ACT", "int8")
-INT4_A8_MAX_M = int(os.environ.get("LLMOPT_INT4_A8_MAX_M", str(LARGE_M)))
-if INT4_ACT not in ("int8", "fp32"):
-    raise ValueError(f"LLMOPT_INT4_ACT must be 'int8' or 'fp32', got {INT4_ACT!r}")
+# The dispatch policy. These are the defaults of ``llmopt.config.KernelSettings``; the engine sets
+# them from its settings with :func:`configure` (process-wide: the hot path reads them per call).
+LARGE_M = 64
+INT4_ACT = "int8"
+INT4_A8_MAX_M = 64
 # From TILE_MIN_M rows, with at most TILE_MAX_K input features, the int4 x int8 path runs 4-column
 # tiles (csrc/w4a8.h: each weight block decoded once for two rows, four columns reduced in one
 # vector). One thread, tiles vs the column kernel, M = 4 / 16 / 64: 576x1536 (K x N) 1.59x / 1.38x /
 # 1.73x; 1536x576 1.05x / 1.02x / 0.89x; 8192x2048 0.89x / 0.89x / 1.10x; 2048x8192 0.76x / 0.87x /
 # 1.29x. They read fp16 scales / mins interleaved by 4 columns: a copy (1/8 of the int4 codes'
-# bytes) made at the first such call. LLMOPT_DECODE_TILES=0 turns them off here and in the decode step.
+# bytes) made at the first such call. KernelSettings.decode_tiles=False (env LLMOPT_DECODE_TILES=0)
+# turns them off here and in the decode step.
 TILE_MIN_M = 4
 TILE_MAX_K = 1024
-TILES = os.environ.get("LLMOPT_DECODE_TILES", "1") != "0"
+TILES = True
+
+
+def configure(int4_act: str = "int8", int4_a8_max_m: int = 64, large_m: int = 64, tiles: bool = True) -> None:
+    """Set the dispatch policy (``llmopt.config.KernelSettings`` fields ``int4_act``,
+    ``int4_a8_max_m``, ``large_m``, ``decode_tiles``). Applies to every quantized linear in the
+    process from its next call."""
+    global INT4_ACT, INT4_A8_MAX_M, LARGE_M, TILES
+    if int4_act not in ("int8", "fp32"):
+        raise ValueError(f"int4_act must be 'int8' or 'fp32', got {int4_act!r}")
+    INT4_ACT, INT4_A8_MAX_M, LARGE_M, TILES = int4_act, int(int4_a8_max_m), int(large_m), bool(tiles)
 CHUNK_BYTES = 8 << 20  # fp32 bytes of weight decoded per chunk on the large-M path (L2/L3 sized)
 CHUNK_N = None  # fixed rows per chunk (tests); None -> from CHUNK_BYTES
 
@@ -112,7 +124,10 @@ def interleaved_scales(qw: QuantizedWeight) -> tuple[torch.Tensor | None, torch.
     g = k // qw.group_size
     sc4 = sc.reshape(n // 4, 4, g).transpose(1, 2).contiguous()
     mn4 = mn.reshape(n // 4, 4, g).transpose(1, 2).contiguous()
-    ref = weakref.ref(sc, lambda _r, key=key: _tile_params_cache.pop(key, None))  # dropped with the scales
+    def _drop(_r: object, key: int = key) -> None:  # the cache entry goes with the scales tensor
+        _tile_params_cache.pop(key, None)
+
+    ref = weakref.ref(sc, _drop)
     _tile_params_cache[key] = (ref, sc._version, weakref.ref(mn), mn._version, sc4, mn4)
     return sc4, mn4
 
@@ -173,7 +188,7 @@ def supports_native(qw: QuantizedWeight) -> bool:
     return any_block and gs % FORMATS[qw.fmt].block == 0
 
 
-def _a8_capable(qw: QuantizedWeight) -> bool:
+def a8_capable(qw: QuantizedWeight) -> bool:
     """int4 weights the w4a8 integer kernel can read in place (whole-block groups)."""
     return qw.fmt == "int4" and qw.group_size in (64, 128, 256)  # the w4a8 kernel's group sizes
 
@@ -183,10 +198,10 @@ def _int4_uses_a8(qw: QuantizedWeight, m: int, act: str | None) -> bool:
     if qw.fmt != "int4":
         return False
     if act is None:
-        return INT4_ACT == "int8" and m <= INT4_A8_MAX_M and _a8_capable(qw)
+        return INT4_ACT == "int8" and m <= INT4_A8_MAX_M and a8_capable(qw)
     if act not in ("int8", "fp32"):
         raise ValueError(f"act must be 'int8' or 'fp32', got {act!r}")
-    if act == "int8" and not _a8_capable(qw):
+    if act == "int8" and not a8_capable(qw):
         raise ValueError(f"int4 with int8 activations needs a group size multiple of 64 (<= 256), "
                          f"got {qw.group_size}")
     return act == "int8"
@@ -326,7 +341,7 @@ def make_forward(qw: QuantizedWeight, bias: torch.Tensor | None = None):
     fmt, gs = qw.fmt, qw.group_size
     qweight, scales, mins = qw["qweight"], qw["scales"], qw.tensors.get("mins")
     b = None if bias is None else bias.float().contiguous()
-    a8_ok = fmt == "int4" and _a8_capable(qw)
+    a8_ok = fmt == "int4" and a8_capable(qw)
     fmt_id = _FMT_ID.get(fmt)
 
     def fwd(x: torch.Tensor) -> torch.Tensor:

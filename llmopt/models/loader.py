@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -41,7 +42,7 @@ def open_checkpoint(model: str | Path) -> tuple[ModelConfig, Tokenizer, Iterator
     path = resolve(model)
     if path.is_dir():
         if (path / "config.json").exists():
-            return (*_open_hf_dir(path), path)
+            return (*open_hf_dir(path), path)
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) != 1:
             raise ModelLoadError(
@@ -52,14 +53,40 @@ def open_checkpoint(model: str | Path) -> tuple[ModelConfig, Tokenizer, Iterator
     return (*_open_gguf(path), path)
 
 
+CheckpointReader = Callable[[Path, torch.dtype, "int | None"], "LoadedModel"]
+
+
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """A checkpoint layout that a package above ``models`` knows how to read (e.g. ``llmopt
+    quantize`` output, registered by ``llmopt.quant.checkpoint``). ``detect(path)`` says whether a
+    resolved path is one; ``read(path, dtype, max_positions)`` loads it as a ``LoadedModel``."""
+
+    name: str
+    detect: Callable[[Path], bool]
+    read: CheckpointReader
+
+
+_CHECKPOINT_FORMATS: dict[str, CheckpointFormat] = {}
+
+
+def register_checkpoint_format(name: str, detect: Callable[[Path], bool], read: CheckpointReader) -> None:
+    """Teach :func:`load_model` a checkpoint layout (tried in registration order, before the plain
+    Hugging Face directory / GGUF readers). Registering a name again replaces it."""
+    _CHECKPOINT_FORMATS[name] = CheckpointFormat(name, detect, read)
+
+
+def checkpoint_formats() -> list[str]:
+    return list(_CHECKPOINT_FORMATS)
+
+
 def load_model(model: str | Path, dtype: torch.dtype = torch.float32,
                max_positions: int | None = None) -> LoadedModel:
     t0 = time.perf_counter()
     src = resolve(model)
-    if src.is_dir() and (src / "quant_config.json").exists():  # written by `llmopt quantize`
-        from llmopt.quant.checkpoint import load_quantized
-
-        return load_quantized(src, dtype, max_positions)
+    for fmt in _CHECKPOINT_FORMATS.values():
+        if fmt.detect(src):
+            return fmt.read(src, dtype, max_positions)
     cfg, tok, weights, path = open_checkpoint(model)
     net = empty_model(cfg, max_positions)
     fill_weights(net, weights, dtype, path.name)
@@ -114,7 +141,7 @@ def load_transformers_model(model: str | Path, dtype: torch.dtype = torch.float3
 
 
 # ---- Hugging Face directories ---------------------------------------------------------------
-def _open_hf_dir(path: Path) -> tuple[ModelConfig, Tokenizer, Iterator[tuple[str, torch.Tensor]]]:
+def open_hf_dir(path: Path) -> tuple[ModelConfig, Tokenizer, Iterator[tuple[str, torch.Tensor]]]:
     from transformers import AutoConfig, GenerationConfig
 
     try:
@@ -135,7 +162,7 @@ def _open_hf_dir(path: Path) -> tuple[ModelConfig, Tokenizer, Iterator[tuple[str
     files = _safetensors_files(path)
     try:
         tok = Tokenizer.from_dir(str(path), cfg.eos_token_ids)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise ModelLoadError(f"cannot load the tokenizer from {str(path)!r} ({type(e).__name__}: {e}); "
                              "the directory needs tokenizer.json (or tokenizer_config.json + vocab)") from None
     return cfg, tok, _iter_safetensors(files)
@@ -267,7 +294,7 @@ def _gguf_hf_config(arch: str, f: dict[str, Any], tensor_names: set[str]) -> Any
 
 
 def _iter_gguf(gf: Any, cfg: ModelConfig, path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    from llmopt.models.gguf_quants import UnsupportedTensorType, dequantize
+    from llmopt.formats.gguf_quants import UnsupportedTensorType, dequantize
 
     for t in gf.tensors:
         name = gguf_to_hf_name(t.name)

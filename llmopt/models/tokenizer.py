@@ -3,7 +3,8 @@ with the chat template, the stop tokens and an incremental detokenizer."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -22,14 +23,17 @@ class Tokenizer:
         self.stop_token_ids = sorted(ids | {vocab[t] for t in _CHAT_END_TOKENS if t in vocab})
 
     @classmethod
-    def from_dir(cls, path: str, eos_token_ids: Sequence[int] = ()) -> "Tokenizer":
+    def from_dir(cls, path: str, eos_token_ids: Sequence[int] = ()) -> Tokenizer:
         return cls(AutoTokenizer.from_pretrained(path), eos_token_ids)
 
     @classmethod
-    def from_gguf_fields(cls, arch: str, fields: dict[str, Any], eos_token_ids: Sequence[int] = ()) -> "Tokenizer":
+    def from_gguf_fields(cls, arch: str, fields: dict[str, Any], eos_token_ids: Sequence[int] = ()) -> Tokenizer:
         """Build from GGUF metadata (``fields``: key -> python value) with transformers' converters."""
         from transformers.integrations.gguf.gguf_tokenizer_mapping import (
-            _SPECIAL_TOKENS, GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
+            _SPECIAL_TOKENS,
+            GGUF_TOKENIZER_MAPPING,
+            convert_gguf_tokenizer,
+        )
 
         grouped = {
             group: {name: fields[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in fields}
@@ -50,7 +54,8 @@ class Tokenizer:
         return self.hf.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        text = self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return text if isinstance(text, str) else "".join(text)
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         if not self.hf.chat_template:

@@ -13,8 +13,8 @@ tests). Decode tokens come first in the batch, one per sequence; prefill chunks 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +83,7 @@ class Attention(nn.Module):
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:
             q = self.q_norm(q)
             k = self.k_norm(k)
         else:
@@ -112,24 +112,30 @@ class Attention(nn.Module):
 
     def _paged(self, q, k, v, ctx: AttnContext) -> torch.Tensor:
         kc, vc = self.k_cache, self.v_cache
+        if kc is None or vc is None or ctx.slot_mapping is None:
+            raise RuntimeError("paged attention needs the KV cache (ModelRunner sets it) and a slot mapping")
         bs = kc.shape[1]
         flat_k, flat_v = kc.view(-1, self.num_kv_heads, self.head_dim), vc.view(-1, self.num_kv_heads, self.head_dim)
         flat_k.index_copy_(0, ctx.slot_mapping, k.to(kc.dtype))
         flat_v.index_copy_(0, ctx.slot_mapping, v.to(vc.dtype))
         nd = ctx.num_decode
+        tables, lens = ctx.decode_block_tables, ctx.decode_context_lens
+        if nd and (tables is None or lens is None):
+            raise RuntimeError("decode tokens need decode_block_tables and decode_context_lens")
         if nd == q.shape[0]:  # a pure decode step: the kernel's output is the whole result
-            return ops.paged_decode_attention(q, kc, vc, ctx.decode_block_tables, ctx.decode_context_lens,
-                                              self.scale, self.window)
+            return ops.paged_decode_attention(q, kc, vc, tables, lens, self.scale, self.window)  # type: ignore[arg-type]
         out = torch.empty_like(q)
         if nd:
             out[:nd] = ops.paged_decode_attention(
-                q[:nd], kc, vc, ctx.decode_block_tables, ctx.decode_context_lens, self.scale, self.window)
+                q[:nd], kc, vc, tables, lens, self.scale, self.window)  # type: ignore[arg-type]
         for span in ctx.prefills:
             sl = slice(span.q_start, span.q_start + span.q_len)
             if span.ctx_len == span.q_len:  # nothing cached before this chunk: use k/v as computed
                 ks, vs = k[sl], v[sl]
             else:
                 nblocks = (span.ctx_len + bs - 1) // bs
+                if span.block_table is None:
+                    raise RuntimeError("a prefill chunk after cached tokens needs its block table")
                 blocks = span.block_table[:nblocks].long()
                 ks = kc[blocks].reshape(-1, self.num_kv_heads, self.head_dim)[: span.ctx_len].to(q.dtype)
                 vs = vc[blocks].reshape(-1, self.num_kv_heads, self.head_dim)[: span.ctx_len].to(q.dtype)
@@ -168,6 +174,8 @@ class DecoderLayer(nn.Module):
 
 
 class Transformer(nn.Module):
+    cos_sin: torch.Tensor  # [max_positions, head_dim] rope table (a buffer)
+
     def __init__(self, cfg: ModelConfig, max_positions: int | None = None):
         super().__init__()
         self.cfg = cfg
@@ -203,9 +211,11 @@ class Transformer(nn.Module):
         """Hidden states [T, hidden] after the final norm."""
         x = self.embed_tokens(input_ids)
         cos_sin = self.rope_table(x.dtype)
-        residual = None
+        residual: torch.Tensor | None = None
         for layer in self.layers:
             x, residual = layer(x, residual, positions, cos_sin, ctx)
+        if residual is None:  # a model without layers
+            return self.norm(x)
         return self.final_norm(x, residual)
 
     def final_norm(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,11 @@
-"""Views shared by the modules that hold a packed :class:`~llmopt.quant.formats.QuantizedWeight`
+"""Views shared by the modules that hold a packed :class:`~llmopt.formats.layouts.QuantizedWeight`
 (:class:`~llmopt.quant.linear.QuantLinear`, :class:`~llmopt.quant.embedding.QuantEmbedding`)."""
 
 from __future__ import annotations
 
 import torch
 
-from .formats import QuantizedWeight, dequantize
+from llmopt.formats.layouts import QuantizedWeight, dequantize
 
 
 class PackedWeightViews:

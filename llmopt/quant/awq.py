@@ -31,7 +31,7 @@ Per decoder layer, from the float model's activations on the calibration set:
    group output error ``dw G_g dw^T`` (``G_g`` = the group's block of ``X^T X``). As in llm-awq
    the q and k rows are not clipped (their error goes through the q.k product, which this
    per-row loss does not model). Not used for int8.
-3. RTN into the format with :func:`llmopt.quant.formats.quantize` (after clipping the clipping
+3. RTN into the format with :func:`llmopt.formats.layouts.quantize` (after clipping the clipping
    search of RTN itself is off).
 
 Layers are processed in order with the *float* outputs of the previous layer as inputs (as
@@ -48,11 +48,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import rtn
-from .formats import FORMATS, dequantize, effective_group_size
-from .formats import quantize as rtn_quantize
-from .gptq import (Progress, check_model_and_calib, embed_inputs, is_target, output_error,
-                   set_module)
+from llmopt.formats import rtn
+from llmopt.formats.layouts import FORMATS, dequantize, effective_group_size
+from llmopt.formats.layouts import quantize as rtn_quantize
+
+from .gptq import Progress, check_model_and_calib, embed_inputs, is_target, output_error, set_module
 from .linear import DEFAULT_SKIP, QuantLinear
 
 log = logging.getLogger(__name__)

@@ -17,11 +17,10 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-
-from llmopt.tasks.ppl import load_topics, score_text
 
 __all__ = [
     "is_calibration_topic",
@@ -33,6 +32,14 @@ __all__ = [
     "score_texts",
     "perplexity",
 ]
+
+
+def load_topics() -> dict[str, str]:
+    """The help topics of this Python's language reference, by name (the ``ppl`` suite's corpus;
+    read here too because quant sits below the eval harness and must not import it)."""
+    from pydoc_data.topics import topics
+
+    return dict(topics)
 
 
 def is_calibration_topic(name: str) -> bool:
@@ -83,22 +90,16 @@ def calibration_batches(tokenizer: Any, n_seqs: int = 32, seq_len: int = 512, se
     return [stream[i * seq_len:(i + 1) * seq_len] for i in chosen]
 
 
-class _Scorer:
-    """Adapter giving ``score_text`` what it needs from an ``LLM`` (``.tokenizer``, ``.score``),
-    with the runner's scoring semantics: one causal forward without cache."""
-
-    def __init__(self, model: torch.nn.Module, tokenizer: Any):
-        self.model = model
-        self.tokenizer = tokenizer
-
-    def score(self, token_ids: Sequence[int]) -> torch.Tensor:
-        p = next(self.model.parameters(), None)
-        dev = p.device if p is not None else torch.device("cpu")
-        ids = torch.tensor(list(token_ids), dtype=torch.long, device=dev)
-        with torch.inference_mode():
-            hidden = self.model(ids, torch.arange(len(ids), device=dev))
-            logp = torch.log_softmax(self.model.compute_logits(hidden[:-1]).float(), -1)
-            return logp.gather(1, ids[1:, None])[:, 0].cpu()
+def _token_logprobs(model: torch.nn.Module, token_ids: Sequence[int]) -> torch.Tensor:
+    """log p of every token after the first, with the runner's scoring semantics: one causal
+    forward without cache."""
+    p = next(model.parameters(), None)
+    dev = p.device if p is not None else torch.device("cpu")
+    ids = torch.tensor(list(token_ids), dtype=torch.long, device=dev)
+    with torch.inference_mode():
+        hidden = model(ids, torch.arange(len(ids), device=dev))
+        logp = torch.log_softmax(model.compute_logits(hidden[:-1]).float(), -1)
+        return logp.gather(1, ids[1:, None])[:, 0].cpu()
 
 
 def score_texts(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str],
@@ -107,12 +108,13 @@ def score_texts(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str],
     its first ``max_tokens`` tokens and scored like :func:`llmopt.tasks.ppl.score_text`."""
     if not texts:
         raise ValueError("perplexity needs at least one text")
-    scorer = _Scorer(model, tokenizer)
     nll, n = 0.0, 0
     for text in texts:
-        s = score_text(scorer, text, max_tokens)
-        nll += s.nll_sum
-        n += s.tokens
+        ids = list(tokenizer.encode(text))[:max_tokens]
+        if len(ids) < 2:
+            raise ValueError(f"text encodes to {len(ids)} tokens: perplexity needs at least 2")
+        nll += -float(_token_logprobs(model, ids).double().sum())
+        n += len(ids) - 1
     return nll, n
 
 

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from llmopt.config import ModelConfig, ModelLoadError
+from llmopt.models.loader import LoadedModel, empty_model, fill_weights, open_hf_dir, register_checkpoint_format
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +61,12 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 def _llmopt_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        from importlib.metadata import version
-
         return version("llmopt")
-    except Exception:  # noqa: BLE001
-        import llmopt
-
-        return getattr(llmopt, "__version__", "unknown")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
 
 
 def _hf_module_name(name: str) -> str:
@@ -148,7 +147,7 @@ def _hf_config_for(config: ModelConfig, float_dtype: torch.dtype) -> Any:
     hf.architectures = [_ARCH_CLASS[c.arch]]
     try:
         hf.dtype = float_dtype
-    except Exception:  # noqa: BLE001 - older transformers: torch_dtype
+    except Exception:  # older transformers: torch_dtype
         pass
     return hf
 
@@ -177,7 +176,7 @@ def save_quantized(model: nn.Module, tokenizer: Any, config: ModelConfig, out_di
     ``quant_config.json``. Returns the quant_config dict that was written."""
     from safetensors.torch import save_file
 
-    from .formats import FORMATS
+    from llmopt.formats.layouts import FORMATS
 
     quant_info = dict(quant_info or {})
     out = Path(out_dir)
@@ -278,7 +277,7 @@ def _expected_packed(fmt: str, k: int, group_size: int) -> dict[str, tuple[tuple
     taken from the real packer on one zero row."""
     key = (fmt, k, group_size)
     if key not in _ROW_SHAPES:
-        from .formats import quantize
+        from llmopt.formats.layouts import quantize
 
         qw = quantize(torch.zeros(1, k), fmt, group_size, search=False)
         if qw.group_size != group_size:
@@ -303,15 +302,14 @@ def _read_quant_config(path: Path) -> dict[str, Any]:
 
 
 def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
-                   max_positions: int | None = None):
+                   max_positions: int | None = None) -> LoadedModel:
     """Load a directory written by :func:`save_quantized`; returns a ``LoadedModel`` exactly like
     :func:`llmopt.models.loader.load_model`. Errors are ``ModelLoadError`` naming the problem."""
     from safetensors import SafetensorError, safe_open
 
-    from llmopt.models.loader import LoadedModel, _open_hf_dir, empty_model, fill_weights
+    from llmopt.formats.layouts import FORMATS
 
     from .embedding import ROW_PACKED_FORMATS, QuantEmbedding
-    from .formats import FORMATS
     from .linear import QuantLinear, _set_module
 
     t0 = time.perf_counter()
@@ -321,7 +319,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
     if not wfile.exists():
         raise ModelLoadError(f"{path} has {QUANT_CONFIG} but no {WEIGHTS_FILE}: the checkpoint is incomplete, "
                              "re-run `llmopt quantize`")
-    cfg, tok, _ = _open_hf_dir(path)  # weights are read below
+    cfg, tok, _ = open_hf_dir(path)  # weights are read below
     net = empty_model(cfg, max_positions)  # lm_head tied before it may be replaced below
 
     try:
@@ -439,3 +437,9 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
     log.info("loaded quantized %s (%s, %d quantized linears) in %.2f s", path, qc.get("format"),
              len(qc["modules"]), secs)
     return LoadedModel(net, tok, cfg, path, secs)
+
+
+def register() -> None:
+    """Teach ``llmopt.models.loader.load_model`` to read these directories (``llmopt/__init__``
+    calls this, so every entry point that imports llmopt can load a quantized checkpoint)."""
+    register_checkpoint_format("llmopt-quantized", is_quantized_checkpoint, load_quantized)

@@ -132,9 +132,9 @@ def quantize_command(
     held-out perplexity before/after and the time taken."""
     import torch
 
+    from llmopt.formats.layouts import FORMATS, effective_group_size
     from llmopt.models.registry import resolve
 
-    from .formats import FORMATS, effective_group_size
     from .mixed import DEFAULT_CANDIDATES
 
     t_start = time.perf_counter()
@@ -178,10 +178,12 @@ def quantize_command(
     if threads:
         torch.set_num_threads(threads)
 
+    from llmopt.config import KernelSettings
+
     from . import calib as calib_mod
     from .checkpoint import WEIGHTS_FILE, load_quantized, round_float_weights_, save_quantized
-    from .linear import QUANTIZE_EMBED, quantize_model
-    from .mixed import bits_range, linear_sizes, plan_mixed, quantize_mixed, quantizable_linears
+    from .linear import quantize_model
+    from .mixed import bits_range, linear_sizes, plan_mixed, quantizable_linears, quantize_mixed
 
     times: dict[str, float] = {}
     result: dict[str, Any] = {}
@@ -219,7 +221,7 @@ def quantize_command(
                              "quantized lm_head, which stays float here" +
                              ("" if head_fmt is None else f" (--group-size {group_size} does not divide "
                                                           f"hidden_size={cfg.hidden_size})") + ": give --lm-head int8")
-        quant_embed = {"auto": QUANTIZE_EMBED and tied and head_ok, "quantized": True, "float": False}[embedding]
+        quant_embed = {"auto": KernelSettings.from_env().quant_embed and tied and head_ok, "quantized": True, "float": False}[embedding]
         head_kw = dict(quantize_lm_head=head_fmt is not None, lm_head_fmt=head_fmt, quantize_embedding=quant_embed,
                        embedding_fmt=(head_fmt or "int8") if quant_embed else None)
         n_params = sum(p.numel() for p in net.parameters())  # tied weights counted once

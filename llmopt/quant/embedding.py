@@ -1,8 +1,8 @@
 """``QuantEmbedding``: a drop-in ``nn.Embedding`` replacement holding the ``[vocab, hidden]`` table as
-a packed :class:`~llmopt.quant.formats.QuantizedWeight` (groups along the hidden dim), whose
+a packed :class:`~llmopt.formats.layouts.QuantizedWeight` (groups along the hidden dim), whose
 forward gathers the packed rows of the input ids and dequantizes only those rows.
 
-Why gathering packed rows is exact: every format of :mod:`llmopt.quant.formats` packs each output
+Why gathering packed rows is exact: every format of :mod:`llmopt.formats.layouts` packs each output
 row (= table row = token) on its own. ``qweight`` is ``[N, Kp * bits / 8]`` (int4/int2/fp4 "8 lanes
 x j" blocks, int3 2-bit + 1-bit planes, w4a8 ggml halves, int8/w8a8/fp8 natural order: all blocks of
 one row follow each other, no block spans two rows), ``scales`` / ``mins`` are ``[N, K / gs]`` or
@@ -23,8 +23,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llmopt.formats.layouts import FORMATS, QuantizedWeight, dequantize, effective_group_size, quantize
+
 from ._packed import PackedWeightViews
-from .formats import FORMATS, QuantizedWeight, dequantize, effective_group_size, quantize
 
 __all__ = ["QuantEmbedding", "ROW_PACKED_FORMATS"]
 
@@ -84,7 +85,7 @@ class QuantEmbedding(PackedWeightViews, nn.Module):
     # -- construction ------------------------------------------------------------------------
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, fmt: str, group_size: int | None = 64,
-                       scale_dtype: torch.dtype = torch.float16, search: bool | None = None) -> "QuantEmbedding":
+                       scale_dtype: torch.dtype = torch.float16, search: bool | None = None) -> QuantEmbedding:
         """RTN-quantize an ``nn.Embedding`` table in ``fmt`` (groups of ``group_size`` along the hidden
         dim; per-channel / fixed-block formats ignore it, see ``formats.effective_group_size``)."""
         if fmt not in FORMATS:
@@ -100,13 +101,13 @@ class QuantEmbedding(PackedWeightViews, nn.Module):
 
     @classmethod
     def from_packed(cls, fmt: str, group_size: int, num_embeddings: int, embedding_dim: int,
-                    tensors: dict[str, torch.Tensor]) -> "QuantEmbedding":
+                    tensors: dict[str, torch.Tensor]) -> QuantEmbedding:
         """Rebuild from saved tensors (``qweight``, ``scales``, [``mins``])."""
         t = {k: tensors[k] for k in _PACKED_NAMES if k in tensors}
         return cls(QuantizedWeight(fmt, (int(num_embeddings), int(embedding_dim)), int(group_size), t))
 
     @classmethod
-    def tied_to(cls, head: nn.Module, dtype: torch.dtype = torch.float32) -> "QuantEmbedding":
+    def tied_to(cls, head: nn.Module, dtype: torch.dtype = torch.float32) -> QuantEmbedding:
         """An embedding sharing the packed tensors of ``head`` (a ``QuantLinear`` ``[vocab, hidden]``
         whose weight is the table, as a tied ``lm_head``). No copy is made."""
         from .linear import QuantLinear

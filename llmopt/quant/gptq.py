@@ -7,9 +7,9 @@ not-yet-quantized columns with the inverse Hessian ``H^-1`` of ``H = 2 X^T X / n
 ``damp * mean(diag H)``). ``H^-1`` enters through its upper Cholesky factor (float64), and the
 updates are applied lazily in blocks of ``block_size`` columns. Group parameters (scale / min)
 are computed on the fly from the *updated* weights when the column loop reaches a group's first
-column, using the same rules as RTN (:mod:`llmopt.quant.rtn`: fp16 scale+min from the group
+column, using the same rules as RTN (:mod:`llmopt.formats.rtn`: fp16 scale+min from the group
 range; optional clipping search), so the codes + params are exactly the plain grouped layout of
-:mod:`llmopt.quant.formats` and ``QuantLinear`` runs them with the native kernels.
+:mod:`llmopt.formats.layouts` and ``QuantLinear`` runs them with the native kernels.
 ``act_order=True`` quantizes columns in decreasing ``diag(H)`` order with the group parameters
 fixed up front from the original weights ("static groups"), so the stored layout stays the plain
 grouped one.
@@ -28,16 +28,17 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from llmopt.formats import rtn
+from llmopt.formats.layouts import FORMATS, QuantizedWeight, dequantize, effective_group_size, pack_lanes
+from llmopt.formats.layouts import quantize as rtn_quantize
 from llmopt.kernels import ops
 
-from . import rtn
-from .formats import FORMATS, QuantizedWeight, dequantize, effective_group_size, pack_lanes
-from .formats import quantize as rtn_quantize
 from .linear import DEFAULT_SKIP, QuantLinear
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def pack_codes(fmt: str, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tens
                group_size: int) -> QuantizedWeight:
     """Pack natural-order codes ``q [N, K]`` (``[0, 2**bits)`` for the affine formats,
     ``[-127, 127]`` for int8) and per-group ``scales``/``mins [N, K/gs]`` into ``fmt``'s layout
-    (see the table in :mod:`llmopt.quant.formats`)."""
+    (see the table in :mod:`llmopt.formats.layouts`)."""
     n, k = q.shape
     spec = FORMATS[fmt]
     t: dict[str, torch.Tensor] = {}

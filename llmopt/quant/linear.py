@@ -13,13 +13,14 @@ safetensors metadata) and pass back to :meth:`QuantLinear.from_packed`.
 from __future__ import annotations
 
 import logging
-import os
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from llmopt.formats.layouts import FORMATS, QuantizedWeight, effective_group_size, quantize
+
 from ._packed import PackedWeightViews
-from .formats import FORMATS, QuantizedWeight, effective_group_size, quantize
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +29,15 @@ __all__ = ["QuantLinear", "quantize_model", "tied_embeddings", "DEFAULT_SKIP", "
 
 DEFAULT_SKIP = ("lm_head", "embed")
 
-# Default of ``quantize_model(quantize_lm_head=None)`` when ``skip`` is left at DEFAULT_SKIP (the
-# engine's ``LLM(quant=...)`` path). Env ``LLMOPT_QUANT_LM_HEAD``: "0" / "1" or a format name for
-# the head (e.g. "int8"), for measurements. See quantize_model for the measured trade-off.
-_env_head = os.environ.get("LLMOPT_QUANT_LM_HEAD", "int8").strip()
-QUANTIZE_LM_HEAD: bool = _env_head not in ("0", "", "false", "no")
-LM_HEAD_FMT: str | None = _env_head if _env_head in FORMATS else None  # None: the model's format
-
-# Default of ``quantize_model(quantize_embedding=None)`` on the engine's path (see quantize_model): a
-# tied input embedding becomes a QuantEmbedding sharing the quantized head's packed tensors. Env
-# ``LLMOPT_QUANT_EMBED=0`` keeps it float (the pre-QuantEmbedding behaviour: head and table twice).
-QUANTIZE_EMBED: bool = os.environ.get("LLMOPT_QUANT_EMBED", "1").strip().lower() not in ("0", "", "false", "no")
+# Defaults of ``quantize_model(skip=None)`` (the engine's ``LLM(quant=...)`` path), the same as
+# ``llmopt.config.KernelSettings`` (quant_lm_head / lm_head_fmt / quant_embed), where the engine
+# takes them from (env overrides ``LLMOPT_QUANT_LM_HEAD`` / ``LLMOPT_QUANT_EMBED`` are read there).
+# See quantize_model for the measured trade-off.
+QUANTIZE_LM_HEAD: bool = True
+LM_HEAD_FMT: str | None = "int8"  # None: the model's format
+# A tied input embedding becomes a QuantEmbedding sharing the quantized head's packed tensors
+# (False: the pre-QuantEmbedding behaviour, head and table twice).
+QUANTIZE_EMBED: bool = True
 
 
 class QuantLinear(PackedWeightViews, nn.Module):
@@ -66,7 +65,7 @@ class QuantLinear(PackedWeightViews, nn.Module):
     # -- construction ------------------------------------------------------------------------
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: str, group_size: int = 64,
-                    scale_dtype: torch.dtype = torch.float16, search: bool | None = None) -> "QuantLinear":
+                    scale_dtype: torch.dtype = torch.float16, search: bool | None = None) -> QuantLinear:
         """Quantize an ``nn.Linear`` (RTN). ``group_size`` is ignored by per-channel / fixed-block
         formats (fp8, w8a8: per channel; fp4: 32). ``search``: see ``formats.quantize``."""
         qw = quantize(linear.weight.detach(), fmt, group_size, scale_dtype=scale_dtype, search=search)
@@ -74,7 +73,7 @@ class QuantLinear(PackedWeightViews, nn.Module):
 
     @classmethod
     def from_packed(cls, fmt: str, group_size: int, in_features: int, out_features: int,
-                    tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None) -> "QuantLinear":
+                    tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None) -> QuantLinear:
         """Rebuild from saved tensors (``qweight``, ``scales``, [``mins``], [``bias``])."""
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r}")
@@ -157,16 +156,19 @@ def _set_module(model: nn.Module, name: str, mod: nn.Module) -> None:
     setattr(parent, child, mod)
 
 
-def quantize_model(model: nn.Module, fmt: str, group_size: int = 64, skip=DEFAULT_SKIP,
+def quantize_model(model: nn.Module, fmt: str, group_size: int = 64, skip: Sequence[str] | None = None,
                    scale_dtype: torch.dtype = torch.float16, search: bool | None = None,
                    quantize_lm_head: bool | None = None, lm_head_fmt: str | None = None,
-                   quantize_embedding: bool | None = None, embedding_fmt: str | None = None) -> nn.Module:
+                   quantize_embedding: bool | str | None = None, embedding_fmt: str | None = None) -> nn.Module:
     """Replace (in place) every ``nn.Linear`` whose qualified name contains none of the ``skip``
     substrings by a :class:`QuantLinear`; returns ``model``.
 
+    ``skip`` None: :data:`DEFAULT_SKIP` with the engine's defaults for the head and the embedding
+    (below); a ``skip`` list given by the caller keeps its literal meaning.
+
     ``quantize_lm_head``: also quantize ``lm_head`` (in ``lm_head_fmt``, default ``fmt``), whatever
-    ``skip`` says about it. None means :data:`QUANTIZE_LM_HEAD` / :data:`LM_HEAD_FMT` when ``skip`` is
-    DEFAULT_SKIP (the engine's path) and "follow ``skip``" otherwise (callers passing their own skip
+    ``skip`` says about it. None means :data:`QUANTIZE_LM_HEAD` / :data:`LM_HEAD_FMT` when ``skip``
+    is None (the engine's path) and "follow ``skip``" otherwise (callers passing their own skip
     list keep their behaviour).
     The head is the largest matrix of small models (SmolLM2-135M: 49152 x 576, 113 MB fp32, ~40% of
     an int4 decode step). Engine default: int8 (g = ``group_size``, exact fp32 activations), measured
@@ -185,9 +187,11 @@ def quantize_model(model: nn.Module, fmt: str, group_size: int = 64, skip=DEFAUL
       ``embedding_fmt``, default the quantized head's format (else ``lm_head_fmt`` or ``fmt``),
       group ``group_size`` along the hidden dim. Off by default: unlike the tied case it saves no
       copy, and a gather is cheap in float (only the file shrinks).
-    - None: :data:`QUANTIZE_EMBED` (env ``LLMOPT_QUANT_EMBED``, default on) for tied embeddings on
-      the engine's path (``quantize_lm_head`` None and DEFAULT_SKIP), off otherwise (callers that
-      choose the head themselves choose the embedding too).
+    - "tied": tied embeddings whose head is quantized share it, everything else stays float
+      without complaint (what the engine passes when ``KernelSettings.quant_embed`` is on).
+    - None: "tied" if :data:`QUANTIZE_EMBED` on the engine's path (``skip`` and
+      ``quantize_lm_head`` None), off otherwise (callers that choose the head themselves choose
+      the embedding too).
 
     A layer whose ``in_features`` is not a multiple of the format's group size is left in float
     (logged), so odd shapes never break a model.
@@ -200,10 +204,11 @@ def quantize_model(model: nn.Module, fmt: str, group_size: int = 64, skip=DEFAUL
         raise ValueError(f"unknown lm_head format {lm_head_fmt!r}; known: {sorted(FORMATS)}")
     if embedding_fmt is not None and embedding_fmt not in FORMATS:
         raise ValueError(f"unknown embedding format {embedding_fmt!r}; known: {sorted(FORMATS)}")
-    default_skip = skip is DEFAULT_SKIP
-    skip = tuple(skip or ())
-    engine_path = quantize_lm_head is None and default_skip
-    if quantize_lm_head is None and default_skip:
+    if quantize_embedding not in (None, True, False, "tied"):
+        raise ValueError(f"quantize_embedding must be True, False, 'tied' or None, got {quantize_embedding!r}")
+    engine_path = skip is None and quantize_lm_head is None
+    skip = DEFAULT_SKIP if skip is None else tuple(skip)
+    if engine_path:
         quantize_lm_head = QUANTIZE_LM_HEAD
         if lm_head_fmt is None:
             lm_head_fmt = LM_HEAD_FMT
@@ -228,9 +233,9 @@ def quantize_model(model: nn.Module, fmt: str, group_size: int = 64, skip=DEFAUL
             continue
         _set_module(model, name, QuantLinear.from_linear(lin, f, group_size, scale_dtype=scale_dtype, search=search))
 
-    explicit = quantize_embedding is not None
     if quantize_embedding is None:
-        quantize_embedding = QUANTIZE_EMBED and engine_path
+        quantize_embedding = "tied" if QUANTIZE_EMBED and engine_path else False
+    explicit = quantize_embedding is True
     if not quantize_embedding:
         return model
     qheads = [m for n, m in model.named_modules() if n.rpartition(".")[2] == "lm_head" and isinstance(m, QuantLinear)]

@@ -49,12 +49,13 @@ import heapq
 import logging
 import math
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
-from .formats import FORMATS, effective_group_size
+from llmopt.formats.layouts import FORMATS, effective_group_size
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def format_bits(fmt: str, in_features: int, group_size: int) -> float:
     ``group_size`` (codes with block padding + scales + mins), from the real packer."""
     key = (fmt, int(in_features), int(group_size) if group_size is not None else -1)
     if key not in _BITS_CACHE:
-        from .formats import quantize
+        from llmopt.formats.layouts import quantize
 
         qw = quantize(torch.zeros(1, in_features), fmt, group_size, search=False)
         _BITS_CACHE[key] = qw.bits_per_weight
@@ -136,9 +137,8 @@ def _native(fmt: str, in_features: int, group_size: int) -> bool:
     int4 g192 passes ``supports_native`` but the w4a8 kernel rejects it, so it is left out)."""
     key = (fmt, int(in_features), int(group_size))
     if key not in _NATIVE_CACHE:
+        from llmopt.formats.layouts import quantize
         from llmopt.kernels.qlinear import supports_native
-
-        from .formats import quantize
 
         ok = bool(supports_native(quantize(torch.zeros(1, in_features), fmt, group_size, search=False)))
         if fmt == "int4" and group_size % 64 == 0 and group_size <= 256 and group_size not in (64, 128, 256):
@@ -229,7 +229,7 @@ def _per_module(mods: dict[str, nn.Linear], candidates, group_size: int | None) 
 
 
 def _dequantized(w: torch.Tensor, spec: str, group_size: int | None) -> torch.Tensor:
-    from .formats import dequantize, quantize
+    from llmopt.formats.layouts import dequantize, quantize
 
     fmt, gs = parse_spec(spec, group_size)
     return dequantize(quantize(w.detach().float(), fmt, gs)).to(w.dtype)
@@ -847,9 +847,9 @@ def _gptq_mixed(model: nn.Module, plan: dict[str, tuple[str, int | None]], calib
     """GPTQ of every planned module at its own format + group size, in one sequential pass (the
     scheme of ``gptq.gptq_quantize_model``: each Hessian from inputs computed with every earlier
     module already quantized)."""
-    from .formats import dequantize
-    from .gptq import (check_model_and_calib, embed_inputs, gptq_quantize_weight, gram, layer_stages,
-                       output_error)
+    from llmopt.formats.layouts import dequantize
+
+    from .gptq import check_model_and_calib, embed_inputs, gptq_quantize_weight, gram, layer_stages, output_error
     from .linear import QuantLinear
 
     check_model_and_calib(model, calib)

@@ -15,10 +15,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from .runs import BenchRun, EvalRun, percentiles_of, throughput_of  # noqa: E402
+from .runs import BenchRun, EvalRun, percentiles_of, throughput_of
 
 ACCURACY_SUITES = ("math", "logic", "code", "format")
 

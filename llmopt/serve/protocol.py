@@ -166,7 +166,7 @@ class ChatMessageIn(_Request):
     reasoning_content: str | None = None  # echoed back by some clients; dropped from the prompt
 
     @model_validator(mode="after")
-    def _content_required(self) -> "ChatMessageIn":
+    def _content_required(self) -> ChatMessageIn:
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content")
         return self

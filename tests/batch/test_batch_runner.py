@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 
 from llmopt.batch import BatchFormatError, BatchRun, RunOptions, load_batch
 from llmopt.batch.runner import DEFAULT_SYSTEM_PROMPT, messages_for
-
 from tests.conftest import SMOLLM2, requires_smollm2
 
 FAST = RunOptions(max_tokens=8, concurrency=2)

@@ -7,12 +7,12 @@ import pytest
 
 pytest.importorskip("llama_cpp")
 
-from typer.testing import CliRunner  # noqa: E402
+from typer.testing import CliRunner
 
-from llmopt.bench.grid import random_prompts  # noqa: E402
-from llmopt.bench.llamacpp import LlamaCppSystem, resolve_gguf  # noqa: E402
-from llmopt.cli import app  # noqa: E402
-from tests.conftest import SMOLLM2, requires_smollm2  # noqa: E402
+from llmopt.bench.grid import random_prompts
+from llmopt.bench.llamacpp import LlamaCppSystem, resolve_gguf
+from llmopt.cli import app
+from tests.conftest import SMOLLM2, requires_smollm2
 
 pytestmark = requires_smollm2
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from llmopt.config import EngineConfig
+from llmopt.engine import fused_decode
 from llmopt.engine.engine import LLMEngine
+from llmopt.engine.fused_decode import FusedDecoder
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.kernels import decode_step
-from llmopt.kernels.decode_step import FusedDecoder
 from llmopt.models.transformer import AttnContext
-
 from tests.conftest import save_hf_dir, tiny_hf_model
 
 pytestmark = pytest.mark.skipif(decode_step._native() is None, reason="native kernels unavailable")
@@ -89,8 +89,8 @@ def test_generic_columns_bit_identical(tmp_path, arch, threads):
 @pytest.mark.parametrize("gs", [64, 128, 256])
 def test_tile_kernel_vs_reference(rows, gs):
     """The 4-column GEMV tiles against the plain-torch int4 x int8-activation reference."""
+    from llmopt.formats.layouts import quantize
     from llmopt.kernels.qlinear import interleaved_scales, reference_linear
-    from llmopt.quant.formats import quantize
 
     g = torch.Generator().manual_seed(rows * gs)
     n, k = 52, 2 * 256 + gs  # N % 4 == 0, K a multiple of the group and not of 256
@@ -107,8 +107,8 @@ def test_tile_kernel_vs_reference(rows, gs):
 
 
 def test_tile_copies_checked():
+    from llmopt.formats.layouts import quantize
     from llmopt.kernels.qlinear import interleaved_scales
-    from llmopt.quant.formats import quantize
 
     qw = quantize(torch.randn(8, 128), "int4", 64)
     sc4, mn4 = interleaved_scales(qw)
@@ -183,9 +183,9 @@ def test_not_used_when_model_does_not_qualify(tmp_path, monkeypatch):
     assert _engine(tmp_path, quant="int8").runner.fused is None  # another format
     assert _engine(tmp_path, quant="int4", group_size=32).runner.fused is None  # int8 activations need g % 64 == 0
     model = _engine(tmp_path / "b").model  # MLP biases (no loaded model has them): the step has no place for them
-    assert decode_step._why_not(model) is None
+    assert fused_decode._why_not(model) is None
     model.layers[1].mlp.down_proj.bias = torch.zeros(model.cfg.hidden_size)
-    assert decode_step._why_not(model) == "layer 1 has MLP biases"
+    assert fused_decode._why_not(model) == "layer 1 has MLP biases"
     assert FusedDecoder.build(model) is None
     monkeypatch.setenv("LLMOPT_FUSED_DECODE", "0")
     assert _engine(tmp_path).runner.fused is None
@@ -227,8 +227,8 @@ def test_bad_inputs_raise(tmp_path):
 def test_int8_head_kernel_vs_reference(rows, gs):
     """The decode-time head: int8 grouped weights x per-group int8 activations (4-column tiles)
     against plain torch (activations quantized and dequantized per group, then F.linear)."""
-    from llmopt.quant.formats import dequantize, quantize
-    from llmopt.quant.rtn import quantize_activations_int8_grouped
+    from llmopt.formats.layouts import dequantize, quantize
+    from llmopt.formats.rtn import quantize_activations_int8_grouped
 
     g = torch.Generator().manual_seed(rows + gs)
     n, k = 44, 4 * gs

@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
+from llmopt.formats import layouts as F
 from llmopt.kernels import build
 from llmopt.kernels import qlinear as Q
-from llmopt.quant import formats as F
 
 # (fmt, group_size, K): K is a multiple of the group size; several K are deliberately not a
 # multiple of the kernel block (int4/fp4: 64, int3/int2: 128, int8/fp8/w8a8: 32) to hit padding.
@@ -98,7 +98,7 @@ def test_fp32_scales_and_3d_bf16_inputs(ext):
 
 
 def test_w8a8_activation_quantizer_matches_reference(ext):
-    from llmopt.quant.rtn import quantize_activations_int8
+    from llmopt.formats.rtn import quantize_activations_int8
 
     torch.manual_seed(0)
     x = torch.randn(7, 300) * torch.logspace(-3, 2, 7).unsqueeze(1)
@@ -111,7 +111,7 @@ def test_w8a8_activation_quantizer_matches_reference(ext):
 
 @pytest.mark.parametrize("gs", [32, 64, 256])
 def test_w4a8_activation_quantizer_matches_reference(ext, gs):
-    from llmopt.quant.rtn import quantize_activations_int8_grouped
+    from llmopt.formats.rtn import quantize_activations_int8_grouped
 
     torch.manual_seed(gs)
     x = torch.randn(5, 512) * torch.logspace(-3, 2, 5).unsqueeze(1)
@@ -314,7 +314,7 @@ def test_quantlinear_cached_dispatch(ext, monkeypatch):
 _PARALLEL_CHECK = r"""
 import torch
 from llmopt.kernels import qlinear as Q
-from llmopt.quant import formats as F
+from llmopt.formats import layouts as F
 torch.set_num_threads(2)
 worst = 0.0
 for fmt, gs, k in [("int4", 64, 192), ("int8", 32, 96), ("w8a8", None, 100), ("w4a8", 64, 192), ("int3", 128, 384)]:
@@ -346,7 +346,7 @@ _PREFETCH_ENV_CHECK = r"""
 import logging, torch
 logging.basicConfig(level=logging.WARNING)
 from llmopt.kernels import qlinear as Q
-from llmopt.quant import formats as F
+from llmopt.formats import layouts as F
 torch.manual_seed(0)
 qw = F.quantize(torch.randn(64, 640) * 0.05, "int4", 64)
 x = torch.randn(1, 640)

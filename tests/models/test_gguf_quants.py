@@ -1,4 +1,4 @@
-"""Tests for llmopt.models.gguf_quants against gguf's numpy reference (gguf.quants)."""
+"""Tests for llmopt.formats.gguf_quants against gguf's numpy reference (gguf.quants)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from llmopt.models import gguf_quants as gq
-from llmopt.models.gguf_quants import (
+from llmopt.formats import gguf_quants as gq
+from llmopt.formats.gguf_quants import (
     SUPPORTED,
     UnsupportedTensorType,
     dequantize,

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from llmopt.quant import formats as F
-from llmopt.quant import rtn
+from llmopt.formats import layouts as F
+from llmopt.formats import rtn
 from llmopt.quant.linear import QuantLinear, quantize_model
 
 # Upper bounds on ||dequant(quant(W)) - W|| / ||W|| for W ~ N(0, 1), [256, 1024], seed 0.

@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
+from llmopt.formats import layouts as F
+from llmopt.formats import rtn
 from llmopt.models.loader import load_model
 from llmopt.quant import calib as C
-from llmopt.quant import formats as F
-from llmopt.quant import rtn
 from llmopt.quant.awq import awq_quantize_model, awq_scale_model
 from llmopt.quant.gptq import gptq_quantize_model, gptq_quantize_weight, pack_codes
 from llmopt.quant.linear import QuantLinear, quantize_model

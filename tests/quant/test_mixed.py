@@ -50,8 +50,8 @@ def test_specs_bits_and_candidates():
     bits = [mixed.spec_bits(s, 1536) for s in c1536]
     assert bits == sorted(bits)
     # every default candidate has a native kernel; group sizes without one are left out
+    from llmopt.formats.layouts import quantize
     from llmopt.kernels.qlinear import supports_native
-    from llmopt.quant.formats import quantize
 
     for s in c576 + c1536:
         f, g = mixed.parse_spec(s)

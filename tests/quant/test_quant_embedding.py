@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 from llmopt import LLM
 from llmopt.cli import app
 from llmopt.config import ModelLoadError
+from llmopt.formats import layouts as F
 from llmopt.models.loader import load_model
-from llmopt.quant import formats as F
 from llmopt.quant.checkpoint import QUANT_CONFIG, WEIGHTS_FILE, round_float_weights_, save_quantized
 from llmopt.quant.embedding import ROW_PACKED_FORMATS, QuantEmbedding
 from llmopt.quant.linear import QuantLinear, quantize_model

@@ -3,7 +3,7 @@
 Every function takes a float weight ``w`` of shape ``[N, K]`` (N output features, K input
 features), works per row-group of ``group_size`` consecutive input features, and returns the
 integer / low-precision *codes* in natural ``[N, K]`` order plus the per-group parameters.
-Packing into the kernel layouts lives in :mod:`llmopt.quant.formats`.
+Packing into the kernel layouts lives in :mod:`llmopt.formats.layouts`.
 
 All functions are plain device-agnostic torch (no numpy, no Python loops over elements). The
 scales/mins are rounded to their *storage* dtype before the codes are computed, so the codes

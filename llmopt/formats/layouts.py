@@ -32,7 +32,7 @@ w4a8 (asym)    64   32 B, byte ``i`` = ``q[i] | q[i+32] << 4`` (ggml Q4 order:  
 Decoding rule (reference): ``w[n, k] = q * scale[n, g] + min[n, g]`` for the asymmetric integer
 formats (``q`` in ``[0, 2**bits)``); ``q * scale`` for int8 / w8a8; ``fp8(code) * scale[n]`` for
 fp8; ``e2m1(code) * 2**(e - 127)`` for fp4. ``w8a8`` additionally quantizes activations per token
-to int8 at run time (see :func:`llmopt.quant.rtn.quantize_activations_int8`); ``w4a8`` stores the
+to int8 at run time (see :func:`llmopt.formats.rtn.quantize_activations_int8`); ``w4a8`` stores the
 same weights as int4 (asymmetric, grouped) but quantizes the activations to int8 per token *and*
 per weight group at run time (``rtn.quantize_activations_int8_grouped``) so the kernel can use
 integer dot products (``maddubs``) like llama.cpp's Q4 x Q8; the min term uses the exact float
@@ -188,7 +188,7 @@ class QuantizedWeight:
         """Stored bits (codes incl. block padding + scales + mins) per real weight."""
         return 8.0 * self.nbytes / (self.shape[0] * self.shape[1])
 
-    def to(self, device) -> "QuantizedWeight":
+    def to(self, device) -> QuantizedWeight:
         return QuantizedWeight(self.fmt, self.shape, self.group_size,
                                {k: v.to(device) for k, v in self.tensors.items()})
 

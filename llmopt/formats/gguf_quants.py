@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import gguf
 import numpy as np
@@ -95,7 +96,7 @@ def _as_qtype(qtype: object, name: str) -> QT:
     if isinstance(qtype, QT):
         return qtype
     try:
-        return QT(int(qtype))  # type: ignore[arg-type]
+        return QT(int(qtype))  # type: ignore[call-overload]
     except (ValueError, TypeError):
         raise UnsupportedTensorType(name, qtype) from None
 
@@ -400,7 +401,7 @@ def dequantize(raw: np.ndarray, qtype, shape: tuple[int, ...], name: str = "") -
     return out.view(shape)
 
 
-def dequantize_tensor(t: "gguf.ReaderTensor") -> torch.Tensor:
+def dequantize_tensor(t: gguf.ReaderTensor) -> torch.Tensor:
     """Dequantize a ``gguf.GGUFReader`` tensor to float32 in torch order.
 
     The result has shape ``tuple(reversed(t.shape))``: GGUF/ggml lists ne[0]

@@ -1,0 +1,144 @@
+"""The fused decode step: the decoder stack of a pure decode step in one native call.
+
+:class:`FusedDecoder` wraps the native ``DecodeStep`` (``llmopt.kernels.decode_step``) for a
+:class:`~llmopt.models.transformer.Transformer` whose layer linears are all int4 (group size
+64/128/256) run with int8 activations, the engine's int4 decode path (``kernels.qlinear``:
+``INT4_ACT == "int8"`` for ``M <= INT4_A8_MAX_M`` rows). It computes exactly what
+``Transformer.forward`` computes for a decode-only batch (same kernels, same order), minus the ~150
+Python-level op calls and OpenMP fork/joins per step.
+
+``FusedDecoder.build(model)`` returns ``None`` (and the engine keeps the op-by-op forward) when the
+model does not qualify: native kernels off or not built, float32 activations or caches missing,
+a linear in another format, or ``KernelSettings.fused_decode`` off (env ``LLMOPT_FUSED_DECODE=0``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from llmopt.kernels import qlinear
+from llmopt.kernels.build import native_enabled
+from llmopt.kernels.decode_step import native as _native
+from llmopt.quant.linear import QuantLinear
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FusedDecoder", "fused_decode_enabled"]
+
+
+def fused_decode_enabled(enabled: bool = True) -> bool:
+    """``enabled`` (``KernelSettings.fused_decode``) and the native kernels enabled."""
+    return enabled and native_enabled()
+
+
+def _why_not(model) -> str | None:
+    """Why ``model`` cannot use the fused decode step (None if it can)."""
+    cfg = model.cfg
+    for i, layer in enumerate(model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        for name, lin in (("qkv_proj", attn.qkv_proj), ("o_proj", attn.o_proj), ("gate_up_proj", mlp.gate_up_proj),
+                          ("down_proj", mlp.down_proj)):
+            if not isinstance(lin, QuantLinear) or lin.fmt != "int4" or not qlinear.a8_capable(lin.qweight_packed):
+                return f"layer {i} {name} is not int4 with a group size multiple of 64"
+            if lin.qweight.device.type != "cpu":
+                return "weights are not on the CPU"
+        if mlp.gate_up_proj.bias is not None or mlp.down_proj.bias is not None:
+            return f"layer {i} has MLP biases"
+        if attn.k_cache is None or attn.k_cache.dtype != torch.float32 or not attn.k_cache.is_contiguous():
+            return "no contiguous float32 KV cache"
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            if norm.weight.dtype != torch.float32:
+                return "norm weights are not float32"
+    if cfg.num_heads % cfg.num_kv_heads:
+        return "num_heads not a multiple of num_kv_heads"
+    return None
+
+
+class FusedDecoder:
+    """``run(input_ids, positions, ctx)`` -> final-normed hidden states ``[M, hidden]`` of a decode-only
+    step (``ctx.num_decode == M``, no prefills), or ``None`` when this step must take the op-by-op path
+    (more rows than the int8-activation limit, or int4 activations switched to exact)."""
+
+    def __init__(self, model, step, head=None):
+        self.model = model
+        self.step = step
+        self.head = head
+        self._cache_ptr = model.layers[0].self_attn.k_cache.data_ptr()
+
+    @classmethod
+    def build(cls, model, tiles: bool | None = None, enabled: bool = True) -> FusedDecoder | None:
+        """``tiles``: the 4-column GEMV tiles from 4 rows (default ``qlinear.TILES``; env
+        ``KernelSettings.decode_tiles``), else the column kernel at every row count. ``enabled``:
+        ``KernelSettings.fused_decode``."""
+        if not fused_decode_enabled(enabled):
+            return None
+        why = _why_not(model)
+        if why is not None:
+            log.debug("fused decode step not used: %s", why)
+            return None
+        ext = _native()
+        if ext is None:
+            return None
+        cfg = model.cfg
+        if tiles is None:
+            tiles = qlinear.TILES  # KernelSettings.decode_tiles, set by the engine
+        none = torch.empty(0)
+        tensors: list[torch.Tensor] = []
+        ints: list[int] = []
+        for layer in model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+
+            def packed(lin):
+                """qweight, scales, mins, their 4-column interleaved copies (shared with the op-by-op
+                path, qlinear.interleaved_scales; empty: column kernel only), bias (empty: none)."""
+                sc4, mn4 = qlinear.interleaved_scales(lin.qweight_packed) if tiles else (None, None)
+                return [lin.qweight, lin.scales, lin.mins, none if sc4 is None else sc4, none if mn4 is None else mn4,
+                        none if lin.bias is None else lin.bias]
+
+            tensors += [layer.input_layernorm.weight.detach(), *packed(attn.qkv_proj), *packed(attn.o_proj),
+                        layer.post_attention_layernorm.weight.detach(), *packed(mlp.gate_up_proj),
+                        *packed(mlp.down_proj),
+                        attn.q_norm.weight.detach() if attn.q_norm is not None else none,
+                        attn.k_norm.weight.detach() if attn.k_norm is not None else none,
+                        attn.k_cache, attn.v_cache]
+            ints += [attn.qkv_proj.group_size, attn.o_proj.group_size, mlp.gate_up_proj.group_size,
+                     mlp.down_proj.group_size, -1 if attn.window is None else int(attn.window)]
+        step = ext.DecodeStep(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
+                              float(cfg.rms_norm_eps), float(model.layers[0].self_attn.scale), tensors, ints,
+                              model.norm.weight.detach(), model.rope_table(torch.float32))
+        return cls(model, step, cls._head(ext, model))
+
+    @staticmethod
+    def _head(ext, model):
+        """The lm_head as an int8 x int8-activation linear (``I8Linear``) when it is an int8 QuantLinear
+        with fp16 group scales, else None (the head then runs as the model's own module)."""
+
+        head = model.lm_head
+        if not isinstance(head, QuantLinear) or head.fmt != "int8" or head.scales.dtype != torch.float16:
+            return None
+        gs = head.group_size
+        if gs not in (32, 64, 128, 256) or head.in_features % gs or head.out_features % 4:
+            return None
+        return ext.I8Linear(head.qweight, head.scales, head.in_features, gs, head.bias)
+
+    def usable(self, num_rows: int) -> bool:
+        return (qlinear.INT4_ACT == "int8" and num_rows <= qlinear.INT4_A8_MAX_M
+                and self.model.layers[0].self_attn.k_cache.data_ptr() == self._cache_ptr)
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor | None:
+        m = input_ids.shape[0]
+        if not self.usable(m) or ctx.num_decode != m or ctx.prefills:
+            return None
+        x = self.model.embed_tokens(input_ids)
+        if x.dtype != torch.float32:
+            return None
+        return self.step.run(x.contiguous(), positions, ctx.slot_mapping, ctx.decode_block_tables,
+                             ctx.decode_context_lens)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits of decode rows through the int8-activation head, or None (use ``compute_logits``)."""
+        if self.head is None or not self.usable(hidden.shape[0]) or hidden.dtype != torch.float32:
+            return None
+        return self.head(hidden.contiguous())
