@@ -87,7 +87,7 @@ class LLMEngine:
             return ids, None
         raise TypeError("a prompt is a string, a list of token ids, or a list of chat messages")
 
-    def guided_decoder(self) -> "GuidedDecoder":
+    def guided_decoder(self) -> GuidedDecoder:
         """The grammar side for this engine's tokenizer (built once, on the first guided request)."""
         if self._guided is None:
             from llmopt.engine.guided import GuidedDecoder

@@ -70,7 +70,7 @@ class GuidedSpec:
 
     @classmethod
     def of(cls, regex: str | None = None, json_schema: dict[str, Any] | str | None = None,
-           choice: list[str] | None = None, grammar: str | None = None) -> "GuidedSpec | None":
+           choice: list[str] | None = None, grammar: str | None = None) -> GuidedSpec | None:
         given = [name for name, v in (("guided_regex", regex), ("guided_json", json_schema),
                                       ("guided_choice", choice), ("guided_grammar", grammar)) if v is not None]
         if len(given) > 1:
@@ -144,7 +144,7 @@ def check_spec(spec: GuidedSpec) -> str:
 class GuidedState:
     """One sequence's position in its grammar."""
 
-    def __init__(self, matcher: Any, spec: GuidedSpec, decoder: "GuidedDecoder | None" = None):
+    def __init__(self, matcher: Any, spec: GuidedSpec, decoder: GuidedDecoder | None = None):
         self.matcher = matcher
         self.spec = spec
         self.decoder = decoder

@@ -37,7 +37,7 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def mask_guided(logits: torch.Tensor, seqs: list[Sequence], decoder: "GuidedDecoder") -> None:
+def mask_guided(logits: torch.Tensor, seqs: list[Sequence], decoder: GuidedDecoder) -> None:
     """Apply each guided sequence's grammar mask to its logits row, in place (time spent is added
     to ``decoder.seconds``)."""
     from llmopt.engine.guided import apply_bitmask
@@ -57,7 +57,7 @@ def mask_guided(logits: torch.Tensor, seqs: list[Sequence], decoder: "GuidedDeco
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence],
-           guided: "GuidedDecoder | None" = None) -> tuple[list[int], list[TokenLogprob | None]]:
+           guided: GuidedDecoder | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits [S, V] float32, one row per sequence -> next token per sequence (+ logprobs if asked).
     ``guided``: the engine's grammar side, needed when a sequence has a grammar (masks in place)."""
     if guided is not None:

@@ -27,7 +27,7 @@ class SamplingParams:
     guided_json: dict[str, Any] | str | None = None  # the output is JSON valid under this schema
     guided_choice: list[str] | None = None  # the output is exactly one of these strings
     guided_grammar: str | None = None  # the output matches this Lark grammar (llguidance's dialect)
-    guided: "GuidedSpec | None" = field(default=None, init=False, repr=False, compare=False)
+    guided: GuidedSpec | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
