@@ -187,7 +187,6 @@ class GuidedDecoder:
         self.words = (vocab_size + 31) // 32
         self.eos_token_ids = list(tokenizer.stop_token_ids)
         self.tok = self.llg.LLTokenizer(backend.to_str(), n_vocab=vocab_size, eos_token=self.eos_token_ids)
-        self.executor = self.llg.LLExecutor(num_threads=1)
         self.cache_size = cache_size
         self._compiled: OrderedDict[GuidedSpec, Any] = OrderedDict()
         self._bitmask = np.zeros((0, self.words), dtype=np.int32)
@@ -219,11 +218,10 @@ class GuidedDecoder:
         if self._bitmask.shape[0] < n:
             self._bitmask = np.zeros((max(n, 2 * self._bitmask.shape[0]), self.words), dtype=np.int32)
         bm = self._bitmask[:n]
-        if n == 1:
-            states[0].matcher.unsafe_compute_mask_ptr(bm.ctypes.data, self.words * 4)
-        else:
-            self.executor.unsafe_compute_mask_ptr([(s.matcher, i) for i, s in enumerate(states)], bm.ctypes.data,
-                                                  self.words * 4, n)
+        # one call per row on this thread: on 2 cores llguidance's LLExecutor pool was no faster
+        # (0.18-0.21 s vs 0.07 s of grammar time for 12 streams x 32 tokens, one run each way)
+        for i, s in enumerate(states):
+            s.matcher.unsafe_compute_mask_ptr(bm[i].ctypes.data, self.words * 4)
         empty = ~bm.any(axis=1)
         for i in np.flatnonzero(empty):
             log.warning("guided decoding: %s allows no token (%s); ending the sequence",
