@@ -44,7 +44,8 @@ EXTRA_HINT = "guided decoding needs the 'guided' extra: pip install 'llmopt[guid
 
 # JSON is written as ``json.dumps`` writes it ('{"a": 1, "b": [2, 3]}'): with free whitespace a small
 # model can emit newlines and spaces until max_tokens (vLLM's disable_any_whitespace). A schema's
-# "x-guidance" key overrides this, e.g. {"x-guidance": {"whitespace_flexible": true}, ...}.
+# "x-guidance" key overrides this: {"x-guidance": {"whitespace_flexible": true, "item_separator": ",",
+# "key_separator": ":"}, ...}.
 JSON_DEFAULTS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
