@@ -274,3 +274,12 @@ def test_random_model_under_the_eval_grammar_is_always_in_the_competition_format
         for o in outs:
             assert o.finish_reason == "stop" and len(o.token_ids) <= 120
             assert parse_output(o.text).format_ok, o.text
+
+
+def test_a_dead_grammar_state_gets_only_eos_so_the_sequence_ends(llm):
+    dec = llm.engine.guided_decoder()
+    st = dec.start(GuidedSpec("regex", "ab"))
+    z = llm.tokenizer.encode("z", add_special_tokens=False)[0]
+    assert not st.accept(z) and st.error  # a token the grammar forbids kills the state
+    allowed = unpack_bitmask(dec.fill_bitmask([st]), dec.vocab_size)[0]
+    assert set(torch.nonzero(allowed).flatten().tolist()) == set(llm.tokenizer.stop_token_ids)
