@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,6 +25,9 @@ from llmopt.engine.sequence import RequestOutput, Sequence
 from llmopt.kernels import qlinear
 from llmopt.models.loader import load_model
 from llmopt.quant.linear import DEFAULT_SKIP, quantize_model
+
+if TYPE_CHECKING:
+    from llmopt.engine.guided import GuidedDecoder
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,7 @@ class LLMEngine:
         # one sequence must fit the KV cache as well as the rope table
         self.max_model_len = min(self.max_model_len, num_blocks * cfg.block_size)
         self.lock = threading.RLock()  # add/abort may come from other threads than step()
+        self._guided: GuidedDecoder | None = None  # built on the first guided request
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "computed_prefill_tokens": 0, "steps": 0}
         log.info("engine: %d KV blocks x %d tokens, max_model_len %d, %d threads, %d packed fp32 linears",
                  num_blocks, cfg.block_size, self.max_model_len, cfg.num_threads, self.packed_linears)
@@ -83,6 +87,16 @@ class LLMEngine:
             return ids, None
         raise TypeError("a prompt is a string, a list of token ids, or a list of chat messages")
 
+    def guided_decoder(self) -> GuidedDecoder:
+        """The grammar side for this engine's tokenizer (built once, on the first guided request)."""
+        if self._guided is None:
+            from llmopt.engine.guided import GuidedDecoder
+
+            t0 = time.perf_counter()
+            self._guided = GuidedDecoder(self.tokenizer, self.model_config.vocab_size)
+            log.info("guided decoding: tokenizer index built in %.2fs", time.perf_counter() - t0)
+        return self._guided
+
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
                     request_id: str | None = None) -> Sequence:
         params = params or SamplingParams()
@@ -93,6 +107,9 @@ class LLMEngine:
             raise PromptTooLongError(f"the prompt has {len(ids)} tokens but the context window fits "
                                      f"{self.max_model_len} (prompt + at least one new token); shorten it")
         seq = Sequence(ids, params, self.tokenizer, request_id, text)
+        if params.guided is not None:
+            with self.lock:  # the decoder's cache is shared with step()
+                seq.guided = self.guided_decoder().start(params.guided)
         with self.lock:
             self.scheduler.add(seq)
             self.stats["prompt_tokens"] += len(ids)
@@ -140,7 +157,7 @@ class LLMEngine:
                 self.block_manager.register_computed(seq)
             if logits is None:
                 return []
-            tokens, lps = sample(logits, seqs)
+            tokens, lps = sample(logits, seqs, self._guided)
             for seq, tok, lp in zip(seqs, tokens, lps):
                 if seq.finished:  # aborted while the step ran
                     continue
@@ -158,6 +175,12 @@ class LLMEngine:
         if lp is not None:
             seq.logprobs.append(lp)
         reason = None
+        grammar_done = False
+        if seq.guided is not None:
+            if not seq.guided.accept(token):  # the mask allowed it, so this is a library fault
+                log.error("guided decoding: %s rejected token %d it had allowed (%s); ending the sequence",
+                          seq.guided.spec.describe(), token, seq.guided.error)
+            grammar_done = seq.guided.done or bool(seq.guided.error)
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.tokenizer.stop_token_ids):
             reason = "stop"
         else:
@@ -171,6 +194,8 @@ class LLMEngine:
                     i, s = min(hits)
                     seq.text = seq.text[: i + len(s) if p.include_stop_str_in_output else i]
                     reason = "stop"
+        if reason is None and grammar_done:  # nothing but EOS may follow: the output is complete
+            reason = "stop"
         if reason is None and (len(seq.output_ids) >= p.max_tokens or len(seq) >= self.max_model_len):
             reason = "length"
         if reason:

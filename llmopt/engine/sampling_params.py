@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from llmopt.engine.guided import GuidedSpec
 
 
 @dataclass
@@ -18,6 +22,12 @@ class SamplingParams:
     logprobs: int | None = None  # top-n log-probabilities per generated token (0 = only the chosen one)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # guided decoding (structured outputs, the ``guided`` extra): at most one of these
+    guided_regex: str | None = None  # the whole output matches this regex
+    guided_json: dict[str, Any] | str | None = None  # the output is JSON valid under this schema
+    guided_choice: list[str] | None = None  # the output is exactly one of these strings
+    guided_grammar: str | None = None  # the output matches this Lark grammar (llguidance's dialect)
+    guided: GuidedSpec | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -37,6 +47,13 @@ class SamplingParams:
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if any(v is not None for v in (self.guided_regex, self.guided_json, self.guided_choice, self.guided_grammar)):
+            from llmopt.engine.guided import GuidedSpec, check_spec
+
+            spec = GuidedSpec.of(self.guided_regex, self.guided_json, self.guided_choice, self.guided_grammar)
+            assert spec is not None
+            check_spec(spec)  # ValueError naming the problem; GuidedDecodingUnavailable without the extra
+            self.guided = spec
 
     @property
     def greedy(self) -> bool:

@@ -7,11 +7,15 @@ import random
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import torch
 
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.models.tokenizer import IncrementalDetokenizer, Tokenizer
+
+if TYPE_CHECKING:
+    from llmopt.engine.guided import GuidedState
 
 
 class Status(Enum):
@@ -67,6 +71,8 @@ class Sequence:
         self.released_chars = 0  # chars of ``text`` already handed out as ``RequestOutput.delta``
         self.logprobs: list[TokenLogprob] = []
         self.token_times: list[float] = []
+        # guided decoding: the grammar state, advanced on every appended token (set by the engine)
+        self.guided: GuidedState | None = None
 
     # token ids of prompt + output; the engine computes K/V for these
     @property

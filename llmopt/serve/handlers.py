@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
 from llmopt.engine.engine import LLMEngine
+from llmopt.engine.guided import GuidedDecodingUnavailable
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.engine.sequence import RequestOutput
 from llmopt.serve import protocol as P
@@ -135,6 +136,7 @@ class OpenAIServer:
     def sampling_params(self, req: P._SamplingFields, max_tokens: int, logprobs: int | None,
                         index: int) -> SamplingParams:
         seed = None if req.seed is None else (req.seed + index) % 2**64  # n > 1: choice i uses seed + i
+        guided = self.guided_fields(req)
         try:
             return SamplingParams(
                 max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
@@ -142,9 +144,28 @@ class OpenAIServer:
                 seed=seed, stop=list([req.stop] if isinstance(req.stop, str) else (req.stop or [])),
                 stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs,
                 skip_special_tokens=req.skip_special_tokens,
-                include_stop_str_in_output=req.include_stop_str_in_output)
+                include_stop_str_in_output=req.include_stop_str_in_output, **guided)
+        except GuidedDecodingUnavailable as e:
+            raise APIError(501, f"this server cannot do guided decoding: {e}", param=next(iter(guided)),
+                           code="guided_decoding_unavailable") from None
         except ValueError as e:
-            raise APIError(400, str(e), param=str(e).split()[0], code="invalid_value") from None
+            param = str(e).split()[0]
+            if guided and not req.guided_fields():
+                param = "response_format"  # the schema came from response_format
+            raise APIError(400, str(e), param=param, code="invalid_value") from None
+
+    @staticmethod
+    def guided_fields(req: P._SamplingFields) -> dict[str, Any]:
+        """The grammar of a request: its guided_* extension fields or chat's response_format."""
+        guided = req.guided_fields()
+        fmt = getattr(req, "response_format", None)
+        schema = fmt.guided_json() if isinstance(fmt, P.ResponseFormat) else None
+        if schema is not None:
+            if guided:
+                raise APIError(400, f"response_format {fmt.type!r} and {', '.join(guided)} both constrain the "
+                                    "output: give one of them", param="response_format", code="invalid_value")
+            guided = {"guided_json": schema}
+        return guided
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         try:

@@ -3,7 +3,9 @@
 Field names, defaults and response shapes follow the OpenAI API reference (``/v1/completions``,
 ``/v1/chat/completions``, ``/v1/models``) so the official ``openai`` client works unchanged; a few
 vLLM extensions (``top_k``, ``ignore_eos``, ``stop_token_ids``, ``skip_special_tokens``,
-``include_stop_str_in_output``) are accepted as extra body fields. Requests are strict: a wrong
+``include_stop_str_in_output``, and for guided decoding ``guided_regex``, ``guided_json``,
+``guided_choice``, ``guided_grammar``) are accepted as extra body fields; chat also takes OpenAI's
+``response_format`` (``json_object``, ``json_schema``). Requests are strict: a wrong
 type or an unknown field is a 400 that names the field, as the OpenAI API does.
 
 Range checks live here (``Field(ge=..., le=...)``); checks that need the engine (model name,
@@ -62,6 +64,16 @@ class _SamplingFields(_Request):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # vLLM extensions: guided decoding (structured outputs); at most one, checked with the grammar
+    guided_regex: str | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_choice: Annotated[list[str], Field(min_length=1)] | None = None
+    guided_grammar: str | None = None
+
+    def guided_fields(self) -> dict[str, Any]:
+        """The guided_* fields that are set, as ``SamplingParams`` keywords."""
+        return {k: v for k in ("guided_regex", "guided_json", "guided_choice", "guided_grammar")
+                if (v := getattr(self, k)) is not None}
 
     @field_validator("stop")
     @classmethod
@@ -182,8 +194,36 @@ class ChatMessageIn(_Request):
         return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
 
 
+class JsonSchemaFormat(_Request):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Request):
-    type: Literal["text"]
+    """OpenAI's structured outputs: ``text`` (free), ``json_object`` (any JSON object) or
+    ``json_schema`` (JSON valid under ``json_schema.schema``), enforced by guided decoding."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError('type "json_schema" needs json_schema.schema (a JSON schema object)')
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError(f'json_schema is only for type "json_schema", not {self.type!r}')
+        return self
+
+    def guided_json(self) -> dict[str, Any] | None:
+        """The schema to decode with, or None for free text."""
+        if self.type == "json_object":
+            return {"type": "object"}
+        if self.type == "json_schema":
+            assert self.json_schema is not None and self.json_schema.schema_ is not None
+            return self.json_schema.schema_
+        return None
 
 
 class ChatCompletionRequest(_SamplingFields):

@@ -104,6 +104,7 @@ def eval_command(
     code_timeout: Annotated[float, typer.Option(help="seconds per HumanEval program in the sandbox", min=0.1)] = 10.0,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write suites and every item to this JSON file")] = None,
     compare: Annotated[Optional[str], typer.Option("--compare", help="baseline to run on the same items: 'fp32', 'quant=int8' or 'model=PATH,quant=none'")] = None,
+    guided: Annotated[bool, typer.Option("--guided", help="decode with the think/answer format grammar (guided decoding, the 'guided' extra): format by construction; run without it for the unguided numbers")] = False,
 ) -> None:
     """Accuracy, format score and perplexity on offline suites, with 95% intervals."""
     from .evaluate import EvalConfig, compare_runs, parse_spec, parse_suites, save_json
@@ -112,9 +113,9 @@ def eval_command(
     config = EvalConfig(model=model, quant=quant, suites=parse_suites(suite), n=n, seed=seed,
                         samples=samples, temperature=temperature, top_p=top_p,
                         max_tokens=max_tokens, batch_size=batch_size, shots=shots,
-                        ppl_max_tokens=ppl_max_tokens, code_timeout_s=code_timeout)
+                        ppl_max_tokens=ppl_max_tokens, code_timeout_s=code_timeout, guided=guided)
     run = _run_one(model, quant, config, command)
-    console.print(results_table(run, f"{model} [{quant or 'none'}]: n={n}, seed={seed}"))
+    console.print(results_table(run, f"{model} [{quant or 'none'}]{' guided' if guided else ''}: n={n}, seed={seed}"))
     result: dict[str, Any] = run
     if compare is not None:
         base_model, base_quant = parse_spec(compare, model)

@@ -70,6 +70,7 @@ class EvalConfig:
     shots: int = 0
     ppl_max_tokens: int = 512
     code_timeout_s: float = 10.0
+    guided: bool = False  # decode with the format grammar (guided_format_grammar): format by construction
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.suites if s not in SUITE_NAMES]
@@ -79,6 +80,8 @@ class EvalConfig:
             raise ValueError(f"no suite given: choose from {', '.join(SUITE_NAMES)}")
         if self.n < 1 or self.samples < 1 or self.batch_size < 1:
             raise ValueError("n, samples and batch_size must be at least 1")
+        if self.guided:
+            guided_format_grammar(self.max_tokens)  # too few tokens for the format: say so now
 
     @property
     def effective_temperature(self) -> float:
@@ -126,6 +129,25 @@ def build_items(config: EvalConfig) -> dict[str, list[Item]]:
     return out
 
 
+GUIDED_ANSWER_TOKENS = 48  # longest graded answer under --guided
+_GUIDED_TAG_TOKENS = 40  # the four tags and the whitespace between them, one byte per token at worst
+
+
+def guided_format_grammar(max_tokens: int) -> str:
+    """The Lark grammar ``--guided`` decodes with: outputs in it fully match the competition rule
+    ``^<think>(.*?)</think>\\s*<answer>(.*?)</answer>$`` (DOTALL) and, because the think and answer
+    parts are capped in tokens, every output is complete within ``max_tokens``: format by
+    construction, not by luck. It is a subset of the rule: no ``<`` inside think or answer (so
+    neither can close early or nest tags), at most two spaces or newlines between the parts."""
+    think = max_tokens - GUIDED_ANSWER_TOKENS - _GUIDED_TAG_TOKENS
+    if think < 8:
+        raise ValueError(f"--guided needs max_tokens >= {GUIDED_ANSWER_TOKENS + _GUIDED_TAG_TOKENS + 8} "
+                         f"(room for think, answer and the tags), got {max_tokens}")
+    return (f'start: "<think>" think "</think>" /[ \\n]{{0,2}}/ "<answer>" answer "</answer>"\n'
+            f"think[max_tokens={think}]: /[^<]*/\n"
+            f"answer[max_tokens={GUIDED_ANSWER_TOKENS}]: /[^<]+/\n")
+
+
 def _sampling_params(config: EvalConfig, sample: int) -> Any:
     from llmopt import SamplingParams
 
@@ -137,6 +159,7 @@ def _sampling_params(config: EvalConfig, sample: int) -> Any:
         top_k=0,
         seed=None if temperature == 0.0 else config.seed * 1000 + sample,
         stop=None,
+        guided_grammar=guided_format_grammar(config.max_tokens) if config.guided else None,
     )
 
 
