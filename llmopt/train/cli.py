@@ -31,6 +31,12 @@ def _guarded(fn):
         from llmopt.config import ModelLoadError
 
         err = Console(stderr=True)
+        import signal
+
+        def on_term(signum, frame):  # `kill` saves like Ctrl-C does
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGTERM, on_term)
         try:
             return fn(*args, **kwargs)
         except (ModelLoadError, ValueError, FileNotFoundError) as e:
@@ -39,6 +45,8 @@ def _guarded(fn):
         except KeyboardInterrupt:
             err.print("interrupted: the last finished step is saved; run the same command to resume")
             raise typer.Exit(130) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 

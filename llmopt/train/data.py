@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from llmopt.tasks.base import CODE_SYSTEM_PROMPT, REASONING_SYSTEM_PROMPT, Grade, demo_reply
+from llmopt.tasks.base import CODE_SYSTEM_PROMPT, REASONING_SYSTEM_PROMPT, Grade
 from llmopt.tasks.mathlogic import LOGIC_TASKS, MATH_TASKS, grade_reasoning_gym
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,10 @@ class Example:
     id: str = ""
 
     def target(self) -> str:
-        """The gold reply in the competition format."""
-        return demo_reply(self.rationale, self.answer)
+        """The gold reply in the competition format, compact: no newline inside the tags, so a
+        newline is always followed by ``<answer>`` and a tag is never followed by another tag (with
+        newlines inside the tags a briefly trained model learns "newline -> tag" and repeats tags)."""
+        return f"<think>{self.rationale}</think>\n<answer>{self.answer}</answer>"
 
     def messages(self, system: str) -> list[dict[str, str]]:
         """The chat prompt under one of :data:`SYSTEM_VARIANTS`."""

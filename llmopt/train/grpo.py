@@ -307,7 +307,8 @@ class GRPOTrainer:
             done = latest_checkpoint(self.run_dir)
             if self.step > 0 and (done is None or int(done[1]["step"]) < self.step):
                 self.checkpoint()
-            log.warning("interrupted at step %d: saved; run the same command to resume", self.step)
+            log.warning("interrupted at step %d: %s; run the same command to resume", self.step,
+                        "saved" if self.step else "nothing to save yet")
             raise
         final = self.run_dir / "adapter.safetensors"
         recipe = json.dumps({"kind": "grpo", "init_adapter": cfg.init_adapter, "suites": cfg.suites, "chunk": cfg.chunk,

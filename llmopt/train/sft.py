@@ -59,6 +59,7 @@ class SFTConfig:
     out: str = "runs/sft"
     suites: str = "math=60,logic=60,code=30"  # suite=count of training questions
     data: str | None = None  # a JSONL file of your own questions instead of the generators
+    init_adapter: str | None = None  # start from this adapter (same base model and LoRA layout)
     chunk: int = 0  # which block of training seeds (llmopt.train.data)
     targets: str = "gold"  # gold | star | both
     systems: str = "reasoning,none"  # system prompt variants, taken in turn per example
@@ -182,7 +183,7 @@ def run_sft(cfg: SFTConfig, progress: Callable[[dict], None] | None = None) -> P
 
     cfg.validate()
     run_dir = Path(cfg.out)
-    check_resume_config(run_dir, cfg, ["model", "data", "suites", "chunk", "targets", "systems", "grad_accum", "lora", "seed"])
+    check_resume_config(run_dir, cfg, ["model", "data", "init_adapter", "suites", "chunk", "targets", "systems", "grad_accum", "lora", "seed"])
     torch.manual_seed(cfg.seed)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -203,6 +204,10 @@ def run_sft(cfg: SFTConfig, progress: Callable[[dict], None] | None = None) -> P
                                "was accepted; raise --max-seq-tokens, add examples or use --targets gold")
     write_config(run_dir, cfg)
     peft_model = apply_lora(loaded.model, cfg.lora, cfg.seed)
+    if cfg.init_adapter:
+        from llmopt.models.adapter import load_adapter
+
+        load_lora_weights(peft_model, load_adapter(cfg.init_adapter), f"adapter {cfg.init_adapter}")
     model = loaded.model  # the same modules, now with LoRA layers inside
     model.train()
     params = lora_parameters(peft_model)
@@ -259,7 +264,8 @@ def run_sft(cfg: SFTConfig, progress: Callable[[dict], None] | None = None) -> P
         done = latest_checkpoint(run_dir)
         if step > 0 and (done is None or int(done[1]["step"]) < step):
             checkpoint(step)
-        log.warning("interrupted at step %d: saved; run the same command to resume", step)
+        log.warning("interrupted at step %d: %s; run the same command to resume", step,
+                    "saved" if step else "nothing to save yet")
         raise
     final = run_dir / "adapter.safetensors"
     recipe = json.dumps({"kind": "sft", "targets": cfg.targets, "suites": cfg.suites, "chunk": cfg.chunk,
