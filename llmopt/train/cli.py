@@ -80,6 +80,8 @@ def sft_command(
     data: Annotated[Optional[Path], typer.Option(help="JSONL of your own {question, answer, rationale?} instead "
                                                       "of --suites")] = None,
     chunk: Annotated[int, typer.Option(help="block of training seeds to draw from", min=0)] = 0,
+    init_adapter: Annotated[Optional[Path], typer.Option(help="continue from this adapter (same base model "
+                                                              "and LoRA layout)")] = None,
     targets: Annotated[str, typer.Option(help="gold: gold answer with a short rationale; star: the model's own "
                                               "verifier-accepted samples from a few-shot prompt; both: star, else gold")] = "gold",
     systems: Annotated[str, typer.Option(help="system prompts to train under, in turn: reasoning (the competition's), "
@@ -100,7 +102,10 @@ def sft_command(
     from llmopt.train.common import LoraSpec
     from llmopt.train.sft import SFTConfig, run_sft
 
+    if init_adapter is not None and not init_adapter.is_file():
+        raise FileNotFoundError(f"--init-adapter {str(init_adapter)!r} does not exist")
     cfg = SFTConfig(model=model, out=str(out), suites=suites, data=str(data) if data else None, chunk=chunk,
+                    init_adapter=str(init_adapter) if init_adapter else None,
                     targets=targets, systems=systems, epochs=epochs, lr=lr, grad_accum=grad_accum,
                     max_seq_tokens=max_seq_tokens, save_every=save_every, seed=seed,
                     samples_per_prompt=samples_per_prompt, num_threads=threads,
