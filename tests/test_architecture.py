@@ -19,9 +19,11 @@ LAYERS: list[set[str]] = [
     {"formats", "config"},  # block layouts + torch reference quantize/dequantize; plain settings
     {"kernels"},  # native ops and their torch twins
     {"models"},  # the decoder, loader, tokenizer, registry
-    {"quant", "train", "reasoning"},  # produce weights / formats; reasoning format and budgets
+    {"quant", "reasoning"},  # produce weights / formats; reasoning format and budgets
     {"engine"},  # scheduler, runner, fused decode step, sampler, async stepping thread
-    {"llm", "serve", "batch", "bench", "tasks", "report", "tune", "cli", "__init__"},  # front ends
+    # front ends; train too: its rollouts come from the engine and its rewards from the tasks'
+    # graders, and what it produces (a LoRA adapter) is read by models/adapter.py below it
+    {"llm", "serve", "batch", "bench", "tasks", "report", "tune", "train", "cli", "__init__"},
 ]
 RANK = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
 
