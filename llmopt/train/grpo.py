@@ -219,7 +219,7 @@ class GRPOTrainer:
         live = [[eng.add_request(ids, sp)] for ex, ids, sp in (grp[0] for grp in seqs)]
         eng.step()
         for grp, handles in zip(seqs, live):
-            for ex, ids, sp in grp[1:]:
+            for _ex, ids, sp in grp[1:]:
                 handles.append(eng.add_request(ids, sp))
         while eng.has_unfinished():
             eng.step()
@@ -230,7 +230,7 @@ class GRPOTrainer:
 
         for grp, handles in zip(seqs, live):
             rs = []
-            for (ex, ids, sp), seq in zip(grp, handles):
+            for (ex, ids, _sp), seq in zip(grp, handles):
                 out = RequestOutput.of(seq)
                 r = self.reward_fn(out.text, ex, len(out.token_ids))
                 rs.append(Rollout(ex, list(ids), list(out.token_ids), [lp.logprob for lp in out.logprobs or []],
