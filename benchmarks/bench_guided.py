@@ -1,6 +1,7 @@
 """Which grammar library should enforce guided decoding? (prints numbers, never asserts)
 
     .venv/bin/python benchmarks/bench_guided.py [--model smollm2-135m-instruct] [--reps 3]
+    .venv/bin/python benchmarks/bench_guided.py --engine [--streams 16] [--max-tokens 64]
 
 For every installed candidate (llguidance, xgrammar, outlines-core) on the model's own tokenizer
 (SmolLM2: byte-level BPE, vocab 49152), side by side in one run:
@@ -209,12 +210,60 @@ def walk(lib: Any, compiled: Any, tokens: list[int], streams: int, words: int) -
     return fill_s / len(tokens), statistics.mean(allowed)
 
 
+ENGINE_QUESTIONS = ["What is 17 * 23?", "What is 144 divided by 12?", "Tom has 5 apples and buys 7 more. How many?",
+                    "What is 2 to the power of 10?", "A pen costs 3 dollars. How much do 12 pens cost?",
+                    "What is 15% of 80?", "What is the square root of 169?", "How many minutes are in 3 hours?",
+                    "What is 1000 - 357?", "A train goes 60 km/h for 2 hours. How far does it go?",
+                    "What is 9 * 8 + 4?", "What is half of 246?", "How many sides do 4 triangles have?",
+                    "What is 81 / 9?", "What is 25 * 4?", "What is 7 cubed?"]
+
+
+def engine_overhead(model: str, streams: int, max_tokens: int) -> None:
+    """The engine with llguidance, ``streams`` chat requests at once: the time spent on grammar work
+    (filling the masks, applying them to the logits, advancing the matchers) as a fraction of the
+    generation's wall time, and tokens/s next to the same requests unguided, in one run."""
+    import torch
+
+    from llmopt import LLM, SamplingParams
+    from llmopt.tasks.evaluate import guided_format_grammar
+
+    llm = LLM(model, max_num_seqs=streams)
+    chats = [[{"role": "user", "content": q}] for q in (ENGINE_QUESTIONS * (streams // 16 + 1))[:streams]]
+    t0 = time.perf_counter()
+    dec = llm.engine.guided_decoder()
+    print(f"engine: {model}, {streams} streams, max_tokens {max_tokens}, torch threads {torch.get_num_threads()}; "
+          f"tokenizer index {time.perf_counter() - t0:.2f}s (once per engine)")
+    runs = [("unguided", {}), ("regex (the rule)", {"guided_regex": REGEX}),
+            ("json schema", {"guided_json": SCHEMA}),
+            ("eval --guided grammar", {"guided_grammar": guided_format_grammar(max(max_tokens, 96))}),
+            ("unguided again", {})]
+    print(f"{'decoding':<24} {'tokens':>7} {'wall':>8} {'tok/s':>7} {'grammar':>9} {'of wall':>8} {'finished by grammar':>20}")
+    for name, kw in runs:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=not kw, **kw)
+        g0 = dec.seconds
+        t = time.perf_counter()
+        outs = llm.chat(chats, params)
+        wall = time.perf_counter() - t
+        g = dec.seconds - g0
+        ntok = sum(len(o.token_ids) for o in outs)
+        stopped = sum(o.finish_reason == "stop" for o in outs)
+        print(f"{name:<24} {ntok:>7} {wall:>7.1f}s {ntok / wall:>7.1f} {g * 1e3:>7.0f}ms {g / wall:>7.1%} "
+              f"{stopped if kw else '-':>20}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--reps", type=int, default=3, help="repetitions; the median is printed")
+    ap.add_argument("--engine", action="store_true",
+                    help="instead of the library table: grammar time as a fraction of decode time in the engine")
+    ap.add_argument("--streams", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=64)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
+    if args.engine:
+        engine_overhead(args.model, args.streams, args.max_tokens)
+        return
     from llmopt.models.loader import open_checkpoint
 
     cfg, tok, _, path = open_checkpoint(args.model)

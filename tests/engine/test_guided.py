@@ -251,3 +251,35 @@ def test_real_model_guided_json_parses_and_validates(smol):
             obj = json.loads(o.text)
             assert set(obj) == {"name", "age"} and isinstance(obj["name"], str) and len(obj["name"]) <= 20
             assert type(obj["age"]) is int and 0 <= obj["age"] <= 150
+
+
+def test_eval_guided_config_decodes_with_the_format_grammar_and_rejects_too_few_tokens():
+    from llmopt.tasks.evaluate import EvalConfig, _sampling_params, guided_format_grammar
+
+    params = _sampling_params(EvalConfig(guided=True, max_tokens=256), 0)
+    assert params.guided is not None and params.guided.kind == "grammar"
+    assert params.guided_grammar == guided_format_grammar(256)
+    assert _sampling_params(EvalConfig(max_tokens=256), 0).guided is None  # the default stays unguided
+    with pytest.raises(ValueError, match="max_tokens >= 96"):
+        EvalConfig(guided=True, max_tokens=50)
+
+
+def test_random_model_under_the_eval_grammar_is_always_in_the_competition_format(llm):
+    from llmopt.tasks.evaluate import guided_format_grammar
+
+    # the tiny model picks bytes at random: only the grammar's token caps can end think and answer
+    for seed in range(3):
+        outs = llm.generate(_prompts(6), SamplingParams(max_tokens=120, temperature=1.0, seed=seed,
+                                                        guided_grammar=guided_format_grammar(120)))
+        for o in outs:
+            assert o.finish_reason == "stop" and len(o.token_ids) <= 120
+            assert parse_output(o.text).format_ok, o.text
+
+
+def test_a_dead_grammar_state_gets_only_eos_so_the_sequence_ends(llm):
+    dec = llm.engine.guided_decoder()
+    st = dec.start(GuidedSpec("regex", "ab"))
+    z = llm.tokenizer.encode("z", add_special_tokens=False)[0]
+    assert not st.accept(z) and st.error  # a token the grammar forbids kills the state
+    allowed = unpack_bitmask(dec.fill_bitmask([st]), dec.vocab_size)[0]
+    assert set(torch.nonzero(allowed).flatten().tolist()) == set(llm.tokenizer.stop_token_ids)
