@@ -25,8 +25,15 @@ from llmopt.engine.sequence import RequestOutput, Sequence, TokenLogprob
 from llmopt.kernels import qlinear
 from llmopt.models.loader import load_model
 from llmopt.quant.linear import DEFAULT_SKIP, quantize_model
-from llmopt.reasoning.budget import (ANSWER_CLOSE_TEXT, CLOSE_TEXT, Phase, ThinkTracker, budget_limit,
-                                     prompt_opens_think, should_force_answer_close)
+from llmopt.reasoning.budget import (
+    ANSWER_CLOSE_TEXT,
+    CLOSE_TEXT,
+    Phase,
+    ThinkTracker,
+    budget_limit,
+    prompt_opens_think,
+    should_force_answer_close,
+)
 from llmopt.reasoning.early_exit import exit_now, should_probe, trial_confidence
 
 if TYPE_CHECKING:

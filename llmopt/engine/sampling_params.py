@@ -6,8 +6,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from llmopt.reasoning.budget import check_think_budget
-from llmopt.reasoning.early_exit import (DEFAULT_MARKERS, DEFAULT_MIN_GAP, DEFAULT_PROBE_TOKENS, DEFAULT_THRESHOLD,
-                                         EarlyExitConfig, check_early_exit)
+from llmopt.reasoning.early_exit import (
+    DEFAULT_MARKERS,
+    DEFAULT_MIN_GAP,
+    DEFAULT_PROBE_TOKENS,
+    DEFAULT_THRESHOLD,
+    EarlyExitConfig,
+    check_early_exit,
+)
 
 if TYPE_CHECKING:
     from llmopt.engine.guided import GuidedSpec
