@@ -206,7 +206,7 @@ class LLMEngine:
                 return self._force(seq, self.close_ids, now)
             if p.early_exit and should_probe(t, n, seq.text, new_chars, p.early_exit_config):
                 self._fork_probe(seq)
-        elif p.think_budget is not None and should_force_answer_close(t, n, p.max_tokens, len(self.answer_close_ids)):
+        elif (p.think_budget is not None or p.early_exit) and should_force_answer_close(t, n, p.max_tokens, len(self.answer_close_ids)):
             return self._force(seq, self.answer_close_ids, now)
         return ""
 
