@@ -128,6 +128,12 @@ def _register() -> None:
                 "or fix the import") from e
         app.command(name)(guarded(fn))
 
+    try:  # command groups
+        from llmopt.train.cli import train_app
+    except ImportError:
+        return
+    app.add_typer(train_app, name="train")
+
 
 _register()
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from llmopt.models.registry import DEFAULT_MODEL  # already imported by the main CLI
+from llmopt.models.registry import REASONING_MODEL  # already imported by the main CLI
 from llmopt.reasoning.early_exit import DEFAULT_THRESHOLD  # pure, no heavy imports
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ def run_command(
                                                ".json (schema: docs/batch.md)")],
     output: Annotated[Path, typer.Option("--output", "-o", help="results: JSONL, one line per test case; or one "
                                                                 "JSON object for a flat list of questions")],
-    model: Annotated[str, typer.Option(help="registry name, Hugging Face directory or .gguf file")] = DEFAULT_MODEL,
+    model: Annotated[str, typer.Option(help="registry name, Hugging Face directory or .gguf file; default: the trained reasoning model")] = REASONING_MODEL,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="skip what OUT already holds for these "
                                                                       "cases (by id); --no-resume overwrites OUT")] = True,
     system: Annotated[Optional[str], typer.Option(help="default system prompt (\"\" = none; a file's 'system' "

