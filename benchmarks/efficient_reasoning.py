@@ -59,7 +59,9 @@ def run_setting(engine: LLMEngine, items: list[Any], graders: dict[str, Any], s:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, stop=["</answer>"],
                             include_stop_str_in_output=True, think_budget=s.think_budget,
                             early_exit=s.threshold is not None,
-                            **({"early_exit_threshold": s.threshold} if s.threshold is not None else {}))
+                            **({"early_exit_threshold": s.threshold} if s.threshold is not None else {}),
+                            **({"early_exit_min_gap": args.min_gap} if args.min_gap else {}),
+                            **({"early_exit_probe_tokens": args.probe_tokens} if args.probe_tokens else {}))
     res = Result(s)
     before = dict(engine.stats)
     for start in range(0, len(items), args.case_size):
@@ -88,6 +90,8 @@ def main() -> None:
     ap.add_argument("--budgets", default="64,128", help="think budgets to sweep (comma-separated, '' for none)")
     ap.add_argument("--thresholds", default="0.9", help="early-exit thresholds to sweep ('' for none)")
     ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--min-gap", type=int, default=None, help="early_exit_min_gap (default: the engine's)")
+    ap.add_argument("--probe-tokens", type=int, default=None, help="early_exit_probe_tokens (default: the engine's)")
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--case-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
@@ -143,7 +147,8 @@ def main() -> None:
                          "probe_tokens": r.probe_tokens, "think_tokens_saved": saved, "probe_prefix_hit_rate": hit})
     print(f"\nmodel {args.model}, suites {args.suites}, n={args.n} per suite ({len(items)} items), seed {args.seed}, "
           f"max_tokens {args.max_tokens}, cases of {args.case_size} at concurrency {args.concurrency}, "
-          f"prefill_think={args.prefill_think}, threads={engine.config.num_threads}")
+          f"prefill_think={args.prefill_think}, threads={engine.config.num_threads}, min_gap={args.min_gap}, "
+          f"probe_tokens={args.probe_tokens}")
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     print(" | ".join(h.ljust(w) for h, w in zip(header, widths)))
     print("-|-".join("-" * w for w in widths))
