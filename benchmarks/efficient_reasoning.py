@@ -61,7 +61,8 @@ def run_setting(engine: LLMEngine, items: list[Any], graders: dict[str, Any], s:
                             early_exit=s.threshold is not None,
                             **({"early_exit_threshold": s.threshold} if s.threshold is not None else {}),
                             **({"early_exit_min_gap": args.min_gap} if args.min_gap else {}),
-                            **({"early_exit_probe_tokens": args.probe_tokens} if args.probe_tokens else {}))
+                            **({"early_exit_probe_tokens": args.probe_tokens} if args.probe_tokens else {}),
+                            **({"early_exit_markers": tuple(json.loads(args.markers))} if args.markers else {}))
     res = Result(s)
     before = dict(engine.stats)
     for start in range(0, len(items), args.case_size):
@@ -91,6 +92,7 @@ def main() -> None:
     ap.add_argument("--thresholds", default="0.9", help="early-exit thresholds to sweep ('' for none)")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--min-gap", type=int, default=None, help="early_exit_min_gap (default: the engine's)")
+    ap.add_argument("--markers", default=None, help='early_exit_markers as a JSON list, e.g. \'["\\n\\n", " "]\'')
     ap.add_argument("--probe-tokens", type=int, default=None, help="early_exit_probe_tokens (default: the engine's)")
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--case-size", type=int, default=8)
@@ -148,7 +150,7 @@ def main() -> None:
     print(f"\nmodel {args.model}, suites {args.suites}, n={args.n} per suite ({len(items)} items), seed {args.seed}, "
           f"max_tokens {args.max_tokens}, cases of {args.case_size} at concurrency {args.concurrency}, "
           f"prefill_think={args.prefill_think}, threads={engine.config.num_threads}, min_gap={args.min_gap}, "
-          f"probe_tokens={args.probe_tokens}")
+          f"probe_tokens={args.probe_tokens}, markers={args.markers}")
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     print(" | ".join(h.ljust(w) for h, w in zip(header, widths)))
     print("-|-".join("-" * w for w in widths))
