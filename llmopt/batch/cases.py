@@ -21,6 +21,7 @@ Test case::
     questions    non-empty list of questions
     concurrency  optional integer >= 1: at most this many of the case's questions in the engine at once
     max_tokens   optional integer >= 1: the most new tokens per answer
+    think_budget optional integer >= 1: close <think> after this many tokens (docs/reasoning.md)
     system       optional string: the system message for the case's questions
 
 Files:
@@ -29,7 +30,7 @@ Files:
   line numbers count them). Errors name the line: ``cases.jsonl line 3, questions[1].id: ...``.
 - ``*.json`` (any other name too): one JSON document, either a list of test cases or of questions,
   or an object ``{"cases": [...]}`` / ``{"questions": [...]}`` that may also set file-wide
-  ``system``, ``concurrency`` and ``max_tokens`` defaults. Errors name the path:
+  ``system``, ``concurrency``, ``max_tokens`` and ``think_budget`` defaults. Errors name the path:
   ``questions.json, questions[2].content: ...``.
 
 Unknown fields are errors (a misspelt ``concurency`` must not silently fall back to a default).
@@ -48,8 +49,8 @@ from typing import Any, Literal
 Id = str | int
 
 QUESTION_FIELDS = ("id", "content", "system")
-CASE_FIELDS = ("id", "questions", "concurrency", "max_tokens", "system")
-FILE_FIELDS = ("cases", "questions", "system", "concurrency", "max_tokens")
+CASE_FIELDS = ("id", "questions", "concurrency", "max_tokens", "system", "think_budget")
+FILE_FIELDS = ("cases", "questions", "system", "concurrency", "max_tokens", "think_budget")
 
 
 class BatchFormatError(ValueError):
@@ -70,6 +71,7 @@ class Case:
     concurrency: int | None = None
     max_tokens: int | None = None
     system: str | None = None
+    think_budget: int | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class Batch:
     system: str | None = None  # file-wide defaults (JSON object form only)
     concurrency: int | None = None
     max_tokens: int | None = None
+    think_budget: int | None = None
 
     @property
     def num_questions(self) -> int:
@@ -172,7 +175,8 @@ def parse_case(obj: Any, where: str, prefix: str = "") -> Case:
     return Case(cid, questions,
                 concurrency=_positive_int(obj, "concurrency", where, prefix + "concurrency"),
                 max_tokens=_positive_int(obj, "max_tokens", where, prefix + "max_tokens"),
-                system=_optional_str(obj, "system", where, prefix + "system"))
+                system=_optional_str(obj, "system", where, prefix + "system"),
+                think_budget=_positive_int(obj, "think_budget", where, prefix + "think_budget"))
 
 
 def _kind_of(obj: Any, where: str, field: str | None, default: str | None = None) -> str:
@@ -252,7 +256,8 @@ def _load_json(path: Path, text: str) -> Batch:
         raise _fail(where, key, f"must be a non-empty list, got {_show(items)}")
     defaults = dict(system=_optional_str(doc, "system", where, "system"),
                     concurrency=_positive_int(doc, "concurrency", where, "concurrency"),
-                    max_tokens=_positive_int(doc, "max_tokens", where, "max_tokens"))
+                    max_tokens=_positive_int(doc, "max_tokens", where, "max_tokens"),
+                    think_budget=_positive_int(doc, "think_budget", where, "think_budget"))
     return _build(path, [(obj, where, f"{key}[{i}].") for i, obj in enumerate(items)], kind=key, **defaults)
 
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from llmopt.models.registry import REASONING_MODEL  # already imported by the main CLI
+from llmopt.reasoning.early_exit import DEFAULT_THRESHOLD  # pure, no heavy imports
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -59,6 +60,13 @@ def run_command(
     seed: Annotated[Optional[int], typer.Option(help="sampling seed (with --temperature > 0)")] = None,
     stop_at_answer: Annotated[bool, typer.Option("--stop-at-answer/--no-stop-at-answer",
                                                  help="end each answer at its first </answer>")] = True,
+    think_budget: Annotated[Optional[int], typer.Option(help="close <think> after this many tokens where the file "
+                                                             "sets no think_budget (docs/reasoning.md)",
+                                                        min=1)] = None,
+    early_exit: Annotated[bool, typer.Option("--early-exit/--no-early-exit",
+                                             help="stop thinking when a trial answer at a pause is confident")] = False,
+    early_exit_threshold: Annotated[float, typer.Option(help="mean token probability a trial answer needs, (0, 1]",
+                                                        min=0.0, max=1.0)] = DEFAULT_THRESHOLD,
     quant: Annotated[Optional[str], typer.Option(help="quantize on load: int8, int4, ... (RTN)")] = None,
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16")] = "float32",
     threads: Annotated[Optional[int], typer.Option(help="torch threads (default: $LLMOPT_NUM_THREADS or all "
@@ -79,7 +87,8 @@ def run_command(
     batch = load_batch(cases)
     options = RunOptions(system=DEFAULT_SYSTEM_PROMPT if system is None else system, max_tokens=max_tokens,
                          concurrency=concurrency, temperature=temperature, top_p=top_p, seed=seed,
-                         stop_at_answer=stop_at_answer)
+                         stop_at_answer=stop_at_answer, think_budget=think_budget, early_exit=early_exit,
+                         early_exit_threshold=early_exit_threshold)
     run = BatchRun(batch, output, options, resume=resume)
     todo = run.pending_questions
     what = f"{len(batch.cases)} test cases" if batch.kind == "cases" else f"{len(batch.questions)} questions"

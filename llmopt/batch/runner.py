@@ -16,6 +16,11 @@ Output files (docs/batch.md):
 
   ``result`` is exactly the competition's per-case object; ``id`` is the case id, which lets a later
   run with ``resume`` skip the case (the line's question ids must also match the case's).
+- reasoning efficiency goes to a side file, ``OUT.reasoning.jsonl`` (the competition objects stay
+  as they are): one line per test case run (flat mode: one line for the run) with its duration and,
+  per question, think tokens, answer tokens, JCT (ms, arrival to finish), who closed the think part
+  (``model``, ``budget``, ``early_exit``, ``eos``, or null), where early exit fired and the probes'
+  tokens (docs/reasoning.md).
 - a flat list of questions: OUT is the single JSON object ``{"result": {"results": [...]}}``,
   written atomically at the end. Until then each answer is appended to ``OUT.partial.jsonl``
   (``{"id": ..., "content": ...}`` per line), which ``resume`` reads and the end removes.
@@ -37,6 +42,7 @@ from typing import Any
 from llmopt.batch.cases import Batch, Case, Id, Question
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.engine.sequence import RequestOutput
+from llmopt.reasoning.early_exit import DEFAULT_THRESHOLD
 from llmopt.tasks.base import REASONING_SYSTEM_PROMPT
 
 log = logging.getLogger(__name__)
@@ -58,10 +64,15 @@ class RunOptions:
     top_p: float = 1.0
     seed: int | None = None
     stop_at_answer: bool = True  # end an answer at its first </answer> (kept in the text)
+    think_budget: int | None = None  # close <think> after this many tokens (a case's think_budget wins)
+    early_exit: bool = False  # DEER-style confidence early exit (llmopt.reasoning.early_exit)
+    early_exit_threshold: float = DEFAULT_THRESHOLD
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1 or self.concurrency < 1:
             raise ValueError(f"max_tokens and concurrency must be >= 1, got {self.max_tokens} and {self.concurrency}")
+        SamplingParams(think_budget=self.think_budget, early_exit=self.early_exit,
+                       early_exit_threshold=self.early_exit_threshold)  # ValueError naming a bad value
 
 
 @dataclass
@@ -175,6 +186,18 @@ def warm_up(engine: Any) -> float | None:
     return took
 
 
+def reasoning_record(qid: Id, out: RequestOutput) -> dict[str, Any]:
+    """One answer's reasoning efficiency: think / answer tokens, JCT, budget and early-exit events."""
+    r, m = out.reasoning, out.metrics
+    jct = (m.finish_time - m.arrival_time) * 1000 if m.finish_time is not None else None
+    rec: dict[str, Any] = {"id": qid, "jct_ms": jct, "output_tokens": len(out.token_ids)}
+    if r is not None:
+        rec |= {"think_tokens": r.think_tokens, "answer_tokens": r.answer_tokens, "closed_by": r.closed_by,
+                "early_exit_at": r.exit_at, "probes": r.probes, "probe_tokens": r.probe_tokens,
+                "probe_prefix_hit_rate": r.probe_prefix_hit_rate}
+    return rec
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -225,6 +248,7 @@ class BatchRun:
         self.batch, self.out, self.options = batch, Path(out), options or RunOptions()
         self.partial = self.out.with_name(self.out.name + ".partial.jsonl")
         check_output_path(self.out)
+        self.reasoning_out = self.out.with_name(self.out.name + ".reasoning.jsonl")
         if self.out.resolve() == batch.path.resolve():
             raise ValueError(f"the output file {self.out} is the input file; choose another -o")
         self.warmup_s: float | None = None  # time of warm_up() in the last run, None if not run
@@ -243,7 +267,9 @@ class BatchRun:
         o = self.options
         return SamplingParams(max_tokens=(case and case.max_tokens) or self.batch.max_tokens or o.max_tokens,
                               temperature=o.temperature, top_p=o.top_p, seed=o.seed,
-                              stop=[ANSWER_END] if o.stop_at_answer else None, include_stop_str_in_output=True)
+                              stop=[ANSWER_END] if o.stop_at_answer else None, include_stop_str_in_output=True,
+                              think_budget=(case and case.think_budget) or self.batch.think_budget or o.think_budget,
+                              early_exit=o.early_exit, early_exit_threshold=o.early_exit_threshold)
 
     def prompts(self, questions: tuple[Question, ...], case: Case | None = None) -> list[Messages]:
         return [messages_for(q, case and case.system, self.batch.system, self.options.system) for q in questions]
@@ -337,6 +363,8 @@ class BatchRun:
         self.check_prompts(engine)
         if self.pending():
             self.warmup_s = warm_up(engine)
+        if not self.done_cases and not self.done_answers:  # a fresh run: a fresh side file
+            self.reasoning_out.unlink(missing_ok=True)
         if self.batch.kind == "cases":
             return self._run_cases(engine, on_answer, on_case)
         return self._run_questions(engine, on_answer)
@@ -351,6 +379,13 @@ class BatchRun:
         duration_ms = (time.perf_counter() - t0) * 1000
         results = [{"id": q.id, "content": o.text} for q, o in zip(case.questions, outs)]
         return CaseResult(case.id, results, duration_ms, sum(len(o.token_ids) for o in outs), outs)
+
+    def _write_reasoning(self, res: CaseResult, questions: tuple[Question, ...] | list[Question]) -> None:
+        """Append the case's reasoning-efficiency line to the side file (docs/reasoning.md)."""
+        line = {"id": res.id, "duration": res.duration_ms,
+                "questions": [reasoning_record(q.id, o) for q, o in zip(questions, res.outputs)]}
+        with self.reasoning_out.open("a", encoding="utf-8") as f:
+            f.write(_dumps(line) + "\n")
 
     def _run_cases(self, engine: Any, on_answer, on_case) -> RunSummary:
         lines = {i: _dumps(obj) for i, obj in self.done_cases.items()}
@@ -367,6 +402,7 @@ class BatchRun:
                 lines[i] = _dumps({"id": case.id, "result": {"results": res.results, "duration": res.duration_ms}})
                 f.write(lines[i] + "\n")
                 f.flush()
+                self._write_reasoning(res, case.questions)
                 order.append(i)
                 cases.append(res)
                 if on_case:
@@ -400,6 +436,7 @@ class BatchRun:
                 duration_ms = (time.perf_counter() - t0) * 1000
             cases.append(CaseResult(None, [{"id": q.id, "content": o.text} for q, o in zip(todo, outs)],
                                     duration_ms, sum(len(o.token_ids) for o in outs), outs))
+            self._write_reasoning(cases[-1], todo)
         doc = {"result": {"results": [{"id": q.id, "content": done[_key(q.id)]} for q in qs]}}
         _atomic_write(self.out, json.dumps(doc, ensure_ascii=False, indent=2) + "\n")
         self.partial.unlink()

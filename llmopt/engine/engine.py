@@ -21,10 +21,20 @@ from llmopt.engine.runner import ModelRunner
 from llmopt.engine.sampler import sample
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.engine.scheduler import Scheduler
-from llmopt.engine.sequence import RequestOutput, Sequence
+from llmopt.engine.sequence import RequestOutput, Sequence, TokenLogprob
 from llmopt.kernels import qlinear
 from llmopt.models.loader import load_model
 from llmopt.quant.linear import DEFAULT_SKIP, quantize_model
+from llmopt.reasoning.budget import (
+    ANSWER_CLOSE_TEXT,
+    CLOSE_TEXT,
+    Phase,
+    ThinkTracker,
+    budget_limit,
+    prompt_opens_think,
+    should_force_answer_close,
+)
+from llmopt.reasoning.early_exit import exit_now, should_probe, trial_confidence
 
 if TYPE_CHECKING:
     from llmopt.engine.guided import GuidedDecoder
@@ -69,7 +79,12 @@ class LLMEngine:
         self.max_model_len = min(self.max_model_len, num_blocks * cfg.block_size)
         self.lock = threading.RLock()  # add/abort may come from other threads than step()
         self._guided: GuidedDecoder | None = None  # built on the first guided request
-        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "computed_prefill_tokens": 0, "steps": 0}
+        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "computed_prefill_tokens": 0, "steps": 0,
+                      "probes": 0, "early_exits": 0, "probe_generated_tokens": 0, "probe_prompt_tokens": 0,
+                      "probe_cached_tokens": 0}
+        # what the engine writes to close a think part / an answer (think budgets, early exit)
+        self.close_ids = self.tokenizer.encode(CLOSE_TEXT, add_special_tokens=False)
+        self.answer_close_ids = self.tokenizer.encode(ANSWER_CLOSE_TEXT, add_special_tokens=False)
         log.info("engine: %d KV blocks x %d tokens, max_model_len %d, %d threads, %d packed fp32 linears",
                  num_blocks, cfg.block_size, self.max_model_len, cfg.num_threads, self.packed_linears)
 
@@ -107,6 +122,7 @@ class LLMEngine:
             raise PromptTooLongError(f"the prompt has {len(ids)} tokens but the context window fits "
                                      f"{self.max_model_len} (prompt + at least one new token); shorten it")
         seq = Sequence(ids, params, self.tokenizer, request_id, text)
+        seq.think = ThinkTracker(opened_in_prompt=prompt_opens_think(self.tokenizer.decode(ids[-8:])))
         if params.guided is not None:
             with self.lock:  # the decoder's cache is shared with step()
                 seq.guided = self.guided_decoder().start(params.guided)
@@ -125,17 +141,17 @@ class LLMEngine:
     def running_ids(self) -> list[str]:
         """Request ids of the sequences in the running batch (a snapshot taken under the lock)."""
         with self.lock:
-            return [s.request_id for s in self.scheduler.running]
+            return [s.request_id for s in self.scheduler.running if not s.is_probe]
 
     def waiting_ids(self) -> list[str]:
         """Request ids of the sequences waiting to be scheduled, oldest first (under the lock)."""
         with self.lock:
-            return [s.request_id for s in self.scheduler.waiting]
+            return [s.request_id for s in self.scheduler.waiting if not s.is_probe]
 
     def num_waiting(self) -> int:
         """Sequences waiting in the scheduler (under the lock)."""
         with self.lock:
-            return len(self.scheduler.waiting)
+            return sum(1 for s in self.scheduler.waiting if not s.is_probe)
 
     # ---- the loop -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -161,15 +177,129 @@ class LLMEngine:
             for seq, tok, lp in zip(seqs, tokens, lps):
                 if seq.finished:  # aborted while the step ran
                     continue
+                chars = len(seq.text)
+                if self._eos_breaks_format(seq, tok):  # a budgeted output keeps the format: close instead
+                    delta = self._close_on_eos(seq, now)
+                    outputs.append(RequestOutput.of(seq, delta))
+                    continue
                 delta = self._append(seq, tok, lp, now)
+                if seq.is_probe:  # internal: no output; a finished probe may end its parent's thinking
+                    parent = self._probe_done(seq, now) if seq.finished else None
+                    if parent is not None:
+                        outputs.append(RequestOutput.of(parent, self._release_text(parent)))
+                    continue
+                delta += self._steer(seq, len(seq.text) - chars, now)
                 outputs.append(RequestOutput.of(seq, delta))
         return outputs
+
+    # ---- efficient reasoning: think budgets and early-exit probes (llmopt.reasoning) -------------
+    def _steer(self, seq: Sequence, new_chars: int, now: float) -> str:
+        """After a sampled token: close thinking at the budget, fork an early-exit probe at a pause,
+        or close an answer that max_tokens is about to cut. Returns the text that became final."""
+        t, p, n = seq.think, seq.params, len(seq.output_ids)
+        if seq.finished:
+            return ""
+        if t.phase == Phase.THINKING:
+            limit = budget_limit(p.think_budget, p.max_tokens, len(self.close_ids))
+            if limit is not None and n >= limit:
+                t.close(n, "budget")
+                return self._force(seq, self.close_ids, now)
+            if p.early_exit and should_probe(t, n, seq.text, new_chars, p.early_exit_config):
+                self._fork_probe(seq)
+        elif (p.think_budget is not None or p.early_exit) and should_force_answer_close(t, n, p.max_tokens, len(self.answer_close_ids)):
+            return self._force(seq, self.answer_close_ids, now)
+        return ""
+
+    def _eos_breaks_format(self, seq: Sequence, token: int) -> bool:
+        p, t = seq.params, seq.think
+        return ((p.think_budget is not None or p.early_exit) and t.phase in (Phase.THINKING, Phase.ANSWER)
+                and not t.answer_closed and not p.ignore_eos
+                and (token in p.stop_token_ids or token in self.tokenizer.stop_token_ids))
+
+    def _close_on_eos(self, seq: Sequence, now: float) -> str:
+        """The model ended a budgeted output inside <think> or <answer>: in place of the
+        end-of-sequence token the engine writes the closing text (``</think>\n<answer>\n``: the
+        model then answers) or ``</answer>`` (the sequence ends)."""
+        t = seq.think
+        if t.phase == Phase.THINKING:
+            t.close(len(seq.output_ids), "eos")
+            return self._force(seq, self.close_ids, now)
+        delta = self._force(seq, self.answer_close_ids, now)
+        if not seq.finished:
+            self.scheduler.finish(seq, "stop")
+            delta += self._release_text(seq)
+        return delta
+
+    def _force(self, seq: Sequence, ids: list[int], now: float, lps: list[TokenLogprob] | None = None) -> str:
+        """Append tokens the engine chose (computed by the next step as one chunk, like a prefill)."""
+        delta = ""
+        for i, tok in enumerate(ids):
+            if seq.finished:
+                break
+            lp = lps[i] if lps is not None else (TokenLogprob(tok, 0.0, []) if seq.params.logprobs is not None
+                                                  else None)
+            delta += self._append(seq, tok, lp, now)
+            seq.think.forced_tokens += 1
+        return delta
+
+    def _fork_probe(self, parent: Sequence) -> None:
+        """Queue a greedy trial answer on the parent's tokens + the closing text; the parent waits."""
+        t, p = parent.think, parent.params
+        cfg = p.early_exit_config
+        ids = parent.token_ids + self.close_ids
+        room = p.max_tokens - len(parent.output_ids) - len(self.close_ids)
+        if len(ids) + cfg.probe_tokens > self.max_model_len or room < cfg.probe_tokens:
+            return  # an adopted trial answer would not fit: no probe
+        t.probes += 1
+        t.last_probe_at = len(parent.output_ids)
+        params = SamplingParams(max_tokens=cfg.probe_tokens, temperature=0.0, stop=[ANSWER_CLOSE_TEXT],
+                                include_stop_str_in_output=True, logprobs=0,
+                                skip_special_tokens=p.skip_special_tokens)
+        probe = Sequence(ids, params, self.tokenizer, f"{parent.request_id}#probe{t.probes}")
+        probe.probe_parent = parent
+        self.scheduler.add_probe(probe)
+        self.stats["probes"] += 1
+
+    def _probe_done(self, probe: Sequence, now: float) -> Sequence | None:
+        """Score a finished probe; on a confident trial answer the parent adopts it (and is returned)."""
+        parent = probe.probe_parent
+        assert parent is not None
+        t = parent.think
+        t.probe = None
+        t.probe_prompt_tokens += len(probe.prompt_ids)
+        t.probe_cached_tokens += probe.num_cached_tokens
+        t.probe_tokens += len(probe.prompt_ids) - probe.num_cached_tokens + len(probe.output_ids)
+        self.stats["probe_prompt_tokens"] += len(probe.prompt_ids)
+        self.stats["probe_cached_tokens"] += probe.num_cached_tokens
+        self.stats["probe_generated_tokens"] += len(probe.output_ids)
+        if parent.finished:
+            return None
+        ids, lps = list(probe.output_ids), list(probe.logprobs)
+        if ids and ids[-1] in self.tokenizer.stop_token_ids:  # the trial answer ended with EOS: close it
+            ids, lps = ids[:-1] + self.answer_close_ids, lps[:-1] + [TokenLogprob(x, 0.0, []) for x in self.answer_close_ids]
+        pieces = [self.tokenizer.decode([tok]) for tok in ids]
+        conf = trial_confidence([lp.logprob for lp in lps], pieces)
+        t.confidences.append(-1.0 if conf is None else round(conf, 6))
+        if not exit_now(conf, parent.params.early_exit_threshold):
+            return None
+        self.stats["early_exits"] += 1
+        n = len(parent.output_ids)
+        t.close(n, "early_exit")
+        t.exit_at = n
+        forced = [TokenLogprob(tok, 0.0, []) for tok in self.close_ids] + lps
+        if parent.params.logprobs:  # the probe kept only the chosen token's logprob
+            forced = [TokenLogprob(x.token_id, x.logprob, [(x.token_id, x.logprob)]) for x in forced]
+        self._force(parent, self.close_ids + ids, now,
+                    forced if parent.params.logprobs is not None else None)
+        return parent
 
     def _append(self, seq: Sequence, token: int, lp: Any, now: float) -> str:
         p = seq.params
         seq.output_ids.append(token)
         seq.token_times.append(now)
         self.stats["generated_tokens"] += 1
+        if seq.is_probe:
+            self.stats["generated_tokens"] -= 1
         if seq.metrics.first_token_time is None:
             seq.metrics.first_token_time = now
         if lp is not None:
@@ -194,6 +324,7 @@ class LLMEngine:
                     i, s = min(hits)
                     seq.text = seq.text[: i + len(s) if p.include_stop_str_in_output else i]
                     reason = "stop"
+        seq.think.update(seq.text, len(seq.output_ids))
         if reason is None and grammar_done:  # nothing but EOS may follow: the output is complete
             reason = "stop"
         if reason is None and (len(seq.output_ids) >= p.max_tokens or len(seq) >= self.max_model_len):

@@ -5,6 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from llmopt.reasoning.budget import check_think_budget
+from llmopt.reasoning.early_exit import (
+    DEFAULT_MARKERS,
+    DEFAULT_MIN_GAP,
+    DEFAULT_PROBE_TOKENS,
+    DEFAULT_THRESHOLD,
+    EarlyExitConfig,
+    check_early_exit,
+)
+
 if TYPE_CHECKING:
     from llmopt.engine.guided import GuidedSpec
 
@@ -28,6 +38,14 @@ class SamplingParams:
     guided_choice: list[str] | None = None  # the output is exactly one of these strings
     guided_grammar: str | None = None  # the output matches this Lark grammar (llguidance's dialect)
     guided: GuidedSpec | None = field(default=None, init=False, repr=False, compare=False)
+    # efficient reasoning (llmopt.reasoning, docs/reasoning.md): close <think> after this many output
+    # tokens; and/or try the answer at thinking pauses and stop thinking when it is confident
+    think_budget: int | None = None
+    early_exit: bool = False
+    early_exit_threshold: float = DEFAULT_THRESHOLD  # mean token probability of the trial answer, (0, 1]
+    early_exit_min_gap: int = DEFAULT_MIN_GAP  # think tokens between probes
+    early_exit_probe_tokens: int = DEFAULT_PROBE_TOKENS  # most tokens of a trial answer
+    early_exit_markers: tuple[str, ...] = DEFAULT_MARKERS  # where thinking pauses
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -54,6 +72,20 @@ class SamplingParams:
             assert spec is not None
             check_spec(spec)  # ValueError naming the problem; GuidedDecodingUnavailable without the extra
             self.guided = spec
+        check_think_budget(self.think_budget)
+        self.early_exit_markers = tuple(self.early_exit_markers)
+        check_early_exit(self.early_exit_threshold, self.early_exit_min_gap, self.early_exit_probe_tokens,
+                         self.early_exit_markers)
+        if not isinstance(self.early_exit, bool):
+            raise ValueError(f"early_exit must be true or false, got {self.early_exit!r}")
+        if self.guided is not None and (self.think_budget is not None or self.early_exit):
+            raise ValueError("think_budget and early_exit cannot be combined with guided decoding (the engine's "
+                             "forced closing text would fight the grammar); cap the think part in the grammar instead")
+
+    @property
+    def early_exit_config(self) -> EarlyExitConfig:
+        return EarlyExitConfig(self.early_exit_threshold, self.early_exit_min_gap, self.early_exit_probe_tokens,
+                               self.early_exit_markers)
 
     @property
     def greedy(self) -> bool:

@@ -4,6 +4,11 @@ Policy, top to bottom: running sequences first (decodes take one token; a prompt
 in chunks takes what is left of the token budget), then waiting sequences in arrival order while
 the budget, ``max_num_seqs`` and free KV blocks allow. When blocks run out, the most recently
 admitted running sequence is preempted: its blocks are freed and it is recomputed later.
+
+Early-exit probes (``Sequence.is_probe``) are admitted before waiting requests and outside
+``max_num_seqs`` (their parent, paused meanwhile, holds its slot); a probe that does not fit the
+free KV blocks is dropped at once (its parent thinks on) rather than wait for blocks its own
+paused parent may be holding.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ class Scheduler:
         budget = self.cfg.max_num_batched_tokens
         out: list[tuple[Sequence, int]] = []
         for seq in list(self.running):
-            if seq not in self.running:  # preempted below by an earlier sequence
+            if seq not in self.running or seq.paused:  # preempted below by an earlier sequence / probing
                 continue
             if budget == 0:
                 break
@@ -58,15 +63,20 @@ class Scheduler:
             self.bm.grow(seq, n)
             out.append((seq, n))
             budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
-            seq = self.waiting[0]
+        # probes first, then requests in arrival order; paused sequences wait for their probe
+        for seq in sorted((s for s in self.waiting if not s.paused), key=lambda s: not s.is_probe):
+            if budget <= 0 or (not seq.is_probe and self.num_running_requests >= self.cfg.max_num_seqs):
+                break
             n = min(seq.num_to_compute, budget)
             if not self.bm.admit(seq, n):
+                if seq.is_probe:
+                    self.finish(seq, "dropped")  # the engine sees the parent unpaused, no decision
+                    continue
                 if not self.running and not out:
                     raise RuntimeError(f"the KV cache ({self.bm.num_blocks} blocks of {self.bm.block_size}) "
                                        f"cannot hold one sequence of {len(seq)} tokens; raise kv_cache_memory_gb")
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.status = Status.RUNNING
             if seq.metrics.first_scheduled_time is None:
                 seq.metrics.first_scheduled_time = time.perf_counter()
@@ -76,19 +86,33 @@ class Scheduler:
             budget -= n
         return out
 
+    @property
+    def num_running_requests(self) -> int:
+        return sum(1 for s in self.running if not s.is_probe)
+
+    def add_probe(self, probe: Sequence) -> None:
+        assert probe.probe_parent is not None and probe.probe_parent.think.probe is None
+        probe.probe_parent.think.probe = probe
+        self.waiting.appendleft(probe)
+
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         seq.metrics.finish_time = time.perf_counter()
         if seq in self.running:
             self.running.remove(seq)
+        elif seq in self.waiting:  # a paused parent preempted while its probe ran, or a probe
+            self.waiting.remove(seq)
         self.bm.free_seq(seq)
+        probe = seq.think.probe
+        if probe is not None and not probe.finished:  # a parent that ends takes its probe along
+            self.finish(probe, "abort")
+        if seq.probe_parent is not None and reason in ("abort", "dropped"):
+            seq.probe_parent.think.probe = None
 
     def abort(self, request_id: str) -> Sequence | None:
         for seq in list(self.running) + list(self.waiting):
             if seq.request_id == request_id:
-                if seq in self.waiting:
-                    self.waiting.remove(seq)
                 self.finish(seq, "abort")
                 return seq
         return None

@@ -13,6 +13,7 @@ import torch
 
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.models.tokenizer import IncrementalDetokenizer, Tokenizer
+from llmopt.reasoning.budget import ReasoningStats, ThinkTracker
 
 if TYPE_CHECKING:
     from llmopt.engine.guided import GuidedState
@@ -73,6 +74,10 @@ class Sequence:
         self.token_times: list[float] = []
         # guided decoding: the grammar state, advanced on every appended token (set by the engine)
         self.guided: GuidedState | None = None
+        # efficient reasoning: where the output is in <think>/<answer> (set by the engine); a probe
+        # (an internal early-exit trial answer, never returned to users) points at its parent
+        self.think = ThinkTracker()
+        self.probe_parent: Sequence | None = None
 
     # token ids of prompt + output; the engine computes K/V for these
     @property
@@ -89,6 +94,15 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status == Status.FINISHED
+
+    @property
+    def paused(self) -> bool:
+        """Waiting for its early-exit probe: not scheduled until the probe is done."""
+        return self.think.probe is not None
+
+    @property
+    def is_probe(self) -> bool:
+        return self.probe_parent is not None
 
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, len={len(self)}, computed={self.num_computed_tokens}, "
@@ -110,13 +124,14 @@ class RequestOutput:
     delta: str = ""  # text added by the step that produced this output
     token_times: list[float] = field(default_factory=list)
     released_chars: int = 0  # text[:released_chars] is final (a stop string can no longer cut it)
+    reasoning: ReasoningStats | None = None  # think / answer tokens, budget and early-exit events
 
     @classmethod
     def of(cls, seq: Sequence, delta: str = "") -> RequestOutput:
         return cls(seq.request_id, seq.prompt, seq.prompt_ids, seq.text, list(seq.output_ids), seq.finished,
                    seq.finish_reason, list(seq.logprobs) if seq.params.logprobs is not None else None,
                    seq.metrics, seq.num_cached_tokens, delta, list(seq.token_times),
-                   len(seq.text) if seq.finished else seq.released_chars)
+                   len(seq.text) if seq.finished else seq.released_chars, seq.think.stats(len(seq.output_ids)))
 
     @property
     def tpot(self) -> float | None:

@@ -1,8 +1,9 @@
 """``llmopt report``: a Markdown and an HTML report, with figures, from saved runs.
 
 The report holds, for every eval run, its command, configuration and a table of suite metrics
-with 95% intervals; every comparison's deltas; and four figures (accuracy versus bits per
-weight, throughput versus concurrency, latency percentiles, tokens per answer), each captioned
+with 95% intervals; every comparison's deltas; and five figures (accuracy versus bits per
+weight, throughput versus concurrency, latency percentiles, tokens per answer, accuracy versus
+JCT over think budgets and early-exit thresholds with the unlimited run as reference), each captioned
 with the run files and commands it came from. A figure the runs hold no data for is replaced
 by a line saying so.
 """
@@ -212,6 +213,8 @@ def build_report(paths: list[Path], out_dir: Path, command: str | None = None) -
          lambda p: plots.latency_percentiles(runs.evals, runs.benches, p), "no latency recorded"),
         ("tokens_per_answer.png", "Tokens per answer",
          lambda p: plots.tokens_per_answer(runs.evals, p), "no generated answers"),
+        ("accuracy_vs_jct.png", "Accuracy versus JCT over think budgets and early exit",
+         lambda p: plots.accuracy_vs_jct(runs.evals, p), "no eval run with think-token records"),
     ]
     for filename, title, draw, missing in specs:
         doc.heading(3, title)

@@ -229,3 +229,49 @@ def tokens_per_answer(runs: list[EvalRun], path: Path) -> Figure | None:
     sources = _eval_sources(used)
     _save(fig, path, sources)
     return Figure(path, "Tokens per answer", sources)
+
+
+def reasoning_setting(run: EvalRun) -> str | None:
+    """"unlimited", "budget N", "early exit t" (or both) for an eval run that recorded think
+    tokens; None for a run without reasoning-efficiency records."""
+    if not any("mean_think_tokens" in s for s in run.data.get("suites", {}).values()):
+        return None
+    cfg = run.data.get("config", {})
+    parts = []
+    if cfg.get("think_budget"):
+        parts.append(f"budget {cfg['think_budget']}")
+    if cfg.get("early_exit"):
+        t = cfg.get("early_exit_threshold")
+        parts.append(f"early exit {t if t is not None else 'default'}")
+    return ", ".join(parts) or "unlimited"
+
+
+def accuracy_vs_jct(runs: list[EvalRun], path: Path) -> Figure | None:
+    """Accuracy (95% interval) against mean JCT per suite, one point per reasoning setting (think
+    budgets, early-exit thresholds); the unlimited run is the reference, drawn as a star."""
+    used = [(r, reasoning_setting(r)) for r in runs]
+    used = [(r, s) for r, s in used if s is not None]
+    if not used:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5))
+    suites = sorted({n for r, _ in used for n, s in r.data["suites"].items()
+                     if "mean_jct_s" in s and "accuracy" in s})
+    for color, suite in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], suites):
+        for r, setting in used:
+            s = r.data["suites"].get(suite)
+            if not s or "mean_jct_s" not in s:
+                continue
+            y, (lo, hi) = s["accuracy"], s["accuracy_ci95"]
+            ax.errorbar([s["mean_jct_s"]], [y], yerr=[[y - lo], [hi - y]], color=color, capsize=3,
+                        marker="*" if setting == "unlimited" else "o", markersize=12 if setting == "unlimited" else 6,
+                        linestyle="none")
+            ax.annotate(f"{suite}: {setting}", (s["mean_jct_s"], y), fontsize=7, xytext=(4, 4),
+                        textcoords="offset points")
+    ax.set_xlabel("mean JCT per item (s)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title("Accuracy vs JCT over think budgets / early exit (star: unlimited)")
+    ax.grid(alpha=0.3)
+    sources = _eval_sources([r for r, _ in used])
+    _save(fig, path, sources)
+    return Figure(path, "Accuracy versus JCT (efficient reasoning)", sources)

@@ -144,7 +144,7 @@ class OpenAIServer:
                 seed=seed, stop=list([req.stop] if isinstance(req.stop, str) else (req.stop or [])),
                 stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs,
                 skip_special_tokens=req.skip_special_tokens,
-                include_stop_str_in_output=req.include_stop_str_in_output, **guided)
+                include_stop_str_in_output=req.include_stop_str_in_output, **guided, **req.reasoning_fields())
         except GuidedDecodingUnavailable as e:
             raise APIError(501, f"this server cannot do guided decoding: {e}", param=next(iter(guided)),
                            code="guided_decoding_unavailable") from None

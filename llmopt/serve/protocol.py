@@ -70,6 +70,18 @@ class _SamplingFields(_Request):
     guided_choice: Annotated[list[str], Field(min_length=1)] | None = None
     guided_grammar: str | None = None
 
+    # llmopt extensions: efficient reasoning (docs/reasoning.md); values are checked by SamplingParams
+    think_budget: int | None = None  # close <think> after this many tokens
+    early_exit: bool = False  # stop thinking when a trial answer at a pause is confident
+    early_exit_threshold: float | None = None  # (0, 1]; default: llmopt.reasoning.early_exit.DEFAULT_THRESHOLD
+
+    def reasoning_fields(self) -> dict[str, Any]:
+        """The efficient-reasoning fields that are set, as ``SamplingParams`` keywords."""
+        out: dict[str, Any] = {"think_budget": self.think_budget, "early_exit": self.early_exit}
+        if self.early_exit_threshold is not None:
+            out["early_exit_threshold"] = self.early_exit_threshold
+        return out
+
     def guided_fields(self) -> dict[str, Any]:
         """The guided_* fields that are set, as ``SamplingParams`` keywords."""
         return {k: v for k in ("guided_regex", "guided_json", "guided_choice", "guided_grammar")

@@ -104,6 +104,10 @@ def eval_command(
     code_timeout: Annotated[float, typer.Option(help="seconds per HumanEval program in the sandbox", min=0.1)] = 10.0,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write suites and every item to this JSON file")] = None,
     compare: Annotated[Optional[str], typer.Option("--compare", help="baseline to run on the same items: 'fp32', 'quant=int8' or 'model=PATH,quant=none'")] = None,
+    think_budget: Annotated[Optional[int], typer.Option(help="close <think> after this many tokens (docs/reasoning.md)", min=1)] = None,
+    early_exit: Annotated[bool, typer.Option("--early-exit", help="stop thinking when a trial answer at a pause is confident")] = False,
+    early_exit_threshold: Annotated[Optional[float], typer.Option(help="mean token probability a trial answer needs, (0, 1]")] = None,
+    prefill_think: Annotated[bool, typer.Option("--prefill-think", help="end each prompt with '<think>\\n' (for a model that does not open <think> itself)")] = False,
     guided: Annotated[bool, typer.Option("--guided", help="decode with the think/answer format grammar (guided decoding, the 'guided' extra): format by construction; run without it for the unguided numbers")] = False,
 ) -> None:
     """Accuracy, format score and perplexity on offline suites, with 95% intervals."""
@@ -113,7 +117,9 @@ def eval_command(
     config = EvalConfig(model=model, quant=quant, suites=parse_suites(suite), n=n, seed=seed,
                         samples=samples, temperature=temperature, top_p=top_p,
                         max_tokens=max_tokens, batch_size=batch_size, shots=shots,
-                        ppl_max_tokens=ppl_max_tokens, code_timeout_s=code_timeout, guided=guided)
+                        ppl_max_tokens=ppl_max_tokens, code_timeout_s=code_timeout, guided=guided,
+                        think_budget=think_budget, early_exit=early_exit,
+                        early_exit_threshold=early_exit_threshold, prefill_think=prefill_think)
     run = _run_one(model, quant, config, command)
     console.print(results_table(run, f"{model} [{quant or 'none'}]{' guided' if guided else ''}: n={n}, seed={seed}"))
     result: dict[str, Any] = run

@@ -71,6 +71,12 @@ class EvalConfig:
     ppl_max_tokens: int = 512
     code_timeout_s: float = 10.0
     guided: bool = False  # decode with the format grammar (guided_format_grammar): format by construction
+    # efficient reasoning (docs/reasoning.md)
+    think_budget: int | None = None  # the engine closes <think> after this many tokens
+    early_exit: bool = False  # DEER-style confidence early exit
+    early_exit_threshold: float | None = None  # None: the engine's default
+    prefill_think: bool = False  # end the prompt with "<think>\n" (the assistant prefix forced); graded as
+    # "<think>\n" + output, for a model that does not open <think> by itself
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.suites if s not in SUITE_NAMES]
@@ -82,6 +88,7 @@ class EvalConfig:
             raise ValueError("n, samples and batch_size must be at least 1")
         if self.guided:
             guided_format_grammar(self.max_tokens)  # too few tokens for the format: say so now
+        _sampling_params(self, 0)  # a bad think_budget / early-exit value: ValueError now
 
     @property
     def effective_temperature(self) -> float:
@@ -129,6 +136,30 @@ def build_items(config: EvalConfig) -> dict[str, list[Item]]:
     return out
 
 
+THINK_PREFILL = "<think>\n"
+REASONING_KEYS = ("think_tokens", "answer_tokens", "closed_by", "early_exit_at", "probes", "probe_tokens")
+
+
+def reasoning_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Reasoning efficiency of a suite's records: mean think / answer tokens, correct answers per
+    1,000 think tokens, mean JCT (request latency), how often the engine closed the think part
+    (budget, early exit) and the probes' token cost. Empty for records without think counts."""
+    rs = [r for r in records if r.get("think_tokens") is not None]
+    if not rs:
+        return {}
+    think = sum(r["think_tokens"] for r in rs)
+    closed = [r.get("closed_by") for r in rs]
+    return {
+        "mean_think_tokens": think / len(rs),
+        "mean_answer_tokens": sum(r["answer_tokens"] for r in rs) / len(rs),
+        "accuracy_per_1k_think_tokens": 1000 * sum(bool(r["correct"]) for r in rs) / think if think else None,
+        "mean_jct_s": float(np.mean([r["latency_s"] for r in rs])),
+        "budget_close_rate": closed.count("budget") / len(rs),
+        "early_exit_rate": closed.count("early_exit") / len(rs),
+        "probe_tokens": int(sum(r.get("probe_tokens") or 0 for r in rs)),
+    }
+
+
 GUIDED_ANSWER_TOKENS = 48  # longest graded answer under --guided
 _GUIDED_TAG_TOKENS = 40  # the four tags and the whitespace between them, one byte per token at worst
 
@@ -160,6 +191,9 @@ def _sampling_params(config: EvalConfig, sample: int) -> Any:
         seed=None if temperature == 0.0 else config.seed * 1000 + sample,
         stop=None,
         guided_grammar=guided_format_grammar(config.max_tokens) if config.guided else None,
+        think_budget=config.think_budget,
+        early_exit=config.early_exit,
+        **({"early_exit_threshold": config.early_exit_threshold} if config.early_exit_threshold is not None else {}),
     )
 
 
@@ -196,14 +230,26 @@ def _generate(
         for start in range(0, len(batch_keys), config.batch_size):
             chunk = batch_keys[start:start + config.batch_size]
             t0 = time.perf_counter()
-            outs = llm.chat([todo[key].messages for key in chunk], params)
+            if config.prefill_think:
+                tok = llm.tokenizer
+                opener = tok.encode(THINK_PREFILL, add_special_tokens=False)
+                outs = llm.generate([tok.apply_chat_template(todo[key].messages) + opener for key in chunk], params)
+            else:
+                outs = llm.chat([todo[key].messages for key in chunk], params)
             wall = time.perf_counter() - t0
             if len(outs) != len(chunk):
                 raise RuntimeError(f"LLM.chat returned {len(outs)} outputs for {len(chunk)} prompts")
             for key, out in zip(chunk, outs):
                 latency, ttft = _request_times(out, wall)
+                r = getattr(out, "reasoning", None)
                 results[key] = {
-                    "output": out.text,
+                    "output": (THINK_PREFILL if config.prefill_think else "") + out.text,
+                    "think_tokens": r.think_tokens if r is not None else None,
+                    "answer_tokens": r.answer_tokens if r is not None else None,
+                    "closed_by": r.closed_by if r is not None else None,
+                    "early_exit_at": r.exit_at if r is not None else None,
+                    "probes": r.probes if r is not None else 0,
+                    "probe_tokens": r.probe_tokens if r is not None else 0,
                     "tokens": len(out.token_ids),
                     "latency_s": latency,
                     "ttft_s": ttft,
@@ -267,6 +313,7 @@ def _generative_records(
                 "ttft_s": gen["ttft_s"],
                 "finish_reason": gen["finish_reason"],
                 "batch_size": gen["batch_size"],
+                **{k: gen.get(k) for k in REASONING_KEYS},
                 "cached": key in seen,
             })
             seen.add(key)
@@ -349,6 +396,8 @@ def summarize(records: list[dict[str, Any]], samples: int = 1) -> dict[str, dict
             lenient = [r["correct_lenient"] for r in rs]
             s["accuracy_lenient"] = float(np.mean(lenient))
         s["mean_tokens"] = float(tokens.mean())
+        if name != "format":
+            s |= reasoning_summary(rs)
         lat = np.array([r["latency_s"] for r in rs], dtype=np.float64)
         s["latency_p50_s"] = float(np.percentile(lat, 50))
         s["latency_p90_s"] = float(np.percentile(lat, 90))

@@ -1,0 +1,152 @@
+"""Thinking budgets: where a sequence is in the think/answer format and when the engine closes
+its thinking for it.
+
+The engine keeps one ``ThinkTracker`` per sequence and updates it from the output text after
+every appended token (``update``). The tracker knows the phase:
+
+- ``PENDING``: the output is still a prefix of ``<think>`` (nothing decided yet);
+- ``THINKING``: the output starts with ``<think>`` (or the prompt ended with ``<think>``, the
+  assistant prefix forced by the caller) and ``</think>`` has not been written;
+- ``ANSWER``: ``</think>`` was written (by the model or by the engine);
+- ``NONE``: the output does not start with ``<think>``: budgets and early exit do nothing.
+
+Think tokens are output tokens counted from the start of the output (the ``<think>`` tag's own
+tokens included) up to the closing: for a model-written ``</think>`` up to and including the
+token that completed it, for an engine-written one the tokens before the forced text.
+
+``budget_limit`` is the token count at which the engine forces ``CLOSE_TEXT`` (tokenized with
+the model's tokenizer, appended as one chunk that the next step computes like a prefill chunk):
+the request's ``think_budget``, lowered so that the closing text and ``ANSWER_RESERVE_TOKENS``
+of answer still fit ``max_tokens``. In a budgeted sequence whose answer has not closed when only
+the tokens of ``ANSWER_CLOSE_TEXT`` still fit ``max_tokens``, the engine writes that too, so the
+output ends with ``</answer>`` (an answer cut short, but the format holds). When a sequence with a
+budget or early exit ends (EOS) inside the think part, the engine writes ``CLOSE_TEXT`` instead of
+the EOS and the model answers; inside the answer, it writes ``</answer>`` and the sequence ends.
+
+All functions here are pure; ``ThinkTracker`` is plain state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+CLOSE_TEXT = "</think>\n<answer>\n"  # what the engine writes to end thinking
+ANSWER_CLOSE_TEXT = "</answer>"  # what a budgeted sequence gets when max_tokens is about to cut its answer
+ANSWER_RESERVE_TOKENS = 24  # answer tokens a think budget leaves inside max_tokens
+
+
+class Phase(Enum):
+    PENDING = "pending"
+    THINKING = "thinking"
+    ANSWER = "answer"
+    NONE = "none"
+
+
+def check_think_budget(think_budget: int | None) -> None:
+    if think_budget is None:
+        return
+    if isinstance(think_budget, bool) or not isinstance(think_budget, int) or think_budget < 1:
+        raise ValueError(f"think_budget must be an integer >= 1 (tokens of thinking) or None for no "
+                         f"budget, got {think_budget!r}")
+
+
+def prompt_opens_think(prompt_tail: str) -> bool:
+    """True when the prompt ends with ``<think>`` (and optional whitespace): the caller forced the
+    assistant prefix, so the output starts inside the think part."""
+    return prompt_tail.rstrip().endswith(THINK_OPEN)
+
+
+def budget_limit(think_budget: int | None, max_tokens: int, close_len: int) -> int | None:
+    """Output tokens after which thinking is closed, or None without a budget."""
+    if think_budget is None:
+        return None
+    return max(1, min(think_budget, max_tokens - close_len - ANSWER_RESERVE_TOKENS))
+
+
+@dataclass
+class ThinkTracker:
+    """Where one sequence is in the format, plus what budgets and early exit did to it."""
+
+    opened_in_prompt: bool = False
+    phase: Phase = Phase.PENDING
+    think_tokens: int = 0
+    closed_by: str | None = None  # "model" | "budget" | "early_exit" | "eos" (the model ended inside <think>)
+    forced_tokens: int = 0  # tokens the engine wrote (closing texts, adopted trial answers)
+    answer_closed: bool = False  # "</answer>" written
+    # early exit
+    probe: Any = None  # the probe sequence in flight (at most one)
+    probes: int = 0
+    probe_tokens: int = 0  # tokens the probes computed (prefill not served by the prefix cache + decoded)
+    probe_prompt_tokens: int = 0
+    probe_cached_tokens: int = 0  # of the probes' prompts, served by the prefix cache
+    last_probe_at: int = 0  # think tokens when the last probe was forked
+    confidences: list[float] = field(default_factory=list)  # of each finished probe, -1 = no answer
+    exit_at: int | None = None  # think tokens when early exit fired
+    _scanned: int = 0  # text chars already searched for the closing tag
+
+    def __post_init__(self) -> None:
+        if self.opened_in_prompt:
+            self.phase = Phase.THINKING
+
+    def update(self, text: str, num_output_tokens: int) -> None:
+        """Advance the phase after a token was appended; ``text`` is the whole output so far."""
+        if self.phase == Phase.PENDING:
+            if text.startswith(THINK_OPEN):
+                self.phase = Phase.THINKING
+                self._scanned = len(THINK_OPEN)
+            elif not THINK_OPEN.startswith(text):
+                self.phase = Phase.NONE
+        if self.phase == Phase.THINKING:
+            start = max(self._scanned - len(THINK_CLOSE) + 1, len(THINK_OPEN) if not self.opened_in_prompt else 0)
+            if THINK_CLOSE in text[start:]:
+                self.phase = Phase.ANSWER
+            if self.closed_by is None:  # not while the engine writes its closing text
+                self.think_tokens = num_output_tokens
+                if self.phase == Phase.ANSWER:
+                    self.closed_by = "model"
+            self._scanned = len(text)
+        if self.phase == Phase.ANSWER and not self.answer_closed:
+            self.answer_closed = ANSWER_CLOSE_TEXT in text[max(0, text.find(THINK_CLOSE)):]
+
+    def close(self, num_output_tokens: int, by: str) -> None:
+        """The engine ends thinking now (before appending the closing text)."""
+        self.think_tokens = num_output_tokens
+        self.closed_by = by
+
+    def stats(self, num_output_tokens: int) -> ReasoningStats:
+        think = self.think_tokens if self.phase in (Phase.THINKING, Phase.ANSWER) else 0
+        cached = self.probe_cached_tokens / self.probe_prompt_tokens if self.probe_prompt_tokens else None
+        return ReasoningStats(self.phase.value, think, num_output_tokens - think, self.closed_by,
+                              self.forced_tokens, self.probes, self.probe_tokens, cached,
+                              list(self.confidences), self.exit_at)
+
+
+def should_force_answer_close(t: ThinkTracker, num_output_tokens: int, max_tokens: int, close_len: int) -> bool:
+    """A budgeted sequence in its answer whose room in ``max_tokens`` is down to the closing tag."""
+    return (t.phase == Phase.ANSWER and not t.answer_closed
+            and max_tokens - num_output_tokens == close_len)
+
+
+@dataclass(frozen=True)
+class ReasoningStats:
+    """What a finished (or running) output spent on thinking; in ``RequestOutput.reasoning``."""
+
+    phase: str  # "pending" | "thinking" | "answer" | "none"
+    think_tokens: int  # 0 when the output never opened <think>
+    answer_tokens: int  # the rest of the output (closing tags included)
+    closed_by: str | None  # who wrote </think>: "model", or the engine at "budget", "early_exit", "eos"; None: open
+    forced_tokens: int  # tokens the engine wrote into the output
+    probes: int  # early-exit probes run for this request
+    probe_tokens: int  # tokens those probes computed
+    probe_prefix_hit_rate: float | None  # share of the probes' prompt tokens served by the prefix cache
+    probe_confidences: list[float]  # confidence of each probe's trial answer (-1: it wrote no answer)
+    exit_at: int | None  # think tokens when early exit fired
+
+    def as_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)

@@ -1,0 +1,61 @@
+"""``llmopt run`` with think budgets and early exit: options, the per-case field, the side file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from llmopt.batch import BatchFormatError, BatchRun, RunOptions, load_batch
+from llmopt.reasoning.format import format_ok
+
+
+def _cases(tmp_path, **extra):
+    p = tmp_path / "cases.jsonl"
+    rows = [{"id": "a", "max_tokens": 60, "questions": [{"id": 1, "content": "hi"}, {"id": 2, "content": "yo"}],
+             **extra}]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+@pytest.mark.parametrize("kw", [dict(think_budget=0), dict(think_budget=-5), dict(early_exit_threshold=0.0),
+                                dict(early_exit_threshold=1.01)])
+def test_bad_reasoning_options_are_value_errors(kw):
+    with pytest.raises(ValueError):
+        RunOptions(**kw)
+
+
+def test_case_think_budget_is_validated_and_wins_over_the_run_option(tmp_path):
+    with pytest.raises(BatchFormatError, match="think_budget: must be an integer >= 1"):
+        load_batch(_cases(tmp_path, think_budget=0))
+    batch = load_batch(_cases(tmp_path, think_budget=9))
+    run = BatchRun(batch, tmp_path / "out.jsonl", RunOptions(think_budget=100, early_exit=True))
+    p = run.params(batch.cases[0])
+    assert p.think_budget == 9 and p.early_exit
+
+
+def test_cli_rejects_a_zero_think_budget(tmp_path):
+    from llmopt.cli import app
+
+    r = CliRunner().invoke(app, ["run", str(_cases(tmp_path)), "-o", str(tmp_path / "o.jsonl"), "--think-budget", "0"])
+    assert r.exit_code != 0 and "think-budget" in r.output
+
+
+def test_budgeted_run_keeps_the_format_and_writes_a_reasoning_side_file(tiny_models, tmp_path):
+    from llmopt.config import EngineConfig
+    from llmopt.engine.engine import LLMEngine
+
+    engine = LLMEngine(str(tiny_models["llama"][1]), EngineConfig(num_threads=1, kv_cache_memory_gb=0.05))
+    out = tmp_path / "out.jsonl"
+    # the system prompt ends with <think> and the chat template adds the assistant turn after it, so the
+    # tiny model is not inside <think>: the budget does nothing, the side file still records the split
+    opts = RunOptions(system="", think_budget=10, max_tokens=60)
+    BatchRun(load_batch(_cases(tmp_path)), out, opts, resume=False).run(engine)
+    line = json.loads(out.read_text())
+    assert set(line["result"]) == {"results", "duration"}  # the competition object is untouched
+    side = [json.loads(x) for x in (tmp_path / "out.jsonl.reasoning.jsonl").read_text().splitlines()]
+    assert [q["id"] for q in side[0]["questions"]] == [1, 2] and side[0]["id"] == "a"
+    for q, r in zip(side[0]["questions"], line["result"]["results"]):
+        assert q["think_tokens"] + q["answer_tokens"] == q["output_tokens"] and q["jct_ms"] > 0
+        assert q["closed_by"] in (None, "budget") and (q["closed_by"] is None or format_ok(r["content"]))

@@ -1,0 +1,91 @@
+"""Thinking budgets: the engine closes <think> itself at the budget and the output keeps the format."""
+
+import pytest
+
+from llmopt import LLM, SamplingParams
+from llmopt.reasoning.budget import CLOSE_TEXT, Phase, ThinkTracker, budget_limit
+from llmopt.reasoning.format import format_ok
+
+# the tiny random model never writes <think> itself: the prompt ends with it (the assistant prefix
+# forced by the caller), so the output starts inside the think part
+OPEN_PROMPT = "Question: what is two and two?\n<think>"
+PLAIN_PROMPT = "Question: what is two and two?\n"
+
+
+def _params(**kw):
+    base = dict(max_tokens=60, temperature=0.0, ignore_eos=True, stop=["</answer>"], include_stop_str_in_output=True)
+    return SamplingParams(**(base | kw))
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_models):
+    return LLM(str(tiny_models["llama"][1]), kv_cache_memory_gb=0.05, block_size=8)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 1.5, True, "10"])
+def test_bad_think_budget_is_a_value_error(bad):
+    with pytest.raises(ValueError, match="think_budget"):
+        SamplingParams(think_budget=bad)
+
+
+def test_budget_closes_thinking_once_and_output_matches_the_rule(llm):
+    close = llm.engine.close_ids
+    out = llm.generate([OPEN_PROMPT], _params(think_budget=12))[0]
+    r = out.reasoning
+    assert r.closed_by == "budget" and r.think_tokens == 12 and r.phase == "answer"
+    assert out.token_ids[12:12 + len(close)] == close  # forced right at the budget
+    assert out.text.count(CLOSE_TEXT) == 1
+    assert format_ok("<think>" + out.text)  # the caller's forced <think> + the output
+    assert r.think_tokens + r.answer_tokens == len(out.token_ids)
+
+
+def test_forced_closing_text_is_computed_in_one_step_as_a_chunk(llm):
+    eng = llm.engine
+    seq = eng.add_request(OPEN_PROMPT, _params(think_budget=5))
+    while seq.think.closed_by is None:
+        eng.step()
+    assert seq.num_to_compute == len(eng.close_ids) + 1  # the last sampled token + the closing text
+    before = seq.num_computed_tokens
+    eng.step()
+    assert seq.num_computed_tokens == before + len(eng.close_ids) + 1  # all of it in the next step
+    eng.abort(seq.request_id)
+
+
+def test_answer_is_closed_before_max_tokens_cuts_it(llm):
+    out = llm.generate([OPEN_PROMPT], _params(think_budget=4, max_tokens=50))[0]
+    assert len(out.token_ids) <= 50
+    assert out.text.endswith("</answer>") and format_ok("<think>" + out.text)
+
+
+def test_budget_is_lowered_to_leave_room_for_the_answer(llm):
+    out = llm.generate([OPEN_PROMPT], _params(think_budget=1000, max_tokens=60))[0]
+    limit = budget_limit(1000, 60, len(llm.engine.close_ids))
+    assert out.reasoning.think_tokens == limit < 60
+    assert format_ok("<think>" + out.text)
+
+
+def test_budget_does_nothing_when_the_output_does_not_open_think(llm):
+    plain = llm.generate([PLAIN_PROMPT], _params())[0]
+    budgeted = llm.generate([PLAIN_PROMPT], _params(think_budget=5))[0]
+    assert budgeted.token_ids == plain.token_ids
+    assert budgeted.reasoning.phase == "none" and budgeted.reasoning.closed_by is None
+
+
+def test_budgeted_batch_matches_single(llm):
+    prompts = [OPEN_PROMPT, PLAIN_PROMPT, "x<think>", OPEN_PROMPT + " hmm"]
+    params = [_params(think_budget=b) for b in (3, 7, 11, 20)]
+    singles = [llm.generate([p], sp)[0].token_ids for p, sp in zip(prompts, params)]
+    batched = llm.engine.generate(prompts, params)
+    assert [o.token_ids for o in batched] == singles
+    assert llm.engine.block_manager.num_used_blocks == 0
+
+
+def test_tracker_follows_a_model_written_format():
+    t = ThinkTracker()
+    for n, text in enumerate(["<th", "<think>", "<think>a", "<think>a</thi", "<think>a</think>", "<think>a</think><answer>1</answer>"], 1):
+        t.update(text, n)
+    assert t.phase == Phase.ANSWER and t.closed_by == "model" and t.think_tokens == 5 and t.answer_closed
+    t = ThinkTracker()
+    t.update(" <think>", 1)
+    assert t.phase == Phase.NONE  # the rule needs <think> first: budgets do nothing
+    assert ThinkTracker(opened_in_prompt=True).phase == Phase.THINKING

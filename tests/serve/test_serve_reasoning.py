@@ -1,0 +1,29 @@
+"""Efficient reasoning over HTTP: the think_budget / early_exit extension fields on the real server."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from llmopt.reasoning.format import format_ok
+from serve_util import MODEL
+
+
+@pytest.mark.parametrize("body, param", [({"think_budget": 0}, "think_budget"),
+                                         ({"think_budget": -4}, "think_budget"),
+                                         ({"early_exit": True, "early_exit_threshold": 0}, "early_exit_threshold"),
+                                         ({"early_exit_threshold": 1.5}, "early_exit_threshold")])
+def test_bad_reasoning_fields_are_400s_naming_the_field(server, body, param):
+    r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 4, **body},
+                   headers=server.headers, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.text
+
+
+def test_think_budget_closes_thinking_over_http(client):
+    # the prompt opens <think>: the budget counts from the first output token
+    r = client.completions.create(model=MODEL, prompt="Q: What is 6 times 7? Think first.\n<think>\n",
+                                  max_tokens=48, temperature=0.0, stop=["</answer>"],
+                                  extra_body={"think_budget": 6, "include_stop_str_in_output": True})
+    text = r.choices[0].text
+    assert "</think>\n<answer>\n" in text and format_ok("<think>\n" + text), text
