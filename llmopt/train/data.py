@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmopt.tasks.base import CODE_SYSTEM_PROMPT, REASONING_SYSTEM_PROMPT, Grade
+from llmopt.tasks.base import CODE_SYSTEM_PROMPT, REASONING_SYSTEM_PROMPT, Grade, interleave
 from llmopt.tasks.mathlogic import LOGIC_TASKS, MATH_TASKS, grade_reasoning_gym
 
 log = logging.getLogger(__name__)
@@ -141,14 +141,7 @@ def reasoning_gym_examples(suite: str, n: int, chunk: int = 0) -> list[Example]:
                 grade=(lambda a, _t=task, _d=ds, _e=entry: grade_reasoning_gym(_t, _d, _e, a)),
                 id=f"train/{suite}/{task}/{seed}/{i}"))
         groups.append(group)
-    out: list[Example] = []
-    i = 0
-    while len(out) < n and any(i < len(g) for g in groups):
-        for g in groups:
-            if i < len(g) and len(out) < n:
-                out.append(g[i])
-        i += 1
-    return out
+    return interleave(groups, n)
 
 
 # ---- code ---------------------------------------------------------------------------------------------
