@@ -268,6 +268,11 @@ def _gguf_hf_config(arch: str, f: dict[str, Any], tensor_names: set[str]) -> Any
 
     n_head = int(need("attention.head_count"))
     hidden = int(need("embedding_length"))
+    n_kv = int(f.get(f"{arch}.attention.head_count_kv", n_head))
+    if n_head < 1 or hidden < 1 or not 1 <= n_kv <= n_head or n_head % n_kv:
+        raise ModelLoadError(f"GGUF metadata is inconsistent: {arch}.attention.head_count={n_head}, "
+                             f"head_count_kv={n_kv}, embedding_length={hidden} (need positive counts and "
+                             f"head_count a multiple of head_count_kv); the file is corrupt or not a model")
     head_dim = int(f.get(f"{arch}.attention.key_length") or f.get(f"{arch}.rope.dimension_count") or hidden // n_head)
     vocab = int(f.get(f"{arch}.vocab_size") or len(f.get("tokenizer.ggml.tokens") or []))
     rope: dict[str, Any] = {"rope_theta": float(f.get(f"{arch}.rope.freq_base", 10000.0)), "rope_type": "default"}

@@ -116,3 +116,21 @@ def test_real_model_with_alignment_zero_is_refused_in_one_line(tiny_models, tmp_
     assert res.exit_code == 1, res.output
     lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "general.alignment is 0" in lines[0], res.output
+
+
+def _set_u32(gguf_bytes: bytes, key: str, value: int) -> bytes:
+    """Overwrite the u32 value of metadata ``key`` in place (same length, so offsets stay valid)."""
+    k = key.encode()
+    at = gguf_bytes.index(struct.pack("<Q", len(k)) + k) + 8 + len(k)
+    vtype = struct.unpack_from("<I", gguf_bytes, at)[0]
+    assert vtype in (4, 5), vtype  # u32 / i32
+    return gguf_bytes[:at + 4] + struct.pack("<I", value) + gguf_bytes[at + 8:]
+
+
+@pytest.mark.parametrize("key,value", [("llama.attention.head_count", 0), ("llama.attention.head_count_kv", 0),
+                                       ("llama.attention.head_count_kv", 3)])
+def test_inconsistent_head_counts_are_refused_not_a_division_by_zero(tiny_models, tmp_path, key, value):
+    bad = tmp_path / "heads.gguf"
+    bad.write_bytes(_set_u32(tiny_models["llama"][2].read_bytes(), key, value))
+    with pytest.raises(ModelLoadError, match="GGUF metadata is inconsistent"):
+        load_model(bad)
