@@ -107,8 +107,8 @@ def _upload(port: int, extra_headers: str, chunk: bytes, max_bytes: int, pause: 
             time.sleep(pause)
         s.setblocking(True)
         s.settimeout(10)
-        try:
-            while b"\r\n\r\n" not in response:
+        try:  # the whole answer: headers, then the body (it may come in a later segment)
+            while not _complete(response):
                 data = s.recv(65536)
                 if not data:
                     break
@@ -116,6 +116,18 @@ def _upload(port: int, extra_headers: str, chunk: bytes, max_bytes: int, pause: 
         except OSError:
             pass
     return response, sent
+
+
+def _complete(response: bytes) -> bool:
+    """True once ``response`` holds its headers and as many body bytes as its content-length says."""
+    head, sep, body = response.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value.strip())
+    return True
 
 
 def test_513_mb_content_length_is_refused_before_the_body_is_read(srv):
