@@ -116,11 +116,14 @@ def wait_for(pred, timeout: float = 20.0, interval: float = 0.2):
 class ThreadServer:
     """uvicorn serving ``app`` in a thread of this process (for tests that patch the engine)."""
 
-    def __init__(self, app):
+    def __init__(self, app, make_config=None):
+        """``make_config(app, host, port)`` builds the ``uvicorn.Config`` (default: plain uvicorn)."""
         import uvicorn
 
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        config = (make_config(app, "127.0.0.1", self.port) if make_config else
+                  uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property

@@ -17,7 +17,7 @@ from llmopt.config import EngineConfig
 from llmopt.engine.engine import LLMEngine
 from llmopt.serve.app import ServeConfig, create_app
 from llmopt.serve.connections import uvicorn_config
-from serve_util import free_port, metrics, wait_healthy
+from serve_util import ThreadServer, metrics
 
 TINY = "tiny-llama"
 MIB = 2**20
@@ -31,33 +31,16 @@ def tiny_dir(tmp_path_factory):
     return c.save_hf_dir(c.tiny_hf_model("llama"), tmp_path_factory.mktemp("serve-hard") / "llama")
 
 
-class Server:
+class Server(ThreadServer):
     """uvicorn (with llmopt's connection limits) serving the tiny model in a thread."""
 
     def __init__(self, tiny_dir, header_timeout: float = 10.0, max_num_seqs: int = 4, **cfg):
-        import uvicorn
-
         engine = LLMEngine(str(tiny_dir), EngineConfig(num_threads=1, num_kv_blocks=64, max_model_len=512,
                                                        max_num_seqs=max_num_seqs))
         cfg.setdefault("allowed_hosts", ("localhost", "127.0.0.1", "::1"))
         self.app = create_app(engine, ServeConfig(model_names=[TINY], **cfg))
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn_config(self.app, "127.0.0.1", self.port, header_timeout=header_timeout,
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> "Server":
-        self.thread.start()
-        wait_healthy(self.url, timeout=60)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
+        super().__init__(self.app, lambda app, host, port: uvicorn_config(app, host, port, header_timeout=header_timeout,
+                                                                         log_level="warning"))
 
 
 @pytest.fixture(scope="module")
