@@ -169,10 +169,10 @@ def _eval_section(doc: _Doc, run: EvalRun) -> None:
 def build_report(paths: list[Path], out_dir: Path, command: str | None = None) -> ReportFiles:
     """Write ``report.md``, ``report.html`` and ``figures/*.png`` into ``out_dir``."""
     runs: Runs = load_runs([Path(p) for p in paths])
-    if not runs.evals and not runs.benches:
-        raise ValueError(f"no eval or bench run found in {', '.join(map(str, paths))}: "
+    if not runs.evals and not runs.benches and not runs.trainings:
+        raise ValueError(f"no eval, bench or training run found in {', '.join(map(str, paths))}: "
                          "give directories or JSON files written by `llmopt eval --json` or "
-                         "`llmopt bench`")
+                         "`llmopt bench`, or `llmopt train` run directories")
     out_dir = Path(out_dir)
     fig_dir = out_dir / "figures"
     doc = _Doc()
@@ -181,7 +181,23 @@ def build_report(paths: list[Path], out_dir: Path, command: str | None = None) -
              + (f" by `{command}`" if command else "") + ".")
     doc.para("Saved runs read:")
     doc.bullets([f"`{r.path}` ({r.label}, eval)" for r in runs.evals]
-                + [f"`{r.path}` ({r.label}, bench)" for r in runs.benches])
+                + [f"`{r.path}` ({r.label}, bench)" for r in runs.benches]
+                + [f"`{r.path}` ({r.label}, training)" for r in runs.trainings])
+    if runs.trainings:
+        doc.heading(2, "Training runs")
+        rows = []
+        for t in runs.trainings:
+            c = t.config
+            lora = c.get("lora", {}) if isinstance(c.get("lora"), dict) else {}
+            wall = sum(float(r.get("step_s", 0.0)) for r in t.records)
+            key = "loss" if t.kind == "sft" else "reward"
+            _, vals = t.series(key)
+            tail = vals[-20:]
+            rows.append([t.label, t.kind, str(len(t.records)), f"{wall / 60:.1f}",
+                         f"{key} {_fmt(sum(tail) / len(tail)) if tail else '?'}",
+                         f"{c.get('suites', '?')} (chunk {c.get('chunk', '?')})",
+                         f"r={lora.get('rank', '?')}, layers >= {lora.get('first_layer', '?')}, lr={c.get('lr', '?')}"])
+        doc.table(["run", "kind", "steps", "step time (min)", "last 20 steps", "data", "LoRA / optimizer"], rows)
 
     if runs.evals:
         doc.heading(2, "Evaluation runs")
@@ -215,6 +231,8 @@ def build_report(paths: list[Path], out_dir: Path, command: str | None = None) -
          lambda p: plots.tokens_per_answer(runs.evals, p), "no generated answers"),
         ("accuracy_vs_jct.png", "Accuracy versus JCT over think budgets and early exit",
          lambda p: plots.accuracy_vs_jct(runs.evals, p), "no eval run with think-token records"),
+        ("training_curves.png", "Training curves",
+         lambda p: plots.training_curves(runs.trainings, p), "no training run given"),
     ]
     for filename, title, draw, missing in specs:
         doc.heading(3, title)

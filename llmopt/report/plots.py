@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .runs import BenchRun, EvalRun, percentiles_of, throughput_of
+from .runs import BenchRun, EvalRun, TrainRun, percentiles_of, throughput_of
 
 ACCURACY_SUITES = ("math", "logic", "code", "format")
 
@@ -275,3 +275,52 @@ def accuracy_vs_jct(runs: list[EvalRun], path: Path) -> Figure | None:
     sources = _eval_sources([r for r, _ in used])
     _save(fig, path, sources)
     return Figure(path, "Accuracy versus JCT (efficient reasoning)", sources)
+
+
+def _moving_average(values: list[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def training_curves(runs: list[TrainRun], path: Path) -> Figure | None:
+    """Training curves per run: SFT loss (raw and moving average) and learning rate; GRPO reward,
+    format rate and accuracy of the rollouts (moving averages) and KL to the base model."""
+    if not runs:
+        return None
+    fig, axes = plt.subplots(len(runs), 2, figsize=(10, 3.4 * len(runs)), squeeze=False)
+    for (ax_l, ax_r), run in zip(axes, runs):
+        if run.kind == "sft":
+            steps, loss = run.series("loss")
+            ax_l.plot(steps, loss, alpha=0.3, linewidth=0.8, label="loss")
+            ax_l.plot(steps, _moving_average(loss, 20), label="loss (20-step mean)")
+            ax_l.set_ylabel("token NLL")
+            steps_lr, lr = run.series("lr")
+            ax_r.plot(steps_lr, lr, label="learning rate")
+            ax_r.set_ylabel("learning rate")
+            tps_steps, tps = run.series("tokens_per_s")
+            if tps:
+                ax_t = ax_r.twinx()
+                ax_t.plot(tps_steps, _moving_average(tps, 20), color="tab:gray", alpha=0.6, label="tokens/s")
+                ax_t.set_ylabel("training tokens/s (20-step mean)")
+        else:
+            for key in ("reward", "format_rate", "accuracy"):
+                steps, vals = run.series(key)
+                if vals:
+                    ax_l.plot(steps, _moving_average(vals, 5), label=f"{key} (5-step mean)")
+            ax_l.set_ylabel("rollout mean")
+            steps, kl = run.series("kl")
+            ax_r.plot(steps, kl, label="KL to base")
+            ax_r.set_ylabel("KL (k3 estimate)")
+        for ax in (ax_l, ax_r):
+            ax.set_xlabel("optimizer step")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="best")
+        ax_l.set_title(f"{run.label}: {len(run.records)} steps", fontsize=9)
+    sources = [(r.label, str(r.path / "log.jsonl"), r.command) for r in runs]
+    _save(fig, path, sources)
+    return Figure(path, "Training curves", sources)

@@ -11,6 +11,10 @@ Recognized files:
   ``throughput`` or ``request_throughput``); latency fields named like ``ttft_p50_ms`` or
   ``p99_latency_s`` (any name containing p50/p90/p95/p99) are read as percentiles.
 
+- a training run: a directory holding ``log.jsonl`` (one record per optimizer step) and
+  ``config.json``, as ``llmopt train sft|grpo --out DIR`` writes them; GRPO records carry
+  ``reward``, SFT records ``loss``.
+
 Other JSON files are skipped with a log line, so a run directory may hold anything else too.
 """
 
@@ -59,8 +63,28 @@ class Comparison:
 
 
 @dataclass
+class TrainRun:
+    path: Path  # the run directory
+    label: str
+    kind: str  # "sft" or "grpo"
+    config: dict[str, Any]
+    records: list[dict[str, Any]]
+
+    @property
+    def command(self) -> str:
+        return f"llmopt train {self.kind} --out {self.path} (settings: {self.path / 'config.json'})"
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        """(steps, values) of one logged field, skipping records without it."""
+        pts = [(int(r["step"]), float(r[key])) for r in self.records
+               if isinstance(r.get(key), (int, float)) and isinstance(r.get("step"), int)]
+        return [a for a, _ in pts], [b for _, b in pts]
+
+
+@dataclass
 class Runs:
     evals: list[EvalRun] = field(default_factory=list)
+    trainings: list[TrainRun] = field(default_factory=list)
     benches: list[BenchRun] = field(default_factory=list)
     comparisons: list[Comparison] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
@@ -98,10 +122,41 @@ def _bench_rows(obj: Any) -> list[dict[str, Any]] | None:
     return None
 
 
+def _train_run(run_dir: Path) -> TrainRun | None:
+    log_path, cfg_path = run_dir / "log.jsonl", run_dir / "config.json"
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+        records = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError) as e:
+        log.info("skipping training run %s: %s", run_dir, e)
+        return None
+    records = [r for r in records if isinstance(r, dict) and isinstance(r.get("step"), int)]
+    if not records or not isinstance(config, dict):
+        return None
+    kind = "grpo" if any("reward" in r for r in records) else "sft"
+    return TrainRun(run_dir, f"{kind} {run_dir.name}", kind, config, records)
+
+
+def _train_dirs(paths: list[Path]) -> list[Path]:
+    dirs: list[Path] = []
+    for p in map(Path, paths):
+        logs = sorted(p.rglob("log.jsonl")) if p.is_dir() else [p] if p.name == "log.jsonl" else []
+        dirs += [q.parent for q in logs if (q.parent / "config.json").is_file()]
+    return list(dict.fromkeys(dirs))
+
+
 def load_runs(paths: list[Path]) -> Runs:
     """Read every recognized run under ``paths`` (directories are searched recursively)."""
     runs = Runs()
-    for f in _json_files(paths):
+    train_configs = set()
+    for d in _train_dirs(paths):
+        tr = _train_run(d)
+        if tr is not None:
+            runs.trainings.append(tr)
+            train_configs.add(d / "config.json")
+    for f in _json_files([p for p in paths if Path(p).name != "log.jsonl"]):
+        if f in train_configs:
+            continue
         try:
             data = json.loads(f.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:

@@ -88,6 +88,8 @@ def sft_command(
                                               "none, code")] = "reasoning,none,code",
     epochs: Annotated[int, typer.Option(help="passes over the data")] = 1,
     lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 5e-4,
+    lr_schedule: Annotated[str, typer.Option(help="constant, or cosine (decays to 0.1 x lr at the last step)")] = "constant",
+    warmup_steps: Annotated[int, typer.Option(help="optimizer steps of linear learning-rate warm-up", min=0)] = 3,
     grad_accum: Annotated[int, typer.Option(help="sequences per optimizer step")] = 4,
     max_seq_tokens: Annotated[int, typer.Option(help="skip examples longer than this (prompt + target)")] = 384,
     lora_rank: Annotated[int, typer.Option(help="LoRA rank")] = 16,
@@ -106,7 +108,8 @@ def sft_command(
         raise FileNotFoundError(f"--init-adapter {str(init_adapter)!r} does not exist")
     cfg = SFTConfig(model=model, out=str(out), suites=suites, data=str(data) if data else None, chunk=chunk,
                     init_adapter=str(init_adapter) if init_adapter else None,
-                    targets=targets, systems=systems, epochs=epochs, lr=lr, grad_accum=grad_accum,
+                    targets=targets, systems=systems, epochs=epochs, lr=lr, lr_schedule=lr_schedule,
+                    warmup_steps=warmup_steps, grad_accum=grad_accum,
                     max_seq_tokens=max_seq_tokens, save_every=save_every, seed=seed,
                     samples_per_prompt=samples_per_prompt, num_threads=threads,
                     lora=LoraSpec(rank=lora_rank, alpha=lora_alpha, first_layer=lora_first_layer))

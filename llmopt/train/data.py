@@ -29,6 +29,8 @@ from typing import Any
 from llmopt.tasks.base import CODE_SYSTEM_PROMPT, REASONING_SYSTEM_PROMPT, Grade, interleave
 from llmopt.tasks.mathlogic import LOGIC_TASKS, MATH_TASKS, grade_reasoning_gym
 
+from . import rationales
+
 log = logging.getLogger(__name__)
 
 TRAIN_SEED_BASE = 1_000_000_000
@@ -95,9 +97,35 @@ _GENERIC_RATIONALE = {
 }
 
 
+def _leg_table() -> dict[str, int]:
+    try:  # reasoning-gym's own table of legs per animal
+        from reasoning_gym.arithmetic.leg_counting import ANIMALS
+    except ImportError:
+        return {}
+    return dict(ANIMALS)
+
+
+def _worked(task: str, entry: dict) -> str | None:
+    """One operation per step where the task's metadata allows it (see ``rationales``)."""
+    meta = entry.get("metadata", {})
+    ans = str(entry.get("answer"))
+    if task in ("basic_arithmetic", "chain_sum") and meta.get("expression"):
+        return rationales.arithmetic_steps(meta["expression"], ans)
+    if task == "leg_counting" and isinstance(meta.get("animals"), dict):
+        return rationales.leg_steps(meta["animals"], _leg_table(), ans)
+    if task == "simple_equations" and meta.get("equation") and meta.get("variable"):
+        return rationales.equation_steps(meta["equation"], meta["variable"], ans)
+    if task == "aiw":
+        return rationales.count_plus_self_steps(ans, entry.get("question", ""))
+    return None
+
+
 def _rationale(task: str, entry: dict) -> str:
     meta = entry.get("metadata", {})
     ans = entry.get("answer")
+    worked = _worked(task, entry)
+    if worked is not None:
+        return worked
     if task in ("basic_arithmetic", "chain_sum") and meta.get("expression"):
         return f"{meta['expression'].strip()} = {ans}"
     if task == "simple_equations" and meta.get("equation"):

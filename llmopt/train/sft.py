@@ -14,7 +14,7 @@ Targets (``SFTConfig.targets``):
 Every example is trained under each system prompt variant in ``systems`` (the competition's,
 none, the code suite's for code) in turn. The loss is the mean token cross-entropy of the
 target (reply + end-of-turn token) only. fp32, CPU, LoRA on the upper layers (see
-``LoraSpec``), AdamW, linear warm-up then constant learning rate.
+``LoraSpec``), AdamW, linear warm-up, then a constant or cosine-decayed learning rate.
 """
 
 from __future__ import annotations
@@ -66,6 +66,8 @@ class SFTConfig:
     epochs: int = 1
     lr: float = 3e-4
     warmup_steps: int = 3
+    lr_schedule: str = "constant"  # constant | cosine (decays to lr_min_ratio * lr at the last step)
+    lr_min_ratio: float = 0.1
     grad_accum: int = 4  # sequences per optimizer step
     max_seq_tokens: int = 384  # examples longer than this (prompt + target) are skipped
     save_every: int = 10  # optimizer steps between checkpoints
@@ -83,6 +85,9 @@ class SFTConfig:
         require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         require(0 < self.lr < 1, f"learning rate must be in (0, 1), got {self.lr}")
         require(self.warmup_steps >= 0, f"warmup steps must be >= 0, got {self.warmup_steps}")
+        require(self.lr_schedule in ("constant", "cosine"),
+                f"lr schedule must be constant or cosine, got {self.lr_schedule!r}")
+        require(0 <= self.lr_min_ratio <= 1, f"lr min ratio must be in [0, 1], got {self.lr_min_ratio}")
         require(self.grad_accum >= 1, f"grad accumulation must be >= 1, got {self.grad_accum}")
         require(self.max_seq_tokens >= 32, f"max sequence tokens must be >= 32, got {self.max_seq_tokens}")
         require(self.save_every >= 1, f"save-every must be >= 1, got {self.save_every}")
@@ -98,6 +103,18 @@ class SFTConfig:
     @property
     def system_list(self) -> list[str]:
         return [s.strip() for s in self.systems.split(",") if s.strip()]
+
+
+def lr_at_step(cfg: SFTConfig, step: int, total_steps: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up over ``warmup_steps``,
+    then constant, or cosine from ``lr`` down to ``lr_min_ratio * lr`` at the last step."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    span = max(1, total_steps - 1 - cfg.warmup_steps)
+    frac = min(1.0, max(0.0, (step - cfg.warmup_steps) / span))
+    return cfg.lr * (cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 @dataclass
@@ -229,7 +246,7 @@ def run_sft(cfg: SFTConfig, progress: Callable[[dict], None] | None = None) -> P
         log.info("resumed %s at step %d of %d", run_dir, step, total_steps)
 
     def lr_at(s: int) -> float:
-        return cfg.lr * min(1.0, (s + 1) / max(1, cfg.warmup_steps)) if cfg.warmup_steps else cfg.lr
+        return lr_at_step(cfg, s, total_steps)
 
     def checkpoint(s: int) -> None:
         save_checkpoint(run_dir, s, export_adapter(peft_model, cfg.model), {"optimizer": opt.state_dict()})

@@ -88,5 +88,5 @@ def test_missing_bench_run_is_said_not_drawn(tmp_path):
 
 def test_report_without_runs_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no eval or bench run"):
+    with pytest.raises(ValueError, match="no eval, bench or training run"):
         build_report([tmp_path / "empty"], tmp_path / "out")

@@ -244,6 +244,7 @@ def test_sft_trains_checkpoints_and_resumes_where_it_stopped(tiny_models, tmp_pa
     # a resumed run with other settings is refused rather than mixed
     with pytest.raises(TrainConfigError, match="different"):
         run_sft(SFTConfig(**{**cfg.__dict__, "grad_accum": 3}))
+    _report_draws_the_run(tmp_path / "run", tmp_path / "report", "sft", 3)
 
 
 def test_grpo_rollouts_come_from_our_engine_with_the_policy_logprobs(tiny_models, tmp_path):
@@ -274,3 +275,19 @@ def test_grpo_rollouts_come_from_our_engine_with_the_policy_logprobs(tiny_models
     assert [x["step"] for x in recs] == [1, 2]
     assert {"reward", "format_rate", "accuracy", "kl", "rollout_tokens_per_s"} <= set(recs[0])
     assert load_adapter(out).rank == 4
+    _report_draws_the_run(tmp_path / "g", tmp_path / "report", "grpo", 2)
+
+
+def _report_draws_the_run(run_dir, out_dir, kind, steps):
+    """`llmopt report RUN_DIR` reads a training run directory: a table row and the curves."""
+    from llmopt.report.build import build_report
+    from llmopt.report.runs import load_runs
+
+    runs = load_runs([run_dir])
+    assert [(t.kind, len(t.records)) for t in runs.trainings] == [(kind, steps)]
+    assert not runs.skipped  # config.json belongs to the run, not an unknown file
+    files = build_report([run_dir], out_dir)
+    assert [p.name for p in files.figures] == ["training_curves.png"]
+    assert files.figures[0].stat().st_size > 10_000
+    md = files.markdown.read_text()
+    assert f"| {kind} {run_dir.name} | {kind} | {steps} |" in md
