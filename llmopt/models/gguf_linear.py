@@ -32,8 +32,14 @@ import torch
 from torch import nn
 
 from llmopt.config import ModelConfig
-from llmopt.kernels.gguf_linear import GGUFPacked, dequantize_packed, gguf_embedding, gguf_linear, pack_gguf, \
-    supported_types
+from llmopt.kernels.gguf_linear import (
+    GGUFPacked,
+    dequantize_packed,
+    gguf_embedding,
+    gguf_linear,
+    pack_gguf,
+    supported_types,
+)
 from llmopt.models.linear import EmbeddingMethod, LinearMethod, QuantConfig
 
 log = logging.getLogger(__name__)
@@ -148,7 +154,8 @@ class GGUFEmbedding(nn.Module):
         self.__dict__["head"] = head
         self._packed = packed
         table = packed if packed is not None else head.parts[0]  # type: ignore[union-attr]
-        self.num_embeddings, self.embedding_dim = table.shape
+        self.num_embeddings: int = table.shape[0]
+        self.embedding_dim: int = table.shape[1]
         self.out_dtype = torch.float32
 
     @property

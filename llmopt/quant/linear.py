@@ -8,6 +8,9 @@ safetensors metadata) and pass back to :meth:`QuantLinear.from_packed`.
 
 ``quantize_model`` also swaps input embeddings for :class:`~llmopt.quant.embedding.QuantEmbedding`
 (by default: a table tied to the quantized ``lm_head`` then shares the head's packed tensors).
+It works on a live float model (``llmopt quantize``, the calibrating quantizers); the engine's
+quantize-on-load builds the model with :func:`rtn_quant_config` instead (the same modules, made by
+:class:`RTNMethod` once, inside the model's loading; see ``llmopt.models.linear``).
 """
 
 from __future__ import annotations
