@@ -80,7 +80,8 @@ class LLMEngine:
         self.quant = quant
         self.quant_config = engine_quant_config(quant, cfg, group_size)
         self.loaded = load_model(model, dtype=cfg.torch_dtype, max_positions=cfg.max_model_len or 8192,
-                                 quant_config=self.quant_config, gguf_native=quant in (None, "gguf"))
+                                 quant_config=self.quant_config, gguf_native=quant in (None, "gguf"),
+                                 gguf_act=ks.gguf_act)
         if quant == "gguf" and self.loaded.source.suffix != ".gguf":
             raise ValueError(f"quant='gguf' runs a GGUF file's own blocks, and {model!r} is not a .gguf file; "
                              "leave quant unset or choose a format (int8, int4, ...)")

@@ -86,14 +86,15 @@ def checkpoint_formats() -> list[str]:
 
 def load_model(model: str | Path, dtype: torch.dtype = torch.float32,
                max_positions: int | None = None, quant_config: QuantConfig | None = None,
-               gguf_native: bool = False) -> LoadedModel:
+               gguf_native: bool = False, gguf_act: str = "fp32") -> LoadedModel:
     """Load ``model`` (registry name, HF directory, GGUF file, registered checkpoint format) built
     with ``quant_config`` (default: float ``nn.Linear`` projections, the Hugging Face model).
 
     ``gguf_native``: for a GGUF source, every projection, the output layer and the embedding keep
     the file's own quantized blocks (``llmopt.models.gguf_linear``; tensors of a type without a
     native kernel are dequantized with a warning and use ``quant_config``'s method); ignored for
-    other sources and for a registry model with a LoRA adapter (merged in fp32)."""
+    other sources and for a registry model with a LoRA adapter (merged in fp32). ``gguf_act``:
+    their activations, "fp32" (exact up to summation order) or "int8" (the kernels' int8 mode)."""
     t0 = time.perf_counter()
     src = resolve(model)
     for fmt in _CHECKPOINT_FORMATS.values():
@@ -104,7 +105,7 @@ def load_model(model: str | Path, dtype: torch.dtype = torch.float32,
     if gguf_native and path.suffix == ".gguf" and adapter is None:
         from llmopt.models.gguf_linear import gguf_quant_config
 
-        quant_config, native = gguf_quant_config(path, cfg, quant_config or QuantConfig())
+        quant_config, native = gguf_quant_config(path, cfg, quant_config or QuantConfig(), gguf_act)
         weights = iter_gguf_floats(path, cfg, skip=native)  # blocks, not floats, for these
     elif gguf_native and adapter is not None:
         log.info("%s has a LoRA adapter merged in fp32: its GGUF blocks are dequantized", model)

@@ -141,3 +141,25 @@ def test_smollm2_gguf_native_greedy_tokens_equal_fp32():
     del native
     want = [o.token_ids for o in LLM(SMOLLM2, quant="fp32", num_kv_blocks=64).generate(prompts, p)]
     assert got == want
+
+
+def test_int8_activation_mode_is_opt_in_per_type_and_batch_invariant(tiny, tmp_path):
+    """``KernelSettings(gguf_act="int8")``: Q4_1 projections quantize activations per 32 (llama.cpp's
+    Q8 activations), Q5_0 ones (no int8 kernel) stay fp32; greedy tokens batched == single."""
+    from llmopt.config import KernelSettings
+
+    def qtype(name: str):
+        return QT.Q5_0 if name.endswith("ffn_down.weight") else QT.Q4_1
+
+    path = write_gguf(tiny["qwen2"], tmp_path / "a8.gguf", qtype=qtype)
+    llm = LLM(str(path), num_kv_blocks=128, kernels=KernelSettings(gguf_act="int8"))
+    m = llm.engine.model
+    assert m.layers[0].self_attn.qkv_proj.acts == ["int8"] and m.layers[0].mlp.down_proj.acts == ["fp32"]
+    ref = load_model(path).model
+    ids = torch.tensor([4, 8, 15, 16, 23, 42])
+    got, want = _logits(m, ids), _logits(ref, ids)
+    rel = ((got - want).abs().max() / want.abs().max()).item()
+    assert 0 < rel < 0.05, rel  # int8 activations: close, and not the exact mode
+    prompts = [[5, 17, 99, 3], [250, 1, 7, 7, 7, 8, 9, 10, 11], [42]]
+    p = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    assert [o.token_ids for o in llm.generate(prompts, p)] == [llm.generate([q], p)[0].token_ids for q in prompts]
