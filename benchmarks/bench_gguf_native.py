@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,8 +40,10 @@ def _ppl(args: argparse.Namespace) -> None:
     texts = heldout_texts()
     res = {}
     n = 0
-    for label, kw in (("gguf-native", {"gguf_native": True}), ("fp32", {})):
-        lm = load_model(args.model, quant_config=QuantConfig(default=PACKED), **kw)
+    kinds: list[tuple[str, dict]] = [("gguf-native", {"gguf_native": True}), ("fp32", {})]
+    for label, kw in kinds:
+        lm = load_model(args.model, quant_config=QuantConfig(default=PACKED),
+                        gguf_act=args.gguf_act if kw else "fp32", **kw)
         t = time.perf_counter()
         nll, n = score_texts(lm.model, lm.tokenizer, texts, args.max_tokens)
         res[label] = math.exp(nll / n)
@@ -57,7 +60,11 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=256, help="tokens per held-out text for the perplexity")
     ap.add_argument("--skip-ppl", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--gguf-act", choices=["fp32", "int8"], default="fp32",
+                    help="activations of the GGUF-native row (KernelSettings.gguf_act, passed to the workers as "
+                         "LLMOPT_GGUF_ACT; the fp32 and int4 rows do not read it)")
     args = ap.parse_args()
+    os.environ["LLMOPT_GGUF_ACT"] = args.gguf_act
     print(f"command: python {' '.join(sys.argv)}")
     if not args.skip_speed:
         peers = [] if peer_problems(["llamacpp"], args.model) else ["llamacpp"]
@@ -74,7 +81,7 @@ def main() -> int:
             for name, m in sysm.items():
                 d = base["stream_decode_tokens_per_s"] / m["stream_decode_tokens_per_s"]
                 o = base["output_tokens_per_s"] / m["output_tokens_per_s"]
-                label = "llmopt (gguf-native)" if name == "llmopt" else name
+                label = f"llmopt (gguf-native, {args.gguf_act} act)" if name == "llmopt" else name
                 print(f"| {cell['concurrency']}x{cell['input_len']}/{cell['output_len']} | {label} | "
                       f"{m['stream_decode_tokens_per_s']:.1f} | {m['output_tokens_per_s']:.1f} | {d:.2f} / {o:.2f} |")
             same = cell.get("greedy_tokens_vs_reference", {})

@@ -5,8 +5,7 @@ with :func:`gguf_quant_config`: every projection whose tensors have a native ker
 (``llmopt.kernels.gguf_linear.supported_types``: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K ... Q6_K) is a
 :class:`GGUFLinear` holding the file's blocks repacked once, losslessly, for the kernels; the
 output layer is the file's ``output.weight`` or, tied, ``token_embd.weight``; the input embedding
-(:class:`GGUFEmbedding`) decodes only the rows it looks up, from the same packed table as a tied
-head (one copy). Results equal the dequantized fp32 model up to float summation order (``act``
+(:class:`GGUFEmbedding`) decodes only the rows it looks up, from the file's own rows. Results equal the dequantized fp32 model up to float summation order (``act``
 "fp32", the default); ``act="int8"`` is the kernels' separate int8-activation mode (Q4_0, Q4_1,
 Q8_0, Q4_K; others keep fp32 activations).
 
@@ -27,19 +26,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 from torch import nn
 
 from llmopt.config import ModelConfig
-from llmopt.kernels.gguf_linear import (
-    GGUFPacked,
-    dequantize_packed,
-    gguf_embedding,
-    gguf_linear,
-    pack_gguf,
-    supported_types,
-)
+from llmopt.formats.gguf_quants import dequantize
+from llmopt.kernels.gguf_linear import GGUFPacked, dequantize_packed, gguf_linear, pack_gguf, supported_types
 from llmopt.models.linear import EmbeddingMethod, LinearMethod, QuantConfig
 
 log = logging.getLogger(__name__)
@@ -142,34 +136,26 @@ class GGUFLinear(nn.Module):
 
 
 class GGUFEmbedding(nn.Module):
-    """``table[ids]`` from a GGUF table's blocks: its own (``packed``) or a tied head's (``head``, a
-    single-part :class:`GGUFLinear`; referenced, not a child module, so it is listed once)."""
+    """``table[ids]`` decoded from the GGUF table's own rows (``raw``: ``uint8 [rows, bytes_per_row]``,
+    the file's memory-mapped blocks; blocks run along a row, so gathering rows gathers whole blocks)
+    with ``formats.gguf_quants.dequantize``: exactly the dequantized model's rows, only the looked-up
+    ones decoded. No second table in memory: the rows are the file's pages (a tied head keeps its
+    own packed copy for the matmul)."""
 
-    def __init__(self, packed: GGUFPacked | None = None, head: GGUFLinear | None = None):
+    def __init__(self, raw: np.ndarray, ggml_type: int, embedding_dim: int, name: str = "token_embd.weight"):
         super().__init__()
-        if (packed is None) == (head is None):
-            raise ValueError("GGUFEmbedding needs its own packed table or a tied GGUFLinear head (one of them)")
-        if head is not None and len(head.parts) != 1:
-            raise ValueError("GGUFEmbedding: a tied head must hold one GGUF tensor")
-        self.__dict__["head"] = head
-        self._packed = packed
-        table = packed if packed is not None else head.parts[0]  # type: ignore[union-attr]
-        self.num_embeddings: int = table.shape[0]
-        self.embedding_dim: int = table.shape[1]
+        self.raw, self.ggml_type, self.name = raw, int(ggml_type), name
+        self.num_embeddings: int = int(raw.shape[0])
+        self.embedding_dim: int = int(embedding_dim)
         self.out_dtype = torch.float32
 
     @property
-    def packed(self) -> GGUFPacked:
-        head = self.__dict__["head"]
-        return head.parts[0] if head is not None else self._packed  # type: ignore[return-value]
-
-    @property
-    def tied(self) -> bool:
-        return self.__dict__["head"] is not None
+    def type_name(self) -> str:
+        return gguf.GGMLQuantizationType(self.ggml_type).name
 
     @property
     def weight(self) -> torch.Tensor:
-        return dequantize_packed(self.packed)
+        return dequantize(self.raw, self.ggml_type, (self.num_embeddings, self.embedding_dim), self.name)
 
     def _apply(self, fn, recurse=True):  # a dtype cast of the model sets the output dtype
         probe = fn(torch.zeros(1, dtype=torch.float32))
@@ -178,11 +164,19 @@ class GGUFEmbedding(nn.Module):
         return self
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        out = gguf_embedding(input_ids, self.packed)
+        n, k = self.num_embeddings, self.embedding_dim
+        flat = input_ids.reshape(-1)
+        if flat.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{self.name}: input ids must be int64 or int32, got {flat.dtype}")
+        if flat.numel() and (flat.min() < 0 or flat.max() >= n):
+            bad = flat[(flat < 0) | (flat >= n)][0].item()
+            raise IndexError(f"{self.name}: token id {bad} is out of range [0, {n})")
+        rows = self.raw[flat.cpu().numpy()]
+        out = dequantize(rows, self.ggml_type, (flat.numel(), k), self.name).reshape(*input_ids.shape, k)
         return out if out.dtype == self.out_dtype else out.to(self.out_dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, gguf={self.packed.type_name}, tied={self.tied}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, gguf={self.type_name}"
 
 
 class GGUFMethod(LinearMethod):
@@ -208,7 +202,7 @@ class GGUFMethod(LinearMethod):
 
 
 class GGUFEmbeddingMethod(EmbeddingMethod):
-    """The input embedding on the GGUF table: shared with a tied GGUF head, else packed on its own."""
+    """The input embedding on the GGUF table's own rows (``GGUFEmbedding``)."""
 
     name = "gguf"
 
@@ -221,11 +215,9 @@ class GGUFEmbeddingMethod(EmbeddingMethod):
         return nn.Module()
 
     def process_after_loading(self, module: nn.Module, lm_head: nn.Module, tied: bool) -> nn.Module:
-        if tied and isinstance(lm_head, GGUFLinear) and len(lm_head.parts) == 1:
-            return GGUFEmbedding(head=lm_head)
         t = self.table.tensor
-        return GGUFEmbedding(pack_gguf(self.table.raw_rows(), self.table.qtype,
-                                       tuple(t.torch_shape), t.name))  # type: ignore[attr-defined]
+        return GGUFEmbedding(self.table.raw_rows(), self.table.qtype, int(t.torch_shape[1]),  # type: ignore[attr-defined]
+                             t.name)  # type: ignore[attr-defined]
 
 
 _FUSED = {"qkv_proj": ("attn_q", "attn_k", "attn_v"), "gate_up_proj": ("ffn_gate", "ffn_up")}

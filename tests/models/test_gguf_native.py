@@ -72,7 +72,7 @@ def test_gguf_native_logits_equal_the_dequantized_model(tiny, tmp_path, arch, qt
         for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
             assert isinstance(lin, GGUFLinear) and lin.type_names == [qt.name] * len(lin.parts), (i, lin)
     assert isinstance(native.lm_head, GGUFLinear) and isinstance(native.embed_tokens, GGUFEmbedding)
-    assert native.embed_tokens.tied == native.cfg.tie_word_embeddings  # qwen2 tied, llama not
+    assert native.embed_tokens.type_name == qt.name and native.lm_head.type_names == [qt.name]
     # the weights the blocks hold are the dequantized model's, rows in Hugging Face order
     assert torch.equal(native.layers[1].self_attn.qkv_proj.weight, ref.layers[1].self_attn.qkv_proj.weight)
     assert torch.equal(native.embed_tokens(torch.arange(50)), ref.embed_tokens(torch.arange(50)))
