@@ -138,6 +138,10 @@ class KernelSettings:
                                 ``lm_head_fmt``      quantizing on load (default int8)
     ``LLMOPT_QUANT_EMBED``      ``quant_embed``      a tied embedding shares the quantized head
                                                      ("0": float)
+    ``LLMOPT_GGUF_ACT``         ``gguf_act``         activations of GGUF-native projections: "fp32"
+                                                     (= dequantized model up to summation order)
+                                                     or "int8" (per 32, like llama.cpp's Q8; Q4_0,
+                                                     Q4_1, Q8_0, Q4_K only, others stay fp32)
     ==========================  ===================  =============================================
 
     Build-time variables stay with the build (``kernels/build.py``): ``LLMOPT_NATIVE``,
@@ -152,10 +156,13 @@ class KernelSettings:
     quant_lm_head: bool = True
     lm_head_fmt: str | None = "int8"  # None: the model's format
     quant_embed: bool = True
+    gguf_act: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.int4_act not in ("int8", "fp32"):
             raise ValueError(f"int4_act (LLMOPT_INT4_ACT) must be 'int8' or 'fp32', got {self.int4_act!r}")
+        if self.gguf_act not in ("int8", "fp32"):
+            raise ValueError(f"gguf_act (LLMOPT_GGUF_ACT) must be 'fp32' or 'int8', got {self.gguf_act!r}")
         if self.int4_a8_max_m < 0 or self.large_m < 0:
             raise ValueError("int4_a8_max_m and large_m must be >= 0")
 
@@ -175,6 +182,7 @@ class KernelSettings:
             quant_lm_head=head.lower() not in _FALSE,
             lm_head_fmt=None if head.lower() in _FALSE + on else head,
             quant_embed=env.get("LLMOPT_QUANT_EMBED", "1").strip().lower() not in _FALSE,
+            gguf_act=env.get("LLMOPT_GGUF_ACT", cls.gguf_act),
         )
 
 

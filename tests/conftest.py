@@ -82,8 +82,12 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(model, path: Path, qtype=None, arch_override: str | None = None, skip_tensors: tuple = ()) -> Path:
-    """Write a transformers model as llama.cpp would (names, Q/K permutation, metadata, tokenizer)."""
+def write_gguf(model, path: Path, qtype=None, arch_override: str | None = None, skip_tensors: tuple = (),
+               quantizer=None) -> Path:
+    """Write a transformers model as llama.cpp would (names, Q/K permutation, metadata, tokenizer).
+
+    ``qtype``: the type of every 2-D tensor (None: F32), or a function of the GGUF tensor name
+    giving it; ``quantizer(array, qtype)`` makes the blocks (default ``gguf.quants.quantize``)."""
     import gguf
 
     cfg = model.config
@@ -131,8 +135,9 @@ def write_gguf(model, path: Path, qtype=None, arch_override: str | None = None, 
                 a = llama_cpp_permute(a, n)
         if g in skip_tensors:
             continue
-        if qtype is not None and a.ndim == 2:
-            w.add_tensor(g, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+        qt = qtype(g) if callable(qtype) else qtype
+        if qt is not None and a.ndim == 2 and qt != gguf.GGMLQuantizationType.F32:
+            w.add_tensor(g, (quantizer or gguf.quants.quantize)(a, qt), raw_dtype=qt)
         else:
             w.add_tensor(g, a)
     w.write_header_to_file()

@@ -67,7 +67,7 @@ def run_command(
                                              help="stop thinking when a trial answer at a pause is confident")] = False,
     early_exit_threshold: Annotated[float, typer.Option(help="mean token probability a trial answer needs, (0, 1]",
                                                         min=0.0, max=1.0)] = DEFAULT_THRESHOLD,
-    quant: Annotated[Optional[str], typer.Option(help="quantize on load: int8, int4, ... (RTN)")] = None,
+    quant: Annotated[Optional[str], typer.Option(help="quantize on load: int8, int4, ... (RTN); fp32: float (a .gguf dequantized); default: as stored (a .gguf runs on its own blocks)")] = None,
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16")] = "float32",
     threads: Annotated[Optional[int], typer.Option(help="torch threads (default: $LLMOPT_NUM_THREADS or all "
                                                         "cores; 1 is faster on a busy machine)", min=1)] = None,

@@ -101,15 +101,17 @@ class GridConfig:
         if self.repeat < 1 or self.threads < 1:
             raise ValueError("repeat and threads must be >= 1")
         for q in self.quants:
-            if not q or q in ("none", "fp32"):
-                raise ValueError(f"--quant lists extra formats next to fp32 (e.g. int8,int4), got {q!r}")
+            if not q or q == "none":
+                raise ValueError(f"--quant lists extra llmopt rows next to the default one (e.g. fp32,int8,int4), "
+                                 f"got {q!r}")
         for peer in self.peers:
             if peer not in PEERS:
                 raise ValueError(f"unknown --peer {peer!r}; known: {', '.join(PEERS)}")
 
     @property
     def systems(self) -> list[str]:
-        """System names in run order: llmopt fp32, llmopt[quant]..., the peers, then the baseline."""
+        """System names in run order: llmopt (the model as stored: fp32, or a GGUF file's own blocks),
+        llmopt[quant]..., the peers, then the baseline."""
         names = [LLMOPT] + [f"{LLMOPT}[{q}]" for q in self.quants] + [PEERS[p] for p in self.peers]
         return names + ([TRANSFORMERS] if self.baseline == "hf" else [])
 
@@ -601,6 +603,7 @@ def check_quant_available(quants: list[str]) -> None:
         raise ValueError(f"--quant {','.join(quants)} needs llmopt.quant.linear, which does not import here "
                          f"({e}); run without --quant for the fp32 rows") from None
     known = getattr(linear, "FORMATS", None)
+    known = None if known is None else [*known, "fp32", "gguf"]  # float / a GGUF file's own blocks
     unknown = [q for q in quants if known is not None and q not in known]
     if unknown:
         raise ValueError(f"unknown quant format {unknown[0]!r} for --quant; known: {', '.join(sorted(known))}")

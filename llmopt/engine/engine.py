@@ -23,8 +23,9 @@ from llmopt.engine.sampling_params import SamplingParams
 from llmopt.engine.scheduler import Scheduler
 from llmopt.engine.sequence import RequestOutput, Sequence, TokenLogprob
 from llmopt.kernels import qlinear
+from llmopt.models.linear import FLOAT, PACKED, QuantConfig
 from llmopt.models.loader import load_model
-from llmopt.quant.linear import DEFAULT_SKIP, quantize_model
+from llmopt.quant.linear import rtn_quant_config
 from llmopt.reasoning.budget import (
     ANSWER_CLOSE_TEXT,
     CLOSE_TEXT,
@@ -48,27 +49,47 @@ class PromptTooLongError(ValueError):
     pass
 
 
+FLOAT_QUANTS = ("fp32", "float", "float32")  # quant names that mean: dequantize, run float
+
+
+def engine_quant_config(quant: str | None, config: EngineConfig, group_size: int = 64) -> QuantConfig:
+    """The linear methods ``LLMEngine`` builds its model with: float projections packed for the
+    native fp32 GEMM (``EngineConfig.packed_linear``, float32), or quantized on load to ``quant``
+    with the head / tied embedding choices of ``KernelSettings``. (GGUF blocks kept as they are:
+    ``load_model(gguf_native=True)`` on top of this config.)"""
+    fallback = PACKED if config.packed_linear and config.torch_dtype == torch.float32 else FLOAT
+    if quant is None or quant in FLOAT_QUANTS or quant == "gguf":
+        return QuantConfig(default=fallback)
+    ks = config.kernel_settings
+    return rtn_quant_config(quant, group_size, quantize_lm_head=ks.quant_lm_head, lm_head_fmt=ks.lm_head_fmt,
+                            quantize_embedding=ks.quant_embed, fallback=fallback)
+
+
 class LLMEngine:
     def __init__(self, model: str, config: EngineConfig | None = None, quant: str | None = None,
                  group_size: int = 64):
+        """``quant``: None = the model as stored (a GGUF file runs on its own quantized blocks, other
+        sources in float); "gguf" = the same, required to be a GGUF file; "fp32" = float (a GGUF file
+        dequantized, as before GGUF-native); a format name (int8, int4, ...) = quantized on load
+        (round-to-nearest) from the float weights."""
         self.config = cfg = config or EngineConfig()
         torch.set_num_threads(cfg.threads)
-        self.loaded = load_model(model, dtype=cfg.torch_dtype, max_positions=cfg.max_model_len or 8192)
-        self.model, self.tokenizer, self.model_config = self.loaded.model, self.loaded.tokenizer, self.loaded.config
-        self.max_model_len = self.model.max_positions
-        self.quant = quant
         ks = cfg.kernel_settings
         qlinear.configure(int4_act=ks.int4_act, int4_a8_max_m=ks.int4_a8_max_m, large_m=ks.large_m,
                           tiles=ks.decode_tiles)
-        if quant:
-            quantize_model(self.model, quant, group_size=group_size, skip=DEFAULT_SKIP,
-                           quantize_lm_head=ks.quant_lm_head, lm_head_fmt=ks.lm_head_fmt,
-                           quantize_embedding="tied" if ks.quant_embed else False)
-        self.packed_linears = 0
-        if cfg.packed_linear and cfg.torch_dtype == torch.float32:
-            from llmopt.kernels.dense import pack_linears
+        self.quant = quant
+        self.quant_config = engine_quant_config(quant, cfg, group_size)
+        self.loaded = load_model(model, dtype=cfg.torch_dtype, max_positions=cfg.max_model_len or 8192,
+                                 quant_config=self.quant_config, gguf_native=quant in (None, "gguf"),
+                                 gguf_act=ks.gguf_act)
+        if quant == "gguf" and self.loaded.source.suffix != ".gguf":
+            raise ValueError(f"quant='gguf' runs a GGUF file's own blocks, and {model!r} is not a .gguf file; "
+                             "leave quant unset or choose a format (int8, int4, ...)")
+        self.model, self.tokenizer, self.model_config = self.loaded.model, self.loaded.tokenizer, self.loaded.config
+        self.max_model_len = self.model.max_positions
+        from llmopt.kernels.dense import PackedLinear
 
-            self.packed_linears = pack_linears(self.model)  # 0 when the native kernel is unavailable
+        self.packed_linears = sum(isinstance(m, PackedLinear) for m in self.model.modules())
         per_block = ModelRunner.kv_bytes_per_block(self.model, cfg.block_size, cfg.torch_dtype)
         num_blocks = cfg.num_kv_blocks or max(1, int(cfg.kv_cache_memory_gb * 2**30 // per_block))
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
@@ -85,8 +106,9 @@ class LLMEngine:
         # what the engine writes to close a think part / an answer (think budgets, early exit)
         self.close_ids = self.tokenizer.encode(CLOSE_TEXT, add_special_tokens=False)
         self.answer_close_ids = self.tokenizer.encode(ANSWER_CLOSE_TEXT, add_special_tokens=False)
-        log.info("engine: %d KV blocks x %d tokens, max_model_len %d, %d threads, %d packed fp32 linears",
-                 num_blocks, cfg.block_size, self.max_model_len, cfg.num_threads, self.packed_linears)
+        log.info("engine: %d KV blocks x %d tokens, max_model_len %d, %d threads, linears %s (%d packed fp32)",
+                 num_blocks, cfg.block_size, self.max_model_len, cfg.num_threads,
+                 self.model.quant_config.describe(), self.packed_linears)
 
     # ---- requests -------------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt) -> tuple[list[int], str | None]:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from llmopt.config import SUPPORTED_ARCHS, ModelConfig, ModelLoadError
+from llmopt.models.linear import QuantConfig
 from llmopt.models.registry import adapter_for, resolve
 from llmopt.models.tokenizer import Tokenizer
 from llmopt.models.transformer import Transformer
@@ -54,14 +55,16 @@ def open_checkpoint(model: str | Path) -> tuple[ModelConfig, Tokenizer, Iterator
     return (*_open_gguf(path), path)
 
 
-CheckpointReader = Callable[[Path, torch.dtype, "int | None"], "LoadedModel"]
+CheckpointReader = Callable[[Path, torch.dtype, "int | None", "QuantConfig | None"], "LoadedModel"]
 
 
 @dataclass(frozen=True)
 class CheckpointFormat:
     """A checkpoint layout that a package above ``models`` knows how to read (e.g. ``llmopt
     quantize`` output, registered by ``llmopt.quant.checkpoint``). ``detect(path)`` says whether a
-    resolved path is one; ``read(path, dtype, max_positions)`` loads it as a ``LoadedModel``."""
+    resolved path is one; ``read(path, dtype, max_positions, quant_config)`` loads it as a
+    ``LoadedModel``, its own methods for what it stores quantized and ``quant_config`` (the
+    caller's) for the rest."""
 
     name: str
     detect: Callable[[Path], bool]
@@ -82,16 +85,32 @@ def checkpoint_formats() -> list[str]:
 
 
 def load_model(model: str | Path, dtype: torch.dtype = torch.float32,
-               max_positions: int | None = None) -> LoadedModel:
+               max_positions: int | None = None, quant_config: QuantConfig | None = None,
+               gguf_native: bool = False, gguf_act: str = "fp32") -> LoadedModel:
+    """Load ``model`` (registry name, HF directory, GGUF file, registered checkpoint format) built
+    with ``quant_config`` (default: float ``nn.Linear`` projections, the Hugging Face model).
+
+    ``gguf_native``: for a GGUF source, every projection, the output layer and the embedding keep
+    the file's own quantized blocks (``llmopt.models.gguf_linear``; tensors of a type without a
+    native kernel are dequantized with a warning and use ``quant_config``'s method); ignored for
+    other sources and for a registry model with a LoRA adapter (merged in fp32). ``gguf_act``:
+    their activations, "fp32" (exact up to summation order) or "int8" (the kernels' int8 mode)."""
     t0 = time.perf_counter()
     src = resolve(model)
     for fmt in _CHECKPOINT_FORMATS.values():
         if fmt.detect(src):
-            return fmt.read(src, dtype, max_positions)
+            return fmt.read(src, dtype, max_positions, quant_config)
     cfg, tok, weights, path = open_checkpoint(model)
-    net = empty_model(cfg, max_positions)
     adapter = adapter_for(model)
-    fill_weights(net, weights, torch.float32 if adapter else dtype, path.name)
+    if gguf_native and path.suffix == ".gguf" and adapter is None:
+        from llmopt.models.gguf_linear import gguf_quant_config
+
+        quant_config, native = gguf_quant_config(path, cfg, quant_config or QuantConfig(), gguf_act)
+        weights = iter_gguf_floats(path, cfg, skip=native)  # blocks, not floats, for these
+    elif gguf_native and adapter is not None:
+        log.info("%s has a LoRA adapter merged in fp32: its GGUF blocks are dequantized", model)
+    net = empty_model(cfg, max_positions, quant_config)
+    fill_weights(net, weights, torch.float32 if adapter else dtype, path.name, process=adapter is None)
     if adapter is not None:  # a registry model = base file + LoRA, merged in fp32
         from llmopt.models.adapter import load_adapter, merge_adapter
 
@@ -99,26 +118,30 @@ def load_model(model: str | Path, dtype: torch.dtype = torch.float32,
         if dtype != torch.float32:
             net.to(dtype)
             net.cos_sin = net.cos_sin.float()
+        net.process_weights_after_loading()
     secs = time.perf_counter() - t0
     log.info("loaded %s (%s, %d layers) in %.2f s", path, cfg.arch, cfg.num_layers, secs)
     return LoadedModel(net, tok, cfg, path, secs)
 
 
-def empty_model(cfg: ModelConfig, max_positions: int | None = None) -> Transformer:
-    """An uninitialized CPU model for ``cfg`` (weights still to load), its rope table computed and
-    lm_head tied to the embedding where the config says so. ``max_positions`` caps the rope table."""
+def empty_model(cfg: ModelConfig, max_positions: int | None = None,
+                quant_config: QuantConfig | None = None) -> Transformer:
+    """An uninitialized CPU model for ``cfg`` (weights still to load) built with ``quant_config``,
+    its rope table computed and a float lm_head tied to the float embedding where the config says
+    so. ``max_positions`` caps the rope table."""
     n_pos = min(max_positions or cfg.max_position_embeddings, cfg.max_position_embeddings)
     with torch.device("meta"):
-        net = Transformer(cfg, max_positions=n_pos)
+        net = Transformer(cfg, max_positions=n_pos, quant_config=quant_config)
     net.to_empty(device="cpu")
     net.reset_buffers()
     return net
 
 
 def fill_weights(net: Transformer, weights: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype,
-                 source: str) -> None:
+                 source: str, process: bool = True) -> None:
     """Load Hugging Face-named float tensors into ``net`` (errors name ``source``), cast to ``dtype``
-    (the rope table stays float32) and switch to eval mode."""
+    (the rope table stays float32), switch to eval mode and (``process``) give every projection its
+    linear method's final form (``Transformer.process_weights_after_loading``)."""
     try:
         net.load_weights(finite_weights(weights, source))
     except ModelLoadError:
@@ -129,6 +152,8 @@ def fill_weights(net: Transformer, weights: Iterator[tuple[str, torch.Tensor]], 
         net.to(dtype)
         net.cos_sin = net.cos_sin.float()
     net.eval()
+    if process:
+        net.process_weights_after_loading()
 
 
 def load_transformers_model(model: str | Path, dtype: torch.dtype = torch.float32) -> Any:
@@ -307,7 +332,15 @@ def _gguf_hf_config(arch: str, f: dict[str, Any], tensor_names: set[str]) -> Any
     return AutoConfig.for_model(arch, **kw)
 
 
-def _iter_gguf(gf: Any, cfg: ModelConfig, path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf_floats(path: Path, cfg: ModelConfig, skip: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The GGUF file's tensors as Hugging Face-named fp32 tensors, except those named in ``skip``
+    (not dequantized: a linear method holds their blocks)."""
+    from llmopt.models.gguf_file import GGUFFile
+
+    return _iter_gguf(GGUFFile(path), cfg, path, skip)
+
+
+def _iter_gguf(gf: Any, cfg: ModelConfig, path: Path, skip: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     from llmopt.formats.gguf_quants import UnsupportedTensorType, dequantize
 
     for t in gf.tensors:
@@ -316,6 +349,8 @@ def _iter_gguf(gf: Any, cfg: ModelConfig, path: Path) -> Iterator[tuple[str, tor
             if t.name.startswith("rope_freqs"):  # llama3 rope factors: recomputed from the config
                 continue
             raise ModelLoadError(f"{path.name}: unknown tensor {t.name!r} for a {cfg.arch} model")
+        if skip and name in skip:
+            continue
         try:
             w = dequantize(t.data, t.qtype, t.torch_shape, t.name)
         except UnsupportedTensorType as e:

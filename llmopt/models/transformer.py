@@ -22,6 +22,7 @@ from torch import nn
 
 from llmopt.config import ModelConfig
 from llmopt.kernels import ops
+from llmopt.models.linear import QuantConfig
 
 
 @dataclass
@@ -55,15 +56,18 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, qc: QuantConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim ** -0.5
         self.window = cfg.layer_windows[layer_idx]
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        prefix = f"layers.{layer_idx}.self_attn"
+        self.qkv_proj = qc.method_for(f"{prefix}.qkv_proj").create(
+            cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.attention_bias, f"{prefix}.qkv_proj")
+        self.o_proj = qc.method_for(f"{prefix}.o_proj").create(self.q_size, cfg.hidden_size, cfg.o_bias,
+                                                                f"{prefix}.o_proj")
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         # Paged cache [num_blocks, block_size, num_kv_heads, head_dim]; set by the engine's runner.
@@ -144,22 +148,25 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, qc: QuantConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        prefix = f"layers.{layer_idx}.mlp"
+        self.gate_up_proj = qc.method_for(f"{prefix}.gate_up_proj").create(
+            cfg.hidden_size, 2 * cfg.intermediate_size, False, f"{prefix}.gate_up_proj")
+        self.down_proj = qc.method_for(f"{prefix}.down_proj").create(
+            cfg.intermediate_size, cfg.hidden_size, False, f"{prefix}.down_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, qc: QuantConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer_idx)
+        self.self_attn = Attention(cfg, layer_idx, qc)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, layer_idx, qc)
 
     def forward(self, x, residual, positions, cos_sin, ctx):
         if residual is None:
@@ -176,20 +183,24 @@ class DecoderLayer(nn.Module):
 class Transformer(nn.Module):
     cos_sin: torch.Tensor  # [max_positions, head_dim] rope table (a buffer)
 
-    def __init__(self, cfg: ModelConfig, max_positions: int | None = None):
+    def __init__(self, cfg: ModelConfig, max_positions: int | None = None, quant_config: QuantConfig | None = None):
+        """``quant_config`` says which linear method each projection uses (default: float
+        ``nn.Linear`` everywhere, the Hugging Face model); see :mod:`llmopt.models.linear`."""
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.quant_config = qc = quant_config or QuantConfig()
+        self.embed_tokens = qc.embedding.create(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, qc) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = qc.method_for("lm_head").create(cfg.hidden_size, cfg.vocab_size, False, "lm_head")
         self.register_buffer("cos_sin", torch.empty(max_positions or cfg.max_position_embeddings, cfg.head_dim),
                              persistent=False)
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
         """(Re)compute the rope table and re-tie embeddings (needed after ``to_empty``)."""
-        if self.cfg.tie_word_embeddings:
+        if (self.cfg.tie_word_embeddings and type(self.lm_head) is nn.Linear
+                and type(self.embed_tokens) is nn.Embedding):
             self.lm_head.weight = self.embed_tokens.weight
         if self.cos_sin.is_meta:
             return
@@ -227,6 +238,29 @@ class Transformer(nn.Module):
         return self.lm_head(hidden).float()
 
     # ---- weights -------------------------------------------------------------------------------
+    PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+
+    def projection_names(self) -> list[str]:
+        """Module names of every projection, in model order (``layers.0.self_attn.qkv_proj`` ...
+        ``lm_head``): the names ``QuantConfig.method_for`` is asked with."""
+        return [f"layers.{i}.{p}" for i in range(len(self.layers)) for p in self.PROJECTIONS] + ["lm_head"]
+
+    @torch.no_grad()
+    def process_weights_after_loading(self) -> None:
+        """Give every projection, then the embedding, its method's final form (once, after loading:
+        the loader calls this). Projections of one method run in model order; the embedding last,
+        so it can share the final ``lm_head``."""
+        qc = self.quant_config
+        for name in self.projection_names():
+            parent_name, _, child = name.rpartition(".")
+            parent = self.get_submodule(parent_name) if parent_name else self
+            mod = getattr(parent, child)
+            new = qc.method_for(name).process_after_loading(mod, name)
+            if new is not mod:
+                setattr(parent, child, new)
+        self.embed_tokens = qc.embedding.process_after_loading(self.embed_tokens, self.lm_head,
+                                                               self.cfg.tie_word_embeddings)
+
     _STACKED = {  # HF name part -> (our module, shard index)
         "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),

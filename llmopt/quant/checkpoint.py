@@ -44,7 +44,9 @@ import torch
 from torch import nn
 
 from llmopt.config import ModelConfig, ModelLoadError
+from llmopt.models.linear import EmbeddingMethod, LinearMethod, QuantConfig
 from llmopt.models.loader import LoadedModel, empty_model, fill_weights, open_hf_dir, register_checkpoint_format
+from llmopt.models.transformer import Transformer
 
 log = logging.getLogger(__name__)
 
@@ -302,15 +304,20 @@ def _read_quant_config(path: Path) -> dict[str, Any]:
 
 
 def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
-                   max_positions: int | None = None) -> LoadedModel:
+                   max_positions: int | None = None, quant_config: QuantConfig | None = None) -> LoadedModel:
     """Load a directory written by :func:`save_quantized`; returns a ``LoadedModel`` exactly like
-    :func:`llmopt.models.loader.load_model`. Errors are ``ModelLoadError`` naming the problem."""
+    :func:`llmopt.models.loader.load_model`. Errors are ``ModelLoadError`` naming the problem.
+
+    The model is built once in its final form: every stored quantized module gets a
+    :class:`CheckpointMethod` that creates its :class:`QuantLinear` / :class:`QuantEmbedding` with
+    the stored shapes and hands it the stored tensors after loading; everything else takes
+    ``quant_config``'s methods (the caller's, e.g. fp32 packing in the engine; default float)."""
     from safetensors import SafetensorError, safe_open
 
     from llmopt.formats.layouts import FORMATS
 
     from .embedding import ROW_PACKED_FORMATS, QuantEmbedding
-    from .linear import QuantLinear, _set_module
+    from .linear import QuantLinear
 
     t0 = time.perf_counter()
     path = Path(path)
@@ -320,7 +327,8 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
         raise ModelLoadError(f"{path} has {QUANT_CONFIG} but no {WEIGHTS_FILE}: the checkpoint is incomplete, "
                              "re-run `llmopt quantize`")
     cfg, tok, _ = open_hf_dir(path)  # weights are read below
-    net = empty_model(cfg, max_positions)  # lm_head tied before it may be replaced below
+    with torch.device("meta"):  # the float model's shapes, to check quant_config.json against
+        net = Transformer(cfg, max_positions=1)
 
     try:
         st = safe_open(str(wfile), framework="pt")
@@ -329,6 +337,8 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
         raise ModelLoadError(f"{wfile.name} is not a readable safetensors file: {e}") from None
 
     where = f"{path.name}/{QUANT_CONFIG}"
+    built: dict[str, QuantLinear] = {}  # llmopt module name -> its module, as stored
+    built_emb: dict[str, tuple[str | None, QuantEmbedding | None]] = {}  # name -> (shared head, own table)
     packed_keys: set[str] = set()
 
     def read_packed(hname: str, fmt: str, n: int, k: int, gs: int) -> dict[str, torch.Tensor]:
@@ -395,7 +405,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
             if tuple(bias.shape) != (n,):
                 raise ModelLoadError(f"{wfile.name}: tensor {full!r} is {tuple(bias.shape)}, expected ({n},)")
             packed_keys.add(full)
-        _set_module(net, name, QuantLinear.from_packed(fmt, gs, k, n, t, bias))
+        built[name] = QuantLinear.from_packed(fmt, gs, k, n, t, bias)
 
     # quantized embeddings (format_version 2; absent from older checkpoints: the table is float)
     embeddings = qc.get("embeddings") or {}
@@ -412,7 +422,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
                                   ("num_embeddings", "embedding_dim"), "num_embeddings and embedding_dim")
         shared = spec.get("shared_with")
         if shared:
-            head = net.get_submodule(_module_name(shared)) if shared in qc["modules"] else None
+            head = built.get(_module_name(shared)) if shared in qc["modules"] else None
             if not isinstance(head, QuantLinear):
                 raise ModelLoadError(f"{where}: embedding {hname!r} shares the tensors of {shared!r}, which is not a "
                                      "quantized linear of this checkpoint")
@@ -420,23 +430,88 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
                 raise ModelLoadError(f"{where}: embedding {hname!r} ({fmt}, group {gs}, [{n}, {k}]) does not match "
                                      f"the {shared!r} it shares ({head.fmt}, group {head.group_size}, "
                                      f"[{head.out_features}, {head.in_features}])")
-            new = QuantEmbedding.tied_to(head)
+            built_emb[name] = (_module_name(shared), None)
         else:
             try:
-                new = QuantEmbedding.from_packed(fmt, gs, n, k, read_packed(hname, fmt, n, k, gs))
+                built_emb[name] = (None, QuantEmbedding.from_packed(fmt, gs, n, k, read_packed(hname, fmt, n, k, gs)))
             except ValueError as e:
                 raise ModelLoadError(f"{where}: embedding {hname!r}: {e}") from None
-        _set_module(net, name, new)
 
     def floats():
         for key in sorted(keys - packed_keys):
             yield key, st.get_tensor(key).float()
 
+    base = quant_config or QuantConfig()
+    method = CheckpointMethod(built)
+    modules = dict(base.modules)
+    modules.update({name: method for name in built})
+    emb_method = base.embedding
+    if "embed_tokens" in built_emb:
+        shared_name = built_emb["embed_tokens"][0]
+        if shared_name is not None and shared_name != "lm_head":
+            raise ModelLoadError(f"{where}: the embedding shares the tensors of {shared_name!r}; only the lm_head "
+                                 "can be shared")
+        emb_method = CheckpointEmbeddingMethod(*built_emb["embed_tokens"])
+    elif built_emb:
+        raise ModelLoadError(f"{where}: quantized embeddings {sorted(built_emb)} are not the model's embed_tokens")
+    net = empty_model(cfg, max_positions, QuantConfig(default=base.default, lm_head=base.lm_head, modules=modules,
+                                                      embedding=emb_method))
     fill_weights(net, floats(), dtype, wfile.name)
+    if dtype != torch.float32:  # a quantized embedding returns rows in the model's dtype
+        net.embed_tokens.to(dtype)
     secs = time.perf_counter() - t0
     log.info("loaded quantized %s (%s, %d quantized linears) in %.2f s", path, qc.get("format"),
              len(qc["modules"]), secs)
     return LoadedModel(net, tok, cfg, path, secs)
+
+
+class CheckpointMethod(LinearMethod):
+    """The quantized modules of an ``llmopt quantize`` checkpoint, as stored (``modules``: llmopt
+    module name -> the ``QuantLinear`` read and checked from the file, complete: nothing to convert).
+    The model's meta build holds an empty slot in their place (a meta build followed by ``to_empty``
+    would wipe real tensors) and takes them after the float weights are in."""
+
+    name = "checkpoint"
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.modules = modules
+
+    def create(self, in_features: int, out_features: int, bias: bool, name: str) -> nn.Module:
+        return _Slot(name)  # holds no tensor: the meta build and to_empty must not touch the stored ones
+
+    def process_after_loading(self, module: nn.Module, name: str) -> nn.Module:
+        return self.modules[name]
+
+
+class CheckpointEmbeddingMethod(EmbeddingMethod):
+    """A stored quantized embedding: its own packed table, or the packed tensors of the quantized head
+    ``shared`` (llmopt module name, ``lm_head``)."""
+
+    name = "checkpoint"
+
+    def __init__(self, shared: str | None, own: nn.Module | None):
+        self.shared, self.own = shared, own
+
+    def create(self, num_embeddings: int, embedding_dim: int) -> nn.Module:
+        return _Slot("embed_tokens")
+
+    def process_after_loading(self, module: nn.Module, lm_head: nn.Module, tied: bool) -> nn.Module:
+        from .embedding import QuantEmbedding
+
+        if self.own is not None:
+            return self.own
+        return QuantEmbedding.tied_to(lm_head)
+
+
+class _Slot(nn.Module):
+    """Place of a module that a method provides after loading (holds nothing, runs nothing)."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.slot = name
+
+    def forward(self, *args):
+        raise RuntimeError(f"{self.slot}: the model was used before Transformer.process_weights_after_loading")
 
 
 def register() -> None:

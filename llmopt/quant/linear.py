@@ -8,6 +8,9 @@ safetensors metadata) and pass back to :meth:`QuantLinear.from_packed`.
 
 ``quantize_model`` also swaps input embeddings for :class:`~llmopt.quant.embedding.QuantEmbedding`
 (by default: a table tied to the quantized ``lm_head`` then shares the head's packed tensors).
+It works on a live float model (``llmopt quantize``, the calibrating quantizers); the engine's
+quantize-on-load builds the model with :func:`rtn_quant_config` instead (the same modules, made by
+:class:`RTNMethod` once, inside the model's loading; see ``llmopt.models.linear``).
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ import torch
 from torch import nn
 
 from llmopt.formats.layouts import FORMATS, QuantizedWeight, effective_group_size, quantize
+from llmopt.models.linear import PACKED, EmbeddingMethod, LinearMethod, QuantConfig
 
 from ._packed import PackedWeightViews
 
 log = logging.getLogger(__name__)
 
 __all__ = ["QuantLinear", "quantize_model", "tied_embeddings", "DEFAULT_SKIP", "QUANTIZE_LM_HEAD", "LM_HEAD_FMT",
-           "QUANTIZE_EMBED"]
+           "QUANTIZE_EMBED", "RTNMethod", "TiedQuantEmbeddingMethod", "rtn_quant_config"]
 
 DEFAULT_SKIP = ("lm_head", "embed")
 
@@ -265,3 +269,58 @@ def quantize_model(model: nn.Module, fmt: str, group_size: int = 64, skip: Seque
         _set_module(model, ename, QuantEmbedding.from_embedding(emb, f, group_size, scale_dtype=scale_dtype,
                                                                 search=search))
     return model
+
+
+# ---- linear methods: quantize on load ------------------------------------------------------------
+class RTNMethod(LinearMethod):
+    """Round-to-nearest ``fmt`` at ``group_size`` of the loaded float weight (``LLM(quant=fmt)``):
+    the projection is loaded float and becomes a :class:`QuantLinear` once, in
+    ``Transformer.process_weights_after_loading``. A weight whose in_features are not a multiple of
+    the group keeps ``fallback`` (float, packed where possible) with a warning."""
+
+    def __init__(self, fmt: str, group_size: int = 64, fallback: LinearMethod = PACKED,
+                 scale_dtype: torch.dtype = torch.float16, search: bool | None = None):
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown format {fmt!r}; known: {sorted(FORMATS)}")
+        self.fmt, self.group_size, self.fallback = fmt, group_size, fallback
+        self.scale_dtype, self.search = scale_dtype, search
+        self.name = fmt
+
+    def process_after_loading(self, module: nn.Module, name: str) -> nn.Module:
+        if not isinstance(module, nn.Linear):
+            return module
+        gs = effective_group_size(self.fmt, module.in_features, self.group_size)
+        if module.in_features % gs:
+            log.warning("quantize on load: keeping %s in float (in_features=%d not a multiple of %d)",
+                        name, module.in_features, gs)
+            return self.fallback.process_after_loading(module, name)
+        return QuantLinear.from_linear(module, self.fmt, self.group_size, scale_dtype=self.scale_dtype,
+                                       search=self.search)
+
+
+class TiedQuantEmbeddingMethod(EmbeddingMethod):
+    """A tied input embedding reads the quantized head's packed tensors (:meth:`QuantEmbedding.tied_to`,
+    one copy); untied or with a float head it stays an ``nn.Embedding``."""
+
+    name = "tied-quant"
+
+    def process_after_loading(self, module: nn.Module, lm_head: nn.Module, tied: bool) -> nn.Module:
+        if not (tied and isinstance(module, nn.Embedding) and isinstance(lm_head, QuantLinear)):
+            return module
+        from .embedding import QuantEmbedding
+
+        dtype = module.weight.dtype if module.weight.is_floating_point() else torch.float32
+        return QuantEmbedding.tied_to(lm_head, dtype=dtype)
+
+
+def rtn_quant_config(fmt: str, group_size: int = 64, quantize_lm_head: bool = True, lm_head_fmt: str | None = "int8",
+                     quantize_embedding: bool = True, fallback: LinearMethod = PACKED) -> QuantConfig:
+    """What ``LLM(quant=fmt)`` builds: decoder projections RTN ``fmt``, the head in ``lm_head_fmt``
+    (or ``fmt``) when ``quantize_lm_head``, else ``fallback``; a tied embedding shares a quantized
+    head when ``quantize_embedding`` (the defaults of ``llmopt.config.KernelSettings``)."""
+    if lm_head_fmt is not None and lm_head_fmt not in FORMATS:
+        raise ValueError(f"unknown lm_head format {lm_head_fmt!r}; known: {sorted(FORMATS)}")
+    body = RTNMethod(fmt, group_size, fallback)
+    head = RTNMethod(lm_head_fmt or fmt, group_size, fallback) if quantize_lm_head else fallback
+    emb = TiedQuantEmbeddingMethod() if quantize_embedding else EmbeddingMethod()
+    return QuantConfig(default=body, lm_head=head, embedding=emb)

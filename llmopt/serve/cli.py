@@ -19,7 +19,7 @@ def serve_command(
     host: Annotated[str, typer.Option(help="address to bind (loopback by default; use --api-key if you "
                                            "open it up)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port", min=0, max=65535)] = 8000,
-    quant: Annotated[Optional[str], typer.Option(help="quantize on load: int8, int4, ... (RTN)")] = None,
+    quant: Annotated[Optional[str], typer.Option(help="quantize on load: int8, int4, ... (RTN); fp32: float (a .gguf dequantized); default: as stored (a .gguf runs on its own blocks)")] = None,
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16")] = "float32",
     api_key: Annotated[Optional[str], typer.Option(envvar="LLMOPT_API_KEY", help="require 'Authorization: "
                                                    "Bearer KEY' on every /v1 route (401 otherwise)")] = None,

@@ -91,7 +91,7 @@ def _run_one(model: str, quant: Optional[str], config: Any, command: str) -> dic
 def eval_command(
     model: Annotated[str, typer.Argument(help="registry name, Hugging Face directory or .gguf file")] = DEFAULT_MODEL,
     suite: Annotated[str, typer.Option("--suite", help=f"comma-separated suites: {','.join(SUITE_NAMES)} (or 'all')")] = "math,logic,code,format",
-    quant: Annotated[Optional[str], typer.Option(help="quantize on load: int8, int4, ... (default: none)")] = None,
+    quant: Annotated[Optional[str], typer.Option(help="quantize on load: int8, int4, ...; fp32: float (a .gguf dequantized); default: as stored (a .gguf runs on its own blocks)")] = None,
     n: Annotated[int, typer.Option("--n", help="items per suite", min=1)] = 20,
     seed: Annotated[int, typer.Option(help="seed that picks the items (and sampling seeds)")] = 0,
     samples: Annotated[int, typer.Option(help="samples per item; more than 1 reports pass@k", min=1)] = 1,

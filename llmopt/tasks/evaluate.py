@@ -420,6 +420,11 @@ def model_bits_per_weight(llm: Any, quant: str | None) -> tuple[float | None, st
             if not isinstance(n_in, int) or not isinstance(n_out, int):
                 continue
             packed = getattr(mod, "_tensor_names", None)
+            gguf_parts = getattr(mod, "parts", None)
+            if gguf_parts:  # a GGUF-native linear: its blocks as stored
+                bits += sum(p.nbytes * 8 for p in gguf_parts)
+                weights += n_in * n_out
+                continue
             if packed:  # a quantized linear layer: packed tensors as stored
                 tensors = [getattr(mod, t) for t in packed]
             elif isinstance(getattr(mod, "weight", None), torch_Tensor()):
@@ -536,7 +541,12 @@ def parse_spec(spec: str, default_model: str) -> tuple[str, str | None]:
 
 
 def _quant_or_none(value: str) -> str | None:
-    return None if value.lower() in ("", "none", "fp32", "float32") else value
+    """"none"/"" -> None (the model as stored: a GGUF file on its own blocks); "fp32"/"float32" ->
+    "fp32" (dequantized, float); anything else is a format name."""
+    v = value.lower()
+    if v in ("", "none"):
+        return None
+    return "fp32" if v in ("fp32", "float32") else value
 
 
 def load_llm(model: str, quant: str | None) -> Any:

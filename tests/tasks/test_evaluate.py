@@ -138,7 +138,8 @@ def test_compare_refuses_different_items(items, config):
 
 
 def test_parse_spec_and_suites():
-    assert parse_spec("fp32", "m") == ("m", None)
+    assert parse_spec("fp32", "m") == ("m", "fp32")  # float, even for a GGUF file (None: its own blocks)
+    assert parse_spec("none", "m") == ("m", None)
     assert parse_spec("int4", "m") == ("m", "int4")
     assert parse_spec("quant=int8", "m") == ("m", "int8")
     assert parse_spec("model=/x/y.gguf,quant=none", "m") == ("/x/y.gguf", None)

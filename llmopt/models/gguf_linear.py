@@ -1,0 +1,281 @@
+"""The "gguf" linear method: a GGUF file's projections run on their own quantized blocks.
+
+``load_model(path, gguf_native=True)`` (what ``LLM("x.gguf")`` does by default) builds the model
+with :func:`gguf_quant_config`: every projection whose tensors have a native kernel
+(``llmopt.kernels.gguf_linear.supported_types``: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K ... Q6_K) is a
+:class:`GGUFLinear` holding the file's blocks repacked once, losslessly, for the kernels; the
+output layer is the file's ``output.weight`` or, tied, ``token_embd.weight``; the input embedding
+(:class:`GGUFEmbedding`) decodes only the rows it looks up, from the file's own rows. Results equal the dequantized fp32 model up to float summation order (``act``
+"fp32", the default); ``act="int8"`` is the kernels' separate int8-activation mode (Q4_0, Q4_1,
+Q8_0, Q4_K; others keep fp32 activations).
+
+Fused projections: ``qkv_proj`` = the q, k, v tensors' rows, ``gate_up_proj`` = gate, up. Shards of
+one type are packed as one weight; shards of different types (a Q4_K_M file's Q6_K ``attn_v``) as
+consecutive row ranges, one kernel call each. llama-architecture Q/K rows come permuted from the
+converter (see ``loader.unpermute_qk``); the blocks run along the input dim, so whole rows are
+permuted back before packing.
+
+A tensor of a quantized type without a kernel (IQ types, Q8_1, ...) is dequantized by the loader as
+before and its module takes the fallback method (fp32 packed in the engine), with one warning listing
+every such tensor and its type; float tensors (F32 / F16 / BF16) take the fallback without one.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from torch import nn
+
+from llmopt.config import ModelConfig
+from llmopt.formats.gguf_quants import dequantize
+from llmopt.kernels.gguf_linear import GGUFPacked, dequantize_packed, gguf_linear, pack_gguf, supported_types
+from llmopt.models.linear import EmbeddingMethod, LinearMethod, QuantConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["GGUFLinear", "GGUFEmbedding", "GGUFMethod", "GGUFEmbeddingMethod", "gguf_quant_config", "GGUF_ACTS"]
+
+GGUF_ACTS = ("fp32", "int8")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Rows of one projection taken from one GGUF tensor (``perm_heads``: undo llama.cpp's Q/K row
+    permutation over that many heads)."""
+
+    tensor: object  # llmopt.models.gguf_file.GGUFTensor
+    rows: int
+    perm_heads: int | None = None
+
+    @property
+    def qtype(self) -> int:
+        return int(self.tensor.qtype)  # type: ignore[attr-defined]
+
+    def raw_rows(self) -> np.ndarray:
+        """The tensor's blocks as ``uint8 [rows, bytes_per_row]``, rows in Hugging Face order."""
+        data: np.ndarray = self.tensor.data  # type: ignore[attr-defined]
+        raw = np.asarray(data).reshape(self.rows, -1)
+        if self.perm_heads is None:
+            return raw
+        from llmopt.models.loader import unpermute_qk
+
+        order = unpermute_qk(torch.arange(self.rows).unsqueeze(1), self.perm_heads).squeeze(1).numpy()
+        return raw[order]
+
+
+def _pack(shards: list[Shard], in_features: int, name: str) -> list[GGUFPacked]:
+    """Consecutive shards of one type packed together (row concatenation: blocks are per row)."""
+    groups: list[list[Shard]] = []
+    for s in shards:
+        if groups and groups[-1][0].qtype == s.qtype:
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    out = []
+    for g in groups:
+        raw = np.concatenate([s.raw_rows() for s in g]) if len(g) > 1 else g[0].raw_rows()
+        out.append(pack_gguf(raw, g[0].qtype, (sum(s.rows for s in g), in_features), name))
+    return out
+
+
+class GGUFLinear(nn.Module):
+    """``y = x @ W.T + b`` with ``W`` kept in GGUF blocks (one or more row ranges of
+    :class:`~llmopt.kernels.gguf_linear.GGUFPacked`, see the module docstring).
+
+    ``weight`` is the dequantized fp32 weight (a new tensor: inspection, references); the packed
+    blocks are not parameters or buffers, so dtype casts of the model do not touch them (a bias is
+    a float parameter and is cast like any other)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, name: str = "", act: str = "fp32"):
+        super().__init__()
+        if act not in GGUF_ACTS:
+            raise ValueError(f"GGUF activation mode must be one of {', '.join(GGUF_ACTS)}, got {act!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.name, self.act = name, act
+        self.parts: list[GGUFPacked] = []
+        self.acts: list[str] = []
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def set_blocks(self, parts: list[GGUFPacked]) -> None:
+        rows = sum(p.out_features for p in parts)
+        if rows != self.out_features or any(p.in_features != self.in_features for p in parts):
+            raise ValueError(f"{self.name}: GGUF blocks {[p.shape for p in parts]} do not make a "
+                             f"[{self.out_features}, {self.in_features}] weight")
+        self.parts = parts
+        a8 = set(supported_types("int8"))
+        self.acts = [self.act if p.type_name in a8 else "fp32" for p in parts]
+
+    @property
+    def type_names(self) -> list[str]:
+        return [p.type_name for p in self.parts]
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * sum(p.nbytes for p in self.parts) / (self.in_features * self.out_features)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.cat([dequantize_packed(p) for p in self.parts])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = self.parts
+        if len(parts) == 1:
+            return gguf_linear(x, parts[0], self.bias, act=self.acts[0])
+        y = torch.cat([gguf_linear(x, p, None, act=a) for p, a in zip(parts, self.acts)], -1)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        types = "+".join(dict.fromkeys(self.type_names)) or "empty"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"gguf={types}, act={self.act}, bpw={self.bits_per_weight if self.parts else 0.0:.2f}")
+
+
+class GGUFEmbedding(nn.Module):
+    """``table[ids]`` decoded from the GGUF table's own rows (``raw``: ``uint8 [rows, bytes_per_row]``,
+    the file's memory-mapped blocks; blocks run along a row, so gathering rows gathers whole blocks)
+    with ``formats.gguf_quants.dequantize``: exactly the dequantized model's rows, only the looked-up
+    ones decoded. No second table in memory: the rows are the file's pages (a tied head keeps its
+    own packed copy for the matmul)."""
+
+    def __init__(self, raw: np.ndarray, ggml_type: int, embedding_dim: int, name: str = "token_embd.weight"):
+        super().__init__()
+        self.raw, self.ggml_type, self.name = raw, int(ggml_type), name
+        self.num_embeddings: int = int(raw.shape[0])
+        self.embedding_dim: int = int(embedding_dim)
+        self.out_dtype = torch.float32
+
+    @property
+    def type_name(self) -> str:
+        return gguf.GGMLQuantizationType(self.ggml_type).name
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return dequantize(self.raw, self.ggml_type, (self.num_embeddings, self.embedding_dim), self.name)
+
+    def _apply(self, fn, recurse=True):  # a dtype cast of the model sets the output dtype
+        probe = fn(torch.zeros(1, dtype=torch.float32))
+        if probe.is_floating_point():
+            self.out_dtype = probe.dtype
+        return self
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        n, k = self.num_embeddings, self.embedding_dim
+        flat = input_ids.reshape(-1)
+        if flat.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{self.name}: input ids must be int64 or int32, got {flat.dtype}")
+        if flat.numel() and (flat.min() < 0 or flat.max() >= n):
+            bad = flat[(flat < 0) | (flat >= n)][0].item()
+            raise IndexError(f"{self.name}: token id {bad} is out of range [0, {n})")
+        rows = self.raw[flat.cpu().numpy()]
+        out = dequantize(rows, self.ggml_type, (flat.numel(), k), self.name).reshape(*input_ids.shape, k)
+        return out if out.dtype == self.out_dtype else out.to(self.out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, gguf={self.type_name}"
+
+
+class GGUFMethod(LinearMethod):
+    """Projections built from a GGUF file's blocks: ``shards[name]`` lists the rows of each."""
+
+    name = "gguf"
+
+    def __init__(self, shards: dict[str, list[Shard]], act: str = "fp32"):
+        if act not in GGUF_ACTS:
+            raise ValueError(f"GGUF activation mode must be one of {', '.join(GGUF_ACTS)}, got {act!r}")
+        self.shards = shards
+        self.act = act
+
+    def create(self, in_features: int, out_features: int, bias: bool, name: str) -> nn.Module:
+        return GGUFLinear(in_features, out_features, bias, name, self.act)
+
+    def process_after_loading(self, module: nn.Module, name: str) -> nn.Module:
+        if not isinstance(module, GGUFLinear):
+            raise TypeError(f"{name}: the gguf method holds a GGUFLinear, got {type(module).__name__}")
+        if not module.parts:
+            module.set_blocks(_pack(self.shards[name], module.in_features, name))
+        return module
+
+
+class GGUFEmbeddingMethod(EmbeddingMethod):
+    """The input embedding on the GGUF table's own rows (``GGUFEmbedding``)."""
+
+    name = "gguf"
+
+    def __init__(self, table: Shard, fallback: EmbeddingMethod):
+        self.table = table
+        self.fallback = fallback
+
+    def create(self, num_embeddings: int, embedding_dim: int) -> nn.Module:
+        # loaded from blocks after loading; nothing for the float loader to fill
+        return nn.Module()
+
+    def process_after_loading(self, module: nn.Module, lm_head: nn.Module, tied: bool) -> nn.Module:
+        t = self.table.tensor
+        return GGUFEmbedding(self.table.raw_rows(), self.table.qtype, int(t.torch_shape[1]),  # type: ignore[attr-defined]
+                             t.name)  # type: ignore[attr-defined]
+
+
+_FUSED = {"qkv_proj": ("attn_q", "attn_k", "attn_v"), "gate_up_proj": ("ffn_gate", "ffn_up")}
+_SINGLE = {"o_proj": "attn_output", "down_proj": "ffn_down"}
+_ATTN = ("qkv_proj", "o_proj")
+
+
+def gguf_quant_config(path: Path, cfg: ModelConfig, base: QuantConfig,
+                      act: str = "fp32") -> tuple[QuantConfig, set[str]]:
+    """The quant config of a GGUF model run on its own blocks, and the Hugging Face names of the
+    tensors it takes as blocks (the float loader skips them). Modules whose tensors have no native
+    kernel keep ``base``'s method (one warning lists them)."""
+    from llmopt.models.gguf_file import GGUFFile
+
+    gf = GGUFFile(path)
+    by_name = {t.name: t for t in gf.tensors}
+    native = set(supported_types())
+    unsupported: list[str] = []
+
+    def shard(gname: str, perm: int | None = None) -> Shard | None:
+        t = by_name.get(gname)
+        if t is None or len(t.torch_shape) != 2:
+            return None
+        if t.qtype.name not in native:
+            if t.qtype.name not in ("F32", "F16", "BF16"):  # float tensors are not worth a warning
+                unsupported.append(f"{gname} ({t.qtype.name})")
+            return None
+        return Shard(t, int(t.torch_shape[0]), perm if cfg.arch == "llama" else None)
+
+    shards: dict[str, list[Shard]] = {}
+    taken: set[str] = set()
+    hf_of = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+             "ffn_down": "mlp.down_proj"}
+    for i in range(cfg.num_layers):
+        for mod, parts in [*_FUSED.items(), *((m, (g,)) for m, g in _SINGLE.items())]:
+            perms = {"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}
+            got = [shard(f"blk.{i}.{g}.weight", perms.get(g)) for g in parts]
+            if any(s is None for s in got):
+                continue
+            name = f"layers.{i}.{'self_attn' if mod in _ATTN else 'mlp'}.{mod}"
+            shards[name] = [s for s in got if s is not None]
+            taken |= {f"model.layers.{i}.{hf_of[g]}.weight" for g in parts}
+    head = shard("token_embd.weight" if cfg.tie_word_embeddings else "output.weight")
+    if head is not None:
+        shards["lm_head"] = [head]
+        if not cfg.tie_word_embeddings:
+            taken.add("lm_head.weight")
+    embedding = base.embedding
+    table = head if cfg.tie_word_embeddings else shard("token_embd.weight")
+    if table is not None:
+        embedding = GGUFEmbeddingMethod(table, base.embedding)
+        taken.add("model.embed_tokens.weight")
+    if unsupported:
+        log.warning("%s: %d tensors have GGUF types without a native kernel and are dequantized to float: %s",
+                    path.name, len(unsupported), ", ".join(dict.fromkeys(unsupported)))
+    method = GGUFMethod(shards, act)
+    modules = dict(base.modules)
+    modules.update({name: method for name in shards})
+    qc = QuantConfig(default=base.default, lm_head=base.lm_head, modules=modules, embedding=embedding)
+    return qc, taken

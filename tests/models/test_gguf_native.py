@@ -1,0 +1,165 @@
+"""GGUF files run on their own quantized blocks (the "gguf" linear method, the default for .gguf
+files): logits equal the dequantized fp32 model's up to float summation order, for every GGUF type
+with a native kernel, with llama's Q/K row permutation, qwen2's biases, a tied and an untied output
+layer, fused projections mixing types and a float shard; the engine's batched greedy equals single
+greedy; on the real SmolLM2 file greedy tokens equal the fp32 path's."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import quants
+
+from llmopt import LLM, SamplingParams
+from llmopt.kernels.dense import PackedLinear
+from llmopt.models.gguf_linear import GGUFEmbedding, GGUFLinear
+from llmopt.models.loader import load_model
+from tests.conftest import SMOLLM2, requires_smollm2, save_hf_dir, tiny_hf_model, write_gguf
+
+QT = gguf.GGMLQuantizationType
+BLOCK_TYPES = [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0]  # gguf.quants quantizes these
+K_TYPES = [QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K]  # gguf.quants cannot: random valid blocks
+_SCALE_OFFS = {QT.Q2_K: [80, 82], QT.Q3_K: [108], QT.Q4_K: [0, 2], QT.Q5_K: [0, 2], QT.Q6_K: [208]}
+# Tolerance: fp32 summation in another order over K <= 512 terms per output, through 2 layers:
+# max |diff| / max |logit| measured 4e-7 .. 6e-6 over these types and archs; a wrong block, row
+# order or scale gives O(1).
+RTOL = 5e-5
+
+
+def k_quant_blocks(a: np.ndarray, qt) -> np.ndarray:
+    """Random bytes with small valid fp16 super-block scales (deterministic per shape)."""
+    n, k = a.shape
+    block, ts = gguf.GGML_QUANT_SIZES[qt]
+    rng = np.random.default_rng(n * 7919 + k)
+    raw = rng.integers(0, 256, size=(n, k // block, ts), dtype=np.uint8)
+    for off in _SCALE_OFFS[qt]:
+        v = (rng.standard_normal((n, k // block)) * 1e-2).astype(np.float16)
+        raw[..., off:off + 2] = v.view(np.uint8).reshape(n, k // block, 2)
+    return raw.reshape(n, -1)
+
+
+def _quantizer(a: np.ndarray, qt) -> np.ndarray:
+    return k_quant_blocks(a, qt) if qt in _SCALE_OFFS else quants.quantize(a, qt)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """arch -> transformers model; hidden / intermediate multiples of 256 so K-quants fit."""
+    return {arch: tiny_hf_model(arch, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                                num_key_value_heads=2, head_dim=64) for arch in ("llama", "qwen2")}
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.compute_logits(model(ids, torch.arange(len(ids))))
+
+
+def _assert_close(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    err = (got - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    assert torch.isfinite(got).all() and err <= RTOL * scale + 1e-5, f"{what}: max |diff| {err:.3g}, |ref| {scale:.3g}"
+
+
+@pytest.mark.parametrize("qt", BLOCK_TYPES + K_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gguf_native_logits_equal_the_dequantized_model(tiny, tmp_path, arch, qt):
+    path = write_gguf(tiny[arch], tmp_path / f"{arch}-{qt.name}.gguf", qtype=qt, quantizer=_quantizer)
+    native = load_model(path, gguf_native=True).model
+    ref = load_model(path).model  # float nn.Linear on the dequantized weights
+    for i, layer in enumerate(native.layers):
+        for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+            assert isinstance(lin, GGUFLinear) and lin.type_names == [qt.name] * len(lin.parts), (i, lin)
+    assert isinstance(native.lm_head, GGUFLinear) and isinstance(native.embed_tokens, GGUFEmbedding)
+    assert native.embed_tokens.type_name == qt.name and native.lm_head.type_names == [qt.name]
+    # the weights the blocks hold are the dequantized model's, rows in Hugging Face order
+    assert torch.equal(native.layers[1].self_attn.qkv_proj.weight, ref.layers[1].self_attn.qkv_proj.weight)
+    assert torch.equal(native.embed_tokens(torch.arange(50)), ref.embed_tokens(torch.arange(50)))
+    ids = torch.tensor([1, 5, 9, 33, 7, 100, 64, 2, 250, 3])
+    _assert_close(_logits(native, ids), _logits(ref, ids), f"{arch} {qt.name}")
+
+
+def test_fused_projection_mixing_types_and_a_float_shard(tiny, tmp_path):
+    """A Q4_K_M-like file: attn_v and ffn_down in Q6_K inside Q4_K projections (qkv = two row
+    ranges), and one projection stored F16 (no block kernel: it stays float, packed)."""
+    def qtype(name: str):
+        if name == "blk.1.attn_output.weight":
+            return QT.F16
+        return QT.Q6_K if name.endswith(("attn_v.weight", "ffn_down.weight")) else QT.Q4_K
+
+    path = write_gguf(tiny["llama"], tmp_path / "mixed.gguf", qtype=qtype, quantizer=_quantizer)
+    native = load_model(path, gguf_native=True).model
+    assert native.layers[0].self_attn.qkv_proj.type_names == ["Q4_K", "Q6_K"]
+    assert native.layers[0].mlp.down_proj.type_names == ["Q6_K"]
+    assert type(native.layers[1].self_attn.o_proj) is torch.nn.Linear  # float, from the F16 tensor
+    ref = load_model(path).model
+    ids = torch.tensor([4, 8, 15, 16, 23, 42])
+    _assert_close(_logits(native, ids), _logits(ref, ids), "mixed")
+
+
+@pytest.fixture(scope="module")
+def q41_file(tiny, tmp_path_factory):
+    return write_gguf(tiny["qwen2"], tmp_path_factory.mktemp("q41") / "q41.gguf", qtype=QT.Q4_1)
+
+
+def test_engine_runs_gguf_blocks_by_default_and_fp32_on_request(q41_file):
+    llm = LLM(str(q41_file), num_kv_blocks=64)
+    assert isinstance(llm.engine.model.layers[0].mlp.down_proj, GGUFLinear)
+    assert llm.engine.runner.fused is None  # the one-call decode step takes int4 QuantLinears only
+    fp32 = LLM(str(q41_file), quant="fp32", num_kv_blocks=64)
+    assert isinstance(fp32.engine.model.layers[0].mlp.down_proj, PackedLinear)
+    ids = [5, 17, 99, 3, 250, 1, 7]
+    p = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    assert llm.generate([ids], p)[0].token_ids == fp32.generate([ids], p)[0].token_ids
+
+
+def test_gguf_batched_greedy_equals_single_greedy(q41_file):
+    llm = LLM(str(q41_file), num_kv_blocks=128)
+    prompts = [[5, 17, 99, 3], [250, 1, 7, 7, 7, 8, 9, 10, 11], [42], [100, 101, 102, 103, 104, 105]]
+    p = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    batched = [o.token_ids for o in llm.generate(prompts, p)]
+    single = [llm.generate([q], p)[0].token_ids for q in prompts]
+    assert batched == single
+
+
+def test_quant_gguf_on_a_non_gguf_model_is_refused(tiny, tmp_path):
+    d = save_hf_dir(tiny["qwen2"], tmp_path / "hf")
+    with pytest.raises(ValueError, match="not a .gguf file"):
+        LLM(str(d), quant="gguf", num_kv_blocks=16)
+
+
+@requires_smollm2
+def test_smollm2_gguf_native_greedy_tokens_equal_fp32():
+    """The default model file (Q4_1, Q8_0 tied embedding): 3 prompts x 24 greedy tokens."""
+    prompts = ["The capital of France is", "def fibonacci(n):", "Water boils at"]
+    p = SamplingParams(max_tokens=24, temperature=0.0)
+    native = LLM(SMOLLM2, num_kv_blocks=64)
+    assert isinstance(native.engine.model.lm_head, GGUFLinear)
+    assert native.engine.model.lm_head.type_names == ["Q8_0"]
+    got = [o.token_ids for o in native.generate(prompts, p)]
+    del native
+    want = [o.token_ids for o in LLM(SMOLLM2, quant="fp32", num_kv_blocks=64).generate(prompts, p)]
+    assert got == want
+
+
+def test_int8_activation_mode_is_opt_in_per_type_and_batch_invariant(tiny, tmp_path):
+    """``KernelSettings(gguf_act="int8")``: Q4_1 projections quantize activations per 32 (llama.cpp's
+    Q8 activations), Q5_0 ones (no int8 kernel) stay fp32; greedy tokens batched == single."""
+    from llmopt.config import KernelSettings
+
+    def qtype(name: str):
+        return QT.Q5_0 if name.endswith("ffn_down.weight") else QT.Q4_1
+
+    path = write_gguf(tiny["qwen2"], tmp_path / "a8.gguf", qtype=qtype)
+    llm = LLM(str(path), num_kv_blocks=128, kernels=KernelSettings(gguf_act="int8"))
+    m = llm.engine.model
+    assert m.layers[0].self_attn.qkv_proj.acts == ["int8"] and m.layers[0].mlp.down_proj.acts == ["fp32"]
+    ref = load_model(path).model
+    ids = torch.tensor([4, 8, 15, 16, 23, 42])
+    got, want = _logits(m, ids), _logits(ref, ids)
+    rel = ((got - want).abs().max() / want.abs().max()).item()
+    assert 0 < rel < 0.05, rel  # int8 activations: close, and not the exact mode
+    prompts = [[5, 17, 99, 3], [250, 1, 7, 7, 7, 8, 9, 10, 11], [42]]
+    p = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    assert [o.token_ids for o in llm.generate(prompts, p)] == [llm.generate([q], p)[0].token_ids for q in prompts]
