@@ -154,10 +154,12 @@ class GRPOTrainer:
             torch.set_num_threads(cfg.num_threads)
         self.examples = build_examples(parse_suites(cfg.suites), cfg.chunk, cfg.seed)
         n = cfg.prompts_per_step * cfg.group_size
-        # packed_linear=False: the policy's nn.Linear modules (LoRA-wrapped) are what the engine runs
+        # packed_linear=False and quant="fp32": the policy's float nn.Linear modules (LoRA-wrapped)
+        # are what the engine runs; a GGUF base is dequantized, not run on its blocks, so that LoRA
+        # can wrap its projections and the adapter is trained on the weights it is merged into
         self.engine = LLMEngine(cfg.model, EngineConfig(num_threads=cfg.num_threads, packed_linear=False,
                                                         enable_prefix_caching=True, max_num_seqs=max(n, 1),
-                                                        kv_cache_memory_gb=0.5))
+                                                        kv_cache_memory_gb=0.5), quant="fp32")
         self.tokenizer = self.engine.tokenizer
         self.model = self.engine.model
         self.peft_model = apply_lora(self.model, cfg.lora, cfg.seed)

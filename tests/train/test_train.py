@@ -278,6 +278,24 @@ def test_grpo_rollouts_come_from_our_engine_with_the_policy_logprobs(tiny_models
     _report_draws_the_run(tmp_path / "g", tmp_path / "report", "grpo", 2)
 
 
+def test_grpo_on_a_quantized_gguf_base_trains_float_projections(tiny_models, tmp_path):
+    """A GGUF base runs on its own blocks for inference; the GRPO policy dequantizes it so LoRA can
+    wrap the projections (PEFT cannot wrap a GGUF block linear)."""
+    from gguf import GGMLQuantizationType
+
+    from tests.conftest import write_gguf
+
+    m, _, _ = tiny_models["llama"]
+    path = write_gguf(m, tmp_path / "q8.gguf", qtype=GGMLQuantizationType.Q8_0)
+    cfg = GRPOConfig(model=str(path), out=str(tmp_path / "g"), suites="math=2", steps=1, prompts_per_step=1,
+                     group_size=2, max_new_tokens=8, beta=0.0, max_prompt_tokens=1000,
+                     lora=LoraSpec(rank=2, alpha=4, first_layer=0), systems="none")
+    tr = GRPOTrainer(cfg, reward_fn=lambda text, ex, n: Reward(float(len(text)), False, False, "test"))
+    groups, _ = tr.rollouts(0)
+    assert len(groups[0]) == 2
+    assert tr.update(groups)["update_s"] >= 0
+
+
 def _report_draws_the_run(run_dir, out_dir, kind, steps):
     """`llmopt report RUN_DIR` reads a training run directory: a table row and the curves."""
     from llmopt.report.build import build_report
