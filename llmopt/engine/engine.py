@@ -88,6 +88,13 @@ class LLMEngine:
         log.info("engine: %d KV blocks x %d tokens, max_model_len %d, %d threads, %d packed fp32 linears",
                  num_blocks, cfg.block_size, self.max_model_len, cfg.num_threads, self.packed_linears)
 
+    def kv_info(self) -> dict[str, Any]:
+        """The KV cache as configured: element type, bytes per cached token (K and V of every layer,
+        scales included), blocks, and the compression policy."""
+        cfg = self.config
+        return {"dtype": cfg.dtype, "bytes_per_token": self.runner.kv_bytes_per_token,
+                "blocks": self.block_manager.num_blocks, "block_size": cfg.block_size}
+
     # ---- requests -------------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt) -> tuple[list[int], str | None]:
         if isinstance(prompt, str):

@@ -36,6 +36,10 @@ class ModelRunner:
             log.warning("fused decode step unavailable (%s); using the op-by-op forward", e)
             self.fused = None
 
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.kv_bytes_per_block(self.model, 1, self.k_cache.dtype)
+
     @staticmethod
     def kv_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) -> int:
         c = model.cfg
