@@ -22,6 +22,7 @@ from torch import nn
 
 from llmopt.config import ModelConfig
 from llmopt.kernels import ops
+from llmopt.kernels.kv_select import observation_scores
 
 
 @dataclass
@@ -33,6 +34,10 @@ class PrefillSpan:
     q_len: int
     ctx_len: int
     block_table: torch.Tensor | None
+    # SnapKV (engine/kv_policy.py): when > 0, each layer appends to ``scores`` the attention of the
+    # chunk's last ``observe`` queries over the whole context, per kv head ([Hk, ctx_len] float32)
+    observe: int = 0
+    scores: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -140,6 +145,8 @@ class Attention(nn.Module):
                 ks = kc[blocks].reshape(-1, self.num_kv_heads, self.head_dim)[: span.ctx_len].to(q.dtype)
                 vs = vc[blocks].reshape(-1, self.num_kv_heads, self.head_dim)[: span.ctx_len].to(q.dtype)
             out[sl] = self._causal(q[sl], ks, vs, self.window)
+            if span.observe:
+                span.scores.append(observation_scores(q[sl][-span.observe:], ks, self.scale))
         return out
 
 

@@ -381,8 +381,9 @@ def _retrieval_records(
     llm: Any, name: str, its: list[Item], config: EvalConfig, progress: Progress | None
 ) -> list[dict[str, Any]]:
     """Greedy answers (``ANSWER_TOKENS`` tokens, no think budget or grammar) to passkey / needle
-    items, graded strictly on the first number of the output. The prompt text is not stored (it is
-    rebuilt from the seed); its token count is."""
+    items, the assistant turn started with the item's answer prefix, graded strictly on the first
+    number of the output. The prompt text is not stored (it is rebuilt from the seed); its token
+    count is."""
     from llmopt import SamplingParams
 
     params = SamplingParams(max_tokens=ANSWER_TOKENS, temperature=0.0)
@@ -391,7 +392,10 @@ def _retrieval_records(
     for start in range(0, len(its), config.batch_size):
         chunk = its[start:start + config.batch_size]
         t0 = time.perf_counter()
-        outs = llm.chat([it.messages for it in chunk], params)
+        tok = llm.tokenizer
+        prompts = [tok.apply_chat_template(it.messages) + tok.encode(it.payload["answer_prefix"], add_special_tokens=False)
+                   for it in chunk]
+        outs = llm.generate(prompts, params)
         wall = time.perf_counter() - t0
         for it, out in zip(chunk, outs):
             g = grader.grade(it, None, out.text)

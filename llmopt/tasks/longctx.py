@@ -9,10 +9,12 @@ Everything is generated offline from text that ships with Python, deterministic 
 - ``passkey``: the classic passkey task (Mohtashami & Jaggi, 2023). A 5-digit key is stated
   ("The pass key is 71432. Remember it. 71432 is the pass key.") at a depth of 0..100% of the
   filler; the question asks for it. Graded strictly: the *first* run of digits in the output
-  must equal the key (a wrong number first, or none, is wrong).
+  must equal the key (a wrong number first, or none, is wrong). The assistant turn starts with
+  "The pass key is" (the prompt ends with it), so a small chat model answers rather than chats.
 - ``needle``: a key-value needle (the RULER form): "One of the special magic numbers for
   {word} is: {7 digits}." at the depth; the question asks for the number of that word. Graded
-  strictly the same way against the 7-digit value.
+  strictly the same way against the 7-digit value (assistant turn started with "The special magic
+  number for {word} is").
 - ``longppl``: perplexity of windows of ``long_ppl_tokens`` tokens cut from the concatenation of
   the language reference help topics (``pydoc_data.topics``) in a seeded order; every token after
   the first is scored (``LLM.score``, which reads the KV cache in the engine's ``kv_dtype``).
@@ -24,6 +26,7 @@ records its exact length. ``n`` is the number of items per (length, depth) cell.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import random
@@ -112,6 +115,11 @@ def grade_first_number(expected: str, output: str) -> Grade:
     return Grade(True, 1.0, "exact")
 
 
+@functools.lru_cache(maxsize=1)
+def _paragraphs() -> tuple[str, ...]:
+    return tuple(haystack_paragraphs())
+
+
 @dataclass(frozen=True)
 class Haystack:
     """Prompt builder for one tokenizer: fits filler around a needle to a token length."""
@@ -137,29 +145,37 @@ class Haystack:
         return out
 
     def prompt(self, intro: str, needle: str, question: str, depth: float, length: int,
-               rng: random.Random) -> tuple[list[dict[str, str]], int]:
-        """Chat messages whose templated prompt is about ``length`` tokens with ``needle`` at ``depth``
-        (0 = before all filler, 1 = after it), and the exact templated length."""
+               rng: random.Random, answer_prefix: str = "") -> tuple[list[dict[str, str]], int]:
+        """Chat messages whose templated prompt (plus ``answer_prefix``) is at most ``length`` tokens
+        and within a few of it, with ``needle`` at ``depth`` of the filler (0 = before all of it,
+        1 = after it), and that exact prompt length."""
         if not 0.0 <= depth <= 1.0:
             raise ValueError(f"depth must be in [0, 1], got {depth}")
 
         def messages(filler: str) -> list[dict[str, str]]:
             return [{"role": "user", "content": f"{intro}\n\n{filler}\n\n{question}"}]
 
-        overhead = len(self.tokenizer.apply_chat_template(messages(needle)))
+        extra = len(self.tokenizer.encode(answer_prefix, add_special_tokens=False)) if answer_prefix else 0
+        overhead = len(self.tokenizer.apply_chat_template(messages(needle))) + extra
         budget = length - overhead
-        if budget < 16:
-            raise ValueError(f"length {length} leaves no room for filler (the template, needle and question "
-                             f"take {overhead} tokens); use a longer length")
-        paras = self._filler_ids(rng, budget)
-        text = "".join(self.tokenizer.decode(p) for p in paras).strip()
-        # the needle goes at the sentence boundary closest to depth * the filler's length
-        bounds = [0, len(text)] + [m.end() for m in _SENTENCE_END.finditer(text)]
-        cut = min(bounds, key=lambda b: (abs(b - depth * len(text)), b))
-        before, after = text[:cut].strip(), text[cut:].strip()
-        filler = " ".join(x for x in (before, needle, after) if x)
-        msgs = messages(filler)
-        return msgs, len(self.tokenizer.apply_chat_template(msgs))
+        state = rng.getstate()
+        for _ in range(4):  # decoding and re-encoding the filler can merge tokens differently: re-fit
+            if budget < 16:
+                raise ValueError(f"length {length} leaves no room for filler (the template, needle and question "
+                                 f"take {overhead} tokens); use a longer length")
+            rng.setstate(state)
+            paras = self._filler_ids(rng, budget)
+            text = "".join(self.tokenizer.decode(p) for p in paras).strip()
+            # the needle goes at the sentence boundary closest to depth * the filler's length
+            bounds = [0, len(text)] + [m.end() for m in _SENTENCE_END.finditer(text)]
+            cut = min(bounds, key=lambda b: (abs(b - depth * len(text)), b))
+            before, after = text[:cut].strip(), text[cut:].strip()
+            msgs = messages(" ".join(x for x in (before, needle, after) if x))
+            actual = len(self.tokenizer.apply_chat_template(msgs)) + extra
+            if actual <= length:
+                return msgs, actual
+            budget -= actual - length
+        raise ValueError(f"could not fit a prompt into {length} tokens with this tokenizer")
 
 
 class RetrievalSuite:
@@ -177,7 +193,7 @@ class RetrievalSuite:
         if any(length <= ANSWER_TOKENS + 64 for length in lengths):
             raise ValueError(f"lengths must exceed {ANSWER_TOKENS + 64} tokens, got {list(lengths)}")
         self.name, self.lengths, self.depths = name, tuple(lengths), tuple(depths)
-        self.haystack = Haystack(tokenizer, tuple(haystack_paragraphs()))
+        self.haystack = Haystack(tokenizer, _paragraphs())
 
     def items(self, n: int, seed: int, shots: int = 0) -> list[Item]:
         out = []
@@ -187,18 +203,22 @@ class RetrievalSuite:
                     rng = random.Random(f"{self.name}/{seed}/{length}/{depth}/{k}")
                     if self.name == "passkey":
                         key = str(rng.randint(10000, 99999))
-                        intro, question = PASSKEY_INTRO, "What is the pass key? The pass key is"
+                        intro, question = PASSKEY_INTRO, "What is the pass key?"
                         needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+                        prefix = "The pass key is"
                     else:
                         word = rng.choice(NEEDLE_WORDS)
                         key = str(rng.randint(1000000, 9999999))
                         intro = NEEDLE_INTRO
                         needle = f"One of the special magic numbers for {word} is: {key}."
                         question = f"What is the special magic number for {word} mentioned in the provided text?"
-                    msgs, actual = self.haystack.prompt(intro, needle, question, depth, length - ANSWER_TOKENS, rng)
+                        prefix = f"The special magic number for {word} is"
+                    msgs, actual = self.haystack.prompt(intro, needle, question, depth, length - ANSWER_TOKENS, rng,
+                                                        prefix)
                     out.append(Item(suite=self.name, id=f"{self.name}/{length}/{depth:g}/{k}", task=self.name,
                                     messages=msgs, reference=key,
-                                    payload={"length": length, "depth": depth, "prompt_tokens": actual}))
+                                    payload={"length": length, "depth": depth, "prompt_tokens": actual,
+                                             "answer_prefix": prefix}))
         return out
 
     def grade(self, item: Item, answer: str | None, output: str) -> Grade:
