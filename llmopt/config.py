@@ -166,6 +166,8 @@ class KVPolicy:
         return None if keep >= length else keep
 
 
+KV_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "int8")
+
 _FALSE = ("0", "", "false", "no", "off")
 
 
@@ -262,6 +264,7 @@ class EngineConfig:
     kv_sinks: int = 4  # streaming: attention-sink tokens always kept (<= block_size)
     kv_window: int = 32  # snapkv: observation window (the last prompt tokens, always kept)
     kv_pool: int = 7  # snapkv: positions averaged when scoring
+    kv_dtype: str | None = None  # KV cache element type: None = dtype; "float32", "bfloat16" or "int8"
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
@@ -276,6 +279,12 @@ class EngineConfig:
         if self.kv_pool < 1 or self.kv_pool % 2 == 0:
             raise ValueError(f"kv_pool must be an odd number >= 1, got {self.kv_pool}")
         self.kv_policy_for(self.kv_policy, self.kv_budget)  # a bad policy or budget: ValueError now
+        if self.kv_dtype is not None and self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)} (or None: the model's dtype), "
+                             f"got {self.kv_dtype!r}")
+        if self.kv_dtype in ("float32", "bfloat16") and self.kv_dtype != self.dtype:
+            raise ValueError(f"kv_dtype {self.kv_dtype} with dtype {self.dtype} is not supported: a float KV cache "
+                             f"has the activations' dtype; leave kv_dtype unset or use 'int8'")
         if self.num_threads is None:
             env = os.environ.get("LLMOPT_NUM_THREADS")
             self.num_threads = int(env) if env else (os.cpu_count() or 1)
@@ -302,6 +311,11 @@ class EngineConfig:
     def threads(self) -> int:
         """``num_threads`` as resolved by ``__post_init__`` (never None after construction)."""
         return self.num_threads or 1
+
+    @property
+    def torch_kv_dtype(self) -> torch.dtype:
+        """The KV cache's element type (int8: with per-token, per-head float32 scales)."""
+        return torch.int8 if self.kv_dtype == "int8" else self.torch_dtype
 
     @property
     def torch_dtype(self) -> torch.dtype:

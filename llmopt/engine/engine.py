@@ -70,11 +70,11 @@ class LLMEngine:
             from llmopt.kernels.dense import pack_linears
 
             self.packed_linears = pack_linears(self.model)  # 0 when the native kernel is unavailable
-        per_block = ModelRunner.kv_bytes_per_block(self.model, cfg.block_size, cfg.torch_dtype)
+        per_block = ModelRunner.kv_bytes_per_block(self.model, cfg.block_size, cfg.torch_kv_dtype)
         num_blocks = cfg.num_kv_blocks or max(1, int(cfg.kv_cache_memory_gb * 2**30 // per_block))
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(cfg, self.block_manager)
-        self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, cfg.torch_dtype,
+        self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, cfg.torch_kv_dtype,
                                   fused_decode=ks.fused_decode)
         self.compressor = KVCompressor(self.runner.cache_tensors, self.block_manager, cfg.block_size)
         if cfg.kv_policy != "full":
@@ -97,6 +97,7 @@ class LLMEngine:
         scales included), blocks, and the compression policy."""
         cfg = self.config
         return {"dtype": str(self.runner.k_cache.dtype).removeprefix("torch."),
+                "scales": "float32 per token and kv head" if self.runner.k_scale is not None else None,
                 "bytes_per_token": self.runner.kv_bytes_per_token,
                 "blocks": self.block_manager.num_blocks, "block_size": cfg.block_size,
                 "policy": cfg.kv_policy, "budget": cfg.kv_budget}
@@ -393,4 +394,17 @@ class LLMEngine:
     def score(self, token_ids: list[int]) -> torch.Tensor:
         if len(token_ids) > self.max_model_len:
             raise PromptTooLongError(f"{len(token_ids)} tokens do not fit the context window of {self.max_model_len}")
-        return self.runner.score(token_ids)
+        if self.runner.k_scale is None:
+            return self.runner.score(token_ids)
+        # a quantized cache changes what attention reads: score through it, in blocks borrowed for the call
+        with self.lock:
+            blocks = self.block_manager.borrow(self.block_manager.blocks_needed(len(token_ids)))
+        if blocks is None:
+            raise RuntimeError(f"scoring {len(token_ids)} tokens through the int8 KV cache needs "
+                               f"{self.block_manager.blocks_needed(len(token_ids))} free blocks; wait for running "
+                               f"requests to finish or raise kv_cache_memory_gb")
+        try:
+            return self.runner.score_paged(token_ids, blocks)
+        finally:
+            with self.lock:
+                self.block_manager.give_back(blocks)

@@ -116,6 +116,15 @@ class BlockManager:
             if self.ref_count[bid] == 0:
                 self.free[bid] = None  # most recently freed last: evicted last
 
+    def borrow(self, n: int) -> list[int] | None:
+        """``n`` free blocks outside any sequence (scoring through the cache), or None if short."""
+        if n > len(self.free):
+            return None
+        return [self._take_free() for _ in range(n)]
+
+    def give_back(self, blocks: list[int]) -> None:
+        self._release(blocks)
+
     def truncate(self, seq: Sequence, rows: int) -> None:
         """KV compression kept ``rows`` rows at the start of the table: free the blocks after them."""
         n = self.blocks_needed(rows)

@@ -25,11 +25,19 @@ class ModelRunner:
         shape = (cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype)
         self.v_cache = torch.zeros(shape, dtype=dtype)
+        # an int8 cache keeps one float32 scale per (token, kv head) next to it (kernels/kv_quant.py)
+        self.k_scale: torch.Tensor | None = None
+        self.v_scale: torch.Tensor | None = None
+        if dtype == torch.int8:
+            self.k_scale = torch.zeros(shape[:-1], dtype=torch.float32)
+            self.v_scale = torch.zeros(shape[:-1], dtype=torch.float32)
         self.observed: dict[int, list[torch.Tensor]] = {}  # SnapKV scores of the last step, by seq_id
         for i, layer in enumerate(model.layers):
             attn = cast(Attention, layer.self_attn)
             attn.k_cache = self.k_cache[i]
             attn.v_cache = self.v_cache[i]
+            attn.k_scale = None if self.k_scale is None else self.k_scale[i]
+            attn.v_scale = None if self.v_scale is None else self.v_scale[i]
         # decode-only steps of an int4 model run the whole layer stack in one native call
         try:
             self.fused: FusedDecoder | None = FusedDecoder.build(model, enabled=fused_decode)
@@ -40,7 +48,7 @@ class ModelRunner:
     @property
     def cache_tensors(self) -> list[torch.Tensor]:
         """Every tensor laid out [layers, blocks, block_size, kv_heads, ...] (what compaction moves)."""
-        return [self.k_cache, self.v_cache]
+        return [t for t in (self.k_cache, self.v_cache, self.k_scale, self.v_scale) if t is not None]
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -48,7 +56,10 @@ class ModelRunner:
 
     @staticmethod
     def kv_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) -> int:
+        """K and V of every layer for ``block_size`` tokens (int8: plus a float32 scale per token and head)."""
         c = model.cfg
+        if dtype == torch.int8:
+            return 2 * c.num_layers * block_size * c.num_kv_heads * (c.head_dim + 4)
         return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * torch.finfo(dtype).bits // 8
 
     def _slots(self, seq: Sequence, start: int, n: int) -> list[int]:
@@ -114,6 +125,18 @@ class ModelRunner:
         hidden = hidden[torch.tensor(rows)]
         logits = self.fused.logits(hidden) if self.fused is not None and fused_hidden is not None else None
         return sample_seqs, self.model.compute_logits(hidden) if logits is None else logits
+
+    @torch.inference_mode()
+    def score_paged(self, token_ids: list[int], blocks: list[int]) -> torch.Tensor:
+        """As :meth:`score`, but K/V go through the paged cache in ``blocks`` (enough for every token)
+        and attention reads them back: what a quantized cache does to the model, measured."""
+        n, bs = len(token_ids), self.block_size
+        ids = torch.tensor(token_ids, dtype=torch.long)
+        slots = torch.tensor([blocks[p // bs] * bs + p % bs for p in range(n)], dtype=torch.long)
+        ctx = AttnContext(slot_mapping=slots, prefills=[PrefillSpan(0, n, n, torch.tensor(blocks, dtype=torch.int32))])
+        hidden = self.model(ids, torch.arange(n), ctx)
+        logp = torch.log_softmax(self.model.compute_logits(hidden[:-1]), -1)
+        return logp.gather(1, ids[1:, None])[:, 0]
 
     @torch.inference_mode()
     def score(self, token_ids: list[int]) -> torch.Tensor:

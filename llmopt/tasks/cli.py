@@ -66,11 +66,11 @@ def _invocation() -> str:
 def _run_one(model: str, quant: Optional[str], config: Any, command: str) -> dict[str, Any]:
     from dataclasses import replace
 
-    from .evaluate import load_llm, run_eval
+    from .evaluate import engine_kwargs, load_llm, run_eval
 
     cfg = replace(config, model=model, quant=quant)
     with err.status(escape(f"loading {model} (quant={quant or 'none'})")):
-        llm = load_llm(model, quant)
+        llm = load_llm(model, quant, **engine_kwargs(cfg))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True) as progress:
         tasks: dict[str, Any] = {}
@@ -112,8 +112,12 @@ def eval_command(
     long_lengths: Annotated[str, typer.Option(help="passkey/needle prompt lengths in tokens, comma-separated (n items per length x depth)")] = "1024,2048,4096,8192",
     long_depths: Annotated[str, typer.Option(help="passkey/needle depths in [0, 1], comma-separated")] = "0,0.25,0.5,0.75,1",
     long_ppl_tokens: Annotated[int, typer.Option(help="tokens per longppl window", min=2)] = 4096,
+    kv_policy: Annotated[str, typer.Option(help="KV compression: full, streaming or snapkv (docs/long_context.md)")] = "full",
+    kv_budget: Annotated[Optional[str], typer.Option(help="KV budget: a fraction of the prompt (0.25) or a token count (2048)")] = None,
 ) -> None:
     """Accuracy, format score and perplexity on offline suites, with 95% intervals."""
+    from llmopt.config import parse_kv_budget
+
     from .evaluate import EvalConfig, compare_runs, parse_numbers, parse_spec, parse_suites, save_json
 
     command = _invocation()
@@ -125,7 +129,7 @@ def eval_command(
                         early_exit_threshold=early_exit_threshold, prefill_think=prefill_think,
                         long_lengths=parse_numbers(long_lengths, int, "--long-lengths"),
                         long_depths=parse_numbers(long_depths, float, "--long-depths"),
-                        long_ppl_tokens=long_ppl_tokens)
+                        long_ppl_tokens=long_ppl_tokens, kv_policy=kv_policy, kv_budget=parse_kv_budget(kv_budget))
     run = _run_one(model, quant, config, command)
     console.print(results_table(run, f"{model} [{quant or 'none'}]{' guided' if guided else ''}: n={n}, seed={seed}"))
     result: dict[str, Any] = run

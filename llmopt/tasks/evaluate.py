@@ -92,6 +92,9 @@ class EvalConfig:
     long_lengths: tuple[int, ...] = DEFAULT_LENGTHS
     long_depths: tuple[float, ...] = DEFAULT_DEPTHS
     long_ppl_tokens: int = 4096
+    # the engine's KV cache for this run (EngineConfig fields; docs/long_context.md)
+    kv_policy: str = "full"
+    kv_budget: float | int | None = None
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.suites if s not in SUITE_NAMES]
@@ -656,11 +659,16 @@ def _quant_or_none(value: str) -> str | None:
     return None if value.lower() in ("", "none", "fp32", "float32") else value
 
 
-def load_llm(model: str, quant: str | None) -> Any:
-    """Load a model through the public API."""
+def engine_kwargs(config: EvalConfig) -> dict[str, Any]:
+    """The ``EngineConfig`` fields an eval config sets (KV cache policy), for ``LLM(**kwargs)``."""
+    return {"kv_policy": config.kv_policy, "kv_budget": config.kv_budget}
+
+
+def load_llm(model: str, quant: str | None, **engine: Any) -> Any:
+    """Load a model through the public API; ``engine``: ``EngineConfig`` fields."""
     from llmopt import LLM
 
-    return LLM(model, quant=quant)
+    return LLM(model, quant=quant, **engine)
 
 
 def compare_runs(candidate: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:

@@ -6,11 +6,13 @@ Everything is generated offline from text that ships with Python, deterministic 
 - **filler** (``haystack_paragraphs``): the docstrings of a fixed list of standard-library
   modules and their public members (``inspect.getdoc``), paragraphs of at least 80 characters.
   Each item takes its own seeded shuffle of these paragraphs, so no two items share a haystack.
-- ``passkey``: the classic passkey task (Mohtashami & Jaggi, 2023). A 5-digit key is stated
-  ("The pass key is 71432. Remember it. 71432 is the pass key.") at a depth of 0..100% of the
+- ``passkey``: the passkey task (Mohtashami & Jaggi, 2023). A 5-digit key is stated ("The secret
+  number is 71432. Remember it. 71432 is the secret number.") at a depth of 0..100% of the
   filler; the question asks for it. Graded strictly: the *first* run of digits in the output
   must equal the key (a wrong number first, or none, is wrong). The assistant turn starts with
-  "The pass key is" (the prompt ends with it), so a small chat model answers rather than chats.
+  "The secret number is" (the prompt ends with it), so a small chat model answers rather than
+  chats. (The paper's "pass key" wording is not used: in Python documentation filler a 135M model
+  reads it as Python's ``pass`` and explains the keyword instead: 1/4 vs 4/4 at 1k tokens.)
 - ``needle``: a key-value needle (the RULER form): "One of the special magic numbers for
   {word} is: {7 digits}." at the depth; the question asks for the number of that word. Graded
   strictly the same way against the 7-digit value (assistant turn started with "The special magic
@@ -40,7 +42,7 @@ from .base import Grade, Item
 LONG_SUITES: tuple[str, ...] = ("passkey", "needle", "longppl")
 DEFAULT_LENGTHS: tuple[int, ...] = (1024, 2048, 4096, 8192)
 DEFAULT_DEPTHS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-ANSWER_TOKENS = 16  # greedy tokens generated per retrieval item; kept free in the window
+ANSWER_TOKENS = 12  # greedy tokens generated per retrieval item; kept free in the window
 
 # Modules whose docstrings make the haystack (imported on use; a missing one is skipped).
 FILLER_MODULES: tuple[str, ...] = (
@@ -55,8 +57,8 @@ FILLER_MODULES: tuple[str, ...] = (
     "urllib.parse", "uuid", "warnings", "weakref", "xml.dom.minidom", "zipfile",
 )
 
-PASSKEY_INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
-                 "Find it and memorize it. I will quiz you about it.")
+PASSKEY_INTRO = ("There is a secret number hidden inside a lot of irrelevant text. "
+                 "Find it and memorize it. I will ask you for it.")
 NEEDLE_INTRO = "Some special magic numbers are hidden inside the following text. Memorize them."
 NEEDLE_WORDS: tuple[str, ...] = (
     "amber", "basalt", "cedar", "dolphin", "ember", "falcon", "glacier", "harbor", "indigo", "juniper",
@@ -203,9 +205,9 @@ class RetrievalSuite:
                     rng = random.Random(f"{self.name}/{seed}/{length}/{depth}/{k}")
                     if self.name == "passkey":
                         key = str(rng.randint(10000, 99999))
-                        intro, question = PASSKEY_INTRO, "What is the pass key?"
-                        needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-                        prefix = "The pass key is"
+                        intro, question = PASSKEY_INTRO, "What is the secret number? Answer with the number only."
+                        needle = f"The secret number is {key}. Remember it. {key} is the secret number."
+                        prefix = "The secret number is"
                     else:
                         word = rng.choice(NEEDLE_WORDS)
                         key = str(rng.randint(1000000, 9999999))

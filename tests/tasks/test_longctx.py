@@ -41,7 +41,7 @@ def test_prompts_have_the_asked_length_and_the_needle_at_the_asked_depth(tok, na
         # where the needle sits in the filler (between the intro and the question), as a fraction of it
         filler = content[content.index("\n\n") + 2:content.rindex("\n\n")]
         k = it.reference
-        needle = re.search(rf"The pass key is {k}\. Remember it\. {k} is the pass key\.|"
+        needle = re.search(rf"The secret number is {k}\. Remember it\. {k} is the secret number\.|"
                            rf"One of the special magic numbers for \w+ is: {k}\.", filler)
         assert needle is not None
         frac = needle.start() / (len(filler) - len(needle.group(0)))
