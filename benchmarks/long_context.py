@@ -3,7 +3,7 @@ for KV cache policies (full / streaming / snapkv) and KV element types, side by 
 
     python benchmarks/long_context.py retrieval --suite passkey --lengths 1024,2048 --depths 0,0.5,1 --n 1
     python benchmarks/long_context.py ppl --tokens 2048 --n 2 --kv-dtypes float32,int8
-    python benchmarks/long_context.py decode --context 4096 --new 48
+    python benchmarks/long_context.py decode --context 2048 --new 24 --kv-dtypes float32,int8 --policies full
     python benchmarks/long_context.py memory
 
 Every subcommand prints a table and, with ``--json``, writes the raw numbers. Accuracy comes with n,
@@ -105,28 +105,29 @@ def ppl(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def decode(args: argparse.Namespace) -> dict[str, Any]:
-    llm = LLM(args.model, num_threads=args.threads, kv_dtype=args.kv_dtype, enable_prefix_caching=False)
-    tok = llm.tokenizer
-    ids = tok.encode(long_text(args.seed), add_special_tokens=False)[:args.context]
-    budget = parse_kv_budget(args.budget)
-    assert budget is not None
     rows = []
-    for policy, b in _policies(args.policies, budget):
-        params = SamplingParams(max_tokens=args.new, temperature=0.0, ignore_eos=True,
-                                kv_policy=None if policy == "full" else policy, kv_budget=b)
-        out = llm.generate([ids], params)[0]
-        tpot = out.tpot
-        rows.append({"policy": policy, "budget": b, "context": len(ids), "new": args.new, "kv_tokens": out.kv_tokens,
-                     "tpot_s": tpot, "decode_tok_s": 1 / tpot if tpot else None,
-                     "ttft_s": out.metrics.ttft})
-        print(f"  {policy}: {1 / tpot:.2f} tok/s", flush=True)
+    for dtype in args.kv_dtypes.split(","):
+        llm = LLM(args.model, num_threads=args.threads, kv_dtype=dtype.strip(), enable_prefix_caching=False)
+        ids = llm.tokenizer.encode(long_text(args.seed), add_special_tokens=False)[:args.context]
+        budget = parse_kv_budget(args.budget)
+        assert budget is not None
+        for policy, b in _policies(args.policies, budget):
+            params = SamplingParams(max_tokens=args.new, temperature=0.0, ignore_eos=True,
+                                    kv_policy=None if policy == "full" else policy, kv_budget=b)
+            out = llm.generate([ids], params)[0]
+            tpot = out.tpot
+            rows.append({"kv_dtype": dtype, "policy": policy, "budget": b, "context": len(ids), "new": args.new,
+                         "kv_tokens": out.kv_tokens, "tpot_s": tpot, "decode_tok_s": 1 / tpot if tpot else None,
+                         "ttft_s": out.metrics.ttft})
+            print(f"  {dtype} {policy}: {1 / tpot:.2f} tok/s", flush=True)
+        del llm
     base = rows[0]["decode_tok_s"]
-    print(f"\nsingle-stream decode at {len(ids)} tokens of context, {args.new} new tokens, {args.threads} thread(s), "
-          f"kv_dtype {args.kv_dtype}")
-    print("| policy | budget | KV rows at end | decode tok/s | vs first row |")
-    print("|---|---|---|---|---|")
+    print(f"\nsingle-stream decode at {rows[0]['context']} tokens of context, {args.new} new tokens, "
+          f"{args.threads} thread(s)")
+    print("| KV dtype | policy | budget | KV rows at end | decode tok/s | vs first row |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['policy']} | {r['budget'] or '-'} | {r['kv_tokens']} | {r['decode_tok_s']:.2f} | "
+        print(f"| {r['kv_dtype']} | {r['policy']} | {r['budget'] or '-'} | {r['kv_tokens']} | {r['decode_tok_s']:.2f} | "
               f"{r['decode_tok_s'] / base:.2f}x |")
     return {"kind": "decode", "args": vars(args), "rows": rows}
 
@@ -171,7 +172,7 @@ def main() -> None:
     d.add_argument("--new", type=int, default=48)
     d.add_argument("--policies", default="full,streaming,snapkv")
     d.add_argument("--budget", default="0.25")
-    d.add_argument("--kv-dtype", default="float32")
+    d.add_argument("--kv-dtypes", default="float32")
     m = sub.add_parser("memory")
     m.add_argument("--kv-dtypes", default="float32,int8")
     m.add_argument("--kv-gb", type=float, default=2.0)

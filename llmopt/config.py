@@ -273,9 +273,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if not 0 <= self.kv_sinks <= self.block_size:
             raise ValueError(f"kv_sinks must be in [0, block_size={self.block_size}], got {self.kv_sinks}")
-        if self.kv_window < 2 or self.kv_window > self.max_num_batched_tokens:
-            raise ValueError(f"kv_window must be in [2, max_num_batched_tokens={self.max_num_batched_tokens}] "
-                             f"(the prefill's last chunk holds the whole window), got {self.kv_window}")
+        if self.kv_window < 2:
+            raise ValueError(f"kv_window must be >= 2, got {self.kv_window}")
         if self.kv_pool < 1 or self.kv_pool % 2 == 0:
             raise ValueError(f"kv_pool must be an odd number >= 1, got {self.kv_pool}")
         self.kv_policy_for(self.kv_policy, self.kv_budget)  # a bad policy or budget: ValueError now
@@ -300,6 +299,9 @@ class EngineConfig:
         if policy == "full":
             return None
         assert budget is not None
+        if policy == "snapkv" and self.kv_window > self.max_num_batched_tokens:
+            raise ValueError(f"snapkv needs kv_window ({self.kv_window}) <= max_num_batched_tokens "
+                             f"({self.max_num_batched_tokens}): the prefill's last chunk holds the whole window")
         return KVPolicy(policy, budget, self.kv_sinks, self.kv_window, self.kv_pool)
 
     @property

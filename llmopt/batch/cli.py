@@ -75,6 +75,8 @@ def run_command(
                                                 "(docs/long_context.md)")] = "full",
     kv_budget: Annotated[Optional[str], typer.Option(help="KV budget with --kv-policy: a fraction of the prompt "
                                                           "(0.25) or a token count (2048)")] = None,
+    kv_dtype: Annotated[Optional[str], typer.Option(help="KV cache element type: int8 (default: the model's "
+                                                        "dtype; docs/long_context.md)")] = None,
 ) -> None:
     """Answer a competition batch file: per-test-case results with their duration (ms), resumable."""
     import time
@@ -90,7 +92,7 @@ def run_command(
 
     console, err = Console(), Console(stderr=True)
     t_start = time.perf_counter()
-    kv = {"kv_policy": kv_policy, "kv_budget": parse_kv_budget(kv_budget)}
+    kv = {"kv_policy": kv_policy, "kv_budget": parse_kv_budget(kv_budget), "kv_dtype": kv_dtype}
     EngineConfig(**kv)  # a bad policy or budget: say so before loading anything
     batch = load_batch(cases)
     options = RunOptions(system=DEFAULT_SYSTEM_PROMPT if system is None else system, max_tokens=max_tokens,

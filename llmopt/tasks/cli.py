@@ -114,6 +114,7 @@ def eval_command(
     long_ppl_tokens: Annotated[int, typer.Option(help="tokens per longppl window", min=2)] = 4096,
     kv_policy: Annotated[str, typer.Option(help="KV compression: full, streaming or snapkv (docs/long_context.md)")] = "full",
     kv_budget: Annotated[Optional[str], typer.Option(help="KV budget: a fraction of the prompt (0.25) or a token count (2048)")] = None,
+    kv_dtype: Annotated[Optional[str], typer.Option(help="KV cache element type: int8 (default: the model's dtype)")] = None,
 ) -> None:
     """Accuracy, format score and perplexity on offline suites, with 95% intervals."""
     from llmopt.config import parse_kv_budget
@@ -129,7 +130,8 @@ def eval_command(
                         early_exit_threshold=early_exit_threshold, prefill_think=prefill_think,
                         long_lengths=parse_numbers(long_lengths, int, "--long-lengths"),
                         long_depths=parse_numbers(long_depths, float, "--long-depths"),
-                        long_ppl_tokens=long_ppl_tokens, kv_policy=kv_policy, kv_budget=parse_kv_budget(kv_budget))
+                        long_ppl_tokens=long_ppl_tokens, kv_policy=kv_policy, kv_budget=parse_kv_budget(kv_budget),
+                        kv_dtype=kv_dtype)
     run = _run_one(model, quant, config, command)
     console.print(results_table(run, f"{model} [{quant or 'none'}]{' guided' if guided else ''}: n={n}, seed={seed}"))
     result: dict[str, Any] = run

@@ -95,6 +95,7 @@ class EvalConfig:
     # the engine's KV cache for this run (EngineConfig fields; docs/long_context.md)
     kv_policy: str = "full"
     kv_budget: float | int | None = None
+    kv_dtype: str | None = None  # None: the model's dtype; "int8"
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.suites if s not in SUITE_NAMES]
@@ -661,7 +662,7 @@ def _quant_or_none(value: str) -> str | None:
 
 def engine_kwargs(config: EvalConfig) -> dict[str, Any]:
     """The ``EngineConfig`` fields an eval config sets (KV cache policy), for ``LLM(**kwargs)``."""
-    return {"kv_policy": config.kv_policy, "kv_budget": config.kv_budget}
+    return {"kv_policy": config.kv_policy, "kv_budget": config.kv_budget, "kv_dtype": config.kv_dtype}
 
 
 def load_llm(model: str, quant: str | None, **engine: Any) -> Any:

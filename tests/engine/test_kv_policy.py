@@ -135,6 +135,8 @@ def test_bad_policies_and_budgets_are_refused_with_a_reason(llama_dir):
         EngineConfig(kv_budget=0.5)
     with pytest.raises(ValueError, match="kv_sinks must be"):
         EngineConfig(kv_policy="streaming", kv_budget=0.5, kv_sinks=17)
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        EngineConfig(kv_policy="snapkv", kv_budget=0.5, max_num_batched_tokens=16)
     with pytest.raises(ValueError, match="needs kv_policy"):
         SamplingParams(kv_budget=0.5)
     with pytest.raises(ValueError, match="fraction like 0.25"):
