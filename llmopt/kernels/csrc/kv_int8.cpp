@@ -4,7 +4,8 @@
 // float32 [num_blocks, block_size, Hk] (symmetric, one scale per token and kv head: x ~= q * scale).
 // Each row is dequantized in registers while it is read: no float copy of the cache is made.
 // One OpenMP item per (sequence, kv head); the G query heads of a GQA group share every K/V read.
-// Online softmax in float32, one token at a time, the same math as the torch reference
+// Online softmax in float32 over 32-token tiles (each tile's rows dequantized once into L1-sized
+// buffers, shared by the G query heads), the same math as the torch reference
 // (paged_decode_attention_int8_ref), which the tests hold it to.
 
 #include <ATen/Parallel.h>
@@ -24,33 +25,45 @@ namespace {
 
 inline int num_threads() { return std::max(1, at::get_num_threads()); }
 
-// sum_d q[d] * k[d] (k int8), AVX2 8 at a time with a scalar tail
-inline float dot_i8(const float* q, const int8_t* k, int64_t D) {
-  __m256 acc = _mm256_setzero_ps();
+constexpr int64_t kTile = 32;  // tokens scored before one online-softmax update
+
+// dst[d] = src[d] * s (src int8), AVX2 8 at a time with a scalar tail
+inline void dequant_row(float* dst, const int8_t* src, float s, int64_t D) {
+  const __m256 vs = _mm256_set1_ps(s);
   int64_t d = 0;
   for (; d + 8 <= D; d += 8) {
-    __m128i k8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(k + d));
-    __m256 kf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(k8));
-    acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), kf, acc);
+    __m128i x8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + d));
+    _mm256_storeu_ps(dst + d, _mm256_mul_ps(vs, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(x8))));
   }
+  for (; d < D; ++d) dst[d] = static_cast<float>(src[d]) * s;
+}
+
+inline float dot(const float* a, const float* b, int64_t D) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   float r = _mm_cvtss_f32(s);
-  for (; d < D; ++d) r += q[d] * static_cast<float>(k[d]);
+  for (; d < D; ++d) r += a[d] * b[d];
   return r;
 }
 
-// acc[d] = acc[d] * a + w * v[d] (v int8)
-inline void scale_add_i8(float* acc, float a, float w, const int8_t* v, int64_t D) {
-  const __m256 va = _mm256_set1_ps(a), vw = _mm256_set1_ps(w);
+// acc[d] += w * v[d]
+inline void axpy(float* acc, float w, const float* v, int64_t D) {
+  const __m256 vw = _mm256_set1_ps(w);
   int64_t d = 0;
-  for (; d + 8 <= D; d += 8) {
-    __m128i v8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(v + d));
-    __m256 vf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v8));
-    _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(vw, vf, _mm256_mul_ps(va, _mm256_loadu_ps(acc + d))));
-  }
-  for (; d < D; ++d) acc[d] = acc[d] * a + w * static_cast<float>(v[d]);
+  for (; d + 8 <= D; d += 8)
+    _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(vw, _mm256_loadu_ps(v + d), _mm256_loadu_ps(acc + d)));
+  for (; d < D; ++d) acc[d] += w * v[d];
+}
+
+inline void scale_inplace(float* x, float a, int64_t D) {
+  const __m256 va = _mm256_set1_ps(a);
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) _mm256_storeu_ps(x + d, _mm256_mul_ps(va, _mm256_loadu_ps(x + d)));
+  for (; d < D; ++d) x[d] *= a;
 }
 
 at::Tensor paged_decode_attention_int8(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -104,7 +117,7 @@ at::Tensor paged_decode_attention_int8(const at::Tensor& q, const at::Tensor& k_
 
 #pragma omp parallel num_threads(nt) if (items > 1)
   {
-    std::vector<float> qs(G * D), acc(G * D), m(G), l(G);
+    std::vector<float> qs(G * D), acc(G * D), m(G), l(G), kf(kTile * D), vf(kTile * D), sc(G * kTile);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t b = item / Hk, h = item % Hk;
@@ -117,19 +130,33 @@ at::Tensor paged_decode_attention_int8(const at::Tensor& q, const at::Tensor& k_
       std::fill(acc.begin(), acc.end(), 0.0f);
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.end(), 0.0f);
-      for (int64_t t = start; t < L; ++t) {
-        const int64_t row = (static_cast<int64_t>(bt[b * MB + t / BS]) * BS + t % BS) * Hk + h;
-        const int8_t* kr = kp + row * D;
-        const int8_t* vr = vp + row * D;
-        const float ks = ksp[row], vs = vsp[row];
+      for (int64_t t0 = start; t0 < L; t0 += kTile) {
+        const int64_t n = std::min(kTile, L - t0);
+        // dequantize the tile's K and V rows once (L1-sized buffers), shared by the G query heads
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t t = t0 + i;
+          const int64_t row = (static_cast<int64_t>(bt[b * MB + t / BS]) * BS + t % BS) * Hk + h;
+          dequant_row(kf.data() + i * D, kp + row * D, ksp[row], D);
+          dequant_row(vf.data() + i * D, vp + row * D, vsp[row], D);
+        }
         for (int64_t g = 0; g < G; ++g) {
-          const float s = dot_i8(qs.data() + g * D, kr, D) * ks;
-          const float mn = std::max(m[g], s);
-          const float a = std::exp(m[g] - mn);  // 0 on the first token (m = -inf)
-          const float p = std::exp(s - mn);
-          l[g] = l[g] * a + p;
-          scale_add_i8(acc.data() + g * D, a, p * vs, vr, D);
-          m[g] = mn;
+          float* s = sc.data() + g * kTile;
+          float mt = m[g];
+          for (int64_t i = 0; i < n; ++i) {
+            s[i] = dot(qs.data() + g * D, kf.data() + i * D, D);
+            mt = std::max(mt, s[i]);
+          }
+          const float a = std::exp(m[g] - mt);  // 0 on the first tile (m = -inf)
+          float* ag = acc.data() + g * D;
+          scale_inplace(ag, a, D);
+          float lt = l[g] * a;
+          for (int64_t i = 0; i < n; ++i) {
+            const float p = std::exp(s[i] - mt);
+            lt += p;
+            axpy(ag, p, vf.data() + i * D, D);
+          }
+          l[g] = lt;
+          m[g] = mt;
         }
       }
       for (int64_t g = 0; g < G; ++g) {
