@@ -109,6 +109,8 @@ def decode(args: argparse.Namespace) -> dict[str, Any]:
     for dtype in args.kv_dtypes.split(","):
         llm = LLM(args.model, num_threads=args.threads, kv_dtype=dtype.strip(), enable_prefix_caching=False)
         ids = llm.tokenizer.encode(long_text(args.seed), add_special_tokens=False)[:args.context]
+        # warm-up: native kernels are built / loaded on their first call, which must not land in a TPOT
+        llm.generate([ids[:64]], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
         budget = parse_kv_budget(args.budget)
         assert budget is not None
         for policy, b in _policies(args.policies, budget):
