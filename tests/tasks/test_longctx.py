@@ -103,3 +103,13 @@ def test_eval_runs_the_long_suites_on_a_tiny_model(tiny_models):
     assert kv["bytes_per_token"] == 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4
     rec = [r for r in run["items"] if r["suite"] == "passkey"][0]
     assert rec["tokens"] >= 1 and 600 - ANSWER_TOKENS - 8 <= rec["prompt_tokens"] <= 600 - ANSWER_TOKENS
+
+
+def test_long_context_options_parse_and_reach_the_engine_config():
+    from llmopt.tasks.evaluate import engine_kwargs, parse_numbers
+
+    assert parse_numbers("1024, 2048", int, "--long-lengths") == (1024, 2048)
+    with pytest.raises(ValueError, match="--long-depths takes comma-separated numbers"):
+        parse_numbers("0,half", float, "--long-depths")
+    cfg = EvalConfig(suites=("passkey",), kv_policy="snapkv", kv_budget=0.25, kv_dtype="int8")
+    assert engine_kwargs(cfg) == {"kv_policy": "snapkv", "kv_budget": 0.25, "kv_dtype": "int8"}
