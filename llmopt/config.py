@@ -8,6 +8,7 @@ per-layer sliding windows.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -103,6 +104,69 @@ class ModelConfig:
         inv, scale = ROPE_INIT_FUNCTIONS[rope_type](self.hf_config, torch.device("cpu"))
         return inv.float(), float(scale)
 
+
+KV_POLICIES: tuple[str, ...] = ("full", "streaming", "snapkv")
+
+
+def check_kv_policy(policy: str, budget: float | int | None, *, field: str = "kv_policy") -> None:
+    """ValueError naming what is wrong with a (policy, budget) pair; minimums are checked by
+    :class:`KVPolicy` where the sink and window sizes are known."""
+    if policy not in KV_POLICIES:
+        raise ValueError(f"{field} must be one of {', '.join(KV_POLICIES)}, got {policy!r}")
+    if policy == "full":
+        if budget is not None:
+            raise ValueError("kv_budget needs kv_policy 'streaming' or 'snapkv' (the 'full' policy keeps everything)")
+        return
+    if budget is None:
+        raise ValueError(f"kv_policy {policy!r} needs kv_budget: a fraction in (0, 1] or a token count")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ValueError(f"kv_budget must be a fraction in (0, 1] or a token count, got {budget!r}")
+    if isinstance(budget, float) and not 0.0 < budget <= 1.0:
+        raise ValueError(f"a fractional kv_budget must be in (0, 1], got {budget}; give a token count as an integer")
+    if isinstance(budget, int) and budget < 1:
+        raise ValueError(f"a kv_budget token count must be >= 1, got {budget}")
+
+
+def parse_kv_budget(text: str | None) -> float | int | None:
+    """CLI spelling: ``"0.25"`` -> 0.25 (fraction), ``"2048"`` -> 2048 (tokens), ``None`` -> None."""
+    if text is None or text.strip() == "":
+        return None
+    t = text.strip()
+    try:
+        return float(t) if any(c in t for c in ".eE") else int(t)
+    except ValueError:
+        raise ValueError(f"--kv-budget takes a fraction like 0.25 or a token count like 2048, got {text!r}") from None
+
+
+@dataclass(frozen=True)
+class KVPolicy:
+    name: str
+    budget: float | int
+    sinks: int = 4
+    window: int = 32
+    pool: int = 7
+
+    def __post_init__(self) -> None:
+        check_kv_policy(self.name, self.budget)
+        if self.name == "streaming" and isinstance(self.budget, int) and self.budget <= self.sinks:
+            raise ValueError(f"kv_budget {self.budget} does not exceed kv_sinks {self.sinks}: a streaming cache "
+                             f"keeps the sinks plus at least one recent token; raise kv_budget")
+        if self.name == "snapkv" and isinstance(self.budget, int) and self.budget < self.window:
+            raise ValueError(f"kv_budget {self.budget} is below the SnapKV observation window kv_window "
+                             f"{self.window}, which is always kept; raise kv_budget or lower kv_window")
+
+    @property
+    def minimum(self) -> int:
+        return self.sinks + 1 if self.name == "streaming" else self.window
+
+    def tokens(self, length: int) -> int | None:
+        """Rows to keep for a sequence of ``length`` cached tokens, or None (no compression)."""
+        b = self.budget
+        keep = max(self.minimum, math.ceil(b * length)) if isinstance(b, float) else int(b)
+        return None if keep >= length else keep
+
+
+KV_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "int8")
 
 _FALSE = ("0", "", "false", "no", "off")
 
@@ -201,17 +265,52 @@ class EngineConfig:
     dtype: str = "float32"  # float32 | bfloat16
     packed_linear: bool = True  # fp32 linears on pre-packed weights (kernels/dense.py); False: torch's GEMM
     kernels: KernelSettings | None = None  # None: KernelSettings.from_env() (defaults + LLMOPT_* overrides)
+    # KV compression (llmopt/engine/kv_policy.py, docs/long_context.md): "full" | "streaming" | "snapkv";
+    # kv_budget: fraction of the prompt in (0, 1] or a token count; a request may override both
+    kv_policy: str = "full"
+    kv_budget: float | int | None = None
+    kv_sinks: int = 4  # streaming: attention-sink tokens always kept (<= block_size)
+    kv_window: int = 32  # snapkv: observation window (the last prompt tokens, always kept)
+    kv_pool: int = 7  # snapkv: positions averaged when scoring
+    kv_dtype: str | None = None  # KV cache element type: None = dtype; "float32", "bfloat16" or "int8"
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
             raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if not 0 <= self.kv_sinks <= self.block_size:
+            raise ValueError(f"kv_sinks must be in [0, block_size={self.block_size}], got {self.kv_sinks}")
+        if self.kv_window < 2:
+            raise ValueError(f"kv_window must be >= 2, got {self.kv_window}")
+        if self.kv_pool < 1 or self.kv_pool % 2 == 0:
+            raise ValueError(f"kv_pool must be an odd number >= 1, got {self.kv_pool}")
+        self.kv_policy_for(self.kv_policy, self.kv_budget)  # a bad policy or budget: ValueError now
+        if self.kv_dtype is not None and self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)} (or None: the model's dtype), "
+                             f"got {self.kv_dtype!r}")
+        if self.kv_dtype in ("float32", "bfloat16") and self.kv_dtype != self.dtype:
+            raise ValueError(f"kv_dtype {self.kv_dtype} with dtype {self.dtype} is not supported: a float KV cache "
+                             f"has the activations' dtype; leave kv_dtype unset or use 'int8'")
         if self.num_threads is None:
             env = os.environ.get("LLMOPT_NUM_THREADS")
             self.num_threads = int(env) if env else (os.cpu_count() or 1)
         if self.kernels is None:
             self.kernels = KernelSettings.from_env()
+
+    def kv_policy_for(self, policy: str | None = None, budget: float | int | None = None) -> KVPolicy | None:
+        """The ``KVPolicy`` for a request's (policy, budget) override, or the engine's; None for
+        'full'. ValueError for a bad pair, naming what is wrong."""
+        if policy is None:
+            policy, budget = self.kv_policy, self.kv_budget if budget is None else budget
+        check_kv_policy(policy, budget)
+        if policy == "full":
+            return None
+        assert budget is not None
+        if policy == "snapkv" and self.kv_window > self.max_num_batched_tokens:
+            raise ValueError(f"snapkv needs kv_window ({self.kv_window}) <= max_num_batched_tokens "
+                             f"({self.max_num_batched_tokens}): the prefill's last chunk holds the whole window")
+        return KVPolicy(policy, budget, self.kv_sinks, self.kv_window, self.kv_pool)
 
     @property
     def kernel_settings(self) -> KernelSettings:
@@ -222,6 +321,11 @@ class EngineConfig:
     def threads(self) -> int:
         """``num_threads`` as resolved by ``__post_init__`` (never None after construction)."""
         return self.num_threads or 1
+
+    @property
+    def torch_kv_dtype(self) -> torch.dtype:
+        """The KV cache's element type (int8: with per-token, per-head float32 scales)."""
+        return torch.int8 if self.kv_dtype == "int8" else self.torch_dtype
 
     @property
     def torch_dtype(self) -> torch.dtype:

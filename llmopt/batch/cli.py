@@ -71,6 +71,12 @@ def run_command(
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16")] = "float32",
     threads: Annotated[Optional[int], typer.Option(help="torch threads (default: $LLMOPT_NUM_THREADS or all "
                                                         "cores; 1 is faster on a busy machine)", min=1)] = None,
+    kv_policy: Annotated[str, typer.Option(help="KV compression: full, streaming or snapkv "
+                                                "(docs/long_context.md)")] = "full",
+    kv_budget: Annotated[Optional[str], typer.Option(help="KV budget with --kv-policy: a fraction of the prompt "
+                                                          "(0.25) or a token count (2048)")] = None,
+    kv_dtype: Annotated[Optional[str], typer.Option(help="KV cache element type: int8 (default: the model's "
+                                                        "dtype; docs/long_context.md)")] = None,
 ) -> None:
     """Answer a competition batch file: per-test-case results with their duration (ms), resumable."""
     import time
@@ -82,8 +88,12 @@ def run_command(
     from llmopt.batch.cases import load_batch
     from llmopt.batch.runner import DEFAULT_SYSTEM_PROMPT, BatchRun, RunOptions
 
+    from llmopt.config import EngineConfig, parse_kv_budget
+
     console, err = Console(), Console(stderr=True)
     t_start = time.perf_counter()
+    kv = {"kv_policy": kv_policy, "kv_budget": parse_kv_budget(kv_budget), "kv_dtype": kv_dtype}
+    EngineConfig(**kv)  # a bad policy or budget: say so before loading anything
     batch = load_batch(cases)
     options = RunOptions(system=DEFAULT_SYSTEM_PROMPT if system is None else system, max_tokens=max_tokens,
                          concurrency=concurrency, temperature=temperature, top_p=top_p, seed=seed,
@@ -96,13 +106,12 @@ def run_command(
 
     engine, load_s = None, None
     if todo:
-        from llmopt.config import EngineConfig
         from llmopt.engine.engine import LLMEngine
 
         t0 = time.perf_counter()
         with err.status(f"loading {model}"):
             config = EngineConfig(max_num_seqs=max(EngineConfig.max_num_seqs, run.max_concurrency), dtype=dtype,
-                                  num_threads=threads)
+                                  num_threads=threads, **kv)
             engine = LLMEngine(model, config, quant=quant)
         load_s = time.perf_counter() - t0
 

@@ -17,6 +17,7 @@ import torch
 
 from llmopt.config import EngineConfig
 from llmopt.engine.kv_cache import BlockManager
+from llmopt.engine.kv_policy import KVCompressor
 from llmopt.engine.runner import ModelRunner
 from llmopt.engine.sampler import sample
 from llmopt.engine.sampling_params import SamplingParams
@@ -90,12 +91,15 @@ class LLMEngine:
         from llmopt.kernels.dense import PackedLinear
 
         self.packed_linears = sum(isinstance(m, PackedLinear) for m in self.model.modules())
-        per_block = ModelRunner.kv_bytes_per_block(self.model, cfg.block_size, cfg.torch_dtype)
+        per_block = ModelRunner.kv_bytes_per_block(self.model, cfg.block_size, cfg.torch_kv_dtype)
         num_blocks = cfg.num_kv_blocks or max(1, int(cfg.kv_cache_memory_gb * 2**30 // per_block))
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(cfg, self.block_manager)
-        self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, cfg.torch_dtype,
+        self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, cfg.torch_kv_dtype,
                                   fused_decode=ks.fused_decode)
+        self.compressor = KVCompressor(self.runner.cache_tensors, self.block_manager, cfg.block_size)
+        if cfg.kv_policy != "full":
+            self._check_compressible()
         # one sequence must fit the KV cache as well as the rope table
         self.max_model_len = min(self.max_model_len, num_blocks * cfg.block_size)
         self.lock = threading.RLock()  # add/abort may come from other threads than step()
@@ -109,6 +113,21 @@ class LLMEngine:
         log.info("engine: %d KV blocks x %d tokens, max_model_len %d, %d threads, linears %s (%d packed fp32)",
                  num_blocks, cfg.block_size, self.max_model_len, cfg.num_threads,
                  self.model.quant_config.describe(), self.packed_linears)
+
+    def kv_info(self) -> dict[str, Any]:
+        """The KV cache as configured: element type, bytes per cached token (K and V of every layer,
+        scales included), blocks, and the compression policy."""
+        cfg = self.config
+        return {"dtype": str(self.runner.k_cache.dtype).removeprefix("torch."),
+                "scales": "float32 per token and kv head" if self.runner.k_scale is not None else None,
+                "bytes_per_token": self.runner.kv_bytes_per_token,
+                "blocks": self.block_manager.num_blocks, "block_size": cfg.block_size,
+                "policy": cfg.kv_policy, "budget": cfg.kv_budget}
+
+    def _check_compressible(self) -> None:
+        if any(w is not None for w in self.model_config.layer_windows):
+            raise ValueError("KV compression (kv_policy streaming/snapkv) needs full-attention layers: this model has "
+                             "sliding-window layers; use kv_policy='full'")
 
     # ---- requests -------------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt) -> tuple[list[int], str | None]:
@@ -144,6 +163,9 @@ class LLMEngine:
             raise PromptTooLongError(f"the prompt has {len(ids)} tokens but the context window fits "
                                      f"{self.max_model_len} (prompt + at least one new token); shorten it")
         seq = Sequence(ids, params, self.tokenizer, request_id, text)
+        seq.kv_policy = self.config.kv_policy_for(params.kv_policy, params.kv_budget)
+        if seq.kv_policy is not None and params.kv_policy is not None:
+            self._check_compressible()
         seq.think = ThinkTracker(opened_in_prompt=prompt_opens_think(self.tokenizer.decode(ids[-8:])))
         if params.guided is not None:
             with self.lock:  # the decoder's cache is shared with step()
@@ -193,6 +215,8 @@ class LLMEngine:
                 self.stats["computed_prefill_tokens"] += max(0, min(p0 + n, len(seq.prompt_ids)) - p0)
                 seq.num_computed_tokens += n
                 self.block_manager.register_computed(seq)
+                if seq.kv_policy is not None:
+                    self.compressor.after_step(seq, self.runner.observed.get(seq.seq_id))
             if logits is None:
                 return []
             tokens, lps = sample(logits, seqs, self._guided)
@@ -392,4 +416,17 @@ class LLMEngine:
     def score(self, token_ids: list[int]) -> torch.Tensor:
         if len(token_ids) > self.max_model_len:
             raise PromptTooLongError(f"{len(token_ids)} tokens do not fit the context window of {self.max_model_len}")
-        return self.runner.score(token_ids)
+        if self.runner.k_scale is None:
+            return self.runner.score(token_ids)
+        # a quantized cache changes what attention reads: score through it, in blocks borrowed for the call
+        with self.lock:
+            blocks = self.block_manager.borrow(self.block_manager.blocks_needed(len(token_ids)))
+        if blocks is None:
+            raise RuntimeError(f"scoring {len(token_ids)} tokens through the int8 KV cache needs "
+                               f"{self.block_manager.blocks_needed(len(token_ids))} free blocks; wait for running "
+                               f"requests to finish or raise kv_cache_memory_gb")
+        try:
+            return self.runner.score_paged(token_ids, blocks)
+        finally:
+            with self.lock:
+                self.block_manager.give_back(blocks)

@@ -60,7 +60,7 @@ class BlockManager:
         for ``num_computed + num_new_tokens`` tokens. Returns False (allocating nothing) if short."""
         assert not seq.block_table
         hits: list[int] = []
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and seq.kv_policy is None:  # compression rewrites blocks in place
             # at least one token must be computed to get logits, so the last token is never a hit
             full = (len(seq) - 1) // self.block_size
             for h in self._hashes(seq, full):
@@ -87,17 +87,17 @@ class BlockManager:
         return True
 
     def can_grow(self, seq: Sequence, num_new_tokens: int) -> bool:
-        need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
+        need = self.blocks_needed(seq.kv_len + num_new_tokens) - len(seq.block_table)
         return need <= len(self.free)
 
     def grow(self, seq: Sequence, num_new_tokens: int) -> None:
-        need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
+        need = self.blocks_needed(seq.kv_len + num_new_tokens) - len(seq.block_table)
         for _ in range(max(0, need)):
             seq.block_table.append(self._take_free())
 
     def register_computed(self, seq: Sequence) -> None:
         """Publish the sequence's blocks whose K/V are now fully computed to the prefix cache."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.kv_policy is not None:
             return
         full = seq.num_computed_tokens // self.block_size
         if full <= seq.num_hashed_blocks:
@@ -110,11 +110,36 @@ class BlockManager:
                 self.block_hash[bid] = h
         seq.num_hashed_blocks = full
 
-    def free_seq(self, seq: Sequence) -> None:
-        for bid in reversed(seq.block_table):
+    def _release(self, blocks: list[int]) -> None:
+        for bid in reversed(blocks):
             self.ref_count[bid] -= 1
             if self.ref_count[bid] == 0:
                 self.free[bid] = None  # most recently freed last: evicted last
+
+    def borrow(self, n: int) -> list[int] | None:
+        """``n`` free blocks outside any sequence (scoring through the cache), or None if short."""
+        if n > len(self.free):
+            return None
+        return [self._take_free() for _ in range(n)]
+
+    def give_back(self, blocks: list[int]) -> None:
+        self._release(blocks)
+
+    def truncate(self, seq: Sequence, rows: int) -> None:
+        """KV compression kept ``rows`` rows at the start of the table: free the blocks after them."""
+        n = self.blocks_needed(rows)
+        self._release(seq.block_table[n:])
+        seq.block_table = seq.block_table[:n]
+
+    def drop_leading(self, seq: Sequence, m: int) -> None:
+        """KV compression evicted the first ``m`` blocks' worth of rows: free those blocks."""
+        self._release(seq.block_table[:m])
+        seq.block_table = seq.block_table[m:]
+
+    def free_seq(self, seq: Sequence) -> None:
+        self._release(seq.block_table)
         seq.block_table = []
         seq.num_computed_tokens = 0
         seq.num_hashed_blocks = 0
+        seq.num_evicted = 0
+        seq.kv_compressed = False

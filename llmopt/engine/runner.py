@@ -25,10 +25,19 @@ class ModelRunner:
         shape = (cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype)
         self.v_cache = torch.zeros(shape, dtype=dtype)
+        # an int8 cache keeps one float32 scale per (token, kv head) next to it (kernels/kv_quant.py)
+        self.k_scale: torch.Tensor | None = None
+        self.v_scale: torch.Tensor | None = None
+        if dtype == torch.int8:
+            self.k_scale = torch.zeros(shape[:-1], dtype=torch.float32)
+            self.v_scale = torch.zeros(shape[:-1], dtype=torch.float32)
+        self.observed: dict[int, list[torch.Tensor]] = {}  # SnapKV scores of the last step, by seq_id
         for i, layer in enumerate(model.layers):
             attn = cast(Attention, layer.self_attn)
             attn.k_cache = self.k_cache[i]
             attn.v_cache = self.v_cache[i]
+            attn.k_scale = None if self.k_scale is None else self.k_scale[i]
+            attn.v_scale = None if self.v_scale is None else self.v_scale[i]
         # decode-only steps of an int4 model run the whole layer stack in one native call
         try:
             self.fused: FusedDecoder | None = FusedDecoder.build(model, enabled=fused_decode)
@@ -36,14 +45,36 @@ class ModelRunner:
             log.warning("fused decode step unavailable (%s); using the op-by-op forward", e)
             self.fused = None
 
+    @property
+    def cache_tensors(self) -> list[torch.Tensor]:
+        """Every tensor laid out [layers, blocks, block_size, kv_heads, ...] (what compaction moves)."""
+        return [t for t in (self.k_cache, self.v_cache, self.k_scale, self.v_scale) if t is not None]
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.kv_bytes_per_block(self.model, 1, self.k_cache.dtype)
+
     @staticmethod
     def kv_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) -> int:
+        """K and V of every layer for ``block_size`` tokens (int8: plus a float32 scale per token and head)."""
         c = model.cfg
+        if dtype == torch.int8:
+            return 2 * c.num_layers * block_size * c.num_kv_heads * (c.head_dim + 4)
         return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * torch.finfo(dtype).bits // 8
 
     def _slots(self, seq: Sequence, start: int, n: int) -> list[int]:
+        """Cache slots of tokens ``start..start+n-1``: token p lives at row ``p - num_evicted``."""
         bs, bt = self.block_size, seq.block_table
-        return [bt[p // bs] * bs + p % bs for p in range(start, start + n)]
+        r0 = start - seq.num_evicted
+        return [bt[r // bs] * bs + r % bs for r in range(r0, r0 + n)]
+
+    @staticmethod
+    def _observe(seq: Sequence, end: int) -> int:
+        """SnapKV observation window to score in a prefill chunk that ends at token ``end``, or 0."""
+        p = seq.kv_policy
+        if p is None or p.name != "snapkv" or seq.kv_compressed or end != len(seq) or p.tokens(len(seq)) is None:
+            return 0
+        return p.window
 
     @torch.inference_mode()
     def execute(self, batch: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor | None]:
@@ -61,7 +92,12 @@ class ModelRunner:
         spans = []
         for seq, n in prefills:
             p = seq.num_computed_tokens
-            spans.append(PrefillSpan(len(ids), n, p + n, torch.tensor(seq.block_table, dtype=torch.int32)))
+            observe = self._observe(seq, p + n)
+            if observe > n:
+                raise RuntimeError(f"a SnapKV prefill chunk of {n} tokens cannot hold the observation window of "
+                                   f"{observe} (the scheduler cuts chunks to fit it)")
+            spans.append(PrefillSpan(len(ids), n, seq.kv_len + n, torch.tensor(seq.block_table, dtype=torch.int32),
+                                     observe=observe))
             ids.extend(seq.token_ids[p:p + n])
             pos.extend(range(p, p + n))
             slots.extend(self._slots(seq, p, n))
@@ -70,12 +106,13 @@ class ModelRunner:
             width = max(len(s.block_table) for s, _ in decodes)
             ctx.decode_block_tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table))
                                                     for s, _ in decodes], dtype=torch.int32)
-            ctx.decode_context_lens = torch.tensor([s.num_computed_tokens + 1 for s, _ in decodes], dtype=torch.int32)
+            ctx.decode_context_lens = torch.tensor([s.kv_len + 1 for s, _ in decodes], dtype=torch.int32)
         input_ids, positions = torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long)
         fused_hidden = None
         if self.fused is not None and not prefills:
             fused_hidden = self.fused.run(input_ids, positions, ctx)
         hidden = self.model(input_ids, positions, ctx) if fused_hidden is None else fused_hidden
+        self.observed = {seq.seq_id: span.scores for (seq, _), span in zip(prefills, spans) if span.observe}
         # sample where the chunk reaches the end of the sequence's known tokens
         rows, sample_seqs, end = [], [], 0
         for seq, n in decodes + prefills:
@@ -88,6 +125,18 @@ class ModelRunner:
         hidden = hidden[torch.tensor(rows)]
         logits = self.fused.logits(hidden) if self.fused is not None and fused_hidden is not None else None
         return sample_seqs, self.model.compute_logits(hidden) if logits is None else logits
+
+    @torch.inference_mode()
+    def score_paged(self, token_ids: list[int], blocks: list[int]) -> torch.Tensor:
+        """As :meth:`score`, but K/V go through the paged cache in ``blocks`` (enough for every token)
+        and attention reads them back: what a quantized cache does to the model, measured."""
+        n, bs = len(token_ids), self.block_size
+        ids = torch.tensor(token_ids, dtype=torch.long)
+        slots = torch.tensor([blocks[p // bs] * bs + p % bs for p in range(n)], dtype=torch.long)
+        ctx = AttnContext(slot_mapping=slots, prefills=[PrefillSpan(0, n, n, torch.tensor(blocks, dtype=torch.int32))])
+        hidden = self.model(ids, torch.arange(n), ctx)
+        logp = torch.log_softmax(self.model.compute_logits(hidden[:-1]), -1)
+        return logp.gather(1, ids[1:, None])[:, 0]
 
     @torch.inference_mode()
     def score(self, token_ids: list[int]) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from llmopt.config import check_kv_policy
 from llmopt.reasoning.budget import check_think_budget
 from llmopt.reasoning.early_exit import (
     DEFAULT_MARKERS,
@@ -46,6 +47,10 @@ class SamplingParams:
     early_exit_min_gap: int = DEFAULT_MIN_GAP  # think tokens between probes
     early_exit_probe_tokens: int = DEFAULT_PROBE_TOKENS  # most tokens of a trial answer
     early_exit_markers: tuple[str, ...] = DEFAULT_MARKERS  # where thinking pauses
+    # KV compression for this request (docs/long_context.md): None = the engine's EngineConfig.kv_policy;
+    # kv_budget with a policy: fraction of the prompt in (0, 1] or a token count
+    kv_policy: str | None = None
+    kv_budget: float | int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -72,6 +77,10 @@ class SamplingParams:
             assert spec is not None
             check_spec(spec)  # ValueError naming the problem; GuidedDecodingUnavailable without the extra
             self.guided = spec
+        if self.kv_policy is not None:
+            check_kv_policy(self.kv_policy, self.kv_budget)
+        elif self.kv_budget is not None:
+            raise ValueError("kv_budget needs kv_policy ('streaming' or 'snapkv') in the same request")
         check_think_budget(self.think_budget)
         self.early_exit_markers = tuple(self.early_exit_markers)
         check_early_exit(self.early_exit_threshold, self.early_exit_min_gap, self.early_exit_probe_tokens,

@@ -52,7 +52,9 @@ class Scheduler:
                 continue
             if budget == 0:
                 break
-            n = min(seq.num_to_compute, budget)
+            n = self._chunk(seq, min(seq.num_to_compute, budget))
+            if n == 0:
+                continue
             while not self.bm.can_grow(seq, n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -67,7 +69,9 @@ class Scheduler:
         for seq in sorted((s for s in self.waiting if not s.paused), key=lambda s: not s.is_probe):
             if budget <= 0 or (not seq.is_probe and self.num_running_requests >= self.cfg.max_num_seqs):
                 break
-            n = min(seq.num_to_compute, budget)
+            n = self._chunk(seq, min(seq.num_to_compute, budget))
+            if n == 0:
+                break
             if not self.bm.admit(seq, n):
                 if seq.is_probe:
                     self.finish(seq, "dropped")  # the engine sees the parent unpaused, no decision
@@ -86,6 +90,20 @@ class Scheduler:
             budget -= n
         return out
 
+    @staticmethod
+    def _chunk(seq: Sequence, n: int) -> int:
+        """SnapKV scores the prompt with its last ``kv_window`` queries, so the prefill's last chunk
+        must hold all of them: a chunk that would leave fewer than the window for the next step
+        stops earlier (0: wait for a step with room for the whole window). Depends on the sequence
+        alone, so a sequence is cut the same way in any batch it fits."""
+        p = seq.kv_policy
+        remaining = seq.num_to_compute
+        if p is None or p.name != "snapkv" or seq.kv_compressed or n >= remaining or p.tokens(len(seq)) is None:
+            return n
+        if remaining - n < p.window:
+            return max(0, remaining - p.window)
+        return n
+
     @property
     def num_running_requests(self) -> int:
         return sum(1 for s in self.running if not s.is_probe)
@@ -99,6 +117,7 @@ class Scheduler:
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         seq.metrics.finish_time = time.perf_counter()
+        seq.kv_rows_at_finish = seq.kv_len
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:  # a paused parent preempted while its probe ran, or a probe

@@ -17,6 +17,7 @@ from llmopt.reasoning.budget import ReasoningStats, ThinkTracker
 
 if TYPE_CHECKING:
     from llmopt.engine.guided import GuidedState
+    from llmopt.engine.kv_policy import KVPolicy
 
 
 class Status(Enum):
@@ -58,7 +59,14 @@ class Sequence:
         self.params = params
         self.status = Status.WAITING
         self.block_table: list[int] = []
-        self.num_computed_tokens = 0  # tokens whose K/V are in the cache
+        self.num_computed_tokens = 0  # tokens whose K/V were computed (logical positions 0..n-1)
+        # KV compression (engine/kv_policy.py): rows evicted from the cache (token p lives at row
+        # p - num_evicted), whether the end-of-prefill compression ran, the streaming budget in rows
+        self.kv_policy: KVPolicy | None = None
+        self.num_evicted = 0
+        self.kv_compressed = False
+        self.kv_budget_rows = 0
+        self.kv_rows_at_finish: int | None = None
         self.num_cached_tokens = 0  # of the prompt, how many came from the prefix cache (last admission)
         self.num_hashed_blocks = 0  # leading blocks registered in the prefix cache
         self.block_hashes: list[int] = []
@@ -86,6 +94,11 @@ class Sequence:
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def kv_len(self) -> int:
+        """Rows this sequence holds in the KV cache."""
+        return self.num_computed_tokens - self.num_evicted
 
     @property
     def num_to_compute(self) -> int:
@@ -125,13 +138,15 @@ class RequestOutput:
     token_times: list[float] = field(default_factory=list)
     released_chars: int = 0  # text[:released_chars] is final (a stop string can no longer cut it)
     reasoning: ReasoningStats | None = None  # think / answer tokens, budget and early-exit events
+    kv_tokens: int | None = None  # KV cache rows the sequence held when it finished (after compression)
 
     @classmethod
     def of(cls, seq: Sequence, delta: str = "") -> RequestOutput:
         return cls(seq.request_id, seq.prompt, seq.prompt_ids, seq.text, list(seq.output_ids), seq.finished,
                    seq.finish_reason, list(seq.logprobs) if seq.params.logprobs is not None else None,
                    seq.metrics, seq.num_cached_tokens, delta, list(seq.token_times),
-                   len(seq.text) if seq.finished else seq.released_chars, seq.think.stats(len(seq.output_ids)))
+                   len(seq.text) if seq.finished else seq.released_chars, seq.think.stats(len(seq.output_ids)),
+                   seq.kv_rows_at_finish if seq.finished else seq.kv_len)
 
     @property
     def tpot(self) -> float | None:

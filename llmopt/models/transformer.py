@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmopt.config import ModelConfig
-from llmopt.kernels import ops
+from llmopt.kernels import kv_quant, ops
+from llmopt.kernels.kv_select import observation_scores
 from llmopt.models.linear import QuantConfig
 
 
@@ -34,6 +35,10 @@ class PrefillSpan:
     q_len: int
     ctx_len: int
     block_table: torch.Tensor | None
+    # SnapKV (engine/kv_policy.py): when > 0, each layer appends to ``scores`` the attention of the
+    # chunk's last ``observe`` queries over the whole context, per kv head ([Hk, ctx_len] float32)
+    observe: int = 0
+    scores: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -73,6 +78,9 @@ class Attention(nn.Module):
         # Paged cache [num_blocks, block_size, num_kv_heads, head_dim]; set by the engine's runner.
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        # int8 cache: float32 scales [num_blocks, block_size, num_kv_heads] (kernels/kv_quant.py)
+        self.k_scale: torch.Tensor | None = None
+        self.v_scale: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
                 ctx: AttnContext | None) -> torch.Tensor:
@@ -119,31 +127,54 @@ class Attention(nn.Module):
         if kc is None or vc is None or ctx.slot_mapping is None:
             raise RuntimeError("paged attention needs the KV cache (ModelRunner sets it) and a slot mapping")
         bs = kc.shape[1]
-        flat_k, flat_v = kc.view(-1, self.num_kv_heads, self.head_dim), vc.view(-1, self.num_kv_heads, self.head_dim)
-        flat_k.index_copy_(0, ctx.slot_mapping, k.to(kc.dtype))
-        flat_v.index_copy_(0, ctx.slot_mapping, v.to(vc.dtype))
+        ksc, vsc = self.k_scale, self.v_scale
+        quant = kc.dtype == torch.int8
+        if quant:  # int8 cache: attention reads the quantized K/V in prefill and decode alike
+            if ksc is None or vsc is None:
+                raise RuntimeError("an int8 KV cache needs its scales (ModelRunner sets them)")
+            kv_quant.write_kv_int8(kc, ksc, ctx.slot_mapping, k)
+            kv_quant.write_kv_int8(vc, vsc, ctx.slot_mapping, v)
+        else:
+            flat_k, flat_v = kc.view(-1, self.num_kv_heads, self.head_dim), vc.view(-1, self.num_kv_heads, self.head_dim)
+            flat_k.index_copy_(0, ctx.slot_mapping, k.to(kc.dtype))
+            flat_v.index_copy_(0, ctx.slot_mapping, v.to(vc.dtype))
         nd = ctx.num_decode
         tables, lens = ctx.decode_block_tables, ctx.decode_context_lens
         if nd and (tables is None or lens is None):
             raise RuntimeError("decode tokens need decode_block_tables and decode_context_lens")
+
+        def decode(qd: torch.Tensor) -> torch.Tensor:
+            if quant:
+                return kv_quant.paged_decode_attention_int8(qd, kc, vc, ksc, vsc, tables, lens,  # type: ignore[arg-type]
+                                                            self.scale, self.window)
+            return ops.paged_decode_attention(qd, kc, vc, tables, lens, self.scale, self.window)  # type: ignore[arg-type]
+
         if nd == q.shape[0]:  # a pure decode step: the kernel's output is the whole result
-            return ops.paged_decode_attention(q, kc, vc, tables, lens, self.scale, self.window)  # type: ignore[arg-type]
+            return decode(q)
         out = torch.empty_like(q)
         if nd:
-            out[:nd] = ops.paged_decode_attention(
-                q[:nd], kc, vc, tables, lens, self.scale, self.window)  # type: ignore[arg-type]
+            out[:nd] = decode(q[:nd])
         for span in ctx.prefills:
             sl = slice(span.q_start, span.q_start + span.q_len)
-            if span.ctx_len == span.q_len:  # nothing cached before this chunk: use k/v as computed
+            if span.ctx_len == span.q_len and not quant:  # nothing cached before this chunk: use k/v as computed
                 ks, vs = k[sl], v[sl]
             else:
                 nblocks = (span.ctx_len + bs - 1) // bs
                 if span.block_table is None:
                     raise RuntimeError("a prefill chunk after cached tokens needs its block table")
                 blocks = span.block_table[:nblocks].long()
-                ks = kc[blocks].reshape(-1, self.num_kv_heads, self.head_dim)[: span.ctx_len].to(q.dtype)
-                vs = vc[blocks].reshape(-1, self.num_kv_heads, self.head_dim)[: span.ctx_len].to(q.dtype)
+                ks = kc[blocks].reshape(-1, self.num_kv_heads, self.head_dim)[: span.ctx_len]
+                vs = vc[blocks].reshape(-1, self.num_kv_heads, self.head_dim)[: span.ctx_len]
+                if quant:  # the prefill reads a dequantized copy of this sequence's rows
+                    ks = kv_quant.dequantize_kv(ks, ksc[blocks].reshape(-1, self.num_kv_heads)[: span.ctx_len],  # type: ignore[index]
+                                                q.dtype)
+                    vs = kv_quant.dequantize_kv(vs, vsc[blocks].reshape(-1, self.num_kv_heads)[: span.ctx_len],  # type: ignore[index]
+                                                q.dtype)
+                else:
+                    ks, vs = ks.to(q.dtype), vs.to(q.dtype)
             out[sl] = self._causal(q[sl], ks, vs, self.window)
+            if span.observe:
+                span.scores.append(observation_scores(q[sl][-span.observe:], ks, self.scale))
         return out
 
 

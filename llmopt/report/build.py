@@ -129,7 +129,7 @@ def suite_rows(data: dict[str, Any]) -> list[list[str]]:
     mean tokens, p50 latency."""
     rows = []
     for name, s in data.get("suites", {}).items():
-        if name == "ppl":
+        if "ppl" in s:
             rows.append([name, str(s["n"]), "ppl", _fmt(s["ppl"], 2), _ci(s["ppl_ci95"], 2),
                          "-", f"{s['tokens']} scored", "-"])
             continue

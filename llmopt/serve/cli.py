@@ -34,6 +34,12 @@ def serve_command(
                                                          "8192)", min=2)] = None,
     kv_cache_gb: Annotated[float, typer.Option(help="memory for the paged KV cache (GiB)", min=0.0)] = 2.0,
     num_threads: Annotated[Optional[int], typer.Option(help="torch threads (default: all cores)", min=1)] = None,
+    kv_policy: Annotated[str, typer.Option(help="KV compression: full, streaming or snapkv "
+                                                "(docs/long_context.md); a request may override it")] = "full",
+    kv_budget: Annotated[Optional[str], typer.Option(help="KV budget with --kv-policy: a fraction of the prompt "
+                                                          "(0.25) or a token count (2048)")] = None,
+    kv_dtype: Annotated[Optional[str], typer.Option(help="KV cache element type: int8 (default: the model's "
+                                                        "dtype; docs/long_context.md)")] = None,
     max_queue: Annotated[int, typer.Option(help="sequences that may wait beyond --max-num-seqs; more get 503 "
                                                 "with Retry-After", min=0)] = 64,
     request_timeout: Annotated[float, typer.Option(help="seconds a request may take before it is aborted "
@@ -59,7 +65,7 @@ def serve_command(
 
     import uvicorn
 
-    from llmopt.config import EngineConfig
+    from llmopt.config import EngineConfig, parse_kv_budget
     from llmopt.engine.engine import LLMEngine
     from llmopt.serve.app import ServeConfig, create_app
     from llmopt.serve.connections import uvicorn_config, warm_up
@@ -76,7 +82,8 @@ def serve_command(
         logging.getLogger(__name__).warning("binding %s without --api-key: anyone who can reach it can use it", host)
     cfg = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                        kv_cache_memory_gb=kv_cache_gb, max_model_len=max_model_len, num_threads=num_threads,
-                       dtype=dtype)
+                       dtype=dtype, kv_policy=kv_policy, kv_budget=parse_kv_budget(kv_budget),
+                       kv_dtype=kv_dtype)
     print(f"llmopt serve: loading {model} ...", file=sys.stderr, flush=True)
     engine = LLMEngine(model, cfg, quant=quant)
     warm_up(engine)

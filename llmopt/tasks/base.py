@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-SUITE_NAMES: tuple[str, ...] = ("math", "logic", "code", "ppl", "format")
+SUITE_NAMES: tuple[str, ...] = ("math", "logic", "code", "ppl", "format", "passkey", "needle", "longppl")
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 # The format the competition grades (see llmopt.reasoning.format), asked for in every prompt.

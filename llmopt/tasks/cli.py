@@ -66,11 +66,11 @@ def _invocation() -> str:
 def _run_one(model: str, quant: Optional[str], config: Any, command: str) -> dict[str, Any]:
     from dataclasses import replace
 
-    from .evaluate import load_llm, run_eval
+    from .evaluate import engine_kwargs, load_llm, run_eval
 
     cfg = replace(config, model=model, quant=quant)
     with err.status(escape(f"loading {model} (quant={quant or 'none'})")):
-        llm = load_llm(model, quant)
+        llm = load_llm(model, quant, **engine_kwargs(cfg))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True) as progress:
         tasks: dict[str, Any] = {}
@@ -109,9 +109,17 @@ def eval_command(
     early_exit_threshold: Annotated[Optional[float], typer.Option(help="mean token probability a trial answer needs, (0, 1]")] = None,
     prefill_think: Annotated[bool, typer.Option("--prefill-think", help="end each prompt with '<think>\\n' (for a model that does not open <think> itself)")] = False,
     guided: Annotated[bool, typer.Option("--guided", help="decode with the think/answer format grammar (guided decoding, the 'guided' extra): format by construction; run without it for the unguided numbers")] = False,
+    long_lengths: Annotated[str, typer.Option(help="passkey/needle prompt lengths in tokens, comma-separated (n items per length x depth)")] = "1024,2048,4096,8192",
+    long_depths: Annotated[str, typer.Option(help="passkey/needle depths in [0, 1], comma-separated")] = "0,0.25,0.5,0.75,1",
+    long_ppl_tokens: Annotated[int, typer.Option(help="tokens per longppl window", min=2)] = 4096,
+    kv_policy: Annotated[str, typer.Option(help="KV compression: full, streaming or snapkv (docs/long_context.md)")] = "full",
+    kv_budget: Annotated[Optional[str], typer.Option(help="KV budget: a fraction of the prompt (0.25) or a token count (2048)")] = None,
+    kv_dtype: Annotated[Optional[str], typer.Option(help="KV cache element type: int8 (default: the model's dtype)")] = None,
 ) -> None:
     """Accuracy, format score and perplexity on offline suites, with 95% intervals."""
-    from .evaluate import EvalConfig, compare_runs, parse_spec, parse_suites, save_json
+    from llmopt.config import parse_kv_budget
+
+    from .evaluate import EvalConfig, compare_runs, parse_numbers, parse_spec, parse_suites, save_json
 
     command = _invocation()
     config = EvalConfig(model=model, quant=quant, suites=parse_suites(suite), n=n, seed=seed,
@@ -119,7 +127,11 @@ def eval_command(
                         max_tokens=max_tokens, batch_size=batch_size, shots=shots,
                         ppl_max_tokens=ppl_max_tokens, code_timeout_s=code_timeout, guided=guided,
                         think_budget=think_budget, early_exit=early_exit,
-                        early_exit_threshold=early_exit_threshold, prefill_think=prefill_think)
+                        early_exit_threshold=early_exit_threshold, prefill_think=prefill_think,
+                        long_lengths=parse_numbers(long_lengths, int, "--long-lengths"),
+                        long_depths=parse_numbers(long_depths, float, "--long-depths"),
+                        long_ppl_tokens=long_ppl_tokens, kv_policy=kv_policy, kv_budget=parse_kv_budget(kv_budget),
+                        kv_dtype=kv_dtype)
     run = _run_one(model, quant, config, command)
     console.print(results_table(run, f"{model} [{quant or 'none'}]{' guided' if guided else ''}: n={n}, seed={seed}"))
     result: dict[str, Any] = run

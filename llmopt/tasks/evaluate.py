@@ -37,6 +37,16 @@ from llmopt.reasoning.format import extract_answer, parse_output
 from . import stats
 from .base import DEFAULT_MODEL, SUITE_NAMES, Grade, Item, interleave
 from .code import HumanEvalSuite
+from .longctx import (
+    ANSWER_TOKENS,
+    DEFAULT_DEPTHS,
+    DEFAULT_LENGTHS,
+    LONG_SUITES,
+    LongPerplexitySuite,
+    RetrievalSuite,
+    cell_accuracy,
+    first_number,
+)
 from .mathlogic import logic_suite, math_suite
 from .ppl import PerplexitySuite, score_text, source_description
 from .sandbox import SandboxLimits, sandbox_info
@@ -77,6 +87,15 @@ class EvalConfig:
     early_exit_threshold: float | None = None  # None: the engine's default
     prefill_think: bool = False  # end the prompt with "<think>\n" (the assistant prefix forced); graded as
     # "<think>\n" + output, for a model that does not open <think> by itself
+    # long context (llmopt.tasks.longctx, docs/long_context.md): prompt lengths and needle depths of
+    # passkey / needle (n items per cell), window of longppl
+    long_lengths: tuple[int, ...] = DEFAULT_LENGTHS
+    long_depths: tuple[float, ...] = DEFAULT_DEPTHS
+    long_ppl_tokens: int = 4096
+    # the engine's KV cache for this run (EngineConfig fields; docs/long_context.md)
+    kv_policy: str = "full"
+    kv_budget: float | int | None = None
+    kv_dtype: str | None = None  # None: the model's dtype; "int8"
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.suites if s not in SUITE_NAMES]
@@ -105,7 +124,18 @@ def parse_suites(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def _suite(name: str, config: EvalConfig) -> Any:
+def parse_numbers(text: str, kind: Callable[[str], Any], option: str) -> tuple[Any, ...]:
+    """``"1024,2048"`` -> (1024, 2048); a ValueError naming ``option`` for anything else."""
+    try:
+        out = tuple(kind(x.strip()) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{option} takes comma-separated numbers, got {text!r}") from None
+    if not out:
+        raise ValueError(f"{option} is empty: give comma-separated numbers")
+    return out
+
+
+def _suite(name: str, config: EvalConfig, tokenizer: Any = None) -> Any:
     if name == "math":
         return math_suite()
     if name == "logic":
@@ -114,17 +144,24 @@ def _suite(name: str, config: EvalConfig) -> Any:
         return HumanEvalSuite(SandboxLimits(timeout_s=config.code_timeout_s))
     if name == "ppl":
         return PerplexitySuite()
+    if name in LONG_SUITES:
+        if tokenizer is None:
+            raise ValueError(f"suite {name!r} is sized in tokens: build_items needs the model's tokenizer")
+        if name == "longppl":
+            return LongPerplexitySuite(tokenizer, config.long_ppl_tokens)
+        return RetrievalSuite(name, tokenizer, tuple(config.long_lengths), tuple(config.long_depths))
     raise ValueError(name)
 
 
-def build_items(config: EvalConfig) -> dict[str, list[Item]]:
-    """The items of every requested suite, deterministic in (n, seed, shots)."""
+def build_items(config: EvalConfig, tokenizer: Any = None) -> dict[str, list[Item]]:
+    """The items of every requested suite, deterministic in (n, seed, shots) and, for the
+    long-context suites (sized in tokens), the tokenizer."""
     out: dict[str, list[Item]] = {}
     cache: dict[str, list[Item]] = {}
 
     def items_of(name: str) -> list[Item]:
         if name not in cache:
-            cache[name] = _suite(name, config).items(config.n, config.seed, config.shots)
+            cache[name] = _suite(name, config, tokenizer).items(config.n, config.seed, config.shots)
         return cache[name]
 
     for name in config.suites:
@@ -216,7 +253,7 @@ def _generate(
     """Generate every distinct (prompt, sample) once; returns outputs by prompt key."""
     todo: dict[str, Item] = {}
     for name, its in items.items():
-        if name == "ppl":
+        if name == "ppl" or name in LONG_SUITES:
             continue
         for it in its:
             for k in range(config.samples):
@@ -344,6 +381,70 @@ def _ppl_records(
     return records
 
 
+def _retrieval_records(
+    llm: Any, name: str, its: list[Item], config: EvalConfig, progress: Progress | None
+) -> list[dict[str, Any]]:
+    """Greedy answers (``ANSWER_TOKENS`` tokens, no think budget or grammar) to passkey / needle
+    items, the assistant turn started with the item's answer prefix, graded strictly on the first
+    number of the output. The prompt text is not stored (it is rebuilt from the seed); its token
+    count is."""
+    from llmopt import SamplingParams
+
+    params = SamplingParams(max_tokens=ANSWER_TOKENS, temperature=0.0)
+    grader = _suite(name, config, llm.tokenizer)
+    records: list[dict[str, Any]] = []
+    for start in range(0, len(its), config.batch_size):
+        chunk = its[start:start + config.batch_size]
+        t0 = time.perf_counter()
+        tok = llm.tokenizer
+        prompts = [tok.apply_chat_template(it.messages) + tok.encode(it.payload["answer_prefix"], add_special_tokens=False)
+                   for it in chunk]
+        outs = llm.generate(prompts, params)
+        wall = time.perf_counter() - t0
+        for it, out in zip(chunk, outs):
+            g = grader.grade(it, None, out.text)
+            latency, ttft = _request_times(out, wall)
+            records.append({
+                "suite": name, "id": it.id, "task": it.task, "sample": 0,
+                "length": it.payload["length"], "depth": it.payload["depth"],
+                "prompt_tokens": it.payload["prompt_tokens"], "reference": it.reference,
+                "output": out.text, "answer": first_number(out.text), "correct": g.correct,
+                "score": g.score, "detail": g.detail, "tokens": len(out.token_ids),
+                "kv_tokens": getattr(out, "kv_tokens", None),
+                "latency_s": latency, "ttft_s": ttft, "batch_size": len(chunk),
+            })
+        if progress:
+            progress(f"generate {name}", min(start + len(chunk), len(its)), len(its))
+    return records
+
+
+def _long_ppl_records(
+    llm: Any, its: list[Item], progress: Progress | None
+) -> list[dict[str, Any]]:
+    records = []
+    for i, it in enumerate(its):
+        ids = it.payload["ids"]
+        t0 = time.perf_counter()
+        logprobs = llm.score(ids)
+        nll = -float(logprobs.double().sum())
+        records.append({"suite": "longppl", "id": it.id, "task": it.task, "sample": 0, "nll": nll,
+                        "tokens": len(ids) - 1, "ppl": math.exp(nll / (len(ids) - 1)),
+                        "latency_s": time.perf_counter() - t0})
+        if progress:
+            progress("score longppl", i + 1, len(its))
+    return records
+
+
+def kv_memory(llm: Any) -> dict[str, Any] | None:
+    """The engine's KV cache: dtype, bytes per cached token (all layers, K and V, scales included),
+    policy and budget; None for an object without an engine."""
+    engine = getattr(llm, "engine", None)
+    if engine is None:
+        return None
+    info = getattr(engine, "kv_info", None)
+    return info() if callable(info) else None
+
+
 def _ci(pair: tuple[float, float]) -> list[float]:
     return [round(float(pair[0]), 6), round(float(pair[1]), 6)]
 
@@ -353,7 +454,7 @@ def summarize(records: list[dict[str, Any]], samples: int = 1) -> dict[str, dict
     suites: dict[str, dict[str, Any]] = {}
     for name in dict.fromkeys(r["suite"] for r in records):
         rs = [r for r in records if r["suite"] == name]
-        if name == "ppl":
+        if name in ("ppl", "longppl"):
             nll = [r["nll"] for r in rs]
             cnt = [r["tokens"] for r in rs]
             suites[name] = {
@@ -361,7 +462,22 @@ def summarize(records: list[dict[str, Any]], samples: int = 1) -> dict[str, dict
                 "ppl": stats.perplexity(nll, cnt),
                 "ppl_ci95": _ci(stats.perplexity_ci(nll, cnt)),
                 "tokens": int(sum(cnt)),
-                "source": source_description(),
+                "source": source_description() if name == "ppl" else "pydoc_data.topics, concatenated",
+            }
+            continue
+        if name in ("passkey", "needle"):
+            correct = [bool(r["correct"]) for r in rs]
+            lat = np.array([r["latency_s"] for r in rs], dtype=np.float64)
+            kv = [r["kv_tokens"] / r["prompt_tokens"] for r in rs if r.get("kv_tokens") is not None]
+            suites[name] = {
+                "n": len(rs), "samples": 1,
+                "accuracy": float(np.mean(correct)),
+                "accuracy_ci95": _ci(stats.wilson_interval(int(sum(correct)), len(correct))),
+                "cells": cell_accuracy(rs),
+                "mean_tokens": float(np.mean([r["tokens"] for r in rs])),
+                "mean_kv_fraction": float(np.mean(kv)) if kv else None,
+                "latency_p50_s": float(np.percentile(lat, 50)),
+                "latency_p90_s": float(np.percentile(lat, 90)),
             }
             continue
         by_item: dict[str, list[dict[str, Any]]] = {}
@@ -484,7 +600,7 @@ def run_eval(
 ) -> dict[str, Any]:
     """Evaluate ``llm`` (an ``llmopt.LLM``) on ``config.suites``; see the module docstring."""
     t0 = time.perf_counter()
-    items = build_items(config)
+    items = build_items(config, getattr(llm, "tokenizer", None) if set(config.suites) & set(LONG_SUITES) else None)
     gen_t0 = time.perf_counter()
     outputs = _generate(llm, config, items, progress)
     gen_wall = time.perf_counter() - gen_t0
@@ -493,6 +609,10 @@ def run_eval(
     for name in config.suites:
         if name == "ppl":
             records += _ppl_records(llm, items[name], config, progress)
+        elif name == "longppl":
+            records += _long_ppl_records(llm, items[name], progress)
+        elif name in ("passkey", "needle"):
+            records += _retrieval_records(llm, name, items[name], config, progress)
         else:
             records += _generative_records(name, items[name], config, outputs, seen, progress)
     gen_tokens = sum(v["tokens"] for v in outputs.values())
@@ -507,6 +627,7 @@ def run_eval(
         "model": {"name": config.model, "quant": config.quant, "bits_per_weight": bpw,
                   "bits_per_weight_source": bpw_source},
         "env": _env() | ({"sandbox": sandbox_info()} if uses_code else {}),
+        "kv_cache": kv_memory(llm),
         "generation": {
             "requests": len(outputs),
             "tokens": gen_tokens,
@@ -549,11 +670,16 @@ def _quant_or_none(value: str) -> str | None:
     return "fp32" if v in ("fp32", "float32") else value
 
 
-def load_llm(model: str, quant: str | None) -> Any:
-    """Load a model through the public API."""
+def engine_kwargs(config: EvalConfig) -> dict[str, Any]:
+    """The ``EngineConfig`` fields an eval config sets (KV cache policy), for ``LLM(**kwargs)``."""
+    return {"kv_policy": config.kv_policy, "kv_budget": config.kv_budget, "kv_dtype": config.kv_dtype}
+
+
+def load_llm(model: str, quant: str | None, **engine: Any) -> Any:
+    """Load a model through the public API; ``engine``: ``EngineConfig`` fields."""
     from llmopt import LLM
 
-    return LLM(model, quant=quant)
+    return LLM(model, quant=quant, **engine)
 
 
 def compare_runs(candidate: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
@@ -573,7 +699,7 @@ def compare_runs(candidate: dict[str, Any], baseline: dict[str, Any]) -> dict[st
             raise ValueError(f"suite {name!r}: the runs hold different items; use the same "
                              "--suite, --n, --seed, --shots and --samples for both")
         bs = baseline["suites"][name]
-        if name == "ppl":
+        if name in ("ppl", "longppl"):
             cnt = [r["tokens"] for r in ci]
             if cnt != [r["tokens"] for r in bi]:
                 raise ValueError("perplexity runs scored different token counts: the two "

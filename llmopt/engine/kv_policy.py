@@ -1,0 +1,119 @@
+"""KV compression policies that free real blocks of the paged cache.
+
+A sequence's cache rows stop being "token t at row t": after compression row r holds whatever the
+policy kept. That is sound because rotary embeddings are applied *before* K is cached, so a kept
+key carries its true position; new tokens keep their true positions too (``Sequence.num_computed_tokens``
+counts logical tokens, ``Sequence.num_evicted`` the rows dropped, and the runner writes token p to
+row ``p - num_evicted``). Attention over the rows does not care about their order.
+
+Policies (``EngineConfig.kv_policy`` engine-wide, ``SamplingParams.kv_policy`` per request):
+
+- ``full``: nothing is evicted.
+- ``streaming`` (StreamingLLM, Xiao et al. 2023): the first ``kv_sinks`` tokens (attention sinks)
+  and the most recent tokens. At the end of the prefill and after every later step, whole blocks
+  are dropped while the cache holds at least one block more than the budget, so a sequence keeps
+  between ``budget`` and ``budget + block_size - 1`` rows. Dropping the oldest non-sink block
+  costs a copy of the ``kv_sinks`` sink rows (``kv_sinks <= block_size``), nothing else.
+- ``snapkv`` (SnapKV, Li et al. 2024): at the end of the prefill, the last ``kv_window`` prompt
+  queries (the observation window) score every earlier position per layer and kv head (softmax
+  attention summed over the window and the query heads of the group, average-pooled over
+  ``kv_pool`` neighbouring positions); each head keeps its ``budget - kv_window`` best positions
+  plus the window. Exactly ``budget`` rows stay; the rest of the blocks are freed. Later tokens
+  are appended (the cache grows again during decode, as in the paper).
+
+``kv_budget``: a float in (0, 1] is a fraction of the prompt (at least ``kv_sinks + 1`` tokens for
+streaming, ``kv_window`` for snapkv); an int is a token count (below those minimums: an error).
+A budget not smaller than the prompt leaves the prompt uncompressed (documented no-op; streaming
+still evicts once the sequence outgrows it during decode).
+
+Limits: a compressed sequence neither takes nor publishes prefix-cache blocks (compaction rewrites
+its blocks in place). A preempted compressed sequence is recomputed in full and compressed again
+at the end of that recompute, so its later tokens can differ from an unpreempted run (the
+uncompressed keys it now sees were computed over the full context). Models with sliding-window
+layers are refused (their windows count rows, which no longer are positions).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from llmopt.config import KV_POLICIES, KVPolicy, check_kv_policy, parse_kv_budget
+from llmopt.kernels.kv_select import observation_scores
+
+__all__ = ["KV_POLICIES", "KVCompressor", "KVPolicy", "check_kv_policy", "observation_scores", "parse_kv_budget",
+           "snapkv_keep"]
+
+def snapkv_keep(scores: torch.Tensor, keep: int, window: int, pool: int) -> torch.Tensor:
+    """Rows each kv head keeps: ``scores`` [Hk, C] -> int64 [Hk, keep], ascending; the last
+    ``window`` rows always, plus the ``keep - window`` best earlier rows by average-pooled score
+    (ties to the earlier row, so the choice is deterministic)."""
+    Hk, C = scores.shape
+    prefix = C - window
+    k = keep - window
+    if k < 0 or prefix < k:
+        raise ValueError(f"cannot keep {keep} of {C} rows with a window of {window}")
+    s = scores[:, :prefix]
+    if pool > 1:
+        s = F.avg_pool1d(s[:, None, :], pool, stride=1, padding=pool // 2, count_include_pad=False)[:, 0, :prefix]
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices[:, :k]
+    win = torch.arange(prefix, C).expand(Hk, window)
+    return torch.sort(torch.cat([order, win], dim=1), dim=1).values
+
+
+class KVCompressor:
+    """Applies a sequence's policy after each engine step, rewriting rows of the runner's cache
+    tensors (``caches``: every tensor laid out ``[layers, blocks, block_size, kv_heads, ...]``: K,
+    V, and their scales when quantized) and freeing the emptied blocks in the block manager."""
+
+    def __init__(self, caches: list[torch.Tensor], block_manager, block_size: int):
+        self.caches = caches
+        self.bm = block_manager
+        self.block_size = block_size
+
+    def after_step(self, seq, observed: list[torch.Tensor] | None) -> None:
+        """``observed``: SnapKV scores per layer ([Hk, rows]) if this step ended the prefill."""
+        policy: KVPolicy | None = seq.kv_policy
+        if policy is None or seq.num_computed_tokens < len(seq):
+            return  # full cache, or still prefilling (compression waits for the whole prompt)
+        if not seq.kv_compressed:
+            seq.kv_compressed = True
+            keep = policy.tokens(seq.kv_len)
+            seq.kv_budget_rows = keep if keep is not None else (
+                seq.kv_len if isinstance(policy.budget, float) else int(policy.budget))
+            if policy.name == "snapkv" and keep is not None:
+                if observed is None:
+                    raise RuntimeError("SnapKV compression needs the observation scores of the prefill's last chunk")
+                rows = torch.stack([snapkv_keep(s, keep, policy.window, policy.pool) for s in observed])
+                self._keep_rows(seq, rows)
+        if policy.name == "streaming":
+            excess = (seq.kv_len - seq.kv_budget_rows) // self.block_size
+            if excess > 0:
+                self._drop_blocks(seq, excess, policy.sinks)
+
+    def _slots(self, seq, rows: torch.Tensor) -> torch.Tensor:
+        bt = torch.tensor(seq.block_table, dtype=torch.long)
+        return bt[rows // self.block_size] * self.block_size + rows % self.block_size
+
+    def _keep_rows(self, seq, rows: torch.Tensor) -> None:
+        """Rows ``rows`` [layers, kv_heads, K] (ascending per head) move to rows 0..K-1; blocks
+        past K are freed."""
+        L, Hk, K = rows.shape
+        src = self._slots(seq, rows)
+        dst = self._slots(seq, torch.arange(K)).expand(L, Hk, K)
+        li = torch.arange(L)[:, None, None]
+        hi = torch.arange(Hk)[None, :, None]
+        for cache in self.caches:
+            flat = cache.view(L, -1, *cache.shape[3:])
+            flat[li, dst, hi] = flat[li, src, hi]  # the gather copies before the scatter writes
+        self.bm.truncate(seq, K)
+        seq.num_evicted += seq.kv_len - K
+
+    def _drop_blocks(self, seq, m: int, sinks: int) -> None:
+        """Evict rows [sinks, sinks + m * block_size): copy the sink rows to the start of block m
+        (whose first rows are evicted ones), then drop the first m blocks."""
+        first, new_first = seq.block_table[0], seq.block_table[m]
+        for cache in self.caches:
+            cache[:, new_first, :sinks] = cache[:, first, :sinks]
+        self.bm.drop_leading(seq, m)
+        seq.num_evicted += m * self.block_size

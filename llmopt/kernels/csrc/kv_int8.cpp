@@ -1,0 +1,182 @@
+// Paged decode attention over an int8 KV cache (AVX2/FMA + OpenMP).
+//
+// Cache layout (llmopt/kernels/kv_quant.py): k, v int8 [num_blocks, block_size, Hk, D]; k_scale, v_scale
+// float32 [num_blocks, block_size, Hk] (symmetric, one scale per token and kv head: x ~= q * scale).
+// Each row is dequantized in registers while it is read: no float copy of the cache is made.
+// One OpenMP item per (sequence, kv head); the G query heads of a GQA group share every K/V read.
+// Online softmax in float32 over 32-token tiles (each tile's rows dequantized once into L1-sized
+// buffers, shared by the G query heads), the same math as the torch reference
+// (paged_decode_attention_int8_ref), which the tests hold it to.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+inline int num_threads() { return std::max(1, at::get_num_threads()); }
+
+constexpr int64_t kTile = 32;  // tokens scored before one online-softmax update
+
+// dst[d] = src[d] * s (src int8), AVX2 8 at a time with a scalar tail
+inline void dequant_row(float* dst, const int8_t* src, float s, int64_t D) {
+  const __m256 vs = _mm256_set1_ps(s);
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    __m128i x8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + d));
+    _mm256_storeu_ps(dst + d, _mm256_mul_ps(vs, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(x8))));
+  }
+  for (; d < D; ++d) dst[d] = static_cast<float>(src[d]) * s;
+}
+
+inline float dot(const float* a, const float* b, int64_t D) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  float r = _mm_cvtss_f32(s);
+  for (; d < D; ++d) r += a[d] * b[d];
+  return r;
+}
+
+// acc[d] += w * v[d]
+inline void axpy(float* acc, float w, const float* v, int64_t D) {
+  const __m256 vw = _mm256_set1_ps(w);
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8)
+    _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(vw, _mm256_loadu_ps(v + d), _mm256_loadu_ps(acc + d)));
+  for (; d < D; ++d) acc[d] += w * v[d];
+}
+
+inline void scale_inplace(float* x, float a, int64_t D) {
+  const __m256 va = _mm256_set1_ps(a);
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) _mm256_storeu_ps(x + d, _mm256_mul_ps(va, _mm256_loadu_ps(x + d)));
+  for (; d < D; ++d) x[d] *= a;
+}
+
+at::Tensor paged_decode_attention_int8(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                       const at::Tensor& k_scale, const at::Tensor& v_scale,
+                                       const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                                       int64_t sliding_window) {
+  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat && q.dim() == 3 && q.is_contiguous(),
+              "q must be a contiguous CPU float32 [B, Hq, D] tensor");
+  for (const at::Tensor* t : {&k_cache, &v_cache})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kChar && t->dim() == 4 && t->is_contiguous(),
+                "k_cache / v_cache must be contiguous CPU int8 [num_blocks, block_size, Hk, D] tensors");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache must have the same shape");
+  for (const at::Tensor* t : {&k_scale, &v_scale})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 3 && t->is_contiguous() &&
+                    t->size(0) == k_cache.size(0) && t->size(1) == k_cache.size(1) && t->size(2) == k_cache.size(2),
+                "k_scale / v_scale must be contiguous CPU float32 [num_blocks, block_size, Hk] tensors");
+  TORCH_CHECK(block_tables.device().is_cpu() && block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 &&
+                  block_tables.is_contiguous(),
+              "block_tables must be a contiguous CPU int32 [B, max_blocks] tensor");
+  TORCH_CHECK(context_lens.device().is_cpu() && context_lens.scalar_type() == at::kInt && context_lens.dim() == 1 &&
+                  context_lens.is_contiguous(),
+              "context_lens must be a contiguous CPU int32 [B] tensor");
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t NB = k_cache.size(0), BS = k_cache.size(1), Hk = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D, "cache head_dim must match q");
+  TORCH_CHECK(Hk > 0 && Hq % Hk == 0, "Hq must be a multiple of Hk");
+  TORCH_CHECK(block_tables.size(0) == B && context_lens.size(0) == B, "block_tables / context_lens must have B rows");
+  const int64_t MB = block_tables.size(1), G = Hq / Hk;
+  const int32_t* bt = block_tables.data_ptr<int32_t>();
+  const int32_t* cl = context_lens.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b) {  // validate every block touched (no exception may leave the OpenMP region)
+    const int64_t L = cl[b];
+    TORCH_CHECK(L >= 0 && L <= MB * BS, "context_lens[", b, "] = ", L, " out of range [0, ", MB * BS, "]");
+    const int64_t start = sliding_window > 0 ? std::max<int64_t>(0, L - sliding_window) : 0;
+    for (int64_t j = start / BS; j * BS < L; ++j) {
+      const int64_t blk = bt[b * MB + j];
+      TORCH_CHECK(blk >= 0 && blk < NB, "block_tables[", b, "][", j, "] = ", blk, " out of range [0, ", NB, ")");
+    }
+  }
+  auto out = at::zeros({B, Hq, D}, q.options());
+  if (B == 0 || Hq == 0 || D == 0) return out;
+  const float* qp = q.data_ptr<float>();
+  const int8_t* kp = k_cache.data_ptr<int8_t>();
+  const int8_t* vp = v_cache.data_ptr<int8_t>();
+  const float* ksp = k_scale.data_ptr<float>();
+  const float* vsp = v_scale.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float fscale = static_cast<float>(scale);
+  const int64_t items = B * Hk;
+  const int nt = num_threads();
+
+#pragma omp parallel num_threads(nt) if (items > 1)
+  {
+    std::vector<float> qs(G * D), acc(G * D), m(G), l(G), kf(kTile * D), vf(kTile * D), sc(G * kTile);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t b = item / Hk, h = item % Hk;
+      const int64_t L = cl[b];
+      const int64_t start = sliding_window > 0 ? std::max<int64_t>(0, L - sliding_window) : 0;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* src = qp + (b * Hq + h * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) qs[g * D + d] = src[d] * fscale;
+      }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.end(), 0.0f);
+      for (int64_t t0 = start; t0 < L; t0 += kTile) {
+        const int64_t n = std::min(kTile, L - t0);
+        // dequantize the tile's K and V rows once (L1-sized buffers), shared by the G query heads
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t t = t0 + i;
+          const int64_t row = (static_cast<int64_t>(bt[b * MB + t / BS]) * BS + t % BS) * Hk + h;
+          dequant_row(kf.data() + i * D, kp + row * D, ksp[row], D);
+          dequant_row(vf.data() + i * D, vp + row * D, vsp[row], D);
+        }
+        for (int64_t g = 0; g < G; ++g) {
+          float* s = sc.data() + g * kTile;
+          float mt = m[g];
+          for (int64_t i = 0; i < n; ++i) {
+            s[i] = dot(qs.data() + g * D, kf.data() + i * D, D);
+            mt = std::max(mt, s[i]);
+          }
+          const float a = std::exp(m[g] - mt);  // 0 on the first tile (m = -inf)
+          float* ag = acc.data() + g * D;
+          scale_inplace(ag, a, D);
+          float lt = l[g] * a;
+          for (int64_t i = 0; i < n; ++i) {
+            const float p = std::exp(s[i] - mt);
+            lt += p;
+            axpy(ag, p, vf.data() + i * D, D);
+          }
+          l[g] = lt;
+          m[g] = mt;
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        if (l[g] <= 0.0f) continue;
+        float* dst = op + (b * Hq + h * G + g) * D;
+        const float inv = 1.0f / l[g];
+        for (int64_t d = 0; d < D; ++d) dst[d] = acc[g * D + d] * inv;
+      }
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention_int8", &paged_decode_attention_int8,
+        "single-token paged attention over an int8 KV cache with per-(token, kv head) scales; "
+        "sliding_window <= 0: none",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("k_scale"), py::arg("v_scale"),
+        py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"), py::arg("sliding_window") = -1,
+        py::call_guard<py::gil_scoped_release>());
+}

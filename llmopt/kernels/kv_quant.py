@@ -1,0 +1,88 @@
+"""An int8 KV cache: symmetric quantization with one float32 scale per (token, kv head), and the
+paged decode attention that reads it without a dequantized copy.
+
+Layout: K and V int8 ``[num_blocks, block_size, Hk, D]``; ``k_scale``/``v_scale`` float32
+``[num_blocks, block_size, Hk]``; ``x ~= q * scale`` with ``scale = max|x| / 127`` over the head's
+D values (all-zero rows get scale 0). At head_dim 64 a token costs 64 + 4 bytes per head and tensor
+instead of 256 (fp32): 3.76x less.
+
+``paged_decode_attention_int8`` calls the AVX2/FMA kernel of ``csrc/kv_int8.cpp`` (dequantizes
+each 32-token tile once into an L1-sized buffer shared by the query heads of a GQA group) when it built, else its torch twin
+``paged_decode_attention_int8_ref`` (which gathers and dequantizes the attended rows: a reference,
+not a fast path). ``LLMOPT_NATIVE=0`` forces the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .build import extension_loader, native_enabled
+from .ops import paged_decode_attention_ref
+
+__all__ = ["quantize_kv", "dequantize_kv", "write_kv_int8", "paged_decode_attention_int8",
+           "paged_decode_attention_int8_ref", "native_available"]
+
+_native = extension_loader("llmopt_kv", ["kv_int8.cpp"])
+
+
+def native_available() -> bool:
+    return native_enabled() and _native() is not None
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` [..., D] float -> (int8 [..., D], float32 scale [...]), round to nearest."""
+    xf = x.float()
+    scale = xf.abs().amax(-1) / 127.0
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    q = torch.round(xf * inv[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (q.float() * scale[..., None]).to(dtype)
+
+
+def write_kv_int8(cache: torch.Tensor, scales: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+    """Quantize ``x`` [T, Hk, D] into ``cache`` [NB, BS, Hk, D] / ``scales`` [NB, BS, Hk] at flat
+    ``slots`` [T] (block * block_size + offset)."""
+    q, s = quantize_kv(x)
+    cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, q)
+    scales.view(-1, scales.shape[-1]).index_copy_(0, slots, s)
+
+
+def paged_decode_attention_int8_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                    k_scale: torch.Tensor, v_scale: torch.Tensor, block_tables: torch.Tensor,
+                                    context_lens: torch.Tensor, scale: float,
+                                    sliding_window: int | None = None) -> torch.Tensor:
+    """The float reference on the dequantized cache (see ``ops.paged_decode_attention_ref``)."""
+    k = dequantize_kv(k_cache, k_scale, q.dtype)
+    v = dequantize_kv(v_cache, v_scale, q.dtype)
+    return paged_decode_attention_ref(q, k, v, block_tables, context_lens, scale, sliding_window)
+
+
+def paged_decode_attention_int8(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                k_scale: torch.Tensor, v_scale: torch.Tensor, block_tables: torch.Tensor,
+                                context_lens: torch.Tensor, scale: float,
+                                sliding_window: int | None = None) -> torch.Tensor:
+    """One query token per sequence [B, Hq, D] against the int8 paged cache -> [B, Hq, D]."""
+    if sliding_window is not None and int(sliding_window) <= 0:
+        raise ValueError(f"sliding_window must be None or a positive int, got {sliding_window!r}")
+    ext = _native() if native_enabled() else None
+    if (ext is not None and q.device.type == "cpu" and q.dtype == torch.float32 and not q.requires_grad
+            and q.dim() == 3 and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and k_scale.is_contiguous() and v_scale.is_contiguous()):
+        return ext.paged_decode_attention_int8(
+            q.contiguous(), k_cache, v_cache, k_scale, v_scale, block_tables.to(torch.int32).contiguous(),
+            context_lens.to(torch.int32).contiguous(), float(scale),
+            -1 if sliding_window is None else int(sliding_window))
+    return _gathered_ref(q, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens, scale, sliding_window)
+
+
+def _gathered_ref(q, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens, scale, sliding_window):
+    """The reference restricted to the blocks the batch uses (dequantizing the whole cache for every
+    step would cost the cache's size per token)."""
+    used = torch.unique(block_tables.long().flatten())
+    remap = torch.zeros(k_cache.shape[0], dtype=torch.long)
+    remap[used] = torch.arange(len(used))
+    return paged_decode_attention_int8_ref(q, k_cache[used], v_cache[used], k_scale[used], v_scale[used],
+                                           remap[block_tables.long()], context_lens, scale, sliding_window)
