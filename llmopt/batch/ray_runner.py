@@ -32,8 +32,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmopt.batch.cases import Case
-from llmopt.batch.runner import (BatchRun, CaseResult, Messages, RunSummary, _atomic_write, _dumps, _key,
-                                 answer, reasoning_record, warm_up)
+from llmopt.batch.runner import (
+    BatchRun,
+    CaseResult,
+    Messages,
+    RunSummary,
+    _atomic_write,
+    _dumps,
+    _key,
+    answer,
+    reasoning_record,
+    warm_up,
+)
 from llmopt.config import EngineConfig
 from llmopt.distributed.cluster import Cluster, require_ray
 from llmopt.engine.sampling_params import SamplingParams
@@ -227,9 +237,12 @@ class RayBatchRun:
                     done(task, res)
                     if self.on_result:
                         self.on_result(slot, res)
-        finally:
+        finally:  # an error or Ctrl-C: stop what still runs (the pool's owner kills the actors too)
             for ref in busy:
-                ray.cancel(ref, force=True)
+                try:
+                    ray.cancel(ref)
+                except Exception:  # already finished or its worker is gone
+                    pass
 
     def _name(self, task: Task) -> str:
         r = self.run_

@@ -5,7 +5,6 @@ and ``llmopt serve --replicas`` (``llmopt.serve``) build on it; docs/scale.md ha
 Nothing here imports Ray at import time: ``require_ray()`` does, and names the extra when it is
 missing."""
 
-from llmopt.distributed.cluster import (EXTRA_HINT, Cluster, ClusterUnreachable, RayUnavailable, connect,
-                                        require_ray)
+from llmopt.distributed.cluster import EXTRA_HINT, Cluster, ClusterUnreachable, RayUnavailable, connect, require_ray
 
 __all__ = ["EXTRA_HINT", "Cluster", "ClusterUnreachable", "RayUnavailable", "connect", "require_ray"]

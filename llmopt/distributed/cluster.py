@@ -18,9 +18,11 @@ without installing it on a one-machine cluster.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -31,6 +33,11 @@ log = logging.getLogger(__name__)
 EXTRA_HINT = "pip install 'llmopt[ray]'"
 DEFAULT_GCS_PORT = 6379
 DEFAULT_CLIENT_PORT = 10001
+# Ray's memory monitor kills workers when the *machine* is nearly full, whoever fills it; on a
+# shared machine that kills engines for other programs' memory, so a local cluster starts without
+# it (the kernel's OOM killer still guards the machine). Ray's processes read it at start.
+MEMORY_MONITOR_ENV = "RAY_memory_monitor_refresh_ms"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 class RayUnavailable(RuntimeError):
@@ -101,6 +108,36 @@ class Cluster:
             require_ray().shutdown()
 
 
+@contextlib.contextmanager
+def _loopback_mode() -> Iterator[None]:
+    """Keep a one-machine cluster on loopback. Ray swaps 127.0.0.1 for the machine's routable
+    address (to let other nodes join) unless its single-machine mode, meant for Windows and macOS,
+    is on; that switch is read from the environment when Ray is imported, so it is set on the module
+    for the duration of ``ray.init``."""
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    """``name=value`` in this process's environment (inherited by the Ray processes it starts)."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+
 def _code_path() -> str:
     return str(Path(__file__).resolve().parents[2])  # the directory holding the llmopt package
 
@@ -122,12 +159,13 @@ def connect(address: str = "local", *, num_cpus: int | None = None, timeout: flo
         return _describe(ray, False, False)
     from ray.job_config import JobConfig
 
-    job = JobConfig(code_search_path=[_code_path()],
-                    runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    path = os.pathsep.join(p for p in (_code_path(), os.environ.get("PYTHONPATH")) if p)
+    job = JobConfig(runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}})
     common: dict[str, Any] = dict(job_config=job, logging_level=logging.WARNING, log_to_driver=True)
     if address == "local":
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
-                 _node_ip_address="127.0.0.1", **common)
+        with _loopback_mode(), _env(MEMORY_MONITOR_ENV, "0"):
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
+                     _node_ip_address="127.0.0.1", **common)
         c = _describe(ray, True, True)
     elif address == "auto":
         try:
@@ -138,7 +176,9 @@ def connect(address: str = "local", *, num_cpus: int | None = None, timeout: flo
         c = _describe(ray, False, True)
     else:
         probe(address, timeout)
-        ray.init(address=address, **common)
+        host = parse_address(address)[0]
+        with _loopback_mode() if host in LOOPBACK else contextlib.nullcontext():
+            ray.init(address=address, **common)
         c = _describe(ray, False, True)
     log.info("ray cluster %s: %d node(s), %d CPUs%s", c.address, c.nodes, c.cpus,
              " (started here)" if c.started_here else "")
