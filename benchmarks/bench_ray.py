@@ -7,6 +7,7 @@ side by side in one run, plus Ray's own cost: per case, the time the driver sees
 inside the worker, and the round trip of an empty actor call. Prints numbers (docs/scale.md).
 
     nice -n 10 python benchmarks/bench_ray.py [--cases 16] [--questions 2] [--max-tokens 32]
+    nice -n 10 python benchmarks/bench_ray.py --stream-only 2000   # the serve front end's cost per token
 """
 
 from __future__ import annotations
@@ -46,6 +47,32 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
+class Streamer:
+    """A Ray actor that streams ``n`` small items, as a replica streams engine outputs."""
+
+    async def stream(self, n: int):
+        for i in range(n):
+            yield i, "token"
+
+
+def stream_cost(ray, items: int) -> tuple[float, float]:
+    """(ms per streamed item, items/s) seen by an asyncio consumer, as the serve front end reads them."""
+    import asyncio
+
+    actor = ray.remote(num_cpus=0)(Streamer).remote()
+
+    async def consume(n: int) -> None:
+        async for ref in actor.stream.options(num_returns="streaming").remote(n):
+            await ref
+
+    asyncio.run(consume(10))
+    t0 = time.perf_counter()
+    asyncio.run(consume(items))
+    took = time.perf_counter() - t0
+    ray.kill(actor)
+    return took * 1000 / items, items / took
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -54,8 +81,17 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--calls", type=int, default=200, help="empty actor calls for the round-trip cost")
+    ap.add_argument("--stream-only", type=int, default=0, metavar="ITEMS",
+                    help="only measure the cost of ITEMS streamed items (the serve front end's per-token cost)")
     args = ap.parse_args()
     ray = require_ray()
+    if args.stream_only:
+        cluster = connect("local", num_cpus=2)
+        ms, rate = stream_cost(ray, args.stream_only)
+        print(f"Ray streaming generator: {ms:.3f} ms per item ({rate:,.0f} items/s, {args.stream_only} items, "
+              f"one asyncio consumer); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+        cluster.shutdown()
+        return
     tmp = Path(tempfile.mkdtemp(prefix="bench_ray"))
     batch = load_batch(write_batch(tmp / "cases.jsonl", args.cases, args.questions, args.concurrency))
     opts = RunOptions(max_tokens=args.max_tokens, concurrency=args.concurrency)
@@ -74,6 +110,9 @@ def main() -> None:
     sa = run_a.run(engine)
     wall_a = time.perf_counter() - t0 - (run_a.warmup_s or 0.0)
     del engine
+    import gc
+
+    gc.collect()
 
     # B: Ray, 2 workers x 1 thread
     t0 = time.perf_counter()
