@@ -2,8 +2,9 @@
 
 Addresses (``--ray ADDRESS``):
 
-- ``local``: start a one-node cluster in this process (loopback only), with this machine's cores;
-  it stops when the command ends.
+- ``local``: start a one-node cluster in this process, with this machine's cores; it stops when
+  the command ends. It listens on loopback only, and runs without Ray's memory monitor (which
+  kills workers when the whole machine is nearly full, whoever fills it).
 - ``auto``: the cluster already running on this machine (``ray start --head``).
 - ``HOST:PORT``: the head node's GCS address (``ray start --head`` prints it; port 6379 by default).
 - ``ray://HOST:PORT``: a Ray Client server (port 10001 by default).

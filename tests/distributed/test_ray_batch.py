@@ -175,16 +175,3 @@ def test_without_ray_the_cli_names_the_extra(tmp_path, cases_file):
             env={"PYTHONPATH": os.pathsep.join([str(fake), str(ROOT)])}, timeout=60)
     assert r.returncode == 1
     assert "pip install 'llmopt[ray]'" in r.stderr
-
-
-def test_worker_plan_fits_the_cluster():
-    from llmopt.distributed.cluster import Cluster, plan_workers
-
-    two_nodes = Cluster("h:1", False, False, 12, [8, 4])
-    assert plan_workers(two_nodes, None, None) == (12, 1)
-    assert plan_workers(two_nodes, None, 4) == (3, 4)
-    assert plan_workers(two_nodes, 3, None) == (3, 4)
-    with pytest.raises(ValueError, match="do not fit"):
-        plan_workers(two_nodes, 4, 4)
-    with pytest.raises(ValueError, match="do not fit"):
-        plan_workers(two_nodes, 1, 16)
