@@ -77,7 +77,7 @@ def run_command(
     ray: Annotated[Optional[str], typer.Option("--ray", metavar="ADDRESS",
                                                help="split the cases across Ray workers: 'local' (a cluster on "
                                                     "this machine), 'auto' (the one `ray start` runs here) or "
-                                                    "the head's HOST:PORT; needs pip install 'llmopt[ray]' "
+                                                    "the head's HOST:PORT; needs pip install 'llmopt\\[ray]' "
                                                     "(docs/scale.md)")] = None,
     workers: Annotated[Optional[int], typer.Option(help="with --ray: engine workers (default: as many as the "
                                                         "cluster's CPUs hold)", min=1)] = None,

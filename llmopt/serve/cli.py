@@ -51,7 +51,7 @@ def serve_command(
                                                 min=0.1)] = 30.0,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
     replicas: Annotated[int, typer.Option(help="engine replicas (Ray actors) behind this endpoint, routed by "
-                                               "prompt prefix; > 1 needs pip install 'llmopt[ray]' "
+                                               "prompt prefix; > 1 needs pip install 'llmopt\\[ray]' "
                                                "(docs/scale.md)", min=1)] = 1,
     ray: Annotated[Optional[str], typer.Option("--ray", metavar="ADDRESS",
                                                help="run the replicas on this Ray cluster: 'local' (default "
