@@ -99,7 +99,13 @@ def test_a_killed_worker_is_replaced_and_its_case_runs_again_exactly_once(cases_
     def kill_a_busy_worker(slot, res) -> None:
         if killed:
             return
-        victim = next(s for s in pool.slots if s.task is not None and s.pid is not None)
+        import ray
+
+        running = [s for s in pool.slots if s.task is not None and s.pid is not None
+                   and not ray.wait([s.ref], timeout=0)[0]]  # still computing, not just unread
+        if not running:
+            return
+        victim = running[0]
         killed.append((victim.task.key, victim.pid))
         os.kill(victim.pid, signal.SIGKILL)
 
