@@ -23,7 +23,8 @@ LAYERS: list[set[str]] = [
     {"engine"},  # scheduler, runner, fused decode step, sampler, async stepping thread
     # front ends; train too: its rollouts come from the engine and its rewards from the tasks'
     # graders, and what it produces (a LoRA adapter) is read by models/adapter.py below it
-    {"llm", "serve", "batch", "bench", "tasks", "report", "tune", "train", "cli", "__init__"},
+    # (distributed: Ray cluster and engine replicas, used by serve and batch, importing neither)
+    {"llm", "serve", "batch", "bench", "tasks", "report", "tune", "train", "distributed", "cli", "__init__"},
 ]
 RANK = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
 
@@ -120,6 +121,12 @@ def test_no_import_cycle_between_packages():
     edges, _ = _graph()
     cycles = _cycles(edges)
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_distributed_imports_neither_of_the_front_ends_built_on_it():
+    edges, _ = _graph()
+    assert "distributed" in edges.get("serve", set()) and "distributed" in edges.get("batch", set())
+    assert not edges.get("distributed", set()) & {"serve", "batch", "cli", "llm", "__init__"}
 
 
 def test_kernels_import_only_formats_config_and_themselves():

@@ -12,9 +12,12 @@ from llmopt.models.registry import REASONING_MODEL  # already imported by the ma
 from llmopt.reasoning.early_exit import DEFAULT_THRESHOLD  # pure, no heavy imports
 
 if TYPE_CHECKING:
+    from rich.console import Console
     from rich.table import Table
 
-    from llmopt.batch.runner import RunSummary
+    from llmopt.batch.ray_runner import RaySummary
+    from llmopt.batch.runner import BatchRun, CaseResult, RunSummary
+    from llmopt.config import EngineConfig
 
 
 def summary_table(summary: RunSummary, load_s: float | None, wall_s: float) -> Table:
@@ -77,6 +80,16 @@ def run_command(
                                                           "(0.25) or a token count (2048)")] = None,
     kv_dtype: Annotated[Optional[str], typer.Option(help="KV cache element type: int8 (default: the model's "
                                                         "dtype; docs/long_context.md)")] = None,
+    ray: Annotated[Optional[str], typer.Option("--ray", metavar="ADDRESS",
+                                               help="split the cases across Ray workers: 'local' (a cluster on "
+                                                    "this machine), 'auto' (the one `ray start` runs here) or "
+                                                    "the head's HOST:PORT; needs pip install 'llmopt\\[ray]' "
+                                                    "(docs/scale.md)")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="with --ray: engine workers (default: as many as the "
+                                                        "cluster's CPUs hold)", min=1)] = None,
+    threads_per_worker: Annotated[Optional[int], typer.Option(help="with --ray: torch threads per worker "
+                                                                   "(default: 1, or the CPUs shared out "
+                                                                   "among --workers)", min=1)] = None,
 ) -> None:
     """Answer a competition batch file: per-test-case results with their duration (ms), resumable."""
     import time
@@ -94,6 +107,13 @@ def run_command(
     t_start = time.perf_counter()
     kv = {"kv_policy": kv_policy, "kv_budget": parse_kv_budget(kv_budget), "kv_dtype": kv_dtype}
     EngineConfig(**kv)  # a bad policy or budget: say so before loading anything
+    if ray is None and (workers is not None or threads_per_worker is not None):
+        raise ValueError("--workers and --threads-per-worker split the run across Ray workers: add --ray local "
+                         "(or --ray HOST:PORT)")
+    if ray is not None:
+        from llmopt.distributed.cluster import require_ray
+
+        require_ray()  # before anything slow: a missing extra is named at once
     batch = load_batch(cases)
     options = RunOptions(system=DEFAULT_SYSTEM_PROMPT if system is None else system, max_tokens=max_tokens,
                          concurrency=concurrency, temperature=temperature, top_p=top_p, seed=seed,
@@ -103,6 +123,20 @@ def run_command(
     todo = run.pending_questions
     what = f"{len(batch.cases)} test cases" if batch.kind == "cases" else f"{len(batch.questions)} questions"
     err.print(f"{cases}: {what}; {todo} answers to compute, {batch.num_questions - todo} already done", highlight=False)
+
+    if ray is not None and todo:  # (nothing to compute: the plain path below rewrites OUT, no cluster needed)
+        from llmopt.config import EngineConfig
+
+        config = EngineConfig(max_num_seqs=max(EngineConfig.max_num_seqs, run.max_concurrency), dtype=dtype,
+                              num_threads=threads_per_worker or threads or 1, **kv)
+        summary, rs, load_s = run_on_ray(run, ray, model, quant, config, workers, threads_per_worker or threads,
+                                         err)
+        console.print(summary_table(summary, load_s, time.perf_counter() - t_start))
+        if rs.workers:
+            err.print(f"ray: {rs.workers} workers x {rs.threads} threads; {rs.replaced} replaced after dying "
+                      f"(reran {len(rs.rerun)} tasks); Ray's own time per case: median "
+                      f"{rs.overhead_median_ms:.2f} ms", highlight=False)
+        return
 
     engine, load_s = None, None
     if todo:
@@ -134,3 +168,37 @@ def run_command(
         err.print(f"interrupted: finished work is in {kept}; run the same command again to resume", highlight=False)
         raise
     console.print(summary_table(summary, load_s, time.perf_counter() - t_start))
+
+
+def run_on_ray(run: BatchRun, address: str, model: str, quant: str | None, config: EngineConfig,
+               workers: int | None, threads: int | None, err: Console) -> tuple[RunSummary, RaySummary, float]:
+    """``llmopt run --ray``: connect, start the workers, run what is pending, stop what was started."""
+    from llmopt.batch.ray_runner import RayBatchRun, WorkerPool
+    from llmopt.distributed.cluster import connect, plan_workers
+
+    with err.status(f"connecting to Ray ({address})"):
+        cluster = connect(address)
+    try:
+        n, t = plan_workers(cluster, workers, threads)
+        config.num_threads = t
+        with err.status(f"starting {n} Ray workers x {t} threads on {cluster.nodes} node(s), loading {model}"):
+            pool = WorkerPool(model, config, quant, n, t)
+        try:
+            ray_run = RayBatchRun(run, pool, cluster)
+
+            def on_case(res: CaseResult) -> None:
+                err.print(f"case {res.id}: {len(res.results)} questions, {res.duration_ms:,.1f} ms, "
+                          f"{res.output_tokens} tokens", highlight=False)
+
+            try:
+                summary = ray_run.run(on_case=on_case)
+            except KeyboardInterrupt:
+                kept = run.out if run.batch.kind == "cases" else run.partial
+                err.print(f"interrupted: finished work is in {kept}; run the same command again to resume",
+                          highlight=False)
+                raise
+            return summary, ray_run.summary, pool.startup_s
+        finally:
+            pool.close()
+    finally:
+        cluster.shutdown()

@@ -96,11 +96,13 @@ class _Gate:
             self.server.metrics.requests.labels(route, str(status["code"])).inc()
 
 
-def create_app(engine: LLMEngine, config: ServeConfig) -> FastAPI:
-    """The FastAPI app over ``engine``; its lifespan starts and stops the engine thread."""
+def create_app(engine: LLMEngine, config: ServeConfig, backend: Any = None) -> FastAPI:
+    """The FastAPI app over ``engine``; its lifespan starts and stops the engine thread. ``backend``
+    replaces that thread (see ``JobQueue``): ``llmopt serve --replicas`` passes a ReplicaSet and,
+    as ``engine``, its ReplicaView."""
     from contextlib import asynccontextmanager
 
-    server = OpenAIServer(engine, config)
+    server = OpenAIServer(engine, config, backend)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -56,6 +56,13 @@ def serve_command(
     body_timeout: Annotated[float, typer.Option(help="seconds a client has to send a request body (408 after)",
                                                 min=0.1)] = 30.0,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+    replicas: Annotated[int, typer.Option(help="engine replicas (Ray actors) behind this endpoint, routed by "
+                                               "prompt prefix; > 1 needs pip install 'llmopt\\[ray]' "
+                                               "(docs/scale.md)", min=1)] = 1,
+    ray: Annotated[Optional[str], typer.Option("--ray", metavar="ADDRESS",
+                                               help="run the replicas on this Ray cluster: 'local' (default "
+                                                    "with --replicas > 1), 'auto' or the head's HOST:PORT")]
+    = None,
 ):
     """Serve MODEL over the OpenAI HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
     /health, /metrics)."""
@@ -70,6 +77,11 @@ def serve_command(
     from llmopt.serve.app import ServeConfig, create_app
     from llmopt.serve.connections import uvicorn_config, warm_up
 
+    use_ray = replicas > 1 or ray is not None
+    if use_ray:
+        from llmopt.distributed.cluster import require_ray
+
+        require_ray()  # before anything slow: a missing extra is named at once
     if reasoning_parser not in (None, "think"):
         raise ValueError(f"--reasoning-parser must be 'think', got {reasoning_parser!r}")
     if quant:
@@ -84,14 +96,27 @@ def serve_command(
                        kv_cache_memory_gb=kv_cache_gb, max_model_len=max_model_len, num_threads=num_threads,
                        dtype=dtype, kv_policy=kv_policy, kv_budget=parse_kv_budget(kv_budget),
                        kv_dtype=kv_dtype)
-    print(f"llmopt serve: loading {model} ...", file=sys.stderr, flush=True)
-    engine = LLMEngine(model, cfg, quant=quant)
-    warm_up(engine)
+    cluster, backend = None, None
+    if use_ray:
+        from llmopt.distributed.cluster import connect
+        from llmopt.distributed.replicas import ReplicaSet, ReplicaView
+
+        cluster = connect(ray or "local")
+        threads = num_threads or max(1, min(max(cluster.node_cpus), cluster.cpus // replicas))
+        cfg.num_threads = threads
+        print(f"llmopt serve: starting {replicas} replicas x {threads} threads of {model} on Ray "
+              f"({cluster.address}, {cluster.nodes} node(s), {cluster.cpus} CPUs) ...", file=sys.stderr, flush=True)
+        backend = ReplicaSet(model, cfg, quant, replicas, threads)
+        engine = ReplicaView(model, backend)
+    else:
+        print(f"llmopt serve: loading {model} ...", file=sys.stderr, flush=True)
+        engine = LLMEngine(model, cfg, quant=quant)
+        warm_up(engine)
     names = [served_model_name or model] + ([model] if served_model_name and served_model_name != model else [])
     hosts = tuple(allowed_host) if allowed_host else (_LOOPBACK if host in _LOOPBACK else None)
     app = create_app(engine, ServeConfig(model_names=names, api_key=api_key, max_queue=max_queue,
                                          request_timeout=request_timeout, reasoning_parser=reasoning_parser,
-                                         body_timeout=body_timeout, allowed_hosts=hosts))
+                                         body_timeout=body_timeout, allowed_hosts=hosts), backend)
     server_state = app.state.server
 
     class Server(uvicorn.Server):
@@ -107,5 +132,11 @@ def serve_command(
         signal.signal(sig, lambda *_: None)
     print(f"llmopt serve: {names[0]} on http://{host}:{port}/v1 (context {server_state.context_len} tokens, "
           f"{engine.block_manager.num_blocks} KV blocks)", file=sys.stderr, flush=True)
-    Server(config).run()
+    try:
+        Server(config).run()
+    finally:
+        if backend is not None:
+            backend.stop()
+        if cluster is not None:
+            cluster.shutdown()
     print("llmopt serve: stopped", file=sys.stderr, flush=True)

@@ -39,11 +39,11 @@ def _tokens(n: int) -> str:
 
 
 class OpenAIServer:
-    def __init__(self, engine: LLMEngine, config: ServeConfig):
+    def __init__(self, engine: LLMEngine, config: ServeConfig, backend: Any = None):
         self.engine = engine
         self.cfg = config
         self.tokenizer = engine.tokenizer
-        self.loop = JobQueue(engine, config.max_queue)
+        self.loop = JobQueue(engine, config.max_queue, backend)
         self.metrics = self.loop.metrics = ServerMetrics(self.loop)
         bm = engine.block_manager
         # a sequence must fit both the context window and the whole KV cache
@@ -213,6 +213,9 @@ class OpenAIServer:
 
     # -- routes --
     async def health(self) -> Response:
+        refresh = getattr(self.loop.engine, "refresh", None)
+        if refresh is not None:
+            await refresh()
         if not self.loop.alive and self.loop.engine.started:
             return JSONResponse({"status": "dead", "error": self.loop.error or "the engine thread exited"},
                                 status_code=503)
@@ -225,6 +228,9 @@ class OpenAIServer:
     async def metrics_route(self) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+        refresh = getattr(self.loop.engine, "refresh", None)  # engine replicas: fetch their stats first
+        if refresh is not None:
+            await refresh()
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def models(self) -> Response:

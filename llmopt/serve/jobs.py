@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
@@ -72,8 +72,10 @@ class Job:
 class JobQueue:
     """Admission of jobs onto one ``AsyncEngine`` (event-loop thread only)."""
 
-    def __init__(self, engine: LLMEngine, max_queue: int):
-        self.engine = AsyncEngine(engine, max_failed_steps=MAX_FAILED_STEPS)
+    def __init__(self, engine: LLMEngine, max_queue: int, backend: Any = None):
+        # backend: what steps the engine: an AsyncEngine over ``engine`` (the default), or any object
+        # with its surface, e.g. llmopt.distributed.replicas.ReplicaSet for engine replicas on Ray
+        self.engine = backend if backend is not None else AsyncEngine(engine, max_failed_steps=MAX_FAILED_STEPS)
         self.capacity = engine.config.max_num_seqs + max_queue
         self.inflight = 0  # admitted sequences not yet closed
         self.draining = False  # set on SIGTERM: no new requests

@@ -60,6 +60,17 @@ class ServerMetrics:
                     yield g
 
         r.register(_EngineCollector())
+        per_replica = getattr(el.engine, "replica_metrics", None)  # engine replicas on Ray
+        if per_replica is not None:
+            class _ReplicaCollector:
+                def collect(self):
+                    for name, help_, values in per_replica():
+                        g = GaugeMetricFamily(name, help_, labels=["replica"])
+                        for i, v in enumerate(values):
+                            g.add_metric([str(i)], v)
+                        yield g
+
+            r.register(_ReplicaCollector())
 
     def observe(self, job: Job, out: RequestOutput) -> None:
         self.finished.labels(out.finish_reason or "unknown").inc()
