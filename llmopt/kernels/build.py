@@ -19,13 +19,15 @@ Set ``LLMOPT_NATIVE=0`` to force the references (the tests do this to check the 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -45,6 +47,7 @@ EXTENSIONS: dict[str, list[str]] = {
     "llmopt_qgemm": ["qgemm.cpp"],
     "llmopt_fused": ["fused.cpp"],
     "llmopt_decode": ["decode.cpp"],
+    "llmopt_kv": ["kv_int8.cpp"],
 }
 
 # CPU features that change what the kernels may execute (part of the cache key).
@@ -110,6 +113,27 @@ def cache_dir() -> Path:
     return root / "torch_extensions"
 
 
+@contextlib.contextmanager
+def _build_dir_lock(build_dir: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the build directory while building or loading it.
+
+    torch's own build lock is a plain file (``build_dir/lock``) that a process killed mid-build
+    leaves behind, after which every later process waits on it forever. The ``flock`` dies with
+    its process; whoever holds it is the only one that may be building here, so a torch lock file
+    found under it is stale and is removed."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / ".llmopt-build.lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            stale = build_dir / "lock"
+            if stale.exists():
+                log.warning("llmopt: removing a stale build lock left by a killed build: %s", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def load_extension(name: str, sources: list[str], cflags: list[str] | None = None,
                    csrc: Path = CSRC) -> ModuleType | None:
     """Compile (once per machine) and import the extension ``name`` built from ``csrc/<sources>``.
@@ -130,17 +154,18 @@ def load_extension(name: str, sources: list[str], cflags: list[str] | None = Non
                 from torch.utils.cpp_extension import load
 
                 build_dir = cache_dir() / build_key(name, sources, csrc, flags)
-                paths = _stage_sources(build_dir, sources, csrc)
                 t0 = time.perf_counter()
-                mod = load(
-                    name=name,
-                    sources=paths,
-                    extra_cflags=flags,
-                    extra_ldflags=LDFLAGS,
-                    extra_include_paths=[str(build_dir / "src")],
-                    build_directory=str(build_dir),
-                    verbose=False,
-                )
+                with _build_dir_lock(build_dir):
+                    paths = _stage_sources(build_dir, sources, csrc)
+                    mod = load(
+                        name=name,
+                        sources=paths,
+                        extra_cflags=flags,
+                        extra_ldflags=LDFLAGS,
+                        extra_include_paths=[str(build_dir / "src")],
+                        build_directory=str(build_dir),
+                        verbose=False,
+                    )
                 log.debug("llmopt: %s ready in %.2fs (%s)", name, time.perf_counter() - t0, build_dir)
             except Exception as e:  # any build failure means "use the reference"
                 log.warning("llmopt: native build of %s failed (%s); using plain-torch kernels", name,
