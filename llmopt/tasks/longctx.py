@@ -4,7 +4,8 @@ Everything is generated offline from text that ships with Python, deterministic 
 ``(n, seed, lengths, depths)`` and the model's tokenizer:
 
 - **filler** (``haystack_paragraphs``): the docstrings of a fixed list of standard-library
-  modules and their public members (``inspect.getdoc``), paragraphs of at least 80 characters.
+  modules and their public top-level members, read from the source files, paragraphs of at least
+  80 characters.
   Each item takes its own seeded shuffle of these paragraphs, so no two items share a haystack.
 - ``passkey``: the passkey task (Mohtashami & Jaggi, 2023). A 5-digit key is stated ("The secret
   number is 71432. Remember it. 71432 is the secret number.") at a depth of 0..100% of the
@@ -29,11 +30,8 @@ records its exact length. ``n`` is the number of items per (length, depth) cell.
 from __future__ import annotations
 
 import functools
-import importlib
-import inspect
 import random
 import re
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,28 +70,39 @@ _SENTENCE_END = re.compile(r"[.!?:]\s+")
 
 def haystack_paragraphs() -> list[str]:
     """Docstring paragraphs (>= 80 characters, whitespace collapsed) of ``FILLER_MODULES``, in a
-    fixed order: module by module, members sorted by name. Depends on the Python version."""
+    fixed order: module by module, its own docstring then its public top-level classes and
+    functions sorted by name. Read from the modules' source files (``ast``), never from live
+    module objects, so that what else the process imported (which can add or patch attributes)
+    does not change the items. Depends on the Python version."""
     out: list[str] = []
     seen: set[str] = set()
-    with warnings.catch_warnings():  # deprecated aliases (typing.io ...) warn when their docs are read
-        warnings.simplefilter("ignore", DeprecationWarning)
-        for name in FILLER_MODULES:
-            _module_paragraphs(name, out, seen)
+    for name in FILLER_MODULES:
+        _module_paragraphs(name, out, seen)
     return out
 
 
 def _module_paragraphs(name: str, out: list[str], seen: set[str]) -> None:
-    """Append the new docstring paragraphs of module ``name`` (skipped when it does not import)."""
+    """Append the new docstring paragraphs of module ``name`` (skipped when its source is absent)."""
+    import ast
+    import importlib.util
+
     try:
-        mod = importlib.import_module(name)
-    except ImportError:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
         return
-    docs = [inspect.getdoc(mod)]
-    for attr in sorted(a for a in dir(mod) if not a.startswith("_")):
-        obj = getattr(mod, attr, None)
-        if inspect.isfunction(obj) or inspect.isclass(obj) or inspect.isbuiltin(obj):
-            if getattr(obj, "__module__", None) == mod.__name__:
-                docs.append(inspect.getdoc(obj))
+    origin = spec.origin if spec is not None else None
+    if not origin or not origin.endswith(".py"):
+        return
+    try:
+        with open(origin, encoding="utf-8") as fh:
+            tree = ast.parse(fh.read())
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return
+    docs = [ast.get_docstring(tree)]
+    members = sorted((node.name, node) for node in tree.body
+                     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                     and not node.name.startswith("_"))
+    docs += [ast.get_docstring(node) for _, node in members]
     for doc in docs:
         for para in (doc or "").split("\n\n"):
             text = " ".join(para.split())

@@ -113,3 +113,21 @@ def test_long_context_options_parse_and_reach_the_engine_config():
         parse_numbers("0,half", float, "--long-depths")
     cfg = EvalConfig(suites=("passkey",), kv_policy="snapkv", kv_budget=0.25, kv_dtype="int8")
     assert engine_kwargs(cfg) == {"kv_policy": "snapkv", "kv_budget": 0.25, "kv_dtype": "int8"}
+
+
+def test_haystack_does_not_depend_on_what_the_process_imported_or_patched(monkeypatch):
+    """The filler comes from the modules' source files: a library that adds a documented class to
+    a stdlib module (as some do at import) must not change the eval items."""
+    import json
+
+    from llmopt.tasks.longctx import haystack_paragraphs
+
+    before = haystack_paragraphs()
+
+    class Added:
+        """A class some other library attached to the json module at import time, with a docstring
+        long enough to be taken as a filler paragraph if live module objects were read."""
+
+    Added.__module__ = "json"
+    monkeypatch.setattr(json, "Added", Added, raising=False)
+    assert haystack_paragraphs() == before
