@@ -14,13 +14,15 @@ from llmopt.engine.sequence import RequestOutput
 
 class LLM:
     def __init__(self, model: str, quant: str | None = None, group_size: int = 64, dtype: str = "float32",
-                 **engine_kwargs):
+                 adapter: str | None = None, **engine_kwargs):
         """``model``: a registry name (``llmopt models``), a Hugging Face directory or a .gguf file.
         ``quant``: None = the model as stored (a .gguf file runs on its own quantized blocks, a
         Hugging Face model in fp32); "fp32" = float (a .gguf file dequantized); "gguf" = the file's
         blocks, refused for a non-GGUF model; a format (int8, int4, ...) = quantized on load.
+        ``adapter``: a LoRA adapter file (``llmopt train``'s ``adapter.safetensors``) merged at load.
         ``engine_kwargs`` are ``EngineConfig`` fields (max_num_seqs, block_size, num_threads, ...)."""
-        self.engine = LLMEngine(model, EngineConfig(dtype=dtype, **engine_kwargs), quant=quant, group_size=group_size)
+        self.engine = LLMEngine(model, EngineConfig(dtype=dtype, **engine_kwargs), quant=quant, group_size=group_size,
+                                adapter=adapter)
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts: str | Seq[str] | Seq[list[int]], params: SamplingParams | None = None,

@@ -68,11 +68,12 @@ def engine_quant_config(quant: str | None, config: EngineConfig, group_size: int
 
 class LLMEngine:
     def __init__(self, model: str, config: EngineConfig | None = None, quant: str | None = None,
-                 group_size: int = 64):
+                 group_size: int = 64, adapter: str | None = None):
         """``quant``: None = the model as stored (a GGUF file runs on its own quantized blocks, other
         sources in float); "gguf" = the same, required to be a GGUF file; "fp32" = float (a GGUF file
         dequantized, as before GGUF-native); a format name (int8, int4, ...) = quantized on load
-        (round-to-nearest) from the float weights."""
+        (round-to-nearest) from the float weights. ``adapter``: a LoRA adapter file merged at load
+        (in fp32) instead of the registry name's own."""
         self.config = cfg = config or EngineConfig()
         torch.set_num_threads(cfg.threads)
         ks = cfg.kernel_settings
@@ -82,7 +83,7 @@ class LLMEngine:
         self.quant_config = engine_quant_config(quant, cfg, group_size)
         self.loaded = load_model(model, dtype=cfg.torch_dtype, max_positions=cfg.max_model_len or 8192,
                                  quant_config=self.quant_config, gguf_native=quant in (None, "gguf"),
-                                 gguf_act=ks.gguf_act)
+                                 gguf_act=ks.gguf_act, adapter=adapter)
         if quant == "gguf" and self.loaded.source.suffix != ".gguf":
             raise ValueError(f"quant='gguf' runs a GGUF file's own blocks, and {model!r} is not a .gguf file; "
                              "leave quant unset or choose a format (int8, int4, ...)")

@@ -86,7 +86,8 @@ def checkpoint_formats() -> list[str]:
 
 def load_model(model: str | Path, dtype: torch.dtype = torch.float32,
                max_positions: int | None = None, quant_config: QuantConfig | None = None,
-               gguf_native: bool = False, gguf_act: str = "fp32") -> LoadedModel:
+               gguf_native: bool = False, gguf_act: str = "fp32",
+               adapter: str | Path | None = None) -> LoadedModel:
     """Load ``model`` (registry name, HF directory, GGUF file, registered checkpoint format) built
     with ``quant_config`` (default: float ``nn.Linear`` projections, the Hugging Face model).
 
@@ -94,14 +95,22 @@ def load_model(model: str | Path, dtype: torch.dtype = torch.float32,
     the file's own quantized blocks (``llmopt.models.gguf_linear``; tensors of a type without a
     native kernel are dequantized with a warning and use ``quant_config``'s method); ignored for
     other sources and for a registry model with a LoRA adapter (merged in fp32). ``gguf_act``:
-    their activations, "fp32" (exact up to summation order) or "int8" (the kernels' int8 mode)."""
+    their activations, "fp32" (exact up to summation order) or "int8" (the kernels' int8 mode).
+    ``adapter``: a LoRA adapter file (``llmopt train``'s ``adapter.safetensors``) merged in fp32,
+    instead of the one a registry name carries; refused when it was trained on another base."""
     t0 = time.perf_counter()
     src = resolve(model)
+    if adapter is not None and not Path(adapter).is_file():
+        raise ModelLoadError(f"adapter {str(adapter)!r} does not exist: give the adapter.safetensors "
+                             "that `llmopt train` wrote")
     for fmt in _CHECKPOINT_FORMATS.values():
         if fmt.detect(src):
+            if adapter is not None:
+                raise ModelLoadError(f"{model} is a {fmt.name} checkpoint: an adapter merges into float weights, "
+                                     "so load its base model (a registry name, HF directory or .gguf) instead")
             return fmt.read(src, dtype, max_positions, quant_config)
     cfg, tok, weights, path = open_checkpoint(model)
-    adapter = adapter_for(model)
+    adapter = Path(adapter) if adapter is not None else adapter_for(model)
     if gguf_native and path.suffix == ".gguf" and adapter is None:
         from llmopt.models.gguf_linear import gguf_quant_config
 

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from llmopt.config import ModelLoadError
 from llmopt.models.adapter import AdapterMismatchError, load_adapter, merge_adapter, save_adapter
 from llmopt.models.loader import load_model
 from llmopt.train.common import (
@@ -109,6 +110,19 @@ def test_adapter_export_merge_equals_the_lora_model_and_refuses_another_base(tin
     other = load_model(tiny_models["qwen2"][1]).model
     with pytest.raises(AdapterMismatchError, match="trained on base model tiny-llama"):
         merge_adapter(other, load_adapter(path))
+    # the same adapter given by path at load time: LLM(model, adapter=...) / load_model(adapter=...)
+    with torch.no_grad():
+        by_path = token_logprobs(load_model(hf_dir, adapter=path).model, ids, 1)
+    assert torch.equal(by_path, got)
+    from llmopt import LLM, SamplingParams
+
+    llm = LLM(str(hf_dir), adapter=str(path), num_threads=1)
+    assert torch.allclose(llm.engine.score(ids), got, atol=1e-4)
+    assert len(llm.generate([ids[:5]], SamplingParams(max_tokens=3, temperature=0))[0].token_ids) == 3
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(hf_dir, adapter=tmp_path / "missing.safetensors")
+    with pytest.raises(AdapterMismatchError):
+        load_model(tiny_models["qwen2"][1], adapter=path)
 
 
 def test_a_partial_checkpoint_never_loads_as_complete(tiny_models, tmp_path):
