@@ -28,17 +28,15 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from _server import start_server
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["The capital of France is", "Water boils at", "Write a short poem about the sea.",
            "List three prime numbers:", "The history of the printing press", "Explain gravity to a child.",
            "My favourite food is", "Once upon a time, in a small village,"]
@@ -128,33 +126,6 @@ def summarize(concurrency: int, results: list[Result], wall: float) -> dict:
     return row
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: str, threads: int, max_num_seqs: int, log_path: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "llmopt.cli", "serve", model, "--port", str(port), "--num-threads", str(threads),
-           "--max-num-seqs", str(max_num_seqs), "--kv-cache-gb", "0.5", "--log-level", "warning"]
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}; see {log_path}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit(f"server not healthy after 300 s; see {log_path}")
-
-
 def print_table(rows: list[dict]) -> None:
     cols = [("conc", "concurrency", "{:d}"), ("reqs", "requests", "{:d}"), ("err", "errors", "{:d}"),
             ("out tok/s", "output_tok_s", "{:.1f}"), ("req/s", "req_s", "{:.2f}"),
@@ -189,7 +160,8 @@ def main() -> None:
     if url is None:
         log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_serve_{os.getpid()}.log"
         print(f"starting llmopt serve {args.model} ({args.threads} threads; log {log_path}) ...", flush=True)
-        proc, url = start_server(args.model, args.threads, max(levels), log_path)
+        proc, url = start_server(args.model, ["--num-threads", str(args.threads), "--max-num-seqs", str(max(levels)),
+                                              "--kv-cache-gb", "0.5"], log_path)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     try:
         # warm-up: the first requests pay one-time costs (allocation, kernel load)

@@ -18,47 +18,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import os
 import signal
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(model: str, threads: int, budget: int, log_path: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "llmopt.cli", "serve", model, "--port", str(port), "--num-threads", str(threads),
-           "--max-num-batched-tokens", str(budget), "--max-model-len", "2048", "--kv-cache-gb", "0.5",
-           "--log-level", "warning"]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited: {log_path.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("server did not become healthy")
+from _server import start_server
 
 
 async def stream(http: httpx.AsyncClient, model: str, times: list[float], ready: asyncio.Event) -> None:
@@ -111,7 +77,9 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     for budget in (int(b) for b in args.budgets.split(",")):
-        proc, url = start(args.model, args.threads, budget, Path(f"/tmp/prefill-interference-{budget}.log"))
+        proc, url = start_server(args.model, ["--num-threads", str(args.threads), "--max-num-batched-tokens",
+                                              str(budget), "--max-model-len", "2048", "--kv-cache-gb", "0.5"],
+                                 Path(f"/tmp/prefill-interference-{budget}.log"))
         try:
             rows.append((budget, asyncio.run(measure(url, args.model, args.streams, args.long_tokens))))
         finally:

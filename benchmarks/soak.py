@@ -24,20 +24,17 @@ import argparse
 import asyncio
 import collections
 import ipaddress
-import os
 import random
 import signal
-import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
+from _server import start_server
 
-ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 120.0  # seconds before a request counts as hung
 MIB = 2**20
 
@@ -199,30 +196,6 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * (len(xs) - 1) + 0.5))] if xs else float("nan")
 
 
-def start_server(model: str, threads: int, log_path: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "llmopt.cli", "serve", model, "--port", str(port), "--num-threads", str(threads),
-           "--max-model-len", "2048", "--kv-cache-gb", "0.5", "--log-level", "warning"]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("the server did not become healthy in 300 s")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=3.0)
@@ -243,7 +216,8 @@ def main() -> int:
             raise SystemExit(f"--url must be a loopback address (got {host!r}): this script is a load generator")
         url, pid = args.url.rstrip("/"), args.pid
     else:
-        proc, url = start_server(args.model, args.threads, Path(args.log))
+        proc, url = start_server(args.model, ["--num-threads", str(args.threads), "--max-model-len", "2048",
+                                              "--kv-cache-gb", "0.5"], Path(args.log))
         pid = proc.pid
     t_start = time.monotonic()
     deadline = t_start + 60 * args.minutes
