@@ -31,14 +31,13 @@ from pathlib import Path
 
 
 def _examples(n: int):
+    from llmopt.tasks.base import interleave
     from llmopt.train.data import reasoning_gym_examples
 
     half = max(1, n // 2)
-    ex = reasoning_gym_examples("math", half, chunk=7) + reasoning_gym_examples("logic", n - half, chunk=7)
-    # interleave math and logic like the trainer's round-robin
-    m, lg = ex[:half], ex[half:]
-    out = [x for pair in zip(m, lg) for x in pair] + m[len(lg):] + lg[len(m):]
-    return out[:n]
+    # math and logic in turn, like the trainer's round-robin
+    return interleave([reasoning_gym_examples("math", half, chunk=7),
+                       reasoning_gym_examples("logic", n - half, chunk=7)], n)
 
 
 def run_ours(args, examples) -> dict:
@@ -95,7 +94,6 @@ def run_trl(args, examples) -> dict:
         return out
 
     gen_s: list[float] = []
-    orig_generate = model.generate
 
     def timed_generate(*a, **kw):
         t0 = time.perf_counter()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import operator
+import re
 from collections.abc import Callable, Mapping
 
 _OPS: dict[type, tuple[str, Callable[[int, int], float | int]]] = {
@@ -142,8 +143,6 @@ def equation_steps(equation: str, variable: str, answer: str) -> str | None:
 
 def count_plus_self_steps(answer: str, question: str) -> str | None:
     """Alice-in-Wonderland questions: the group asked about also contains the woman herself."""
-    import re
-
     try:
         n = int(str(answer).strip())
     except ValueError:
