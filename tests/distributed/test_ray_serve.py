@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -19,6 +16,7 @@ import pytest
 
 from llmopt.distributed.replicas import PrefixRouter
 from tests.conftest import save_hf_dir, tiny_hf_model
+from tests.serve.serve_util import free_port, metrics, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,21 +44,6 @@ def test_router_skips_dead_replicas():
 
 # ---- a real server --------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def metrics(url: str) -> dict[str, float]:
-    out = {}
-    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
-        m = re.match(r"^(\S+?)(\{.*\})?\s+(\S+)$", line)
-        if m and not line.startswith("#"):
-            out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
-    return out
-
-
 def per_replica(m: dict[str, float], name: str) -> list[float]:
     return [m[f'{name}{{replica="{i}"}}'] for i in range(2)]
 
@@ -77,19 +60,11 @@ def server(ray_cluster, tmp_path_factory):
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 480  # a busy shared machine: imports + 2 loads
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"server not healthy after 480 s:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.5)
+    try:  # a busy shared machine: imports + 2 loads
+        wait_healthy(url, proc=proc, log=lambda: log_path.read_text()[-3000:], timeout=480)
+    except RuntimeError as e:
+        proc.kill()
+        pytest.fail(str(e))
     yield url
     proc.terminate()
     assert proc.wait(60) == 0, log_path.read_text()[-3000:]
