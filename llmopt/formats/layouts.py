@@ -158,8 +158,33 @@ def _unpack_q4_halves(p: torch.Tensor, k: int) -> torch.Tensor:
 # packed container
 # --------------------------------------------------------------------------------------------
 
+class PackedWeightSize:
+    """What any packed ``[N, K]`` weight says about its size, from its ``shape`` and ``nbytes``
+    (shared by :class:`QuantizedWeight` and the GGUF kernels' ``GGUFPacked``)."""
+
+    shape: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits (codes incl. block padding + scales + mins) per real weight."""
+        n, k = self.shape
+        return 8.0 * self.nbytes / max(1, n * k)
+
+
 @dataclass
-class QuantizedWeight:
+class QuantizedWeight(PackedWeightSize):
     """A packed quantized ``[N, K]`` weight: plain tensors + the metadata to interpret them.
 
     ``tensors`` always has ``qweight`` and ``scales``; asymmetric formats add ``mins``. All are
@@ -172,21 +197,8 @@ class QuantizedWeight:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
-    def out_features(self) -> int:
-        return self.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.shape[1]
-
-    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
-
-    @property
-    def bits_per_weight(self) -> float:
-        """Stored bits (codes incl. block padding + scales + mins) per real weight."""
-        return 8.0 * self.nbytes / (self.shape[0] * self.shape[1])
 
     def to(self, device) -> QuantizedWeight:
         return QuantizedWeight(self.fmt, self.shape, self.group_size,

@@ -48,6 +48,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llmopt.formats.layouts import PackedWeightSize
+
 from . import build
 
 log = logging.getLogger(__name__)
@@ -149,7 +151,7 @@ def supported_types(act: str = "fp32") -> list[str]:
 
 
 @dataclass(frozen=True, eq=False)
-class GGUFPacked:
+class GGUFPacked(PackedWeightSize):
     """A GGUF weight ``[N, K]`` in the kernels' layout (see csrc/gguf_kernels.h).
 
     data: uint8 ``[ceil(N / 16), K / block, block_bytes]``; ``name`` is only used in messages."""
@@ -164,21 +166,8 @@ class GGUFPacked:
         return QT(self.ggml_type).name
 
     @property
-    def out_features(self) -> int:
-        return self.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.shape[1]
-
-    @property
     def nbytes(self) -> int:
         return self.data.numel()
-
-    @property
-    def bits_per_weight(self) -> float:
-        n, k = self.shape
-        return 8.0 * self.nbytes / max(1, n * k)
 
     def __repr__(self) -> str:
         return (f"GGUFPacked({self.name or 'tensor'!r}, {self.type_name}, shape={self.shape}, "
