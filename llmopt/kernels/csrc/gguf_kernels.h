@@ -301,6 +301,16 @@ GGUF_INLINE F weight(const uint8_t* blk, int k0, I& lo, I& hi, const F& A, const
 // software prefetch distance in the weight stream (bytes)
 inline int64_t g_prefetch = 1024;
 
+// block b of each of NP panels, with the weight stream prefetched pf bytes ahead (pf <= 0: off)
+template <class T, int NP>
+GGUF_INLINE void block_ptrs(const uint8_t* const* pan, int64_t b, int64_t pf, const uint8_t* (&blk)[NP]) {
+  for (int p = 0; p < NP; ++p) {
+    blk[p] = pan[p] + b * T::BB;
+    if (pf > 0)
+      for (int o = 0; o < T::BB; o += 64) _mm_prefetch((const char*)(blk[p] + o + pf), _MM_HINT_T0);
+  }
+}
+
 // ------------------------------------------------------------------------------------------
 // register tiles: NP panels x R activation rows over all K, weights decoded in registers
 //   acc[p][r] (16 columns of panel p, row r) = sum_k w[p][k] * x[r][k], one fma chain in k order
@@ -313,11 +323,7 @@ GGUF_INLINE void tile_reg(const uint8_t* const* pan, const float* const* xr, int
   const int64_t pf = g_prefetch;
   for (int64_t b = 0; b < nblk; ++b) {
     const uint8_t* blk[NP];
-    for (int p = 0; p < NP; ++p) {
-      blk[p] = pan[p] + b * T::BB;
-      if (pf > 0)
-        for (int o = 0; o < T::BB; o += 64) _mm_prefetch((const char*)(blk[p] + o + pf), _MM_HINT_T0);
-    }
+    block_ptrs<T, NP>(pan, b, pf, blk);
     const float* xb[R];
     for (int r = 0; r < R; ++r) xb[r] = xr[r] + b * T::QB;
     for (int s = 0; s < T::NS; ++s) {
@@ -423,11 +429,7 @@ GGUF_INLINE void tile_a8(const uint8_t* const* pan, const A8Row* rows, int64_t n
   const int64_t pf = g_prefetch;
   for (int64_t b = 0; b < nblk; ++b) {
     const uint8_t* blk[NP];
-    for (int p = 0; p < NP; ++p) {
-      blk[p] = pan[p] + b * T::BB;
-      if (pf > 0)
-        for (int o = 0; o < T::BB; o += 64) _mm_prefetch((const char*)(blk[p] + o + pf), _MM_HINT_T0);
-    }
+    block_ptrs<T, NP>(pan, b, pf, blk);
     for (int s = 0; s < T::NS; ++s) {
       const int64_t sb = b * T::NS + s;  // 32-wide sub-block index along k
       I is[NP][R];

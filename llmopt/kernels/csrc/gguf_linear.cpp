@@ -281,31 +281,40 @@ void check_data(const at::Tensor& data, int64_t type, int64_t N, int64_t K) {
               "gguf: packed data must be a contiguous uint8 CPU tensor of ", P * (K / qb) * bb, " bytes");
 }
 
+// The job for y = x @ W.T + bias once the operands are checked: x made contiguous and the bias
+// float32 (both kept alive by the caller's x and bb), y allocated [M, N] and returned.
+static at::Tensor start_job(Job& J, at::Tensor& x, const at::Tensor& data, int64_t type, int64_t N, int64_t K,
+                            const c10::optional<at::Tensor>& bias, at::Tensor& bb, const char* who) {
+  x = x.contiguous();
+  if (bias.has_value() && bias->defined()) {
+    bb = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(bb.numel() == N, who, ": bias must have ", N, " elements");
+    J.bias = bb.data_ptr<float>();
+  }
+  const int64_t M = x.size(0);
+  auto y = at::empty({M, N}, x.options());
+  J.M = M; J.N = N; J.K = K;
+  if (M == 0) return y;
+  J.x = x.data_ptr<float>();
+  J.w = data.data_ptr<uint8_t>();
+  J.y = y.data_ptr<float>();
+  J.P = (N + LANES - 1) / LANES;
+  J.nblk = K / block_size(type);
+  return y;
+}
+
 at::Tensor gemm(at::Tensor x, at::Tensor data, int64_t type, int64_t N, int64_t K, c10::optional<at::Tensor> bias,
                 int64_t small_m) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu() && x.size(1) == K,
               "gguf.gemm: x must be a float32 CPU tensor [M, ", K, "]");
   check_data(data, type, N, K);
-  x = x.contiguous();
   at::Tensor bb;
   Job J{};
-  if (bias.has_value() && bias->defined()) {
-    bb = bias->to(at::kFloat).contiguous();
-    TORCH_CHECK(bb.numel() == N, "gguf.gemm: bias must have ", N, " elements");
-    J.bias = bb.data_ptr<float>();
-  }
-  const int64_t M = x.size(0);
-  auto y = at::empty({M, N}, x.options());
-  if (M == 0) return y;
-  J.x = x.data_ptr<float>();
-  J.w = data.data_ptr<uint8_t>();
-  J.y = y.data_ptr<float>();
-  J.M = M; J.N = N; J.K = K;
-  J.P = (N + LANES - 1) / LANES;
-  J.nblk = K / block_size(type);
+  auto y = start_job(J, x, data, type, N, K, bias, bb, "gguf.gemm");
+  if (J.M == 0) return y;
   with_type(type, [&](auto t) {
     using T = decltype(t);
-    if (M <= small_m) run_reg<T>(J);
+    if (J.M <= small_m) run_reg<T>(J);
     else run_buf<T>(J);
   });
   return y;
@@ -319,23 +328,10 @@ at::Tensor gemm_a8(at::Tensor x, at::Tensor data, int64_t type, int64_t N, int64
   bool ok = false;
   with_type(type, [&](auto t) { ok = kA8<decltype(t)>; });
   TORCH_CHECK(ok, "gguf.gemm_a8: no int8-activation kernel for ggml type id ", type);
-  x = x.contiguous();
   at::Tensor bb;
   Job J{};
-  if (bias.has_value() && bias->defined()) {
-    bb = bias->to(at::kFloat).contiguous();
-    TORCH_CHECK(bb.numel() == N, "gguf.gemm_a8: bias must have ", N, " elements");
-    J.bias = bb.data_ptr<float>();
-  }
-  const int64_t M = x.size(0);
-  auto y = at::empty({M, N}, x.options());
-  if (M == 0) return y;
-  J.x = x.data_ptr<float>();
-  J.w = data.data_ptr<uint8_t>();
-  J.y = y.data_ptr<float>();
-  J.M = M; J.N = N; J.K = K;
-  J.P = (N + LANES - 1) / LANES;
-  J.nblk = K / block_size(type);
+  auto y = start_job(J, x, data, type, N, K, bias, bb, "gguf.gemm_a8");
+  if (J.M == 0) return y;
   with_type(type, [&](auto t) {
     using T = decltype(t);
     if constexpr (kA8<T>) run_a8<T>(J);
