@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "fused_kernels.h"
+#include "paged_args.h"
 
 namespace {
 
@@ -196,34 +197,10 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
   TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4, "k_cache / v_cache must be [num_blocks, block_size, Hk, D]");
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache must have the same shape");
   TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1, "k_cache / v_cache need a contiguous last dimension");
-  TORCH_CHECK(block_tables.device().is_cpu() && block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 &&
-                  block_tables.is_contiguous(),
-              "block_tables must be a contiguous CPU int32 [B, max_blocks] tensor");
-  TORCH_CHECK(context_lens.device().is_cpu() && context_lens.scalar_type() == at::kInt && context_lens.dim() == 1 &&
-                  context_lens.is_contiguous(),
-              "context_lens must be a contiguous CPU int32 [B] tensor");
-  const int64_t B = q_in.size(0), Hq = q_in.size(1), D = q_in.size(2);
-  const int64_t NB = k_cache.size(0), BS = k_cache.size(1), Hk = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == D, "cache head_dim must match q");
-  TORCH_CHECK(Hk > 0 && Hq % Hk == 0, "Hq must be a multiple of Hk");
-  TORCH_CHECK(block_tables.size(0) == B && context_lens.size(0) == B, "block_tables / context_lens must have B rows");
-  const int64_t MB = block_tables.size(1);
-  const int64_t G = Hq / Hk;
+  const PagedShape ps = check_paged(q_in, k_cache, block_tables, context_lens, sliding_window);
+  const int64_t B = ps.B, Hq = ps.Hq, D = ps.D, BS = ps.BS, Hk = ps.Hk, MB = ps.MB, G = ps.G, max_len = ps.max_len;
   const int32_t* bt = block_tables.data_ptr<int32_t>();
   const int32_t* cl = context_lens.data_ptr<int32_t>();
-
-  // Validate every block the kernel will touch (no exceptions may escape the OpenMP region).
-  int64_t max_len = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t L = cl[b];
-    TORCH_CHECK(L >= 0 && L <= MB * BS, "context_lens[", b, "] = ", L, " out of range [0, ", MB * BS, "]");
-    const int64_t start = sliding_window > 0 ? std::max<int64_t>(0, L - sliding_window) : 0;
-    max_len = std::max(max_len, L - start);
-    for (int64_t j = start / BS; j * BS < L; ++j) {
-      const int64_t blk = bt[b * MB + j];
-      TORCH_CHECK(blk >= 0 && blk < NB, "block_tables[", b, "][", j, "] = ", blk, " out of range [0, ", NB, ")");
-    }
-  }
 
   auto out = at::zeros({B, Hq, D}, q_in.options());
   if (B == 0 || Hq == 0 || D == 0 || max_len == 0) return out;

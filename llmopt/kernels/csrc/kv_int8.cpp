@@ -21,6 +21,8 @@
 #include <limits>
 #include <vector>
 
+#include "paged_args.h"
+
 namespace {
 
 inline int num_threads() { return std::max(1, at::get_num_threads()); }
@@ -80,29 +82,10 @@ at::Tensor paged_decode_attention_int8(const at::Tensor& q, const at::Tensor& k_
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 3 && t->is_contiguous() &&
                     t->size(0) == k_cache.size(0) && t->size(1) == k_cache.size(1) && t->size(2) == k_cache.size(2),
                 "k_scale / v_scale must be contiguous CPU float32 [num_blocks, block_size, Hk] tensors");
-  TORCH_CHECK(block_tables.device().is_cpu() && block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 &&
-                  block_tables.is_contiguous(),
-              "block_tables must be a contiguous CPU int32 [B, max_blocks] tensor");
-  TORCH_CHECK(context_lens.device().is_cpu() && context_lens.scalar_type() == at::kInt && context_lens.dim() == 1 &&
-                  context_lens.is_contiguous(),
-              "context_lens must be a contiguous CPU int32 [B] tensor");
-  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
-  const int64_t NB = k_cache.size(0), BS = k_cache.size(1), Hk = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == D, "cache head_dim must match q");
-  TORCH_CHECK(Hk > 0 && Hq % Hk == 0, "Hq must be a multiple of Hk");
-  TORCH_CHECK(block_tables.size(0) == B && context_lens.size(0) == B, "block_tables / context_lens must have B rows");
-  const int64_t MB = block_tables.size(1), G = Hq / Hk;
+  const PagedShape ps = check_paged(q, k_cache, block_tables, context_lens, sliding_window);
+  const int64_t B = ps.B, Hq = ps.Hq, D = ps.D, BS = ps.BS, Hk = ps.Hk, MB = ps.MB, G = ps.G;
   const int32_t* bt = block_tables.data_ptr<int32_t>();
   const int32_t* cl = context_lens.data_ptr<int32_t>();
-  for (int64_t b = 0; b < B; ++b) {  // validate every block touched (no exception may leave the OpenMP region)
-    const int64_t L = cl[b];
-    TORCH_CHECK(L >= 0 && L <= MB * BS, "context_lens[", b, "] = ", L, " out of range [0, ", MB * BS, "]");
-    const int64_t start = sliding_window > 0 ? std::max<int64_t>(0, L - sliding_window) : 0;
-    for (int64_t j = start / BS; j * BS < L; ++j) {
-      const int64_t blk = bt[b * MB + j];
-      TORCH_CHECK(blk >= 0 && blk < NB, "block_tables[", b, "][", j, "] = ", blk, " out of range [0, ", NB, ")");
-    }
-  }
   auto out = at::zeros({B, Hq, D}, q.options());
   if (B == 0 || Hq == 0 || D == 0) return out;
   const float* qp = q.data_ptr<float>();
