@@ -29,7 +29,9 @@ records its exact length. ``n`` is the number of items per (length, depth) cell.
 
 from __future__ import annotations
 
+import ast
 import functools
+import importlib.util
 import random
 import re
 from dataclasses import dataclass
@@ -83,9 +85,6 @@ def haystack_paragraphs() -> list[str]:
 
 def _module_paragraphs(name: str, out: list[str], seen: set[str]) -> None:
     """Append the new docstring paragraphs of module ``name`` (skipped when its source is absent)."""
-    import ast
-    import importlib.util
-
     try:
         spec = importlib.util.find_spec(name)
     except (ImportError, ValueError):

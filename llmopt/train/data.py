@@ -19,6 +19,7 @@ and a ``grade`` function: the evaluation graders (``llmopt.tasks``), which are a
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from collections.abc import Callable
@@ -97,6 +98,7 @@ _GENERIC_RATIONALE = {
 }
 
 
+@functools.cache
 def _leg_table() -> dict[str, int]:
     try:  # reasoning-gym's own table of legs per animal
         from reasoning_gym.arithmetic.leg_counting import ANIMALS
