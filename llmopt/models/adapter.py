@@ -43,7 +43,8 @@ class LoraAdapter:
 
     @property
     def rank(self) -> int:
-        return next(iter(self.tensors.values()))[0].shape[0] if self.tensors else 0
+        """The largest rank over the adapted modules (a stacked adapter may mix ranks)."""
+        return max((a.shape[0] for a, _ in self.tensors.values()), default=0)
 
 
 def base_fingerprint(model: nn.Module) -> str:
@@ -144,6 +145,22 @@ def merge_adapter(model: nn.Module, adapter: LoraAdapter, source: str = "adapter
             lin.weight.add_(delta.to(lin.weight.dtype))
     log.info("merged %d LoRA modules from %s (rank %d)", len(adapter.tensors), source, adapter.rank)
     return len(adapter.tensors)
+
+
+def stack_adapters(adapters: list[LoraAdapter], base_fingerprint: str, base_name: str = "",
+                   recipe: str = "") -> LoraAdapter:
+    """One adapter whose merge equals merging ``adapters`` one after another: per module the ranks
+    are concatenated (``A = [A1; A2]``, ``B = [s1 B1, s2 B2]``, scale 1), so ``B @ A = s1 B1 A1 +
+    s2 B2 A2`` exactly. ``base_fingerprint`` is that of the model the first adapter merges into
+    (a later adapter was trained on top of the earlier ones merged, so its own fingerprint differs)."""
+    if not adapters:
+        raise ValueError("stack_adapters needs at least one adapter")
+    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for ad in adapters:
+        for mod, (a, b) in ad.tensors.items():
+            parts.setdefault(mod, []).append((a.to(torch.float32), b.to(torch.float32) * ad.scale))
+    tensors = {mod: (torch.cat([a for a, _ in ab], 0), torch.cat([b for _, b in ab], 1)) for mod, ab in parts.items()}
+    return LoraAdapter(tensors, 1.0, base_fingerprint, base_name, recipe)
 
 
 def adapter_summary(adapter: LoraAdapter) -> str:

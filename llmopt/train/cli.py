@@ -141,14 +141,15 @@ def grpo_command(
     format_weight: Annotated[float, typer.Option(help="reward for the exact output format")] = 0.5,
     correct_weight: Annotated[float, typer.Option(help="reward for a correct answer")] = 1.0,
     length_penalty: Annotated[float, typer.Option(help="minus this times (tokens / max_new_tokens)")] = 0.0,
-    lora_rank: Annotated[int, typer.Option(help="LoRA rank (must match --init-adapter)")] = 16,
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank (a fresh LoRA on top of --init-adapter merged)")] = 16,
     lora_alpha: Annotated[float, typer.Option(help="LoRA alpha")] = 32.0,
     lora_first_layer: Annotated[int, typer.Option(help="LoRA on layers from this one up")] = 18,
     save_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 5,
     seed: Annotated[int, typer.Option(help="rollout seeds and LoRA init")] = 0,
     threads: Annotated[Optional[int], typer.Option(help="torch threads (default: all cores)")] = None,
 ):
-    """GRPO: group rollouts from llmopt's engine, grader rewards, clipped ratio, KL to the base model."""
+    """GRPO: group rollouts from llmopt's engine, grader rewards, clipped ratio, KL to the starting policy
+    (the base model with --init-adapter merged)."""
     from llmopt.train.common import LoraSpec
     from llmopt.train.grpo import GRPOConfig, run_grpo
     from llmopt.train.rewards import RewardConfig

@@ -11,12 +11,20 @@ One step:
    optional length term; advantages are group-normalized, ``(r - mean) / (std + 1e-4)``;
 3. the policy loss per token is PPO's clipped surrogate
    ``-min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)`` with ``ratio = exp(logp - logp_old)``,
-   plus ``beta * KL`` to the reference policy (the base model, LoRA disabled) with the k3
-   estimator ``exp(ref - logp) - (ref - logp) - 1``; averaged over each rollout's tokens, then
-   over rollouts. ``updates_per_step`` optimizer steps reuse the same rollouts (the ratio
-   moves away from 1 after the first);
-4. the policy is the engine's own decoder module with PEFT LoRA layers inside it, so the next
-   rollouts use the updated weights with no copy.
+   plus ``beta * KL`` to the reference policy with the k3 estimator
+   ``exp(ref - logp) - (ref - logp) - 1``; averaged over each rollout's tokens, then over
+   rollouts. ``updates_per_step`` optimizer steps reuse the same rollouts (the ratio moves away
+   from 1 after the first);
+4. the policy is the engine's own decoder module with PEFT LoRA layers inside it. For the
+   rollouts the current LoRA is added into the projection weights (and the LoRA branch switched
+   off), so the engine runs plain Linear layers, then the weights are restored for the update.
+
+The reference policy is the starting policy, as in TRL: with ``--init-adapter`` (an SFT adapter)
+that adapter is merged into the base weights first and a fresh LoRA is trained on top, so the
+LoRA-disabled model *is* the SFT policy; the KL term keeps GRPO near it rather than pulling it
+back to the untrained base. The adapter written at the end stacks the two (ranks concatenated,
+:func:`~llmopt.models.adapter.stack_adapters`) and loads on the plain base model; checkpoints
+hold the GRPO LoRA alone (on top of the merged init adapter), which is what a resumed run needs.
 
 Log-probabilities are those of the untempered distribution on both sides (the engine reports
 ``log_softmax(logits)``); ``temperature`` only changes which tokens get sampled.
@@ -28,13 +36,14 @@ import json
 import logging
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from llmopt.models.adapter import load_adapter, save_adapter
+from llmopt.models.adapter import base_fingerprint, load_adapter, merge_adapter, save_adapter, stack_adapters
 from llmopt.train.common import (
     LoraSpec,
     RunLog,
@@ -162,9 +171,13 @@ class GRPOTrainer:
                                                         kv_cache_memory_gb=0.5), quant="fp32")
         self.tokenizer = self.engine.tokenizer
         self.model = self.engine.model
-        self.peft_model = apply_lora(self.model, cfg.lora, cfg.seed)
+        self.base_fingerprint = base_fingerprint(self.model)
+        self.init_adapter = None
         if cfg.init_adapter:
-            load_lora_weights(self.peft_model, load_adapter(cfg.init_adapter), f"adapter {cfg.init_adapter}")
+            # the reference policy is the starting policy: merge the init adapter into the base weights
+            self.init_adapter = load_adapter(cfg.init_adapter)
+            merge_adapter(self.model, self.init_adapter, f"--init-adapter {cfg.init_adapter}")
+        self.peft_model = apply_lora(self.model, cfg.lora, cfg.seed)
         self.model.eval()  # no dropout anywhere; gradients still flow to LoRA
         self.params = lora_parameters(self.peft_model)
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0)
@@ -218,13 +231,14 @@ class GRPOTrainer:
                                         logprobs=0)
                     seqs[-1].append((ex, ids, sp))
         # leaders first: one engine step prefills them, the rest hit their cached prompt blocks
-        live = [[eng.add_request(ids, sp)] for ex, ids, sp in (grp[0] for grp in seqs)]
-        eng.step()
-        for grp, handles in zip(seqs, live):
-            for _ex, ids, sp in grp[1:]:
-                handles.append(eng.add_request(ids, sp))
-        while eng.has_unfinished():
+        with merged_lora(self.peft_model):
+            live = [[eng.add_request(ids, sp)] for ex, ids, sp in (grp[0] for grp in seqs)]
             eng.step()
+            for grp, handles in zip(seqs, live):
+                for _ex, ids, sp in grp[1:]:
+                    handles.append(eng.add_request(ids, sp))
+            while eng.has_unfinished():
+                eng.step()
         gen_s = time.perf_counter() - t0
         groups: list[list[Rollout]] = []
         new_tokens = cached = 0
@@ -316,12 +330,39 @@ class GRPOTrainer:
         recipe = json.dumps({"kind": "grpo", "init_adapter": cfg.init_adapter, "suites": cfg.suites, "chunk": cfg.chunk,
                              "steps": cfg.steps, "group_size": cfg.group_size, "lr": cfg.lr, "beta": cfg.beta,
                              "seed": cfg.seed})
-        save_adapter(final, export_adapter(self.peft_model, cfg.model, recipe))
+        trained = export_adapter(self.peft_model, cfg.model, recipe)
+        if self.init_adapter is not None:
+            trained = stack_adapters([self.init_adapter, trained], self.base_fingerprint, cfg.model, recipe)
+        save_adapter(final, trained)
         return final
+
+
+@contextmanager
+def merged_lora(peft_model: torch.nn.Module) -> Iterator[None]:
+    """Inside: every LoRA layer's base weight holds ``W + scale * B @ A`` and the LoRA branch is off,
+    so a forward pass runs plain Linear layers with the policy's weights; on exit ``W`` is restored
+    bit for bit (a saved copy, not a subtraction)."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer) and "default" in m.lora_A]
+    saved = []
+    with torch.no_grad():
+        for m in layers:
+            w = m.get_base_layer().weight
+            saved.append(w.detach().clone())
+            delta = (m.lora_B["default"].weight @ m.lora_A["default"].weight) * m.scaling["default"]
+            w.add_(delta.to(w.dtype))
+    try:
+        with peft_model.disable_adapter():  # type: ignore[operator]
+            yield
+    finally:
+        with torch.no_grad():
+            for m, w0 in zip(layers, saved):
+                m.get_base_layer().weight.copy_(w0)
 
 
 def run_grpo(cfg: GRPOConfig, progress: Callable[[dict], None] | None = None) -> Path:
     return GRPOTrainer(cfg).train(progress)
 
 
-__all__ = ["GRPOConfig", "GRPOTrainer", "Rollout", "group_advantages", "grpo_loss", "run_grpo"]
+__all__ = ["GRPOConfig", "GRPOTrainer", "Rollout", "group_advantages", "grpo_loss", "merged_lora", "run_grpo"]

@@ -310,6 +310,57 @@ def test_grpo_on_a_quantized_gguf_base_trains_float_projections(tiny_models, tmp
     assert tr.update(groups)["update_s"] >= 0
 
 
+def test_grpo_from_an_sft_adapter_keeps_it_as_reference_and_ships_the_stack(tiny_models, tmp_path):
+    """--init-adapter is merged into the base first: the LoRA-disabled model is the SFT policy (the
+    KL reference), rollouts run the merged policy with the same log-probs as the LoRA forward and
+    leave the base weights bit for bit, and the final adapter (ranks stacked) loads on the plain base."""
+    from llmopt.models.adapter import base_fingerprint
+
+    _, hf_dir, _ = tiny_models["llama"]
+    sft = apply_lora(load_model(hf_dir).model, LoraSpec(rank=4, alpha=8, first_layer=0))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in sft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    init = save_adapter(tmp_path / "sft.safetensors", export_adapter(sft, "tiny-llama"), dtype=torch.float32)
+    base_fp = base_fingerprint(load_model(hf_dir).model)
+    ids = list(range(3, 30))
+    with torch.no_grad():
+        sft_lp = token_logprobs(load_model(hf_dir, adapter=init).model, ids, 1)
+
+    cfg = GRPOConfig(model=str(hf_dir), out=str(tmp_path / "g"), init_adapter=str(init), suites="math=2", steps=1,
+                     prompts_per_step=1, group_size=3, max_new_tokens=10, lr=5e-2, beta=0.1, max_prompt_tokens=1000,
+                     lora=LoraSpec(rank=2, alpha=4, first_layer=1), systems="none")  # another layout on top
+    tr = GRPOTrainer(cfg, reward_fn=lambda text, ex, n: Reward(len(set(text)) / 10, False, False, "test"))
+    with torch.no_grad(), tr.peft_model.disable_adapter():
+        assert torch.allclose(token_logprobs(tr.model, ids, 1), sft_lp, atol=1e-5)  # reference = SFT policy
+    with torch.no_grad():
+        for n, p in tr.peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)  # a policy that differs from the reference
+    weights = {n: p.detach().clone() for n, p in tr.model.named_parameters() if "lora_" not in n}
+    groups, _ = tr.rollouts(0)
+    assert all(torch.equal(p, weights[n]) for n, p in tr.model.named_parameters() if "lora_" not in n)
+    r = groups[0][0]
+    with torch.no_grad():
+        lp = token_logprobs(tr.model, r.prompt_ids + r.token_ids, len(r.prompt_ids))
+        ref = token_logprobs(tr.model, ids, 1)
+    assert not torch.allclose(ref, sft_lp, atol=1e-3)  # the LoRA branch is back on after the rollouts
+    assert torch.allclose(lp, torch.tensor(r.old_logprobs), atol=1e-4)
+
+    final = load_adapter(tr.train())
+    assert final.base_fingerprint == base_fp and final.scale == 1.0
+    assert final.tensors["layers.0.mlp.down_proj"][0].shape[0] == 4  # SFT only
+    assert final.tensors["layers.1.mlp.down_proj"][0].shape[0] == 4 + 2  # SFT and GRPO stacked
+    with torch.no_grad():
+        want = token_logprobs(tr.model, ids, 1)
+        got = token_logprobs(load_model(hf_dir, adapter=tmp_path / "g" / "adapter.safetensors").model, ids, 1)
+    assert torch.allclose(want, got, atol=1e-4), (want - got).abs().max()
+    with pytest.raises(AdapterMismatchError):
+        GRPOTrainer(GRPOConfig(**{**cfg.__dict__, "model": str(tiny_models["qwen2"][1]), "out": str(tmp_path / "q")}))
+
+
 def _report_draws_the_run(run_dir, out_dir, kind, steps):
     """`llmopt report RUN_DIR` reads a training run directory: a table row and the curves."""
     from llmopt.report.build import build_report
