@@ -71,6 +71,7 @@ def run_command(
     early_exit_threshold: Annotated[float, typer.Option(help="mean token probability a trial answer needs, (0, 1]",
                                                         min=0.0, max=1.0)] = DEFAULT_THRESHOLD,
     quant: Annotated[Optional[str], typer.Option(help="quantize on load: int8, int4, ... (RTN); fp32: float (a .gguf dequantized); default: as stored (a .gguf runs on its own blocks)")] = None,
+    adapter: Annotated[Optional[Path], typer.Option(help="LoRA adapter merged at load (`llmopt train`'s OUT/adapter.safetensors)")] = None,
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16")] = "float32",
     threads: Annotated[Optional[int], typer.Option(help="torch threads (default: $LLMOPT_NUM_THREADS or all "
                                                         "cores; 1 is faster on a busy machine)", min=1)] = None,
@@ -124,6 +125,9 @@ def run_command(
     what = f"{len(batch.cases)} test cases" if batch.kind == "cases" else f"{len(batch.questions)} questions"
     err.print(f"{cases}: {what}; {todo} answers to compute, {batch.num_questions - todo} already done", highlight=False)
 
+    if ray is not None and adapter is not None:
+        raise typer.BadParameter("--adapter does not reach Ray workers yet: run without --ray, or use a registry "
+                                 "model that carries its adapter (e.g. smollm2-135m-reasoning)", param_hint="--adapter")
     if ray is not None and todo:  # (nothing to compute: the plain path below rewrites OUT, no cluster needed)
         from llmopt.config import EngineConfig
 
@@ -146,7 +150,7 @@ def run_command(
         with err.status(f"loading {model}"):
             config = EngineConfig(max_num_seqs=max(EngineConfig.max_num_seqs, run.max_concurrency), dtype=dtype,
                                   num_threads=threads, **kv)
-            engine = LLMEngine(model, config, quant=quant)
+            engine = LLMEngine(model, config, quant=quant, adapter=str(adapter) if adapter is not None else None)
         load_s = time.perf_counter() - t0
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

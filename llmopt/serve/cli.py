@@ -5,6 +5,7 @@ Heavy imports (torch, fastapi, uvicorn) happen inside the function so ``llmopt -
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -20,6 +21,7 @@ def serve_command(
                                            "open it up)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port", min=0, max=65535)] = 8000,
     quant: Annotated[Optional[str], typer.Option(help="quantize on load: int8, int4, ... (RTN); fp32: float (a .gguf dequantized); default: as stored (a .gguf runs on its own blocks)")] = None,
+    adapter: Annotated[Optional[Path], typer.Option(help="LoRA adapter merged at load (`llmopt train`'s OUT/adapter.safetensors)")] = None,
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16")] = "float32",
     api_key: Annotated[Optional[str], typer.Option(envvar="LLMOPT_API_KEY", help="require 'Authorization: "
                                                    "Bearer KEY' on every /v1 route (401 otherwise)")] = None,
@@ -110,7 +112,7 @@ def serve_command(
         engine = ReplicaView(model, backend)
     else:
         print(f"llmopt serve: loading {model} ...", file=sys.stderr, flush=True)
-        engine = LLMEngine(model, cfg, quant=quant)
+        engine = LLMEngine(model, cfg, quant=quant, adapter=str(adapter) if adapter is not None else None)
         warm_up(engine)
     names = [served_model_name or model] + ([model] if served_model_name and served_model_name != model else [])
     hosts = tuple(allowed_host) if allowed_host else (_LOOPBACK if host in _LOOPBACK else None)

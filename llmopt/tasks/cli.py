@@ -63,14 +63,15 @@ def _invocation() -> str:
     return " ".join([prog, *(shlex.quote(a) for a in sys.argv[1:])])
 
 
-def _run_one(model: str, quant: Optional[str], config: Any, command: str) -> dict[str, Any]:
+def _run_one(model: str, quant: Optional[str], config: Any, command: str,
+             adapter: Optional[str] = None) -> dict[str, Any]:
     from dataclasses import replace
 
     from .evaluate import engine_kwargs, load_llm, run_eval
 
-    cfg = replace(config, model=model, quant=quant)
+    cfg = replace(config, model=model, quant=quant, adapter=adapter)
     with err.status(escape(f"loading {model} (quant={quant or 'none'})")):
-        llm = load_llm(model, quant, **engine_kwargs(cfg))
+        llm = load_llm(model, quant, adapter, **engine_kwargs(cfg))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True) as progress:
         tasks: dict[str, Any] = {}
@@ -92,6 +93,7 @@ def eval_command(
     model: Annotated[str, typer.Argument(help="registry name, Hugging Face directory or .gguf file")] = DEFAULT_MODEL,
     suite: Annotated[str, typer.Option("--suite", help=f"comma-separated suites: {','.join(SUITE_NAMES)} (or 'all')")] = "math,logic,code,format",
     quant: Annotated[Optional[str], typer.Option(help="quantize on load: int8, int4, ...; fp32: float (a .gguf dequantized); default: as stored (a .gguf runs on its own blocks)")] = None,
+    adapter: Annotated[Optional[Path], typer.Option(help="LoRA adapter merged at load (`llmopt train`'s OUT/adapter.safetensors); --compare's baseline runs without it")] = None,
     n: Annotated[int, typer.Option("--n", help="items per suite", min=1)] = 20,
     seed: Annotated[int, typer.Option(help="seed that picks the items (and sampling seeds)")] = 0,
     samples: Annotated[int, typer.Option(help="samples per item; more than 1 reports pass@k", min=1)] = 1,
@@ -132,7 +134,7 @@ def eval_command(
                         long_depths=parse_numbers(long_depths, float, "--long-depths"),
                         long_ppl_tokens=long_ppl_tokens, kv_policy=kv_policy, kv_budget=parse_kv_budget(kv_budget),
                         kv_dtype=kv_dtype)
-    run = _run_one(model, quant, config, command)
+    run = _run_one(model, quant, config, command, str(adapter) if adapter is not None else None)
     console.print(results_table(run, f"{model} [{quant or 'none'}]{' guided' if guided else ''}: n={n}, seed={seed}"))
     result: dict[str, Any] = run
     if compare is not None:

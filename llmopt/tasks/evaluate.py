@@ -69,6 +69,7 @@ class EvalConfig:
 
     model: str = DEFAULT_MODEL
     quant: str | None = None
+    adapter: str | None = None  # a LoRA adapter file merged at load (`llmopt train`'s adapter.safetensors)
     suites: tuple[str, ...] = ("math", "logic", "code", "format")
     n: int = 20
     seed: int = 0
@@ -675,11 +676,12 @@ def engine_kwargs(config: EvalConfig) -> dict[str, Any]:
     return {"kv_policy": config.kv_policy, "kv_budget": config.kv_budget, "kv_dtype": config.kv_dtype}
 
 
-def load_llm(model: str, quant: str | None, **engine: Any) -> Any:
-    """Load a model through the public API; ``engine``: ``EngineConfig`` fields."""
+def load_llm(model: str, quant: str | None, adapter: str | None = None, **engine: Any) -> Any:
+    """Load a model through the public API; ``adapter``: a LoRA file merged at load; ``engine``:
+    ``EngineConfig`` fields."""
     from llmopt import LLM
 
-    return LLM(model, quant=quant, **engine)
+    return LLM(model, quant=quant, adapter=adapter, **engine)
 
 
 def compare_runs(candidate: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:

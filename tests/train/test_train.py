@@ -310,6 +310,29 @@ def test_grpo_on_a_quantized_gguf_base_trains_float_projections(tiny_models, tmp
     assert tr.update(groups)["update_s"] >= 0
 
 
+def test_cli_commands_take_an_adapter_and_refuse_a_missing_one(tiny_models, tmp_path):
+    """`llmopt eval/run --adapter PATH` merge a trained adapter into any model; a wrong path is a
+    clear error with a non-zero exit."""
+    from typer.testing import CliRunner
+
+    from llmopt.cli import app
+
+    _, hf_dir, _ = tiny_models["llama"]
+    peft = apply_lora(load_model(hf_dir).model, LoraSpec(rank=2, alpha=4, first_layer=0))
+    path = save_adapter(tmp_path / "a.safetensors", export_adapter(peft, "tiny-llama"), dtype=torch.float32)
+    out = tmp_path / "e.json"
+    r = CliRunner().invoke(app, ["eval", str(hf_dir), "--adapter", str(path), "--suite", "math", "--n", "2",
+                                 "--max-tokens", "4", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["config"]["adapter"] == str(path)
+    cases = tmp_path / "cases.jsonl"
+    cases.write_text(json.dumps({"id": "a", "questions": [{"id": 1, "content": "1+1?"}]}) + "\n")
+    for cmd in (["eval", str(hf_dir), "--suite", "math", "--n", "1"],
+                ["run", str(cases), "-o", str(tmp_path / "o.jsonl"), "--model", str(hf_dir)]):
+        r = CliRunner().invoke(app, [*cmd, "--adapter", str(tmp_path / "missing.safetensors")])
+        assert r.exit_code != 0 and "does not exist" in r.output, r.output
+
+
 def test_grpo_from_an_sft_adapter_keeps_it_as_reference_and_ships_the_stack(tiny_models, tmp_path):
     """--init-adapter is merged into the base first: the LoRA-disabled model is the SFT policy (the
     KL reference), rollouts run the merged policy with the same log-probs as the LoRA forward and
