@@ -21,8 +21,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-DEFAULT_NGRAM = 12  # tokens in the window that must repeat
-DEFAULT_REPEATS = 3  # earlier occurrences of that window inside the think part
+DEFAULT_NGRAM = 8  # tokens in the window that must repeat (chosen by measurement: docs/reasoning.md)
+DEFAULT_REPEATS = 2  # earlier occurrences of that window inside the think part
 MAX_NGRAM = 256
 
 _MOD = (1 << 61) - 1  # a Mersenne prime: collisions between distinct windows have probability ~ 1/2^61

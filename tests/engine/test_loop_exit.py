@@ -5,7 +5,7 @@ import pytest
 from llmopt import LLM, SamplingParams
 from llmopt.reasoning.budget import budget_limit
 from llmopt.reasoning.format import format_ok
-from llmopt.reasoning.loops import LoopExitConfig, find_loop
+from llmopt.reasoning.loops import DEFAULT_NGRAM, DEFAULT_REPEATS, LoopExitConfig, find_loop
 
 # the tiny random model falls into greedy loops after some tokens; it never writes <think> itself, so
 # the prompt ends with it (the assistant prefix forced by the caller)
@@ -36,12 +36,15 @@ def test_loop_exit_closes_a_repeating_think_part_where_the_detector_fires(llm):
     assert format_ok("<think>" + out.text) and len(out.token_ids) <= 200
 
 
-def test_greedy_output_is_unchanged_when_no_loop_occurs(llm):
-    for prompt, kw in ((OPEN_PROMPT, dict(think_budget=40)), (PLAIN_PROMPT, {}), ("x<think>", dict(think_budget=60))):
-        off = llm.generate([prompt], _params(**kw))[0]
-        on = llm.generate([prompt], _params(loop_exit=True, **kw))[0]
-        assert on.token_ids == off.token_ids and on.text == off.text
-        assert on.reasoning.closed_by == off.reasoning.closed_by != "loop"
+@pytest.mark.parametrize("prompt, budget, loop", [(OPEN_PROMPT, 20, {}), ("x<think>", 20, {}), (PLAIN_PROMPT, None, {}),
+                                                (OPEN_PROMPT, 100, dict(loop_exit_ngram=16, loop_exit_repeats=3))])
+def test_greedy_output_is_unchanged_when_no_loop_occurs(llm, prompt, budget, loop):
+    off = llm.generate([prompt], _params(think_budget=budget))[0]
+    cfg = LoopExitConfig(loop.get("loop_exit_ngram", DEFAULT_NGRAM), loop.get("loop_exit_repeats", DEFAULT_REPEATS))
+    assert find_loop(list(off.token_ids[:off.reasoning.think_tokens]), cfg) is None  # no loop in the think part
+    on = llm.generate([prompt], _params(think_budget=budget, loop_exit=True, **loop))[0]
+    assert on.token_ids == off.token_ids and on.text == off.text
+    assert on.reasoning.closed_by == off.reasoning.closed_by != "loop"
 
 
 def test_loop_exit_alone_still_closes_thinking_where_the_answer_fits(llm):
