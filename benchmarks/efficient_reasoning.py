@@ -3,13 +3,17 @@ with unlimited thinking, on held-out math and logic items (one engine, one proce
 
 Each setting answers the same items as competition-style test cases: the items are cut into cases
 of ``--case-size`` questions answered with ``--concurrency`` in flight (the batch runner's
-``answer``), and JCT is the sum of the cases' wall times. Per setting it prints accuracy with a
+``answer``), and JCT is the sum of the cases' wall times. The settings are interleaved case by case
+(each case under every setting, in an order that rotates), so a change in the machine's load
+during the run falls on all settings alike. Per setting it prints accuracy with a
 Wilson 95% interval, the paired accuracy delta against unlimited (bootstrap 95% interval), the
 JCT ratio, mean think tokens, the format rate, how often the engine closed the think part, the
 probes' token cost against the think tokens saved, and the probes' prefix-cache hit rate.
 
     python benchmarks/efficient_reasoning.py --model smollm2-135m-reasoning --n 200 --seed 9001 \\
         --budgets 64,128,256 --thresholds 0.8,0.9,0.95
+    python benchmarks/efficient_reasoning.py --model smollm2-135m-reasoning --n 200 --seed 9001 \\
+        --budgets 96,64,48 --thresholds '' --loop-exit --no-unlimited-variants   # loop exit alone and + budgets
 
 ``--prefill-think`` ends every prompt with ``<think>\\n`` (for a model that does not open the think
 part by itself, e.g. the base instruct model); outputs are graded as ``<think>\\n`` + output.
@@ -57,37 +61,38 @@ class Result:
     records: list[dict[str, Any]] = field(default_factory=list)  # per item, for --records
 
 
-def run_setting(engine: LLMEngine, items: list[Any], graders: dict[str, Any], s: Setting, args: argparse.Namespace,
-                prompts: list[Any]) -> Result:
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, stop=["</answer>"],
-                            include_stop_str_in_output=True, think_budget=s.think_budget,
-                            early_exit=s.threshold is not None, loop_exit=s.loop_exit,
-                            loop_exit_ngram=args.loop_ngram, loop_exit_repeats=args.loop_repeats,
-                            **({"early_exit_threshold": s.threshold} if s.threshold is not None else {}),
-                            **({"early_exit_min_gap": args.min_gap} if args.min_gap else {}),
-                            **({"early_exit_probe_tokens": args.probe_tokens} if args.probe_tokens else {}),
-                            **({"early_exit_markers": tuple(json.loads(args.markers))} if args.markers else {}))
-    res = Result(s)
+def params_for(s: Setting, args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(max_tokens=args.max_tokens, temperature=0.0, stop=["</answer>"],
+                          include_stop_str_in_output=True, think_budget=s.think_budget,
+                          early_exit=s.threshold is not None, loop_exit=s.loop_exit,
+                          loop_exit_ngram=args.loop_ngram, loop_exit_repeats=args.loop_repeats,
+                          **({"early_exit_threshold": s.threshold} if s.threshold is not None else {}),
+                          **({"early_exit_min_gap": args.min_gap} if args.min_gap else {}),
+                          **({"early_exit_probe_tokens": args.probe_tokens} if args.probe_tokens else {}),
+                          **({"early_exit_markers": tuple(json.loads(args.markers))} if args.markers else {}))
+
+
+def run_case(engine: LLMEngine, res: Result, items: list[Any], prompts: list[Any], graders: dict[str, Any],
+             params: SamplingParams, args: argparse.Namespace) -> None:
+    """Answer one test case (``items``) under ``res.setting`` and add it to ``res``."""
     before = dict(engine.stats)
-    for start in range(0, len(items), args.case_size):
-        t0 = time.perf_counter()
-        outs = answer(engine, prompts[start:start + args.case_size], params, args.concurrency)
-        res.jct_s += time.perf_counter() - t0
-        for it, out in zip(items[start:start + args.case_size], outs):
-            text = (PREFILL if args.prefill_think else "") + out.text
-            g = graders[it.suite].grade(it, extract_answer(text), text)
-            res.correct.append(g.correct)
-            res.format_ok.append(format_ok(text))
-            res.think.append(out.reasoning.think_tokens)
-            res.closed_by.append(out.reasoning.closed_by)
-            res.probe_tokens += out.reasoning.probe_tokens
-            res.records.append({"setting": s.name, "suite": it.suite, "correct": g.correct, "format_ok": res.format_ok[-1],
-                                "think_tokens": out.reasoning.think_tokens, "output_tokens": len(out.token_ids),
-                                "token_ids": list(out.token_ids),
-                                "closed_by": out.reasoning.closed_by, "text": text})
-    res.probe_prompt = engine.stats["probe_prompt_tokens"] - before["probe_prompt_tokens"]
-    res.probe_cached = engine.stats["probe_cached_tokens"] - before["probe_cached_tokens"]
-    return res
+    t0 = time.perf_counter()
+    outs = answer(engine, prompts, params, args.concurrency)
+    res.jct_s += time.perf_counter() - t0
+    for it, out in zip(items, outs):
+        text = (PREFILL if args.prefill_think else "") + out.text
+        g = graders[it.suite].grade(it, extract_answer(text), text)
+        res.correct.append(g.correct)
+        res.format_ok.append(format_ok(text))
+        res.think.append(out.reasoning.think_tokens)
+        res.closed_by.append(out.reasoning.closed_by)
+        res.probe_tokens += out.reasoning.probe_tokens
+        res.records.append({"setting": res.setting.name, "suite": it.suite, "correct": g.correct,
+                            "format_ok": res.format_ok[-1], "think_tokens": out.reasoning.think_tokens,
+                            "output_tokens": len(out.token_ids), "token_ids": list(out.token_ids),
+                            "closed_by": out.reasoning.closed_by, "text": text})
+    res.probe_prompt += engine.stats["probe_prompt_tokens"] - before["probe_prompt_tokens"]
+    res.probe_cached += engine.stats["probe_cached_tokens"] - before["probe_cached_tokens"]
 
 
 def main() -> None:
@@ -138,11 +143,18 @@ def main() -> None:
     if args.loop_exit:
         settings += [Setting("loop exit", loop_exit=True)]
         settings += [Setting(f"loop exit + {v.name}", v.think_budget, v.threshold, loop_exit=True) for v in variants]
-    results = []
-    for s in settings:
-        t0 = time.perf_counter()
-        results.append(run_setting(engine, items, graders, s, args, prompts))
-        print(f"# {s.name}: {time.perf_counter() - t0:.1f} s", flush=True)
+    # interleaved: every case is answered under every setting before the next case (the order of the
+    # settings rotates from case to case), so a change in the machine's load hits all settings alike
+    results = [Result(s) for s in settings]
+    params = [params_for(s, args) for s in settings]
+    starts = list(range(0, len(items), args.case_size))
+    for c, start in enumerate(starts):
+        end = start + args.case_size
+        for j in range(len(settings)):
+            i = (j + c) % len(settings)
+            run_case(engine, results[i], items[start:end], prompts[start:end], graders, params[i], args)
+        print(f"# case {c + 1}/{len(starts)}: " + ", ".join(f"{r.setting.name} {r.jct_s:.1f} s" for r in results),
+              flush=True)
 
     base = results[0]
     header = ("setting", "acc", "95% CI", "d acc vs unl. [95% CI]", "JCT s", "JCT ratio", "think tok",
