@@ -148,11 +148,18 @@ def main() -> None:
     results = [Result(s) for s in settings]
     params = [params_for(s, args) for s in settings]
     starts = list(range(0, len(items), args.case_size))
+    if args.records:  # written case by case: a run cut short still leaves every finished case
+        open(args.records, "w", encoding="utf-8").close()
     for c, start in enumerate(starts):
         end = start + args.case_size
         for j in range(len(settings)):
             i = (j + c) % len(settings)
             run_case(engine, results[i], items[start:end], prompts[start:end], graders, params[i], args)
+        if args.records:
+            with open(args.records, "a", encoding="utf-8") as f:
+                for r in results:
+                    for rec in r.records[start:end]:
+                        f.write(json.dumps(rec | {"case": c}) + "\n")
         print(f"# case {c + 1}/{len(starts)}: " + ", ".join(f"{r.setting.name} {r.jct_s:.1f} s" for r in results),
               flush=True)
 
@@ -195,11 +202,6 @@ def main() -> None:
     print("-|-".join("-" * w for w in widths))
     for row in rows:
         print(" | ".join(c.ljust(w) for c, w in zip(row, widths)))
-    if args.records:
-        with open(args.records, "w", encoding="utf-8") as f:
-            for r in results:
-                for rec in r.records:
-                    f.write(json.dumps(rec) + "\n")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"args": vars(args), "settings": out_json}, f, indent=1)
