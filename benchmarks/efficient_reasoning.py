@@ -3,13 +3,17 @@ with unlimited thinking, on held-out math and logic items (one engine, one proce
 
 Each setting answers the same items as competition-style test cases: the items are cut into cases
 of ``--case-size`` questions answered with ``--concurrency`` in flight (the batch runner's
-``answer``), and JCT is the sum of the cases' wall times. Per setting it prints accuracy with a
+``answer``), and JCT is the sum of the cases' wall times. The settings are interleaved case by case
+(each case under every setting, in an order that rotates), so a change in the machine's load
+during the run falls on all settings alike. Per setting it prints accuracy with a
 Wilson 95% interval, the paired accuracy delta against unlimited (bootstrap 95% interval), the
 JCT ratio, mean think tokens, the format rate, how often the engine closed the think part, the
 probes' token cost against the think tokens saved, and the probes' prefix-cache hit rate.
 
     python benchmarks/efficient_reasoning.py --model smollm2-135m-reasoning --n 200 --seed 9001 \\
         --budgets 64,128,256 --thresholds 0.8,0.9,0.95
+    python benchmarks/efficient_reasoning.py --model smollm2-135m-reasoning --n 200 --seed 9001 \\
+        --budgets 96,64,48 --thresholds '' --loop-exit --no-unlimited-variants   # loop exit alone and + budgets
 
 ``--prefill-think`` ends every prompt with ``<think>\\n`` (for a model that does not open the think
 part by itself, e.g. the base instruct model); outputs are graded as ``<think>\\n`` + output.
@@ -28,6 +32,7 @@ from llmopt.config import EngineConfig
 from llmopt.engine.engine import LLMEngine
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.reasoning.format import extract_answer, format_ok
+from llmopt.reasoning.loops import DEFAULT_NGRAM, DEFAULT_REPEATS
 from llmopt.tasks import stats
 from llmopt.tasks.evaluate import EvalConfig, _suite, build_items
 
@@ -39,6 +44,7 @@ class Setting:
     name: str
     think_budget: int | None = None
     threshold: float | None = None  # early exit when set
+    loop_exit: bool = False
 
 
 @dataclass
@@ -52,34 +58,41 @@ class Result:
     probe_prompt: int = 0
     probe_cached: int = 0
     jct_s: float = 0.0
+    records: list[dict[str, Any]] = field(default_factory=list)  # per item, for --records
 
 
-def run_setting(engine: LLMEngine, items: list[Any], graders: dict[str, Any], s: Setting, args: argparse.Namespace,
-                prompts: list[Any]) -> Result:
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, stop=["</answer>"],
-                            include_stop_str_in_output=True, think_budget=s.think_budget,
-                            early_exit=s.threshold is not None,
-                            **({"early_exit_threshold": s.threshold} if s.threshold is not None else {}),
-                            **({"early_exit_min_gap": args.min_gap} if args.min_gap else {}),
-                            **({"early_exit_probe_tokens": args.probe_tokens} if args.probe_tokens else {}),
-                            **({"early_exit_markers": tuple(json.loads(args.markers))} if args.markers else {}))
-    res = Result(s)
+def params_for(s: Setting, args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(max_tokens=args.max_tokens, temperature=0.0, stop=["</answer>"],
+                          include_stop_str_in_output=True, think_budget=s.think_budget,
+                          early_exit=s.threshold is not None, loop_exit=s.loop_exit,
+                          loop_exit_ngram=args.loop_ngram, loop_exit_repeats=args.loop_repeats,
+                          **({"early_exit_threshold": s.threshold} if s.threshold is not None else {}),
+                          **({"early_exit_min_gap": args.min_gap} if args.min_gap else {}),
+                          **({"early_exit_probe_tokens": args.probe_tokens} if args.probe_tokens else {}),
+                          **({"early_exit_markers": tuple(json.loads(args.markers))} if args.markers else {}))
+
+
+def run_case(engine: LLMEngine, res: Result, items: list[Any], prompts: list[Any], graders: dict[str, Any],
+             params: SamplingParams, args: argparse.Namespace) -> None:
+    """Answer one test case (``items``) under ``res.setting`` and add it to ``res``."""
     before = dict(engine.stats)
-    for start in range(0, len(items), args.case_size):
-        t0 = time.perf_counter()
-        outs = answer(engine, prompts[start:start + args.case_size], params, args.concurrency)
-        res.jct_s += time.perf_counter() - t0
-        for it, out in zip(items[start:start + args.case_size], outs):
-            text = (PREFILL if args.prefill_think else "") + out.text
-            g = graders[it.suite].grade(it, extract_answer(text), text)
-            res.correct.append(g.correct)
-            res.format_ok.append(format_ok(text))
-            res.think.append(out.reasoning.think_tokens)
-            res.closed_by.append(out.reasoning.closed_by)
-            res.probe_tokens += out.reasoning.probe_tokens
-    res.probe_prompt = engine.stats["probe_prompt_tokens"] - before["probe_prompt_tokens"]
-    res.probe_cached = engine.stats["probe_cached_tokens"] - before["probe_cached_tokens"]
-    return res
+    t0 = time.perf_counter()
+    outs = answer(engine, prompts, params, args.concurrency)
+    res.jct_s += time.perf_counter() - t0
+    for it, out in zip(items, outs):
+        text = (PREFILL if args.prefill_think else "") + out.text
+        g = graders[it.suite].grade(it, extract_answer(text), text)
+        res.correct.append(g.correct)
+        res.format_ok.append(format_ok(text))
+        res.think.append(out.reasoning.think_tokens)
+        res.closed_by.append(out.reasoning.closed_by)
+        res.probe_tokens += out.reasoning.probe_tokens
+        res.records.append({"setting": res.setting.name, "suite": it.suite, "correct": g.correct,
+                            "format_ok": res.format_ok[-1], "think_tokens": out.reasoning.think_tokens,
+                            "output_tokens": len(out.token_ids), "token_ids": list(out.token_ids),
+                            "closed_by": out.reasoning.closed_by, "text": text})
+    res.probe_prompt += engine.stats["probe_prompt_tokens"] - before["probe_prompt_tokens"]
+    res.probe_cached += engine.stats["probe_cached_tokens"] - before["probe_cached_tokens"]
 
 
 def main() -> None:
@@ -94,11 +107,19 @@ def main() -> None:
     ap.add_argument("--min-gap", type=int, default=None, help="early_exit_min_gap (default: the engine's)")
     ap.add_argument("--markers", default=None, help='early_exit_markers as a JSON list, e.g. \'["\\n\\n", " "]\'')
     ap.add_argument("--probe-tokens", type=int, default=None, help="early_exit_probe_tokens (default: the engine's)")
+    ap.add_argument("--loop-exit", action="store_true",
+                    help="also run every setting with loop exit (and loop exit alone)")
+    ap.add_argument("--loop-ngram", type=int, default=DEFAULT_NGRAM, help="loop_exit_ngram")
+    ap.add_argument("--loop-repeats", type=int, default=DEFAULT_REPEATS, help="loop_exit_repeats")
+    ap.add_argument("--no-unlimited-variants", action="store_true",
+                    help="with --loop-exit: skip the budget / early-exit settings without loop exit")
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--case-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--prefill-think", action="store_true")
     ap.add_argument("--json", default=None, help="write the per-setting numbers here")
+    ap.add_argument("--records", default=None, help="write one JSON line per setting and item here (output text, "
+                                                     "think tokens, closed_by, correct)")
     args = ap.parse_args()
 
     cfg = EvalConfig(model=args.model, suites=tuple(args.suites.split(",")), n=args.n, seed=args.seed)
@@ -114,18 +135,37 @@ def main() -> None:
         prompts = [tok.apply_chat_template(m) + opener for m in prompts]
     # warm-up: loads the kernels and puts every prompt in the prefix cache, so no setting pays for that
     answer(engine, prompts, SamplingParams(max_tokens=1, temperature=0.0), args.concurrency)
+    variants = [Setting(f"budget {b}", think_budget=int(b)) for b in args.budgets.split(",") if b]
+    variants += [Setting(f"early exit {t}", threshold=float(t)) for t in args.thresholds.split(",") if t]
     settings = [Setting("unlimited")]
-    settings += [Setting(f"budget {b}", think_budget=int(b)) for b in args.budgets.split(",") if b]
-    settings += [Setting(f"early exit {t}", threshold=float(t)) for t in args.thresholds.split(",") if t]
-    results = []
-    for s in settings:
-        t0 = time.perf_counter()
-        results.append(run_setting(engine, items, graders, s, args, prompts))
-        print(f"# {s.name}: {time.perf_counter() - t0:.1f} s", flush=True)
+    if not (args.loop_exit and args.no_unlimited_variants):
+        settings += variants
+    if args.loop_exit:
+        settings += [Setting("loop exit", loop_exit=True)]
+        settings += [Setting(f"loop exit + {v.name}", v.think_budget, v.threshold, loop_exit=True) for v in variants]
+    # interleaved: every case is answered under every setting before the next case (the order of the
+    # settings rotates from case to case), so a change in the machine's load hits all settings alike
+    results = [Result(s) for s in settings]
+    params = [params_for(s, args) for s in settings]
+    starts = list(range(0, len(items), args.case_size))
+    if args.records:  # written case by case: a run cut short still leaves every finished case
+        open(args.records, "w", encoding="utf-8").close()
+    for c, start in enumerate(starts):
+        end = start + args.case_size
+        for j in range(len(settings)):
+            i = (j + c) % len(settings)
+            run_case(engine, results[i], items[start:end], prompts[start:end], graders, params[i], args)
+        if args.records:
+            with open(args.records, "a", encoding="utf-8") as f:
+                for r in results:
+                    for rec in r.records[start:end]:
+                        f.write(json.dumps(rec | {"case": c}) + "\n")
+        print(f"# case {c + 1}/{len(starts)}: " + ", ".join(f"{r.setting.name} {r.jct_s:.1f} s" for r in results),
+              flush=True)
 
     base = results[0]
     header = ("setting", "acc", "95% CI", "d acc vs unl. [95% CI]", "JCT s", "JCT ratio", "think tok",
-              "format", "closed by engine", "probe tok / saved", "probe hit")
+              "format", "closed by engine", "loop exits (acc)", "probe tok / saved", "probe hit")
     rows = []
     out_json = []
     for r in results:
@@ -134,11 +174,14 @@ def main() -> None:
         lo, hi = stats.wilson_interval(sum(r.correct), n)
         d, (dlo, dhi) = stats.paired_bootstrap_delta([float(x) for x in r.correct], [float(x) for x in base.correct])
         saved = sum(base.think) - sum(r.think)
-        engine_closed = sum(1 for c in r.closed_by if c in ("budget", "early_exit", "eos")) / n
+        engine_closed = sum(1 for c in r.closed_by if c in ("budget", "early_exit", "loop", "eos")) / n
+        looped = [i for i, c in enumerate(r.closed_by) if c == "loop"]
+        loop_acc = sum(r.correct[i] for i in looped) / len(looped) if looped else None
         hit = r.probe_cached / r.probe_prompt if r.probe_prompt else None
         rows.append((r.setting.name, f"{acc:.3f}", f"[{lo:.3f}, {hi:.3f}]", f"{d:+.3f} [{dlo:+.3f}, {dhi:+.3f}]",
                      f"{r.jct_s:.1f}", f"{r.jct_s / base.jct_s:.2f}", f"{sum(r.think) / n:.1f}",
                      f"{sum(r.format_ok) / n:.2f}", f"{engine_closed:.2f}",
+                     f"{len(looped) / n:.3f} ({loop_acc:.2f})" if looped else "-",
                      f"{r.probe_tokens}/{saved}" if r.setting.threshold is not None else "-",
                      f"{hit:.2f}" if hit is not None else "-"))
         out_json.append({"setting": r.setting.name, "think_budget": r.setting.think_budget,
@@ -146,11 +189,14 @@ def main() -> None:
                          "accuracy_ci95": [lo, hi], "delta_vs_unlimited": d, "delta_ci95": [dlo, dhi],
                          "jct_s": r.jct_s, "jct_ratio": r.jct_s / base.jct_s, "mean_think_tokens": sum(r.think) / n,
                          "format_rate": sum(r.format_ok) / n, "engine_closed_rate": engine_closed,
+                         "loop_exit": r.setting.loop_exit, "loop_exit_rate": len(looped) / n,
+                         "loop_exit_accuracy": loop_acc,
                          "probe_tokens": r.probe_tokens, "think_tokens_saved": saved, "probe_prefix_hit_rate": hit})
     print(f"\nmodel {args.model}, suites {args.suites}, n={args.n} per suite ({len(items)} items), seed {args.seed}, "
           f"max_tokens {args.max_tokens}, cases of {args.case_size} at concurrency {args.concurrency}, "
           f"prefill_think={args.prefill_think}, threads={engine.config.num_threads}, min_gap={args.min_gap}, "
-          f"probe_tokens={args.probe_tokens}, markers={args.markers}")
+          f"probe_tokens={args.probe_tokens}, markers={args.markers}, loop_ngram={args.loop_ngram}, "
+          f"loop_repeats={args.loop_repeats}")
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     print(" | ".join(h.ljust(w) for h, w in zip(header, widths)))
     print("-|-".join("-" * w for w in widths))

@@ -70,6 +70,8 @@ def run_command(
                                              help="stop thinking when a trial answer at a pause is confident")] = False,
     early_exit_threshold: Annotated[float, typer.Option(help="mean token probability a trial answer needs, (0, 1]",
                                                         min=0.0, max=1.0)] = DEFAULT_THRESHOLD,
+    loop_exit: Annotated[bool, typer.Option("--loop-exit/--no-loop-exit",
+                                            help="close <think> when it starts repeating itself (a greedy loop)")] = False,
     quant: Annotated[Optional[str], typer.Option(help="quantize on load: int8, int4, ... (RTN); fp32: float (a .gguf dequantized); default: as stored (a .gguf runs on its own blocks)")] = None,
     adapter: Annotated[Optional[Path], typer.Option(help="LoRA adapter merged at load (`llmopt train`'s OUT/adapter.safetensors)")] = None,
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16")] = "float32",
@@ -119,7 +121,7 @@ def run_command(
     options = RunOptions(system=DEFAULT_SYSTEM_PROMPT if system is None else system, max_tokens=max_tokens,
                          concurrency=concurrency, temperature=temperature, top_p=top_p, seed=seed,
                          stop_at_answer=stop_at_answer, think_budget=think_budget, early_exit=early_exit,
-                         early_exit_threshold=early_exit_threshold)
+                         early_exit_threshold=early_exit_threshold, loop_exit=loop_exit)
     run = BatchRun(batch, output, options, resume=resume)
     todo = run.pending_questions
     what = f"{len(batch.cases)} test cases" if batch.kind == "cases" else f"{len(batch.questions)} questions"

@@ -19,7 +19,7 @@ Output files (docs/batch.md):
 - reasoning efficiency goes to a side file, ``OUT.reasoning.jsonl`` (the competition objects stay
   as they are): one line per test case run (flat mode: one line for the run) with its duration and,
   per question, think tokens, answer tokens, JCT (ms, arrival to finish), who closed the think part
-  (``model``, ``budget``, ``early_exit``, ``eos``, or null), where early exit fired and the probes'
+  (``model``, ``budget``, ``early_exit``, ``loop``, ``eos``, or null), where early exit fired and the probes'
   tokens (docs/reasoning.md).
 - a flat list of questions: OUT is the single JSON object ``{"result": {"results": [...]}}``,
   written atomically at the end. Until then each answer is appended to ``OUT.partial.jsonl``
@@ -67,12 +67,14 @@ class RunOptions:
     think_budget: int | None = None  # close <think> after this many tokens (a case's think_budget wins)
     early_exit: bool = False  # DEER-style confidence early exit (llmopt.reasoning.early_exit)
     early_exit_threshold: float = DEFAULT_THRESHOLD
+    loop_exit: bool = False  # close <think> when it starts repeating itself (llmopt.reasoning.loops)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1 or self.concurrency < 1:
             raise ValueError(f"max_tokens and concurrency must be >= 1, got {self.max_tokens} and {self.concurrency}")
         SamplingParams(think_budget=self.think_budget, early_exit=self.early_exit,
-                       early_exit_threshold=self.early_exit_threshold)  # ValueError naming a bad value
+                       early_exit_threshold=self.early_exit_threshold,
+                       loop_exit=self.loop_exit)  # ValueError naming a bad value
 
 
 @dataclass
@@ -269,7 +271,8 @@ class BatchRun:
                               temperature=o.temperature, top_p=o.top_p, seed=o.seed,
                               stop=[ANSWER_END] if o.stop_at_answer else None, include_stop_str_in_output=True,
                               think_budget=(case and case.think_budget) or self.batch.think_budget or o.think_budget,
-                              early_exit=o.early_exit, early_exit_threshold=o.early_exit_threshold)
+                              early_exit=o.early_exit, early_exit_threshold=o.early_exit_threshold,
+                              loop_exit=o.loop_exit)
 
     def prompts(self, questions: tuple[Question, ...], case: Case | None = None) -> list[Messages]:
         return [messages_for(q, case and case.system, self.batch.system, self.options.system) for q in questions]

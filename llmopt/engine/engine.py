@@ -37,6 +37,7 @@ from llmopt.reasoning.budget import (
     should_force_answer_close,
 )
 from llmopt.reasoning.early_exit import exit_now, should_probe, trial_confidence
+from llmopt.reasoning.loops import LoopDetector
 
 if TYPE_CHECKING:
     from llmopt.engine.guided import GuidedDecoder
@@ -247,19 +248,36 @@ class LLMEngine:
         if seq.finished:
             return ""
         if t.phase == Phase.THINKING:
-            limit = budget_limit(p.think_budget, p.max_tokens, len(self.close_ids))
+            # loop exit keeps the format too: without a budget, thinking is closed where the answer still fits
+            budget = p.think_budget if p.think_budget is not None or not p.loop_exit else p.max_tokens
+            limit = budget_limit(budget, p.max_tokens, len(self.close_ids))
             if limit is not None and n >= limit:
                 t.close(n, "budget")
                 return self._force(seq, self.close_ids, now)
+            if p.loop_exit and self._looping(seq):
+                t.close(n, "loop")
+                return self._force(seq, self.close_ids, now)
             if p.early_exit and should_probe(t, n, seq.text, new_chars, p.early_exit_config):
                 self._fork_probe(seq)
-        elif (p.think_budget is not None or p.early_exit) and should_force_answer_close(t, n, p.max_tokens, len(self.answer_close_ids)):
+        elif p.steers_thinking and should_force_answer_close(t, n, p.max_tokens, len(self.answer_close_ids)):
             return self._force(seq, self.answer_close_ids, now)
         return ""
 
+    @staticmethod
+    def _looping(seq: Sequence) -> bool:
+        """Feed the think tokens sampled since the last call to the sequence's loop detector (O(1) per
+        token); True when the think part has started repeating itself."""
+        t = seq.think
+        if t.loop is None:
+            t.loop = LoopDetector(seq.params.loop_exit_config)
+        fired = False
+        for tok in seq.output_ids[t.loop.tokens:]:
+            fired = t.loop.add(tok) or fired
+        return fired
+
     def _eos_breaks_format(self, seq: Sequence, token: int) -> bool:
         p, t = seq.params, seq.think
-        return ((p.think_budget is not None or p.early_exit) and t.phase in (Phase.THINKING, Phase.ANSWER)
+        return (p.steers_thinking and t.phase in (Phase.THINKING, Phase.ANSWER)
                 and not t.answer_closed and not p.ignore_eos
                 and (token in p.stop_token_ids or token in self.tokenizer.stop_token_ids))
 

@@ -15,6 +15,7 @@ from llmopt.reasoning.early_exit import (
     EarlyExitConfig,
     check_early_exit,
 )
+from llmopt.reasoning.loops import DEFAULT_NGRAM, DEFAULT_REPEATS, LoopExitConfig, check_loop_exit
 
 if TYPE_CHECKING:
     from llmopt.engine.guided import GuidedSpec
@@ -47,6 +48,10 @@ class SamplingParams:
     early_exit_min_gap: int = DEFAULT_MIN_GAP  # think tokens between probes
     early_exit_probe_tokens: int = DEFAULT_PROBE_TOKENS  # most tokens of a trial answer
     early_exit_markers: tuple[str, ...] = DEFAULT_MARKERS  # where thinking pauses
+    # close <think> when its last loop_exit_ngram tokens already occurred loop_exit_repeats times in it
+    loop_exit: bool = False
+    loop_exit_ngram: int = DEFAULT_NGRAM
+    loop_exit_repeats: int = DEFAULT_REPEATS
     # KV compression for this request (docs/long_context.md): None = the engine's EngineConfig.kv_policy;
     # kv_budget with a policy: fraction of the prompt in (0, 1] or a token count
     kv_policy: str | None = None
@@ -87,14 +92,26 @@ class SamplingParams:
                          self.early_exit_markers)
         if not isinstance(self.early_exit, bool):
             raise ValueError(f"early_exit must be true or false, got {self.early_exit!r}")
-        if self.guided is not None and (self.think_budget is not None or self.early_exit):
-            raise ValueError("think_budget and early_exit cannot be combined with guided decoding (the engine's "
+        if not isinstance(self.loop_exit, bool):
+            raise ValueError(f"loop_exit must be true or false, got {self.loop_exit!r}")
+        check_loop_exit(self.loop_exit_ngram, self.loop_exit_repeats)
+        if self.guided is not None and self.steers_thinking:
+            raise ValueError("think_budget, early_exit and loop_exit cannot be combined with guided decoding (the engine's "
                              "forced closing text would fight the grammar); cap the think part in the grammar instead")
 
     @property
     def early_exit_config(self) -> EarlyExitConfig:
         return EarlyExitConfig(self.early_exit_threshold, self.early_exit_min_gap, self.early_exit_probe_tokens,
                                self.early_exit_markers)
+
+    @property
+    def loop_exit_config(self) -> LoopExitConfig:
+        return LoopExitConfig(self.loop_exit_ngram, self.loop_exit_repeats)
+
+    @property
+    def steers_thinking(self) -> bool:
+        """The engine may write into this output to keep it in the think/answer format."""
+        return self.think_budget is not None or self.early_exit or self.loop_exit
 
     @property
     def greedy(self) -> bool:

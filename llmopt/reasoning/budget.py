@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from llmopt.reasoning.loops import LoopDetector
+
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 CLOSE_TEXT = "</think>\n<answer>\n"  # what the engine writes to end thinking
@@ -74,7 +76,7 @@ class ThinkTracker:
     opened_in_prompt: bool = False
     phase: Phase = Phase.PENDING
     think_tokens: int = 0
-    closed_by: str | None = None  # "model" | "budget" | "early_exit" | "eos" (the model ended inside <think>)
+    closed_by: str | None = None  # "model" | "budget" | "early_exit" | "loop" | "eos" (the model ended inside <think>)
     forced_tokens: int = 0  # tokens the engine wrote (closing texts, adopted trial answers)
     answer_closed: bool = False  # "</answer>" written
     # early exit
@@ -86,6 +88,7 @@ class ThinkTracker:
     last_probe_at: int = 0  # think tokens when the last probe was forked
     confidences: list[float] = field(default_factory=list)  # of each finished probe, -1 = no answer
     exit_at: int | None = None  # think tokens when early exit fired
+    loop: LoopDetector | None = None  # loop exit (llmopt.reasoning.loops): fed the sampled think tokens
     _scanned: int = 0  # text chars already searched for the closing tag
 
     def __post_init__(self) -> None:
@@ -138,7 +141,8 @@ class ReasoningStats:
     phase: str  # "pending" | "thinking" | "answer" | "none"
     think_tokens: int  # 0 when the output never opened <think>
     answer_tokens: int  # the rest of the output (closing tags included)
-    closed_by: str | None  # who wrote </think>: "model", or the engine at "budget", "early_exit", "eos"; None: open
+    closed_by: str | None  # who wrote </think>: "model", or the engine at "budget", "early_exit", "loop", "eos";
+    # None: open
     forced_tokens: int  # tokens the engine wrote into the output
     probes: int  # early-exit probes run for this request
     probe_tokens: int  # tokens those probes computed

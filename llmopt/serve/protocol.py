@@ -74,12 +74,19 @@ class _SamplingFields(_Request):
     think_budget: int | None = None  # close <think> after this many tokens
     early_exit: bool = False  # stop thinking when a trial answer at a pause is confident
     early_exit_threshold: float | None = None  # (0, 1]; default: llmopt.reasoning.early_exit.DEFAULT_THRESHOLD
+    loop_exit: bool = False  # close <think> when it starts repeating itself
+    loop_exit_ngram: int | None = None  # default: llmopt.reasoning.loops.DEFAULT_NGRAM
+    loop_exit_repeats: int | None = None  # default: llmopt.reasoning.loops.DEFAULT_REPEATS
 
     def reasoning_fields(self) -> dict[str, Any]:
         """The efficient-reasoning fields that are set, as ``SamplingParams`` keywords."""
         out: dict[str, Any] = {"think_budget": self.think_budget, "early_exit": self.early_exit}
         if self.early_exit_threshold is not None:
             out["early_exit_threshold"] = self.early_exit_threshold
+        out["loop_exit"] = self.loop_exit
+        for k in ("loop_exit_ngram", "loop_exit_repeats"):
+            if (v := getattr(self, k)) is not None:
+                out[k] = v
         return out
 
     def guided_fields(self) -> dict[str, Any]:

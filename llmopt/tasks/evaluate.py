@@ -86,6 +86,7 @@ class EvalConfig:
     think_budget: int | None = None  # the engine closes <think> after this many tokens
     early_exit: bool = False  # DEER-style confidence early exit
     early_exit_threshold: float | None = None  # None: the engine's default
+    loop_exit: bool = False  # close <think> when it starts repeating itself
     prefill_think: bool = False  # end the prompt with "<think>\n" (the assistant prefix forced); graded as
     # "<think>\n" + output, for a model that does not open <think> by itself
     # long context (llmopt.tasks.longctx, docs/long_context.md): prompt lengths and needle depths of
@@ -181,7 +182,7 @@ REASONING_KEYS = ("think_tokens", "answer_tokens", "closed_by", "early_exit_at",
 def reasoning_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Reasoning efficiency of a suite's records: mean think / answer tokens, correct answers per
     1,000 think tokens, mean JCT (request latency), how often the engine closed the think part
-    (budget, early exit) and the probes' token cost. Empty for records without think counts."""
+    (budget, early exit, loop exit) and the probes' token cost. Empty for records without think counts."""
     rs = [r for r in records if r.get("think_tokens") is not None]
     if not rs:
         return {}
@@ -194,6 +195,7 @@ def reasoning_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
         "mean_jct_s": float(np.mean([r["latency_s"] for r in rs])),
         "budget_close_rate": closed.count("budget") / len(rs),
         "early_exit_rate": closed.count("early_exit") / len(rs),
+        "loop_exit_rate": closed.count("loop") / len(rs),
         "probe_tokens": int(sum(r.get("probe_tokens") or 0 for r in rs)),
     }
 
@@ -231,6 +233,7 @@ def _sampling_params(config: EvalConfig, sample: int) -> Any:
         guided_grammar=guided_format_grammar(config.max_tokens) if config.guided else None,
         think_budget=config.think_budget,
         early_exit=config.early_exit,
+        loop_exit=config.loop_exit,
         **({"early_exit_threshold": config.early_exit_threshold} if config.early_exit_threshold is not None else {}),
     )
 

@@ -20,7 +20,7 @@ def _cases(tmp_path, **extra):
 
 
 @pytest.mark.parametrize("kw", [dict(think_budget=0), dict(think_budget=-5), dict(early_exit_threshold=0.0),
-                                dict(early_exit_threshold=1.01)])
+                                dict(early_exit_threshold=1.01), dict(loop_exit="yes")])
 def test_bad_reasoning_options_are_value_errors(kw):
     with pytest.raises(ValueError):
         RunOptions(**kw)
@@ -32,7 +32,8 @@ def test_case_think_budget_is_validated_and_wins_over_the_run_option(tmp_path):
     batch = load_batch(_cases(tmp_path, think_budget=9))
     run = BatchRun(batch, tmp_path / "out.jsonl", RunOptions(think_budget=100, early_exit=True))
     p = run.params(batch.cases[0])
-    assert p.think_budget == 9 and p.early_exit
+    assert p.think_budget == 9 and p.early_exit and not p.loop_exit
+    assert BatchRun(batch, tmp_path / "out.jsonl", RunOptions(loop_exit=True)).params(batch.cases[0]).loop_exit
 
 
 def test_cli_rejects_a_zero_think_budget(tmp_path):

@@ -12,7 +12,9 @@ from serve_util import MODEL
 @pytest.mark.parametrize("body, param", [({"think_budget": 0}, "think_budget"),
                                          ({"think_budget": -4}, "think_budget"),
                                          ({"early_exit": True, "early_exit_threshold": 0}, "early_exit_threshold"),
-                                         ({"early_exit_threshold": 1.5}, "early_exit_threshold")])
+                                         ({"early_exit_threshold": 1.5}, "early_exit_threshold"),
+                                         ({"loop_exit": True, "loop_exit_ngram": 1}, "loop_exit_ngram"),
+                                         ({"loop_exit": True, "loop_exit_repeats": 0}, "loop_exit_repeats")])
 def test_bad_reasoning_fields_are_400s_naming_the_field(server, body, param):
     r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 4, **body},
                    headers=server.headers, timeout=60)

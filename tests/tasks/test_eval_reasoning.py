@@ -28,6 +28,16 @@ def test_budgeted_eval_records_think_tokens_and_keeps_the_format(tiny_models):
     assert s["accuracy_per_1k_think_tokens"] == 1000 * sum(r["correct"] for r in run["items"]) / 16
 
 
+def test_loop_exit_eval_closes_looping_think_parts_and_keeps_the_format(tiny_models):
+    llm = LLM(str(tiny_models["llama"][1]), kv_cache_memory_gb=0.05)
+    cfg = EvalConfig(model="tiny", suites=("math",), n=2, max_tokens=200, loop_exit=True, prefill_think=True)
+    run = run_eval(llm, cfg, command="test")
+    for r in run["items"]:  # the random model loops greedily; the engine closes the think part for it
+        assert r["closed_by"] in ("loop", "budget") and r["format_ok"], r["output"]
+    s = run["suites"]["math"]
+    assert s["loop_exit_rate"] == sum(r["closed_by"] == "loop" for r in run["items"]) / 2 > 0
+
+
 def test_reasoning_summary_counts_correct_answers_per_thousand_think_tokens():
     rs = [{"think_tokens": 300, "answer_tokens": 5, "correct": True, "latency_s": 1.0, "closed_by": "early_exit"},
           {"think_tokens": 200, "answer_tokens": 7, "correct": False, "latency_s": 3.0, "closed_by": "model"}]
