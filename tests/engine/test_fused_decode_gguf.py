@@ -109,8 +109,9 @@ def _assert_step_equals_forward(eng: LLMEngine, lens: list[int], seed: int = 0) 
 
 
 # rows: 1 (decode), 3 and 4 (register tiles of 3 / 4 rows), 6 (more than gguf_linear.SMALL_M: the
-# op-by-op linears take the dequantized-panel path, the step's kernels too)
-LENS = {1: [40], 3: [7, 33, 1], 4: [5, 20, 17, 64], 6: [3, 9, 50, 16, 2, 70]}
+# op-by-op linears take the dequantized-panel path, the step's kernels too); one row with a long
+# context (2 threads, 1 kv head: attention split over tokens, merged after)
+LENS = {1: [40], 3: [7, 33, 1], 4: [5, 20, 17, 64], 6: [3, 9, 50, 16, 2, 70], 7: [700]}
 
 
 @pytest.mark.parametrize("qt", LEGACY + K_TYPES, ids=lambda t: t.name)

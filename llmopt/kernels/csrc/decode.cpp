@@ -446,8 +446,12 @@ class DecodeStep {
 
       // a GGUF projection: rows quantized for its int8 parts (rows split), then every thread takes
       // runs of panel pairs from counter c, each cut at the parts' boundaries
-      auto gguf_gemv = [&](const GLin& g, const float* src, float* dst, std::atomic<int64_t>& c) {
-        if (g.a8[0] || g.a8[1]) {
+      auto gguf_gemv = [&](const GLin& g, const float* src, float* dst, std::atomic<int64_t>& c, bool synced) {
+        if (!g.a8[0] && !g.a8[1]) {
+          if (!synced) {
+#pragma omp barrier
+          }
+        } else {
           const int64_t nsb = g.K / 32;
           for (int64_t r = tid; r < M; r += nth)
             for (int kind = 0; kind < 2; ++kind) {
@@ -475,10 +479,13 @@ class DecodeStep {
 #pragma omp barrier
       };
 
-      // quantize rows of src [M, K] for lin, then every thread takes column chunks from counter c
-      auto gemv = [&](const Lin& l, const float* src, float* dst, std::atomic<int64_t>& c) {
+      // quantize rows of src [M, K] for lin, then every thread takes column chunks from counter c.
+      // synced: src is complete (a barrier after it); else this thread wrote src's rows tid,
+      // tid + nth, ... (the row loops' split), which are the rows it quantizes: one barrier after
+      // the quantization then suffices
+      auto gemv = [&](const Lin& l, const float* src, float* dst, std::atomic<int64_t>& c, bool synced) {
         if (l.kind == Lin::kGGUF) {
-          gguf_gemv(l.g, src, dst, c);
+          gguf_gemv(l.g, src, dst, c, synced);
           return;
         }
         const QLin& lin = l.q;
@@ -506,11 +513,11 @@ class DecodeStep {
             F::add_rms_norm_row(y + r * H_, resid + r * H_, L.ln1.data_ptr<float>(), h + r * H_, H_, eps);
           }
         }
-#pragma omp barrier
         // 2. qkv projection
-        gemv(L.lin[0], h, qkv, ctr[0]);
-        // 3. q/k norm, rope, new k/v into the cache
-        {
+        gemv(L.lin[0], h, qkv, ctr[0], false);
+        const int64_t S = splits[li];
+        // 3. q/k norm, rope, new k/v into the cache (S == 1: inside the attention item of their kv head)
+        if (S > 1) {
           float* kc = L.kc.data_ptr<float>();
           float* vc = L.vc.data_ptr<float>();
           const float* qn = fptr(L.qn);
@@ -528,18 +535,34 @@ class DecodeStep {
               std::copy(vv, vv + D_, vc + (slot[r] * Hk_ + kvh) * D_);
             }
           }
-        }
 #pragma omp barrier
+        }
         // 4. attention over the paged cache
         {
-          const float* kc = L.kc.data_ptr<float>();
-          const float* vc = L.vc.data_ptr<float>();
+          float* kc = L.kc.data_ptr<float>();
+          float* vc = L.vc.data_ptr<float>();
           const int64_t ks0 = BS * Hk_ * D_, ks1 = Hk_ * D_;
-          const int64_t S = splits[li], items = M * Hk_ * S;
+          const int64_t items = M * Hk_ * S;
           for (;;) {
             const int64_t item = ctr[1].fetch_add(1, std::memory_order_relaxed);
             if (item >= items) break;
             const int64_t b = item / (Hk_ * S), kvh = (item / S) % Hk_, split = item % S;
+            if (S == 1) {  // this item is the only reader of kv head kvh of row b: step 3 here
+              const float* qn = fptr(L.qn);
+              const float* kn = fptr(L.kn);
+              const float* rot = cs + pos[b] * D_;
+              for (int64_t g = 0; g < G; ++g) {
+                float* v = qkv + b * QKV + (kvh * G + g) * D_;
+                if (qn) F::rms_norm_row(v, qn, v, D_, eps);
+                F::rope_head(v, rot, half);
+              }
+              float* k = qkv + b * QKV + (Hq_ + kvh) * D_;
+              if (kn) F::rms_norm_row(k, kn, k, D_, eps);
+              F::rope_head(k, rot, half);
+              std::copy(k, k + D_, kc + (slot[b] * Hk_ + kvh) * D_);
+              const float* vv = qkv + b * QKV + (Hq_ + Hk_ + kvh) * D_;
+              std::copy(vv, vv + D_, vc + (slot[b] * Hk_ + kvh) * D_);
+            }
             const int64_t Lc = cl[b];
             const int64_t start = L.window > 0 ? std::max<int64_t>(0, Lc - L.window) : 0;
             const int64_t chunk = (Lc - start + S - 1) / S;
@@ -574,15 +597,13 @@ class DecodeStep {
         }
 #pragma omp barrier
         // 5. output projection, residual add + post-attention RMSNorm
-        gemv(L.lin[1], att, y, ctr[2]);
+        gemv(L.lin[1], att, y, ctr[2], true);
         for (int64_t r = tid; r < M; r += nth)
           F::add_rms_norm_row(y + r * H_, resid + r * H_, L.ln2.data_ptr<float>(), h + r * H_, H_, eps);
-#pragma omp barrier
         // 6. MLP: gate/up, silu * up, down
-        gemv(L.lin[2], h, gu, ctr[3]);
+        gemv(L.lin[2], h, gu, ctr[3], false);
         for (int64_t r = tid; r < M; r += nth) F::silu_mul_range(gu + r * 2 * I_, gu + r * 2 * I_ + I_, act + r * I_, 0, I_);
-#pragma omp barrier
-        gemv(L.lin[3], act, y, ctr[4]);
+        gemv(L.lin[3], act, y, ctr[4], false);
       }
       // final residual add + norm
       for (int64_t r = tid; r < M; r += nth)
