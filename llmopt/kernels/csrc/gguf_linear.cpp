@@ -13,6 +13,10 @@
 // Threads: OpenMP (torch's pool size); a few contiguous column runs per thread (long sequential
 // weight streams for the hardware prefetcher), handed out dynamically (a preempted thread does
 // not stall the call on a shared machine).
+//
+// kernel_table() hands the same kernels, per panel range and without threads of their own, to the
+// fused decode step (decode.cpp; gguf_kernels.h: KernelTable): one compiled kernel per type for
+// both, so the step's projections give these calls' bits.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
