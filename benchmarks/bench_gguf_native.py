@@ -5,7 +5,10 @@
 Speed (through ``llmopt bench``'s grid, each system in its own process, one run per cell):
 single-stream decode (concurrency 1, 128 in / 128 out) and 16 x 128 / 128 end-to-end output tok/s for
 
-- ``llmopt``: the file's own blocks (the default for a .gguf; Q4_1 projections, Q8_0 tied head);
+- ``llmopt``: the file's own blocks (the default for a .gguf; Q4_1 projections, Q8_0 tied head),
+  decode steps through the fused one-call decode step;
+- ``llmopt[gguf]`` (``--op-by-op``): the same blocks, the same kernels, with the fused step off
+  (``LLMOPT_FUSED_DECODE=0`` in that worker): the layer-by-layer forward, ~150 op calls per step;
 - ``llmopt[fp32]``: dequantized to fp32, packed fp32 GEMM (the default before GGUF-native);
 - ``llmopt[int4]``: dequantized and re-rounded to int4 g64 (int8 head), the fused decode step;
 - ``llama.cpp`` (llama-cpp-python, if it imports): the same file.
@@ -27,9 +30,31 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from llmopt.bench import grid
 from llmopt.bench.grid import Cell, GridConfig, peer_problems, run_grid
 
 MODEL = "smollm2-135m-instruct"
+OP_BY_OP = "llmopt[gguf]"  # quant "gguf" = the file's own blocks, like the default row
+
+
+class _Worker(grid.Worker):
+    """A grid worker whose process starts with extra environment for some systems (the op-by-op
+    row: ``LLMOPT_FUSED_DECODE=0``); the spawned child inherits ``os.environ`` at start."""
+
+    env_by_system: dict[str, dict[str, str]] = {}
+
+    def __init__(self, name: str, kind: str, kwargs: dict, threads: int):
+        extra = self.env_by_system.get(name, {})
+        saved = {k: os.environ.get(k) for k in extra}
+        os.environ.update(extra)
+        try:
+            super().__init__(name, kind, kwargs, threads)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 def _ppl(args: argparse.Namespace) -> None:
@@ -63,14 +88,20 @@ def main() -> int:
     ap.add_argument("--gguf-act", choices=["fp32", "int8"], default="fp32",
                     help="activations of the GGUF-native row (KernelSettings.gguf_act, passed to the workers as "
                          "LLMOPT_GGUF_ACT; the fp32 and int4 rows do not read it)")
+    ap.add_argument("--op-by-op", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run the GGUF-native model with the fused decode step off (row llmopt[gguf])")
     args = ap.parse_args()
     os.environ["LLMOPT_GGUF_ACT"] = args.gguf_act
+    os.environ.pop("LLMOPT_FUSED_DECODE", None)  # the default row runs the fused step
     print(f"command: python {' '.join(sys.argv)}")
     if not args.skip_speed:
         peers = [] if peer_problems(["llamacpp"], args.model) else ["llamacpp"]
         cells = [Cell(1, 128, args.output_len), Cell(16, 128, args.output_len)]
+        quants = ["fp32", "int4"] + (["gguf"] if args.op_by_op else [])
         config = GridConfig(model=args.model, cells=cells, threads=args.threads, baseline="none",
-                            quants=["fp32", "int4"], peers=peers, repeat=1)
+                            quants=quants, peers=peers, repeat=1)
+        _Worker.env_by_system = {OP_BY_OP: {"LLMOPT_FUSED_DECODE": "0"}}
+        grid.Worker = _Worker  # type: ignore[misc]  # this script's workers: per-system environment
         result = run_grid(config, progress=lambda m: print(m, file=sys.stderr, flush=True))
         print(f"load average {result['machine']['load_average_start']} -> {result['machine']['load_average_end']}")
         print("| cell | system | stream decode tok/s | output tok/s | gguf-native x (decode / output) |")
@@ -81,7 +112,8 @@ def main() -> int:
             for name, m in sysm.items():
                 d = base["stream_decode_tokens_per_s"] / m["stream_decode_tokens_per_s"]
                 o = base["output_tokens_per_s"] / m["output_tokens_per_s"]
-                label = f"llmopt (gguf-native, {args.gguf_act} act)" if name == "llmopt" else name
+                label = {"llmopt": f"llmopt (gguf-native, {args.gguf_act} act, fused step)",
+                         OP_BY_OP: f"llmopt (gguf-native, {args.gguf_act} act, op by op)"}.get(name, name)
                 print(f"| {cell['concurrency']}x{cell['input_len']}/{cell['output_len']} | {label} | "
                       f"{m['stream_decode_tokens_per_s']:.1f} | {m['output_tokens_per_s']:.1f} | {d:.2f} / {o:.2f} |")
             same = cell.get("greedy_tokens_vs_reference", {})

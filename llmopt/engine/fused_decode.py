@@ -1,15 +1,21 @@
 """The fused decode step: the decoder stack of a pure decode step in one native call.
 
 :class:`FusedDecoder` wraps the native ``DecodeStep`` (``llmopt.kernels.decode_step``) for a
-:class:`~llmopt.models.transformer.Transformer` whose layer linears are all int4 (group size
-64/128/256) run with int8 activations, the engine's int4 decode path (``kernels.qlinear``:
-``INT4_ACT == "int8"`` for ``M <= INT4_A8_MAX_M`` rows). It computes exactly what
-``Transformer.forward`` computes for a decode-only batch (same kernels, same order), minus the ~150
-Python-level op calls and OpenMP fork/joins per step.
+:class:`~llmopt.models.transformer.Transformer` whose layer linears are
+
+* int4 ``QuantLinear`` (group size 64/128/256) run with int8 activations, the engine's int4 decode
+  path (``kernels.qlinear``: ``INT4_ACT == "int8"`` for ``M <= INT4_A8_MAX_M`` rows), or
+* ``GGUFLinear`` (a .gguf file's own blocks, every native type of ``kernels.gguf_linear``, each
+  part with its own activation mode): the step calls the very kernels ``gguf_linear`` runs (the
+  GGUF build's kernel table, ``gguf_linear.kernel_table``), at any row count.
+
+It computes exactly what ``Transformer.forward`` computes for a decode-only batch (same kernels,
+same order), minus the ~150 Python-level op calls and OpenMP fork/joins per step.
 
 ``FusedDecoder.build(model)`` returns ``None`` (and the engine keeps the op-by-op forward) when the
-model does not qualify: native kernels off or not built, float32 activations or caches missing,
-a linear in another format, or ``KernelSettings.fused_decode`` off (env ``LLMOPT_FUSED_DECODE=0``).
+model does not qualify (``_why_not`` says why, logged): native kernels off or not built, float32
+activations or caches missing, a linear in another format, GGUF kernels on the torch reference
+path, or ``KernelSettings.fused_decode`` off (env ``LLMOPT_FUSED_DECODE=0``).
 """
 
 from __future__ import annotations
@@ -18,14 +24,17 @@ import logging
 
 import torch
 
-from llmopt.kernels import qlinear
+from llmopt.kernels import gguf_linear, qlinear
 from llmopt.kernels.build import native_enabled
 from llmopt.kernels.decode_step import native as _native
+from llmopt.models.gguf_linear import GGUFLinear
 from llmopt.quant.linear import QuantLinear
 
 log = logging.getLogger(__name__)
 
 __all__ = ["FusedDecoder", "fused_decode_enabled"]
+
+_SLOTS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 def fused_decode_enabled(enabled: bool = True) -> bool:
@@ -33,17 +42,38 @@ def fused_decode_enabled(enabled: bool = True) -> bool:
     return enabled and native_enabled()
 
 
+def _linears(layer) -> tuple:
+    attn, mlp = layer.self_attn, layer.mlp
+    return attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
+
+
+def _why_not_linear(lin) -> str | None:
+    if isinstance(lin, QuantLinear):
+        if lin.fmt != "int4" or not qlinear.a8_capable(lin.qweight_packed):
+            return f"is {lin.fmt} with group size {lin.group_size}, not int4 with a group size multiple of 64"
+        if lin.qweight.device.type != "cpu":
+            return "is not on the CPU"
+        return None
+    if isinstance(lin, GGUFLinear):
+        native = set(gguf_linear.supported_types())
+        bad = [t for t in lin.type_names if t not in native]
+        if not lin.parts or bad:
+            return f"has GGUF types without a native kernel ({', '.join(bad) or 'no blocks'})"
+        return None
+    return f"is a {type(lin).__name__} (the step takes int4 QuantLinear or GGUFLinear)"
+
+
 def _why_not(model) -> str | None:
     """Why ``model`` cannot use the fused decode step (None if it can)."""
     cfg = model.cfg
+    gguf = False
     for i, layer in enumerate(model.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        for name, lin in (("qkv_proj", attn.qkv_proj), ("o_proj", attn.o_proj), ("gate_up_proj", mlp.gate_up_proj),
-                          ("down_proj", mlp.down_proj)):
-            if not isinstance(lin, QuantLinear) or lin.fmt != "int4" or not qlinear.a8_capable(lin.qweight_packed):
-                return f"layer {i} {name} is not int4 with a group size multiple of 64"
-            if lin.qweight.device.type != "cpu":
-                return "weights are not on the CPU"
+        for name, lin in zip(_SLOTS, _linears(layer)):
+            why = _why_not_linear(lin)
+            if why is not None:
+                return f"layer {i} {name} {why}"
+            gguf |= isinstance(lin, GGUFLinear)
         if mlp.gate_up_proj.bias is not None or mlp.down_proj.bias is not None:
             return f"layer {i} has MLP biases"
         if attn.k_cache is None or attn.k_cache.dtype != torch.float32 or not attn.k_cache.is_contiguous():
@@ -53,30 +83,33 @@ def _why_not(model) -> str | None:
                 return "norm weights are not float32"
     if cfg.num_heads % cfg.num_kv_heads:
         return "num_heads not a multiple of num_kv_heads"
+    if gguf and gguf_linear.kernel_table() is None:
+        return "the GGUF projections run on the torch reference path (no native GGUF build for this CPU)"
     return None
 
 
 class FusedDecoder:
     """``run(input_ids, positions, ctx)`` -> final-normed hidden states ``[M, hidden]`` of a decode-only
     step (``ctx.num_decode == M``, no prefills), or ``None`` when this step must take the op-by-op path
-    (more rows than the int8-activation limit, or int4 activations switched to exact)."""
+    (int4 linears: more rows than the int8-activation limit, or int4 activations switched to exact)."""
 
-    def __init__(self, model, step, head=None):
+    def __init__(self, model, step, head=None, int4: bool = True):
         self.model = model
         self.step = step
         self.head = head
+        self.int4 = int4  # int4 linears in the step: the int4 decode path's row limit applies
         self._cache_ptr = model.layers[0].self_attn.k_cache.data_ptr()
 
     @classmethod
     def build(cls, model, tiles: bool | None = None, enabled: bool = True) -> FusedDecoder | None:
         """``tiles``: the 4-column GEMV tiles from 4 rows (default ``qlinear.TILES``; env
-        ``KernelSettings.decode_tiles``), else the column kernel at every row count. ``enabled``:
-        ``KernelSettings.fused_decode``."""
+        ``KernelSettings.decode_tiles``), else the column kernel at every row count (int4 linears).
+        ``enabled``: ``KernelSettings.fused_decode``."""
         if not fused_decode_enabled(enabled):
             return None
         why = _why_not(model)
         if why is not None:
-            log.debug("fused decode step not used: %s", why)
+            log.info("fused decode step not used: %s", why)
             return None
         ext = _native()
         if ext is None:
@@ -86,29 +119,36 @@ class FusedDecoder:
             tiles = qlinear.TILES  # KernelSettings.decode_tiles, set by the engine
         none = torch.empty(0)
         tensors: list[torch.Tensor] = []
-        ints: list[int] = []
+        windows: list[int] = []
         for layer in model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-
-            def packed(lin):
-                """qweight, scales, mins, their 4-column interleaved copies (shared with the op-by-op
-                path, qlinear.interleaved_scales; empty: column kernel only), bias (empty: none)."""
-                sc4, mn4 = qlinear.interleaved_scales(lin.qweight_packed) if tiles else (None, None)
-                return [lin.qweight, lin.scales, lin.mins, none if sc4 is None else sc4, none if mn4 is None else mn4,
-                        none if lin.bias is None else lin.bias]
-
-            tensors += [layer.input_layernorm.weight.detach(), *packed(attn.qkv_proj), *packed(attn.o_proj),
-                        layer.post_attention_layernorm.weight.detach(), *packed(mlp.gate_up_proj),
-                        *packed(mlp.down_proj),
+            attn = layer.self_attn
+            tensors += [layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
                         attn.q_norm.weight.detach() if attn.q_norm is not None else none,
                         attn.k_norm.weight.detach() if attn.k_norm is not None else none,
                         attn.k_cache, attn.v_cache]
-            ints += [attn.qkv_proj.group_size, attn.o_proj.group_size, mlp.gate_up_proj.group_size,
-                     mlp.down_proj.group_size, -1 if attn.window is None else int(attn.window)]
+            windows.append(-1 if attn.window is None else int(attn.window))
         step = ext.DecodeStep(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
-                              float(cfg.rms_norm_eps), float(model.layers[0].self_attn.scale), tensors, ints,
+                              float(cfg.rms_norm_eps), float(model.layers[0].self_attn.scale), tensors, windows,
                               model.norm.weight.detach(), model.rope_table(torch.float32))
-        return cls(model, step, cls._head(ext, model))
+        int4 = False
+        for i, layer in enumerate(model.layers):
+            for slot, lin in enumerate(_linears(layer)):
+                bias = none if lin.bias is None else lin.bias.detach().float().contiguous()
+                if isinstance(lin, GGUFLinear):
+                    if slot == 0 and i == 0:
+                        table = gguf_linear.kernel_table()
+                        assert table is not None  # why_not checked
+                        step.set_gguf_kernels(table.capsule, table.small_m)
+                    step.set_gguf(i, slot, [p.data for p in lin.parts], [p.ggml_type for p in lin.parts],
+                                  [p.out_features for p in lin.parts], [a == "int8" for a in lin.acts], bias)
+                else:
+                    # int4: qweight, scales, mins, their 4-column interleaved copies (shared with the
+                    # op-by-op path, qlinear.interleaved_scales; empty: column kernel only)
+                    int4 = True
+                    sc4, mn4 = qlinear.interleaved_scales(lin.qweight_packed) if tiles else (None, None)
+                    step.set_int4(i, slot, lin.qweight, lin.scales, lin.mins, none if sc4 is None else sc4,
+                                  none if mn4 is None else mn4, bias, lin.group_size)
+        return cls(model, step, cls._head(ext, model), int4=int4)
 
     @staticmethod
     def _head(ext, model):
@@ -124,8 +164,9 @@ class FusedDecoder:
         return ext.I8Linear(head.qweight, head.scales, head.in_features, gs, head.bias)
 
     def usable(self, num_rows: int) -> bool:
-        return (qlinear.INT4_ACT == "int8" and num_rows <= qlinear.INT4_A8_MAX_M
-                and self.model.layers[0].self_attn.k_cache.data_ptr() == self._cache_ptr)
+        if self.int4 and (qlinear.INT4_ACT != "int8" or num_rows > qlinear.INT4_A8_MAX_M):
+            return False
+        return self.model.layers[0].self_attn.k_cache.data_ptr() == self._cache_ptr
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor | None:
         m = input_ids.shape[0]

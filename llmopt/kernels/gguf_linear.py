@@ -60,11 +60,13 @@ LANES = 16
 __all__ = [
     "PATHS",
     "GGUFPacked",
+    "KernelTable",
     "available_paths",
     "cpu_path",
     "dequantize_packed",
     "gguf_embedding",
     "gguf_linear",
+    "kernel_table",
     "native_dequantize",
     "native_module",
     "pack_gguf",
@@ -607,6 +609,27 @@ def quantize_act_int8(x: torch.Tensor) -> torch.Tensor:
     inv = torch.where(amax > 0, c127 / amax, torch.zeros_like(amax))
     xq = torch.round(xb * inv)
     return (xq.double() * (amax / c127).double()).float().reshape(m, k)
+
+
+@dataclass(frozen=True)
+class KernelTable:
+    """The panel-level GGUF kernels of one native build, for a caller that runs its own threads (the
+    fused decode step): ``capsule`` holds csrc/gguf_kernels.h's ``KernelTable``; ``small_m`` is the
+    row count up to which :func:`gguf_linear` takes the register tiles on that path."""
+
+    path: str
+    capsule: object
+    small_m: int
+
+
+def kernel_table(path: str | None = None) -> KernelTable | None:
+    """The kernels :func:`gguf_linear` runs by default (``path`` None: :func:`cpu_path`), or None on
+    the torch reference path (no native build: nothing to share)."""
+    use = cpu_path() if path is None else path
+    mod = native_module(use) if use in PATHS else None
+    if mod is None:
+        return None
+    return KernelTable(use, mod.kernel_table(), SMALL_M[use])
 
 
 def native_dequantize(packed: GGUFPacked, path: str | None = None) -> torch.Tensor:

@@ -1,5 +1,6 @@
 // One native call for the whole decoder stack of a pure decode step (every sequence adds one token)
-// of a model whose layer linears are int4 with int8 activations (the engine's int4 decode path).
+// of a model whose layer linears are int4 with int8 activations (the engine's int4 decode path) or
+// GGUF blocks (the "gguf" linear method: gguf_kernels.h, fp32 or int8 activations per part).
 //
 // Why: a decode step of a small model is ~150 short kernels (SmolLM2-135M: 30 layers x (2 norms,
 // 4 GEMVs, rope, attention, silu)). Called one by one from Python each pays the interpreter, the
@@ -20,7 +21,10 @@
 //   a = silu(g) * u, int8(a)            rows
 //   y = W_down a                        columns
 // The same row / column kernels as the standalone ops are used, so the result equals the op-by-op
-// forward (tests/kernels/test_decode_step.py holds them equal).
+// forward (tests/kernels/test_decode_step.py holds them equal). GGUF projections run through the
+// kernel table of the GGUF build the standalone linear uses (gguf_kernels.h: KernelTable): the same
+// compiled kernels, for the instruction set chosen at load, threads split over 16-column panels
+// (int8 mode: rows quantized first, rows split). Their sums do not depend on the split.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -33,11 +37,13 @@
 #include <vector>
 
 #include "fused_kernels.h"
+#include "gguf_kernels.h"
 #include "w4a8.h"
 
 namespace {
 
 namespace F = llmopt_f;
+namespace G = llmopt_gguf;
 namespace Q = llmopt_q;
 
 constexpr int64_t kColsPerTask = 32;  // output columns of a GEMV work item: a multiple of this
@@ -66,6 +72,18 @@ void for_column_runs(int64_t N, int nth, std::atomic<int64_t>& c, const Fn& f) {
     const int64_t k = c.fetch_add(1, std::memory_order_relaxed);
     if (k >= nchunks) break;
     f(k * csz, std::min(N, (k + 1) * csz));
+  }
+}
+
+// Units [0, n) (GGUF: pairs of 16-column panels) as nth * kChunksPerThread balanced contiguous runs
+// taken from counter c: f(u0, u1) for each run this thread gets.
+template <class Fn>
+void for_balanced_runs(int64_t n, int nth, std::atomic<int64_t>& c, const Fn& f) {
+  const int64_t nchunks = std::min<int64_t>(n, nth * kChunksPerThread);
+  for (;;) {
+    const int64_t k = c.fetch_add(1, std::memory_order_relaxed);
+    if (k >= nchunks) break;
+    f(k * n / nchunks, (k + 1) * n / nchunks);
   }
 }
 
@@ -133,9 +151,35 @@ struct QLin {
   }
 };
 
+// One row range of a GGUF projection: rows [n0, n0 + N) in the packed layout of one ggml type.
+struct GPart {
+  at::Tensor data;  // kept alive
+  int64_t type = 0, N = 0, n0 = 0, P = 0, nblk = 0;
+  int64_t p0 = 0;  // first panel in the projection's panel numbering (parts' panels consecutive)
+  int a8 = -1;     // -1: fp32 activations; else int8 activations of kind a8 (KernelTable::a8_kind)
+};
+
+// A GGUF projection (the "gguf" linear method's GGUFLinear): one kernel call per part, like the
+// op-by-op forward; the bias adds to each part's columns as the standalone kernel adds it.
+struct GLin {
+  std::vector<GPart> parts;
+  at::Tensor bias;
+  int64_t N = 0, K = 0, P = 0;  // P: panels over all parts
+  bool a8[2] = {false, false};  // int8 rows of kind 0 / 1 needed
+};
+
+// A projection of the step: int4 (QLin) or GGUF (GLin)
+struct Lin {
+  enum Kind { kNone, kInt4, kGGUF } kind = kNone;
+  QLin q;
+  GLin g;
+};
+
+constexpr const char* kSlotNames[4] = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"};
+
 struct Layer {
   at::Tensor ln1, ln2, qn, kn, kc, vc;
-  QLin qkv, o, gu, down;
+  Lin lin[4];  // qkv, o, gate_up, down
   int64_t window = -1;
 };
 
@@ -148,42 +192,39 @@ struct ThreadScratch {
 
 class DecodeStep {
  public:
+  // tensors: per layer input_layernorm, post_attention_layernorm, q_norm, k_norm (empty: none),
+  // k_cache, v_cache; windows: per layer the sliding window (-1: none). The projections are set
+  // afterwards (set_int4 / set_gguf), every one before the first run.
   DecodeStep(int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t intermediate,
-             double eps, double scale, const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& ints,
+             double eps, double scale, const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& windows,
              at::Tensor final_norm, at::Tensor cos_sin)
       : H_(hidden), Hq_(num_heads), Hk_(num_kv_heads), D_(head_dim), I_(intermediate), eps_((float)eps),
         scale_((float)scale), final_norm_(std::move(final_norm)), cos_sin_(std::move(cos_sin)) {
     TORCH_CHECK(Hk_ > 0 && Hq_ % Hk_ == 0, "num_heads must be a multiple of num_kv_heads");
     TORCH_CHECK(D_ % 2 == 0, "head_dim must be even");
-    TORCH_CHECK(tensors.size() % kTensorsPerLayer == 0 && ints.size() == tensors.size() / kTensorsPerLayer * kIntsPerLayer,
-                "decode step: expected ", kTensorsPerLayer, " tensors and ", kIntsPerLayer, " ints per layer");
+    TORCH_CHECK(tensors.size() % kTensorsPerLayer == 0 && windows.size() == tensors.size() / kTensorsPerLayer,
+                "decode step: expected ", kTensorsPerLayer, " tensors and one window per layer");
     check_vec(final_norm_, H_, "final norm weight");
     TORCH_CHECK(cos_sin_.device().is_cpu() && cos_sin_.scalar_type() == at::kFloat && cos_sin_.is_contiguous() &&
                     cos_sin_.dim() == 2 && cos_sin_.size(1) == D_,
                 "cos_sin must be a contiguous float32 [max_pos, head_dim] table");
-    const int64_t QKV = (Hq_ + 2 * Hk_) * D_;
     const int64_t nl = (int64_t)tensors.size() / kTensorsPerLayer;
     for (int64_t i = 0; i < nl; ++i) {
       const at::Tensor* t = &tensors[i * kTensorsPerLayer];
-      const int64_t* v = &ints[i * kIntsPerLayer];
       Layer L;
       L.ln1 = t[0];
       check_vec(L.ln1, H_, "input_layernorm weight");
-      L.qkv = QLin(t[1], t[2], t[3], t[4], t[5], t[6], QKV, H_, v[0], "qkv_proj");
-      L.o = QLin(t[7], t[8], t[9], t[10], t[11], t[12], H_, Hq_ * D_, v[1], "o_proj");
-      L.ln2 = t[13];
+      L.ln2 = t[1];
       check_vec(L.ln2, H_, "post_attention_layernorm weight");
-      L.gu = QLin(t[14], t[15], t[16], t[17], t[18], t[19], 2 * I_, H_, v[2], "gate_up_proj");
-      L.down = QLin(t[20], t[21], t[22], t[23], t[24], t[25], H_, I_, v[3], "down_proj");
-      L.qn = t[26];
-      L.kn = t[27];
+      L.qn = t[2];
+      L.kn = t[3];
       TORCH_CHECK(defined(L.qn) == defined(L.kn), "q_norm and k_norm come together");
       if (defined(L.qn)) {
         check_vec(L.qn, D_, "q_norm weight");
         check_vec(L.kn, D_, "k_norm weight");
       }
-      L.kc = t[28];
-      L.vc = t[29];
+      L.kc = t[4];
+      L.vc = t[5];
       for (const at::Tensor* c : {&L.kc, &L.vc}) {
         TORCH_CHECK(c->device().is_cpu() && c->scalar_type() == at::kFloat && c->is_contiguous() && c->dim() == 4 &&
                         c->size(2) == Hk_ && c->size(3) == D_,
@@ -191,10 +232,101 @@ class DecodeStep {
       }
       TORCH_CHECK(L.kc.sizes() == L.vc.sizes(), "k and v caches must have one shape");
       TORCH_CHECK(layers_.empty() || L.kc.sizes() == layers_[0].kc.sizes(), "all layers' caches must have one shape");
-      L.window = v[4];
+      L.window = windows[i];
       layers_.push_back(std::move(L));
     }
     TORCH_CHECK(!layers_.empty(), "decode step: no layers");
+  }
+
+  // [N, K] of projection slot (0 qkv, 1 o, 2 gate_up, 3 down)
+  std::pair<int64_t, int64_t> slot_shape(int64_t slot) const {
+    switch (slot) {
+      case 0: return {(Hq_ + 2 * Hk_) * D_, H_};
+      case 1: return {H_, Hq_ * D_};
+      case 2: return {2 * I_, H_};
+      default: return {H_, I_};
+    }
+  }
+
+  Lin& slot_of(int64_t layer, int64_t slot) {
+    TORCH_CHECK(layer >= 0 && layer < num_layers(), "decode step: layer ", layer, " out of range [0, ", num_layers(), ")");
+    TORCH_CHECK(slot >= 0 && slot < 4, "decode step: projection slot ", slot, " out of range [0, 4)");
+    return layers_[layer].lin[slot];
+  }
+
+  // projection slot of a layer: int4 in the lane layout, int8 activations (see QLin)
+  void set_int4(int64_t layer, int64_t slot, at::Tensor qweight, at::Tensor scales, at::Tensor mins,
+                at::Tensor scales4, at::Tensor mins4, at::Tensor bias, int64_t group_size) {
+    Lin& l = slot_of(layer, slot);
+    const auto [N, K] = slot_shape(slot);
+    l.q = QLin(std::move(qweight), std::move(scales), std::move(mins), std::move(scales4), std::move(mins4),
+               std::move(bias), N, K, group_size, kSlotNames[slot]);
+    l.kind = Lin::kInt4;
+  }
+
+  // the GGUF kernels every GGUF projection runs: a KernelTable capsule (gguf module's kernel_table())
+  // and the rows up to which its register tiles run (gguf_linear.SMALL_M of that build's path)
+  void set_gguf_kernels(const py::object& table, int64_t small_m) {
+    TORCH_CHECK(PyCapsule_IsValid(table.ptr(), G::kTableName),
+                "set_gguf_kernels: expected a ", G::kTableName, " capsule (the GGUF module's kernel_table())");
+    const auto* t = static_cast<const G::KernelTable*>(PyCapsule_GetPointer(table.ptr(), G::kTableName));
+    TORCH_CHECK(t && t->abi == G::kTableAbi && t->size == (int32_t)sizeof(G::KernelTable),
+                "set_gguf_kernels: the GGUF kernels were built from another version of gguf_kernels.h "
+                "(rebuild both: python -m llmopt.kernels.build)");
+    table_ = t;
+    table_ref_ = table;  // the capsule (and its module) stays alive with the step
+    small_m_ = small_m;
+  }
+
+  // projection slot of a layer: GGUF blocks, one packed tensor per part (rows[i] output rows of
+  // ggml type types[i], consecutive), int8 activations for part i if int8[i] (its type must have
+  // the int8 kernel), bias (empty: none) over all rows
+  void set_gguf(int64_t layer, int64_t slot, const std::vector<at::Tensor>& parts, const std::vector<int64_t>& types,
+                const std::vector<int64_t>& rows, const std::vector<bool>& int8, at::Tensor bias) {
+    TORCH_CHECK(table_ != nullptr, "set_gguf: call set_gguf_kernels first");
+    Lin& l = slot_of(layer, slot);
+    const char* what = kSlotNames[slot];
+    const auto [N, K] = slot_shape(slot);
+    TORCH_CHECK(!parts.empty() && parts.size() == types.size() && parts.size() == rows.size() &&
+                    parts.size() == int8.size(),
+                what, ": parts, types, rows and int8 must be non-empty lists of one length");
+    GLin g;
+    g.N = N;
+    g.K = K;
+    int64_t n0 = 0;
+    for (size_t i = 0; i < parts.size(); ++i) {
+      GPart p;
+      p.data = parts[i];
+      p.type = types[i];
+      p.N = rows[i];
+      const int64_t qb = table_->block_size(p.type), bb = table_->block_bytes(p.type);
+      TORCH_CHECK(qb > 0 && bb > 0, what, ": no GGUF kernel for ggml type id ", p.type);
+      TORCH_CHECK(K % qb == 0, what, ": in_features ", K, " not a multiple of the block size ", qb);
+      TORCH_CHECK(p.N > 0, what, ": a part must have rows");
+      p.n0 = n0;
+      p.P = (p.N + G::LANES - 1) / G::LANES;
+      p.nblk = K / qb;
+      TORCH_CHECK(p.data.device().is_cpu() && p.data.scalar_type() == at::kByte && p.data.is_contiguous() &&
+                      p.data.numel() == p.P * p.nblk * bb,
+                  what, ": part ", i, " must be the contiguous uint8 packed layout of ", p.P * p.nblk * bb, " bytes");
+      if (int8[i]) {
+        p.a8 = table_->a8_kind(p.type);
+        TORCH_CHECK(p.a8 >= 0, what, ": no int8-activation kernel for ggml type id ", p.type);
+        TORCH_CHECK(K % 32 == 0, what, ": int8 activations need in_features % 32 == 0");
+        g.a8[p.a8] = true;
+      }
+      p.p0 = g.P;
+      g.P += p.P;
+      n0 += p.N;
+      g.parts.push_back(std::move(p));
+    }
+    TORCH_CHECK(n0 == N, what, ": parts have ", n0, " rows, the projection ", N);
+    if (defined(bias)) {
+      check_vec(bias, N, "bias");
+      g.bias = bias;
+    }
+    l.g = std::move(g);
+    l.kind = Lin::kGGUF;
   }
 
   int64_t num_layers() const { return (int64_t)layers_.size(); }
@@ -215,6 +347,16 @@ class DecodeStep {
     TORCH_CHECK(idx_ok(slots, at::kLong, 1), "slots must be a contiguous int64 [M] tensor");
     TORCH_CHECK(idx_ok(block_tables, at::kInt, 2), "block_tables must be a contiguous int32 [M, max_blocks] tensor");
     TORCH_CHECK(idx_ok(context_lens, at::kInt, 1), "context_lens must be a contiguous int32 [M] tensor");
+    bool a8[2] = {false, false};
+    for (int64_t li = 0; li < num_layers(); ++li)
+      for (int64_t s = 0; s < 4; ++s) {
+        const Lin& l = layers_[li].lin[s];
+        TORCH_CHECK(l.kind != Lin::kNone, "decode step: layer ", li, " ", kSlotNames[s], " was never set");
+        if (l.kind == Lin::kGGUF) {
+          a8[0] |= l.g.a8[0];
+          a8[1] |= l.g.a8[1];
+        }
+      }
     auto out = at::empty({M, H_}, x.options());
     if (M == 0) return out;
     std::lock_guard<std::mutex> guard(mu_);  // the step's buffers are shared: one call at a time
@@ -271,6 +413,13 @@ class DecodeStep {
       part_acc_.resize(max_items * G * D_);
     }
     if ((int64_t)scratch_.size() < nt) scratch_.resize(nt);
+    for (int kind = 0; kind < 2; ++kind) {
+      if (!a8[kind]) continue;
+      gxq_[kind].resize(M * kmax);
+      gdx_[kind].resize(M * (kmax / 32));
+      gxs_[kind].resize(M * (kmax / 32));
+      grows_[kind].resize(M);
+    }
     const int64_t nops = num_layers() * 5;
     std::unique_ptr<std::atomic<int64_t>[]> counters(new std::atomic<int64_t>[nops]);
     for (int64_t i = 0; i < nops; ++i) counters[i].store(0, std::memory_order_relaxed);
@@ -295,8 +444,51 @@ class DecodeStep {
       ts.vrow.resize(F::kTile);
       Q::W4A8Act A{};
 
-      // quantize rows of src [M, K] for lin, then every thread takes column chunks from counter c
-      auto gemv = [&](const QLin& lin, const float* src, float* dst, std::atomic<int64_t>& c) {
+      // a GGUF projection: rows quantized for its int8 parts (rows split), then every thread takes
+      // runs of panel pairs from counter c, each cut at the parts' boundaries
+      auto gguf_gemv = [&](const GLin& g, const float* src, float* dst, std::atomic<int64_t>& c, bool synced) {
+        if (!g.a8[0] && !g.a8[1]) {
+          if (!synced) {
+#pragma omp barrier
+          }
+        } else {
+          const int64_t nsb = g.K / 32;
+          for (int64_t r = tid; r < M; r += nth)
+            for (int kind = 0; kind < 2; ++kind) {
+              if (!g.a8[kind]) continue;
+              int8_t* xq = gxq_[kind].data() + r * g.K;
+              float* dx = gdx_[kind].data() + r * nsb;
+              int32_t* xs = gxs_[kind].data() + r * nsb;
+              table_->quant_row_a8(src + r * g.K, g.K, kind == 1, xq, dx, xs);
+              grows_[kind][r] = G::A8Row{xq, dx, xs};
+            }
+#pragma omp barrier
+        }
+        const float* bias = fptr(g.bias);
+        for_balanced_runs((g.P + 1) / 2, nth, c, [&](int64_t u0, int64_t u1) {
+          const int64_t q0 = 2 * u0, q1 = std::min(g.P, 2 * u1);
+          for (const GPart& p : g.parts) {
+            const int64_t a = std::max(q0, p.p0), b = std::min(q1, p.p0 + p.P);
+            if (a >= b) continue;
+            const G::Job J{src, p.data.data_ptr<uint8_t>(), bias ? bias + p.n0 : nullptr, dst + p.n0,
+                           M, p.N, g.K, p.P, p.nblk, g.N};
+            if (p.a8 < 0) table_->gemm_panels(&J, p.type, a - p.p0, b - p.p0, small_m_);
+            else table_->gemm_a8_panels(&J, p.type, grows_[p.a8].data(), a - p.p0, b - p.p0);
+          }
+        });
+#pragma omp barrier
+      };
+
+      // quantize rows of src [M, K] for lin, then every thread takes column chunks from counter c.
+      // synced: src is complete (a barrier after it); else this thread wrote src's rows tid,
+      // tid + nth, ... (the row loops' split), which are the rows it quantizes: one barrier after
+      // the quantization then suffices
+      auto gemv = [&](const Lin& l, const float* src, float* dst, std::atomic<int64_t>& c, bool synced) {
+        if (l.kind == Lin::kGGUF) {
+          gguf_gemv(l.g, src, dst, c, synced);
+          return;
+        }
+        const QLin& lin = l.q;
         A = Q::w4a8_act_shape(M, lin.K, lin.gs);
         A.xq = xq_.data();
         A.sx = sx_.data();
@@ -321,11 +513,11 @@ class DecodeStep {
             F::add_rms_norm_row(y + r * H_, resid + r * H_, L.ln1.data_ptr<float>(), h + r * H_, H_, eps);
           }
         }
-#pragma omp barrier
         // 2. qkv projection
-        gemv(L.qkv, h, qkv, ctr[0]);
-        // 3. q/k norm, rope, new k/v into the cache
-        {
+        gemv(L.lin[0], h, qkv, ctr[0], false);
+        const int64_t S = splits[li];
+        // 3. q/k norm, rope, new k/v into the cache (S == 1: inside the attention item of their kv head)
+        if (S > 1) {
           float* kc = L.kc.data_ptr<float>();
           float* vc = L.vc.data_ptr<float>();
           const float* qn = fptr(L.qn);
@@ -343,18 +535,34 @@ class DecodeStep {
               std::copy(vv, vv + D_, vc + (slot[r] * Hk_ + kvh) * D_);
             }
           }
-        }
 #pragma omp barrier
+        }
         // 4. attention over the paged cache
         {
-          const float* kc = L.kc.data_ptr<float>();
-          const float* vc = L.vc.data_ptr<float>();
+          float* kc = L.kc.data_ptr<float>();
+          float* vc = L.vc.data_ptr<float>();
           const int64_t ks0 = BS * Hk_ * D_, ks1 = Hk_ * D_;
-          const int64_t S = splits[li], items = M * Hk_ * S;
+          const int64_t items = M * Hk_ * S;
           for (;;) {
             const int64_t item = ctr[1].fetch_add(1, std::memory_order_relaxed);
             if (item >= items) break;
             const int64_t b = item / (Hk_ * S), kvh = (item / S) % Hk_, split = item % S;
+            if (S == 1) {  // this item is the only reader of kv head kvh of row b: step 3 here
+              const float* qn = fptr(L.qn);
+              const float* kn = fptr(L.kn);
+              const float* rot = cs + pos[b] * D_;
+              for (int64_t g = 0; g < G; ++g) {
+                float* v = qkv + b * QKV + (kvh * G + g) * D_;
+                if (qn) F::rms_norm_row(v, qn, v, D_, eps);
+                F::rope_head(v, rot, half);
+              }
+              float* k = qkv + b * QKV + (Hq_ + kvh) * D_;
+              if (kn) F::rms_norm_row(k, kn, k, D_, eps);
+              F::rope_head(k, rot, half);
+              std::copy(k, k + D_, kc + (slot[b] * Hk_ + kvh) * D_);
+              const float* vv = qkv + b * QKV + (Hq_ + Hk_ + kvh) * D_;
+              std::copy(vv, vv + D_, vc + (slot[b] * Hk_ + kvh) * D_);
+            }
             const int64_t Lc = cl[b];
             const int64_t start = L.window > 0 ? std::max<int64_t>(0, Lc - L.window) : 0;
             const int64_t chunk = (Lc - start + S - 1) / S;
@@ -389,15 +597,13 @@ class DecodeStep {
         }
 #pragma omp barrier
         // 5. output projection, residual add + post-attention RMSNorm
-        gemv(L.o, att, y, ctr[2]);
+        gemv(L.lin[1], att, y, ctr[2], true);
         for (int64_t r = tid; r < M; r += nth)
           F::add_rms_norm_row(y + r * H_, resid + r * H_, L.ln2.data_ptr<float>(), h + r * H_, H_, eps);
-#pragma omp barrier
         // 6. MLP: gate/up, silu * up, down
-        gemv(L.gu, h, gu, ctr[3]);
+        gemv(L.lin[2], h, gu, ctr[3], false);
         for (int64_t r = tid; r < M; r += nth) F::silu_mul_range(gu + r * 2 * I_, gu + r * 2 * I_ + I_, act + r * I_, 0, I_);
-#pragma omp barrier
-        gemv(L.down, act, y, ctr[4]);
+        gemv(L.lin[3], act, y, ctr[4], false);
       }
       // final residual add + norm
       for (int64_t r = tid; r < M; r += nth)
@@ -407,8 +613,7 @@ class DecodeStep {
   }
 
  private:
-  static constexpr size_t kTensorsPerLayer = 30;
-  static constexpr size_t kIntsPerLayer = 5;
+  static constexpr size_t kTensorsPerLayer = 6;
 
   // flash-decoding merge of the token splits (pairs split across the threads)
   void merge_splits(int64_t M, int64_t S, int64_t G, float* att, int tid, int nth) {
@@ -427,6 +632,14 @@ class DecodeStep {
   std::vector<float> resid_, h_, qkv_, att_, gu_, act_, y_, sx_, xsum_, part_m_, part_l_, part_acc_;
   std::vector<int8_t> xq_;
   std::vector<ThreadScratch> scratch_;
+  // GGUF projections: the kernels (a KernelTable of a GGUF build), int8 rows of kind 0 / 1
+  const G::KernelTable* table_ = nullptr;
+  py::object table_ref_;
+  int64_t small_m_ = 4;
+  std::vector<int8_t> gxq_[2];
+  std::vector<float> gdx_[2];
+  std::vector<int32_t> gxs_[2];
+  std::vector<G::A8Row> grows_[2];
   std::mutex mu_;
 };
 
@@ -520,13 +733,19 @@ at::Tensor linear_a8(const at::Tensor& x, at::Tensor qweight, at::Tensor scales,
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "llmopt: the decoder stack of an int4 decode step in one native call";
+  m.doc() = "llmopt: the decoder stack of an int4 / GGUF decode step in one native call";
   py::class_<DecodeStep>(m, "DecodeStep")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double, const std::vector<at::Tensor>&,
                     const std::vector<int64_t>&, at::Tensor, at::Tensor>(),
            py::arg("hidden"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"),
-           py::arg("intermediate"), py::arg("eps"), py::arg("scale"), py::arg("tensors"), py::arg("ints"),
+           py::arg("intermediate"), py::arg("eps"), py::arg("scale"), py::arg("tensors"), py::arg("windows"),
            py::arg("final_norm"), py::arg("cos_sin"))
+      .def("set_int4", &DecodeStep::set_int4, py::arg("layer"), py::arg("slot"), py::arg("qweight"),
+           py::arg("scales"), py::arg("mins"), py::arg("scales4"), py::arg("mins4"), py::arg("bias"),
+           py::arg("group_size"))
+      .def("set_gguf_kernels", &DecodeStep::set_gguf_kernels, py::arg("table"), py::arg("small_m"))
+      .def("set_gguf", &DecodeStep::set_gguf, py::arg("layer"), py::arg("slot"), py::arg("parts"), py::arg("types"),
+           py::arg("rows"), py::arg("int8"), py::arg("bias"))
       .def("run", &DecodeStep::run, py::arg("x"), py::arg("positions"), py::arg("slots"), py::arg("block_tables"),
            py::arg("context_lens"), py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("num_layers", &DecodeStep::num_layers);

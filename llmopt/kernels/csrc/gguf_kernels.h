@@ -413,6 +413,17 @@ GGUF_INLINE void params_a8(const uint8_t* blk, int s, F& A, F& Bm) {
   }
 }
 
+// One projection call: y[m, n] (row stride ldy) = sum_k x[m, k] w[n, k] (+ bias[n]), x [M, K]
+// contiguous, w the packed layout of P = ceil(N / 16) panels of nblk blocks.
+struct Job {
+  const float* x;
+  const uint8_t* w;
+  const float* bias;
+  float* y;
+  int64_t M, N, K, P, nblk, ldy;
+};
+
+// int8 activations of one row (see tile_a8): xq [K], dx / xs [K / 32]
 struct A8Row {
   const int8_t* xq;
   const float* dx;
@@ -481,5 +492,33 @@ GGUF_INLINE void tile_a8(const uint8_t* const* pan, const A8Row* rows, int64_t n
   for (int p = 0; p < NP; ++p)
     for (int r = 0; r < R; ++r) V::store(out + (p * R + r) * LANES, acc[p][r]);
 }
+
+// ------------------------------------------------------------------------------------------
+// The kernel table: the panel-level entry points of one ISA build (gguf_linear.cpp exports its
+// table as a capsule, gguf.kernel_table()), for a caller that runs its own threads: the fused
+// decode step (decode.cpp) calls exactly the compiled kernels the standalone gemm / gemm_a8 run,
+// so every projection gives the same bits in both, and takes the ISA build chosen at load.
+// ------------------------------------------------------------------------------------------
+
+constexpr int32_t kTableAbi = 1;  // bump on any change to Job, A8Row or KernelTable
+constexpr const char* kTableName = "llmopt_gguf.KernelTable";
+
+struct KernelTable {
+  int32_t abi;   // kTableAbi of the build
+  int32_t size;  // sizeof(KernelTable) of the build
+  const char* isa;
+  // bytes of one 16-column block / weights per block of a ggml type; 0 if no kernel
+  int64_t (*block_bytes)(int64_t type);
+  int64_t (*block_size)(int64_t type);
+  // int8-activation kind of a type: -1 none, 0 codes in k order (8-bit), 1 groups of 8 permuted (4-bit)
+  int (*a8_kind)(int64_t type);
+  // panels [p0, p1) of J, every row, fp32 activations: register tiles if J.M <= small_m, else the
+  // dequantized-panel micro-kernel (gguf.gemm's two paths)
+  void (*gemm_panels)(const Job* J, int64_t type, int64_t p0, int64_t p1, int64_t small_m);
+  // one row quantized for the int8 mode (perm8: a8_kind 1)
+  void (*quant_row_a8)(const float* x, int64_t K, bool perm8, int8_t* xq, float* dx, int32_t* xs);
+  // panels [p0, p1) of J with int8 activations rows[0 .. J.M) (gguf.gemm_a8)
+  void (*gemm_a8_panels)(const Job* J, int64_t type, const A8Row* rows, int64_t p0, int64_t p1);
+};
 
 }  // namespace llmopt_gguf

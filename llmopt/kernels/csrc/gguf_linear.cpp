@@ -13,6 +13,10 @@
 // Threads: OpenMP (torch's pool size); a few contiguous column runs per thread (long sequential
 // weight streams for the hardware prefetcher), handed out dynamically (a preempted thread does
 // not stall the call on a shared machine).
+//
+// kernel_table() hands the same kernels, per panel range and without threads of their own, to the
+// fused decode step (decode.cpp; gguf_kernels.h: KernelTable): one compiled kernel per type for
+// both, so the step's projections give these calls' bits.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -67,20 +71,12 @@ void parallel_units(int64_t units, int64_t work, const Fn& f) {
   }
 }
 
-struct Job {
-  const float* x;
-  const uint8_t* w;
-  const float* bias;
-  float* y;
-  int64_t M, N, K, P, nblk;
-};
-
 // out tile [R][16] of panel p, rows m0.. -> y (+ bias), valid columns only
 GGUF_INLINE void write_rows(const Job& J, int64_t p, int64_t m0, int R, const float* t, int64_t ldt) {
   const int64_t n0 = p * LANES;
   const int nc = (int)std::min<int64_t>(LANES, J.N - n0);
   for (int r = 0; r < R; ++r) {
-    float* yr = J.y + (m0 + r) * J.N + n0;
+    float* yr = J.y + (m0 + r) * J.ldy + n0;
     const float* tr = t + r * ldt;
     if (J.bias) {
       for (int c = 0; c < nc; ++c) yr[c] = tr[c] + J.bias[n0 + c];
@@ -110,26 +106,31 @@ void reg_rows(const Job& J, int64_t p, int64_t pe, int64_t m0) {
   for (; p < pe; ++p) reg_tile<T, 1, R>(J, p, m0);
 }
 
+// panels [p0, p1), every row: groups of PG panels, balanced row tiles of up to MAX_R rows
+template <class T>
+void reg_panels(const Job& J, int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; p += PG) {
+    const int64_t pe = std::min(p1, p + PG);
+    const int64_t ntiles = (J.M + MAX_R - 1) / MAX_R;
+    int64_t m0 = 0;
+    for (int64_t t = 0; t < ntiles; ++t) {
+      const int R = (int)((J.M - m0) / (ntiles - t));  // balanced row tiles
+      switch (R) {
+        case 1: reg_rows<T, 1, NP_R1>(J, p, pe, m0); break;
+        case 2: reg_rows<T, 2, NP_R2>(J, p, pe, m0); break;
+        case 3: reg_rows<T, 3, NP_R4>(J, p, pe, m0); break;
+        default: reg_rows<T, 4, NP_R4>(J, p, pe, m0); break;
+      }
+      m0 += R;
+    }
+  }
+}
+
 template <class T>
 void run_reg(const Job& J) {
   const int64_t groups = (J.P + PG - 1) / PG;
-  parallel_units(groups, J.M * J.N * J.K, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      const int64_t p = g * PG, pe = std::min(J.P, p + PG);
-      const int64_t ntiles = (J.M + MAX_R - 1) / MAX_R;
-      int64_t m0 = 0;
-      for (int64_t t = 0; t < ntiles; ++t) {
-        const int R = (int)((J.M - m0) / (ntiles - t));  // balanced row tiles
-        switch (R) {
-          case 1: reg_rows<T, 1, NP_R1>(J, p, pe, m0); break;
-          case 2: reg_rows<T, 2, NP_R2>(J, p, pe, m0); break;
-          case 3: reg_rows<T, 3, NP_R4>(J, p, pe, m0); break;
-          default: reg_rows<T, 4, NP_R4>(J, p, pe, m0); break;
-        }
-        m0 += R;
-      }
-    }
-  });
+  parallel_units(groups, J.M * J.N * J.K,
+                 [&](int64_t g0, int64_t g1) { reg_panels<T>(J, g0 * PG, std::min(J.P, g1 * PG)); });
 }
 
 template <int NPP>
@@ -153,31 +154,35 @@ void buf_rows(const Job& J, const float* const* buf, int64_t k0, int64_t kn, flo
   }
 }
 
+// panels [p0, p1), every row: PP panels at a time, dequantized KC k's at a time
+template <class T>
+void buf_panels(const Job& J, int64_t p0, int64_t p1) {
+  const int64_t bpc = KC / T::QB;  // blocks per chunk
+  std::vector<float> bufv((size_t)PP * KC * LANES + 16);
+  std::vector<float> ytv((size_t)J.M * PP * LANES + 16);
+  float* bufp = bufv.data();
+  float* yt = ytv.data();
+  for (int64_t p = p0; p < p1; p += PP) {
+    const int np = (int)std::min<int64_t>(PP, p1 - p);
+    const float* buf[PP];
+    for (int i = 0; i < PP; ++i) buf[i] = bufp + (size_t)i * KC * LANES;
+    const int64_t ldy = np * LANES;
+    for (int64_t b0 = 0; b0 < J.nblk; b0 += bpc) {
+      const int64_t b1 = std::min(J.nblk, b0 + bpc);
+      for (int i = 0; i < np; ++i) dequant_panel<T>(J.w + (p + i) * J.nblk * T::BB, b0, b1, bufp + (size_t)i * KC * LANES);
+      const int64_t kn = (b1 - b0) * T::QB;
+      if (np == PP) buf_rows<PP>(J, buf, b0 * T::QB, kn, yt, ldy, b0 == 0);
+      else buf_rows<1>(J, buf, b0 * T::QB, kn, yt, ldy, b0 == 0);
+    }
+    for (int i = 0; i < np; ++i) write_rows(J, p + i, 0, (int)J.M, yt + i * LANES, ldy);
+  }
+}
+
 template <class T>
 void run_buf(const Job& J) {
   const int64_t units = (J.P + PP - 1) / PP;
-  const int64_t bpc = KC / T::QB;  // blocks per chunk
-  parallel_units(units, J.M * J.N * J.K, [&](int64_t u0, int64_t u1) {
-    std::vector<float> bufv((size_t)PP * KC * LANES + 16);
-    std::vector<float> ytv((size_t)J.M * PP * LANES + 16);
-    float* bufp = bufv.data();
-    float* yt = ytv.data();
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t p = u * PP;
-      const int np = (int)std::min<int64_t>(PP, J.P - p);
-      const float* buf[PP];
-      for (int i = 0; i < PP; ++i) buf[i] = bufp + (size_t)i * KC * LANES;
-      const int64_t ldy = np * LANES;
-      for (int64_t b0 = 0; b0 < J.nblk; b0 += bpc) {
-        const int64_t b1 = std::min(J.nblk, b0 + bpc);
-        for (int i = 0; i < np; ++i) dequant_panel<T>(J.w + (p + i) * J.nblk * T::BB, b0, b1, bufp + (size_t)i * KC * LANES);
-        const int64_t kn = (b1 - b0) * T::QB;
-        if (np == PP) buf_rows<PP>(J, buf, b0 * T::QB, kn, yt, ldy, b0 == 0);
-        else buf_rows<1>(J, buf, b0 * T::QB, kn, yt, ldy, b0 == 0);
-      }
-      for (int i = 0; i < np; ++i) write_rows(J, p + i, 0, (int)J.M, yt + i * LANES, ldy);
-    }
-  });
+  parallel_units(units, J.M * J.N * J.K,
+                 [&](int64_t u0, int64_t u1) { buf_panels<T>(J, u0 * PP, std::min(J.P, u1 * PP)); });
 }
 
 // ---- int8 activations ----------------------------------------------------------------------
@@ -227,6 +232,26 @@ void a8_rows(const Job& J, const A8Row* rows, int64_t p, int64_t pe, int64_t m0)
   for (; p < pe; ++p) a8_tile<T, 1, R>(J, rows, p, m0);
 }
 
+// panels [p0, p1), every row, int8 activations rows[0 .. M)
+template <class T>
+void a8_panels(const Job& J, const A8Row* rows, int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; p += PG) {
+    const int64_t pe = std::min(p1, p + PG);
+    const int64_t ntiles = (J.M + MAX_R - 1) / MAX_R;
+    int64_t m0 = 0;
+    for (int64_t t = 0; t < ntiles; ++t) {
+      const int R = (int)((J.M - m0) / (ntiles - t));
+      switch (R) {
+        case 1: a8_rows<T, 1, NP_R1>(J, rows, p, pe, m0); break;
+        case 2: a8_rows<T, 2, NP_R2>(J, rows, p, pe, m0); break;
+        case 3: a8_rows<T, 3, NP_R4>(J, rows, p, pe, m0); break;
+        default: a8_rows<T, 4, NP_R4>(J, rows, p, pe, m0); break;
+      }
+      m0 += R;
+    }
+  }
+}
+
 template <class T>
 void run_a8(const Job& J) {
   const int64_t nsb = J.K / 32;
@@ -239,23 +264,8 @@ void run_a8(const Job& J) {
     rows[m] = {&xq[m * J.K], &dx[m * nsb], &xs[m * nsb]};
   }
   const int64_t groups = (J.P + PG - 1) / PG;
-  parallel_units(groups, J.M * J.N * J.K / 4, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      const int64_t p = g * PG, pe = std::min(J.P, p + PG);
-      const int64_t ntiles = (J.M + MAX_R - 1) / MAX_R;
-      int64_t m0 = 0;
-      for (int64_t t = 0; t < ntiles; ++t) {
-        const int R = (int)((J.M - m0) / (ntiles - t));
-        switch (R) {
-          case 1: a8_rows<T, 1, NP_R1>(J, rows.data(), p, pe, m0); break;
-          case 2: a8_rows<T, 2, NP_R2>(J, rows.data(), p, pe, m0); break;
-          case 3: a8_rows<T, 3, NP_R4>(J, rows.data(), p, pe, m0); break;
-          default: a8_rows<T, 4, NP_R4>(J, rows.data(), p, pe, m0); break;
-        }
-        m0 += R;
-      }
-    }
-  });
+  parallel_units(groups, J.M * J.N * J.K / 4,
+                 [&](int64_t g0, int64_t g1) { a8_panels<T>(J, rows.data(), g0 * PG, std::min(J.P, g1 * PG)); });
 }
 
 int64_t block_bytes(int64_t type) {
@@ -293,7 +303,7 @@ static at::Tensor start_job(Job& J, at::Tensor& x, const at::Tensor& data, int64
   }
   const int64_t M = x.size(0);
   auto y = at::empty({M, N}, x.options());
-  J.M = M; J.N = N; J.K = K;
+  J.M = M; J.N = N; J.K = K; J.ldy = N;
   if (M == 0) return y;
   J.x = x.data_ptr<float>();
   J.w = data.data_ptr<uint8_t>();
@@ -369,6 +379,48 @@ at::Tensor dequant(at::Tensor data, int64_t type, int64_t N, int64_t K) {
   return out;
 }
 
+// ---- the kernel table (gguf_kernels.h: KernelTable) ------------------------------------------
+
+int64_t table_block_bytes(int64_t type) {
+  int64_t bb = 0;
+  with_type(type, [&](auto t) { bb = decltype(t)::BB; });
+  return bb;
+}
+
+int64_t table_block_size(int64_t type) {
+  int64_t qb = 0;
+  with_type(type, [&](auto t) { qb = decltype(t)::QB; });
+  return qb;
+}
+
+int table_a8_kind(int64_t type) {
+  int kind = -1;
+  with_type(type, [&](auto t) {
+    using T = decltype(t);
+    if constexpr (kA8<T>) kind = T::L == 4 ? 1 : 0;
+  });
+  return kind;
+}
+
+void table_gemm_panels(const Job* J, int64_t type, int64_t p0, int64_t p1, int64_t small_m) {
+  with_type(type, [&](auto t) {
+    using T = decltype(t);
+    if (J->M <= small_m) reg_panels<T>(*J, p0, p1);
+    else buf_panels<T>(*J, p0, p1);
+  });
+}
+
+void table_gemm_a8_panels(const Job* J, int64_t type, const A8Row* rows, int64_t p0, int64_t p1) {
+  with_type(type, [&](auto t) {
+    using T = decltype(t);
+    if constexpr (kA8<T>) a8_panels<T>(*J, rows, p0, p1);
+  });
+}
+
+const KernelTable kTable = {kTableAbi,          (int32_t)sizeof(KernelTable), kIsa,         &table_block_bytes,
+                            &table_block_size,  &table_a8_kind,               &table_gemm_panels, &quant_row_a8,
+                            &table_gemm_a8_panels};
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -382,6 +434,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("K"));
   m.def("block_bytes", &block_bytes, "bytes of one 16-column packed block of a ggml type");
   m.def("isa", []() { return std::string(kIsa); }, "instruction set this build was compiled for");
+  m.def("kernel_table", []() { return py::capsule((void*)&kTable, kTableName); },
+        "the panel-level kernels of this build as a capsule (gguf_kernels.h: KernelTable), for the fused decode step");
   m.def("_set_prefetch", [](int64_t b) { g_prefetch = b; }, "software prefetch distance in bytes (0 = off)");
   m.def("_set_min_parallel_work", [](int64_t w) { g_min_parallel_work = w; },
         "M*N*K below which a call runs on the calling thread (tests use 0)");
