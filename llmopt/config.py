@@ -197,7 +197,7 @@ class KernelSettings:
     ``LLMOPT_INT4_A8_MAX_M``    ``int4_a8_max_m``    most rows that take the int8-activation path
     ``LLMOPT_QLINEAR_LARGE_M``  ``large_m``          from this many rows on, dequantize + fp32 GEMM
     ``LLMOPT_DECODE_TILES``     ``decode_tiles``     4-column int4 x int8 tiles ("0": off)
-    ``LLMOPT_FUSED_DECODE``     ``fused_decode``     one native call per int4 decode step ("0": off)
+    ``LLMOPT_FUSED_DECODE``     ``fused_decode``     one native call per int4 or GGUF decode step ("0": off)
     ``LLMOPT_QUANT_LM_HEAD``    ``quant_lm_head``,   "0"/"1" or a format name for the head when
                                 ``lm_head_fmt``      quantizing on load (default int8)
     ``LLMOPT_QUANT_EMBED``      ``quant_embed``      a tied embedding shares the quantized head
