@@ -13,9 +13,11 @@ Both runs:
 - the same torch thread count.
 
 Printed per system: mean step time, rollout (generation) time per step, completion tokens per
-step, and rollout tokens/s = completion tokens / rollout time. TRL's generation time is measured
-around its ``generate`` call (wrapped on the model instance), its step time by a trainer
-callback. Step 1 of each run is reported apart (warm-up) and left out of the means.
+step, and rollout tokens/s = completion tokens / rollout time, in wall time and in process CPU
+time (on a shared machine the CPU-time figure is the one other processes disturb least). TRL's
+generation time is measured around its ``generate`` call (wrapped on the model instance), ours
+around ``GRPOTrainer.rollouts``; step times by a trainer callback (TRL) and the run log (ours).
+Step 1 of each run is reported apart (warm-up) and left out of the means.
 
     python benchmarks/bench_grpo_trl.py --steps 4 --prompts-per-step 2 --group-size 4 --max-new-tokens 96
 """
@@ -25,9 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's llmopt, not an installed one
 
 
 def _examples(n: int):
@@ -55,10 +60,21 @@ def run_ours(args, examples) -> dict:
         cfg.validate()
         trainer = GRPOTrainer(cfg)
         trainer.examples = examples  # the same questions, in the same order, as TRL's run
+        cpu_s: list[float] = []
+        rollouts = trainer.rollouts
+
+        def timed_rollouts(step):
+            c0 = time.process_time()
+            try:
+                return rollouts(step)
+            finally:
+                cpu_s.append(time.process_time() - c0)
+
+        trainer.rollouts = timed_rollouts  # type: ignore[method-assign]
         trainer.train()
         recs = [json.loads(line) for line in (Path(d) / "log.jsonl").read_text().splitlines() if line.strip()]
     return {"step_s": [r["step_s"] for r in recs], "rollout_s": [r["rollout_s"] for r in recs],
-            "tokens": [r["rollout_tokens"] for r in recs]}
+            "rollout_cpu_s": cpu_s[: len(recs)], "tokens": [r["rollout_tokens"] for r in recs]}
 
 
 def run_trl(args, examples) -> dict:
@@ -94,13 +110,15 @@ def run_trl(args, examples) -> dict:
         return out
 
     gen_s: list[float] = []
+    gen_cpu_s: list[float] = []
 
     def timed_generate(*a, **kw):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             return orig_generate(*a, **kw)
         finally:
             gen_s.append(time.perf_counter() - t0)
+            gen_cpu_s.append(time.process_time() - c0)
 
     step_s: list[float] = []
 
@@ -132,18 +150,20 @@ def run_trl(args, examples) -> dict:
         trainer.train()
     per_step = max(1, len(n_tokens) // max(1, len(step_s)))
     tokens = [sum(n_tokens[i * per_step:(i + 1) * per_step]) for i in range(len(step_s))]
-    return {"step_s": step_s, "rollout_s": gen_s[: len(step_s)], "tokens": tokens}
+    return {"step_s": step_s, "rollout_s": gen_s[: len(step_s)], "rollout_cpu_s": gen_cpu_s[: len(step_s)],
+            "tokens": tokens}
 
 
-def _summary(name: str, r: dict) -> tuple[float, float]:
-    steps = list(zip(r["step_s"], r["rollout_s"], r["tokens"]))
+def _summary(name: str, r: dict) -> tuple[float, float, float]:
+    steps = list(zip(r["step_s"], r["rollout_s"], r["rollout_cpu_s"], r["tokens"]))
     first, rest = steps[0], steps[1:] or steps
-    step = statistics.fmean(s for s, _, _ in rest)
-    gen = statistics.fmean(g for _, g, _ in rest)
-    tok = statistics.fmean(t for _, _, t in rest)
-    tps = sum(t for _, _, t in rest) / sum(g for _, g, _ in rest)
-    print(f"{name:8} {len(steps):>5} {first[0]:9.1f} {step:9.1f} {gen:11.1f} {tok:10.0f} {tps:12.1f}")
-    return step, tps
+    step = statistics.fmean(s[0] for s in rest)
+    gen = statistics.fmean(s[1] for s in rest)
+    tok = statistics.fmean(s[3] for s in rest)
+    tps = sum(s[3] for s in rest) / sum(s[1] for s in rest)
+    cpu_tps = sum(s[3] for s in rest) / sum(s[2] for s in rest)
+    print(f"{name:8} {len(steps):>5} {first[0]:9.1f} {step:9.1f} {gen:11.1f} {tok:10.0f} {tps:14.1f} {cpu_tps:18.1f}")
+    return step, tps, cpu_tps
 
 
 def main() -> None:
@@ -173,11 +193,13 @@ def main() -> None:
         res["trl"] = run_trl(args, examples)
     print(f"\nGRPO, {args.model}, {args.steps} steps x {args.prompts_per_step} prompts x G={args.group_size}, "
           f"max_new_tokens {args.max_new_tokens}, {args.threads} threads (means over steps 2..)")
-    print(f"{'system':8} {'steps':>5} {'step1 s':>9} {'step s':>9} {'rollout s':>11} {'tokens':>10} {'rollout tok/s':>12}")
+    print(f"{'system':8} {'steps':>5} {'step1 s':>9} {'step s':>9} {'rollout s':>11} {'tokens':>10} "
+          f"{'rollout tok/s':>14} {'rollout tok/cpu-s':>18}")
     out = {name: _summary(name, r) for name, r in res.items()}
     if len(out) == 2:
-        (s_ours, t_ours), (s_trl, t_trl) = out["llmopt"], out["trl"]
-        print(f"\nllmopt / TRL: rollout tok/s {t_ours / t_trl:.2f}x, step time {s_trl / s_ours:.2f}x faster")
+        (s_ours, t_ours, c_ours), (s_trl, t_trl, c_trl) = out["llmopt"], out["trl"]
+        print(f"\nllmopt / TRL: rollout tok/s {t_ours / t_trl:.2f}x (per CPU second {c_ours / c_trl:.2f}x), "
+              f"step time {s_trl / s_ours:.2f}x faster")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from llmopt.engine.sampling_params import SamplingParams
 from llmopt.engine.sequence import Sequence, TokenLogprob
 
 if TYPE_CHECKING:
@@ -34,6 +35,34 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
         sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(0, idx, sorted_logits)
     return logits
+
+
+@torch.inference_mode()
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
+                generators: list[torch.Generator | None]) -> list[int]:
+    """One sampled token per row of ``logits`` [R, V] (overwritten) under ``params[j]``'s
+    temperature / top-k / top-p, drawn with ``generators[j]`` (None: torch's default generator).
+
+    All rows at once by inverse-CDF sampling, one uniform draw per row and step (a per-row
+    ``torch.multinomial`` draws V exponentials per row: ~6% of a GRPO rollout's time at a 49k
+    vocabulary). The row's distribution is ``softmax(filtered logits / T)``; its CDF is summed in
+    float64 and the token is the first whose CDF exceeds ``u * total`` (``u`` in [0, 1)), so a
+    token of probability 0 (filtered or masked) is never chosen. Each row depends only on its own
+    logits and generator: a seeded request samples the same tokens whatever else is in the batch."""
+    if logits.dim() != 2 or not len(params) == len(generators) == logits.shape[0]:
+        raise ValueError(f"sample_rows: logits {tuple(logits.shape)} need one SamplingParams and one generator "
+                         f"per row, got {len(params)} and {len(generators)}")
+    x = logits
+    x.div_(torch.tensor([p.temperature for p in params], dtype=x.dtype)[:, None])
+    for j, p in enumerate(params):
+        if p.top_k > 0 or p.top_p < 1.0:
+            x[j] = _filter(x[j], p.top_k, p.top_p)
+    cdf = torch.softmax(x, -1).double().cumsum_(-1)
+    total = cdf[:, -1]
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+    # u * total < total; rounding could land on it, which the largest double below total keeps out
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target[:, None], right=True)[:, 0].tolist()
 
 
 @torch.inference_mode()
@@ -64,18 +93,20 @@ def sample(logits: torch.Tensor, seqs: list[Sequence],
         mask_guided(logits, seqs, guided)
     elif any(s.guided is not None for s in seqs):
         raise ValueError("a sequence has a grammar but sample() got no GuidedDecoder to mask with")
-    tokens = logits.argmax(-1).tolist()
-    for i, seq in enumerate(seqs):
-        p = seq.params
-        if p.greedy:
-            continue
-        row = _filter(logits[i] / p.temperature, p.top_k, p.top_p)
-        probs = row.softmax(-1)
-        tokens[i] = int(torch.multinomial(probs, 1, generator=seq.generator).item())
+    rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+    greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
+    tokens = [0] * len(seqs)
+    if greedy:
+        for i, tok in zip(greedy, (logits if len(greedy) == len(seqs) else logits[greedy]).argmax(-1).tolist()):
+            tokens[i] = tok
+    if rows:
+        picked = sample_rows(logits[rows], [seqs[i].params for i in rows], [seqs[i].generator for i in rows])
+        for i, tok in zip(rows, picked):
+            tokens[i] = tok
     lps: list[TokenLogprob | None] = [None] * len(seqs)
     want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     if want:
-        logp = torch.log_softmax(logits[want], -1)
+        logp = torch.log_softmax(logits if len(want) == len(seqs) else logits[want], -1)
         for j, i in enumerate(want):
             n = seqs[i].params.logprobs
             top = torch.topk(logp[j], n) if n else None

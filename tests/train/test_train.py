@@ -34,7 +34,7 @@ from llmopt.train.data import (
     load_jsonl_examples,
     parse_suites,
 )
-from llmopt.train.grpo import GRPOConfig, GRPOTrainer, group_advantages, grpo_loss
+from llmopt.train.grpo import GRPOConfig, GRPOTrainer, RolloutWeights, group_advantages, grpo_loss
 from llmopt.train.rewards import Reward, RewardConfig, reward
 from llmopt.train.sft import SFTConfig, run_sft
 
@@ -290,6 +290,47 @@ def test_grpo_rollouts_come_from_our_engine_with_the_policy_logprobs(tiny_models
     assert {"reward", "format_rate", "accuracy", "kl", "rollout_tokens_per_s"} <= set(recs[0])
     assert load_adapter(out).rank == 4
     _report_draws_the_run(tmp_path / "g", tmp_path / "report", "grpo", 2)
+
+
+def test_rollout_weights_run_the_lora_policy_on_packed_projections_and_put_the_modules_back(tiny_models):
+    """Inside ``policy()`` every projection is a packed fp32 copy (LoRA ones with the adapter merged
+    in) computing what the LoRA model computes; on exit the same LoRA / Linear modules are back,
+    base weights untouched; frozen projections are packed once, LoRA ones again on every entry."""
+    from llmopt.kernels.dense import PackedLinear, native_available
+
+    if not native_available():
+        pytest.skip("native kernels are not built here")
+    _, hf_dir, _ = tiny_models["llama"]
+    model = load_model(hf_dir).model
+    peft_model = apply_lora(model, LoraSpec(rank=4, alpha=8, first_layer=1))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    ids = list(range(3, 40))
+    before = {name: model.get_submodule(name) for name in model.projection_names()}
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        want = token_logprobs(model, ids, 1)
+    rw = RolloutWeights(model, peft_model)
+    with torch.no_grad(), rw.policy():
+        assert all(isinstance(model.get_submodule(name), PackedLinear) for name in before)
+        got = token_logprobs(model, ids, 1)
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    assert all(model.get_submodule(name) is mod for name, mod in before.items())
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    frozen = dict(rw.frozen)
+    assert set(frozen) == {f"layers.0.{p}" for p in model.PROJECTIONS} | {"lm_head"}
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.05)  # an optimizer step: the next entry packs the new policy
+        want = token_logprobs(model, ids, 1)
+        with rw.policy():
+            got = token_logprobs(model, ids, 1)
+            assert all(model.get_submodule(name) is frozen[name] for name in frozen)
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
 
 
 def test_grpo_on_a_quantized_gguf_base_trains_float_projections(tiny_models, tmp_path):
