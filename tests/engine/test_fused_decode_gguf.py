@@ -22,8 +22,7 @@ from llmopt.engine.sampling_params import SamplingParams
 from llmopt.kernels import decode_step
 from llmopt.kernels import gguf_linear as G
 from llmopt.models.gguf_linear import GGUFLinear
-from llmopt.models.transformer import AttnContext
-from tests.conftest import tiny_hf_model, write_gguf
+from tests.conftest import decode_batch, gguf_blocks, tiny_hf_model, write_gguf
 
 pytestmark = pytest.mark.skipif(decode_step._native() is None or G.kernel_table() is None,
                                 reason="native kernels unavailable")
@@ -34,20 +33,6 @@ BS = 16
 # valid blocks (small fp16 super-block scales)
 LEGACY = [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0]
 K_TYPES = [QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K]
-_SCALE_OFFS = {QT.Q2_K: [80, 82], QT.Q3_K: [108], QT.Q4_K: [0, 2], QT.Q5_K: [0, 2], QT.Q6_K: [208]}
-
-
-def _blocks(a: np.ndarray, qt) -> np.ndarray:
-    if qt not in _SCALE_OFFS:
-        return quants.quantize(a, qt)
-    n, k = a.shape
-    block, ts = gguf.GGML_QUANT_SIZES[qt]
-    rng = np.random.default_rng(n * 7919 + k)
-    raw = rng.integers(0, 256, size=(n, k // block, ts), dtype=np.uint8)
-    for off in _SCALE_OFFS[qt]:
-        v = (rng.standard_normal((n, k // block)) * 1e-2).astype(np.float16)
-        raw[..., off:off + 2] = v.view(np.uint8).reshape(n, k // block, 2)
-    return raw.reshape(n, -1)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +46,7 @@ def tiny():
 
 def _file(tiny, tmp_path: Path, qtype, arch: str = "llama") -> Path:
     name = qtype.name if isinstance(qtype, QT) else "mixed"
-    return write_gguf(tiny[arch], tmp_path / f"{arch}-{name}.gguf", qtype=qtype, quantizer=_blocks)
+    return write_gguf(tiny[arch], tmp_path / f"{arch}-{name}.gguf", qtype=qtype, quantizer=gguf_blocks)
 
 
 def _engine(path: Path, threads: int = 1, act: str = "fp32", fused: bool = True) -> LLMEngine:
@@ -70,30 +55,13 @@ def _engine(path: Path, threads: int = 1, act: str = "fp32", fused: bool = True)
     return LLMEngine(str(path), cfg)
 
 
-def _step(lens: list[int], seed: int = 0):
-    """A decode-only batch: sequence i has lens[i] cached tokens (the new one included) in its own
-    non-contiguous blocks."""
-    g = torch.Generator().manual_seed(seed)
-    m = len(lens)
-    width = max((n + BS - 1) // BS for n in lens)
-    tables = torch.zeros(m, width, dtype=torch.int32)
-    for i, n in enumerate(lens):
-        nb = (n + BS - 1) // BS
-        tables[i, :nb] = torch.arange(nb, dtype=torch.int32) * m + i
-    pos = torch.tensor([n - 1 for n in lens])
-    slots = torch.tensor([int(tables[i, p // BS]) * BS + p % BS for i, p in enumerate(pos.tolist())])
-    ctx = AttnContext(slot_mapping=slots, num_decode=m, decode_block_tables=tables,
-                      decode_context_lens=torch.tensor(lens, dtype=torch.int32))
-    return torch.randint(0, 200, (m,), generator=g), pos, ctx
-
-
 def _assert_step_equals_forward(eng: LLMEngine, lens: list[int], seed: int = 0) -> None:
     """Fused step vs ``model.forward`` from the same random cache: hidden states and the new k/v
     written to the cache, bit for bit."""
     r = eng.runner
     g = torch.Generator().manual_seed(seed)
     k0, v0 = torch.randn(r.k_cache.shape, generator=g), torch.randn(r.v_cache.shape, generator=g)
-    ids, pos, ctx = _step(lens, seed)
+    ids, pos, ctx = decode_batch(lens, BS, seed)
     fused = FusedDecoder.build(r.model)
     assert fused is not None
     with torch.inference_mode():
@@ -145,7 +113,7 @@ def test_mixed_types_and_int8_activations(tiny, tmp_path):
             return QT.Q6_K
         return QT.Q8_0 if name.endswith("ffn_up.weight") else QT.Q4_K
 
-    path = write_gguf(tiny["qwen2"], tmp_path / "q4km.gguf", qtype=qtype, quantizer=_blocks)
+    path = write_gguf(tiny["qwen2"], tmp_path / "q4km.gguf", qtype=qtype, quantizer=gguf_blocks)
     for act in ("fp32", "int8"):
         eng = _engine(path, threads=2, act=act)
         qkv = eng.model.layers[0].self_attn.qkv_proj

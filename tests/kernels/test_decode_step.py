@@ -12,7 +12,7 @@ from llmopt.engine.fused_decode import FusedDecoder
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.kernels import decode_step
 from llmopt.models.transformer import AttnContext
-from tests.conftest import save_hf_dir, tiny_hf_model
+from tests.conftest import decode_batch, save_hf_dir, tiny_hf_model
 
 pytestmark = pytest.mark.skipif(decode_step._native() is None, reason="native kernels unavailable")
 
@@ -24,24 +24,6 @@ def _engine(tmp_path, arch="llama", threads=1, quant="int4", group_size=64, laye
     d = save_hf_dir(m, tmp_path / f"{arch}-{layers}")
     cfg = EngineConfig(num_threads=threads, num_kv_blocks=96, block_size=BS)
     return LLMEngine(str(d), cfg, quant=quant, group_size=group_size)
-
-
-def _step(lens: list[int], seed: int = 0):
-    """A decode-only batch: sequence i has lens[i] cached tokens (the new one included) in its own
-    blocks (non-contiguous, interleaved with the other sequences')."""
-    g = torch.Generator().manual_seed(seed)
-    m = len(lens)
-    width = max((n + BS - 1) // BS for n in lens)
-    tables = torch.zeros(m, width, dtype=torch.int32)
-    for i, n in enumerate(lens):
-        nb = (n + BS - 1) // BS
-        tables[i, :nb] = torch.arange(nb, dtype=torch.int32) * m + i
-    pos = torch.tensor([n - 1 for n in lens])
-    slots = torch.tensor([int(tables[i, p // BS]) * BS + p % BS for i, p in enumerate(pos.tolist())])
-    ctx = AttnContext(slot_mapping=slots, num_decode=m, decode_block_tables=tables,
-                      decode_context_lens=torch.tensor(lens, dtype=torch.int32))
-    ids = torch.randint(0, 200, (m,), generator=g)
-    return ids, pos, ctx
 
 
 def _both(eng, lens, tiles, seed=0):
@@ -61,7 +43,7 @@ def _both_run(eng, lens, tiles, seed):
     g = torch.Generator().manual_seed(seed)
     k0 = torch.randn(r.k_cache.shape, generator=g)
     v0 = torch.randn(r.v_cache.shape, generator=g)
-    ids, pos, ctx = _step(lens, seed)
+    ids, pos, ctx = decode_batch(lens, BS, seed)
     fused = FusedDecoder.build(r.model, tiles=tiles)
     assert fused is not None
     with torch.inference_mode():
@@ -195,7 +177,7 @@ def test_steps_it_does_not_take(tmp_path, monkeypatch):
     """Rows over the int8-activation limit, or exact int4 activations, go op by op (run -> None)."""
     eng = _engine(tmp_path)
     fused = eng.runner.fused
-    ids, pos, ctx = _step([4, 5])
+    ids, pos, ctx = decode_batch([4, 5], BS)
     monkeypatch.setattr("llmopt.kernels.qlinear.INT4_ACT", "fp32")
     assert fused.run(ids, pos, ctx) is None
     monkeypatch.setattr("llmopt.kernels.qlinear.INT4_ACT", "int8")
@@ -206,7 +188,7 @@ def test_steps_it_does_not_take(tmp_path, monkeypatch):
 def test_bad_inputs_raise(tmp_path):
     eng = _engine(tmp_path)
     fused = eng.runner.fused
-    ids, pos, ctx = _step([4, 20])
+    ids, pos, ctx = decode_batch([4, 20], BS)
     with torch.inference_mode():
         bad = AttnContext(ctx.slot_mapping, 2, ctx.decode_block_tables.clone(), ctx.decode_context_lens)
         bad.decode_block_tables[1, 1] = 10_000

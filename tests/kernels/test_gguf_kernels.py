@@ -17,6 +17,7 @@ from gguf import quants
 
 from llmopt.kernels import build
 from llmopt.kernels import gguf_linear as G
+from tests.conftest import K_QUANT_SCALE_OFFSETS, k_quant_blocks
 
 QT = gguf.GGMLQuantizationType
 TYPES = [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K]
@@ -25,7 +26,6 @@ MS = [1, 2, 3, 4, 7, 16, 64, 200]
 # K crosses the kernels' 256-wide k chunks and is not a multiple of them; N is not a multiple of the
 # 16-column panel nor of the 4-panel group
 SHAPE = {32: (37, 544), 256: (37, 768)}  # block size -> (N, K)
-_SCALE_OFFS = {QT.Q2_K: [80, 82], QT.Q3_K: [108], QT.Q4_K: [0, 2], QT.Q5_K: [0, 2], QT.Q6_K: [208]}
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -33,14 +33,9 @@ def random_blocks(qt: QT, n: int, k: int, seed: int = 0) -> np.ndarray:
     """uint8 [n, bytes_per_row]: gguf.quants.quantize of random weights, or (types gguf cannot
     quantize: K-quants) random bytes with valid, small fp16 scales."""
     rng = np.random.default_rng(seed)
-    block, ts = gguf.GGML_QUANT_SIZES[qt]
-    if qt not in _SCALE_OFFS:
+    if qt.name not in K_QUANT_SCALE_OFFSETS:
         return quants.quantize((rng.standard_normal((n, k)) * 0.05).astype(np.float32), qt)
-    raw = rng.integers(0, 256, size=(n, k // block, ts), dtype=np.uint8)
-    for off in _SCALE_OFFS[qt]:
-        v = (rng.standard_normal((n, k // block)) * 1e-2).astype(np.float16)
-        raw[..., off:off + 2] = v.view(np.uint8).reshape(n, k // block, 2)
-    return raw.reshape(n, -1)
+    return k_quant_blocks(n, k, qt, rng)
 
 
 def case(qt: QT, seed: int = 0) -> tuple[G.GGUFPacked, torch.Tensor]:

@@ -7,41 +7,22 @@ greedy; on the real SmolLM2 file greedy tokens equal the fp32 path's."""
 from __future__ import annotations
 
 import gguf
-import numpy as np
 import pytest
 import torch
-from gguf import quants
 
 from llmopt import LLM, SamplingParams
 from llmopt.kernels.dense import PackedLinear
 from llmopt.models.gguf_linear import GGUFEmbedding, GGUFLinear
 from llmopt.models.loader import load_model
-from tests.conftest import SMOLLM2, requires_smollm2, save_hf_dir, tiny_hf_model, write_gguf
+from tests.conftest import SMOLLM2, gguf_blocks, requires_smollm2, save_hf_dir, tiny_hf_model, write_gguf
 
 QT = gguf.GGMLQuantizationType
 BLOCK_TYPES = [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0]  # gguf.quants quantizes these
 K_TYPES = [QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K]  # gguf.quants cannot: random valid blocks
-_SCALE_OFFS = {QT.Q2_K: [80, 82], QT.Q3_K: [108], QT.Q4_K: [0, 2], QT.Q5_K: [0, 2], QT.Q6_K: [208]}
 # Tolerance: fp32 summation in another order over K <= 512 terms per output, through 2 layers:
 # max |diff| / max |logit| measured 4e-7 .. 6e-6 over these types and archs; a wrong block, row
 # order or scale gives O(1).
 RTOL = 5e-5
-
-
-def k_quant_blocks(a: np.ndarray, qt) -> np.ndarray:
-    """Random bytes with small valid fp16 super-block scales (deterministic per shape)."""
-    n, k = a.shape
-    block, ts = gguf.GGML_QUANT_SIZES[qt]
-    rng = np.random.default_rng(n * 7919 + k)
-    raw = rng.integers(0, 256, size=(n, k // block, ts), dtype=np.uint8)
-    for off in _SCALE_OFFS[qt]:
-        v = (rng.standard_normal((n, k // block)) * 1e-2).astype(np.float16)
-        raw[..., off:off + 2] = v.view(np.uint8).reshape(n, k // block, 2)
-    return raw.reshape(n, -1)
-
-
-def _quantizer(a: np.ndarray, qt) -> np.ndarray:
-    return k_quant_blocks(a, qt) if qt in _SCALE_OFFS else quants.quantize(a, qt)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +46,7 @@ def _assert_close(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
 @pytest.mark.parametrize("qt", BLOCK_TYPES + K_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_gguf_native_logits_equal_the_dequantized_model(tiny, tmp_path, arch, qt):
-    path = write_gguf(tiny[arch], tmp_path / f"{arch}-{qt.name}.gguf", qtype=qt, quantizer=_quantizer)
+    path = write_gguf(tiny[arch], tmp_path / f"{arch}-{qt.name}.gguf", qtype=qt, quantizer=gguf_blocks)
     native = load_model(path, gguf_native=True).model
     ref = load_model(path).model  # float nn.Linear on the dequantized weights
     for i, layer in enumerate(native.layers):
@@ -88,7 +69,7 @@ def test_fused_projection_mixing_types_and_a_float_shard(tiny, tmp_path):
             return QT.F16
         return QT.Q6_K if name.endswith(("attn_v.weight", "ffn_down.weight")) else QT.Q4_K
 
-    path = write_gguf(tiny["llama"], tmp_path / "mixed.gguf", qtype=qtype, quantizer=_quantizer)
+    path = write_gguf(tiny["llama"], tmp_path / "mixed.gguf", qtype=qtype, quantizer=gguf_blocks)
     native = load_model(path, gguf_native=True).model
     assert native.layers[0].self_attn.qkv_proj.type_names == ["Q4_K", "Q6_K"]
     assert native.layers[0].mlp.down_proj.type_names == ["Q6_K"]
