@@ -191,6 +191,8 @@ class GRPOTrainer:
             adapter, state = resumed
             load_lora_weights(self.peft_model, adapter, f"checkpoint in {self.run_dir}")
             self.opt.load_state_dict(state["optimizer"])
+            for g in self.opt.param_groups:  # the saved state carries the old run's lr: this command's --lr wins
+                g["lr"] = cfg.lr
             restore_rng(state)
             self.step = int(state["step"])
             self.runlog.truncate_after(self.step)

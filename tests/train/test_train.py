@@ -289,6 +289,8 @@ def test_grpo_rollouts_come_from_our_engine_with_the_policy_logprobs(tiny_models
     assert [x["step"] for x in recs] == [1, 2]
     assert {"reward", "format_rate", "accuracy", "kl", "rollout_tokens_per_s"} <= set(recs[0])
     assert load_adapter(out).rank == 4
+    resumed = GRPOTrainer(GRPOConfig(**{**cfg.__dict__, "lr": 1e-3, "steps": 3}), reward_fn=distinct_chars)
+    assert resumed.step == 2 and [g["lr"] for g in resumed.opt.param_groups] == [1e-3]  # --lr on resume is used
     _report_draws_the_run(tmp_path / "g", tmp_path / "report", "grpo", 2)
 
 
