@@ -222,3 +222,25 @@ def decode_batch(lens: list[int], block_size: int, seed: int = 0):
     ctx = AttnContext(slot_mapping=slots, num_decode=m, decode_block_tables=tables,
                       decode_context_lens=torch.tensor(lens, dtype=torch.int32))
     return torch.randint(0, 200, (m,), generator=g), pos, ctx
+
+
+def fused_and_forward(eng, lens: list[int], block_size: int, seed: int = 0, tiles: bool | None = None):
+    """The fused decode step and the op-by-op forward of ``eng``'s model on the same decode batch,
+    each from the same random K/V cache: (fused hidden, fused caches, forward hidden, forward caches)."""
+    from llmopt.engine.fused_decode import FusedDecoder
+
+    r = eng.runner
+    g = torch.Generator().manual_seed(seed)
+    k0 = torch.randn(r.k_cache.shape, generator=g)
+    v0 = torch.randn(r.v_cache.shape, generator=g)
+    ids, pos, ctx = decode_batch(lens, block_size, seed)
+    fused = FusedDecoder.build(r.model, tiles=tiles)
+    assert fused is not None
+    with torch.inference_mode():
+        r.k_cache.copy_(k0), r.v_cache.copy_(v0)
+        a = fused.run(ids, pos, ctx)
+        ca = (r.k_cache.clone(), r.v_cache.clone())
+        r.k_cache.copy_(k0), r.v_cache.copy_(v0)
+        b = r.model(ids, pos, ctx)
+        cb = (r.k_cache.clone(), r.v_cache.clone())
+    return a, ca, b, cb

@@ -249,7 +249,7 @@ class LLMEngine:
             return ""
         if t.phase == Phase.THINKING:
             # loop exit keeps the format too: without a budget, thinking is closed where the answer still fits
-            budget = p.think_budget if p.think_budget is not None or not p.loop_exit else p.max_tokens
+            budget = p.think_budget if p.think_budget is not None else (p.max_tokens if p.loop_exit else None)
             limit = budget_limit(budget, p.max_tokens, len(self.close_ids))
             if limit is not None and n >= limit:
                 t.close(n, "budget")

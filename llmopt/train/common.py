@@ -76,27 +76,35 @@ def lora_parameters(peft_model: nn.Module) -> list[nn.Parameter]:
     return [p for n, p in peft_model.named_parameters() if p.requires_grad]
 
 
-def export_adapter(peft_model: nn.Module, base_name: str, recipe: str = "") -> LoraAdapter:
-    """Our adapter format from a PEFT model (module names of the plain ``Transformer``)."""
+def lora_layers(peft_model: nn.Module) -> dict[str, Any]:
+    """PEFT's LoRA layers of ``peft_model`` (those with the ``default`` adapter) by their module name
+    in the plain ``Transformer``."""
     from peft.tuners.lora import LoraLayer
 
+    return {name.replace("base_model.model.", ""): m for name, m in peft_model.named_modules()
+            if isinstance(m, LoraLayer) and "default" in m.lora_A}
+
+
+def lora_delta(layer: Any) -> torch.Tensor:
+    """``scale * B @ A`` of one PEFT LoRA layer: what it adds to its base weight."""
+    return (layer.lora_B["default"].weight @ layer.lora_A["default"].weight) * layer.scaling["default"]
+
+
+def export_adapter(peft_model: nn.Module, base_name: str, recipe: str = "") -> LoraAdapter:
+    """Our adapter format from a PEFT model (module names of the plain ``Transformer``)."""
     tensors = {}
     scale = None
-    for name, mod in peft_model.named_modules():
-        if isinstance(mod, LoraLayer) and "default" in mod.lora_A:
-            clean = name.replace("base_model.model.", "")
-            a = mod.lora_A["default"].weight.detach().clone()
-            b = mod.lora_B["default"].weight.detach().clone()
-            tensors[clean] = (a, b)
-            scale = mod.scaling["default"]
+    for name, mod in lora_layers(peft_model).items():
+        a = mod.lora_A["default"].weight.detach().clone()
+        b = mod.lora_B["default"].weight.detach().clone()
+        tensors[name] = (a, b)
+        scale = mod.scaling["default"]
     require(bool(tensors), "the model has no LoRA layers to export")
     return LoraAdapter(tensors, float(scale), base_fingerprint(peft_model), base_name, recipe)
 
 
 def load_lora_weights(peft_model: nn.Module, adapter: LoraAdapter, source: str) -> None:
-    """Put an adapter's A/B into the PEFT model's LoRA layers (to resume or to start GRPO from SFT)."""
-    from peft.tuners.lora import LoraLayer
-
+    """Put an adapter's A/B into the PEFT model's LoRA layers (to resume a run, or SFT from --init-adapter)."""
     from llmopt.models.adapter import AdapterMismatchError
 
     fp = base_fingerprint(peft_model)
@@ -104,8 +112,7 @@ def load_lora_weights(peft_model: nn.Module, adapter: LoraAdapter, source: str) 
         raise AdapterMismatchError(
             f"{source} was trained on base model {adapter.base_name or '?'} (fingerprint {adapter.base_fingerprint}), "
             f"not on the loaded model (fingerprint {fp}): start from an adapter of this base model")
-    mods = {name.replace("base_model.model.", ""): m for name, m in peft_model.named_modules()
-            if isinstance(m, LoraLayer) and "default" in m.lora_A}
+    mods = lora_layers(peft_model)
     if set(mods) != set(adapter.tensors):
         raise TrainConfigError(f"{source} adapts {len(adapter.tensors)} modules but this run's LoRA has {len(mods)} "
                                "(different --lora-first-layer?): use the same LoRA layout")

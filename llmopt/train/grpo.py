@@ -54,6 +54,8 @@ from llmopt.train.common import (
     export_adapter,
     latest_checkpoint,
     load_lora_weights,
+    lora_delta,
+    lora_layers,
     lora_parameters,
     require,
     restore_rng,
@@ -346,16 +348,13 @@ def merged_lora(peft_model: torch.nn.Module) -> Iterator[None]:
     """Inside: every LoRA layer's base weight holds ``W + scale * B @ A`` and the LoRA branch is off,
     so a forward pass runs plain Linear layers with the policy's weights; on exit ``W`` is restored
     bit for bit (a saved copy, not a subtraction)."""
-    from peft.tuners.lora import LoraLayer
-
-    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer) and "default" in m.lora_A]
+    layers = list(lora_layers(peft_model).values())
     saved = []
     with torch.no_grad():
         for m in layers:
             w = m.get_base_layer().weight
             saved.append(w.detach().clone())
-            delta = (m.lora_B["default"].weight @ m.lora_A["default"].weight) * m.scaling["default"]
-            w.add_(delta.to(w.dtype))
+            w.add_(lora_delta(m).to(w.dtype))
     try:
         with peft_model.disable_adapter():  # type: ignore[operator]
             yield
@@ -421,8 +420,7 @@ class RolloutWeights:
             for name, mod in targets:
                 if isinstance(mod, LoraLayer):
                     base = mod.get_base_layer()
-                    delta = (mod.lora_B["default"].weight @ mod.lora_A["default"].weight) * mod.scaling["default"]
-                    packed = PackedLinear(base.weight + delta.to(base.weight.dtype), base.bias)
+                    packed = PackedLinear(base.weight + lora_delta(mod).to(base.weight.dtype), base.bias)
                 elif mod.weight.requires_grad:  # trained in place: its packed copy would go stale
                     packed = PackedLinear.from_linear(mod)  # type: ignore[arg-type]
                 else:
@@ -433,15 +431,11 @@ class RolloutWeights:
         self.pack_s = time.perf_counter() - t0
         try:
             for name, _mod, packed in swapped:
-                self._set(name, packed)
+                self.model.set_submodule(name, packed)
             yield
         finally:
             for name, mod, _packed in swapped:
-                self._set(name, mod)
-
-    def _set(self, name: str, module: torch.nn.Module) -> None:
-        parent_name, _, child = name.rpartition(".")
-        setattr(self.model.get_submodule(parent_name) if parent_name else self.model, child, module)
+                self.model.set_submodule(name, mod)
 
 
 def run_grpo(cfg: GRPOConfig, progress: Callable[[dict], None] | None = None) -> Path:

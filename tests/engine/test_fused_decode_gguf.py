@@ -22,7 +22,7 @@ from llmopt.engine.sampling_params import SamplingParams
 from llmopt.kernels import decode_step
 from llmopt.kernels import gguf_linear as G
 from llmopt.models.gguf_linear import GGUFLinear
-from tests.conftest import decode_batch, gguf_blocks, tiny_hf_model, write_gguf
+from tests.conftest import fused_and_forward, gguf_blocks, tiny_hf_model, write_gguf
 
 pytestmark = pytest.mark.skipif(decode_step._native() is None or G.kernel_table() is None,
                                 reason="native kernels unavailable")
@@ -58,19 +58,7 @@ def _engine(path: Path, threads: int = 1, act: str = "fp32", fused: bool = True)
 def _assert_step_equals_forward(eng: LLMEngine, lens: list[int], seed: int = 0) -> None:
     """Fused step vs ``model.forward`` from the same random cache: hidden states and the new k/v
     written to the cache, bit for bit."""
-    r = eng.runner
-    g = torch.Generator().manual_seed(seed)
-    k0, v0 = torch.randn(r.k_cache.shape, generator=g), torch.randn(r.v_cache.shape, generator=g)
-    ids, pos, ctx = decode_batch(lens, BS, seed)
-    fused = FusedDecoder.build(r.model)
-    assert fused is not None
-    with torch.inference_mode():
-        r.k_cache.copy_(k0), r.v_cache.copy_(v0)
-        a = fused.run(ids, pos, ctx)
-        ca = (r.k_cache.clone(), r.v_cache.clone())
-        r.k_cache.copy_(k0), r.v_cache.copy_(v0)
-        b = r.model(ids, pos, ctx)
-        cb = (r.k_cache.clone(), r.v_cache.clone())
+    a, ca, b, cb = fused_and_forward(eng, lens, BS, seed)
     assert a is not None and a.shape == b.shape
     assert torch.equal(a, b), f"rows {len(lens)}: max |diff| {(a - b).abs().max().item():.3g}"
     assert torch.equal(ca[0], cb[0]) and torch.equal(ca[1], cb[1])

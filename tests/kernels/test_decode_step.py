@@ -12,7 +12,7 @@ from llmopt.engine.fused_decode import FusedDecoder
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.kernels import decode_step
 from llmopt.models.transformer import AttnContext
-from tests.conftest import decode_batch, save_hf_dir, tiny_hf_model
+from tests.conftest import decode_batch, fused_and_forward, save_hf_dir, tiny_hf_model
 
 pytestmark = pytest.mark.skipif(decode_step._native() is None, reason="native kernels unavailable")
 
@@ -33,27 +33,9 @@ def _both(eng, lens, tiles, seed=0):
 
     qlinear_tiles, qlinear.TILES = qlinear.TILES, tiles
     try:
-        return _both_run(eng, lens, tiles, seed)
+        return fused_and_forward(eng, lens, BS, seed, tiles)
     finally:
         qlinear.TILES = qlinear_tiles
-
-
-def _both_run(eng, lens, tiles, seed):
-    r = eng.runner
-    g = torch.Generator().manual_seed(seed)
-    k0 = torch.randn(r.k_cache.shape, generator=g)
-    v0 = torch.randn(r.v_cache.shape, generator=g)
-    ids, pos, ctx = decode_batch(lens, BS, seed)
-    fused = FusedDecoder.build(r.model, tiles=tiles)
-    assert fused is not None
-    with torch.inference_mode():
-        r.k_cache.copy_(k0), r.v_cache.copy_(v0)
-        a = fused.run(ids, pos, ctx)
-        ca = (r.k_cache.clone(), r.v_cache.clone())
-        r.k_cache.copy_(k0), r.v_cache.copy_(v0)
-        b = r.model(ids, pos, ctx)
-        cb = (r.k_cache.clone(), r.v_cache.clone())
-    return a, ca, b, cb
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])

@@ -46,6 +46,15 @@ def _hf_grads(hf, ids):
     return out.loss.item()
 
 
+def _random_lora_b(peft_model, seed: int) -> None:
+    """Random LoRA B matrices (PEFT starts them at 0): a LoRA model that differs from its base."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+
+
 def test_our_decoder_gradients_match_transformers_llama(tiny_models):
     hf, hf_dir, _ = tiny_models["llama"]
     hf = hf.float().train()
@@ -93,11 +102,7 @@ def test_adapter_export_merge_equals_the_lora_model_and_refuses_another_base(tin
     _, hf_dir, _ = tiny_models["llama"]
     net = load_model(hf_dir).model
     peft = apply_lora(net, LoraSpec(rank=4, alpha=8, first_layer=0))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for n, p in peft.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
+    _random_lora_b(peft, 0)
     ids = list(range(3, 30))
     with torch.no_grad():
         want = token_logprobs(net, ids, 1)
@@ -305,11 +310,7 @@ def test_rollout_weights_run_the_lora_policy_on_packed_projections_and_put_the_m
     _, hf_dir, _ = tiny_models["llama"]
     model = load_model(hf_dir).model
     peft_model = apply_lora(model, LoraSpec(rank=4, alpha=8, first_layer=1))
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
+    _random_lora_b(peft_model, 3)
     ids = list(range(3, 40))
     before = {name: model.get_submodule(name) for name in model.projection_names()}
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -384,11 +385,7 @@ def test_grpo_from_an_sft_adapter_keeps_it_as_reference_and_ships_the_stack(tiny
 
     _, hf_dir, _ = tiny_models["llama"]
     sft = apply_lora(load_model(hf_dir).model, LoraSpec(rank=4, alpha=8, first_layer=0))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for n, p in sft.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
+    _random_lora_b(sft, 1)
     init = save_adapter(tmp_path / "sft.safetensors", export_adapter(sft, "tiny-llama"), dtype=torch.float32)
     base_fp = base_fingerprint(load_model(hf_dir).model)
     ids = list(range(3, 30))
