@@ -64,6 +64,7 @@ class Result:
 def params_for(s: Setting, args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(max_tokens=args.max_tokens, temperature=0.0, stop=["</answer>"],
                           include_stop_str_in_output=True, think_budget=s.think_budget,
+                          answer_budget=args.answer_budget if s.name != "unlimited" else None,
                           early_exit=s.threshold is not None, loop_exit=s.loop_exit,
                           loop_exit_ngram=args.loop_ngram, loop_exit_repeats=args.loop_repeats,
                           **({"early_exit_threshold": s.threshold} if s.threshold is not None else {}),
@@ -104,6 +105,8 @@ def main() -> None:
     ap.add_argument("--budgets", default="64,128", help="think budgets to sweep (comma-separated, '' for none)")
     ap.add_argument("--thresholds", default="0.9", help="early-exit thresholds to sweep ('' for none)")
     ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--answer-budget", type=int, default=None,
+                    help="answer_budget of every setting but unlimited (tokens after thinking ends)")
     ap.add_argument("--min-gap", type=int, default=None, help="early_exit_min_gap (default: the engine's)")
     ap.add_argument("--markers", default=None, help='early_exit_markers as a JSON list, e.g. \'["\\n\\n", " "]\'')
     ap.add_argument("--probe-tokens", type=int, default=None, help="early_exit_probe_tokens (default: the engine's)")
@@ -196,7 +199,7 @@ def main() -> None:
           f"max_tokens {args.max_tokens}, cases of {args.case_size} at concurrency {args.concurrency}, "
           f"prefill_think={args.prefill_think}, threads={engine.config.num_threads}, min_gap={args.min_gap}, "
           f"probe_tokens={args.probe_tokens}, markers={args.markers}, loop_ngram={args.loop_ngram}, "
-          f"loop_repeats={args.loop_repeats}")
+          f"loop_repeats={args.loop_repeats}, answer_budget={args.answer_budget} (all but unlimited)")
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     print(" | ".join(h.ljust(w) for h, w in zip(header, widths)))
     print("-|-".join("-" * w for w in widths))

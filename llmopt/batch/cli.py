@@ -66,6 +66,8 @@ def run_command(
     think_budget: Annotated[Optional[int], typer.Option(help="close <think> after this many tokens where the file "
                                                              "sets no think_budget (docs/reasoning.md)",
                                                         min=1)] = None,
+    answer_budget: Annotated[Optional[int], typer.Option(help="close <answer> this many tokens after thinking ended "
+                                                              "(tags included; docs/reasoning.md)", min=1)] = None,
     early_exit: Annotated[bool, typer.Option("--early-exit/--no-early-exit",
                                              help="stop thinking when a trial answer at a pause is confident")] = False,
     early_exit_threshold: Annotated[float, typer.Option(help="mean token probability a trial answer needs, (0, 1]",
@@ -120,7 +122,8 @@ def run_command(
     batch = load_batch(cases)
     options = RunOptions(system=DEFAULT_SYSTEM_PROMPT if system is None else system, max_tokens=max_tokens,
                          concurrency=concurrency, temperature=temperature, top_p=top_p, seed=seed,
-                         stop_at_answer=stop_at_answer, think_budget=think_budget, early_exit=early_exit,
+                         stop_at_answer=stop_at_answer, think_budget=think_budget, answer_budget=answer_budget,
+                         early_exit=early_exit,
                          early_exit_threshold=early_exit_threshold, loop_exit=loop_exit)
     run = BatchRun(batch, output, options, resume=resume)
     todo = run.pending_questions

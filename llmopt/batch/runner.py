@@ -65,6 +65,7 @@ class RunOptions:
     seed: int | None = None
     stop_at_answer: bool = True  # end an answer at its first </answer> (kept in the text)
     think_budget: int | None = None  # close <think> after this many tokens (a case's think_budget wins)
+    answer_budget: int | None = None  # close <answer> this many tokens after thinking ended
     early_exit: bool = False  # DEER-style confidence early exit (llmopt.reasoning.early_exit)
     early_exit_threshold: float = DEFAULT_THRESHOLD
     loop_exit: bool = False  # close <think> when it starts repeating itself (llmopt.reasoning.loops)
@@ -72,7 +73,7 @@ class RunOptions:
     def __post_init__(self) -> None:
         if self.max_tokens < 1 or self.concurrency < 1:
             raise ValueError(f"max_tokens and concurrency must be >= 1, got {self.max_tokens} and {self.concurrency}")
-        SamplingParams(think_budget=self.think_budget, early_exit=self.early_exit,
+        SamplingParams(think_budget=self.think_budget, answer_budget=self.answer_budget, early_exit=self.early_exit,
                        early_exit_threshold=self.early_exit_threshold,
                        loop_exit=self.loop_exit)  # ValueError naming a bad value
 
@@ -271,8 +272,8 @@ class BatchRun:
                               temperature=o.temperature, top_p=o.top_p, seed=o.seed,
                               stop=[ANSWER_END] if o.stop_at_answer else None, include_stop_str_in_output=True,
                               think_budget=(case and case.think_budget) or self.batch.think_budget or o.think_budget,
-                              early_exit=o.early_exit, early_exit_threshold=o.early_exit_threshold,
-                              loop_exit=o.loop_exit)
+                              answer_budget=o.answer_budget, early_exit=o.early_exit,
+                              early_exit_threshold=o.early_exit_threshold, loop_exit=o.loop_exit)
 
     def prompts(self, questions: tuple[Question, ...], case: Case | None = None) -> list[Messages]:
         return [messages_for(q, case and case.system, self.batch.system, self.options.system) for q in questions]

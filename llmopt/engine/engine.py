@@ -32,6 +32,7 @@ from llmopt.reasoning.budget import (
     CLOSE_TEXT,
     Phase,
     ThinkTracker,
+    answer_limit,
     budget_limit,
     prompt_opens_think,
     should_force_answer_close,
@@ -259,8 +260,9 @@ class LLMEngine:
                 return self._force(seq, self.close_ids, now)
             if p.early_exit and should_probe(t, n, seq.text, new_chars, p.early_exit_config):
                 self._fork_probe(seq)
-        elif p.steers_thinking and should_force_answer_close(t, n, p.max_tokens, len(self.answer_close_ids)):
-            return self._force(seq, self.answer_close_ids, now)
+        elif p.steers_thinking and should_force_answer_close(t, n, answer_limit(t, p.max_tokens, p.answer_budget),
+                                                             len(self.answer_close_ids)):
+            return self._end_answer(seq, now)
         return ""
 
     @staticmethod
@@ -289,6 +291,10 @@ class LLMEngine:
         if t.phase == Phase.THINKING:
             t.close(len(seq.output_ids), "eos")
             return self._force(seq, self.close_ids, now)
+        return self._end_answer(seq, now)
+
+    def _end_answer(self, seq: Sequence, now: float) -> str:
+        """Write ``</answer>`` and end the sequence (at its answer budget, max_tokens or an EOS)."""
         delta = self._force(seq, self.answer_close_ids, now)
         if not seq.finished:
             self.scheduler.finish(seq, "stop")

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from llmopt.config import check_kv_policy
-from llmopt.reasoning.budget import check_think_budget
+from llmopt.reasoning.budget import check_answer_budget, check_think_budget
 from llmopt.reasoning.early_exit import (
     DEFAULT_MARKERS,
     DEFAULT_MIN_GAP,
@@ -43,6 +43,9 @@ class SamplingParams:
     # efficient reasoning (llmopt.reasoning, docs/reasoning.md): close <think> after this many output
     # tokens; and/or try the answer at thinking pauses and stop thinking when it is confident
     think_budget: int | None = None
+    # most output tokens after thinking ended (however it ended; the closing tags included): then the
+    # engine writes </answer>. A model that rambles on in its answer after a forced close stops there.
+    answer_budget: int | None = None
     early_exit: bool = False
     early_exit_threshold: float = DEFAULT_THRESHOLD  # mean token probability of the trial answer, (0, 1]
     early_exit_min_gap: int = DEFAULT_MIN_GAP  # think tokens between probes
@@ -87,6 +90,7 @@ class SamplingParams:
         elif self.kv_budget is not None:
             raise ValueError("kv_budget needs kv_policy ('streaming' or 'snapkv') in the same request")
         check_think_budget(self.think_budget)
+        check_answer_budget(self.answer_budget)
         self.early_exit_markers = tuple(self.early_exit_markers)
         check_early_exit(self.early_exit_threshold, self.early_exit_min_gap, self.early_exit_probe_tokens,
                          self.early_exit_markers)
@@ -96,7 +100,7 @@ class SamplingParams:
             raise ValueError(f"loop_exit must be true or false, got {self.loop_exit!r}")
         check_loop_exit(self.loop_exit_ngram, self.loop_exit_repeats)
         if self.guided is not None and self.steers_thinking:
-            raise ValueError("think_budget, early_exit and loop_exit cannot be combined with guided decoding (the engine's "
+            raise ValueError("think_budget, answer_budget, early_exit and loop_exit cannot be combined with guided decoding (the engine's "
                              "forced closing text would fight the grammar); cap the think part in the grammar instead")
 
     @property
@@ -111,7 +115,7 @@ class SamplingParams:
     @property
     def steers_thinking(self) -> bool:
         """The engine may write into this output to keep it in the think/answer format."""
-        return self.think_budget is not None or self.early_exit or self.loop_exit
+        return self.think_budget is not None or self.answer_budget is not None or self.early_exit or self.loop_exit
 
     @property
     def greedy(self) -> bool:

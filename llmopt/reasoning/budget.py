@@ -18,7 +18,8 @@ token that completed it, for an engine-written one the tokens before the forced 
 the model's tokenizer, appended as one chunk that the next step computes like a prefill chunk):
 the request's ``think_budget``, lowered so that the closing text and ``ANSWER_RESERVE_TOKENS``
 of answer still fit ``max_tokens``. In a budgeted sequence whose answer has not closed when only
-the tokens of ``ANSWER_CLOSE_TEXT`` still fit ``max_tokens``, the engine writes that too, so the
+the tokens of ``ANSWER_CLOSE_TEXT`` still fit ``max_tokens`` (or the request's ``answer_budget``:
+at most that many tokens after thinking ended, tags included), the engine writes that too, so the
 output ends with ``</answer>`` (an answer cut short, but the format holds). When a sequence with a
 budget or early exit ends (EOS) inside the think part, the engine writes ``CLOSE_TEXT`` instead of
 the EOS and the model answers; inside the answer, it writes ``</answer>`` and the sequence ends.
@@ -60,6 +61,14 @@ def prompt_opens_think(prompt_tail: str) -> bool:
     """True when the prompt ends with ``<think>`` (and optional whitespace): the caller forced the
     assistant prefix, so the output starts inside the think part."""
     return prompt_tail.rstrip().endswith(THINK_OPEN)
+
+
+def check_answer_budget(answer_budget: int | None) -> None:
+    if answer_budget is None:
+        return
+    if isinstance(answer_budget, bool) or not isinstance(answer_budget, int) or answer_budget < 1:
+        raise ValueError(f"answer_budget must be an integer >= 1 (tokens after thinking ends) or None for no "
+                         f"limit, got {answer_budget!r}")
 
 
 def budget_limit(think_budget: int | None, max_tokens: int, close_len: int) -> int | None:
@@ -128,10 +137,19 @@ class ThinkTracker:
                               list(self.confidences), self.exit_at)
 
 
-def should_force_answer_close(t: ThinkTracker, num_output_tokens: int, max_tokens: int, close_len: int) -> bool:
-    """A budgeted sequence in its answer whose room in ``max_tokens`` is down to the closing tag."""
+def answer_limit(t: ThinkTracker, max_tokens: int, answer_budget: int | None) -> int:
+    """Output tokens at which a steered sequence's answer must be closed: ``max_tokens``, or with an
+    ``answer_budget`` that many tokens after thinking ended (the closing tags included), if sooner."""
+    if answer_budget is None:
+        return max_tokens
+    return min(max_tokens, t.think_tokens + answer_budget)
+
+
+def should_force_answer_close(t: ThinkTracker, num_output_tokens: int, limit: int, close_len: int) -> bool:
+    """A budgeted sequence in its answer whose room before ``limit`` (:func:`answer_limit`) is down to
+    the closing tag."""
     return (t.phase == Phase.ANSWER and not t.answer_closed
-            and max_tokens - num_output_tokens == close_len)
+            and limit - num_output_tokens <= close_len)
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,7 @@ class _SamplingFields(_Request):
 
     # llmopt extensions: efficient reasoning (docs/reasoning.md); values are checked by SamplingParams
     think_budget: int | None = None  # close <think> after this many tokens
+    answer_budget: int | None = None  # close <answer> this many tokens after thinking ended
     early_exit: bool = False  # stop thinking when a trial answer at a pause is confident
     early_exit_threshold: float | None = None  # (0, 1]; default: llmopt.reasoning.early_exit.DEFAULT_THRESHOLD
     loop_exit: bool = False  # close <think> when it starts repeating itself
@@ -80,7 +81,8 @@ class _SamplingFields(_Request):
 
     def reasoning_fields(self) -> dict[str, Any]:
         """The efficient-reasoning fields that are set, as ``SamplingParams`` keywords."""
-        out: dict[str, Any] = {"think_budget": self.think_budget, "early_exit": self.early_exit}
+        out: dict[str, Any] = {"think_budget": self.think_budget, "answer_budget": self.answer_budget,
+                               "early_exit": self.early_exit}
         if self.early_exit_threshold is not None:
             out["early_exit_threshold"] = self.early_exit_threshold
         out["loop_exit"] = self.loop_exit

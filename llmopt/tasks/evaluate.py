@@ -84,6 +84,7 @@ class EvalConfig:
     guided: bool = False  # decode with the format grammar (guided_format_grammar): format by construction
     # efficient reasoning (docs/reasoning.md)
     think_budget: int | None = None  # the engine closes <think> after this many tokens
+    answer_budget: int | None = None  # ... and </answer> this many tokens after thinking ended
     early_exit: bool = False  # DEER-style confidence early exit
     early_exit_threshold: float | None = None  # None: the engine's default
     loop_exit: bool = False  # close <think> when it starts repeating itself
@@ -232,6 +233,7 @@ def _sampling_params(config: EvalConfig, sample: int) -> Any:
         stop=None,
         guided_grammar=guided_format_grammar(config.max_tokens) if config.guided else None,
         think_budget=config.think_budget,
+        answer_budget=config.answer_budget,
         early_exit=config.early_exit,
         loop_exit=config.loop_exit,
         **({"early_exit_threshold": config.early_exit_threshold} if config.early_exit_threshold is not None else {}),

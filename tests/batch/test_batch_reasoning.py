@@ -20,7 +20,8 @@ def _cases(tmp_path, **extra):
 
 
 @pytest.mark.parametrize("kw", [dict(think_budget=0), dict(think_budget=-5), dict(early_exit_threshold=0.0),
-                                dict(early_exit_threshold=1.01), dict(loop_exit="yes")])
+                                dict(early_exit_threshold=1.01), dict(loop_exit="yes"),
+                                dict(answer_budget=0)])
 def test_bad_reasoning_options_are_value_errors(kw):
     with pytest.raises(ValueError):
         RunOptions(**kw)
@@ -32,7 +33,8 @@ def test_case_think_budget_is_validated_and_wins_over_the_run_option(tmp_path):
     batch = load_batch(_cases(tmp_path, think_budget=9))
     run = BatchRun(batch, tmp_path / "out.jsonl", RunOptions(think_budget=100, early_exit=True))
     p = run.params(batch.cases[0])
-    assert p.think_budget == 9 and p.early_exit and not p.loop_exit
+    assert p.think_budget == 9 and p.early_exit and not p.loop_exit and p.answer_budget is None
+    assert BatchRun(batch, tmp_path / "out.jsonl", RunOptions(answer_budget=24)).params(batch.cases[0]).answer_budget == 24
     assert BatchRun(batch, tmp_path / "out.jsonl", RunOptions(loop_exit=True)).params(batch.cases[0]).loop_exit
 
 

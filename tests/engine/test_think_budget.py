@@ -57,6 +57,42 @@ def test_answer_is_closed_before_max_tokens_cuts_it(llm):
     assert out.text.endswith("</answer>") and format_ok("<think>" + out.text)
 
 
+@pytest.mark.parametrize("bad", [0, -1, 2.5, False, "8"])
+def test_bad_answer_budget_is_a_value_error(bad):
+    with pytest.raises(ValueError, match="answer_budget"):
+        SamplingParams(answer_budget=bad)
+
+
+def test_answer_budget_closes_the_answer_that_many_tokens_after_thinking(llm):
+    close, answer_close = llm.engine.close_ids, llm.engine.answer_close_ids
+    budget = len(close) + 5 + len(answer_close)  # the engine's closing text, 5 model tokens, </answer>
+    free = llm.generate([OPEN_PROMPT], _params(think_budget=6, max_tokens=80))[0]
+    out = llm.generate([OPEN_PROMPT], _params(think_budget=6, answer_budget=budget, max_tokens=80))[0]
+    r = out.reasoning
+    assert len(free.token_ids) == 80  # the random model never closes its answer: max_tokens does
+    assert r.think_tokens == 6 and r.answer_tokens == budget and len(out.token_ids) == 6 + budget
+    assert out.token_ids[-len(answer_close):] == answer_close and out.finish_reason == "stop"
+    assert out.token_ids[:-len(answer_close)] == free.token_ids[:6 + len(close) + 5]  # same text up to the cut
+    assert format_ok("<think>" + out.text)
+
+
+def test_answer_budget_alone_caps_a_model_written_answer(llm):
+    # no think budget: the model runs into max_tokens' reserve, then the answer budget counts from there
+    budget = len(llm.engine.close_ids) + 3 + len(llm.engine.answer_close_ids)
+    out = llm.generate([OPEN_PROMPT], _params(answer_budget=budget, max_tokens=200, loop_exit=True))[0]
+    r = out.reasoning
+    assert r.answer_tokens == budget and out.text.endswith("</answer>") and format_ok("<think>" + out.text)
+
+
+def test_answer_budgets_batch_like_single(llm):
+    prompts = [OPEN_PROMPT, "x<think>", OPEN_PROMPT + " hmm"]
+    extra = len(llm.engine.close_ids) + len(llm.engine.answer_close_ids)
+    params = [_params(think_budget=b, answer_budget=extra + a, max_tokens=90) for b, a in ((3, 1), (9, 7), (5, 4))]
+    singles = [llm.generate([p], sp)[0].token_ids for p, sp in zip(prompts, params)]
+    assert [o.token_ids for o in llm.engine.generate(prompts, params)] == singles
+    assert llm.engine.block_manager.num_used_blocks == 0
+
+
 def test_budget_is_lowered_to_leave_room_for_the_answer(llm):
     out = llm.generate([OPEN_PROMPT], _params(think_budget=1000, max_tokens=60))[0]
     limit = budget_limit(1000, 60, len(llm.engine.close_ids))

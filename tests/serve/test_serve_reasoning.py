@@ -11,6 +11,7 @@ from serve_util import MODEL
 
 @pytest.mark.parametrize("body, param", [({"think_budget": 0}, "think_budget"),
                                          ({"think_budget": -4}, "think_budget"),
+                                         ({"answer_budget": 0}, "answer_budget"),
                                          ({"early_exit": True, "early_exit_threshold": 0}, "early_exit_threshold"),
                                          ({"early_exit_threshold": 1.5}, "early_exit_threshold"),
                                          ({"loop_exit": True, "loop_exit_ngram": 1}, "loop_exit_ngram"),
@@ -29,3 +30,13 @@ def test_think_budget_closes_thinking_over_http(client):
                                   extra_body={"think_budget": 6, "include_stop_str_in_output": True})
     text = r.choices[0].text
     assert "</think>\n<answer>\n" in text and format_ok("<think>\n" + text), text
+
+
+def test_answer_budget_closes_the_answer_over_http(client):
+    r = client.completions.create(model=MODEL, prompt="Q: What is 6 times 7? Think first.\n<think>\n",
+                                  max_tokens=120, temperature=0.0, stop=["</answer>"],
+                                  extra_body={"think_budget": 6, "answer_budget": 40, "ignore_eos": True,
+                                              "include_stop_str_in_output": True})
+    c = r.choices[0]
+    assert c.text.endswith("</answer>") and format_ok("<think>\n" + c.text), c.text
+    assert r.usage.completion_tokens == 6 + 40
