@@ -283,12 +283,10 @@ class Transformer(nn.Module):
         so it can share the final ``lm_head``."""
         qc = self.quant_config
         for name in self.projection_names():
-            parent_name, _, child = name.rpartition(".")
-            parent = self.get_submodule(parent_name) if parent_name else self
-            mod = getattr(parent, child)
+            mod = self.get_submodule(name)
             new = qc.method_for(name).process_after_loading(mod, name)
             if new is not mod:
-                setattr(parent, child, new)
+                self.set_submodule(name, new)
         self.embed_tokens = qc.embedding.process_after_loading(self.embed_tokens, self.lm_head,
                                                                self.cfg.tie_word_embeddings)
 

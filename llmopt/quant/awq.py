@@ -52,7 +52,7 @@ from llmopt.formats import rtn
 from llmopt.formats.layouts import FORMATS, dequantize, effective_group_size
 from llmopt.formats.layouts import quantize as rtn_quantize
 
-from .gptq import Progress, check_model_and_calib, embed_inputs, is_target, output_error, set_module
+from .gptq import Progress, check_model_and_calib, embed_inputs, is_target, output_error
 from .linear import DEFAULT_SKIP, QuantLinear
 
 log = logging.getLogger(__name__)
@@ -260,7 +260,7 @@ def _awq(model: nn.Module, fmt: str, group_size: int, calib, skip, progress: Pro
                 d = stats["layers"].setdefault(names[key], {})
                 d["rel_err"] = output_error(W, dequantize(qw), S)
                 bias = m.bias.detach() if m.bias is not None else None
-                set_module(model, names[key], QuantLinear(qw, bias).to(W.device))
+                model.set_submodule(names[key], QuantLinear(qw, bias).to(W.device))
         if progress is not None:
             progress(li + 1, n_layers, f"awq {fmt} layer {li}")
     stats["seconds"] = time.perf_counter() - t0

@@ -280,12 +280,6 @@ def is_target(name: str, mod: nn.Module, skip: Iterable[str]) -> bool:
     return isinstance(mod, nn.Linear) and not any(s in name for s in skip)
 
 
-def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def embed_inputs(model: nn.Module, calib: Sequence[Sequence[int]]):
     """Per sequence: (embeddings [T, H], positions [T])."""
     dev = model.embed_tokens.weight.device
@@ -417,7 +411,7 @@ def gptq_quantize_model(model: nn.Module, fmt: str, group_size: int = 64, calib:
                                                                     search=search)), S)
         stats["layers"][name] = st
         bias = mod.bias.detach() if mod.bias is not None else None
-        set_module(model, name, QuantLinear(qw, bias).to(W.device))
+        model.set_submodule(name, QuantLinear(qw, bias).to(W.device))
 
     gptq_layer_loop(model, calib, on_linear, progress, label=f"gptq {fmt}")
     stats["seconds"] = time.perf_counter() - t0

@@ -154,12 +154,6 @@ def tied_embeddings(model: nn.Module) -> dict[str, str]:
     return out
 
 
-def _set_module(model: nn.Module, name: str, mod: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, mod)
-
-
 def quantize_model(model: nn.Module, fmt: str, group_size: int = 64, skip: Sequence[str] | None = None,
                    scale_dtype: torch.dtype = torch.float16, search: bool | None = None,
                    quantize_lm_head: bool | None = None, lm_head_fmt: str | None = None,
@@ -235,7 +229,7 @@ def quantize_model(model: nn.Module, fmt: str, group_size: int = 64, skip: Seque
             log.warning("quantize_model: keeping %s in float (in_features=%d not a multiple of %d)",
                         name, lin.in_features, gs)
             continue
-        _set_module(model, name, QuantLinear.from_linear(lin, f, group_size, scale_dtype=scale_dtype, search=search))
+        model.set_submodule(name, QuantLinear.from_linear(lin, f, group_size, scale_dtype=scale_dtype, search=search))
 
     if quantize_embedding is None:
         quantize_embedding = "tied" if QUANTIZE_EMBED and engine_path else False
@@ -256,7 +250,7 @@ def quantize_model(model: nn.Module, fmt: str, group_size: int = 64, skip: Seque
             if embedding_fmt is not None and embedding_fmt != head.fmt:
                 raise ValueError(f"quantize_embedding: {ename} is tied to {hname} ({head.fmt}) and shares its packed "
                                  f"tensors: embedding_fmt={embedding_fmt!r} cannot differ from it")
-            _set_module(model, ename, QuantEmbedding.tied_to(head, dtype=dtype))
+            model.set_submodule(ename, QuantEmbedding.tied_to(head, dtype=dtype))
             continue
         if not explicit:
             continue  # the default quantizes tied tables only
@@ -266,7 +260,7 @@ def quantize_model(model: nn.Module, fmt: str, group_size: int = 64, skip: Seque
             log.warning("quantize_model: keeping %s in float (embedding_dim=%d not a multiple of %d)",
                         ename, emb.embedding_dim, gs)
             continue
-        _set_module(model, ename, QuantEmbedding.from_embedding(emb, f, group_size, scale_dtype=scale_dtype,
+        model.set_submodule(ename, QuantEmbedding.from_embedding(emb, f, group_size, scale_dtype=scale_dtype,
                                                                 search=search))
     return model
 

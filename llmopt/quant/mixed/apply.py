@@ -12,7 +12,6 @@ from .spec import (
     Progress,
     _fits,
     _layer_index,
-    _set_module,
     parse_spec,
     spec_name,
 )
@@ -44,7 +43,7 @@ def _gptq_mixed(model: nn.Module, plan: dict[str, tuple[str, int | None]], calib
         st["rel_err"] = output_error(W, dequantize(qw), S)
         stats["layers"][name] = st
         bias = mod.bias.detach() if mod.bias is not None else None
-        _set_module(model, name, QuantLinear(qw, bias).to(W.device))
+        model.set_submodule(name, QuantLinear(qw, bias).to(W.device))
 
     last = max(_layer_index(n) for n in plan)
     gptq_layer_loop(model, calib, on_linear, progress, label="gptq mixed", num_layers=last + 1)
@@ -76,7 +75,7 @@ def quantize_mixed(model: nn.Module, plan: dict[str, str], group_size: int | Non
     stats: dict[str, Any] = {}
     if method == "rtn":
         for i, (n, (fmt, gs)) in enumerate(parsed.items()):
-            _set_module(model, n, QuantLinear.from_linear(mods[n], fmt, gs))
+            model.set_submodule(n, QuantLinear.from_linear(mods[n], fmt, gs))
             if progress is not None:
                 progress(i + 1, len(plan), n)
     else:

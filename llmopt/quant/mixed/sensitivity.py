@@ -14,7 +14,6 @@ from .spec import (
     _dequantized,
     _layer_index,
     _per_module,
-    _set_module,
     parse_spec,
     quantizable_linears,
 )
@@ -111,11 +110,11 @@ def layer_sensitivity(model: nn.Module, calib: list[list[int]],
     for i, (name, spec) in enumerate(jobs):
         lin = mods[name]
         fmt, gs = parse_spec(spec, group_size)
-        _set_module(model, name, QuantLinear.from_linear(lin, fmt, gs))
+        model.set_submodule(name, QuantLinear.from_linear(lin, fmt, gs))
         try:
             out[name][spec] = runner.mean_kl(_layer_index(name))
         finally:
-            _set_module(model, name, lin)
+            model.set_submodule(name, lin)
         if progress is not None:
             progress(i + 1, len(jobs), f"{name} {spec}")
     model.train(was_training)

@@ -143,12 +143,6 @@ def linear_sizes(model: nn.Module, skip: Iterable[str] = ("lm_head", "embed")) -
     return {n: (m.out_features, m.in_features) for n, m in quantizable_linears(model, skip).items()}
 
 
-def _set_module(model: nn.Module, name: str, mod: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, mod)
-
-
 def _layer_index(name: str) -> int | None:
     parts = name.split(".")
     if len(parts) > 2 and parts[0] == "layers" and parts[1].isdigit():
