@@ -16,6 +16,8 @@ OpenMP-split over panels, bias fused.
   1..1024: x1.8-3.8 at M=1..16, x1.4-1.7 at M=64, x1.2-1.4 at M=256..1024 (MKL tops out at
   ~95 GFLOPS/core here, the AVX2 6x16 kernel at ~117). ``.weight`` unpacks on access.
 * ``pack_linears(model, skip=())``: swap every float32 ``nn.Linear`` in place.
+* ``kernel_table()``: the kernel's panel-level entry point as a capsule (csrc/dense_kernels.h), so the
+  fused decode step runs the very kernel ``PackedLinear`` runs.
 
 ``LLMOPT_NATIVE=0`` (or a failed build) makes everything use ``F.linear``.
 """
@@ -34,6 +36,7 @@ __all__ = [
     "PANEL",
     "native_module",
     "native_available",
+    "kernel_table",
     "pack_weight",
     "pack_weight_ref",
     "unpack_weight",
@@ -61,6 +64,13 @@ def native_module():
 
 def native_available() -> bool:
     return native_module() is not None
+
+
+def kernel_table() -> object | None:
+    """The packed GEMM's panel kernel (csrc/dense_kernels.h ``KernelTable``) as a capsule, for a caller
+    that runs its own threads (the fused decode step), or None without the native extension."""
+    mod = native_module()
+    return None if mod is None else mod.kernel_table()
 
 
 # ---- layout ------------------------------------------------------------------------------------

@@ -183,7 +183,7 @@ class GRPOTrainer:
         self.peft_model = apply_lora(self.model, cfg.lora, cfg.seed)
         self.model.eval()  # no dropout anywhere; gradients still flow to LoRA
         self.params = lora_parameters(self.peft_model)
-        self.rollout_weights = RolloutWeights(self.model, self.peft_model)
+        self.rollout_weights = RolloutWeights(self.model, self.peft_model, self.engine.runner)
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0)
         self.systems = [s.strip() for s in cfg.systems.split(",") if s.strip()]
         self.runlog = RunLog(self.run_dir / "log.jsonl")
@@ -263,7 +263,8 @@ class GRPOTrainer:
                 ro.advantage = a
             groups.append(rs)
         return groups, {"rollout_s": gen_s, "rollout_tokens": new_tokens, "rollout_tokens_per_s": new_tokens / gen_s,
-                        "cached_prompt_tokens": cached, "rollout_pack_s": self.rollout_weights.pack_s}
+                        "cached_prompt_tokens": cached, "rollout_pack_s": self.rollout_weights.pack_s,
+                        "rollout_fused": float(self.rollout_weights.fused)}
 
     # ---- update ----------------------------------------------------------------------------------
     def update(self, groups: list[list[Rollout]]) -> dict[str, float]:
@@ -375,11 +376,18 @@ class RolloutWeights:
     extra fp32 copy of those weights, ~370 MB for SmolLM2-135M with LoRA on layers 18..29). The
     forward pass then computes what the LoRA model computes, up to float rounding (tests check the
     rollout log-probs against the LoRA forward). Without the native kernel, :func:`merged_lora`
-    (plain Linear layers, merged weights) does the same job."""
+    (plain Linear layers, merged weights) does the same job.
 
-    def __init__(self, model: torch.nn.Module, peft_model: torch.nn.Module):
+    ``runner``: the engine's :class:`~llmopt.engine.runner.ModelRunner`. Inside ``policy()`` its fused
+    decode step is rebuilt on the packed projections, so a rollout's decode steps run the whole
+    decoder stack in one native call (the same packed GEMM, bit for bit the op-by-op forward); on
+    exit it is rebuilt on the modules put back (none for LoRA layers: op by op)."""
+
+    def __init__(self, model: torch.nn.Module, peft_model: torch.nn.Module, runner=None):
         self.model = model
         self.peft_model = peft_model
+        self.runner = runner
+        self.fused = False  # the last entry's decode steps ran fused
         self.frozen: dict[str, torch.nn.Module] = {}  # name -> packed copy of a projection without LoRA
         self.pack_s = 0.0  # time spent packing on the last entry
 
@@ -409,6 +417,7 @@ class RolloutWeights:
 
         from llmopt.kernels.dense import PackedLinear
 
+        self.fused = False
         targets = self._targets()
         if targets is None:
             with merged_lora(self.peft_model):
@@ -428,14 +437,18 @@ class RolloutWeights:
                         self.frozen[name] = PackedLinear.from_linear(mod)  # type: ignore[arg-type]
                     packed = self.frozen[name]
                 swapped.append((name, mod, packed))
-        self.pack_s = time.perf_counter() - t0
         try:
             for name, _mod, packed in swapped:
                 self.model.set_submodule(name, packed)
+            if self.runner is not None:
+                self.fused = self.runner.rebuild_fused() is not None
+            self.pack_s = time.perf_counter() - t0
             yield
         finally:
             for name, mod, _packed in swapped:
                 self.model.set_submodule(name, mod)
+            if self.runner is not None:
+                self.runner.rebuild_fused()
 
 
 def run_grpo(cfg: GRPOConfig, progress: Callable[[dict], None] | None = None) -> Path:
