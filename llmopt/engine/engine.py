@@ -182,6 +182,12 @@ class LLMEngine:
         with self.lock:
             return self.scheduler.abort(request_id) is not None
 
+    def reset_prefix_cache(self) -> int:
+        """Drop the prefix cache: call it after changing the model's weights (the cached blocks hold
+        K/V of the old weights). Returns how many cached blocks were forgotten."""
+        with self.lock:
+            return self.block_manager.reset_prefix_cache()
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 

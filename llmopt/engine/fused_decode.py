@@ -7,7 +7,10 @@
   path (``kernels.qlinear``: ``INT4_ACT == "int8"`` for ``M <= INT4_A8_MAX_M`` rows), or
 * ``GGUFLinear`` (a .gguf file's own blocks, every native type of ``kernels.gguf_linear``, each
   part with its own activation mode): the step calls the very kernels ``gguf_linear`` runs (the
-  GGUF build's kernel table, ``gguf_linear.kernel_table``), at any row count.
+  GGUF build's kernel table, ``gguf_linear.kernel_table``), at any row count, or
+* ``PackedLinear`` (fp32 weights pre-packed for the native GEMM: the ``fp32-packed`` linear method,
+  and GRPO's rollout weights): the step calls the panel kernel ``PackedLinear`` runs
+  (``dense.kernel_table``), at any row count, bias included (Qwen2's qkv bias).
 
 It computes exactly what ``Transformer.forward`` computes for a decode-only batch (same kernels,
 same order), minus the ~150 Python-level op calls and OpenMP fork/joins per step.
@@ -24,9 +27,10 @@ import logging
 
 import torch
 
-from llmopt.kernels import gguf_linear, qlinear
+from llmopt.kernels import dense, gguf_linear, qlinear
 from llmopt.kernels.build import native_enabled
 from llmopt.kernels.decode_step import native as _native
+from llmopt.kernels.dense import PackedLinear
 from llmopt.models.gguf_linear import GGUFLinear
 from llmopt.quant.linear import QuantLinear
 
@@ -60,13 +64,20 @@ def _why_not_linear(lin) -> str | None:
         if not lin.parts or bad:
             return f"has GGUF types without a native kernel ({', '.join(bad) or 'no blocks'})"
         return None
-    return f"is a {type(lin).__name__} (the step takes int4 QuantLinear or GGUFLinear)"
+    if isinstance(lin, PackedLinear):
+        packed, bias = lin.packed, lin.bias
+        if packed.dtype != torch.float32 or packed.device.type != "cpu" or not packed.is_contiguous():
+            return "is a PackedLinear whose packed weight is not a contiguous CPU float32 tensor"
+        if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"):
+            return "is a PackedLinear with a bias that is not CPU float32"
+        return None
+    return f"is a {type(lin).__name__} (the step takes int4 QuantLinear, GGUFLinear or PackedLinear)"
 
 
 def _why_not(model) -> str | None:
     """Why ``model`` cannot use the fused decode step (None if it can)."""
     cfg = model.cfg
-    gguf = False
+    gguf = packed = False
     for i, layer in enumerate(model.layers):
         attn, mlp = layer.self_attn, layer.mlp
         for name, lin in zip(_SLOTS, _linears(layer)):
@@ -74,6 +85,7 @@ def _why_not(model) -> str | None:
             if why is not None:
                 return f"layer {i} {name} {why}"
             gguf |= isinstance(lin, GGUFLinear)
+            packed |= isinstance(lin, PackedLinear)
         if mlp.gate_up_proj.bias is not None or mlp.down_proj.bias is not None:
             return f"layer {i} has MLP biases"
         if attn.k_cache is None or attn.k_cache.dtype != torch.float32 or not attn.k_cache.is_contiguous():
@@ -85,6 +97,8 @@ def _why_not(model) -> str | None:
         return "num_heads not a multiple of num_kv_heads"
     if gguf and gguf_linear.kernel_table() is None:
         return "the GGUF projections run on the torch reference path (no native GGUF build for this CPU)"
+    if packed and dense.kernel_table() is None:
+        return "the packed fp32 projections have no native GEMM (llmopt_sgemm did not build)"
     return None
 
 
@@ -130,11 +144,16 @@ class FusedDecoder:
         step = ext.DecodeStep(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
                               float(cfg.rms_norm_eps), float(model.layers[0].self_attn.scale), tensors, windows,
                               model.norm.weight.detach(), model.rope_table(torch.float32))
-        int4 = False
+        int4 = dense_set = False
         for i, layer in enumerate(model.layers):
             for slot, lin in enumerate(_linears(layer)):
                 bias = none if lin.bias is None else lin.bias.detach().float().contiguous()
-                if isinstance(lin, GGUFLinear):
+                if isinstance(lin, PackedLinear):
+                    if not dense_set:
+                        step.set_dense_kernels(dense.kernel_table())
+                        dense_set = True
+                    step.set_dense(i, slot, lin.packed.detach(), bias)
+                elif isinstance(lin, GGUFLinear):
                     if slot == 0 and i == 0:
                         table = gguf_linear.kernel_table()
                         assert table is not None  # why_not checked

@@ -110,6 +110,15 @@ class BlockManager:
                 self.block_hash[bid] = h
         seq.num_hashed_blocks = full
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix (the K/V in the blocks were computed with weights that have
+        changed since, e.g. a training step): later prompts compute their blocks anew. Blocks held
+        by running sequences stay theirs, only no longer shared. Returns how many were forgotten."""
+        n = len(self.cached)
+        self.cached.clear()
+        self.block_hash = [None] * self.num_blocks
+        return n
+
     def _release(self, blocks: list[int]) -> None:
         for bid in reversed(blocks):
             self.ref_count[bid] -= 1

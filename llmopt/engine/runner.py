@@ -38,12 +38,20 @@ class ModelRunner:
             attn.v_cache = self.v_cache[i]
             attn.k_scale = None if self.k_scale is None else self.k_scale[i]
             attn.v_scale = None if self.v_scale is None else self.v_scale[i]
-        # decode-only steps of an int4 model run the whole layer stack in one native call
+        # decode-only steps of an int4 / GGUF / packed fp32 model run the whole layer stack in one native call
+        self.fused_decode = fused_decode
+        self.fused: FusedDecoder | None = None
+        self.rebuild_fused()
+
+    def rebuild_fused(self) -> FusedDecoder | None:
+        """(Re)build the fused decode step from the model's current projections: after swapping
+        modules (GRPO's rollout weights) the old step would still point at the old weights."""
         try:
-            self.fused: FusedDecoder | None = FusedDecoder.build(model, enabled=fused_decode)
+            self.fused = FusedDecoder.build(self.model, enabled=self.fused_decode)
         except Exception as e:  # a plan that cannot be built means "op by op"
             log.warning("fused decode step unavailable (%s); using the op-by-op forward", e)
             self.fused = None
+        return self.fused
 
     @property
     def cache_tensors(self) -> list[torch.Tensor]:

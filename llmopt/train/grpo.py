@@ -5,8 +5,10 @@ One step:
 1. take ``prompts_per_step`` training questions; for each, ``group_size`` rollouts are sampled
    by :class:`~llmopt.engine.engine.LLMEngine` in one batch, each request with its own seed and
    ``logprobs=0`` (the chosen token's log-probability comes back from the same forward pass
-   that sampled it). The group's leader is prefilled first, so the other members reuse its
-   prompt blocks through the prefix cache (``cached_prompt_tokens`` in the log);
+   that sampled it). The prefix cache is emptied first (its blocks hold K/V of the previous
+   policy); the first group's leader is prefilled alone, then the other leaders (reusing the
+   shared system-prompt blocks), then the other members, reusing their leader's prompt blocks
+   through the prefix cache (``cached_prompt_tokens`` in the log);
 2. rewards (:mod:`llmopt.train.rewards`): format + correctness from the evaluation graders,
    optional length term; advantages are group-normalized, ``(r - mean) / (std + 1e-4)``;
 3. the policy loss per token is PPO's clipped surrogate
@@ -183,7 +185,7 @@ class GRPOTrainer:
         self.peft_model = apply_lora(self.model, cfg.lora, cfg.seed)
         self.model.eval()  # no dropout anywhere; gradients still flow to LoRA
         self.params = lora_parameters(self.peft_model)
-        self.rollout_weights = RolloutWeights(self.model, self.peft_model)
+        self.rollout_weights = RolloutWeights(self.model, self.peft_model, self.engine.runner)
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0)
         self.systems = [s.strip() for s in cfg.systems.split(",") if s.strip()]
         self.runlog = RunLog(self.run_dir / "log.jsonl")
@@ -236,10 +238,16 @@ class GRPOTrainer:
                                         seed=(cfg.seed * 1_000_003 + step * 10_007 + p * cfg.group_size + g) & 0x7FFFFFFF,
                                         logprobs=0)
                     seqs[-1].append((ex, ids, sp))
-        # leaders first: one engine step prefills them, the rest hit their cached prompt blocks
         with self.rollout_weights.policy():
-            live = [[eng.add_request(ids, sp)] for ex, ids, sp in (grp[0] for grp in seqs)]
+            # the cached blocks hold K/V of the policy before the last update: compute them anew
+            eng.reset_prefix_cache()
+            # the first leader alone (its prompt's system part is every prompt's start), then the
+            # other leaders, reusing those blocks; then the followers, hitting their leader's blocks
+            live = [[eng.add_request(*seqs[0][0][1:])]]
             eng.step()
+            live += [[eng.add_request(ids, sp)] for ex, ids, sp in (grp[0] for grp in seqs[1:])]
+            if len(seqs) > 1:
+                eng.step()
             for grp, handles in zip(seqs, live):
                 for _ex, ids, sp in grp[1:]:
                     handles.append(eng.add_request(ids, sp))
@@ -263,7 +271,8 @@ class GRPOTrainer:
                 ro.advantage = a
             groups.append(rs)
         return groups, {"rollout_s": gen_s, "rollout_tokens": new_tokens, "rollout_tokens_per_s": new_tokens / gen_s,
-                        "cached_prompt_tokens": cached, "rollout_pack_s": self.rollout_weights.pack_s}
+                        "cached_prompt_tokens": cached, "rollout_pack_s": self.rollout_weights.pack_s,
+                        "rollout_fused": float(self.rollout_weights.fused)}
 
     # ---- update ----------------------------------------------------------------------------------
     def update(self, groups: list[list[Rollout]]) -> dict[str, float]:
@@ -371,16 +380,26 @@ class RolloutWeights:
     on exit.
 
     A LoRA projection is packed from ``W + scale * B @ A`` on every entry (the adapter changes each
-    step); a frozen projection without LoRA (``requires_grad`` off) is packed once and kept (one
-    extra fp32 copy of those weights, ~370 MB for SmolLM2-135M with LoRA on layers 18..29). The
+    step), by one batched GEMM into a packed copy of its frozen ``W`` made on the first entry
+    (:func:`~llmopt.kernels.dense.pack_add_lowrank`); a frozen projection without LoRA
+    (``requires_grad`` off) is packed once and kept (one extra fp32 copy of all those weights,
+    ~540 MB for SmolLM2-135M with LoRA on layers 18..29). The
     forward pass then computes what the LoRA model computes, up to float rounding (tests check the
     rollout log-probs against the LoRA forward). Without the native kernel, :func:`merged_lora`
-    (plain Linear layers, merged weights) does the same job."""
+    (plain Linear layers, merged weights) does the same job.
 
-    def __init__(self, model: torch.nn.Module, peft_model: torch.nn.Module):
+    ``runner``: the engine's :class:`~llmopt.engine.runner.ModelRunner`. Inside ``policy()`` its fused
+    decode step is rebuilt on the packed projections, so a rollout's decode steps run the whole
+    decoder stack in one native call (the same packed GEMM, bit for bit the op-by-op forward); on
+    exit it is rebuilt on the modules put back (none for LoRA layers: op by op)."""
+
+    def __init__(self, model: torch.nn.Module, peft_model: torch.nn.Module, runner=None):
         self.model = model
         self.peft_model = peft_model
+        self.runner = runner
+        self.fused = False  # the last entry's decode steps ran fused
         self.frozen: dict[str, torch.nn.Module] = {}  # name -> packed copy of a projection without LoRA
+        self.base_packed: dict[str, torch.Tensor] = {}  # name -> packed frozen base weight of a LoRA projection
         self.pack_s = 0.0  # time spent packing on the last entry
 
     def _targets(self) -> list[tuple[str, torch.nn.Module]] | None:
@@ -407,8 +426,9 @@ class RolloutWeights:
     def policy(self) -> Iterator[None]:
         from peft.tuners.lora import LoraLayer
 
-        from llmopt.kernels.dense import PackedLinear
+        from llmopt.kernels.dense import PackedLinear, pack_add_lowrank, pack_weight
 
+        self.fused = False
         targets = self._targets()
         if targets is None:
             with merged_lora(self.peft_model):
@@ -420,7 +440,15 @@ class RolloutWeights:
             for name, mod in targets:
                 if isinstance(mod, LoraLayer):
                     base = mod.get_base_layer()
-                    packed = PackedLinear(base.weight + lora_delta(mod).to(base.weight.dtype), base.bias)
+                    if base.weight.requires_grad:  # a trained base: merge it as it is now
+                        packed = PackedLinear(base.weight + lora_delta(mod).to(base.weight.dtype), base.bias)
+                    else:
+                        if name not in self.base_packed:
+                            self.base_packed[name] = pack_weight(base.weight)
+                        packed = PackedLinear.from_packed(
+                            pack_add_lowrank(self.base_packed[name], mod.lora_B["default"].weight,
+                                             mod.lora_A["default"].weight, float(mod.scaling["default"])),
+                            base.out_features, base.bias)
                 elif mod.weight.requires_grad:  # trained in place: its packed copy would go stale
                     packed = PackedLinear.from_linear(mod)  # type: ignore[arg-type]
                 else:
@@ -428,14 +456,18 @@ class RolloutWeights:
                         self.frozen[name] = PackedLinear.from_linear(mod)  # type: ignore[arg-type]
                     packed = self.frozen[name]
                 swapped.append((name, mod, packed))
-        self.pack_s = time.perf_counter() - t0
         try:
             for name, _mod, packed in swapped:
                 self.model.set_submodule(name, packed)
+            if self.runner is not None:
+                self.fused = self.runner.rebuild_fused() is not None
+            self.pack_s = time.perf_counter() - t0
             yield
         finally:
             for name, mod, _packed in swapped:
                 self.model.set_submodule(name, mod)
+            if self.runner is not None:
+                self.runner.rebuild_fused()
 
 
 def run_grpo(cfg: GRPOConfig, progress: Callable[[dict], None] | None = None) -> Path:

@@ -74,6 +74,12 @@ def test_prefix_cache_reuses_shared_prefix(llama_dir):
     assert computed <= len(b) - 200 + 16
     cold = LLM(llama_dir, kv_cache_memory_gb=0.05, enable_prefix_caching=False)
     assert cold.generate([b], p)[0].token_ids == out_b.token_ids
+    # after a weight change the cached blocks are stale: reset_prefix_cache forgets them all
+    assert llm.engine.reset_prefix_cache() >= 12
+    before = llm.engine.stats["computed_prefill_tokens"]
+    again = llm.generate([b], p)[0]
+    assert again.num_cached_tokens == 0 and llm.engine.stats["computed_prefill_tokens"] - before == len(b)
+    assert again.token_ids == out_b.token_ids
 
 
 def test_seeded_sample_same_alone_and_in_batch(llama_dir):

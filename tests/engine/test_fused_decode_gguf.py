@@ -21,6 +21,7 @@ from llmopt.engine.fused_decode import FusedDecoder
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.kernels import decode_step
 from llmopt.kernels import gguf_linear as G
+from llmopt.kernels.dense import PackedLinear
 from llmopt.models.gguf_linear import GGUFLinear
 from tests.conftest import fused_and_forward, gguf_blocks, tiny_hf_model, write_gguf
 
@@ -171,12 +172,18 @@ def test_avx2_env_greedy_tokens_fused_on_and_off(tiny, tmp_path):
 
 
 def test_falls_back_with_a_reason(tiny, tmp_path, monkeypatch, caplog):
-    """A projection the step does not take (F16: a float module) or GGUF kernels on the torch
-    reference path: op by op, and ``_why_not`` says which and why."""
+    """A projection the step does not take (F16 as torch's own Linear) or GGUF kernels on the torch
+    reference path: op by op, and ``_why_not`` says which and why. The same F16 projection packed
+    (the default) is one the step takes, next to the GGUF ones: the same bits as the forward."""
     def qtype(name: str):
         return QT.F16 if name == "blk.1.attn_output.weight" else QT.Q4_1
 
-    eng = _engine(write_gguf(tiny["llama"], tmp_path / "f16.gguf", qtype=qtype), threads=1)
+    path = write_gguf(tiny["llama"], tmp_path / "f16.gguf", qtype=qtype)
+    mixed = _engine(path, threads=2)
+    assert isinstance(mixed.model.layers[1].self_attn.o_proj, PackedLinear) and mixed.runner.fused is not None
+    for rows, lens in LENS.items():
+        _assert_step_equals_forward(mixed, lens, seed=rows)
+    eng = LLMEngine(str(path), EngineConfig(num_threads=1, num_kv_blocks=96, block_size=BS, packed_linear=False))
     assert eng.runner.fused is None
     why = fused_decode._why_not(eng.model)
     assert why is not None and why.startswith("layer 1 o_proj is a ") and "GGUFLinear" in why

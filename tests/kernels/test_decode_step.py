@@ -143,7 +143,6 @@ def test_engine_greedy_same_tokens(tmp_path, monkeypatch):
 
 
 def test_not_used_when_model_does_not_qualify(tmp_path, monkeypatch):
-    assert _engine(tmp_path, quant=None).runner.fused is None  # float model
     assert _engine(tmp_path, quant="int8").runner.fused is None  # another format
     assert _engine(tmp_path, quant="int4", group_size=32).runner.fused is None  # int8 activations need g % 64 == 0
     model = _engine(tmp_path / "b").model  # MLP biases (no loaded model has them): the step has no place for them

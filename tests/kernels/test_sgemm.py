@@ -228,3 +228,24 @@ def test_fallback_without_native(monkeypatch):
         if packed_before is not None:
             ref = F.linear(x, packed_before.weight, packed_before.bias)
             _check(packed_before(x), ref, 19)
+
+
+@pytest.mark.parametrize("n", [48, 37])
+def test_pack_add_lowrank_equals_packing_the_merged_weight(n):
+    """A LoRA update added in the packed layout equals packing ``W + scale * B @ A`` (padded rows of a
+    last partial panel stay zero); a module made on it computes the merged linear."""
+    g = torch.Generator().manual_seed(n)
+    k, r = 40, 4
+    w, a, b = torch.randn(n, k, generator=g), torch.randn(r, k, generator=g), torch.randn(n, r, generator=g)
+    got = D.pack_add_lowrank(D.pack_weight(w), b, a, 0.5)
+    want = D.pack_weight(w + 0.5 * (b @ a))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert torch.all(got[-1, :, n - 16 * (got.shape[0] - 1):] == 0)  # padding rows of the last panel
+    bias = torch.randn(n, generator=g)
+    mod = D.PackedLinear.from_packed(got, n, bias)
+    x = torch.randn(3, k, generator=g)
+    torch.testing.assert_close(mod(x), F.linear(x, w + 0.5 * (b @ a), bias), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="does not fit the packed weight"):
+        D.pack_add_lowrank(D.pack_weight(w), b[:, :2], a, 0.5)
+    with pytest.raises(ValueError, match="is not the packed layout of 70 output rows"):
+        D.PackedLinear.from_packed(got, 70)

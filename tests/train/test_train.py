@@ -284,11 +284,19 @@ def test_grpo_rollouts_come_from_our_engine_with_the_policy_logprobs(tiny_models
         lp = token_logprobs(tr.model, r.prompt_ids + r.token_ids, len(r.prompt_ids))
     assert torch.allclose(lp, torch.tensor(r.old_logprobs), atol=1e-4)
     assert len({tuple(x.token_ids) for x in groups[0]}) > 1  # per-request seeds differ
+    assert gen["rollout_fused"] == 1.0  # decode steps ran the fused step on the packed rollout weights
+    assert tr.engine.runner.fused is None  # and the LoRA modules, put back, run op by op
     before = tr.engine.score(r.prompt_ids + r.token_ids)
     upd = tr.update(groups)
     assert upd["trained_rollouts"] > 0
     after = tr.engine.score(r.prompt_ids + r.token_ids)
     assert not torch.allclose(before, after)  # the engine runs the updated policy
+    # the same prompts again: the prefix cache holds the old policy's K/V, which must not be reused
+    groups, gen = tr.rollouts(0)
+    r = groups[1][2]
+    with torch.no_grad():
+        lp = token_logprobs(tr.model, r.prompt_ids + r.token_ids, len(r.prompt_ids))
+    assert torch.allclose(lp, torch.tensor(r.old_logprobs), atol=1e-4)
     out = GRPOTrainer(cfg, reward_fn=distinct_chars).train()
     recs = RunLog(tmp_path / "g" / "log.jsonl").records()
     assert [x["step"] for x in recs] == [1, 2]

@@ -1,6 +1,7 @@
 // One native call for the whole decoder stack of a pure decode step (every sequence adds one token)
-// of a model whose layer linears are int4 with int8 activations (the engine's int4 decode path) or
-// GGUF blocks (the "gguf" linear method: gguf_kernels.h, fp32 or int8 activations per part).
+// of a model whose layer linears are int4 with int8 activations (the engine's int4 decode path),
+// GGUF blocks (the "gguf" linear method: gguf_kernels.h, fp32 or int8 activations per part) or
+// packed fp32 weights (PackedLinear: the fp32-packed method, GRPO rollouts; dense_kernels.h).
 //
 // Why: a decode step of a small model is ~150 short kernels (SmolLM2-135M: 30 layers x (2 norms,
 // 4 GEMVs, rope, attention, silu)). Called one by one from Python each pays the interpreter, the
@@ -24,7 +25,9 @@
 // forward (tests/kernels/test_decode_step.py holds them equal). GGUF projections run through the
 // kernel table of the GGUF build the standalone linear uses (gguf_kernels.h: KernelTable): the same
 // compiled kernels, for the instruction set chosen at load, threads split over 16-column panels
-// (int8 mode: rows quantized first, rows split). Their sums do not depend on the split.
+// (int8 mode: rows quantized first, rows split). Their sums do not depend on the split. Packed fp32
+// projections run the packed GEMM's own panel kernel (dense_kernels.h: KernelTable of the sgemm
+// build PackedLinear calls), threads split over 16-column panels, fp32 activations.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -36,12 +39,14 @@
 #include <mutex>
 #include <vector>
 
+#include "dense_kernels.h"
 #include "fused_kernels.h"
 #include "gguf_kernels.h"
 #include "w4a8.h"
 
 namespace {
 
+namespace D = llmopt_dense;
 namespace F = llmopt_f;
 namespace G = llmopt_gguf;
 namespace Q = llmopt_q;
@@ -168,11 +173,18 @@ struct GLin {
   bool a8[2] = {false, false};  // int8 rows of kind 0 / 1 needed
 };
 
-// A projection of the step: int4 (QLin) or GGUF (GLin)
+// A packed fp32 projection (PackedLinear): weight float32 [P, K, 16], P = ceil(N / 16)
+struct DLin {
+  at::Tensor packed, bias;  // kept alive
+  int64_t N = 0, K = 0, P = 0;
+};
+
+// A projection of the step: int4 (QLin), GGUF (GLin) or packed fp32 (DLin)
 struct Lin {
-  enum Kind { kNone, kInt4, kGGUF } kind = kNone;
+  enum Kind { kNone, kInt4, kGGUF, kDense } kind = kNone;
   QLin q;
   GLin g;
+  DLin d;
 };
 
 constexpr const char* kSlotNames[4] = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"};
@@ -327,6 +339,42 @@ class DecodeStep {
     }
     l.g = std::move(g);
     l.kind = Lin::kGGUF;
+  }
+
+  // the packed fp32 GEMM every dense projection runs: a KernelTable capsule (dense module's kernel_table())
+  void set_dense_kernels(const py::object& table) {
+    TORCH_CHECK(PyCapsule_IsValid(table.ptr(), D::kTableName),
+                "set_dense_kernels: expected a ", D::kTableName, " capsule (the sgemm module's kernel_table())");
+    const auto* t = static_cast<const D::KernelTable*>(PyCapsule_GetPointer(table.ptr(), D::kTableName));
+    TORCH_CHECK(t && t->abi == D::kTableAbi && t->size == (int32_t)sizeof(D::KernelTable),
+                "set_dense_kernels: the packed GEMM was built from another version of dense_kernels.h "
+                "(rebuild both: python -m llmopt.kernels.build)");
+    dense_ = t;
+    dense_ref_ = table;  // the capsule (and its module) stays alive with the step
+  }
+
+  // projection slot of a layer: a packed fp32 weight [ceil(N / 16), K, 16] (PackedLinear.packed), bias
+  // (empty: none)
+  void set_dense(int64_t layer, int64_t slot, at::Tensor packed, at::Tensor bias) {
+    TORCH_CHECK(dense_ != nullptr, "set_dense: call set_dense_kernels first");
+    Lin& l = slot_of(layer, slot);
+    const char* what = kSlotNames[slot];
+    const auto [N, K] = slot_shape(slot);
+    const int64_t pw = dense_->panel, P = (N + pw - 1) / pw;
+    TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kFloat && packed.is_contiguous() &&
+                    packed.dim() == 3 && packed.size(0) == P && packed.size(1) == K && packed.size(2) == pw,
+                what, ": the packed weight must be a contiguous float32 [", P, ", ", K, ", ", pw, "] tensor");
+    DLin d;
+    d.packed = std::move(packed);
+    d.N = N;
+    d.K = K;
+    d.P = P;
+    if (defined(bias)) {
+      check_vec(bias, N, "bias");
+      d.bias = std::move(bias);
+    }
+    l.d = std::move(d);
+    l.kind = Lin::kDense;
   }
 
   int64_t num_layers() const { return (int64_t)layers_.size(); }
@@ -484,6 +532,19 @@ class DecodeStep {
       // tid + nth, ... (the row loops' split), which are the rows it quantizes: one barrier after
       // the quantization then suffices
       auto gemv = [&](const Lin& l, const float* src, float* dst, std::atomic<int64_t>& c, bool synced) {
+        if (l.kind == Lin::kDense) {  // fp32 activations: src whole, then runs of panels
+          const DLin& d = l.d;
+          if (!synced) {
+#pragma omp barrier
+          }
+          const float* w = d.packed.data_ptr<float>();
+          const float* bias = fptr(d.bias);
+          for_balanced_runs(d.P, nth, c, [&](int64_t p0, int64_t p1) {
+            dense_->gemm_panels(src, w, bias, dst, M, d.N, d.K, p0, p1);
+          });
+#pragma omp barrier
+          return;
+        }
         if (l.kind == Lin::kGGUF) {
           gguf_gemv(l.g, src, dst, c, synced);
           return;
@@ -636,6 +697,9 @@ class DecodeStep {
   const G::KernelTable* table_ = nullptr;
   py::object table_ref_;
   int64_t small_m_ = 4;
+  // dense projections: the packed GEMM's kernel table
+  const D::KernelTable* dense_ = nullptr;
+  py::object dense_ref_;
   std::vector<int8_t> gxq_[2];
   std::vector<float> gdx_[2];
   std::vector<int32_t> gxs_[2];
@@ -733,7 +797,7 @@ at::Tensor linear_a8(const at::Tensor& x, at::Tensor qweight, at::Tensor scales,
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "llmopt: the decoder stack of an int4 / GGUF decode step in one native call";
+  m.doc() = "llmopt: the decoder stack of an int4 / GGUF / packed fp32 decode step in one native call";
   py::class_<DecodeStep>(m, "DecodeStep")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double, const std::vector<at::Tensor>&,
                     const std::vector<int64_t>&, at::Tensor, at::Tensor>(),
@@ -746,6 +810,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_gguf_kernels", &DecodeStep::set_gguf_kernels, py::arg("table"), py::arg("small_m"))
       .def("set_gguf", &DecodeStep::set_gguf, py::arg("layer"), py::arg("slot"), py::arg("parts"), py::arg("types"),
            py::arg("rows"), py::arg("int8"), py::arg("bias"))
+      .def("set_dense_kernels", &DecodeStep::set_dense_kernels, py::arg("table"))
+      .def("set_dense", &DecodeStep::set_dense, py::arg("layer"), py::arg("slot"), py::arg("packed"), py::arg("bias"))
       .def("run", &DecodeStep::run, py::arg("x"), py::arg("positions"), py::arg("slots"), py::arg("block_tables"),
            py::arg("context_lens"), py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("num_layers", &DecodeStep::num_layers);

@@ -47,6 +47,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "dense_kernels.h"
+
 namespace {
 
 #define LLMOPT_INLINE inline __attribute__((always_inline))
@@ -307,6 +309,10 @@ at::Tensor pack(const at::Tensor& weight) {
   return out;
 }
 
+// the panel-level kernel for the fused decode step (dense_kernels.h: KernelTable)
+const llmopt_dense::KernelTable kTable = {llmopt_dense::kTableAbi, (int32_t)sizeof(llmopt_dense::KernelTable), PW,
+                                          &run_panels};
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -315,6 +321,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "W [N, K] float32 -> packed [ceil(N/16), K, 16] (zero padded)", py::arg("weight"), nogil());
   m.def("gemm", &gemm, "y [M, N] = x [M, K] @ W.T + bias from the packed W", py::arg("x"), py::arg("packed"),
         py::arg("N"), py::arg("bias") = py::none(), nogil());
+  m.def("kernel_table", []() { return py::capsule((void*)&kTable, llmopt_dense::kTableName); },
+        "run_panels as a capsule (dense_kernels.h: KernelTable), for the fused decode step");
   m.def("_set_prefetch", [](int64_t bytes, int hint) { PREFETCH_BYTES = bytes; PREFETCH_HINT = hint; },
         "software prefetch distance in bytes (0: off) and hint (0: T0, 1: NTA); for experiments",
         py::arg("bytes"), py::arg("hint") = 0);
