@@ -57,6 +57,8 @@ def retrieval(args: argparse.Namespace) -> dict[str, Any]:
                 recs.append({"length": it.payload["length"], "depth": it.payload["depth"], "correct": g.correct,
                              "prompt_tokens": it.payload["prompt_tokens"], "kv_tokens": out.kv_tokens,
                              "output": out.text})
+                print(f"  {policy} {it.id}: {'right' if g.correct else 'wrong'} ({it.reference} -> {out.text!r})",
+                      flush=True)
             print(f"  {policy}: {len(recs)}/{len(items)} done", flush=True)
         k = sum(r["correct"] for r in recs)
         lo, hi = wilson_interval(k, len(recs))
