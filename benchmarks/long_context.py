@@ -5,6 +5,7 @@ for KV cache policies (full / streaming / snapkv) and KV element types, side by 
     python benchmarks/long_context.py ppl --tokens 2048 --n 2 --kv-dtypes float32,int8
     python benchmarks/long_context.py decode --context 2048 --new 24 --kv-dtypes float32,int8 --policies full
     python benchmarks/long_context.py memory
+    python benchmarks/long_context.py --threads 1 attention --context 8192
 
 Every subcommand prints a table and, with ``--json``, writes the raw numbers. Accuracy comes with n,
 the seed and a Wilson 95% interval; speed only as ratios to the full-KV row of the same run.
@@ -56,6 +57,8 @@ def retrieval(args: argparse.Namespace) -> dict[str, Any]:
                 recs.append({"length": it.payload["length"], "depth": it.payload["depth"], "correct": g.correct,
                              "prompt_tokens": it.payload["prompt_tokens"], "kv_tokens": out.kv_tokens,
                              "output": out.text})
+                print(f"  {policy} {it.id}: {'right' if g.correct else 'wrong'} ({it.reference} -> {out.text!r})",
+                      flush=True)
             print(f"  {policy}: {len(recs)}/{len(items)} done", flush=True)
         k = sum(r["correct"] for r in recs)
         lo, hi = wilson_interval(k, len(recs))
@@ -134,6 +137,52 @@ def decode(args: argparse.Namespace) -> dict[str, Any]:
     return {"kind": "decode", "args": vars(args), "rows": rows}
 
 
+def attention(args: argparse.Namespace) -> dict[str, Any]:
+    """The decode attention alone (what grows with the context): one query token against a paged
+    cache of ``--context`` random tokens for every layer, float32 kernel vs int8 kernel, on the
+    model's shape (SmolLM2-135M by default), best of ``--reps`` interleaved repetitions."""
+    import torch
+
+    from llmopt.kernels import kv_quant, ops
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    L, Hq, Hk, D, BS = args.layers, args.q_heads, args.kv_heads, args.head_dim, 16
+    nb = (args.context + BS - 1) // BS
+    kf, vf = torch.randn(L, nb, BS, Hk, D), torch.randn(L, nb, BS, Hk, D)
+    (kq, ks), (vq, vs) = kv_quant.quantize_kv(kf), kv_quant.quantize_kv(vf)
+    tables = torch.arange(nb, dtype=torch.int32)[None]
+    lens = torch.tensor([args.context], dtype=torch.int32)
+    q, scale = torch.randn(1, Hq, D), D ** -0.5
+
+    def fp32() -> None:
+        for i in range(L):
+            ops.paged_decode_attention(q, kf[i], vf[i], tables, lens, scale)
+
+    def int8() -> None:
+        for i in range(L):
+            kv_quant.paged_decode_attention_int8(q, kq[i], vq[i], ks[i], vs[i], tables, lens, scale)
+
+    runs = {"float32": fp32, "int8": int8}
+    best = {k: math.inf for k in runs}
+    for fn in runs.values():
+        fn()  # warm-up: builds / loads the native kernels
+    for _ in range(args.reps):
+        for k, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    rows = [{"kv_dtype": k, "ms_per_token": 1e3 * v, "native_int8": kv_quant.native_available()}
+            for k, v in best.items()]
+    print(f"\ndecode attention at {args.context} tokens of context, {L} layers x {Hq} q / {Hk} kv heads x {D}, "
+          f"{args.threads} thread(s), best of {args.reps}")
+    print("| KV dtype | attention ms / token | speed vs float32 |")
+    print("|---|---|---|")
+    for r in rows:
+        print(f"| {r['kv_dtype']} | {r['ms_per_token']:.1f} | {best['float32'] / (r['ms_per_token'] / 1e3):.2f}x |")
+    return {"kind": "attention", "args": vars(args), "rows": rows}
+
+
 def memory(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for dtype in args.kv_dtypes.split(","):
@@ -175,12 +224,20 @@ def main() -> None:
     d.add_argument("--policies", default="full,streaming,snapkv")
     d.add_argument("--budget", default="0.25")
     d.add_argument("--kv-dtypes", default="float32")
+    a = sub.add_parser("attention")
+    a.add_argument("--context", type=int, default=8192)
+    a.add_argument("--layers", type=int, default=30)
+    a.add_argument("--q-heads", type=int, default=9)
+    a.add_argument("--kv-heads", type=int, default=3)
+    a.add_argument("--head-dim", type=int, default=64)
+    a.add_argument("--reps", type=int, default=5)
     m = sub.add_parser("memory")
     m.add_argument("--kv-dtypes", default="float32,int8")
     m.add_argument("--kv-gb", type=float, default=2.0)
     args = ap.parse_args()
     t0 = time.perf_counter()
-    result = {"retrieval": retrieval, "ppl": ppl, "decode": decode, "memory": memory}[args.cmd](args)
+    result = {"retrieval": retrieval, "ppl": ppl, "decode": decode, "attention": attention,
+              "memory": memory}[args.cmd](args)
     print(f"\n(wall {time.perf_counter() - t0:.0f} s)")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:

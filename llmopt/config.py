@@ -144,7 +144,7 @@ class KVPolicy:
     budget: float | int
     sinks: int = 4
     window: int = 32
-    pool: int = 7
+    pool: int = 15
 
     def __post_init__(self) -> None:
         check_kv_policy(self.name, self.budget)
@@ -271,7 +271,7 @@ class EngineConfig:
     kv_budget: float | int | None = None
     kv_sinks: int = 4  # streaming: attention-sink tokens always kept (<= block_size)
     kv_window: int = 32  # snapkv: observation window (the last prompt tokens, always kept)
-    kv_pool: int = 7  # snapkv: positions averaged when scoring
+    kv_pool: int = 15  # snapkv: scores max-pooled over this many neighbouring positions (odd)
     kv_dtype: str | None = None  # KV cache element type: None = dtype; "float32", "bfloat16" or "int8"
 
     def __post_init__(self) -> None:

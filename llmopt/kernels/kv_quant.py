@@ -7,7 +7,8 @@ D values (all-zero rows get scale 0). At head_dim 64 a token costs 64 + 4 bytes 
 instead of 256 (fp32): 3.76x less.
 
 ``paged_decode_attention_int8`` calls the AVX2/FMA kernel of ``csrc/kv_int8.cpp`` (dequantizes
-each 32-token tile once into an L1-sized buffer shared by the query heads of a GQA group) when it built, else its torch twin
+each 32-token tile once into an L1-sized buffer shared by the query heads of a GQA group, then runs
+the float kernel's tile step on it: blocked scores, vectorized exp, register-blocked P @ V) when it built, else its torch twin
 ``paged_decode_attention_int8_ref`` (which gathers and dequantizes the attended rows: a reference,
 not a fast path). ``LLMOPT_NATIVE=0`` forces the reference.
 """

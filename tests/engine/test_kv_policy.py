@@ -108,6 +108,77 @@ def test_snapkv_keeps_the_positions_hf_attention_ranks_highest(tiny_models):
         assert rows[:, -W:].tolist() == [list(range(len(ids) - W, len(ids)))] * Hk
 
 
+def _max_pooled_reference(scores: torch.Tensor, prefix: int, pool: int) -> torch.Tensor:
+    """SnapKV's pooling written out: row j of the prefix scores max(scores[j - pool//2 .. j + pool//2])
+    over the prefix rows."""
+    r = pool // 2
+    return torch.stack([scores[:, max(0, j - r):min(prefix, j + r + 1)].amax(1) for j in range(prefix)], 1)
+
+
+@pytest.mark.parametrize("pool", [1, 5, 15])
+def test_snapkv_keeps_the_rows_a_reference_computation_of_the_method_picks(tiny_models, pool):
+    """End to end on a GQA model: the rows the engine compacts to are, per layer and kv head, the
+    top ``budget - window`` prefix positions by the method computed from transformers' own eager
+    attention weights (window queries' softmax summed over the window and the group, max-pooled
+    over ``pool`` positions), plus the window; and the compacted cache holds exactly those rows."""
+    hf, d, _ = tiny_models["llama"]
+    hf.config._attn_implementation = "eager"
+    ids = _prompts(1, seed=5, lo=90, hi=91)[0]
+    with torch.no_grad():
+        att = hf(torch.tensor([ids]), output_attentions=True).attentions
+    W, keep, C = 8, 30, len(ids)
+    llm = LLM(str(d), kv_policy="snapkv", kv_budget=keep, kv_pool=pool, **KW)
+    eng = llm.engine
+    comp = eng.compressor
+    seen = {}
+    orig = comp._keep_rows
+
+    def spy(seq, rows):
+        seen["rows"], seen["before"] = rows.clone(), [c.clone() for c in comp.caches]
+        seen["table"] = list(seq.block_table)
+        orig(seq, rows)
+        seen["after"] = list(seq.block_table)
+
+    comp._keep_rows = spy
+    eng.add_request(ids, SamplingParams(max_tokens=1, temperature=0.0))
+    eng.step()
+    rows = seen["rows"]
+    Hq, Hk = hf.config.num_attention_heads, hf.config.num_key_value_heads
+    assert Hq > Hk and rows.shape == (len(att), Hk, keep)
+    bs = KW["block_size"]
+    for layer, a in enumerate(att):
+        votes = a[0, :, -W:, :].reshape(Hk, Hq // Hk, W, C).sum((1, 2)).float()
+        pooled = _max_pooled_reference(votes, C - W, pool)
+        for h in range(Hk):
+            kept = rows[layer, h].tolist()
+            assert kept[-W:] == list(range(C - W, C)) and kept == sorted(set(kept))
+            chosen = torch.zeros(C - W, dtype=torch.bool)
+            chosen[kept[:-W]] = True
+            # a top-k of the reference scores (up to float noise between the two attentions)
+            assert pooled[h][chosen].min() >= pooled[h][~chosen].max() - 1e-5
+    # the cache after compaction holds the chosen rows, in order, for every layer and head
+    k_before, k_after = seen["before"][0], comp.caches[0]
+    for layer in range(len(att)):
+        for h in range(Hk):
+            for r, src in enumerate(rows[layer, h].tolist()):
+                b0, o0 = seen["table"][src // bs], src % bs
+                b1, o1 = seen["after"][r // bs], r % bs
+                assert torch.equal(k_after[layer, b1, o1, h], k_before[layer, b0, o0, h])
+
+
+def test_snapkv_keeps_the_neighbourhood_of_a_sharp_hit_over_a_broad_plateau():
+    """Max-pooling: one sharp attention hit wins its whole ``pool`` neighbourhood, against a broad
+    region of middling scores that an average would prefer (the later digits of a number the
+    window found, which decode reads in heads that never looked there during the window)."""
+    scores = torch.zeros(1, 40)
+    scores[0, 10] = 1.0
+    scores[0, 20:30] = 0.3
+    rows = snapkv_keep(scores, keep=5 + 4, window=4, pool=5)
+    assert rows[0].tolist() == [8, 9, 10, 11, 12, 36, 37, 38, 39]
+    with pytest.raises(ValueError, match="odd"):
+        snapkv_keep(scores, keep=9, window=4, pool=4)
+
+
 def test_snapkv_selection_picks_the_top_pooled_rows():
     scores = torch.zeros(2, 20)
     scores[0, 3] = 5.0

@@ -286,15 +286,46 @@ struct PagedKV {
   int64_t BS;
 };
 
+// One online-softmax step over a tile of n <= kTile tokens whose K and V rows are krow[i] / vrow[i]:
+// the G query heads qs [G, D] (already multiplied by the softmax scale) update their running max
+// m[g], sum l[g] and unnormalized output acc[g, :]. Scratch: sc [G * kTile]. Shared by the float
+// paged attention below and the int8 one (kv_int8.cpp), which hands it dequantized tile rows.
+inline void attend_tile(const float* qs, int64_t G, int64_t D, const float* const* krow, const float* const* vrow,
+                        int64_t n, float* m, float* l, float* acc, float* sc) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  // scores: sc[g, i] = (q_g * scale) . k_i ; padded with -inf up to kTile
+  tile_scores(qs, krow, n, G, D, sc);
+  for (int64_t g = 0; g < G; ++g) {
+    float* s = sc + g * kTile;
+    for (int64_t i = n; i < kTile; ++i) s[i] = neg_inf;
+    // online softmax: one rescale of (l, acc) per tile
+    __m256 vmax = _mm256_set1_ps(neg_inf);
+    for (int64_t i = 0; i < kTile; i += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + i));
+    const float m_new = std::max(m[g], hmax(vmax));
+    const __m256 vm = _mm256_set1_ps(m_new);
+    __m256 vsum = _mm256_setzero_ps();
+    for (int64_t i = 0; i < kTile; i += 8) {
+      const __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + i), vm));
+      _mm256_storeu_ps(s + i, p);
+      vsum = _mm256_add_ps(vsum, p);
+    }
+    const float alpha = std::exp(m[g] - m_new);  // 0 on the first tile (m = -inf)
+    if (alpha != 1.0f) scale_inplace(acc + g * D, D, alpha);
+    l[g] = l[g] * alpha + hsum(vsum);
+    m[g] = m_new;
+  }
+  // acc_g += P_g @ V_tile
+  for (int64_t g = 0; g < G; ++g) accumulate_pv(acc + g * D, sc + g * kTile, vrow, n, D);
+}
+
 // Online-softmax attention of the G query heads qs [G, D] (already multiplied by the softmax
 // scale) over tokens [t0, t1): on return m[g] is the running max, l[g] the sum of exp(s - m) and
 // acc[g, :] the unnormalized sum of exp(s - m) * v (m = -inf, l = 0, acc = 0 for an empty range).
 // Scratch: sc [G * kTile], krow / vrow [kTile].
 inline void attend_range(const float* qs, int64_t G, int64_t D, const PagedKV& kv, int64_t t0, int64_t t1,
                          float* m, float* l, float* acc, float* sc, const float** krow, const float** vrow) {
-  const float neg_inf = -std::numeric_limits<float>::infinity();
   std::fill(acc, acc + G * D, 0.0f);
-  std::fill(m, m + G, neg_inf);
+  std::fill(m, m + G, -std::numeric_limits<float>::infinity());
   std::fill(l, l + G, 0.0f);
   for (int64_t tile = t0; tile < t1; tile += kTile) {
     const int64_t n = std::min(kTile, t1 - tile);
@@ -304,29 +335,7 @@ inline void attend_range(const float* qs, int64_t G, int64_t D, const PagedKV& k
       krow[i] = kv.k + blk * kv.ks0 + slot * kv.ks1;
       vrow[i] = kv.v + blk * kv.vs0 + slot * kv.vs1;
     }
-    // scores: sc[g, i] = (q_g * scale) . k_i ; padded with -inf up to kTile
-    tile_scores(qs, krow, n, G, D, sc);
-    for (int64_t g = 0; g < G; ++g) {
-      float* s = sc + g * kTile;
-      for (int64_t i = n; i < kTile; ++i) s[i] = neg_inf;
-      // online softmax: one rescale of (l, acc) per tile
-      __m256 vmax = _mm256_set1_ps(neg_inf);
-      for (int64_t i = 0; i < kTile; i += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + i));
-      const float m_new = std::max(m[g], hmax(vmax));
-      const __m256 vm = _mm256_set1_ps(m_new);
-      __m256 vsum = _mm256_setzero_ps();
-      for (int64_t i = 0; i < kTile; i += 8) {
-        const __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + i), vm));
-        _mm256_storeu_ps(s + i, p);
-        vsum = _mm256_add_ps(vsum, p);
-      }
-      const float alpha = std::exp(m[g] - m_new);  // 0 on the first tile (m = -inf)
-      if (alpha != 1.0f) scale_inplace(acc + g * D, D, alpha);
-      l[g] = l[g] * alpha + hsum(vsum);
-      m[g] = m_new;
-    }
-    // acc_g += P_g @ V_tile
-    for (int64_t g = 0; g < G; ++g) accumulate_pv(acc + g * D, sc + g * kTile, vrow, n, D);
+    attend_tile(qs, G, D, krow, vrow, n, m, l, acc, sc);
   }
 }
 

@@ -2,10 +2,11 @@
 //
 // Cache layout (llmopt/kernels/kv_quant.py): k, v int8 [num_blocks, block_size, Hk, D]; k_scale, v_scale
 // float32 [num_blocks, block_size, Hk] (symmetric, one scale per token and kv head: x ~= q * scale).
-// Each row is dequantized in registers while it is read: no float copy of the cache is made.
+// Rows are dequantized tile by tile into small buffers: no float copy of the cache is made.
 // One OpenMP item per (sequence, kv head); the G query heads of a GQA group share every K/V read.
-// Online softmax in float32 over 32-token tiles (each tile's rows dequantized once into L1-sized
-// buffers, shared by the G query heads), the same math as the torch reference
+// Online softmax in float32 over 32-token tiles: each tile's rows are dequantized once into L1-sized
+// buffers, then the float kernel's tile step (fused_kernels.h attend_tile: 4-token x 2-head score
+// blocks, vectorized exp, register-blocked P @ V) runs on them; the same math as the torch reference
 // (paged_decode_attention_int8_ref), which the tests hold it to.
 
 #include <ATen/Parallel.h>
@@ -21,13 +22,14 @@
 #include <limits>
 #include <vector>
 
+#include "fused_kernels.h"
 #include "paged_args.h"
 
 namespace {
 
 inline int num_threads() { return std::max(1, at::get_num_threads()); }
 
-constexpr int64_t kTile = 32;  // tokens scored before one online-softmax update
+using llmopt_f::kTile;  // tokens scored before one online-softmax update
 
 // dst[d] = src[d] * s (src int8), AVX2 8 at a time with a scalar tail
 inline void dequant_row(float* dst, const int8_t* src, float s, int64_t D) {
@@ -38,34 +40,6 @@ inline void dequant_row(float* dst, const int8_t* src, float s, int64_t D) {
     _mm256_storeu_ps(dst + d, _mm256_mul_ps(vs, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(x8))));
   }
   for (; d < D; ++d) dst[d] = static_cast<float>(src[d]) * s;
-}
-
-inline float dot(const float* a, const float* b, int64_t D) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t d = 0;
-  for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  float r = _mm_cvtss_f32(s);
-  for (; d < D; ++d) r += a[d] * b[d];
-  return r;
-}
-
-// acc[d] += w * v[d]
-inline void axpy(float* acc, float w, const float* v, int64_t D) {
-  const __m256 vw = _mm256_set1_ps(w);
-  int64_t d = 0;
-  for (; d + 8 <= D; d += 8)
-    _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(vw, _mm256_loadu_ps(v + d), _mm256_loadu_ps(acc + d)));
-  for (; d < D; ++d) acc[d] += w * v[d];
-}
-
-inline void scale_inplace(float* x, float a, int64_t D) {
-  const __m256 va = _mm256_set1_ps(a);
-  int64_t d = 0;
-  for (; d + 8 <= D; d += 8) _mm256_storeu_ps(x + d, _mm256_mul_ps(va, _mm256_loadu_ps(x + d)));
-  for (; d < D; ++d) x[d] *= a;
 }
 
 at::Tensor paged_decode_attention_int8(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -101,6 +75,11 @@ at::Tensor paged_decode_attention_int8(const at::Tensor& q, const at::Tensor& k_
 #pragma omp parallel num_threads(nt) if (items > 1)
   {
     std::vector<float> qs(G * D), acc(G * D), m(G), l(G), kf(kTile * D), vf(kTile * D), sc(G * kTile);
+    std::vector<const float*> krow(kTile), vrow(kTile);
+    for (int64_t i = 0; i < kTile; ++i) {
+      krow[i] = kf.data() + i * D;
+      vrow[i] = vf.data() + i * D;
+    }
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t b = item / Hk, h = item % Hk;
@@ -122,25 +101,8 @@ at::Tensor paged_decode_attention_int8(const at::Tensor& q, const at::Tensor& k_
           dequant_row(kf.data() + i * D, kp + row * D, ksp[row], D);
           dequant_row(vf.data() + i * D, vp + row * D, vsp[row], D);
         }
-        for (int64_t g = 0; g < G; ++g) {
-          float* s = sc.data() + g * kTile;
-          float mt = m[g];
-          for (int64_t i = 0; i < n; ++i) {
-            s[i] = dot(qs.data() + g * D, kf.data() + i * D, D);
-            mt = std::max(mt, s[i]);
-          }
-          const float a = std::exp(m[g] - mt);  // 0 on the first tile (m = -inf)
-          float* ag = acc.data() + g * D;
-          scale_inplace(ag, a, D);
-          float lt = l[g] * a;
-          for (int64_t i = 0; i < n; ++i) {
-            const float p = std::exp(s[i] - mt);
-            lt += p;
-            axpy(ag, p, vf.data() + i * D, D);
-          }
-          l[g] = lt;
-          m[g] = mt;
-        }
+        llmopt_f::attend_tile(qs.data(), G, D, krow.data(), vrow.data(), n, m.data(), l.data(), acc.data(),
+                              sc.data());
       }
       for (int64_t g = 0; g < G; ++g) {
         if (l[g] <= 0.0f) continue;
