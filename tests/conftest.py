@@ -244,3 +244,28 @@ def fused_and_forward(eng, lens: list[int], block_size: int, seed: int = 0, tile
         b = r.model(ids, pos, ctx)
         cb = (r.k_cache.clone(), r.v_cache.clone())
     return a, ca, b, cb
+
+
+def avx2_greedy_fused_on_and_off(model_path: Path) -> dict[str, str]:
+    """Greedy tokens of ``model_path`` with ``LLMOPT_CPU_PATH=avx2`` (every machine's floor) and the fused
+    decode step on / off (``LLMOPT_FUSED_DECODE=1`` / ``0``), each in a fresh process; asserts the path
+    and whether the step ran, returns {flag: "RESULT avx2 <fused> <tokens>"}."""
+    import subprocess
+    import sys
+
+    code = ("from llmopt import LLM, SamplingParams\nfrom llmopt.kernels import gguf_linear as G\n"
+            f"llm = LLM({str(model_path)!r}, num_kv_blocks=64, num_threads=2)\n"
+            "fused = llm.engine.runner.fused is not None\n"
+            "out = llm.generate([[3, 17, 42], [5, 6, 7, 8, 9]], SamplingParams(max_tokens=10, temperature=0.0,"
+            " ignore_eos=True))\n"
+            "print('RESULT', G.cpu_path(), fused, [o.token_ids for o in out])\n")
+    got = {}
+    for flag in ("1", "0"):
+        env = dict(os.environ, LLMOPT_CPU_PATH="avx2", LLMOPT_FUSED_DECODE=flag)
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                           cwd=Path(__file__).resolve().parents[1])
+        line = [x for x in r.stdout.splitlines() if x.startswith("RESULT")]
+        assert r.returncode == 0 and line, r.stderr[-2000:]
+        got[flag] = line[0]
+    assert got["1"].startswith("RESULT avx2 True ") and got["0"].startswith("RESULT avx2 False ")
+    return got

@@ -3,9 +3,6 @@ model: same kernels (the GGUF build's kernel table), same order, so the same bit
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import gguf
@@ -23,7 +20,7 @@ from llmopt.kernels import decode_step
 from llmopt.kernels import gguf_linear as G
 from llmopt.kernels.dense import PackedLinear
 from llmopt.models.gguf_linear import GGUFLinear
-from tests.conftest import fused_and_forward, gguf_blocks, tiny_hf_model, write_gguf
+from tests.conftest import avx2_greedy_fused_on_and_off, fused_and_forward, gguf_blocks, tiny_hf_model, write_gguf
 
 pytestmark = pytest.mark.skipif(decode_step._native() is None or G.kernel_table() is None,
                                 reason="native kernels unavailable")
@@ -153,21 +150,7 @@ def test_greedy_tokens_fused_on_and_off(tiny, tmp_path, act):
 def test_avx2_env_greedy_tokens_fused_on_and_off(tiny, tmp_path):
     """LLMOPT_CPU_PATH=avx2 and LLMOPT_FUSED_DECODE=0 / 1 in fresh processes: the same tokens."""
     path = _file(tiny, tmp_path, QT.Q4_K)
-    code = ("import sys\nfrom llmopt import LLM, SamplingParams\nfrom llmopt.kernels import gguf_linear as G\n"
-            f"llm = LLM({str(path)!r}, num_kv_blocks=64, num_threads=2)\n"
-            "fused = llm.engine.runner.fused is not None\n"
-            "out = llm.generate([[3, 17, 42], [5, 6, 7, 8, 9]], SamplingParams(max_tokens=10, temperature=0.0,"
-            " ignore_eos=True))\n"
-            "print('RESULT', G.cpu_path(), fused, [o.token_ids for o in out])\n")
-    got = {}
-    for flag in ("1", "0"):
-        env = dict(os.environ, LLMOPT_CPU_PATH="avx2", LLMOPT_FUSED_DECODE=flag)
-        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
-                           cwd=Path(__file__).resolve().parents[2])
-        line = [x for x in r.stdout.splitlines() if x.startswith("RESULT")]
-        assert r.returncode == 0 and line, r.stderr[-2000:]
-        got[flag] = line[0]
-    assert got["1"].startswith("RESULT avx2 True ") and got["0"].startswith("RESULT avx2 False ")
+    got = avx2_greedy_fused_on_and_off(path)
     assert got["1"].split(" ", 3)[3] == got["0"].split(" ", 3)[3]
 
 
