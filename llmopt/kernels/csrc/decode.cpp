@@ -107,6 +107,19 @@ void check_vec(const at::Tensor& t, int64_t n, const char* what) {
               " must be a contiguous CPU float32 tensor of ", n, " elements");
 }
 
+// A kernel table another build hands over as a capsule (gguf_kernels.h, dense_kernels.h): its name
+// and the ABI of the header this file was compiled with are checked. ``who`` names the setter,
+// ``source`` where the capsule comes from, ``built`` what the table is ("the GGUF kernels were").
+template <class Table>
+const Table* table_of(const py::object& cap, const char* name, int32_t abi, const char* who, const char* source,
+                      const char* built, const char* header) {
+  TORCH_CHECK(PyCapsule_IsValid(cap.ptr(), name), who, ": expected a ", name, " capsule (", source, ")");
+  const auto* t = static_cast<const Table*>(PyCapsule_GetPointer(cap.ptr(), name));
+  TORCH_CHECK(t && t->abi == abi && t->size == (int32_t)sizeof(Table), who, ": ", built,
+              " built from another version of ", header, " (rebuild both: python -m llmopt.kernels.build)");
+  return t;
+}
+
 // An int4 linear in the lane layout read with int8 activations (qlinear: int4 + INT4_ACT=int8).
 struct QLin {
   at::Tensor qw, sc, mn, bias;  // kept alive
@@ -279,13 +292,8 @@ class DecodeStep {
   // the GGUF kernels every GGUF projection runs: a KernelTable capsule (gguf module's kernel_table())
   // and the rows up to which its register tiles run (gguf_linear.SMALL_M of that build's path)
   void set_gguf_kernels(const py::object& table, int64_t small_m) {
-    TORCH_CHECK(PyCapsule_IsValid(table.ptr(), G::kTableName),
-                "set_gguf_kernels: expected a ", G::kTableName, " capsule (the GGUF module's kernel_table())");
-    const auto* t = static_cast<const G::KernelTable*>(PyCapsule_GetPointer(table.ptr(), G::kTableName));
-    TORCH_CHECK(t && t->abi == G::kTableAbi && t->size == (int32_t)sizeof(G::KernelTable),
-                "set_gguf_kernels: the GGUF kernels were built from another version of gguf_kernels.h "
-                "(rebuild both: python -m llmopt.kernels.build)");
-    table_ = t;
+    table_ = table_of<G::KernelTable>(table, G::kTableName, G::kTableAbi, "set_gguf_kernels",
+                                      "the GGUF module's kernel_table()", "the GGUF kernels were", "gguf_kernels.h");
     table_ref_ = table;  // the capsule (and its module) stays alive with the step
     small_m_ = small_m;
   }
@@ -343,13 +351,8 @@ class DecodeStep {
 
   // the packed fp32 GEMM every dense projection runs: a KernelTable capsule (dense module's kernel_table())
   void set_dense_kernels(const py::object& table) {
-    TORCH_CHECK(PyCapsule_IsValid(table.ptr(), D::kTableName),
-                "set_dense_kernels: expected a ", D::kTableName, " capsule (the sgemm module's kernel_table())");
-    const auto* t = static_cast<const D::KernelTable*>(PyCapsule_GetPointer(table.ptr(), D::kTableName));
-    TORCH_CHECK(t && t->abi == D::kTableAbi && t->size == (int32_t)sizeof(D::KernelTable),
-                "set_dense_kernels: the packed GEMM was built from another version of dense_kernels.h "
-                "(rebuild both: python -m llmopt.kernels.build)");
-    dense_ = t;
+    dense_ = table_of<D::KernelTable>(table, D::kTableName, D::kTableAbi, "set_dense_kernels",
+                                      "the sgemm module's kernel_table()", "the packed GEMM was", "dense_kernels.h");
     dense_ref_ = table;  // the capsule (and its module) stays alive with the step
   }
 
