@@ -49,12 +49,16 @@ class Phase(Enum):
     NONE = "none"
 
 
-def check_think_budget(think_budget: int | None) -> None:
-    if think_budget is None:
+def _check_token_budget(name: str, value: int | None, unit: str, none_means: str) -> None:
+    """``value`` is None or an integer >= 1 (not a bool); else a ValueError naming ``name``."""
+    if value is None:
         return
-    if isinstance(think_budget, bool) or not isinstance(think_budget, int) or think_budget < 1:
-        raise ValueError(f"think_budget must be an integer >= 1 (tokens of thinking) or None for no "
-                         f"budget, got {think_budget!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1 ({unit}) or None for {none_means}, got {value!r}")
+
+
+def check_think_budget(think_budget: int | None) -> None:
+    _check_token_budget("think_budget", think_budget, "tokens of thinking", "no budget")
 
 
 def prompt_opens_think(prompt_tail: str) -> bool:
@@ -64,11 +68,7 @@ def prompt_opens_think(prompt_tail: str) -> bool:
 
 
 def check_answer_budget(answer_budget: int | None) -> None:
-    if answer_budget is None:
-        return
-    if isinstance(answer_budget, bool) or not isinstance(answer_budget, int) or answer_budget < 1:
-        raise ValueError(f"answer_budget must be an integer >= 1 (tokens after thinking ends) or None for no "
-                         f"limit, got {answer_budget!r}")
+    _check_token_budget("answer_budget", answer_budget, "tokens after thinking ends", "no limit")
 
 
 def budget_limit(think_budget: int | None, max_tokens: int, close_len: int) -> int | None:
