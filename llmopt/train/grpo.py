@@ -400,7 +400,7 @@ class RolloutWeights:
         self.fused = False  # the last entry's decode steps ran fused
         self.frozen: dict[str, torch.nn.Module] = {}  # name -> packed copy of a projection without LoRA
         self.base_packed: dict[str, torch.Tensor] = {}  # name -> packed frozen base weight of a LoRA projection
-        self.pack_s = 0.0  # time spent packing on the last entry
+        self.pack_s = 0.0  # the last entry's set-up: packing, swapping, rebuilding the fused step
 
     def _targets(self) -> list[tuple[str, torch.nn.Module]] | None:
         """(name, module) of every projection to swap, or None when one cannot be packed."""
