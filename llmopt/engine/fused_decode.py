@@ -144,7 +144,7 @@ class FusedDecoder:
         step = ext.DecodeStep(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
                               float(cfg.rms_norm_eps), float(model.layers[0].self_attn.scale), tensors, windows,
                               model.norm.weight.detach(), model.rope_table(torch.float32))
-        int4 = dense_set = False
+        int4 = dense_set = gguf_set = False  # each kernel table is handed over at its first projection
         for i, layer in enumerate(model.layers):
             for slot, lin in enumerate(_linears(layer)):
                 bias = none if lin.bias is None else lin.bias.detach().float().contiguous()
@@ -154,10 +154,11 @@ class FusedDecoder:
                         dense_set = True
                     step.set_dense(i, slot, lin.packed.detach(), bias)
                 elif isinstance(lin, GGUFLinear):
-                    if slot == 0 and i == 0:
+                    if not gguf_set:
                         table = gguf_linear.kernel_table()
                         assert table is not None  # why_not checked
                         step.set_gguf_kernels(table.capsule, table.small_m)
+                        gguf_set = True
                     step.set_gguf(i, slot, [p.data for p in lin.parts], [p.ggml_type for p in lin.parts],
                                   [p.out_features for p in lin.parts], [a == "int8" for a in lin.acts], bias)
                 else:

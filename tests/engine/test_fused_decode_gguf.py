@@ -154,6 +154,21 @@ def test_avx2_env_greedy_tokens_fused_on_and_off(tiny, tmp_path):
     assert got["1"].split(" ", 3)[3] == got["0"].split(" ", 3)[3]
 
 
+def test_gguf_kernels_are_set_when_the_first_projection_is_packed(tiny, tmp_path):
+    """Layer 0's qkv in F16 (packed fp32) before every GGUF projection: the step still gets the GGUF
+    kernel table (set at the first GGUF projection, wherever it is) and fuses the whole stack."""
+    def qtype(name: str):
+        return QT.F16 if name.startswith("blk.0.attn_") and name[11:] in ("q.weight", "k.weight", "v.weight") \
+            else QT.Q4_1
+
+    eng = _engine(write_gguf(tiny["llama"], tmp_path / "f16-first.gguf", qtype=qtype), threads=2)
+    assert isinstance(eng.model.layers[0].self_attn.qkv_proj, PackedLinear)
+    assert isinstance(eng.model.layers[0].self_attn.o_proj, GGUFLinear)
+    assert eng.runner.fused is not None
+    for rows, lens in LENS.items():
+        _assert_step_equals_forward(eng, lens, seed=rows)
+
+
 def test_falls_back_with_a_reason(tiny, tmp_path, monkeypatch, caplog):
     """A projection the step does not take (F16 as torch's own Linear) or GGUF kernels on the torch
     reference path: op by op, and ``_why_not`` says which and why. The same F16 projection packed
