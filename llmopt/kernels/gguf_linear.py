@@ -23,7 +23,7 @@ is bit-identical to the same row computed alone (tests pin this). Paths (by M):
 * larger M (prefill): a chunk of 256 k x 16-32 columns is dequantized to fp32 once per thread and
   tile and fed to a register-blocked fp32 micro-kernel (6 rows x 16-32 columns).
 
-A separate, named mode ``act="int8"`` (Q4_0, Q4_1, Q8_0, Q4_K) quantizes the activations to int8
+A separate, named mode ``act="int8"`` (every type but Q2_K / Q3_K) quantizes the activations to int8
 per row and 32 k and uses integer dot products, like llama.cpp's Q8 activations: faster at decode,
 not exact (see :func:`gguf_linear`). The default is ``act="fp32"``.
 
@@ -101,7 +101,8 @@ class _TypeDesc:
     @property
     def a8(self) -> bool:
         """Has the int8-activation kernel (``kA8`` in csrc/gguf_kernels.h)."""
-        return self.s == 32 and self.h == 0 and self.l in (4, 8)
+        return ((self.s == 32 and self.h == 0 and self.l in (4, 8)) or (self.s == 32 and self.l == 4 and self.h == 1)
+                or (self.s == 16 and self.l == 4 and self.h == 2 and self.sck == _SC_S8 and not self.m2))
 
     @property
     def sections(self) -> list[tuple[str, int]]:
@@ -143,8 +144,8 @@ _TYPES: dict[QT, _TypeDesc] = {
 
 def supported_types(act: str = "fp32") -> list[str]:
     """Names of the GGUF types with a native kernel (``gguf.GGMLQuantizationType`` names) for
-    fp32 activations (every type) or, ``act="int8"``, int8 activations (32-wide sub-blocks of 4- or
-    8-bit codes: Q4_0, Q4_1, Q8_0, Q4_K)."""
+    fp32 activations (every type) or, ``act="int8"``, int8 activations (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+    Q4_K, Q5_K, Q6_K: every type but Q2_K and Q3_K)."""
     if act == "int8":
         return [t.qt.name for t in _TYPES.values() if t.a8]
     if act != "fp32":
@@ -527,7 +528,7 @@ def gguf_linear(x: torch.Tensor, packed: GGUFPacked, bias: torch.Tensor | None =
 
     act: "fp32" (default) = the dequantized fp32 model up to summation order; "int8" = the separate
     int8-activation mode (decode; like llama.cpp's Q8 activations): each row quantized per 32 k to
-    int8 (scale amax / 127, round half to even), integer dot products per 32-wide sub-block, then
+    int8 (scale amax / 127, round half to even), integer dot products per sub-block (32 k; Q6_K 16), then
     scaled: ``x_hat @ W.T`` with ``x_hat = dequantized int8 x``, up to float rounding; batch-invariant
     too. Types: :func:`supported_types` ("int8"); others raise ValueError."""
     if not isinstance(packed, GGUFPacked):

@@ -149,7 +149,7 @@ def test_rows_are_bit_identical_whatever_the_batch(paths, parallel_always, threa
                     assert torch.equal(y, alone[:m]), f"{qt.name} path={p} threads={nt} M={m} small_m={small_m}"
 
 
-A8_TYPES = [QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K]
+A8_TYPES = [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K]
 
 
 def test_int8_mode_types():
@@ -169,7 +169,8 @@ def test_int8_activations_match_the_quantized_activation_reference(paths, parall
     bias = torch.randn(n, generator=g)
     xhat = G.quantize_act_int8(xs)
     exact = xhat.double() @ w.double().t() + bias.double()
-    bound = (k // 32 + 2) * 2.0 ** -22 * (xhat.double().abs() @ w.double().abs().t() + bias.double().abs())
+    sub = 16 if qt == QT.Q6_K else 32  # k per sub-block: one scaled fma (two with mins) each
+    bound = (k // sub + 2) * 2.0 ** -22 * (xhat.double().abs() @ w.double().abs().t() + bias.double().abs())
     threads(1)
     alone = torch.cat([G.gguf_linear(xs[i:i + 1], packed, bias, act="int8", path=paths[-1])
                        for i in range(xs.shape[0])])
@@ -188,8 +189,8 @@ def test_int8_activations_match_the_quantized_activation_reference(paths, parall
 
 
 def test_int8_mode_refuses_types_without_its_kernel(paths):
-    packed, _ = case(QT.Q6_K)
-    with pytest.raises(ValueError, match=r"'test.Q6_K' \(Q6_K, 37x768\): no int8-activation kernel for Q6_K"):
+    packed, _ = case(QT.Q3_K)
+    with pytest.raises(ValueError, match=r"'test.Q3_K' \(Q3_K, 37x768\): no int8-activation kernel for Q3_K"):
         G.gguf_linear(torch.randn(1, 768), packed, act="int8")
     with pytest.raises(ValueError, match="act must be 'fp32' or 'int8'"):
         G.gguf_linear(torch.randn(1, 768), packed, act="int4")

@@ -109,6 +109,28 @@ struct V {
 #endif
   }
   static GGUF_INLINE F cvti(I a) { return _mm512_cvtepi32_ps(a); }
+  template <int S> static GGUF_INLINE I sll16(I a) { return _mm512_slli_epi16(a, S); }
+  template <int S> static GGUF_INLINE I srl16(I a) { return _mm512_srli_epi16(a, S); }
+  // 16 bytes at p -> lane c = (p[c], p[c], p[c], p[c])
+  static GGUF_INLINE I rep4x16(const uint8_t* p) {
+    const __m512i v = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)p));
+    const __m512i sh = _mm512_set_epi32(0x0F0F0F0F, 0x0E0E0E0E, 0x0D0D0D0D, 0x0C0C0C0C, 0x0B0B0B0B, 0x0A0A0A0A,
+                                        0x09090909, 0x08080808, 0x07070707, 0x06060606, 0x05050505, 0x04040404,
+                                        0x03030303, 0x02020202, 0x01010101, 0x00000000);
+    return _mm512_shuffle_epi8(v, sh);
+  }
+  // 2 rows of 16 bytes at p (a = p[0..16), b = p[16..32)) -> lane c = (a[c], a[c], b[c], b[c])
+  static GGUF_INLINE I rep2x16(const uint8_t* p) {
+    const __m512i v = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)p));
+    const __m512i idx = _mm512_setr_epi32(0, 4, 0, 0, 1, 5, 0, 0, 2, 6, 0, 0, 3, 7, 0, 0);
+    const __m512i sh = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 0, 4, 4, 1, 1, 5, 5, 2, 2, 6, 6, 3, 3, 7, 7));
+    return _mm512_shuffle_epi8(_mm512_permutexvar_epi32(idx, v), sh);
+  }
+  // codes (< 16) with 16 added in the bytes where rep & mask (mask per 4-byte lane) is not zero
+  static GGUF_INLINE I add_bit4(I codes, I rep, int32_t mask) {
+    const __mmask64 k = _mm512_test_epi8_mask(rep, _mm512_set1_epi32(mask));
+    return _mm512_mask_add_epi8(codes, k, codes, _mm512_set1_epi8(0x10));
+  }
 };
 #if defined(__AVX512VNNI__)
 constexpr int32_t kQ8Bias = 128;
@@ -175,6 +197,35 @@ struct V {
             dot_u1(acc.b, _mm256_abs_epi8(w.b), _mm256_sign_epi8(x.b, w.b))};
   }
   static GGUF_INLINE F cvti(I x) { return cvt(x); }
+  template <int S> static GGUF_INLINE I sll16(I x) { return {_mm256_slli_epi16(x.a, S), _mm256_slli_epi16(x.b, S)}; }
+  template <int S> static GGUF_INLINE I srl16(I x) { return {_mm256_srli_epi16(x.a, S), _mm256_srli_epi16(x.b, S)}; }
+  // 16 bytes at p -> lane c = (p[c], p[c], p[c], p[c])
+  static GGUF_INLINE I rep4x16(const uint8_t* p) {
+    const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)p));
+    const __m256i s0 = _mm256_setr_epi32(0x00000000, 0x01010101, 0x02020202, 0x03030303, 0x04040404, 0x05050505,
+                                         0x06060606, 0x07070707);
+    const __m256i s1 = _mm256_setr_epi32(0x08080808, 0x09090909, 0x0A0A0A0A, 0x0B0B0B0B, 0x0C0C0C0C, 0x0D0D0D0D,
+                                         0x0E0E0E0E, 0x0F0F0F0F);
+    return {_mm256_shuffle_epi8(v, s0), _mm256_shuffle_epi8(v, s1)};
+  }
+  // 2 rows of 16 bytes at p (a = p[0..16), b = p[16..32)) -> lane c = (a[c], a[c], b[c], b[c])
+  static GGUF_INLINE I rep2x16(const uint8_t* p) {
+    const __m128i a = _mm_loadu_si128((const __m128i*)p), b = _mm_loadu_si128((const __m128i*)(p + 16));
+    const __m256i lo = _mm256_broadcastsi128_si256(_mm_unpacklo_epi64(a, b));  // a[0..8), b[0..8)
+    const __m256i hi = _mm256_broadcastsi128_si256(_mm_unpackhi_epi64(a, b));  // a[8..16), b[8..16)
+    const __m256i sh = _mm256_setr_epi8(0, 0, 8, 8, 1, 1, 9, 9, 2, 2, 10, 10, 3, 3, 11, 11,
+                                        4, 4, 12, 12, 5, 5, 13, 13, 6, 6, 14, 14, 7, 7, 15, 15);
+    return {_mm256_shuffle_epi8(lo, sh), _mm256_shuffle_epi8(hi, sh)};
+  }
+  static GGUF_INLINE __m256i add_bit4_1(__m256i codes, __m256i rep, __m256i m) {
+    const __m256i on = _mm256_cmpeq_epi8(_mm256_and_si256(rep, m), m);
+    return _mm256_or_si256(codes, _mm256_and_si256(on, _mm256_set1_epi8(0x10)));
+  }
+  // codes (< 16) with 16 added in the bytes where rep & mask (mask per 4-byte lane, one bit per byte) is not zero
+  static GGUF_INLINE I add_bit4(I codes, I rep, int32_t mask) {
+    const __m256i m = _mm256_set1_epi32(mask);
+    return {add_bit4_1(codes.a, rep.a, m), add_bit4_1(codes.b, rep.b, m)};
+  }
 };
 constexpr int32_t kQ8Bias = 0;
 #endif
@@ -389,16 +440,22 @@ GGUF_INLINE void tile_buf(const float* const* buf, const float* const* xr, int64
 // ------------------------------------------------------------------------------------------
 // int8 activations (the separate "int8" mode; decode): x quantized per row and per 32 k like
 // llama.cpp's Q8_0 (dx = amax / 127, xq = round-half-even(x / dx)), integer dot products per
-// sub-block of 32, then per sub-block and column, in k order:
+// sub-block (32 k; Q6_K: 16 k), then per sub-block and column, in k order:
 //   acc = fma(float(isum - OFF * xs), A * dx, acc);  acc = fma(Bm, dx * xs, acc)  (types with mins)
-// isum = sum q * xq, xs = sum xq (exact integers). Types: 32-wide sub-blocks of 4- or 8-bit codes
-// (Q4_0, Q4_1, Q4_K, Q8_0). Per-row order fixed: batch-invariant, like the fp32 path; the integer
-// sums are exact, so every ISA build gives the same bits too.
-// Activation layout (per row): xq [K] int8, for 4-bit codes each group of 8 k permuted to
+// isum = sum q * xq, xs = sum xq over the sub-block (exact integers; dx of the 32 k holding it).
+// Types: 32-wide sub-blocks of 4- or 8-bit codes (Q4_0, Q4_1, Q4_K, Q8_0), of 5-bit codes = low
+// nibble + high-bit plane (Q5_0, Q5_1, Q5_K), and Q6_K (16-wide sub-blocks of 6-bit codes = low
+// nibble + 2-bit plane, int8 scales, OFF 32). The high bits are merged into the nibbles as bit 4
+// (5-bit) or bits 4-5 (6-bit) before the byte dot products (codes < 64: no pair sum saturates
+// maddubs' int16). Per-row order fixed: batch-invariant, like the fp32 path; the integer sums are
+// exact, so every ISA build gives the same bits too.
+// Activation layout (per row): xq [K] int8, for 4-bit low planes each group of 8 k permuted to
 // (0, 2, 4, 6, 1, 3, 5, 7) (the low / high nibbles of 4 consecutive code bytes), dx / xs [K / 32].
 // ------------------------------------------------------------------------------------------
 template <class T>
-constexpr bool kA8 = T::S == 32 && T::H == 0 && (T::L == 4 || T::L == 8);
+constexpr bool kA8 = (T::S == 32 && T::H == 0 && (T::L == 4 || T::L == 8)) ||  // Q4_0, Q4_1, Q4_K, Q8_0
+                     (T::S == 32 && T::L == 4 && T::H == 1) ||                  // Q5_0, Q5_1, Q5_K
+                     (T::S == 16 && T::L == 4 && T::H == 2 && T::SCK == SC_S8 && !T::M2);  // Q6_K
 
 // A and the mins term Bm (0 if none) of sub-block s, for the int8 mode
 template <class T>
@@ -407,10 +464,20 @@ GGUF_INLINE void params_a8(const uint8_t* blk, int s, F& A, F& Bm) {
   if constexpr (T::SCK == SC_NONE) {
     A = d;
     Bm = T::M2 ? V::h16(blk + T::OFF_M2) : V::zero();
+  } else if constexpr (T::SCK == SC_S8) {
+    A = V::mul(d, V::cvt(V::s8(blk + T::OFF_SC + 16 * s)));
+    Bm = V::zero();
   } else {
     A = V::mul(d, V::cvt(V::u8(blk + T::OFF_SC + 16 * s)));
     Bm = V::neg(V::mul(V::h16(blk + T::OFF_M2), V::cvt(V::u8(blk + T::OFF_MN + 16 * s))));
   }
+}
+
+// sum of 16 int8 at p
+GGUF_INLINE int32_t sum16_i8(const int8_t* p) {
+  const __m128i v = _mm_xor_si128(_mm_loadu_si128((const __m128i*)p), _mm_set1_epi8((char)0x80));
+  const __m128i s = _mm_sad_epu8(v, _mm_setzero_si128());  // two sums of 8 (x + 128)
+  return _mm_cvtsi128_si32(s) + _mm_extract_epi16(s, 4) - 16 * 128;
 }
 
 // One projection call: y[m, n] (row stride ldy) = sum_k x[m, k] w[n, k] (+ bias[n]), x [M, K]
@@ -442,20 +509,32 @@ GGUF_INLINE void tile_a8(const uint8_t* const* pan, const A8Row* rows, int64_t n
     const uint8_t* blk[NP];
     block_ptrs<T, NP>(pan, b, pf, blk);
     for (int s = 0; s < T::NS; ++s) {
-      const int64_t sb = b * T::NS + s;  // 32-wide sub-block index along k
+      const int64_t k0 = b * T::QB + s * T::S;  // first k of the sub-block
+      const int64_t sb = k0 / 32;                // its 32-wide activation block
       I is[NP][R];
       for (int p = 0; p < NP; ++p)
         for (int r = 0; r < R; ++r) is[p][r] = V::izero();
       if constexpr (T::L == 4) {
-        for (int g = 0; g < 32; g += 8) {  // 8 k = 4 code bytes per column
+        for (int g = 0; g < T::S; g += 8) {  // 8 k = 4 code bytes per column
+          const int kb = s * T::S + g;        // k in the block
           I lo[NP], hi[NP];
           for (int p = 0; p < NP; ++p) {
-            const I t = V::t4x16(blk[p] + T::OFF_LOW + 16 * ((s * 32 + g) / 2));
-            lo[p] = V::and8(t, 0x0F);
-            hi[p] = V::and8(V::srl16_4(t), 0x0F);
+            const I t = V::t4x16(blk[p] + T::OFF_LOW + 16 * (kb / 2));
+            lo[p] = V::and8(t, 0x0F);  // k = 0, 2, 4, 6 of the group
+            hi[p] = V::and8(V::srl16_4(t), 0x0F);  // k = 1, 3, 5, 7
+            if constexpr (T::H == 1) {  // bit j of the column's byte = high bit of k = j
+              const I h = V::rep4x16(blk[p] + T::OFF_HIGH + 16 * (kb / 8));
+              lo[p] = V::add_bit4(lo[p], h, 0x40100401);
+              hi[p] = V::add_bit4(hi[p], h, int32_t(0x80200802u));
+            } else if constexpr (T::H == 2) {  // bits 2j, 2j + 1 of byte a (k < 4) / b (k >= 4)
+              const I h = V::rep2x16(blk[p] + T::OFF_HIGH + 16 * (kb / 4));  // lane (a, a, b, b)
+              lo[p] = V::or_(lo[p], V::or_(V::andi(V::template sll16<4>(h), 0x00300030), V::andi(h, 0x30003000)));
+              hi[p] = V::or_(hi[p], V::or_(V::andi(V::template sll16<2>(h), 0x00300030),
+                                           V::andi(V::template srl16<2>(h), 0x30003000)));
+            }
           }
           for (int r = 0; r < R; ++r) {
-            const int8_t* xg = rows[r].xq + sb * 32 + g;
+            const int8_t* xg = rows[r].xq + b * T::QB + kb;
             int32_t x0, x1;
             std::memcpy(&x0, xg, 4);
             std::memcpy(&x1, xg + 4, 4);
@@ -475,16 +554,23 @@ GGUF_INLINE void tile_a8(const uint8_t* const* pan, const A8Row* rows, int64_t n
           }
         }
       }
+      int32_t xs[R];  // sum of the sub-block's activations (16-wide: the first or second half of the 32)
+      for (int r = 0; r < R; ++r) {
+        xs[r] = rows[r].xs[sb];
+        if constexpr (T::S == 16) {
+          const int32_t first = sum16_i8(rows[r].xq + sb * 32);  // (permuted within 8s: same sum)
+          xs[r] = (k0 % 32 == 0) ? first : xs[r] - first;
+        }
+      }
       for (int p = 0; p < NP; ++p) {
         F A, Bm;
         params_a8<T>(blk[p], s, A, Bm);
         for (int r = 0; r < R; ++r) {
           const float dx = rows[r].dx[sb];
-          const int32_t xs = rows[r].xs[sb];
           I it = is[p][r];
-          if constexpr (off != 0) it = V::isub(it, V::iset1(off * xs));
+          if constexpr (off != 0) it = V::isub(it, V::iset1(off * xs[r]));
           acc[p][r] = V::fma(V::cvti(it), V::mul(A, V::set1(dx)), acc[p][r]);
-          if constexpr (T::M2) acc[p][r] = V::fma(Bm, V::set1(dx * float(xs)), acc[p][r]);
+          if constexpr (T::M2) acc[p][r] = V::fma(Bm, V::set1(dx * float(xs[r])), acc[p][r]);
         }
       }
     }
@@ -510,7 +596,7 @@ struct KernelTable {
   // bytes of one 16-column block / weights per block of a ggml type; 0 if no kernel
   int64_t (*block_bytes)(int64_t type);
   int64_t (*block_size)(int64_t type);
-  // int8-activation kind of a type: -1 none, 0 codes in k order (8-bit), 1 groups of 8 permuted (4-bit)
+  // int8-activation kind of a type: -1 none, 0 codes in k order (8-bit), 1 groups of 8 permuted (4-bit low plane)
   int (*a8_kind)(int64_t type);
   // panels [p0, p1) of J, every row, fp32 activations: register tiles if J.M <= small_m, else the
   // dequantized-panel micro-kernel (gguf.gemm's two paths)
