@@ -92,25 +92,31 @@ def test_step_bit_identical_per_arch_and_thread_count(tiny, tmp_path, arch, thre
 
 
 def test_mixed_types_and_int8_activations(tiny, tmp_path):
-    """A Q4_K_M-like file (qkv = Q4_K rows + Q6_K attn_v rows, Q6_K ffn_down) in the int8 mode: the
-    Q4_K parts take int8 activations, the Q6_K ones stay fp32, each as the op-by-op forward does."""
+    """A Q4_K_M-like file (qkv = Q4_K rows + Q6_K attn_v rows, Q6_K ffn_down, a Q3_K ffn_gate) in the
+    int8 mode: the Q4_K / Q6_K parts take int8 activations, the Q3_K one (no int8 kernel) stays
+    fp32, each as the op-by-op forward does."""
     def qtype(name: str):
         if name.endswith(("attn_v.weight", "ffn_down.weight")):
             return QT.Q6_K
+        if name.endswith("ffn_gate.weight"):
+            return QT.Q3_K
         return QT.Q8_0 if name.endswith("ffn_up.weight") else QT.Q4_K
 
     path = write_gguf(tiny["qwen2"], tmp_path / "q4km.gguf", qtype=qtype, quantizer=gguf_blocks)
     for act in ("fp32", "int8"):
         eng = _engine(path, threads=2, act=act)
         qkv = eng.model.layers[0].self_attn.qkv_proj
-        assert qkv.type_names == ["Q4_K", "Q6_K"] and qkv.acts == ([act, "fp32"])
-        assert eng.model.layers[0].mlp.gate_up_proj.acts == ([act] * 2 if act == "int8" else ["fp32"] * 2)
+        assert qkv.type_names == ["Q4_K", "Q6_K"] and qkv.acts == [act, act]
+        gate_up = eng.model.layers[0].mlp.gate_up_proj
+        assert gate_up.type_names == ["Q3_K", "Q8_0"] and gate_up.acts == ["fp32", act]
+        assert eng.model.layers[0].mlp.down_proj.acts == [act]
         assert eng.runner.fused is not None
         for rows, lens in LENS.items():
             _assert_step_equals_forward(eng, lens, seed=rows)
 
 
-@pytest.mark.parametrize("qt", [QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qt", [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K],
+                         ids=lambda t: t.name)
 def test_int8_activation_mode_bit_identical(tiny, tmp_path, qt):
     eng = _engine(_file(tiny, tmp_path, qt), threads=2, act="int8")
     assert eng.model.layers[1].mlp.gate_up_proj.acts == ["int8"]
@@ -123,7 +129,8 @@ def test_avx2_path_bit_identical(tiny, tmp_path, monkeypatch):
     if "avx2" not in G.available_paths():
         pytest.skip("no AVX2 build")
     monkeypatch.setattr(G, "_chosen", "avx2")
-    for act, qt in (("fp32", QT.Q4_1), ("int8", QT.Q4_1), ("fp32", QT.Q6_K), ("int8", QT.Q8_0)):
+    for act, qt in (("fp32", QT.Q4_1), ("int8", QT.Q4_1), ("fp32", QT.Q6_K), ("int8", QT.Q8_0), ("int8", QT.Q5_0),
+                    ("int8", QT.Q6_K)):
         eng = _engine(_file(tiny, tmp_path, qt), threads=2, act=act)
         assert G.kernel_table().path == "avx2"
         for rows, lens in LENS.items():

@@ -188,6 +188,41 @@ def test_int8_activations_match_the_quantized_activation_reference(paths, parall
     assert ((alone[:16].double() - y32).norm() / y32.norm()).item() < 2e-2
 
 
+_A8_CHILD = """
+import sys, torch
+from llmopt.kernels import gguf_linear as G
+cases, out = torch.load(sys.argv[1]), {}
+for name, (data, qt, shape, x) in cases.items():
+    packed = G.GGUFPacked(qt, tuple(shape), data, name)
+    alone = torch.cat([G.gguf_linear(x[i:i + 1], packed, act="int8") for i in range(x.shape[0])])
+    for m in range(1, x.shape[0] + 1):
+        assert torch.equal(G.gguf_linear(x[:m], packed, act="int8"), alone[:m]), (name, m)
+    out[name] = alone
+torch.save({"path": G.cpu_path(), "out": out}, sys.argv[2])
+"""
+
+
+def test_int8_mode_under_forced_avx2_gives_the_native_paths_bits(paths, tmp_path):
+    """A fresh process with LLMOPT_CPU_PATH=avx2 (the path chosen at start-up, as a deployment on an
+    AVX2-only CPU gets it): rows 1..16 batched == alone, and the same bits as this process's native
+    path, for every int8 type."""
+    cases, here = {}, {}
+    for qt in A8_TYPES:
+        packed, _ = case(qt, seed=6)
+        x = torch.randn(16, packed.shape[1], generator=torch.Generator().manual_seed(int(qt)))
+        cases[qt.name] = (packed.data, int(qt), list(packed.shape), x)
+        here[qt.name] = G.gguf_linear(x, packed, act="int8", path=paths[0])
+    torch.save(cases, tmp_path / "cases.pt")
+    env = dict(os.environ, LLMOPT_CPU_PATH="avx2", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", _A8_CHILD, str(tmp_path / "cases.pt"), str(tmp_path / "out.pt")],
+                       check=False, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt")
+    assert got["path"] == "avx2"
+    for name, y in here.items():
+        assert torch.equal(got["out"][name], y), f"{name}: avx2 process vs {paths[0]}"
+
+
 def test_int8_mode_refuses_types_without_its_kernel(paths):
     packed, _ = case(QT.Q3_K)
     with pytest.raises(ValueError, match=r"'test.Q3_K' \(Q3_K, 37x768\): no int8-activation kernel for Q3_K"):

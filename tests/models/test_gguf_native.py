@@ -126,13 +126,13 @@ def test_smollm2_gguf_native_greedy_tokens_equal_fp32():
 
 def test_int8_activation_mode_is_opt_in_per_type_and_batch_invariant(tiny, tmp_path):
     """``KernelSettings(gguf_act="int8")``: Q4_1 projections quantize activations per 32 (llama.cpp's
-    Q8 activations), Q5_0 ones (no int8 kernel) stay fp32; greedy tokens batched == single."""
+    Q8 activations), Q3_K ones (no int8 kernel) stay fp32; greedy tokens batched == single."""
     from llmopt.config import KernelSettings
 
     def qtype(name: str):
-        return QT.Q5_0 if name.endswith("ffn_down.weight") else QT.Q4_1
+        return QT.Q3_K if name.endswith("ffn_down.weight") else QT.Q4_1
 
-    path = write_gguf(tiny["qwen2"], tmp_path / "a8.gguf", qtype=qtype)
+    path = write_gguf(tiny["qwen2"], tmp_path / "a8.gguf", qtype=qtype, quantizer=gguf_blocks)
     llm = LLM(str(path), num_kv_blocks=128, kernels=KernelSettings(gguf_act="int8"))
     m = llm.engine.model
     assert m.layers[0].self_attn.qkv_proj.acts == ["int8"] and m.layers[0].mlp.down_proj.acts == ["fp32"]
