@@ -9,7 +9,6 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from gguf import quants
 
 from llmopt.config import EngineConfig, KernelSettings
 from llmopt.engine import fused_decode
@@ -215,7 +214,7 @@ def test_step_checks_its_gguf_inputs(tiny, tmp_path):
     with pytest.raises(RuntimeError, match="no GGUF kernel for ggml type id 1"):
         step.set_gguf(0, 3, [p.data], [1], [p.out_features], [False], none)  # F16
     with pytest.raises(RuntimeError, match="no int8-activation kernel"):
-        q5 = G.pack_gguf(quants.quantize(np.zeros((256, 512), np.float32), QT.Q5_0), QT.Q5_0, (256, 512))
-        step.set_gguf(0, 3, [q5.data], [q5.ggml_type], [256], [True], none)
+        q3 = G.pack_gguf(np.zeros((256, 2 * gguf.GGML_QUANT_SIZES[QT.Q3_K][1]), np.uint8), QT.Q3_K, (256, 512))
+        step.set_gguf(0, 3, [q3.data], [q3.ggml_type], [256], [True], none)
     with pytest.raises(RuntimeError, match="KernelTable capsule"):
         step.set_gguf_kernels(object(), 4)
