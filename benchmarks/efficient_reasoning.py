@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from llmopt.batch.runner import answer
@@ -123,13 +123,14 @@ def main() -> None:
     ap.add_argument("--probe-tokens", type=int, default=None, help="early_exit_probe_tokens (default: the engine's)")
     ap.add_argument("--loop-exit", action="store_true",
                     help="also run every setting with loop exit (and loop exit alone)")
+    ap.add_argument("--skip-loop-alone", action="store_true", help="with --loop-exit: no 'loop exit' setting alone")
     ap.add_argument("--loop-ngram", type=int, default=DEFAULT_NGRAM, help="loop_exit_ngram")
     ap.add_argument("--loop-repeats", type=int, default=DEFAULT_REPEATS, help="loop_exit_repeats")
     ap.add_argument("--no-unlimited-variants", action="store_true",
                     help="with --loop-exit: skip the budget / early-exit settings without loop exit")
     ap.add_argument("--jump-forward", choices=("off", "on", "both"), default="off",
-                    help="jump_forward (the format's scaffolding in one step): off; on for every setting; both: "
-                         "every setting but the unlimited reference, plus 'unlimited + jf'")
+                    help="jump_forward (the format's scaffolding in one step): off; on for every setting; both: every "
+                         "setting without and with it (the plain unlimited stays the reference)")
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--case-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
@@ -162,16 +163,15 @@ def main() -> None:
     if not (args.loop_exit and args.no_unlimited_variants):
         settings += variants
     if args.loop_exit:
-        settings += [Setting("loop exit", loop_exit=True)]
+        if not args.skip_loop_alone:
+            settings += [Setting("loop exit", loop_exit=True)]
         settings += [Setting(f"loop exit + {v.name}", v.think_budget, v.threshold, loop_exit=True, gate=v.gate,
                              cap=v.cap) for v in variants]
-    if args.jump_forward != "off":
-        for s in settings[1:]:
+    if args.jump_forward == "on":
+        for s in settings:
             s.jump, s.name = True, s.name + " + jf"
-        if args.jump_forward == "on":
-            settings[0].jump, settings[0].name = True, "unlimited + jf"
-        else:  # the plain unlimited stays the reference; its jump-forward twin is one more setting
-            settings.insert(1, Setting("unlimited + jf", jump=True))
+    elif args.jump_forward == "both":  # every setting without and with it; the plain unlimited is the reference
+        settings = [x for s in settings for x in (s, replace(s, name=s.name + " + jf", jump=True))]
     # interleaved: every case is answered under every setting before the next case (the order of the
     # settings rotates from case to case), so a change in the machine's load hits all settings alike
     results = [Result(s) for s in settings]
