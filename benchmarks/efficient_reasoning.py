@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from llmopt.batch.runner import answer
@@ -45,6 +45,9 @@ class Setting:
     think_budget: int | None = None
     threshold: float | None = None  # early exit when set
     loop_exit: bool = False
+    gate: float | None = None  # think_budget_threshold: a confidence-gated budget
+    cap: int | None = None  # think_budget_max of the gated budget
+    jump: bool = False  # jump-forward of the format's scaffolding
 
 
 @dataclass
@@ -54,6 +57,8 @@ class Result:
     format_ok: list[bool] = field(default_factory=list)
     think: list[int] = field(default_factory=list)
     closed_by: list[str | None] = field(default_factory=list)
+    out_tokens: list[int] = field(default_factory=list)
+    sampled: list[int] = field(default_factory=list)  # output tokens the model decoded (not engine-written)
     probe_tokens: int = 0
     probe_prompt: int = 0
     probe_cached: int = 0
@@ -64,7 +69,8 @@ class Result:
 def params_for(s: Setting, args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(max_tokens=args.max_tokens, temperature=0.0, stop=["</answer>"],
                           include_stop_str_in_output=True, think_budget=s.think_budget,
-                          answer_budget=args.answer_budget if s.name != "unlimited" else None,
+                          answer_budget=args.answer_budget if not s.name.startswith("unlimited") else None,
+                          think_budget_threshold=s.gate, think_budget_max=s.cap, jump_forward=s.jump,
                           early_exit=s.threshold is not None, loop_exit=s.loop_exit,
                           loop_exit_ngram=args.loop_ngram, loop_exit_repeats=args.loop_repeats,
                           **({"early_exit_threshold": s.threshold} if s.threshold is not None else {}),
@@ -87,6 +93,8 @@ def run_case(engine: LLMEngine, res: Result, items: list[Any], prompts: list[Any
         res.format_ok.append(format_ok(text))
         res.think.append(out.reasoning.think_tokens)
         res.closed_by.append(out.reasoning.closed_by)
+        res.out_tokens.append(len(out.token_ids))
+        res.sampled.append(len(out.token_ids) - out.reasoning.forced_tokens)
         res.probe_tokens += out.reasoning.probe_tokens
         res.records.append({"setting": res.setting.name, "suite": it.suite, "correct": g.correct,
                             "format_ok": res.format_ok[-1], "think_tokens": out.reasoning.think_tokens,
@@ -104,6 +112,9 @@ def main() -> None:
     ap.add_argument("--suites", default="math,logic")
     ap.add_argument("--budgets", default="64,128", help="think budgets to sweep (comma-separated, '' for none)")
     ap.add_argument("--thresholds", default="0.9", help="early-exit thresholds to sweep ('' for none)")
+    ap.add_argument("--gated", default="", help="confidence-gated budgets to sweep, comma-separated "
+                                                 "BUDGET:THRESHOLD:CAP (CAP may be empty: where the answer fits), "
+                                                 "e.g. 64:0.9:160")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--answer-budget", type=int, default=None,
                     help="answer_budget of every setting but unlimited (tokens after thinking ends)")
@@ -112,10 +123,14 @@ def main() -> None:
     ap.add_argument("--probe-tokens", type=int, default=None, help="early_exit_probe_tokens (default: the engine's)")
     ap.add_argument("--loop-exit", action="store_true",
                     help="also run every setting with loop exit (and loop exit alone)")
+    ap.add_argument("--skip-loop-alone", action="store_true", help="with --loop-exit: no 'loop exit' setting alone")
     ap.add_argument("--loop-ngram", type=int, default=DEFAULT_NGRAM, help="loop_exit_ngram")
     ap.add_argument("--loop-repeats", type=int, default=DEFAULT_REPEATS, help="loop_exit_repeats")
     ap.add_argument("--no-unlimited-variants", action="store_true",
                     help="with --loop-exit: skip the budget / early-exit settings without loop exit")
+    ap.add_argument("--jump-forward", choices=("off", "on", "both"), default="off",
+                    help="jump_forward (the format's scaffolding in one step): off; on for every setting; both: every "
+                         "setting without and with it (the plain unlimited stays the reference)")
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--case-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
@@ -140,12 +155,23 @@ def main() -> None:
     answer(engine, prompts, SamplingParams(max_tokens=1, temperature=0.0), args.concurrency)
     variants = [Setting(f"budget {b}", think_budget=int(b)) for b in args.budgets.split(",") if b]
     variants += [Setting(f"early exit {t}", threshold=float(t)) for t in args.thresholds.split(",") if t]
+    for g in (x for x in args.gated.split(",") if x):
+        b, th, cap = g.split(":")
+        variants.append(Setting(f"gated {b}@{th} cap {cap or '-'}", think_budget=int(b), gate=float(th),
+                                cap=int(cap) if cap else None))
     settings = [Setting("unlimited")]
     if not (args.loop_exit and args.no_unlimited_variants):
         settings += variants
     if args.loop_exit:
-        settings += [Setting("loop exit", loop_exit=True)]
-        settings += [Setting(f"loop exit + {v.name}", v.think_budget, v.threshold, loop_exit=True) for v in variants]
+        if not args.skip_loop_alone:
+            settings += [Setting("loop exit", loop_exit=True)]
+        settings += [Setting(f"loop exit + {v.name}", v.think_budget, v.threshold, loop_exit=True, gate=v.gate,
+                             cap=v.cap) for v in variants]
+    if args.jump_forward == "on":
+        for s in settings:
+            s.jump, s.name = True, s.name + " + jf"
+    elif args.jump_forward == "both":  # every setting without and with it; the plain unlimited is the reference
+        settings = [x for s in settings for x in (s, replace(s, name=s.name + " + jf", jump=True))]
     # interleaved: every case is answered under every setting before the next case (the order of the
     # settings rotates from case to case), so a change in the machine's load hits all settings alike
     results = [Result(s) for s in settings]
@@ -167,7 +193,8 @@ def main() -> None:
               flush=True)
 
     base = results[0]
-    header = ("setting", "acc", "95% CI", "d acc vs unl. [95% CI]", "JCT s", "JCT ratio", "think tok",
+    header = ("setting", "acc", "95% CI", "d acc vs unl. [95% CI]", "JCT s", "JCT ratio", "out tok ratio",
+              "decoded ratio", "think tok",
               "format", "closed by engine", "loop exits (acc)", "probe tok / saved", "probe hit")
     rows = []
     out_json = []
@@ -177,20 +204,25 @@ def main() -> None:
         lo, hi = stats.wilson_interval(sum(r.correct), n)
         d, (dlo, dhi) = stats.paired_bootstrap_delta([float(x) for x in r.correct], [float(x) for x in base.correct])
         saved = sum(base.think) - sum(r.think)
-        engine_closed = sum(1 for c in r.closed_by if c in ("budget", "early_exit", "loop", "eos")) / n
+        engine_closed = sum(1 for c in r.closed_by if c not in (None, "model")) / n
         looped = [i for i, c in enumerate(r.closed_by) if c == "loop"]
         loop_acc = sum(r.correct[i] for i in looped) / len(looped) if looped else None
         hit = r.probe_cached / r.probe_prompt if r.probe_prompt else None
         rows.append((r.setting.name, f"{acc:.3f}", f"[{lo:.3f}, {hi:.3f}]", f"{d:+.3f} [{dlo:+.3f}, {dhi:+.3f}]",
-                     f"{r.jct_s:.1f}", f"{r.jct_s / base.jct_s:.2f}", f"{sum(r.think) / n:.1f}",
+                     f"{r.jct_s:.1f}", f"{r.jct_s / base.jct_s:.2f}", f"{sum(r.out_tokens) / sum(base.out_tokens):.2f}",
+                     f"{sum(r.sampled) / sum(base.sampled):.2f}", f"{sum(r.think) / n:.1f}",
                      f"{sum(r.format_ok) / n:.2f}", f"{engine_closed:.2f}",
                      f"{len(looped) / n:.3f} ({loop_acc:.2f})" if looped else "-",
-                     f"{r.probe_tokens}/{saved}" if r.setting.threshold is not None else "-",
+                     f"{r.probe_tokens}/{saved}" if r.probe_prompt else "-",
                      f"{hit:.2f}" if hit is not None else "-"))
         out_json.append({"setting": r.setting.name, "think_budget": r.setting.think_budget,
-                         "early_exit_threshold": r.setting.threshold, "n": n, "accuracy": acc,
+                         "early_exit_threshold": r.setting.threshold,
+                         "think_budget_threshold": r.setting.gate, "think_budget_max": r.setting.cap,
+                         "jump_forward": r.setting.jump, "n": n, "accuracy": acc,
                          "accuracy_ci95": [lo, hi], "delta_vs_unlimited": d, "delta_ci95": [dlo, dhi],
-                         "jct_s": r.jct_s, "jct_ratio": r.jct_s / base.jct_s, "mean_think_tokens": sum(r.think) / n,
+                         "jct_s": r.jct_s, "jct_ratio": r.jct_s / base.jct_s,
+                         "output_token_ratio": sum(r.out_tokens) / sum(base.out_tokens),
+                         "decoded_token_ratio": sum(r.sampled) / sum(base.sampled), "mean_think_tokens": sum(r.think) / n,
                          "format_rate": sum(r.format_ok) / n, "engine_closed_rate": engine_closed,
                          "loop_exit": r.setting.loop_exit, "loop_exit_rate": len(looped) / n,
                          "loop_exit_accuracy": loop_acc,
@@ -199,7 +231,8 @@ def main() -> None:
           f"max_tokens {args.max_tokens}, cases of {args.case_size} at concurrency {args.concurrency}, "
           f"prefill_think={args.prefill_think}, threads={engine.config.num_threads}, min_gap={args.min_gap}, "
           f"probe_tokens={args.probe_tokens}, markers={args.markers}, loop_ngram={args.loop_ngram}, "
-          f"loop_repeats={args.loop_repeats}, answer_budget={args.answer_budget} (all but unlimited)")
+          f"loop_repeats={args.loop_repeats}, answer_budget={args.answer_budget} (all but unlimited), "
+          f"jump_forward={args.jump_forward}")
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     print(" | ".join(h.ljust(w) for h, w in zip(header, widths)))
     print("-|-".join("-" * w for w in widths))

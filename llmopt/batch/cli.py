@@ -74,6 +74,14 @@ def run_command(
                                                         min=0.0, max=1.0)] = DEFAULT_THRESHOLD,
     loop_exit: Annotated[bool, typer.Option("--loop-exit/--no-loop-exit",
                                             help="close <think> when it starts repeating itself (a greedy loop)")] = False,
+    think_budget_threshold: Annotated[Optional[float], typer.Option(
+        help="gate the think budget: at the budget try the answer and cut only if its mean token probability is "
+             "above this, (0, 1]; else think on to --think-budget-max (docs/reasoning.md)")] = None,
+    think_budget_max: Annotated[Optional[int], typer.Option(
+        help="hard cap on thinking with --think-budget-threshold (default: where the answer fits)", min=1)] = None,
+    jump_forward: Annotated[bool, typer.Option("--jump-forward/--no-jump-forward",
+                                               help="write the rest of a format tag (<think>, </think>, </answer>) in "
+                                                    "one step once the model starts it")] = False,
     quant: Annotated[Optional[str], typer.Option(help="quantize on load: int8, int4, ... (RTN); fp32: float (a .gguf dequantized); default: as stored (a .gguf runs on its own blocks)")] = None,
     adapter: Annotated[Optional[Path], typer.Option(help="LoRA adapter merged at load (`llmopt train`'s OUT/adapter.safetensors)")] = None,
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16")] = "float32",
@@ -124,7 +132,9 @@ def run_command(
                          concurrency=concurrency, temperature=temperature, top_p=top_p, seed=seed,
                          stop_at_answer=stop_at_answer, think_budget=think_budget, answer_budget=answer_budget,
                          early_exit=early_exit,
-                         early_exit_threshold=early_exit_threshold, loop_exit=loop_exit)
+                         early_exit_threshold=early_exit_threshold, loop_exit=loop_exit,
+                         think_budget_threshold=think_budget_threshold, think_budget_max=think_budget_max,
+                         jump_forward=jump_forward)
     run = BatchRun(batch, output, options, resume=resume)
     todo = run.pending_questions
     what = f"{len(batch.cases)} test cases" if batch.kind == "cases" else f"{len(batch.questions)} questions"

@@ -69,13 +69,17 @@ class RunOptions:
     early_exit: bool = False  # DEER-style confidence early exit (llmopt.reasoning.early_exit)
     early_exit_threshold: float = DEFAULT_THRESHOLD
     loop_exit: bool = False  # close <think> when it starts repeating itself (llmopt.reasoning.loops)
+    think_budget_threshold: float | None = None  # gate the think budget: cut there only on a confident trial answer
+    think_budget_max: int | None = None  # the gated budget's hard cap (None: where the answer fits max_tokens)
+    jump_forward: bool = False  # write the rest of a format tag in one step once the model starts it
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1 or self.concurrency < 1:
             raise ValueError(f"max_tokens and concurrency must be >= 1, got {self.max_tokens} and {self.concurrency}")
         SamplingParams(think_budget=self.think_budget, answer_budget=self.answer_budget, early_exit=self.early_exit,
-                       early_exit_threshold=self.early_exit_threshold,
-                       loop_exit=self.loop_exit)  # ValueError naming a bad value
+                       early_exit_threshold=self.early_exit_threshold, loop_exit=self.loop_exit,
+                       think_budget_threshold=self.think_budget_threshold, think_budget_max=self.think_budget_max,
+                       jump_forward=self.jump_forward)  # ValueError naming a bad value
 
 
 @dataclass
@@ -273,7 +277,9 @@ class BatchRun:
                               stop=[ANSWER_END] if o.stop_at_answer else None, include_stop_str_in_output=True,
                               think_budget=(case and case.think_budget) or self.batch.think_budget or o.think_budget,
                               answer_budget=o.answer_budget, early_exit=o.early_exit,
-                              early_exit_threshold=o.early_exit_threshold, loop_exit=o.loop_exit)
+                              early_exit_threshold=o.early_exit_threshold, loop_exit=o.loop_exit,
+                              think_budget_threshold=o.think_budget_threshold, think_budget_max=o.think_budget_max,
+                              jump_forward=o.jump_forward)
 
     def prompts(self, questions: tuple[Question, ...], case: Case | None = None) -> list[Messages]:
         return [messages_for(q, case and case.system, self.batch.system, self.options.system) for q in questions]

@@ -30,10 +30,13 @@ from llmopt.quant.linear import rtn_quant_config
 from llmopt.reasoning.budget import (
     ANSWER_CLOSE_TEXT,
     CLOSE_TEXT,
+    OPEN_TEXT,
+    THINK_END_TEXT,
     Phase,
     ThinkTracker,
     answer_limit,
     budget_limit,
+    jump_forward_ids,
     prompt_opens_think,
     should_force_answer_close,
 )
@@ -108,11 +111,14 @@ class LLMEngine:
         self.lock = threading.RLock()  # add/abort may come from other threads than step()
         self._guided: GuidedDecoder | None = None  # built on the first guided request
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "computed_prefill_tokens": 0, "steps": 0,
-                      "probes": 0, "early_exits": 0, "probe_generated_tokens": 0, "probe_prompt_tokens": 0,
+                      "probes": 0, "early_exits": 0, "budget_probe_exits": 0, "jump_forward_tokens": 0,
+                      "probe_generated_tokens": 0, "probe_prompt_tokens": 0,
                       "probe_cached_tokens": 0}
         # what the engine writes to close a think part / an answer (think budgets, early exit)
         self.close_ids = self.tokenizer.encode(CLOSE_TEXT, add_special_tokens=False)
         self.answer_close_ids = self.tokenizer.encode(ANSWER_CLOSE_TEXT, add_special_tokens=False)
+        self.open_ids = self.tokenizer.encode(OPEN_TEXT, add_special_tokens=False)  # jump-forward
+        self.think_end_ids = self.tokenizer.encode(THINK_END_TEXT, add_special_tokens=False)
         log.info("engine: %d KV blocks x %d tokens, max_model_len %d, %d threads, linears %s (%d packed fp32)",
                  num_blocks, cfg.block_size, self.max_model_len, cfg.num_threads,
                  self.model.quant_config.describe(), self.packed_linears)
@@ -254,17 +260,29 @@ class LLMEngine:
         t, p, n = seq.think, seq.params, len(seq.output_ids)
         if seq.finished:
             return ""
+        if p.jump_forward:
+            ids = jump_forward_ids(t, seq.output_ids, self.open_ids, self.think_end_ids, self.answer_close_ids)
+            if ids:
+                self.stats["jump_forward_tokens"] += len(ids)
+                return self._force(seq, ids, now)
         if t.phase == Phase.THINKING:
             # loop exit keeps the format too: without a budget, thinking is closed where the answer still fits
             budget = p.think_budget if p.think_budget is not None else (p.max_tokens if p.loop_exit else None)
             limit = budget_limit(budget, p.max_tokens, len(self.close_ids))
-            if limit is not None and n >= limit:
+            gated = limit is not None and n >= limit and p.think_budget_threshold is not None
+            if gated:  # a confidence-gated budget: cut at the budget only on a confident trial answer
+                cap = budget_limit(p.think_budget_max or p.max_tokens, p.max_tokens, len(self.close_ids))
+                gated = cap is not None and n < cap
+            if limit is not None and n >= limit and not gated:
                 t.close(n, "budget")
                 return self._force(seq, self.close_ids, now)
             if p.loop_exit and self._looping(seq):
                 t.close(n, "loop")
                 return self._force(seq, self.close_ids, now)
-            if p.early_exit and should_probe(t, n, seq.text, new_chars, p.early_exit_config):
+            if gated and t.probe is None and (t.budget_probes == 0
+                                              or n - t.last_probe_at >= p.early_exit_min_gap):
+                self._fork_probe(seq, for_budget=True)
+            elif p.early_exit and should_probe(t, n, seq.text, new_chars, p.early_exit_config):
                 self._fork_probe(seq)
         elif p.steers_thinking and should_force_answer_close(t, n, answer_limit(t, p.max_tokens, p.answer_budget),
                                                              len(self.answer_close_ids)):
@@ -319,8 +337,9 @@ class LLMEngine:
             seq.think.forced_tokens += 1
         return delta
 
-    def _fork_probe(self, parent: Sequence) -> None:
-        """Queue a greedy trial answer on the parent's tokens + the closing text; the parent waits."""
+    def _fork_probe(self, parent: Sequence, for_budget: bool = False) -> None:
+        """Queue a greedy trial answer on the parent's tokens + the closing text; the parent waits.
+        ``for_budget``: tried at a confidence-gated think budget (its threshold decides), not at a pause."""
         t, p = parent.think, parent.params
         cfg = p.early_exit_config
         ids = parent.token_ids + self.close_ids
@@ -328,6 +347,7 @@ class LLMEngine:
         if len(ids) + cfg.probe_tokens > self.max_model_len or room < cfg.probe_tokens:
             return  # an adopted trial answer would not fit: no probe
         t.probes += 1
+        t.budget_probes += for_budget
         t.last_probe_at = len(parent.output_ids)
         params = SamplingParams(max_tokens=cfg.probe_tokens, temperature=0.0, stop=[ANSWER_CLOSE_TEXT],
                                 include_stop_str_in_output=True, logprobs=0,
@@ -335,6 +355,7 @@ class LLMEngine:
         probe = Sequence(ids, params, self.tokenizer, f"{parent.request_id}#probe{t.probes}")
         probe.probe_parent = parent
         self.scheduler.add_probe(probe)
+        t.probe_for_budget = for_budget
         self.stats["probes"] += 1
 
     def _probe_done(self, probe: Sequence, now: float) -> Sequence | None:
@@ -357,11 +378,13 @@ class LLMEngine:
         pieces = [self.tokenizer.decode([tok]) for tok in ids]
         conf = trial_confidence([lp.logprob for lp in lps], pieces)
         t.confidences.append(-1.0 if conf is None else round(conf, 6))
-        if not exit_now(conf, parent.params.early_exit_threshold):
+        p = parent.params
+        threshold = p.think_budget_threshold if t.probe_for_budget else p.early_exit_threshold
+        if threshold is None or not exit_now(conf, threshold):
             return None
-        self.stats["early_exits"] += 1
+        self.stats["budget_probe_exits" if t.probe_for_budget else "early_exits"] += 1
         n = len(parent.output_ids)
-        t.close(n, "early_exit")
+        t.close(n, "budget_probe" if t.probe_for_budget else "early_exit")
         t.exit_at = n
         forced = [TokenLogprob(tok, 0.0, []) for tok in self.close_ids] + lps
         if parent.params.logprobs:  # the probe kept only the chosen token's logprob

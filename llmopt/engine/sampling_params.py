@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from llmopt.config import check_kv_policy
-from llmopt.reasoning.budget import check_answer_budget, check_think_budget
+from llmopt.reasoning.budget import check_answer_budget, check_gated_budget, check_think_budget
 from llmopt.reasoning.early_exit import (
     DEFAULT_MARKERS,
     DEFAULT_MIN_GAP,
@@ -43,6 +43,11 @@ class SamplingParams:
     # efficient reasoning (llmopt.reasoning, docs/reasoning.md): close <think> after this many output
     # tokens; and/or try the answer at thinking pauses and stop thinking when it is confident
     think_budget: int | None = None
+    # confidence-gated budget: at think_budget try the answer (an early-exit probe with early_exit_min_gap /
+    # early_exit_probe_tokens) and close only if its mean token probability is above this threshold; else think
+    # on, trying again every early_exit_min_gap tokens, up to think_budget_max (None: where the answer fits)
+    think_budget_threshold: float | None = None
+    think_budget_max: int | None = None
     # most output tokens after thinking ended (however it ended; the closing tags included): then the
     # engine writes </answer>. A model that rambles on in its answer after a forced close stops there.
     answer_budget: int | None = None
@@ -55,6 +60,9 @@ class SamplingParams:
     loop_exit: bool = False
     loop_exit_ngram: int = DEFAULT_NGRAM
     loop_exit_repeats: int = DEFAULT_REPEATS
+    # jump-forward of the think/answer format's scaffolding: once the model writes the first token of <think>,
+    # </think>\n<answer> or </answer>, the engine appends the rest in one step (llmopt.reasoning.budget)
+    jump_forward: bool = False
     # KV compression for this request (docs/long_context.md): None = the engine's EngineConfig.kv_policy;
     # kv_budget with a policy: fraction of the prompt in (0, 1] or a token count
     kv_policy: str | None = None
@@ -91,6 +99,7 @@ class SamplingParams:
             raise ValueError("kv_budget needs kv_policy ('streaming' or 'snapkv') in the same request")
         check_think_budget(self.think_budget)
         check_answer_budget(self.answer_budget)
+        check_gated_budget(self.think_budget, self.think_budget_threshold, self.think_budget_max)
         self.early_exit_markers = tuple(self.early_exit_markers)
         check_early_exit(self.early_exit_threshold, self.early_exit_min_gap, self.early_exit_probe_tokens,
                          self.early_exit_markers)
@@ -99,6 +108,10 @@ class SamplingParams:
         if not isinstance(self.loop_exit, bool):
             raise ValueError(f"loop_exit must be true or false, got {self.loop_exit!r}")
         check_loop_exit(self.loop_exit_ngram, self.loop_exit_repeats)
+        if not isinstance(self.jump_forward, bool):
+            raise ValueError(f"jump_forward must be true or false, got {self.jump_forward!r}")
+        if self.guided is not None and self.jump_forward:
+            raise ValueError("jump_forward cannot be combined with guided decoding (the grammar decides every token)")
         if self.guided is not None and self.steers_thinking:
             raise ValueError("think_budget, answer_budget, early_exit and loop_exit cannot be combined with guided decoding (the engine's "
                              "forced closing text would fight the grammar); cap the think part in the grammar instead")

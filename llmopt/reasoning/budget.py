@@ -24,6 +24,20 @@ output ends with ``</answer>`` (an answer cut short, but the format holds). When
 budget or early exit ends (EOS) inside the think part, the engine writes ``CLOSE_TEXT`` instead of
 the EOS and the model answers; inside the answer, it writes ``</answer>`` and the sequence ends.
 
+A confidence-gated budget (``think_budget_threshold``) does not cut blindly at the budget: there
+the engine tries the answer (an early-exit probe, ``llmopt.reasoning.early_exit``, forked at the
+budget instead of at a pause) and closes thinking only when the trial answer's mean token
+probability is above the threshold (the parent adopts the trial answer, ``closed_by =
+"budget_probe"``); otherwise thinking goes on and is tried again every ``early_exit_min_gap``
+tokens, up to the hard cap ``think_budget_max`` (default: where the answer still fits
+``max_tokens``), where it is closed as a plain budget.
+
+Jump-forward (``SamplingParams.jump_forward``, :func:`jump_forward_ids`): once the model has written
+the first token of a tag of the format, the engine appends the rest of the tag's scaffolding
+(``<think>\n``, ``</think>\n<answer>\n``, ``</answer>``) as one chunk, computed in the next step
+like a prefill chunk, instead of decoding it token by token. On a model that writes the format
+greedily these are the tokens it would have written (docs/reasoning.md measures how often).
+
 All functions here are pure; ``ThinkTracker`` is plain state.
 """
 
@@ -37,6 +51,10 @@ from llmopt.reasoning.loops import LoopDetector
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
+# jump-forward: the tags as the trained model spells them (no newline after <think> or <answer>); the rest
+# of one is written at once when the model has written its first token
+OPEN_TEXT = "<think>"
+THINK_END_TEXT = "</think>\n<answer>"
 CLOSE_TEXT = "</think>\n<answer>\n"  # what the engine writes to end thinking
 ANSWER_CLOSE_TEXT = "</answer>"  # what a budgeted sequence gets when max_tokens is about to cut its answer
 ANSWER_RESERVE_TOKENS = 24  # answer tokens a think budget leaves inside max_tokens
@@ -71,6 +89,25 @@ def check_answer_budget(answer_budget: int | None) -> None:
     _check_token_budget("answer_budget", answer_budget, "tokens after thinking ends", "no limit")
 
 
+def check_gated_budget(think_budget: int | None, threshold: float | None, budget_max: int | None) -> None:
+    """A confidence-gated budget: ``threshold`` in (0, 1] needs a ``think_budget``; ``budget_max`` (the hard
+    cap) needs the threshold and is >= ``think_budget``."""
+    if threshold is not None:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
+            raise ValueError(f"think_budget_threshold must be in (0, 1] (mean token probability of the trial answer "
+                             f"tried at the budget; 1.0 never cuts) or None to cut at the budget, got {threshold!r}")
+        if think_budget is None:
+            raise ValueError("think_budget_threshold gates a think budget: set think_budget too")
+    if budget_max is not None:
+        _check_token_budget("think_budget_max", budget_max, "hard cap on thinking", "max_tokens")
+        if threshold is None:
+            raise ValueError("think_budget_max is the hard cap of a confidence-gated budget: set "
+                             "think_budget_threshold too (or use think_budget alone for a fixed cut)")
+        assert think_budget is not None
+        if budget_max < think_budget:
+            raise ValueError(f"think_budget_max ({budget_max}) must be >= think_budget ({think_budget})")
+
+
 def budget_limit(think_budget: int | None, max_tokens: int, close_len: int) -> int | None:
     """Output tokens after which thinking is closed, or None without a budget."""
     if think_budget is None:
@@ -85,18 +122,22 @@ class ThinkTracker:
     opened_in_prompt: bool = False
     phase: Phase = Phase.PENDING
     think_tokens: int = 0
-    closed_by: str | None = None  # "model" | "budget" | "early_exit" | "loop" | "eos" (the model ended inside <think>)
+    # "model" | "budget" | "budget_probe" (a gated budget's confident trial answer) | "early_exit" | "loop" |
+    # "eos" (the model ended inside <think>)
+    closed_by: str | None = None
     forced_tokens: int = 0  # tokens the engine wrote (closing texts, adopted trial answers)
     answer_closed: bool = False  # "</answer>" written
     # early exit
     probe: Any = None  # the probe sequence in flight (at most one)
+    probe_for_budget: bool = False  # that probe was forked at a gated think budget (not at a pause)
     probes: int = 0
+    budget_probes: int = 0  # of those, forked at a confidence-gated think budget
     probe_tokens: int = 0  # tokens the probes computed (prefill not served by the prefix cache + decoded)
     probe_prompt_tokens: int = 0
     probe_cached_tokens: int = 0  # of the probes' prompts, served by the prefix cache
     last_probe_at: int = 0  # think tokens when the last probe was forked
     confidences: list[float] = field(default_factory=list)  # of each finished probe, -1 = no answer
-    exit_at: int | None = None  # think tokens when early exit fired
+    exit_at: int | None = None  # think tokens when early exit (or a gated budget's probe) closed thinking
     loop: LoopDetector | None = None  # loop exit (llmopt.reasoning.loops): fed the sampled think tokens
     _scanned: int = 0  # text chars already searched for the closing tag
 
@@ -137,6 +178,27 @@ class ThinkTracker:
                               list(self.confidences), self.exit_at)
 
 
+def jump_forward_ids(t: ThinkTracker, output_ids: list[int], open_ids: list[int], think_end_ids: list[int],
+                     answer_close_ids: list[int]) -> list[int]:
+    """Jump-forward of the format's scaffolding: the tokens the format forces once the model has written
+    the first token of one of its tags, which the engine appends in one step instead of one decode step
+    each. ``open_ids`` / ``think_end_ids`` / ``answer_close_ids`` are the tokens of ``OPEN_TEXT``,
+    ``THINK_END_TEXT`` and ``ANSWER_CLOSE_TEXT``:
+
+    - the output so far is the first token of ``<think>``: the rest of it;
+    - in the think part, the last token is the first of ``</think>\n<answer>``: the rest of it;
+    - in an open answer, the last token is the first of ``</answer>``: the rest of it.
+
+    Empty when none applies (or a tag's text is a single token)."""
+    if t.phase == Phase.PENDING and output_ids == open_ids[:1]:
+        return open_ids[1:]
+    if t.phase == Phase.THINKING and t.closed_by is None and output_ids[-1:] == think_end_ids[:1]:
+        return think_end_ids[1:]
+    if t.phase == Phase.ANSWER and not t.answer_closed and output_ids[-1:] == answer_close_ids[:1]:
+        return answer_close_ids[1:]
+    return []
+
+
 def answer_limit(t: ThinkTracker, max_tokens: int, answer_budget: int | None) -> int:
     """Output tokens at which a steered sequence's answer must be closed: ``max_tokens``, or with an
     ``answer_budget`` that many tokens after thinking ended (the closing tags included), if sooner."""
@@ -159,7 +221,8 @@ class ReasoningStats:
     phase: str  # "pending" | "thinking" | "answer" | "none"
     think_tokens: int  # 0 when the output never opened <think>
     answer_tokens: int  # the rest of the output (closing tags included)
-    closed_by: str | None  # who wrote </think>: "model", or the engine at "budget", "early_exit", "loop", "eos";
+    closed_by: str | None  # who wrote </think>: "model", or the engine at "budget", "budget_probe", "early_exit",
+    # "loop", "eos";
     # None: open
     forced_tokens: int  # tokens the engine wrote into the output
     probes: int  # early-exit probes run for this request

@@ -78,6 +78,9 @@ class _SamplingFields(_Request):
     loop_exit: bool = False  # close <think> when it starts repeating itself
     loop_exit_ngram: int | None = None  # default: llmopt.reasoning.loops.DEFAULT_NGRAM
     loop_exit_repeats: int | None = None  # default: llmopt.reasoning.loops.DEFAULT_REPEATS
+    think_budget_threshold: float | None = None  # gate think_budget: cut there only on a confident trial answer
+    think_budget_max: int | None = None  # the gated budget's hard cap
+    jump_forward: bool = False  # write the rest of a format tag in one step once the model starts it
 
     def reasoning_fields(self) -> dict[str, Any]:
         """The efficient-reasoning fields that are set, as ``SamplingParams`` keywords."""
@@ -86,7 +89,8 @@ class _SamplingFields(_Request):
         if self.early_exit_threshold is not None:
             out["early_exit_threshold"] = self.early_exit_threshold
         out["loop_exit"] = self.loop_exit
-        for k in ("loop_exit_ngram", "loop_exit_repeats"):
+        out["jump_forward"] = self.jump_forward
+        for k in ("loop_exit_ngram", "loop_exit_repeats", "think_budget_threshold", "think_budget_max"):
             if (v := getattr(self, k)) is not None:
                 out[k] = v
         return out

@@ -15,7 +15,11 @@ from serve_util import MODEL
                                          ({"early_exit": True, "early_exit_threshold": 0}, "early_exit_threshold"),
                                          ({"early_exit_threshold": 1.5}, "early_exit_threshold"),
                                          ({"loop_exit": True, "loop_exit_ngram": 1}, "loop_exit_ngram"),
-                                         ({"loop_exit": True, "loop_exit_repeats": 0}, "loop_exit_repeats")])
+                                         ({"loop_exit": True, "loop_exit_repeats": 0}, "loop_exit_repeats"),
+                                         ({"think_budget_threshold": 0.9}, "think_budget_threshold"),
+                                         ({"think_budget": 8, "think_budget_threshold": 0}, "think_budget_threshold"),
+                                         ({"think_budget": 8, "think_budget_threshold": 0.9, "think_budget_max": 4},
+                                          "think_budget_max")])
 def test_bad_reasoning_fields_are_400s_naming_the_field(server, body, param):
     r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 4, **body},
                    headers=server.headers, timeout=60)
@@ -40,3 +44,15 @@ def test_answer_budget_closes_the_answer_over_http(client):
     c = r.choices[0]
     assert c.text.endswith("</answer>") and format_ok("<think>\n" + c.text), c.text
     assert r.usage.completion_tokens == 6 + 40
+
+
+def test_gated_budget_fields_reach_the_engine_over_http(client):
+    # a threshold of 1.0 is never passed: the trial answer at 6 is dropped and thinking is cut at the cap
+    r = client.completions.create(model=MODEL, prompt="Q: What is 6 times 7? Think first.\n<think>\n",
+                                  max_tokens=48, temperature=0.0, stop=["</answer>"],
+                                  extra_body={"think_budget": 6, "think_budget_threshold": 1.0, "think_budget_max": 12,
+                                              "ignore_eos": True,
+                                              "include_stop_str_in_output": True, "jump_forward": True})
+    text = r.choices[0].text
+    assert format_ok("<think>\n" + text), text
+    assert r.usage.completion_tokens >= 12 + 8  # thinking ran to the cap, then the closing text
