@@ -3,7 +3,8 @@ for KV cache policies (full / streaming / snapkv) and KV element types, side by 
 
     python benchmarks/long_context.py retrieval --suite passkey --lengths 1024,2048 --depths 0,0.5,1 --n 1
     python benchmarks/long_context.py ppl --tokens 2048 --n 2 --kv-dtypes float32,int8
-    python benchmarks/long_context.py decode --context 2048 --new 24 --kv-dtypes float32,int8 --policies full
+    python benchmarks/long_context.py --threads 1 decode --context 2048,4096,8192 --new 32 \
+        --kv-dtypes float32,int8 --policies full,snapkv
     python benchmarks/long_context.py memory
     python benchmarks/long_context.py --threads 1 attention --context 8192
 
@@ -107,33 +108,117 @@ def ppl(args: argparse.Namespace) -> dict[str, Any]:
     return {"kind": "ppl", "args": vars(args), "rows": rows}
 
 
+class _StepTimer:
+    """Wraps a ``FusedDecoder``'s native step: the time its ``run`` calls take (instrumentation of
+    the real step, which still does all the work)."""
+
+    def __init__(self, step: Any):
+        self.step = step
+        self.seconds = 0.0
+
+    def run(self, *args: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return self.step.run(*args)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+
+def _median(xs: list[float]) -> float:
+    ys = sorted(xs)
+    n = len(ys)
+    return ys[n // 2] if n % 2 else (ys[n // 2 - 1] + ys[n // 2]) / 2
+
+
 def decode(args: argparse.Namespace) -> dict[str, Any]:
+    """Single-stream decode speed per (context, KV dtype, policy) row, the rows' decode steps
+    alternated one by one in one run: one engine per row holds one sequence; after every row's
+    prefill, each round steps every row once (round r starts at row r mod rows), so load changes
+    hit all rows alike. A row's time per token is the median of its ``--new`` step times; speed is
+    reported as a ratio to the full-KV row of the first dtype at the same context. Where the time goes:
+    the native decode step's share of a token (the rest: head, sampling, Python), and attention =
+    step time minus the step time of the same dtype at ``--short`` tokens of context."""
+    from llmopt.engine.fused_decode import FusedDecoder
+
+    dtypes = [d.strip() for d in args.kv_dtypes.split(",")]
+    budget = parse_kv_budget(args.budget)
+    assert budget is not None
+    contexts = [int(c) for c in str(args.context).split(",")]
+    kinds = [(dt, policy, b) for dt in dtypes for policy, b in _policies(args.policies, budget)]
+    if args.short:
+        kinds += [(dt, "short", None) for dt in dtypes]
+    engines, timers = {}, {}
+    for kind in kinds:
+        # KV blocks for this row's one sequence only (six engines live side by side)
+        tokens = (args.short if kind[1] == "short" else max(contexts)) + args.new + 2 * 64
+        llm = LLM(args.model, num_threads=args.threads, kv_dtype=kind[0], enable_prefix_caching=False,
+                  num_kv_blocks=-(-tokens // 16), block_size=16, max_num_seqs=1)
+        # warm-up: native kernels are built / loaded on their first call, which must not land in a step
+        llm.generate([list(range(100, 164))], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+        fused: FusedDecoder | None = llm.engine.runner.fused
+        if fused is not None:
+            timers[kind] = fused.step = _StepTimer(fused.step)  # type: ignore[assignment]
+        engines[kind] = llm
+    text_ids = engines[kinds[0]].tokenizer.encode(long_text(args.seed), add_special_tokens=False)
     rows = []
-    for dtype in args.kv_dtypes.split(","):
-        llm = LLM(args.model, num_threads=args.threads, kv_dtype=dtype.strip(), enable_prefix_caching=False)
-        ids = llm.tokenizer.encode(long_text(args.seed), add_special_tokens=False)[:args.context]
-        # warm-up: native kernels are built / loaded on their first call, which must not land in a TPOT
-        llm.generate([ids[:64]], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
-        budget = parse_kv_budget(args.budget)
-        assert budget is not None
-        for policy, b in _policies(args.policies, budget):
-            params = SamplingParams(max_tokens=args.new, temperature=0.0, ignore_eos=True,
-                                    kv_policy=None if policy == "full" else policy, kv_budget=b)
-            out = llm.generate([ids], params)[0]
-            tpot = out.tpot
-            rows.append({"kv_dtype": dtype, "policy": policy, "budget": b, "context": len(ids), "new": args.new,
-                         "kv_tokens": out.kv_tokens, "tpot_s": tpot, "decode_tok_s": 1 / tpot if tpot else None,
-                         "ttft_s": out.metrics.ttft})
-            print(f"  {dtype} {policy}: {1 / tpot:.2f} tok/s", flush=True)
-        del llm
-    base = rows[0]["decode_tok_s"]
-    print(f"\nsingle-stream decode at {rows[0]['context']} tokens of context, {args.new} new tokens, "
-          f"{args.threads} thread(s)")
-    print("| KV dtype | policy | budget | KV rows at end | decode tok/s | vs first row |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['kv_dtype']} | {r['policy']} | {r['budget'] or '-'} | {r['kv_tokens']} | {r['decode_tok_s']:.2f} | "
-              f"{r['decode_tok_s'] / base:.2f}x |")
+    for ctx_len in contexts:
+        room = engines[kinds[0]].engine.max_model_len - args.new - 1  # the prompt + every new token must fit
+        ids = text_ids[:min(ctx_len, room)]
+        if len(ids) < min(ctx_len, room):
+            raise SystemExit(f"the long text has {len(text_ids)} tokens, fewer than --context {ctx_len}")
+        seqs = {}
+        for kind, llm in engines.items():  # prefills (not timed)
+            dt, policy, b = kind
+            params = SamplingParams(max_tokens=args.new + 1, temperature=0.0, ignore_eos=True,
+                                    kv_policy=None if policy in ("full", "short") else policy, kv_budget=b)
+            seqs[kind] = llm.engine.add_request(ids[-args.short:] if policy == "short" else ids, params)
+            while not seqs[kind].output_ids:
+                llm.engine.step()
+        times: dict[Any, list[float]] = {k: [] for k in kinds}
+        native: dict[Any, float] = {k: 0.0 for k in kinds}
+        fused_steps = {k: e.engine.runner.fused.steps if e.engine.runner.fused else 0 for k, e in engines.items()}
+        for r in range(args.new):
+            order = kinds[r % len(kinds):] + kinds[:r % len(kinds)]
+            for kind in order:
+                eng, timer = engines[kind].engine, timers.get(kind)
+                before = timer.seconds if timer else 0.0
+                t0 = time.perf_counter()
+                eng.step()
+                times[kind].append(time.perf_counter() - t0)
+                if timer:
+                    native[kind] += timer.seconds - before
+        for kind, llm in engines.items():
+            assert not llm.engine.has_unfinished(), "a row did not finish in --new steps"
+            fused = llm.engine.runner.fused
+            steps = fused.steps - fused_steps[kind] if fused else 0
+            dt, policy, b = kind
+            t = _median(times[kind])
+            rows.append({"context": len(ids) if policy != "short" else args.short, "kv_dtype": dt, "policy": policy,
+                         "budget": b, "kv_tokens": seqs[kind].kv_rows_at_finish, "new": args.new, "tpot_s": t,
+                         "decode_tok_s": 1 / t, "step_times_s": times[kind], "fused_steps": steps,
+                         "fallbacks": dict(fused.fallbacks) if fused else None,
+                         "native_share": native[kind] / sum(times[kind]), "native_s": native[kind] / args.new,
+                         "at": ctx_len})
+        print(f"  context {ctx_len}: done", flush=True)
+    print(f"\nsingle-stream decode, {args.new} new tokens per row, {args.threads} thread(s), rows' steps alternated; "
+          f"speed = median step time, as a ratio to the {kinds[0][0]} {kinds[0][1]} row at the same context")
+    print("| context | KV dtype | policy | budget | KV rows at end | path | speed vs first row | "
+          "native step / token | attention / token |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for ctx_len in contexts:
+        group = [r for r in rows if r["at"] == ctx_len]
+        base = group[0]["decode_tok_s"]
+        short = {r["kv_dtype"]: r for r in group if r["policy"] == "short"}
+        for r in group:
+            path = (f"fused ({r['fused_steps']} steps)" if r["fused_steps"] == args.new and not r["fallbacks"]
+                    else f"op by op / mixed ({r['fused_steps']} fused, fallbacks {r['fallbacks']})")
+            att = "-"
+            s = short.get(r["kv_dtype"])
+            if s is not None and r["policy"] != "short" and r["fused_steps"] and s["fused_steps"]:
+                att = f"{100 * max(0.0, r['native_s'] - s['native_s']) / r['tpot_s']:.0f}%"
+            ctx_col = r["context"] if r["policy"] != "short" else f"{ctx_len} (row at {args.short})"
+            print(f"| {ctx_col} | {r['kv_dtype']} | {r['policy']} | {r['budget'] or '-'} | {r['kv_tokens']} | {path} | "
+                  f"{r['decode_tok_s'] / base:.2f}x | {100 * r['native_share']:.0f}% | {att} |")
     return {"kind": "decode", "args": vars(args), "rows": rows}
 
 
@@ -219,8 +304,11 @@ def main() -> None:
     p.add_argument("--n", type=int, default=2)
     p.add_argument("--kv-dtypes", default="float32,int8")
     d = sub.add_parser("decode")
-    d.add_argument("--context", type=int, default=4096)
+    d.add_argument("--context", default="4096", help="tokens of context, or a comma list (2048,4096,8192)")
     d.add_argument("--new", type=int, default=48)
+    d.add_argument("--short", type=int, default=64,
+                   help="also decode at this context per dtype: the step time without long-context attention "
+                        "(0: skip the attention estimate)")
     d.add_argument("--policies", default="full,streaming,snapkv")
     d.add_argument("--budget", default="0.25")
     d.add_argument("--kv-dtypes", default="float32")

@@ -226,35 +226,41 @@ def decode_batch(lens: list[int], block_size: int, seed: int = 0):
 
 def fused_and_forward(eng, lens: list[int], block_size: int, seed: int = 0, tiles: bool | None = None):
     """The fused decode step and the op-by-op forward of ``eng``'s model on the same decode batch,
-    each from the same random K/V cache: (fused hidden, fused caches, forward hidden, forward caches)."""
+    each from the same random K/V cache: (fused hidden, fused caches, forward hidden, forward caches);
+    the caches are ``runner.cache_tensors`` (K, V, and an int8 cache's scales)."""
     from llmopt.engine.fused_decode import FusedDecoder
 
     r = eng.runner
     g = torch.Generator().manual_seed(seed)
-    k0 = torch.randn(r.k_cache.shape, generator=g)
-    v0 = torch.randn(r.v_cache.shape, generator=g)
+    # an int8 cache: random int8 rows and positive scales (the order of r.cache_tensors: K, V, scales)
+    init = [torch.randint(-127, 128, t.shape, generator=g, dtype=torch.int8) if t.dtype == torch.int8
+            else torch.rand(t.shape, generator=g) * 0.05 if i >= 2 else torch.randn(t.shape, generator=g)
+            for i, t in enumerate(r.cache_tensors)]
     ids, pos, ctx = decode_batch(lens, block_size, seed)
     fused = FusedDecoder.build(r.model, tiles=tiles)
     assert fused is not None
     with torch.inference_mode():
-        r.k_cache.copy_(k0), r.v_cache.copy_(v0)
+        for t, t0 in zip(r.cache_tensors, init):
+            t.copy_(t0)
         a = fused.run(ids, pos, ctx)
-        ca = (r.k_cache.clone(), r.v_cache.clone())
-        r.k_cache.copy_(k0), r.v_cache.copy_(v0)
+        ca = tuple(t.clone() for t in r.cache_tensors)
+        for t, t0 in zip(r.cache_tensors, init):
+            t.copy_(t0)
         b = r.model(ids, pos, ctx)
-        cb = (r.k_cache.clone(), r.v_cache.clone())
+        cb = tuple(t.clone() for t in r.cache_tensors)
     return a, ca, b, cb
 
 
-def avx2_greedy_fused_on_and_off(model_path: Path) -> dict[str, str]:
+def avx2_greedy_fused_on_and_off(model_path: Path, llm_kwargs: str = "") -> dict[str, str]:
     """Greedy tokens of ``model_path`` with ``LLMOPT_CPU_PATH=avx2`` (every machine's floor) and the fused
     decode step on / off (``LLMOPT_FUSED_DECODE=1`` / ``0``), each in a fresh process; asserts the path
-    and whether the step ran, returns {flag: "RESULT avx2 <fused> <tokens>"}."""
+    and whether the step ran, returns {flag: "RESULT avx2 <fused> <tokens>"}. ``llm_kwargs``: more
+    ``LLM(...)`` keyword arguments as source text (``"kv_dtype='int8'"``)."""
     import subprocess
     import sys
 
     code = ("from llmopt import LLM, SamplingParams\nfrom llmopt.kernels import gguf_linear as G\n"
-            f"llm = LLM({str(model_path)!r}, num_kv_blocks=64, num_threads=2)\n"
+            f"llm = LLM({str(model_path)!r}, num_kv_blocks=64, num_threads=2{', ' + llm_kwargs if llm_kwargs else ''})\n"
             "fused = llm.engine.runner.fused is not None\n"
             "out = llm.generate([[3, 17, 42], [5, 6, 7, 8, 9]], SamplingParams(max_tokens=10, temperature=0.0,"
             " ignore_eos=True))\n"

@@ -12,13 +12,18 @@
   and GRPO's rollout weights): the step calls the panel kernel ``PackedLinear`` runs
   (``dense.kernel_table``), at any row count, bias included (Qwen2's qkv bias).
 
+The paged KV cache is float32, or int8 with a float32 scale per (token, kv head)
+(``EngineConfig(kv_dtype="int8")``, ``kernels.kv_quant``): the step quantizes the new token's K/V
+into it with the op-by-op path's rounding and scale (the same cache bytes) and reads it with the
+native int8 attention's tile loop (``csrc/kv_int8.h``, no dequantized copy of the cache).
+
 It computes exactly what ``Transformer.forward`` computes for a decode-only batch (same kernels,
 same order), minus the ~150 Python-level op calls and OpenMP fork/joins per step.
 
 ``FusedDecoder.build(model)`` returns ``None`` (and the engine keeps the op-by-op forward) when the
 model does not qualify (``_why_not`` says why, logged): native kernels off or not built, float32
-activations or caches missing, a linear in another format, GGUF kernels on the torch reference
-path, or ``KernelSettings.fused_decode`` off (env ``LLMOPT_FUSED_DECODE=0``).
+activations or a KV cache it cannot read missing, a linear in another format, GGUF kernels on the
+torch reference path, or ``KernelSettings.fused_decode`` off (env ``LLMOPT_FUSED_DECODE=0``).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import logging
 
 import torch
 
-from llmopt.kernels import dense, gguf_linear, qlinear
+from llmopt.kernels import dense, gguf_linear, kv_quant, qlinear
 from llmopt.kernels.build import native_enabled
 from llmopt.kernels.decode_step import native as _native
 from llmopt.kernels.dense import PackedLinear
@@ -74,6 +79,25 @@ def _why_not_linear(lin) -> str | None:
     return f"is a {type(lin).__name__} (the step takes int4 QuantLinear, GGUFLinear or PackedLinear)"
 
 
+def _why_not_cache(attn) -> str | None:
+    """Why the step cannot read and write ``attn``'s paged KV cache (None if it can): a contiguous
+    float32 cache, or an int8 one with its float32 scales (``kernels.kv_quant``) whose op-by-op
+    attention is the native int8 kernel (the step runs the same one)."""
+    kc, vc = attn.k_cache, attn.v_cache
+    if kc is None or vc is None or not kc.is_contiguous() or not vc.is_contiguous():
+        return "no contiguous KV cache"
+    if kc.dtype == torch.float32:
+        return None
+    if kc.dtype != torch.int8:
+        return f"the KV cache is {kc.dtype} (the step takes float32 or int8)"
+    ks, vs = attn.k_scale, attn.v_scale
+    if ks is None or vs is None or ks.dtype != torch.float32 or not ks.is_contiguous() or not vs.is_contiguous():
+        return "the int8 KV cache has no contiguous float32 scales"
+    if not kv_quant.native_available():
+        return "the int8 KV cache's op-by-op attention runs on the torch reference (llmopt_kv did not build)"
+    return None
+
+
 def _why_not(model) -> str | None:
     """Why ``model`` cannot use the fused decode step (None if it can)."""
     cfg = model.cfg
@@ -88,8 +112,9 @@ def _why_not(model) -> str | None:
             packed |= isinstance(lin, PackedLinear)
         if mlp.gate_up_proj.bias is not None or mlp.down_proj.bias is not None:
             return f"layer {i} has MLP biases"
-        if attn.k_cache is None or attn.k_cache.dtype != torch.float32 or not attn.k_cache.is_contiguous():
-            return "no contiguous float32 KV cache"
+        why = _why_not_cache(attn)
+        if why is not None:
+            return why
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             if norm.weight.dtype != torch.float32:
                 return "norm weights are not float32"
@@ -105,7 +130,10 @@ def _why_not(model) -> str | None:
 class FusedDecoder:
     """``run(input_ids, positions, ctx)`` -> final-normed hidden states ``[M, hidden]`` of a decode-only
     step (``ctx.num_decode == M``, no prefills), or ``None`` when this step must take the op-by-op path
-    (int4 linears: more rows than the int8-activation limit, or int4 activations switched to exact)."""
+    (int4 linears: more rows than the int8-activation limit, or int4 activations switched to exact).
+
+    ``steps`` counts the decode steps the native step ran; ``fallbacks`` the ones it handed back to the
+    op-by-op forward, by reason (the first of each reason is logged at INFO): nothing falls back silently."""
 
     def __init__(self, model, step, head=None, int4: bool = True):
         self.model = model
@@ -113,6 +141,9 @@ class FusedDecoder:
         self.head = head
         self.int4 = int4  # int4 linears in the step: the int4 decode path's row limit applies
         self._cache_ptr = model.layers[0].self_attn.k_cache.data_ptr()
+        self.kv_dtype = model.layers[0].self_attn.k_cache.dtype
+        self.steps = 0
+        self.fallbacks: dict[str, int] = {}
 
     @classmethod
     def build(cls, model, tiles: bool | None = None, enabled: bool = True) -> FusedDecoder | None:
@@ -123,10 +154,11 @@ class FusedDecoder:
             return None
         why = _why_not(model)
         if why is not None:
-            log.info("fused decode step not used: %s", why)
+            log.info("fused decode step not used (decode runs op by op): %s", why)
             return None
         ext = _native()
         if ext is None:
+            log.info("fused decode step not used (decode runs op by op): llmopt_decode did not build")
             return None
         cfg = model.cfg
         if tiles is None:
@@ -136,10 +168,11 @@ class FusedDecoder:
         windows: list[int] = []
         for layer in model.layers:
             attn = layer.self_attn
+            int8 = attn.k_cache.dtype == torch.int8  # then its scales ride along (kernels/kv_quant.py)
             tensors += [layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
                         attn.q_norm.weight.detach() if attn.q_norm is not None else none,
                         attn.k_norm.weight.detach() if attn.k_norm is not None else none,
-                        attn.k_cache, attn.v_cache]
+                        attn.k_cache, attn.v_cache, attn.k_scale if int8 else none, attn.v_scale if int8 else none]
             windows.append(-1 if attn.window is None else int(attn.window))
         step = ext.DecodeStep(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
                               float(cfg.rms_norm_eps), float(model.layers[0].self_attn.scale), tensors, windows,
@@ -168,7 +201,11 @@ class FusedDecoder:
                     sc4, mn4 = qlinear.interleaved_scales(lin.qweight_packed) if tiles else (None, None)
                     step.set_int4(i, slot, lin.qweight, lin.scales, lin.mins, none if sc4 is None else sc4,
                                   none if mn4 is None else mn4, bias, lin.group_size)
-        return cls(model, step, cls._head(ext, model), int4=int4)
+        fused = cls(model, step, cls._head(ext, model), int4=int4)
+        kinds = sorted({type(lin).__name__ for layer in model.layers for lin in _linears(layer)})
+        log.info("fused decode step on: %d layers, %s projections, %s KV cache", len(model.layers),
+                 "/".join(kinds), str(fused.kv_dtype).removeprefix("torch."))
+        return fused
 
     @staticmethod
     def _head(ext, model):
@@ -183,20 +220,39 @@ class FusedDecoder:
             return None
         return ext.I8Linear(head.qweight, head.scales, head.in_features, gs, head.bias)
 
+    def why_unusable(self, num_rows: int) -> str | None:
+        """Why a decode step of ``num_rows`` rows cannot run here (None if it can)."""
+        if self.int4 and qlinear.INT4_ACT != "int8":
+            return "int4 activations are exact (INT4_ACT), the step quantizes them to int8"
+        if self.int4 and num_rows > qlinear.INT4_A8_MAX_M:
+            return f"more rows than the int4 int8-activation limit ({qlinear.INT4_A8_MAX_M})"
+        if self.model.layers[0].self_attn.k_cache.data_ptr() != self._cache_ptr:
+            return "the KV cache was reallocated after the step was built"
+        return None
+
     def usable(self, num_rows: int) -> bool:
-        if self.int4 and (qlinear.INT4_ACT != "int8" or num_rows > qlinear.INT4_A8_MAX_M):
-            return False
-        return self.model.layers[0].self_attn.k_cache.data_ptr() == self._cache_ptr
+        return self.why_unusable(num_rows) is None
+
+    def _fallback(self, why: str) -> None:
+        n = self.fallbacks.get(why, 0)
+        self.fallbacks[why] = n + 1
+        if n == 0:
+            log.info("fused decode step: a decode step runs op by op: %s (further ones counted, not logged)", why)
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor | None:
         m = input_ids.shape[0]
-        if not self.usable(m) or ctx.num_decode != m or ctx.prefills:
-            return None
-        x = self.model.embed_tokens(input_ids)
-        if x.dtype != torch.float32:
-            return None
-        return self.step.run(x.contiguous(), positions, ctx.slot_mapping, ctx.decode_block_tables,
-                             ctx.decode_context_lens)
+        why = self.why_unusable(m)
+        if why is None and (ctx.num_decode != m or ctx.prefills):
+            why = "the step has prefill tokens"
+        if why is None:
+            x = self.model.embed_tokens(input_ids)
+            if x.dtype == torch.float32:
+                self.steps += 1
+                return self.step.run(x.contiguous(), positions, ctx.slot_mapping, ctx.decode_block_tables,
+                                     ctx.decode_context_lens)
+            why = f"the embeddings are {x.dtype}, not float32"
+        self._fallback(why)
+        return None
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Logits of decode rows through the int8-activation head, or None (use ``compute_logits``)."""

@@ -42,6 +42,7 @@
 #include "dense_kernels.h"
 #include "fused_kernels.h"
 #include "gguf_kernels.h"
+#include "kv_int8.h"
 #include "w4a8.h"
 
 namespace {
@@ -204,8 +205,10 @@ constexpr const char* kSlotNames[4] = {"qkv_proj", "o_proj", "gate_up_proj", "do
 
 struct Layer {
   at::Tensor ln1, ln2, qn, kn, kc, vc;
-  Lin lin[4];  // qkv, o, gate_up, down
+  at::Tensor ks, vs;  // int8 cache: float32 scales [num_blocks, block_size, num_kv_heads]; float cache: empty
+  Lin lin[4];         // qkv, o, gate_up, down
   int64_t window = -1;
+  bool int8 = false;  // kc / vc are int8 (kv_int8.h layout), else float32
 };
 
 // Per-thread scratch.
@@ -213,13 +216,16 @@ struct ThreadScratch {
   Q::W4A8Scratch w;
   std::vector<float> qs, acc, sc, m, l;
   std::vector<const float*> krow, vrow;
+  std::vector<float> kf, vf;                // int8 cache: one tile's dequantized K / V rows
+  std::vector<const float*> kfrow, vfrow;   // ... and pointers to them
 };
 
 class DecodeStep {
  public:
   // tensors: per layer input_layernorm, post_attention_layernorm, q_norm, k_norm (empty: none),
-  // k_cache, v_cache; windows: per layer the sliding window (-1: none). The projections are set
-  // afterwards (set_int4 / set_gguf), every one before the first run.
+  // k_cache, v_cache, k_scale, v_scale (float32 caches: empty scales; int8 caches: their float32
+  // scales, kv_int8.h); windows: per layer the sliding window (-1: none). The projections are set
+  // afterwards (set_int4 / set_gguf / set_dense), every one before the first run.
   DecodeStep(int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t intermediate,
              double eps, double scale, const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& windows,
              at::Tensor final_norm, at::Tensor cos_sin)
@@ -250,13 +256,26 @@ class DecodeStep {
       }
       L.kc = t[4];
       L.vc = t[5];
+      L.ks = t[6];
+      L.vs = t[7];
+      L.int8 = L.kc.scalar_type() == at::kChar;
       for (const at::Tensor* c : {&L.kc, &L.vc}) {
-        TORCH_CHECK(c->device().is_cpu() && c->scalar_type() == at::kFloat && c->is_contiguous() && c->dim() == 4 &&
-                        c->size(2) == Hk_ && c->size(3) == D_,
-                    "k/v cache must be a contiguous float32 [num_blocks, block_size, num_kv_heads, head_dim] tensor");
+        TORCH_CHECK(c->device().is_cpu() && c->scalar_type() == (L.int8 ? at::kChar : at::kFloat) &&
+                        c->is_contiguous() && c->dim() == 4 && c->size(2) == Hk_ && c->size(3) == D_,
+                    "k/v cache must be a contiguous float32 or int8 [num_blocks, block_size, num_kv_heads, head_dim] "
+                    "tensor (k and v of one type)");
       }
       TORCH_CHECK(L.kc.sizes() == L.vc.sizes(), "k and v caches must have one shape");
-      TORCH_CHECK(layers_.empty() || L.kc.sizes() == layers_[0].kc.sizes(), "all layers' caches must have one shape");
+      TORCH_CHECK(layers_.empty() || (L.kc.sizes() == layers_[0].kc.sizes() && L.int8 == layers_[0].int8),
+                  "all layers' caches must have one shape and element type");
+      if (L.int8) {
+        for (const at::Tensor* c : {&L.ks, &L.vs})
+          TORCH_CHECK(c->device().is_cpu() && c->scalar_type() == at::kFloat && c->is_contiguous() && c->dim() == 3 &&
+                          c->size(0) == L.kc.size(0) && c->size(1) == L.kc.size(1) && c->size(2) == Hk_,
+                      "an int8 k/v cache needs contiguous float32 [num_blocks, block_size, num_kv_heads] scales");
+      } else {
+        TORCH_CHECK(!defined(L.ks) && !defined(L.vs), "a float32 k/v cache takes no scales (pass empty tensors)");
+      }
       L.window = windows[i];
       layers_.push_back(std::move(L));
     }
@@ -433,10 +452,12 @@ class DecodeStep {
     const int64_t QKV = (Hq_ + 2 * Hk_) * D_, G = Hq_ / Hk_, half = D_ / 2;
     // attention split over tokens when there are fewer (row, kv head) pairs than threads, per layer
     // (windows differ): the rule of the standalone paged_decode_attention, so both give the same sums
+    // (float caches only: the int8 kernel, kv_int8.cpp, has one item per (row, kv head), and so has the step)
     std::vector<int64_t> splits(num_layers(), 1);
     int64_t max_items = M * Hk_;
     if (M * Hk_ < nt) {
       for (int64_t li = 0; li < num_layers(); ++li) {
+        if (layers_[li].int8) continue;
         const int64_t w = layers_[li].window;
         int64_t span = 0;
         for (int64_t b = 0; b < M; ++b) span = std::max<int64_t>(span, w > 0 ? std::min<int64_t>(cl[b], w) : cl[b]);
@@ -493,6 +514,16 @@ class DecodeStep {
       ts.l.resize(G);
       ts.krow.resize(F::kTile);
       ts.vrow.resize(F::kTile);
+      if (layers_[0].int8 && (int64_t)ts.kf.size() != F::kTile * D_) {
+        ts.kf.resize(F::kTile * D_);
+        ts.vf.resize(F::kTile * D_);
+        ts.kfrow.resize(F::kTile);
+        ts.vfrow.resize(F::kTile);
+        for (int64_t i = 0; i < F::kTile; ++i) {
+          ts.kfrow[i] = ts.kf.data() + i * D_;
+          ts.vfrow[i] = ts.vf.data() + i * D_;
+        }
+      }
       Q::W4A8Act A{};
 
       // a GGUF projection: rows quantized for its int8 parts (rows split), then every thread takes
@@ -580,7 +611,8 @@ class DecodeStep {
         // 2. qkv projection
         gemv(L.lin[0], h, qkv, ctr[0], false);
         const int64_t S = splits[li];
-        // 3. q/k norm, rope, new k/v into the cache (S == 1: inside the attention item of their kv head)
+        // 3. q/k norm, rope, new k/v into the cache (S == 1: inside the attention item of their kv head;
+        // always for an int8 cache)
         if (S > 1) {
           float* kc = L.kc.data_ptr<float>();
           float* vc = L.vc.data_ptr<float>();
@@ -602,7 +634,9 @@ class DecodeStep {
 #pragma omp barrier
         }
         // 4. attention over the paged cache
-        {
+        if (L.int8) {
+          attend_int8(L, M, G, QKV, half, pos, slot, bt, cl, MB, BS, qkv, att, cs, eps, ctr[1], ts);
+        } else {
           float* kc = L.kc.data_ptr<float>();
           float* vc = L.vc.data_ptr<float>();
           const int64_t ks0 = BS * Hk_ * D_, ks1 = Hk_ * D_;
@@ -677,7 +711,58 @@ class DecodeStep {
   }
 
  private:
-  static constexpr size_t kTensorsPerLayer = 6;
+  static constexpr size_t kTensorsPerLayer = 8;
+
+  // Step 3 and 4 of a layer with an int8 cache, one item per (row, kv head) from counter c (the items
+  // of kv_int8.cpp): q/k norm and rope of the item's heads, its new K / V rows quantized into the
+  // cache (kv_int8.h quant_row: the bytes and scale kv_quant.write_kv_int8 writes), then the int8
+  // attention (kv_int8.h attend_range, the standalone kernel's) over the row's context.
+  void attend_int8(const Layer& L, int64_t M, int64_t G, int64_t QKV, int64_t half, const int64_t* pos,
+                   const int64_t* slot, const int32_t* bt, const int32_t* cl, int64_t MB, int64_t BS, float* qkv,
+                   float* att, const float* cs, float eps, std::atomic<int64_t>& c, ThreadScratch& ts) {
+    int8_t* kc = L.kc.data_ptr<int8_t>();
+    int8_t* vc = L.vc.data_ptr<int8_t>();
+    float* ks = L.ks.data_ptr<float>();
+    float* vs = L.vs.data_ptr<float>();
+    const float* qn = fptr(L.qn);
+    const float* kn = fptr(L.kn);
+    const int64_t items = M * Hk_;
+    for (;;) {
+      const int64_t item = c.fetch_add(1, std::memory_order_relaxed);
+      if (item >= items) break;
+      const int64_t b = item / Hk_, kvh = item % Hk_;
+      const float* rot = cs + pos[b] * D_;
+      for (int64_t g = 0; g < G; ++g) {
+        float* v = qkv + b * QKV + (kvh * G + g) * D_;
+        if (qn) F::rms_norm_row(v, qn, v, D_, eps);
+        F::rope_head(v, rot, half);
+      }
+      float* k = qkv + b * QKV + (Hq_ + kvh) * D_;
+      if (kn) F::rms_norm_row(k, kn, k, D_, eps);
+      F::rope_head(k, rot, half);
+      const int64_t row = slot[b] * Hk_ + kvh;
+      llmopt_kv8::quant_row(k, D_, kc + row * D_, ks + row);
+      llmopt_kv8::quant_row(qkv + b * QKV + (Hq_ + Hk_ + kvh) * D_, D_, vc + row * D_, vs + row);
+      const int64_t Lc = cl[b];
+      const int64_t start = L.window > 0 ? std::max<int64_t>(0, Lc - L.window) : 0;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* src = qkv + b * QKV + (kvh * G + g) * D_;
+        for (int64_t d = 0; d < D_; ++d) ts.qs[g * D_ + d] = src[d] * scale_;
+      }
+      const llmopt_kv8::PagedKV8 kv{kc + kvh * D_, vc + kvh * D_, ks + kvh, vs + kvh, bt + b * MB, BS, Hk_};
+      llmopt_kv8::attend_range(ts.qs.data(), G, D_, kv, start, Lc, ts.m.data(), ts.l.data(), ts.acc.data(),
+                               ts.sc.data(), ts.kf.data(), ts.vf.data(), ts.kfrow.data(), ts.vfrow.data());
+      for (int64_t g = 0; g < G; ++g) {
+        float* dst = att + b * Hq_ * D_ + (kvh * G + g) * D_;
+        if (ts.l[g] > 0.0f) {
+          std::copy(ts.acc.begin() + g * D_, ts.acc.begin() + (g + 1) * D_, dst);
+          F::scale_inplace(dst, D_, 1.0f / ts.l[g]);
+        } else {
+          std::fill(dst, dst + D_, 0.0f);
+        }
+      }
+    }
+  }
 
   // flash-decoding merge of the token splits (pairs split across the threads)
   void merge_splits(int64_t M, int64_t S, int64_t G, float* att, int tid, int nth) {

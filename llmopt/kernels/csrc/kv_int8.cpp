@@ -11,6 +11,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/csrc/utils/pybind.h>
 
@@ -20,27 +21,17 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <tuple>
 #include <vector>
 
-#include "fused_kernels.h"
+#include "kv_int8.h"
 #include "paged_args.h"
 
 namespace {
 
 inline int num_threads() { return std::max(1, at::get_num_threads()); }
 
-using llmopt_f::kTile;  // tokens scored before one online-softmax update
-
-// dst[d] = src[d] * s (src int8), AVX2 8 at a time with a scalar tail
-inline void dequant_row(float* dst, const int8_t* src, float s, int64_t D) {
-  const __m256 vs = _mm256_set1_ps(s);
-  int64_t d = 0;
-  for (; d + 8 <= D; d += 8) {
-    __m128i x8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + d));
-    _mm256_storeu_ps(dst + d, _mm256_mul_ps(vs, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(x8))));
-  }
-  for (; d < D; ++d) dst[d] = static_cast<float>(src[d]) * s;
-}
+using llmopt_kv8::kTile;  // tokens scored before one online-softmax update
 
 at::Tensor paged_decode_attention_int8(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                        const at::Tensor& k_scale, const at::Tensor& v_scale,
@@ -89,21 +80,9 @@ at::Tensor paged_decode_attention_int8(const at::Tensor& q, const at::Tensor& k_
         const float* src = qp + (b * Hq + h * G + g) * D;
         for (int64_t d = 0; d < D; ++d) qs[g * D + d] = src[d] * fscale;
       }
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
-      std::fill(l.begin(), l.end(), 0.0f);
-      for (int64_t t0 = start; t0 < L; t0 += kTile) {
-        const int64_t n = std::min(kTile, L - t0);
-        // dequantize the tile's K and V rows once (L1-sized buffers), shared by the G query heads
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t t = t0 + i;
-          const int64_t row = (static_cast<int64_t>(bt[b * MB + t / BS]) * BS + t % BS) * Hk + h;
-          dequant_row(kf.data() + i * D, kp + row * D, ksp[row], D);
-          dequant_row(vf.data() + i * D, vp + row * D, vsp[row], D);
-        }
-        llmopt_f::attend_tile(qs.data(), G, D, krow.data(), vrow.data(), n, m.data(), l.data(), acc.data(),
-                              sc.data());
-      }
+      const llmopt_kv8::PagedKV8 kv{kp + h * D, vp + h * D, ksp + h, vsp + h, bt + b * MB, BS, Hk};
+      llmopt_kv8::attend_range(qs.data(), G, D, kv, start, L, m.data(), l.data(), acc.data(), sc.data(), kf.data(),
+                               vf.data(), krow.data(), vrow.data());
       for (int64_t g = 0; g < G; ++g) {
         if (l[g] <= 0.0f) continue;
         float* dst = op + (b * Hq + h * G + g) * D;
@@ -115,6 +94,21 @@ at::Tensor paged_decode_attention_int8(const at::Tensor& q, const at::Tensor& k_
   return out;
 }
 
+// x [T, D] float32 -> (int8 [T, D], float32 scales [T]) with the cache's row quantization
+// (kv_int8.h quant_row, what the fused decode step writes; tests hold it to kv_quant.quantize_kv)
+std::tuple<at::Tensor, at::Tensor> quantize_kv_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
+              "x must be a contiguous CPU float32 [rows, head_dim] tensor");
+  const int64_t T = x.size(0), D = x.size(1);
+  auto q = at::empty({T, D}, x.options().dtype(at::kChar));
+  auto s = at::empty({T}, x.options());
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = s.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) llmopt_kv8::quant_row(xp + t * D, D, qp + t * D, sp + t);
+  return {q, s};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -124,4 +118,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("k_scale"), py::arg("v_scale"),
         py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"), py::arg("sliding_window") = -1,
         py::call_guard<py::gil_scoped_release>());
+  m.def("quantize_kv_rows", &quantize_kv_rows,
+        "rows [T, D] -> (int8 [T, D], scales [T]): the int8 cache's quantization as the fused decode step writes it",
+        py::arg("x"), py::call_guard<py::gil_scoped_release>());
 }
