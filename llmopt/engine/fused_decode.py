@@ -6,7 +6,8 @@
 * int4 ``QuantLinear`` (group size 64/128/256) run with int8 activations, the engine's int4 decode
   path (``kernels.qlinear``: ``INT4_ACT == "int8"`` for ``M <= INT4_A8_MAX_M`` rows), or
 * ``GGUFLinear`` (a .gguf file's own blocks, every native type of ``kernels.gguf_linear``, each
-  part with its own activation mode): the step calls the very kernels ``gguf_linear`` runs (the
+  part with its own activation mode; in the "by-kind" mode the generated rows' one, so a step with
+  a prompt-token row is left to the op-by-op forward): the step calls the very kernels ``gguf_linear`` runs (the
   GGUF build's kernel table, ``gguf_linear.kernel_table``), at any row count, or
 * ``PackedLinear`` (fp32 weights pre-packed for the native GEMM: the ``fp32-packed`` linear method,
   and GRPO's rollout weights): the step calls the panel kernel ``PackedLinear`` runs
@@ -107,11 +108,14 @@ class FusedDecoder:
     step (``ctx.num_decode == M``, no prefills), or ``None`` when this step must take the op-by-op path
     (int4 linears: more rows than the int8-activation limit, or int4 activations switched to exact)."""
 
-    def __init__(self, model, step, head=None, int4: bool = True):
+    def __init__(self, model, step, head=None, int4: bool = True, by_kind: bool = False):
         self.model = model
         self.step = step
         self.head = head
         self.int4 = int4  # int4 linears in the step: the int4 decode path's row limit applies
+        # GGUF linears in the "by-kind" mode: the step runs their generated-row activations (int8), so a
+        # step with a prompt-token row (a one-token prompt chunk) takes the op-by-op forward
+        self.by_kind = by_kind
         self._cache_ptr = model.layers[0].self_attn.k_cache.data_ptr()
 
     @classmethod
@@ -168,7 +172,9 @@ class FusedDecoder:
                     sc4, mn4 = qlinear.interleaved_scales(lin.qweight_packed) if tiles else (None, None)
                     step.set_int4(i, slot, lin.qweight, lin.scales, lin.mins, none if sc4 is None else sc4,
                                   none if mn4 is None else mn4, bias, lin.group_size)
-        return cls(model, step, cls._head(ext, model), int4=int4)
+        by_kind = any(isinstance(lin, GGUFLinear) and lin.acts != lin.prompt_acts
+                      for layer in model.layers for lin in _linears(layer))
+        return cls(model, step, cls._head(ext, model), int4=int4, by_kind=by_kind)
 
     @staticmethod
     def _head(ext, model):
@@ -191,6 +197,8 @@ class FusedDecoder:
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor | None:
         m = input_ids.shape[0]
         if not self.usable(m) or ctx.num_decode != m or ctx.prefills:
+            return None
+        if self.by_kind and (ctx.generated is None or not bool(ctx.generated.all())):
             return None
         x = self.model.embed_tokens(input_ids)
         if x.dtype != torch.float32:

@@ -23,7 +23,7 @@ from torch import nn
 from llmopt.config import ModelConfig
 from llmopt.kernels import kv_quant, ops
 from llmopt.kernels.kv_select import observation_scores
-from llmopt.models.linear import QuantConfig
+from llmopt.models.linear import QuantConfig, project
 
 
 @dataclass
@@ -48,6 +48,10 @@ class AttnContext:
     decode_block_tables: torch.Tensor | None = None  # int32 [num_decode, max_blocks]
     decode_context_lens: torch.Tensor | None = None  # int32 [num_decode], includes the new token
     prefills: list[PrefillSpan] = field(default_factory=list)
+    # bool [T]: True where the token was generated (position >= its sequence's prompt length), False
+    # for a prompt token (prefill, recompute after preemption); None: all prompt tokens. Projections
+    # whose precision goes by token kind read it (models.linear.TokenKindLinear).
+    generated: torch.Tensor | None = None
 
 
 class RMSNorm(nn.Module):
@@ -84,7 +88,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
                 ctx: AttnContext | None) -> torch.Tensor:
-        return self.o_proj(self.attend(self.qkv_proj(x), positions, cos_sin, ctx))
+        gen = None if ctx is None else ctx.generated
+        return project(self.o_proj, self.attend(project(self.qkv_proj, x, gen), positions, cos_sin, ctx), gen)
 
     def attend(self, qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
                ctx: AttnContext | None) -> torch.Tensor:
@@ -198,8 +203,8 @@ class MLP(nn.Module):
         self.down_proj = qc.method_for(f"{prefix}.down_proj").create(
             cfg.intermediate_size, cfg.hidden_size, False, f"{prefix}.down_proj")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, generated: torch.Tensor | None = None) -> torch.Tensor:
+        return project(self.down_proj, ops.silu_mul(project(self.gate_up_proj, x, generated)), generated)
 
 
 class DecoderLayer(nn.Module):
@@ -219,7 +224,7 @@ class DecoderLayer(nn.Module):
         h = self.self_attn(h, positions, cos_sin, ctx)
         h, residual = ops.add_rms_norm(h, residual, self.post_attention_layernorm.weight,
                                        self.post_attention_layernorm.eps)
-        return self.mlp(h), residual
+        return self.mlp(h, None if ctx is None else ctx.generated), residual
 
 
 class Transformer(nn.Module):
@@ -276,8 +281,9 @@ class Transformer(nn.Module):
         x, _ = ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)
         return x
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, generated: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of ``hidden`` rows; ``generated``: their token kinds (see ``AttnContext.generated``)."""
+        return project(self.lm_head, hidden, generated).float()
 
     # ---- weights -------------------------------------------------------------------------------
     PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")

@@ -15,7 +15,7 @@ from llmopt.kernels import gguf_linear as G
 from tests.conftest import gguf_blocks, tiny_hf_model, write_gguf
 
 QT = gguf.GGMLQuantizationType
-ACTS = ["fp32", "int8"]
+ACTS = ["fp32", "int8", "by-kind"]
 
 
 @pytest.fixture(scope="module")
