@@ -221,7 +221,7 @@ class KernelSettings:
     quant_lm_head: bool = True
     lm_head_fmt: str | None = "int8"  # None: the model's format
     quant_embed: bool = True
-    gguf_act: str = "fp32"
+    gguf_act: str = "by-kind"
 
     def __post_init__(self) -> None:
         if self.int4_act not in ("int8", "fp32"):
