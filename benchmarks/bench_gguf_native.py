@@ -64,7 +64,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=256, help="tokens per held-out text for the perplexity")
     ap.add_argument("--skip-ppl", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
-    ap.add_argument("--gguf-act", choices=["fp32", "int8"], default="fp32",
+    ap.add_argument("--gguf-act", choices=["fp32", "int8", "by-kind"], default="fp32",
                     help="activations of the GGUF-native row (KernelSettings.gguf_act, passed to the workers as "
                          "LLMOPT_GGUF_ACT; the fp32 and int4 rows do not read it)")
     ap.add_argument("--op-by-op", action=argparse.BooleanOptionalAction, default=True,

@@ -66,7 +66,7 @@ def generate(
     top_k: Annotated[int, typer.Option(help="sample among the k best tokens (0 = off)", min=0)] = 0,
     seed: Annotated[Optional[int], typer.Option(help="sampling seed")] = None,
     chat: Annotated[bool, typer.Option("--chat/--no-chat", help="apply the model's chat template")] = True,
-    quant: Annotated[Optional[str], typer.Option(help="quantize on load: int8, int4, ... (RTN); fp32: float (a .gguf dequantized); default: as stored (a .gguf runs on its own blocks)")] = None,
+    quant: Annotated[Optional[str], typer.Option(help="quantize on load: int8, int4, ... (RTN); fp32: float (a .gguf dequantized); default: as stored (a .gguf runs on its own blocks; activations: LLMOPT_GGUF_ACT=by-kind (default: prompt fp32, generated int8), fp32 or int8)")] = None,
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16")] = "float32",
 ):
     """Generate text for one prompt and print it, with timings."""

@@ -203,9 +203,10 @@ class KernelSettings:
     ``LLMOPT_QUANT_EMBED``      ``quant_embed``      a tied embedding shares the quantized head
                                                      ("0": float)
     ``LLMOPT_GGUF_ACT``         ``gguf_act``         activations of GGUF-native projections: "fp32"
-                                                     (= dequantized model up to summation order)
-                                                     or "int8" (per 32, like llama.cpp's Q8; Q4_0,
-                                                     Q4_1, Q8_0, Q4_K only, others stay fp32)
+                                                     (= dequantized model up to summation order),
+                                                     "int8" (per 32, like llama.cpp's Q8; types with
+                                                     an int8 kernel, others stay fp32) or "by-kind"
+                                                     (prompt tokens fp32, generated tokens int8)
     ==========================  ===================  =============================================
 
     Build-time variables stay with the build (``kernels/build.py``): ``LLMOPT_NATIVE``,
@@ -220,13 +221,13 @@ class KernelSettings:
     quant_lm_head: bool = True
     lm_head_fmt: str | None = "int8"  # None: the model's format
     quant_embed: bool = True
-    gguf_act: str = "fp32"
+    gguf_act: str = "by-kind"
 
     def __post_init__(self) -> None:
         if self.int4_act not in ("int8", "fp32"):
             raise ValueError(f"int4_act (LLMOPT_INT4_ACT) must be 'int8' or 'fp32', got {self.int4_act!r}")
-        if self.gguf_act not in ("int8", "fp32"):
-            raise ValueError(f"gguf_act (LLMOPT_GGUF_ACT) must be 'fp32' or 'int8', got {self.gguf_act!r}")
+        if self.gguf_act not in ("fp32", "int8", "by-kind"):
+            raise ValueError(f"gguf_act (LLMOPT_GGUF_ACT) must be 'fp32', 'int8' or 'by-kind', got {self.gguf_act!r}")
         if self.int4_a8_max_m < 0 or self.large_m < 0:
             raise ValueError("int4_a8_max_m and large_m must be >= 0")
 

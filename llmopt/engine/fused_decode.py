@@ -6,7 +6,8 @@
 * int4 ``QuantLinear`` (group size 64/128/256) run with int8 activations, the engine's int4 decode
   path (``kernels.qlinear``: ``INT4_ACT == "int8"`` for ``M <= INT4_A8_MAX_M`` rows), or
 * ``GGUFLinear`` (a .gguf file's own blocks, every native type of ``kernels.gguf_linear``, each
-  part with its own activation mode): the step calls the very kernels ``gguf_linear`` runs (the
+  part with its own activation mode; in the "by-kind" mode the generated rows' one, so a step with
+  a prompt-token row is left to the op-by-op forward): the step calls the very kernels ``gguf_linear`` runs (the
   GGUF build's kernel table, ``gguf_linear.kernel_table``), at any row count, or
 * ``PackedLinear`` (fp32 weights pre-packed for the native GEMM: the ``fp32-packed`` linear method,
   and GRPO's rollout weights): the step calls the panel kernel ``PackedLinear`` runs
@@ -135,11 +136,14 @@ class FusedDecoder:
     ``steps`` counts the decode steps the native step ran; ``fallbacks`` the ones it handed back to the
     op-by-op forward, by reason (the first of each reason is logged at INFO): nothing falls back silently."""
 
-    def __init__(self, model, step, head=None, int4: bool = True):
+    def __init__(self, model, step, head=None, int4: bool = True, by_kind: bool = False):
         self.model = model
         self.step = step
         self.head = head
         self.int4 = int4  # int4 linears in the step: the int4 decode path's row limit applies
+        # GGUF linears in the "by-kind" mode: the step runs their generated-row activations (int8), so a
+        # step with a prompt-token row (a one-token prompt chunk) takes the op-by-op forward
+        self.by_kind = by_kind
         self._cache_ptr = model.layers[0].self_attn.k_cache.data_ptr()
         self.kv_dtype = model.layers[0].self_attn.k_cache.dtype
         self.steps = 0
@@ -201,7 +205,9 @@ class FusedDecoder:
                     sc4, mn4 = qlinear.interleaved_scales(lin.qweight_packed) if tiles else (None, None)
                     step.set_int4(i, slot, lin.qweight, lin.scales, lin.mins, none if sc4 is None else sc4,
                                   none if mn4 is None else mn4, bias, lin.group_size)
-        fused = cls(model, step, cls._head(ext, model), int4=int4)
+        by_kind = any(isinstance(lin, GGUFLinear) and lin.acts != lin.prompt_acts
+                      for layer in model.layers for lin in _linears(layer))
+        fused = cls(model, step, cls._head(ext, model), int4=int4, by_kind=by_kind)
         kinds = sorted({type(lin).__name__ for layer in model.layers for lin in _linears(layer)})
         log.info("fused decode step on: %d layers, %s projections, %s KV cache", len(model.layers),
                  "/".join(kinds), str(fused.kv_dtype).removeprefix("torch."))
@@ -244,6 +250,8 @@ class FusedDecoder:
         why = self.why_unusable(m)
         if why is None and (ctx.num_decode != m or ctx.prefills):
             why = "the step has prefill tokens"
+        if why is None and self.by_kind and (ctx.generated is None or not bool(ctx.generated.all())):
+            why = "the step has prompt-token rows (by-kind GGUF activations)"
         if why is None:
             x = self.model.embed_tokens(input_ids)
             if x.dtype == torch.float32:

@@ -109,7 +109,12 @@ class ModelRunner:
             ids.extend(seq.token_ids[p:p + n])
             pos.extend(range(p, p + n))
             slots.extend(self._slots(seq, p, n))
-        ctx = AttnContext(slot_mapping=torch.tensor(slots, dtype=torch.long), num_decode=len(decodes), prefills=spans)
+        # token kind per row: generated (position at or after the prompt's end) or prompt, whatever the
+        # row's step kind (a one-token prompt chunk is a "decode" row; a recompute chunk holds both)
+        generated = torch.tensor([p >= len(s.prompt_ids) for p, s in zip(pos, self._row_seqs(decodes, prefills))],
+                                 dtype=torch.bool)
+        ctx = AttnContext(slot_mapping=torch.tensor(slots, dtype=torch.long), num_decode=len(decodes), prefills=spans,
+                          generated=generated)
         if decodes:
             width = max(len(s.block_table) for s, _ in decodes)
             ctx.decode_block_tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table))
@@ -130,9 +135,15 @@ class ModelRunner:
                 sample_seqs.append(seq)
         if not rows:
             return [], None
-        hidden = hidden[torch.tensor(rows)]
+        index = torch.tensor(rows)
+        hidden = hidden[index]
         logits = self.fused.logits(hidden) if self.fused is not None and fused_hidden is not None else None
-        return sample_seqs, self.model.compute_logits(hidden) if logits is None else logits
+        return sample_seqs, self.model.compute_logits(hidden, generated[index]) if logits is None else logits
+
+    @staticmethod
+    def _row_seqs(decodes: list[tuple[Sequence, int]], prefills: list[tuple[Sequence, int]]) -> list[Sequence]:
+        """The sequence of every row of the flat batch, in row order."""
+        return [s for s, n in decodes + prefills for _ in range(n)]
 
     @torch.inference_mode()
     def score_paged(self, token_ids: list[int], blocks: list[int]) -> torch.Tensor:

@@ -5,9 +5,20 @@ with :func:`gguf_quant_config`: every projection whose tensors have a native ker
 (``llmopt.kernels.gguf_linear.supported_types``: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K ... Q6_K) is a
 :class:`GGUFLinear` holding the file's blocks repacked once, losslessly, for the kernels; the
 output layer is the file's ``output.weight`` or, tied, ``token_embd.weight``; the input embedding
-(:class:`GGUFEmbedding`) decodes only the rows it looks up, from the file's own rows. Results equal the dequantized fp32 model up to float summation order (``act``
-"fp32", the default); ``act="int8"`` is the kernels' separate int8-activation mode (Q4_0, Q4_1,
-Q8_0, Q4_K; others keep fp32 activations).
+(:class:`GGUFEmbedding`) decodes only the rows it looks up, from the file's own rows.
+
+Activations (``act``, ``KernelSettings.gguf_act``), per row:
+
+* ``"fp32"``: the dequantized fp32 model up to float summation order;
+* ``"int8"``: the kernels' int8-activation mode (per row and 32 k, like llama.cpp's Q8 activations)
+  for every row, prompt and generated alike;
+* ``"by-kind"``: by token kind: prompt tokens (prefill, recompute after preemption: positions before
+  the prompt's end) in fp32, generated tokens (decode rows, speculative-verify rows, recomputed
+  generated tokens) in int8, whatever else is in the batch (the runner marks each row's kind in
+  ``AttnContext.generated``). The prompt's log-probabilities are then exactly the fp32 mode's, and
+  decoding runs at the int8 speed.
+
+int8 applies to the types with an int8 kernel (``supported_types("int8")``); other parts keep fp32.
 
 Fused projections: ``qkv_proj`` = the q, k, v tensors' rows, ``gate_up_proj`` = gate, up. Shards of
 one type are packed as one weight; shards of different types (a Q4_K_M file's Q6_K ``attn_v``) as
@@ -34,13 +45,13 @@ from torch import nn
 from llmopt.config import ModelConfig
 from llmopt.formats.gguf_quants import dequantize
 from llmopt.kernels.gguf_linear import GGUFPacked, dequantize_packed, gguf_linear, pack_gguf, supported_types
-from llmopt.models.linear import EmbeddingMethod, LinearMethod, QuantConfig
+from llmopt.models.linear import EmbeddingMethod, LinearMethod, QuantConfig, TokenKindLinear
 
 log = logging.getLogger(__name__)
 
 __all__ = ["GGUFLinear", "GGUFEmbedding", "GGUFMethod", "GGUFEmbeddingMethod", "gguf_quant_config", "GGUF_ACTS"]
 
-GGUF_ACTS = ("fp32", "int8")
+GGUF_ACTS = ("fp32", "int8", "by-kind")
 
 
 @dataclass(frozen=True)
@@ -83,13 +94,16 @@ def _pack(shards: list[Shard], in_features: int, name: str) -> list[GGUFPacked]:
     return out
 
 
-class GGUFLinear(nn.Module):
+class GGUFLinear(TokenKindLinear):
     """``y = x @ W.T + b`` with ``W`` kept in GGUF blocks (one or more row ranges of
     :class:`~llmopt.kernels.gguf_linear.GGUFPacked`, see the module docstring).
 
     ``weight`` is the dequantized fp32 weight (a new tensor: inspection, references); the packed
     blocks are not parameters or buffers, so dtype casts of the model do not touch them (a bias is
-    a float parameter and is cast like any other)."""
+    a float parameter and is cast like any other).
+
+    ``acts``: each part's activations for generated rows, ``prompt_acts``: for prompt rows (they differ
+    only in the "by-kind" mode)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, name: str = "", act: str = "fp32"):
         super().__init__()
@@ -99,6 +113,7 @@ class GGUFLinear(nn.Module):
         self.name, self.act = name, act
         self.parts: list[GGUFPacked] = []
         self.acts: list[str] = []
+        self.prompt_acts: list[str] = []
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def set_blocks(self, parts: list[GGUFPacked]) -> None:
@@ -108,7 +123,8 @@ class GGUFLinear(nn.Module):
                              f"[{self.out_features}, {self.in_features}] weight")
         self.parts = parts
         a8 = set(supported_types("int8"))
-        self.acts = [self.act if p.type_name in a8 else "fp32" for p in parts]
+        self.acts = ["int8" if self.act != "fp32" and p.type_name in a8 else "fp32" for p in parts]
+        self.prompt_acts = ["int8" if self.act == "int8" and p.type_name in a8 else "fp32" for p in parts]
 
     @property
     def type_names(self) -> list[str]:
@@ -122,11 +138,29 @@ class GGUFLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         return torch.cat([dequantize_packed(p) for p in self.parts])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, generated: torch.Tensor | None = None) -> torch.Tensor:
+        """``generated``: bool per row of ``x [rows, K]`` (see ``TokenKindLinear``); None = prompt rows."""
+        if generated is None:
+            return self._run(x, self.prompt_acts)
+        if self.acts == self.prompt_acts:
+            return self._run(x, self.acts)
+        if generated.shape != x.shape[:1]:
+            raise ValueError(f"{self.name}: token kinds for {tuple(generated.shape)} rows, x has shape {tuple(x.shape)}")
+        n_gen = int(generated.sum())
+        if n_gen == x.shape[0]:
+            return self._run(x, self.acts)
+        if n_gen == 0:
+            return self._run(x, self.prompt_acts)
+        y = x.new_empty(x.shape[0], self.out_features)
+        y[generated] = self._run(x[generated], self.acts)
+        y[~generated] = self._run(x[~generated], self.prompt_acts)
+        return y
+
+    def _run(self, x: torch.Tensor, acts: list[str]) -> torch.Tensor:
         parts = self.parts
         if len(parts) == 1:
-            return gguf_linear(x, parts[0], self.bias, act=self.acts[0])
-        y = torch.cat([gguf_linear(x, p, None, act=a) for p, a in zip(parts, self.acts)], -1)
+            return gguf_linear(x, parts[0], self.bias, act=acts[0])
+        y = torch.cat([gguf_linear(x, p, None, act=a) for p, a in zip(parts, acts)], -1)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:

@@ -35,7 +35,25 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LinearMethod", "FloatMethod", "PackedMethod", "EmbeddingMethod", "QuantConfig", "FLOAT", "PACKED"]
+__all__ = ["LinearMethod", "FloatMethod", "PackedMethod", "EmbeddingMethod", "QuantConfig", "FLOAT", "PACKED",
+           "TokenKindLinear", "project"]
+
+
+class TokenKindLinear(nn.Module):
+    """A projection whose arithmetic may depend on the kind of each row's token: ``forward(x,
+    generated)`` with ``generated`` a bool ``[rows]`` (True: a token the model generated, i.e. a
+    position at or after its sequence's prompt length; False: a prompt token), or None (every row
+    a prompt token: scoring, a plain forward). The GGUF ``by-kind`` activation mode is one."""
+
+    def forward(self, x: torch.Tensor, generated: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def project(lin: nn.Module, x: torch.Tensor, generated: torch.Tensor | None) -> torch.Tensor:
+    """``lin(x)``, handing the rows' token kinds to a :class:`TokenKindLinear`."""
+    if isinstance(lin, TokenKindLinear):
+        return lin(x, generated)
+    return lin(x)
 
 
 class LinearMethod:

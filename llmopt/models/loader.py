@@ -95,7 +95,8 @@ def load_model(model: str | Path, dtype: torch.dtype = torch.float32,
     the file's own quantized blocks (``llmopt.models.gguf_linear``; tensors of a type without a
     native kernel are dequantized with a warning and use ``quant_config``'s method); ignored for
     other sources and for a registry model with a LoRA adapter (merged in fp32). ``gguf_act``:
-    their activations, "fp32" (exact up to summation order) or "int8" (the kernels' int8 mode).
+    their activations, "fp32" (exact up to summation order), "int8" (the kernels' int8 mode) or
+    "by-kind" (prompt tokens fp32, generated tokens int8; see ``models.gguf_linear``).
     ``adapter``: a LoRA adapter file (``llmopt train``'s ``adapter.safetensors``) merged in fp32,
     instead of the one a registry name carries; refused when it was trained on another base."""
     t0 = time.perf_counter()

@@ -23,7 +23,7 @@ from torch import nn
 from llmopt.config import ModelConfig
 from llmopt.kernels import kv_quant, ops
 from llmopt.kernels.kv_select import observation_scores
-from llmopt.models.linear import QuantConfig
+from llmopt.models.linear import QuantConfig, project
 
 
 @dataclass
@@ -48,6 +48,10 @@ class AttnContext:
     decode_block_tables: torch.Tensor | None = None  # int32 [num_decode, max_blocks]
     decode_context_lens: torch.Tensor | None = None  # int32 [num_decode], includes the new token
     prefills: list[PrefillSpan] = field(default_factory=list)
+    # bool [T]: True where the token was generated (position >= its sequence's prompt length), False
+    # for a prompt token (prefill, recompute after preemption); None: all prompt tokens. Projections
+    # whose precision goes by token kind read it (models.linear.TokenKindLinear).
+    generated: torch.Tensor | None = None
 
 
 class RMSNorm(nn.Module):
@@ -84,7 +88,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
                 ctx: AttnContext | None) -> torch.Tensor:
-        return self.o_proj(self.attend(self.qkv_proj(x), positions, cos_sin, ctx))
+        gen = None if ctx is None else ctx.generated
+        return project(self.o_proj, self.attend(project(self.qkv_proj, x, gen), positions, cos_sin, ctx), gen)
 
     def attend(self, qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
                ctx: AttnContext | None) -> torch.Tensor:
@@ -151,31 +156,42 @@ class Attention(nn.Module):
 
         if nd == q.shape[0]:  # a pure decode step: the kernel's output is the whole result
             return decode(q)
-        out = torch.empty_like(q)
-        if nd:
-            out[:nd] = decode(q[:nd])
+        # Prefill rows take the same one-query kernel as decode rows, each query over its own context
+        # (the cached prefix and its chunk up to itself, all written above): a row's attention has one
+        # summation order however the prompt was chunked (prefix-cache hits, the token budget,
+        # recompute after preemption) and whatever else is in the batch.
+        row_tables: list[torch.Tensor] = [] if tables is None else [tables[:nd]]
+        row_lens: list[torch.Tensor] = [] if lens is None else [lens[:nd]]
         for span in ctx.prefills:
-            sl = slice(span.q_start, span.q_start + span.q_len)
-            if span.ctx_len == span.q_len and not quant:  # nothing cached before this chunk: use k/v as computed
-                ks, vs = k[sl], v[sl]
-            else:
-                nblocks = (span.ctx_len + bs - 1) // bs
-                if span.block_table is None:
-                    raise RuntimeError("a prefill chunk after cached tokens needs its block table")
-                blocks = span.block_table[:nblocks].long()
-                ks = kc[blocks].reshape(-1, self.num_kv_heads, self.head_dim)[: span.ctx_len]
-                vs = vc[blocks].reshape(-1, self.num_kv_heads, self.head_dim)[: span.ctx_len]
-                if quant:  # the prefill reads a dequantized copy of this sequence's rows
-                    ks = kv_quant.dequantize_kv(ks, ksc[blocks].reshape(-1, self.num_kv_heads)[: span.ctx_len],  # type: ignore[index]
-                                                q.dtype)
-                    vs = kv_quant.dequantize_kv(vs, vsc[blocks].reshape(-1, self.num_kv_heads)[: span.ctx_len],  # type: ignore[index]
-                                                q.dtype)
-                else:
-                    ks, vs = ks.to(q.dtype), vs.to(q.dtype)
-            out[sl] = self._causal(q[sl], ks, vs, self.window)
+            if span.block_table is None:
+                raise RuntimeError("a prefill chunk needs its block table")
+            bt = span.block_table[: (span.ctx_len + bs - 1) // bs].to(torch.int32)
+            row_tables.append(bt.unsqueeze(0).expand(span.q_len, -1))
+            row_lens.append(torch.arange(span.ctx_len - span.q_len + 1, span.ctx_len + 1, dtype=torch.int32))
+        width = max(t.shape[1] for t in row_tables)
+        all_tables = torch.cat([F.pad(t, (0, width - t.shape[1])) for t in row_tables])
+        out = (kv_quant.paged_decode_attention_int8(q, kc, vc, ksc, vsc, all_tables, torch.cat(row_lens),  # type: ignore[arg-type]
+                                                    self.scale, self.window) if quant else
+               ops.paged_decode_attention(q, kc, vc, all_tables, torch.cat(row_lens), self.scale, self.window))
+        for span in ctx.prefills:
             if span.observe:
-                span.scores.append(observation_scores(q[sl][-span.observe:], ks, self.scale))
+                sl = slice(span.q_start, span.q_start + span.q_len)
+                span.scores.append(observation_scores(q[sl][-span.observe:], self._context_keys(span, q.dtype),
+                                                      self.scale))
         return out
+
+    def _context_keys(self, span: PrefillSpan, dtype: torch.dtype) -> torch.Tensor:
+        """K of a prefill span's whole context ``[ctx_len, Hk, D]`` read back from the cache (dequantized
+        from an int8 cache): what SnapKV scores the observation window against."""
+        kc, ksc = self.k_cache, self.k_scale
+        assert kc is not None and span.block_table is not None
+        bs = kc.shape[1]
+        blocks = span.block_table[: (span.ctx_len + bs - 1) // bs].long()
+        ks = kc[blocks].reshape(-1, self.num_kv_heads, self.head_dim)[: span.ctx_len]
+        if kc.dtype == torch.int8:
+            assert ksc is not None
+            return kv_quant.dequantize_kv(ks, ksc[blocks].reshape(-1, self.num_kv_heads)[: span.ctx_len], dtype)
+        return ks.to(dtype)
 
 
 class MLP(nn.Module):
@@ -187,8 +203,8 @@ class MLP(nn.Module):
         self.down_proj = qc.method_for(f"{prefix}.down_proj").create(
             cfg.intermediate_size, cfg.hidden_size, False, f"{prefix}.down_proj")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, generated: torch.Tensor | None = None) -> torch.Tensor:
+        return project(self.down_proj, ops.silu_mul(project(self.gate_up_proj, x, generated)), generated)
 
 
 class DecoderLayer(nn.Module):
@@ -208,7 +224,7 @@ class DecoderLayer(nn.Module):
         h = self.self_attn(h, positions, cos_sin, ctx)
         h, residual = ops.add_rms_norm(h, residual, self.post_attention_layernorm.weight,
                                        self.post_attention_layernorm.eps)
-        return self.mlp(h), residual
+        return self.mlp(h, None if ctx is None else ctx.generated), residual
 
 
 class Transformer(nn.Module):
@@ -265,8 +281,9 @@ class Transformer(nn.Module):
         x, _ = ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)
         return x
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, generated: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of ``hidden`` rows; ``generated``: their token kinds (see ``AttnContext.generated``)."""
+        return project(self.lm_head, hidden, generated).float()
 
     # ---- weights -------------------------------------------------------------------------------
     PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")

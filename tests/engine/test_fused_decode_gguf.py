@@ -136,7 +136,7 @@ def test_avx2_path_bit_identical(tiny, tmp_path, monkeypatch):
             _assert_step_equals_forward(eng, lens, seed=rows)
 
 
-@pytest.mark.parametrize("act", ["fp32", "int8"])
+@pytest.mark.parametrize("act", ["fp32", "int8", "by-kind"])
 def test_greedy_tokens_fused_on_and_off(tiny, tmp_path, act):
     """Greedy generation with the fused step (KernelSettings.fused_decode) equals the op-by-op
     engine, alone and batched."""

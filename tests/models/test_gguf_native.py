@@ -144,3 +144,36 @@ def test_int8_activation_mode_is_opt_in_per_type_and_batch_invariant(tiny, tmp_p
     prompts = [[5, 17, 99, 3], [250, 1, 7, 7, 7, 8, 9, 10, 11], [42]]
     p = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     assert [o.token_ids for o in llm.generate(prompts, p)] == [llm.generate([q], p)[0].token_ids for q in prompts]
+
+
+def test_by_kind_mode_prompt_rows_fp32_generated_rows_int8(tiny, tmp_path):
+    """``gguf_act="by-kind"``: a row marked generated computes exactly what the int8 mode computes, a
+    prompt row exactly what the fp32 mode computes, in one mixed call; a prompt's log-probabilities
+    equal the fp32 mode's bit for bit; greedy tokens batched == single."""
+    from llmopt.config import KernelSettings
+
+    def qtype(name: str):
+        return QT.Q5_0 if name.endswith("ffn_down.weight") else QT.Q4_1
+
+    path = write_gguf(tiny["qwen2"], tmp_path / "kind.gguf", qtype=qtype)
+    models = {act: load_model(path, gguf_native=True, gguf_act=act).model for act in ("fp32", "int8", "by-kind")}
+    x = torch.randn(7, 256, generator=torch.Generator().manual_seed(3))
+    gen = torch.tensor([True, False, True, True, False, False, True])
+    with torch.no_grad():
+        down = models["by-kind"].layers[1].mlp.down_proj  # Q5_0: no int8 kernel, fp32 for both kinds
+        assert down.acts == down.prompt_acts == ["fp32"]
+        for name in ("layers.0.self_attn.qkv_proj", "lm_head"):
+            lin = models["by-kind"].get_submodule(name)
+            assert lin.acts == ["int8"] and lin.prompt_acts == ["fp32"]
+            y = lin(x, gen)
+            assert torch.equal(y[gen], models["int8"].get_submodule(name)(x[gen]))
+            assert torch.equal(y[~gen], models["fp32"].get_submodule(name)(x[~gen]))
+            assert not torch.equal(y[gen], models["fp32"].get_submodule(name)(x[gen]))
+            assert torch.equal(lin(x), models["fp32"].get_submodule(name)(x))  # no kinds given: prompt rows
+    ids = [4, 8, 15, 16, 23, 42, 7, 99, 3, 250]
+    kind = LLM(str(path), num_kv_blocks=128, kernels=KernelSettings(gguf_act="by-kind"))
+    fp32 = LLM(str(path), num_kv_blocks=128, kernels=KernelSettings(gguf_act="fp32"))
+    assert torch.equal(kind.engine.score(ids), fp32.engine.score(ids))
+    prompts = [[5, 17, 99, 3], [250, 1, 7, 7, 7, 8, 9, 10, 11], [42]]
+    p = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    assert [o.token_ids for o in kind.generate(prompts, p)] == [kind.generate([q], p)[0].token_ids for q in prompts]
