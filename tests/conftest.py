@@ -219,8 +219,10 @@ def decode_batch(lens: list[int], block_size: int, seed: int = 0):
     pos = torch.tensor([n - 1 for n in lens])
     slots = torch.tensor([int(tables[i, p // block_size]) * block_size + p % block_size
                           for i, p in enumerate(pos.tolist())])
+    # decode rows are generated tokens (what the runner marks them; GGUF "by-kind" activations read it)
     ctx = AttnContext(slot_mapping=slots, num_decode=m, decode_block_tables=tables,
-                      decode_context_lens=torch.tensor(lens, dtype=torch.int32))
+                      decode_context_lens=torch.tensor(lens, dtype=torch.int32),
+                      generated=torch.ones(m, dtype=torch.bool))
     return torch.randint(0, 200, (m,), generator=g), pos, ctx
 
 

@@ -153,14 +153,14 @@ def test_by_kind_mode_prompt_rows_fp32_generated_rows_int8(tiny, tmp_path):
     from llmopt.config import KernelSettings
 
     def qtype(name: str):
-        return QT.Q5_0 if name.endswith("ffn_down.weight") else QT.Q4_1
+        return QT.Q3_K if name.endswith("ffn_down.weight") else QT.Q4_1
 
-    path = write_gguf(tiny["qwen2"], tmp_path / "kind.gguf", qtype=qtype)
+    path = write_gguf(tiny["qwen2"], tmp_path / "kind.gguf", qtype=qtype, quantizer=gguf_blocks)
     models = {act: load_model(path, gguf_native=True, gguf_act=act).model for act in ("fp32", "int8", "by-kind")}
     x = torch.randn(7, 256, generator=torch.Generator().manual_seed(3))
     gen = torch.tensor([True, False, True, True, False, False, True])
     with torch.no_grad():
-        down = models["by-kind"].layers[1].mlp.down_proj  # Q5_0: no int8 kernel, fp32 for both kinds
+        down = models["by-kind"].layers[1].mlp.down_proj  # Q3_K: no int8 kernel, fp32 for both kinds
         assert down.acts == down.prompt_acts == ["fp32"]
         for name in ("layers.0.self_attn.qkv_proj", "lm_head"):
             lin = models["by-kind"].get_submodule(name)
