@@ -646,17 +646,7 @@ class DecodeStep {
             if (item >= items) break;
             const int64_t b = item / (Hk_ * S), kvh = (item / S) % Hk_, split = item % S;
             if (S == 1) {  // this item is the only reader of kv head kvh of row b: step 3 here
-              const float* qn = fptr(L.qn);
-              const float* kn = fptr(L.kn);
-              const float* rot = cs + pos[b] * D_;
-              for (int64_t g = 0; g < G; ++g) {
-                float* v = qkv + b * QKV + (kvh * G + g) * D_;
-                if (qn) F::rms_norm_row(v, qn, v, D_, eps);
-                F::rope_head(v, rot, half);
-              }
-              float* k = qkv + b * QKV + (Hq_ + kvh) * D_;
-              if (kn) F::rms_norm_row(k, kn, k, D_, eps);
-              F::rope_head(k, rot, half);
+              const float* k = norm_rope_group(qkv, QKV, b, kvh, G, half, fptr(L.qn), fptr(L.kn), cs + pos[b] * D_, eps);
               std::copy(k, k + D_, kc + (slot[b] * Hk_ + kvh) * D_);
               const float* vv = qkv + b * QKV + (Hq_ + Hk_ + kvh) * D_;
               std::copy(vv, vv + D_, vc + (slot[b] * Hk_ + kvh) * D_);
@@ -713,6 +703,21 @@ class DecodeStep {
  private:
   static constexpr size_t kTensorsPerLayer = 8;
 
+  // Step 3's math for row b and kv head kvh, in place in qkv: q/k RMSNorm (if any) and rope of the
+  // head's G query heads and of its key; returns the key row (the fp32 and int8 caches store it)
+  float* norm_rope_group(float* qkv, int64_t QKV, int64_t b, int64_t kvh, int64_t G, int64_t half,
+                         const float* qn, const float* kn, const float* rot, float eps) const {
+    for (int64_t g = 0; g < G; ++g) {
+      float* v = qkv + b * QKV + (kvh * G + g) * D_;
+      if (qn) F::rms_norm_row(v, qn, v, D_, eps);
+      F::rope_head(v, rot, half);
+    }
+    float* k = qkv + b * QKV + (Hq_ + kvh) * D_;
+    if (kn) F::rms_norm_row(k, kn, k, D_, eps);
+    F::rope_head(k, rot, half);
+    return k;
+  }
+
   // Step 3 and 4 of a layer with an int8 cache, one item per (row, kv head) from counter c (the items
   // of kv_int8.cpp): q/k norm and rope of the item's heads, its new K / V rows quantized into the
   // cache (kv_int8.h quant_row: the bytes and scale kv_quant.write_kv_int8 writes), then the int8
@@ -731,15 +736,7 @@ class DecodeStep {
       const int64_t item = c.fetch_add(1, std::memory_order_relaxed);
       if (item >= items) break;
       const int64_t b = item / Hk_, kvh = item % Hk_;
-      const float* rot = cs + pos[b] * D_;
-      for (int64_t g = 0; g < G; ++g) {
-        float* v = qkv + b * QKV + (kvh * G + g) * D_;
-        if (qn) F::rms_norm_row(v, qn, v, D_, eps);
-        F::rope_head(v, rot, half);
-      }
-      float* k = qkv + b * QKV + (Hq_ + kvh) * D_;
-      if (kn) F::rms_norm_row(k, kn, k, D_, eps);
-      F::rope_head(k, rot, half);
+      const float* k = norm_rope_group(qkv, QKV, b, kvh, G, half, qn, kn, cs + pos[b] * D_, eps);
       const int64_t row = slot[b] * Hk_ + kvh;
       llmopt_kv8::quant_row(k, D_, kc + row * D_, ks + row);
       llmopt_kv8::quant_row(qkv + b * QKV + (Hq_ + Hk_ + kvh) * D_, D_, vc + row * D_, vs + row);
