@@ -30,8 +30,8 @@ from llmopt.quant.linear import rtn_quant_config
 from llmopt.reasoning.budget import (
     ANSWER_CLOSE_TEXT,
     CLOSE_TEXT,
-    OPEN_TEXT,
     THINK_END_TEXT,
+    THINK_OPEN,
     Phase,
     ThinkTracker,
     answer_limit,
@@ -117,7 +117,7 @@ class LLMEngine:
         # what the engine writes to close a think part / an answer (think budgets, early exit)
         self.close_ids = self.tokenizer.encode(CLOSE_TEXT, add_special_tokens=False)
         self.answer_close_ids = self.tokenizer.encode(ANSWER_CLOSE_TEXT, add_special_tokens=False)
-        self.open_ids = self.tokenizer.encode(OPEN_TEXT, add_special_tokens=False)  # jump-forward
+        self.open_ids = self.tokenizer.encode(THINK_OPEN, add_special_tokens=False)  # jump-forward
         self.think_end_ids = self.tokenizer.encode(THINK_END_TEXT, add_special_tokens=False)
         log.info("engine: %d KV blocks x %d tokens, max_model_len %d, %d threads, linears %s (%d packed fp32)",
                  num_blocks, cfg.block_size, self.max_model_len, cfg.num_threads,

@@ -52,8 +52,7 @@ from llmopt.reasoning.loops import LoopDetector
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 # jump-forward: the tags as the trained model spells them (no newline after <think> or <answer>); the rest
-# of one is written at once when the model has written its first token
-OPEN_TEXT = "<think>"
+# of one (THINK_OPEN, THINK_END_TEXT, ANSWER_CLOSE_TEXT) is written at once after its first token
 THINK_END_TEXT = "</think>\n<answer>"
 CLOSE_TEXT = "</think>\n<answer>\n"  # what the engine writes to end thinking
 ANSWER_CLOSE_TEXT = "</answer>"  # what a budgeted sequence gets when max_tokens is about to cut its answer
@@ -182,7 +181,7 @@ def jump_forward_ids(t: ThinkTracker, output_ids: list[int], open_ids: list[int]
                      answer_close_ids: list[int]) -> list[int]:
     """Jump-forward of the format's scaffolding: the tokens the format forces once the model has written
     the first token of one of its tags, which the engine appends in one step instead of one decode step
-    each. ``open_ids`` / ``think_end_ids`` / ``answer_close_ids`` are the tokens of ``OPEN_TEXT``,
+    each. ``open_ids`` / ``think_end_ids`` / ``answer_close_ids`` are the tokens of ``THINK_OPEN``,
     ``THINK_END_TEXT`` and ``ANSWER_CLOSE_TEXT``:
 
     - the output so far is the first token of ``<think>``: the rest of it;
