@@ -112,18 +112,15 @@ class Attention(nn.Module):
             out = self._paged(q, k, v, ctx)
         return out.reshape(T, self.q_size)
 
-    def _causal(self, q, k, v, window, ctx_len: int | None = None) -> torch.Tensor:
-        """Attention of q [n, Hq, D] over k/v [c, Hk, D], the queries being the last n positions."""
-        n, c = q.shape[0], k.shape[0]
+    def _causal(self, q, k, v, window) -> torch.Tensor:
+        """Causal attention of a whole sequence (no cache): q [n, Hq, D] over k/v [n, Hk, D], within the
+        sliding window if the layer has one."""
         qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-        if window is None and n == c:
+        if window is None:
             out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=self.scale, enable_gqa=True)
         else:
-            qpos = torch.arange(c - n, c, device=q.device)[:, None]
-            kpos = torch.arange(c, device=q.device)[None, :]
-            mask = kpos <= qpos
-            if window is not None:
-                mask &= kpos > qpos - window
+            pos = torch.arange(q.shape[0], device=q.device)
+            mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
             out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=self.scale, enable_gqa=True)
         return out.transpose(0, 1)
 
