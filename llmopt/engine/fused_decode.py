@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 
 from llmopt.kernels import dense, gguf_linear, kv_quant, qlinear
 from llmopt.kernels.build import native_enabled
@@ -45,6 +46,10 @@ log = logging.getLogger(__name__)
 __all__ = ["FusedDecoder", "fused_decode_enabled"]
 
 _SLOTS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+# Rows up to which a step with prefill chunks (a forced ``</think>`` tail, a jump-forward string, a
+# short prompt tail after a prefix-cache hit) runs as chained rows in the step (models with int4
+# linears: ``qlinear.INT4_A8_MAX_M``, the int8-activation limit, instead)
+CHAIN_ROWS = 32
 
 
 def fused_decode_enabled(enabled: bool = True) -> bool:
@@ -128,10 +133,29 @@ def _why_not(model) -> str | None:
     return None
 
 
+def _row_tables(ctx, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block table and context length of every row of ``ctx`` (decode rows, then each prefill chunk's
+    rows, each over its own context up to itself: what ``Attention._paged`` gives the kernel)."""
+    nd = ctx.num_decode
+    tables: list[torch.Tensor] = [] if not nd else [ctx.decode_block_tables[:nd]]
+    lens: list[torch.Tensor] = [] if not nd else [ctx.decode_context_lens[:nd]]
+    for span in ctx.prefills:
+        bt = span.block_table[: (span.ctx_len + block_size - 1) // block_size].to(torch.int32)
+        tables.append(bt.unsqueeze(0).expand(span.q_len, -1))
+        lens.append(torch.arange(span.ctx_len - span.q_len + 1, span.ctx_len + 1, dtype=torch.int32))
+    width = max(t.shape[1] for t in tables)
+    return torch.cat([F.pad(t, (0, width - t.shape[1])) for t in tables]), torch.cat(lens)
+
+
 class FusedDecoder:
-    """``run(input_ids, positions, ctx)`` -> final-normed hidden states ``[M, hidden]`` of a decode-only
-    step (``ctx.num_decode == M``, no prefills), or ``None`` when this step must take the op-by-op path
-    (int4 linears: more rows than the int8-activation limit, or int4 activations switched to exact).
+    """``run(input_ids, positions, ctx)`` -> final-normed hidden states ``[M, hidden]`` of a step, or
+    ``None`` when this step must take the op-by-op path (int4 linears: more rows than the
+    int8-activation limit, or int4 activations switched to exact; prefill chunks over ``chain_rows``
+    rows in all or with a SnapKV observation window).
+
+    A step with short prefill chunks runs in the step as "chained" rows: chunk row i is a decode row
+    of its sequence with context ``kv_len + i + 1`` (every new K/V row is written before any attention
+    reads), the same bits as its tokens one step at a time.
 
     ``steps`` counts the decode steps the native step ran; ``fallbacks`` the ones it handed back to the
     op-by-op forward, by reason (the first of each reason is logged at INFO): nothing falls back silently."""
@@ -146,6 +170,8 @@ class FusedDecoder:
         self.by_kind = by_kind
         self._cache_ptr = model.layers[0].self_attn.k_cache.data_ptr()
         self.kv_dtype = model.layers[0].self_attn.k_cache.dtype
+        self.block_size = model.layers[0].self_attn.k_cache.shape[1]
+        self.chain_rows = qlinear.INT4_A8_MAX_M if int4 else CHAIN_ROWS
         self.steps = 0
         self.fallbacks: dict[str, int] = {}
 
@@ -248,7 +274,10 @@ class FusedDecoder:
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor | None:
         m = input_ids.shape[0]
         why = self.why_unusable(m)
-        if why is None and (ctx.num_decode != m or ctx.prefills):
+        chained = bool(ctx.prefills)
+        if why is None and chained:
+            why = self._why_not_chained(ctx, m)
+        elif why is None and ctx.num_decode != m:
             why = "the step has prefill tokens"
         if why is None and self.by_kind and (ctx.generated is None or not bool(ctx.generated.all())):
             why = "the step has prompt-token rows (by-kind GGUF activations)"
@@ -256,10 +285,28 @@ class FusedDecoder:
             x = self.model.embed_tokens(input_ids)
             if x.dtype == torch.float32:
                 self.steps += 1
-                return self.step.run(x.contiguous(), positions, ctx.slot_mapping, ctx.decode_block_tables,
-                                     ctx.decode_context_lens)
+                if chained:
+                    tables, lens = _row_tables(ctx, self.block_size)
+                else:
+                    tables, lens = ctx.decode_block_tables, ctx.decode_context_lens
+                return self.step.run(x.contiguous(), positions, ctx.slot_mapping, tables, lens, chained)
             why = f"the embeddings are {x.dtype}, not float32"
         self._fallback(why)
+        return None
+
+    def _why_not_chained(self, ctx, m: int) -> str | None:
+        """Why a step with prefill chunks cannot run as chained rows (None if it can)."""
+        if m > self.chain_rows:
+            return f"the step has prefill tokens (more than {self.chain_rows} rows)"
+        start = ctx.num_decode
+        for span in ctx.prefills:
+            if span.observe:
+                return "the step has prefill tokens (a SnapKV observation window)"
+            if span.block_table is None or span.q_start != start:
+                return "the step has prefill tokens (a chunk without its block table or out of row order)"
+            start += span.q_len
+        if start != m:
+            return "the step has prefill tokens (rows that are in no chunk)"
         return None
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
