@@ -1,4 +1,4 @@
-"""The fused decode step: the decoder stack of a pure decode step in one native call.
+"""The fused decode step: the decoder stack of a decode step in one native call.
 
 :class:`FusedDecoder` wraps the native ``DecodeStep`` (``llmopt.kernels.decode_step``) for a
 :class:`~llmopt.models.transformer.Transformer` whose layer linears are
@@ -18,8 +18,13 @@ The paged KV cache is float32, or int8 with a float32 scale per (token, kv head)
 into it with the op-by-op path's rounding and scale (the same cache bytes) and reads it with the
 native int8 attention's tile loop (``csrc/kv_int8.h``, no dequantized copy of the cache).
 
-It computes exactly what ``Transformer.forward`` computes for a decode-only batch (same kernels,
-same order), minus the ~150 Python-level op calls and OpenMP fork/joins per step.
+It computes exactly what ``Transformer.forward`` computes for a decode batch (same kernels, same
+order), minus the ~150 Python-level op calls and OpenMP fork/joins per step. A step with short
+prefill chunks (the forced ``</think>`` text of a think budget, a jump-forward tag, a short prompt tail
+after a prefix-cache hit: up to ``CHAIN_ROWS`` rows, or ``qlinear.INT4_A8_MAX_M`` for int4) runs in it
+too, each chunk as consecutive decode rows of its sequence ("chained" rows: the step writes every new
+K/V row before any attention reads); a chunk with a SnapKV observation window, or prompt rows in the
+by-kind GGUF mode, leave the step to the op-by-op forward.
 
 ``FusedDecoder.build(model)`` returns ``None`` (and the engine keeps the op-by-op forward) when the
 model does not qualify (``_why_not`` says why, logged): native kernels off or not built, float32

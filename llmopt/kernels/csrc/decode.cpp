@@ -1,4 +1,5 @@
-// One native call for the whole decoder stack of a pure decode step (every sequence adds one token)
+// One native call for the whole decoder stack of a decode step (every sequence adds one token, or a
+// few: "chained" rows, see run)
 // of a model whose layer linears are int4 with int8 activations (the engine's int4 decode path),
 // GGUF blocks (the "gguf" linear method: gguf_kernels.h, fp32 or int8 activations per part) or
 // packed fp32 weights (PackedLinear: the fp32-packed method, GRPO rollouts; dense_kernels.h).
@@ -14,7 +15,7 @@
 //   h = rmsnorm(x) / add+rmsnorm        rows split
 //   xq = int8(h) per weight group       rows split            (w4a8.h)
 //   qkv = W_qkv xq (+ bias)             columns, atomic chunks (w4a8.h)
-//   q/k rmsnorm (qwen3), rope, k/v -> paged cache        (row, head) split
+//   q/k rmsnorm (qwen3), rope, k/v -> paged cache        (row, head) split (or in step 4's items)
 //   attn = softmax(q k^T) v             (row, kv head[, token split]) items   (fused_kernels.h)
 //   o = W_o int8(attn)                  quantize rows, then columns
 //   h = add+rmsnorm(o)                  rows
