@@ -53,7 +53,9 @@ __all__ = ["FusedDecoder", "fused_decode_enabled"]
 _SLOTS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 # Rows up to which a step with prefill chunks (a forced ``</think>`` tail, a jump-forward string, a
 # short prompt tail after a prefix-cache hit) runs as chained rows in the step (models with int4
-# linears: ``qlinear.INT4_A8_MAX_M``, the int8-activation limit, instead)
+# linears: ``qlinear.INT4_A8_MAX_M``, the int8-activation limit, instead). SmolLM2-135M Q4_1, one
+# chunk after 200 cached tokens, 1 thread, a loaded machine: the step 1.86x / 1.44x / 1.56x / 1.31x /
+# 1.38x faster than the op-by-op forward at 4 / 8 / 16 / 32 / 64 rows, the same bits.
 CHAIN_ROWS = 32
 
 
