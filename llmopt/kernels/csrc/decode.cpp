@@ -700,7 +700,8 @@ class DecodeStep {
   // Step 3 and 4 of a layer with an int8 cache, one item per (row, kv head) from counter c (the items
   // of kv_int8.cpp): q/k norm and rope of the item's heads, its new K / V rows quantized into the
   // cache (kv_int8.h quant_row: the bytes and scale kv_quant.write_kv_int8 writes), then the int8
-  // attention (kv_int8.h attend_range, the standalone kernel's) over the row's context.
+  // attention (kv_int8.h attend_range, the standalone kernel's) over the row's context. write false:
+  // step 3 ran before (write_new_kv, chained rows), the items only read.
   void attend_int8(const Layer& L, int64_t M, int64_t G, int64_t QKV, int64_t half, const int64_t* pos,
                    const int64_t* slot, const int32_t* bt, const int32_t* cl, int64_t MB, int64_t BS, float* qkv,
                    float* att, const float* cs, float eps, bool write, std::atomic<int64_t>& c, ThreadScratch& ts) {
