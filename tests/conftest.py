@@ -253,6 +253,73 @@ def fused_and_forward(eng, lens: list[int], block_size: int, seed: int = 0, tile
     return a, ca, b, cb
 
 
+def random_caches(runner, seed: int) -> list[torch.Tensor]:
+    """Random contents for ``runner.cache_tensors`` (K, V, and an int8 cache's positive scales)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(-127, 128, t.shape, generator=g, dtype=torch.int8) if t.dtype == torch.int8
+            else torch.rand(t.shape, generator=g) * 0.05 if i >= 2 else torch.randn(t.shape, generator=g)
+            for i, t in enumerate(runner.cache_tensors)]
+
+
+def chained_vs_single(eng, block_size: int, decode_lens: list[int], chunks: list[tuple[int, int]], seed: int = 0):
+    """A step of decode rows (``decode_lens``: cached tokens, the new one included) and prefill chunks
+    (``chunks``: (kv_len cached, n new) each) of other sequences, every sequence in its own interleaved
+    blocks, from one random cache: (fused step of the whole batch (chained rows), op-by-op forward of
+    it, the fused step run one row at a time in row order), each as (hidden [rows, H], caches)."""
+    from llmopt.engine.fused_decode import FusedDecoder
+    from llmopt.models.transformer import AttnContext, PrefillSpan
+
+    r = eng.runner
+    init = random_caches(r, seed)
+    g = torch.Generator().manual_seed(seed)
+    seqs = [(n - 1, 1) for n in decode_lens] + list(chunks)  # (kv_len, new rows) per sequence
+    nseq = len(seqs)
+    width = max((k + n + block_size - 1) // block_size for k, n in seqs)
+    tables = [torch.arange(width, dtype=torch.int32) * nseq + i for i in range(nseq)]
+    ids, pos, slots, row_tables, row_lens = [], [], [], [], []
+    for (kv, n), t in zip(seqs, tables):
+        for p in range(kv, kv + n):
+            ids.append(int(torch.randint(0, 200, (1,), generator=g)))
+            pos.append(p)
+            slots.append(int(t[p // block_size]) * block_size + p % block_size)
+            row_tables.append(t)
+            row_lens.append(p + 1)
+    m, nd = len(ids), len(decode_lens)
+    spans, start = [], nd
+    for (kv, n), t in zip(seqs[nd:], tables[nd:]):
+        spans.append(PrefillSpan(start, n, kv + n, t))
+        start += n
+    ctx = AttnContext(slot_mapping=torch.tensor(slots), num_decode=nd,
+                      decode_block_tables=torch.stack(tables[:nd]) if nd else None,
+                      decode_context_lens=torch.tensor(decode_lens, dtype=torch.int32) if nd else None,
+                      prefills=spans, generated=torch.ones(m, dtype=torch.bool))
+    ids_t, pos_t = torch.tensor(ids), torch.tensor(pos)
+    fused = FusedDecoder.build(r.model)
+    assert fused is not None
+    out = []
+    with torch.inference_mode():
+        for run in ("chained", "forward", "single"):
+            for t, t0 in zip(r.cache_tensors, init):
+                t.copy_(t0)
+            if run == "chained":
+                h = fused.run(ids_t, pos_t, ctx)
+                assert h is not None, fused.fallbacks
+            elif run == "forward":
+                h = r.model(ids_t, pos_t, ctx)
+            else:
+                rows = []
+                for j in range(m):
+                    one = AttnContext(slot_mapping=torch.tensor(slots[j:j + 1]), num_decode=1,
+                                      decode_block_tables=row_tables[j][None],
+                                      decode_context_lens=torch.tensor(row_lens[j:j + 1], dtype=torch.int32),
+                                      generated=torch.ones(1, dtype=torch.bool))
+                    rows.append(fused.run(ids_t[j:j + 1], pos_t[j:j + 1], one))
+                h = torch.cat(rows)
+            out.append((h, tuple(t.clone() for t in r.cache_tensors)))
+    assert fused.steps == 1 + m and not fused.fallbacks
+    return out
+
+
 def avx2_greedy_fused_on_and_off(model_path: Path, llm_kwargs: str = "") -> dict[str, str]:
     """Greedy tokens of ``model_path`` with ``LLMOPT_CPU_PATH=avx2`` (every machine's floor) and the fused
     decode step on / off (``LLMOPT_FUSED_DECODE=1`` / ``0``), each in a fresh process; asserts the path

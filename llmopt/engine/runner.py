@@ -111,8 +111,10 @@ class ModelRunner:
             slots.extend(self._slots(seq, p, n))
         # token kind per row: generated (position at or after the prompt's end) or prompt, whatever the
         # row's step kind (a one-token prompt chunk is a "decode" row; a recompute chunk holds both)
-        generated = torch.tensor([p >= len(s.prompt_ids) for p, s in zip(pos, self._row_seqs(decodes, prefills))],
-                                 dtype=torch.bool)
+        kinds = [torch.tensor([s.num_computed_tokens >= len(s.prompt_ids) for s, _ in decodes], dtype=torch.bool)]
+        kinds += [torch.arange(s.num_computed_tokens, s.num_computed_tokens + n) >= len(s.prompt_ids)
+                  for s, n in prefills]
+        generated = torch.cat(kinds)
         ctx = AttnContext(slot_mapping=torch.tensor(slots, dtype=torch.long), num_decode=len(decodes), prefills=spans,
                           generated=generated)
         if decodes:
@@ -122,7 +124,7 @@ class ModelRunner:
             ctx.decode_context_lens = torch.tensor([s.kv_len + 1 for s, _ in decodes], dtype=torch.int32)
         input_ids, positions = torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long)
         fused_hidden = None
-        if self.fused is not None and not prefills:
+        if self.fused is not None:  # decode rows and short prefill chunks (chained rows); else None
             fused_hidden = self.fused.run(input_ids, positions, ctx)
         hidden = self.model(input_ids, positions, ctx) if fused_hidden is None else fused_hidden
         self.observed = {seq.seq_id: span.scores for (seq, _), span in zip(prefills, spans) if span.observe}
@@ -139,11 +141,6 @@ class ModelRunner:
         hidden = hidden[index]
         logits = self.fused.logits(hidden) if self.fused is not None and fused_hidden is not None else None
         return sample_seqs, self.model.compute_logits(hidden, generated[index]) if logits is None else logits
-
-    @staticmethod
-    def _row_seqs(decodes: list[tuple[Sequence, int]], prefills: list[tuple[Sequence, int]]) -> list[Sequence]:
-        """The sequence of every row of the flat batch, in row order."""
-        return [s for s, n in decodes + prefills for _ in range(n)]
 
     @torch.inference_mode()
     def score_paged(self, token_ids: list[int], blocks: list[int]) -> torch.Tensor:

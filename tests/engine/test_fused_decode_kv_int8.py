@@ -124,7 +124,7 @@ def test_the_step_writes_the_cache_rows_quantize_kv_writes():
 def test_greedy_fused_on_and_off_with_kv_policies(hf_dirs, kv_dtype, policy, budget):
     """Greedy generation with the step equals the op-by-op engine, alone and batched, under the KV
     policies (compressed sequences: shorter block tables, rows no longer positions), int8 and float32
-    KV; every decode step ran in the step (none fell back)."""
+    KV; every decode step ran in the step (only prompt chunks over the chained-row limit fell back)."""
     g = torch.Generator().manual_seed(11)
     prompts = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (60, 7, 90, 33)]
     sp = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, kv_policy=policy, kv_budget=budget)
@@ -134,7 +134,7 @@ def test_greedy_fused_on_and_off_with_kv_policies(hf_dirs, kv_dtype, policy, bud
     assert fused is not None
     batched = on.generate(prompts, sp)
     single = [on.generate([p], sp)[0] for p in prompts]
-    assert fused.steps > 0 and fused.fallbacks == {}
+    assert fused.steps > 0 and all(why.startswith("the step has prefill tokens") for why in fused.fallbacks)
     if policy is not None:
         assert all(o.kv_tokens < len(p) + 20 for o, p in zip(single, prompts) if len(p) > 30)
     off = _engine(hf_dirs["qwen3"], threads=2, fused=False, kv_dtype=kv_dtype, **kw)

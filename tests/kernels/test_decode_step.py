@@ -12,7 +12,7 @@ from llmopt.engine.fused_decode import FusedDecoder
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.kernels import decode_step
 from llmopt.models.transformer import AttnContext
-from tests.conftest import decode_batch, fused_and_forward, save_hf_dir, tiny_hf_model
+from tests.conftest import chained_vs_single, decode_batch, fused_and_forward, save_hf_dir, tiny_hf_model
 
 pytestmark = pytest.mark.skipif(decode_step._native() is None, reason="native kernels unavailable")
 
@@ -128,6 +128,18 @@ def test_split_attention_and_window(tmp_path):
     assert eng.model.layers[0].self_attn.window in (None, 100) and len({l.self_attn.window for l in eng.model.layers}) == 2
     a, _, b, _ = _both(eng, [700], tiles=False)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("arch, threads", [("llama", 1), ("qwen2", 2), ("qwen3", 2)])
+def test_chained_rows_equal_forward(tmp_path, arch, threads):
+    """Short prefill chunks as chained rows of the int4 step (each row over its context up to itself,
+    new K/V written before any attention reads): the op-by-op forward's bits. One row at a time is
+    close, not equal: the int4 GEMV's sums depend on the row count (4-column tiles from 4 rows)."""
+    eng = _engine(tmp_path, arch, threads=threads)
+    for seed, (lens, chunks) in enumerate([([20], [(9, 5), (30, 3)]), ([], [(0, 7)]), ([3, 40], [(15, 2)])]):
+        (a, ca), (b, cb), (c, _) = chained_vs_single(eng, BS, lens, chunks, seed)
+        assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ca, cb)), f"case {seed}"
+        assert ((a - c).norm() / c.norm()) < 2e-2
 
 
 def test_engine_greedy_same_tokens(tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
-// One native call for the whole decoder stack of a pure decode step (every sequence adds one token)
+// One native call for the whole decoder stack of a decode step (every sequence adds one token, or a
+// few: "chained" rows, see run)
 // of a model whose layer linears are int4 with int8 activations (the engine's int4 decode path),
 // GGUF blocks (the "gguf" linear method: gguf_kernels.h, fp32 or int8 activations per part) or
 // packed fp32 weights (PackedLinear: the fp32-packed method, GRPO rollouts; dense_kernels.h).
@@ -14,7 +15,7 @@
 //   h = rmsnorm(x) / add+rmsnorm        rows split
 //   xq = int8(h) per weight group       rows split            (w4a8.h)
 //   qkv = W_qkv xq (+ bias)             columns, atomic chunks (w4a8.h)
-//   q/k rmsnorm (qwen3), rope, k/v -> paged cache        (row, head) split
+//   q/k rmsnorm (qwen3), rope, k/v -> paged cache        (row, head) split (or in step 4's items)
 //   attn = softmax(q k^T) v             (row, kv head[, token split]) items   (fused_kernels.h)
 //   o = W_o int8(attn)                  quantize rows, then columns
 //   h = add+rmsnorm(o)                  rows
@@ -403,9 +404,12 @@ class DecodeStep {
 
   // x [M, H]: the embeddings of the M new tokens; positions int64 [M]; slots int64 [M] (cache slot
   // = block * block_size + offset of each new token); block_tables int32 [M, max_blocks];
-  // context_lens int32 [M] (the new token included). Returns the final-normed hidden states [M, H].
+  // context_lens int32 [M] (the new token included). chained: rows may be consecutive tokens of one
+  // sequence (a short prompt or forced chunk), a row reading the K / V of rows before it: every new
+  // K / V row is written before any attention reads (one barrier more per layer); the same bits as
+  // running the rows one step at a time. Returns the final-normed hidden states [M, H].
   at::Tensor run(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& slots,
-                 const at::Tensor& block_tables, const at::Tensor& context_lens) {
+                 const at::Tensor& block_tables, const at::Tensor& context_lens, bool chained) {
     TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 &&
                     x.size(1) == H_,
                 "x must be a contiguous float32 [M, ", H_, "] tensor");
@@ -611,31 +615,17 @@ class DecodeStep {
         // 2. qkv projection
         gemv(L.lin[0], h, qkv, ctr[0], false);
         const int64_t S = splits[li];
-        // 3. q/k norm, rope, new k/v into the cache (S == 1: inside the attention item of their kv head;
-        // always for an int8 cache)
-        if (S > 1) {
-          float* kc = L.kc.data_ptr<float>();
-          float* vc = L.vc.data_ptr<float>();
-          const float* qn = fptr(L.qn);
-          const float* kn = fptr(L.kn);
-          const int64_t heads = Hq_ + Hk_;
-          for (int64_t job = tid; job < M * heads; job += nth) {
-            const int64_t r = job / heads, hh = job % heads;
-            float* v = qkv + r * QKV + hh * D_;  // q heads then k heads
-            if (qn) F::rms_norm_row(v, hh < Hq_ ? qn : kn, v, D_, eps);
-            F::rope_head(v, cs + pos[r] * D_, half);
-            if (hh >= Hq_) {
-              const int64_t kvh = hh - Hq_;
-              std::copy(v, v + D_, kc + (slot[r] * Hk_ + kvh) * D_);
-              const float* vv = qkv + r * QKV + (Hq_ + Hk_ + kvh) * D_;
-              std::copy(vv, vv + D_, vc + (slot[r] * Hk_ + kvh) * D_);
-            }
-          }
+        // 3. q/k norm, rope, new k/v into the cache: here, before every attention item, when the
+        // attention is split over tokens or rows are chained (a row reads the rows before it); else
+        // inside the attention item of their kv head (its only reader)
+        const bool prewrite = S > 1 || chained;
+        if (prewrite) {
+          write_new_kv(L, M, QKV, half, pos, slot, qkv, cs, eps, tid, nth);
 #pragma omp barrier
         }
         // 4. attention over the paged cache
         if (L.int8) {
-          attend_int8(L, M, G, QKV, half, pos, slot, bt, cl, MB, BS, qkv, att, cs, eps, ctr[1], ts);
+          attend_int8(L, M, G, QKV, half, pos, slot, bt, cl, MB, BS, qkv, att, cs, eps, !prewrite, ctr[1], ts);
         } else {
           float* kc = L.kc.data_ptr<float>();
           float* vc = L.vc.data_ptr<float>();
@@ -645,7 +635,7 @@ class DecodeStep {
             const int64_t item = ctr[1].fetch_add(1, std::memory_order_relaxed);
             if (item >= items) break;
             const int64_t b = item / (Hk_ * S), kvh = (item / S) % Hk_, split = item % S;
-            if (S == 1) {  // this item is the only reader of kv head kvh of row b: step 3 here
+            if (!prewrite) {  // this item is the only reader of kv head kvh of row b: step 3 here
               const float* k = norm_rope_group(qkv, QKV, b, kvh, G, half, fptr(L.qn), fptr(L.kn), cs + pos[b] * D_, eps);
               std::copy(k, k + D_, kc + (slot[b] * Hk_ + kvh) * D_);
               const float* vv = qkv + b * QKV + (Hq_ + Hk_ + kvh) * D_;
@@ -655,23 +645,12 @@ class DecodeStep {
             const int64_t start = L.window > 0 ? std::max<int64_t>(0, Lc - L.window) : 0;
             const int64_t chunk = (Lc - start + S - 1) / S;
             const int64_t t0 = start + split * chunk, t1 = std::min(Lc, t0 + chunk);
-            for (int64_t g = 0; g < G; ++g) {
-              const float* src = qkv + b * QKV + (kvh * G + g) * D_;
-              for (int64_t d = 0; d < D_; ++d) ts.qs[g * D_ + d] = src[d] * scale_;
-            }
+            scale_queries(qkv, QKV, b, kvh, G, ts);
             const F::PagedKV kv{kc + kvh * D_, vc + kvh * D_, ks0, ks1, ks0, ks1, bt + b * MB, BS};
             F::attend_range(ts.qs.data(), G, D_, kv, t0, std::max(t0, t1), ts.m.data(), ts.l.data(), ts.acc.data(),
                             ts.sc.data(), ts.krow.data(), ts.vrow.data());
             if (S == 1) {
-              for (int64_t g = 0; g < G; ++g) {
-                float* dst = att + b * Hq_ * D_ + (kvh * G + g) * D_;
-                if (ts.l[g] > 0.0f) {
-                  std::copy(ts.acc.begin() + g * D_, ts.acc.begin() + (g + 1) * D_, dst);
-                  F::scale_inplace(dst, D_, 1.0f / ts.l[g]);
-                } else {
-                  std::fill(dst, dst + D_, 0.0f);
-                }
-              }
+              store_att(att, b, kvh, G, ts);
             } else {
               std::copy(ts.m.begin(), ts.m.end(), part_m_.begin() + item * G);
               std::copy(ts.l.begin(), ts.l.end(), part_l_.begin() + item * G);
@@ -721,10 +700,11 @@ class DecodeStep {
   // Step 3 and 4 of a layer with an int8 cache, one item per (row, kv head) from counter c (the items
   // of kv_int8.cpp): q/k norm and rope of the item's heads, its new K / V rows quantized into the
   // cache (kv_int8.h quant_row: the bytes and scale kv_quant.write_kv_int8 writes), then the int8
-  // attention (kv_int8.h attend_range, the standalone kernel's) over the row's context.
+  // attention (kv_int8.h attend_range, the standalone kernel's) over the row's context. write false:
+  // step 3 ran before (write_new_kv, chained rows), the items only read.
   void attend_int8(const Layer& L, int64_t M, int64_t G, int64_t QKV, int64_t half, const int64_t* pos,
                    const int64_t* slot, const int32_t* bt, const int32_t* cl, int64_t MB, int64_t BS, float* qkv,
-                   float* att, const float* cs, float eps, std::atomic<int64_t>& c, ThreadScratch& ts) {
+                   float* att, const float* cs, float eps, bool write, std::atomic<int64_t>& c, ThreadScratch& ts) {
     int8_t* kc = L.kc.data_ptr<int8_t>();
     int8_t* vc = L.vc.data_ptr<int8_t>();
     float* ks = L.ks.data_ptr<float>();
@@ -736,27 +716,65 @@ class DecodeStep {
       const int64_t item = c.fetch_add(1, std::memory_order_relaxed);
       if (item >= items) break;
       const int64_t b = item / Hk_, kvh = item % Hk_;
-      const float* k = norm_rope_group(qkv, QKV, b, kvh, G, half, qn, kn, cs + pos[b] * D_, eps);
-      const int64_t row = slot[b] * Hk_ + kvh;
-      llmopt_kv8::quant_row(k, D_, kc + row * D_, ks + row);
-      llmopt_kv8::quant_row(qkv + b * QKV + (Hq_ + Hk_ + kvh) * D_, D_, vc + row * D_, vs + row);
+      if (write) {
+        const float* k = norm_rope_group(qkv, QKV, b, kvh, G, half, qn, kn, cs + pos[b] * D_, eps);
+        const int64_t row = slot[b] * Hk_ + kvh;
+        llmopt_kv8::quant_row(k, D_, kc + row * D_, ks + row);
+        llmopt_kv8::quant_row(qkv + b * QKV + (Hq_ + Hk_ + kvh) * D_, D_, vc + row * D_, vs + row);
+      }
       const int64_t Lc = cl[b];
       const int64_t start = L.window > 0 ? std::max<int64_t>(0, Lc - L.window) : 0;
-      for (int64_t g = 0; g < G; ++g) {
-        const float* src = qkv + b * QKV + (kvh * G + g) * D_;
-        for (int64_t d = 0; d < D_; ++d) ts.qs[g * D_ + d] = src[d] * scale_;
-      }
+      scale_queries(qkv, QKV, b, kvh, G, ts);
       const llmopt_kv8::PagedKV8 kv{kc + kvh * D_, vc + kvh * D_, ks + kvh, vs + kvh, bt + b * MB, BS, Hk_};
       llmopt_kv8::attend_range(ts.qs.data(), G, D_, kv, start, Lc, ts.m.data(), ts.l.data(), ts.acc.data(),
                                ts.sc.data(), ts.kf.data(), ts.vf.data(), ts.kfrow.data(), ts.vfrow.data());
-      for (int64_t g = 0; g < G; ++g) {
-        float* dst = att + b * Hq_ * D_ + (kvh * G + g) * D_;
-        if (ts.l[g] > 0.0f) {
-          std::copy(ts.acc.begin() + g * D_, ts.acc.begin() + (g + 1) * D_, dst);
-          F::scale_inplace(dst, D_, 1.0f / ts.l[g]);
-        } else {
-          std::fill(dst, dst + D_, 0.0f);
-        }
+      store_att(att, b, kvh, G, ts);
+    }
+  }
+
+  // Step 3 for every new row before the attention (token splits, chained rows), jobs (row, q or k
+  // head) split over the threads: q/k norm and rope in place in qkv, the row's K / V into the cache
+  // (an int8 cache: kv_int8.h quant_row, as attend_int8 writes them)
+  void write_new_kv(const Layer& L, int64_t M, int64_t QKV, int64_t half, const int64_t* pos, const int64_t* slot,
+                    float* qkv, const float* cs, float eps, int tid, int nth) const {
+    const float* qn = fptr(L.qn);
+    const float* kn = fptr(L.kn);
+    const int64_t heads = Hq_ + Hk_;
+    for (int64_t job = tid; job < M * heads; job += nth) {
+      const int64_t r = job / heads, hh = job % heads;
+      float* v = qkv + r * QKV + hh * D_;  // q heads then k heads
+      if (qn) F::rms_norm_row(v, hh < Hq_ ? qn : kn, v, D_, eps);
+      F::rope_head(v, cs + pos[r] * D_, half);
+      if (hh < Hq_) continue;
+      const int64_t kvh = hh - Hq_, row = slot[r] * Hk_ + kvh;
+      const float* vv = qkv + r * QKV + (Hq_ + Hk_ + kvh) * D_;
+      if (L.int8) {
+        llmopt_kv8::quant_row(v, D_, L.kc.data_ptr<int8_t>() + row * D_, L.ks.data_ptr<float>() + row);
+        llmopt_kv8::quant_row(vv, D_, L.vc.data_ptr<int8_t>() + row * D_, L.vs.data_ptr<float>() + row);
+      } else {
+        std::copy(v, v + D_, L.kc.data_ptr<float>() + row * D_);
+        std::copy(vv, vv + D_, L.vc.data_ptr<float>() + row * D_);
+      }
+    }
+  }
+
+  // the G query heads of kv head kvh of row b, times the softmax scale, into ts.qs
+  void scale_queries(const float* qkv, int64_t QKV, int64_t b, int64_t kvh, int64_t G, ThreadScratch& ts) const {
+    for (int64_t g = 0; g < G; ++g) {
+      const float* src = qkv + b * QKV + (kvh * G + g) * D_;
+      for (int64_t d = 0; d < D_; ++d) ts.qs[g * D_ + d] = src[d] * scale_;
+    }
+  }
+
+  // acc / l of an unsplit attention item (row b, kv head kvh) into att (zeros for an empty context)
+  void store_att(float* att, int64_t b, int64_t kvh, int64_t G, const ThreadScratch& ts) const {
+    for (int64_t g = 0; g < G; ++g) {
+      float* dst = att + b * Hq_ * D_ + (kvh * G + g) * D_;
+      if (ts.l[g] > 0.0f) {
+        std::copy(ts.acc.begin() + g * D_, ts.acc.begin() + (g + 1) * D_, dst);
+        F::scale_inplace(dst, D_, 1.0f / ts.l[g]);
+      } else {
+        std::fill(dst, dst + D_, 0.0f);
       }
     }
   }
@@ -898,7 +916,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_dense_kernels", &DecodeStep::set_dense_kernels, py::arg("table"))
       .def("set_dense", &DecodeStep::set_dense, py::arg("layer"), py::arg("slot"), py::arg("packed"), py::arg("bias"))
       .def("run", &DecodeStep::run, py::arg("x"), py::arg("positions"), py::arg("slots"), py::arg("block_tables"),
-           py::arg("context_lens"), py::call_guard<py::gil_scoped_release>())
+           py::arg("context_lens"), py::arg("chained") = false, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("num_layers", &DecodeStep::num_layers);
   py::class_<I8Linear>(m, "I8Linear")
       .def(py::init<at::Tensor, at::Tensor, int64_t, int64_t, c10::optional<at::Tensor>>(), py::arg("qweight"),
