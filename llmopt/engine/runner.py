@@ -62,6 +62,10 @@ class ModelRunner:
         except Exception as e:  # a plan that cannot be built means "op by op"
             log.warning("fused decode step unavailable (%s); using the op-by-op forward", e)
             self.fused = None
+        if self.fused is not None and self.k_min is not None and self.k_max is not None and \
+                not self.fused.set_quest(self.k_min, self.k_max, self.quest_dense_layers or 0):
+            log.warning("fused decode step off: the Quest kernel did not build (decode runs op by op)")
+            self.fused = None
         return self.fused
 
     @property
@@ -151,8 +155,7 @@ class ModelRunner:
                 ctx.quest_dense_layers = self.quest_dense_layers
         input_ids, positions = torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long)
         fused_hidden = None
-        # the fused step neither updates the Quest summaries nor selects blocks yet: op by op then
-        if self.fused is not None and not prefills and self.k_min is None:
+        if self.fused is not None and not prefills:
             fused_hidden = self.fused.run(input_ids, positions, ctx)
         hidden = self.model(input_ids, positions, ctx) if fused_hidden is None else fused_hidden
         self.observed = {seq.seq_id: span.scores for (seq, _), span in zip(prefills, spans) if span.observe}

@@ -160,7 +160,9 @@ class Attention(nn.Module):
         tables, lens = ctx.decode_block_tables, ctx.decode_context_lens
         if nd and (tables is None or lens is None):
             raise RuntimeError("decode tokens need decode_block_tables and decode_context_lens")
-        topk = ctx.decode_topk if self.layer_idx >= ctx.quest_dense_layers else None
+        topk = ctx.decode_topk
+        if topk is not None and self.layer_idx < ctx.quest_dense_layers:
+            topk = torch.zeros_like(topk)  # every block, through the same kernel (no token splits, as the fused step)
         if topk is not None and (self.k_min is None or self.k_max is None or self.window is not None):
             raise RuntimeError("Quest attention needs the key summaries (ModelRunner sets them) and full-attention layers")
 
