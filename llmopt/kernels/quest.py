@@ -8,8 +8,10 @@ dequantized rows, what attention reads). :func:`update_summaries` folds rows in 
 written; a row at offset 0 of its block resets the block's summary (a reused block forgets its old
 owner). Min and max are order-independent, so the summaries are deterministic.
 
-Selection per (decode row, kv head): the upper bound of ``sum_g q_g . k`` over the G query heads of
-the group for any key of block j is ``sum_g sum_d max(q_gd * kmin_jd, q_gd * kmax_jd)``; the first
+Selection per (decode row, kv head): block j's bound is the largest over the G query heads of the
+group of ``sum_d max(q_gd * kmin_jd, q_gd * kmax_jd)`` (head g's upper bound of ``q_g . k`` for any
+key of the block): a block ranks by its most interested head (summing the heads' bounds let the
+heads that look elsewhere outvote a copy head, and lost needle digits); the first
 block (attention sinks) and the last (the current token's) are always read, plus the best ``k - 2``
 others (ties: the lower index). ``k`` (``topk``, per row) of 0 or at least the row's block count
 reads every block: the dense kernel's result bit for bit. One block set per kv head, so each K/V
@@ -87,7 +89,7 @@ def quest_select_ref(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, bl
         blocks = block_tables[b, :nb].long()
         mn, mx = kmin[blocks].transpose(0, 1), kmax[blocks].transpose(0, 1)  # [Hk, nb, D]
         qb = qs[b][:, :, None, :]  # [Hk, G, 1, D]
-        bound = torch.maximum(qb * mn[:, None], qb * mx[:, None]).sum(dim=(1, 3))  # [Hk, nb]
+        bound = torch.maximum(qb * mn[:, None], qb * mx[:, None]).sum(dim=3).amax(dim=1)  # [Hk, nb]
         mid = bound[:, 1:nb - 1]
         order = torch.sort(mid, dim=1, descending=True, stable=True).indices[:, :k - 2] + 1
         out[b, :, 0] = True

@@ -7,8 +7,10 @@
 // for an int8 cache: what attention reads). A row written at offset 0 of its block resets the
 // block's summary, later rows widen it; min and max do not depend on the order rows arrive in.
 //
-// Selection for one (decode row, kv head): block j's upper bound of the G query heads' scores is
-// sum_g sum_d max(q_gd * kmin_jd, q_gd * kmax_jd); the first block (attention sinks) and the last
+// Selection for one (decode row, kv head): block j's bound is max over the G query heads of the
+// group of sum_d max(q_gd * kmin_jd, q_gd * kmax_jd) (each head's upper bound of its scores there;
+// the max ranks a block by its most interested head, so one copy head is not outvoted by the
+// group); the first block (attention sinks) and the last
 // (the current token's) are always read, plus the best k - 2 others (ties: the lower block index).
 // k <= 0 or k >= the block count: every block, which is exactly the dense kernel's token walk.
 // Attention then walks the chosen blocks' tokens in ascending order in kTile-token tiles with the
@@ -48,12 +50,13 @@ inline void update_summary(float* mn, float* mx, const float* row, int64_t D, bo
   }
 }
 
-// sum over g < G, d < D of max(q[g, d] * mn[d], q[g, d] * mx[d]): an upper bound of sum_g q_g . k
-// for every row k the block holds. Lanes accumulate across heads, then one horizontal sum.
+// max over g < G of sum over d < D of max(q[g, d] * mn[d], q[g, d] * mx[d]): the highest of the
+// G heads' upper bounds of q_g . k over every row k the block holds.
 inline float block_bound(const float* q, int64_t G, int64_t D, const float* mn, const float* mx) {
-  __m256 acc = _mm256_setzero_ps();
-  float tail = 0.0f;
+  float best = -std::numeric_limits<float>::infinity();
   for (int64_t g = 0; g < G; ++g) {
+    __m256 acc = _mm256_setzero_ps();
+    float tail = 0.0f;
     const float* qg = q + g * D;
     int64_t d = 0;
     for (; d + 8 <= D; d += 8) {
@@ -62,8 +65,9 @@ inline float block_bound(const float* q, int64_t G, int64_t D, const float* mn, 
                                              _mm256_mul_ps(vq, _mm256_loadu_ps(mx + d))));
     }
     for (; d < D; ++d) tail += std::max(qg[d] * mn[d], qg[d] * mx[d]);
+    best = std::max(best, llmopt_f::hsum(acc) + tail);
   }
-  return llmopt_f::hsum(acc) + tail;
+  return best;
 }
 
 // Blocks one (row, kv head) attends to, ascending, into sel[0:return value]. q [G, D]; the
