@@ -1,5 +1,5 @@
 """Long-context measurements: retrieval accuracy, long-text perplexity, decode speed and KV memory
-for KV cache policies (full / streaming / snapkv) and KV element types, side by side in one run.
+for KV cache policies (full / streaming / snapkv / quest) and KV element types, side by side in one run.
 
     python benchmarks/long_context.py retrieval --suite passkey --lengths 1024,2048 --depths 0,0.5,1 --n 1
     python benchmarks/long_context.py ppl --tokens 2048 --n 2 --kv-dtypes float32,int8
@@ -10,7 +10,9 @@ for KV cache policies (full / streaming / snapkv) and KV element types, side by 
 
 Every subcommand prints a table and, with ``--json``, writes the raw numbers. Accuracy comes with n,
 the seed and a Wilson 95% interval; speed only as ratios to the full-KV row of the same run.
-Compressed policies are per-request overrides on one engine (one model load, same weights).
+Compressed policies are per-request overrides on one engine (one model load, same weights); with
+quest among them that engine is built with kv_policy 'quest' (it keeps the per-block key summaries).
+Quest keeps every row (its "KV rows" column is 1.00): it saves reads per decode step, not memory.
 """
 
 from __future__ import annotations
@@ -35,8 +37,19 @@ def _policies(text: str, budget: float | int) -> list[tuple[str, float | int | N
     return out
 
 
+def _quest_engine(policies: list[tuple[str, float | int | None]]) -> dict[str, Any]:
+    """EngineConfig fields for an engine that serves kv_policy 'quest' requests (it keeps the key
+    summaries; the other policies stay per-request overrides on it)."""
+    budgets = [b for p, b in policies if p == "quest"]
+    return {"kv_policy": "quest", "kv_budget": budgets[0]} if budgets else {}
+
+
 def retrieval(args: argparse.Namespace) -> dict[str, Any]:
-    llm = LLM(args.model, num_threads=args.threads, kv_dtype=args.kv_dtype, max_num_seqs=args.batch)
+    budget = parse_kv_budget(args.budget)
+    assert budget is not None
+    policies = _policies(args.policies, budget)
+    llm = LLM(args.model, num_threads=args.threads, kv_dtype=args.kv_dtype, max_num_seqs=args.batch,
+              kv_cache_memory_gb=args.kv_gb, **_quest_engine(policies))
     tok = llm.tokenizer
     suite = RetrievalSuite(args.suite, tok, tuple(int(x) for x in args.lengths.split(",")),
                            tuple(float(x) for x in args.depths.split(",")))
@@ -44,11 +57,8 @@ def retrieval(args: argparse.Namespace) -> dict[str, Any]:
     prompts = [tok.apply_chat_template(it.messages) + tok.encode(it.payload["answer_prefix"], add_special_tokens=False)
                for it in items]
     rows = []
-    budget = parse_kv_budget(args.budget)
-    assert budget is not None
-    for policy, b in _policies(args.policies, budget):
-        params = SamplingParams(max_tokens=ANSWER_TOKENS, temperature=0.0,
-                                kv_policy=None if policy == "full" else policy, kv_budget=b)
+    for policy, b in policies:
+        params = SamplingParams(max_tokens=ANSWER_TOKENS, temperature=0.0, kv_policy=policy, kv_budget=b)
         recs = []
         t0 = time.perf_counter()
         for start in range(0, len(items), args.batch):
@@ -152,7 +162,8 @@ def decode(args: argparse.Namespace) -> dict[str, Any]:
         # KV blocks for this row's one sequence only (six engines live side by side)
         tokens = (args.short if kind[1] == "short" else max(contexts)) + args.new + 2 * 64
         llm = LLM(args.model, num_threads=args.threads, kv_dtype=kind[0], enable_prefix_caching=False,
-                  num_kv_blocks=-(-tokens // 16), block_size=16, max_num_seqs=1)
+                  num_kv_blocks=-(-tokens // 16), block_size=16, max_num_seqs=1,
+                  **_quest_engine([kind[1:]]))
         # warm-up: native kernels are built / loaded on their first call, which must not land in a step
         llm.generate([list(range(100, 164))], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
         fused: FusedDecoder | None = llm.engine.runner.fused
@@ -299,6 +310,9 @@ def main() -> None:
     r.add_argument("--budget", default="0.25")
     r.add_argument("--kv-dtype", default="float32")
     r.add_argument("--batch", type=int, default=4)
+    r.add_argument("--kv-gb", type=float, default=2.0,
+                   help="KV cache size: room for every prompt lets later policies reuse the first one's prefill "
+                        "through the prefix cache (full and quest share it; snapkv and streaming do not)")
     p = sub.add_parser("ppl")
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--n", type=int, default=2)

@@ -105,7 +105,7 @@ class ModelConfig:
         return inv.float(), float(scale)
 
 
-KV_POLICIES: tuple[str, ...] = ("full", "streaming", "snapkv")
+KV_POLICIES: tuple[str, ...] = ("full", "streaming", "snapkv", "quest")
 
 
 def check_kv_policy(policy: str, budget: float | int | None, *, field: str = "kv_policy") -> None:
@@ -115,7 +115,8 @@ def check_kv_policy(policy: str, budget: float | int | None, *, field: str = "kv
         raise ValueError(f"{field} must be one of {', '.join(KV_POLICIES)}, got {policy!r}")
     if policy == "full":
         if budget is not None:
-            raise ValueError("kv_budget needs kv_policy 'streaming' or 'snapkv' (the 'full' policy keeps everything)")
+            raise ValueError("kv_budget needs kv_policy 'streaming', 'snapkv' or 'quest' (the 'full' policy keeps "
+                             "everything)")
         return
     if budget is None:
         raise ValueError(f"kv_policy {policy!r} needs kv_budget: a fraction in (0, 1] or a token count")
@@ -157,10 +158,11 @@ class KVPolicy:
 
     @property
     def minimum(self) -> int:
-        return self.sinks + 1 if self.name == "streaming" else self.window
+        return {"streaming": self.sinks + 1, "snapkv": self.window}.get(self.name, 1)
 
     def tokens(self, length: int) -> int | None:
-        """Rows to keep for a sequence of ``length`` cached tokens, or None (no compression)."""
+        """Rows to keep (quest: to read per decode step) for a sequence of ``length`` cached tokens,
+        or None (no compression)."""
         b = self.budget
         keep = max(self.minimum, math.ceil(b * length)) if isinstance(b, float) else int(b)
         return None if keep >= length else keep
@@ -266,13 +268,15 @@ class EngineConfig:
     dtype: str = "float32"  # float32 | bfloat16
     packed_linear: bool = True  # fp32 linears on pre-packed weights (kernels/dense.py); False: torch's GEMM
     kernels: KernelSettings | None = None  # None: KernelSettings.from_env() (defaults + LLMOPT_* overrides)
-    # KV compression (llmopt/engine/kv_policy.py, docs/long_context.md): "full" | "streaming" | "snapkv";
-    # kv_budget: fraction of the prompt in (0, 1] or a token count; a request may override both
+    # KV compression (llmopt/engine/kv_policy.py, docs/long_context.md): "full" | "streaming" | "snapkv" |
+    # "quest" (sparse decode attention: keeps every row, reads the top blocks per decode step); kv_budget:
+    # fraction of the prompt (quest: of the context) in (0, 1] or a token count; a request may override both
     kv_policy: str = "full"
     kv_budget: float | int | None = None
     kv_sinks: int = 4  # streaming: attention-sink tokens always kept (<= block_size)
     kv_window: int = 32  # snapkv: observation window (the last prompt tokens, always kept)
     kv_pool: int = 15  # snapkv: scores max-pooled over this many neighbouring positions (odd)
+    kv_quest_dense_layers: int = 2  # quest: the first layers attend densely (as in the Quest paper)
     kv_dtype: str | None = None  # KV cache element type: None = dtype; "float32", "bfloat16" or "int8"
 
     def __post_init__(self) -> None:
@@ -286,6 +290,8 @@ class EngineConfig:
             raise ValueError(f"kv_window must be >= 2, got {self.kv_window}")
         if self.kv_pool < 1 or self.kv_pool % 2 == 0:
             raise ValueError(f"kv_pool must be an odd number >= 1, got {self.kv_pool}")
+        if self.kv_quest_dense_layers < 0:
+            raise ValueError(f"kv_quest_dense_layers must be >= 0, got {self.kv_quest_dense_layers}")
         self.kv_policy_for(self.kv_policy, self.kv_budget)  # a bad policy or budget: ValueError now
         if self.kv_dtype is not None and self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)} (or None: the model's dtype), "

@@ -97,12 +97,14 @@ class LLMEngine:
         from llmopt.kernels.dense import PackedLinear
 
         self.packed_linears = sum(isinstance(m, PackedLinear) for m in self.model.modules())
-        per_block = ModelRunner.kv_bytes_per_block(self.model, cfg.block_size, cfg.torch_kv_dtype)
+        quest = cfg.kv_policy == "quest"  # keep the Quest key summaries (engine/kv_policy.py)
+        per_block = ModelRunner.kv_bytes_per_block(self.model, cfg.block_size, cfg.torch_kv_dtype, quest)
         num_blocks = cfg.num_kv_blocks or max(1, int(cfg.kv_cache_memory_gb * 2**30 // per_block))
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(cfg, self.block_manager)
         self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, cfg.torch_kv_dtype,
-                                  fused_decode=ks.fused_decode)
+                                  fused_decode=ks.fused_decode,
+                                  quest_dense_layers=cfg.kv_quest_dense_layers if quest else None)
         self.compressor = KVCompressor(self.runner.cache_tensors, self.block_manager, cfg.block_size)
         if cfg.kv_policy != "full":
             self._check_compressible()
@@ -135,7 +137,7 @@ class LLMEngine:
 
     def _check_compressible(self) -> None:
         if any(w is not None for w in self.model_config.layer_windows):
-            raise ValueError("KV compression (kv_policy streaming/snapkv) needs full-attention layers: this model has "
+            raise ValueError("KV compression (kv_policy streaming/snapkv/quest) needs full-attention layers: this model has "
                              "sliding-window layers; use kv_policy='full'")
 
     # ---- requests -------------------------------------------------------------------------------
@@ -175,6 +177,10 @@ class LLMEngine:
         seq.kv_policy = self.config.kv_policy_for(params.kv_policy, params.kv_budget)
         if seq.kv_policy is not None and params.kv_policy is not None:
             self._check_compressible()
+        if seq.kv_policy is not None and seq.kv_policy.name == "quest" and self.runner.k_min is None:
+            raise ValueError("kv_policy 'quest' per request needs an engine built with EngineConfig(kv_policy='quest') "
+                             "(it keeps per-block key summaries next to the cache); requests there may still ask "
+                             "for kv_policy='full'")
         seq.think = ThinkTracker(opened_in_prompt=prompt_opens_think(self.tokenizer.decode(ids[-8:])))
         if params.guided is not None:
             with self.lock:  # the decoder's cache is shared with step()

@@ -296,7 +296,10 @@ class FusedDecoder:
                     tables, lens = _row_tables(ctx, self.block_size)
                 else:
                     tables, lens = ctx.decode_block_tables, ctx.decode_context_lens
-                return self.step.run(x.contiguous(), positions, ctx.slot_mapping, tables, lens, chained)
+                topk = getattr(ctx, "decode_topk", None)
+                if topk is not None and topk.shape[0] < m:  # chained prompt / forced rows read every block
+                    topk = torch.cat([topk, topk.new_zeros(m - topk.shape[0])])
+                return self.step.run(x.contiguous(), positions, ctx.slot_mapping, tables, lens, chained, topk)
             why = f"the embeddings are {x.dtype}, not float32"
         self._fallback(why)
         return None
@@ -315,6 +318,17 @@ class FusedDecoder:
         if start != m:
             return "the step has prefill tokens (rows that are in no chunk)"
         return None
+
+    def set_quest(self, k_min: torch.Tensor, k_max: torch.Tensor, dense_layers: int) -> bool:
+        """Keep the Quest key summaries ([layers, blocks, kv_heads, head_dim] each, kernels/quest.py)
+        up to date and let rows with a ``ctx.decode_topk`` read only their top blocks, as the op-by-op
+        forward does; False (the step must not run) when the op-by-op Quest kernel is not native."""
+        from llmopt.kernels import quest
+
+        if not quest.native_available():
+            return False
+        self.step.set_quest(k_min, k_max, dense_layers)
+        return True
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Logits of decode rows through the int8-activation head, or None (use ``compute_logits``)."""

@@ -15,6 +15,12 @@ def block_hash(prev: int, tokens: tuple[int, ...]) -> int:
     return hash((prev, tokens))
 
 
+def _caches_prefix(seq: Sequence) -> bool:
+    """Whether the sequence takes and publishes prefix-cache blocks: not when a compression policy
+    rewrites its blocks in place (Quest only reads fewer of them, so it does)."""
+    return seq.kv_policy is None or seq.kv_policy.name == "quest"
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -60,7 +66,7 @@ class BlockManager:
         for ``num_computed + num_new_tokens`` tokens. Returns False (allocating nothing) if short."""
         assert not seq.block_table
         hits: list[int] = []
-        if self.enable_prefix_caching and seq.kv_policy is None:  # compression rewrites blocks in place
+        if self.enable_prefix_caching and _caches_prefix(seq):
             # at least one token must be computed to get logits, so the last token is never a hit
             full = (len(seq) - 1) // self.block_size
             for h in self._hashes(seq, full):
@@ -97,7 +103,7 @@ class BlockManager:
 
     def register_computed(self, seq: Sequence) -> None:
         """Publish the sequence's blocks whose K/V are now fully computed to the prefix cache."""
-        if not self.enable_prefix_caching or seq.kv_policy is not None:
+        if not self.enable_prefix_caching or not _caches_prefix(seq):
             return
         full = seq.num_computed_tokens // self.block_size
         if full <= seq.num_hashed_blocks:

@@ -86,7 +86,7 @@ class KVCompressor:
     def after_step(self, seq, observed: list[torch.Tensor] | None) -> None:
         """``observed``: SnapKV scores per layer ([Hk, rows]) if this step ended the prefill."""
         policy: KVPolicy | None = seq.kv_policy
-        if policy is None or seq.num_computed_tokens < len(seq):
+        if policy is None or policy.name == "quest" or seq.num_computed_tokens < len(seq):
             return  # full cache, or still prefilling (compression waits for the whole prompt)
         if not seq.kv_compressed:
             seq.kv_compressed = True

@@ -18,7 +18,9 @@ log = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 fused_decode: bool = True):
+                 fused_decode: bool = True, quest_dense_layers: int | None = None):
+        """``quest_dense_layers`` not None: keep the Quest key summaries (kernels/quest.py) so that
+        kv_policy "quest" rows can read only their top blocks, in layers from that index on."""
         self.model = model
         self.block_size = block_size
         cfg = model.cfg
@@ -32,12 +34,21 @@ class ModelRunner:
             self.k_scale = torch.zeros(shape[:-1], dtype=torch.float32)
             self.v_scale = torch.zeros(shape[:-1], dtype=torch.float32)
         self.observed: dict[int, list[torch.Tensor]] = {}  # SnapKV scores of the last step, by seq_id
+        # Quest: per-block min / max of the K rows, [layers, blocks, kv_heads, head_dim] each
+        self.quest_dense_layers = quest_dense_layers
+        self.k_min: torch.Tensor | None = None
+        self.k_max: torch.Tensor | None = None
+        if quest_dense_layers is not None:
+            self.k_min = torch.zeros(shape[:2] + shape[3:], dtype=torch.float32)
+            self.k_max = torch.zeros(shape[:2] + shape[3:], dtype=torch.float32)
         for i, layer in enumerate(model.layers):
             attn = cast(Attention, layer.self_attn)
             attn.k_cache = self.k_cache[i]
             attn.v_cache = self.v_cache[i]
             attn.k_scale = None if self.k_scale is None else self.k_scale[i]
             attn.v_scale = None if self.v_scale is None else self.v_scale[i]
+            attn.k_min = None if self.k_min is None else self.k_min[i]
+            attn.k_max = None if self.k_max is None else self.k_max[i]
         # decode-only steps of an int4 / GGUF / packed fp32 model run the whole layer stack in one native call
         self.fused_decode = fused_decode
         self.fused: FusedDecoder | None = None
@@ -51,6 +62,10 @@ class ModelRunner:
         except Exception as e:  # a plan that cannot be built means "op by op"
             log.warning("fused decode step unavailable (%s); using the op-by-op forward", e)
             self.fused = None
+        if self.fused is not None and self.k_min is not None and self.k_max is not None and \
+                not self.fused.set_quest(self.k_min, self.k_max, self.quest_dense_layers or 0):
+            log.warning("fused decode step off: the Quest kernel did not build (decode runs op by op)")
+            self.fused = None
         return self.fused
 
     @property
@@ -63,12 +78,23 @@ class ModelRunner:
         return self.kv_bytes_per_block(self.model, 1, self.k_cache.dtype)
 
     @staticmethod
-    def kv_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) -> int:
-        """K and V of every layer for ``block_size`` tokens (int8: plus a float32 scale per token and head)."""
+    def kv_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype, quest: bool = False) -> int:
+        """K and V of every layer for ``block_size`` tokens (int8: plus a float32 scale per token and
+        head; ``quest``: plus the block's float32 key min and max per layer and kv head)."""
         c = model.cfg
+        summaries = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4 if quest else 0
         if dtype == torch.int8:
-            return 2 * c.num_layers * block_size * c.num_kv_heads * (c.head_dim + 4)
-        return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * torch.finfo(dtype).bits // 8
+            return 2 * c.num_layers * block_size * c.num_kv_heads * (c.head_dim + 4) + summaries
+        return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * torch.finfo(dtype).bits // 8 + summaries
+
+    def quest_topk(self, seq: Sequence, context_len: int) -> int:
+        """Blocks a decode row of ``seq`` reads at ``context_len`` cached tokens: 0 (every block)
+        unless its policy is quest and the budget is below the context."""
+        p = seq.kv_policy
+        if p is None or p.name != "quest":
+            return 0
+        keep = p.tokens(context_len)
+        return 0 if keep is None else -(-keep // self.block_size)
 
     def _slots(self, seq: Sequence, start: int, n: int) -> list[int]:
         """Cache slots of tokens ``start..start+n-1``: token p lives at row ``p - num_evicted``."""
@@ -122,6 +148,13 @@ class ModelRunner:
             ctx.decode_block_tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table))
                                                     for s, _ in decodes], dtype=torch.int32)
             ctx.decode_context_lens = torch.tensor([s.kv_len + 1 for s, _ in decodes], dtype=torch.int32)
+            topk = [self.quest_topk(s, s.kv_len + 1) for s, _ in decodes]
+            if any(topk):
+                if self.quest_dense_layers is None:
+                    raise RuntimeError("a kv_policy 'quest' row needs the engine's Quest key summaries "
+                                       "(EngineConfig(kv_policy='quest'))")
+                ctx.decode_topk = torch.tensor(topk, dtype=torch.int32)
+                ctx.quest_dense_layers = self.quest_dense_layers
         input_ids, positions = torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long)
         fused_hidden = None
         if self.fused is not None:  # decode rows and short prefill chunks (chained rows); else None

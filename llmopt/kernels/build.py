@@ -48,6 +48,7 @@ EXTENSIONS: dict[str, list[str]] = {
     "llmopt_fused": ["fused.cpp"],
     "llmopt_decode": ["decode.cpp"],
     "llmopt_kv": ["kv_int8.cpp"],
+    "llmopt_quest": ["quest.cpp"],
 }
 
 # CPU features that change what the kernels may execute (part of the cache key).

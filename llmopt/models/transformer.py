@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmopt.config import ModelConfig
-from llmopt.kernels import kv_quant, ops
+from llmopt.kernels import kv_quant, ops, quest
 from llmopt.kernels.kv_select import observation_scores
 from llmopt.models.linear import QuantConfig, project
 
@@ -52,6 +52,10 @@ class AttnContext:
     # for a prompt token (prefill, recompute after preemption); None: all prompt tokens. Projections
     # whose precision goes by token kind read it (models.linear.TokenKindLinear).
     generated: torch.Tensor | None = None
+    # Quest sparse decode attention (kernels/quest.py): int32 [num_decode] blocks each decode row reads
+    # (0: every block); None: all dense. Layers below quest_dense_layers attend densely.
+    decode_topk: torch.Tensor | None = None
+    quest_dense_layers: int = 0
 
 
 class RMSNorm(nn.Module):
@@ -72,6 +76,7 @@ class Attention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim ** -0.5
         self.window = cfg.layer_windows[layer_idx]
+        self.layer_idx = layer_idx
         prefix = f"layers.{layer_idx}.self_attn"
         self.qkv_proj = qc.method_for(f"{prefix}.qkv_proj").create(
             cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.attention_bias, f"{prefix}.qkv_proj")
@@ -85,6 +90,10 @@ class Attention(nn.Module):
         # int8 cache: float32 scales [num_blocks, block_size, num_kv_heads] (kernels/kv_quant.py)
         self.k_scale: torch.Tensor | None = None
         self.v_scale: torch.Tensor | None = None
+        # Quest key summaries, float32 [num_blocks, num_kv_heads, head_dim] (kernels/quest.py); set by
+        # the runner when the engine serves kv_policy "quest", updated whenever K rows are written
+        self.k_min: torch.Tensor | None = None
+        self.k_max: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
                 ctx: AttnContext | None) -> torch.Tensor:
@@ -140,19 +149,32 @@ class Attention(nn.Module):
             flat_k, flat_v = kc.view(-1, self.num_kv_heads, self.head_dim), vc.view(-1, self.num_kv_heads, self.head_dim)
             flat_k.index_copy_(0, ctx.slot_mapping, k.to(kc.dtype))
             flat_v.index_copy_(0, ctx.slot_mapping, v.to(vc.dtype))
+        if self.k_min is not None and self.k_max is not None:  # Quest summaries of the rows as attention reads them
+            rows = kc.view(-1, self.num_kv_heads, self.head_dim)[ctx.slot_mapping]
+            rows = kv_quant.dequantize_kv(rows, ksc.view(-1, self.num_kv_heads)[ctx.slot_mapping]) if quant else rows  # type: ignore[union-attr]
+            quest.update_summaries(self.k_min, self.k_max, rows, ctx.slot_mapping, bs)
         nd = ctx.num_decode
         tables, lens = ctx.decode_block_tables, ctx.decode_context_lens
         if nd and (tables is None or lens is None):
             raise RuntimeError("decode tokens need decode_block_tables and decode_context_lens")
+        topk = ctx.decode_topk
+        if topk is not None and self.layer_idx < ctx.quest_dense_layers:
+            topk = torch.zeros_like(topk)  # every block, through the same kernel (no token splits, as the fused step)
+        if topk is not None and (self.k_min is None or self.k_max is None or self.window is not None):
+            raise RuntimeError("Quest attention needs the key summaries (ModelRunner sets them) and full-attention layers")
 
-        def decode(qd: torch.Tensor) -> torch.Tensor:
+        def attend_rows(qr: torch.Tensor, tb: torch.Tensor, ln: torch.Tensor) -> torch.Tensor:
+            if topk is not None:  # decode rows read their top blocks; prefill rows (topk 0) every block
+                tk = F.pad(topk, (0, qr.shape[0] - topk.shape[0]))
+                return quest.quest_decode_attention(qr, kc, vc, ksc, vsc, self.k_min, self.k_max, tb, ln, tk,  # type: ignore[arg-type]
+                                                    self.scale)
             if quant:
-                return kv_quant.paged_decode_attention_int8(qd, kc, vc, ksc, vsc, tables, lens,  # type: ignore[arg-type]
+                return kv_quant.paged_decode_attention_int8(qr, kc, vc, ksc, vsc, tb, ln,  # type: ignore[arg-type]
                                                             self.scale, self.window)
-            return ops.paged_decode_attention(qd, kc, vc, tables, lens, self.scale, self.window)  # type: ignore[arg-type]
+            return ops.paged_decode_attention(qr, kc, vc, tb, ln, self.scale, self.window)
 
         if nd == q.shape[0]:  # a pure decode step: the kernel's output is the whole result
-            return decode(q)
+            return attend_rows(q, tables, lens)  # type: ignore[arg-type]
         # Prefill rows take the same one-query kernel as decode rows, each query over its own context
         # (the cached prefix and its chunk up to itself, all written above): a row's attention has one
         # summation order however the prompt was chunked (prefix-cache hits, the token budget,
@@ -167,9 +189,7 @@ class Attention(nn.Module):
             row_lens.append(torch.arange(span.ctx_len - span.q_len + 1, span.ctx_len + 1, dtype=torch.int32))
         width = max(t.shape[1] for t in row_tables)
         all_tables = torch.cat([F.pad(t, (0, width - t.shape[1])) for t in row_tables])
-        out = (kv_quant.paged_decode_attention_int8(q, kc, vc, ksc, vsc, all_tables, torch.cat(row_lens),  # type: ignore[arg-type]
-                                                    self.scale, self.window) if quant else
-               ops.paged_decode_attention(q, kc, vc, all_tables, torch.cat(row_lens), self.scale, self.window))
+        out = attend_rows(q, all_tables, torch.cat(row_lens))
         for span in ctx.prefills:
             if span.observe:
                 sl = slice(span.q_start, span.q_start + span.q_len)

@@ -44,6 +44,7 @@
 #include "fused_kernels.h"
 #include "gguf_kernels.h"
 #include "kv_int8.h"
+#include "quest.h"
 #include "w4a8.h"
 
 namespace {
@@ -219,6 +220,8 @@ struct ThreadScratch {
   std::vector<const float*> krow, vrow;
   std::vector<float> kf, vf;                // int8 cache: one tile's dequantized K / V rows
   std::vector<const float*> kfrow, vfrow;   // ... and pointers to them
+  llmopt_quest::Scratch quest;              // Quest: block selection and its own tile buffers
+  std::vector<float> qrow;                  // Quest, int8 cache: the new key row dequantized
 };
 
 class DecodeStep {
@@ -402,14 +405,31 @@ class DecodeStep {
 
   int64_t num_layers() const { return (int64_t)layers_.size(); }
 
+  // Quest (quest.h, kernels/quest.py): the per-block key summaries kmin / kmax float32 [layers,
+  // num_blocks, Hk, D] the step folds every new K row into (as attention reads it), and that rows
+  // given a topk in run() choose their blocks with, in layers from dense_layers on.
+  void set_quest(at::Tensor kmin, at::Tensor kmax, int64_t dense_layers) {
+    for (const at::Tensor* t : {&kmin, &kmax})
+      TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 4 &&
+                      t->size(0) == num_layers() && t->size(1) == layers_[0].kc.size(0) && t->size(2) == Hk_ &&
+                      t->size(3) == D_,
+                  "Quest summaries must be contiguous float32 [layers, num_blocks, num_kv_heads, head_dim] tensors");
+    TORCH_CHECK(dense_layers >= 0, "dense_layers must be >= 0");
+    qmin_ = std::move(kmin);
+    qmax_ = std::move(kmax);
+    quest_dense_ = dense_layers;
+  }
+
   // x [M, H]: the embeddings of the M new tokens; positions int64 [M]; slots int64 [M] (cache slot
   // = block * block_size + offset of each new token); block_tables int32 [M, max_blocks];
   // context_lens int32 [M] (the new token included). chained: rows may be consecutive tokens of one
   // sequence (a short prompt or forced chunk), a row reading the K / V of rows before it: every new
   // K / V row is written before any attention reads (one barrier more per layer); the same bits as
   // running the rows one step at a time. Returns the final-normed hidden states [M, H].
+  // topk: int32 [M] Quest blocks per row (0: every block), or empty: no row is sparse.
   at::Tensor run(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& slots,
-                 const at::Tensor& block_tables, const at::Tensor& context_lens, bool chained) {
+                 const at::Tensor& block_tables, const at::Tensor& context_lens, bool chained,
+                 const c10::optional<at::Tensor>& topk_opt) {
     TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 &&
                     x.size(1) == H_,
                 "x must be a contiguous float32 [M, ", H_, "] tensor");
@@ -421,6 +441,11 @@ class DecodeStep {
     TORCH_CHECK(idx_ok(slots, at::kLong, 1), "slots must be a contiguous int64 [M] tensor");
     TORCH_CHECK(idx_ok(block_tables, at::kInt, 2), "block_tables must be a contiguous int32 [M, max_blocks] tensor");
     TORCH_CHECK(idx_ok(context_lens, at::kInt, 1), "context_lens must be a contiguous int32 [M] tensor");
+    const at::Tensor topk = topk_opt.has_value() ? *topk_opt : at::Tensor();
+    const bool sparse = topk.defined() && topk.numel() > 0;
+    TORCH_CHECK(!sparse || (idx_ok(topk, at::kInt, 1) && topk.size(0) == x.size(0) && defined(qmin_)),
+                "topk must be a contiguous int32 [M] tensor, given after set_quest");
+    const int32_t* tk = sparse ? topk.data_ptr<int32_t>() : nullptr;
     bool a8[2] = {false, false};
     for (int64_t li = 0; li < num_layers(); ++li)
       for (int64_t s = 0; s < 4; ++s) {
@@ -459,7 +484,7 @@ class DecodeStep {
     // (float caches only: the int8 kernel, kv_int8.cpp, has one item per (row, kv head), and so has the step)
     std::vector<int64_t> splits(num_layers(), 1);
     int64_t max_items = M * Hk_;
-    if (M * Hk_ < nt) {
+    if (M * Hk_ < nt && tk == nullptr) {  // Quest rows: one item per (row, kv head), as its kernel
       for (int64_t li = 0; li < num_layers(); ++li) {
         if (layers_[li].int8) continue;
         const int64_t w = layers_[li].window;
@@ -621,11 +646,16 @@ class DecodeStep {
         const bool prewrite = S > 1 || chained;
         if (prewrite) {
           write_new_kv(L, M, QKV, half, pos, slot, qkv, cs, eps, tid, nth);
+          if (defined(qmin_)) {  // rows of one block come from different threads: fold them in after a barrier
+#pragma omp barrier
+            summarize_new_keys(L, li, M, slot, BS, tid, nth, ts);
+          }
 #pragma omp barrier
         }
         // 4. attention over the paged cache
         if (L.int8) {
-          attend_int8(L, M, G, QKV, half, pos, slot, bt, cl, MB, BS, qkv, att, cs, eps, !prewrite, ctr[1], ts);
+          attend_int8(L, li, tk, M, G, QKV, half, pos, slot, bt, cl, MB, BS, qkv, att, cs, eps, !prewrite, ctr[1],
+                      ts);
         } else {
           float* kc = L.kc.data_ptr<float>();
           float* vc = L.vc.data_ptr<float>();
@@ -638,6 +668,7 @@ class DecodeStep {
             if (!prewrite) {  // this item is the only reader of kv head kvh of row b: step 3 here
               const float* k = norm_rope_group(qkv, QKV, b, kvh, G, half, fptr(L.qn), fptr(L.kn), cs + pos[b] * D_, eps);
               std::copy(k, k + D_, kc + (slot[b] * Hk_ + kvh) * D_);
+              quest_summarize(li, slot[b], BS, kvh, k);
               const float* vv = qkv + b * QKV + (Hq_ + Hk_ + kvh) * D_;
               std::copy(vv, vv + D_, vc + (slot[b] * Hk_ + kvh) * D_);
             }
@@ -647,8 +678,9 @@ class DecodeStep {
             const int64_t t0 = start + split * chunk, t1 = std::min(Lc, t0 + chunk);
             scale_queries(qkv, QKV, b, kvh, G, ts);
             const F::PagedKV kv{kc + kvh * D_, vc + kvh * D_, ks0, ks1, ks0, ks1, bt + b * MB, BS};
-            F::attend_range(ts.qs.data(), G, D_, kv, t0, std::max(t0, t1), ts.m.data(), ts.l.data(), ts.acc.data(),
-                            ts.sc.data(), ts.krow.data(), ts.vrow.data());
+            if (!quest_attend(L, li, tk, b, kvh, G, bt + b * MB, BS, Lc, &kv, nullptr, ts))
+              F::attend_range(ts.qs.data(), G, D_, kv, t0, std::max(t0, t1), ts.m.data(), ts.l.data(), ts.acc.data(),
+                              ts.sc.data(), ts.krow.data(), ts.vrow.data());
             if (S == 1) {
               store_att(att, b, kvh, G, ts);
             } else {
@@ -702,8 +734,8 @@ class DecodeStep {
   // cache (kv_int8.h quant_row: the bytes and scale kv_quant.write_kv_int8 writes), then the int8
   // attention (kv_int8.h attend_range, the standalone kernel's) over the row's context. write false:
   // step 3 ran before (write_new_kv, chained rows), the items only read.
-  void attend_int8(const Layer& L, int64_t M, int64_t G, int64_t QKV, int64_t half, const int64_t* pos,
-                   const int64_t* slot, const int32_t* bt, const int32_t* cl, int64_t MB, int64_t BS, float* qkv,
+  void attend_int8(const Layer& L, int64_t li, const int32_t* tk, int64_t M, int64_t G, int64_t QKV, int64_t half,
+                   const int64_t* pos, const int64_t* slot, const int32_t* bt, const int32_t* cl, int64_t MB, int64_t BS, float* qkv,
                    float* att, const float* cs, float eps, bool write, std::atomic<int64_t>& c, ThreadScratch& ts) {
     int8_t* kc = L.kc.data_ptr<int8_t>();
     int8_t* vc = L.vc.data_ptr<int8_t>();
@@ -721,13 +753,19 @@ class DecodeStep {
         const int64_t row = slot[b] * Hk_ + kvh;
         llmopt_kv8::quant_row(k, D_, kc + row * D_, ks + row);
         llmopt_kv8::quant_row(qkv + b * QKV + (Hq_ + Hk_ + kvh) * D_, D_, vc + row * D_, vs + row);
+        if (defined(qmin_)) {  // Quest summaries of the row attention reads: the dequantized one
+          ts.qrow.resize(D_);
+          llmopt_kv8::dequant_row(ts.qrow.data(), kc + row * D_, ks[row], D_);
+          quest_summarize(li, slot[b], BS, kvh, ts.qrow.data());
+        }
       }
       const int64_t Lc = cl[b];
       const int64_t start = L.window > 0 ? std::max<int64_t>(0, Lc - L.window) : 0;
       scale_queries(qkv, QKV, b, kvh, G, ts);
       const llmopt_kv8::PagedKV8 kv{kc + kvh * D_, vc + kvh * D_, ks + kvh, vs + kvh, bt + b * MB, BS, Hk_};
-      llmopt_kv8::attend_range(ts.qs.data(), G, D_, kv, start, Lc, ts.m.data(), ts.l.data(), ts.acc.data(),
-                               ts.sc.data(), ts.kf.data(), ts.vf.data(), ts.kfrow.data(), ts.vfrow.data());
+      if (!quest_attend(L, li, tk, b, kvh, G, bt + b * MB, BS, Lc, nullptr, &kv, ts))
+        llmopt_kv8::attend_range(ts.qs.data(), G, D_, kv, start, Lc, ts.m.data(), ts.l.data(), ts.acc.data(),
+                                 ts.sc.data(), ts.kf.data(), ts.vf.data(), ts.kfrow.data(), ts.vfrow.data());
       store_att(att, b, kvh, G, ts);
     }
   }
@@ -779,6 +817,45 @@ class DecodeStep {
     }
   }
 
+  // Quest: fold the new key row of kv head kvh at cache slot s into its block's summary (offset 0 resets it)
+  void quest_summarize(int64_t li, int64_t s, int64_t BS, int64_t kvh, const float* krow) {
+    if (!defined(qmin_)) return;
+    const int64_t off = ((li * qmin_.size(1) + s / BS) * Hk_ + kvh) * D_;
+    llmopt_quest::update_summary(qmin_.data_ptr<float>() + off, qmax_.data_ptr<float>() + off, krow, D_, s % BS == 0);
+  }
+
+  // Quest summaries of the key rows write_new_kv wrote (as attention reads them: an int8 cache's
+  // dequantized), one kv head per thread and its rows in row order: chained rows share blocks, and a
+  // block's first row must reset its summary before the next rows fold in
+  void summarize_new_keys(const Layer& L, int64_t li, int64_t M, const int64_t* slot, int64_t BS, int tid, int nth,
+                          ThreadScratch& ts) {
+    for (int64_t kvh = tid; kvh < Hk_; kvh += nth)
+      for (int64_t r = 0; r < M; ++r) {
+        const int64_t row = slot[r] * Hk_ + kvh;
+        if (L.int8) {
+          ts.qrow.resize(D_);
+          llmopt_kv8::dequant_row(ts.qrow.data(), L.kc.data_ptr<int8_t>() + row * D_, L.ks.data_ptr<float>()[row], D_);
+          quest_summarize(li, slot[r], BS, kvh, ts.qrow.data());
+        } else {
+          quest_summarize(li, slot[r], BS, kvh, L.kc.data_ptr<float>() + row * D_);
+        }
+      }
+  }
+
+  // Quest attention of item (row b, kv head kvh) into ts.m / ts.l / ts.acc over the blocks quest.h
+  // chooses (the standalone kernel's walk, quest.cpp); false when the row reads every block here
+  // (no topk, a dense layer, topk 0, a window): the caller's dense walk, which that would equal.
+  bool quest_attend(const Layer& L, int64_t li, const int32_t* tk, int64_t b, int64_t kvh, int64_t G,
+                    const int32_t* btb, int64_t BS, int64_t Lc, const F::PagedKV* kv,
+                    const llmopt_kv8::PagedKV8* kv8, ThreadScratch& ts) {
+    if (tk == nullptr || tk[b] <= 0 || li < quest_dense_ || L.window > 0) return false;
+    const int64_t off = li * qmin_.size(1) * Hk_ * D_;
+    llmopt_quest::attend_item(ts.qs.data(), G, D_, kv, kv8, btb, BS, Hk_, kvh, Lc, tk[b], qmin_.data_ptr<float>() + off,
+                              qmax_.data_ptr<float>() + off, ts.quest, ts.m.data(), ts.l.data(), ts.acc.data(),
+                              ts.sc.data());
+    return true;
+  }
+
   // flash-decoding merge of the token splits (pairs split across the threads)
   void merge_splits(int64_t M, int64_t S, int64_t G, float* att, int tid, int nth) {
     for (int64_t bh = tid; bh < M * Hk_; bh += nth) {
@@ -793,6 +870,8 @@ class DecodeStep {
   float eps_, scale_;
   at::Tensor final_norm_, cos_sin_;
   std::vector<Layer> layers_;
+  at::Tensor qmin_, qmax_;  // Quest summaries (set_quest), undefined: none
+  int64_t quest_dense_ = 0;
   std::vector<float> resid_, h_, qkv_, att_, gu_, act_, y_, sx_, xsum_, part_m_, part_l_, part_acc_;
   std::vector<int8_t> xq_;
   std::vector<ThreadScratch> scratch_;
@@ -915,8 +994,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("rows"), py::arg("int8"), py::arg("bias"))
       .def("set_dense_kernels", &DecodeStep::set_dense_kernels, py::arg("table"))
       .def("set_dense", &DecodeStep::set_dense, py::arg("layer"), py::arg("slot"), py::arg("packed"), py::arg("bias"))
+      .def("set_quest", &DecodeStep::set_quest, py::arg("kmin"), py::arg("kmax"), py::arg("dense_layers"))
       .def("run", &DecodeStep::run, py::arg("x"), py::arg("positions"), py::arg("slots"), py::arg("block_tables"),
-           py::arg("context_lens"), py::arg("chained") = false, py::call_guard<py::gil_scoped_release>())
+           py::arg("context_lens"), py::arg("chained") = false, py::arg("topk") = py::none(),
+           py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("num_layers", &DecodeStep::num_layers);
   py::class_<I8Linear>(m, "I8Linear")
       .def(py::init<at::Tensor, at::Tensor, int64_t, int64_t, c10::optional<at::Tensor>>(), py::arg("qweight"),

@@ -1,0 +1,177 @@
+// Quest-style sparse decode attention (query-aware block selection), shared by the standalone
+// kernel (quest.cpp) and the one-call decode step (decode.cpp), so both choose the same blocks and
+// attend with the same sums: the fused step equals the op-by-op forward bit for bit.
+//
+// Per-block key summaries (llmopt/kernels/quest.py): kmin / kmax float32 [num_blocks, Hk, D], the
+// elementwise min and max of the K rows a cache block holds for each kv head (the dequantized rows
+// for an int8 cache: what attention reads). A row written at offset 0 of its block resets the
+// block's summary, later rows widen it; min and max do not depend on the order rows arrive in.
+//
+// Selection for one (decode row, kv head): block j's bound is max over the G query heads of the
+// group of sum_d max(q_gd * kmin_jd, q_gd * kmax_jd) (each head's upper bound of its scores there;
+// the max ranks a block by its most interested head, so one copy head is not outvoted by the
+// group); the first block (attention sinks) and the last
+// (the current token's) are always read, plus the best k - 2 others (ties: the lower block index).
+// k <= 0 or k >= the block count: every block, which is exactly the dense kernel's token walk.
+// Attention then walks the chosen blocks' tokens in ascending order in kTile-token tiles with the
+// dense kernel's tile step (llmopt_f::attend_tile), so reading every block gives the dense bits.
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "fused_kernels.h"
+#include "kv_int8.h"
+
+namespace llmopt_quest {
+
+using llmopt_f::kTile;
+
+// mn / mx [D] <- row (reset) or elementwise min / max with row.
+inline void update_summary(float* mn, float* mx, const float* row, int64_t D, bool reset) {
+  if (reset) {
+    std::copy(row, row + D, mn);
+    std::copy(row, row + D, mx);
+    return;
+  }
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    const __m256 r = _mm256_loadu_ps(row + d);
+    _mm256_storeu_ps(mn + d, _mm256_min_ps(_mm256_loadu_ps(mn + d), r));
+    _mm256_storeu_ps(mx + d, _mm256_max_ps(_mm256_loadu_ps(mx + d), r));
+  }
+  for (; d < D; ++d) {
+    mn[d] = std::min(mn[d], row[d]);
+    mx[d] = std::max(mx[d], row[d]);
+  }
+}
+
+// max over g < G of sum over d < D of max(q[g, d] * mn[d], q[g, d] * mx[d]): the highest of the
+// G heads' upper bounds of q_g . k over every row k the block holds.
+inline float block_bound(const float* q, int64_t G, int64_t D, const float* mn, const float* mx) {
+  float best = -std::numeric_limits<float>::infinity();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 acc = _mm256_setzero_ps();
+    float tail = 0.0f;
+    const float* qg = q + g * D;
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) {
+      const __m256 vq = _mm256_loadu_ps(qg + d);
+      acc = _mm256_add_ps(acc, _mm256_max_ps(_mm256_mul_ps(vq, _mm256_loadu_ps(mn + d)),
+                                             _mm256_mul_ps(vq, _mm256_loadu_ps(mx + d))));
+    }
+    for (; d < D; ++d) tail += std::max(qg[d] * mn[d], qg[d] * mx[d]);
+    best = std::max(best, llmopt_f::hsum(acc) + tail);
+  }
+  return best;
+}
+
+// Blocks one (row, kv head) attends to, ascending, into sel[0:return value]. q [G, D]; the
+// summaries of the row's j-th block are kmin / kmax + (bt[j] * Hk + h) * D; nb blocks hold the
+// context; k blocks are kept (k <= 0 or k >= nb: all). Scratch: score [nb], order [nb].
+inline int64_t select_blocks(const float* q, int64_t G, int64_t D, const float* kmin, const float* kmax,
+                             const int32_t* bt, int64_t Hk, int64_t h, int64_t nb, int64_t k, float* score,
+                             int64_t* order, int64_t* sel) {
+  if (k <= 0 || k >= nb) {
+    for (int64_t j = 0; j < nb; ++j) sel[j] = j;
+    return nb;
+  }
+  k = std::max<int64_t>(k, 2);  // the sink block and the current block
+  const int64_t mid = nb - 2, pick = k - 2;
+  for (int64_t j = 1; j + 1 < nb; ++j) {
+    const int64_t off = (static_cast<int64_t>(bt[j]) * Hk + h) * D;
+    score[j] = block_bound(q, G, D, kmin + off, kmax + off);
+    order[j - 1] = j;
+  }
+  std::partial_sort(order, order + pick, order + mid, [score](int64_t a, int64_t b) {
+    return score[a] > score[b] || (score[a] == score[b] && a < b);
+  });
+  sel[0] = 0;
+  std::copy(order, order + pick, sel + 1);
+  std::sort(sel + 1, sel + 1 + pick);
+  sel[1 + pick] = nb - 1;
+  return pick + 2;
+}
+
+// Online-softmax attention of qs [G, D] (scaled) over the tokens of blocks sel[0:ns] (ascending)
+// of a context of L tokens, BS tokens a block: tiles of kTile tokens in that order. fill(i, t)
+// points krow[i] / vrow[i] at token t's K / V rows (or dequantizes them there). m, l, acc as in
+// llmopt_f::attend_range (which this equals when sel is every block).
+template <class Fill>
+inline void attend_blocks(const float* qs, int64_t G, int64_t D, const int64_t* sel, int64_t ns, int64_t BS,
+                          int64_t L, float* m, float* l, float* acc, float* sc, const float* const* krow,
+                          const float* const* vrow, Fill&& fill) {
+  std::fill(acc, acc + G * D, 0.0f);
+  std::fill(m, m + G, -std::numeric_limits<float>::infinity());
+  std::fill(l, l + G, 0.0f);
+  int64_t n = 0;
+  for (int64_t s = 0; s < ns; ++s) {
+    const int64_t t1 = std::min(L, (sel[s] + 1) * BS);
+    for (int64_t t = sel[s] * BS; t < t1; ++t) {
+      fill(n, t);
+      if (++n == kTile) {
+        llmopt_f::attend_tile(qs, G, D, krow, vrow, n, m, l, acc, sc);
+        n = 0;
+      }
+    }
+  }
+  if (n > 0) llmopt_f::attend_tile(qs, G, D, krow, vrow, n, m, l, acc, sc);
+}
+
+// Per-thread scratch of one (row, kv head) item: selection and the int8 tile buffers.
+struct Scratch {
+  std::vector<float> score, kf, vf;
+  std::vector<int64_t> order, sel;
+  std::vector<const float*> krow, vrow;
+  void reserve(int64_t max_blocks, int64_t D, bool int8) {
+    score.resize(max_blocks);
+    order.resize(max_blocks);
+    sel.resize(max_blocks);
+    krow.resize(kTile);
+    vrow.resize(kTile);
+    if (int8) {
+      kf.resize(kTile * D);
+      vf.resize(kTile * D);
+      for (int64_t i = 0; i < kTile; ++i) {
+        krow[i] = kf.data() + i * D;
+        vrow[i] = vf.data() + i * D;
+      }
+    }
+  }
+};
+
+// One (row, kv head) item over a float cache (kv as the dense kernel sees it) or, when kv8 is
+// non-null, an int8 one: select with q (qs, already scaled), then attend. kmin / kmax null or
+// k <= 0: dense.
+inline void attend_item(const float* qs, int64_t G, int64_t D, const llmopt_f::PagedKV* kv,
+                        const llmopt_kv8::PagedKV8* kv8, const int32_t* bt, int64_t BS, int64_t Hk, int64_t h,
+                        int64_t L, int64_t k, const float* kmin, const float* kmax, Scratch& s, float* m, float* l,
+                        float* acc, float* sc) {
+  const int64_t nb = (L + BS - 1) / BS;
+  if (static_cast<int64_t>(s.sel.size()) < nb) s.reserve(nb, D, kv8 != nullptr);
+  const int64_t ns = select_blocks(qs, G, D, kmin, kmax, bt, Hk, h, nb, kmin == nullptr ? 0 : k, s.score.data(),
+                                   s.order.data(), s.sel.data());
+  const float** kr = s.krow.data();
+  const float** vr = s.vrow.data();
+  if (kv8 == nullptr) {
+    attend_blocks(qs, G, D, s.sel.data(), ns, BS, L, m, l, acc, sc, kr, vr, [&](int64_t i, int64_t t) {
+      const int64_t blk = kv->bt[t / kv->BS], slot = t % kv->BS;
+      kr[i] = kv->k + blk * kv->ks0 + slot * kv->ks1;
+      vr[i] = kv->v + blk * kv->vs0 + slot * kv->vs1;
+    });
+  } else {
+    float* kf = s.kf.data();
+    float* vf = s.vf.data();
+    attend_blocks(qs, G, D, s.sel.data(), ns, BS, L, m, l, acc, sc, kr, vr, [&](int64_t i, int64_t t) {
+      const int64_t row = (static_cast<int64_t>(kv8->bt[t / kv8->BS]) * kv8->BS + t % kv8->BS) * kv8->Hk;
+      llmopt_kv8::dequant_row(kf + i * D, kv8->k + row * D, kv8->ks[row], D);
+      llmopt_kv8::dequant_row(vf + i * D, kv8->v + row * D, kv8->vs[row], D);
+    });
+  }
+}
+
+}  // namespace llmopt_quest

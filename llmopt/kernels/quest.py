@@ -1,0 +1,164 @@
+"""Quest-style sparse decode attention (Tang et al. 2024, "Quest: Query-Aware Sparsity for Efficient
+Long-Context LLM Inference"): every K/V row stays in the paged cache; each decode query reads only
+the cache blocks whose keys can score high for it.
+
+Per-block key summaries: ``kmin`` / ``kmax`` float32 ``[num_blocks, Hk, D]`` per layer, the
+elementwise min and max of the K rows a block holds for each kv head (an int8 cache: of the
+dequantized rows, what attention reads). :func:`update_summaries` folds rows in as they are
+written; a row at offset 0 of its block resets the block's summary (a reused block forgets its old
+owner). Min and max are order-independent, so the summaries are deterministic.
+
+Selection per (decode row, kv head): block j's bound is the largest over the G query heads of the
+group of ``sum_d max(q_gd * kmin_jd, q_gd * kmax_jd)`` (head g's upper bound of ``q_g . k`` for any
+key of the block): a block ranks by its most interested head (summing the heads' bounds let the
+heads that look elsewhere outvote a copy head, and lost needle digits); the first
+block (attention sinks) and the last (the current token's) are always read, plus the best ``k - 2``
+others (ties: the lower index). ``k`` (``topk``, per row) of 0 or at least the row's block count
+reads every block: the dense kernel's result bit for bit. One block set per kv head, so each K/V
+row is loaded once for the group.
+
+The native kernels (``csrc/quest.cpp`` over ``csrc/quest.h``, shared with the fused decode step)
+run when they built; the ``*_ref`` twins are torch and define the semantics. ``LLMOPT_NATIVE=0``
+forces the references.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .build import extension_loader, native_enabled
+from .kv_quant import dequantize_kv
+
+__all__ = ["update_summaries", "update_summaries_ref", "quest_select", "quest_select_ref",
+           "quest_decode_attention", "quest_decode_attention_ref", "native_available"]
+
+_native = extension_loader("llmopt_quest", ["quest.cpp"])
+
+
+def native_available() -> bool:
+    return native_enabled() and _native() is not None
+
+
+def _ext():
+    return _native() if native_enabled() else None
+
+
+def update_summaries_ref(kmin: torch.Tensor, kmax: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
+                         block_size: int) -> None:
+    """``rows`` [T, Hk, D] were written at flat cache ``slots`` [T]: rows at offset 0 reset their
+    block's summary, then every row widens its block's min / max (in place on ``kmin`` / ``kmax``)."""
+    rows = rows.float()
+    blocks = slots.long() // block_size
+    first = slots.long() % block_size == 0
+    if bool(first.any()):
+        kmin.index_copy_(0, blocks[first], rows[first])
+        kmax.index_copy_(0, blocks[first], rows[first])
+    idx = blocks[:, None, None].expand_as(rows)
+    kmin.scatter_reduce_(0, idx, rows, "amin")
+    kmax.scatter_reduce_(0, idx, rows, "amax")
+
+
+def update_summaries(kmin: torch.Tensor, kmax: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
+                     block_size: int) -> None:
+    """Fold the K rows just written into the block summaries; see :func:`update_summaries_ref`."""
+    ext = _ext()
+    if ext is not None and rows.device.type == "cpu" and kmin.is_contiguous() and kmax.is_contiguous():
+        ext.quest_update_(kmin, kmax, rows.float().contiguous(), slots.long().contiguous(), int(block_size))
+        return
+    update_summaries_ref(kmin, kmax, rows, slots, block_size)
+
+
+def quest_select_ref(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_tables: torch.Tensor,
+                     context_lens: torch.Tensor, topk: torch.Tensor, block_size: int,
+                     scale: float) -> torch.Tensor:
+    """bool [B, Hk, max_blocks]: the blocks each (row, kv head) reads (see the module docstring).
+    The bounds use ``q * scale`` (what the kernel scores with)."""
+    B, Hq, D = q.shape
+    Hk = kmin.shape[1]
+    G = Hq // Hk
+    MB = block_tables.shape[1]
+    out = torch.zeros(B, Hk, MB, dtype=torch.bool)
+    qs = (q.float() * scale).reshape(B, Hk, G, D)
+    for b in range(B):
+        nb = (int(context_lens[b]) + block_size - 1) // block_size
+        k = int(topk[b])
+        if k <= 0 or k >= nb:
+            out[b, :, :nb] = True
+            continue
+        k = max(k, 2)
+        blocks = block_tables[b, :nb].long()
+        mn, mx = kmin[blocks].transpose(0, 1), kmax[blocks].transpose(0, 1)  # [Hk, nb, D]
+        qb = qs[b][:, :, None, :]  # [Hk, G, 1, D]
+        bound = torch.maximum(qb * mn[:, None], qb * mx[:, None]).sum(dim=3).amax(dim=1)  # [Hk, nb]
+        mid = bound[:, 1:nb - 1]
+        order = torch.sort(mid, dim=1, descending=True, stable=True).indices[:, :k - 2] + 1
+        out[b, :, 0] = True
+        out[b, :, nb - 1] = True
+        out[b].scatter_(1, order, True)
+    return out
+
+
+def quest_select(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_tables: torch.Tensor,
+                 context_lens: torch.Tensor, topk: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+    """As :func:`quest_select_ref`, by the native kernel's selection (what attention reads)."""
+    ext = _ext()
+    if ext is None:
+        return quest_select_ref(q, kmin, kmax, block_tables, context_lens, topk, block_size, scale)
+    idx = ext.quest_select(q.float().contiguous(), kmin, kmax, block_tables.to(torch.int32).contiguous(),
+                           context_lens.to(torch.int32).contiguous(), topk.to(torch.int32).contiguous(),
+                           int(block_size), float(scale))
+    valid = idx >= 0
+    hits = torch.zeros(idx.shape, dtype=torch.int32).scatter_add_(2, torch.where(valid, idx, 0).long(), valid.int())
+    return hits > 0
+
+
+def quest_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, kmin: torch.Tensor,
+                               kmax: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                               topk: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per row [B, Hq, D] over the tokens of its chosen blocks (float cache, or int8 with
+    its scales: dequantized), HF eager attention math. Returns [B, Hq, D]."""
+    B, Hq, D = q.shape
+    BS, Hk = k_cache.shape[1], k_cache.shape[2]
+    G = Hq // Hk
+    if k_scale is not None and v_scale is not None:
+        used = torch.unique(block_tables.long().flatten())  # dequantize only the blocks the batch uses
+        remap = torch.zeros(k_cache.shape[0], dtype=torch.long)
+        remap[used] = torch.arange(len(used))
+        chosen = quest_select_ref(q, kmin, kmax, block_tables, context_lens, topk, BS, scale)
+        k_cache = dequantize_kv(k_cache[used], k_scale[used], q.dtype)
+        v_cache = dequantize_kv(v_cache[used], v_scale[used], q.dtype)
+        block_tables = remap[block_tables.long()]
+    else:
+        chosen = quest_select_ref(q, kmin, kmax, block_tables, context_lens, topk, BS, scale)
+    lens = context_lens.long()
+    L = int(lens.max()) if B else 0
+    if L == 0:
+        return q.new_zeros(B, Hq, D)
+    t = torch.arange(L)
+    valid = t[None, :] < lens[:, None]  # [B, L]
+    blocks = torch.where(valid, block_tables.long()[:, t // BS], 0)
+    k = k_cache[blocks, t % BS].permute(0, 2, 1, 3)  # [B, Hk, L, D]
+    v = v_cache[blocks, t % BS].permute(0, 2, 1, 3)
+    mask = valid[:, None, :] & torch.gather(chosen, 2, (t // BS).expand(B, Hk, L))  # [B, Hk, L]
+    scores = torch.matmul(q.reshape(B, Hk, G, D), k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask[:, :, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).nan_to_num(0.0).to(q.dtype)
+    return torch.matmul(probs, v).reshape(B, Hq, D)
+
+
+def quest_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, kmin: torch.Tensor,
+                           kmax: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                           topk: torch.Tensor, scale: float) -> torch.Tensor:
+    """Sparse paged decode attention; see :func:`quest_decode_attention_ref` and the module docstring.
+    ``topk`` int [B]: blocks each row reads (0: all)."""
+    ext = _ext()
+    if (ext is not None and q.device.type == "cpu" and q.dtype == torch.float32 and not q.requires_grad
+            and q.dim() == 3 and k_cache.is_contiguous() and v_cache.is_contiguous()):
+        return ext.quest_decode_attention(q.contiguous(), k_cache, v_cache, k_scale, v_scale, kmin, kmax,
+                                          block_tables.to(torch.int32).contiguous(),
+                                          context_lens.to(torch.int32).contiguous(),
+                                          topk.to(torch.int32).contiguous(), float(scale))
+    return quest_decode_attention_ref(q, k_cache, v_cache, k_scale, v_scale, kmin, kmax, block_tables, context_lens,
+                                      topk, scale)

@@ -1,0 +1,135 @@
+"""Quest sparse decode attention: the native summaries, selection and attention equal their torch
+references; reading every block is the dense kernels' result bit for bit; a row's result does not
+depend on the batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmopt.kernels import kv_quant, ops, quest
+
+pytestmark = pytest.mark.skipif(not quest.native_available(), reason="native quest kernel not built")
+
+BS, HK, G, D = 16, 2, 3, 64
+SCALE = D ** -0.5
+
+
+def _cache(lens: list[int], int8: bool, seed: int = 0):
+    """A paged cache holding len(lens) sequences in shuffled blocks, written through the summaries'
+    update the way the model does it (prefill chunks, then one token at a time)."""
+    g = torch.Generator().manual_seed(seed)
+    nbs = [(n + BS - 1) // BS for n in lens]
+    NB = sum(nbs) + 3
+    perm = torch.randperm(NB, generator=g).tolist()
+    tables = torch.zeros(len(lens), max(nbs), dtype=torch.int32)
+    i = 0
+    for b, nb in enumerate(nbs):
+        tables[b, :nb] = torch.tensor(perm[i:i + nb], dtype=torch.int32)
+        i += nb
+    kc = torch.zeros(NB, BS, HK, D)
+    vc = torch.zeros(NB, BS, HK, D)
+    kmin = torch.full((NB, HK, D), 7.0)  # stale garbage: offset 0 must reset it
+    kmax = torch.full((NB, HK, D), -7.0)
+    ks = vs = None
+    if int8:
+        kc, vc = kc.to(torch.int8), vc.to(torch.int8)
+        ks, vs = torch.zeros(NB, BS, HK), torch.zeros(NB, BS, HK)
+    for b, n in enumerate(lens):
+        # keys with a few "hot" blocks so that selection has something to find
+        k = torch.randn(n, HK, D, generator=g) + 3.0 * torch.randn(n // BS + 1, 1, D, generator=g).repeat_interleave(
+            BS, 0)[:n]
+        v = torch.randn(n, HK, D, generator=g)
+        t = torch.arange(n)
+        slots = tables[b].long()[t // BS] * BS + t % BS
+        for lo, hi in ((0, n * 2 // 3), (n * 2 // 3, n)):  # a chunk, then the rest
+            sl = slots[lo:hi]
+            if int8:
+                kv_quant.write_kv_int8(kc, ks, sl, k[lo:hi])
+                kv_quant.write_kv_int8(vc, vs, sl, v[lo:hi])
+                rows = kv_quant.dequantize_kv(kc.view(-1, HK, D)[sl], ks.view(-1, HK)[sl])
+            else:
+                kc.view(-1, HK, D)[sl] = k[lo:hi]
+                vc.view(-1, HK, D)[sl] = v[lo:hi]
+                rows = k[lo:hi]
+            quest.update_summaries(kmin, kmax, rows, sl, BS)
+    return kc, vc, ks, vs, kmin, kmax, tables
+
+
+def test_native_summaries_equal_the_reference_and_the_true_block_min_max():
+    lens = [100, 37, 64]
+    kc, _, _, _, kmin, kmax, tables = _cache(lens, False)
+    ref_min, ref_max = torch.full_like(kmin, 7.0), torch.full_like(kmax, -7.0)
+    for b, n in enumerate(lens):
+        t = torch.arange(n)
+        slots = tables[b].long()[t // BS] * BS + t % BS
+        quest.update_summaries_ref(ref_min, ref_max, kc.view(-1, HK, D)[slots], slots, BS)
+        for j in range((n + BS - 1) // BS):
+            blk = int(tables[b, j])
+            rows = kc[blk, : min(BS, n - j * BS)]
+            assert torch.equal(kmin[blk], rows.amin(0)) and torch.equal(kmax[blk], rows.amax(0))
+    assert torch.equal(kmin, ref_min) and torch.equal(kmax, ref_max)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_kernel_equals_torch_reference(int8):
+    lens = [200, 129, 33, 17]
+    kc, vc, ks, vs, kmin, kmax, tables = _cache(lens, int8, seed=1)
+    q = torch.randn(len(lens), HK * G, D, generator=torch.Generator().manual_seed(2))
+    topk = torch.tensor([4, 3, 1, 2], dtype=torch.int32)
+    cl = torch.tensor(lens, dtype=torch.int32)
+    sel = quest.quest_select(q, kmin, kmax, tables, cl, topk, BS, SCALE)
+    assert torch.equal(sel, quest.quest_select_ref(q, kmin, kmax, tables, cl, topk, BS, SCALE))
+    assert sel[0].sum(-1).tolist() == [4, 4] and sel[1].sum(-1).tolist() == [3, 3]
+    assert sel[2].sum(-1).tolist() == [2, 2]  # 3 blocks, k=1: the sink and the current block
+    assert sel[3].sum(-1).tolist() == [2, 2]  # k >= its 2 blocks: all
+    assert bool(sel[:, :, 0].all())
+    got = quest.quest_decode_attention(q, kc, vc, ks, vs, kmin, kmax, tables, cl, topk, SCALE)
+    want = quest.quest_decode_attention_ref(q, kc, vc, ks, vs, kmin, kmax, tables, cl, topk, SCALE)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    dense = quest.quest_decode_attention_ref(q, kc, vc, ks, vs, kmin, kmax, tables, cl, torch.zeros_like(topk), SCALE)
+    assert not torch.allclose(got[:2], dense[:2], atol=1e-3)  # it really skipped blocks
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_budget_covering_the_context_is_the_dense_kernel_bit_for_bit(int8):
+    lens = [200, 129, 33]
+    kc, vc, ks, vs, kmin, kmax, tables = _cache(lens, int8, seed=3)
+    q = torch.randn(len(lens), HK * G, D, generator=torch.Generator().manual_seed(4))
+    cl = torch.tensor(lens, dtype=torch.int32)
+    if int8:
+        dense = kv_quant.paged_decode_attention_int8(q, kc, vc, ks, vs, tables, cl, SCALE)
+    else:
+        dense = ops.paged_decode_attention(q, kc, vc, tables, cl, SCALE)
+    for topk in ([0, 0, 0], [13, 9, 3], [100, 100, 100]):
+        got = quest.quest_decode_attention(q, kc, vc, ks, vs, kmin, kmax, tables, cl,
+                                           torch.tensor(topk, dtype=torch.int32), SCALE)
+        assert torch.equal(got, dense), topk
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_a_row_alone_equals_the_row_in_a_batch(int8):
+    lens = [300, 150, 77, 260]
+    kc, vc, ks, vs, kmin, kmax, tables = _cache(lens, int8, seed=5)
+    q = torch.randn(len(lens), HK * G, D, generator=torch.Generator().manual_seed(6))
+    cl = torch.tensor(lens, dtype=torch.int32)
+    topk = torch.tensor([5, 0, 3, 4], dtype=torch.int32)
+    batched = quest.quest_decode_attention(q, kc, vc, ks, vs, kmin, kmax, tables, cl, topk, SCALE)
+    for b in range(len(lens)):
+        alone = quest.quest_decode_attention(q[b:b + 1], kc, vc, ks, vs, kmin, kmax, tables[b:b + 1], cl[b:b + 1],
+                                             topk[b:b + 1], SCALE)
+        assert torch.equal(alone[0], batched[b])
+
+
+def test_bad_inputs_are_refused_with_a_reason():
+    kc, vc, ks, vs, kmin, kmax, tables = _cache([40], False)
+    q = torch.randn(1, HK * G, D)
+    cl = torch.tensor([40], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="topk"):
+        quest.quest_decode_attention(q, kc, vc, None, None, kmin, kmax, tables, cl, torch.tensor([1, 2]), SCALE)
+    with pytest.raises(RuntimeError, match="kmin / kmax"):
+        quest.quest_decode_attention(q, kc, vc, None, None, kmin[:, :1], kmax, tables, cl,
+                                     torch.tensor([1], dtype=torch.int32), SCALE)
+    with pytest.raises(RuntimeError, match="int8 cache needs"):
+        quest.quest_decode_attention(q, kc.to(torch.int8), vc.to(torch.int8), None, None, kmin, kmax, tables, cl,
+                                     torch.tensor([1], dtype=torch.int32), SCALE)
