@@ -285,15 +285,17 @@ def _plane(codes: np.ndarray, bits: int, lane_major: bool = False) -> np.ndarray
     return np.ascontiguousarray(acc.transpose(0, 2, 3, 1)).reshape(p, nblk, -1)
 
 
-def _bit_lanes(hbits: np.ndarray) -> np.ndarray:
-    """1-bit codes ``[P, 16, nblk, QB]`` -> the lane-major high plane ``[P, nblk, QB / 32 * 64]``:
-    per 32 k one 32-bit lane per column, bit 8 i + 2 gg + h of it = the bit of k = 8 gg + 2 i + h."""
+def _high_lanes(hbits: np.ndarray, bits: int) -> np.ndarray:
+    """High codes ``[P, 16, nblk, QB]`` (``bits`` each) -> the lane-major high plane ``[P, nblk,
+    QB / kh * 64]``: per kh = 32 / bits k one 32-bit lane per column, bits 8 i + bits (2 gg + h) ..
+    of it = the high bits of k = 8 gg + 2 i + h."""
     p, _, nblk, qb = hbits.shape
-    h = hbits.reshape(p, LANES, nblk, qb // 32, 4, 4, 2).astype(np.uint8)  # [.., gg, i, h]
-    acc = np.zeros((p, LANES, nblk, qb // 32, 4), np.uint8)  # [.., i]
-    for gg in range(4):
+    kh, ngg = 32 // bits, 4 // bits
+    h = hbits.reshape(p, LANES, nblk, qb // kh, ngg, 4, 2).astype(np.uint8)  # [.., gg, i, h]
+    acc = np.zeros((p, LANES, nblk, qb // kh, 4), np.uint8)  # [.., i]
+    for gg in range(ngg):
         for hh in range(2):
-            acc |= h[..., gg, :, hh] << np.uint8(2 * gg + hh)
+            acc |= h[..., gg, :, hh] << np.uint8(bits * (2 * gg + hh))
     return np.ascontiguousarray(acc.transpose(0, 2, 3, 1, 4)).reshape(p, nblk, -1)
 
 
@@ -355,8 +357,8 @@ def pack_gguf(raw: torch.Tensor | np.ndarray, ggml_type: int | str | gguf.GGMLQu
             a = np.ascontiguousarray(f["q"].transpose(0, 2, 3, 1))
         elif sec == "low":
             a = _plane(f["q"] & np.uint8((1 << t.l) - 1), t.l, t.lane_major)
-        elif t.h == 1 and t.lane_major:
-            a = _bit_lanes((f["q"] >> np.uint8(t.l)) & np.uint8(1))
+        elif t.lane_major:
+            a = _high_lanes((f["q"] >> np.uint8(t.l)) & np.uint8((1 << t.h) - 1), t.h)
         else:
             a = _plane((f["q"] >> np.uint8(t.l)) & np.uint8((1 << t.h) - 1), t.h)
         parts.append(a.reshape(p, nblk, nbytes))
@@ -380,14 +382,15 @@ def _unplane(a: torch.Tensor, bits: int, lane_major: bool = False) -> torch.Tens
     return ((g >> sh) & ((1 << bits) - 1)).reshape(p, nblk, -1, LANES)
 
 
-def _unbit_lanes(a: torch.Tensor) -> torch.Tensor:
-    """The lane-major high plane [P, nblk, QB / 32 * 64] -> bits [P, nblk, QB, 16] (inverse of
-    :func:`_bit_lanes`)."""
+def _unhigh_lanes(a: torch.Tensor, bits: int) -> torch.Tensor:
+    """The lane-major high plane [P, nblk, QB / kh * 64] -> high codes [P, nblk, QB, 16] (inverse of
+    :func:`_high_lanes`)."""
     p, nblk, nb = a.shape
+    ns = 8 // bits  # selections (2 gg + h) per byte
     lanes = a.reshape(p, nblk, nb // 64, LANES, 4, 1).long()  # [.., c, i, 1]
-    bits = (lanes >> torch.arange(8).reshape(1, 1, 1, 1, 1, 8)) & 1  # [.., c, i, s = 2 gg + h]
-    bits = bits.reshape(p, nblk, nb // 64, LANES, 4, 4, 2)  # [.., c, i, gg, h]
-    return bits.permute(0, 1, 2, 5, 4, 6, 3).reshape(p, nblk, -1, LANES)  # k = 8 gg + 2 i + h
+    h = (lanes >> (torch.arange(ns) * bits).reshape(1, 1, 1, 1, 1, ns)) & ((1 << bits) - 1)  # [.., c, i, s]
+    h = h.reshape(p, nblk, nb // 64, LANES, 4, ns // 2, 2)  # [.., c, i, gg, h]
+    return h.permute(0, 1, 2, 5, 4, 6, 3).reshape(p, nblk, -1, LANES)  # k = 8 gg + 2 i + h
 
 
 def dequantize_packed(packed: GGUFPacked) -> torch.Tensor:
@@ -410,8 +413,8 @@ def dequantize_packed(packed: GGUFPacked) -> torch.Tensor:
         q = sec["low"].contiguous().view(torch.int8).reshape(p, nblk, t.qb, LANES).long()
     else:
         q = _unplane(sec["low"], t.l, t.lane_major)
-        if t.h == 1 and t.lane_major:
-            q = q | (_unbit_lanes(sec["high"]) << t.l)
+        if t.lane_major:
+            q = q | (_unhigh_lanes(sec["high"], t.h) << t.l)
         elif t.h:
             q = q | (_unplane(sec["high"], t.h) << t.l)
     q = q.reshape(p, nblk, t.ns, t.s, LANES).float()

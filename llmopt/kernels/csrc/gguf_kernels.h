@@ -20,10 +20,10 @@
 //   int8 dot products want the 4 code bytes (8 k) of one column in one 32-bit lane, so these
 //   store them that way instead of transposing 4 rows of 16 bytes per 8 k at run time:
 //     LOW  [QB / 8][16][4]    byte (g, c, i) = lo(q[c][8g + 2i]) | lo(q[c][8g + 2i + 1]) << 4
-//     HIGH (H = 1) [QB / 32][16][4]   one 32-bit lane per column and 32 k: bit 8 i + 2 gg + h of
-//                             lane c = high bit of q[c][32 b + 8 gg + 2 i + h] (the bit a shift by a
-//                             constant moves to bit 4 of the byte that holds the code's nibble)
-//     HIGH (H = 2, Q6_K) as above ([QB / 4][16]).
+//     HIGH [QB / KH][16][4]   one 32-bit lane per column and KH = 32 / H k (32 for Q5, 16 for Q6_K):
+//                             bits 8 i + H (2 gg + h) .. + H - 1 of lane c = the high bits of
+//                             q[c][KH b + 8 gg + 2 i + h] (where one shift by a constant moves them
+//                             to bit 4 of the byte that holds the code's low nibble)
 //   The codes q are the GGUF ones, unsigned (Q8_0: the int8 itself), in natural k order.
 //   Same bytes as the GGUF data except the K-quants' 6-bit scales stored one per byte
 //   (Q4_K / Q5_K / Q3_K: +64 bytes per 16 blocks, +2-3.5%).
@@ -89,10 +89,18 @@ struct V {
   static GGUF_INLINE I izero() { return _mm512_setzero_si512(); }
   static GGUF_INLINE I ld(const uint8_t* p) { return _mm512_loadu_si512((const void*)p); }
   static GGUF_INLINE I srl(I a, int n) { return _mm512_srl_epi32(a, _mm_cvtsi32_si128(n)); }
-  // codes | (bit s of each byte of h, moved to bit 4)
-  template <int S> static GGUF_INLINE I or_bit4(I codes, I h) {
-    const __mmask64 k = _mm512_test_epi8_mask(h, _mm512_set1_epi8((char)(1 << S)));
-    return _mm512_mask_add_epi8(codes, k, codes, _mm512_set1_epi8(0x10));
+  // codes (< 16) | (bits H S .. H S + H - 1 of each byte of h, moved to bits 4 ..)
+  template <int H, int S> static GGUF_INLINE I or_hbits(I codes, I h) {
+    if constexpr (H == 1) {
+      const __mmask64 k = _mm512_test_epi8_mask(h, _mm512_set1_epi8((char)(1 << S)));
+      return _mm512_mask_add_epi8(codes, k, codes, _mm512_set1_epi8(0x10));
+    } else {
+      constexpr int b = H * S;
+      I t = h;
+      if constexpr (b < 4) t = _mm512_slli_epi32(h, 4 - b);
+      else if constexpr (b > 4) t = _mm512_srli_epi32(h, b - 4);
+      return _mm512_ternarylogic_epi32(codes, t, _mm512_set1_epi8((char)(((1 << H) - 1) << 4)), 0xF8);  // a | (b & c)
+    }
   }
   static GGUF_INLINE I iset1(int32_t v) { return _mm512_set1_epi32(v); }
   static GGUF_INLINE I isub(I a, I b) { return _mm512_sub_epi32(a, b); }
@@ -124,15 +132,6 @@ struct V {
 #endif
   }
   static GGUF_INLINE F cvti(I a) { return _mm512_cvtepi32_ps(a); }
-  template <int S> static GGUF_INLINE I sll16(I a) { return _mm512_slli_epi16(a, S); }
-  template <int S> static GGUF_INLINE I srl16(I a) { return _mm512_srli_epi16(a, S); }
-  // 2 rows of 16 bytes at p (a = p[0..16), b = p[16..32)) -> lane c = (a[c], a[c], b[c], b[c])
-  static GGUF_INLINE I rep2x16(const uint8_t* p) {
-    const __m512i v = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)p));
-    const __m512i idx = _mm512_setr_epi32(0, 4, 0, 0, 1, 5, 0, 0, 2, 6, 0, 0, 3, 7, 0, 0);
-    const __m512i sh = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 0, 4, 4, 1, 1, 5, 5, 2, 2, 6, 6, 3, 3, 7, 7));
-    return _mm512_shuffle_epi8(_mm512_permutexvar_epi32(idx, v), sh);
-  }
 };
 #if defined(__AVX512VNNI__)
 constexpr int32_t kQ8Bias = 128;
@@ -178,14 +177,15 @@ struct V {
     const __m128i c = _mm_cvtsi32_si128(n);
     return {_mm256_srl_epi32(x.a, c), _mm256_srl_epi32(x.b, c)};
   }
-  template <int S> static GGUF_INLINE __m256i bit4_1(__m256i h) {
-    if constexpr (S < 4) h = _mm256_slli_epi32(h, 4 - S);
-    else if constexpr (S > 4) h = _mm256_srli_epi32(h, S - 4);
-    return _mm256_and_si256(h, _mm256_set1_epi8(0x10));
+  template <int H, int S> static GGUF_INLINE __m256i hbits_1(__m256i h) {
+    constexpr int b = H * S;
+    if constexpr (b < 4) h = _mm256_slli_epi32(h, 4 - b);
+    else if constexpr (b > 4) h = _mm256_srli_epi32(h, b - 4);
+    return _mm256_and_si256(h, _mm256_set1_epi8((char)(((1 << H) - 1) << 4)));
   }
-  // codes | (bit s of each byte of h, moved to bit 4)
-  template <int S> static GGUF_INLINE I or_bit4(I codes, I h) {
-    return {_mm256_or_si256(codes.a, bit4_1<S>(h.a)), _mm256_or_si256(codes.b, bit4_1<S>(h.b))};
+  // codes (< 16) | (bits H S .. H S + H - 1 of each byte of h, moved to bits 4 ..)
+  template <int H, int S> static GGUF_INLINE I or_hbits(I codes, I h) {
+    return {_mm256_or_si256(codes.a, hbits_1<H, S>(h.a)), _mm256_or_si256(codes.b, hbits_1<H, S>(h.b))};
   }
   static GGUF_INLINE I iset1(int32_t v) { return {_mm256_set1_epi32(v), _mm256_set1_epi32(v)}; }
   static GGUF_INLINE I isub(I x, I y) { return {_mm256_sub_epi32(x.a, y.a), _mm256_sub_epi32(x.b, y.b)}; }
@@ -215,17 +215,6 @@ struct V {
             dot_u1(acc.b, _mm256_abs_epi8(w.b), _mm256_sign_epi8(x.b, w.b))};
   }
   static GGUF_INLINE F cvti(I x) { return cvt(x); }
-  template <int S> static GGUF_INLINE I sll16(I x) { return {_mm256_slli_epi16(x.a, S), _mm256_slli_epi16(x.b, S)}; }
-  template <int S> static GGUF_INLINE I srl16(I x) { return {_mm256_srli_epi16(x.a, S), _mm256_srli_epi16(x.b, S)}; }
-  // 2 rows of 16 bytes at p (a = p[0..16), b = p[16..32)) -> lane c = (a[c], a[c], b[c], b[c])
-  static GGUF_INLINE I rep2x16(const uint8_t* p) {
-    const __m128i a = _mm_loadu_si128((const __m128i*)p), b = _mm_loadu_si128((const __m128i*)(p + 16));
-    const __m256i lo = _mm256_broadcastsi128_si256(_mm_unpacklo_epi64(a, b));  // a[0..8), b[0..8)
-    const __m256i hi = _mm256_broadcastsi128_si256(_mm_unpackhi_epi64(a, b));  // a[8..16), b[8..16)
-    const __m256i sh = _mm256_setr_epi8(0, 0, 8, 8, 1, 1, 9, 9, 2, 2, 10, 10, 3, 3, 11, 11,
-                                        4, 4, 12, 12, 5, 5, 13, 13, 6, 6, 14, 14, 7, 7, 15, 15);
-    return {_mm256_shuffle_epi8(lo, sh), _mm256_shuffle_epi8(hi, sh)};
-  }
 };
 constexpr int32_t kQ8Bias = 0;
 #endif
@@ -328,28 +317,23 @@ GGUF_INLINE void params(const uint8_t* blk, int s, F& A, F& B) {
 template <class T, int j>
 GGUF_INLINE F weight(const uint8_t* blk, int k0, I& lo, I& hi, const F& A, const F& B) {
   I q;
-  if constexpr (T::LM && T::H == 1) {
+  if constexpr (T::LM) {
     // at j = 0: the column's 8 codes (k0 .. k0 + 7, k0 % 8 == 0) as bytes, lo = k0 + (0, 2, 4, 6),
-    // hi = k0 + (1, 3, 5, 7), the 32-k high lane shifted so that bit 8 i + h is the bit of k0 + 2 i + h
+    // hi = k0 + (1, 3, 5, 7), from the low plane's lane and the high lane of the 32 / H k holding
+    // them, shifted so that bits H h .. H h + H - 1 of byte i are those of k0 + 2 i + h
     static_assert(T::G == 8);
     if constexpr (j == 0) {
+      constexpr int KH = 32 / T::H;  // k per high lane
       const I t = V::ld(blk + T::OFF_LOW + 8 * k0);
-      const I h = V::srl(V::ld(blk + T::OFF_HIGH + 64 * (k0 / 32)), 2 * ((k0 % 32) / 8));
-      lo = V::template or_bit4<0>(V::and8(t, 0x0F), h);
-      hi = V::template or_bit4<1>(V::and8(V::srl16_4(t), 0x0F), h);
+      const I h = V::srl(V::ld(blk + T::OFF_HIGH + 64 * (k0 / KH)), 2 * T::H * ((k0 % KH) / 8));
+      lo = V::template or_hbits<T::H, 0>(V::and8(t, 0x0F), h);
+      hi = V::template or_hbits<T::H, 1>(V::and8(V::srl16_4(t), 0x0F), h);
     }
     const I& c = j % 2 ? hi : lo;
     constexpr int sh = 8 * (j / 2);
     if constexpr (sh == 24) q = V::template shr<24>(c);
     else if constexpr (sh == 0) q = V::andi(c, 0xFF);
     else q = V::andi(V::template shr<sh>(c), 0xFF);
-  } else if constexpr (T::LM) {  // lane c of lo = the column's 4 code bytes of k0 .. k0 + 7 (k0 % 8 == 0)
-    static_assert(T::G == 8);
-    if constexpr (j == 0) lo = V::ld(blk + T::OFF_LOW + 8 * k0);
-    constexpr int sh = 4 * j;  // byte j / 2, nibble j % 2
-    if constexpr (sh == 28) q = V::template shr<28>(lo);
-    else if constexpr (sh == 0) q = V::andi(lo, 15);
-    else q = V::andi(V::template shr<sh>(lo), 15);
   } else {
     if constexpr (j % T::PER == 0) {
       const uint8_t* p = blk + T::OFF_LOW + 16 * ((k0 + j) / T::PER);
@@ -361,7 +345,7 @@ GGUF_INLINE F weight(const uint8_t* blk, int k0, I& lo, I& hi, const F& A, const
     else if constexpr (sh == 0) q = V::andi(lo, (1 << T::L) - 1);
     else q = V::andi(V::template shr<sh>(lo), (1 << T::L) - 1);
   }
-  if constexpr (T::H > 0 && !(T::LM && T::H == 1)) {  // (lane-major H = 1: merged above)
+  if constexpr (T::H > 0 && !T::LM) {  // (lane-major: merged above)
     if constexpr (j % T::HPER == 0) hi = V::u8(blk + T::OFF_HIGH + 16 * ((k0 + j) / T::HPER));
     constexpr int hs = T::H * (j % T::HPER);  // position of this code's high bits in the byte
     I h = V::andi(hi, ((1 << T::H) - 1) << hs);
@@ -540,9 +524,9 @@ GGUF_INLINE void tile_a8(const uint8_t* const* pan, const A8Row* rows, int64_t n
       for (int p = 0; p < NP; ++p)
         for (int r = 0; r < R; ++r) is[p][r] = V::izero();
       if constexpr (T::L == 4) {
-        I hv[NP];  // lane-major high plane of the sub-block (H = 1: one 32-bit lane per column)
-        if constexpr (T::H == 1) {
-          static_assert(T::LM && T::S == 32);
+        I hv[NP];  // the sub-block's high lanes (32 / H k = T::S: one 32-bit lane per column)
+        if constexpr (T::H > 0) {
+          static_assert(T::LM && T::S == 32 / T::H);
           for (int p = 0; p < NP; ++p) hv[p] = V::ld(blk[p] + T::OFF_HIGH + 64 * s);
         }
         static_for<0, T::S / 8>([&](auto gc) {  // 8 k = 4 code bytes per column
@@ -553,14 +537,9 @@ GGUF_INLINE void tile_a8(const uint8_t* const* pan, const A8Row* rows, int64_t n
             const I t = T::LM ? V::ld(blk[p] + T::OFF_LOW + 8 * kb) : V::t4x16(blk[p] + T::OFF_LOW + 8 * kb);
             lo[p] = V::and8(t, 0x0F);  // k = 0, 2, 4, 6 of the group
             hi[p] = V::and8(V::srl16_4(t), 0x0F);  // k = 1, 3, 5, 7
-            if constexpr (T::H == 1) {  // bit 2 gg + h of byte i = high bit of k = 8 gg + 2 i + h
-              lo[p] = V::template or_bit4<2 * gg>(lo[p], hv[p]);
-              hi[p] = V::template or_bit4<2 * gg + 1>(hi[p], hv[p]);
-            } else if constexpr (T::H == 2) {  // bits 2j, 2j + 1 of byte a (k < 4) / b (k >= 4)
-              const I h = V::rep2x16(blk[p] + T::OFF_HIGH + 16 * (kb / 4));  // lane (a, a, b, b)
-              lo[p] = V::or_(lo[p], V::or_(V::andi(V::template sll16<4>(h), 0x00300030), V::andi(h, 0x30003000)));
-              hi[p] = V::or_(hi[p], V::or_(V::andi(V::template sll16<2>(h), 0x00300030),
-                                           V::andi(V::template srl16<2>(h), 0x30003000)));
+            if constexpr (T::H > 0) {  // bits H (2 gg + h) .. of byte i = high bits of k = 8 gg + 2 i + h
+              lo[p] = V::template or_hbits<T::H, 2 * gg>(lo[p], hv[p]);
+              hi[p] = V::template or_hbits<T::H, 2 * gg + 1>(hi[p], hv[p]);
             }
           }
           for (int r = 0; r < R; ++r) {
