@@ -106,8 +106,8 @@ class _TypeDesc:
 
     @property
     def lane_major(self) -> bool:
-        """The 4-bit low plane and the high plane stored lane-major (``TypeDesc::LM``)."""
-        return self.l == 4 and self.h > 0
+        """The 4-bit low plane (and the high plane) stored lane-major (``TypeDesc::LM``)."""
+        return self.l == 4
 
     @property
     def sections(self) -> list[tuple[str, int]]:
@@ -413,7 +413,7 @@ def dequantize_packed(packed: GGUFPacked) -> torch.Tensor:
         q = sec["low"].contiguous().view(torch.int8).reshape(p, nblk, t.qb, LANES).long()
     else:
         q = _unplane(sec["low"], t.l, t.lane_major)
-        if t.lane_major:
+        if t.h and t.lane_major:
             q = q | (_unhigh_lanes(sec["high"], t.h) << t.l)
         elif t.h:
             q = q | (_unplane(sec["high"], t.h) << t.l)

@@ -16,11 +16,11 @@
 //     MN   u8 [NS][16]        per sub-block 6-bit min (Q4_K, Q5_K)                 if T::MN
 //     LOW  [QB / (8/L)][16]   low L bits of the codes: byte (g, c) = sum_j lo(q[c][g*(8/L)+j]) << L*j
 //     HIGH [QB / (8/H)][16]   the H bits above them, same packing                  if T::H
-//   Lane-major types (T::LM: 4-bit low plane and a high plane, i.e. Q5_0, Q5_1, Q5_K, Q6_K): the
+//   Lane-major types (T::LM: a 4-bit low plane, i.e. Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K): the
 //   int8 dot products want the 4 code bytes (8 k) of one column in one 32-bit lane, so these
 //   store them that way instead of transposing 4 rows of 16 bytes per 8 k at run time:
 //     LOW  [QB / 8][16][4]    byte (g, c, i) = lo(q[c][8g + 2i]) | lo(q[c][8g + 2i + 1]) << 4
-//     HIGH [QB / KH][16][4]   one 32-bit lane per column and KH = 32 / H k (32 for Q5, 16 for Q6_K):
+//     HIGH [QB / KH][16][4]   (if T::H) one 32-bit lane per column and KH = 32 / H k (32 for Q5, 16 for Q6_K):
 //                             bits 8 i + H (2 gg + h) .. + H - 1 of lane c = the high bits of
 //                             q[c][KH b + 8 gg + 2 i + h] (where one shift by a constant moves them
 //                             to bit 4 of the byte that holds the code's low nibble)
@@ -241,7 +241,7 @@ struct TypeDesc {
   static constexpr bool M2 = M2_, MN = MN_, SIGNED = SIGNED_;
   static constexpr int PER = 8 / L;                 // codes per byte of the LOW plane
   static constexpr int HPER = H ? 8 / H : 1;        // codes per byte of the HIGH plane
-  static constexpr bool LM = L == 4 && H > 0;      // lane-major planes (see the header comment)
+  static constexpr bool LM = L == 4;               // lane-major planes (see the header comment)
   static constexpr int G = LM ? 8 : PER > HPER ? PER : HPER; // k per decode group (one load of each plane)
   static constexpr bool HAS_B = M2 || MN || OFF != 0;
   static constexpr int OFF_M2 = 32;
@@ -317,7 +317,14 @@ GGUF_INLINE void params(const uint8_t* blk, int s, F& A, F& B) {
 template <class T, int j>
 GGUF_INLINE F weight(const uint8_t* blk, int k0, I& lo, I& hi, const F& A, const F& B) {
   I q;
-  if constexpr (T::LM) {
+  if constexpr (T::LM && T::H == 0) {  // lane c of lo = the column's 4 code bytes of k0 .. k0 + 7
+    static_assert(T::G == 8);
+    if constexpr (j == 0) lo = V::ld(blk + T::OFF_LOW + 8 * k0);
+    constexpr int sh = 4 * j;  // byte j / 2, nibble j % 2
+    if constexpr (sh == 28) q = V::template shr<28>(lo);
+    else if constexpr (sh == 0) q = V::andi(lo, 15);
+    else q = V::andi(V::template shr<sh>(lo), 15);
+  } else if constexpr (T::LM) {
     // at j = 0: the column's 8 codes (k0 .. k0 + 7, k0 % 8 == 0) as bytes, lo = k0 + (0, 2, 4, 6),
     // hi = k0 + (1, 3, 5, 7), from the low plane's lane and the high lane of the 32 / H k holding
     // them, shifted so that bits H h .. H h + H - 1 of byte i are those of k0 + 2 i + h
@@ -524,6 +531,7 @@ GGUF_INLINE void tile_a8(const uint8_t* const* pan, const A8Row* rows, int64_t n
       for (int p = 0; p < NP; ++p)
         for (int r = 0; r < R; ++r) is[p][r] = V::izero();
       if constexpr (T::L == 4) {
+        static_assert(T::LM);
         I hv[NP];  // the sub-block's high lanes (32 / H k = T::S: one 32-bit lane per column)
         if constexpr (T::H > 0) {
           static_assert(T::LM && T::S == 32 / T::H);
@@ -534,7 +542,7 @@ GGUF_INLINE void tile_a8(const uint8_t* const* pan, const A8Row* rows, int64_t n
           const int kb = s * T::S + 8 * gg;  // k in the block
           I lo[NP], hi[NP];
           for (int p = 0; p < NP; ++p) {
-            const I t = T::LM ? V::ld(blk[p] + T::OFF_LOW + 8 * kb) : V::t4x16(blk[p] + T::OFF_LOW + 8 * kb);
+            const I t = V::ld(blk[p] + T::OFF_LOW + 8 * kb);  // lane c: the column's 4 code bytes
             lo[p] = V::and8(t, 0x0F);  // k = 0, 2, 4, 6 of the group
             hi[p] = V::and8(V::srl16_4(t), 0x0F);  // k = 1, 3, 5, 7
             if constexpr (T::H > 0) {  // bits H (2 gg + h) .. of byte i = high bits of k = 8 gg + 2 i + h
