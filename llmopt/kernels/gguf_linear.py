@@ -105,6 +105,11 @@ class _TypeDesc:
                 or (self.s == 16 and self.l == 4 and self.h == 2 and self.sck == _SC_S8 and not self.m2))
 
     @property
+    def lane_major(self) -> bool:
+        """The 4-bit low plane (and the high plane) stored lane-major (``TypeDesc::LM``)."""
+        return self.l == 4
+
+    @property
     def sections(self) -> list[tuple[str, int]]:
         """(name, bytes) of one 16-column block, in order."""
         out = [("d", 32)]
@@ -264,16 +269,34 @@ def _fields(t: _TypeDesc, b: np.ndarray) -> dict[str, np.ndarray]:
     return f
 
 
-def _plane(codes: np.ndarray, bits: int) -> np.ndarray:
+def _plane(codes: np.ndarray, bits: int, lane_major: bool = False) -> np.ndarray:
     """codes ``[P, 16, nblk, QB]`` (values < 2**bits) -> ``[P, nblk, QB * 16 * bits / 8]`` bytes:
-    byte (g, c) = sum_j codes[c][g * per + j] << bits * j, per = 8 / bits."""
+    byte (g, c) = sum_j codes[c][g * per + j] << bits * j, per = 8 / bits; lane_major (4-bit planes
+    of T::LM types): byte (g // 4, c, g % 4) instead (the 4 bytes of 8 k of a column together)."""
     p, _, nblk, qb = codes.shape
     per = 8 // bits
     c = codes.reshape(p, LANES, nblk, qb // per, per).astype(np.uint8)
     acc = np.zeros(c.shape[:-1], np.uint8)
     for j in range(per):
         acc |= c[..., j] << np.uint8(bits * j)
+    if lane_major:
+        acc = acc.reshape(p, LANES, nblk, qb // per // 4, 4).transpose(0, 2, 3, 1, 4)
+        return np.ascontiguousarray(acc).reshape(p, nblk, -1)
     return np.ascontiguousarray(acc.transpose(0, 2, 3, 1)).reshape(p, nblk, -1)
+
+
+def _high_lanes(hbits: np.ndarray, bits: int) -> np.ndarray:
+    """High codes ``[P, 16, nblk, QB]`` (``bits`` each) -> the lane-major high plane ``[P, nblk,
+    QB / kh * 64]``: per kh = 32 / bits k one 32-bit lane per column, bits 8 i + bits (2 gg + h) ..
+    of it = the high bits of k = 8 gg + 2 i + h."""
+    p, _, nblk, qb = hbits.shape
+    kh, ngg = 32 // bits, 4 // bits
+    h = hbits.reshape(p, LANES, nblk, qb // kh, ngg, 4, 2).astype(np.uint8)  # [.., gg, i, h]
+    acc = np.zeros((p, LANES, nblk, qb // kh, 4), np.uint8)  # [.., i]
+    for gg in range(ngg):
+        for hh in range(2):
+            acc |= h[..., gg, :, hh] << np.uint8(bits * (2 * gg + hh))
+    return np.ascontiguousarray(acc.transpose(0, 2, 3, 1, 4)).reshape(p, nblk, -1)
 
 
 def _as_qtype(ggml_type: int | str | gguf.GGMLQuantizationType, name: str) -> gguf.GGMLQuantizationType:
@@ -333,7 +356,9 @@ def pack_gguf(raw: torch.Tensor | np.ndarray, ggml_type: int | str | gguf.GGMLQu
         elif sec == "low" and t.l == 8:  # one code per byte: just interleave the columns
             a = np.ascontiguousarray(f["q"].transpose(0, 2, 3, 1))
         elif sec == "low":
-            a = _plane(f["q"] & np.uint8((1 << t.l) - 1), t.l)
+            a = _plane(f["q"] & np.uint8((1 << t.l) - 1), t.l, t.lane_major)
+        elif t.lane_major:
+            a = _high_lanes((f["q"] >> np.uint8(t.l)) & np.uint8((1 << t.h) - 1), t.h)
         else:
             a = _plane((f["q"] >> np.uint8(t.l)) & np.uint8((1 << t.h) - 1), t.h)
         parts.append(a.reshape(p, nblk, nbytes))
@@ -346,13 +371,26 @@ def pack_gguf(raw: torch.Tensor | np.ndarray, ggml_type: int | str | gguf.GGMLQu
 # ---------------------------------------------------------------------------------------------
 
 
-def _unplane(a: torch.Tensor, bits: int) -> torch.Tensor:
-    """[P, nblk, QB/per * 16] bytes -> codes [P, nblk, QB, 16] (int64)."""
+def _unplane(a: torch.Tensor, bits: int, lane_major: bool = False) -> torch.Tensor:
+    """[P, nblk, QB/per * 16] bytes -> codes [P, nblk, QB, 16] (int64) (inverse of :func:`_plane`)."""
     p, nblk, nb = a.shape
     per = 8 // bits
+    if lane_major:
+        a = a.reshape(p, nblk, nb // 64, LANES, 4).transpose(3, 4).reshape(p, nblk, nb)
     g = a.reshape(p, nblk, nb // LANES, 1, LANES).long()
     sh = (torch.arange(per) * bits).reshape(1, 1, 1, per, 1)
     return ((g >> sh) & ((1 << bits) - 1)).reshape(p, nblk, -1, LANES)
+
+
+def _unhigh_lanes(a: torch.Tensor, bits: int) -> torch.Tensor:
+    """The lane-major high plane [P, nblk, QB / kh * 64] -> high codes [P, nblk, QB, 16] (inverse of
+    :func:`_high_lanes`)."""
+    p, nblk, nb = a.shape
+    ns = 8 // bits  # selections (2 gg + h) per byte
+    lanes = a.reshape(p, nblk, nb // 64, LANES, 4, 1).long()  # [.., c, i, 1]
+    h = (lanes >> (torch.arange(ns) * bits).reshape(1, 1, 1, 1, 1, ns)) & ((1 << bits) - 1)  # [.., c, i, s]
+    h = h.reshape(p, nblk, nb // 64, LANES, 4, ns // 2, 2)  # [.., c, i, gg, h]
+    return h.permute(0, 1, 2, 5, 4, 6, 3).reshape(p, nblk, -1, LANES)  # k = 8 gg + 2 i + h
 
 
 def dequantize_packed(packed: GGUFPacked) -> torch.Tensor:
@@ -374,8 +412,10 @@ def dequantize_packed(packed: GGUFPacked) -> torch.Tensor:
     if t.l == 8:
         q = sec["low"].contiguous().view(torch.int8).reshape(p, nblk, t.qb, LANES).long()
     else:
-        q = _unplane(sec["low"], t.l)
-        if t.h:
+        q = _unplane(sec["low"], t.l, t.lane_major)
+        if t.h and t.lane_major:
+            q = q | (_unhigh_lanes(sec["high"], t.h) << t.l)
+        elif t.h:
             q = q | (_unplane(sec["high"], t.h) << t.l)
     q = q.reshape(p, nblk, t.ns, t.s, LANES).float()
     d = f16(sec["d"]).unsqueeze(3)  # [P, nblk, 1, 1, 16]

@@ -245,6 +245,31 @@ def test_reference_path_and_other_input_forms(paths):
     assert yb.dtype == torch.bfloat16 and yb.shape == (2, 5, n)
 
 
+@pytest.mark.parametrize("qt", [QT.Q4_1, QT.Q4_K, QT.Q5_0, QT.Q5_K, QT.Q6_K], ids=["Q4_1", "Q4_K", "Q5_0", "Q5_K", "Q6_K"])
+def test_lane_major_planes_hold_each_code_where_the_kernels_read_it(qt):
+    """4-bit low planes (TypeDesc::LM): low plane byte (g, c, i) = the nibbles of k = 8 g + 2 i, + 1 of
+    column c; high plane one 32-bit lane per column and 32 / H k, bits 8 i + H (2 gg + h) .. = the
+    high bits of k = 8 gg + 2 i + h (checked code by code against the GGUF blocks' own codes)."""
+    t = G._TYPES[qt]
+    assert t.lane_major
+    n, k = 16, t.qb
+    raw = random_blocks(qt, n, k, seed=5)
+    codes = G._fields(t, raw.reshape(1, n, 1, -1))["q"][0, :, 0]  # [16, QB]
+    data = G.pack_gguf(raw, qt, (n, k)).data[0, 0].numpy()
+    off = dict(zip([s for s, _ in t.sections], np.cumsum([0] + [b for _, b in t.sections])))
+    low, high = data[off["low"]:off["low"] + k * 8], data[off["low"] + k * 8:]
+    kh = 32 // max(t.h, 1)
+    for c in range(n):
+        for kk in range(k):
+            g, i, h = kk // 8, (kk % 8) // 2, kk % 2
+            assert (low[64 * g + 4 * c + i] >> (4 * h)) & 15 == codes[c, kk] & 15, (c, kk)
+            if not t.h:
+                continue
+            lane = int.from_bytes(high[64 * (kk // kh) + 4 * c:64 * (kk // kh) + 4 * c + 4].tobytes(), "little")
+            gg = (kk % kh) // 8
+            assert (lane >> (8 * i + t.h * (2 * gg + h))) & ((1 << t.h) - 1) == codes[c, kk] >> 4, (c, kk)
+
+
 def test_embedding_rows_equal_gguf_dequantize():
     packed, w = case(QT.Q6_K, seed=5)
     ids = torch.tensor([[0, 36, 17], [17, 5, 36]])

@@ -16,6 +16,14 @@
 //     MN   u8 [NS][16]        per sub-block 6-bit min (Q4_K, Q5_K)                 if T::MN
 //     LOW  [QB / (8/L)][16]   low L bits of the codes: byte (g, c) = sum_j lo(q[c][g*(8/L)+j]) << L*j
 //     HIGH [QB / (8/H)][16]   the H bits above them, same packing                  if T::H
+//   Lane-major types (T::LM: a 4-bit low plane, i.e. Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K): the
+//   int8 dot products want the 4 code bytes (8 k) of one column in one 32-bit lane, so these
+//   store them that way instead of transposing 4 rows of 16 bytes per 8 k at run time:
+//     LOW  [QB / 8][16][4]    byte (g, c, i) = lo(q[c][8g + 2i]) | lo(q[c][8g + 2i + 1]) << 4
+//     HIGH [QB / KH][16][4]   (if T::H) one 32-bit lane per column and KH = 32 / H k (32 for Q5, 16 for Q6_K):
+//                             bits 8 i + H (2 gg + h) .. + H - 1 of lane c = the high bits of
+//                             q[c][KH b + 8 gg + 2 i + h] (where one shift by a constant moves them
+//                             to bit 4 of the byte that holds the code's low nibble)
 //   The codes q are the GGUF ones, unsigned (Q8_0: the int8 itself), in natural k order.
 //   Same bytes as the GGUF data except the K-quants' 6-bit scales stored one per byte
 //   (Q4_K / Q5_K / Q3_K: +64 bytes per 16 blocks, +2-3.5%).
@@ -79,6 +87,21 @@ struct V {
   static GGUF_INLINE F neg(F a) { return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a), _mm512_set1_epi32(int(0x80000000u)))); }
   // --- int8 activations ---
   static GGUF_INLINE I izero() { return _mm512_setzero_si512(); }
+  static GGUF_INLINE I ld(const uint8_t* p) { return _mm512_loadu_si512((const void*)p); }
+  static GGUF_INLINE I srl(I a, int n) { return _mm512_srl_epi32(a, _mm_cvtsi32_si128(n)); }
+  // codes (< 16) | (bits H S .. H S + H - 1 of each byte of h, moved to bits 4 ..)
+  template <int H, int S> static GGUF_INLINE I or_hbits(I codes, I h) {
+    if constexpr (H == 1) {
+      const __mmask64 k = _mm512_test_epi8_mask(h, _mm512_set1_epi8((char)(1 << S)));
+      return _mm512_mask_add_epi8(codes, k, codes, _mm512_set1_epi8(0x10));
+    } else {
+      constexpr int b = H * S;
+      I t = h;
+      if constexpr (b < 4) t = _mm512_slli_epi32(h, 4 - b);
+      else if constexpr (b > 4) t = _mm512_srli_epi32(h, b - 4);
+      return _mm512_ternarylogic_epi32(codes, t, _mm512_set1_epi8((char)(((1 << H) - 1) << 4)), 0xF8);  // a | (b & c)
+    }
+  }
   static GGUF_INLINE I iset1(int32_t v) { return _mm512_set1_epi32(v); }
   static GGUF_INLINE I isub(I a, I b) { return _mm512_sub_epi32(a, b); }
   static GGUF_INLINE I srl16_4(I a) { return _mm512_srli_epi16(a, 4); }
@@ -109,28 +132,6 @@ struct V {
 #endif
   }
   static GGUF_INLINE F cvti(I a) { return _mm512_cvtepi32_ps(a); }
-  template <int S> static GGUF_INLINE I sll16(I a) { return _mm512_slli_epi16(a, S); }
-  template <int S> static GGUF_INLINE I srl16(I a) { return _mm512_srli_epi16(a, S); }
-  // 16 bytes at p -> lane c = (p[c], p[c], p[c], p[c])
-  static GGUF_INLINE I rep4x16(const uint8_t* p) {
-    const __m512i v = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)p));
-    const __m512i sh = _mm512_set_epi32(0x0F0F0F0F, 0x0E0E0E0E, 0x0D0D0D0D, 0x0C0C0C0C, 0x0B0B0B0B, 0x0A0A0A0A,
-                                        0x09090909, 0x08080808, 0x07070707, 0x06060606, 0x05050505, 0x04040404,
-                                        0x03030303, 0x02020202, 0x01010101, 0x00000000);
-    return _mm512_shuffle_epi8(v, sh);
-  }
-  // 2 rows of 16 bytes at p (a = p[0..16), b = p[16..32)) -> lane c = (a[c], a[c], b[c], b[c])
-  static GGUF_INLINE I rep2x16(const uint8_t* p) {
-    const __m512i v = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)p));
-    const __m512i idx = _mm512_setr_epi32(0, 4, 0, 0, 1, 5, 0, 0, 2, 6, 0, 0, 3, 7, 0, 0);
-    const __m512i sh = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 0, 4, 4, 1, 1, 5, 5, 2, 2, 6, 6, 3, 3, 7, 7));
-    return _mm512_shuffle_epi8(_mm512_permutexvar_epi32(idx, v), sh);
-  }
-  // codes (< 16) with 16 added in the bytes where rep & mask (mask per 4-byte lane) is not zero
-  static GGUF_INLINE I add_bit4(I codes, I rep, int32_t mask) {
-    const __mmask64 k = _mm512_test_epi8_mask(rep, _mm512_set1_epi32(mask));
-    return _mm512_mask_add_epi8(codes, k, codes, _mm512_set1_epi8(0x10));
-  }
 };
 #if defined(__AVX512VNNI__)
 constexpr int32_t kQ8Bias = 128;
@@ -169,6 +170,23 @@ struct V {
   }
   // --- int8 activations ---
   static GGUF_INLINE I izero() { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+  static GGUF_INLINE I ld(const uint8_t* p) {
+    return {_mm256_loadu_si256((const __m256i*)p), _mm256_loadu_si256((const __m256i*)(p + 32))};
+  }
+  static GGUF_INLINE I srl(I x, int n) {
+    const __m128i c = _mm_cvtsi32_si128(n);
+    return {_mm256_srl_epi32(x.a, c), _mm256_srl_epi32(x.b, c)};
+  }
+  template <int H, int S> static GGUF_INLINE __m256i hbits_1(__m256i h) {
+    constexpr int b = H * S;
+    if constexpr (b < 4) h = _mm256_slli_epi32(h, 4 - b);
+    else if constexpr (b > 4) h = _mm256_srli_epi32(h, b - 4);
+    return _mm256_and_si256(h, _mm256_set1_epi8((char)(((1 << H) - 1) << 4)));
+  }
+  // codes (< 16) | (bits H S .. H S + H - 1 of each byte of h, moved to bits 4 ..)
+  template <int H, int S> static GGUF_INLINE I or_hbits(I codes, I h) {
+    return {_mm256_or_si256(codes.a, hbits_1<H, S>(h.a)), _mm256_or_si256(codes.b, hbits_1<H, S>(h.b))};
+  }
   static GGUF_INLINE I iset1(int32_t v) { return {_mm256_set1_epi32(v), _mm256_set1_epi32(v)}; }
   static GGUF_INLINE I isub(I x, I y) { return {_mm256_sub_epi32(x.a, y.a), _mm256_sub_epi32(x.b, y.b)}; }
   static GGUF_INLINE I srl16_4(I x) { return {_mm256_srli_epi16(x.a, 4), _mm256_srli_epi16(x.b, 4)}; }
@@ -197,35 +215,6 @@ struct V {
             dot_u1(acc.b, _mm256_abs_epi8(w.b), _mm256_sign_epi8(x.b, w.b))};
   }
   static GGUF_INLINE F cvti(I x) { return cvt(x); }
-  template <int S> static GGUF_INLINE I sll16(I x) { return {_mm256_slli_epi16(x.a, S), _mm256_slli_epi16(x.b, S)}; }
-  template <int S> static GGUF_INLINE I srl16(I x) { return {_mm256_srli_epi16(x.a, S), _mm256_srli_epi16(x.b, S)}; }
-  // 16 bytes at p -> lane c = (p[c], p[c], p[c], p[c])
-  static GGUF_INLINE I rep4x16(const uint8_t* p) {
-    const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)p));
-    const __m256i s0 = _mm256_setr_epi32(0x00000000, 0x01010101, 0x02020202, 0x03030303, 0x04040404, 0x05050505,
-                                         0x06060606, 0x07070707);
-    const __m256i s1 = _mm256_setr_epi32(0x08080808, 0x09090909, 0x0A0A0A0A, 0x0B0B0B0B, 0x0C0C0C0C, 0x0D0D0D0D,
-                                         0x0E0E0E0E, 0x0F0F0F0F);
-    return {_mm256_shuffle_epi8(v, s0), _mm256_shuffle_epi8(v, s1)};
-  }
-  // 2 rows of 16 bytes at p (a = p[0..16), b = p[16..32)) -> lane c = (a[c], a[c], b[c], b[c])
-  static GGUF_INLINE I rep2x16(const uint8_t* p) {
-    const __m128i a = _mm_loadu_si128((const __m128i*)p), b = _mm_loadu_si128((const __m128i*)(p + 16));
-    const __m256i lo = _mm256_broadcastsi128_si256(_mm_unpacklo_epi64(a, b));  // a[0..8), b[0..8)
-    const __m256i hi = _mm256_broadcastsi128_si256(_mm_unpackhi_epi64(a, b));  // a[8..16), b[8..16)
-    const __m256i sh = _mm256_setr_epi8(0, 0, 8, 8, 1, 1, 9, 9, 2, 2, 10, 10, 3, 3, 11, 11,
-                                        4, 4, 12, 12, 5, 5, 13, 13, 6, 6, 14, 14, 7, 7, 15, 15);
-    return {_mm256_shuffle_epi8(lo, sh), _mm256_shuffle_epi8(hi, sh)};
-  }
-  static GGUF_INLINE __m256i add_bit4_1(__m256i codes, __m256i rep, __m256i m) {
-    const __m256i on = _mm256_cmpeq_epi8(_mm256_and_si256(rep, m), m);
-    return _mm256_or_si256(codes, _mm256_and_si256(on, _mm256_set1_epi8(0x10)));
-  }
-  // codes (< 16) with 16 added in the bytes where rep & mask (mask per 4-byte lane, one bit per byte) is not zero
-  static GGUF_INLINE I add_bit4(I codes, I rep, int32_t mask) {
-    const __m256i m = _mm256_set1_epi32(mask);
-    return {add_bit4_1(codes.a, rep.a, m), add_bit4_1(codes.b, rep.b, m)};
-  }
 };
 constexpr int32_t kQ8Bias = 0;
 #endif
@@ -252,7 +241,8 @@ struct TypeDesc {
   static constexpr bool M2 = M2_, MN = MN_, SIGNED = SIGNED_;
   static constexpr int PER = 8 / L;                 // codes per byte of the LOW plane
   static constexpr int HPER = H ? 8 / H : 1;        // codes per byte of the HIGH plane
-  static constexpr int G = PER > HPER ? PER : HPER; // k per decode group (one load of each plane)
+  static constexpr bool LM = L == 4;               // lane-major planes (see the header comment)
+  static constexpr int G = LM ? 8 : PER > HPER ? PER : HPER; // k per decode group (one load of each plane)
   static constexpr bool HAS_B = M2 || MN || OFF != 0;
   static constexpr int OFF_M2 = 32;
   static constexpr int OFF_SC = 32 + (M2 ? 32 : 0);
@@ -326,17 +316,43 @@ GGUF_INLINE void params(const uint8_t* blk, int s, F& A, F& B) {
 // T::G); lo / hi hold the plane vectors loaded at j % PER == 0 / j % HPER == 0
 template <class T, int j>
 GGUF_INLINE F weight(const uint8_t* blk, int k0, I& lo, I& hi, const F& A, const F& B) {
-  if constexpr (j % T::PER == 0) {
-    const uint8_t* p = blk + T::OFF_LOW + 16 * ((k0 + j) / T::PER);
-    lo = T::SIGNED ? V::s8(p) : V::u8(p);
-  }
   I q;
-  constexpr int sh = T::L * (j % T::PER);
-  if constexpr (T::L == 8) q = lo;
-  else if constexpr (sh + T::L == 8) q = V::template shr<sh>(lo);
-  else if constexpr (sh == 0) q = V::andi(lo, (1 << T::L) - 1);
-  else q = V::andi(V::template shr<sh>(lo), (1 << T::L) - 1);
-  if constexpr (T::H > 0) {
+  if constexpr (T::LM && T::H == 0) {  // lane c of lo = the column's 4 code bytes of k0 .. k0 + 7
+    static_assert(T::G == 8);
+    if constexpr (j == 0) lo = V::ld(blk + T::OFF_LOW + 8 * k0);
+    constexpr int sh = 4 * j;  // byte j / 2, nibble j % 2
+    if constexpr (sh == 28) q = V::template shr<28>(lo);
+    else if constexpr (sh == 0) q = V::andi(lo, 15);
+    else q = V::andi(V::template shr<sh>(lo), 15);
+  } else if constexpr (T::LM) {
+    // at j = 0: the column's 8 codes (k0 .. k0 + 7, k0 % 8 == 0) as bytes, lo = k0 + (0, 2, 4, 6),
+    // hi = k0 + (1, 3, 5, 7), from the low plane's lane and the high lane of the 32 / H k holding
+    // them, shifted so that bits H h .. H h + H - 1 of byte i are those of k0 + 2 i + h
+    static_assert(T::G == 8);
+    if constexpr (j == 0) {
+      constexpr int KH = 32 / T::H;  // k per high lane
+      const I t = V::ld(blk + T::OFF_LOW + 8 * k0);
+      const I h = V::srl(V::ld(blk + T::OFF_HIGH + 64 * (k0 / KH)), 2 * T::H * ((k0 % KH) / 8));
+      lo = V::template or_hbits<T::H, 0>(V::and8(t, 0x0F), h);
+      hi = V::template or_hbits<T::H, 1>(V::and8(V::srl16_4(t), 0x0F), h);
+    }
+    const I& c = j % 2 ? hi : lo;
+    constexpr int sh = 8 * (j / 2);
+    if constexpr (sh == 24) q = V::template shr<24>(c);
+    else if constexpr (sh == 0) q = V::andi(c, 0xFF);
+    else q = V::andi(V::template shr<sh>(c), 0xFF);
+  } else {
+    if constexpr (j % T::PER == 0) {
+      const uint8_t* p = blk + T::OFF_LOW + 16 * ((k0 + j) / T::PER);
+      lo = T::SIGNED ? V::s8(p) : V::u8(p);
+    }
+    constexpr int sh = T::L * (j % T::PER);
+    if constexpr (T::L == 8) q = lo;
+    else if constexpr (sh + T::L == 8) q = V::template shr<sh>(lo);
+    else if constexpr (sh == 0) q = V::andi(lo, (1 << T::L) - 1);
+    else q = V::andi(V::template shr<sh>(lo), (1 << T::L) - 1);
+  }
+  if constexpr (T::H > 0 && !T::LM) {  // (lane-major: merged above)
     if constexpr (j % T::HPER == 0) hi = V::u8(blk + T::OFF_HIGH + 16 * ((k0 + j) / T::HPER));
     constexpr int hs = T::H * (j % T::HPER);  // position of this code's high bits in the byte
     I h = V::andi(hi, ((1 << T::H) - 1) << hs);
@@ -515,22 +531,23 @@ GGUF_INLINE void tile_a8(const uint8_t* const* pan, const A8Row* rows, int64_t n
       for (int p = 0; p < NP; ++p)
         for (int r = 0; r < R; ++r) is[p][r] = V::izero();
       if constexpr (T::L == 4) {
-        for (int g = 0; g < T::S; g += 8) {  // 8 k = 4 code bytes per column
-          const int kb = s * T::S + g;        // k in the block
+        static_assert(T::LM);
+        I hv[NP];  // the sub-block's high lanes (32 / H k = T::S: one 32-bit lane per column)
+        if constexpr (T::H > 0) {
+          static_assert(T::LM && T::S == 32 / T::H);
+          for (int p = 0; p < NP; ++p) hv[p] = V::ld(blk[p] + T::OFF_HIGH + 64 * s);
+        }
+        static_for<0, T::S / 8>([&](auto gc) {  // 8 k = 4 code bytes per column
+          constexpr int gg = decltype(gc)::value;
+          const int kb = s * T::S + 8 * gg;  // k in the block
           I lo[NP], hi[NP];
           for (int p = 0; p < NP; ++p) {
-            const I t = V::t4x16(blk[p] + T::OFF_LOW + 16 * (kb / 2));
+            const I t = V::ld(blk[p] + T::OFF_LOW + 8 * kb);  // lane c: the column's 4 code bytes
             lo[p] = V::and8(t, 0x0F);  // k = 0, 2, 4, 6 of the group
             hi[p] = V::and8(V::srl16_4(t), 0x0F);  // k = 1, 3, 5, 7
-            if constexpr (T::H == 1) {  // bit j of the column's byte = high bit of k = j
-              const I h = V::rep4x16(blk[p] + T::OFF_HIGH + 16 * (kb / 8));
-              lo[p] = V::add_bit4(lo[p], h, 0x40100401);
-              hi[p] = V::add_bit4(hi[p], h, int32_t(0x80200802u));
-            } else if constexpr (T::H == 2) {  // bits 2j, 2j + 1 of byte a (k < 4) / b (k >= 4)
-              const I h = V::rep2x16(blk[p] + T::OFF_HIGH + 16 * (kb / 4));  // lane (a, a, b, b)
-              lo[p] = V::or_(lo[p], V::or_(V::andi(V::template sll16<4>(h), 0x00300030), V::andi(h, 0x30003000)));
-              hi[p] = V::or_(hi[p], V::or_(V::andi(V::template sll16<2>(h), 0x00300030),
-                                           V::andi(V::template srl16<2>(h), 0x30003000)));
+            if constexpr (T::H > 0) {  // bits H (2 gg + h) .. of byte i = high bits of k = 8 gg + 2 i + h
+              lo[p] = V::template or_hbits<T::H, 2 * gg>(lo[p], hv[p]);
+              hi[p] = V::template or_hbits<T::H, 2 * gg + 1>(hi[p], hv[p]);
             }
           }
           for (int r = 0; r < R; ++r) {
@@ -541,7 +558,7 @@ GGUF_INLINE void tile_a8(const uint8_t* const* pan, const A8Row* rows, int64_t n
             const I xv0 = V::iset1(x0), xv1 = V::iset1(x1);
             for (int p = 0; p < NP; ++p) is[p][r] = V::dot_u(V::dot_u(is[p][r], lo[p], xv0), hi[p], xv1);
           }
-        }
+        });
       } else {
         for (int g = 0; g < 32; g += 4) {  // 4 k = 4 code bytes per column
           I w[NP];
