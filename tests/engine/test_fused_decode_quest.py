@@ -88,7 +88,7 @@ def test_quest_step_bit_identical_to_the_op_by_op_forward(hf_dirs, arch, kv_dtyp
 @pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
 def test_greedy_quest_fused_on_and_off(hf_dirs, kv_dtype):
     """Greedy generation with the step equals the op-by-op engine, alone and batched, every decode
-    step in the step (none fell back)."""
+    step and short prompt chunk in the step (only the long prompt chunks fell back)."""
     g = torch.Generator().manual_seed(11)
     prompts = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (160, 7, 90, 133)]
     sp = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, kv_policy="quest", kv_budget=32)
@@ -98,7 +98,7 @@ def test_greedy_quest_fused_on_and_off(hf_dirs, kv_dtype):
     assert fused is not None
     batched = on.generate(prompts, sp)
     single = [on.generate([p], sp)[0] for p in prompts]
-    assert fused.steps > 0 and fused.fallbacks == {}
+    assert fused.steps > 0 and set(fused.fallbacks) == {"the step has prefill tokens (more than 32 rows)"}
     off = _engine(hf_dirs["qwen3"], threads=2, fused=False, kv_dtype=kv_dtype, **kw)
     assert off.runner.fused is None
     plain = off.generate(prompts, sp)
