@@ -160,6 +160,19 @@ def tiny_models(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def llama_dir(tiny_models) -> str:
+    """The tiny Llama's HF directory (tiny_models)."""
+    return str(tiny_models["llama"][1])
+
+
+def random_prompts(n: int, seed: int, lo: int, hi: int) -> list[list[int]]:
+    """n prompts of random token ids in [0, 256), lengths drawn in [lo, hi), seeded."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
 SMOLLM2 = "smollm2-135m-instruct"
 
 

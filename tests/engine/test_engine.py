@@ -16,11 +16,6 @@ def _prompts(n=16, seed=0):
 
 
 @pytest.fixture(scope="module")
-def llama_dir(tiny_models):
-    return str(tiny_models["llama"][1])
-
-
-@pytest.fixture(scope="module")
 def singles(llama_dir):
     llm = LLM(llama_dir, kv_cache_memory_gb=0.05, max_num_seqs=1)
     return [llm.generate([p], GREEDY)[0].token_ids for p in _prompts()]

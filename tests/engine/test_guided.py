@@ -49,11 +49,6 @@ def _valid(obj):
 
 
 @pytest.fixture(scope="module")
-def llama_dir(tiny_models):
-    return str(tiny_models["llama"][1])
-
-
-@pytest.fixture(scope="module")
 def llm(llama_dir):
     return LLM(llama_dir, kv_cache_memory_gb=0.05)
 

@@ -16,11 +16,6 @@ def _prompts(n=6, seed=1):
             for _ in range(n)]
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tiny_models):
-    return str(tiny_models["llama"][1])
-
-
 @pytest.mark.parametrize("policy,budget", [("full", None), ("streaming", 20), ("snapkv", 0.3)])
 def test_int8_batched_greedy_matches_single(llama_dir, policy, budget):
     kw = dict(kv_dtype="int8", kv_cache_memory_gb=0.05, block_size=8, kv_window=8, kv_policy=policy, kv_budget=budget)

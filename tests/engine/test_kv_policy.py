@@ -10,20 +10,14 @@ import torch
 from llmopt import LLM, SamplingParams
 from llmopt.config import EngineConfig, KVPolicy, parse_kv_budget
 from llmopt.engine.kv_policy import observation_scores, snapkv_keep
+from tests.conftest import random_prompts
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
 KW = dict(kv_cache_memory_gb=0.05, block_size=8, kv_sinks=4, kv_window=8)
 
 
 def _prompts(n=6, seed=0, lo=40, hi=120):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tiny_models):
-    return str(tiny_models["llama"][1])
+    return random_prompts(n, seed, lo, hi)
 
 
 POLICIES = [("streaming", 24), ("streaming", 0.25), ("snapkv", 24), ("snapkv", 0.25)]

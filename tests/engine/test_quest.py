@@ -8,20 +8,14 @@ import torch
 from llmopt import LLM, SamplingParams
 from llmopt.config import EngineConfig
 from llmopt.kernels import kv_quant, quest
+from tests.conftest import random_prompts
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=0)
 KW = dict(kv_cache_memory_gb=0.05, block_size=8, kv_quest_dense_layers=0)
 
 
 def _prompts(n=5, seed=0, lo=60, hi=140):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tiny_models):
-    return str(tiny_models["llama"][1])
+    return random_prompts(n, seed, lo, hi)
 
 
 def _quest(params: SamplingParams, budget) -> SamplingParams:
