@@ -217,7 +217,11 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m llmopt.kernels.build",
                                      description="Build every native kernel extension into the cache now.")
-    parser.parse_args(argv)
+    parser.add_argument("--no-tune", action="store_true",
+                        help="skip measuring this CPU's prefetch distances for the GGUF kernels (~1 s per type, "
+                             "once per CPU and build; without the table the compiled-in default is used)")
+    parser.add_argument("--retune", action="store_true", help="measure the prefetch distances again even if stored")
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not native_enabled():
         print("LLMOPT_NATIVE=0: nothing to build (the plain-torch kernels are used)")
@@ -227,6 +231,16 @@ def main(argv: list[str] | None = None) -> int:
     for name, ok in ready.items():
         print(f"{name}: {'ready' if ok else 'NOT BUILT (plain-torch fallback)'}")
     print(f"cache: {cache_dir()}  ({time.perf_counter() - t0:.1f}s)")
+    if not args.no_tune:
+        from . import gguf_linear, tune
+
+        path = gguf_linear.cpu_path()
+        mod = gguf_linear.native_module(path) if path in gguf_linear.PATHS else None
+        if mod is not None and (args.retune or tune.load_prefetch_table(mod) is None):
+            t1 = time.perf_counter()
+            print(f"measuring the GGUF kernels' prefetch distances on this CPU ({path}, {tune.cpu_model()})")
+            tune.tune_prefetch(path, progress=lambda m: print("  " + m, flush=True))
+            print(f"prefetch table: {tune.table_path(mod)}  ({time.perf_counter() - t1:.1f}s)")
     return 0 if all(ready.values()) or not cpu_has_avx2() else 1
 
 

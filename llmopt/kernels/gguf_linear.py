@@ -504,6 +504,12 @@ def native_module(path: str) -> ModuleType | None:
         if mod is not None and mod.isa() != path:  # the build's own report (compile-time macros)
             log.warning("llmopt: GGUF kernels built for %s report %s; not using them", path, mod.isa())
             mod = None
+        if mod is not None:  # this CPU's measured prefetch distances (tune.py), if measured
+            from . import tune
+
+            table = tune.load_prefetch_table(mod)
+            if table is not None:
+                tune.apply_prefetch_table(mod, table)
     with _lock:
         _modules[path] = mod
     return mod

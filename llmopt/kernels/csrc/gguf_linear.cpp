@@ -27,6 +27,8 @@
 
 #include <atomic>
 #include <cmath>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "gguf_kernels.h"
@@ -436,7 +438,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", []() { return std::string(kIsa); }, "instruction set this build was compiled for");
   m.def("kernel_table", []() { return py::capsule((void*)&kTable, kTableName); },
         "the panel-level kernels of this build as a capsule (gguf_kernels.h: KernelTable), for the fused decode step");
-  m.def("_set_prefetch", [](int64_t b) { g_prefetch = b; }, "software prefetch distance in bytes (0 = off)");
+  m.def(
+      "set_prefetch",
+      [](int64_t type, int64_t family, int64_t bytes) {
+        if (family != 0 && family != 1) throw std::invalid_argument("family must be 0 (fp32 tiles) or 1 (int8 tiles)");
+        if (!with_type(type, [&](auto t) { g_prefetch<decltype(t)>[family] = bytes; }))
+          throw std::invalid_argument("unsupported ggml type " + std::to_string(type));
+      },
+      "set the software prefetch distance (bytes ahead in the weight stream, <= 0 = off) of one ggml type's "
+      "fp32-activation (family 0) or int8-activation (family 1) register tiles; results do not depend on it",
+      py::arg("type"), py::arg("family"), py::arg("bytes"));
+  m.def(
+      "prefetch",
+      [](int64_t type, int64_t family) {
+        int64_t v = -1;
+        if (family != 0 && family != 1) throw std::invalid_argument("family must be 0 (fp32 tiles) or 1 (int8 tiles)");
+        if (!with_type(type, [&](auto t) { v = g_prefetch<decltype(t)>[family]; }))
+          throw std::invalid_argument("unsupported ggml type " + std::to_string(type));
+        return v;
+      },
+      "the software prefetch distance of one ggml type's fp32 (0) or int8 (1) register tiles", py::arg("type"),
+      py::arg("family"));
   m.def("_set_min_parallel_work", [](int64_t w) { g_min_parallel_work = w; },
         "M*N*K below which a call runs on the calling thread (tests use 0)");
 }
