@@ -26,7 +26,9 @@ def results_table(result: dict[str, Any], title: str | None = None) -> Table:
     from .grid import TABLE_COLUMNS, _threads, table_rows
 
     m = result["machine"]
-    t = Table(title=title or f"{result['model']['name']}: {_threads(m['threads'])}, {m['cpu_model']}",
+    kern = m.get("kernels") or {}
+    where = f", GGUF kernels {kern['gguf_path']} (prefetch {kern['prefetch']})" if kern else ""
+    t = Table(title=title or f"{result['model']['name']}: {_threads(m['threads'])}, {m['cpu_model']}{where}",
               caption=f"ref = {result['settings']['reference']}; "
                       + ("same greedy tokens n/a = a peer with its own arithmetic (not a correctness check); "
                          if result["settings"].get("peers") else "")

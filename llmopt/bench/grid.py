@@ -553,6 +553,17 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def kernel_info() -> dict[str, Any]:
+    """Which GGUF kernel build runs here (instruction set) and whether this CPU's measured prefetch
+    table is in use (``python -m llmopt.kernels.build``) or the compiled-in default."""
+    from llmopt.kernels import gguf_linear, tune
+
+    path = gguf_linear.cpu_path()
+    mod = gguf_linear.native_module(path) if path in gguf_linear.PATHS else None
+    table = tune.load_prefetch_table(mod) if mod is not None else None
+    return {"gguf_path": path, "prefetch": "measured" if table else "default"}
+
+
 def machine_info(threads: int) -> dict[str, Any]:
     mem = None
     try:
@@ -563,6 +574,7 @@ def machine_info(threads: int) -> dict[str, Any]:
     return {
         "cpu_model": _cpu_model(),
         "cpu_flags": _cpu_flags(),
+        "kernels": kernel_info(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "threads": threads,

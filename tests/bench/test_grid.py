@@ -26,6 +26,11 @@ def test_bench_cli_writes_both_systems_and_they_agree_on_greedy_tokens(tiny_mode
     data = json.loads(out.read_text())
     assert data["kind"] == "llmopt-bench"
     assert {"cpu_model", "threads", "torch", "git"} <= set(data["machine"]) and data["machine"]["threads"] == 1
+    from llmopt.kernels import gguf_linear
+
+    kern = data["machine"]["kernels"]  # which kernel build ran, and with which prefetch table
+    assert kern["gguf_path"] == gguf_linear.cpu_path() and kern["prefetch"] in ("measured", "default")
+    assert f"GGUF kernels {kern['gguf_path']}" in res.output
     assert [(c["concurrency"], c["input_len"], c["output_len"]) for c in data["cells"]] == [(1, 7, 5), (3, 7, 5)]
     for cell in data["cells"]:
         assert cell["reference"] == "transformers"
