@@ -510,17 +510,6 @@ def ratios(system: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---- machine -----------------------------------------------------------------------------------
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _cpu_flags() -> dict[str, bool]:
     try:
         with open("/proc/cpuinfo") as f:
@@ -565,6 +554,8 @@ def kernel_info() -> dict[str, Any]:
 
 
 def machine_info(threads: int) -> dict[str, Any]:
+    from llmopt.kernels.tune import cpu_model
+
     mem = None
     try:
         with open("/proc/meminfo") as f:
@@ -572,7 +563,7 @@ def machine_info(threads: int) -> dict[str, Any]:
     except (OSError, ValueError, IndexError):
         pass
     return {
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_flags": _cpu_flags(),
         "kernels": kernel_info(),
         "cpu_count": os.cpu_count(),

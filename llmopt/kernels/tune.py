@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,7 +43,7 @@ _FP16_OFFSETS = {QT.Q4_0: [0], QT.Q4_1: [0, 2], QT.Q5_0: [0], QT.Q5_1: [0, 2], Q
 
 
 def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo ("unknown" if unreadable)."""
+    """The CPU's model name from /proc/cpuinfo (else what ``platform`` says)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -50,7 +51,7 @@ def cpu_model() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return "unknown"
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def table_path(mod: ModuleType, directory: Path | None = None) -> Path:
