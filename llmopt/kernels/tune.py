@@ -54,10 +54,28 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def cpu_signature() -> str:
+    """Model name, family and model number of the CPU: virtual machines often report only "AMD
+    EPYC", and two generations with the same instruction sets (the build directory's key) can
+    need different prefetch distances."""
+    fields = {"cpu family": "", "model": ""}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key = line.split(":", 1)[0].strip()
+                if key in fields and not fields[key]:
+                    fields[key] = line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor is enough
+    except OSError:
+        pass
+    return f"{cpu_model()} family {fields['cpu family'] or '?'} model {fields['model'] or '?'}"
+
+
 def table_path(mod: ModuleType, directory: Path | None = None) -> Path:
     """Where the prefetch table of the extension ``mod`` lives on this CPU (``directory``: instead
     of the extension's build directory)."""
-    key = hashlib.sha256(cpu_model().encode()).hexdigest()[:12]
+    key = hashlib.sha256(cpu_signature().encode()).hexdigest()[:12]
     where = Path(mod.__file__ or ".").resolve().parent if directory is None else Path(directory)
     return where / f"prefetch-{key}.json"
 
@@ -195,7 +213,7 @@ def tune_prefetch(path: str, types: list[str] | None = None, rounds: int = 5, to
     finally:
         torch.set_num_threads(saved)
     out = table_path(mod, directory)
-    data = {"cpu": cpu_model(), "path": path, "candidates": list(CANDIDATES), "measured": time.strftime("%Y-%m-%d"),
+    data = {"cpu": cpu_signature(), "path": path, "candidates": list(CANDIDATES), "measured": time.strftime("%Y-%m-%d"),
             "prefetch": table}
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=1))

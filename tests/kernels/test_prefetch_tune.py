@@ -75,7 +75,7 @@ def test_tuning_writes_a_table_that_loading_applies(path_mod, tmp_path) -> None:
     assert set(table["Q4_0"]) == {"fp32", "int8"} and set(table["Q3_K"]) == {"fp32"}  # Q3_K: no int8 kernel
     assert all(v in tune.CANDIDATES for row in table.values() for v in row.values())
     stored = json.loads(tune.table_path(mod, tmp_path).read_text())
-    assert stored["path"] == path and stored["cpu"] == tune.cpu_model() and stored["prefetch"] == table
+    assert stored["path"] == path and stored["cpu"] == tune.cpu_signature() and stored["prefetch"] == table
     assert tune.load_prefetch_table(mod, tmp_path) == table
     # applying a table sets exactly its entries
     n = tune.apply_prefetch_table(mod, {"Q4_0": {"fp32": 256, "int8": 2048}, "Q3_K": {"int8": 128},
