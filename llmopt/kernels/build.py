@@ -161,8 +161,11 @@ def load_extension(name: str, sources: list[str], cflags: list[str] | None = Non
                     mod = load(
                         name=name,
                         sources=paths,
-                        extra_cflags=flags,
-                        extra_ldflags=LDFLAGS,
+                        # copies: torch's load appends its own link flags to the list it is given, which
+                        # grew LDFLAGS with every extension loaded, and with it every later build key (an
+                        # extension's cache directory depended on what the process had loaded before it)
+                        extra_cflags=list(flags),
+                        extra_ldflags=list(LDFLAGS),
                         extra_include_paths=[str(build_dir / "src")],
                         build_directory=str(build_dir),
                         verbose=False,

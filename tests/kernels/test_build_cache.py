@@ -93,3 +93,29 @@ def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_one(tmp_path):
     (build_dir / "llmopt_tiny.so").unlink()  # force a rebuild, which takes torch's lock
     assert _load(csrc, cache) == "7"
     assert not (build_dir / "lock").exists()
+
+
+LOAD_TWO = (
+    "import sys\n"
+    "from pathlib import Path\n"
+    "from llmopt.kernels import build\n"
+    "csrc = Path(sys.argv[1])\n"
+    "before = (list(build.CFLAGS), list(build.LDFLAGS), build.build_key('llmopt_tiny2', ['tiny2.cpp'], csrc))\n"
+    "assert build.load_extension('llmopt_tiny', ['tiny.cpp'], csrc=csrc).answer() == 42\n"
+    "after = (list(build.CFLAGS), list(build.LDFLAGS), build.build_key('llmopt_tiny2', ['tiny2.cpp'], csrc))\n"
+    "print(before == after, after[1])\n"
+)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None or not cpu_has_avx2(), reason="needs a compiler and AVX2")
+def test_a_build_key_does_not_depend_on_what_was_loaded_before(tmp_path):
+    """torch's load appends its link flags to the lists it is given; if those were the module's own
+    flag lists, every later build key changed with each extension loaded (rebuilds in every process
+    that loads the extensions in another order)."""
+    csrc = _checkout(tmp_path / "a")
+    (csrc / "tiny2.cpp").write_text(TINY_CPP)
+    env = {**os.environ, "LLMOPT_CACHE": str(tmp_path / "cache"), "LLMOPT_NATIVE": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", LOAD_TWO, str(csrc)], capture_output=True, text=True, env=env,
+                          cwd=csrc, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("True"), done.stdout
