@@ -753,11 +753,7 @@ class DecodeStep {
         const int64_t row = slot[b] * Hk_ + kvh;
         llmopt_kv8::quant_row(k, D_, kc + row * D_, ks + row);
         llmopt_kv8::quant_row(qkv + b * QKV + (Hq_ + Hk_ + kvh) * D_, D_, vc + row * D_, vs + row);
-        if (defined(qmin_)) {  // Quest summaries of the row attention reads: the dequantized one
-          ts.qrow.resize(D_);
-          llmopt_kv8::dequant_row(ts.qrow.data(), kc + row * D_, ks[row], D_);
-          quest_summarize(li, slot[b], BS, kvh, ts.qrow.data());
-        }
+        summarize_key_row(L, li, slot[b], BS, kvh, ts);  // Quest: the row as attention reads it back
       }
       const int64_t Lc = cl[b];
       const int64_t start = L.window > 0 ? std::max<int64_t>(0, Lc - L.window) : 0;
@@ -824,22 +820,27 @@ class DecodeStep {
     llmopt_quest::update_summary(qmin_.data_ptr<float>() + off, qmax_.data_ptr<float>() + off, krow, D_, s % BS == 0);
   }
 
-  // Quest summaries of the key rows write_new_kv wrote (as attention reads them: an int8 cache's
-  // dequantized), one kv head per thread and its rows in row order: chained rows share blocks, and a
-  // block's first row must reset its summary before the next rows fold in
+  // Quest: fold the key row of kv head kvh at cache slot s, as attention reads it back from the
+  // cache (an int8 cache's dequantized into ts.qrow), into its block's summary
+  void summarize_key_row(const Layer& L, int64_t li, int64_t s, int64_t BS, int64_t kvh, ThreadScratch& ts) {
+    if (!defined(qmin_)) return;
+    const int64_t row = s * Hk_ + kvh;
+    if (L.int8) {
+      ts.qrow.resize(D_);
+      llmopt_kv8::dequant_row(ts.qrow.data(), L.kc.data_ptr<int8_t>() + row * D_, L.ks.data_ptr<float>()[row], D_);
+      quest_summarize(li, s, BS, kvh, ts.qrow.data());
+    } else {
+      quest_summarize(li, s, BS, kvh, L.kc.data_ptr<float>() + row * D_);
+    }
+  }
+
+  // Quest summaries of the key rows write_new_kv wrote, one kv head per thread and its rows in row
+  // order: chained rows share blocks, and a block's first row must reset its summary before the next
+  // rows fold in
   void summarize_new_keys(const Layer& L, int64_t li, int64_t M, const int64_t* slot, int64_t BS, int tid, int nth,
                           ThreadScratch& ts) {
     for (int64_t kvh = tid; kvh < Hk_; kvh += nth)
-      for (int64_t r = 0; r < M; ++r) {
-        const int64_t row = slot[r] * Hk_ + kvh;
-        if (L.int8) {
-          ts.qrow.resize(D_);
-          llmopt_kv8::dequant_row(ts.qrow.data(), L.kc.data_ptr<int8_t>() + row * D_, L.ks.data_ptr<float>()[row], D_);
-          quest_summarize(li, slot[r], BS, kvh, ts.qrow.data());
-        } else {
-          quest_summarize(li, slot[r], BS, kvh, L.kc.data_ptr<float>() + row * D_);
-        }
-      }
+      for (int64_t r = 0; r < M; ++r) summarize_key_row(L, li, slot[r], BS, kvh, ts);
   }
 
   // Quest attention of item (row b, kv head kvh) into ts.m / ts.l / ts.acc over the blocks quest.h

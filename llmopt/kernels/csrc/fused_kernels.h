@@ -289,7 +289,8 @@ struct PagedKV {
 // One online-softmax step over a tile of n <= kTile tokens whose K and V rows are krow[i] / vrow[i]:
 // the G query heads qs [G, D] (already multiplied by the softmax scale) update their running max
 // m[g], sum l[g] and unnormalized output acc[g, :]. Scratch: sc [G * kTile]. Shared by the float
-// paged attention below and the int8 one (kv_int8.cpp), which hands it dequantized tile rows.
+// paged attention below, the int8 one (kv_int8.h), which hands it dequantized tile rows, and the
+// Quest walk (quest.h).
 inline void attend_tile(const float* qs, int64_t G, int64_t D, const float* const* krow, const float* const* vrow,
                         int64_t n, float* m, float* l, float* acc, float* sc) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
@@ -319,24 +320,33 @@ inline void attend_tile(const float* qs, int64_t G, int64_t D, const float* cons
 }
 
 // Online-softmax attention of the G query heads qs [G, D] (already multiplied by the softmax
-// scale) over tokens [t0, t1): on return m[g] is the running max, l[g] the sum of exp(s - m) and
-// acc[g, :] the unnormalized sum of exp(s - m) * v (m = -inf, l = 0, acc = 0 for an empty range).
-// Scratch: sc [G * kTile], krow / vrow [kTile].
-inline void attend_range(const float* qs, int64_t G, int64_t D, const PagedKV& kv, int64_t t0, int64_t t1,
-                         float* m, float* l, float* acc, float* sc, const float** krow, const float** vrow) {
+// scale) over tokens [t0, t1) in tiles of kTile tokens: fill(i, t) makes krow[i] / vrow[i] token t's
+// K / V rows (points them into a float cache, or dequantizes an int8 cache's rows into the buffers
+// they point at), then attend_tile runs on the tile. On return m[g] is the running max, l[g] the sum
+// of exp(s - m) and acc[g, :] the unnormalized sum of exp(s - m) * v (m = -inf, l = 0, acc = 0 for an
+// empty range). Scratch: sc [G * kTile], krow / vrow [kTile]. The float attend_range below and the
+// int8 one (kv_int8.h) are this with their fill.
+template <class Fill>
+inline void attend_tiles(const float* qs, int64_t G, int64_t D, int64_t t0, int64_t t1, float* m, float* l, float* acc,
+                         float* sc, const float* const* krow, const float* const* vrow, Fill&& fill) {
   std::fill(acc, acc + G * D, 0.0f);
   std::fill(m, m + G, -std::numeric_limits<float>::infinity());
   std::fill(l, l + G, 0.0f);
   for (int64_t tile = t0; tile < t1; tile += kTile) {
     const int64_t n = std::min(kTile, t1 - tile);
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t t = tile + i;
-      const int64_t blk = kv.bt[t / kv.BS], slot = t % kv.BS;
-      krow[i] = kv.k + blk * kv.ks0 + slot * kv.ks1;
-      vrow[i] = kv.v + blk * kv.vs0 + slot * kv.vs1;
-    }
+    for (int64_t i = 0; i < n; ++i) fill(i, tile + i);
     attend_tile(qs, G, D, krow, vrow, n, m, l, acc, sc);
   }
+}
+
+// attend_tiles over a float paged cache: krow / vrow point straight at the cache's rows.
+inline void attend_range(const float* qs, int64_t G, int64_t D, const PagedKV& kv, int64_t t0, int64_t t1,
+                         float* m, float* l, float* acc, float* sc, const float** krow, const float** vrow) {
+  attend_tiles(qs, G, D, t0, t1, m, l, acc, sc, krow, vrow, [&](int64_t i, int64_t t) {
+    const int64_t blk = kv.bt[t / kv.BS], slot = t % kv.BS;
+    krow[i] = kv.k + blk * kv.ks0 + slot * kv.ks1;
+    vrow[i] = kv.v + blk * kv.vs0 + slot * kv.vs1;
+  });
 }
 
 // Flash-decoding merge of S token splits for one (sequence, kv head) pair bh and query head g:

@@ -43,10 +43,7 @@ at::Tensor paged_decode_attention_int8(const at::Tensor& q, const at::Tensor& k_
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kChar && t->dim() == 4 && t->is_contiguous(),
                 "k_cache / v_cache must be contiguous CPU int8 [num_blocks, block_size, Hk, D] tensors");
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache must have the same shape");
-  for (const at::Tensor* t : {&k_scale, &v_scale})
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 3 && t->is_contiguous() &&
-                    t->size(0) == k_cache.size(0) && t->size(1) == k_cache.size(1) && t->size(2) == k_cache.size(2),
-                "k_scale / v_scale must be contiguous CPU float32 [num_blocks, block_size, Hk] tensors");
+  check_kv_scales(k_scale, v_scale, k_cache);
   const PagedShape ps = check_paged(q, k_cache, block_tables, context_lens, sliding_window);
   const int64_t B = ps.B, Hq = ps.Hq, D = ps.D, BS = ps.BS, Hk = ps.Hk, MB = ps.MB, G = ps.G;
   const int32_t* bt = block_tables.data_ptr<int32_t>();

@@ -11,7 +11,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 
 #include "fused_kernels.h"
 
@@ -77,26 +76,18 @@ struct PagedKV8 {
 };
 
 // Online-softmax attention of the G query heads qs [G, D] (already multiplied by the softmax scale)
-// over tokens [t0, t1) of an int8 cache, as llmopt_f::attend_range over a float one: each tile's K
-// and V rows are dequantized once into kf / vf [kTile, D] (L1-sized, shared by the G heads) and the
-// float tile step runs on them. Scratch: sc [G * kTile], kf / vf [kTile * D], krow / vrow [kTile]
-// pointing at kf / vf's rows (set by the caller once).
+// over tokens [t0, t1) of an int8 cache: llmopt_f::attend_tiles (the float attend_range's tile loop)
+// with each tile's K and V rows dequantized once into kf / vf [kTile, D] (L1-sized, shared by the G
+// heads). Scratch: sc [G * kTile], kf / vf [kTile * D], krow / vrow [kTile] pointing at kf / vf's
+// rows (set by the caller once).
 inline void attend_range(const float* qs, int64_t G, int64_t D, const PagedKV8& kv, int64_t t0, int64_t t1,
                          float* m, float* l, float* acc, float* sc, float* kf, float* vf, const float* const* krow,
                          const float* const* vrow) {
-  std::fill(acc, acc + G * D, 0.0f);
-  std::fill(m, m + G, -std::numeric_limits<float>::infinity());
-  std::fill(l, l + G, 0.0f);
-  for (int64_t tile = t0; tile < t1; tile += kTile) {
-    const int64_t n = std::min(kTile, t1 - tile);
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t t = tile + i;
-      const int64_t row = (static_cast<int64_t>(kv.bt[t / kv.BS]) * kv.BS + t % kv.BS) * kv.Hk;
-      dequant_row(kf + i * D, kv.k + row * D, kv.ks[row], D);
-      dequant_row(vf + i * D, kv.v + row * D, kv.vs[row], D);
-    }
-    llmopt_f::attend_tile(qs, G, D, krow, vrow, n, m, l, acc, sc);
-  }
+  llmopt_f::attend_tiles(qs, G, D, t0, t1, m, l, acc, sc, krow, vrow, [&](int64_t i, int64_t t) {
+    const int64_t row = (static_cast<int64_t>(kv.bt[t / kv.BS]) * kv.BS + t % kv.BS) * kv.Hk;
+    dequant_row(kf + i * D, kv.k + row * D, kv.ks[row], D);
+    dequant_row(vf + i * D, kv.v + row * D, kv.vs[row], D);
+  });
 }
 
 }  // namespace llmopt_kv8

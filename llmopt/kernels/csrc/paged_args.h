@@ -1,11 +1,13 @@
 // Argument checks shared by the paged decode attention kernels (fused.cpp: float32 cache,
-// kv_int8.cpp: int8 cache with scales). Each kernel checks its own q and cache element types first.
+// kv_int8.cpp: int8 cache with scales, quest.cpp: either). Each kernel checks its own q and cache
+// element types first.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 
 // q [B, Hq, D]; caches [NB, BS, Hk, D]; block_tables [B, MB]; G = Hq / Hk query heads per kv head;
 // max_len = the longest span a sequence attends to (its window when sliding_window > 0).
@@ -45,4 +47,13 @@ inline PagedShape check_paged(const at::Tensor& q, const at::Tensor& k_cache, co
     }
   }
   return s;
+}
+
+// Checks an int8 cache's scales: k_scale / v_scale float32 [num_blocks, block_size, Hk], one per
+// (token, kv head) of k_cache [num_blocks, block_size, Hk, D] (kv_int8.h layout).
+inline void check_kv_scales(const at::Tensor& k_scale, const at::Tensor& v_scale, const at::Tensor& k_cache) {
+  for (const at::Tensor* t : {&k_scale, &v_scale})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 3 && t->is_contiguous() &&
+                    t->size(0) == k_cache.size(0) && t->size(1) == k_cache.size(1) && t->size(2) == k_cache.size(2),
+                "k_scale / v_scale must be contiguous CPU float32 [num_blocks, block_size, Hk] tensors");
 }

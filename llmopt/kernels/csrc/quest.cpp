@@ -75,11 +75,7 @@ at::Tensor quest_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache must have the same shape");
   TORCH_CHECK(int8 == (k_scale.has_value() && v_scale.has_value()), "an int8 cache needs k_scale and v_scale, a float "
               "cache takes none");
-  if (int8)
-    for (const at::Tensor* t : {&*k_scale, &*v_scale})
-      TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 3 && t->is_contiguous() &&
-                      t->size(0) == k_cache.size(0) && t->size(1) == k_cache.size(1) && t->size(2) == k_cache.size(2),
-                  "k_scale / v_scale must be contiguous CPU float32 [num_blocks, block_size, Hk] tensors");
+  if (int8) check_kv_scales(*k_scale, *v_scale, k_cache);
   const PagedShape ps = check_paged(q, k_cache, block_tables, context_lens, -1);
   const int64_t B = ps.B, Hq = ps.Hq, D = ps.D, BS = ps.BS, Hk = ps.Hk, MB = ps.MB, G = ps.G;
   check_summaries(kmin, kmax, ps.NB, Hk, D);
