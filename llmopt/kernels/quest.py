@@ -8,11 +8,14 @@ dequantized rows, what attention reads). :func:`update_summaries` folds rows in 
 written; a row at offset 0 of its block resets the block's summary (a reused block forgets its old
 owner). Min and max are order-independent, so the summaries are deterministic.
 
-Selection per (decode row, kv head): block j's bound is the largest over the G query heads of the
-group of ``sum_d max(q_gd * kmin_jd, q_gd * kmax_jd)`` (head g's upper bound of ``q_g . k`` for any
-key of the block): a block ranks by its most interested head (summing the heads' bounds let the
-heads that look elsewhere outvote a copy head, and lost needle digits); the first
-block (attention sinks) and the last (the current token's) are always read, plus the best ``k - 2``
+Selection per (decode row, kv head): block j's score is the largest over the G query heads of the
+group of ``sum_d (q_gd * c_jd + RADIUS * |q_gd| * r_jd)``, with ``c = (kmin + kmax) / 2`` the block's
+centre and ``r = (kmax - kmin) / 2`` its radius. ``RADIUS = 1`` is Quest's upper bound of
+``q_g . k`` over the block's keys; that bound assumes one key at the favourable end of all D ranges
+at once, so wide blocks of unrelated text outranked the narrow block holding the key a copy head
+reads (passkey at 4k context); 0.5 keeps more of the attention mass (docs/long_context.md 2b). A
+block ranks by its most interested head (summing the heads' scores let the heads that look
+elsewhere outvote a copy head, and lost needle digits); the first block (attention sinks) and the last (the current token's) are always read, plus the best ``k - 2``
 others (ties: the lower index). ``k`` (``topk``, per row) of 0 or at least the row's block count
 reads every block: the dense kernel's result bit for bit. One block set per kv head, so each K/V
 row is loaded once for the group.
@@ -29,10 +32,12 @@ import torch
 from .build import extension_loader, native_enabled
 from .kv_quant import dequantize_kv
 
-__all__ = ["update_summaries", "update_summaries_ref", "quest_select", "quest_select_ref",
+__all__ = ["RADIUS", "update_summaries", "update_summaries_ref", "quest_select", "quest_select_ref",
            "quest_decode_attention", "quest_decode_attention_ref", "native_available"]
 
 _native = extension_loader("llmopt_quest", ["quest.cpp"])
+
+RADIUS = 0.5  # weight of a block's key radius in its score (csrc/quest.h kRadius; 1: Quest's upper bound)
 
 
 def native_available() -> bool:
@@ -89,8 +94,10 @@ def quest_select_ref(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, bl
         blocks = block_tables[b, :nb].long()
         mn, mx = kmin[blocks].transpose(0, 1), kmax[blocks].transpose(0, 1)  # [Hk, nb, D]
         qb = qs[b][:, :, None, :]  # [Hk, G, 1, D]
-        bound = torch.maximum(qb * mn[:, None], qb * mx[:, None]).sum(dim=3).amax(dim=1)  # [Hk, nb]
-        mid = bound[:, 1:nb - 1]
+        lo, hi = qb * mn[:, None], qb * mx[:, None]  # q c + RADIUS |q| r == (1+R)/2 max(lo, hi) + (1-R)/2 min(lo, hi)
+        part = 0.5 * (1.0 + RADIUS) * torch.maximum(lo, hi) + 0.5 * (1.0 - RADIUS) * torch.minimum(lo, hi)
+        score = part.sum(dim=3).amax(dim=1)  # [Hk, nb]
+        mid = score[:, 1:nb - 1]
         order = torch.sort(mid, dim=1, descending=True, stable=True).indices[:, :k - 2] + 1
         out[b, :, 0] = True
         out[b, :, nb - 1] = True

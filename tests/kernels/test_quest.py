@@ -133,3 +133,34 @@ def test_bad_inputs_are_refused_with_a_reason():
     with pytest.raises(RuntimeError, match="int8 cache needs"):
         quest.quest_decode_attention(q, kc.to(torch.int8), vc.to(torch.int8), None, None, kmin, kmax, tables, cl,
                                      torch.tensor([1], dtype=torch.int32), SCALE)
+
+
+def test_a_narrow_block_holding_the_matching_key_outranks_a_wide_block_of_unrelated_keys():
+    # q . k is 9.6 for every key of block 2 (narrow: all rows equal) and 0 for every key of block 1,
+    # whose rows +-0.25 * s (balanced signs) span [-0.25, 0.25] in every dimension: Quest's upper
+    # bound of block 1 is 64 * 0.25 = 16 > 9.6 and would read it instead; the centre + half-radius
+    # score (0 + 0.5 * 16 = 8) reads block 2, where the attention mass is.
+    d, bs = 64, 16
+    g = torch.Generator().manual_seed(7)
+    q = torch.ones(1, 1, d)
+    signs = torch.ones(bs // 2, d)
+    for i in range(bs // 2):
+        signs[i, torch.randperm(d, generator=g)[: d // 2]] = -1.0
+    wide = 0.25 * torch.cat([signs, -signs])  # [bs, d]: every row scores 0, every dimension spans +-0.25
+    kc = torch.randn(4, bs, 1, d, generator=g) * 0.01
+    kc[1, :, 0] = wide
+    kc[2, :, 0] = 0.15
+    vc = torch.randn(4, bs, 1, d, generator=g)
+    kmin, kmax = torch.zeros(4, 1, d), torch.zeros(4, 1, d)
+    for blk in range(4):
+        quest.update_summaries(kmin, kmax, kc[blk], blk * bs + torch.arange(bs), bs)
+    tables = torch.arange(4, dtype=torch.int32)[None]
+    cl = torch.tensor([4 * bs - 5], dtype=torch.int32)
+    topk = torch.tensor([3], dtype=torch.int32)  # the sink, the current block and one more
+    assert float(torch.maximum(q[0] * kmin[1], q[0] * kmax[1]).sum()) == pytest.approx(16.0)  # Quest's bound
+    for select in (quest.quest_select, quest.quest_select_ref):
+        chosen = select(q, kmin, kmax, tables, cl, topk, bs, 1.0)
+        assert chosen[0, 0].nonzero().flatten().tolist() == [0, 2, 3], select.__name__
+    got = quest.quest_decode_attention(q, kc, vc, None, None, kmin, kmax, tables, cl, topk, 1.0)
+    dense = ops.paged_decode_attention(q, kc, vc, tables, cl, 1.0)
+    torch.testing.assert_close(got, dense, rtol=0, atol=2e-3)

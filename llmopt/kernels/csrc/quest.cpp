@@ -158,7 +158,7 @@ at::Tensor quest_select(const at::Tensor& q, const at::Tensor& kmin, const at::T
   int32_t* op = out.data_ptr<int32_t>();
   llmopt_quest::Scratch s;
   s.reserve(MB, D, false);
-  std::vector<float> qs(G * D);  // scaled like the attention's queries: the same bounds, the same choice
+  std::vector<float> qs(G * D);  // scaled like the attention's queries: the same scores, the same choice
   for (int64_t b = 0; b < B; ++b) {
     const int64_t L = context_lens.data_ptr<int32_t>()[b];
     const int64_t nb = (L + block_size - 1) / block_size;

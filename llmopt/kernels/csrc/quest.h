@@ -7,10 +7,13 @@
 // for an int8 cache: what attention reads). A row written at offset 0 of its block resets the
 // block's summary, later rows widen it; min and max do not depend on the order rows arrive in.
 //
-// Selection for one (decode row, kv head): block j's bound is max over the G query heads of the
-// group of sum_d max(q_gd * kmin_jd, q_gd * kmax_jd) (each head's upper bound of its scores there;
-// the max ranks a block by its most interested head, so one copy head is not outvoted by the
-// group); the first block (attention sinks) and the last
+// Selection for one (decode row, kv head): block j's score is max over the G query heads of the
+// group of sum_d (q_gd * c_jd + kRadius * |q_gd| * r_jd), c = (kmin + kmax) / 2 the block's centre,
+// r = (kmax - kmin) / 2 its radius (kRadius 1 would be Quest's upper bound of the head's scores
+// there; the bound is loose, it assumes one key sits at the favourable end of all D ranges at once,
+// so wide blocks of unrelated text outranked a narrow block holding the key the head looks for; see
+// docs/long_context.md 2b). The max ranks a block by its most interested head, so one copy head is
+// not outvoted by the group. The first block (attention sinks) and the last
 // (the current token's) are always read, plus the best k - 2 others (ties: the lower block index).
 // k <= 0 or k >= the block count: every block, which is exactly the dense kernel's token walk.
 // Attention then walks the chosen blocks' tokens in ascending order in kTile-token tiles with the
@@ -50,9 +53,16 @@ inline void update_summary(float* mn, float* mx, const float* row, int64_t D, bo
   }
 }
 
-// max over g < G of sum over d < D of max(q[g, d] * mn[d], q[g, d] * mx[d]): the highest of the
-// G heads' upper bounds of q_g . k over every row k the block holds.
-inline float block_bound(const float* q, int64_t G, int64_t D, const float* mn, const float* mx) {
+// Weight of the block radius in the score (0: the centre alone, 1: Quest's upper bound). 0.5 kept
+// the most attention mass of the heads that read the key in retrieval prompts (docs/long_context.md).
+inline constexpr float kRadius = 0.5f;
+
+// max over g < G of sum over d < D of (q c + kRadius |q| r)[g, d], written as
+// kHi * max(q mn, q mx) + kLo * min(q mn, q mx) (q c = (max + min) / 2, |q| r = (max - min) / 2):
+// the highest of the G heads' scores of the block.
+inline float block_score(const float* q, int64_t G, int64_t D, const float* mn, const float* mx) {
+  constexpr float kHi = 0.5f * (1.0f + kRadius), kLo = 0.5f * (1.0f - kRadius);
+  const __m256 hi_w = _mm256_set1_ps(kHi), lo_w = _mm256_set1_ps(kLo);
   float best = -std::numeric_limits<float>::infinity();
   for (int64_t g = 0; g < G; ++g) {
     __m256 acc = _mm256_setzero_ps();
@@ -61,10 +71,15 @@ inline float block_bound(const float* q, int64_t G, int64_t D, const float* mn, 
     int64_t d = 0;
     for (; d + 8 <= D; d += 8) {
       const __m256 vq = _mm256_loadu_ps(qg + d);
-      acc = _mm256_add_ps(acc, _mm256_max_ps(_mm256_mul_ps(vq, _mm256_loadu_ps(mn + d)),
-                                             _mm256_mul_ps(vq, _mm256_loadu_ps(mx + d))));
+      const __m256 a = _mm256_mul_ps(vq, _mm256_loadu_ps(mn + d));
+      const __m256 b = _mm256_mul_ps(vq, _mm256_loadu_ps(mx + d));
+      acc = _mm256_add_ps(acc, _mm256_add_ps(_mm256_mul_ps(hi_w, _mm256_max_ps(a, b)),
+                                             _mm256_mul_ps(lo_w, _mm256_min_ps(a, b))));
     }
-    for (; d < D; ++d) tail += std::max(qg[d] * mn[d], qg[d] * mx[d]);
+    for (; d < D; ++d) {
+      const float a = qg[d] * mn[d], b = qg[d] * mx[d];
+      tail += kHi * std::max(a, b) + kLo * std::min(a, b);
+    }
     best = std::max(best, llmopt_f::hsum(acc) + tail);
   }
   return best;
@@ -84,7 +99,7 @@ inline int64_t select_blocks(const float* q, int64_t G, int64_t D, const float* 
   const int64_t mid = nb - 2, pick = k - 2;
   for (int64_t j = 1; j + 1 < nb; ++j) {
     const int64_t off = (static_cast<int64_t>(bt[j]) * Hk + h) * D;
-    score[j] = block_bound(q, G, D, kmin + off, kmax + off);
+    score[j] = block_score(q, G, D, kmin + off, kmax + off);
     order[j - 1] = j;
   }
   std::partial_sort(order, order + pick, order + mid, [score](int64_t a, int64_t b) {
