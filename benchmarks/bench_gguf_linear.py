@@ -30,20 +30,21 @@ import torch.nn.functional as F
 from gguf import quants
 
 from llmopt.kernels import gguf_linear as G
+from llmopt.kernels.tune import FP16_SCALE_OFFSETS
 
 QT = gguf.GGMLQuantizationType
 SHAPES = [(576, 1536), (1536, 576), (576, 49152), (2048, 8192)]
 DEFAULT_TYPES = "Q4_0,Q4_1,Q5_0,Q5_1,Q8_0,Q4_K,Q5_K,Q6_K"
-_SCALE_OFFS = {QT.Q2_K: [80, 82], QT.Q3_K: [108], QT.Q4_K: [0, 2], QT.Q5_K: [0, 2], QT.Q6_K: [208]}
+K_QUANTS = (QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K)  # gguf.quants cannot quantize these: random blocks
 
 
 def random_blocks(qt: QT, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
     """uint8 [n, bytes_per_row] GGUF blocks of type qt for an [n, k] weight."""
     block, ts = gguf.GGML_QUANT_SIZES[qt]
-    if qt not in _SCALE_OFFS:
+    if qt not in K_QUANTS:
         return quants.quantize((rng.standard_normal((n, k)) * 0.05).astype(np.float32), qt)
     raw = rng.integers(0, 256, size=(n, k // block, ts), dtype=np.uint8)
-    for off in _SCALE_OFFS[qt]:
+    for off in FP16_SCALE_OFFSETS[qt]:
         v = (np.abs(rng.standard_normal((n, k // block))) * 1e-3).astype(np.float16)
         raw[..., off:off + 2] = v.view(np.uint8).reshape(n, k // block, 2)
     return raw.reshape(n, -1)

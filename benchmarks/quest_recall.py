@@ -81,14 +81,9 @@ def main() -> None:
                 probs = torch.einsum("hgd,thd->hgt", qs, kc[blocks[t // bs], t % bs]).softmax(-1)
                 mass = torch.zeros(hk, g, nb).index_add_(2, t // bs, probs)
                 key_mass = probs[:, :, key_tokens].sum(-1)
-                lo = qs[:, :, None, :] * kmin[blocks].transpose(0, 1)[:, None]
-                hi = qs[:, :, None, :] * kmax[blocks].transpose(0, 1)[:, None]
-                for a in radii:
-                    score = (0.5 * (1 + a) * torch.maximum(lo, hi) + 0.5 * (1 - a) * torch.minimum(lo, hi)).sum(-1)
-                    best = torch.sort(score.amax(1)[:, 1:nb - 1], dim=1, descending=True, stable=True).indices
-                    chosen = torch.zeros(hk, nb, dtype=torch.bool)
-                    chosen[:, [0, nb - 1]] = True
-                    chosen.scatter_(1, best[:, :k - 2] + 1, True)
+                for a in radii:  # the engine's selection rule (quest_select_ref) with radius weight a
+                    chosen = quest.quest_select_ref(q, kmin, kmax, tables, lens, torch.tensor([k]), bs, scale,
+                                                    radius=a)[0, :, :nb]
                     kept = (mass * chosen[:, None, :]).sum(-1)
                     key_kept = (probs[:, :, key_tokens] * chosen[:, key_tokens // bs][:, None, :]).sum(-1)
                     hot = key_mass > 0.1

@@ -547,8 +547,7 @@ def kernel_info() -> dict[str, Any]:
     table is in use (``python -m llmopt.kernels.build``) or the compiled-in default."""
     from llmopt.kernels import gguf_linear, tune
 
-    path = gguf_linear.cpu_path()
-    mod = gguf_linear.native_module(path) if path in gguf_linear.PATHS else None
+    path, mod = gguf_linear.native_for()
     table = tune.load_prefetch_table(mod) if mod is not None else None
     return {"gguf_path": path, "prefetch": "measured" if table else "default"}
 

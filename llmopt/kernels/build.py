@@ -237,8 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_tune:
         from . import gguf_linear, tune
 
-        path = gguf_linear.cpu_path()
-        mod = gguf_linear.native_module(path) if path in gguf_linear.PATHS else None
+        path, mod = gguf_linear.native_for()
         if mod is not None and (args.retune or tune.load_prefetch_table(mod) is None):
             t1 = time.perf_counter()
             print(f"measuring the GGUF kernels' prefetch distances on this CPU ({path}, {tune.cpu_model()})")

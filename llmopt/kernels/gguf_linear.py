@@ -669,11 +669,16 @@ class KernelTable:
     small_m: int
 
 
+def native_for(path: str | None = None) -> tuple[str, ModuleType | None]:
+    """``path`` (None: :func:`cpu_path`) and its native module, None on the reference path."""
+    use = cpu_path() if path is None else path
+    return use, native_module(use) if use in PATHS else None
+
+
 def kernel_table(path: str | None = None) -> KernelTable | None:
     """The kernels :func:`gguf_linear` runs by default (``path`` None: :func:`cpu_path`), or None on
     the torch reference path (no native build: nothing to share)."""
-    use = cpu_path() if path is None else path
-    mod = native_module(use) if use in PATHS else None
+    use, mod = native_for(path)
     if mod is None:
         return None
     return KernelTable(use, mod.kernel_table(), SMALL_M[use])
@@ -681,8 +686,7 @@ def kernel_table(path: str | None = None) -> KernelTable | None:
 
 def native_dequantize(packed: GGUFPacked, path: str | None = None) -> torch.Tensor:
     """The packed weight as fp32 ``[N, K]`` decoded by the native kernels' own decoder (tests)."""
-    use = cpu_path() if path is None else path
-    mod = native_module(use) if use in PATHS else None
+    _, mod = native_for(path)
     if mod is None:
         return dequantize_packed(packed)
     n, k = packed.shape

@@ -15,8 +15,8 @@ centre and ``r = (kmax - kmin) / 2`` its radius. ``RADIUS = 1`` is Quest's upper
 at once, so wide blocks of unrelated text outranked the narrow block holding the key a copy head
 reads (passkey at 4k context); 0.5 keeps more of the attention mass (docs/long_context.md 2b). A
 block ranks by its most interested head (summing the heads' scores let the heads that look
-elsewhere outvote a copy head, and lost needle digits); the first block (attention sinks) and the last (the current token's) are always read, plus the best ``k - 2``
-others (ties: the lower index). ``k`` (``topk``, per row) of 0 or at least the row's block count
+elsewhere outvote a copy head, and lost needle digits); the first block (attention sinks) and the
+last (the current token's) are always read, plus the best ``k - 2`` others (ties: the lower index). ``k`` (``topk``, per row) of 0 or at least the row's block count
 reads every block: the dense kernel's result bit for bit. One block set per kv head, so each K/V
 row is loaded once for the group.
 
@@ -75,9 +75,10 @@ def update_summaries(kmin: torch.Tensor, kmax: torch.Tensor, rows: torch.Tensor,
 
 def quest_select_ref(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, topk: torch.Tensor, block_size: int,
-                     scale: float) -> torch.Tensor:
+                     scale: float, radius: float = RADIUS) -> torch.Tensor:
     """bool [B, Hk, max_blocks]: the blocks each (row, kv head) reads (see the module docstring).
-    The bounds use ``q * scale`` (what the kernel scores with)."""
+    The scores use ``q * scale`` (what the kernel scores with); ``radius``: the block radius' weight
+    (the kernel's is :data:`RADIUS`; other values compare rules, benchmarks/quest_recall.py)."""
     B, Hq, D = q.shape
     Hk = kmin.shape[1]
     G = Hq // Hk
@@ -94,8 +95,8 @@ def quest_select_ref(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, bl
         blocks = block_tables[b, :nb].long()
         mn, mx = kmin[blocks].transpose(0, 1), kmax[blocks].transpose(0, 1)  # [Hk, nb, D]
         qb = qs[b][:, :, None, :]  # [Hk, G, 1, D]
-        lo, hi = qb * mn[:, None], qb * mx[:, None]  # q c + RADIUS |q| r == (1+R)/2 max(lo, hi) + (1-R)/2 min(lo, hi)
-        part = 0.5 * (1.0 + RADIUS) * torch.maximum(lo, hi) + 0.5 * (1.0 - RADIUS) * torch.minimum(lo, hi)
+        lo, hi = qb * mn[:, None], qb * mx[:, None]  # q c + R |q| r == (1+R)/2 max(lo, hi) + (1-R)/2 min(lo, hi)
+        part = 0.5 * (1.0 + radius) * torch.maximum(lo, hi) + 0.5 * (1.0 - radius) * torch.minimum(lo, hi)
         score = part.sum(dim=3).amax(dim=1)  # [Hk, nb]
         mid = score[:, 1:nb - 1]
         order = torch.sort(mid, dim=1, descending=True, stable=True).indices[:, :k - 2] + 1

@@ -35,10 +35,9 @@ log = logging.getLogger(__name__)
 
 QT = gguf.GGMLQuantizationType
 CANDIDATES = (0, 128, 256, 512, 1024, 2048)  # bytes ahead; 0 = no software prefetch
-DEFAULT = 1024  # the compiled-in distance (csrc/gguf_kernels.h g_prefetch)
 FAMILIES = {"fp32": 0, "int8": 1}  # register tiles with fp32 / int8 activations
 # byte offsets of the fp16 scale fields inside one block, so random blocks decode to finite values
-_FP16_OFFSETS = {QT.Q4_0: [0], QT.Q4_1: [0, 2], QT.Q5_0: [0], QT.Q5_1: [0, 2], QT.Q8_0: [0], QT.Q2_K: [80, 82],
+FP16_SCALE_OFFSETS = {QT.Q4_0: [0], QT.Q4_1: [0, 2], QT.Q5_0: [0], QT.Q5_1: [0, 2], QT.Q8_0: [0], QT.Q2_K: [80, 82],
                  QT.Q3_K: [108], QT.Q4_K: [0, 2], QT.Q5_K: [0, 2], QT.Q6_K: [208]}
 
 
@@ -120,7 +119,7 @@ def random_blocks(qt: gguf.GGMLQuantizationType, n: int, k: int, rng: np.random.
     (random codes, scales in [1e-3, 2e-3)): the kernels' speed does not depend on the values."""
     block, size = gguf.GGML_QUANT_SIZES[qt]
     raw = rng.integers(0, 256, size=(n, k // block, size), dtype=np.uint8)
-    for off in _FP16_OFFSETS[qt]:
+    for off in FP16_SCALE_OFFSETS[qt]:
         v = (1e-3 + 1e-3 * rng.random((n, k // block))).astype(np.float16)
         raw[..., off:off + 2] = v.view(np.uint8).reshape(n, k // block, 2)
     return raw.reshape(n, -1)
@@ -201,8 +200,7 @@ def tune_prefetch(path: str, types: list[str] | None = None, rounds: int = 5, to
     try:
         for name in names:
             qt = gguf.GGMLQuantizationType[name]
-            _, size = gguf.GGML_QUANT_SIZES[qt]
-            block = gguf.GGML_QUANT_SIZES[qt][0]
+            block, size = gguf.GGML_QUANT_SIZES[qt]
             n = max(16, (24 << 20) // (k // block * size) // 16 * 16)
             first = G.pack_gguf(random_blocks(qt, n, k, rng), qt, (n, k))
             copies = [first] + [G.GGUFPacked(first.ggml_type, first.shape, first.data.clone())

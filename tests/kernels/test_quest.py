@@ -161,6 +161,9 @@ def test_a_narrow_block_holding_the_matching_key_outranks_a_wide_block_of_unrela
     for select in (quest.quest_select, quest.quest_select_ref):
         chosen = select(q, kmin, kmax, tables, cl, topk, bs, 1.0)
         assert chosen[0, 0].nonzero().flatten().tolist() == [0, 2, 3], select.__name__
+    # radius weight 1 is Quest's upper bound, which reads the wide block 1 instead
+    bound = quest.quest_select_ref(q, kmin, kmax, tables, cl, topk, bs, 1.0, radius=1.0)
+    assert bound[0, 0].nonzero().flatten().tolist() == [0, 1, 3]
     got = quest.quest_decode_attention(q, kc, vc, None, None, kmin, kmax, tables, cl, topk, 1.0)
     dense = ops.paged_decode_attention(q, kc, vc, tables, cl, 1.0)
     torch.testing.assert_close(got, dense, rtol=0, atol=2e-3)

@@ -423,6 +423,16 @@ const KernelTable kTable = {kTableAbi,          (int32_t)sizeof(KernelTable), kI
                             &table_block_size,  &table_a8_kind,               &table_gemm_panels, &quant_row_a8,
                             &table_gemm_a8_panels};
 
+// g_prefetch<T>[family] of ggml type `type` (std::invalid_argument, a Python ValueError, for a
+// type without kernels or a family other than 0 / 1)
+int64_t& prefetch_slot(int64_t type, int64_t family) {
+  if (family != 0 && family != 1) throw std::invalid_argument("family must be 0 (fp32 tiles) or 1 (int8 tiles)");
+  int64_t* slot = nullptr;
+  if (!with_type(type, [&](auto t) { slot = &g_prefetch<decltype(t)>[family]; }))
+    throw std::invalid_argument("unsupported ggml type " + std::to_string(type));
+  return *slot;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -439,24 +449,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kernel_table", []() { return py::capsule((void*)&kTable, kTableName); },
         "the panel-level kernels of this build as a capsule (gguf_kernels.h: KernelTable), for the fused decode step");
   m.def(
-      "set_prefetch",
-      [](int64_t type, int64_t family, int64_t bytes) {
-        if (family != 0 && family != 1) throw std::invalid_argument("family must be 0 (fp32 tiles) or 1 (int8 tiles)");
-        if (!with_type(type, [&](auto t) { g_prefetch<decltype(t)>[family] = bytes; }))
-          throw std::invalid_argument("unsupported ggml type " + std::to_string(type));
-      },
+      "set_prefetch", [](int64_t type, int64_t family, int64_t bytes) { prefetch_slot(type, family) = bytes; },
       "set the software prefetch distance (bytes ahead in the weight stream, <= 0 = off) of one ggml type's "
       "fp32-activation (family 0) or int8-activation (family 1) register tiles; results do not depend on it",
       py::arg("type"), py::arg("family"), py::arg("bytes"));
   m.def(
-      "prefetch",
-      [](int64_t type, int64_t family) {
-        int64_t v = -1;
-        if (family != 0 && family != 1) throw std::invalid_argument("family must be 0 (fp32 tiles) or 1 (int8 tiles)");
-        if (!with_type(type, [&](auto t) { v = g_prefetch<decltype(t)>[family]; }))
-          throw std::invalid_argument("unsupported ggml type " + std::to_string(type));
-        return v;
-      },
+      "prefetch", [](int64_t type, int64_t family) { return prefetch_slot(type, family); },
       "the software prefetch distance of one ggml type's fp32 (0) or int8 (1) register tiles", py::arg("type"),
       py::arg("family"));
   m.def("_set_min_parallel_work", [](int64_t w) { g_min_parallel_work = w; },
