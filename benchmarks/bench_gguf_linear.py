@@ -89,7 +89,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {args.threads}, default path {G.cpu_path()}, paths {paths}, "
           f"cpu capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"times in ms ({args.stat} per cell)")
-    fp32_paths = [p for p in paths if p != "avx512_vnni"]  # (its fp32 kernel is the avx512 one)
+    fp32_paths = [p for p in paths if p not in ("avx512_vnni", "avx512_amx")]  # (their fp32 kernel is the avx512 one)
     a8_types = set(G.supported_types("int8"))
     cols = ["mkl", "fbgemm8"] + [f"fp32 {p}" for p in fp32_paths] + [f"int8 {p}" for p in paths]
     print("cells: ms (MKL time / this time); int8 = the act='int8' mode (decode only: M <= 64)")

@@ -53,7 +53,7 @@ EXTENSIONS: dict[str, list[str]] = {
 
 # CPU features that change what the kernels may execute (part of the cache key).
 _ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw", "avx512vl",
-              "avx512dq", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile")
+              "avx512dq", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8")
 
 
 def native_enabled() -> bool:

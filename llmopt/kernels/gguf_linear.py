@@ -28,10 +28,11 @@ per row and 32 k and uses integer dot products, like llama.cpp's Q8 activations:
 not exact (see :func:`gguf_linear`). The default is ``act="fp32"``.
 
 Instruction sets (:func:`cpu_path`): the same C++ source is built once per ISA (AVX2/FMA/F16C, the
-floor; AVX-512 F/BW/VL; AVX-512 + VNNI, which only changes the int8 mode's dot products) and the
-best one the CPU reports is chosen at the first call. ``LLMOPT_CPU_PATH`` (``avx512_vnni``,
-``avx512``, ``avx2``, ``reference``; read once) forces a lower path, e.g. to test the AVX2 path on
-an AVX-512 machine. A CPU without AVX2/FMA (or ``LLMOPT_NATIVE=0``) gets the
+floor; AVX-512 F/BW/VL; AVX-512 + VNNI, which only changes the int8 mode's dot products; AVX-512 VNNI
++ AMX-INT8, which runs the int8 mode's rows 16 at a time on AMX tiles: csrc/gguf_amx.h) and the
+best one the CPU reports is chosen at the first call. Every path gives the same bits.
+``LLMOPT_CPU_PATH`` (``avx512_amx``, ``avx512_vnni``, ``avx512``, ``avx2``, ``reference``; read once)
+forces a lower path, e.g. to test the AVX2 path on an AVX-512 machine. A CPU without AVX2/FMA (or ``LLMOPT_NATIVE=0``) gets the
 plain-torch reference (dequantize, then ``F.linear``) with one warning: never an illegal instruction.
 """
 
@@ -74,7 +75,7 @@ __all__ = [
     "supported_types",
 ]
 
-PATHS = ("avx512_vnni", "avx512", "avx2")  # native paths, best first
+PATHS = ("avx512_amx", "avx512_vnni", "avx512", "avx2")  # native paths, best first
 _SC_NONE, _SC_U8, _SC_S8, _SC_NIB = 0, 1, 2, 3
 
 
@@ -455,11 +456,14 @@ _ISA_FLAGS = {
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl"],
     "avx512_vnni": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
+    "avx512_amx": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
+                   "-mamx-tile", "-mamx-int8"],
 }
 _ISA_CPU_FLAGS = {  # /proc/cpuinfo flags a path needs
     "avx2": ("avx2", "fma", "f16c"),
     "avx512": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl"),
     "avx512_vnni": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
+    "avx512_amx": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "amx_tile", "amx_int8"),
 }
 
 _lock = threading.Lock()
@@ -504,6 +508,10 @@ def native_module(path: str) -> ModuleType | None:
         if mod is not None and mod.isa() != path:  # the build's own report (compile-time macros)
             log.warning("llmopt: GGUF kernels built for %s report %s; not using them", path, mod.isa())
             mod = None
+        if mod is not None and path == "avx512_amx" and not mod.amx_ready():
+            log.warning("llmopt: this CPU has AMX but the OS did not grant the tile state "
+                        "(arch_prctl ARCH_REQ_XCOMP_PERM; Linux >= 5.16); using the AVX-512 VNNI path")
+            mod = None
         if mod is not None:  # this CPU's measured prefetch distances (tune.py), if measured
             from . import tune
 
@@ -521,7 +529,7 @@ def available_paths() -> list[str]:
 
 
 def cpu_path() -> str:
-    """The path :func:`gguf_linear` uses by default: "avx512", "avx2" or "reference".
+    """The path :func:`gguf_linear` uses by default: one of :data:`PATHS` or "reference".
 
     Chosen once per process from what the CPU reports, lowered by ``LLMOPT_CPU_PATH`` if set
     (``avx2`` on an AVX-512 machine tests the AVX2 path; a path above the CPU's is refused with a
@@ -560,7 +568,7 @@ def cpu_path() -> str:
 # Measured (1 thread, Zen 4, Q4_0 / Q4_K, 1536x576 and 2048x8192, benchmarks/bench_gguf_linear.py-style
 # timing): AVX-512 register tiles win up to M = 4 (R = 2..4 tiles share two panels' decode); AVX2 ones
 # up to M = 2 (at M = 4 the panel path is 5-20% faster). Results do not depend on it.
-SMALL_M = {"avx512_vnni": 4, "avx512": 4, "avx2": 2}
+SMALL_M = {"avx512_amx": 4, "avx512_vnni": 4, "avx512": 4, "avx2": 2}
 
 
 def gguf_linear(x: torch.Tensor, packed: GGUFPacked, bias: torch.Tensor | None = None, *,

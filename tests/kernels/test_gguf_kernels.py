@@ -84,6 +84,8 @@ def test_native_paths_report_their_instruction_set(paths):
         assert "avx512" in paths
     if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
         assert "avx512_vnni" in paths
+    if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "amx_tile", "amx_int8"} <= flags:
+        assert "avx512_amx" in paths, "an AMX CPU without the AMX path (did the OS refuse the tile state?)"
 
 
 def test_layout_tables_agree_between_python_and_cpp(paths):
@@ -221,6 +223,34 @@ def test_int8_mode_under_forced_avx2_gives_the_native_paths_bits(paths, tmp_path
     assert got["path"] == "avx2"
     for name, y in here.items():
         assert torch.equal(got["out"][name], y), f"{name}: avx2 process vs {paths[0]}"
+
+
+@pytest.mark.parametrize("qt", A8_TYPES, ids=[t.name for t in A8_TYPES])
+def test_amx_tiles_give_the_register_tiles_bits(paths, parallel_always, threads, qt):
+    """The avx512_amx build runs the int8 mode's rows 16 at a time on AMX tiles (a short last tile
+    padded with zero rows, or left to the VNNI register tiles below the row threshold): the same
+    exact integer sums and float steps, so every row count and threshold gives the same bits."""
+    if "avx512_amx" not in paths:
+        pytest.skip("no AMX-INT8 here")
+    mod = G.native_module("avx512_amx")
+    packed, _ = case(qt, seed=7)
+    n, k = packed.shape
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, k, generator=g) * torch.logspace(-2, 1, 40).unsqueeze(1)
+    x[9] = 0
+    bias = torch.randn(n, generator=g)
+    try:
+        mod._set_amx_min_rows(0)  # register tiles only
+        ref = G.gguf_linear(x, packed, bias, act="int8", path="avx512_amx")
+        for min_rows in (1, 8, 16):
+            mod._set_amx_min_rows(min_rows)
+            for nt in (1, 2):
+                threads(nt)
+                for m in (1, 5, 8, 12, 16, 17, 31, 40):
+                    y = G.gguf_linear(x[:m], packed, bias, act="int8", path="avx512_amx")
+                    assert torch.equal(y, ref[:m]), f"{qt.name} min_rows={min_rows} threads={nt} M={m}"
+    finally:
+        mod._set_amx_min_rows(8)
 
 
 def test_int8_mode_refuses_types_without_its_kernel(paths):

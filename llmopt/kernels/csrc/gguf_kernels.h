@@ -61,7 +61,9 @@ namespace llmopt_gguf {
 // 16-lane vectors
 // ------------------------------------------------------------------------------------------
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#if defined(__AVX512VNNI__)
+#if defined(__AVX512VNNI__) && defined(__AMX_INT8__) && defined(__AMX_TILE__)
+constexpr const char* kIsa = "avx512_amx";  // the int8 mode's 16-row tiles on AMX (gguf_amx.h)
+#elif defined(__AVX512VNNI__)
 constexpr const char* kIsa = "avx512_vnni";
 #else
 constexpr const char* kIsa = "avx512";

@@ -1,7 +1,9 @@
 // Python entry points of the native GGUF kernels (gguf_kernels.h), built once per instruction set:
-// llmopt_gguf_avx2 (-mavx2 -mfma -mf16c), llmopt_gguf_avx512 (+ -mavx512f/bw/vl) and
-// llmopt_gguf_avx512_vnni (+ -mavx512vnni: only the int8-activation dot products differ). Which one
-// runs is decided in Python (gguf_linear.cpu_path) from what the CPU reports.
+// llmopt_gguf_avx2 (-mavx2 -mfma -mf16c), llmopt_gguf_avx512 (+ -mavx512f/bw/vl),
+// llmopt_gguf_avx512_vnni (+ -mavx512vnni: only the int8-activation dot products differ) and
+// llmopt_gguf_avx512_amx (+ -mamx-tile -mamx-int8: the int8 mode's rows 16 at a time on AMX tiles,
+// gguf_amx.h, same bits). Which one runs is decided in Python (gguf_linear.cpu_path) from what the
+// CPU reports.
 //
 // gemm(x [M, K] fp32, data, type, N, K, bias) -> [M, N]:
 //   M <= small_m : register tiles (weights decoded in registers, reused by up to 4 rows), groups of
@@ -32,6 +34,7 @@
 #include <vector>
 
 #include "gguf_kernels.h"
+#include "gguf_amx.h"
 
 namespace {
 
@@ -234,13 +237,89 @@ void a8_rows(const Job& J, const A8Row* rows, int64_t p, int64_t pe, int64_t m0)
   for (; p < pe; ++p) a8_tile<T, 1, R>(J, rows, p, m0);
 }
 
-// panels [p0, p1), every row, int8 activations rows[0 .. M)
+#if defined(LLMOPT_GGUF_AMX)
+// Rows from which a 16-row AMX tile beats the VNNI register tiles: the int8 mode runs its rows in
+// tiles of 16 on AMX, a last tile of fewer than this many rows on tile_a8 (same bits either way).
+int64_t g_amx_min_rows = 8;
+
+// rows [0, mt) of the int8 mode on AMX tiles of 16 (the last one padded with zero rows), panels [p0, p1)
+template <class T>
+void amx_panels(const Job& J, const A8Row* rows, int64_t mt, int64_t p0, int64_t p1) {
+  thread_local std::vector<uint8_t> bbuf;
+  thread_local std::vector<int8_t> abuf, zq;
+  thread_local std::vector<float> zdx, obuf;
+  thread_local std::vector<int32_t> zxs, cbuf;
+  thread_local std::vector<A8Row> trows;
+  thread_local std::vector<AmxRowConst> rconst;
+  const int64_t K = J.K, nsb = K / 32, ntiles = (mt + AMX_M - 1) / AMX_M;
+  const int64_t bstride = J.nblk * T::NS * kAmxSubBytes<T>;
+  if ((int64_t)bbuf.size() < AMX_NP * bstride) bbuf.resize(AMX_NP * bstride);
+  if ((int64_t)zq.size() < K) zq.assign(K, 0);
+  if ((int64_t)zdx.size() < nsb) { zdx.assign(nsb, 0.f); zxs.assign(nsb, 0); }
+  obuf.resize(AMX_M * LANES);
+  cbuf.resize(2 * AMX_M * LANES);
+  trows.resize(ntiles * AMX_M);
+  // A operands: a tile's 16 rows read in place when equally spaced (the callers' layout), else staged
+  std::vector<const int8_t*> abase(ntiles);
+  std::vector<int64_t> lda(ntiles);
+  for (int64_t t = 0; t < ntiles; ++t) {
+    const int64_t r0 = t * AMX_M, cnt = std::min<int64_t>(AMX_M, mt - r0);
+    bool even = cnt == AMX_M;
+    const int64_t st = cnt > 1 ? rows[r0 + 1].xq - rows[r0].xq : 0;
+    for (int64_t r = 1; even && r < cnt; ++r) even = rows[r0 + r].xq - rows[r0 + r - 1].xq == st && st > 0;
+    for (int64_t r = 0; r < AMX_M; ++r) trows[r0 + r] = r < cnt ? rows[r0 + r] : A8Row{zq.data(), zdx.data(), zxs.data()};
+    if (even) {
+      abase[t] = rows[r0].xq;
+      lda[t] = st;
+    } else {
+      if ((int64_t)abuf.size() < ntiles * AMX_M * K) abuf.resize(ntiles * AMX_M * K);
+      int8_t* a = abuf.data() + t * AMX_M * K;
+      for (int64_t r = 0; r < AMX_M; ++r) std::memcpy(a + r * K, trows[r0 + r].xq, K);
+      abase[t] = a;
+      lda[t] = K;
+    }
+  }
+  const int64_t nsub = J.nblk * T::NS;
+  rconst.resize(ntiles * nsub);
+  for (int64_t t = 0; t < ntiles; ++t) amx_row_consts<T>(trows.data() + t * AMX_M, J.nblk, rconst.data() + t * nsub);
+  amx_configure<T>();
+  for (int64_t p = p0; p < p1; p += AMX_NP) {
+    const int np = (int)std::min<int64_t>(AMX_NP, p1 - p);
+    const uint8_t* pan[AMX_NP];
+    for (int i = 0; i < np; ++i) {
+      pan[i] = J.w + (p + i) * J.nblk * T::BB;
+      amx_unpack_panel<T>(pan[i], J.nblk, bbuf.data() + i * bstride);
+    }
+    for (int64_t t = 0; t < ntiles; ++t) {
+      const int cnt = (int)std::min<int64_t>(AMX_M, mt - t * AMX_M);
+      for (int i = 0; i < np; ++i) {
+        amx_rows<T>(pan[i], bbuf.data() + i * bstride, abase[t], lda[t], rconst.data() + t * nsub, J.nblk,
+                    obuf.data(), cbuf.data());
+        write_rows(J, p + i, t * AMX_M, cnt, obuf.data(), LANES);
+      }
+    }
+  }
+  _tile_release();
+}
+#endif
+
+// panels [p0, p1), every row, int8 activations rows[0 .. M): AMX tiles of 16 rows where built and
+// allowed (the avx512_amx build), register tiles of up to MAX_R rows for the rest
 template <class T>
 void a8_panels(const Job& J, const A8Row* rows, int64_t p0, int64_t p1) {
+  int64_t m_begin = 0;
+#if defined(LLMOPT_GGUF_AMX)
+  if (g_amx_min_rows > 0 && J.M >= g_amx_min_rows && amx_request()) {
+    const int64_t rem = J.M % AMX_M;
+    m_begin = rem >= g_amx_min_rows || rem == 0 ? J.M : J.M - rem;
+    if (m_begin > 0) amx_panels<T>(J, rows, m_begin, p0, p1);
+  }
+#endif
+  if (m_begin >= J.M) return;
   for (int64_t p = p0; p < p1; p += PG) {
     const int64_t pe = std::min(p1, p + PG);
-    const int64_t ntiles = (J.M + MAX_R - 1) / MAX_R;
-    int64_t m0 = 0;
+    const int64_t ntiles = (J.M - m_begin + MAX_R - 1) / MAX_R;
+    int64_t m0 = m_begin;
     for (int64_t t = 0; t < ntiles; ++t) {
       const int R = (int)((J.M - m0) / (ntiles - t));
       switch (R) {
@@ -457,6 +536,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "prefetch", [](int64_t type, int64_t family) { return prefetch_slot(type, family); },
       "the software prefetch distance of one ggml type's fp32 (0) or int8 (1) register tiles", py::arg("type"),
       py::arg("family"));
+  m.def(
+      "amx_ready",
+      []() {
+#if defined(LLMOPT_GGUF_AMX)
+        return amx_request();
+#else
+        return false;
+#endif
+      },
+      "whether this build runs the int8 mode on AMX tiles here (built for AMX and the OS granted the tile state)");
+  m.def(
+      "_set_amx_min_rows",
+      [](int64_t r) {
+#if defined(LLMOPT_GGUF_AMX)
+        g_amx_min_rows = r;
+#else
+        (void)r;
+#endif
+      },
+      "rows from which the int8 mode takes AMX tiles (<= 0: never; default 8; results do not depend on it)");
   m.def("_set_min_parallel_work", [](int64_t w) { g_min_parallel_work = w; },
         "M*N*K below which a call runs on the calling thread (tests use 0)");
 }
