@@ -17,8 +17,8 @@
 // activations' per-8 permutation (gguf_linear.cpp: quant_row_a8), or Q8_0's 4 consecutive codes.
 // They are unpacked once per call and group of up to 4 panels into a per-thread buffer (16 bytes
 // per weight: L2-resident for K up to ~16k), then every 16-row tile reuses them. Per row tile the
-// accumulators stay in registers over all of K, and the tile unit computes sub-block j + 1 while
-// the vector units fold sub-block j (a store and reload of the C tile sits between them).
+// accumulators stay in registers over all of K, and the tile unit computes sub-block j while the
+// vector units fold sub-block j - 2 (a store and reload of the C tile sits between them).
 //
 // Linux requires a process to ask for the tile state first (arch_prctl ARCH_REQ_XCOMP_PERM):
 // amx_request() does that once; the module reports it (gguf.amx_ready()) and Python does not
@@ -57,7 +57,7 @@ struct alignas(64) TileConfig {
   uint8_t rows[16];
 };
 
-// tmm0, 1: C (16 x 16 int32); tmm4: A (16 rows x S bytes); tmm5, 6: B (S / 4 rows x 64 bytes)
+// tmm0, 1: C (16 x 16 int32); tmm4, 7: A (16 rows x S bytes); tmm5, 6: B (S / 4 rows x 64 bytes)
 template <class T>
 inline void amx_configure() {
   TileConfig c{};
@@ -66,8 +66,8 @@ inline void amx_configure() {
     c.rows[i] = 16;
     c.colsb[i] = 64;
   }
-  c.rows[4] = 16;
-  c.colsb[4] = T::S;
+  c.rows[4] = c.rows[7] = 16;
+  c.colsb[4] = c.colsb[7] = T::S;
   c.rows[5] = c.rows[6] = T::S / 4;
   c.colsb[5] = c.colsb[6] = 64;
   _tile_loadconfig(&c);
@@ -116,14 +116,15 @@ inline void amx_unpack_panel(const uint8_t* pan, int64_t nblk, uint8_t* out) {
   }
 }
 
-// C tile C_ = A (tmm4) . B (tmm B_), the B tile loaded from p (gcc's tile intrinsics take literal
-// tile numbers, hence a macro)
-#define LLMOPT_AMX_DOT(C_, B_, p)                          \
+// C tile C_ = A . B with A (tile A_) loaded from pa (row stride lda) and B (tile B_) from pb
+// (gcc's tile intrinsics take literal tile numbers, hence a macro)
+#define LLMOPT_AMX_DOT(C_, A_, B_, pa, lda, pb)          \
   do {                                                      \
+    _tile_loadd(A_, (pa), (lda));                           \
     _tile_zero(C_);                                         \
-    _tile_loadd(B_, (p), 64);                               \
-    if constexpr (kAmxSignedB<T>) _tile_dpbssd(C_, 4, B_);  \
-    else _tile_dpbsud(C_, 4, B_);                           \
+    _tile_loadd(B_, (pb), 64);                              \
+    if constexpr (kAmxSignedB<T>) _tile_dpbssd(C_, A_, B_); \
+    else _tile_dpbsud(C_, A_, B_);                          \
   } while (0)
 
 // Per 16-row tile and sub-block j, the row constants of tile_a8's float steps (the same scalars
@@ -167,9 +168,8 @@ GGUF_INLINE void amx_fold(const uint8_t* pan, int64_t b, int s, const AmxRowCons
 
 // 16 rows (activations a, row stride lda; their constants rc[sub-block]) x one panel (pan: its packed
 // blocks, for the scales; bt: its B tiles, amx_unpack_panel): out [16][16] = tile_a8's accumulators,
-// same steps in the same order. The accumulators stay in registers over all of K; the tile unit
-// computes sub-block j + 1's integer sums (C tiles 0 / 1 in turn, stored to cbuf [2][16][16]) while
-// the vector units fold sub-block j's.
+// same steps in the same order. The accumulators stay in registers over all of K; cbuf [2][16][16]
+// receives the C tiles in turn.
 template <class T>
 inline void amx_rows(const uint8_t* pan, const uint8_t* bt, const int8_t* a, int64_t lda, const AmxRowConst* rc,
                      int64_t nblk, float* out, int32_t* cbuf) {
@@ -178,22 +178,25 @@ inline void amx_rows(const uint8_t* pan, const uint8_t* bt, const int8_t* a, int
   const int64_t nsub = nblk * T::NS;
   int32_t* c0 = cbuf;
   int32_t* c1 = cbuf + AMX_M * LANES;
-  for (int64_t j = 0; j <= nsub; ++j) {
+  // Software pipeline, two sub-blocks deep: step j issues sub-block j's tile loads and dot product
+  // (tiles C / A / B = 0 / 4 / 5 or 1 / 7 / 6 by parity), folds sub-block j - 2 (whose sums were
+  // stored in step j - 1), then stores j - 1's sums. The store waits for its dot product, issued a
+  // step earlier; a store ahead of the fold's loads would hold them back (loads cannot pass a store
+  // whose addresses are not known yet), serializing the tile unit and the vector units.
+  for (int64_t j = 0; j < nsub + 2; ++j) {
     if (j < nsub) {  // integer sums of sub-block j
-      const int64_t b = j / T::NS;
-      const int s = (int)(j % T::NS);
-      _tile_loadd(4, a + b * T::QB + s * T::S, lda);
-      if (j & 1) {
-        LLMOPT_AMX_DOT(1, 6, bt + j * kAmxSubBytes<T>);
-        _tile_stored(1, c1, 64);
-      } else {
-        LLMOPT_AMX_DOT(0, 5, bt + j * kAmxSubBytes<T>);
-        _tile_stored(0, c0, 64);
-      }
+      const int8_t* pa = a + (j / T::NS) * T::QB + (j % T::NS) * T::S;
+      const uint8_t* pb = bt + j * kAmxSubBytes<T>;
+      if (j & 1) LLMOPT_AMX_DOT(1, 7, 6, pa, lda, pb);
+      else LLMOPT_AMX_DOT(0, 4, 5, pa, lda, pb);
     }
-    if (j > 0) {  // fold sub-block j - 1
-      const int64_t jp = j - 1;
+    if (j >= 2) {  // fold sub-block j - 2
+      const int64_t jp = j - 2;
       amx_fold<T>(pan, jp / T::NS, (int)(jp % T::NS), rc[jp], (jp & 1) ? c1 : c0, acc);
+    }
+    if (j >= 1 && j <= nsub) {  // store sub-block j - 1's sums
+      if ((j - 1) & 1) _tile_stored(1, c1, 64);
+      else _tile_stored(0, c0, 64);
     }
   }
   for (int r = 0; r < AMX_M; ++r) V::store(out + r * LANES, acc[r]);
