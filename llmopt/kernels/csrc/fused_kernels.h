@@ -339,10 +339,55 @@ inline void attend_tiles(const float* qs, int64_t G, int64_t D, int64_t t0, int6
   }
 }
 
+// attend_tiles for R query rows of one sequence that share a block table and a window start t0 and
+// end at t1[0] <= t1[1] <= ... <= t1[R-1] (consecutive prefill rows: t1[r] = t1[0] + r): qs [R, G, D],
+// m / l [R, G], acc [R, G, D] hold the R rows' G heads in order. Each tile's K/V rows are filled once
+// (up to the longest row's end) and used by every row, and each row gets exactly the steps
+// attend_tiles gives it alone: the same tile grid from t0 and, per tile, attend_tile over its own
+// count n_r = min(kTile, t1[r] - tile) (a row whose context ends inside the tile sees the same
+// -inf padding; rows past their end skip the tile). attend_tile's arithmetic for one head depends
+// only on n, not on which or how many other heads share the call, so rows with the same n_r (a run
+// of rows, as t1 is sorted; every row on a full tile) share one call. Scratch: sc [R * G * kTile],
+// krow / vrow [kTile].
+template <class Fill>
+inline void attend_tiles_rows(const float* qs, int64_t R, int64_t G, int64_t D, int64_t t0, const int64_t* t1,
+                              float* m, float* l, float* acc, float* sc, const float* const* krow,
+                              const float* const* vrow, Fill&& fill) {
+  std::fill(acc, acc + R * G * D, 0.0f);
+  std::fill(m, m + R * G, -std::numeric_limits<float>::infinity());
+  std::fill(l, l + R * G, 0.0f);
+  const int64_t end = t1[R - 1];
+  int64_t r_lo = 0;  // rows before r_lo have ended
+  for (int64_t tile = t0; tile < end; tile += kTile) {
+    const int64_t n_max = std::min(kTile, end - tile);
+    for (int64_t i = 0; i < n_max; ++i) fill(i, tile + i);
+    while (t1[r_lo] <= tile) ++r_lo;
+    for (int64_t r = r_lo; r < R;) {
+      const int64_t n = std::min(kTile, t1[r] - tile);
+      int64_t r1 = r + 1;
+      while (r1 < R && std::min(kTile, t1[r1] - tile) == n) ++r1;
+      const int64_t h = r * G;
+      attend_tile(qs + h * D, (r1 - r) * G, D, krow, vrow, n, m + h, l + h, acc + h * D, sc);
+      r = r1;
+    }
+  }
+}
+
 // attend_tiles over a float paged cache: krow / vrow point straight at the cache's rows.
 inline void attend_range(const float* qs, int64_t G, int64_t D, const PagedKV& kv, int64_t t0, int64_t t1,
                          float* m, float* l, float* acc, float* sc, const float** krow, const float** vrow) {
   attend_tiles(qs, G, D, t0, t1, m, l, acc, sc, krow, vrow, [&](int64_t i, int64_t t) {
+    const int64_t blk = kv.bt[t / kv.BS], slot = t % kv.BS;
+    krow[i] = kv.k + blk * kv.ks0 + slot * kv.ks1;
+    vrow[i] = kv.v + blk * kv.vs0 + slot * kv.vs1;
+  });
+}
+
+// attend_tiles_rows over a float paged cache (kv.bt: a block table valid up to t1[R-1]).
+inline void attend_range_rows(const float* qs, int64_t R, int64_t G, int64_t D, const PagedKV& kv, int64_t t0,
+                              const int64_t* t1, float* m, float* l, float* acc, float* sc, const float** krow,
+                              const float** vrow) {
+  attend_tiles_rows(qs, R, G, D, t0, t1, m, l, acc, sc, krow, vrow, [&](int64_t i, int64_t t) {
     const int64_t blk = kv.bt[t / kv.BS], slot = t % kv.BS;
     krow[i] = kv.k + blk * kv.ks0 + slot * kv.ks1;
     vrow[i] = kv.v + blk * kv.vs0 + slot * kv.vs1;
