@@ -194,30 +194,6 @@ void rope_(at::Tensor q, at::Tensor k, const at::Tensor& positions, const at::Te
 //    no grouping.
 // ---------------------------------------------------------------------------------------------
 
-// Splits rows [0, B) into groups for attend_range_rows: group j = rows [first[j], first[j + 1]),
-// at most R rows each; row e joins row e - 1's group when its context is one token longer, its
-// window starts at the same token and its block table agrees with row e - 1's on every block row
-// e - 1 reads (so by induction the last row's table serves the whole group).
-std::vector<int64_t> group_rows_of(const int32_t* bt, const int32_t* cl, int64_t B, int64_t MB, int64_t BS,
-                                   int64_t sliding_window, int64_t R) {
-  auto start_of = [&](int64_t L) { return sliding_window > 0 ? std::max<int64_t>(0, L - sliding_window) : 0; };
-  std::vector<int64_t> first;
-  first.reserve(B + 1);
-  for (int64_t b = 0; b < B;) {
-    first.push_back(b);
-    int64_t e = b + 1;
-    for (; e < B && e - b < R; ++e) {
-      const int64_t Lp = cl[e - 1], L = cl[e];
-      if (L != Lp + 1 || start_of(L) != start_of(Lp)) break;
-      const int64_t j0 = start_of(Lp) / BS, j1 = (Lp + BS - 1) / BS;
-      if (!std::equal(bt + (e - 1) * MB + j0, bt + (e - 1) * MB + j1, bt + e * MB + j0)) break;
-    }
-    b = e;
-  }
-  first.push_back(B);
-  return first;
-}
-
 at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                      const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
                                      int64_t sliding_window, int64_t num_splits, int64_t group_rows) {
@@ -360,5 +336,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "single-token paged attention with GQA; sliding_window <= 0: none; num_splits 0: auto; group_rows: "
         "consecutive prefill rows walked together (1: none)", py::arg("q"),
         py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"),
-        py::arg("sliding_window") = -1, py::arg("num_splits") = 0, py::arg("group_rows") = 4, nogil());
+        py::arg("sliding_window") = -1, py::arg("num_splits") = 0, py::arg("group_rows") = 16, nogil());
 }

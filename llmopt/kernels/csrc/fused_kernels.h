@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 namespace llmopt_f {
 
@@ -371,6 +372,31 @@ inline void attend_tiles_rows(const float* qs, int64_t R, int64_t G, int64_t D, 
       r = r1;
     }
   }
+}
+
+// Splits the rows [0, B) of a paged attention call (block tables bt [B, MB], context lengths cl
+// [B]) into groups for attend_tiles_rows: group j = rows [first[j], first[j + 1]), at most R rows
+// each; row e joins row e - 1's group when its context is one token longer, its window starts at
+// the same token and its block table agrees with row e - 1's on every block row e - 1 reads (so by
+// induction the last row's table serves the whole group).
+inline std::vector<int64_t> group_rows_of(const int32_t* bt, const int32_t* cl, int64_t B, int64_t MB, int64_t BS,
+                                          int64_t sliding_window, int64_t R) {
+  auto start_of = [&](int64_t L) { return sliding_window > 0 ? std::max<int64_t>(0, L - sliding_window) : 0; };
+  std::vector<int64_t> first;
+  first.reserve(B + 1);
+  for (int64_t b = 0; b < B;) {
+    first.push_back(b);
+    int64_t e = b + 1;
+    for (; e < B && e - b < R; ++e) {
+      const int64_t Lp = cl[e - 1], L = cl[e];
+      if (L != Lp + 1 || start_of(L) != start_of(Lp)) break;
+      const int64_t j0 = start_of(Lp) / BS, j1 = (Lp + BS - 1) / BS;
+      if (!std::equal(bt + (e - 1) * MB + j0, bt + (e - 1) * MB + j1, bt + e * MB + j0)) break;
+    }
+    b = e;
+  }
+  first.push_back(B);
+  return first;
 }
 
 // attend_tiles over a float paged cache: krow / vrow point straight at the cache's rows.
