@@ -1,6 +1,6 @@
 """Prefill rows through the native paged attention: grouped rows (fused.cpp group_rows) vs one row per item.
 
-    .venv/bin/python benchmarks/bench_prefill_attention.py [--lens 512 2048] [--groups 1 2 4 8] [--threads 1 2]
+    .venv/bin/python benchmarks/bench_prefill_attention.py [--lens 512 2048] [--groups 1 2 4 8 16] [--threads 1 2]
                                                             [--reps 9] [--int8]
 
 One sequence's whole prompt of T rows in one call, laid out as transformer._paged does it (row i: the
@@ -18,6 +18,7 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,10 +39,20 @@ def prompt_case(T: int, hq: int, hk: int, d: int, bs: int, seed: int = 0):
     return q, kc, vc, table.expand(T, -1).contiguous(), torch.arange(1, T + 1, dtype=torch.int32)
 
 
+def caller(ext, int8: bool, T: int, args: argparse.Namespace) -> Callable[[int], torch.Tensor]:
+    """call(group_rows): the kernel on a T-row prompt."""
+    q, kc, vc, bt, cl = prompt_case(T, args.hq, args.hk, args.head_dim, args.block_size)
+    scale = args.head_dim**-0.5
+    if int8:
+        (kq, ks), (vq, vs) = kv_quant.quantize_kv(kc), kv_quant.quantize_kv(vc)
+        return lambda r: ext.paged_decode_attention_int8(q, kq, vq, ks, vs, bt, cl, scale, -1, r)
+    return lambda r: ext.paged_decode_attention(q, kc, vc, bt, cl, scale, -1, 0, r)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lens", type=int, nargs="+", default=[512, 2048])
-    ap.add_argument("--groups", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--groups", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--hq", type=int, default=9)
@@ -58,19 +69,7 @@ def main() -> None:
     print(f"{'int8' if args.int8 else 'float32'} cache, Hq {args.hq} Hk {args.hk} D {args.head_dim} "
           f"block {args.block_size}; median of {args.reps} interleaved rounds, ms per call")
     for T in args.lens:
-        q, kc, vc, bt, cl = prompt_case(T, args.hq, args.hk, args.head_dim, args.block_size)
-        scale = args.head_dim**-0.5
-        if args.int8:
-            kq, ks = kv_quant.quantize_kv(kc)
-            vq, vs = kv_quant.quantize_kv(vc)
-
-            def call(r: int) -> torch.Tensor:
-                return ext.paged_decode_attention_int8(q, kq, vq, ks, vs, bt, cl, scale, -1, r)
-        else:
-
-            def call(r: int) -> torch.Tensor:
-                return ext.paged_decode_attention(q, kc, vc, bt, cl, scale, -1, 0, r)
-
+        call = caller(ext, args.int8, T, args)
         base = call(1)
         same = {r: torch.equal(call(r), base) for r in groups}
         for nt in args.threads:
