@@ -9,6 +9,10 @@ sequence's block table, context length i + 1), SmolLM2-135M shapes by default (H
 rounds) and the median per call is printed with its speed-up over group size 1 (the one-row path).
 --int8 times the int8-cache kernel (kv_int8.cpp) the same way. Checks that every group size gives the
 same bits as group size 1; never asserts on time.
+
+--engine MODEL instead times a whole prefill (LLM.generate of one --lens prompt of random ids, max_tokens
+1, prefix caching off) with the attention ops' group_rows set to each --groups value in turn, interleaved,
+in one process (e.g. --engine smollm2-135m-instruct --quant gguf --threads 2 --groups 1 16).
 """
 
 from __future__ import annotations
@@ -49,6 +53,42 @@ def caller(ext, int8: bool, T: int, args: argparse.Namespace) -> Callable[[int],
     return lambda r: ext.paged_decode_attention(q, kc, vc, bt, cl, scale, -1, 0, r)
 
 
+def engine_prefill(args: argparse.Namespace, groups: list[int]) -> None:
+    import functools
+
+    from llmopt import LLM, SamplingParams
+
+    llm = LLM(args.engine, quant=args.quant, num_threads=args.threads[0], enable_prefix_caching=False)
+    exts = [e for e in (ops._native(), kv_quant._native()) if e is not None]
+    originals = {(id(e), name): getattr(e, name) for e in exts for name in dir(e) if name.startswith("paged_decode_attention")}
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    vocab = llm.tokenizer.vocab_size
+    g = torch.Generator().manual_seed(0)
+
+    def run(T: int, r: int) -> float:
+        for e in exts:
+            for (eid, name), fn in originals.items():
+                if eid == id(e):
+                    setattr(e, name, functools.partial(fn, group_rows=r))
+        ids = torch.randint(100, vocab - 100, (T,), generator=g).tolist()
+        t0 = time.perf_counter()
+        llm.generate([ids], params)
+        return time.perf_counter() - t0
+
+    print(f"engine {args.engine} quant {args.quant} threads {args.threads[0]}: prefill seconds, median of "
+          f"{args.reps} interleaved rounds")
+    for T in args.lens:
+        for r in groups:
+            run(T, r)  # warm-up
+        times: dict[int, list[float]] = {r: [] for r in groups}
+        for _ in range(args.reps):
+            for r in groups:
+                times[r].append(run(T, r))
+        med = {r: statistics.median(v) for r, v in times.items()}
+        cells = "  ".join(f"R={r}: {med[r]:7.3f} s ({T / med[r]:6.1f} tok/s, {med[1] / med[r]:4.2f}x)" for r in groups)
+        print(f"T={T:5d}  {cells}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lens", type=int, nargs="+", default=[512, 2048])
@@ -60,7 +100,12 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--int8", action="store_true", help="time the int8-cache kernel instead of the float one")
+    ap.add_argument("--engine", default=None, help="time whole prefills of this model instead of the kernel")
+    ap.add_argument("--quant", default=None, help="--engine: LLM quant (e.g. gguf)")
     args = ap.parse_args()
+    if args.engine is not None:
+        engine_prefill(args, sorted(set(args.groups) | {1}))
+        return
 
     ext = kv_quant._native() if args.int8 else ops._native()
     if ext is None:
