@@ -185,11 +185,18 @@ void rope_(at::Tensor q, at::Tensor k, const at::Tensor& positions, const at::Te
 //    accumulator held in registers 64 floats at a time. When there are fewer (seq, kv head) pairs
 //    than threads and contexts are long, the token range is split and the partial (max, sum, acc)
 //    triples are merged afterwards (flash-decoding).
+//
+//    Prefill rows (one row per prompt token, the same block table, context lengths L, L+1, ..) are
+//    grouped when there is no split: up to group_rows consecutive rows whose context lengths grow
+//    by 1, with the same window start and the same blocks, form one work item per kv head that walks
+//    the K/V tiles once for all of them (attend_tiles_rows): each K/V row is loaded once per group
+//    instead of once per row, and every row's output keeps the bits it gets alone. group_rows 1:
+//    no grouping.
 // ---------------------------------------------------------------------------------------------
 
 at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                      const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
-                                     int64_t sliding_window, int64_t num_splits) {
+                                     int64_t sliding_window, int64_t num_splits, int64_t group_rows) {
   check_f32_contig(q_in, "q");
   check_f32(k_cache, "k_cache");
   check_f32(v_cache, "v_cache");
@@ -213,7 +220,11 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
     if (pairs < nt) S = std::min<int64_t>((nt + pairs - 1) / pairs, std::max<int64_t>(1, max_len / 256));
   }
   S = std::max<int64_t>(1, std::min<int64_t>(S, max_len));
-  const int64_t items = B * Hk * S;
+  TORCH_CHECK(group_rows >= 1, "group_rows must be >= 1");
+  const int64_t R = S == 1 ? group_rows : 1;
+  const std::vector<int64_t> first = group_rows_of(bt, cl, B, MB, BS, sliding_window, R);
+  const int64_t ngroups = static_cast<int64_t>(first.size()) - 1;  // == B when R == 1
+  const int64_t items = ngroups * Hk * S;
 
   // Partial results for split > 1: m, l: [items, G]; acc: [items, G, D].
   std::vector<float> part_m, part_l, part_acc;
@@ -233,14 +244,40 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
 
 #pragma omp parallel num_threads(nt) if (items > 1)
   {
-    std::vector<float> qs(G * D), acc(G * D), sc(G * kTile), m(G), l(G);
+    std::vector<float> qs(R * G * D), acc(R * G * D), sc(R * G * kTile), m(R * G), l(R * G);
     std::vector<const float*> krow(kTile), vrow(kTile);
+    std::vector<int64_t> ends(R);
 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
-      const int64_t b = item / (Hk * S);
+      const int64_t grp = item / (Hk * S);
       const int64_t kvh = (item / S) % Hk;
       const int64_t split = item % S;
+      const int64_t b = first[grp], rows = first[grp + 1] - b;
+      if (rows > 1) {  // a prefill group (S == 1): rows b .. b + rows - 1 walk the tiles together
+        for (int64_t r = 0; r < rows; ++r) {
+          ends[r] = cl[b + r];
+          for (int64_t g = 0; g < G; ++g) {
+            const float* src = qp + ((b + r) * Hq + kvh * G + g) * D;
+            for (int64_t d = 0; d < D; ++d) qs[(r * G + g) * D + d] = src[d] * fscale;
+          }
+        }
+        const int64_t L0 = ends[0];
+        const int64_t start = sliding_window > 0 ? std::max<int64_t>(0, L0 - sliding_window) : 0;
+        const PagedKV kv{kp + kvh * ks2, vp + kvh * vs2, ks0, ks1, vs0, vs1, bt + (b + rows - 1) * MB, BS};
+        attend_range_rows(qs.data(), rows, G, D, kv, start, ends.data(), m.data(), l.data(), acc.data(), sc.data(),
+                          krow.data(), vrow.data());
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t h = r * G + g;
+            float* dst = op + ((b + r) * Hq + kvh * G + g) * D;
+            if (l[h] > 0.0f) {
+              std::copy(acc.begin() + h * D, acc.begin() + (h + 1) * D, dst);
+              scale_inplace(dst, D, 1.0f / l[h]);
+            }
+          }
+        continue;
+      }
       const int64_t L = cl[b];
       const int64_t start = sliding_window > 0 ? std::max<int64_t>(0, L - sliding_window) : 0;
       const int64_t chunk = (L - start + S - 1) / S;
@@ -296,7 +333,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_", &rope_, "NeoX-style rotary embedding applied in place to q and k", py::arg("q"), py::arg("k"),
         py::arg("positions"), py::arg("cos_sin_cache"), nogil());
   m.def("paged_decode_attention", &paged_decode_attention,
-        "single-token paged attention with GQA; sliding_window <= 0: none; num_splits 0: auto", py::arg("q"),
+        "single-token paged attention with GQA; sliding_window <= 0: none; num_splits 0: auto; group_rows: "
+        "consecutive prefill rows walked together (1: none)", py::arg("q"),
         py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"),
-        py::arg("sliding_window") = -1, py::arg("num_splits") = 0, nogil());
+        py::arg("sliding_window") = -1, py::arg("num_splits") = 0, py::arg("group_rows") = 16, nogil());
 }

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 namespace llmopt_f {
 
@@ -339,10 +340,80 @@ inline void attend_tiles(const float* qs, int64_t G, int64_t D, int64_t t0, int6
   }
 }
 
+// attend_tiles for R query rows of one sequence that share a block table and a window start t0 and
+// end at t1[0] <= t1[1] <= ... <= t1[R-1] (consecutive prefill rows: t1[r] = t1[0] + r): qs [R, G, D],
+// m / l [R, G], acc [R, G, D] hold the R rows' G heads in order. Each tile's K/V rows are filled once
+// (up to the longest row's end) and used by every row, and each row gets exactly the steps
+// attend_tiles gives it alone: the same tile grid from t0 and, per tile, attend_tile over its own
+// count n_r = min(kTile, t1[r] - tile) (a row whose context ends inside the tile sees the same
+// -inf padding; rows past their end skip the tile). attend_tile's arithmetic for one head depends
+// only on n, not on which or how many other heads share the call, so rows with the same n_r (a run
+// of rows, as t1 is sorted; every row on a full tile) share one call. Scratch: sc [R * G * kTile],
+// krow / vrow [kTile].
+template <class Fill>
+inline void attend_tiles_rows(const float* qs, int64_t R, int64_t G, int64_t D, int64_t t0, const int64_t* t1,
+                              float* m, float* l, float* acc, float* sc, const float* const* krow,
+                              const float* const* vrow, Fill&& fill) {
+  std::fill(acc, acc + R * G * D, 0.0f);
+  std::fill(m, m + R * G, -std::numeric_limits<float>::infinity());
+  std::fill(l, l + R * G, 0.0f);
+  const int64_t end = t1[R - 1];
+  int64_t r_lo = 0;  // rows before r_lo have ended
+  for (int64_t tile = t0; tile < end; tile += kTile) {
+    const int64_t n_max = std::min(kTile, end - tile);
+    for (int64_t i = 0; i < n_max; ++i) fill(i, tile + i);
+    while (t1[r_lo] <= tile) ++r_lo;
+    for (int64_t r = r_lo; r < R;) {
+      const int64_t n = std::min(kTile, t1[r] - tile);
+      int64_t r1 = r + 1;
+      while (r1 < R && std::min(kTile, t1[r1] - tile) == n) ++r1;
+      const int64_t h = r * G;
+      attend_tile(qs + h * D, (r1 - r) * G, D, krow, vrow, n, m + h, l + h, acc + h * D, sc);
+      r = r1;
+    }
+  }
+}
+
+// Splits the rows [0, B) of a paged attention call (block tables bt [B, MB], context lengths cl
+// [B]) into groups for attend_tiles_rows: group j = rows [first[j], first[j + 1]), at most R rows
+// each; row e joins row e - 1's group when its context is one token longer, its window starts at
+// the same token and its block table agrees with row e - 1's on every block row e - 1 reads (so by
+// induction the last row's table serves the whole group).
+inline std::vector<int64_t> group_rows_of(const int32_t* bt, const int32_t* cl, int64_t B, int64_t MB, int64_t BS,
+                                          int64_t sliding_window, int64_t R) {
+  auto start_of = [&](int64_t L) { return sliding_window > 0 ? std::max<int64_t>(0, L - sliding_window) : 0; };
+  std::vector<int64_t> first;
+  first.reserve(B + 1);
+  for (int64_t b = 0; b < B;) {
+    first.push_back(b);
+    int64_t e = b + 1;
+    for (; e < B && e - b < R; ++e) {
+      const int64_t Lp = cl[e - 1], L = cl[e];
+      if (L != Lp + 1 || start_of(L) != start_of(Lp)) break;
+      const int64_t j0 = start_of(Lp) / BS, j1 = (Lp + BS - 1) / BS;
+      if (!std::equal(bt + (e - 1) * MB + j0, bt + (e - 1) * MB + j1, bt + e * MB + j0)) break;
+    }
+    b = e;
+  }
+  first.push_back(B);
+  return first;
+}
+
 // attend_tiles over a float paged cache: krow / vrow point straight at the cache's rows.
 inline void attend_range(const float* qs, int64_t G, int64_t D, const PagedKV& kv, int64_t t0, int64_t t1,
                          float* m, float* l, float* acc, float* sc, const float** krow, const float** vrow) {
   attend_tiles(qs, G, D, t0, t1, m, l, acc, sc, krow, vrow, [&](int64_t i, int64_t t) {
+    const int64_t blk = kv.bt[t / kv.BS], slot = t % kv.BS;
+    krow[i] = kv.k + blk * kv.ks0 + slot * kv.ks1;
+    vrow[i] = kv.v + blk * kv.vs0 + slot * kv.vs1;
+  });
+}
+
+// attend_tiles_rows over a float paged cache (kv.bt: a block table valid up to t1[R-1]).
+inline void attend_range_rows(const float* qs, int64_t R, int64_t G, int64_t D, const PagedKV& kv, int64_t t0,
+                              const int64_t* t1, float* m, float* l, float* acc, float* sc, const float** krow,
+                              const float** vrow) {
+  attend_tiles_rows(qs, R, G, D, t0, t1, m, l, acc, sc, krow, vrow, [&](int64_t i, int64_t t) {
     const int64_t blk = kv.bt[t / kv.BS], slot = t % kv.BS;
     krow[i] = kv.k + blk * kv.ks0 + slot * kv.ks1;
     vrow[i] = kv.v + blk * kv.vs0 + slot * kv.vs1;

@@ -3,7 +3,8 @@
 // Cache layout (llmopt/kernels/kv_quant.py): k, v int8 [num_blocks, block_size, Hk, D]; k_scale, v_scale
 // float32 [num_blocks, block_size, Hk] (symmetric, one scale per token and kv head: x ~= q * scale).
 // Rows are dequantized tile by tile into small buffers: no float copy of the cache is made.
-// One OpenMP item per (sequence, kv head); the G query heads of a GQA group share every K/V read.
+// One OpenMP item per (sequence, kv head); the G query heads of a GQA group share every K/V read, and
+// consecutive prefill rows of one sequence (group_rows of them) share every dequantized tile.
 // Online softmax in float32 over 32-token tiles: each tile's rows are dequantized once into L1-sized
 // buffers, then the float kernel's tile step (fused_kernels.h attend_tile: 4-token x 2-head score
 // blocks, vectorized exp, register-blocked P @ V) runs on them; the same math as the torch reference
@@ -36,7 +37,7 @@ using llmopt_kv8::kTile;  // tokens scored before one online-softmax update
 at::Tensor paged_decode_attention_int8(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                        const at::Tensor& k_scale, const at::Tensor& v_scale,
                                        const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
-                                       int64_t sliding_window) {
+                                       int64_t sliding_window, int64_t group_rows) {
   TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat && q.dim() == 3 && q.is_contiguous(),
               "q must be a contiguous CPU float32 [B, Hq, D] tensor");
   for (const at::Tensor* t : {&k_cache, &v_cache})
@@ -57,12 +58,18 @@ at::Tensor paged_decode_attention_int8(const at::Tensor& q, const at::Tensor& k_
   const float* vsp = v_scale.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
-  const int64_t items = B * Hk;
+  TORCH_CHECK(group_rows >= 1, "group_rows must be >= 1");
+  // prefill rows of one sequence (context lengths L, L+1, ..) walk the tiles together: fused.cpp
+  const int64_t R = group_rows;
+  const std::vector<int64_t> first = llmopt_f::group_rows_of(bt, cl, B, MB, BS, sliding_window, R);
+  const int64_t items = (static_cast<int64_t>(first.size()) - 1) * Hk;
   const int nt = num_threads();
 
 #pragma omp parallel num_threads(nt) if (items > 1)
   {
-    std::vector<float> qs(G * D), acc(G * D), m(G), l(G), kf(kTile * D), vf(kTile * D), sc(G * kTile);
+    std::vector<float> qs(R * G * D), acc(R * G * D), m(R * G), l(R * G), kf(kTile * D), vf(kTile * D),
+        sc(R * G * kTile);
+    std::vector<int64_t> ends(R);
     std::vector<const float*> krow(kTile), vrow(kTile);
     for (int64_t i = 0; i < kTile; ++i) {
       krow[i] = kf.data() + i * D;
@@ -70,9 +77,31 @@ at::Tensor paged_decode_attention_int8(const at::Tensor& q, const at::Tensor& k_
     }
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
-      const int64_t b = item / Hk, h = item % Hk;
+      const int64_t grp = item / Hk, h = item % Hk;
+      const int64_t b = first[grp], rows = first[grp + 1] - b;
       const int64_t L = cl[b];
       const int64_t start = sliding_window > 0 ? std::max<int64_t>(0, L - sliding_window) : 0;
+      if (rows > 1) {
+        for (int64_t r = 0; r < rows; ++r) {
+          ends[r] = cl[b + r];
+          for (int64_t g = 0; g < G; ++g) {
+            const float* src = qp + ((b + r) * Hq + h * G + g) * D;
+            for (int64_t d = 0; d < D; ++d) qs[(r * G + g) * D + d] = src[d] * fscale;
+          }
+        }
+        const llmopt_kv8::PagedKV8 kv{kp + h * D, vp + h * D, ksp + h, vsp + h, bt + (b + rows - 1) * MB, BS, Hk};
+        llmopt_kv8::attend_range_rows(qs.data(), rows, G, D, kv, start, ends.data(), m.data(), l.data(), acc.data(),
+                                      sc.data(), kf.data(), vf.data(), krow.data(), vrow.data());
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t hh = r * G + g;
+            if (l[hh] <= 0.0f) continue;
+            float* dst = op + ((b + r) * Hq + h * G + g) * D;
+            const float inv = 1.0f / l[hh];
+            for (int64_t d = 0; d < D; ++d) dst[d] = acc[hh * D + d] * inv;
+          }
+        continue;
+      }
       for (int64_t g = 0; g < G; ++g) {
         const float* src = qp + (b * Hq + h * G + g) * D;
         for (int64_t d = 0; d < D; ++d) qs[g * D + d] = src[d] * fscale;
@@ -111,10 +140,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_kv_rows(const at::Tensor& x) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention_int8", &paged_decode_attention_int8,
         "single-token paged attention over an int8 KV cache with per-(token, kv head) scales; "
-        "sliding_window <= 0: none",
+        "sliding_window <= 0: none; group_rows: consecutive prefill rows walked together (1: none)",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("k_scale"), py::arg("v_scale"),
         py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"), py::arg("sliding_window") = -1,
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("group_rows") = 16, py::call_guard<py::gil_scoped_release>());
   m.def("quantize_kv_rows", &quantize_kv_rows,
         "rows [T, D] -> (int8 [T, D], scales [T]): the int8 cache's quantization as the fused decode step writes it",
         py::arg("x"), py::call_guard<py::gil_scoped_release>());

@@ -90,4 +90,17 @@ inline void attend_range(const float* qs, int64_t G, int64_t D, const PagedKV8& 
   });
 }
 
+// attend_range for R rows of one sequence (llmopt_f::attend_tiles_rows): each tile's K and V rows
+// are dequantized once for all of them. kv.bt: a block table valid up to t1[R-1]. Scratch as
+// attend_range, with sc [R * G * kTile].
+inline void attend_range_rows(const float* qs, int64_t R, int64_t G, int64_t D, const PagedKV8& kv, int64_t t0,
+                              const int64_t* t1, float* m, float* l, float* acc, float* sc, float* kf, float* vf,
+                              const float* const* krow, const float* const* vrow) {
+  llmopt_f::attend_tiles_rows(qs, R, G, D, t0, t1, m, l, acc, sc, krow, vrow, [&](int64_t i, int64_t t) {
+    const int64_t row = (static_cast<int64_t>(kv.bt[t / kv.BS]) * kv.BS + t % kv.BS) * kv.Hk;
+    dequant_row(kf + i * D, kv.k + row * D, kv.ks[row], D);
+    dequant_row(vf + i * D, kv.v + row * D, kv.vs[row], D);
+  });
+}
+
 }  // namespace llmopt_kv8
