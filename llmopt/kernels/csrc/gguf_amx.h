@@ -70,7 +70,9 @@ inline void amx_configure() {
   c.colsb[4] = c.colsb[7] = T::S;
   c.rows[5] = c.rows[6] = T::S / 4;
   c.colsb[5] = c.colsb[6] = 64;
-  _tile_loadconfig(&c);
+  // (not _tile_loadconfig: GCC 12 declares its memory operand as 8 bytes, so the optimizer may drop
+  // the stores of the rest of the 64-byte configuration and ldtilecfg faults)
+  __asm__ volatile("ldtilecfg %0" ::"m"(*reinterpret_cast<const unsigned char(*)[64]>(&c)));
 }
 
 // B holds signed bytes (TDPBSSD) for Q8_0's codes and for codes with an offset (q - OFF), else the
