@@ -104,8 +104,16 @@ def main() -> int:
     os.environ["LLMOPT_GGUF_ACT"] = args.gguf_act
     os.environ.pop("LLMOPT_FUSED_DECODE", None)  # the default row runs the fused step
     print(f"command: python {' '.join(sys.argv)}")
+    if args.llamacpp_path:
+        # peer_problems (here and in run_grid) checks for llama_cpp with find_spec in this process:
+        # without DIR on its path it drops the peer silently when llama_cpp is not installed here
+        sys.path.append(str(Path(args.llamacpp_path).resolve()))
     if not args.skip_speed:
-        peers = [] if peer_problems(["llamacpp"], args.model) else ["llamacpp"]
+        problems = peer_problems(["llamacpp"], args.model)
+        if problems and args.llamacpp_path:
+            raise SystemExit(f"--llamacpp-path {args.llamacpp_path}: the llama.cpp peer cannot run: "
+                             f"{'; '.join(problems.values())}")
+        peers = [] if problems else ["llamacpp"]
         peer_label = "llama.cpp"
         if peers:
             build = _llamacpp_build(args.llamacpp_path)
