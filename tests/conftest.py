@@ -357,3 +357,10 @@ def avx2_greedy_fused_on_and_off(model_path: Path, llm_kwargs: str = "") -> dict
         got[flag] = line[0]
     assert got["1"].startswith("RESULT avx2 True ") and got["0"].startswith("RESULT avx2 False ")
     return got
+
+
+def native_or_skip(mod, name: str):
+    """A native extension module for a test fixture, or a skip saying why there is none."""
+    if mod is None:
+        pytest.skip(f"native extension {name} unavailable: build failed (see the llmopt warning) or LLMOPT_NATIVE=0")
+    return mod

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from llmopt.kernels import build, ops
+from tests.conftest import native_or_skip
 
 RTOL = 1e-5
 ATOL = 1e-5
@@ -35,10 +36,7 @@ def _cpu_has_avx2() -> bool:
 
 @pytest.fixture(scope="module")
 def ext():
-    mod = ops._native()
-    if mod is None:
-        pytest.skip("native extension llmopt_fused unavailable: build failed (see the llmopt warning) or LLMOPT_NATIVE=0")
-    return mod
+    return native_or_skip(ops._native(), "llmopt_fused")
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from llmopt.kernels import kv_quant, ops
+from tests.conftest import native_or_skip
 
 paged_decode_attention_ref = ops.paged_decode_attention_ref
 paged_decode_attention_int8_ref = kv_quant.paged_decode_attention_int8_ref
@@ -16,18 +17,12 @@ paged_decode_attention_int8_ref = kv_quant.paged_decode_attention_int8_ref
 
 @pytest.fixture(scope="module")
 def ext():
-    mod = ops._native()
-    if mod is None:
-        pytest.skip("native extension llmopt_fused unavailable: build failed (see the llmopt warning) or LLMOPT_NATIVE=0")
-    return mod
+    return native_or_skip(ops._native(), "llmopt_fused")
 
 
 @pytest.fixture(scope="module")
 def ext8():
-    mod = kv_quant._native()
-    if mod is None:
-        pytest.skip("native extension llmopt_kv unavailable: build failed (see the llmopt warning) or LLMOPT_NATIVE=0")
-    return mod
+    return native_or_skip(kv_quant._native(), "llmopt_kv")
 
 
 @pytest.fixture(params=["float32", "int8"])
