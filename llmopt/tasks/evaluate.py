@@ -583,10 +583,13 @@ def nominal_bits_per_weight(quant: str | None) -> float | None:
 
 
 def _env() -> dict[str, Any]:
+    from llmopt.config import usable_cpus
+
     env: dict[str, Any] = {
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
+        "cpus_usable": usable_cpus(),
     }
     from importlib.metadata import PackageNotFoundError, version
 
