@@ -178,7 +178,7 @@ class KVPolicy:
         return None if keep >= length else keep
 
 
-KV_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "int8")
+KV_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "int8", "fp8")
 
 _FALSE = ("0", "", "false", "no", "off")
 
@@ -308,7 +308,7 @@ class EngineConfig:
                              f"got {self.kv_dtype!r}")
         if self.kv_dtype in ("float32", "bfloat16") and self.kv_dtype != self.dtype:
             raise ValueError(f"kv_dtype {self.kv_dtype} with dtype {self.dtype} is not supported: a float KV cache "
-                             f"has the activations' dtype; leave kv_dtype unset or use 'int8'")
+                             f"has the activations' dtype; leave kv_dtype unset or use 'int8' or 'fp8'")
         if self.num_threads is None:
             env = os.environ.get("LLMOPT_NUM_THREADS")
             self.num_threads = int(env) if env else usable_cpus()
@@ -341,8 +341,8 @@ class EngineConfig:
 
     @property
     def torch_kv_dtype(self) -> torch.dtype:
-        """The KV cache's element type (int8: with per-token, per-head float32 scales)."""
-        return torch.int8 if self.kv_dtype == "int8" else self.torch_dtype
+        """The KV cache's element type (int8 / fp8 e4m3: with per-token, per-head float32 scales)."""
+        return {"int8": torch.int8, "fp8": torch.float8_e4m3fn}.get(self.kv_dtype or "", self.torch_dtype)
 
     @property
     def torch_dtype(self) -> torch.dtype:

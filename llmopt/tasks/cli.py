@@ -118,7 +118,7 @@ def eval_command(
     long_ppl_tokens: Annotated[int, typer.Option(help="tokens per longppl window", min=2)] = 4096,
     kv_policy: Annotated[str, typer.Option(help="KV policy: full, streaming, snapkv (free blocks) or quest (sparse reads) (docs/long_context.md)")] = "full",
     kv_budget: Annotated[Optional[str], typer.Option(help="KV budget: a fraction of the prompt (0.25) or a token count (2048)")] = None,
-    kv_dtype: Annotated[Optional[str], typer.Option(help="KV cache element type: int8 (default: the model's dtype)")] = None,
+    kv_dtype: Annotated[Optional[str], typer.Option(help="KV cache element type: int8 or fp8 (e4m3) (default: the model's dtype)")] = None,
 ) -> None:
     """Accuracy, format score and perplexity on offline suites, with 95% intervals."""
     from llmopt.config import parse_kv_budget

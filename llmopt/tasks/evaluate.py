@@ -98,7 +98,7 @@ class EvalConfig:
     # the engine's KV cache for this run (EngineConfig fields; docs/long_context.md)
     kv_policy: str = "full"
     kv_budget: float | int | None = None
-    kv_dtype: str | None = None  # None: the model's dtype; "int8"
+    kv_dtype: str | None = None  # None: the model's dtype; "int8" or "fp8"
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.suites if s not in SUITE_NAMES]

@@ -4,6 +4,8 @@
 //
 // Layout (llmopt/kernels/kv_quant.py): K, V int8 [num_blocks, block_size, Hk, D]; scales float32
 // [num_blocks, block_size, Hk]; x ~= q * scale, symmetric, scale = max|x| / 127 per (token, kv head).
+// The fp8 cache has the same layout with e4m3fn codes (torch.float8_e4m3fn) in place of the int8
+// ones: x ~= e4m3(q) * scale, scale = max|x| / 448 (448: e4m3fn's largest finite value).
 #pragma once
 
 #include <immintrin.h>
@@ -11,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "fused_kernels.h"
 
@@ -64,6 +67,70 @@ inline void dequant_row(float* dst, const int8_t* src, float s, int64_t D) {
   for (; d < D; ++d) dst[d] = static_cast<float>(src[d]) * s;
 }
 
+// The e4m3fn byte of f (|f| <= 448, finite): c10's float -> Float8_e4m3fn conversion (round to nearest
+// even; below 2^-6 through the float adder into the subnormal codes), so the native writes give the
+// bytes torch's .to(torch.float8_e4m3fn) gives.
+inline uint8_t e4m3_of(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  const uint32_t sign = bits & 0x80000000u;
+  bits ^= sign;
+  uint8_t r;
+  if (bits >= (1087u << 20)) {  // >= 480: no finite code (callers clamp to 448 first)
+    r = 0x7e;
+  } else if (bits < (121u << 23)) {  // below 2^-6: a subnormal code, rounded by the float adder
+    float t;
+    std::memcpy(&t, &bits, 4);
+    const uint32_t mask = 141u << 23;
+    float fm;
+    std::memcpy(&fm, &mask, 4);
+    asm("" : "+x"(fm));  // keep the add: -ffast-math may not fold (t + 2^14) - 2^14
+    t = t + fm;
+    uint32_t tb;
+    std::memcpy(&tb, &t, 4);
+    r = static_cast<uint8_t>(tb - mask);
+  } else {
+    const uint32_t odd = (bits >> 20) & 1u;
+    bits += (static_cast<uint32_t>(7 - 127) << 23) + 0x7FFFFu + odd;
+    r = static_cast<uint8_t>(bits >> 20);
+  }
+  return static_cast<uint8_t>(r | (sign >> 24));
+}
+
+// q[0:D], *scale = the row x[0:D] as kv_quant.quantize_kv(x, torch.float8_e4m3fn) writes it:
+// scale = max|x| / 448 (a true division, as quant_row), inv = 1 / scale (0 when scale is 0),
+// q = e4m3(clamp(x * inv, -448, 448)).
+inline void quant_row_fp8(const float* x, int64_t D, uint8_t* q, float* scale) {
+  float amax = 0.0f;
+  for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(x[d]));
+  float div = 448.0f;
+  asm("" : "+x"(div));
+  const float s = amax / div;
+  float one = 1.0f;
+  asm("" : "+x"(one));
+  const float inv = s > 0.0f ? one / s : 0.0f;
+  *scale = s;
+  for (int64_t d = 0; d < D; ++d) q[d] = e4m3_of(std::min(448.0f, std::max(-448.0f, x[d] * inv)));
+}
+
+// dst[d] = e4m3(src[d]) * s. Each code becomes the half-precision number with the same sign, exponent
+// and mantissa bits (e4m3's exponent bias is 7, half's 15: the half is 2^-8 times the value, exactly,
+// subnormal codes included), widened by F16C and multiplied by 256 * s.
+inline void dequant_row_fp8(float* dst, const uint8_t* src, float s, int64_t D) {
+  const __m256 vs = _mm256_set1_ps(256.0f * s);
+  const __m128i mag = _mm_set1_epi16(0x7F), sgn = _mm_set1_epi16(0x80);
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + d)));
+    const __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, sgn), 8), _mm_slli_epi16(_mm_and_si128(b, mag), 7));
+    _mm256_storeu_ps(dst + d, _mm256_mul_ps(vs, _mm256_cvtph_ps(h)));
+  }
+  for (; d < D; ++d) {
+    const uint16_t h = static_cast<uint16_t>(((src[d] & 0x80) << 8) | ((src[d] & 0x7F) << 7));
+    dst[d] = _cvtsh_ss(h) * (256.0f * s);
+  }
+}
+
 // An int8 paged cache seen by one (sequence, kv head): token t's K row is k + row * D and its scale
 // ks[row], row = (bt[t / BS] * BS + t % BS) * Hk (k, v, ks, vs already offset to the kv head).
 struct PagedKV8 {
@@ -73,7 +140,33 @@ struct PagedKV8 {
   const float* vs;
   const int32_t* bt;  // this sequence's block table
   int64_t BS, Hk;
+  bool fp8 = false;  // the bytes are e4m3fn codes (scale = max|x| / 448), else int8
+
+  // token t's K and V rows, dequantized into kdst / vdst [D]
+  void fetch(int64_t t, float* kdst, float* vdst, int64_t D) const;
 };
+
+// The row x [D] into the cache bytes q / *scale in the cache's format (int8, or e4m3fn if fp8)
+inline void quant_row_as(bool fp8, const float* x, int64_t D, int8_t* q, float* scale) {
+  if (fp8)
+    quant_row_fp8(x, D, reinterpret_cast<uint8_t*>(q), scale);
+  else
+    quant_row(x, D, q, scale);
+}
+
+// The cache bytes src [D] with scale s back to floats, in the cache's format
+inline void dequant_row_as(bool fp8, float* dst, const int8_t* src, float s, int64_t D) {
+  if (fp8)
+    dequant_row_fp8(dst, reinterpret_cast<const uint8_t*>(src), s, D);
+  else
+    dequant_row(dst, src, s, D);
+}
+
+inline void PagedKV8::fetch(int64_t t, float* kdst, float* vdst, int64_t D) const {
+  const int64_t row = (static_cast<int64_t>(bt[t / BS]) * BS + t % BS) * Hk;
+  dequant_row_as(fp8, kdst, k + row * D, ks[row], D);
+  dequant_row_as(fp8, vdst, v + row * D, vs[row], D);
+}
 
 // Online-softmax attention of the G query heads qs [G, D] (already multiplied by the softmax scale)
 // over tokens [t0, t1) of an int8 cache: llmopt_f::attend_tiles (the float attend_range's tile loop)
@@ -84,9 +177,7 @@ inline void attend_range(const float* qs, int64_t G, int64_t D, const PagedKV8& 
                          float* m, float* l, float* acc, float* sc, float* kf, float* vf, const float* const* krow,
                          const float* const* vrow) {
   llmopt_f::attend_tiles(qs, G, D, t0, t1, m, l, acc, sc, krow, vrow, [&](int64_t i, int64_t t) {
-    const int64_t row = (static_cast<int64_t>(kv.bt[t / kv.BS]) * kv.BS + t % kv.BS) * kv.Hk;
-    dequant_row(kf + i * D, kv.k + row * D, kv.ks[row], D);
-    dequant_row(vf + i * D, kv.v + row * D, kv.vs[row], D);
+    kv.fetch(t, kf + i * D, vf + i * D, D);
   });
 }
 
@@ -97,9 +188,7 @@ inline void attend_range_rows(const float* qs, int64_t R, int64_t G, int64_t D, 
                               const int64_t* t1, float* m, float* l, float* acc, float* sc, float* kf, float* vf,
                               const float* const* krow, const float* const* vrow) {
   llmopt_f::attend_tiles_rows(qs, R, G, D, t0, t1, m, l, acc, sc, krow, vrow, [&](int64_t i, int64_t t) {
-    const int64_t row = (static_cast<int64_t>(kv.bt[t / kv.BS]) * kv.BS + t % kv.BS) * kv.Hk;
-    dequant_row(kf + i * D, kv.k + row * D, kv.ks[row], D);
-    dequant_row(vf + i * D, kv.v + row * D, kv.vs[row], D);
+    kv.fetch(t, kf + i * D, vf + i * D, D);
   });
 }
 

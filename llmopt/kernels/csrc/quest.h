@@ -182,9 +182,7 @@ inline void attend_item(const float* qs, int64_t G, int64_t D, const llmopt_f::P
     float* kf = s.kf.data();
     float* vf = s.vf.data();
     attend_blocks(qs, G, D, s.sel.data(), ns, BS, L, m, l, acc, sc, kr, vr, [&](int64_t i, int64_t t) {
-      const int64_t row = (static_cast<int64_t>(kv8->bt[t / kv8->BS]) * kv8->BS + t % kv8->BS) * kv8->Hk;
-      llmopt_kv8::dequant_row(kf + i * D, kv8->k + row * D, kv8->ks[row], D);
-      llmopt_kv8::dequant_row(vf + i * D, kv8->v + row * D, kv8->vs[row], D);
+      kv8->fetch(t, kf + i * D, vf + i * D, D);
     });
   }
 }
