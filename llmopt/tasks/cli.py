@@ -91,7 +91,7 @@ def _run_one(model: str, quant: Optional[str], config: Any, command: str,
 
 def eval_command(
     model: Annotated[str, typer.Argument(help="registry name, Hugging Face directory or .gguf file")] = DEFAULT_MODEL,
-    suite: Annotated[str, typer.Option("--suite", help=f"comma-separated suites: {','.join(SUITE_NAMES)} (or 'all')")] = "math,logic,code,format",
+    suite: Annotated[str, typer.Option("--suite", help=f"comma-separated suites: {','.join(SUITE_NAMES)} (or 'all'); rg:TASK for any reasoning-gym task (rg:gcd, rg:gcd+lcm)")] = "math,logic,code,format",
     quant: Annotated[Optional[str], typer.Option(help="quantize on load: int8, int4, ...; fp32: float (a .gguf dequantized); default: as stored (a .gguf runs on its own blocks)")] = None,
     adapter: Annotated[Optional[Path], typer.Option(help="LoRA adapter merged at load (`llmopt train`'s OUT/adapter.safetensors); --compare's baseline runs without it")] = None,
     n: Annotated[int, typer.Option("--n", help="items per suite", min=1)] = 20,
