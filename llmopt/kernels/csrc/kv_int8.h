@@ -115,15 +115,25 @@ inline void quant_row_fp8(const float* x, int64_t D, uint8_t* q, float* scale) {
 
 // dst[d] = e4m3(src[d]) * s. Each code becomes the half-precision number with the same sign, exponent
 // and mantissa bits (e4m3's exponent bias is 7, half's 15: the half is 2^-8 times the value, exactly,
-// subnormal codes included), widened by F16C and multiplied by 256 * s.
+// subnormal codes included), widened by F16C and multiplied by 256 * s. The half's bits: the code in
+// the high byte of a 16-bit lane (code << 8), shifted right arithmetically by one (the sign lands in
+// bits 15 and 14, exponent and mantissa in 13..7), bit 14 and the low bits cleared.
+inline __m128i e4m3_halves(__m128i code_hi) {
+  return _mm_and_si128(_mm_srai_epi16(code_hi, 1), _mm_set1_epi16(static_cast<int16_t>(0xBF80)));
+}
+
 inline void dequant_row_fp8(float* dst, const uint8_t* src, float s, int64_t D) {
   const __m256 vs = _mm256_set1_ps(256.0f * s);
-  const __m128i mag = _mm_set1_epi16(0x7F), sgn = _mm_set1_epi16(0x80);
+  const __m128i zero = _mm_setzero_si128();
   int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d));
+    _mm256_storeu_ps(dst + d, _mm256_mul_ps(vs, _mm256_cvtph_ps(e4m3_halves(_mm_unpacklo_epi8(zero, b)))));
+    _mm256_storeu_ps(dst + d + 8, _mm256_mul_ps(vs, _mm256_cvtph_ps(e4m3_halves(_mm_unpackhi_epi8(zero, b)))));
+  }
   for (; d + 8 <= D; d += 8) {
-    const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + d)));
-    const __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, sgn), 8), _mm_slli_epi16(_mm_and_si128(b, mag), 7));
-    _mm256_storeu_ps(dst + d, _mm256_mul_ps(vs, _mm256_cvtph_ps(h)));
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + d));
+    _mm256_storeu_ps(dst + d, _mm256_mul_ps(vs, _mm256_cvtph_ps(e4m3_halves(_mm_unpacklo_epi8(zero, b)))));
   }
   for (; d < D; ++d) {
     const uint16_t h = static_cast<uint16_t>(((src[d] & 0x80) << 8) | ((src[d] & 0x7F) << 7));
