@@ -168,28 +168,24 @@ inline void PagedKV8::fetch(int64_t t, float* kdst, float* vdst, int64_t D) cons
   dequant_row_as(fp8, vdst, v + row * D, vs[row], D);
 }
 
-// Online-softmax attention of the G query heads qs [G, D] (already multiplied by the softmax scale)
-// over tokens [t0, t1) of an int8 cache: llmopt_f::attend_tiles (the float attend_range's tile loop)
-// with each tile's K and V rows dequantized once into kf / vf [kTile, D] (L1-sized, shared by the G
-// heads). Scratch: sc [G * kTile], kf / vf [kTile * D], krow / vrow [kTile] pointing at kf / vf's
-// rows (set by the caller once).
-inline void attend_range(const float* qs, int64_t G, int64_t D, const PagedKV8& kv, int64_t t0, int64_t t1,
-                         float* m, float* l, float* acc, float* sc, float* kf, float* vf, const float* const* krow,
-                         const float* const* vrow) {
-  llmopt_f::attend_tiles(qs, G, D, t0, t1, m, l, acc, sc, krow, vrow, [&](int64_t i, int64_t t) {
-    kv.fetch(t, kf + i * D, vf + i * D, D);
-  });
-}
-
-// attend_range for R rows of one sequence (llmopt_f::attend_tiles_rows): each tile's K and V rows
-// are dequantized once for all of them. kv.bt: a block table valid up to t1[R-1]. Scratch as
-// attend_range, with sc [R * G * kTile].
+// Online-softmax attention of R rows of one sequence over an 8-bit cache (llmopt_f::attend_tiles_rows,
+// the float attend_range_rows' tile loop) with each tile's K and V rows dequantized once into kf / vf
+// [kTile, D] (L1-sized, shared by every row and head). kv.bt: a block table valid up to t1[R-1].
+// Scratch: sc [R * G * kTile], kf / vf [kTile * D], krow / vrow [kTile] pointing at kf / vf's rows
+// (set by the caller once).
 inline void attend_range_rows(const float* qs, int64_t R, int64_t G, int64_t D, const PagedKV8& kv, int64_t t0,
                               const int64_t* t1, float* m, float* l, float* acc, float* sc, float* kf, float* vf,
                               const float* const* krow, const float* const* vrow) {
   llmopt_f::attend_tiles_rows(qs, R, G, D, t0, t1, m, l, acc, sc, krow, vrow, [&](int64_t i, int64_t t) {
     kv.fetch(t, kf + i * D, vf + i * D, D);
   });
+}
+
+// attend_range_rows for one row over tokens [t0, t1) (qs [G, D], m / l [G], acc [G, D]).
+inline void attend_range(const float* qs, int64_t G, int64_t D, const PagedKV8& kv, int64_t t0, int64_t t1,
+                         float* m, float* l, float* acc, float* sc, float* kf, float* vf, const float* const* krow,
+                         const float* const* vrow) {
+  attend_range_rows(qs, 1, G, D, kv, t0, &t1, m, l, acc, sc, kf, vf, krow, vrow);
 }
 
 }  // namespace llmopt_kv8
