@@ -253,6 +253,8 @@ void amx_panels(const Job& J, const A8Row* rows, int64_t mt, int64_t p0, int64_t
   thread_local std::vector<int32_t> zxs, cbuf;
   thread_local std::vector<A8Row> trows;
   thread_local std::vector<AmxRowConst> rconst;
+  thread_local std::vector<const int8_t*> abase;
+  thread_local std::vector<int64_t> lda;
   const int64_t K = J.K, nsb = K / 32, ntiles = (mt + AMX_M - 1) / AMX_M;
   const int64_t bstride = J.nblk * T::NS * kAmxSubBytes<T>;
   if ((int64_t)bbuf.size() < AMX_NP * bstride) bbuf.resize(AMX_NP * bstride);
@@ -262,8 +264,8 @@ void amx_panels(const Job& J, const A8Row* rows, int64_t mt, int64_t p0, int64_t
   cbuf.resize(2 * AMX_M * LANES);
   trows.resize(ntiles * AMX_M);
   // A operands: a tile's 16 rows read in place when equally spaced (the callers' layout), else staged
-  std::vector<const int8_t*> abase(ntiles);
-  std::vector<int64_t> lda(ntiles);
+  abase.resize(ntiles);
+  lda.resize(ntiles);
   for (int64_t t = 0; t < ntiles; ++t) {
     const int64_t r0 = t * AMX_M, cnt = std::min<int64_t>(AMX_M, mt - r0);
     bool even = cnt == AMX_M;

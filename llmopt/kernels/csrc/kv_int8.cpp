@@ -84,40 +84,24 @@ at::Tensor paged_decode_attention_int8(const at::Tensor& q, const at::Tensor& k_
       const int64_t b = first[grp], rows = first[grp + 1] - b;
       const int64_t L = cl[b];
       const int64_t start = sliding_window > 0 ? std::max<int64_t>(0, L - sliding_window) : 0;
-      if (rows > 1) {
-        for (int64_t r = 0; r < rows; ++r) {
-          ends[r] = cl[b + r];
-          for (int64_t g = 0; g < G; ++g) {
-            const float* src = qp + ((b + r) * Hq + h * G + g) * D;
-            for (int64_t d = 0; d < D; ++d) qs[(r * G + g) * D + d] = src[d] * fscale;
-          }
+      for (int64_t r = 0; r < rows; ++r) {  // rows b .. b + rows - 1 (a prefill group, or one row)
+        ends[r] = cl[b + r];
+        for (int64_t g = 0; g < G; ++g) {
+          const float* src = qp + ((b + r) * Hq + h * G + g) * D;
+          for (int64_t d = 0; d < D; ++d) qs[(r * G + g) * D + d] = src[d] * fscale;
         }
-        const llmopt_kv8::PagedKV8 kv{kp + h * D, vp + h * D, ksp + h, vsp + h, bt + (b + rows - 1) * MB, BS, Hk, fp8};
-        llmopt_kv8::attend_range_rows(qs.data(), rows, G, D, kv, start, ends.data(), m.data(), l.data(), acc.data(),
-                                      sc.data(), kf.data(), vf.data(), krow.data(), vrow.data());
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t g = 0; g < G; ++g) {
-            const int64_t hh = r * G + g;
-            if (l[hh] <= 0.0f) continue;
-            float* dst = op + ((b + r) * Hq + h * G + g) * D;
-            const float inv = 1.0f / l[hh];
-            for (int64_t d = 0; d < D; ++d) dst[d] = acc[hh * D + d] * inv;
-          }
-        continue;
       }
-      for (int64_t g = 0; g < G; ++g) {
-        const float* src = qp + (b * Hq + h * G + g) * D;
-        for (int64_t d = 0; d < D; ++d) qs[g * D + d] = src[d] * fscale;
-      }
-      const llmopt_kv8::PagedKV8 kv{kp + h * D, vp + h * D, ksp + h, vsp + h, bt + b * MB, BS, Hk, fp8};
-      llmopt_kv8::attend_range(qs.data(), G, D, kv, start, L, m.data(), l.data(), acc.data(), sc.data(), kf.data(),
-                               vf.data(), krow.data(), vrow.data());
-      for (int64_t g = 0; g < G; ++g) {
-        if (l[g] <= 0.0f) continue;
-        float* dst = op + (b * Hq + h * G + g) * D;
-        const float inv = 1.0f / l[g];
-        for (int64_t d = 0; d < D; ++d) dst[d] = acc[g * D + d] * inv;
-      }
+      const llmopt_kv8::PagedKV8 kv{kp + h * D, vp + h * D, ksp + h, vsp + h, bt + (b + rows - 1) * MB, BS, Hk, fp8};
+      llmopt_kv8::attend_range_rows(qs.data(), rows, G, D, kv, start, ends.data(), m.data(), l.data(), acc.data(),
+                                    sc.data(), kf.data(), vf.data(), krow.data(), vrow.data());
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t hh = r * G + g;
+          if (l[hh] <= 0.0f) continue;
+          float* dst = op + ((b + r) * Hq + h * G + g) * D;
+          const float inv = 1.0f / l[hh];
+          for (int64_t d = 0; d < D; ++d) dst[d] = acc[hh * D + d] * inv;
+        }
     }
   }
   return out;
