@@ -153,9 +153,8 @@ struct PagedKV8 {
   int64_t BS, Hk;
   bool fp8 = false;  // the bytes are e4m3fn codes (scale = max|x| / 448), else int8
 
-  // token t's K and V rows, dequantized into kdst / vdst [D]
-  void fetch(int64_t t, float* kdst, float* vdst, int64_t D) const;
-  // fetch for a format known at compile time (FP8 == fp8)
+  // token t's K and V rows, dequantized into kdst / vdst [D], for the format known at compile time
+  // (FP8 == fp8; callers pick it once per call, not per row)
   template <bool FP8>
   void fetch_as(int64_t t, float* kdst, float* vdst, int64_t D) const;
 };
@@ -181,13 +180,6 @@ inline void PagedKV8::fetch_as(int64_t t, float* kdst, float* vdst, int64_t D) c
   const int64_t row = (static_cast<int64_t>(bt[t / BS]) * BS + t % BS) * Hk;
   dequant_row_as(FP8, kdst, k + row * D, ks[row], D);
   dequant_row_as(FP8, vdst, v + row * D, vs[row], D);
-}
-
-inline void PagedKV8::fetch(int64_t t, float* kdst, float* vdst, int64_t D) const {
-  if (fp8)
-    fetch_as<true>(t, kdst, vdst, D);
-  else
-    fetch_as<false>(t, kdst, vdst, D);
 }
 
 // Online-softmax attention of R rows of one sequence over an 8-bit cache (llmopt_f::attend_tiles_rows,
