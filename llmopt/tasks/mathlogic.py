@@ -190,6 +190,8 @@ def _answer_kind(task: str, entry: dict) -> str:
     if g.lower() in ("yes", "no"):
         return "yes/no"
     return "numeric" if as_fraction(g) is not None else "verifier"
+
+
 _HEDGE_RE = re.compile(
     r"\b(or|maybe|perhaps|probably|possibly|either|approximately|approx|about|around|roughly|"
     r"between|but|likely|unsure|guess)\b|\?", re.IGNORECASE)
@@ -289,7 +291,10 @@ def grade_reasoning_gym(task: str, dataset: Any, entry: dict, answer: str | None
         ok = said == str(entry["answer"]).strip().lower()
         return Grade(ok, 1.0 if ok else 0.0, "yes/no")
     hedge = _HEDGE_NOT_OR_RE if task == "propositional_logic" else _HEDGE_RE
-    if hedge.search(answer):
+    # a task outside the suites may have answers that are prose (a reordered sentence, a word list):
+    # a hedge word its own gold answer uses is part of the answer there, not a hedge
+    gold_text = "" if task in KNOWN_TASKS else str(entry.get("answer") or "")
+    if hedge.search(answer) and not hedge.search(gold_text):
         return Grade(False, 0.0, "hedged answer")
     if score >= 1.0:
         return Grade(True, 1.0, "verifier")

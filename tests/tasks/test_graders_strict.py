@@ -153,3 +153,18 @@ def test_training_takes_rg_suites_on_training_seeds():
     assert all(e.grade(e.answer).correct for e in ex)
     with pytest.raises(DatasetError, match="unknown reasoning-gym task"):
         build_examples({"rg:nope": 2})
+
+
+def test_a_prose_answer_of_a_task_outside_the_suites_may_use_the_words_its_gold_uses():
+    from llmopt.tasks.mathlogic import grade_reasoning_gym
+
+    class Lenient:  # a verifier that takes any answer containing the gold text
+        @staticmethod
+        def score_answer(answer, entry):
+            return 1.0 if entry["answer"] in answer else 0.0
+
+    entry = {"answer": "slow but steady wins the race"}
+    assert grade_reasoning_gym("some_new_task", Lenient, entry, "slow but steady wins the race").correct
+    assert not grade_reasoning_gym("some_new_task", Lenient, {"answer": "red"}, "red or blue").correct  # a hedge
+    # inside the suites the hedge rule stays strict (a logic answer never needs "maybe")
+    assert not grade_reasoning_gym("knights_knaves", Lenient, {"answer": "maybe"}, "maybe").correct

@@ -275,7 +275,8 @@ class DecodeStep {
                     "num_kv_heads, head_dim] tensor (k and v of one type)");
       }
       TORCH_CHECK(L.kc.sizes() == L.vc.sizes(), "k and v caches must have one shape");
-      TORCH_CHECK(layers_.empty() || (L.kc.sizes() == layers_[0].kc.sizes() && L.kc.scalar_type() == layers_[0].kc.scalar_type()),
+      TORCH_CHECK(layers_.empty() ||
+                      (L.kc.sizes() == layers_[0].kc.sizes() && L.kc.scalar_type() == layers_[0].kc.scalar_type()),
                   "all layers' caches must have one shape and element type");
       if (L.int8) {
         for (const at::Tensor* c : {&L.ks, &L.vs})

@@ -85,7 +85,7 @@ inline uint8_t e4m3_of(float f) {
     const uint32_t mask = 141u << 23;
     float fm;
     std::memcpy(&fm, &mask, 4);
-    asm("" : "+x"(fm));  // keep the add: -ffast-math may not fold (t + 2^14) - 2^14
+    asm("" : "+x"(fm));  // opaque (as in quant_row): the add must run in float, as c10's does
     t = t + fm;
     uint32_t tb;
     std::memcpy(&tb, &t, 4);
@@ -142,8 +142,9 @@ inline void dequant_row_fp8(float* dst, const uint8_t* src, float s, int64_t D) 
   }
 }
 
-// An int8 paged cache seen by one (sequence, kv head): token t's K row is k + row * D and its scale
-// ks[row], row = (bt[t / BS] * BS + t % BS) * Hk (k, v, ks, vs already offset to the kv head).
+// An 8-bit paged cache (int8 or e4m3fn codes) seen by one (sequence, kv head): token t's K row is
+// k + row * D and its scale ks[row], row = (bt[t / BS] * BS + t % BS) * Hk (k, v, ks, vs already
+// offset to the kv head).
 struct PagedKV8 {
   const int8_t* k;
   const int8_t* v;
