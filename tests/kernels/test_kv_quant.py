@@ -86,9 +86,8 @@ def test_native_fp8_reads_every_code_back_exactly(D):
         assert torch.equal(got.reshape(rows, D), dequantize_kv(vc, vs).reshape(rows, D)), scale
 
 
+@pytest.mark.skipif(not kv_quant.native_available(), reason="native kernels not built (no AVX2 or LLMOPT_NATIVE=0)")
 def test_native_rejects_mixed_code_types():
-    if not kv_quant.native_available():
-        pytest.skip("native kernels not built")
     z8, f8 = torch.zeros(1, 1, 1, 8, dtype=torch.int8), torch.zeros(1, 1, 1, 8, dtype=torch.float8_e4m3fn)
     with pytest.raises(RuntimeError, match="of one dtype"):
         kv_quant._native().paged_decode_attention_int8(

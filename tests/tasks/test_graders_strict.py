@@ -168,3 +168,17 @@ def test_a_prose_answer_of_a_task_outside_the_suites_may_use_the_words_its_gold_
     assert not grade_reasoning_gym("some_new_task", Lenient, {"answer": "red"}, "red or blue").correct  # a hedge
     # inside the suites the hedge rule stays strict (a logic answer never needs "maybe")
     assert not grade_reasoning_gym("knights_knaves", Lenient, {"answer": "maybe"}, "maybe").correct
+
+
+def test_a_yes_no_task_outside_the_suites_takes_exactly_yes_or_no():
+    from llmopt.tasks.mathlogic import grade_reasoning_gym
+
+    class Lenient:  # a verifier that takes any answer containing the gold word
+        @staticmethod
+        def score_answer(answer, entry):
+            return 1.0 if entry["answer"].lower() in answer.lower() else 0.0
+
+    entry = {"answer": "Yes"}
+    assert grade_reasoning_gym("some_new_task", Lenient, entry, "yes.").correct
+    assert not grade_reasoning_gym("some_new_task", Lenient, entry, "yes, and no").correct
+    assert not grade_reasoning_gym("some_new_task", Lenient, entry, "No").correct

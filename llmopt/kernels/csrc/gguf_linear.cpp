@@ -552,14 +552,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "whether this build runs the int8 mode on AMX tiles here (built for AMX and the OS granted the tile state)");
   m.def(
       "_set_amx_min_rows",
-      [](int64_t r) {
+      [](int64_t r) -> int64_t {
 #if defined(LLMOPT_GGUF_AMX)
+        const int64_t old = g_amx_min_rows;
         g_amx_min_rows = r;
+        return old;
 #else
         (void)r;
+        return 0;
 #endif
       },
-      "rows from which the int8 mode takes AMX tiles (<= 0: never; default 12; results do not depend on it)");
+      "rows from which the int8 mode takes AMX tiles (<= 0: never; default 12; results do not depend on it); "
+      "returns the previous value (0 in a build without AMX)");
   m.def("_set_min_parallel_work", [](int64_t w) { g_min_parallel_work = w; },
         "M*N*K below which a call runs on the calling thread (tests use 0)");
 }
