@@ -8,8 +8,10 @@
 // gemm(x [M, K] fp32, data, type, N, K, bias) -> [M, N]:
 //   M <= small_m : register tiles (weights decoded in registers, reused by up to 4 rows), groups of
 //                  4 panels (64 columns) so the weights stay in L1/L2 across row tiles;
-//   M >  small_m : per thread, a chunk of KC k's of PP panels is dequantized to fp32 (L1/L2) once,
-//                  then every 6-row tile runs the fp32 micro-kernel on it.
+//   M >  small_m : the rows packed k-major per row tile (one sequential stream per tile; once per call
+//                  when threaded, else per row block of ~XB bytes), then per thread a chunk of KC k's
+//                  of PP panels is dequantized to fp32 (L1) once and every row tile (AVX-512: 12 rows
+//                  x 2 panels, 24 zmm accumulators; AVX2: 6 x 1) runs the fp32 micro-kernel on it.
 // Both keep one fma chain per output in k order (see gguf_kernels.h), so the result does not
 // depend on M, on small_m, on the thread count or on the ISA.
 // Threads: OpenMP (torch's pool size); a few contiguous column runs per thread (long sequential
@@ -31,6 +33,7 @@
 #include <cmath>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "gguf_kernels.h"
@@ -42,15 +45,33 @@ using namespace llmopt_gguf;
 
 #if defined(__AVX512F__)
 constexpr int NP_R1 = 4, NP_R2 = 2, NP_R4 = 2;  // panels per register tile by row count
-constexpr int PP = 2;                           // panels per micro-kernel tile
+#ifndef LLMOPT_BUF_PP
+#define LLMOPT_BUF_PP 2
+#endif
+#ifndef LLMOPT_BUF_R
+#define LLMOPT_BUF_R 12
+#endif
 #else
 constexpr int NP_R1 = 2, NP_R2 = 2, NP_R4 = 1;
-constexpr int PP = 1;
+#ifndef LLMOPT_BUF_PP
+#define LLMOPT_BUF_PP 1
 #endif
-constexpr int PG = 4;         // panels per group on the register path
-constexpr int MAX_R = 4;      // rows per register tile
-constexpr int BUF_R = 6;      // rows per micro-kernel tile
-constexpr int64_t KC = 256;   // k per dequantized chunk (a multiple of every block size)
+#ifndef LLMOPT_BUF_R
+#define LLMOPT_BUF_R 6
+#endif
+#endif
+#ifndef LLMOPT_BUF_KC
+#define LLMOPT_BUF_KC 256
+#endif
+#ifndef LLMOPT_BUF_XB
+#define LLMOPT_BUF_XB (1 << 20)
+#endif
+constexpr int PP = LLMOPT_BUF_PP;     // panels per micro-kernel tile
+constexpr int PG = 4;                 // panels per group on the register path
+constexpr int MAX_R = 4;              // rows per register tile
+constexpr int BUF_R = LLMOPT_BUF_R;   // rows per micro-kernel tile (AVX-512: 12 x 2 panels = 24 zmm accumulators)
+constexpr int64_t KC = LLMOPT_BUF_KC; // k per dequantized chunk (at least one block: max(KC, QB))
+constexpr int64_t XB = LLMOPT_BUF_XB; // bytes of packed activations per row block (L2)
 
 int64_t g_min_parallel_work = int64_t(1) << 22;  // M*N*K below this: the calling thread only
 constexpr int64_t kItemsPerThread = 2;
@@ -138,56 +159,128 @@ void run_reg(const Job& J) {
                  [&](int64_t g0, int64_t g1) { reg_panels<T>(J, g0 * PG, std::min(J.P, g1 * PG)); });
 }
 
-template <int NPP>
-void buf_rows(const Job& J, const float* const* buf, int64_t k0, int64_t kn, float* yt, int64_t ldy, bool first) {
-  const int64_t ntiles = (J.M + BUF_R - 1) / BUF_R;
+// Balanced row tiles of up to BUF_R rows over mn rows: f(m0, R) for each
+template <class Fn>
+GGUF_INLINE void for_row_tiles(int64_t mn, const Fn& f) {
+  const int64_t ntiles = (mn + BUF_R - 1) / BUF_R;
   int64_t m0 = 0;
   for (int64_t t = 0; t < ntiles; ++t) {
-    const int R = (int)((J.M - m0) / (ntiles - t));
-    const float* xr[BUF_R];
-    for (int r = 0; r < R; ++r) xr[r] = J.x + (m0 + r) * J.K + k0;
-    float* yr = yt + m0 * ldy;
-    switch (R) {
-      case 1: tile_buf<1, NPP>(buf, xr, kn, yr, ldy, first); break;
-      case 2: tile_buf<2, NPP>(buf, xr, kn, yr, ldy, first); break;
-      case 3: tile_buf<3, NPP>(buf, xr, kn, yr, ldy, first); break;
-      case 4: tile_buf<4, NPP>(buf, xr, kn, yr, ldy, first); break;
-      case 5: tile_buf<5, NPP>(buf, xr, kn, yr, ldy, first); break;
-      default: tile_buf<6, NPP>(buf, xr, kn, yr, ldy, first); break;
-    }
+    const int R = (int)((mn - m0) / (ntiles - t));
+    f(m0, R);
     m0 += R;
   }
 }
 
-// panels [p0, p1), every row: PP panels at a time, dequantized KC k's at a time
+template <int R>
+void pack_tile(const float* x, int64_t K, float* xp) {
+  for (int64_t k = 0; k < K; ++k)
+    for (int r = 0; r < R; ++r) xp[k * R + r] = x[r * K + k];
+}
+
+template <int... Rs>
+GGUF_INLINE void pack_tile_n(int R, const float* x, int64_t K, float* xp, std::integer_sequence<int, Rs...>) {
+  ((R == Rs + 1 ? (pack_tile<Rs + 1>(x, K, xp), 0) : 0), ...);
+}
+
+// rows x [mn, K] -> xp [mn * K]: row tile (m0, R) at xp + m0 * K, k-major ([K][R])
+void pack_rows(const float* x, int64_t K, int64_t mn, float* xp) {
+  for_row_tiles(mn, [&](int64_t m0, int R) {
+    pack_tile_n(R, x + m0 * K, K, xp + m0 * K, std::make_integer_sequence<int, BUF_R>{});
+  });
+}
+
+template <int NPP, int... Rs>
+GGUF_INLINE void tile_buf_n(int R, const float* const* buf, const float* xp, int64_t kn, float* yt, int64_t ldy,
+                            bool first, std::integer_sequence<int, Rs...>) {
+  ((R == Rs + 1 ? (tile_buf<Rs + 1, NPP>(buf, xp, kn, yt, ldy, first), 0) : 0), ...);
+}
+
+// every row tile of the packed row block xp [mn rows], k in [k0, k0 + kn), K per row
+template <int NPP>
+void buf_rows(const float* const* buf, const float* xp, int64_t mn, int64_t K, int64_t k0, int64_t kn, float* yt,
+              int64_t ldy, bool first) {
+  for_row_tiles(mn, [&](int64_t m0, int R) {
+    tile_buf_n<NPP>(R, buf, xp + m0 * K + k0 * R, kn, yt + m0 * ldy, ldy, first, std::make_integer_sequence<int, BUF_R>{});
+  });
+}
+
+// fewer than PP panels left (the last of a range)
+template <int... Ns>
+GGUF_INLINE void buf_tail_n(int np, const float* const* buf, const float* xp, int64_t mn, int64_t K, int64_t k0,
+                            int64_t kn, float* yt, int64_t ldy, bool first, std::integer_sequence<int, Ns...>) {
+  ((np == Ns + 1 ? (buf_rows<Ns + 1>(buf, xp, mn, K, k0, kn, yt, ldy, first), 0) : 0), ...);
+}
+void buf_panels_tail(int np, const float* const* buf, const float* xp, int64_t mn, int64_t K, int64_t k0, int64_t kn,
+                     float* yt, int64_t ldy, bool first) {
+  buf_tail_n(np, buf, xp, mn, K, k0, kn, yt, ldy, first, std::make_integer_sequence<int, PP - 1>{});
+}
+
+// rows per packed row block: about XB bytes of activations, whole tiles
+int64_t row_block(int64_t M, int64_t K) {
+  const int64_t mc = std::max<int64_t>(BUF_R, XB / (int64_t)sizeof(float) / std::max<int64_t>(K, 1) / BUF_R * BUF_R);
+  const int64_t nb = (M + mc - 1) / mc;
+  return (M + nb - 1) / nb;  // balanced blocks
+}
+
+// panels [p0, p1), every row: per row block (packed k-major per tile, xpk: already packed whole, or null),
+// PP panels at a time, dequantized KC k's at a time
 template <class T>
-void buf_panels(const Job& J, int64_t p0, int64_t p1) {
-  const int64_t bpc = KC / T::QB;  // blocks per chunk
-  std::vector<float> bufv((size_t)PP * KC * LANES + 16);
-  std::vector<float> ytv((size_t)J.M * PP * LANES + 16);
+void buf_panels(const Job& J, int64_t p0, int64_t p1, const float* xpk = nullptr) {
+  constexpr int64_t kc = std::max<int64_t>(KC, T::QB);
+  const int64_t bpc = kc / T::QB;  // blocks per chunk
+  const int64_t mc = xpk ? J.M : row_block(J.M, J.K);
+  thread_local std::vector<float> bufv, ytv, xpv;
+  if (bufv.size() < (size_t)(PP * kc * LANES + 16)) bufv.resize((size_t)PP * kc * LANES + 16);
+  if (ytv.size() < (size_t)(mc * PP * LANES + 16)) ytv.resize((size_t)mc * PP * LANES + 16);
+  if (!xpk && xpv.size() < (size_t)(mc * J.K)) xpv.resize((size_t)(mc * J.K));
   float* bufp = bufv.data();
   float* yt = ytv.data();
-  for (int64_t p = p0; p < p1; p += PP) {
-    const int np = (int)std::min<int64_t>(PP, p1 - p);
-    const float* buf[PP];
-    for (int i = 0; i < PP; ++i) buf[i] = bufp + (size_t)i * KC * LANES;
-    const int64_t ldy = np * LANES;
-    for (int64_t b0 = 0; b0 < J.nblk; b0 += bpc) {
-      const int64_t b1 = std::min(J.nblk, b0 + bpc);
-      for (int i = 0; i < np; ++i) dequant_panel<T>(J.w + (p + i) * J.nblk * T::BB, b0, b1, bufp + (size_t)i * KC * LANES);
-      const int64_t kn = (b1 - b0) * T::QB;
-      if (np == PP) buf_rows<PP>(J, buf, b0 * T::QB, kn, yt, ldy, b0 == 0);
-      else buf_rows<1>(J, buf, b0 * T::QB, kn, yt, ldy, b0 == 0);
+  const float* buf[PP];
+  for (int i = 0; i < PP; ++i) buf[i] = bufp + (size_t)i * kc * LANES;
+  for (int64_t mb0 = 0; mb0 < J.M; mb0 += mc) {
+    const int64_t mn = std::min(mc, J.M - mb0);
+    const float* xp = xpk;
+    if (!xp) {
+      pack_rows(J.x + mb0 * J.K, J.K, mn, xpv.data());
+      xp = xpv.data();
     }
-    for (int i = 0; i < np; ++i) write_rows(J, p + i, 0, (int)J.M, yt + i * LANES, ldy);
+    for (int64_t p = p0; p < p1; p += PP) {
+      const int np = (int)std::min<int64_t>(PP, p1 - p);
+      const int64_t ldy = np * LANES;
+      for (int64_t b0 = 0; b0 < J.nblk; b0 += bpc) {
+        const int64_t b1 = std::min(J.nblk, b0 + bpc);
+        for (int i = 0; i < np; ++i) dequant_panel<T>(J.w + (p + i) * J.nblk * T::BB, b0, b1, bufp + (size_t)i * kc * LANES);
+        const int64_t kn = (b1 - b0) * T::QB, k0 = b0 * T::QB;
+        if (np == PP) buf_rows<PP>(buf, xp, mn, J.K, k0, kn, yt, ldy, b0 == 0);
+        else buf_panels_tail(np, buf, xp, mn, J.K, k0, kn, yt, ldy, b0 == 0);
+      }
+      for (int i = 0; i < np; ++i) write_rows(J, p + i, mb0, (int)mn, yt + i * LANES, ldy);
+    }
   }
 }
 
 template <class T>
 void run_buf(const Job& J) {
   const int64_t units = (J.P + PP - 1) / PP;
+  const bool par = at::get_num_threads() > 1 && units > 1 && J.M * J.N * J.K >= g_min_parallel_work &&
+                   !at::in_parallel_region() && !omp_in_parallel();
+  const float* xpk = nullptr;
+  at::Tensor xpt;
+  if (par && J.M * J.K * (int64_t)sizeof(float) <= 4 * XB) {
+    // pack once for all threads (tiles of the whole M: one row block)
+    xpt = at::empty({J.M * J.K}, at::TensorOptions().dtype(at::kFloat));
+    float* xp = xpt.data_ptr<float>();
+    std::vector<std::pair<int64_t, int>> tiles;
+    for_row_tiles(J.M, [&](int64_t m0, int R) { tiles.emplace_back(m0, R); });
+    at::parallel_for(0, (int64_t)tiles.size(), 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        pack_tile_n(tiles[t].second, J.x + tiles[t].first * J.K, J.K, xp + tiles[t].first * J.K,
+                    std::make_integer_sequence<int, BUF_R>{});
+    });
+    xpk = xp;
+  }
   parallel_units(units, J.M * J.N * J.K,
-                 [&](int64_t u0, int64_t u1) { buf_panels<T>(J, u0 * PP, std::min(J.P, u1 * PP)); });
+                 [&](int64_t u0, int64_t u1) { buf_panels<T>(J, u0 * PP, std::min(J.P, u1 * PP), xpk); });
 }
 
 // ---- int8 activations ----------------------------------------------------------------------
