@@ -8,8 +8,8 @@
 // gemm(x [M, K] fp32, data, type, N, K, bias) -> [M, N]:
 //   M <= small_m : register tiles (weights decoded in registers, reused by up to 4 rows), groups of
 //                  4 panels (64 columns) so the weights stay in L1/L2 across row tiles;
-//   M >  small_m : the rows packed k-major per row tile (one sequential stream per tile; once per call
-//                  when threaded, else per row block of ~XB bytes), then per thread a chunk of KC k's
+//   M >  small_m : the rows packed k-major per row tile (one sequential stream per tile; by each
+//                  thread, per row block of ~XB bytes), then per thread a chunk of KC k's
 //                  of PP panels is dequantized to fp32 (L1) once and every row tile (AVX-512: 12 rows
 //                  x 2 panels, 24 zmm accumulators; AVX2: 6 x 1) runs the fp32 micro-kernel on it.
 // Both keep one fma chain per output in k order (see gguf_kernels.h), so the result does not
@@ -222,28 +222,25 @@ int64_t row_block(int64_t M, int64_t K) {
   return (M + nb - 1) / nb;  // balanced blocks
 }
 
-// panels [p0, p1), every row: per row block (packed k-major per tile, xpk: already packed whole, or null),
+// panels [p0, p1), every row: per row block (packed k-major per tile into a thread-local buffer),
 // PP panels at a time, dequantized KC k's at a time
 template <class T>
-void buf_panels(const Job& J, int64_t p0, int64_t p1, const float* xpk = nullptr) {
+void buf_panels(const Job& J, int64_t p0, int64_t p1) {
   constexpr int64_t kc = std::max<int64_t>(KC, T::QB);
   const int64_t bpc = kc / T::QB;  // blocks per chunk
-  const int64_t mc = xpk ? J.M : row_block(J.M, J.K);
+  const int64_t mc = row_block(J.M, J.K);
   thread_local std::vector<float> bufv, ytv, xpv;
   if (bufv.size() < (size_t)(PP * kc * LANES + 16)) bufv.resize((size_t)PP * kc * LANES + 16);
   if (ytv.size() < (size_t)(mc * PP * LANES + 16)) ytv.resize((size_t)mc * PP * LANES + 16);
-  if (!xpk && xpv.size() < (size_t)(mc * J.K)) xpv.resize((size_t)(mc * J.K));
+  if (xpv.size() < (size_t)(mc * J.K)) xpv.resize((size_t)(mc * J.K));
   float* bufp = bufv.data();
   float* yt = ytv.data();
   const float* buf[PP];
   for (int i = 0; i < PP; ++i) buf[i] = bufp + (size_t)i * kc * LANES;
   for (int64_t mb0 = 0; mb0 < J.M; mb0 += mc) {
     const int64_t mn = std::min(mc, J.M - mb0);
-    const float* xp = xpk;
-    if (!xp) {
-      pack_rows(J.x + mb0 * J.K, J.K, mn, xpv.data());
-      xp = xpv.data();
-    }
+    const float* xp = xpv.data();
+    pack_rows(J.x + mb0 * J.K, J.K, mn, xpv.data());
     for (int64_t p = p0; p < p1; p += PP) {
       const int np = (int)std::min<int64_t>(PP, p1 - p);
       const int64_t ldy = np * LANES;
@@ -259,28 +256,13 @@ void buf_panels(const Job& J, int64_t p0, int64_t p1, const float* xpk = nullptr
   }
 }
 
+// every thread packs the row blocks it runs itself: a shared packing pass would cost a second
+// parallel region (a second barrier: on a shared machine a preempted thread stalls the call there)
 template <class T>
 void run_buf(const Job& J) {
   const int64_t units = (J.P + PP - 1) / PP;
-  const bool par = at::get_num_threads() > 1 && units > 1 && J.M * J.N * J.K >= g_min_parallel_work &&
-                   !at::in_parallel_region() && !omp_in_parallel();
-  const float* xpk = nullptr;
-  at::Tensor xpt;
-  if (par && J.M * J.K * (int64_t)sizeof(float) <= 4 * XB) {
-    // pack once for all threads (tiles of the whole M: one row block)
-    xpt = at::empty({J.M * J.K}, at::TensorOptions().dtype(at::kFloat));
-    float* xp = xpt.data_ptr<float>();
-    std::vector<std::pair<int64_t, int>> tiles;
-    for_row_tiles(J.M, [&](int64_t m0, int R) { tiles.emplace_back(m0, R); });
-    at::parallel_for(0, (int64_t)tiles.size(), 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t)
-        pack_tile_n(tiles[t].second, J.x + tiles[t].first * J.K, J.K, xp + tiles[t].first * J.K,
-                    std::make_integer_sequence<int, BUF_R>{});
-    });
-    xpk = xp;
-  }
   parallel_units(units, J.M * J.N * J.K,
-                 [&](int64_t u0, int64_t u1) { buf_panels<T>(J, u0 * PP, std::min(J.P, u1 * PP), xpk); });
+                 [&](int64_t u0, int64_t u1) { buf_panels<T>(J, u0 * PP, std::min(J.P, u1 * PP)); });
 }
 
 // ---- int8 activations ----------------------------------------------------------------------
