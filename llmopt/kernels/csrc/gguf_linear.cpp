@@ -224,23 +224,34 @@ int64_t row_block(int64_t M, int64_t K) {
 
 // panels [p0, p1), every row: per row block (packed k-major per tile into a thread-local buffer),
 // PP panels at a time, dequantized KC k's at a time
+std::atomic<int64_t> g_buf_call{0};  // run_buf calls: a thread's packed rows are reused within one call
+
 template <class T>
-void buf_panels(const Job& J, int64_t p0, int64_t p1) {
+void buf_panels(const Job& J, int64_t p0, int64_t p1, int64_t call = 0) {
   constexpr int64_t kc = std::max<int64_t>(KC, T::QB);
   const int64_t bpc = kc / T::QB;  // blocks per chunk
   const int64_t mc = row_block(J.M, J.K);
   thread_local std::vector<float> bufv, ytv, xpv;
+  thread_local std::vector<uint8_t> packed;  // row block packed in this call (call != 0)
+  thread_local int64_t packed_call = 0;
+  const int64_t nb = (J.M + mc - 1) / mc;
+  if (call == 0 || call != packed_call) packed.assign((size_t)nb, 0);
+  packed_call = call;
   if (bufv.size() < (size_t)(PP * kc * LANES + 16)) bufv.resize((size_t)PP * kc * LANES + 16);
   if (ytv.size() < (size_t)(mc * PP * LANES + 16)) ytv.resize((size_t)mc * PP * LANES + 16);
-  if (xpv.size() < (size_t)(mc * J.K)) xpv.resize((size_t)(mc * J.K));
+  if (xpv.size() < (size_t)(J.M * J.K)) xpv.resize((size_t)(J.M * J.K));
   float* bufp = bufv.data();
   float* yt = ytv.data();
   const float* buf[PP];
   for (int i = 0; i < PP; ++i) buf[i] = bufp + (size_t)i * kc * LANES;
   for (int64_t mb0 = 0; mb0 < J.M; mb0 += mc) {
     const int64_t mn = std::min(mc, J.M - mb0);
-    const float* xp = xpv.data();
-    pack_rows(J.x + mb0 * J.K, J.K, mn, xpv.data());
+    float* xpb = xpv.data() + mb0 * J.K;
+    const float* xp = xpb;
+    if (!packed[(size_t)(mb0 / mc)]) {
+      pack_rows(J.x + mb0 * J.K, J.K, mn, xpb);
+      packed[(size_t)(mb0 / mc)] = 1;
+    }
     for (int64_t p = p0; p < p1; p += PP) {
       const int np = (int)std::min<int64_t>(PP, p1 - p);
       const int64_t ldy = np * LANES;
@@ -256,13 +267,15 @@ void buf_panels(const Job& J, int64_t p0, int64_t p1) {
   }
 }
 
-// every thread packs the row blocks it runs itself: a shared packing pass would cost a second
-// parallel region (a second barrier: on a shared machine a preempted thread stalls the call there)
+// every thread packs the row blocks it runs itself, once per call (reused by its later items): a
+// shared packing pass would cost a second parallel region (a second barrier: on a shared machine a
+// preempted thread stalls the call there)
 template <class T>
 void run_buf(const Job& J) {
   const int64_t units = (J.P + PP - 1) / PP;
+  const int64_t call = g_buf_call.fetch_add(1, std::memory_order_relaxed) + 1;
   parallel_units(units, J.M * J.N * J.K,
-                 [&](int64_t u0, int64_t u1) { buf_panels<T>(J, u0 * PP, std::min(J.P, u1 * PP)); });
+                 [&, call](int64_t u0, int64_t u1) { buf_panels<T>(J, u0 * PP, std::min(J.P, u1 * PP), call); });
 }
 
 // ---- int8 activations ----------------------------------------------------------------------
