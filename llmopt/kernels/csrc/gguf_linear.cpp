@@ -8,10 +8,11 @@
 // gemm(x [M, K] fp32, data, type, N, K, bias) -> [M, N]:
 //   M <= small_m : register tiles (weights decoded in registers, reused by up to 4 rows), groups of
 //                  4 panels (64 columns) so the weights stay in L1/L2 across row tiles;
-//   M >  small_m : the rows packed k-major per row tile (one sequential stream per tile; by each
-//                  thread, per row block of ~XB bytes), then per thread a chunk of KC k's
-//                  of PP panels is dequantized to fp32 (L1) once and every row tile (AVX-512: 12 rows
-//                  x 2 panels, 24 zmm accumulators; AVX2: 6 x 1) runs the fp32 micro-kernel on it.
+//   M >  small_m : the rows packed k-major per row tile (one sequential stream per tile; once per
+//                  call, per row block of ~XB bytes, by the threads that reach the block first, into
+//                  one buffer they share), then per thread a chunk of KC k's of PP panels is
+//                  dequantized to fp32 (L1) once and every row tile (AVX-512: 12 rows x 2 panels,
+//                  24 zmm accumulators; AVX2: 6 x 1) runs the fp32 micro-kernel on it.
 // Both keep one fma chain per output in k order (see gguf_kernels.h), so the result does not
 // depend on M, on small_m, on the thread count or on the ISA.
 // Threads: OpenMP (torch's pool size); a few contiguous column runs per thread (long sequential
@@ -31,8 +32,10 @@
 
 #include <atomic>
 #include <cmath>
+#include <memory>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -159,7 +162,8 @@ void run_reg(const Job& J) {
                  [&](int64_t g0, int64_t g1) { reg_panels<T>(J, g0 * PG, std::min(J.P, g1 * PG)); });
 }
 
-// Balanced row tiles of up to BUF_R rows over mn rows: f(m0, R) for each
+// Balanced row tiles of up to BUF_R rows over mn rows: f(m0, R) for each (the first tiles get
+// mn / ntiles rows, the last mn % ntiles tiles one more: row_tile gives tile t directly)
 template <class Fn>
 GGUF_INLINE void for_row_tiles(int64_t mn, const Fn& f) {
   const int64_t ntiles = (mn + BUF_R - 1) / BUF_R;
@@ -171,9 +175,83 @@ GGUF_INLINE void for_row_tiles(int64_t mn, const Fn& f) {
   }
 }
 
+int64_t row_tiles(int64_t mn) { return (mn + BUF_R - 1) / BUF_R; }
+
+// tile t of for_row_tiles(mn): first row m0, R rows
+GGUF_INLINE void row_tile(int64_t mn, int64_t t, int64_t& m0, int& R) {
+  const int64_t nt = row_tiles(mn), q = mn / nt, big = nt - mn % nt;  // tiles [big, nt) have q + 1 rows
+  m0 = t * q + std::max<int64_t>(0, t - big);
+  R = (int)(q + (t >= big ? 1 : 0));
+}
+
+// ---- activations packed k-major per row tile: R rows [R][K] (stride K) -> xp [K][R] ----------
+// A copy (the bits of x), by in-register transposes of W k x W rows (W = 16 on AVX-512, 8 on AVX2;
+// R <= W: the rows >= R of the transpose are not read and their lanes not stored).
+
+#if defined(__AVX512F__)
+constexpr int PACK_W = 16;
+// c[j] = 4-row groups: rows 4g..4g+3 of columns (j, j+4, j+8, j+12) in the 128-bit lanes, j = 0..3
+GGUF_INLINE void pack_quad(const float* x, int64_t K, int rows, __m512 c[4]) {
+  __m512 r[4];
+  for (int i = 0; i < 4; ++i) r[i] = _mm512_loadu_ps(x + (i < rows ? i : 0) * K);
+  const __m512 t0 = _mm512_unpacklo_ps(r[0], r[1]), t1 = _mm512_unpackhi_ps(r[0], r[1]);
+  const __m512 t2 = _mm512_unpacklo_ps(r[2], r[3]), t3 = _mm512_unpackhi_ps(r[2], r[3]);
+  c[0] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));
+  c[1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));
+  c[2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));
+  c[3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));
+}
+
+template <int R>
+GGUF_INLINE void pack_step(const float* x, int64_t K, float* xp) {  // 16 k
+  constexpr int G = (R + 3) / 4;  // 4-row groups read
+  __m512 c[4][4];
+  for (int g = 0; g < G; ++g) pack_quad(x + 4 * g * K, K, std::min(4, R - 4 * g), c[g]);
+  for (int g = G; g < 4; ++g)
+    for (int j = 0; j < 4; ++j) c[g][j] = c[0][j];  // lanes never stored
+  constexpr __mmask16 m = (__mmask16)((1u << R) - 1);
+  for (int j = 0; j < 4; ++j) {
+    const __m512 a = _mm512_shuffle_f32x4(c[0][j], c[1][j], 0x88), b = _mm512_shuffle_f32x4(c[2][j], c[3][j], 0x88);
+    const __m512 e = _mm512_shuffle_f32x4(c[0][j], c[1][j], 0xdd), f = _mm512_shuffle_f32x4(c[2][j], c[3][j], 0xdd);
+    _mm512_mask_storeu_ps(xp + (j + 0) * R, m, _mm512_shuffle_f32x4(a, b, 0x88));
+    _mm512_mask_storeu_ps(xp + (j + 8) * R, m, _mm512_shuffle_f32x4(a, b, 0xdd));
+    _mm512_mask_storeu_ps(xp + (j + 4) * R, m, _mm512_shuffle_f32x4(e, f, 0x88));
+    _mm512_mask_storeu_ps(xp + (j + 12) * R, m, _mm512_shuffle_f32x4(e, f, 0xdd));
+  }
+}
+#else
+constexpr int PACK_W = 8;
+template <int R>
+GGUF_INLINE void pack_step(const float* x, int64_t K, float* xp) {  // 8 k
+  __m256 r[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(x + (i < R ? i : 0) * K);
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i + 0] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xee);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+  }
+  alignas(32) static constexpr int32_t kMask[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+  const __m256i m = _mm256_loadu_si256((const __m256i*)(kMask + 8 - R));
+  for (int j = 0; j < 4; ++j) {
+    _mm256_maskstore_ps(xp + j * R, m, _mm256_permute2f128_ps(u[j], u[j + 4], 0x20));
+    _mm256_maskstore_ps(xp + (j + 4) * R, m, _mm256_permute2f128_ps(u[j], u[j + 4], 0x31));
+  }
+}
+#endif
+
 template <int R>
 void pack_tile(const float* x, int64_t K, float* xp) {
-  for (int64_t k = 0; k < K; ++k)
+  int64_t k = 0;
+  if constexpr (R <= PACK_W) {
+    for (; k + PACK_W <= K; k += PACK_W) pack_step<R>(x + k, K, xp + k * R);
+  }
+  for (; k < K; ++k)
     for (int r = 0; r < R; ++r) xp[k * R + r] = x[r * K + k];
 }
 
@@ -182,11 +260,9 @@ GGUF_INLINE void pack_tile_n(int R, const float* x, int64_t K, float* xp, std::i
   ((R == Rs + 1 ? (pack_tile<Rs + 1>(x, K, xp), 0) : 0), ...);
 }
 
-// rows x [mn, K] -> xp [mn * K]: row tile (m0, R) at xp + m0 * K, k-major ([K][R])
-void pack_rows(const float* x, int64_t K, int64_t mn, float* xp) {
-  for_row_tiles(mn, [&](int64_t m0, int R) {
-    pack_tile_n(R, x + m0 * K, K, xp + m0 * K, std::make_integer_sequence<int, BUF_R>{});
-  });
+// row tile (m0, R) of x [.., K] -> xp + m0 * K, k-major ([K][R])
+void pack_row_tile(const float* x, int64_t K, int64_t m0, int R, float* xp) {
+  pack_tile_n(R, x + m0 * K, K, xp + m0 * K, std::make_integer_sequence<int, BUF_R>{});
 }
 
 template <int NPP, int... Rs>
@@ -222,35 +298,67 @@ int64_t row_block(int64_t M, int64_t K) {
   return (M + nb - 1) / nb;  // balanced blocks
 }
 
-// panels [p0, p1), every row: per row block (packed k-major per tile into a thread-local buffer),
-// PP panels at a time, dequantized KC k's at a time
-std::atomic<int64_t> g_buf_call{0};  // run_buf calls: a thread's packed rows are reused within one call
+// The rows of one call packed once, shared by its threads: xp [M * K] (row block at xp + mb0 * K),
+// each row block packed when the first thread reaches it, its tiles claimed one at a time by every
+// thread that reaches it meanwhile (no barrier: a thread waits only for the tiles of that block
+// other threads are packing right then; one that arrives later finds the block packed).
+struct alignas(64) BlockPack {
+  std::atomic<int64_t> next{0};  // tiles claimed
+  char pad[64 - sizeof(std::atomic<int64_t>)];
+  std::atomic<int64_t> done{0};  // tiles packed
+};
 
+struct SharedRows {
+  float* xp = nullptr;
+  BlockPack* blocks = nullptr;
+  int64_t mc = 0;
+};
+
+// row block mb0 / mc of sr packed (packs tiles of it as long as some are unclaimed, then waits for the rest)
+void ensure_block(const Job& J, const SharedRows& sr, int64_t mb0, int64_t mn) {
+  BlockPack& b = sr.blocks[mb0 / sr.mc];
+  const int64_t nt = row_tiles(mn);
+  if (b.done.load(std::memory_order_acquire) == nt) return;
+  for (;;) {
+    const int64_t t = b.next.fetch_add(1, std::memory_order_relaxed);
+    if (t >= nt) break;
+    int64_t m0;
+    int R;
+    row_tile(mn, t, m0, R);
+    pack_row_tile(J.x + mb0 * J.K, J.K, m0, R, sr.xp + mb0 * J.K);
+    b.done.fetch_add(1, std::memory_order_release);
+  }
+  for (int spin = 0; b.done.load(std::memory_order_acquire) < nt; ++spin) {
+    if (spin < 4096) _mm_pause();
+    else std::this_thread::yield();  // the packer was preempted
+  }
+}
+
+// panels [p0, p1), every row: per row block (shared: packed once per call by the threads that
+// reach it, sr; else packed by this thread into a thread-local buffer), PP panels at a time,
+// dequantized KC k's at a time
 template <class T>
-void buf_panels(const Job& J, int64_t p0, int64_t p1, int64_t call = 0) {
+void buf_panels(const Job& J, int64_t p0, int64_t p1, const SharedRows* sr = nullptr) {
   constexpr int64_t kc = std::max<int64_t>(KC, T::QB);
   const int64_t bpc = kc / T::QB;  // blocks per chunk
-  const int64_t mc = row_block(J.M, J.K);
+  const int64_t mc = sr ? sr->mc : row_block(J.M, J.K);
   thread_local std::vector<float> bufv, ytv, xpv;
-  thread_local std::vector<uint8_t> packed;  // row block packed in this call (call != 0)
-  thread_local int64_t packed_call = 0;
-  const int64_t nb = (J.M + mc - 1) / mc;
-  if (call == 0 || call != packed_call) packed.assign((size_t)nb, 0);
-  packed_call = call;
   if (bufv.size() < (size_t)(PP * kc * LANES + 16)) bufv.resize((size_t)PP * kc * LANES + 16);
   if (ytv.size() < (size_t)(mc * PP * LANES + 16)) ytv.resize((size_t)mc * PP * LANES + 16);
-  if (xpv.size() < (size_t)(J.M * J.K)) xpv.resize((size_t)(J.M * J.K));
+  if (!sr && xpv.size() < (size_t)(mc * J.K)) xpv.resize((size_t)(mc * J.K));
   float* bufp = bufv.data();
   float* yt = ytv.data();
   const float* buf[PP];
   for (int i = 0; i < PP; ++i) buf[i] = bufp + (size_t)i * kc * LANES;
   for (int64_t mb0 = 0; mb0 < J.M; mb0 += mc) {
     const int64_t mn = std::min(mc, J.M - mb0);
-    float* xpb = xpv.data() + mb0 * J.K;
-    const float* xp = xpb;
-    if (!packed[(size_t)(mb0 / mc)]) {
-      pack_rows(J.x + mb0 * J.K, J.K, mn, xpb);
-      packed[(size_t)(mb0 / mc)] = 1;
+    const float* xp;
+    if (sr) {
+      ensure_block(J, *sr, mb0, mn);
+      xp = sr->xp + mb0 * J.K;
+    } else {
+      for_row_tiles(mn, [&](int64_t m0, int R) { pack_row_tile(J.x + mb0 * J.K, J.K, m0, R, xpv.data()); });
+      xp = xpv.data();
     }
     for (int64_t p = p0; p < p1; p += PP) {
       const int np = (int)std::min<int64_t>(PP, p1 - p);
@@ -267,15 +375,36 @@ void buf_panels(const Job& J, int64_t p0, int64_t p1, int64_t call = 0) {
   }
 }
 
-// every thread packs the row blocks it runs itself, once per call (reused by its later items): a
-// shared packing pass would cost a second parallel region (a second barrier: on a shared machine a
-// preempted thread stalls the call there)
+// 1: the caller packs every row block before the threads start (for comparison; 0, the default:
+// the threads pack each block when they first reach it, see SharedRows)
+int g_buf_pack_in_caller = 0;
+
 template <class T>
 void run_buf(const Job& J) {
   const int64_t units = (J.P + PP - 1) / PP;
-  const int64_t call = g_buf_call.fetch_add(1, std::memory_order_relaxed) + 1;
+  // the calling thread's buffers (the threads of this call share them; a call runs to its end)
+  thread_local std::vector<float> xpv;
+  thread_local std::unique_ptr<BlockPack[]> blocks;
+  thread_local int64_t nblocks_cap = 0;
+  SharedRows sr;
+  sr.mc = row_block(J.M, J.K);
+  const int64_t nb = (J.M + sr.mc - 1) / sr.mc;
+  if (xpv.size() < (size_t)(J.M * J.K)) xpv.resize((size_t)(J.M * J.K));
+  if (nblocks_cap < nb) {
+    blocks.reset(new BlockPack[nb]);
+    nblocks_cap = nb;
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    blocks[b].next.store(0, std::memory_order_relaxed);
+    blocks[b].done.store(0, std::memory_order_relaxed);
+  }
+  sr.xp = xpv.data();
+  sr.blocks = blocks.get();
+  if (g_buf_pack_in_caller)
+    for (int64_t mb0 = 0; mb0 < J.M; mb0 += sr.mc) ensure_block(J, sr, mb0, std::min(sr.mc, J.M - mb0));
   parallel_units(units, J.M * J.N * J.K,
-                 [&, call](int64_t u0, int64_t u1) { buf_panels<T>(J, u0 * PP, std::min(J.P, u1 * PP), call); });
+                 [&](int64_t u0, int64_t u1) { buf_panels<T>(J, u0 * PP, std::min(J.P, u1 * PP), &sr); });
+  if (xpv.size() > ((size_t)64 << 20) / sizeof(float)) std::vector<float>().swap(xpv);  // keep at most 64 MiB
 }
 
 // ---- int8 activations ----------------------------------------------------------------------
@@ -646,6 +775,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
       },
       "rows from which the int8 mode takes AMX tiles (<= 0: never; default 12; results do not depend on it)");
+  m.def("_set_buf_pack_in_caller", [](int64_t v) { g_buf_pack_in_caller = (int)v; },
+        "1: the fp32 prompt path's activations are packed by the calling thread before the threads start; 0 "
+        "(default): by the threads as they reach each row block (results do not depend on it)");
   m.def("_set_min_parallel_work", [](int64_t w) { g_min_parallel_work = w; },
         "M*N*K below which a call runs on the calling thread (tests use 0)");
 }
