@@ -235,8 +235,9 @@ def decode(args: argparse.Namespace) -> dict[str, Any]:
 
 def attention(args: argparse.Namespace) -> dict[str, Any]:
     """The decode attention alone (what grows with the context): one query token against a paged
-    cache of ``--context`` random tokens for every layer, float32 kernel vs int8 kernel, on the
-    model's shape (SmolLM2-135M by default), best of ``--reps`` interleaved repetitions."""
+    cache of ``--context`` random tokens for every layer, float32 kernel vs the 8-bit kernel on int8
+    and fp8 (e4m3) codes, on the model's shape (SmolLM2-135M by default), best of ``--reps``
+    interleaved repetitions."""
     import torch
 
     from llmopt.kernels import kv_quant, ops
@@ -246,7 +247,8 @@ def attention(args: argparse.Namespace) -> dict[str, Any]:
     L, Hq, Hk, D, BS = args.layers, args.q_heads, args.kv_heads, args.head_dim, 16
     nb = (args.context + BS - 1) // BS
     kf, vf = torch.randn(L, nb, BS, Hk, D), torch.randn(L, nb, BS, Hk, D)
-    (kq, ks), (vq, vs) = kv_quant.quantize_kv(kf), kv_quant.quantize_kv(vf)
+    codes = {name: (kv_quant.quantize_kv(kf, dt), kv_quant.quantize_kv(vf, dt))
+             for name, dt in (("int8", torch.int8), ("fp8", kv_quant.FP8))}
     tables = torch.arange(nb, dtype=torch.int32)[None]
     lens = torch.tensor([args.context], dtype=torch.int32)
     q, scale = torch.randn(1, Hq, D), D ** -0.5
@@ -255,11 +257,15 @@ def attention(args: argparse.Namespace) -> dict[str, Any]:
         for i in range(L):
             ops.paged_decode_attention(q, kf[i], vf[i], tables, lens, scale)
 
-    def int8() -> None:
-        for i in range(L):
-            kv_quant.paged_decode_attention_int8(q, kq[i], vq[i], ks[i], vs[i], tables, lens, scale)
+    def coded(name: str):
+        (kq, ks), (vq, vs) = codes[name]
 
-    runs = {"float32": fp32, "int8": int8}
+        def run() -> None:
+            for i in range(L):
+                kv_quant.paged_decode_attention_int8(q, kq[i], vq[i], ks[i], vs[i], tables, lens, scale)
+        return run
+
+    runs = {"float32": fp32, "int8": coded("int8"), "fp8": coded("fp8")}
     best = {k: math.inf for k in runs}
     for fn in runs.values():
         fn()  # warm-up: builds / loads the native kernels

@@ -55,3 +55,19 @@ def test_importing_the_library_reads_no_setting_from_the_environment():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr
     assert "config:" in r.stdout and "LLMOPT_INT4_ACT" in r.stdout
+
+
+def test_default_threads_follow_the_affinity_mask_not_the_machine(monkeypatch):
+    # a process pinned to one core (taskset, a cgroup cpuset) must not start two compute threads
+    import os
+
+    from llmopt.config import usable_cpus
+
+    monkeypatch.delenv("LLMOPT_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert usable_cpus() == 1
+    assert EngineConfig().num_threads == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    assert EngineConfig().num_threads == 3
+    monkeypatch.setenv("LLMOPT_NUM_THREADS", "2")
+    assert EngineConfig().num_threads == 2

@@ -91,7 +91,7 @@ def run_command(
                                                 "(docs/long_context.md)")] = "full",
     kv_budget: Annotated[Optional[str], typer.Option(help="KV budget with --kv-policy: a fraction of the prompt "
                                                           "(0.25) or a token count (2048)")] = None,
-    kv_dtype: Annotated[Optional[str], typer.Option(help="KV cache element type: int8 (default: the model's "
+    kv_dtype: Annotated[Optional[str], typer.Option(help="KV cache element type: int8 or fp8 (e4m3) (default: the model's "
                                                         "dtype; docs/long_context.md)")] = None,
     ray: Annotated[Optional[str], typer.Option("--ray", metavar="ADDRESS",
                                                help="split the cases across Ray workers: 'local' (a cluster on "

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -84,7 +83,9 @@ def bench_command(
     cells = product_cells(parse_int_list(concurrency, "--concurrency"), parse_int_list(input_len, "--input-len"),
                           parse_int_list(output_len, "--output-len"))
     peers = list(dict.fromkeys(p.strip() for p in peer.split(",") if p.strip())) if peer else []
-    config = GridConfig(model=model, cells=cells, threads=threads or os.cpu_count() or 1, baseline=baseline,
+    from llmopt.config import usable_cpus
+
+    config = GridConfig(model=model, cells=cells, threads=threads or usable_cpus(), baseline=baseline,
                         quants=quants, peers=peers, repeat=repeat, warmup=warmup, seed=seed)
     for name, why in peer_problems(peers, model).items():
         err.print(f"[yellow]skipping {name}:[/yellow] {escape(why)}")

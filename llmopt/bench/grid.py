@@ -553,6 +553,7 @@ def kernel_info() -> dict[str, Any]:
 
 
 def machine_info(threads: int) -> dict[str, Any]:
+    from llmopt.config import usable_cpus
     from llmopt.kernels.tune import cpu_model
 
     mem = None
@@ -566,7 +567,7 @@ def machine_info(threads: int) -> dict[str, Any]:
         "cpu_flags": _cpu_flags(),
         "kernels": kernel_info(),
         "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpus_usable": usable_cpus(),
         "threads": threads,
         "memory_gib": mem,
         "platform": platform.platform(),

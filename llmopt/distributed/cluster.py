@@ -164,8 +164,10 @@ def connect(address: str = "local", *, num_cpus: int | None = None, timeout: flo
     job = JobConfig(runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}})
     common: dict[str, Any] = dict(job_config=job, logging_level=logging.WARNING, log_to_driver=True)
     if address == "local":
+        from llmopt.config import usable_cpus
+
         with _loopback_mode(), _env(MEMORY_MONITOR_ENV, "0"):
-            ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
+            ray.init(address="local", num_cpus=num_cpus or usable_cpus(), include_dashboard=False,
                      _node_ip_address="127.0.0.1", **common)
         c = _describe(ray, True, True)
     elif address == "auto":

@@ -482,7 +482,7 @@ class LLMEngine:
         with self.lock:
             blocks = self.block_manager.borrow(self.block_manager.blocks_needed(len(token_ids)))
         if blocks is None:
-            raise RuntimeError(f"scoring {len(token_ids)} tokens through the int8 KV cache needs "
+            raise RuntimeError(f"scoring {len(token_ids)} tokens through the 8-bit KV cache needs "
                                f"{self.block_manager.blocks_needed(len(token_ids))} free blocks; wait for running "
                                f"requests to finish or raise kv_cache_memory_gb")
         try:

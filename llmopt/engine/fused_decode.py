@@ -101,13 +101,13 @@ def _why_not_cache(attn) -> str | None:
         return "no contiguous KV cache"
     if kc.dtype == torch.float32:
         return None
-    if kc.dtype != torch.int8:
-        return f"the KV cache is {kc.dtype} (the step takes float32 or int8)"
+    if not kv_quant.is_quantized(kc.dtype):
+        return f"the KV cache is {kc.dtype} (the step takes float32, int8 or fp8)"
     ks, vs = attn.k_scale, attn.v_scale
     if ks is None or vs is None or ks.dtype != torch.float32 or not ks.is_contiguous() or not vs.is_contiguous():
-        return "the int8 KV cache has no contiguous float32 scales"
+        return "the 8-bit KV cache has no contiguous float32 scales"
     if not kv_quant.native_available():
-        return "the int8 KV cache's op-by-op attention runs on the torch reference (llmopt_kv did not build)"
+        return "the 8-bit KV cache's op-by-op attention runs on the torch reference (llmopt_kv did not build)"
     return None
 
 
@@ -205,7 +205,7 @@ class FusedDecoder:
         windows: list[int] = []
         for layer in model.layers:
             attn = layer.self_attn
-            int8 = attn.k_cache.dtype == torch.int8  # then its scales ride along (kernels/kv_quant.py)
+            int8 = kv_quant.is_quantized(attn.k_cache.dtype)  # then its scales ride along (kernels/kv_quant.py)
             tensors += [layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
                         attn.q_norm.weight.detach() if attn.q_norm is not None else none,
                         attn.k_norm.weight.detach() if attn.k_norm is not None else none,

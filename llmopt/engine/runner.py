@@ -11,6 +11,7 @@ import torch
 
 from llmopt.engine.fused_decode import FusedDecoder
 from llmopt.engine.sequence import Sequence
+from llmopt.kernels import kv_quant
 from llmopt.models.transformer import Attention, AttnContext, PrefillSpan, Transformer
 
 log = logging.getLogger(__name__)
@@ -27,10 +28,10 @@ class ModelRunner:
         shape = (cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype)
         self.v_cache = torch.zeros(shape, dtype=dtype)
-        # an int8 cache keeps one float32 scale per (token, kv head) next to it (kernels/kv_quant.py)
+        # an 8-bit cache (int8 / fp8) keeps one float32 scale per (token, kv head) next to it (kernels/kv_quant.py)
         self.k_scale: torch.Tensor | None = None
         self.v_scale: torch.Tensor | None = None
-        if dtype == torch.int8:
+        if kv_quant.is_quantized(dtype):
             self.k_scale = torch.zeros(shape[:-1], dtype=torch.float32)
             self.v_scale = torch.zeros(shape[:-1], dtype=torch.float32)
         self.observed: dict[int, list[torch.Tensor]] = {}  # SnapKV scores of the last step, by seq_id
@@ -79,11 +80,11 @@ class ModelRunner:
 
     @staticmethod
     def kv_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype, quest: bool = False) -> int:
-        """K and V of every layer for ``block_size`` tokens (int8: plus a float32 scale per token and
+        """K and V of every layer for ``block_size`` tokens (int8 / fp8: plus a float32 scale per token and
         head; ``quest``: plus the block's float32 key min and max per layer and kv head)."""
         c = model.cfg
         summaries = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4 if quest else 0
-        if dtype == torch.int8:
+        if kv_quant.is_quantized(dtype):
             return 2 * c.num_layers * block_size * c.num_kv_heads * (c.head_dim + 4) + summaries
         return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * torch.finfo(dtype).bits // 8 + summaries
 

@@ -139,10 +139,10 @@ class Attention(nn.Module):
             raise RuntimeError("paged attention needs the KV cache (ModelRunner sets it) and a slot mapping")
         bs = kc.shape[1]
         ksc, vsc = self.k_scale, self.v_scale
-        quant = kc.dtype == torch.int8
-        if quant:  # int8 cache: attention reads the quantized K/V in prefill and decode alike
+        quant = kv_quant.is_quantized(kc.dtype)
+        if quant:  # int8 / fp8 cache: attention reads the quantized K/V in prefill and decode alike
             if ksc is None or vsc is None:
-                raise RuntimeError("an int8 KV cache needs its scales (ModelRunner sets them)")
+                raise RuntimeError("an 8-bit KV cache needs its scales (ModelRunner sets them)")
             kv_quant.write_kv_int8(kc, ksc, ctx.slot_mapping, k)
             kv_quant.write_kv_int8(vc, vsc, ctx.slot_mapping, v)
         else:

@@ -40,7 +40,7 @@ def serve_command(
                                                 "(docs/long_context.md); a request may override it")] = "full",
     kv_budget: Annotated[Optional[str], typer.Option(help="KV budget with --kv-policy: a fraction of the prompt "
                                                           "(0.25) or a token count (2048)")] = None,
-    kv_dtype: Annotated[Optional[str], typer.Option(help="KV cache element type: int8 (default: the model's "
+    kv_dtype: Annotated[Optional[str], typer.Option(help="KV cache element type: int8 or fp8 (e4m3) (default: the model's "
                                                         "dtype; docs/long_context.md)")] = None,
     max_queue: Annotated[int, typer.Option(help="sequences that may wait beyond --max-num-seqs; more get 503 "
                                                 "with Retry-After", min=0)] = 64,

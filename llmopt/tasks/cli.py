@@ -91,7 +91,7 @@ def _run_one(model: str, quant: Optional[str], config: Any, command: str,
 
 def eval_command(
     model: Annotated[str, typer.Argument(help="registry name, Hugging Face directory or .gguf file")] = DEFAULT_MODEL,
-    suite: Annotated[str, typer.Option("--suite", help=f"comma-separated suites: {','.join(SUITE_NAMES)} (or 'all')")] = "math,logic,code,format",
+    suite: Annotated[str, typer.Option("--suite", help=f"comma-separated suites: {','.join(SUITE_NAMES)} (or 'all'); rg:TASK for any reasoning-gym task (rg:gcd, rg:gcd+lcm)")] = "math,logic,code,format",
     quant: Annotated[Optional[str], typer.Option(help="quantize on load: int8, int4, ...; fp32: float (a .gguf dequantized); default: as stored (a .gguf runs on its own blocks)")] = None,
     adapter: Annotated[Optional[Path], typer.Option(help="LoRA adapter merged at load (`llmopt train`'s OUT/adapter.safetensors); --compare's baseline runs without it")] = None,
     n: Annotated[int, typer.Option("--n", help="items per suite", min=1)] = 20,
@@ -118,7 +118,7 @@ def eval_command(
     long_ppl_tokens: Annotated[int, typer.Option(help="tokens per longppl window", min=2)] = 4096,
     kv_policy: Annotated[str, typer.Option(help="KV policy: full, streaming, snapkv (free blocks) or quest (sparse reads) (docs/long_context.md)")] = "full",
     kv_budget: Annotated[Optional[str], typer.Option(help="KV budget: a fraction of the prompt (0.25) or a token count (2048)")] = None,
-    kv_dtype: Annotated[Optional[str], typer.Option(help="KV cache element type: int8 (default: the model's dtype)")] = None,
+    kv_dtype: Annotated[Optional[str], typer.Option(help="KV cache element type: int8 or fp8 (e4m3) (default: the model's dtype)")] = None,
 ) -> None:
     """Accuracy, format score and perplexity on offline suites, with 95% intervals."""
     from llmopt.config import parse_kv_budget

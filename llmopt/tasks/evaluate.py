@@ -47,7 +47,7 @@ from .longctx import (
     cell_accuracy,
     first_number,
 )
-from .mathlogic import logic_suite, math_suite
+from .mathlogic import RG_PREFIX, reasoning_gym_suite, suite_tasks
 from .ppl import PerplexitySuite, score_text, source_description
 from .sandbox import SandboxLimits, sandbox_info
 
@@ -98,12 +98,16 @@ class EvalConfig:
     # the engine's KV cache for this run (EngineConfig fields; docs/long_context.md)
     kv_policy: str = "full"
     kv_budget: float | int | None = None
-    kv_dtype: str | None = None  # None: the model's dtype; "int8"
+    kv_dtype: str | None = None  # None: the model's dtype; "int8" or "fp8"
 
     def __post_init__(self) -> None:
-        unknown = [s for s in self.suites if s not in SUITE_NAMES]
+        unknown = [s for s in self.suites if s not in SUITE_NAMES and not s.startswith(RG_PREFIX)]
         if unknown:
-            raise ValueError(f"unknown suite(s) {unknown}: choose from {', '.join(SUITE_NAMES)}")
+            raise ValueError(f"unknown suite(s) {unknown}: choose from {', '.join(SUITE_NAMES)} "
+                             f"or {RG_PREFIX}TASK (any reasoning-gym task, e.g. {RG_PREFIX}gcd)")
+        for s in self.suites:
+            if s.startswith(RG_PREFIX):
+                suite_tasks(s)  # an unknown task: ValueError now, naming reasoning-gym's tasks
         if not self.suites:
             raise ValueError(f"no suite given: choose from {', '.join(SUITE_NAMES)}")
         if self.n < 1 or self.samples < 1 or self.batch_size < 1:
@@ -139,10 +143,8 @@ def parse_numbers(text: str, kind: Callable[[str], Any], option: str) -> tuple[A
 
 
 def _suite(name: str, config: EvalConfig, tokenizer: Any = None) -> Any:
-    if name == "math":
-        return math_suite()
-    if name == "logic":
-        return logic_suite()
+    if name in ("math", "logic") or name.startswith(RG_PREFIX):
+        return reasoning_gym_suite(name)
     if name == "code":
         return HumanEvalSuite(SandboxLimits(timeout_s=config.code_timeout_s))
     if name == "ppl":
@@ -583,10 +585,13 @@ def nominal_bits_per_weight(quant: str | None) -> float | None:
 
 
 def _env() -> dict[str, Any]:
+    from llmopt.config import usable_cpus
+
     env: dict[str, Any] = {
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
+        "cpus_usable": usable_cpus(),
     }
     from importlib.metadata import PackageNotFoundError, version
 

@@ -76,7 +76,8 @@ def sft_command(
                                                          "an existing run there is resumed")],
     model: Annotated[str, typer.Option(help="base model: registry name, HF directory or .gguf")] = DEFAULT_MODEL,
     suites: Annotated[str, typer.Option(help="training questions per suite from the generators (training seeds, "
-                                             "disjoint from eval): math=N,logic=N,code=N")] = "math=50,logic=50,code=30",
+                                             "disjoint from eval): math=N,logic=N,code=N; rg:TASK=N for any "
+                                             "reasoning-gym task")] = "math=50,logic=50,code=30",
     data: Annotated[Optional[Path], typer.Option(help="JSONL of your own {question, answer, rationale?} instead "
                                                       "of --suites")] = None,
     chunk: Annotated[int, typer.Option(help="block of training seeds to draw from", min=0)] = 0,
@@ -127,7 +128,7 @@ def grpo_command(
     model: Annotated[str, typer.Option(help="base model: registry name, HF directory or .gguf")] = DEFAULT_MODEL,
     init_adapter: Annotated[Optional[Path], typer.Option(help="start from this adapter (e.g. SFT's "
                                                               "OUT/adapter.safetensors); same base model")] = None,
-    suites: Annotated[str, typer.Option(help="training questions per suite: math=N,logic=N,code=N")] = "math=40,logic=40,code=20",
+    suites: Annotated[str, typer.Option(help="training questions per suite: math=N,logic=N,code=N; rg:TASK=N for any reasoning-gym task")] = "math=40,logic=40,code=20",
     chunk: Annotated[int, typer.Option(help="block of training seeds (SFT uses 0 by default)", min=0)] = 1,
     systems: Annotated[str, typer.Option(help="system prompts in turn: reasoning, none, code")] = "reasoning,none",
     steps: Annotated[int, typer.Option(help="GRPO steps")] = 10,

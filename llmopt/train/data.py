@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from llmopt.tasks.base import CODE_SYSTEM_PROMPT, REASONING_SYSTEM_PROMPT, Grade, interleave
-from llmopt.tasks.mathlogic import LOGIC_TASKS, MATH_TASKS, grade_reasoning_gym
+from llmopt.tasks.mathlogic import RG_PREFIX, grade_reasoning_gym, suite_tasks
 
 from . import rationales
 
@@ -147,13 +147,14 @@ def _gold(task: str, entry: dict) -> str | None:
 
 
 def reasoning_gym_examples(suite: str, n: int, chunk: int = 0) -> list[Example]:
-    """``n`` training examples of the math or logic suite, round-robin over its task types, from
+    """``n`` training examples of a reasoning-gym suite (math, logic or rg:TASK[+TASK...]), round-robin over its task types, from
     the training seeds of ``chunk`` (see the module docstring)."""
     import reasoning_gym
 
-    tasks = {"math": MATH_TASKS, "logic": LOGIC_TASKS}.get(suite)
-    if tasks is None:
-        raise DatasetError(f"unknown reasoning-gym suite {suite!r}: use math or logic")
+    try:
+        tasks = suite_tasks(suite)
+    except ValueError as e:
+        raise DatasetError(str(e)) from None
     per = -(-n // len(tasks)) if n > 0 else 0
     groups: list[list[Example]] = []
     for t, task in enumerate(tasks):
@@ -360,10 +361,11 @@ def build_examples(suites: dict[str, int], chunk: int = 0, shuffle_seed: int = 0
             raise DatasetError(f"example count for {suite} must be >= 0, got {n}")
         if suite == "code":
             out += code_examples(n, chunk)
-        elif suite in ("math", "logic"):
+        elif suite in ("math", "logic") or suite.startswith(RG_PREFIX):
             out += reasoning_gym_examples(suite, n, chunk)
         else:
-            raise DatasetError(f"unknown suite {suite!r}: use math, logic or code")
+            raise DatasetError(f"unknown suite {suite!r}: use math, logic, code or {RG_PREFIX}TASK "
+                               f"(any reasoning-gym task, e.g. {RG_PREFIX}gcd)")
     random.Random(shuffle_seed).shuffle(out)
     if not out:
         raise DatasetError("the requested suites gave no examples")

@@ -73,23 +73,28 @@ def _engine(path: Path, threads: int = 1, fused: bool = True, kv_dtype: str = "i
 
 
 def _assert_step_equals_forward(eng: LLMEngine, lens: list[int], seed: int = 0) -> None:
-    """Hidden states, and the int8 K / V rows and scales the step wrote, equal to the op-by-op forward's."""
+    """Hidden states, and the 8-bit K / V rows and scales the step wrote, equal to the op-by-op forward's."""
     a, ca, b, cb = fused_and_forward(eng, lens, BS, seed)
     assert a is not None and a.shape == b.shape
     assert torch.equal(a, b), f"rows {len(lens)}: max |diff| {(a - b).abs().max().item():.3g}"
-    assert len(ca) == 4 and ca[0].dtype == torch.int8
+    assert len(ca) == 4 and ca[0].dtype in (torch.int8, torch.float8_e4m3fn)
     for name, x, y in zip(("k", "v", "k_scale", "v_scale"), ca, cb):
+        if x.dtype == torch.float8_e4m3fn:  # compare the code bytes (torch.equal has no float8 kernel)
+            x, y = x.view(torch.uint8), y.view(torch.uint8)
         assert torch.equal(x, y), f"rows {len(lens)}: the {name} cache differs"
 
 
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_int8_kv_step_bit_identical_per_arch_and_thread_count(hf_dirs, arch, threads):
-    """llama: no biases; qwen2: the qkv bias; qwen3: q/k norms before rope and the quantized write."""
-    eng = _engine(hf_dirs[arch], threads=threads)
+def test_int8_kv_step_bit_identical_per_arch_and_thread_count(hf_dirs, arch, threads, kv_dtype):
+    """llama: no biases; qwen2: the qkv bias; qwen3: q/k norms before rope and the quantized write;
+    int8 and fp8 (e4m3) codes."""
+    eng = _engine(hf_dirs[arch], threads=threads, kv_dtype=kv_dtype)
+    want = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}[kv_dtype]
     assert isinstance(eng.model.layers[0].self_attn.qkv_proj, PackedLinear)
-    assert eng.runner.k_cache.dtype == torch.int8
-    assert eng.runner.fused is not None and eng.runner.fused.kv_dtype == torch.int8
+    assert eng.runner.k_cache.dtype == want
+    assert eng.runner.fused is not None and eng.runner.fused.kv_dtype == want
     for rows, lens in LENS.items():
         _assert_step_equals_forward(eng, lens, seed=rows)
 
@@ -117,9 +122,13 @@ def test_the_step_writes_the_cache_rows_quantize_kv_writes():
         q, s = ext.quantize_kv_rows(x)
         qr, sr = kv_quant.quantize_kv(x)
         assert torch.equal(s, sr) and torch.equal(q, qr), d
+        q, s = ext.quantize_kv_rows(x, fp8=True)  # e4m3: torch's rounding, subnormal codes included
+        qr, sr = kv_quant.quantize_kv(x, kv_quant.FP8)
+        assert q.dtype == torch.float8_e4m3fn
+        assert torch.equal(s, sr) and torch.equal(q.view(torch.uint8), qr.view(torch.uint8)), d
 
 
-@pytest.mark.parametrize("kv_dtype", ["int8", "float32"])
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8", "float32"])
 @pytest.mark.parametrize("policy,budget", [(None, None), ("streaming", 24), ("snapkv", 0.3)])
 def test_greedy_fused_on_and_off_with_kv_policies(hf_dirs, kv_dtype, policy, budget):
     """Greedy generation with the step equals the op-by-op engine, alone and batched, under the KV
@@ -143,12 +152,13 @@ def test_greedy_fused_on_and_off_with_kv_policies(hf_dirs, kv_dtype, policy, bud
     assert [o.token_ids for o in batched] == [o.token_ids for o in single] == [o.token_ids for o in plain]
 
 
-def test_avx2_env_int8_kv_greedy_tokens_fused_on_and_off(q4_1_file):
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8"])
+def test_avx2_env_int8_kv_greedy_tokens_fused_on_and_off(q4_1_file, kv_dtype):
     """LLMOPT_CPU_PATH=avx2 (every machine's floor) and LLMOPT_FUSED_DECODE=0 / 1 in fresh processes,
-    int8 KV: the same tokens with and without the step."""
+    int8 and fp8 KV: the same tokens with and without the step."""
     if "avx2" not in G.available_paths():
         pytest.skip("no AVX2 build")
-    got = avx2_greedy_fused_on_and_off(q4_1_file, "kv_dtype='int8'")
+    got = avx2_greedy_fused_on_and_off(q4_1_file, f"kv_dtype='{kv_dtype}'")
     assert got["1"].split(" ", 3)[3] == got["0"].split(" ", 3)[3]
 
 
@@ -157,7 +167,7 @@ def test_int8_kv_without_scales_falls_back_with_a_reason(hf_dirs, caplog):
     eng = _engine(hf_dirs["llama"])
     attn = eng.model.layers[1].self_attn
     attn.k_scale = None
-    assert fused_decode._why_not(eng.model) == "the int8 KV cache has no contiguous float32 scales"
+    assert fused_decode._why_not(eng.model) == "the 8-bit KV cache has no contiguous float32 scales"
     with caplog.at_level("INFO", logger="llmopt.engine.fused_decode"):
         assert fused_decode.FusedDecoder.build(eng.model) is None
     assert "decode runs op by op" in caplog.text and "no contiguous float32 scales" in caplog.text
@@ -177,12 +187,14 @@ def test_step_checks_its_int8_cache_inputs(hf_dirs):
                               1e-6, 0.25, t, [-1], eng.model.norm.weight, eng.model.rope_table(torch.float32))
 
     build(attn.k_cache, attn.v_cache, attn.k_scale, attn.v_scale)
-    with pytest.raises(RuntimeError, match="an int8 k/v cache needs contiguous float32"):
+    with pytest.raises(RuntimeError, match="an 8-bit k/v cache needs contiguous float32"):
         build(attn.k_cache, attn.v_cache, attn.k_scale[:, :-1].contiguous(), attn.v_scale)
-    with pytest.raises(RuntimeError, match="an int8 k/v cache needs contiguous float32"):
+    with pytest.raises(RuntimeError, match="an 8-bit k/v cache needs contiguous float32"):
         build(attn.k_cache, attn.v_cache, none, none)
     f = torch.zeros(attn.k_cache.shape)
     with pytest.raises(RuntimeError, match="a float32 k/v cache takes no scales"):
         build(f, f, attn.k_scale, attn.v_scale)
     with pytest.raises(RuntimeError, match="k and v of one type"):
         build(attn.k_cache, f, attn.k_scale, attn.v_scale)
+    with pytest.raises(RuntimeError, match="k and v of one type"):  # int8 K codes with e4m3 V codes
+        build(attn.k_cache, attn.v_cache.view(torch.float8_e4m3fn), attn.k_scale, attn.v_scale)

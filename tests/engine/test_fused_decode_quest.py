@@ -43,11 +43,18 @@ def _engine(path: Path, threads: int = 1, fused: bool = True, kv_dtype: str = "f
     return LLMEngine(str(path), cfg)
 
 
+def _random_fp8_codes(shape, g: torch.Generator) -> torch.Tensor:
+    """Every finite e4m3fn code (not 0x7f / 0xff, the NaNs), uniformly."""
+    c = torch.randint(0, 0x7F, shape, generator=g, dtype=torch.uint8)
+    return (c | (torch.randint(0, 2, shape, generator=g, dtype=torch.uint8) << 7)).view(kv_quant.FP8)
+
+
 def _step_and_forward(eng: LLMEngine, lens: list[int], seed: int, dense: bool = False):
     """Fused step and op-by-op forward from the same random cache and its true block summaries."""
     r = eng.runner
     g = torch.Generator().manual_seed(seed)
     init = [torch.randint(-127, 128, t.shape, generator=g, dtype=torch.int8) if t.dtype == torch.int8
+            else _random_fp8_codes(t.shape, g) if t.dtype == kv_quant.FP8
             else torch.rand(t.shape, generator=g) * 0.05 if i >= 2 else torch.randn(t.shape, generator=g)
             for i, t in enumerate(r.cache_tensors)]
     k = init[0].float() if r.k_scale is None else kv_quant.dequantize_kv(init[0], init[2])
@@ -68,7 +75,7 @@ def _step_and_forward(eng: LLMEngine, lens: list[int], seed: int, dense: bool = 
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
+@pytest.mark.parametrize("kv_dtype", ["float32", "int8", "fp8"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_quest_step_bit_identical_to_the_op_by_op_forward(hf_dirs, arch, kv_dtype, threads):
     eng = _engine(hf_dirs[arch], threads=threads, kv_dtype=kv_dtype, kv_policy="quest", kv_budget=0.25,
@@ -77,6 +84,8 @@ def test_quest_step_bit_identical_to_the_op_by_op_forward(hf_dirs, arch, kv_dtyp
         (a, ca), (b, cb) = _step_and_forward(eng, lens, seed=rows)
         assert a is not None and torch.equal(a, b), f"rows {rows}: max |diff| {(a - b).abs().max().item():.3g}"
         for name, x, y in zip(("k", "v", "k_scale", "v_scale")[:len(ca) - 2] + ("k_min", "k_max"), ca, cb):
+            if x.dtype == kv_quant.FP8:  # the code bytes (torch.equal has no float8 kernel)
+                x, y = x.view(torch.uint8), y.view(torch.uint8)
             assert torch.equal(x, y), f"rows {rows}: {name} differs"
     # and the sparse rows really differ from dense attention
     lens = LENS[4]
@@ -85,7 +94,7 @@ def test_quest_step_bit_identical_to_the_op_by_op_forward(hf_dirs, arch, kv_dtyp
     assert torch.equal(a[1], dense[1]) and not torch.equal(a[3], dense[3])  # topk 0, topk 5 of 40 blocks
 
 
-@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
+@pytest.mark.parametrize("kv_dtype", ["float32", "int8", "fp8"])
 def test_greedy_quest_fused_on_and_off(hf_dirs, kv_dtype):
     """Greedy generation with the step equals the op-by-op engine, alone and batched, every decode
     step and short prompt chunk in the step (only the long prompt chunks fell back)."""

@@ -23,7 +23,7 @@ def _quest(params: SamplingParams, budget) -> SamplingParams:
                           kv_policy="quest", kv_budget=budget)
 
 
-@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+@pytest.mark.parametrize("kv_dtype", [None, "int8", "fp8"])
 def test_summaries_are_each_blocks_key_min_and_max(llama_dir, kv_dtype):
     llm = LLM(llama_dir, kv_policy="quest", kv_budget=16, kv_dtype=kv_dtype, max_num_batched_tokens=40, **KW)
     eng = llm.engine

@@ -267,8 +267,8 @@ def test_amx_tiles_give_the_register_tiles_bits(paths, parallel_always, threads,
     x = torch.randn(40, k, generator=g) * torch.logspace(-2, 1, 40).unsqueeze(1)
     x[9] = 0
     bias = torch.randn(n, generator=g)
+    default = mod._set_amx_min_rows(0)  # register tiles only
     try:
-        mod._set_amx_min_rows(0)  # register tiles only
         ref = G.gguf_linear(x, packed, bias, act="int8", path="avx512_amx")
         for min_rows in (1, 8, 12, 16):
             mod._set_amx_min_rows(min_rows)
@@ -278,7 +278,7 @@ def test_amx_tiles_give_the_register_tiles_bits(paths, parallel_always, threads,
                     y = G.gguf_linear(x[:m], packed, bias, act="int8", path="avx512_amx")
                     assert torch.equal(y, ref[:m]), f"{qt.name} min_rows={min_rows} threads={nt} M={m}"
     finally:
-        mod._set_amx_min_rows(12)  # the build's default
+        mod._set_amx_min_rows(default)
 
 
 def test_int8_mode_refuses_types_without_its_kernel(paths):

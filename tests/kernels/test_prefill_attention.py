@@ -25,7 +25,7 @@ def ext8():
     return native_or_skip(kv_quant._native(), "llmopt_kv")
 
 
-@pytest.fixture(params=["float32", "int8"])
+@pytest.fixture(params=["float32", "int8", "fp8"])
 def kernel(request, ext):
     """The cache kind under test: (call(q, bt, cl, scale, sw, num_splits, group_rows), public op, reference),
     built for one case by calling the fixture's value with it."""
@@ -48,7 +48,8 @@ def kernel(request, ext):
 
     def make8(case):
         q, kc, vc, _, _ = case
-        (kq, ks), (vq, vs) = kv_quant.quantize_kv(kc), kv_quant.quantize_kv(vc)
+        codes = torch.int8 if request.param == "int8" else kv_quant.FP8
+        (kq, ks), (vq, vs) = kv_quant.quantize_kv(kc, codes), kv_quant.quantize_kv(vc, codes)
 
         def call(q, bt, cl, scale, sw, splits, r):  # no token splits in the int8 kernel
             return ext8.paged_decode_attention_int8(q, kq, vq, ks, vs, bt, cl, scale, sw, r)

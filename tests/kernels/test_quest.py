@@ -15,7 +15,7 @@ BS, HK, G, D = 16, 2, 3, 64
 SCALE = D ** -0.5
 
 
-def _cache(lens: list[int], int8: bool, seed: int = 0):
+def _cache(lens: list[int], int8: bool | torch.dtype, seed: int = 0):
     """A paged cache holding len(lens) sequences in shuffled blocks, written through the summaries'
     update the way the model does it (prefill chunks, then one token at a time)."""
     g = torch.Generator().manual_seed(seed)
@@ -32,8 +32,9 @@ def _cache(lens: list[int], int8: bool, seed: int = 0):
     kmin = torch.full((NB, HK, D), 7.0)  # stale garbage: offset 0 must reset it
     kmax = torch.full((NB, HK, D), -7.0)
     ks = vs = None
-    if int8:
-        kc, vc = kc.to(torch.int8), vc.to(torch.int8)
+    if int8:  # True: int8 codes; or the code dtype (int8, float8_e4m3fn)
+        codes = torch.int8 if int8 is True else int8
+        kc, vc = kc.to(codes), vc.to(codes)
         ks, vs = torch.zeros(NB, BS, HK), torch.zeros(NB, BS, HK)
     for b, n in enumerate(lens):
         # keys with a few "hot" blocks so that selection has something to find
@@ -71,7 +72,7 @@ def test_native_summaries_equal_the_reference_and_the_true_block_min_max():
     assert torch.equal(kmin, ref_min) and torch.equal(kmax, ref_max)
 
 
-@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("int8", [False, True, torch.float8_e4m3fn])
 def test_kernel_equals_torch_reference(int8):
     lens = [200, 129, 33, 17]
     kc, vc, ks, vs, kmin, kmax, tables = _cache(lens, int8, seed=1)
@@ -91,7 +92,7 @@ def test_kernel_equals_torch_reference(int8):
     assert not torch.allclose(got[:2], dense[:2], atol=1e-3)  # it really skipped blocks
 
 
-@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("int8", [False, True, torch.float8_e4m3fn])
 def test_budget_covering_the_context_is_the_dense_kernel_bit_for_bit(int8):
     lens = [200, 129, 33]
     kc, vc, ks, vs, kmin, kmax, tables = _cache(lens, int8, seed=3)
@@ -107,7 +108,7 @@ def test_budget_covering_the_context_is_the_dense_kernel_bit_for_bit(int8):
         assert torch.equal(got, dense), topk
 
 
-@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("int8", [False, True, torch.float8_e4m3fn])
 def test_a_row_alone_equals_the_row_in_a_batch(int8):
     lens = [300, 150, 77, 260]
     kc, vc, ks, vs, kmin, kmax, tables = _cache(lens, int8, seed=5)
@@ -130,7 +131,7 @@ def test_bad_inputs_are_refused_with_a_reason():
     with pytest.raises(RuntimeError, match="kmin / kmax"):
         quest.quest_decode_attention(q, kc, vc, None, None, kmin[:, :1], kmax, tables, cl,
                                      torch.tensor([1], dtype=torch.int32), SCALE)
-    with pytest.raises(RuntimeError, match="int8 cache needs"):
+    with pytest.raises(RuntimeError, match="8-bit cache needs"):
         quest.quest_decode_attention(q, kc.to(torch.int8), vc.to(torch.int8), None, None, kmin, kmax, tables, cl,
                                      torch.tensor([1], dtype=torch.int32), SCALE)
 

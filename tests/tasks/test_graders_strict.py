@@ -103,3 +103,82 @@ def test_code_answer_that_is_empty_fails_and_the_sandbox_check_still_runs():
     assert suite.grade(it, "```python\n```", "").detail == "empty answer"
     assert suite.grade(it, it.reference, "").correct
     assert not suite.grade(it, f"def {it.payload['entry_point']}(*a, **k):\n    return None\n", "").correct
+
+
+# ---- any reasoning-gym task: rg:TASK suites ---------------------------------------------------
+
+def test_any_reasoning_gym_task_is_a_suite_and_unknown_names_say_where_to_look():
+    from llmopt.tasks.mathlogic import reasoning_gym_suite, suite_tasks
+
+    assert suite_tasks("rg:gcd+lcm") == ("gcd", "lcm")
+    items = reasoning_gym_suite("rg:gcd+lcm").items(4, seed=3)
+    assert [it.task for it in items] == ["gcd", "lcm", "gcd", "lcm"] and items[0].suite == "rg:gcd+lcm"
+    with pytest.raises(ValueError, match="unknown reasoning-gym task.*'no_such_task'.*reasoning-gym has: .*gcd"):
+        suite_tasks("rg:gcd+no_such_task")
+    with pytest.raises(ValueError, match="names no task"):
+        suite_tasks("rg:")
+
+
+def test_a_task_outside_the_suites_is_graded_by_its_gold_answers_form():
+    from llmopt.tasks.mathlogic import reasoning_gym_suite
+
+    gcd = reasoning_gym_suite("rg:gcd").items(1, seed=3)[0]  # numeric gold: one final value
+    gold = gcd.reference
+    assert _grade(gcd, gold).correct and _grade(gcd, f"x = {gold}").correct
+    assert not _grade(gcd, f"{gold} or {int(gold) + 1}").correct  # a hedge, though the verifier may take it
+    assert not _grade(gcd, f"{gold}, {int(gold) * 2}").correct
+    assert not _grade(gcd, str(int(gold) + 1)).correct
+    cd = reasoning_gym_suite("rg:countdown").items(1, seed=3)[0]  # an expression: the task's verifier
+    assert _grade(cd, cd.reference).correct
+    assert not _grade(cd, "1 + 1").correct and not _grade(cd, "").correct
+
+
+def test_eval_config_takes_rg_suites_and_refuses_unknown_tasks():
+    from llmopt.tasks.evaluate import EvalConfig, build_items
+
+    cfg = EvalConfig(model="x", suites=("rg:gcd", "math"), n=2, seed=1)
+    items = build_items(cfg)
+    assert [it.task for it in items["rg:gcd"]] == ["gcd", "gcd"] and len(items["math"]) == 2
+    with pytest.raises(ValueError, match="unknown reasoning-gym task"):
+        EvalConfig(model="x", suites=("rg:nope",))
+    with pytest.raises(ValueError, match=r"rg:TASK \(any reasoning-gym task"):
+        EvalConfig(model="x", suites=("maths",))
+
+
+def test_training_takes_rg_suites_on_training_seeds():
+    from llmopt.train.data import DatasetError, build_examples
+
+    ex = build_examples({"rg:gcd": 3})
+    assert len(ex) == 3 and all(e.task == "gcd" and e.id.startswith("train/rg:gcd/gcd/1000000000/") for e in ex)
+    assert all(e.grade(e.answer).correct for e in ex)
+    with pytest.raises(DatasetError, match="unknown reasoning-gym task"):
+        build_examples({"rg:nope": 2})
+
+
+def test_a_prose_answer_of_a_task_outside_the_suites_may_use_the_words_its_gold_uses():
+    from llmopt.tasks.mathlogic import grade_reasoning_gym
+
+    class Lenient:  # a verifier that takes any answer containing the gold text
+        @staticmethod
+        def score_answer(answer, entry):
+            return 1.0 if entry["answer"] in answer else 0.0
+
+    entry = {"answer": "slow but steady wins the race"}
+    assert grade_reasoning_gym("some_new_task", Lenient, entry, "slow but steady wins the race").correct
+    assert not grade_reasoning_gym("some_new_task", Lenient, {"answer": "red"}, "red or blue").correct  # a hedge
+    # inside the suites the hedge rule stays strict (a logic answer never needs "maybe")
+    assert not grade_reasoning_gym("knights_knaves", Lenient, {"answer": "maybe"}, "maybe").correct
+
+
+def test_a_yes_no_task_outside_the_suites_takes_exactly_yes_or_no():
+    from llmopt.tasks.mathlogic import grade_reasoning_gym
+
+    class Lenient:  # a verifier that takes any answer containing the gold word
+        @staticmethod
+        def score_answer(answer, entry):
+            return 1.0 if entry["answer"].lower() in answer.lower() else 0.0
+
+    entry = {"answer": "Yes"}
+    assert grade_reasoning_gym("some_new_task", Lenient, entry, "yes.").correct
+    assert not grade_reasoning_gym("some_new_task", Lenient, entry, "yes, and no").correct
+    assert not grade_reasoning_gym("some_new_task", Lenient, entry, "No").correct

@@ -210,7 +210,11 @@ struct Layer {
   at::Tensor ks, vs;  // int8 cache: float32 scales [num_blocks, block_size, num_kv_heads]; float cache: empty
   Lin lin[4];         // qkv, o, gate_up, down
   int64_t window = -1;
-  bool int8 = false;  // kc / vc are int8 (kv_int8.h layout), else float32
+  bool int8 = false;  // kc / vc are an 8-bit cache (kv_int8.h layout), else float32
+  bool fp8 = false;   // ... whose codes are e4m3fn (kv_int8.h quant_row_fp8), else int8
+
+  int8_t* kbytes() const { return static_cast<int8_t*>(kc.data_ptr()); }
+  int8_t* vbytes() const { return static_cast<int8_t*>(vc.data_ptr()); }
 };
 
 // Per-thread scratch.
@@ -262,21 +266,23 @@ class DecodeStep {
       L.vc = t[5];
       L.ks = t[6];
       L.vs = t[7];
-      L.int8 = L.kc.scalar_type() == at::kChar;
+      L.fp8 = L.kc.scalar_type() == at::kFloat8_e4m3fn;
+      L.int8 = L.fp8 || L.kc.scalar_type() == at::kChar;
       for (const at::Tensor* c : {&L.kc, &L.vc}) {
-        TORCH_CHECK(c->device().is_cpu() && c->scalar_type() == (L.int8 ? at::kChar : at::kFloat) &&
+        TORCH_CHECK(c->device().is_cpu() && c->scalar_type() == (L.int8 ? L.kc.scalar_type() : at::kFloat) &&
                         c->is_contiguous() && c->dim() == 4 && c->size(2) == Hk_ && c->size(3) == D_,
-                    "k/v cache must be a contiguous float32 or int8 [num_blocks, block_size, num_kv_heads, head_dim] "
-                    "tensor (k and v of one type)");
+                    "k/v cache must be a contiguous float32, int8 or float8_e4m3fn [num_blocks, block_size, "
+                    "num_kv_heads, head_dim] tensor (k and v of one type)");
       }
       TORCH_CHECK(L.kc.sizes() == L.vc.sizes(), "k and v caches must have one shape");
-      TORCH_CHECK(layers_.empty() || (L.kc.sizes() == layers_[0].kc.sizes() && L.int8 == layers_[0].int8),
+      TORCH_CHECK(layers_.empty() ||
+                      (L.kc.sizes() == layers_[0].kc.sizes() && L.kc.scalar_type() == layers_[0].kc.scalar_type()),
                   "all layers' caches must have one shape and element type");
       if (L.int8) {
         for (const at::Tensor* c : {&L.ks, &L.vs})
           TORCH_CHECK(c->device().is_cpu() && c->scalar_type() == at::kFloat && c->is_contiguous() && c->dim() == 3 &&
                           c->size(0) == L.kc.size(0) && c->size(1) == L.kc.size(1) && c->size(2) == Hk_,
-                      "an int8 k/v cache needs contiguous float32 [num_blocks, block_size, num_kv_heads] scales");
+                      "an 8-bit k/v cache needs contiguous float32 [num_blocks, block_size, num_kv_heads] scales");
       } else {
         TORCH_CHECK(!defined(L.ks) && !defined(L.vs), "a float32 k/v cache takes no scales (pass empty tensors)");
       }
@@ -737,8 +743,8 @@ class DecodeStep {
   void attend_int8(const Layer& L, int64_t li, const int32_t* tk, int64_t M, int64_t G, int64_t QKV, int64_t half,
                    const int64_t* pos, const int64_t* slot, const int32_t* bt, const int32_t* cl, int64_t MB, int64_t BS, float* qkv,
                    float* att, const float* cs, float eps, bool write, std::atomic<int64_t>& c, ThreadScratch& ts) {
-    int8_t* kc = L.kc.data_ptr<int8_t>();
-    int8_t* vc = L.vc.data_ptr<int8_t>();
+    int8_t* kc = L.kbytes();
+    int8_t* vc = L.vbytes();
     float* ks = L.ks.data_ptr<float>();
     float* vs = L.vs.data_ptr<float>();
     const float* qn = fptr(L.qn);
@@ -751,14 +757,14 @@ class DecodeStep {
       if (write) {
         const float* k = norm_rope_group(qkv, QKV, b, kvh, G, half, qn, kn, cs + pos[b] * D_, eps);
         const int64_t row = slot[b] * Hk_ + kvh;
-        llmopt_kv8::quant_row(k, D_, kc + row * D_, ks + row);
-        llmopt_kv8::quant_row(qkv + b * QKV + (Hq_ + Hk_ + kvh) * D_, D_, vc + row * D_, vs + row);
+        llmopt_kv8::quant_row_as(L.fp8, k, D_, kc + row * D_, ks + row);
+        llmopt_kv8::quant_row_as(L.fp8, qkv + b * QKV + (Hq_ + Hk_ + kvh) * D_, D_, vc + row * D_, vs + row);
         summarize_key_row(L, li, slot[b], BS, kvh, ts);  // Quest: the row as attention reads it back
       }
       const int64_t Lc = cl[b];
       const int64_t start = L.window > 0 ? std::max<int64_t>(0, Lc - L.window) : 0;
       scale_queries(qkv, QKV, b, kvh, G, ts);
-      const llmopt_kv8::PagedKV8 kv{kc + kvh * D_, vc + kvh * D_, ks + kvh, vs + kvh, bt + b * MB, BS, Hk_};
+      const llmopt_kv8::PagedKV8 kv{kc + kvh * D_, vc + kvh * D_, ks + kvh, vs + kvh, bt + b * MB, BS, Hk_, L.fp8};
       if (!quest_attend(L, li, tk, b, kvh, G, bt + b * MB, BS, Lc, nullptr, &kv, ts))
         llmopt_kv8::attend_range(ts.qs.data(), G, D_, kv, start, Lc, ts.m.data(), ts.l.data(), ts.acc.data(),
                                  ts.sc.data(), ts.kf.data(), ts.vf.data(), ts.kfrow.data(), ts.vfrow.data());
@@ -783,8 +789,8 @@ class DecodeStep {
       const int64_t kvh = hh - Hq_, row = slot[r] * Hk_ + kvh;
       const float* vv = qkv + r * QKV + (Hq_ + Hk_ + kvh) * D_;
       if (L.int8) {
-        llmopt_kv8::quant_row(v, D_, L.kc.data_ptr<int8_t>() + row * D_, L.ks.data_ptr<float>() + row);
-        llmopt_kv8::quant_row(vv, D_, L.vc.data_ptr<int8_t>() + row * D_, L.vs.data_ptr<float>() + row);
+        llmopt_kv8::quant_row_as(L.fp8, v, D_, L.kbytes() + row * D_, L.ks.data_ptr<float>() + row);
+        llmopt_kv8::quant_row_as(L.fp8, vv, D_, L.vbytes() + row * D_, L.vs.data_ptr<float>() + row);
       } else {
         std::copy(v, v + D_, L.kc.data_ptr<float>() + row * D_);
         std::copy(vv, vv + D_, L.vc.data_ptr<float>() + row * D_);
@@ -827,7 +833,7 @@ class DecodeStep {
     const int64_t row = s * Hk_ + kvh;
     if (L.int8) {
       ts.qrow.resize(D_);
-      llmopt_kv8::dequant_row(ts.qrow.data(), L.kc.data_ptr<int8_t>() + row * D_, L.ks.data_ptr<float>()[row], D_);
+      llmopt_kv8::dequant_row_as(L.fp8, ts.qrow.data(), L.kbytes() + row * D_, L.ks.data_ptr<float>()[row], D_);
       quest_summarize(li, s, BS, kvh, ts.qrow.data());
     } else {
       quest_summarize(li, s, BS, kvh, L.kc.data_ptr<float>() + row * D_);

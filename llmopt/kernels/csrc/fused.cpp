@@ -254,14 +254,13 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
       const int64_t kvh = (item / S) % Hk;
       const int64_t split = item % S;
       const int64_t b = first[grp], rows = first[grp + 1] - b;
-      if (rows > 1) {  // a prefill group (S == 1): rows b .. b + rows - 1 walk the tiles together
-        for (int64_t r = 0; r < rows; ++r) {
-          ends[r] = cl[b + r];
-          for (int64_t g = 0; g < G; ++g) {
-            const float* src = qp + ((b + r) * Hq + kvh * G + g) * D;
-            for (int64_t d = 0; d < D; ++d) qs[(r * G + g) * D + d] = src[d] * fscale;
-          }
+      for (int64_t r = 0; r < rows; ++r)  // the kv head's G query heads of rows b .. b + rows - 1, scaled
+        for (int64_t g = 0; g < G; ++g) {
+          const float* src = qp + ((b + r) * Hq + kvh * G + g) * D;
+          for (int64_t d = 0; d < D; ++d) qs[(r * G + g) * D + d] = src[d] * fscale;
         }
+      if (S == 1) {  // rows b .. b + rows - 1 (a prefill group, or one row) walk the tiles together
+        for (int64_t r = 0; r < rows; ++r) ends[r] = cl[b + r];
         const int64_t L0 = ends[0];
         const int64_t start = sliding_window > 0 ? std::max<int64_t>(0, L0 - sliding_window) : 0;
         const PagedKV kv{kp + kvh * ks2, vp + kvh * vs2, ks0, ks1, vs0, vs1, bt + (b + rows - 1) * MB, BS};
@@ -278,32 +277,17 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
           }
         continue;
       }
+      // one row's token split: its partial (m, l, acc), merged below
       const int64_t L = cl[b];
       const int64_t start = sliding_window > 0 ? std::max<int64_t>(0, L - sliding_window) : 0;
       const int64_t chunk = (L - start + S - 1) / S;
       const int64_t t0 = start + split * chunk;
       const int64_t t1 = std::min(L, t0 + chunk);
-
-      for (int64_t g = 0; g < G; ++g) {
-        const float* src = qp + (b * Hq + kvh * G + g) * D;
-        for (int64_t d = 0; d < D; ++d) qs[g * D + d] = src[d] * fscale;
-      }
       const PagedKV kv{kp + kvh * ks2, vp + kvh * vs2, ks0, ks1, vs0, vs1, bt + b * MB, BS};
       attend_range(qs.data(), G, D, kv, t0, t1, m.data(), l.data(), acc.data(), sc.data(), krow.data(), vrow.data());
-
-      if (S == 1) {
-        for (int64_t g = 0; g < G; ++g) {
-          float* dst = op + (b * Hq + kvh * G + g) * D;
-          if (l[g] > 0.0f) {
-            std::copy(acc.begin() + g * D, acc.begin() + (g + 1) * D, dst);
-            scale_inplace(dst, D, 1.0f / l[g]);
-          }
-        }
-      } else {
-        std::copy(m.begin(), m.end(), part_m.begin() + item * G);
-        std::copy(l.begin(), l.end(), part_l.begin() + item * G);
-        std::copy(acc.begin(), acc.end(), part_acc.begin() + item * G * D);
-      }
+      std::copy(m.begin(), m.end(), part_m.begin() + item * G);
+      std::copy(l.begin(), l.end(), part_l.begin() + item * G);
+      std::copy(acc.begin(), acc.end(), part_acc.begin() + item * G * D);
     }
   }
 

@@ -320,36 +320,21 @@ inline void attend_tile(const float* qs, int64_t G, int64_t D, const float* cons
   for (int64_t g = 0; g < G; ++g) accumulate_pv(acc + g * D, sc + g * kTile, vrow, n, D);
 }
 
-// Online-softmax attention of the G query heads qs [G, D] (already multiplied by the softmax
-// scale) over tokens [t0, t1) in tiles of kTile tokens: fill(i, t) makes krow[i] / vrow[i] token t's
-// K / V rows (points them into a float cache, or dequantizes an int8 cache's rows into the buffers
-// they point at), then attend_tile runs on the tile. On return m[g] is the running max, l[g] the sum
-// of exp(s - m) and acc[g, :] the unnormalized sum of exp(s - m) * v (m = -inf, l = 0, acc = 0 for an
-// empty range). Scratch: sc [G * kTile], krow / vrow [kTile]. The float attend_range below and the
-// int8 one (kv_int8.h) are this with their fill.
-template <class Fill>
-inline void attend_tiles(const float* qs, int64_t G, int64_t D, int64_t t0, int64_t t1, float* m, float* l, float* acc,
-                         float* sc, const float* const* krow, const float* const* vrow, Fill&& fill) {
-  std::fill(acc, acc + G * D, 0.0f);
-  std::fill(m, m + G, -std::numeric_limits<float>::infinity());
-  std::fill(l, l + G, 0.0f);
-  for (int64_t tile = t0; tile < t1; tile += kTile) {
-    const int64_t n = std::min(kTile, t1 - tile);
-    for (int64_t i = 0; i < n; ++i) fill(i, tile + i);
-    attend_tile(qs, G, D, krow, vrow, n, m, l, acc, sc);
-  }
-}
-
-// attend_tiles for R query rows of one sequence that share a block table and a window start t0 and
-// end at t1[0] <= t1[1] <= ... <= t1[R-1] (consecutive prefill rows: t1[r] = t1[0] + r): qs [R, G, D],
-// m / l [R, G], acc [R, G, D] hold the R rows' G heads in order. Each tile's K/V rows are filled once
-// (up to the longest row's end) and used by every row, and each row gets exactly the steps
-// attend_tiles gives it alone: the same tile grid from t0 and, per tile, attend_tile over its own
-// count n_r = min(kTile, t1[r] - tile) (a row whose context ends inside the tile sees the same
-// -inf padding; rows past their end skip the tile). attend_tile's arithmetic for one head depends
-// only on n, not on which or how many other heads share the call, so rows with the same n_r (a run
-// of rows, as t1 is sorted; every row on a full tile) share one call. Scratch: sc [R * G * kTile],
-// krow / vrow [kTile].
+// Online-softmax attention of R query rows of one sequence that share a block table and a window
+// start t0 and end at t1[0] <= t1[1] <= ... <= t1[R-1] (consecutive prefill rows: t1[r] = t1[0] + r;
+// one decode row: R = 1), G query heads each: qs [R, G, D] (already multiplied by the softmax scale),
+// m / l [R, G], acc [R, G, D] hold the R rows' G heads in order. Tokens are walked in tiles of kTile
+// from t0: fill(i, t) makes krow[i] / vrow[i] token t's K / V rows (points them into a float cache,
+// or dequantizes an int8 cache's rows into the buffers they point at), once per tile up to the
+// longest row's end, for every row; then each row gets attend_tile over its own count
+// n_r = min(kTile, t1[r] - tile) (a row whose context ends inside the tile sees the same -inf
+// padding; rows past their end skip the tile), so every row's steps are those it gets alone
+// (R = 1). attend_tile's arithmetic for one head depends only on n, not on which or how many other
+// heads share the call, so rows with the same n_r (a run of rows, as t1 is sorted; every row on a
+// full tile) share one call. On return m is the running max, l the sum of exp(s - m) and acc the
+// unnormalized sum of exp(s - m) * v (m = -inf, l = 0, acc = 0 for an empty range). Scratch:
+// sc [R * G * kTile], krow / vrow [kTile]. The float attend_range_rows below and the int8 one
+// (kv_int8.h) are this with their fill.
 template <class Fill>
 inline void attend_tiles_rows(const float* qs, int64_t R, int64_t G, int64_t D, int64_t t0, const int64_t* t1,
                               float* m, float* l, float* acc, float* sc, const float* const* krow,
@@ -399,17 +384,8 @@ inline std::vector<int64_t> group_rows_of(const int32_t* bt, const int32_t* cl, 
   return first;
 }
 
-// attend_tiles over a float paged cache: krow / vrow point straight at the cache's rows.
-inline void attend_range(const float* qs, int64_t G, int64_t D, const PagedKV& kv, int64_t t0, int64_t t1,
-                         float* m, float* l, float* acc, float* sc, const float** krow, const float** vrow) {
-  attend_tiles(qs, G, D, t0, t1, m, l, acc, sc, krow, vrow, [&](int64_t i, int64_t t) {
-    const int64_t blk = kv.bt[t / kv.BS], slot = t % kv.BS;
-    krow[i] = kv.k + blk * kv.ks0 + slot * kv.ks1;
-    vrow[i] = kv.v + blk * kv.vs0 + slot * kv.vs1;
-  });
-}
-
-// attend_tiles_rows over a float paged cache (kv.bt: a block table valid up to t1[R-1]).
+// attend_tiles_rows over a float paged cache (kv.bt: a block table valid up to t1[R-1]): krow / vrow
+// point straight at the cache's rows.
 inline void attend_range_rows(const float* qs, int64_t R, int64_t G, int64_t D, const PagedKV& kv, int64_t t0,
                               const int64_t* t1, float* m, float* l, float* acc, float* sc, const float** krow,
                               const float** vrow) {
@@ -418,6 +394,12 @@ inline void attend_range_rows(const float* qs, int64_t R, int64_t G, int64_t D, 
     krow[i] = kv.k + blk * kv.ks0 + slot * kv.ks1;
     vrow[i] = kv.v + blk * kv.vs0 + slot * kv.vs1;
   });
+}
+
+// attend_range_rows for one row over tokens [t0, t1) (qs [G, D], m / l [G], acc [G, D]).
+inline void attend_range(const float* qs, int64_t G, int64_t D, const PagedKV& kv, int64_t t0, int64_t t1,
+                         float* m, float* l, float* acc, float* sc, const float** krow, const float** vrow) {
+  attend_range_rows(qs, 1, G, D, kv, t0, &t1, m, l, acc, sc, krow, vrow);
 }
 
 // Flash-decoding merge of S token splits for one (sequence, kv head) pair bh and query head g:

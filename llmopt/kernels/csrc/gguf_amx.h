@@ -12,9 +12,10 @@
 // row count and any mix of the two (full 16-row tiles here, the rest on tile_a8) agree bit for bit.
 //
 // B tiles (the weights): the "VNNI layout" AMX wants (S / 4 rows of 64 bytes, lane c of row kk = 4
-// codes of column c) is what tile_a8 builds in registers: a lane-major type's low nibbles (with
-// the high bits merged) for k = 8 g + (0, 2, 4, 6) and 8 g + (1, 3, 5, 7), matching the
-// activations' per-8 permutation (gguf_linear.cpp: quant_row_a8), or Q8_0's 4 consecutive codes.
+// codes of column c) is what tile_a8 builds in registers, by the same helpers (gguf_kernels.h
+// a8_codes4 / a8_codes8): a lane-major type's low nibbles (with the high bits merged) for
+// k = 8 g + (0, 2, 4, 6) and 8 g + (1, 3, 5, 7), matching the activations' per-8 permutation
+// (gguf_linear.cpp: quant_row_a8), or Q8_0's 4 consecutive codes.
 // They are unpacked once per call and group of up to 4 panels into a per-thread buffer (16 bytes
 // per weight: L2-resident for K up to ~16k), then every 16-row tile reuses them. Per row tile the
 // accumulators stay in registers over all of K, and the tile unit computes sub-block j while the
@@ -93,16 +94,11 @@ inline void amx_unpack_panel(const uint8_t* pan, int64_t nblk, uint8_t* out) {
       uint8_t* o = out + (b * T::NS + s) * kAmxSubBytes<T>;
       if constexpr (T::L == 4) {
         I hv = V::izero();
-        if constexpr (T::H > 0) hv = V::ld(blk + T::OFF_HIGH + 64 * s);
+        if constexpr (T::H > 0) hv = a8_high<T>(blk, s);
         static_for<0, T::S / 8>([&](auto gc) {
           constexpr int gg = decltype(gc)::value;
-          const int kb = s * T::S + 8 * gg;
-          const I t = V::ld(blk + T::OFF_LOW + 8 * kb);
-          I lo = V::and8(t, 0x0F), hi = V::and8(V::srl16_4(t), 0x0F);
-          if constexpr (T::H > 0) {
-            lo = V::template or_hbits<T::H, 2 * gg>(lo, hv);
-            hi = V::template or_hbits<T::H, 2 * gg + 1>(hi, hv);
-          }
+          I lo, hi;
+          a8_codes4<T, gg>(blk, s, hv, lo, hi);
           if constexpr (T::OFF != 0) {  // q - OFF as signed bytes: the tile sums isum - OFF * xs directly
             lo = _mm512_sub_epi8(lo, _mm512_set1_epi8((char)T::OFF));
             hi = _mm512_sub_epi8(hi, _mm512_set1_epi8((char)T::OFF));
@@ -112,7 +108,7 @@ inline void amx_unpack_panel(const uint8_t* pan, int64_t nblk, uint8_t* out) {
         });
       } else {
         static_assert(T::L == 8 && T::S == 32);
-        for (int g = 0; g < 32; g += 4) _mm512_storeu_si512((void*)(o + 16 * g), V::t4x16(blk + T::OFF_LOW + 16 * (s * 32 + g)));
+        for (int g = 0; g < 32; g += 4) _mm512_storeu_si512((void*)(o + 16 * g), a8_codes8<T>(blk, s, g));
       }
     }
   }
@@ -140,16 +136,10 @@ template <class T>
 inline void amx_row_consts(const A8Row* rows, int64_t nblk, AmxRowConst* rc) {
   for (int64_t j = 0; j < nblk * T::NS; ++j) {
     const int64_t k0 = (j / T::NS) * T::QB + (j % T::NS) * T::S;
-    const int64_t sb = k0 / 32;
     for (int r = 0; r < AMX_M; ++r) {
-      const float dx = rows[r].dx[sb];
-      int32_t xs = rows[r].xs[sb];
-      if constexpr (T::S == 16) {
-        const int32_t first = sum16_i8(rows[r].xq + sb * 32);
-        xs = (k0 % 32 == 0) ? first : xs - first;
-      }
+      const float dx = rows[r].dx[k0 / 32];
       rc[j].dx[r] = dx;
-      rc[j].dxs[r] = dx * float(xs);
+      rc[j].dxs[r] = dx * float(a8_xs<T>(rows[r], k0));
     }
   }
 }

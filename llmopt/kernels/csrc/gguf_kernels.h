@@ -523,6 +523,51 @@ struct A8Row {
   const int32_t* xs;
 };
 
+// The int8 mode's weight operands, as tile_a8's dot products take them and gguf_amx.h's B tiles
+// store them (one lane = 4 code bytes of one column):
+// a lane-major type's high lanes of sub-block s (32 / H k = T::S: one 32-bit lane per column)
+template <class T>
+GGUF_INLINE I a8_high(const uint8_t* blk, int s) {
+  static_assert(T::LM && T::H > 0 && T::S == 32 / T::H);
+  return V::ld(blk + T::OFF_HIGH + 64 * s);
+}
+
+// a lane-major type's codes of k = 8 gg .. 8 gg + 7 of sub-block s (gg < S / 8): lane c of lo = the
+// column's codes of k = 0, 2, 4, 6 of the group, of hi k = 1, 3, 5, 7 (the activations' per-8
+// permutation), with the high bits of hv (a8_high; unread if T::H == 0) merged: bits H (2 gg + h) ..
+// of byte i of hv are the high bits of k = 8 gg + 2 i + h
+template <class T, int gg>
+GGUF_INLINE void a8_codes4(const uint8_t* blk, int s, const I& hv, I& lo, I& hi) {
+  static_assert(T::LM);
+  const I t = V::ld(blk + T::OFF_LOW + 8 * (s * T::S + 8 * gg));  // lane c: the column's 4 code bytes
+  lo = V::and8(t, 0x0F);
+  hi = V::and8(V::srl16_4(t), 0x0F);
+  if constexpr (T::H > 0) {
+    lo = V::template or_hbits<T::H, 2 * gg>(lo, hv);
+    hi = V::template or_hbits<T::H, 2 * gg + 1>(hi, hv);
+  }
+}
+
+// Q8_0's codes of k = g .. g + 3 of sub-block s (g % 4 == 0): lane c = the column's 4 int8 codes
+template <class T>
+GGUF_INLINE I a8_codes8(const uint8_t* blk, int s, int g) {
+  static_assert(T::L == 8 && T::S == 32);
+  return V::t4x16(blk + T::OFF_LOW + 16 * (s * 32 + g));
+}
+
+// sum of one row's activations over the sub-block at k0 (16-wide sub-blocks: the first or second
+// half of the 32 of xs; the halves' sums do not depend on the per-8 permutation)
+template <class T>
+GGUF_INLINE int32_t a8_xs(const A8Row& row, int64_t k0) {
+  const int64_t sb = k0 / 32;
+  if constexpr (T::S == 16) {
+    const int32_t first = sum16_i8(row.xq + sb * 32);
+    return (k0 % 32 == 0) ? first : row.xs[sb] - first;
+  } else {
+    return row.xs[sb];
+  }
+}
+
 template <class T, int NP, int R>
 GGUF_INLINE void tile_a8(const uint8_t* const* pan, const A8Row* rows, int64_t nblk, float* out) {
   static_assert(kA8<T>, "no int8-activation kernel for this type");
@@ -542,24 +587,14 @@ GGUF_INLINE void tile_a8(const uint8_t* const* pan, const A8Row* rows, int64_t n
         for (int r = 0; r < R; ++r) is[p][r] = V::izero();
       if constexpr (T::L == 4) {
         static_assert(T::LM);
-        I hv[NP];  // the sub-block's high lanes (32 / H k = T::S: one 32-bit lane per column)
-        if constexpr (T::H > 0) {
-          static_assert(T::LM && T::S == 32 / T::H);
-          for (int p = 0; p < NP; ++p) hv[p] = V::ld(blk[p] + T::OFF_HIGH + 64 * s);
-        }
+        I hv[NP];  // the sub-block's high lanes
+        if constexpr (T::H > 0)
+          for (int p = 0; p < NP; ++p) hv[p] = a8_high<T>(blk[p], s);
         static_for<0, T::S / 8>([&](auto gc) {  // 8 k = 4 code bytes per column
           constexpr int gg = decltype(gc)::value;
           const int kb = s * T::S + 8 * gg;  // k in the block
           I lo[NP], hi[NP];
-          for (int p = 0; p < NP; ++p) {
-            const I t = V::ld(blk[p] + T::OFF_LOW + 8 * kb);  // lane c: the column's 4 code bytes
-            lo[p] = V::and8(t, 0x0F);  // k = 0, 2, 4, 6 of the group
-            hi[p] = V::and8(V::srl16_4(t), 0x0F);  // k = 1, 3, 5, 7
-            if constexpr (T::H > 0) {  // bits H (2 gg + h) .. of byte i = high bits of k = 8 gg + 2 i + h
-              lo[p] = V::template or_hbits<T::H, 2 * gg>(lo[p], hv[p]);
-              hi[p] = V::template or_hbits<T::H, 2 * gg + 1>(hi[p], hv[p]);
-            }
-          }
+          for (int p = 0; p < NP; ++p) a8_codes4<T, gg>(blk[p], s, hv[p], lo[p], hi[p]);
           for (int r = 0; r < R; ++r) {
             const int8_t* xg = rows[r].xq + b * T::QB + kb;
             int32_t x0, x1;
@@ -572,7 +607,7 @@ GGUF_INLINE void tile_a8(const uint8_t* const* pan, const A8Row* rows, int64_t n
       } else {
         for (int g = 0; g < 32; g += 4) {  // 4 k = 4 code bytes per column
           I w[NP];
-          for (int p = 0; p < NP; ++p) w[p] = V::t4x16(blk[p] + T::OFF_LOW + 16 * (s * 32 + g));
+          for (int p = 0; p < NP; ++p) w[p] = a8_codes8<T>(blk[p], s, g);
           for (int r = 0; r < R; ++r) {
             int32_t x0;
             std::memcpy(&x0, rows[r].xq + sb * 32 + g, 4);
@@ -581,14 +616,8 @@ GGUF_INLINE void tile_a8(const uint8_t* const* pan, const A8Row* rows, int64_t n
           }
         }
       }
-      int32_t xs[R];  // sum of the sub-block's activations (16-wide: the first or second half of the 32)
-      for (int r = 0; r < R; ++r) {
-        xs[r] = rows[r].xs[sb];
-        if constexpr (T::S == 16) {
-          const int32_t first = sum16_i8(rows[r].xq + sb * 32);  // (permuted within 8s: same sum)
-          xs[r] = (k0 % 32 == 0) ? first : xs[r] - first;
-        }
-      }
+      int32_t xs[R];  // sum of the sub-block's activations
+      for (int r = 0; r < R; ++r) xs[r] = a8_xs<T>(rows[r], k0);
       for (int p = 0; p < NP; ++p) {
         F A, Bm;
         params_a8<T>(blk[p], s, A, Bm);

@@ -470,6 +470,8 @@ void amx_panels(const Job& J, const A8Row* rows, int64_t mt, int64_t p0, int64_t
   thread_local std::vector<int32_t> zxs, cbuf;
   thread_local std::vector<A8Row> trows;
   thread_local std::vector<AmxRowConst> rconst;
+  thread_local std::vector<const int8_t*> abase;
+  thread_local std::vector<int64_t> lda;
   const int64_t K = J.K, nsb = K / 32, ntiles = (mt + AMX_M - 1) / AMX_M;
   const int64_t bstride = J.nblk * T::NS * kAmxSubBytes<T>;
   if ((int64_t)bbuf.size() < AMX_NP * bstride) bbuf.resize(AMX_NP * bstride);
@@ -479,8 +481,8 @@ void amx_panels(const Job& J, const A8Row* rows, int64_t mt, int64_t p0, int64_t
   cbuf.resize(2 * AMX_M * LANES);
   trows.resize(ntiles * AMX_M);
   // A operands: a tile's 16 rows read in place when equally spaced (the callers' layout), else staged
-  std::vector<const int8_t*> abase(ntiles);
-  std::vector<int64_t> lda(ntiles);
+  abase.resize(ntiles);
+  lda.resize(ntiles);
   for (int64_t t = 0; t < ntiles; ++t) {
     const int64_t r0 = t * AMX_M, cnt = std::min<int64_t>(AMX_M, mt - r0);
     bool even = cnt == AMX_M;
@@ -767,14 +769,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "whether this build runs the int8 mode on AMX tiles here (built for AMX and the OS granted the tile state)");
   m.def(
       "_set_amx_min_rows",
-      [](int64_t r) {
+      [](int64_t r) -> int64_t {
 #if defined(LLMOPT_GGUF_AMX)
+        const int64_t old = g_amx_min_rows;
         g_amx_min_rows = r;
+        return old;
 #else
         (void)r;
+        return 0;
 #endif
       },
-      "rows from which the int8 mode takes AMX tiles (<= 0: never; default 12; results do not depend on it)");
+      "rows from which the int8 mode takes AMX tiles (<= 0: never; default 12; results do not depend on it); "
+      "returns the previous value (0 in a build without AMX)");
   m.def("_set_buf_pack_in_caller", [](int64_t v) { g_buf_pack_in_caller = (int)v; },
         "1: the fp32 prompt path's activations are packed by the calling thread before the threads start; 0 "
         "(default): by the threads as they reach each row block (results do not depend on it)");

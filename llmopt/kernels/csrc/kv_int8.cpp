@@ -1,4 +1,4 @@
-// Paged decode attention over an int8 KV cache (AVX2/FMA + OpenMP).
+// Paged decode attention over an 8-bit KV cache, int8 or fp8 e4m3fn codes (AVX2/FMA/F16C + OpenMP).
 //
 // Cache layout (llmopt/kernels/kv_quant.py): k, v int8 [num_blocks, block_size, Hk, D]; k_scale, v_scale
 // float32 [num_blocks, block_size, Hk] (symmetric, one scale per token and kv head: x ~= q * scale).
@@ -40,9 +40,12 @@ at::Tensor paged_decode_attention_int8(const at::Tensor& q, const at::Tensor& k_
                                        int64_t sliding_window, int64_t group_rows) {
   TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat && q.dim() == 3 && q.is_contiguous(),
               "q must be a contiguous CPU float32 [B, Hq, D] tensor");
+  const bool fp8 = k_cache.scalar_type() == at::kFloat8_e4m3fn;
   for (const at::Tensor* t : {&k_cache, &v_cache})
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kChar && t->dim() == 4 && t->is_contiguous(),
-                "k_cache / v_cache must be contiguous CPU int8 [num_blocks, block_size, Hk, D] tensors");
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == (fp8 ? at::kFloat8_e4m3fn : at::kChar) && t->dim() == 4 &&
+                    t->is_contiguous(),
+                "k_cache / v_cache must be contiguous CPU int8 or float8_e4m3fn [num_blocks, block_size, Hk, D] "
+                "tensors of one dtype");
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache must have the same shape");
   check_kv_scales(k_scale, v_scale, k_cache);
   const PagedShape ps = check_paged(q, k_cache, block_tables, context_lens, sliding_window);
@@ -52,8 +55,8 @@ at::Tensor paged_decode_attention_int8(const at::Tensor& q, const at::Tensor& k_
   auto out = at::zeros({B, Hq, D}, q.options());
   if (B == 0 || Hq == 0 || D == 0) return out;
   const float* qp = q.data_ptr<float>();
-  const int8_t* kp = k_cache.data_ptr<int8_t>();
-  const int8_t* vp = v_cache.data_ptr<int8_t>();
+  const int8_t* kp = static_cast<const int8_t*>(k_cache.data_ptr());  // int8 or e4m3fn bytes
+  const int8_t* vp = static_cast<const int8_t*>(v_cache.data_ptr());
   const float* ksp = k_scale.data_ptr<float>();
   const float* vsp = v_scale.data_ptr<float>();
   float* op = out.data_ptr<float>();
@@ -81,57 +84,42 @@ at::Tensor paged_decode_attention_int8(const at::Tensor& q, const at::Tensor& k_
       const int64_t b = first[grp], rows = first[grp + 1] - b;
       const int64_t L = cl[b];
       const int64_t start = sliding_window > 0 ? std::max<int64_t>(0, L - sliding_window) : 0;
-      if (rows > 1) {
-        for (int64_t r = 0; r < rows; ++r) {
-          ends[r] = cl[b + r];
-          for (int64_t g = 0; g < G; ++g) {
-            const float* src = qp + ((b + r) * Hq + h * G + g) * D;
-            for (int64_t d = 0; d < D; ++d) qs[(r * G + g) * D + d] = src[d] * fscale;
-          }
+      for (int64_t r = 0; r < rows; ++r) {  // rows b .. b + rows - 1 (a prefill group, or one row)
+        ends[r] = cl[b + r];
+        for (int64_t g = 0; g < G; ++g) {
+          const float* src = qp + ((b + r) * Hq + h * G + g) * D;
+          for (int64_t d = 0; d < D; ++d) qs[(r * G + g) * D + d] = src[d] * fscale;
         }
-        const llmopt_kv8::PagedKV8 kv{kp + h * D, vp + h * D, ksp + h, vsp + h, bt + (b + rows - 1) * MB, BS, Hk};
-        llmopt_kv8::attend_range_rows(qs.data(), rows, G, D, kv, start, ends.data(), m.data(), l.data(), acc.data(),
-                                      sc.data(), kf.data(), vf.data(), krow.data(), vrow.data());
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t g = 0; g < G; ++g) {
-            const int64_t hh = r * G + g;
-            if (l[hh] <= 0.0f) continue;
-            float* dst = op + ((b + r) * Hq + h * G + g) * D;
-            const float inv = 1.0f / l[hh];
-            for (int64_t d = 0; d < D; ++d) dst[d] = acc[hh * D + d] * inv;
-          }
-        continue;
       }
-      for (int64_t g = 0; g < G; ++g) {
-        const float* src = qp + (b * Hq + h * G + g) * D;
-        for (int64_t d = 0; d < D; ++d) qs[g * D + d] = src[d] * fscale;
-      }
-      const llmopt_kv8::PagedKV8 kv{kp + h * D, vp + h * D, ksp + h, vsp + h, bt + b * MB, BS, Hk};
-      llmopt_kv8::attend_range(qs.data(), G, D, kv, start, L, m.data(), l.data(), acc.data(), sc.data(), kf.data(),
-                               vf.data(), krow.data(), vrow.data());
-      for (int64_t g = 0; g < G; ++g) {
-        if (l[g] <= 0.0f) continue;
-        float* dst = op + (b * Hq + h * G + g) * D;
-        const float inv = 1.0f / l[g];
-        for (int64_t d = 0; d < D; ++d) dst[d] = acc[g * D + d] * inv;
-      }
+      const llmopt_kv8::PagedKV8 kv{kp + h * D, vp + h * D, ksp + h, vsp + h, bt + (b + rows - 1) * MB, BS, Hk, fp8};
+      llmopt_kv8::attend_range_rows(qs.data(), rows, G, D, kv, start, ends.data(), m.data(), l.data(), acc.data(),
+                                    sc.data(), kf.data(), vf.data(), krow.data(), vrow.data());
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t hh = r * G + g;
+          if (l[hh] <= 0.0f) continue;
+          float* dst = op + ((b + r) * Hq + h * G + g) * D;
+          const float inv = 1.0f / l[hh];
+          for (int64_t d = 0; d < D; ++d) dst[d] = acc[hh * D + d] * inv;
+        }
     }
   }
   return out;
 }
 
-// x [T, D] float32 -> (int8 [T, D], float32 scales [T]) with the cache's row quantization
-// (kv_int8.h quant_row, what the fused decode step writes; tests hold it to kv_quant.quantize_kv)
-std::tuple<at::Tensor, at::Tensor> quantize_kv_rows(const at::Tensor& x) {
+// x [T, D] float32 -> (int8 or float8_e4m3fn [T, D], float32 scales [T]) with the cache's row
+// quantization (kv_int8.h quant_row / quant_row_fp8, what the fused decode step writes; tests hold it
+// to kv_quant.quantize_kv)
+std::tuple<at::Tensor, at::Tensor> quantize_kv_rows(const at::Tensor& x, bool fp8) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
               "x must be a contiguous CPU float32 [rows, head_dim] tensor");
   const int64_t T = x.size(0), D = x.size(1);
-  auto q = at::empty({T, D}, x.options().dtype(at::kChar));
+  auto q = at::empty({T, D}, x.options().dtype(fp8 ? at::kFloat8_e4m3fn : at::kChar));
   auto s = at::empty({T}, x.options());
   const float* xp = x.data_ptr<float>();
-  int8_t* qp = q.data_ptr<int8_t>();
+  int8_t* qp = static_cast<int8_t*>(q.data_ptr());
   float* sp = s.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t) llmopt_kv8::quant_row(xp + t * D, D, qp + t * D, sp + t);
+  for (int64_t t = 0; t < T; ++t) llmopt_kv8::quant_row_as(fp8, xp + t * D, D, qp + t * D, sp + t);
   return {q, s};
 }
 
@@ -145,6 +133,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"), py::arg("sliding_window") = -1,
         py::arg("group_rows") = 16, py::call_guard<py::gil_scoped_release>());
   m.def("quantize_kv_rows", &quantize_kv_rows,
-        "rows [T, D] -> (int8 [T, D], scales [T]): the int8 cache's quantization as the fused decode step writes it",
-        py::arg("x"), py::call_guard<py::gil_scoped_release>());
+        "rows [T, D] -> (int8 or float8_e4m3fn [T, D], scales [T]): the 8-bit cache's quantization as the fused "
+        "decode step writes it",
+        py::arg("x"), py::arg("fp8") = false, py::call_guard<py::gil_scoped_release>());
 }

@@ -4,6 +4,8 @@
 //
 // Layout (llmopt/kernels/kv_quant.py): K, V int8 [num_blocks, block_size, Hk, D]; scales float32
 // [num_blocks, block_size, Hk]; x ~= q * scale, symmetric, scale = max|x| / 127 per (token, kv head).
+// The fp8 cache has the same layout with e4m3fn codes (torch.float8_e4m3fn) in place of the int8
+// ones: x ~= e4m3(q) * scale, scale = max|x| / 448 (448: e4m3fn's largest finite value).
 #pragma once
 
 #include <immintrin.h>
@@ -11,6 +13,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "fused_kernels.h"
 
@@ -64,8 +68,83 @@ inline void dequant_row(float* dst, const int8_t* src, float s, int64_t D) {
   for (; d < D; ++d) dst[d] = static_cast<float>(src[d]) * s;
 }
 
-// An int8 paged cache seen by one (sequence, kv head): token t's K row is k + row * D and its scale
-// ks[row], row = (bt[t / BS] * BS + t % BS) * Hk (k, v, ks, vs already offset to the kv head).
+// The e4m3fn byte of f (|f| <= 448, finite): c10's float -> Float8_e4m3fn conversion (round to nearest
+// even; below 2^-6 through the float adder into the subnormal codes), so the native writes give the
+// bytes torch's .to(torch.float8_e4m3fn) gives.
+inline uint8_t e4m3_of(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  const uint32_t sign = bits & 0x80000000u;
+  bits ^= sign;
+  uint8_t r;
+  if (bits >= (1087u << 20)) {  // >= 480: no finite code (callers clamp to 448 first)
+    r = 0x7e;
+  } else if (bits < (121u << 23)) {  // below 2^-6: a subnormal code, rounded by the float adder
+    float t;
+    std::memcpy(&t, &bits, 4);
+    const uint32_t mask = 141u << 23;
+    float fm;
+    std::memcpy(&fm, &mask, 4);
+    asm("" : "+x"(fm));  // opaque (as in quant_row): the add must run in float, as c10's does
+    t = t + fm;
+    uint32_t tb;
+    std::memcpy(&tb, &t, 4);
+    r = static_cast<uint8_t>(tb - mask);
+  } else {
+    const uint32_t odd = (bits >> 20) & 1u;
+    bits += (static_cast<uint32_t>(7 - 127) << 23) + 0x7FFFFu + odd;
+    r = static_cast<uint8_t>(bits >> 20);
+  }
+  return static_cast<uint8_t>(r | (sign >> 24));
+}
+
+// q[0:D], *scale = the row x[0:D] as kv_quant.quantize_kv(x, torch.float8_e4m3fn) writes it:
+// scale = max|x| / 448 (a true division, as quant_row), inv = 1 / scale (0 when scale is 0),
+// q = e4m3(clamp(x * inv, -448, 448)).
+inline void quant_row_fp8(const float* x, int64_t D, uint8_t* q, float* scale) {
+  float amax = 0.0f;
+  for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(x[d]));
+  float div = 448.0f;
+  asm("" : "+x"(div));
+  const float s = amax / div;
+  float one = 1.0f;
+  asm("" : "+x"(one));
+  const float inv = s > 0.0f ? one / s : 0.0f;
+  *scale = s;
+  for (int64_t d = 0; d < D; ++d) q[d] = e4m3_of(std::min(448.0f, std::max(-448.0f, x[d] * inv)));
+}
+
+// dst[d] = e4m3(src[d]) * s. Each code becomes the half-precision number with the same sign, exponent
+// and mantissa bits (e4m3's exponent bias is 7, half's 15: the half is 2^-8 times the value, exactly,
+// subnormal codes included), widened by F16C and multiplied by 256 * s. The half's bits: the code in
+// the high byte of a 16-bit lane (code << 8), shifted right arithmetically by one (the sign lands in
+// bits 15 and 14, exponent and mantissa in 13..7), bit 14 and the low bits cleared.
+inline __m128i e4m3_halves(__m128i code_hi) {
+  return _mm_and_si128(_mm_srai_epi16(code_hi, 1), _mm_set1_epi16(static_cast<int16_t>(0xBF80)));
+}
+
+inline void dequant_row_fp8(float* dst, const uint8_t* src, float s, int64_t D) {
+  const __m256 vs = _mm256_set1_ps(256.0f * s);
+  const __m128i zero = _mm_setzero_si128();
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d));
+    _mm256_storeu_ps(dst + d, _mm256_mul_ps(vs, _mm256_cvtph_ps(e4m3_halves(_mm_unpacklo_epi8(zero, b)))));
+    _mm256_storeu_ps(dst + d + 8, _mm256_mul_ps(vs, _mm256_cvtph_ps(e4m3_halves(_mm_unpackhi_epi8(zero, b)))));
+  }
+  for (; d + 8 <= D; d += 8) {
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + d));
+    _mm256_storeu_ps(dst + d, _mm256_mul_ps(vs, _mm256_cvtph_ps(e4m3_halves(_mm_unpacklo_epi8(zero, b)))));
+  }
+  for (; d < D; ++d) {
+    const uint16_t h = static_cast<uint16_t>(((src[d] & 0x80) << 8) | ((src[d] & 0x7F) << 7));
+    dst[d] = _cvtsh_ss(h) * (256.0f * s);
+  }
+}
+
+// An 8-bit paged cache (int8 or e4m3fn codes) seen by one (sequence, kv head): token t's K row is
+// k + row * D and its scale ks[row], row = (bt[t / BS] * BS + t % BS) * Hk (k, v, ks, vs already
+// offset to the kv head).
 struct PagedKV8 {
   const int8_t* k;
   const int8_t* v;
@@ -73,34 +152,63 @@ struct PagedKV8 {
   const float* vs;
   const int32_t* bt;  // this sequence's block table
   int64_t BS, Hk;
+  bool fp8 = false;  // the bytes are e4m3fn codes (scale = max|x| / 448), else int8
+
+  // token t's K and V rows, dequantized into kdst / vdst [D], for the format known at compile time
+  // (FP8 == fp8; callers pick it once per call, not per row)
+  template <bool FP8>
+  void fetch_as(int64_t t, float* kdst, float* vdst, int64_t D) const;
 };
 
-// Online-softmax attention of the G query heads qs [G, D] (already multiplied by the softmax scale)
-// over tokens [t0, t1) of an int8 cache: llmopt_f::attend_tiles (the float attend_range's tile loop)
-// with each tile's K and V rows dequantized once into kf / vf [kTile, D] (L1-sized, shared by the G
-// heads). Scratch: sc [G * kTile], kf / vf [kTile * D], krow / vrow [kTile] pointing at kf / vf's
-// rows (set by the caller once).
-inline void attend_range(const float* qs, int64_t G, int64_t D, const PagedKV8& kv, int64_t t0, int64_t t1,
-                         float* m, float* l, float* acc, float* sc, float* kf, float* vf, const float* const* krow,
-                         const float* const* vrow) {
-  llmopt_f::attend_tiles(qs, G, D, t0, t1, m, l, acc, sc, krow, vrow, [&](int64_t i, int64_t t) {
-    const int64_t row = (static_cast<int64_t>(kv.bt[t / kv.BS]) * kv.BS + t % kv.BS) * kv.Hk;
-    dequant_row(kf + i * D, kv.k + row * D, kv.ks[row], D);
-    dequant_row(vf + i * D, kv.v + row * D, kv.vs[row], D);
-  });
+// The row x [D] into the cache bytes q / *scale in the cache's format (int8, or e4m3fn if fp8)
+inline void quant_row_as(bool fp8, const float* x, int64_t D, int8_t* q, float* scale) {
+  if (fp8)
+    quant_row_fp8(x, D, reinterpret_cast<uint8_t*>(q), scale);
+  else
+    quant_row(x, D, q, scale);
 }
 
-// attend_range for R rows of one sequence (llmopt_f::attend_tiles_rows): each tile's K and V rows
-// are dequantized once for all of them. kv.bt: a block table valid up to t1[R-1]. Scratch as
-// attend_range, with sc [R * G * kTile].
+// The cache bytes src [D] with scale s back to floats, in the cache's format
+inline void dequant_row_as(bool fp8, float* dst, const int8_t* src, float s, int64_t D) {
+  if (fp8)
+    dequant_row_fp8(dst, reinterpret_cast<const uint8_t*>(src), s, D);
+  else
+    dequant_row(dst, src, s, D);
+}
+
+template <bool FP8>
+inline void PagedKV8::fetch_as(int64_t t, float* kdst, float* vdst, int64_t D) const {
+  const int64_t row = (static_cast<int64_t>(bt[t / BS]) * BS + t % BS) * Hk;
+  dequant_row_as(FP8, kdst, k + row * D, ks[row], D);
+  dequant_row_as(FP8, vdst, v + row * D, vs[row], D);
+}
+
+// Online-softmax attention of R rows of one sequence over an 8-bit cache (llmopt_f::attend_tiles_rows,
+// the float attend_range_rows' tile loop) with each tile's K and V rows dequantized once into kf / vf
+// [kTile, D] (L1-sized, shared by every row and head). kv.bt: a block table valid up to t1[R-1].
+// Scratch: sc [R * G * kTile], kf / vf [kTile * D], krow / vrow [kTile] pointing at kf / vf's rows
+// (set by the caller once).
 inline void attend_range_rows(const float* qs, int64_t R, int64_t G, int64_t D, const PagedKV8& kv, int64_t t0,
                               const int64_t* t1, float* m, float* l, float* acc, float* sc, float* kf, float* vf,
                               const float* const* krow, const float* const* vrow) {
-  llmopt_f::attend_tiles_rows(qs, R, G, D, t0, t1, m, l, acc, sc, krow, vrow, [&](int64_t i, int64_t t) {
-    const int64_t row = (static_cast<int64_t>(kv.bt[t / kv.BS]) * kv.BS + t % kv.BS) * kv.Hk;
-    dequant_row(kf + i * D, kv.k + row * D, kv.ks[row], D);
-    dequant_row(vf + i * D, kv.v + row * D, kv.vs[row], D);
-  });
+  // the format is picked once per call: a branch on it per fetched row (the tile loop's fill) made a
+  // decode row 3-5% slower (16% on a 40-token context)
+  const auto walk = [&](auto fp8) {
+    llmopt_f::attend_tiles_rows(qs, R, G, D, t0, t1, m, l, acc, sc, krow, vrow, [&](int64_t i, int64_t t) {
+      kv.fetch_as<decltype(fp8)::value>(t, kf + i * D, vf + i * D, D);
+    });
+  };
+  if (kv.fp8)
+    walk(std::true_type{});
+  else
+    walk(std::false_type{});
+}
+
+// attend_range_rows for one row over tokens [t0, t1) (qs [G, D], m / l [G], acc [G, D]).
+inline void attend_range(const float* qs, int64_t G, int64_t D, const PagedKV8& kv, int64_t t0, int64_t t1,
+                         float* m, float* l, float* acc, float* sc, float* kf, float* vf, const float* const* krow,
+                         const float* const* vrow) {
+  attend_range_rows(qs, 1, G, D, kv, t0, &t1, m, l, acc, sc, kf, vf, krow, vrow);
 }
 
 }  // namespace llmopt_kv8

@@ -67,14 +67,18 @@ at::Tensor quest_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
                                   const at::Tensor& context_lens, const at::Tensor& topk, double scale) {
   TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat && q.dim() == 3 && q.is_contiguous(),
               "q must be a contiguous CPU float32 [B, Hq, D] tensor");
-  const bool int8 = k_cache.scalar_type() == at::kChar;
+  const bool fp8 = k_cache.scalar_type() == at::kFloat8_e4m3fn;
+  const bool int8 = fp8 || k_cache.scalar_type() == at::kChar;  // an 8-bit cache: int8 or e4m3fn codes
   for (const at::Tensor* t : {&k_cache, &v_cache})
-    TORCH_CHECK(t->device().is_cpu() && (t->scalar_type() == at::kFloat || t->scalar_type() == at::kChar) &&
+    TORCH_CHECK(t->device().is_cpu() &&
+                    (t->scalar_type() == at::kFloat || t->scalar_type() == at::kChar ||
+                     t->scalar_type() == at::kFloat8_e4m3fn) &&
                     t->scalar_type() == k_cache.scalar_type() && t->dim() == 4 && t->is_contiguous(),
-                "k_cache / v_cache must be contiguous CPU float32 or int8 [num_blocks, block_size, Hk, D] tensors");
+                "k_cache / v_cache must be contiguous CPU float32, int8 or float8_e4m3fn [num_blocks, block_size, Hk, "
+                "D] tensors of one dtype");
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache must have the same shape");
-  TORCH_CHECK(int8 == (k_scale.has_value() && v_scale.has_value()), "an int8 cache needs k_scale and v_scale, a float "
-              "cache takes none");
+  TORCH_CHECK(int8 == (k_scale.has_value() && v_scale.has_value()), "an 8-bit cache needs k_scale and v_scale, a "
+              "float cache takes none");
   if (int8) check_kv_scales(*k_scale, *v_scale, k_cache);
   const PagedShape ps = check_paged(q, k_cache, block_tables, context_lens, -1);
   const int64_t B = ps.B, Hq = ps.Hq, D = ps.D, BS = ps.BS, Hk = ps.Hk, MB = ps.MB, G = ps.G;
@@ -110,9 +114,10 @@ at::Tensor quest_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
         for (int64_t d = 0; d < D; ++d) qs[g * D + d] = src[d] * fscale;
       }
       if (int8) {
-        const llmopt_kv8::PagedKV8 kv{k_cache.data_ptr<int8_t>() + h * D, v_cache.data_ptr<int8_t>() + h * D,
+        const llmopt_kv8::PagedKV8 kv{static_cast<const int8_t*>(k_cache.data_ptr()) + h * D,
+                                      static_cast<const int8_t*>(v_cache.data_ptr()) + h * D,
                                       k_scale->data_ptr<float>() + h, v_scale->data_ptr<float>() + h, bt + b * MB, BS,
-                                      Hk};
+                                      Hk, fp8};
         llmopt_quest::attend_item(qs.data(), G, D, nullptr, &kv, bt + b * MB, BS, Hk, h, L, kp[b], mn, mx, scratch,
                                   m.data(), l.data(), acc.data(), sc.data());
         for (int64_t g = 0; g < G; ++g) {  // kv_int8.cpp's store

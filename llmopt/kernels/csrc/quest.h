@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "fused_kernels.h"
@@ -181,11 +182,15 @@ inline void attend_item(const float* qs, int64_t G, int64_t D, const llmopt_f::P
   } else {
     float* kf = s.kf.data();
     float* vf = s.vf.data();
-    attend_blocks(qs, G, D, s.sel.data(), ns, BS, L, m, l, acc, sc, kr, vr, [&](int64_t i, int64_t t) {
-      const int64_t row = (static_cast<int64_t>(kv8->bt[t / kv8->BS]) * kv8->BS + t % kv8->BS) * kv8->Hk;
-      llmopt_kv8::dequant_row(kf + i * D, kv8->k + row * D, kv8->ks[row], D);
-      llmopt_kv8::dequant_row(vf + i * D, kv8->v + row * D, kv8->vs[row], D);
-    });
+    const auto walk = [&](auto fp8) {  // the code format picked once per call (kv_int8.h attend_range_rows)
+      attend_blocks(qs, G, D, s.sel.data(), ns, BS, L, m, l, acc, sc, kr, vr, [&](int64_t i, int64_t t) {
+        kv8->fetch_as<decltype(fp8)::value>(t, kf + i * D, vf + i * D, D);
+      });
+    };
+    if (kv8->fp8)
+      walk(std::true_type{});
+    else
+      walk(std::false_type{});
   }
 }
 
