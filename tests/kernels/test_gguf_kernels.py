@@ -151,6 +151,34 @@ def test_rows_are_bit_identical_whatever_the_batch(paths, parallel_always, threa
                     assert torch.equal(y, alone[:m]), f"{qt.name} path={p} threads={nt} M={m} small_m={small_m}"
 
 
+@pytest.mark.parametrize("qt", TYPES, ids=IDS)
+def test_prompt_path_bits_over_partial_tiles_row_blocks_and_threads(paths, parallel_always, threads, qt):
+    """The dequantized-panel (prompt) path packs the activations once per call, per row block of
+    ~1 MiB (700 rows here: 2 or 3 blocks) and balanced row tile (12 rows on AVX-512, 6 on AVX2, so
+    these row counts end in partial tiles), shared by the threads: every row count, both thread
+    counts and both packing modes (the threads as they reach a block / the caller up front) give
+    the register tiles' bits."""
+    packed, _ = case(qt, seed=8)
+    n, k = packed.shape
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(700, k, generator=g) * torch.logspace(-2, 1, k)
+    bias = torch.randn(n, generator=g)
+    threads(1)
+    ref = G.gguf_linear(x, packed, bias, path=paths[-1], small_m=1000)  # register tiles only
+    for p in paths:
+        mod = G.native_module(p)
+        try:
+            for in_caller in (0, 1):
+                mod._set_buf_pack_in_caller(in_caller)
+                for nt in (1, 2):
+                    threads(nt)
+                    for m in (5, 11, 13, 23, 25, 37, 700):
+                        y = G.gguf_linear(x[:m], packed, bias, path=p, small_m=0)
+                        assert torch.equal(y, ref[:m]), f"{qt.name} path={p} caller={in_caller} threads={nt} M={m}"
+        finally:
+            mod._set_buf_pack_in_caller(0)
+
+
 A8_TYPES = [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K]
 
 

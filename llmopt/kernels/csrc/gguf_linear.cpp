@@ -8,8 +8,11 @@
 // gemm(x [M, K] fp32, data, type, N, K, bias) -> [M, N]:
 //   M <= small_m : register tiles (weights decoded in registers, reused by up to 4 rows), groups of
 //                  4 panels (64 columns) so the weights stay in L1/L2 across row tiles;
-//   M >  small_m : per thread, a chunk of KC k's of PP panels is dequantized to fp32 (L1/L2) once,
-//                  then every 6-row tile runs the fp32 micro-kernel on it.
+//   M >  small_m : the rows packed k-major per row tile (one sequential stream per tile; once per
+//                  call, per row block of ~XB bytes, by the threads that reach the block first, into
+//                  one buffer they share), then per thread a chunk of KC k's of PP panels is
+//                  dequantized to fp32 (L1) once and every row tile (AVX-512: 12 rows x 2 panels,
+//                  24 zmm accumulators; AVX2: 6 x 1) runs the fp32 micro-kernel on it.
 // Both keep one fma chain per output in k order (see gguf_kernels.h), so the result does not
 // depend on M, on small_m, on the thread count or on the ISA.
 // Threads: OpenMP (torch's pool size); a few contiguous column runs per thread (long sequential
@@ -29,8 +32,11 @@
 
 #include <atomic>
 #include <cmath>
+#include <memory>
 #include <stdexcept>
 #include <string>
+#include <thread>
+#include <utility>
 #include <vector>
 
 #include "gguf_kernels.h"
@@ -42,15 +48,33 @@ using namespace llmopt_gguf;
 
 #if defined(__AVX512F__)
 constexpr int NP_R1 = 4, NP_R2 = 2, NP_R4 = 2;  // panels per register tile by row count
-constexpr int PP = 2;                           // panels per micro-kernel tile
+#ifndef LLMOPT_BUF_PP
+#define LLMOPT_BUF_PP 2
+#endif
+#ifndef LLMOPT_BUF_R
+#define LLMOPT_BUF_R 12
+#endif
 #else
 constexpr int NP_R1 = 2, NP_R2 = 2, NP_R4 = 1;
-constexpr int PP = 1;
+#ifndef LLMOPT_BUF_PP
+#define LLMOPT_BUF_PP 1
 #endif
-constexpr int PG = 4;         // panels per group on the register path
-constexpr int MAX_R = 4;      // rows per register tile
-constexpr int BUF_R = 6;      // rows per micro-kernel tile
-constexpr int64_t KC = 256;   // k per dequantized chunk (a multiple of every block size)
+#ifndef LLMOPT_BUF_R
+#define LLMOPT_BUF_R 6
+#endif
+#endif
+#ifndef LLMOPT_BUF_KC
+#define LLMOPT_BUF_KC 256
+#endif
+#ifndef LLMOPT_BUF_XB
+#define LLMOPT_BUF_XB (1 << 20)
+#endif
+constexpr int PP = LLMOPT_BUF_PP;     // panels per micro-kernel tile
+constexpr int PG = 4;                 // panels per group on the register path
+constexpr int MAX_R = 4;              // rows per register tile
+constexpr int BUF_R = LLMOPT_BUF_R;   // rows per micro-kernel tile (AVX-512: 12 x 2 panels = 24 zmm accumulators)
+constexpr int64_t KC = LLMOPT_BUF_KC; // k per dequantized chunk (at least one block: max(KC, QB))
+constexpr int64_t XB = LLMOPT_BUF_XB; // bytes of packed activations per row block (L2)
 
 int64_t g_min_parallel_work = int64_t(1) << 22;  // M*N*K below this: the calling thread only
 constexpr int64_t kItemsPerThread = 2;
@@ -138,56 +162,249 @@ void run_reg(const Job& J) {
                  [&](int64_t g0, int64_t g1) { reg_panels<T>(J, g0 * PG, std::min(J.P, g1 * PG)); });
 }
 
-template <int NPP>
-void buf_rows(const Job& J, const float* const* buf, int64_t k0, int64_t kn, float* yt, int64_t ldy, bool first) {
-  const int64_t ntiles = (J.M + BUF_R - 1) / BUF_R;
+// Balanced row tiles of up to BUF_R rows over mn rows: f(m0, R) for each (the first tiles get
+// mn / ntiles rows, the last mn % ntiles tiles one more: row_tile gives tile t directly)
+template <class Fn>
+GGUF_INLINE void for_row_tiles(int64_t mn, const Fn& f) {
+  const int64_t ntiles = (mn + BUF_R - 1) / BUF_R;
   int64_t m0 = 0;
   for (int64_t t = 0; t < ntiles; ++t) {
-    const int R = (int)((J.M - m0) / (ntiles - t));
-    const float* xr[BUF_R];
-    for (int r = 0; r < R; ++r) xr[r] = J.x + (m0 + r) * J.K + k0;
-    float* yr = yt + m0 * ldy;
-    switch (R) {
-      case 1: tile_buf<1, NPP>(buf, xr, kn, yr, ldy, first); break;
-      case 2: tile_buf<2, NPP>(buf, xr, kn, yr, ldy, first); break;
-      case 3: tile_buf<3, NPP>(buf, xr, kn, yr, ldy, first); break;
-      case 4: tile_buf<4, NPP>(buf, xr, kn, yr, ldy, first); break;
-      case 5: tile_buf<5, NPP>(buf, xr, kn, yr, ldy, first); break;
-      default: tile_buf<6, NPP>(buf, xr, kn, yr, ldy, first); break;
-    }
+    const int R = (int)((mn - m0) / (ntiles - t));
+    f(m0, R);
     m0 += R;
   }
 }
 
-// panels [p0, p1), every row: PP panels at a time, dequantized KC k's at a time
-template <class T>
-void buf_panels(const Job& J, int64_t p0, int64_t p1) {
-  const int64_t bpc = KC / T::QB;  // blocks per chunk
-  std::vector<float> bufv((size_t)PP * KC * LANES + 16);
-  std::vector<float> ytv((size_t)J.M * PP * LANES + 16);
-  float* bufp = bufv.data();
-  float* yt = ytv.data();
-  for (int64_t p = p0; p < p1; p += PP) {
-    const int np = (int)std::min<int64_t>(PP, p1 - p);
-    const float* buf[PP];
-    for (int i = 0; i < PP; ++i) buf[i] = bufp + (size_t)i * KC * LANES;
-    const int64_t ldy = np * LANES;
-    for (int64_t b0 = 0; b0 < J.nblk; b0 += bpc) {
-      const int64_t b1 = std::min(J.nblk, b0 + bpc);
-      for (int i = 0; i < np; ++i) dequant_panel<T>(J.w + (p + i) * J.nblk * T::BB, b0, b1, bufp + (size_t)i * KC * LANES);
-      const int64_t kn = (b1 - b0) * T::QB;
-      if (np == PP) buf_rows<PP>(J, buf, b0 * T::QB, kn, yt, ldy, b0 == 0);
-      else buf_rows<1>(J, buf, b0 * T::QB, kn, yt, ldy, b0 == 0);
-    }
-    for (int i = 0; i < np; ++i) write_rows(J, p + i, 0, (int)J.M, yt + i * LANES, ldy);
+int64_t row_tiles(int64_t mn) { return (mn + BUF_R - 1) / BUF_R; }
+
+// tile t of for_row_tiles(mn): first row m0, R rows
+GGUF_INLINE void row_tile(int64_t mn, int64_t t, int64_t& m0, int& R) {
+  const int64_t nt = row_tiles(mn), q = mn / nt, big = nt - mn % nt;  // tiles [big, nt) have q + 1 rows
+  m0 = t * q + std::max<int64_t>(0, t - big);
+  R = (int)(q + (t >= big ? 1 : 0));
+}
+
+// ---- activations packed k-major per row tile: R rows [R][K] (stride K) -> xp [K][R] ----------
+// A copy (the bits of x), by in-register transposes of W k x W rows (W = 16 on AVX-512, 8 on AVX2;
+// R <= W: the rows >= R of the transpose are not read and their lanes not stored).
+
+#if defined(__AVX512F__)
+constexpr int PACK_W = 16;
+// c[j] = 4-row groups: rows 4g..4g+3 of columns (j, j+4, j+8, j+12) in the 128-bit lanes, j = 0..3
+GGUF_INLINE void pack_quad(const float* x, int64_t K, int rows, __m512 c[4]) {
+  __m512 r[4];
+  for (int i = 0; i < 4; ++i) r[i] = _mm512_loadu_ps(x + (i < rows ? i : 0) * K);
+  const __m512 t0 = _mm512_unpacklo_ps(r[0], r[1]), t1 = _mm512_unpackhi_ps(r[0], r[1]);
+  const __m512 t2 = _mm512_unpacklo_ps(r[2], r[3]), t3 = _mm512_unpackhi_ps(r[2], r[3]);
+  c[0] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));
+  c[1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));
+  c[2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));
+  c[3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));
+}
+
+template <int R>
+GGUF_INLINE void pack_step(const float* x, int64_t K, float* xp) {  // 16 k
+  constexpr int G = (R + 3) / 4;  // 4-row groups read
+  __m512 c[4][4];
+  for (int g = 0; g < G; ++g) pack_quad(x + 4 * g * K, K, std::min(4, R - 4 * g), c[g]);
+  for (int g = G; g < 4; ++g)
+    for (int j = 0; j < 4; ++j) c[g][j] = c[0][j];  // lanes never stored
+  constexpr __mmask16 m = (__mmask16)((1u << R) - 1);
+  for (int j = 0; j < 4; ++j) {
+    const __m512 a = _mm512_shuffle_f32x4(c[0][j], c[1][j], 0x88), b = _mm512_shuffle_f32x4(c[2][j], c[3][j], 0x88);
+    const __m512 e = _mm512_shuffle_f32x4(c[0][j], c[1][j], 0xdd), f = _mm512_shuffle_f32x4(c[2][j], c[3][j], 0xdd);
+    _mm512_mask_storeu_ps(xp + (j + 0) * R, m, _mm512_shuffle_f32x4(a, b, 0x88));
+    _mm512_mask_storeu_ps(xp + (j + 8) * R, m, _mm512_shuffle_f32x4(a, b, 0xdd));
+    _mm512_mask_storeu_ps(xp + (j + 4) * R, m, _mm512_shuffle_f32x4(e, f, 0x88));
+    _mm512_mask_storeu_ps(xp + (j + 12) * R, m, _mm512_shuffle_f32x4(e, f, 0xdd));
   }
 }
+#else
+constexpr int PACK_W = 8;
+template <int R>
+GGUF_INLINE void pack_step(const float* x, int64_t K, float* xp) {  // 8 k
+  __m256 r[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(x + (i < R ? i : 0) * K);
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i + 0] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xee);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+  }
+  alignas(32) static constexpr int32_t kMask[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+  const __m256i m = _mm256_loadu_si256((const __m256i*)(kMask + 8 - R));
+  for (int j = 0; j < 4; ++j) {
+    _mm256_maskstore_ps(xp + j * R, m, _mm256_permute2f128_ps(u[j], u[j + 4], 0x20));
+    _mm256_maskstore_ps(xp + (j + 4) * R, m, _mm256_permute2f128_ps(u[j], u[j + 4], 0x31));
+  }
+}
+#endif
+
+template <int R>
+void pack_tile(const float* x, int64_t K, float* xp) {
+  int64_t k = 0;
+  if constexpr (R <= PACK_W) {
+    for (; k + PACK_W <= K; k += PACK_W) pack_step<R>(x + k, K, xp + k * R);
+  }
+  for (; k < K; ++k)
+    for (int r = 0; r < R; ++r) xp[k * R + r] = x[r * K + k];
+}
+
+template <int... Rs>
+GGUF_INLINE void pack_tile_n(int R, const float* x, int64_t K, float* xp, std::integer_sequence<int, Rs...>) {
+  ((R == Rs + 1 ? (pack_tile<Rs + 1>(x, K, xp), 0) : 0), ...);
+}
+
+// row tile (m0, R) of x [.., K] -> xp + m0 * K, k-major ([K][R])
+void pack_row_tile(const float* x, int64_t K, int64_t m0, int R, float* xp) {
+  pack_tile_n(R, x + m0 * K, K, xp + m0 * K, std::make_integer_sequence<int, BUF_R>{});
+}
+
+template <int NPP, int... Rs>
+GGUF_INLINE void tile_buf_n(int R, const float* const* buf, const float* xp, int64_t kn, float* yt, int64_t ldy,
+                            bool first, std::integer_sequence<int, Rs...>) {
+  ((R == Rs + 1 ? (tile_buf<Rs + 1, NPP>(buf, xp, kn, yt, ldy, first), 0) : 0), ...);
+}
+
+// every row tile of the packed row block xp [mn rows], k in [k0, k0 + kn), K per row
+template <int NPP>
+void buf_rows(const float* const* buf, const float* xp, int64_t mn, int64_t K, int64_t k0, int64_t kn, float* yt,
+              int64_t ldy, bool first) {
+  for_row_tiles(mn, [&](int64_t m0, int R) {
+    tile_buf_n<NPP>(R, buf, xp + m0 * K + k0 * R, kn, yt + m0 * ldy, ldy, first, std::make_integer_sequence<int, BUF_R>{});
+  });
+}
+
+// fewer than PP panels left (the last of a range)
+template <int... Ns>
+GGUF_INLINE void buf_tail_n(int np, const float* const* buf, const float* xp, int64_t mn, int64_t K, int64_t k0,
+                            int64_t kn, float* yt, int64_t ldy, bool first, std::integer_sequence<int, Ns...>) {
+  ((np == Ns + 1 ? (buf_rows<Ns + 1>(buf, xp, mn, K, k0, kn, yt, ldy, first), 0) : 0), ...);
+}
+void buf_panels_tail(int np, const float* const* buf, const float* xp, int64_t mn, int64_t K, int64_t k0, int64_t kn,
+                     float* yt, int64_t ldy, bool first) {
+  buf_tail_n(np, buf, xp, mn, K, k0, kn, yt, ldy, first, std::make_integer_sequence<int, PP - 1>{});
+}
+
+// rows per packed row block: about XB bytes of activations, whole tiles
+int64_t row_block(int64_t M, int64_t K) {
+  const int64_t mc = std::max<int64_t>(BUF_R, XB / (int64_t)sizeof(float) / std::max<int64_t>(K, 1) / BUF_R * BUF_R);
+  const int64_t nb = (M + mc - 1) / mc;
+  return (M + nb - 1) / nb;  // balanced blocks
+}
+
+// The rows of one call packed once, shared by its threads: xp [M * K] (row block at xp + mb0 * K),
+// each row block packed when the first thread reaches it, its tiles claimed one at a time by every
+// thread that reaches it meanwhile (no barrier: a thread waits only for the tiles of that block
+// other threads are packing right then; one that arrives later finds the block packed).
+struct alignas(64) BlockPack {
+  std::atomic<int64_t> next{0};  // tiles claimed
+  char pad[64 - sizeof(std::atomic<int64_t>)];
+  std::atomic<int64_t> done{0};  // tiles packed
+};
+
+struct SharedRows {
+  float* xp = nullptr;
+  BlockPack* blocks = nullptr;
+  int64_t mc = 0;
+};
+
+// row block mb0 / mc of sr packed (packs tiles of it as long as some are unclaimed, then waits for the rest)
+void ensure_block(const Job& J, const SharedRows& sr, int64_t mb0, int64_t mn) {
+  BlockPack& b = sr.blocks[mb0 / sr.mc];
+  const int64_t nt = row_tiles(mn);
+  if (b.done.load(std::memory_order_acquire) == nt) return;
+  for (;;) {
+    const int64_t t = b.next.fetch_add(1, std::memory_order_relaxed);
+    if (t >= nt) break;
+    int64_t m0;
+    int R;
+    row_tile(mn, t, m0, R);
+    pack_row_tile(J.x + mb0 * J.K, J.K, m0, R, sr.xp + mb0 * J.K);
+    b.done.fetch_add(1, std::memory_order_release);
+  }
+  for (int spin = 0; b.done.load(std::memory_order_acquire) < nt; ++spin) {
+    if (spin < 4096) _mm_pause();
+    else std::this_thread::yield();  // the packer was preempted
+  }
+}
+
+// panels [p0, p1), every row: per row block (shared: packed once per call by the threads that
+// reach it, sr; else packed by this thread into a thread-local buffer), PP panels at a time,
+// dequantized KC k's at a time
+template <class T>
+void buf_panels(const Job& J, int64_t p0, int64_t p1, const SharedRows* sr = nullptr) {
+  constexpr int64_t kc = std::max<int64_t>(KC, T::QB);
+  const int64_t bpc = kc / T::QB;  // blocks per chunk
+  const int64_t mc = sr ? sr->mc : row_block(J.M, J.K);
+  thread_local std::vector<float> bufv, ytv, xpv;
+  if (bufv.size() < (size_t)(PP * kc * LANES + 16)) bufv.resize((size_t)PP * kc * LANES + 16);
+  if (ytv.size() < (size_t)(mc * PP * LANES + 16)) ytv.resize((size_t)mc * PP * LANES + 16);
+  if (!sr && xpv.size() < (size_t)(mc * J.K)) xpv.resize((size_t)(mc * J.K));
+  float* bufp = bufv.data();
+  float* yt = ytv.data();
+  const float* buf[PP];
+  for (int i = 0; i < PP; ++i) buf[i] = bufp + (size_t)i * kc * LANES;
+  for (int64_t mb0 = 0; mb0 < J.M; mb0 += mc) {
+    const int64_t mn = std::min(mc, J.M - mb0);
+    const float* xp;
+    if (sr) {
+      ensure_block(J, *sr, mb0, mn);
+      xp = sr->xp + mb0 * J.K;
+    } else {
+      for_row_tiles(mn, [&](int64_t m0, int R) { pack_row_tile(J.x + mb0 * J.K, J.K, m0, R, xpv.data()); });
+      xp = xpv.data();
+    }
+    for (int64_t p = p0; p < p1; p += PP) {
+      const int np = (int)std::min<int64_t>(PP, p1 - p);
+      const int64_t ldy = np * LANES;
+      for (int64_t b0 = 0; b0 < J.nblk; b0 += bpc) {
+        const int64_t b1 = std::min(J.nblk, b0 + bpc);
+        for (int i = 0; i < np; ++i) dequant_panel<T>(J.w + (p + i) * J.nblk * T::BB, b0, b1, bufp + (size_t)i * kc * LANES);
+        const int64_t kn = (b1 - b0) * T::QB, k0 = b0 * T::QB;
+        if (np == PP) buf_rows<PP>(buf, xp, mn, J.K, k0, kn, yt, ldy, b0 == 0);
+        else buf_panels_tail(np, buf, xp, mn, J.K, k0, kn, yt, ldy, b0 == 0);
+      }
+      for (int i = 0; i < np; ++i) write_rows(J, p + i, mb0, (int)mn, yt + i * LANES, ldy);
+    }
+  }
+}
+
+// 1: the caller packs every row block before the threads start (for comparison; 0, the default:
+// the threads pack each block when they first reach it, see SharedRows)
+int g_buf_pack_in_caller = 0;
 
 template <class T>
 void run_buf(const Job& J) {
   const int64_t units = (J.P + PP - 1) / PP;
+  // the calling thread's buffers (the threads of this call share them; a call runs to its end)
+  thread_local std::vector<float> xpv;
+  thread_local std::unique_ptr<BlockPack[]> blocks;
+  thread_local int64_t nblocks_cap = 0;
+  SharedRows sr;
+  sr.mc = row_block(J.M, J.K);
+  const int64_t nb = (J.M + sr.mc - 1) / sr.mc;
+  if (xpv.size() < (size_t)(J.M * J.K)) xpv.resize((size_t)(J.M * J.K));
+  if (nblocks_cap < nb) {
+    blocks.reset(new BlockPack[nb]);
+    nblocks_cap = nb;
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    blocks[b].next.store(0, std::memory_order_relaxed);
+    blocks[b].done.store(0, std::memory_order_relaxed);
+  }
+  sr.xp = xpv.data();
+  sr.blocks = blocks.get();
+  if (g_buf_pack_in_caller)
+    for (int64_t mb0 = 0; mb0 < J.M; mb0 += sr.mc) ensure_block(J, sr, mb0, std::min(sr.mc, J.M - mb0));
   parallel_units(units, J.M * J.N * J.K,
-                 [&](int64_t u0, int64_t u1) { buf_panels<T>(J, u0 * PP, std::min(J.P, u1 * PP)); });
+                 [&](int64_t u0, int64_t u1) { buf_panels<T>(J, u0 * PP, std::min(J.P, u1 * PP), &sr); });
+  if (xpv.size() > ((size_t)64 << 20) / sizeof(float)) std::vector<float>().swap(xpv);  // keep at most 64 MiB
 }
 
 // ---- int8 activations ----------------------------------------------------------------------
@@ -564,6 +781,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "rows from which the int8 mode takes AMX tiles (<= 0: never; default 12; results do not depend on it); "
       "returns the previous value (0 in a build without AMX)");
+  m.def("_set_buf_pack_in_caller", [](int64_t v) { g_buf_pack_in_caller = (int)v; },
+        "1: the fp32 prompt path's activations are packed by the calling thread before the threads start; 0 "
+        "(default): by the threads as they reach each row block (results do not depend on it)");
   m.def("_set_min_parallel_work", [](int64_t w) { g_min_parallel_work = w; },
         "M*N*K below which a call runs on the calling thread (tests use 0)");
 }
