@@ -235,3 +235,21 @@ def test_attention_mass_native_matches_the_torch_reference_and_is_batch_invarian
             alone = attention_mass(q[b:b + 1], k, ks, tables[b:b + 1], cl[b:b + 1], D ** -0.5)
             assert torch.equal(alone[0], got[b, :, :lens[b]])
             assert not got[b, :, lens[b]:].any()
+
+
+def test_h2o_a_chunk_of_several_tokens_after_the_prefill_adds_every_rows_mass(llama_dir):
+    """Text the engine appends in one go after the prefill (jump-forward, a forced think close) is a
+    prefill chunk of a compressed sequence: each of its rows adds its own probabilities (each row
+    over the context it attended), so the mass grows by rows x group size."""
+    llm = LLM(llama_dir, kv_policy="h2o", kv_budget=30, **KW)
+    eng = llm.engine
+    seq = eng.add_request(_prompts(1, seed=6, lo=60, hi=61)[0], SamplingParams(max_tokens=20, temperature=0.0,
+                                                                               ignore_eos=True))
+    eng.step()
+    assert seq.kv_compressed and seq.kv_len == 30 and len(seq.output_ids) == 1
+    before = seq.kv_scores[..., :seq.kv_len].sum(-1)  # type: ignore[index]
+    seq.output_ids.extend([5, 6, 7])  # as the engine's jump-forward appends a tag's tokens
+    eng.step()
+    assert seq.num_evicted == 60 - 30 and seq.kv_len == 34
+    after = seq.kv_scores[..., :seq.kv_len].sum(-1)  # type: ignore[index]
+    torch.testing.assert_close(after - before, torch.full_like(before, 4 * 2.0), rtol=0, atol=1e-4)
