@@ -38,10 +38,11 @@ Policies (``EngineConfig.kv_policy`` engine-wide, ``SamplingParams.kv_policy`` p
   filled by the attention layer, ``models.transformer.MassSpan``). Like streaming, whenever the cache
   holds a block more than the budget, it is cut back to exactly ``budget`` rows (so between
   ``budget`` and ``budget + block_size - 1`` after every step); the kept rows keep their scores.
-  Steps with an h2o row run the op-by-op forward (the fused decode step does not report the
-  probabilities), whose layers get them from ``kernels.kv_select.attention_mass``: a native pass
-  over the cached keys after the attention (float32 and 8-bit caches; torch for bfloat16), the exact
-  softmax ``exp(s - m) / l`` of the attention's own scores, not an estimate.
+  The probabilities come from a native pass after each layer's attention (``csrc/fused_kernels.h``
+  ``attention_mass_row``: the attention's own scores, then the exact softmax ``exp(s - m) / l``, not
+  an estimate), run inside the fused one-call decode step (``csrc/decode.cpp``, ``mass=``) or, op by
+  op, by ``kernels.kv_select.attention_mass`` (float32 and 8-bit caches; torch for bfloat16): the
+  same bits on either path.
 
 ``kv_budget``: a float in (0, 1] is a fraction of the prompt (at least ``kv_sinks + 1`` tokens for
 streaming, ``kv_window`` for snapkv, ``kv_sinks + kv_window + 1`` for h2o); an int is a token count (below those minimums: an error).

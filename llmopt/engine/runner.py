@@ -180,9 +180,7 @@ class ModelRunner:
                 ctx.quest_dense_layers = self.quest_dense_layers
         input_ids, positions = torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long)
         fused_hidden = None
-        # decode rows and short prefill chunks (chained rows); else None. H2O rows need the attention
-        # probabilities, which the fused step does not report: such steps run op by op (the same bits)
-        if self.fused is not None and not mass:
+        if self.fused is not None:  # decode rows and short prefill chunks (chained rows); else None
             fused_hidden = self.fused.run(input_ids, positions, ctx)
         hidden = self.model(input_ids, positions, ctx) if fused_hidden is None else fused_hidden
         self.observed = {seq.seq_id: span.scores for (seq, _), span in zip(prefills, spans) if span.observe}

@@ -55,6 +55,24 @@ class MassSpan:
     acc: torch.Tensor
 
 
+def mass_rows(spans: list[MassSpan]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch rows of H2O spans, in span order, and each row's context length (int32)."""
+    rows = torch.cat([torch.arange(m.q_start, m.q_start + m.q_len) for m in spans])
+    lens = torch.cat([torch.arange(m.ctx_len - m.q_len + 1, m.ctx_len + 1, dtype=torch.int32) for m in spans])
+    return rows, lens
+
+
+def add_mass(spans: list[MassSpan], mass: torch.Tensor, layer: int) -> None:
+    """Add one layer's mass of the spans' rows (``mass`` [rows in span order, Hk, >= max context],
+    contiguous) to their accumulators: a span's rows summed, then added (the op-by-op forward and the
+    fused step both go through here, so an h2o sequence gets the same bits on either path)."""
+    r = 0
+    for m in spans:
+        part = mass[r] if m.q_len == 1 else mass[r:r + m.q_len].sum(0)
+        m.acc[layer, :, :m.ctx_len] += part[:, :m.ctx_len]
+        r += m.q_len
+
+
 @dataclass
 class AttnContext:
     slot_mapping: torch.Tensor | None  # [T] int64: cache slot (block * block_size + offset) per token
@@ -226,17 +244,11 @@ class Attention(nn.Module):
             return
         kc = self.k_cache
         assert kc is not None
-        rows = torch.cat([torch.arange(m.q_start, m.q_start + m.q_len) for m in spans])
-        lens = torch.cat([torch.arange(m.ctx_len - m.q_len + 1, m.ctx_len + 1, dtype=torch.int32) for m in spans])
+        rows, lens = mass_rows(spans)
         width = max(m.block_table.shape[0] for m in spans)
         tables = torch.cat([F.pad(m.block_table, (0, width - m.block_table.shape[0])).expand(m.q_len, width)
                             for m in spans])
-        mass = attention_mass(q[rows], kc, self.k_scale, tables, lens, self.scale)
-        r = 0
-        for m in spans:
-            part = mass[r] if m.q_len == 1 else mass[r:r + m.q_len].sum(0)
-            m.acc[self.layer_idx, :, :m.ctx_len] += part[:, :m.ctx_len]
-            r += m.q_len
+        add_mass(spans, attention_mass(q[rows], kc, self.k_scale, tables, lens, self.scale), self.layer_idx)
 
     def _context_keys(self, span: PrefillSpan, dtype: torch.dtype) -> torch.Tensor:
         """K of a prefill span's whole context ``[ctx_len, Hk, D]`` read back from the cache (dequantized

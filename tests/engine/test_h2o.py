@@ -253,3 +253,38 @@ def test_h2o_a_chunk_of_several_tokens_after_the_prefill_adds_every_rows_mass(ll
     assert seq.num_evicted == 60 - 30 and seq.kv_len == 34
     after = seq.kv_scores[..., :seq.kv_len].sum(-1)  # type: ignore[index]
     torch.testing.assert_close(after - before, torch.full_like(before, 4 * 2.0), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("kv_dtype", [None, "int8", "fp8"])
+def test_h2o_fused_step_fills_the_same_mass_as_the_op_by_op_forward(llama_dir, kv_dtype):
+    """The one-call decode step (csrc/decode.cpp) computes the h2o rows' mass itself: the same bits as
+    the op-by-op forward's attention_mass at every step (decode rows and a forced multi-token chunk),
+    hence the same evictions and tokens; a batch with other policies' rows stays on the step."""
+    from llmopt.config import KernelSettings
+    from llmopt.kernels import decode_step
+
+    if decode_step.native() is None:
+        pytest.skip("native kernels unavailable")
+    prompts = _prompts(3, seed=7, lo=50, hi=110)
+    runs = {}
+    for fused in (True, False):
+        llm = LLM(llama_dir, kv_dtype=kv_dtype, kernels=KernelSettings(fused_decode=fused), **KW)
+        eng = llm.engine
+        seqs = [eng.add_request(p, SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True,
+                                                  kv_policy=pol, kv_budget=b))
+                for p, (pol, b) in zip(prompts, [("h2o", 30), ("full", None), ("h2o", 0.3)])]
+        trace = []
+        while eng.has_unfinished():
+            eng.step()
+            if seqs[0].kv_compressed and len(seqs[0].output_ids) == 5:  # a forced chunk, as jump-forward
+                seqs[0].output_ids.extend([9, 10, 11])
+            trace.append([None if s.kv_scores is None or s.finished else s.kv_scores[..., :s.kv_len].clone()
+                          for s in (seqs[0], seqs[2])])
+        runs[fused] = ([s.output_ids for s in seqs], trace, eng.runner.fused)
+    assert runs[True][0] == runs[False][0]
+    for a, b in zip(runs[True][1], runs[False][1], strict=True):
+        for x, y in zip(a, b):
+            assert (x is None and y is None) or torch.equal(x, y)
+    fused = runs[True][2]
+    assert fused is not None and fused.steps >= 25 and runs[False][2] is None
+    assert set(fused.fallbacks) == {"the step has prefill tokens (more than 32 rows)"}  # the prompts only
