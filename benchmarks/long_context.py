@@ -1,5 +1,5 @@
 """Long-context measurements: retrieval accuracy, long-text perplexity, decode speed and KV memory
-for KV cache policies (full / streaming / snapkv / quest) and KV element types, side by side in one run.
+for KV cache policies (full / streaming / snapkv / h2o / quest) and KV element types, side by side in one run.
 
     python benchmarks/long_context.py retrieval --suite passkey --lengths 1024,2048 --depths 0,0.5,1 --n 1
     python benchmarks/long_context.py ppl --tokens 2048 --n 2 --kv-dtypes float32,int8
@@ -81,15 +81,15 @@ def retrieval(args: argparse.Namespace) -> dict[str, Any]:
     print(f"\n{args.suite}: n={args.n} per (length, depth) cell, seed={args.seed}, lengths {args.lengths}, "
           f"depths {args.depths}, kv_dtype {args.kv_dtype}")
     lengths = sorted({c["length"] for c in rows[0]["cells"]})
-    print("| policy | budget | KV rows / prompt | " + " | ".join(f"{L}" for L in lengths) + " | all (95% CI) |")
-    print("|---|---|---|" + "---|" * len(lengths) + "---|")
+    print("| policy | budget | KV rows / prompt | " + " | ".join(f"{L}" for L in lengths) + " | all (95% CI) | wall s |")
+    print("|---|---|---|" + "---|" * len(lengths) + "---|---|")
     for r in rows:
         per_len = []
         for L in lengths:
             cs = [c for c in r["cells"] if c["length"] == L]
             per_len.append(f"{sum(c['accuracy'] * c['n'] for c in cs):.0f}/{sum(c['n'] for c in cs)}")
         print(f"| {r['policy']} | {r['budget'] or '-'} | {r['kv_fraction']:.2f} | " + " | ".join(per_len)
-              + f" | {r['accuracy']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] |")
+              + f" | {r['accuracy']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] | {r['wall_s']:.0f} |")
     return {"kind": "retrieval", "args": vars(args), "rows": rows}
 
 
@@ -312,7 +312,7 @@ def main() -> None:
     r.add_argument("--lengths", default="1024,2048,4096,8192")
     r.add_argument("--depths", default="0,0.25,0.5,0.75,1")
     r.add_argument("--n", type=int, default=1)
-    r.add_argument("--policies", default="full,streaming,snapkv")
+    r.add_argument("--policies", default="full,streaming,snapkv", help="comma list of full, streaming, snapkv, h2o, quest")
     r.add_argument("--budget", default="0.25")
     r.add_argument("--kv-dtype", default="float32")
     r.add_argument("--batch", type=int, default=4)

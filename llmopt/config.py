@@ -115,7 +115,7 @@ class ModelConfig:
         return inv.float(), float(scale)
 
 
-KV_POLICIES: tuple[str, ...] = ("full", "streaming", "snapkv", "quest")
+KV_POLICIES: tuple[str, ...] = ("full", "streaming", "snapkv", "h2o", "quest")
 
 
 def check_kv_policy(policy: str, budget: float | int | None, *, field: str = "kv_policy") -> None:
@@ -125,8 +125,8 @@ def check_kv_policy(policy: str, budget: float | int | None, *, field: str = "kv
         raise ValueError(f"{field} must be one of {', '.join(KV_POLICIES)}, got {policy!r}")
     if policy == "full":
         if budget is not None:
-            raise ValueError("kv_budget needs kv_policy 'streaming', 'snapkv' or 'quest' (the 'full' policy keeps "
-                             "everything)")
+            raise ValueError("kv_budget needs kv_policy 'streaming', 'snapkv', 'h2o' or 'quest' (the 'full' policy "
+                             "keeps everything)")
         return
     if budget is None:
         raise ValueError(f"kv_policy {policy!r} needs kv_budget: a fraction in (0, 1] or a token count")
@@ -165,10 +165,14 @@ class KVPolicy:
         if self.name == "snapkv" and isinstance(self.budget, int) and self.budget < self.window:
             raise ValueError(f"kv_budget {self.budget} is below the SnapKV observation window kv_window "
                              f"{self.window}, which is always kept; raise kv_budget or lower kv_window")
+        if self.name == "h2o" and isinstance(self.budget, int) and self.budget <= self.sinks + self.window:
+            raise ValueError(f"kv_budget {self.budget} does not exceed kv_sinks + kv_window = {self.sinks} + "
+                             f"{self.window}: an h2o cache keeps the sinks and the recent window plus at least one "
+                             f"heavy hitter; raise kv_budget or lower kv_sinks / kv_window")
 
     @property
     def minimum(self) -> int:
-        return {"streaming": self.sinks + 1, "snapkv": self.window}.get(self.name, 1)
+        return {"streaming": self.sinks + 1, "snapkv": self.window, "h2o": self.sinks + self.window + 1}.get(self.name, 1)
 
     def tokens(self, length: int) -> int | None:
         """Rows to keep (quest: to read per decode step) for a sequence of ``length`` cached tokens,
@@ -278,14 +282,15 @@ class EngineConfig:
     dtype: str = "float32"  # float32 | bfloat16
     packed_linear: bool = True  # fp32 linears on pre-packed weights (kernels/dense.py); False: torch's GEMM
     kernels: KernelSettings | None = None  # None: KernelSettings.from_env() (defaults + LLMOPT_* overrides)
-    # KV compression (llmopt/engine/kv_policy.py, docs/long_context.md): "full" | "streaming" | "snapkv" |
-    # "quest" (sparse decode attention: keeps every row, reads the top blocks per decode step); kv_budget:
+    # KV compression (llmopt/engine/kv_policy.py, docs/long_context.md): "full" | "streaming" | "snapkv" | "h2o"
+    # (heavy hitters by attention mass accumulated over decode) | "quest" (sparse decode attention: keeps every
+    # row, reads the top blocks per decode step); kv_budget:
     # fraction of the prompt (quest: of the context) in (0, 1] or a token count; a request may override both
     kv_policy: str = "full"
     kv_budget: float | int | None = None
-    kv_sinks: int = 4  # streaming: attention-sink tokens always kept (<= block_size)
-    kv_window: int = 32  # snapkv: observation window (the last prompt tokens, always kept)
-    kv_pool: int = 15  # snapkv: scores max-pooled over this many neighbouring positions (odd)
+    kv_sinks: int = 4  # streaming, h2o: attention-sink tokens always kept (<= block_size)
+    kv_window: int = 32  # snapkv, h2o: observation window (the last prompt tokens); h2o: also the recent rows kept
+    kv_pool: int = 15  # snapkv, h2o (initial scores): max-pooled over this many neighbouring positions (odd)
     kv_quest_dense_layers: int = 2  # quest: the first layers attend densely (as in the Quest paper)
     kv_dtype: str | None = None  # KV cache element type: None = dtype; "float32", "bfloat16" or "int8"
 
@@ -324,8 +329,8 @@ class EngineConfig:
         if policy == "full":
             return None
         assert budget is not None
-        if policy == "snapkv" and self.kv_window > self.max_num_batched_tokens:
-            raise ValueError(f"snapkv needs kv_window ({self.kv_window}) <= max_num_batched_tokens "
+        if policy in ("snapkv", "h2o") and self.kv_window > self.max_num_batched_tokens:
+            raise ValueError(f"{policy} needs kv_window ({self.kv_window}) <= max_num_batched_tokens "
                              f"({self.max_num_batched_tokens}): the prefill's last chunk holds the whole window")
         return KVPolicy(policy, budget, self.kv_sinks, self.kv_window, self.kv_pool)
 

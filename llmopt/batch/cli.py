@@ -87,7 +87,7 @@ def run_command(
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16")] = "float32",
     threads: Annotated[Optional[int], typer.Option(help="torch threads (default: $LLMOPT_NUM_THREADS or all "
                                                         "cores; 1 is faster on a busy machine)", min=1)] = None,
-    kv_policy: Annotated[str, typer.Option(help="KV policy: full, streaming, snapkv (free blocks) or quest (sparse reads) "
+    kv_policy: Annotated[str, typer.Option(help="KV policy: full, streaming, snapkv, h2o (free blocks) or quest (sparse reads) "
                                                 "(docs/long_context.md)")] = "full",
     kv_budget: Annotated[Optional[str], typer.Option(help="KV budget with --kv-policy: a fraction of the prompt "
                                                           "(0.25) or a token count (2048)")] = None,

@@ -137,7 +137,7 @@ class LLMEngine:
 
     def _check_compressible(self) -> None:
         if any(w is not None for w in self.model_config.layer_windows):
-            raise ValueError("KV compression (kv_policy streaming/snapkv/quest) needs full-attention layers: this model has "
+            raise ValueError("KV compression (kv_policy streaming/snapkv/h2o/quest) needs full-attention layers: this model has "
                              "sliding-window layers; use kv_policy='full'")
 
     # ---- requests -------------------------------------------------------------------------------

@@ -26,6 +26,10 @@ too, each chunk as consecutive decode rows of its sequence ("chained" rows: the 
 K/V row before any attention reads); a chunk with a SnapKV observation window, or prompt rows in the
 by-kind GGUF mode, leave the step to the op-by-op forward.
 
+Rows of h2o sequences (``engine/kv_policy.py``, ``AttnContext.mass``) stay in the step: it also fills
+their attention mass per layer (``csrc/fused_kernels.h attention_mass_row``, the op-by-op forward's
+numbers bit for bit), except next to Quest rows (op by op then).
+
 ``FusedDecoder.build(model)`` returns ``None`` (and the engine keeps the op-by-op forward) when the
 model does not qualify (``_why_not`` says why, logged): native kernels off or not built, float32
 activations or a KV cache it cannot read missing, a linear in another format, GGUF kernels on the
@@ -291,7 +295,6 @@ class FusedDecoder:
         if why is None:
             x = self.model.embed_tokens(input_ids)
             if x.dtype == torch.float32:
-                self.steps += 1
                 if chained:
                     tables, lens = _row_tables(ctx, self.block_size)
                 else:
@@ -299,10 +302,39 @@ class FusedDecoder:
                 topk = getattr(ctx, "decode_topk", None)
                 if topk is not None and topk.shape[0] < m:  # chained prompt / forced rows read every block
                     topk = torch.cat([topk, topk.new_zeros(m - topk.shape[0])])
-                return self.step.run(x.contiguous(), positions, ctx.slot_mapping, tables, lens, chained, topk)
-            why = f"the embeddings are {x.dtype}, not float32"
+                spans = getattr(ctx, "mass", None)  # H2O rows: their attention mass, filled by the step
+                if not spans:
+                    self.steps += 1
+                    return self.step.run(x.contiguous(), positions, ctx.slot_mapping, tables, lens, chained, topk)
+                if topk is None:
+                    self.steps += 1
+                    return self._run_with_mass(x, positions, ctx.slot_mapping, tables, lens, chained, spans)
+                why = "the step has h2o rows and Quest rows"
+            else:
+                why = f"the embeddings are {x.dtype}, not float32"
         self._fallback(why)
         return None
+
+    def _run_with_mass(self, x, positions, slots, tables, lens, chained: bool, spans) -> torch.Tensor:
+        """A step with H2O rows: the native step fills their attention mass per layer (the op-by-op
+        forward's numbers, csrc/decode.cpp), added to the sequences' accumulators as there."""
+        from llmopt.models.transformer import add_mass, mass_rows
+
+        rows, row_lens = mass_rows(spans)
+        flags = torch.zeros(x.shape[0], dtype=torch.int32)
+        flags[rows] = 1
+        n_layers = len(self.model.layers)
+        kv_heads = self.model.cfg.num_kv_heads
+        mass = torch.zeros(x.shape[0], n_layers, kv_heads, int(row_lens.max()))
+        hidden = self.step.run(x.contiguous(), positions, slots, tables, lens, chained, None, mass, flags)
+        picked = mass[rows]
+        if all(m.q_len == 1 for m in spans):  # decode rows: every layer in one add (the same elementwise sums)
+            for i, m in enumerate(spans):
+                m.acc[:, :, :m.ctx_len] += picked[i, :, :, :m.ctx_len]
+        else:
+            for li in range(n_layers):
+                add_mass(spans, picked[:, li].contiguous(), li)
+        return hidden
 
     def _why_not_chained(self, ctx, m: int) -> str | None:
         """Why a step with prefill chunks cannot run as chained rows (None if it can)."""

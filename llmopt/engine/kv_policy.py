@@ -29,9 +29,23 @@ Policies (``EngineConfig.kv_policy`` engine-wide, ``SamplingParams.kv_policy`` p
   whose sentence the window hit lost its later digits in those heads and 4k passkey fell to 4/9;
   a max-pool keeps every row within ``kv_pool // 2`` of a hit at the hit's full score.
   docs/long_context.md has the measurements.
+- ``h2o`` (H2O, Zhang et al. 2023): a budgeted eviction during decode. Each sequence keeps the first
+  ``kv_sinks`` rows, the most recent ``kv_window`` rows and the "heavy hitters": the rows with the
+  largest attention mass accumulated so far, per layer and kv head (softmax probabilities summed
+  over the query heads of the group and over every query computed since the prefill). The mass
+  starts from the prefill's SnapKV observation-window scores (max-pooled over ``kv_pool`` before the
+  window, as SnapKV's), then every later query row adds its probabilities (``Sequence.kv_scores``,
+  filled by the attention layer, ``models.transformer.MassSpan``). Like streaming, whenever the cache
+  holds a block more than the budget, it is cut back to exactly ``budget`` rows (so between
+  ``budget`` and ``budget + block_size - 1`` after every step); the kept rows keep their scores.
+  The probabilities come from a native pass after each layer's attention (``csrc/fused_kernels.h``
+  ``attention_mass_row``: the attention's own scores, then the exact softmax ``exp(s - m) / l``, not
+  an estimate), run inside the fused one-call decode step (``csrc/decode.cpp``, ``mass=``) or, op by
+  op, by ``kernels.kv_select.attention_mass`` (float32 and 8-bit caches; torch for bfloat16): the
+  same bits on either path.
 
 ``kv_budget``: a float in (0, 1] is a fraction of the prompt (at least ``kv_sinks + 1`` tokens for
-streaming, ``kv_window`` for snapkv); an int is a token count (below those minimums: an error).
+streaming, ``kv_window`` for snapkv, ``kv_sinks + kv_window + 1`` for h2o); an int is a token count (below those minimums: an error).
 A budget not smaller than the prompt leaves the prompt uncompressed (documented no-op; streaming
 still evicts once the sequence outgrows it during decode).
 
@@ -50,8 +64,8 @@ import torch.nn.functional as F
 from llmopt.config import KV_POLICIES, KVPolicy, check_kv_policy, parse_kv_budget
 from llmopt.kernels.kv_select import observation_scores
 
-__all__ = ["KV_POLICIES", "KVCompressor", "KVPolicy", "check_kv_policy", "observation_scores", "parse_kv_budget",
-           "snapkv_keep"]
+__all__ = ["KV_POLICIES", "KVCompressor", "KVPolicy", "check_kv_policy", "h2o_initial_scores", "h2o_keep",
+           "observation_scores", "parse_kv_budget", "snapkv_keep"]
 
 def snapkv_keep(scores: torch.Tensor, keep: int, window: int, pool: int) -> torch.Tensor:
     """Rows each kv head keeps: ``scores`` [Hk, C] -> int64 [Hk, keep], ascending; the last
@@ -71,6 +85,33 @@ def snapkv_keep(scores: torch.Tensor, keep: int, window: int, pool: int) -> torc
     order = torch.sort(s, dim=-1, descending=True, stable=True).indices[:, :k]
     win = torch.arange(prefix, C).expand(Hk, window)
     return torch.sort(torch.cat([order, win], dim=1), dim=1).values
+
+
+def h2o_initial_scores(scores: torch.Tensor, window: int, pool: int) -> torch.Tensor:
+    """H2O's starting mass from the prefill's observation scores ``scores`` [Hk, C]: rows before the
+    last ``window`` max-pooled over ``pool`` neighbours among themselves (as :func:`snapkv_keep`
+    ranks them), the window's rows as they are."""
+    C = scores.shape[-1]
+    prefix = max(0, C - window)
+    out = scores.float().clone()
+    if pool > 1 and prefix > 0:
+        out[:, :prefix] = F.max_pool1d(scores[:, None, :prefix].float(), pool, stride=1, padding=pool // 2)[:, 0]
+    return out
+
+
+def h2o_keep(scores: torch.Tensor, keep: int, sinks: int, window: int) -> torch.Tensor:
+    """Rows each (layer, kv head) keeps: ``scores`` [..., C] -> int64 [..., keep], ascending: the
+    first ``sinks`` rows, the last ``window`` rows, and the ``keep - sinks - window`` rows between
+    them with the largest accumulated attention mass (ties to the earlier row: deterministic)."""
+    C = scores.shape[-1]
+    heavy = keep - sinks - window
+    if heavy < 0 or C < keep:
+        raise ValueError(f"cannot keep {keep} of {C} rows with {sinks} sinks and a window of {window}")
+    lead = scores.shape[:-1]
+    mid = scores[..., sinks:C - window]
+    order = torch.sort(mid, dim=-1, descending=True, stable=True).indices[..., :heavy] + sinks
+    fixed = torch.cat([torch.arange(sinks), torch.arange(C - window, C)]).expand(*lead, sinks + window)
+    return torch.sort(torch.cat([fixed, order], dim=-1), dim=-1).values
 
 
 class KVCompressor:
@@ -98,10 +139,27 @@ class KVCompressor:
                     raise RuntimeError("SnapKV compression needs the observation scores of the prefill's last chunk")
                 rows = torch.stack([snapkv_keep(s, keep, policy.window, policy.pool) for s in observed])
                 self._keep_rows(seq, rows)
+            if policy.name == "h2o":
+                seq.kv_scores = self._h2o_start(seq, observed, policy)
+        if policy.name == "h2o" and seq.kv_len - seq.kv_budget_rows >= self.block_size:
+            assert seq.kv_scores is not None
+            scores = seq.kv_scores[..., :seq.kv_len]
+            rows = h2o_keep(scores, seq.kv_budget_rows, min(policy.sinks, seq.kv_len), policy.window)
+            self._keep_rows(seq, rows)
+            seq.kv_scores = scores.gather(-1, rows)  # the kept rows keep their mass, in their new order
         if policy.name == "streaming":
             excess = (seq.kv_len - seq.kv_budget_rows) // self.block_size
             if excess > 0:
                 self._drop_blocks(seq, excess, policy.sinks)
+
+    def _h2o_start(self, seq, observed: list[torch.Tensor] | None, policy: KVPolicy) -> torch.Tensor:
+        """The accumulated mass at the end of the prefill: [layers, kv_heads, kv_len] float32."""
+        if observed is None:  # a one-token prompt (no observation window): nothing observed yet
+            if seq.kv_len > 1:
+                raise RuntimeError("h2o needs the observation scores of the prefill's last chunk")
+            shape = self.caches[0].shape
+            return torch.zeros(shape[0], shape[3], seq.kv_len)
+        return torch.stack([h2o_initial_scores(s, policy.window, policy.pool) for s in observed])
 
     def _slots(self, seq, rows: torch.Tensor) -> torch.Tensor:
         bt = torch.tensor(seq.block_table, dtype=torch.long)

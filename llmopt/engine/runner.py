@@ -12,7 +12,7 @@ import torch
 from llmopt.engine.fused_decode import FusedDecoder
 from llmopt.engine.sequence import Sequence
 from llmopt.kernels import kv_quant
-from llmopt.models.transformer import Attention, AttnContext, PrefillSpan, Transformer
+from llmopt.models.transformer import Attention, AttnContext, MassSpan, PrefillSpan, Transformer
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +105,26 @@ class ModelRunner:
 
     @staticmethod
     def _observe(seq: Sequence, end: int) -> int:
-        """SnapKV observation window to score in a prefill chunk that ends at token ``end``, or 0."""
+        """SnapKV observation window to score in a prefill chunk that ends at token ``end``, or 0
+        (h2o: always, its starting attention mass; the whole prompt if shorter than the window)."""
         p = seq.kv_policy
-        if p is None or p.name != "snapkv" or seq.kv_compressed or end != len(seq) or p.tokens(len(seq)) is None:
+        if p is None or p.name not in ("snapkv", "h2o") or seq.kv_compressed or end != len(seq):
             return 0
-        return p.window
+        if p.name == "h2o":
+            return min(p.window, len(seq))
+        return 0 if p.tokens(len(seq)) is None else p.window
+
+    def _mass_span(self, seq: Sequence, q_start: int, n: int) -> MassSpan | None:
+        """H2O: where the step's ``n`` rows of ``seq`` add their attention mass (None: not an h2o
+        sequence past its prefill). Grows the accumulator to the rows the step will hold."""
+        p = seq.kv_policy
+        if p is None or p.name != "h2o" or not seq.kv_compressed:
+            return None
+        acc, need = seq.kv_scores, seq.kv_len + n
+        assert acc is not None
+        if acc.shape[-1] < need:
+            acc = seq.kv_scores = torch.nn.functional.pad(acc, (0, need - acc.shape[-1] + self.block_size))
+        return MassSpan(q_start, n, need, torch.tensor(seq.block_table, dtype=torch.int32), acc)
 
     @torch.inference_mode()
     def execute(self, batch: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor | None]:
@@ -119,7 +134,11 @@ class ModelRunner:
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
-        for seq, _ in decodes:
+        mass: list[MassSpan] = []
+        for i, (seq, _) in enumerate(decodes):
+            m = self._mass_span(seq, i, 1)
+            if m is not None:
+                mass.append(m)
             p = seq.num_computed_tokens
             ids.append(seq.token_ids[p])
             pos.append(p)
@@ -133,6 +152,9 @@ class ModelRunner:
                                    f"{observe} (the scheduler cuts chunks to fit it)")
             spans.append(PrefillSpan(len(ids), n, seq.kv_len + n, torch.tensor(seq.block_table, dtype=torch.int32),
                                      observe=observe))
+            m = self._mass_span(seq, len(ids), n)
+            if m is not None:
+                mass.append(m)
             ids.extend(seq.token_ids[p:p + n])
             pos.extend(range(p, p + n))
             slots.extend(self._slots(seq, p, n))
@@ -143,7 +165,7 @@ class ModelRunner:
                   for s, n in prefills]
         generated = torch.cat(kinds)
         ctx = AttnContext(slot_mapping=torch.tensor(slots, dtype=torch.long), num_decode=len(decodes), prefills=spans,
-                          generated=generated)
+                          generated=generated, mass=mass)
         if decodes:
             width = max(len(s.block_table) for s, _ in decodes)
             ctx.decode_block_tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table))

@@ -96,7 +96,7 @@ class SamplingParams:
         if self.kv_policy is not None:
             check_kv_policy(self.kv_policy, self.kv_budget)
         elif self.kv_budget is not None:
-            raise ValueError("kv_budget needs kv_policy ('streaming', 'snapkv' or 'quest') in the same request")
+            raise ValueError("kv_budget needs kv_policy ('streaming', 'snapkv', 'h2o' or 'quest') in the same request")
         check_think_budget(self.think_budget)
         check_answer_budget(self.answer_budget)
         check_gated_budget(self.think_budget, self.think_budget_threshold, self.think_budget_max)

@@ -92,16 +92,19 @@ class Scheduler:
 
     @staticmethod
     def _chunk(seq: Sequence, n: int) -> int:
-        """SnapKV scores the prompt with its last ``kv_window`` queries, so the prefill's last chunk
+        """SnapKV (and h2o) score the prompt with its last ``kv_window`` queries, so the prefill's last chunk
         must hold all of them: a chunk that would leave fewer than the window for the next step
         stops earlier (0: wait for a step with room for the whole window). Depends on the sequence
         alone, so a sequence is cut the same way in any batch it fits."""
         p = seq.kv_policy
         remaining = seq.num_to_compute
-        if p is None or p.name != "snapkv" or seq.kv_compressed or n >= remaining or p.tokens(len(seq)) is None:
+        if p is None or p.name not in ("snapkv", "h2o") or seq.kv_compressed or n >= remaining:
             return n
-        if remaining - n < p.window:
-            return max(0, remaining - p.window)
+        if p.name == "snapkv" and p.tokens(len(seq)) is None:  # h2o scores even an uncompressed prompt
+            return n
+        window = min(p.window, len(seq))  # h2o observes a prompt shorter than the window whole
+        if remaining - n < window:
+            return max(0, remaining - window)
         return n
 
     @property

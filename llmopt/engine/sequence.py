@@ -66,6 +66,9 @@ class Sequence:
         self.num_evicted = 0
         self.kv_compressed = False
         self.kv_budget_rows = 0
+        # h2o: attention mass accumulated per (layer, kv head, cache row), float32 [layers, kv_heads, >= kv_len]
+        # (columns past kv_len are zero); set when the prefill ends, updated by every later step
+        self.kv_scores: torch.Tensor | None = None
         self.kv_rows_at_finish: int | None = None
         self.num_cached_tokens = 0  # of the prompt, how many came from the prefix cache (last admission)
         self.num_hashed_blocks = 0  # leading blocks registered in the prefix cache

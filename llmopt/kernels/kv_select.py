@@ -1,13 +1,18 @@
-"""Torch ops for choosing which KV rows to keep (SnapKV's observation-window votes).
+"""Ops for choosing which KV rows to keep: SnapKV's observation-window votes (torch) and H2O's
+attention mass per decode row (native: ``csrc/fused.cpp`` / ``csrc/kv_int8.cpp`` ``attention_mass``,
+else a torch reference).
 
-Used by the attention layer at the end of a prefill and by ``llmopt.engine.kv_policy``.
+Used by the attention layer (the end of a prefill, h2o rows) and by ``llmopt.engine.kv_policy``.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["observation_scores"]
+from llmopt.kernels import kv_quant, ops
+from llmopt.kernels.build import native_enabled
+
+__all__ = ["attention_mass", "attention_mass_ref", "observation_scores"]
 
 
 def observation_scores(q_obs: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
@@ -23,3 +28,44 @@ def observation_scores(q_obs: torch.Tensor, keys: torch.Tensor, scale: float) ->
     qpos = (torch.arange(W) + (C - W)).repeat(G)  # row g*W+j is query position C-W+j
     s = s.masked_fill(torch.arange(C)[None, :] > qpos[:, None], float("-inf"))
     return torch.softmax(s, dim=-1).sum(1)
+
+
+def attention_mass_ref(q: torch.Tensor, k_cache: torch.Tensor, k_scale: torch.Tensor | None,
+                       block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """:func:`attention_mass` in torch: each row's keys gathered (dequantized from an 8-bit cache) and
+    scored by :func:`observation_scores` with a one-query window."""
+    B, Hq, D = q.shape
+    _, BS, Hk, _ = k_cache.shape
+    lens = [int(x) for x in context_lens]
+    out = torch.zeros(B, Hk, max(lens, default=0))
+    for b, L in enumerate(lens):
+        if L == 0:
+            continue
+        blocks = block_tables[b, : (L + BS - 1) // BS].long()
+        keys = k_cache[blocks].reshape(-1, Hk, D)[:L]
+        if k_scale is not None:
+            keys = kv_quant.dequantize_kv(keys, k_scale[blocks].reshape(-1, Hk)[:L])
+        out[b, :, :L] = observation_scores(q[b:b + 1], keys, scale)
+    return out
+
+
+def attention_mass(q: torch.Tensor, k_cache: torch.Tensor, k_scale: torch.Tensor | None,
+                   block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """H2O's attention mass: ``q`` [B, Hq, D] (one query per row, rope applied) against the first
+    ``context_lens[b]`` rows of a paged cache (``block_tables`` [B, max_blocks]; an 8-bit cache with
+    its ``k_scale``). Returns float32 [B, Hk, max(context_lens)]: per kv head the softmax
+    probabilities of the group's query heads summed (each row's Hq / Hk heads sum to Hq / Hk; zeros
+    past a row's context). Each row's numbers depend only on that row (batch invariant)."""
+    tables = block_tables.to(torch.int32).contiguous()
+    lens = context_lens.to(torch.int32).contiguous()
+    qf = q.float().contiguous()
+    if native_enabled() and q.device.type == "cpu" and not q.requires_grad and q.dim() == 3:
+        if k_scale is None and k_cache.dtype == torch.float32 and k_cache.stride(-1) == 1:
+            ext = ops._native()
+            if ext is not None and hasattr(ext, "attention_mass"):
+                return ext.attention_mass(qf, k_cache, tables, lens, float(scale))
+        elif k_scale is not None and kv_quant.is_quantized(k_cache.dtype) and k_cache.is_contiguous():
+            ext = kv_quant._native()
+            if ext is not None and hasattr(ext, "attention_mass_int8"):
+                return ext.attention_mass_int8(qf, k_cache, k_scale.contiguous(), tables, lens, float(scale))
+    return attention_mass_ref(q, k_cache, k_scale, tables, lens, scale)

@@ -22,7 +22,7 @@ from torch import nn
 
 from llmopt.config import ModelConfig
 from llmopt.kernels import kv_quant, ops, quest
-from llmopt.kernels.kv_select import observation_scores
+from llmopt.kernels.kv_select import attention_mass, observation_scores
 from llmopt.models.linear import QuantConfig, project
 
 
@@ -42,6 +42,38 @@ class PrefillSpan:
 
 
 @dataclass
+class MassSpan:
+    """H2O (engine/kv_policy.py): rows ``q_start .. q_start + q_len - 1`` are the last queries of a
+    sequence whose context is ``ctx_len`` cache rows (``block_table``, int32); each layer adds their
+    softmax attention over the context, summed over the rows and the query heads of each kv head,
+    to ``acc[layer, :, :ctx_len]`` (``acc``: float32 [layers, kv_heads, >= ctx_len])."""
+
+    q_start: int
+    q_len: int
+    ctx_len: int
+    block_table: torch.Tensor
+    acc: torch.Tensor
+
+
+def mass_rows(spans: list[MassSpan]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch rows of H2O spans, in span order, and each row's context length (int32)."""
+    rows = torch.cat([torch.arange(m.q_start, m.q_start + m.q_len) for m in spans])
+    lens = torch.cat([torch.arange(m.ctx_len - m.q_len + 1, m.ctx_len + 1, dtype=torch.int32) for m in spans])
+    return rows, lens
+
+
+def add_mass(spans: list[MassSpan], mass: torch.Tensor, layer: int) -> None:
+    """Add one layer's mass of the spans' rows (``mass`` [rows in span order, Hk, >= max context],
+    contiguous) to their accumulators: a span's rows summed, then added (the op-by-op forward and the
+    fused step both go through here, so an h2o sequence gets the same bits on either path)."""
+    r = 0
+    for m in spans:
+        part = mass[r] if m.q_len == 1 else mass[r:r + m.q_len].sum(0)
+        m.acc[layer, :, :m.ctx_len] += part[:, :m.ctx_len]
+        r += m.q_len
+
+
+@dataclass
 class AttnContext:
     slot_mapping: torch.Tensor | None  # [T] int64: cache slot (block * block_size + offset) per token
     num_decode: int = 0  # the first num_decode tokens are single-token decodes
@@ -56,6 +88,8 @@ class AttnContext:
     # (0: every block); None: all dense. Layers below quest_dense_layers attend densely.
     decode_topk: torch.Tensor | None = None
     quest_dense_layers: int = 0
+    # H2O attention mass to accumulate (one entry per h2o sequence with rows in the step)
+    mass: list[MassSpan] = field(default_factory=list)
 
 
 class RMSNorm(nn.Module):
@@ -174,7 +208,9 @@ class Attention(nn.Module):
             return ops.paged_decode_attention(qr, kc, vc, tb, ln, self.scale, self.window)
 
         if nd == q.shape[0]:  # a pure decode step: the kernel's output is the whole result
-            return attend_rows(q, tables, lens)  # type: ignore[arg-type]
+            out = attend_rows(q, tables, lens)  # type: ignore[arg-type]
+            self._accumulate_mass(q, ctx.mass)
+            return out
         # Prefill rows take the same one-query kernel as decode rows, each query over its own context
         # (the cached prefix and its chunk up to itself, all written above): a row's attention has one
         # summation order however the prompt was chunked (prefix-cache hits, the token budget,
@@ -195,17 +231,34 @@ class Attention(nn.Module):
                 sl = slice(span.q_start, span.q_start + span.q_len)
                 span.scores.append(observation_scores(q[sl][-span.observe:], self._context_keys(span, q.dtype),
                                                       self.scale))
+        self._accumulate_mass(q, ctx.mass)
         return out
+
+    def _accumulate_mass(self, q: torch.Tensor, spans: list[MassSpan]) -> None:
+        """H2O: every row of the spans' softmax attention over its context (row i of a span of q_len
+        sees ctx_len - q_len + i + 1 rows, as it attended), summed over the group's query heads
+        (``kv_select.attention_mass``: native for float32 and 8-bit caches, one call for the step's
+        rows), then over the span's rows, added to the span's accumulator. A row's numbers do not
+        depend on the rest of the batch."""
+        if not spans:
+            return
+        kc = self.k_cache
+        assert kc is not None
+        rows, lens = mass_rows(spans)
+        width = max(m.block_table.shape[0] for m in spans)
+        tables = torch.cat([F.pad(m.block_table, (0, width - m.block_table.shape[0])).expand(m.q_len, width)
+                            for m in spans])
+        add_mass(spans, attention_mass(q[rows], kc, self.k_scale, tables, lens, self.scale), self.layer_idx)
 
     def _context_keys(self, span: PrefillSpan, dtype: torch.dtype) -> torch.Tensor:
         """K of a prefill span's whole context ``[ctx_len, Hk, D]`` read back from the cache (dequantized
-        from an int8 cache): what SnapKV scores the observation window against."""
+        from an 8-bit cache): what SnapKV scores the observation window against."""
         kc, ksc = self.k_cache, self.k_scale
         assert kc is not None and span.block_table is not None
         bs = kc.shape[1]
         blocks = span.block_table[: (span.ctx_len + bs - 1) // bs].long()
         ks = kc[blocks].reshape(-1, self.num_kv_heads, self.head_dim)[: span.ctx_len]
-        if kc.dtype == torch.int8:
+        if kv_quant.is_quantized(kc.dtype):
             assert ksc is not None
             return kv_quant.dequantize_kv(ks, ksc[blocks].reshape(-1, self.num_kv_heads)[: span.ctx_len], dtype)
         return ks.to(dtype)

@@ -36,7 +36,7 @@ def serve_command(
                                                          "8192)", min=2)] = None,
     kv_cache_gb: Annotated[float, typer.Option(help="memory for the paged KV cache (GiB)", min=0.0)] = 2.0,
     num_threads: Annotated[Optional[int], typer.Option(help="torch threads (default: all cores)", min=1)] = None,
-    kv_policy: Annotated[str, typer.Option(help="KV policy: full, streaming, snapkv (free blocks) or quest (sparse reads) "
+    kv_policy: Annotated[str, typer.Option(help="KV policy: full, streaming, snapkv, h2o (free blocks) or quest (sparse reads) "
                                                 "(docs/long_context.md); a request may override it")] = "full",
     kv_budget: Annotated[Optional[str], typer.Option(help="KV budget with --kv-policy: a fraction of the prompt "
                                                           "(0.25) or a token count (2048)")] = None,

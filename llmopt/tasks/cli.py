@@ -116,7 +116,7 @@ def eval_command(
     long_lengths: Annotated[str, typer.Option(help="passkey/needle prompt lengths in tokens, comma-separated (n items per length x depth)")] = "1024,2048,4096,8192",
     long_depths: Annotated[str, typer.Option(help="passkey/needle depths in [0, 1], comma-separated")] = "0,0.25,0.5,0.75,1",
     long_ppl_tokens: Annotated[int, typer.Option(help="tokens per longppl window", min=2)] = 4096,
-    kv_policy: Annotated[str, typer.Option(help="KV policy: full, streaming, snapkv (free blocks) or quest (sparse reads) (docs/long_context.md)")] = "full",
+    kv_policy: Annotated[str, typer.Option(help="KV policy: full, streaming, snapkv, h2o (free blocks) or quest (sparse reads) (docs/long_context.md)")] = "full",
     kv_budget: Annotated[Optional[str], typer.Option(help="KV budget: a fraction of the prompt (0.25) or a token count (2048)")] = None,
     kv_dtype: Annotated[Optional[str], typer.Option(help="KV cache element type: int8 or fp8 (e4m3) (default: the model's dtype)")] = None,
 ) -> None:

@@ -193,7 +193,7 @@ def test_bad_policies_and_budgets_are_refused_with_a_reason(llama_dir):
     with pytest.raises(ValueError, match="needs kv_budget"):
         EngineConfig(kv_policy="snapkv")
     with pytest.raises(ValueError, match="kv_policy must be one of"):
-        EngineConfig(kv_policy="h2o", kv_budget=0.5)
+        EngineConfig(kv_policy="pyramidkv", kv_budget=0.5)
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         EngineConfig(kv_policy="streaming", kv_budget=1.5)
     with pytest.raises(ValueError, match="'full' policy keeps everything"):

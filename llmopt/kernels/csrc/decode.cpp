@@ -226,6 +226,7 @@ struct ThreadScratch {
   std::vector<const float*> kfrow, vfrow;   // ... and pointers to them
   llmopt_quest::Scratch quest;              // Quest: block selection and its own tile buffers
   std::vector<float> qrow;                  // Quest, int8 cache: the new key row dequantized
+  std::vector<float> mass_s;                // H2O: one row's scores [G, context] between the mass passes
 };
 
 class DecodeStep {
@@ -433,9 +434,13 @@ class DecodeStep {
   // K / V row is written before any attention reads (one barrier more per layer); the same bits as
   // running the rows one step at a time. Returns the final-normed hidden states [M, H].
   // topk: int32 [M] Quest blocks per row (0: every block), or empty: no row is sparse.
+  // mass (H2O, engine/kv_policy.py): float32 [M, layers, Hk, W], zeros, filled for the rows whose
+  // mass_rows (int32 [M]) entry is nonzero with fused_kernels.h attention_mass_row (the op-by-op
+  // forward's kv_select.attention_mass: the same scores and bits) over their context (<= W).
   at::Tensor run(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& slots,
                  const at::Tensor& block_tables, const at::Tensor& context_lens, bool chained,
-                 const c10::optional<at::Tensor>& topk_opt) {
+                 const c10::optional<at::Tensor>& topk_opt, const c10::optional<at::Tensor>& mass_opt,
+                 const c10::optional<at::Tensor>& mass_rows_opt) {
     TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 &&
                     x.size(1) == H_,
                 "x must be a contiguous float32 [M, ", H_, "] tensor");
@@ -452,6 +457,25 @@ class DecodeStep {
     TORCH_CHECK(!sparse || (idx_ok(topk, at::kInt, 1) && topk.size(0) == x.size(0) && defined(qmin_)),
                 "topk must be a contiguous int32 [M] tensor, given after set_quest");
     const int32_t* tk = sparse ? topk.data_ptr<int32_t>() : nullptr;
+    float* mw = nullptr;
+    const int32_t* mrow = nullptr;
+    int64_t mlen = 0;
+    if (mass_opt.has_value() && mass_opt->defined()) {
+      const at::Tensor& mt = *mass_opt;
+      TORCH_CHECK(mass_rows_opt.has_value() && idx_ok(*mass_rows_opt, at::kInt, 1),
+                  "mass needs mass_rows, a contiguous int32 [M] tensor");
+      TORCH_CHECK(mt.device().is_cpu() && mt.scalar_type() == at::kFloat && mt.is_contiguous() && mt.dim() == 4 &&
+                      mt.size(0) == M && mt.size(1) == num_layers() && mt.size(2) == Hk_,
+                  "mass must be a contiguous float32 [M, layers, Hk, W] tensor");
+      TORCH_CHECK(tk == nullptr, "mass and topk (Quest) rows cannot share a step");
+      mw = mt.data_ptr<float>();
+      mrow = mass_rows_opt->data_ptr<int32_t>();
+      mlen = mt.size(3);
+      for (int64_t b = 0; b < M; ++b)
+        TORCH_CHECK(!mrow[b] || context_lens.data_ptr<int32_t>()[b] <= mlen, "mass: row ", b, "'s context exceeds W");
+      for (int64_t li = 0; li < num_layers(); ++li)
+        TORCH_CHECK(layers_[li].window <= 0, "mass needs full-attention layers");
+    }
     bool a8[2] = {false, false};
     for (int64_t li = 0; li < num_layers(); ++li)
       for (int64_t s = 0; s < 4; ++s) {
@@ -661,7 +685,7 @@ class DecodeStep {
         // 4. attention over the paged cache
         if (L.int8) {
           attend_int8(L, li, tk, M, G, QKV, half, pos, slot, bt, cl, MB, BS, qkv, att, cs, eps, !prewrite, ctr[1],
-                      ts);
+                      ts, mw, mrow, mlen);
         } else {
           float* kc = L.kc.data_ptr<float>();
           float* vc = L.vc.data_ptr<float>();
@@ -687,6 +711,14 @@ class DecodeStep {
             if (!quest_attend(L, li, tk, b, kvh, G, bt + b * MB, BS, Lc, &kv, nullptr, ts))
               F::attend_range(ts.qs.data(), G, D_, kv, t0, std::max(t0, t1), ts.m.data(), ts.l.data(), ts.acc.data(),
                               ts.sc.data(), ts.krow.data(), ts.vrow.data());
+            if (mw != nullptr && mrow[b] && split == 0) {  // H2O: the row's probabilities (its whole context)
+              if ((int64_t)ts.mass_s.size() < G * Lc) ts.mass_s.resize(G * Lc);
+              const int32_t* tb = bt + b * MB;
+              const float* kb = kc + kvh * D_;
+              F::attention_mass_row(ts.qs.data(), G, D_, Lc, mw + ((b * num_layers() + li) * Hk_ + kvh) * mlen,
+                                    ts.mass_s.data(), ts.sc.data(), ts.krow.data(),
+                                    [&](int64_t i, int64_t t) { ts.krow[i] = kb + tb[t / BS] * ks0 + (t % BS) * ks1; });
+            }
             if (S == 1) {
               store_att(att, b, kvh, G, ts);
             } else {
@@ -742,7 +774,8 @@ class DecodeStep {
   // step 3 ran before (write_new_kv, chained rows), the items only read.
   void attend_int8(const Layer& L, int64_t li, const int32_t* tk, int64_t M, int64_t G, int64_t QKV, int64_t half,
                    const int64_t* pos, const int64_t* slot, const int32_t* bt, const int32_t* cl, int64_t MB, int64_t BS, float* qkv,
-                   float* att, const float* cs, float eps, bool write, std::atomic<int64_t>& c, ThreadScratch& ts) {
+                   float* att, const float* cs, float eps, bool write, std::atomic<int64_t>& c, ThreadScratch& ts,
+                   float* mw, const int32_t* mrow, int64_t mlen) {
     int8_t* kc = L.kbytes();
     int8_t* vc = L.vbytes();
     float* ks = L.ks.data_ptr<float>();
@@ -769,6 +802,15 @@ class DecodeStep {
         llmopt_kv8::attend_range(ts.qs.data(), G, D_, kv, start, Lc, ts.m.data(), ts.l.data(), ts.acc.data(),
                                  ts.sc.data(), ts.kf.data(), ts.vf.data(), ts.kfrow.data(), ts.vfrow.data());
       store_att(att, b, kvh, G, ts);
+      if (mw != nullptr && mrow[b]) {  // H2O: the row's probabilities (kv_int8.cpp attention_mass_int8's)
+        if ((int64_t)ts.mass_s.size() < G * Lc) ts.mass_s.resize(G * Lc);
+        const int32_t* tb = bt + b * MB;
+        F::attention_mass_row(ts.qs.data(), G, D_, Lc, mw + ((b * num_layers() + li) * Hk_ + kvh) * mlen,
+                              ts.mass_s.data(), ts.sc.data(), ts.kfrow.data(), [&](int64_t i, int64_t t) {
+                                const int64_t row = (static_cast<int64_t>(tb[t / BS]) * BS + t % BS) * Hk_ + kvh;
+                                llmopt_kv8::dequant_row_as(L.fp8, ts.kf.data() + i * D_, kc + row * D_, ks[row], D_);
+                              });
+      }
     }
   }
 
@@ -1004,7 +1046,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_quest", &DecodeStep::set_quest, py::arg("kmin"), py::arg("kmax"), py::arg("dense_layers"))
       .def("run", &DecodeStep::run, py::arg("x"), py::arg("positions"), py::arg("slots"), py::arg("block_tables"),
            py::arg("context_lens"), py::arg("chained") = false, py::arg("topk") = py::none(),
-           py::call_guard<py::gil_scoped_release>())
+           py::arg("mass") = py::none(), py::arg("mass_rows") = py::none(), py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("num_layers", &DecodeStep::num_layers);
   py::class_<I8Linear>(m, "I8Linear")
       .def(py::init<at::Tensor, at::Tensor, int64_t, int64_t, c10::optional<at::Tensor>>(), py::arg("qweight"),

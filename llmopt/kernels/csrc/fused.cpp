@@ -303,6 +303,51 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// 6. H2O attention mass (engine/kv_policy.py): for each row b and kv head, the softmax probabilities
+//    of its G query heads over the row's context_lens[b] cached tokens, summed over the group
+//    (fused_kernels.h attention_mass_row). q, caches, tables as paged_decode_attention (no window).
+//    Output: [B, Hk, max context] float32, zeros past each row's context. Items = (row, kv head).
+// ---------------------------------------------------------------------------------------------
+
+at::Tensor attention_mass(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& block_tables,
+                          const at::Tensor& context_lens, double scale) {
+  check_f32_contig(q_in, "q");
+  check_f32(k_cache, "k_cache");
+  TORCH_CHECK(q_in.dim() == 3 && k_cache.dim() == 4, "q must be [B, Hq, D], k_cache [num_blocks, block_size, Hk, D]");
+  TORCH_CHECK(k_cache.stride(3) == 1, "k_cache needs a contiguous last dimension");
+  const PagedShape ps = check_paged(q_in, k_cache, block_tables, context_lens, -1);
+  const int64_t B = ps.B, Hq = ps.Hq, D = ps.D, BS = ps.BS, Hk = ps.Hk, MB = ps.MB, G = ps.G, max_len = ps.max_len;
+  const int32_t* bt = block_tables.data_ptr<int32_t>();
+  const int32_t* cl = context_lens.data_ptr<int32_t>();
+  auto out = at::zeros({B, Hk, max_len}, q_in.options());
+  if (B == 0 || Hk == 0 || max_len == 0) return out;
+  const float* qp = q_in.data_ptr<float>();
+  const float* kp = k_cache.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t ks0 = k_cache.stride(0), ks1 = k_cache.stride(1), ks2 = k_cache.stride(2);
+  const float fscale = static_cast<float>(scale);
+  const int64_t items = B * Hk;
+#pragma omp parallel num_threads(num_threads()) if (items > 1)
+  {
+    std::vector<float> qs(G * D), sc(G * kTile), s_all(G * max_len);
+    std::vector<const float*> krow(kTile);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t b = item / Hk, kvh = item % Hk;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* src = qp + (b * Hq + kvh * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) qs[g * D + d] = src[d] * fscale;
+      }
+      const float* kbase = kp + kvh * ks2;
+      const int32_t* tb = bt + b * MB;
+      attention_mass_row(qs.data(), G, D, cl[b], op + item * max_len, s_all.data(), sc.data(), krow.data(),
+                         [&](int64_t i, int64_t t) { krow[i] = kbase + tb[t / BS] * ks0 + (t % BS) * ks1; });
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -321,4 +366,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "consecutive prefill rows walked together (1: none)", py::arg("q"),
         py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"),
         py::arg("sliding_window") = -1, py::arg("num_splits") = 0, py::arg("group_rows") = 16, nogil());
+  m.def("attention_mass", &attention_mass,
+        "H2O: per row and kv head, the softmax probabilities over the row's cached tokens summed over the "
+        "query heads of the group: [B, Hk, max context]", py::arg("q"), py::arg("k_cache"), py::arg("block_tables"),
+        py::arg("context_lens"), py::arg("scale"), nogil());
 }

@@ -402,6 +402,50 @@ inline void attend_range(const float* qs, int64_t G, int64_t D, const PagedKV& k
   attend_range_rows(qs, 1, G, D, kv, t0, &t1, m, l, acc, sc, krow, vrow);
 }
 
+// H2O's attention mass of one query row (engine/kv_policy.py): its G query heads qs [G, D] (already
+// multiplied by the softmax scale) over tokens [0, L), fill(i, t) pointing krow[i] at token t's K row
+// (a float cache's row, or an 8-bit row dequantized into a buffer). out[t] = sum_g exp(s_gt - m_g) / l_g
+// (written, not added) with s the attention's own tile_scores, m_g = max_t s_gt and l_g = sum_t
+// exp(s_gt - m_g): the softmax probabilities the attention weighted V with, summed over the group.
+// K is read once (every score kept in s_all [G * L] between the passes). Scratch: sc [G * kTile].
+template <class Fill>
+inline void attention_mass_row(const float* qs, int64_t G, int64_t D, int64_t L, float* out, float* s_all,
+                               float* sc, const float* const* krow, Fill&& fill) {
+  for (int64_t tile = 0; tile < L; tile += kTile) {
+    const int64_t n = std::min(kTile, L - tile);
+    for (int64_t i = 0; i < n; ++i) fill(i, tile + i);
+    tile_scores(qs, krow, n, G, D, sc);
+    for (int64_t g = 0; g < G; ++g) std::copy(sc + g * kTile, sc + g * kTile + n, s_all + g * L + tile);
+  }
+  std::fill(out, out + L, 0.0f);
+  for (int64_t g = 0; g < G; ++g) {
+    float* s = s_all + g * L;
+    __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    int64_t t = 0;
+    for (; t + 8 <= L; t += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + t));
+    float mx = hmax(vmax);
+    for (; t < L; ++t) mx = std::max(mx, s[t]);
+    const __m256 vm = _mm256_set1_ps(mx);
+    __m256 vsum = _mm256_setzero_ps();
+    t = 0;
+    for (; t + 8 <= L; t += 8) {
+      const __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), vm));
+      _mm256_storeu_ps(s + t, p);
+      vsum = _mm256_add_ps(vsum, p);
+    }
+    float sum = hsum(vsum);
+    for (; t < L; ++t) {
+      s[t] = std::exp(s[t] - mx);
+      sum += s[t];
+    }
+    const __m256 vinv = _mm256_set1_ps(1.0f / sum);
+    t = 0;
+    for (; t + 8 <= L; t += 8)
+      _mm256_storeu_ps(out + t, _mm256_fmadd_ps(_mm256_loadu_ps(s + t), vinv, _mm256_loadu_ps(out + t)));
+    for (; t < L; ++t) out[t] += s[t] * (1.0f / sum);
+  }
+}
+
 // Flash-decoding merge of S token splits for one (sequence, kv head) pair bh and query head g:
 // dst[0:D] = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s over the splits' partial (m, l, acc)
 // (pm / pl [pairs * S, G], pacc [pairs * S, G, D]); zeros for an empty context.

@@ -107,6 +107,59 @@ at::Tensor paged_decode_attention_int8(const at::Tensor& q, const at::Tensor& k_
   return out;
 }
 
+// H2O attention mass over an 8-bit cache: fused.cpp attention_mass with each K row dequantized (the
+// attention's own rows) into a tile buffer. [B, Hk, max context] float32.
+at::Tensor attention_mass_int8(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& k_scale,
+                               const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat && q.dim() == 3 && q.is_contiguous(),
+              "q must be a contiguous CPU float32 [B, Hq, D] tensor");
+  const bool fp8 = k_cache.scalar_type() == at::kFloat8_e4m3fn;
+  TORCH_CHECK(k_cache.device().is_cpu() && (fp8 || k_cache.scalar_type() == at::kChar) && k_cache.dim() == 4 &&
+                  k_cache.is_contiguous(),
+              "k_cache must be a contiguous CPU int8 or float8_e4m3fn [num_blocks, block_size, Hk, D] tensor");
+  check_kv_scales(k_scale, k_scale, k_cache);
+  const PagedShape ps = check_paged(q, k_cache, block_tables, context_lens, -1);
+  const int64_t B = ps.B, Hq = ps.Hq, D = ps.D, BS = ps.BS, Hk = ps.Hk, MB = ps.MB, G = ps.G, max_len = ps.max_len;
+  const int32_t* bt = block_tables.data_ptr<int32_t>();
+  const int32_t* cl = context_lens.data_ptr<int32_t>();
+  auto out = at::zeros({B, Hk, max_len}, q.options());
+  if (B == 0 || Hk == 0 || max_len == 0) return out;
+  const float* qp = q.data_ptr<float>();
+  const int8_t* kp = static_cast<const int8_t*>(k_cache.data_ptr());
+  const float* ksp = k_scale.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float fscale = static_cast<float>(scale);
+  const int64_t items = B * Hk;
+#pragma omp parallel num_threads(num_threads()) if (items > 1)
+  {
+    std::vector<float> qs(G * D), sc(G * kTile), s_all(G * max_len), kf(kTile * D);
+    std::vector<const float*> krow(kTile);
+    for (int64_t i = 0; i < kTile; ++i) krow[i] = kf.data() + i * D;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t b = item / Hk, h = item % Hk;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* src = qp + (b * Hq + h * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) qs[g * D + d] = src[d] * fscale;
+      }
+      const int32_t* tb = bt + b * MB;
+      const auto walk = [&](auto is_fp8) {
+        llmopt_f::attention_mass_row(qs.data(), G, D, cl[b], op + item * max_len, s_all.data(), sc.data(), krow.data(),
+                                     [&](int64_t i, int64_t t) {
+                                       const int64_t row = (static_cast<int64_t>(tb[t / BS]) * BS + t % BS) * Hk + h;
+                                       llmopt_kv8::dequant_row_as(decltype(is_fp8)::value, kf.data() + i * D,
+                                                                  kp + row * D, ksp[row], D);
+                                     });
+      };
+      if (fp8)
+        walk(std::true_type{});
+      else
+        walk(std::false_type{});
+    }
+  }
+  return out;
+}
+
 // x [T, D] float32 -> (int8 or float8_e4m3fn [T, D], float32 scales [T]) with the cache's row
 // quantization (kv_int8.h quant_row / quant_row_fp8, what the fused decode step writes; tests hold it
 // to kv_quant.quantize_kv)
@@ -132,6 +185,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("k_scale"), py::arg("v_scale"),
         py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"), py::arg("sliding_window") = -1,
         py::arg("group_rows") = 16, py::call_guard<py::gil_scoped_release>());
+  m.def("attention_mass_int8", &attention_mass_int8,
+        "H2O: per row and kv head, the softmax probabilities over the row's cached tokens (8-bit cache) summed "
+        "over the query heads of the group: [B, Hk, max context]", py::arg("q"), py::arg("k_cache"),
+        py::arg("k_scale"), py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("quantize_kv_rows", &quantize_kv_rows,
         "rows [T, D] -> (int8 or float8_e4m3fn [T, D], scales [T]): the 8-bit cache's quantization as the fused "
         "decode step writes it",
