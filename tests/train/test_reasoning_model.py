@@ -14,7 +14,7 @@ from tests.conftest import requires_smollm2
 def test_the_adapter_ships_small_and_names_its_base():
     path = REGISTRY[REASONING_MODEL].adapter_path()
     assert path is not None and path.is_file(), "the trained adapter must be committed in the package"
-    assert path.stat().st_size < 8 * 2**20
+    assert path.stat().st_size < 20 * 2**20  # rank 32 on every layer, fp16: 16 MB, a sixth of the 98 MB base
     ad = load_adapter(path)
     assert ad.base_name == "smollm2-135m-instruct" and ad.rank >= 8 and ad.base_fingerprint
 
