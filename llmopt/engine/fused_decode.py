@@ -327,13 +327,7 @@ class FusedDecoder:
         kv_heads = self.model.cfg.num_kv_heads
         mass = torch.zeros(x.shape[0], n_layers, kv_heads, int(row_lens.max()))
         hidden = self.step.run(x.contiguous(), positions, slots, tables, lens, chained, None, mass, flags)
-        picked = mass[rows]
-        if all(m.q_len == 1 for m in spans):  # decode rows: every layer in one add (the same elementwise sums)
-            for i, m in enumerate(spans):
-                m.acc[:, :, :m.ctx_len] += picked[i, :, :, :m.ctx_len]
-        else:
-            for li in range(n_layers):
-                add_mass(spans, picked[:, li].contiguous(), li)
+        add_mass(spans, mass[rows], slice(None))  # every layer in one add per span
         return hidden
 
     def _why_not_chained(self, ctx, m: int) -> str | None:

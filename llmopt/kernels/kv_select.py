@@ -12,7 +12,7 @@ import torch
 from llmopt.kernels import kv_quant, ops
 from llmopt.kernels.build import native_enabled
 
-__all__ = ["attention_mass", "attention_mass_ref", "observation_scores"]
+__all__ = ["attention_mass", "attention_mass_ref", "observation_scores", "paged_keys"]
 
 
 def observation_scores(q_obs: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
@@ -30,22 +30,31 @@ def observation_scores(q_obs: torch.Tensor, keys: torch.Tensor, scale: float) ->
     return torch.softmax(s, dim=-1).sum(1)
 
 
+def paged_keys(k_cache: torch.Tensor, k_scale: torch.Tensor | None, block_table: torch.Tensor, n: int,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The first ``n`` K rows of one sequence, ``[n, Hk, D]`` in ``dtype``, read back from the paged
+    cache ``k_cache`` [num_blocks, block_size, Hk, D] through its ``block_table`` (dequantized with
+    ``k_scale`` [num_blocks, block_size, Hk] from an 8-bit cache): the keys SnapKV's window and
+    :func:`attention_mass_ref` score against."""
+    _, bs, hk, d = k_cache.shape
+    blocks = block_table[: (n + bs - 1) // bs].long()
+    keys = k_cache[blocks].reshape(-1, hk, d)[:n]
+    if not kv_quant.is_quantized(k_cache.dtype):
+        return keys.to(dtype)
+    if k_scale is None:
+        raise ValueError("an 8-bit KV cache needs its scales")
+    return kv_quant.dequantize_kv(keys, k_scale[blocks].reshape(-1, hk)[:n], dtype)
+
+
 def attention_mass_ref(q: torch.Tensor, k_cache: torch.Tensor, k_scale: torch.Tensor | None,
                        block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """:func:`attention_mass` in torch: each row's keys gathered (dequantized from an 8-bit cache) and
     scored by :func:`observation_scores` with a one-query window."""
-    B, Hq, D = q.shape
-    _, BS, Hk, _ = k_cache.shape
     lens = [int(x) for x in context_lens]
-    out = torch.zeros(B, Hk, max(lens, default=0))
+    out = torch.zeros(q.shape[0], k_cache.shape[2], max(lens, default=0))
     for b, L in enumerate(lens):
-        if L == 0:
-            continue
-        blocks = block_tables[b, : (L + BS - 1) // BS].long()
-        keys = k_cache[blocks].reshape(-1, Hk, D)[:L]
-        if k_scale is not None:
-            keys = kv_quant.dequantize_kv(keys, k_scale[blocks].reshape(-1, Hk)[:L])
-        out[b, :, :L] = observation_scores(q[b:b + 1], keys, scale)
+        if L:
+            out[b, :, :L] = observation_scores(q[b:b + 1], paged_keys(k_cache, k_scale, block_tables[b], L), scale)
     return out
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from llmopt.config import ModelConfig
 from llmopt.kernels import kv_quant, ops, quest
-from llmopt.kernels.kv_select import attention_mass, observation_scores
+from llmopt.kernels.kv_select import attention_mass, observation_scores, paged_keys
 from llmopt.models.linear import QuantConfig, project
 
 
@@ -62,14 +62,22 @@ def mass_rows(spans: list[MassSpan]) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, lens
 
 
-def add_mass(spans: list[MassSpan], mass: torch.Tensor, layer: int) -> None:
-    """Add one layer's mass of the spans' rows (``mass`` [rows in span order, Hk, >= max context],
-    contiguous) to their accumulators: a span's rows summed, then added (the op-by-op forward and the
-    fused step both go through here, so an h2o sequence gets the same bits on either path)."""
+def add_mass(spans: list[MassSpan], mass: torch.Tensor, layers: int | slice) -> None:
+    """Add the mass of the spans' rows to their accumulators: one layer's (``layers`` an int, ``mass``
+    [rows in span order, Hk, >= max context], contiguous) or that of a slice of layers at once
+    (``mass`` [rows, layers, Hk, >= max context]). A span's rows are summed, then added (the op-by-op
+    forward and the fused step both go through here, so an h2o sequence gets the same bits on either
+    path)."""
     r = 0
     for m in spans:
-        part = mass[r] if m.q_len == 1 else mass[r:r + m.q_len].sum(0)
-        m.acc[layer, :, :m.ctx_len] += part[:, :m.ctx_len]
+        rows = mass[r:r + m.q_len]
+        if m.q_len == 1:
+            part = rows[0]
+        elif isinstance(layers, int):
+            part = rows.sum(0)
+        else:  # layer by layer as a contiguous [q_len, Hk, W]: torch's summation order follows the layout
+            part = torch.stack([rows[:, i].contiguous().sum(0) for i in range(rows.shape[1])])
+        m.acc[layers, ..., :m.ctx_len] += part[..., :m.ctx_len]
         r += m.q_len
 
 
@@ -228,9 +236,10 @@ class Attention(nn.Module):
         out = attend_rows(q, all_tables, torch.cat(row_lens))
         for span in ctx.prefills:
             if span.observe:
+                assert span.block_table is not None  # checked above
                 sl = slice(span.q_start, span.q_start + span.q_len)
-                span.scores.append(observation_scores(q[sl][-span.observe:], self._context_keys(span, q.dtype),
-                                                      self.scale))
+                keys = paged_keys(kc, ksc, span.block_table, span.ctx_len, q.dtype)  # the whole context's K
+                span.scores.append(observation_scores(q[sl][-span.observe:], keys, self.scale))
         self._accumulate_mass(q, ctx.mass)
         return out
 
@@ -249,19 +258,6 @@ class Attention(nn.Module):
         tables = torch.cat([F.pad(m.block_table, (0, width - m.block_table.shape[0])).expand(m.q_len, width)
                             for m in spans])
         add_mass(spans, attention_mass(q[rows], kc, self.k_scale, tables, lens, self.scale), self.layer_idx)
-
-    def _context_keys(self, span: PrefillSpan, dtype: torch.dtype) -> torch.Tensor:
-        """K of a prefill span's whole context ``[ctx_len, Hk, D]`` read back from the cache (dequantized
-        from an 8-bit cache): what SnapKV scores the observation window against."""
-        kc, ksc = self.k_cache, self.k_scale
-        assert kc is not None and span.block_table is not None
-        bs = kc.shape[1]
-        blocks = span.block_table[: (span.ctx_len + bs - 1) // bs].long()
-        ks = kc[blocks].reshape(-1, self.num_kv_heads, self.head_dim)[: span.ctx_len]
-        if kv_quant.is_quantized(kc.dtype):
-            assert ksc is not None
-            return kv_quant.dequantize_kv(ks, ksc[blocks].reshape(-1, self.num_kv_heads)[: span.ctx_len], dtype)
-        return ks.to(dtype)
 
 
 class MLP(nn.Module):
