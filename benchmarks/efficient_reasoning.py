@@ -25,6 +25,7 @@ import argparse
 import json
 import time
 from dataclasses import dataclass, field, replace
+from itertools import zip_longest
 from typing import Any
 
 from llmopt.batch.runner import answer
@@ -80,11 +81,11 @@ def params_for(s: Setting, args: argparse.Namespace) -> SamplingParams:
 
 
 def run_case(engine: LLMEngine, res: Result, items: list[Any], prompts: list[Any], graders: dict[str, Any],
-             params: SamplingParams, args: argparse.Namespace) -> None:
-    """Answer one test case (``items``) under ``res.setting`` and add it to ``res``."""
+             params: SamplingParams, args: argparse.Namespace, concurrency: int) -> None:
+    """Answer one test case (``items``, ``concurrency`` in flight) under ``res.setting`` and add it to ``res``."""
     before = dict(engine.stats)
     t0 = time.perf_counter()
-    outs = answer(engine, prompts, params, args.concurrency)
+    outs = answer(engine, prompts, params, concurrency)
     res.jct_s += time.perf_counter() - t0
     for it, out in zip(items, outs):
         text = (PREFILL if args.prefill_think else "") + out.text
@@ -128,10 +129,15 @@ def main() -> None:
     ap.add_argument("--loop-repeats", type=int, default=DEFAULT_REPEATS, help="loop_exit_repeats")
     ap.add_argument("--no-unlimited-variants", action="store_true",
                     help="with --loop-exit: skip the budget / early-exit settings without loop exit")
-    ap.add_argument("--jump-forward", choices=("off", "on", "both"), default="off",
-                    help="jump_forward (the format's scaffolding in one step): off; on for every setting; both: every "
-                         "setting without and with it (the plain unlimited stays the reference)")
-    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--jump-forward", choices=("off", "on", "rest", "both"), default="off",
+                    help="jump_forward (the format's scaffolding in one step): off; on for every setting; rest: every "
+                         "setting but the plain unlimited (the reference); both: every setting without and with it "
+                         "(the plain unlimited stays the reference)")
+    ap.add_argument("--concurrency", default="4",
+                    help="questions in flight per case; a comma-separated list gives case c the level c mod its "
+                         "length (mixed concurrency, as a competition case file: e.g. 1,4,8)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="alternate the suites' items (each case mixes math and logic) instead of suite after suite")
     ap.add_argument("--case-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--prefill-think", action="store_true")
@@ -143,16 +149,21 @@ def main() -> None:
     cfg = EvalConfig(model=args.model, suites=tuple(args.suites.split(",")), n=args.n, seed=args.seed)
     by_suite = build_items(cfg)
     items = [it for name in cfg.suites for it in by_suite[name]]
+    if args.interleave:  # round robin over the suites: math, logic, math, logic, ...
+        items = [it for group in zip_longest(*(by_suite[name] for name in cfg.suites)) for it in group if it]
+    levels = [int(x) for x in str(args.concurrency).split(",") if x]
+    if not levels or min(levels) < 1:
+        raise SystemExit("--concurrency: one or more positive integers, comma-separated")
     graders = {name: _suite(name, cfg) for name in cfg.suites}
     engine = LLMEngine(args.model, EngineConfig(num_threads=args.threads,
-                                                max_num_seqs=max(EngineConfig.max_num_seqs, args.concurrency)))
+                                                max_num_seqs=max(EngineConfig.max_num_seqs, *levels)))
     tok = engine.tokenizer
     prompts: list[Any] = [it.messages for it in items]
     if args.prefill_think:
         opener = tok.encode(PREFILL, add_special_tokens=False)
         prompts = [tok.apply_chat_template(m) + opener for m in prompts]
     # warm-up: loads the kernels and puts every prompt in the prefix cache, so no setting pays for that
-    answer(engine, prompts, SamplingParams(max_tokens=1, temperature=0.0), args.concurrency)
+    answer(engine, prompts, SamplingParams(max_tokens=1, temperature=0.0), max(levels))
     variants = [Setting(f"budget {b}", think_budget=int(b)) for b in args.budgets.split(",") if b]
     variants += [Setting(f"early exit {t}", threshold=float(t)) for t in args.thresholds.split(",") if t]
     for g in (x for x in args.gated.split(",") if x):
@@ -170,6 +181,9 @@ def main() -> None:
     if args.jump_forward == "on":
         for s in settings:
             s.jump, s.name = True, s.name + " + jf"
+    elif args.jump_forward == "rest":  # every setting but the plain unlimited (the reference) with it
+        for s in settings[1:]:
+            s.jump, s.name = True, s.name + " + jf"
     elif args.jump_forward == "both":  # every setting without and with it; the plain unlimited is the reference
         settings = [x for s in settings for x in (s, replace(s, name=s.name + " + jf", jump=True))]
     # interleaved: every case is answered under every setting before the next case (the order of the
@@ -183,7 +197,8 @@ def main() -> None:
         end = start + args.case_size
         for j in range(len(settings)):
             i = (j + c) % len(settings)
-            run_case(engine, results[i], items[start:end], prompts[start:end], graders, params[i], args)
+            run_case(engine, results[i], items[start:end], prompts[start:end], graders, params[i], args,
+                     levels[c % len(levels)])
         if args.records:
             with open(args.records, "a", encoding="utf-8") as f:
                 for r in results:
@@ -228,7 +243,8 @@ def main() -> None:
                          "loop_exit_accuracy": loop_acc,
                          "probe_tokens": r.probe_tokens, "think_tokens_saved": saved, "probe_prefix_hit_rate": hit})
     print(f"\nmodel {args.model}, suites {args.suites}, n={args.n} per suite ({len(items)} items), seed {args.seed}, "
-          f"max_tokens {args.max_tokens}, cases of {args.case_size} at concurrency {args.concurrency}, "
+          f"max_tokens {args.max_tokens}, cases of {args.case_size} at concurrency {args.concurrency}"
+          f"{' (cycled case by case)' if len(levels) > 1 else ''}{', suites interleaved' if args.interleave else ''}, "
           f"prefill_think={args.prefill_think}, threads={engine.config.num_threads}, min_gap={args.min_gap}, "
           f"probe_tokens={args.probe_tokens}, markers={args.markers}, loop_ngram={args.loop_ngram}, "
           f"loop_repeats={args.loop_repeats}, answer_budget={args.answer_budget} (all but unlimited), "
