@@ -20,6 +20,13 @@ last (the current token's) are always read, plus the best ``k - 2`` others (ties
 reads every block: the dense kernel's result bit for bit. One block set per kv head, so each K/V
 row is loaded once for the group.
 
+Pins (``kv_quest_pin``, engine/kv_policy.py): at the end of a prefill, each (layer, kv head) pins
+the blocks the prompt's observation window voted for (SnapKV's scores, :func:`quest_pins`); a pinned
+block ranks before every unpinned one, so it is read at every decode step while the ``k - 2`` places
+can hold it, inside the same budget. Pins are indices into the sequence's own block table (passed per
+step, uint8 ``[rows, Hk, max_blocks]``), so a block shared through the prefix cache or reused by
+another sequence is never pinned for a sequence that did not vote for it. No pins: the plain choice.
+
 The native kernels (``csrc/quest.cpp`` over ``csrc/quest.h``, shared with the fused decode step)
 run when they built; the ``*_ref`` twins are torch and define the semantics. ``LLMOPT_NATIVE=0``
 forces the references.
