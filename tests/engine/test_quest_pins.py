@@ -91,7 +91,6 @@ def test_pin_zero_is_plain_quest_and_pins_change_the_output(llama_dir):
     # the engine-wide setting equals the per-request one
     eng_wide = LLM(llama_dir, kv_policy="quest", kv_budget=0.25, kv_quest_pin=0.75, **KW)
     assert [o.logprobs for o in eng_wide.generate(_prompts(), _sp(None))] == [o.logprobs for o in pinned]
-    assert eng_wide.engine.scheduler is not None
 
 
 def test_pinned_batch_matches_each_sequence_alone_and_the_prefix_cache_serves_it(llama_dir):
@@ -114,14 +113,19 @@ def test_pinned_batch_matches_each_sequence_alone_and_the_prefix_cache_serves_it
         assert list(s2.output_ids) == list(seq.output_ids)
 
 
-def test_pins_go_with_the_sequence(llama_dir):
-    """A freed (finished or preempted) sequence drops its pins; a block another sequence reuses is
-    pinned only for the sequence that pinned it (pins are block-table indices of their sequence)."""
+def test_pins_go_with_the_sequence_not_with_the_blocks(llama_dir):
+    """A freed sequence drops its pins; blocks a pinned request computed and another request reuses
+    (through the prefix cache, or after they were freed) are not pinned for that request: a plain
+    Quest request reading them, after or next to a pinned one, equals plain Quest on a fresh engine."""
+    prompts = _prompts(3, seed=4)
+    fresh = LLM(llama_dir, kv_policy="quest", kv_budget=0.25, **KW).generate(prompts, _sp(0.0))
     llm = LLM(llama_dir, kv_policy="quest", kv_budget=0.25, **KW)
-    pins, seq = _pins_after_prefill(llm.engine, _prompts(1)[0], _sp(0.5))
-    assert pins is not None and seq.quest_pins is None and not seq.kv_compressed
-    other, _ = _pins_after_prefill(llm.engine, _prompts(1, seed=9)[0], _sp(0.0))
-    assert other is None
+    pins, seq = _pins_after_prefill(llm.engine, prompts[0], _sp(0.5))
+    assert pins is not None and int(pins.sum()) > 0 and seq.quest_pins is None and not seq.kv_compressed
+    after = llm.generate(prompts, _sp(0.0))  # prompts[0]'s blocks come from the pinned request
+    assert [o.logprobs for o in after] == [o.logprobs for o in fresh]
+    mixed = llm.generate([prompts[1], prompts[1], prompts[2]], [_sp(0.5), _sp(0.0), _sp(0.5)])
+    assert mixed[1].logprobs == fresh[1].logprobs and mixed[0].token_ids != fresh[1].token_ids
 
 
 def test_bad_pin_settings_are_refused_with_a_reason(llama_dir):
