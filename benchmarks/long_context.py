@@ -1,5 +1,5 @@
 """Long-context measurements: retrieval accuracy, long-text perplexity, decode speed and KV memory
-for KV cache policies (full / streaming / snapkv / h2o / quest) and KV element types, side by side in one run.
+for KV cache policies (full / streaming / snapkv / h2o / quest / quest+pinF) and KV element types, side by side in one run.
 
     python benchmarks/long_context.py retrieval --suite passkey --lengths 1024,2048 --depths 0,0.5,1 --n 1
     python benchmarks/long_context.py ppl --tokens 2048 --n 2 --kv-dtypes float32,int8
@@ -37,10 +37,18 @@ def _policies(text: str, budget: float | int) -> list[tuple[str, float | int | N
     return out
 
 
+def _policy_params(label: str) -> dict[str, Any]:
+    """SamplingParams fields of a policy label: ``quest+pin0.25`` is Quest with a quarter of each step's
+    block budget pinned by the prompt's vote (``kv_quest_pin``); other labels are the policy itself."""
+    if label.startswith("quest+pin"):
+        return {"kv_policy": "quest", "kv_quest_pin": float(label[len("quest+pin"):])}
+    return {"kv_policy": label}
+
+
 def _quest_engine(policies: list[tuple[str, float | int | None]]) -> dict[str, Any]:
     """EngineConfig fields for an engine that serves kv_policy 'quest' requests (it keeps the key
     summaries; the other policies stay per-request overrides on it)."""
-    budgets = [b for p, b in policies if p == "quest"]
+    budgets = [b for p, b in policies if p.startswith("quest")]
     return {"kv_policy": "quest", "kv_budget": budgets[0]} if budgets else {}
 
 
@@ -58,7 +66,7 @@ def retrieval(args: argparse.Namespace) -> dict[str, Any]:
                for it in items]
     rows = []
     for policy, b in policies:
-        params = SamplingParams(max_tokens=ANSWER_TOKENS, temperature=0.0, kv_policy=policy, kv_budget=b)
+        params = SamplingParams(max_tokens=ANSWER_TOKENS, temperature=0.0, kv_budget=b, **_policy_params(policy))
         recs = []
         t0 = time.perf_counter()
         for start in range(0, len(items), args.batch):
@@ -180,8 +188,8 @@ def decode(args: argparse.Namespace) -> dict[str, Any]:
         seqs = {}
         for kind, llm in engines.items():  # prefills (not timed)
             dt, policy, b = kind
-            params = SamplingParams(max_tokens=args.new + 1, temperature=0.0, ignore_eos=True,
-                                    kv_policy=None if policy in ("full", "short") else policy, kv_budget=b)
+            pp = {} if policy in ("full", "short") else _policy_params(policy)
+            params = SamplingParams(max_tokens=args.new + 1, temperature=0.0, ignore_eos=True, kv_budget=b, **pp)
             seqs[kind] = llm.engine.add_request(ids[-args.short:] if policy == "short" else ids, params)
             while not seqs[kind].output_ids:
                 llm.engine.step()
@@ -312,7 +320,8 @@ def main() -> None:
     r.add_argument("--lengths", default="1024,2048,4096,8192")
     r.add_argument("--depths", default="0,0.25,0.5,0.75,1")
     r.add_argument("--n", type=int, default=1)
-    r.add_argument("--policies", default="full,streaming,snapkv", help="comma list of full, streaming, snapkv, h2o, quest")
+    r.add_argument("--policies", default="full,streaming,snapkv", help="comma list of full, streaming, snapkv, h2o, quest, "
+                   "quest+pinF (Quest with the fraction F of its block budget pinned by the prompt's vote)")
     r.add_argument("--budget", default="0.25")
     r.add_argument("--kv-dtype", default="float32")
     r.add_argument("--batch", type=int, default=4)

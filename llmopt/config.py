@@ -138,6 +138,12 @@ def check_kv_policy(policy: str, budget: float | int | None, *, field: str = "kv
         raise ValueError(f"a kv_budget token count must be >= 1, got {budget}")
 
 
+def check_quest_pin(pin: float, *, field: str = "kv_quest_pin") -> None:
+    """ValueError unless ``pin`` is a fraction in [0, 1] (of Quest's per-step block budget)."""
+    if isinstance(pin, bool) or not isinstance(pin, (int, float)) or not 0.0 <= pin <= 1.0:
+        raise ValueError(f"{field} must be a fraction in [0, 1] of Quest's per-step block budget, got {pin!r}")
+
+
 def parse_kv_budget(text: str | None) -> float | int | None:
     """CLI spelling: ``"0.25"`` -> 0.25 (fraction), ``"2048"`` -> 2048 (tokens), ``None`` -> None."""
     if text is None or text.strip() == "":
@@ -156,9 +162,15 @@ class KVPolicy:
     sinks: int = 4
     window: int = 32
     pool: int = 15
+    # quest: fraction of each decode step's block budget that goes to the blocks the prompt's
+    # observation window voted for at the end of the prefill ("pinned", kernels/quest.py); 0: plain Quest
+    pin: float = 0.0
 
     def __post_init__(self) -> None:
         check_kv_policy(self.name, self.budget)
+        check_quest_pin(self.pin)
+        if self.pin and self.name != "quest":
+            raise ValueError(f"kv_quest_pin applies to kv_policy 'quest', not {self.name!r}")
         if self.name == "streaming" and isinstance(self.budget, int) and self.budget <= self.sinks:
             raise ValueError(f"kv_budget {self.budget} does not exceed kv_sinks {self.sinks}: a streaming cache "
                              f"keeps the sinks plus at least one recent token; raise kv_budget")
@@ -292,6 +304,9 @@ class EngineConfig:
     kv_window: int = 32  # snapkv, h2o: observation window (the last prompt tokens); h2o: also the recent rows kept
     kv_pool: int = 15  # snapkv, h2o (initial scores): max-pooled over this many neighbouring positions (odd)
     kv_quest_dense_layers: int = 2  # quest: the first layers attend densely (as in the Quest paper)
+    # quest: up to this fraction of each decode step's block budget goes to blocks pinned at the end of the
+    # prefill, per (layer, kv head), by the prompt's observation-window vote (SnapKV's scores); 0: plain Quest
+    kv_quest_pin: float = 0.0
     kv_dtype: str | None = None  # KV cache element type: None = dtype; "float32", "bfloat16" or "int8"
 
     def __post_init__(self) -> None:
@@ -307,6 +322,7 @@ class EngineConfig:
             raise ValueError(f"kv_pool must be an odd number >= 1, got {self.kv_pool}")
         if self.kv_quest_dense_layers < 0:
             raise ValueError(f"kv_quest_dense_layers must be >= 0, got {self.kv_quest_dense_layers}")
+        check_quest_pin(self.kv_quest_pin)
         self.kv_policy_for(self.kv_policy, self.kv_budget)  # a bad policy or budget: ValueError now
         if self.kv_dtype is not None and self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)} (or None: the model's dtype), "
@@ -320,19 +336,21 @@ class EngineConfig:
         if self.kernels is None:
             self.kernels = KernelSettings.from_env()
 
-    def kv_policy_for(self, policy: str | None = None, budget: float | int | None = None) -> KVPolicy | None:
-        """The ``KVPolicy`` for a request's (policy, budget) override, or the engine's; None for
-        'full'. ValueError for a bad pair, naming what is wrong."""
+    def kv_policy_for(self, policy: str | None = None, budget: float | int | None = None,
+                      quest_pin: float | None = None) -> KVPolicy | None:
+        """The ``KVPolicy`` for a request's (policy, budget, Quest pin fraction) override, or the
+        engine's; None for 'full'. ValueError for a bad pair, naming what is wrong."""
         if policy is None:
             policy, budget = self.kv_policy, self.kv_budget if budget is None else budget
         check_kv_policy(policy, budget)
         if policy == "full":
             return None
         assert budget is not None
-        if policy in ("snapkv", "h2o") and self.kv_window > self.max_num_batched_tokens:
+        pin = (self.kv_quest_pin if quest_pin is None else quest_pin) if policy == "quest" else 0.0
+        if (policy in ("snapkv", "h2o") or pin) and self.kv_window > self.max_num_batched_tokens:
             raise ValueError(f"{policy} needs kv_window ({self.kv_window}) <= max_num_batched_tokens "
                              f"({self.max_num_batched_tokens}): the prefill's last chunk holds the whole window")
-        return KVPolicy(policy, budget, self.kv_sinks, self.kv_window, self.kv_pool)
+        return KVPolicy(policy, budget, self.kv_sinks, self.kv_window, self.kv_pool, pin)
 
     @property
     def kernel_settings(self) -> KernelSettings:

@@ -174,7 +174,7 @@ class LLMEngine:
             raise PromptTooLongError(f"the prompt has {len(ids)} tokens but the context window fits "
                                      f"{self.max_model_len} (prompt + at least one new token); shorten it")
         seq = Sequence(ids, params, self.tokenizer, request_id, text)
-        seq.kv_policy = self.config.kv_policy_for(params.kv_policy, params.kv_budget)
+        seq.kv_policy = self.config.kv_policy_for(params.kv_policy, params.kv_budget, params.kv_quest_pin)
         if seq.kv_policy is not None and params.kv_policy is not None:
             self._check_compressible()
         if seq.kv_policy is not None and seq.kv_policy.name == "quest" and self.runner.k_min is None:

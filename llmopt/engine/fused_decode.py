@@ -158,6 +158,16 @@ def _row_tables(ctx, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([F.pad(t, (0, width - t.shape[1])) for t in tables]), torch.cat(lens)
 
 
+def _quest_pins(ctx, m: int, width: int) -> torch.Tensor | None:
+    """Quest pins of the step's rows as the native step takes them: uint8 [m, layers, Hk, width] (rows
+    past the decode rows, chained prompt rows, read every block and have none), or None."""
+    pins = getattr(ctx, "decode_pins", None)
+    if pins is None:
+        return None
+    pins = pins[..., :width]
+    return F.pad(pins, (0, width - pins.shape[-1], 0, 0, 0, 0, 0, m - pins.shape[0])).contiguous()
+
+
 class FusedDecoder:
     """``run(input_ids, positions, ctx)`` -> final-normed hidden states ``[M, hidden]`` of a step, or
     ``None`` when this step must take the op-by-op path (int4 linears: more rows than the
@@ -305,7 +315,8 @@ class FusedDecoder:
                 spans = getattr(ctx, "mass", None)  # H2O rows: their attention mass, filled by the step
                 if not spans:
                     self.steps += 1
-                    return self.step.run(x.contiguous(), positions, ctx.slot_mapping, tables, lens, chained, topk)
+                    return self.step.run(x.contiguous(), positions, ctx.slot_mapping, tables, lens, chained, topk,
+                                         None, None, _quest_pins(ctx, m, tables.shape[1]))
                 if topk is None:
                     self.steps += 1
                     return self._run_with_mass(x, positions, ctx.slot_mapping, tables, lens, chained, spans)

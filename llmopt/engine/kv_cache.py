@@ -69,6 +69,9 @@ class BlockManager:
         if self.enable_prefix_caching and _caches_prefix(seq):
             # at least one token must be computed to get logits, so the last token is never a hit
             full = (len(seq) - 1) // self.block_size
+            p = seq.kv_policy
+            if p is not None and p.pin and not seq.kv_compressed:  # quest pins: the window's queries are computed
+                full = min(full, max(0, len(seq) - p.window) // self.block_size)
             for h in self._hashes(seq, full):
                 bid = self.cached.get(h)
                 if bid is None:
@@ -158,3 +161,4 @@ class BlockManager:
         seq.num_hashed_blocks = 0
         seq.num_evicted = 0
         seq.kv_compressed = False
+        seq.quest_pins = None

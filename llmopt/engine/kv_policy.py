@@ -58,11 +58,14 @@ layers are refused (their windows count rows, which no longer are positions).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from llmopt.config import KV_POLICIES, KVPolicy, check_kv_policy, parse_kv_budget
 from llmopt.kernels.kv_select import observation_scores
+from llmopt.kernels.quest import quest_pins
 
 __all__ = ["KV_POLICIES", "KVCompressor", "KVPolicy", "check_kv_policy", "h2o_initial_scores", "h2o_keep",
            "observation_scores", "parse_kv_budget", "snapkv_keep"]
@@ -127,8 +130,11 @@ class KVCompressor:
     def after_step(self, seq, observed: list[torch.Tensor] | None) -> None:
         """``observed``: SnapKV scores per layer ([Hk, rows]) if this step ended the prefill."""
         policy: KVPolicy | None = seq.kv_policy
+        if policy is not None and policy.pin and not seq.kv_compressed and seq.num_computed_tokens >= len(seq):
+            seq.kv_compressed = True  # quest with pins: pin the blocks the prompt's window voted for, once
+            seq.quest_pins = self._quest_pins(seq, observed, policy)
         if policy is None or policy.name == "quest" or seq.num_computed_tokens < len(seq):
-            return  # full cache, or still prefilling (compression waits for the whole prompt)
+            return  # full cache, quest (reads fewer rows, evicts none), or still prefilling
         if not seq.kv_compressed:
             seq.kv_compressed = True
             keep = policy.tokens(seq.kv_len)
@@ -160,6 +166,22 @@ class KVCompressor:
             shape = self.caches[0].shape
             return torch.zeros(shape[0], shape[3], seq.kv_len)
         return torch.stack([h2o_initial_scores(s, policy.window, policy.pool) for s in observed])
+
+    def _quest_pins(self, seq, observed: list[torch.Tensor] | None, policy: KVPolicy) -> torch.Tensor | None:
+        """Quest with pins: uint8 [layers, kv_heads, blocks] (block-table indices), each (layer, kv head)'s
+        ``floor(pin * k)`` best-voted prompt blocks (``quest.quest_pins``), ``k`` the blocks a decode step
+        reads at the end of the prefill (at most ``k - 2``: the first and the current block are read
+        anyway); None when nothing is pinned (a prompt of no more than the window, a tiny budget)."""
+        if observed is None:
+            return None
+        bs = self.block_size
+        b = policy.budget
+        rows = math.ceil(b * (seq.kv_len + 1)) if isinstance(b, float) else int(b)
+        k = max(2, -(-rows // bs))
+        n_pin = min(math.floor(policy.pin * k + 1e-9), k - 2)
+        if n_pin <= 0:
+            return None
+        return torch.stack([quest_pins(s, n_pin, bs, min(policy.window, s.shape[-1]), policy.pool) for s in observed])
 
     def _slots(self, seq, rows: torch.Tensor) -> torch.Tensor:
         bt = torch.tensor(seq.block_table, dtype=torch.long)

@@ -97,6 +97,19 @@ class ModelRunner:
         keep = p.tokens(context_len)
         return 0 if keep is None else -(-keep // self.block_size)
 
+    def _quest_pins(self, seqs: list[Sequence], topk: list[int], width: int) -> torch.Tensor | None:
+        """uint8 [rows, layers, kv_heads, width]: the pinned blocks (block-table indices) of each Quest
+        row, zeros for rows without pins; None when no row has any."""
+        if not any(s.quest_pins is not None and k for s, k in zip(seqs, topk)):
+            return None
+        c = self.model.cfg
+        out = torch.zeros(len(seqs), c.num_layers, c.num_kv_heads, width, dtype=torch.uint8)
+        for i, (s, k) in enumerate(zip(seqs, topk)):
+            if s.quest_pins is not None and k:
+                n = min(width, s.quest_pins.shape[-1])
+                out[i, :, :, :n] = s.quest_pins[:, :, :n]
+        return out
+
     def _slots(self, seq: Sequence, start: int, n: int) -> list[int]:
         """Cache slots of tokens ``start..start+n-1``: token p lives at row ``p - num_evicted``."""
         bs, bt = self.block_size, seq.block_table
@@ -106,11 +119,12 @@ class ModelRunner:
     @staticmethod
     def _observe(seq: Sequence, end: int) -> int:
         """SnapKV observation window to score in a prefill chunk that ends at token ``end``, or 0
-        (h2o: always, its starting attention mass; the whole prompt if shorter than the window)."""
+        (h2o: always, its starting attention mass; quest with pins: always, its pinned blocks; the whole
+        prompt if shorter than the window)."""
         p = seq.kv_policy
-        if p is None or p.name not in ("snapkv", "h2o") or seq.kv_compressed or end != len(seq):
+        if p is None or (p.name not in ("snapkv", "h2o") and not p.pin) or seq.kv_compressed or end != len(seq):
             return 0
-        if p.name == "h2o":
+        if p.name != "snapkv":  # h2o, quest with pins
             return min(p.window, len(seq))
         return 0 if p.tokens(len(seq)) is None else p.window
 
@@ -178,6 +192,7 @@ class ModelRunner:
                                        "(EngineConfig(kv_policy='quest'))")
                 ctx.decode_topk = torch.tensor(topk, dtype=torch.int32)
                 ctx.quest_dense_layers = self.quest_dense_layers
+                ctx.decode_pins = self._quest_pins([s for s, _ in decodes], topk, width)
         input_ids, positions = torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long)
         fused_hidden = None
         if self.fused is not None:  # decode rows and short prefill chunks (chained rows); else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from llmopt.config import check_kv_policy
+from llmopt.config import check_kv_policy, check_quest_pin
 from llmopt.reasoning.budget import check_answer_budget, check_gated_budget, check_think_budget
 from llmopt.reasoning.early_exit import (
     DEFAULT_MARKERS,
@@ -67,6 +67,9 @@ class SamplingParams:
     # kv_budget with a policy: fraction of the prompt in (0, 1] or a token count
     kv_policy: str | None = None
     kv_budget: float | int | None = None
+    # kv_policy 'quest': the fraction of each step's block budget pinned by the prompt's vote (None: the
+    # engine's EngineConfig.kv_quest_pin)
+    kv_quest_pin: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -97,6 +100,8 @@ class SamplingParams:
             check_kv_policy(self.kv_policy, self.kv_budget)
         elif self.kv_budget is not None:
             raise ValueError("kv_budget needs kv_policy ('streaming', 'snapkv', 'h2o' or 'quest') in the same request")
+        if self.kv_quest_pin is not None:
+            check_quest_pin(self.kv_quest_pin)
         check_think_budget(self.think_budget)
         check_answer_budget(self.answer_budget)
         check_gated_budget(self.think_budget, self.think_budget_threshold, self.think_budget_max)

@@ -98,8 +98,8 @@ class Scheduler:
         alone, so a sequence is cut the same way in any batch it fits."""
         p = seq.kv_policy
         remaining = seq.num_to_compute
-        if p is None or p.name not in ("snapkv", "h2o") or seq.kv_compressed or n >= remaining:
-            return n
+        if p is None or (p.name not in ("snapkv", "h2o") and not p.pin) or seq.kv_compressed or n >= remaining:
+            return n  # (quest with pins observes the window like h2o, whatever the budget)
         if p.name == "snapkv" and p.tokens(len(seq)) is None:  # h2o scores even an uncompressed prompt
             return n
         window = min(p.window, len(seq))  # h2o observes a prompt shorter than the window whole

@@ -69,6 +69,9 @@ class Sequence:
         # h2o: attention mass accumulated per (layer, kv head, cache row), float32 [layers, kv_heads, >= kv_len]
         # (columns past kv_len are zero); set when the prefill ends, updated by every later step
         self.kv_scores: torch.Tensor | None = None
+        # quest with a pin fraction: the blocks (indices into block_table) each (layer, kv head) always reads,
+        # uint8 [layers, kv_heads, prompt blocks], voted at the end of the prefill (kernels/quest.py quest_pins)
+        self.quest_pins: torch.Tensor | None = None
         self.kv_rows_at_finish: int | None = None
         self.num_cached_tokens = 0  # of the prompt, how many came from the prefix cache (last admission)
         self.num_hashed_blocks = 0  # leading blocks registered in the prefix cache

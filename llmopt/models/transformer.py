@@ -96,6 +96,9 @@ class AttnContext:
     # (0: every block); None: all dense. Layers below quest_dense_layers attend densely.
     decode_topk: torch.Tensor | None = None
     quest_dense_layers: int = 0
+    # Quest pins: uint8 [num_decode, layers, kv_heads, max_blocks], nonzero where a row's block (index into
+    # its block table) is pinned for that layer and kv head (read first, within topk); None: no pins
+    decode_pins: torch.Tensor | None = None
     # H2O attention mass to accumulate (one entry per h2o sequence with rows in the step)
     mass: list[MassSpan] = field(default_factory=list)
 
@@ -208,8 +211,12 @@ class Attention(nn.Module):
         def attend_rows(qr: torch.Tensor, tb: torch.Tensor, ln: torch.Tensor) -> torch.Tensor:
             if topk is not None:  # decode rows read their top blocks; prefill rows (topk 0) every block
                 tk = F.pad(topk, (0, qr.shape[0] - topk.shape[0]))
+                pins = None
+                if ctx.decode_pins is not None:
+                    p = ctx.decode_pins[:, self.layer_idx]
+                    pins = F.pad(p, (0, tb.shape[1] - p.shape[2], 0, 0, 0, qr.shape[0] - p.shape[0]))
                 return quest.quest_decode_attention(qr, kc, vc, ksc, vsc, self.k_min, self.k_max, tb, ln, tk,  # type: ignore[arg-type]
-                                                    self.scale)
+                                                    self.scale, pins)
             if quant:
                 return kv_quant.paged_decode_attention_int8(qr, kc, vc, ksc, vsc, tb, ln,  # type: ignore[arg-type]
                                                             self.scale, self.window)

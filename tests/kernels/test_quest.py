@@ -168,3 +168,90 @@ def test_a_narrow_block_holding_the_matching_key_outranks_a_wide_block_of_unrela
     got = quest.quest_decode_attention(q, kc, vc, None, None, kmin, kmax, tables, cl, topk, 1.0)
     dense = ops.paged_decode_attention(q, kc, vc, tables, cl, 1.0)
     torch.testing.assert_close(got, dense, rtol=0, atol=2e-3)
+
+
+def _random_pins(B: int, MB: int, per_head: int, seed: int) -> torch.Tensor:
+    """uint8 [B, HK, MB]: ``per_head`` random pinned block indices per (row, kv head)."""
+    g = torch.Generator().manual_seed(seed)
+    pins = torch.zeros(B, HK, MB, dtype=torch.uint8)
+    for b in range(B):
+        for h in range(HK):
+            pins[b, h, torch.randperm(MB, generator=g)[:per_head]] = 1
+    return pins
+
+
+@pytest.mark.parametrize("int8", [False, True, torch.float8_e4m3fn])
+def test_pinned_blocks_are_read_within_the_budget_native_equals_reference(int8):
+    """Pins (kv_quest_pin): the native selection and attention equal the torch reference; every
+    pinned block between the first and the current one is read while k - 2 places can hold them, and
+    the budget does not grow; the rest of the places go to the best-scoring unpinned blocks."""
+    lens = [300, 260, 150, 77]
+    kc, vc, ks, vs, kmin, kmax, tables = _cache(lens, int8, seed=7)
+    q = torch.randn(len(lens), HK * G, D, generator=torch.Generator().manual_seed(8))
+    cl = torch.tensor(lens, dtype=torch.int32)
+    topk = torch.tensor([6, 5, 4, 3], dtype=torch.int32)
+    MB = tables.shape[1]
+    pins = _random_pins(len(lens), MB, 3, seed=9)
+    sel = quest.quest_select(q, kmin, kmax, tables, cl, topk, BS, SCALE, pins)
+    ref = quest.quest_select_ref(q, kmin, kmax, tables, cl, topk, BS, SCALE, pins=pins)
+    assert torch.equal(sel, ref)
+    plain = quest.quest_select_ref(q, kmin, kmax, tables, cl, topk, BS, SCALE)
+    assert not torch.equal(sel, plain)  # the pins changed the choice
+    for b, n in enumerate(lens):
+        nb, k = (n + BS - 1) // BS, int(topk[b])
+        for h in range(HK):
+            chosen = sel[b, h, :nb]
+            assert int(chosen.sum()) == k and bool(chosen[0]) and bool(chosen[nb - 1])  # the budget, sinks, current
+            mid = [j for j in range(1, nb - 1) if pins[b, h, j]]
+            if len(mid) <= k - 2:
+                assert all(bool(chosen[j]) for j in mid), (b, h, mid)
+                # the unpinned places: the plain rule's order among the unpinned blocks
+                free = [j for j in range(1, nb - 1) if chosen[j] and not pins[b, h, j]]
+                assert len(free) == k - 2 - len(mid)
+            else:  # more pins than places: only pinned blocks, still k of them
+                assert all(bool(pins[b, h, j]) for j in range(1, nb - 1) if chosen[j])
+    got = quest.quest_decode_attention(q, kc, vc, ks, vs, kmin, kmax, tables, cl, topk, SCALE, pins)
+    want = quest.quest_decode_attention_ref(q, kc, vc, ks, vs, kmin, kmax, tables, cl, topk, SCALE, pins)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_no_pins_is_plain_quest_bit_for_bit_and_a_pinned_row_alone_equals_it_in_a_batch(int8):
+    lens = [300, 150, 77, 260]
+    kc, vc, ks, vs, kmin, kmax, tables = _cache(lens, int8, seed=11)
+    q = torch.randn(len(lens), HK * G, D, generator=torch.Generator().manual_seed(12))
+    cl = torch.tensor(lens, dtype=torch.int32)
+    topk = torch.tensor([5, 0, 3, 4], dtype=torch.int32)
+    plain = quest.quest_decode_attention(q, kc, vc, ks, vs, kmin, kmax, tables, cl, topk, SCALE)
+    zeros = torch.zeros(len(lens), HK, tables.shape[1], dtype=torch.uint8)
+    assert torch.equal(quest.quest_decode_attention(q, kc, vc, ks, vs, kmin, kmax, tables, cl, topk, SCALE, zeros),
+                       plain)
+    pins = _random_pins(len(lens), tables.shape[1], 2, seed=13)
+    batched = quest.quest_decode_attention(q, kc, vc, ks, vs, kmin, kmax, tables, cl, topk, SCALE, pins)
+    for b in range(len(lens)):
+        alone = quest.quest_decode_attention(q[b:b + 1], kc, vc, ks, vs, kmin, kmax, tables[b:b + 1], cl[b:b + 1],
+                                             topk[b:b + 1], SCALE, pins[b:b + 1])
+        assert torch.equal(alone[0], batched[b])
+    with pytest.raises(RuntimeError, match="pins"):
+        quest.quest_decode_attention(q, kc, vc, ks, vs, kmin, kmax, tables, cl, topk, SCALE,
+                                     pins[:, :1].contiguous())
+
+
+def test_pins_are_each_heads_best_voted_blocks():
+    """quest_pins: a block's vote is its best max-pooled row before the window; the first block and
+    the window's own rows vote for nothing; ties go to the lower block."""
+    C, W, bs = 100, 8, 10  # 10 blocks; rows 92-99 are the window (block 9)
+    s = torch.zeros(2, C)
+    s[0, 5] = 9.0  # block 0: never pinned
+    s[0, 95] = 9.0  # the window: never pinned
+    s[0, 43] = 3.0  # block 4 (pooled over 5: rows 41-45)
+    s[0, 71] = 2.0  # block 7 (and row 69 in block 6 sees it through the pool)
+    s[1, 25] = 1.0  # block 2 (pooled: rows 23-27)
+    s[1, 35] = 1.0  # block 3, a tie with block 2
+    pins = quest.quest_pins(s, 2, bs, W, 5)
+    assert pins.shape == (2, 10) and pins.dtype == torch.uint8
+    assert pins[0].nonzero().flatten().tolist() == [4, 6]  # 4, then the tie between 6 and 7: the lower
+    assert pins[1].nonzero().flatten().tolist() == [2, 3]
+    assert quest.quest_pins(s, 1, bs, W, 1)[0].nonzero().flatten().tolist() == [4]
+    assert int(quest.quest_pins(s, 0, bs, W, 5).sum()) == 0
+    assert int(quest.quest_pins(torch.zeros(2, 12), 2, bs, W, 1).sum()) == 0  # no row before the window past block 0

@@ -434,13 +434,15 @@ class DecodeStep {
   // K / V row is written before any attention reads (one barrier more per layer); the same bits as
   // running the rows one step at a time. Returns the final-normed hidden states [M, H].
   // topk: int32 [M] Quest blocks per row (0: every block), or empty: no row is sparse.
+  // pins (Quest, kv_quest_pin): uint8 [M, layers, Hk, max_blocks], nonzero where a row's block (index
+  // into its block table) is pinned for that layer and kv head (quest.h select_blocks), or empty: none.
   // mass (H2O, engine/kv_policy.py): float32 [M, layers, Hk, W], zeros, filled for the rows whose
   // mass_rows (int32 [M]) entry is nonzero with fused_kernels.h attention_mass_row (the op-by-op
   // forward's kv_select.attention_mass: the same scores and bits) over their context (<= W).
   at::Tensor run(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& slots,
                  const at::Tensor& block_tables, const at::Tensor& context_lens, bool chained,
                  const c10::optional<at::Tensor>& topk_opt, const c10::optional<at::Tensor>& mass_opt,
-                 const c10::optional<at::Tensor>& mass_rows_opt) {
+                 const c10::optional<at::Tensor>& mass_rows_opt, const c10::optional<at::Tensor>& pins_opt) {
     TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 &&
                     x.size(1) == H_,
                 "x must be a contiguous float32 [M, ", H_, "] tensor");
@@ -457,6 +459,15 @@ class DecodeStep {
     TORCH_CHECK(!sparse || (idx_ok(topk, at::kInt, 1) && topk.size(0) == x.size(0) && defined(qmin_)),
                 "topk must be a contiguous int32 [M] tensor, given after set_quest");
     const int32_t* tk = sparse ? topk.data_ptr<int32_t>() : nullptr;
+    const uint8_t* pins = nullptr;
+    if (pins_opt.has_value() && pins_opt->defined() && pins_opt->numel() > 0) {
+      const at::Tensor& pt = *pins_opt;
+      TORCH_CHECK(sparse && pt.device().is_cpu() && pt.scalar_type() == at::kByte && pt.is_contiguous() &&
+                      pt.dim() == 4 && pt.size(0) == M && pt.size(1) == num_layers() && pt.size(2) == Hk_ &&
+                      pt.size(3) == block_tables.size(1),
+                  "pins must be a contiguous uint8 [M, layers, Hk, max_blocks] tensor, given with topk");
+      pins = pt.data_ptr<uint8_t>();
+    }
     float* mw = nullptr;
     const int32_t* mrow = nullptr;
     int64_t mlen = 0;
@@ -489,6 +500,8 @@ class DecodeStep {
     auto out = at::empty({M, H_}, x.options());
     if (M == 0) return out;
     std::lock_guard<std::mutex> guard(mu_);  // the step's buffers are shared: one call at a time
+    qpin_ = pins;  // read by quest_attend during this call only
+    qpin_mb_ = block_tables.size(1);
     const int64_t NB = layers_[0].kc.size(0), BS = layers_[0].kc.size(1), MB = block_tables.size(1);
     const int64_t* pos = positions.data_ptr<int64_t>();
     const int64_t* slot = slots.data_ptr<int64_t>();
@@ -899,9 +912,10 @@ class DecodeStep {
                     const llmopt_kv8::PagedKV8* kv8, ThreadScratch& ts) {
     if (tk == nullptr || tk[b] <= 0 || li < quest_dense_ || L.window > 0) return false;
     const int64_t off = li * qmin_.size(1) * Hk_ * D_;
+    const uint8_t* pin = qpin_ == nullptr ? nullptr : qpin_ + ((b * num_layers() + li) * Hk_ + kvh) * qpin_mb_;
     llmopt_quest::attend_item(ts.qs.data(), G, D_, kv, kv8, btb, BS, Hk_, kvh, Lc, tk[b], qmin_.data_ptr<float>() + off,
                               qmax_.data_ptr<float>() + off, ts.quest, ts.m.data(), ts.l.data(), ts.acc.data(),
-                              ts.sc.data());
+                              ts.sc.data(), pin);
     return true;
   }
 
@@ -921,6 +935,8 @@ class DecodeStep {
   std::vector<Layer> layers_;
   at::Tensor qmin_, qmax_;  // Quest summaries (set_quest), undefined: none
   int64_t quest_dense_ = 0;
+  const uint8_t* qpin_ = nullptr;  // Quest pins of the running call (run's pins), null: none
+  int64_t qpin_mb_ = 0;
   std::vector<float> resid_, h_, qkv_, att_, gu_, act_, y_, sx_, xsum_, part_m_, part_l_, part_acc_;
   std::vector<int8_t> xq_;
   std::vector<ThreadScratch> scratch_;
@@ -1046,7 +1062,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_quest", &DecodeStep::set_quest, py::arg("kmin"), py::arg("kmax"), py::arg("dense_layers"))
       .def("run", &DecodeStep::run, py::arg("x"), py::arg("positions"), py::arg("slots"), py::arg("block_tables"),
            py::arg("context_lens"), py::arg("chained") = false, py::arg("topk") = py::none(),
-           py::arg("mass") = py::none(), py::arg("mass_rows") = py::none(), py::call_guard<py::gil_scoped_release>())
+           py::arg("mass") = py::none(), py::arg("mass_rows") = py::none(), py::arg("pins") = py::none(),
+           py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("num_layers", &DecodeStep::num_layers);
   py::class_<I8Linear>(m, "I8Linear")
       .def(py::init<at::Tensor, at::Tensor, int64_t, int64_t, c10::optional<at::Tensor>>(), py::arg("qweight"),

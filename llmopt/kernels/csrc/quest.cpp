@@ -30,6 +30,21 @@ inline int num_threads() { return std::max(1, at::get_num_threads()); }
 
 using llmopt_quest::kTile;
 
+// pins: undefined / None, or a contiguous uint8 [B, Hk, MB] tensor (nonzero: the row's block index j is
+// pinned for that kv head); the item (b, h)'s row of it, or null.
+const uint8_t* check_pins(const std::optional<at::Tensor>& pins, int64_t B, int64_t Hk, int64_t MB) {
+  if (!pins.has_value() || !pins->defined()) return nullptr;
+  const at::Tensor& p = *pins;
+  TORCH_CHECK(p.device().is_cpu() && p.scalar_type() == at::kByte && p.dim() == 3 && p.is_contiguous() &&
+                  p.size(0) == B && p.size(1) == Hk && p.size(2) == MB,
+              "pins must be a contiguous CPU uint8 [B, Hk, max_blocks] tensor matching block_tables");
+  return p.data_ptr<uint8_t>();
+}
+
+inline const uint8_t* pin_of(const uint8_t* pins, int64_t b, int64_t Hk, int64_t h, int64_t MB) {
+  return pins == nullptr ? nullptr : pins + (b * Hk + h) * MB;
+}
+
 void check_summaries(const at::Tensor& kmin, const at::Tensor& kmax, int64_t NB, int64_t Hk, int64_t D) {
   for (const at::Tensor* t : {&kmin, &kmax})
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 3 && t->is_contiguous() &&
@@ -64,7 +79,8 @@ void quest_update_(at::Tensor& kmin, at::Tensor& kmax, const at::Tensor& rows, c
 at::Tensor quest_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale,
                                   const at::Tensor& kmin, const at::Tensor& kmax, const at::Tensor& block_tables,
-                                  const at::Tensor& context_lens, const at::Tensor& topk, double scale) {
+                                  const at::Tensor& context_lens, const at::Tensor& topk, double scale,
+                                  const std::optional<at::Tensor>& pins) {
   TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat && q.dim() == 3 && q.is_contiguous(),
               "q must be a contiguous CPU float32 [B, Hq, D] tensor");
   const bool fp8 = k_cache.scalar_type() == at::kFloat8_e4m3fn;
@@ -89,6 +105,7 @@ at::Tensor quest_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   const int32_t* bt = block_tables.data_ptr<int32_t>();
   const int32_t* cl = context_lens.data_ptr<int32_t>();
   const int32_t* kp = topk.data_ptr<int32_t>();
+  const uint8_t* pp = check_pins(pins, B, Hk, MB);
   auto out = at::zeros({B, Hq, D}, q.options());
   if (B == 0 || Hq == 0 || D == 0) return out;
   const float* qp = q.data_ptr<float>();
@@ -119,7 +136,7 @@ at::Tensor quest_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
                                       k_scale->data_ptr<float>() + h, v_scale->data_ptr<float>() + h, bt + b * MB, BS,
                                       Hk, fp8};
         llmopt_quest::attend_item(qs.data(), G, D, nullptr, &kv, bt + b * MB, BS, Hk, h, L, kp[b], mn, mx, scratch,
-                                  m.data(), l.data(), acc.data(), sc.data());
+                                  m.data(), l.data(), acc.data(), sc.data(), pin_of(pp, b, Hk, h, MB));
         for (int64_t g = 0; g < G; ++g) {  // kv_int8.cpp's store
           if (l[g] <= 0.0f) continue;
           float* dst = op + (b * Hq + h * G + g) * D;
@@ -131,7 +148,7 @@ at::Tensor quest_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
                                    k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
                                    bt + b * MB, BS};
         llmopt_quest::attend_item(qs.data(), G, D, &kv, nullptr, bt + b * MB, BS, Hk, h, L, kp[b], mn, mx, scratch,
-                                  m.data(), l.data(), acc.data(), sc.data());
+                                  m.data(), l.data(), acc.data(), sc.data(), pin_of(pp, b, Hk, h, MB));
         for (int64_t g = 0; g < G; ++g) {  // fused.cpp's store (one split)
           float* dst = op + (b * Hq + h * G + g) * D;
           if (l[g] > 0.0f) {
@@ -149,7 +166,7 @@ at::Tensor quest_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
 // then -1.
 at::Tensor quest_select(const at::Tensor& q, const at::Tensor& kmin, const at::Tensor& kmax,
                         const at::Tensor& block_tables, const at::Tensor& context_lens, const at::Tensor& topk,
-                        int64_t block_size, double scale) {
+                        int64_t block_size, double scale, const std::optional<at::Tensor>& pins) {
   TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kFloat && q.dim() == 3 && q.is_contiguous(),
               "q must be a contiguous CPU float32 [B, Hq, D] tensor");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.is_contiguous() && block_tables.dim() == 2 &&
@@ -159,6 +176,7 @@ at::Tensor quest_select(const at::Tensor& q, const at::Tensor& kmin, const at::T
   check_summaries(kmin, kmax, kmin.size(0), Hk, D);
   TORCH_CHECK(Hq % Hk == 0, "Hq must be a multiple of Hk");
   const int64_t G = Hq / Hk;
+  const uint8_t* pp = check_pins(pins, B, Hk, MB);
   auto out = at::full({B, Hk, MB}, -1, block_tables.options());
   int32_t* op = out.data_ptr<int32_t>();
   llmopt_quest::Scratch s;
@@ -174,7 +192,7 @@ at::Tensor quest_select(const at::Tensor& q, const at::Tensor& kmin, const at::T
       const int64_t ns = llmopt_quest::select_blocks(
           qs.data(), G, D, kmin.data_ptr<float>(), kmax.data_ptr<float>(),
           block_tables.data_ptr<int32_t>() + b * MB, Hk, h, nb, topk.data_ptr<int32_t>()[b], s.score.data(),
-          s.order.data(), s.sel.data());
+          s.order.data(), s.sel.data(), pin_of(pp, b, Hk, h, MB));
       for (int64_t i = 0; i < ns; ++i) op[(b * Hk + h) * MB + i] = static_cast<int32_t>(s.sel[i]);
     }
   }
@@ -190,8 +208,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quest_decode_attention", &quest_decode_attention,
         "single-token paged attention over the top-k blocks per (row, kv head) chosen from key summaries",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("k_scale"), py::arg("v_scale"), py::arg("kmin"),
-        py::arg("kmax"), py::arg("block_tables"), py::arg("context_lens"), py::arg("topk"), py::arg("scale"), nogil());
+        py::arg("kmax"), py::arg("block_tables"), py::arg("context_lens"), py::arg("topk"), py::arg("scale"),
+        py::arg("pins") = py::none(), nogil());
   m.def("quest_select", &quest_select, "the blocks each (row, kv head) reads (tests)", py::arg("q"), py::arg("kmin"),
         py::arg("kmax"), py::arg("block_tables"), py::arg("context_lens"), py::arg("topk"), py::arg("block_size"),
-        py::arg("scale"), nogil());
+        py::arg("scale"), py::arg("pins") = py::none(), nogil());
 }

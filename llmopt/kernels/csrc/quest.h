@@ -16,6 +16,10 @@
 // not outvoted by the group. The first block (attention sinks) and the last
 // (the current token's) are always read, plus the best k - 2 others (ties: the lower block index).
 // k <= 0 or k >= the block count: every block, which is exactly the dense kernel's token walk.
+// Pins (kv_quest_pin, engine/kv_policy.py): blocks the prompt's observation window voted for at the
+// end of the prefill, per (layer, kv head); a pinned block ranks before every unpinned one (pinned
+// blocks among themselves by score), so it is read whenever the k - 2 places can hold it, inside
+// the same budget. No pins: the plain choice, bit for bit.
 // Attention then walks the chosen blocks' tokens in ascending order in kTile-token tiles with the
 // dense kernel's tile step (llmopt_f::attend_tile), so reading every block gives the dense bits.
 #pragma once
@@ -88,10 +92,11 @@ inline float block_score(const float* q, int64_t G, int64_t D, const float* mn, 
 
 // Blocks one (row, kv head) attends to, ascending, into sel[0:return value]. q [G, D]; the
 // summaries of the row's j-th block are kmin / kmax + (bt[j] * Hk + h) * D; nb blocks hold the
-// context; k blocks are kept (k <= 0 or k >= nb: all). Scratch: score [nb], order [nb].
+// context; k blocks are kept (k <= 0 or k >= nb: all). pin: null, or nonzero at the row's pinned
+// block indices j (>= nb entries). Scratch: score [nb], order [nb].
 inline int64_t select_blocks(const float* q, int64_t G, int64_t D, const float* kmin, const float* kmax,
                              const int32_t* bt, int64_t Hk, int64_t h, int64_t nb, int64_t k, float* score,
-                             int64_t* order, int64_t* sel) {
+                             int64_t* order, int64_t* sel, const uint8_t* pin = nullptr) {
   if (k <= 0 || k >= nb) {
     for (int64_t j = 0; j < nb; ++j) sel[j] = j;
     return nb;
@@ -103,9 +108,17 @@ inline int64_t select_blocks(const float* q, int64_t G, int64_t D, const float* 
     score[j] = block_score(q, G, D, kmin + off, kmax + off);
     order[j - 1] = j;
   }
-  std::partial_sort(order, order + pick, order + mid, [score](int64_t a, int64_t b) {
-    return score[a] > score[b] || (score[a] == score[b] && a < b);
-  });
+  if (pin == nullptr) {
+    std::partial_sort(order, order + pick, order + mid, [score](int64_t a, int64_t b) {
+      return score[a] > score[b] || (score[a] == score[b] && a < b);
+    });
+  } else {
+    std::partial_sort(order, order + pick, order + mid, [score, pin](int64_t a, int64_t b) {
+      const bool pa = pin[a] != 0, pb = pin[b] != 0;
+      if (pa != pb) return pa;
+      return score[a] > score[b] || (score[a] == score[b] && a < b);
+    });
+  }
   sel[0] = 0;
   std::copy(order, order + pick, sel + 1);
   std::sort(sel + 1, sel + 1 + pick);
@@ -161,16 +174,16 @@ struct Scratch {
 };
 
 // One (row, kv head) item over a float cache (kv as the dense kernel sees it) or, when kv8 is
-// non-null, an int8 one: select with q (qs, already scaled), then attend. kmin / kmax null or
-// k <= 0: dense.
+// non-null, an int8 one: select with q (qs, already scaled) and the item's pins (null: none), then
+// attend. kmin / kmax null or k <= 0: dense.
 inline void attend_item(const float* qs, int64_t G, int64_t D, const llmopt_f::PagedKV* kv,
                         const llmopt_kv8::PagedKV8* kv8, const int32_t* bt, int64_t BS, int64_t Hk, int64_t h,
                         int64_t L, int64_t k, const float* kmin, const float* kmax, Scratch& s, float* m, float* l,
-                        float* acc, float* sc) {
+                        float* acc, float* sc, const uint8_t* pin = nullptr) {
   const int64_t nb = (L + BS - 1) / BS;
   if (static_cast<int64_t>(s.sel.size()) < nb) s.reserve(nb, D, kv8 != nullptr);
   const int64_t ns = select_blocks(qs, G, D, kmin, kmax, bt, Hk, h, nb, kmin == nullptr ? 0 : k, s.score.data(),
-                                   s.order.data(), s.sel.data());
+                                   s.order.data(), s.sel.data(), pin);
   const float** kr = s.krow.data();
   const float** vr = s.vrow.data();
   if (kv8 == nullptr) {
