@@ -323,6 +323,9 @@ class EngineConfig:
         if self.kv_quest_dense_layers < 0:
             raise ValueError(f"kv_quest_dense_layers must be >= 0, got {self.kv_quest_dense_layers}")
         check_quest_pin(self.kv_quest_pin)
+        if self.kv_quest_pin and self.kv_policy != "quest":
+            raise ValueError(f"kv_quest_pin pins blocks for Quest's sparse reads: it needs kv_policy='quest' "
+                             f"(got {self.kv_policy!r}); drop it or use --kv-policy quest")
         self.kv_policy_for(self.kv_policy, self.kv_budget)  # a bad policy or budget: ValueError now
         if self.kv_dtype is not None and self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)} (or None: the model's dtype), "

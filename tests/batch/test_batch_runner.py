@@ -125,6 +125,16 @@ def test_cli_reports_bad_input_as_one_line_and_exit_1(tmp_path):
     assert not (tmp_path / "out.jsonl").exists()
 
 
+def test_cli_refuses_a_quest_pin_without_quest_before_loading(tmp_path):
+    from llmopt.cli import app
+
+    p = write_jsonl(tmp_path / "cases.jsonl", [case("a", [1])])
+    r = CliRunner().invoke(app, ["run", str(p), "-o", str(tmp_path / "out.jsonl"), "--kv-quest-pin", "0.25",
+                                 "--model", str(tmp_path / "missing.gguf")])
+    assert r.exit_code == 1 and "needs kv_policy='quest'" in r.output, r.output
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 # ---- runs with the real model --------------------------------------------------------------------
 
 def assert_results(results: list, ids: list) -> None:

@@ -135,6 +135,8 @@ def test_bad_pin_settings_are_refused_with_a_reason(llama_dir):
         SamplingParams(kv_policy="quest", kv_budget=0.25, kv_quest_pin=-0.1)
     with pytest.raises(ValueError, match="applies to kv_policy 'quest'"):
         KVPolicy("snapkv", 0.25, pin=0.5)
+    with pytest.raises(ValueError, match="needs kv_policy='quest'"):  # an engine-wide pin without Quest
+        EngineConfig(kv_policy="snapkv", kv_budget=0.25, kv_quest_pin=0.25)
     with pytest.raises(ValueError, match="kv_window"):
         EngineConfig(kv_policy="quest", kv_budget=0.25, kv_quest_pin=0.5, kv_window=64, max_num_batched_tokens=32)
     # a pin on a request of another policy is ignored by that policy (it only applies to quest)
