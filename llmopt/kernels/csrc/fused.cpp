@@ -317,34 +317,19 @@ at::Tensor attention_mass(const at::Tensor& q_in, const at::Tensor& k_cache, con
   TORCH_CHECK(q_in.dim() == 3 && k_cache.dim() == 4, "q must be [B, Hq, D], k_cache [num_blocks, block_size, Hk, D]");
   TORCH_CHECK(k_cache.stride(3) == 1, "k_cache needs a contiguous last dimension");
   const PagedShape ps = check_paged(q_in, k_cache, block_tables, context_lens, -1);
-  const int64_t B = ps.B, Hq = ps.Hq, D = ps.D, BS = ps.BS, Hk = ps.Hk, MB = ps.MB, G = ps.G, max_len = ps.max_len;
+  const int64_t B = ps.B, D = ps.D, BS = ps.BS, Hk = ps.Hk, MB = ps.MB, G = ps.G, max_len = ps.max_len;
   const int32_t* bt = block_tables.data_ptr<int32_t>();
   const int32_t* cl = context_lens.data_ptr<int32_t>();
   auto out = at::zeros({B, Hk, max_len}, q_in.options());
   if (B == 0 || Hk == 0 || max_len == 0) return out;
-  const float* qp = q_in.data_ptr<float>();
   const float* kp = k_cache.data_ptr<float>();
-  float* op = out.data_ptr<float>();
   const int64_t ks0 = k_cache.stride(0), ks1 = k_cache.stride(1), ks2 = k_cache.stride(2);
-  const float fscale = static_cast<float>(scale);
-  const int64_t items = B * Hk;
-#pragma omp parallel num_threads(num_threads()) if (items > 1)
-  {
-    std::vector<float> qs(G * D), sc(G * kTile), s_all(G * max_len);
-    std::vector<const float*> krow(kTile);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < items; ++item) {
-      const int64_t b = item / Hk, kvh = item % Hk;
-      for (int64_t g = 0; g < G; ++g) {
-        const float* src = qp + (b * Hq + kvh * G + g) * D;
-        for (int64_t d = 0; d < D; ++d) qs[g * D + d] = src[d] * fscale;
-      }
-      const float* kbase = kp + kvh * ks2;
-      const int32_t* tb = bt + b * MB;
-      attention_mass_row(qs.data(), G, D, cl[b], op + item * max_len, s_all.data(), sc.data(), krow.data(),
-                         [&](int64_t i, int64_t t) { krow[i] = kbase + tb[t / BS] * ks0 + (t % BS) * ks1; });
-    }
-  }
+  attention_mass_items(q_in.data_ptr<float>(), B, Hk, G, D, cl, max_len, static_cast<float>(scale), num_threads(),
+                       false, out.data_ptr<float>(), [&](int64_t b, int64_t h, const float** krow, float*) {
+                         const float* kbase = kp + h * ks2;
+                         const int32_t* tb = bt + b * MB;
+                         return [=](int64_t i, int64_t t) { krow[i] = kbase + tb[t / BS] * ks0 + (t % BS) * ks1; };
+                       });
   return out;
 }
 

@@ -446,6 +446,35 @@ inline void attention_mass_row(const float* qs, int64_t G, int64_t D, int64_t L,
   }
 }
 
+// attention_mass_row over the B x Hk (row, kv head) items of a paged cache, `threads` OpenMP threads
+// (fused.cpp attention_mass: a float cache; kv_int8.cpp attention_mass_int8: an 8-bit one). q [B, Hk * G,
+// D]; each item's G query heads are multiplied by `scale`, and its mass is written to out + item * max_len.
+// fill_for(b, h, krow, kf) returns the item's fill(i, t) for attention_mass_row: it points krow[i] at K
+// row t, or (tile_buffer) dequantizes it into kf + i * D, the kTile x D buffer krow already points into.
+template <class FillFor>
+inline void attention_mass_items(const float* q, int64_t B, int64_t Hk, int64_t G, int64_t D,
+                                 const int32_t* context_lens, int64_t max_len, float scale, int threads,
+                                 bool tile_buffer, float* out, FillFor&& fill_for) {
+  const int64_t items = B * Hk;
+#pragma omp parallel num_threads(threads) if (items > 1)
+  {
+    std::vector<float> qs(G * D), sc(G * kTile), s_all(G * max_len), kf(tile_buffer ? kTile * D : 0);
+    std::vector<const float*> krow(kTile);
+    if (tile_buffer)
+      for (int64_t i = 0; i < kTile; ++i) krow[i] = kf.data() + i * D;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t b = item / Hk, h = item % Hk;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* src = q + ((b * Hk + h) * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) qs[g * D + d] = src[d] * scale;
+      }
+      attention_mass_row(qs.data(), G, D, context_lens[b], out + item * max_len, s_all.data(), sc.data(),
+                         krow.data(), fill_for(b, h, krow.data(), kf.data()));
+    }
+  }
+}
+
 // Flash-decoding merge of S token splits for one (sequence, kv head) pair bh and query head g:
 // dst[0:D] = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s over the splits' partial (m, l, acc)
 // (pm / pl [pairs * S, G], pacc [pairs * S, G, D]); zeros for an empty context.

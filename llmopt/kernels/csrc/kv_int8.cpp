@@ -119,44 +119,28 @@ at::Tensor attention_mass_int8(const at::Tensor& q, const at::Tensor& k_cache, c
               "k_cache must be a contiguous CPU int8 or float8_e4m3fn [num_blocks, block_size, Hk, D] tensor");
   check_kv_scales(k_scale, k_scale, k_cache);
   const PagedShape ps = check_paged(q, k_cache, block_tables, context_lens, -1);
-  const int64_t B = ps.B, Hq = ps.Hq, D = ps.D, BS = ps.BS, Hk = ps.Hk, MB = ps.MB, G = ps.G, max_len = ps.max_len;
+  const int64_t B = ps.B, D = ps.D, BS = ps.BS, Hk = ps.Hk, MB = ps.MB, G = ps.G, max_len = ps.max_len;
   const int32_t* bt = block_tables.data_ptr<int32_t>();
   const int32_t* cl = context_lens.data_ptr<int32_t>();
   auto out = at::zeros({B, Hk, max_len}, q.options());
   if (B == 0 || Hk == 0 || max_len == 0) return out;
-  const float* qp = q.data_ptr<float>();
   const int8_t* kp = static_cast<const int8_t*>(k_cache.data_ptr());
   const float* ksp = k_scale.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const float fscale = static_cast<float>(scale);
-  const int64_t items = B * Hk;
-#pragma omp parallel num_threads(num_threads()) if (items > 1)
-  {
-    std::vector<float> qs(G * D), sc(G * kTile), s_all(G * max_len), kf(kTile * D);
-    std::vector<const float*> krow(kTile);
-    for (int64_t i = 0; i < kTile; ++i) krow[i] = kf.data() + i * D;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < items; ++item) {
-      const int64_t b = item / Hk, h = item % Hk;
-      for (int64_t g = 0; g < G; ++g) {
-        const float* src = qp + (b * Hq + h * G + g) * D;
-        for (int64_t d = 0; d < D; ++d) qs[g * D + d] = src[d] * fscale;
-      }
-      const int32_t* tb = bt + b * MB;
-      const auto walk = [&](auto is_fp8) {
-        llmopt_f::attention_mass_row(qs.data(), G, D, cl[b], op + item * max_len, s_all.data(), sc.data(), krow.data(),
-                                     [&](int64_t i, int64_t t) {
-                                       const int64_t row = (static_cast<int64_t>(tb[t / BS]) * BS + t % BS) * Hk + h;
-                                       llmopt_kv8::dequant_row_as(decltype(is_fp8)::value, kf.data() + i * D,
-                                                                  kp + row * D, ksp[row], D);
-                                     });
-      };
-      if (fp8)
-        walk(std::true_type{});
-      else
-        walk(std::false_type{});
-    }
-  }
+  const auto run = [&](auto is_fp8) {  // the code format picked once per call
+    llmopt_f::attention_mass_items(
+        q.data_ptr<float>(), B, Hk, G, D, cl, max_len, static_cast<float>(scale), num_threads(), true,
+        out.data_ptr<float>(), [&](int64_t b, int64_t h, const float**, float* kf) {
+          const int32_t* tb = bt + b * MB;
+          return [=](int64_t i, int64_t t) {
+            const int64_t row = (static_cast<int64_t>(tb[t / BS]) * BS + t % BS) * Hk + h;
+            llmopt_kv8::dequant_row_as(decltype(is_fp8)::value, kf + i * D, kp + row * D, ksp[row], D);
+          };
+        });
+  };
+  if (fp8)
+    run(std::true_type{});
+  else
+    run(std::false_type{});
   return out;
 }
 
