@@ -172,12 +172,11 @@ class KVCompressor:
         ``floor(pin * k)`` best-voted prompt blocks (``quest.quest_pins``), ``k`` the blocks a decode step
         reads at the end of the prefill (at most ``k - 2``: the first and the current block are read
         anyway); None when nothing is pinned (a prompt of no more than the window, a tiny budget)."""
-        if observed is None:
+        keep = policy.tokens(seq.kv_len + 1)  # the rows the first decode step reads (ModelRunner.quest_topk)
+        if observed is None or keep is None:  # no window observed, or a budget that reads every block
             return None
         bs = self.block_size
-        b = policy.budget
-        rows = math.ceil(b * (seq.kv_len + 1)) if isinstance(b, float) else int(b)
-        k = max(2, -(-rows // bs))
+        k = max(2, -(-keep // bs))
         n_pin = min(math.floor(policy.pin * k + 1e-9), k - 2)
         if n_pin <= 0:
             return None
