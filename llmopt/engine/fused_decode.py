@@ -161,11 +161,10 @@ def _row_tables(ctx, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _quest_pins(ctx, m: int, width: int) -> torch.Tensor | None:
     """Quest pins of the step's rows as the native step takes them: uint8 [m, layers, Hk, width] (rows
     past the decode rows, chained prompt rows, read every block and have none), or None."""
+    from llmopt.models.transformer import pad_pins
+
     pins = getattr(ctx, "decode_pins", None)
-    if pins is None:
-        return None
-    pins = pins[..., :width]
-    return F.pad(pins, (0, width - pins.shape[-1], 0, 0, 0, 0, 0, m - pins.shape[0])).contiguous()
+    return None if pins is None else pad_pins(pins, m, width)
 
 
 class FusedDecoder:

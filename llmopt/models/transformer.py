@@ -81,6 +81,14 @@ def add_mass(spans: list[MassSpan], mass: torch.Tensor, layers: int | slice) -> 
         r += m.q_len
 
 
+def pad_pins(pins: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+    """Quest pins ``[n, ..., w]`` (n <= rows decode rows) shaped for a kernel call over ``rows`` rows and
+    block tables ``width`` wide: cut or zero-padded to ``width`` blocks, zero rows (no pins) appended."""
+    pins = pins[..., :width]
+    pad = [0, width - pins.shape[-1]] + [0, 0] * (pins.dim() - 2) + [0, rows - pins.shape[0]]
+    return F.pad(pins, pad).contiguous()
+
+
 @dataclass
 class AttnContext:
     slot_mapping: torch.Tensor | None  # [T] int64: cache slot (block * block_size + offset) per token
@@ -211,10 +219,8 @@ class Attention(nn.Module):
         def attend_rows(qr: torch.Tensor, tb: torch.Tensor, ln: torch.Tensor) -> torch.Tensor:
             if topk is not None:  # decode rows read their top blocks; prefill rows (topk 0) every block
                 tk = F.pad(topk, (0, qr.shape[0] - topk.shape[0]))
-                pins = None
-                if ctx.decode_pins is not None:
-                    p = ctx.decode_pins[:, self.layer_idx]
-                    pins = F.pad(p, (0, tb.shape[1] - p.shape[2], 0, 0, 0, qr.shape[0] - p.shape[0]))
+                pins = None if ctx.decode_pins is None else pad_pins(ctx.decode_pins[:, self.layer_idx],
+                                                                     qr.shape[0], tb.shape[1])
                 return quest.quest_decode_attention(qr, kc, vc, ksc, vsc, self.k_min, self.k_max, tb, ln, tk,  # type: ignore[arg-type]
                                                     self.scale, pins)
             if quant:
