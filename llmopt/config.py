@@ -186,6 +186,12 @@ class KVPolicy:
     def minimum(self) -> int:
         return {"streaming": self.sinks + 1, "snapkv": self.window, "h2o": self.sinks + self.window + 1}.get(self.name, 1)
 
+    @property
+    def observes(self) -> bool:
+        """Whether the prefill's last chunk scores the prompt with its last ``window`` queries: snapkv
+        (to select), h2o (its starting mass), quest with pins (to pin)."""
+        return self.name in ("snapkv", "h2o") or bool(self.pin)
+
     def tokens(self, length: int) -> int | None:
         """Rows to keep (quest: to read per decode step) for a sequence of ``length`` cached tokens,
         or None (no compression)."""

@@ -122,7 +122,7 @@ class ModelRunner:
         (h2o: always, its starting attention mass; quest with pins: always, its pinned blocks; the whole
         prompt if shorter than the window)."""
         p = seq.kv_policy
-        if p is None or (p.name not in ("snapkv", "h2o") and not p.pin) or seq.kv_compressed or end != len(seq):
+        if p is None or not p.observes or seq.kv_compressed or end != len(seq):
             return 0
         if p.name != "snapkv":  # h2o, quest with pins
             return min(p.window, len(seq))

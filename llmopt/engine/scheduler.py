@@ -92,14 +92,14 @@ class Scheduler:
 
     @staticmethod
     def _chunk(seq: Sequence, n: int) -> int:
-        """SnapKV (and h2o) score the prompt with its last ``kv_window`` queries, so the prefill's last chunk
-        must hold all of them: a chunk that would leave fewer than the window for the next step
+        """SnapKV, h2o and pinned Quest score the prompt with its last ``kv_window`` queries
+        (``KVPolicy.observes``), so the prefill's last chunk must hold all of them: a chunk that would leave fewer than the window for the next step
         stops earlier (0: wait for a step with room for the whole window). Depends on the sequence
         alone, so a sequence is cut the same way in any batch it fits."""
         p = seq.kv_policy
         remaining = seq.num_to_compute
-        if p is None or (p.name not in ("snapkv", "h2o") and not p.pin) or seq.kv_compressed or n >= remaining:
-            return n  # (quest with pins observes the window like h2o, whatever the budget)
+        if p is None or not p.observes or seq.kv_compressed or n >= remaining:
+            return n
         if p.name == "snapkv" and p.tokens(len(seq)) is None:  # h2o scores even an uncompressed prompt
             return n
         window = min(p.window, len(seq))  # h2o observes a prompt shorter than the window whole
