@@ -93,9 +93,10 @@ class Scheduler:
     @staticmethod
     def _chunk(seq: Sequence, n: int) -> int:
         """SnapKV, h2o and pinned Quest score the prompt with its last ``kv_window`` queries
-        (``KVPolicy.observes``), so the prefill's last chunk must hold all of them: a chunk that would leave fewer than the window for the next step
-        stops earlier (0: wait for a step with room for the whole window). Depends on the sequence
-        alone, so a sequence is cut the same way in any batch it fits."""
+        (``KVPolicy.observes``), so the prefill's last chunk must hold all of them: a chunk that would
+        leave fewer than the window for the next step stops earlier (0: wait for a step with room for
+        the whole window). Depends on the sequence alone, so a sequence is cut the same way in any
+        batch it fits."""
         p = seq.kv_policy
         remaining = seq.num_to_compute
         if p is None or not p.observes or seq.kv_compressed or n >= remaining:
