@@ -277,6 +277,14 @@ inline void scale_inplace(float* x, int64_t n, float s) {
   for (; i < n; ++i) x[i] *= s;
 }
 
+// n rows of D floats from p, stride floats apart, into the cache: the next block's rows of one kv
+// head, fetched while a walk reads this block (a block table need not follow memory order, and a
+// head's rows are D of every Hk * D floats; 8k-token decode: 1.22x faster, quest.h)
+inline void prefetch_rows(const float* p, int64_t n, int64_t stride, int64_t D) {
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t d = 0; d < D; d += 16) _mm_prefetch(reinterpret_cast<const char*>(p + r * stride + d), _MM_HINT_T0);
+}
+
 // A paged KV cache seen by one (sequence, kv head): token t lives at base + bt[t / BS] * s0 +
 // (t % BS) * s1 (base already offset to the kv head).
 struct PagedKV {
@@ -389,8 +397,14 @@ inline std::vector<int64_t> group_rows_of(const int32_t* bt, const int32_t* cl, 
 inline void attend_range_rows(const float* qs, int64_t R, int64_t G, int64_t D, const PagedKV& kv, int64_t t0,
                               const int64_t* t1, float* m, float* l, float* acc, float* sc, const float** krow,
                               const float** vrow) {
+  const int64_t end = t1[R - 1];
   attend_tiles_rows(qs, R, G, D, t0, t1, m, l, acc, sc, krow, vrow, [&](int64_t i, int64_t t) {
-    const int64_t blk = kv.bt[t / kv.BS], slot = t % kv.BS;
+    const int64_t j = t / kv.BS, blk = kv.bt[j], slot = t % kv.BS;
+    if (slot == 0 && (j + 1) * kv.BS < end) {  // the next block's rows, while this one is read (as quest.h)
+      const int64_t nxt = kv.bt[j + 1], n = std::min(kv.BS, end - (j + 1) * kv.BS);
+      prefetch_rows(kv.k + nxt * kv.ks0, n, kv.ks1, D);
+      prefetch_rows(kv.v + nxt * kv.vs0, n, kv.vs1, D);
+    }
     krow[i] = kv.k + blk * kv.ks0 + slot * kv.ks1;
     vrow[i] = kv.v + blk * kv.vs0 + slot * kv.vs1;
   });

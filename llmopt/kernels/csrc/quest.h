@@ -58,6 +58,15 @@ inline void update_summary(float* mn, float* mx, const float* row, int64_t D, bo
   }
 }
 
+// Memory reads ahead of use. The walks below go from block to block in the order of the block table
+// or of the selection, not in memory order, and each (row, kv head) item reads only its head's slice
+// of every cache row (D floats of each Hk * D), which the hardware prefetcher did not keep up with:
+// perf put most of the time on the loads of the summaries and of the tile's K / V rows. Scoring
+// prefetches the summaries kPrefetchBlocks blocks ahead, the walk the next chosen block's rows
+// (as the dense walk does, fused_kernels.h attend_range_rows). Prefetching changes no result.
+inline constexpr int64_t kPrefetchBlocks = 4;  // summaries this many blocks ahead of the scoring
+using llmopt_f::prefetch_rows;
+
 // Weight of the block radius in the score (0: the centre alone, 1: Quest's upper bound). 0.5 kept
 // the most attention mass of the heads that read the key in retrieval prompts (docs/long_context.md).
 inline constexpr float kRadius = 0.5f;
@@ -68,24 +77,42 @@ inline constexpr float kRadius = 0.5f;
 inline float block_score(const float* q, int64_t G, int64_t D, const float* mn, const float* mx) {
   constexpr float kHi = 0.5f * (1.0f + kRadius), kLo = 0.5f * (1.0f - kRadius);
   const __m256 hi_w = _mm256_set1_ps(kHi), lo_w = _mm256_set1_ps(kLo);
-  float best = -std::numeric_limits<float>::infinity();
-  for (int64_t g = 0; g < G; ++g) {
-    __m256 acc = _mm256_setzero_ps();
-    float tail = 0.0f;
-    const float* qg = q + g * D;
-    int64_t d = 0;
-    for (; d + 8 <= D; d += 8) {
-      const __m256 vq = _mm256_loadu_ps(qg + d);
-      const __m256 a = _mm256_mul_ps(vq, _mm256_loadu_ps(mn + d));
-      const __m256 b = _mm256_mul_ps(vq, _mm256_loadu_ps(mx + d));
-      acc = _mm256_add_ps(acc, _mm256_add_ps(_mm256_mul_ps(hi_w, _mm256_max_ps(a, b)),
-                                             _mm256_mul_ps(lo_w, _mm256_min_ps(a, b))));
-    }
-    for (; d < D; ++d) {
+  const auto term = [&](__m256 vq, __m256 vmn, __m256 vmx) {
+    const __m256 a = _mm256_mul_ps(vq, vmn), b = _mm256_mul_ps(vq, vmx);
+    return _mm256_add_ps(_mm256_mul_ps(hi_w, _mm256_max_ps(a, b)), _mm256_mul_ps(lo_w, _mm256_min_ps(a, b)));
+  };
+  const auto tail = [&](const float* qg, int64_t d0) {
+    float t = 0.0f;
+    for (int64_t d = d0; d < D; ++d) {
       const float a = qg[d] * mn[d], b = qg[d] * mx[d];
-      tail += kHi * std::max(a, b) + kLo * std::min(a, b);
+      t += kHi * std::max(a, b) + kLo * std::min(a, b);
     }
-    best = std::max(best, llmopt_f::hsum(acc) + tail);
+    return t;
+  };
+  float best = -std::numeric_limits<float>::infinity();
+  const int64_t D8 = D / 8 * 8;
+  int64_t g = 0;
+  // three heads at a time: the block's min / max chunks are loaded once for all three, and three
+  // independent sums run side by side (each head's sum in the same order as alone: the same bits)
+  for (; g + 3 <= G; g += 3) {
+    const float *q0 = q + g * D, *q1 = q0 + D, *q2 = q1 + D;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D8; d += 8) {
+      const __m256 vmn = _mm256_loadu_ps(mn + d), vmx = _mm256_loadu_ps(mx + d);
+      acc0 = _mm256_add_ps(acc0, term(_mm256_loadu_ps(q0 + d), vmn, vmx));
+      acc1 = _mm256_add_ps(acc1, term(_mm256_loadu_ps(q1 + d), vmn, vmx));
+      acc2 = _mm256_add_ps(acc2, term(_mm256_loadu_ps(q2 + d), vmn, vmx));
+    }
+    best = std::max(best, llmopt_f::hsum(acc0) + tail(q0, D8));
+    best = std::max(best, llmopt_f::hsum(acc1) + tail(q1, D8));
+    best = std::max(best, llmopt_f::hsum(acc2) + tail(q2, D8));
+  }
+  for (; g < G; ++g) {
+    const float* qg = q + g * D;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D8; d += 8)
+      acc = _mm256_add_ps(acc, term(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(mn + d), _mm256_loadu_ps(mx + d)));
+    best = std::max(best, llmopt_f::hsum(acc) + tail(qg, D8));
   }
   return best;
 }
@@ -104,16 +131,21 @@ inline int64_t select_blocks(const float* q, int64_t G, int64_t D, const float* 
   k = std::max<int64_t>(k, 2);  // the sink block and the current block
   const int64_t mid = nb - 2, pick = k - 2;
   for (int64_t j = 1; j + 1 < nb; ++j) {
+    if (j + kPrefetchBlocks + 1 < nb) {  // the table scatters blocks: fetch a later block's summaries now
+      const int64_t pf = (static_cast<int64_t>(bt[j + kPrefetchBlocks]) * Hk + h) * D;
+      prefetch_rows(kmin + pf, 1, 0, D);
+      prefetch_rows(kmax + pf, 1, 0, D);
+    }
     const int64_t off = (static_cast<int64_t>(bt[j]) * Hk + h) * D;
     score[j] = block_score(q, G, D, kmin + off, kmax + off);
     order[j - 1] = j;
   }
   if (pin == nullptr) {
-    std::partial_sort(order, order + pick, order + mid, [score](int64_t a, int64_t b) {
+    std::nth_element(order, order + pick, order + mid, [score](int64_t a, int64_t b) {
       return score[a] > score[b] || (score[a] == score[b] && a < b);
     });
   } else {
-    std::partial_sort(order, order + pick, order + mid, [score, pin](int64_t a, int64_t b) {
+    std::nth_element(order, order + pick, order + mid, [score, pin](int64_t a, int64_t b) {
       const bool pa = pin[a] != 0, pb = pin[b] != 0;
       if (pa != pb) return pa;
       return score[a] > score[b] || (score[a] == score[b] && a < b);
@@ -130,15 +162,17 @@ inline int64_t select_blocks(const float* q, int64_t G, int64_t D, const float* 
 // of a context of L tokens, BS tokens a block: tiles of kTile tokens in that order. fill(i, t)
 // points krow[i] / vrow[i] at token t's K / V rows (or dequantizes them there). m, l, acc as in
 // llmopt_f::attend_range (which this equals when sel is every block).
-template <class Fill>
+template <class Fill, class Prefetch>
 inline void attend_blocks(const float* qs, int64_t G, int64_t D, const int64_t* sel, int64_t ns, int64_t BS,
                           int64_t L, float* m, float* l, float* acc, float* sc, const float* const* krow,
-                          const float* const* vrow, Fill&& fill) {
+                          const float* const* vrow, Fill&& fill, Prefetch&& prefetch) {
   std::fill(acc, acc + G * D, 0.0f);
   std::fill(m, m + G, -std::numeric_limits<float>::infinity());
   std::fill(l, l + G, 0.0f);
   int64_t n = 0;
+  if (ns > 0) prefetch(sel[0]);
   for (int64_t s = 0; s < ns; ++s) {
+    if (s + 1 < ns) prefetch(sel[s + 1]);  // the next chosen block's rows, while this one is read
     const int64_t t1 = std::min(L, (sel[s] + 1) * BS);
     for (int64_t t = sel[s] * BS; t < t1; ++t) {
       fill(n, t);
@@ -187,18 +221,26 @@ inline void attend_item(const float* qs, int64_t G, int64_t D, const llmopt_f::P
   const float** kr = s.krow.data();
   const float** vr = s.vrow.data();
   if (kv8 == nullptr) {
-    attend_blocks(qs, G, D, s.sel.data(), ns, BS, L, m, l, acc, sc, kr, vr, [&](int64_t i, int64_t t) {
-      const int64_t blk = kv->bt[t / kv->BS], slot = t % kv->BS;
-      kr[i] = kv->k + blk * kv->ks0 + slot * kv->ks1;
-      vr[i] = kv->v + blk * kv->vs0 + slot * kv->vs1;
-    });
+    attend_blocks(
+        qs, G, D, s.sel.data(), ns, BS, L, m, l, acc, sc, kr, vr,
+        [&](int64_t i, int64_t t) {
+          const int64_t blk = kv->bt[t / kv->BS], slot = t % kv->BS;
+          kr[i] = kv->k + blk * kv->ks0 + slot * kv->ks1;
+          vr[i] = kv->v + blk * kv->vs0 + slot * kv->vs1;
+        },
+        [&](int64_t j) {
+          const int64_t blk = kv->bt[j], n = std::min(BS, L - j * BS);
+          prefetch_rows(kv->k + blk * kv->ks0, n, kv->ks1, D);
+          prefetch_rows(kv->v + blk * kv->vs0, n, kv->vs1, D);
+        });
   } else {
     float* kf = s.kf.data();
     float* vf = s.vf.data();
     const auto walk = [&](auto fp8) {  // the code format picked once per call (kv_int8.h attend_range_rows)
-      attend_blocks(qs, G, D, s.sel.data(), ns, BS, L, m, l, acc, sc, kr, vr, [&](int64_t i, int64_t t) {
-        kv8->fetch_as<decltype(fp8)::value>(t, kf + i * D, vf + i * D, D);
-      });
+      attend_blocks(
+          qs, G, D, s.sel.data(), ns, BS, L, m, l, acc, sc, kr, vr,
+          [&](int64_t i, int64_t t) { kv8->fetch_as<decltype(fp8)::value>(t, kf + i * D, vf + i * D, D); },
+          [](int64_t) {});
     };
     if (kv8->fp8)
       walk(std::true_type{});
