@@ -240,7 +240,7 @@ inline void attend_item(const float* qs, int64_t G, int64_t D, const llmopt_f::P
       attend_blocks(
           qs, G, D, s.sel.data(), ns, BS, L, m, l, acc, sc, kr, vr,
           [&](int64_t i, int64_t t) { kv8->fetch_as<decltype(fp8)::value>(t, kf + i * D, vf + i * D, D); },
-          [](int64_t) {});
+          [&](int64_t j) { kv8->prefetch_block(j, std::min(BS, L - j * BS), D); });
     };
     if (kv8->fp8)
       walk(std::true_type{});
