@@ -4,9 +4,7 @@ the sequences whose last token was computed."""
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import sys
 from typing import cast
 
 import torch
@@ -18,30 +16,6 @@ from llmopt.models.transformer import Attention, AttnContext, MassSpan, PrefillS
 
 log = logging.getLogger(__name__)
 
-_HUGE_PAGE = 1 << 21
-_MADV_HUGEPAGE = 14
-
-
-def cache_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """``torch.zeros(shape, dtype)`` for the KV cache and its side tables, backed by transparent huge
-    pages where Linux offers them only on request (``/sys/kernel/mm/transparent_hugepage/enabled`` =
-    madvise, the common default). A decode row reads its kv head's rows block by block in block-table
-    order; with 4 KB pages nearly every block costs TLB misses, which the sparse (Quest) walk, jumping
-    between the blocks it chose, paid most: 8k-token Quest attention 16.3 -> 15.1 ms a token (2
-    threads), the dense walk unchanged. The memory is advised before its first touch (the zero fill),
-    so the fill faults in 2 MB pages; where madvise is missing or refused the pages stay 4 KB."""
-    t = torch.empty(shape, dtype=dtype)
-    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-    lo, hi = (start + _HUGE_PAGE - 1) // _HUGE_PAGE * _HUGE_PAGE, end // _HUGE_PAGE * _HUGE_PAGE
-    if hi > lo and sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_HUGEPAGE) != 0:
-                log.debug("madvise(MADV_HUGEPAGE) refused (errno %d): the KV cache keeps 4 KB pages", ctypes.get_errno())
-        except (OSError, AttributeError) as e:
-            log.debug("no madvise here (%s): the KV cache keeps 4 KB pages", e)
-    return t.zero_()
-
 
 class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, dtype: torch.dtype,
@@ -52,22 +26,22 @@ class ModelRunner:
         self.block_size = block_size
         cfg = model.cfg
         shape = (cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.k_cache = cache_zeros(shape, dtype)
-        self.v_cache = cache_zeros(shape, dtype)
+        self.k_cache = torch.zeros(shape, dtype=dtype)
+        self.v_cache = torch.zeros(shape, dtype=dtype)
         # an 8-bit cache (int8 / fp8) keeps one float32 scale per (token, kv head) next to it (kernels/kv_quant.py)
         self.k_scale: torch.Tensor | None = None
         self.v_scale: torch.Tensor | None = None
         if kv_quant.is_quantized(dtype):
-            self.k_scale = cache_zeros(shape[:-1], torch.float32)
-            self.v_scale = cache_zeros(shape[:-1], torch.float32)
+            self.k_scale = torch.zeros(shape[:-1], dtype=torch.float32)
+            self.v_scale = torch.zeros(shape[:-1], dtype=torch.float32)
         self.observed: dict[int, list[torch.Tensor]] = {}  # SnapKV scores of the last step, by seq_id
         # Quest: per-block min / max of the K rows, [layers, blocks, kv_heads, head_dim] each
         self.quest_dense_layers = quest_dense_layers
         self.k_min: torch.Tensor | None = None
         self.k_max: torch.Tensor | None = None
         if quest_dense_layers is not None:
-            self.k_min = cache_zeros(shape[:2] + shape[3:], torch.float32)
-            self.k_max = cache_zeros(shape[:2] + shape[3:], torch.float32)
+            self.k_min = torch.zeros(shape[:2] + shape[3:], dtype=torch.float32)
+            self.k_max = torch.zeros(shape[:2] + shape[3:], dtype=torch.float32)
         for i, layer in enumerate(model.layers):
             attn = cast(Attention, layer.self_attn)
             attn.k_cache = self.k_cache[i]
