@@ -159,18 +159,18 @@ struct PagedKV8 {
   template <bool FP8>
   void fetch_as(int64_t t, float* kdst, float* vdst, int64_t D) const;
 
-  // block j's first n rows of codes and scales into the cache (read ahead, as the float walks do:
-  // fused_kernels.h prefetch_rows)
+  // the first n rows of block j (its index in bt), codes and scales, into the cache (as
+  // fused_kernels.h PagedKV::prefetch_block)
   void prefetch_block(int64_t j, int64_t n, int64_t D) const {
     const int64_t row = static_cast<int64_t>(bt[j]) * BS * Hk;
     for (int64_t r = 0; r < n; ++r)
       for (int64_t d = 0; d < D; d += 64) {
-        _mm_prefetch(reinterpret_cast<const char*>(k + (row + r * Hk) * D + d), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(v + (row + r * Hk) * D + d), _MM_HINT_T0);
+        llmopt_f::prefetch_line(k + (row + r * Hk) * D + d);
+        llmopt_f::prefetch_line(v + (row + r * Hk) * D + d);
       }
     for (int64_t r = 0; r < n * Hk; r += 16) {
-      _mm_prefetch(reinterpret_cast<const char*>(ks + row + r), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(vs + row + r), _MM_HINT_T0);
+      llmopt_f::prefetch_line(ks + row + r);
+      llmopt_f::prefetch_line(vs + row + r);
     }
   }
 };
@@ -211,8 +211,7 @@ inline void attend_range_rows(const float* qs, int64_t R, int64_t G, int64_t D, 
   const int64_t end = t1[R - 1];
   const auto walk = [&](auto fp8) {
     llmopt_f::attend_tiles_rows(qs, R, G, D, t0, t1, m, l, acc, sc, krow, vrow, [&](int64_t i, int64_t t) {
-      const int64_t j = t / kv.BS;
-      if (t % kv.BS == 0 && (j + 1) * kv.BS < end) kv.prefetch_block(j + 1, std::min(kv.BS, end - (j + 1) * kv.BS), D);
+      llmopt_f::prefetch_next_block(kv, t / kv.BS, t % kv.BS, end, D);
       kv.fetch_as<decltype(fp8)::value>(t, kf + i * D, vf + i * D, D);
     });
   };

@@ -160,7 +160,8 @@ inline int64_t select_blocks(const float* q, int64_t G, int64_t D, const float* 
 
 // Online-softmax attention of qs [G, D] (scaled) over the tokens of blocks sel[0:ns] (ascending)
 // of a context of L tokens, BS tokens a block: tiles of kTile tokens in that order. fill(i, t)
-// points krow[i] / vrow[i] at token t's K / V rows (or dequantizes them there). m, l, acc as in
+// points krow[i] / vrow[i] at token t's K / V rows (or dequantizes them there); prefetch(j, n)
+// fetches the first n rows of block j ahead of the walk (the cache view's prefetch_block). m, l, acc as in
 // llmopt_f::attend_range (which this equals when sel is every block).
 template <class Fill, class Prefetch>
 inline void attend_blocks(const float* qs, int64_t G, int64_t D, const int64_t* sel, int64_t ns, int64_t BS,
@@ -170,9 +171,10 @@ inline void attend_blocks(const float* qs, int64_t G, int64_t D, const int64_t* 
   std::fill(m, m + G, -std::numeric_limits<float>::infinity());
   std::fill(l, l + G, 0.0f);
   int64_t n = 0;
-  if (ns > 0) prefetch(sel[0]);
+  const auto ahead = [&](int64_t j) { prefetch(j, std::min(BS, L - j * BS)); };  // block j's rows
+  if (ns > 0) ahead(sel[0]);
   for (int64_t s = 0; s < ns; ++s) {
-    if (s + 1 < ns) prefetch(sel[s + 1]);  // the next chosen block's rows, while this one is read
+    if (s + 1 < ns) ahead(sel[s + 1]);  // the next chosen block's rows, while this one is read
     const int64_t t1 = std::min(L, (sel[s] + 1) * BS);
     for (int64_t t = sel[s] * BS; t < t1; ++t) {
       fill(n, t);
@@ -228,11 +230,7 @@ inline void attend_item(const float* qs, int64_t G, int64_t D, const llmopt_f::P
           kr[i] = kv->k + blk * kv->ks0 + slot * kv->ks1;
           vr[i] = kv->v + blk * kv->vs0 + slot * kv->vs1;
         },
-        [&](int64_t j) {
-          const int64_t blk = kv->bt[j], n = std::min(BS, L - j * BS);
-          prefetch_rows(kv->k + blk * kv->ks0, n, kv->ks1, D);
-          prefetch_rows(kv->v + blk * kv->vs0, n, kv->vs1, D);
-        });
+        [&](int64_t j, int64_t n) { kv->prefetch_block(j, n, D); });
   } else {
     float* kf = s.kf.data();
     float* vf = s.vf.data();
@@ -240,7 +238,7 @@ inline void attend_item(const float* qs, int64_t G, int64_t D, const llmopt_f::P
       attend_blocks(
           qs, G, D, s.sel.data(), ns, BS, L, m, l, acc, sc, kr, vr,
           [&](int64_t i, int64_t t) { kv8->fetch_as<decltype(fp8)::value>(t, kf + i * D, vf + i * D, D); },
-          [&](int64_t j) { kv8->prefetch_block(j, std::min(BS, L - j * BS), D); });
+          [&](int64_t j, int64_t n) { kv8->prefetch_block(j, n, D); });
     };
     if (kv8->fp8)
       walk(std::true_type{});
