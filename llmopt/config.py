@@ -241,6 +241,9 @@ class KernelSettings:
                                                      "int8" (per 32, like llama.cpp's Q8; types with
                                                      an int8 kernel, others stay fp32) or "by-kind"
                                                      (prompt tokens fp32, generated tokens int8)
+    ``LLMOPT_GGUF_BF16X3``      ``gguf_bf16x3``      fp32 prompt rows of GGUF projections on AMX-BF16
+                                                     tiles where the CPU has them ("0": the fp32
+                                                     chain, the same bits on every CPU)
     ==========================  ===================  =============================================
 
     Build-time variables stay with the build (``kernels/build.py``): ``LLMOPT_NATIVE``,
@@ -256,6 +259,7 @@ class KernelSettings:
     lm_head_fmt: str | None = "int8"  # None: the model's format
     quant_embed: bool = True
     gguf_act: str = "by-kind"
+    gguf_bf16x3: bool = True
 
     def __post_init__(self) -> None:
         if self.int4_act not in ("int8", "fp32"):
@@ -282,6 +286,7 @@ class KernelSettings:
             lm_head_fmt=None if head.lower() in _FALSE + on else head,
             quant_embed=env.get("LLMOPT_QUANT_EMBED", "1").strip().lower() not in _FALSE,
             gguf_act=env.get("LLMOPT_GGUF_ACT", cls.gguf_act),
+            gguf_bf16x3=env.get("LLMOPT_GGUF_BF16X3", "1").strip().lower() not in _FALSE,
         )
 
 

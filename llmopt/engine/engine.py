@@ -24,6 +24,7 @@ from llmopt.engine.sampling_params import SamplingParams
 from llmopt.engine.scheduler import Scheduler
 from llmopt.engine.sequence import RequestOutput, Sequence, TokenLogprob
 from llmopt.kernels import qlinear
+from llmopt.models import gguf_linear as gguf_layers
 from llmopt.models.linear import FLOAT, PACKED, QuantConfig
 from llmopt.models.loader import load_model
 from llmopt.quant.linear import rtn_quant_config
@@ -84,6 +85,7 @@ class LLMEngine:
         ks = cfg.kernel_settings
         qlinear.configure(int4_act=ks.int4_act, int4_a8_max_m=ks.int4_a8_max_m, large_m=ks.large_m,
                           tiles=ks.decode_tiles)
+        gguf_layers.configure(bf16x3=ks.gguf_bf16x3)
         self.quant = quant
         self.quant_config = engine_quant_config(quant, cfg, group_size)
         self.loaded = load_model(model, dtype=cfg.torch_dtype, max_positions=cfg.max_model_len or 8192,

@@ -27,6 +27,14 @@ A separate, named mode ``act="int8"`` (every type but Q2_K / Q3_K) quantizes the
 per row and 32 k and uses integer dot products, like llama.cpp's Q8 activations: faster at decode,
 not exact (see :func:`gguf_linear`). The default is ``act="fp32"``.
 
+``act="bf16x3"`` (the AMX build on a CPU with AMX-BF16, same types as int8: :func:`bf16x3_available`)
+is fp32 activations on AMX-BF16 tiles: each activation split exactly into three bf16 parts, the codes
+exact in bf16, fp32 accumulation per sub-block, then the block scales (csrc/gguf_amx.h). The result is
+``x @ W.T`` up to fp32 rounding (measured closer to the float64 product than the fp32 path's chain)
+but not the fp32 path's bits; each row's bits depend on that row alone (batch-invariant). 1.6-1.8x
+the fp32 path's speed from 64 rows on (one thread); slower at a few rows (16-row tiles, weights
+unpacked per call), so the model uses it for prompt rows only (``models/gguf_linear.py``).
+
 Instruction sets (:func:`cpu_path`): the same C++ source is built once per ISA (AVX2/FMA/F16C, the
 floor; AVX-512 F/BW/VL; AVX-512 + VNNI, which only changes the int8 mode's dot products; AVX-512 VNNI
 + AMX-INT8, which runs the int8 mode's rows 16 at a time on AMX tiles: csrc/gguf_amx.h) and the
@@ -63,6 +71,7 @@ __all__ = [
     "GGUFPacked",
     "KernelTable",
     "available_paths",
+    "bf16x3_available",
     "cpu_path",
     "dequantize_packed",
     "gguf_embedding",
@@ -457,13 +466,14 @@ _ISA_FLAGS = {
     "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl"],
     "avx512_vnni": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
     "avx512_amx": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
-                   "-mamx-tile", "-mamx-int8"],
+                   "-mamx-tile", "-mamx-int8", "-mamx-bf16"],
 }
 _ISA_CPU_FLAGS = {  # /proc/cpuinfo flags a path needs
     "avx2": ("avx2", "fma", "f16c"),
     "avx512": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl"),
     "avx512_vnni": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
-    "avx512_amx": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "amx_tile", "amx_int8"),
+    "avx512_amx": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "amx_tile", "amx_int8",
+                   "amx_bf16"),
 }
 
 _lock = threading.Lock()
@@ -584,14 +594,15 @@ def gguf_linear(x: torch.Tensor, packed: GGUFPacked, bias: torch.Tensor | None =
     int8-activation mode (decode; like llama.cpp's Q8 activations): each row quantized per 32 k to
     int8 (scale amax / 127, round half to even), integer dot products per sub-block (32 k; Q6_K 16), then
     scaled: ``x_hat @ W.T`` with ``x_hat = dequantized int8 x``, up to float rounding; batch-invariant
-    too. Types: :func:`supported_types` ("int8"); others raise ValueError."""
+    too. Types: :func:`supported_types` ("int8"); others raise ValueError. "bf16x3" = fp32 activations on
+    AMX-BF16 tiles (module docstring; same types; ValueError where :func:`bf16x3_available` is False)."""
     if not isinstance(packed, GGUFPacked):
         raise ValueError(f"packed must be a GGUFPacked (from pack_gguf), got {type(packed).__name__}")
     n, k = packed.shape
     # hot path first (decode calls this per layer per token): checks without building messages
     if (not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() == 0 or x.shape[-1] != k
-            or (bias is not None and (bias.dim() != 1 or bias.shape[0] != n)) or act not in ("fp32", "int8")
-            or (act == "int8" and packed.ggml_type not in _A8_IDS)):
+            or (bias is not None and (bias.dim() != 1 or bias.shape[0] != n)) or act not in ACTS
+            or (act != "fp32" and packed.ggml_type not in _A8_IDS)):
         _raise_bad_input(x, packed, bias, act)
     use = (_chosen or cpu_path()) if path is None else path
     mod = _modules.get(use)
@@ -602,9 +613,12 @@ def gguf_linear(x: torch.Tensor, packed: GGUFPacked, bias: torch.Tensor | None =
         if mod is None and path is not None:
             raise ValueError(f"CPU path {use!r} is not available here (available: "
                              f"{', '.join(available_paths()) or 'none'}, reference)")
+    if act == "bf16x3" and (mod is None or not _bf3_ready(mod)):
+        raise ValueError(f"act='bf16x3' needs the avx512_amx path on a CPU with AMX-BF16 (path {use!r} here); "
+                         "check bf16x3_available() or use act='fp32'")
     if mod is None or not x.is_cpu or (x.requires_grad and torch.is_grad_enabled()):
         w = dequantize_packed(packed).to(x.device)
-        xf = x.float() if act == "fp32" else quantize_act_int8(x.float().reshape(-1, k)).reshape(x.shape)
+        xf = x.float() if act != "int8" else quantize_act_int8(x.float().reshape(-1, k)).reshape(x.shape)
         return F.linear(xf, w, None if bias is None else bias.float()).to(x.dtype)
     x2 = x if x.dim() == 2 else x.reshape(-1, k)
     if x2.dtype != torch.float32:
@@ -613,6 +627,8 @@ def gguf_linear(x: torch.Tensor, packed: GGUFPacked, bias: torch.Tensor | None =
     b = bias if b is None else b
     if act == "int8":
         y = mod.gemm_a8(x2, packed.data, packed.ggml_type, n, k, b)
+    elif act == "bf16x3":
+        y = mod.gemm_bf3(x2, packed.data, packed.ggml_type, n, k, b)
     else:
         y = mod.gemm(x2, packed.data, packed.ggml_type, n, k, b, SMALL_M[use] if small_m is None else small_m)
     if x.dim() != 2:
@@ -621,6 +637,19 @@ def gguf_linear(x: torch.Tensor, packed: GGUFPacked, bias: torch.Tensor | None =
 
 
 _A8_IDS = frozenset(int(t.qt) for t in _TYPES.values() if t.a8)
+ACTS = ("fp32", "int8", "bf16x3")
+
+
+def _bf3_ready(mod: ModuleType) -> bool:
+    ready = getattr(mod, "bf3_ready", None)
+    return bool(ready is not None and ready())
+
+
+def bf16x3_available(path: str | None = None) -> bool:
+    """Whether ``act="bf16x3"`` runs on ``path`` (None: :func:`cpu_path`): the AMX build, built with
+    AMX-BF16 and granted the tile state. Its types are :func:`supported_types` ("int8")."""
+    _, mod = native_for(path)
+    return mod is not None and _bf3_ready(mod)
 
 
 def _raise_bad_input(x: object, packed: GGUFPacked, bias: torch.Tensor | None, act: str) -> None:
@@ -633,9 +662,9 @@ def _raise_bad_input(x: object, packed: GGUFPacked, bias: torch.Tensor | None, a
         raise ValueError(f"{label}: x has shape {tuple(x.shape)}; its last dimension must be in_features = {k}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != n):
         raise ValueError(f"{label}: bias has shape {tuple(bias.shape)}, expected ({n},)")
-    if act not in ("fp32", "int8"):
-        raise ValueError(f"{label}: act must be 'fp32' or 'int8', got {act!r}")
-    raise ValueError(f"{label}: no int8-activation kernel for {packed.type_name} (types: "
+    if act not in ACTS:
+        raise ValueError(f"{label}: act must be one of {', '.join(ACTS)}, got {act!r}")
+    raise ValueError(f"{label}: no {'int8-activation' if act == 'int8' else act} kernel for {packed.type_name} (types: "
                      f"{', '.join(supported_types('int8'))}); use act='fp32'")
 
 

@@ -20,6 +20,12 @@ Activations (``act``, ``KernelSettings.gguf_act``), per row:
 
 int8 applies to the types with an int8 kernel (``supported_types("int8")``); other parts keep fp32.
 
+Prompt rows in fp32 (the "fp32" and "by-kind" modes) run on AMX-BF16 tiles where the CPU has them
+(``act="bf16x3"`` in ``kernels/gguf_linear.py``: x @ W.T up to fp32 rounding, batch-invariant, not the
+fp32 chain's bits; same types as int8), unless :func:`configure` turns it off
+(``KernelSettings.gguf_bf16x3``, ``LLMOPT_GGUF_BF16X3=0``). Generated rows never take it (a few rows at a
+time: slower there). Decided when a layer's blocks are set (at load).
+
 Fused projections: ``qkv_proj`` = the q, k, v tensors' rows, ``gate_up_proj`` = gate, up. Shards of
 one type are packed as one weight; shards of different types (a Q4_K_M file's Q6_K ``attn_v``) as
 consecutive row ranges, one kernel call each. llama-architecture Q/K rows come permuted from the
@@ -44,14 +50,30 @@ from torch import nn
 
 from llmopt.config import ModelConfig
 from llmopt.formats.gguf_quants import dequantize
-from llmopt.kernels.gguf_linear import GGUFPacked, dequantize_packed, gguf_linear, pack_gguf, supported_types
+from llmopt.kernels.gguf_linear import (
+    GGUFPacked,
+    bf16x3_available,
+    dequantize_packed,
+    gguf_linear,
+    pack_gguf,
+    supported_types,
+)
 from llmopt.models.linear import EmbeddingMethod, LinearMethod, QuantConfig, TokenKindLinear
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GGUFLinear", "GGUFEmbedding", "GGUFMethod", "GGUFEmbeddingMethod", "gguf_quant_config", "GGUF_ACTS"]
+__all__ = ["GGUFLinear", "GGUFEmbedding", "GGUFMethod", "GGUFEmbeddingMethod", "gguf_quant_config", "GGUF_ACTS",
+           "configure"]
 
 GGUF_ACTS = ("fp32", "int8", "by-kind")
+PROMPT_BF16X3 = True  # prompt rows on AMX-BF16 tiles where available (configure)
+
+
+def configure(bf16x3: bool = True) -> None:
+    """Whether GGUF layers loaded from now on run their fp32 prompt rows on AMX-BF16 tiles where the CPU
+    has them (``KernelSettings.gguf_bf16x3``)."""
+    global PROMPT_BF16X3
+    PROMPT_BF16X3 = bool(bf16x3)
 
 
 @dataclass(frozen=True)
@@ -124,7 +146,9 @@ class GGUFLinear(TokenKindLinear):
         self.parts = parts
         a8 = set(supported_types("int8"))
         self.acts = ["int8" if self.act != "fp32" and p.type_name in a8 else "fp32" for p in parts]
-        self.prompt_acts = ["int8" if self.act == "int8" and p.type_name in a8 else "fp32" for p in parts]
+        fp32_prompt = "bf16x3" if PROMPT_BF16X3 and bf16x3_available() else "fp32"
+        self.prompt_acts = [("int8" if self.act == "int8" else fp32_prompt) if p.type_name in a8 else "fp32"
+                            for p in parts]
 
     @property
     def type_names(self) -> list[str]:

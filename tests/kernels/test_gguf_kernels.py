@@ -281,11 +281,72 @@ def test_amx_tiles_give_the_register_tiles_bits(paths, parallel_always, threads,
         mod._set_amx_min_rows(default)
 
 
+A8_TYPES = [qt for qt in TYPES if qt.name in G.supported_types("int8")]
+
+
+@pytest.fixture
+def amx_bf16(paths):
+    if "avx512_amx" not in paths or not G.bf16x3_available("avx512_amx"):
+        pytest.skip("no AMX-BF16 here: act='bf16x3' does not run")
+    return "avx512_amx"
+
+
+@pytest.mark.parametrize("qt", A8_TYPES, ids=[t.name for t in A8_TYPES])
+def test_bf16x3_matches_the_dequantized_matmul_and_is_batch_invariant(amx_bf16, parallel_always, threads, qt):
+    """act="bf16x3" (fp32 activations as three bf16 parts on AMX-BF16 tiles): within the fp32 summation
+    bound of the exact product, every row count (partial 16-row tiles, 1 thread or 2) gives each row
+    the bits it gets alone, with and without a bias."""
+    packed, w = case(qt, seed=3)
+    n, k = packed.shape
+    g = torch.Generator().manual_seed(11 + int(qt))
+    x = torch.randn(max(MS), k, generator=g) * torch.logspace(-3, 2, k)[torch.randperm(k, generator=g)]
+    bias = torch.randn(n, generator=g)
+    threads(1)
+    alone = torch.cat([G.gguf_linear(x[i:i + 1], packed, bias, act="bf16x3", path=amx_bf16) for i in range(len(x))])
+    _check_close(alone - bias, x, w, None, f"{qt.name} bf16x3 rows alone")
+    for nt in (1, 2):
+        threads(nt)
+        for m in MS:
+            y = G.gguf_linear(x[:m], packed, bias, act="bf16x3", path=amx_bf16)
+            assert torch.equal(y, alone[:m]), f"{qt.name} bf16x3 threads={nt} M={m}"
+    fp32 = G.gguf_linear(x, packed, bias, path=amx_bf16)
+    assert not torch.equal(fp32, alone), "bf16x3 gave the fp32 chain's bits: is it running?"
+
+
+def test_bf16x3_splits_each_activation_exactly(amx_bf16):
+    """Activations that need all 24 bits of fp32 (and tiny, huge, negative ones) against a weight of
+    ones: each output is the row's exact sum up to the fp32 summation bound, which a two-part (16-bit)
+    split would miss by ~2^-16."""
+    qt = QT.Q8_0
+    k, n = 64, 16
+    raw = quants.quantize(np.ones((n, k), np.float32), qt)
+    packed = G.pack_gguf(raw, qt, (n, k))
+    w = torch.from_numpy(quants.dequantize(raw, qt).reshape(n, k).astype(np.float32))
+    x = torch.zeros(3, k)
+    x[0, 0] = 1 + 2.0 ** -23  # one 24-bit value, nothing else: exact sum
+    x[1] = torch.linspace(-3e4, 3e4, k) * (1 + 2.0 ** -20)
+    x[2] = torch.tensor([1e-30, -1e30, 1e30, 1.0] * 16)
+    y = G.gguf_linear(x, packed, act="bf16x3", path=amx_bf16)
+    assert y[0, 0].item() == (x[0, 0] * w[0, 0]).item()
+    _check_close(y, x, w, None, "bf16x3 24-bit activations")
+
+
+def test_bf16x3_is_refused_where_it_does_not_run(paths):
+    packed, _ = case(QT.Q4_1)
+    x = torch.randn(3, packed.shape[1])
+    with pytest.raises(ValueError, match="bf16x3"):
+        G.gguf_linear(x, packed, act="bf16x3", path="avx2")
+    q2, _ = case(QT.Q2_K)
+    with pytest.raises(ValueError, match="no bf16x3 kernel for Q2_K"):
+        G.gguf_linear(torch.randn(3, q2.shape[1]), q2, act="bf16x3")
+    assert not G.bf16x3_available("avx2")
+
+
 def test_int8_mode_refuses_types_without_its_kernel(paths):
     packed, _ = case(QT.Q3_K)
     with pytest.raises(ValueError, match=r"'test.Q3_K' \(Q3_K, 37x768\): no int8-activation kernel for Q3_K"):
         G.gguf_linear(torch.randn(1, 768), packed, act="int8")
-    with pytest.raises(ValueError, match="act must be 'fp32' or 'int8'"):
+    with pytest.raises(ValueError, match="act must be one of fp32, int8, bf16x3"):
         G.gguf_linear(torch.randn(1, 768), packed, act="int4")
 
 

@@ -196,6 +196,186 @@ inline void amx_rows(const uint8_t* pan, const uint8_t* bt, const int8_t* a, int
 
 #undef LLMOPT_AMX_DOT
 
+// ---- fp32 activations on AMX-BF16 tiles ("bf16x3") -------------------------------------------
+// Each activation is split exactly into three bf16 parts, x = h + m + l (8 + 8 + 8 significant bits:
+// fp32's 24; truncation, so the two subtractions are exact), and the weight codes (integers of at
+// most 8 bits, with the offset of Q4_0 / Q5_0 / Q6_K) are exact in bf16, so every product the tile
+// unit forms is exact in fp32. Per 16 rows, 16 columns and sub-block (32 k; Q6_K 16) the tile
+// computes c = sum_k x_k q_k with fp32 accumulation (TDPBF16PS, the parts l, m, h in turn into one C
+// tile), then the vector units fold it as tile_a8 does, with dx = 1:
+//   acc = fma(c, A, acc)  (+ fma(Bm, X, acc) for types with mins; X = sum of x over the sub-block).
+// The result is x @ W.T up to fp32 rounding (not the fp32 path's fma chain: other bits, same model).
+// Each row's bits depend only on that row (a tile row's dot products do not mix rows; padding rows
+// are zeros), so any row count and any batch give the same bits for a row.
+// B tiles: the int8 mode's unpacked codes (amx_unpack_panel: lane c of row kk = 4 codes of column c,
+// in the activations' per-8 order) widened to bf16 pairs: int8 row kk -> bf16 rows 2 kk (codes 0, 1)
+// and 2 kk + 1 (codes 2, 3). The activations are split in the same per-8 order (quant_row_a8's perm8).
+#if defined(__AMX_BF16__)
+#define LLMOPT_GGUF_AMX_BF16 1
+
+// bytes of one sub-block's bf16 B tile (S / 2 rows of 64 bytes)
+template <class T>
+constexpr int64_t kBf3SubBytes = 32 * T::S;
+
+// one row x [K] -> its three bf16 parts h, m, l [K] (perm8: each group of 8 k in the order 0, 2, 4, 6,
+// 1, 3, 5, 7) and s16 [K / 16] = the sum of x over each 16 k (one fixed reduction order)
+inline void bf3_split_row(const float* x, int64_t K, bool perm8, uint16_t* h, uint16_t* m, uint16_t* l, float* s16) {
+  const __m512i perm = _mm512_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
+  const __m512i hi16 = _mm512_set1_epi32((int)0xffff0000u);
+  for (int64_t k = 0; k < K; k += 16) {
+    __m512 v = _mm512_loadu_ps(x + k);
+    s16[k / 16] = _mm512_reduce_add_ps(v);
+    if (perm8) v = _mm512_permutexvar_ps(perm, v);
+    const __m512i vh = _mm512_and_si512(_mm512_castps_si512(v), hi16);
+    const __m512 r1 = _mm512_sub_ps(v, _mm512_castsi512_ps(vh));
+    const __m512i vm = _mm512_and_si512(_mm512_castps_si512(r1), hi16);
+    const __m512 r2 = _mm512_sub_ps(r1, _mm512_castsi512_ps(vm));  // <= 8 significant bits: exact in bf16
+    _mm256_storeu_si256((__m256i*)(h + k), _mm512_cvtepi32_epi16(_mm512_srli_epi32(vh, 16)));
+    _mm256_storeu_si256((__m256i*)(m + k), _mm512_cvtepi32_epi16(_mm512_srli_epi32(vm, 16)));
+    _mm256_storeu_si256((__m256i*)(l + k), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(r2), 16)));
+  }
+}
+
+// the int8 B tiles of a panel (amx_unpack_panel, nbytes) -> bf16 B tiles: each 64-byte row (16 lanes of
+// 4 codes) -> two 64-byte rows of bf16 pairs
+template <class T>
+inline void bf3_widen(const uint8_t* src, int64_t nbytes, uint8_t* dst) {
+  const __m512i ff = _mm512_set1_epi32(0xff), hi16 = _mm512_set1_epi32((int)0xffff0000u);
+  auto bf = [](__m512i q) { return _mm512_castps_si512(_mm512_cvtepi32_ps(q)); };  // small integers: exact
+  for (int64_t i = 0; i < nbytes; i += 64) {
+    const __m512i v = _mm512_loadu_si512((const void*)(src + i));
+    __m512i b0, b1, b2, b3;
+    if constexpr (kAmxSignedB<T>) {
+      b0 = _mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24);
+      b1 = _mm512_srai_epi32(_mm512_slli_epi32(v, 16), 24);
+      b2 = _mm512_srai_epi32(_mm512_slli_epi32(v, 8), 24);
+      b3 = _mm512_srai_epi32(v, 24);
+    } else {
+      b0 = _mm512_and_si512(v, ff);
+      b1 = _mm512_and_si512(_mm512_srli_epi32(v, 8), ff);
+      b2 = _mm512_and_si512(_mm512_srli_epi32(v, 16), ff);
+      b3 = _mm512_srli_epi32(v, 24);
+    }
+    _mm512_storeu_si512((void*)(dst + 2 * i), _mm512_or_si512(_mm512_srli_epi32(bf(b0), 16), _mm512_and_si512(bf(b1), hi16)));
+    _mm512_storeu_si512((void*)(dst + 2 * i + 64), _mm512_or_si512(_mm512_srli_epi32(bf(b2), 16), _mm512_and_si512(bf(b3), hi16)));
+  }
+}
+
+// Dot products of one step: BF3_G panels' C tiles (0 .. G-1) from their B tiles (G .. 2G-1) and the
+// A parts l, m, h in turn, the G chains interleaved (a C tile's three dot products depend on one
+// another: the tile unit overlaps the G chains, not the three products of one)
+#ifndef LLMOPT_BF3_G
+#define LLMOPT_BF3_G 3
+#endif
+constexpr int BF3_G = LLMOPT_BF3_G;
+static_assert(BF3_G == 2 || BF3_G == 3, "2 or 3 panels per step");
+
+// tile configuration: C tiles 0 .. G-1 (16 x 16 fp32), B tiles G .. 2G-1 (S / 2 rows x 64 bytes),
+// A tiles 2G .. 7 (16 rows x 2 S bytes: G = 3 loads the three parts into tiles 6, 7, 6; G = 2 into 4, 5, 6)
+template <class T>
+inline void amx_bf3_configure() {
+  TileConfig c{};
+  c.palette = 1;
+  for (int i = 0; i < 8; ++i) {
+    const bool cc = i < BF3_G, bb = i >= BF3_G && i < 2 * BF3_G;
+    c.rows[i] = bb ? T::S / 2 : 16;
+    c.colsb[i] = cc || bb ? 64 : 2 * T::S;
+  }
+  __asm__ volatile("ldtilecfg %0" ::"m"(*reinterpret_cast<const unsigned char(*)[64]>(&c)));
+}
+
+GGUF_INLINE void bf3_step(const uint16_t* const* a, int64_t k0, int64_t lda, const uint8_t* const* pb) {
+#if LLMOPT_BF3_G == 3
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_loadd(3, pb[0], 64);
+  _tile_loadd(4, pb[1], 64);
+  _tile_loadd(5, pb[2], 64);
+  _tile_loadd(6, a[2] + k0, lda);
+  _tile_dpbf16ps(0, 6, 3);
+  _tile_dpbf16ps(1, 6, 4);
+  _tile_dpbf16ps(2, 6, 5);
+  _tile_loadd(7, a[1] + k0, lda);
+  _tile_dpbf16ps(0, 7, 3);
+  _tile_dpbf16ps(1, 7, 4);
+  _tile_dpbf16ps(2, 7, 5);
+  _tile_loadd(6, a[0] + k0, lda);
+  _tile_dpbf16ps(0, 6, 3);
+  _tile_dpbf16ps(1, 6, 4);
+  _tile_dpbf16ps(2, 6, 5);
+#else
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_loadd(2, pb[0], 64);
+  _tile_loadd(3, pb[1], 64);
+  _tile_loadd(4, a[2] + k0, lda);
+  _tile_dpbf16ps(0, 4, 2);
+  _tile_dpbf16ps(1, 4, 3);
+  _tile_loadd(5, a[1] + k0, lda);
+  _tile_dpbf16ps(0, 5, 2);
+  _tile_dpbf16ps(1, 5, 3);
+  _tile_loadd(6, a[0] + k0, lda);
+  _tile_dpbf16ps(0, 6, 2);
+  _tile_dpbf16ps(1, 6, 3);
+#endif
+}
+
+GGUF_INLINE void bf3_store(float* c) {
+  _tile_stored(0, c, 64);
+  _tile_stored(1, c + AMX_M * LANES, 64);
+#if LLMOPT_BF3_G == 3
+  _tile_stored(2, c + 2 * AMX_M * LANES, 64);
+#endif
+}
+
+// 16 rows (parts a[0..2]: h, m, l of the tile's first row, row stride lda bytes; xs [nsub][16]: their
+// sums per sub-block) x np panels, np a multiple of BF3_G (pan[i]: the packed blocks, for the scales;
+// bt[i]: the bf16 B tiles): acc [np][16][16] (row, column). Steps s = (sub-block, group of G panels):
+// the dot products of step s, the fold of step s - 1 (vector units, from memory), the stores of step s;
+// the accumulators in memory (L1). cbuf: 2 x G C tiles.
+template <class T>
+inline void amx_bf3_rows(const uint8_t* const* pan, const uint8_t* const* bt, int np, const uint16_t* const* a,
+                         int64_t lda, const float* xs, int64_t nblk, float* acc, float* cbuf) {
+  std::memset(acc, 0, sizeof(float) * np * AMX_M * LANES);
+  const int64_t nsub = nblk * T::NS, ng = np / BF3_G, steps = nsub * ng;
+  for (int64_t s = 0, j = 0, q = 0; s < steps + 1; ++s) {
+    if (s < steps) {
+      const int64_t k0 = (j / T::NS) * T::QB + (j % T::NS) * T::S;
+      const uint8_t* pb[BF3_G];
+      for (int g = 0; g < BF3_G; ++g) pb[g] = bt[q * BF3_G + g] + j * kBf3SubBytes<T>;
+      bf3_step(a, k0, lda, pb);
+    }
+    if (s >= 1) {  // fold step s - 1
+      const int64_t sp = s - 1, jp = sp / ng, qp = sp % ng;
+      const float* x = xs + jp * AMX_M;
+      for (int g = 0; g < BF3_G; ++g) {
+        const int ip = (int)(qp * BF3_G + g);
+        F A, Bm;
+        params_a8<T>(pan[ip] + (jp / T::NS) * T::BB, (int)(jp % T::NS), A, Bm);
+        const float* c = cbuf + ((sp & 1) * BF3_G + g) * AMX_M * LANES;
+        float* o = acc + ip * AMX_M * LANES;
+        for (int r = 0; r < AMX_M; ++r) {
+          F v = V::fma(V::load(c + r * LANES), A, V::load(o + r * LANES));
+          if constexpr (T::M2) v = V::fma(Bm, V::bcast(x + r), v);
+          V::store(o + r * LANES, v);
+        }
+      }
+    }
+    if (s < steps) {
+      bf3_store(cbuf + (s & 1) * BF3_G * AMX_M * LANES);
+      if (++q == ng) {
+        q = 0;
+        ++j;
+      }
+    }
+  }
+}
+
+
+
+#endif  // __AMX_BF16__
+
 }  // namespace llmopt_gguf
 
 #endif  // __AMX_INT8__ && __AMX_TILE__

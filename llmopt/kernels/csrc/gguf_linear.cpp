@@ -570,6 +570,103 @@ void run_a8(const Job& J) {
                  [&](int64_t g0, int64_t g1) { a8_panels<T>(J, rows.data(), g0 * PG, std::min(J.P, g1 * PG)); });
 }
 
+#if defined(LLMOPT_GGUF_AMX_BF16)
+// ---- fp32 activations as three bf16 parts on AMX-BF16 tiles (gguf_amx.h: "bf16x3") -----------
+
+// The rows of one call: parts h, m, l [Mp][K] bf16 (Mp = M rounded up to 16; rows >= M are zeros) and
+// per 16-row tile the rows' sums per sub-block, xs [ntiles][nsub][16]
+struct Bf3Rows {
+  const uint16_t* part[3];
+  const float* xs;
+  int64_t ntiles, nsub;
+};
+
+#ifndef LLMOPT_BF3_NP
+#define LLMOPT_BF3_NP (2 * LLMOPT_BF3_G)
+#endif
+constexpr int BF3_NP = LLMOPT_BF3_NP;  // a multiple of BF3_G
+static_assert(BF3_NP % BF3_G == 0);
+
+// panels [p0, p1), every row: groups of BF3_NP panels (their bf16 B tiles unpacked once per group),
+// every 16-row tile through each
+template <class T>
+void bf3_panels(const Job& J, const Bf3Rows& R, int64_t p0, int64_t p1) {
+  thread_local std::vector<uint8_t> ibuf, bbuf;
+  thread_local std::vector<float> obuf, cbuf;
+  const int64_t istride = R.nsub * kAmxSubBytes<T>, bstride = R.nsub * kBf3SubBytes<T>;
+  if ((int64_t)ibuf.size() < istride) ibuf.resize(istride);
+  if ((int64_t)bbuf.size() < BF3_NP * bstride) bbuf.resize(BF3_NP * bstride);
+  obuf.resize(BF3_NP * AMX_M * LANES);
+  cbuf.resize(2 * BF3_G * AMX_M * LANES);
+  const int64_t lda = J.K * (int64_t)sizeof(uint16_t);
+  amx_bf3_configure<T>();
+  for (int64_t p = p0; p < p1; p += BF3_NP) {
+    const int np = (int)std::min<int64_t>(BF3_NP, p1 - p);
+    const uint8_t* pan[BF3_NP];
+    for (int i = 0; i < np; ++i) {
+      pan[i] = J.w + (p + i) * J.nblk * T::BB;
+      amx_unpack_panel<T>(pan[i], J.nblk, ibuf.data());
+      bf3_widen<T>(ibuf.data(), istride, bbuf.data() + i * bstride);
+    }
+    // a last group of fewer than G panels repeats its last panel (results not written)
+    const int npg = (np + BF3_G - 1) / BF3_G * BF3_G;
+    const uint8_t* bt[BF3_NP];
+    for (int i = 0; i < npg; ++i) {
+      bt[i] = bbuf.data() + std::min(i, np - 1) * bstride;
+      pan[i] = pan[std::min(i, np - 1)];
+    }
+    for (int64_t t = 0; t < R.ntiles; ++t) {
+      const int cnt = (int)std::min<int64_t>(AMX_M, J.M - t * AMX_M);
+      const uint16_t* a[3] = {R.part[0] + t * AMX_M * J.K, R.part[1] + t * AMX_M * J.K, R.part[2] + t * AMX_M * J.K};
+      amx_bf3_rows<T>(pan, bt, npg, a, lda, R.xs + t * R.nsub * AMX_M, J.nblk, obuf.data(), cbuf.data());
+      for (int i = 0; i < np; ++i) write_rows(J, p + i, t * AMX_M, cnt, obuf.data() + i * AMX_M * LANES, LANES);
+    }
+  }
+  _tile_release();
+}
+
+template <class T>
+void run_bf3(const Job& J) {
+  const int64_t K = J.K, k16 = K / 16, ntiles = (J.M + AMX_M - 1) / AMX_M, Mp = ntiles * AMX_M;
+  const int64_t nsub = J.nblk * T::NS;
+  thread_local std::vector<uint16_t> parts;
+  thread_local std::vector<float> s16v, xsv;
+  if ((int64_t)parts.size() < 3 * Mp * K) parts.resize(3 * Mp * K);
+  if ((int64_t)s16v.size() < Mp * k16) s16v.resize(Mp * k16);
+  if ((int64_t)xsv.size() < ntiles * nsub * AMX_M) xsv.resize(ntiles * nsub * AMX_M);
+  uint16_t* ph = parts.data();
+  uint16_t* pm = ph + Mp * K;
+  uint16_t* pl = pm + Mp * K;
+  float* s16 = s16v.data();
+  float* xs = xsv.data();
+  parallel_units(ntiles, J.M * K * 64, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t m = t * AMX_M; m < (t + 1) * AMX_M; ++m) {
+        if (m < J.M) {
+          bf3_split_row(J.x + m * K, K, T::L == 4, ph + m * K, pm + m * K, pl + m * K, s16 + m * k16);
+        } else {
+          std::memset(ph + m * K, 0, K * sizeof(uint16_t));
+          std::memset(pm + m * K, 0, K * sizeof(uint16_t));
+          std::memset(pl + m * K, 0, K * sizeof(uint16_t));
+          std::memset(s16 + m * k16, 0, k16 * sizeof(float));
+        }
+      }
+      for (int64_t j = 0; j < nsub; ++j) {
+        const int64_t k0 = (j / T::NS) * T::QB + (j % T::NS) * T::S;
+        for (int r = 0; r < AMX_M; ++r) {
+          const float* sr = s16 + (t * AMX_M + r) * k16 + k0 / 16;
+          float v = sr[0];
+          for (int i = 1; i < T::S / 16; ++i) v += sr[i];
+          xs[(t * nsub + j) * AMX_M + r] = v;
+        }
+      }
+    }
+  });
+  const Bf3Rows R{{ph, pm, pl}, xs, ntiles, nsub};
+  parallel_units(J.P, J.M * J.N * J.K, [&](int64_t q0, int64_t q1) { bf3_panels<T>(J, R, q0, q1); });
+}
+#endif
+
 int64_t block_bytes(int64_t type) {
   int64_t bb = -1;
   with_type(type, [&](auto t) { bb = decltype(t)::BB; });
@@ -649,6 +746,31 @@ at::Tensor gemm_a8(at::Tensor x, at::Tensor data, int64_t type, int64_t N, int64
     if constexpr (kA8<T>) run_a8<T>(J);
   });
   return y;
+}
+
+// y = x @ W.T + bias with x as three bf16 parts on AMX-BF16 tiles (see gguf_amx.h)
+at::Tensor gemm_bf3(at::Tensor x, at::Tensor data, int64_t type, int64_t N, int64_t K, c10::optional<at::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu() && x.size(1) == K,
+              "gguf.gemm_bf3: x must be a float32 CPU tensor [M, ", K, "]");
+  check_data(data, type, N, K);
+#if defined(LLMOPT_GGUF_AMX_BF16)
+  bool ok = false;
+  with_type(type, [&](auto t) { ok = kA8<decltype(t)>; });
+  TORCH_CHECK(ok, "gguf.gemm_bf3: no bf16x3 kernel for ggml type id ", type);
+  TORCH_CHECK(amx_request(), "gguf.gemm_bf3: the OS did not grant the AMX tile state");
+  at::Tensor bb;
+  Job J{};
+  auto y = start_job(J, x, data, type, N, K, bias, bb, "gguf.gemm_bf3");
+  if (J.M == 0) return y;
+  with_type(type, [&](auto t) {
+    using T = decltype(t);
+    if constexpr (kA8<T>) run_bf3<T>(J);
+  });
+  return y;
+#else
+  (void)bias;
+  TORCH_CHECK(false, "gguf.gemm_bf3: this build (", kIsa, ") has no AMX-BF16 kernels");
+#endif
 }
 
 bool has_a8(int64_t type) {
@@ -741,6 +863,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("type"), py::arg("N"), py::arg("K"), py::arg("bias") = py::none(), py::arg("small_m") = 4);
   m.def("gemm_a8", &gemm_a8, "y = x @ dequant(W).T + bias with int8 activations (per row, per 32 k)",
         py::arg("x"), py::arg("data"), py::arg("type"), py::arg("N"), py::arg("K"), py::arg("bias") = py::none());
+  m.def("gemm_bf3", &gemm_bf3,
+        "y = x @ dequant(W).T + bias, x split exactly into three bf16 parts on AMX-BF16 tiles (x @ W.T up to fp32 "
+        "rounding; bits independent of the batch)",
+        py::arg("x"), py::arg("data"), py::arg("type"), py::arg("N"), py::arg("K"), py::arg("bias") = py::none());
+  m.def(
+      "bf3_ready",
+      []() {
+#if defined(LLMOPT_GGUF_AMX_BF16)
+        return amx_request();
+#else
+        return false;
+#endif
+      },
+      "whether gemm_bf3 runs here (built for AMX-BF16 and the OS granted the tile state)");
   m.def("has_a8", &has_a8, "whether a ggml type has the int8-activation kernel");
   m.def("dequant", &dequant, "packed GGUF layout -> fp32 [N, K]", py::arg("data"), py::arg("type"), py::arg("N"),
         py::arg("K"));
