@@ -178,8 +178,9 @@ class ModelRunner:
         kinds += [torch.arange(s.num_computed_tokens, s.num_computed_tokens + n) >= len(s.prompt_ids)
                   for s, n in prefills]
         generated = torch.cat(kinds)
+        # None = every row a prompt token (a pure prefill step): the layers then skip splitting rows by kind
         ctx = AttnContext(slot_mapping=torch.tensor(slots, dtype=torch.long), num_decode=len(decodes), prefills=spans,
-                          generated=generated, mass=mass)
+                          generated=generated if bool(generated.any()) else None, mass=mass)
         if decodes:
             width = max(len(s.block_table) for s, _ in decodes)
             ctx.decode_block_tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table))

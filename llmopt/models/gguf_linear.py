@@ -116,6 +116,19 @@ def _pack(shards: list[Shard], in_features: int, name: str) -> list[GGUFPacked]:
     return out
 
 
+_kinds_memo: list = [None, None, None]  # generated, its rows: one step's kinds, for every layer
+
+
+def _kind_rows(generated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(generated rows, prompt rows) as index tensors; computed once per step: every projection of a step
+    gets the same ``generated`` tensor (built per step, never written; the memo holds it, so its identity
+    is not reused while memoized)."""
+    memo = _kinds_memo
+    if memo[0] is not generated:
+        memo[:] = [generated, generated.nonzero().flatten(), (~generated).nonzero().flatten()]
+    return memo[1], memo[2]
+
+
 class GGUFLinear(TokenKindLinear):
     """``y = x @ W.T + b`` with ``W`` kept in GGUF blocks (one or more row ranges of
     :class:`~llmopt.kernels.gguf_linear.GGUFPacked`, see the module docstring).
@@ -170,14 +183,14 @@ class GGUFLinear(TokenKindLinear):
             return self._run(x, self.acts)
         if generated.shape != x.shape[:1]:
             raise ValueError(f"{self.name}: token kinds for {tuple(generated.shape)} rows, x has shape {tuple(x.shape)}")
-        n_gen = int(generated.sum())
-        if n_gen == x.shape[0]:
+        gen_rows, prompt_rows = _kind_rows(generated)
+        if not len(prompt_rows):
             return self._run(x, self.acts)
-        if n_gen == 0:
+        if not len(gen_rows):
             return self._run(x, self.prompt_acts)
         y = x.new_empty(x.shape[0], self.out_features)
-        y[generated] = self._run(x[generated], self.acts)
-        y[~generated] = self._run(x[~generated], self.prompt_acts)
+        y[gen_rows] = self._run(x[gen_rows], self.acts)
+        y[prompt_rows] = self._run(x[prompt_rows], self.prompt_acts)
         return y
 
     def _run(self, x: torch.Tensor, acts: list[str]) -> torch.Tensor:

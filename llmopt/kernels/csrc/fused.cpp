@@ -249,7 +249,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
     std::vector<int64_t> ends(R);
 
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < items; ++item) {
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t item = items - 1 - it;  // the last groups first: a prompt's later rows read the most
       const int64_t grp = item / (Hk * S);
       const int64_t kvh = (item / S) % Hk;
       const int64_t split = item % S;

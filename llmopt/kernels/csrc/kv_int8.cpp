@@ -79,7 +79,8 @@ at::Tensor paged_decode_attention_int8(const at::Tensor& q, const at::Tensor& k_
       vrow[i] = vf.data() + i * D;
     }
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < items; ++item) {
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t item = items - 1 - it;  // the last groups first: a prompt's later rows read the most
       const int64_t grp = item / Hk, h = item % Hk;
       const int64_t b = first[grp], rows = first[grp + 1] - b;
       const int64_t L = cl[b];
