@@ -1,5 +1,6 @@
 """Native GGUF linear (llmopt.kernels.gguf_linear) vs dequantized fp32 torch matmul (MKL) vs fbgemm
-dynamic int8, side by side in one run, per type, per CPU path.
+dynamic int8, side by side in one run, per type, per CPU path (and, on a CPU with AMX-BF16, the
+act="bf16x3" prompt path: fp32 activations as three bf16 parts on AMX tiles).
 
     python benchmarks/bench_gguf_linear.py [--threads 2] [--types Q4_0,Q4_K] [--ms 1,16,512]
 
@@ -91,7 +92,9 @@ def main() -> None:
     print(f"times in ms ({args.stat} per cell)")
     fp32_paths = [p for p in paths if p not in ("avx512_vnni", "avx512_amx")]  # (their fp32 kernel is the avx512 one)
     a8_types = set(G.supported_types("int8"))
-    cols = ["mkl", "fbgemm8"] + [f"fp32 {p}" for p in fp32_paths] + [f"int8 {p}" for p in paths]
+    bf3 = G.bf16x3_available()
+    cols = (["mkl", "fbgemm8"] + [f"fp32 {p}" for p in fp32_paths] + (["bf16x3"] if bf3 else [])
+            + [f"int8 {p}" for p in paths])
     print("cells: ms (MKL time / this time); int8 = the act='int8' mode (generated rows; every row with LLMOPT_GGUF_ACT=int8)")
     for k, n in shapes:
         w32 = torch.randn(n, k) * 0.05
@@ -110,6 +113,8 @@ def main() -> None:
             for qt, pk in packs.items():
                 for p in fp32_paths:
                     fns[f"{qt.name} fp32 {p}"] = lambda x=x, pk=pk, p=p: G.gguf_linear(x, pk, path=p)
+                if qt.name in a8_types and bf3:
+                    fns[f"{qt.name} bf16x3"] = lambda x=x, pk=pk: G.gguf_linear(x, pk, act="bf16x3")
                 if qt.name in a8_types:
                     for p in paths:
                         fns[f"{qt.name} int8 {p}"] = lambda x=x, pk=pk, p=p: G.gguf_linear(x, pk, act="int8", path=p)
@@ -121,7 +126,8 @@ def main() -> None:
             for m in ms:
                 r = res[m]
                 cells = [f"{r['mkl'] * 1e3:9.3f}        "]
-                for key in ["fbgemm8"] + [f"{qt.name} fp32 {p}" for p in fp32_paths] + [f"{qt.name} int8 {p}" for p in paths]:
+                keys = ["fbgemm8"] + [f"{qt.name} fp32 {p}" for p in fp32_paths] + ([f"{qt.name} bf16x3"] if bf3 else [])
+                for key in keys + [f"{qt.name} int8 {p}" for p in paths]:
                     cells.append(f"{r[key] * 1e3:9.3f} ({r['mkl'] / r[key]:5.2f})" if key in r else f"{'-':>17s}")
                 print(f"{qt.name:6s} {packs[qt].bits_per_weight:5.2f} {m:4d} " + " ".join(cells))
 

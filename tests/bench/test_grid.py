@@ -31,6 +31,8 @@ def test_bench_cli_writes_both_systems_and_they_agree_on_greedy_tokens(tiny_mode
     kern = data["machine"]["kernels"]  # which kernel build ran, and with which prefetch table
     assert kern["gguf_path"] == gguf_linear.cpu_path() and kern["prefetch"] in ("measured", "default")
     assert f"GGUF kernels {kern['gguf_path']}" in res.output
+    assert kern["prompt_bf16x3"] == gguf_linear.bf16x3_available()  # (LLMOPT_GGUF_BF16X3 unset in tests)
+    assert ("prompt rows on AMX-BF16" in " ".join(res.output.split())) == kern["prompt_bf16x3"]  # (title wraps)
     assert [(c["concurrency"], c["input_len"], c["output_len"]) for c in data["cells"]] == [(1, 7, 5), (3, 7, 5)]
     for cell in data["cells"]:
         assert cell["reference"] == "transformers"

@@ -729,46 +729,40 @@ at::Tensor gemm(at::Tensor x, at::Tensor data, int64_t type, int64_t N, int64_t 
   return y;
 }
 
-// y = x @ W.T + bias with x quantized to int8 per row and 32 k (see tile_a8)
-at::Tensor gemm_a8(at::Tensor x, at::Tensor data, int64_t type, int64_t N, int64_t K, c10::optional<at::Tensor> bias) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu() && x.size(1) == K,
-              "gguf.gemm_a8: x must be a float32 CPU tensor [M, ", K, "]");
+// y = x @ W.T + bias on a type of the int8 mode's set (kA8), computed by run(T{}, J)
+template <class Run>
+at::Tensor gemm_a8_types(at::Tensor x, const at::Tensor& data, int64_t type, int64_t N, int64_t K,
+                         const c10::optional<at::Tensor>& bias, const char* who, const char* kind, Run&& run) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu() && x.size(1) == K, who,
+              ": x must be a float32 CPU tensor [M, ", K, "]");
   check_data(data, type, N, K);
   bool ok = false;
   with_type(type, [&](auto t) { ok = kA8<decltype(t)>; });
-  TORCH_CHECK(ok, "gguf.gemm_a8: no int8-activation kernel for ggml type id ", type);
+  TORCH_CHECK(ok, who, ": no ", kind, " kernel for ggml type id ", type);
   at::Tensor bb;
   Job J{};
-  auto y = start_job(J, x, data, type, N, K, bias, bb, "gguf.gemm_a8");
+  auto y = start_job(J, x, data, type, N, K, bias, bb, who);
   if (J.M == 0) return y;
   with_type(type, [&](auto t) {
-    using T = decltype(t);
-    if constexpr (kA8<T>) run_a8<T>(J);
+    if constexpr (kA8<decltype(t)>) run(t, J);
   });
   return y;
 }
 
+// y = x @ W.T + bias with x quantized to int8 per row and 32 k (see tile_a8)
+at::Tensor gemm_a8(at::Tensor x, at::Tensor data, int64_t type, int64_t N, int64_t K, c10::optional<at::Tensor> bias) {
+  return gemm_a8_types(x, data, type, N, K, bias, "gguf.gemm_a8", "int8-activation",
+                       [](auto t, const Job& J) { run_a8<decltype(t)>(J); });
+}
+
 // y = x @ W.T + bias with x as three bf16 parts on AMX-BF16 tiles (see gguf_amx.h)
 at::Tensor gemm_bf3(at::Tensor x, at::Tensor data, int64_t type, int64_t N, int64_t K, c10::optional<at::Tensor> bias) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu() && x.size(1) == K,
-              "gguf.gemm_bf3: x must be a float32 CPU tensor [M, ", K, "]");
-  check_data(data, type, N, K);
 #if defined(LLMOPT_GGUF_AMX_BF16)
-  bool ok = false;
-  with_type(type, [&](auto t) { ok = kA8<decltype(t)>; });
-  TORCH_CHECK(ok, "gguf.gemm_bf3: no bf16x3 kernel for ggml type id ", type);
   TORCH_CHECK(amx_request(), "gguf.gemm_bf3: the OS did not grant the AMX tile state");
-  at::Tensor bb;
-  Job J{};
-  auto y = start_job(J, x, data, type, N, K, bias, bb, "gguf.gemm_bf3");
-  if (J.M == 0) return y;
-  with_type(type, [&](auto t) {
-    using T = decltype(t);
-    if constexpr (kA8<T>) run_bf3<T>(J);
-  });
-  return y;
+  return gemm_a8_types(x, data, type, N, K, bias, "gguf.gemm_bf3", "bf16x3",
+                       [](auto t, const Job& J) { run_bf3<decltype(t)>(J); });
 #else
-  (void)bias;
+  (void)x, (void)data, (void)type, (void)N, (void)K, (void)bias;
   TORCH_CHECK(false, "gguf.gemm_bf3: this build (", kIsa, ") has no AMX-BF16 kernels");
 #endif
 }
