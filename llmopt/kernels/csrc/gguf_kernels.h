@@ -240,6 +240,7 @@ enum ScKind { SC_NONE = 0, SC_U8 = 1, SC_S8 = 2, SC_NIB = 3 };
 template <int QB_, int S_, int L_, int H_, bool M2_, int SCK_, bool MN_, int OFF_, bool SIGNED_>
 struct TypeDesc {
   static constexpr int QB = QB_, S = S_, NS = QB_ / S_, L = L_, H = H_, SCK = SCK_, OFF = OFF_;
+  static_assert(QB_ % S_ == 0, "whole sub-blocks per block: sub-block j starts at k = j * S");
   static constexpr bool M2 = M2_, MN = MN_, SIGNED = SIGNED_;
   static constexpr int PER = 8 / L;                 // codes per byte of the LOW plane
   static constexpr int HPER = H ? 8 / H : 1;        // codes per byte of the HIGH plane

@@ -581,11 +581,7 @@ struct Bf3Rows {
   int64_t ntiles, nsub;
 };
 
-#ifndef LLMOPT_BF3_NP
-#define LLMOPT_BF3_NP (2 * LLMOPT_BF3_G)
-#endif
-constexpr int BF3_NP = LLMOPT_BF3_NP;  // a multiple of BF3_G
-static_assert(BF3_NP % BF3_G == 0);
+constexpr int BF3_NP = 2 * BF3_G;  // panels whose B tiles are unpacked together (2, 4, 8 measured alike, earlier version)
 
 // panels [p0, p1), every row: groups of BF3_NP panels (their bf16 B tiles unpacked once per group),
 // every 16-row tile through each
@@ -652,9 +648,8 @@ void run_bf3(const Job& J) {
         }
       }
       for (int64_t j = 0; j < nsub; ++j) {
-        const int64_t k0 = (j / T::NS) * T::QB + (j % T::NS) * T::S;
         for (int r = 0; r < AMX_M; ++r) {
-          const float* sr = s16 + (t * AMX_M + r) * k16 + k0 / 16;
+          const float* sr = s16 + (t * AMX_M + r) * k16 + j * T::S / 16;
           float v = sr[0];
           for (int i = 1; i < T::S / 16; ++i) v += sr[i];
           xs[(t * nsub + j) * AMX_M + r] = v;
