@@ -1069,6 +1069,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<at::Tensor, at::Tensor, int64_t, int64_t, c10::optional<at::Tensor>>(), py::arg("qweight"),
            py::arg("scales"), py::arg("in_features"), py::arg("group_size"), py::arg("bias") = py::none())
       .def("__call__", &I8Linear::forward, py::arg("x"), py::call_guard<py::gil_scoped_release>());
+  LLMOPT_F_ATTN_AVX512_DEF(m);
   m.def("linear_a8", &linear_a8, "one int4 (lane layout) linear with int8 activations through the step's kernels",
         py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("mins"), py::arg("group_size"),
         py::arg("bias") = py::none(), py::arg("scales4") = py::none(), py::arg("mins4") = py::none());

@@ -347,6 +347,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(gate) * up for gate_up = [gate | up]", py::arg("gate_up"), nogil());
   m.def("rope_", &rope_, "NeoX-style rotary embedding applied in place to q and k", py::arg("q"), py::arg("k"),
         py::arg("positions"), py::arg("cos_sin_cache"), nogil());
+  LLMOPT_F_ATTN_AVX512_DEF(m);
   m.def("paged_decode_attention", &paged_decode_attention,
         "single-token paged attention with GQA; sliding_window <= 0: none; num_splits 0: auto; group_rows: "
         "consecutive prefill rows walked together (1: none)", py::arg("q"),

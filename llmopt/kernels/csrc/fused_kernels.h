@@ -7,9 +7,12 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <vector>
 
 namespace llmopt_f {
@@ -221,12 +224,236 @@ inline __m128 reduce4(__m256 v0, __m256 v1, __m256 v2, __m256 v3) {
   return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
 }
 
+// ---- AVX-512 attention steps with the AVX2 steps' bits ----------------------------------------------
+// Where the CPU has AVX-512 F/DQ (and LLMOPT_CPU_PATH does not ask for avx2 / reference), the two
+// inner loops of attend_tile run on 512-bit registers: tile_scores_avx512 puts two heads side by side
+// in one register (lanes 0-7 head g, 8-15 head g + 1), so each lane holds the FMA chain over d = lane
+// mod 8 that the AVX2 micro-kernel's lane does, and reduces each half in reduce8's order (pairs, then
+// pairs of pairs, then the two 128-bit halves); accumulate_pv2_avx512 is lane-wise (16 d's per
+// register, tokens in the same order). So every score and every output bit equals the AVX2 path's:
+// the choice of path changes no result, and no batch-invariance rule depends on it (tests compare the
+// two paths bit for bit). Functions carry their own target attribute: the modules stay AVX2 builds.
+inline bool attn_avx512_cpu() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+}
+
+inline bool attn_avx512_detect() {
+  const char* e = std::getenv("LLMOPT_CPU_PATH");
+  if (e != nullptr) {
+    std::string s(e);
+    for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    if (s.find("avx2") != std::string::npos || s.find("reference") != std::string::npos) return false;
+  }
+  return attn_avx512_cpu();
+}
+
+// whether attend_tile uses the AVX-512 steps: chosen once at load; each module's attn_avx512(on)
+// switches it (tests), never above what the CPU runs
+inline bool g_attn_avx512 = attn_avx512_detect();
+
+// the modules' attn_avx512 binding: on = 0 / 1 sets, -1 only reads; returns the setting in force
+inline bool attn_avx512_set(int64_t on) {
+  if (on >= 0) g_attn_avx512 = on != 0 && attn_avx512_cpu();
+  return g_attn_avx512;
+}
+#define LLMOPT_F_ATTN_AVX512_DEF(m)                                                                               \
+  m.def("attn_avx512", &llmopt_f::attn_avx512_set,                                                             \
+        "attention's inner loops on AVX-512 (same bits as AVX2): 1 / 0 sets (never above the CPU), -1 reads; "   \
+        "returns the setting in force",                                                                         \
+        py::arg("on") = -1)
+
+#define LLMOPT_AVX512 __attribute__((target("avx512f,avx512dq,avx2,fma")))
+
+// hadd of two 512-bit registers, per 128-bit lane as _mm256_hadd_ps does: [x0+x1, x2+x3, y0+y1, y2+y3]
+LLMOPT_AVX512 inline __m512 hadd512(__m512 x, __m512 y) {
+  return _mm512_add_ps(_mm512_shuffle_ps(x, y, 0x88), _mm512_shuffle_ps(x, y, 0xDD));
+}
+
+// a0..a3: tokens i..i+3 of heads (g, g + 1) in lanes (0-7, 8-15); writes the 8 scores as reduce8 would
+LLMOPT_AVX512 inline void store_pair_scores(__m512 a0, __m512 a1, __m512 a2, __m512 a3, float* sg, float* sg1) {
+  const __m512 h = hadd512(hadd512(a0, a1), hadd512(a2, a3));         // per 128-bit lane: 4 tokens' partial sums
+  const __m512 t = _mm512_add_ps(h, _mm512_shuffle_f32x4(h, h, 0xB1));  // lane k + lane k ^ 1
+  _mm_storeu_ps(sg, _mm512_castps512_ps128(t));
+  _mm_storeu_ps(sg1, _mm512_extractf32x4_ps(t, 2));
+}
+
+// tile_scores' 4-token groups for heads [0, 2 * (G / 2)) (D % 8 == 0, n >= 4); returns the tokens
+// done (n rounded down to 4). Heads go in pairs (qp: the pairs' q rows interleaved 8 floats at a time),
+// two pairs per pass: 4 broadcast K loads + 2 q loads feed 8 FMAs of 16 lanes.
+LLMOPT_AVX512 inline int64_t tile_scores_avx512(const float* qs, const float* const* rows, int64_t n, int64_t G,
+                                                int64_t D, float* sc) {
+  const int64_t P = G / 2, S = D / 8;
+  thread_local std::vector<float> buf;
+  if (static_cast<int64_t>(buf.size()) < P * D * 2) buf.resize(P * D * 2);
+  float* qp = buf.data();
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t s = 0; s < S; ++s) {
+      std::copy(qs + (2 * p) * D + 8 * s, qs + (2 * p) * D + 8 * s + 8, qp + (p * S + s) * 16);
+      std::copy(qs + (2 * p + 1) * D + 8 * s, qs + (2 * p + 1) * D + 8 * s + 8, qp + (p * S + s) * 16 + 8);
+    }
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const float *k0 = rows[i], *k1 = rows[i + 1], *k2 = rows[i + 2], *k3 = rows[i + 3];
+    int64_t p = 0;
+    for (; p + 2 <= P; p += 2) {
+      const float* qa = qp + p * S * 16;
+      const float* qb = qa + S * 16;
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+      __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps(), b2 = _mm512_setzero_ps(), b3 = _mm512_setzero_ps();
+      for (int64_t s = 0; s < S; ++s) {
+        const __m512 x0 = _mm512_broadcast_f32x8(_mm256_loadu_ps(k0 + 8 * s));
+        const __m512 x1 = _mm512_broadcast_f32x8(_mm256_loadu_ps(k1 + 8 * s));
+        const __m512 x2 = _mm512_broadcast_f32x8(_mm256_loadu_ps(k2 + 8 * s));
+        const __m512 x3 = _mm512_broadcast_f32x8(_mm256_loadu_ps(k3 + 8 * s));
+        const __m512 va = _mm512_loadu_ps(qa + 16 * s), vb = _mm512_loadu_ps(qb + 16 * s);
+        a0 = _mm512_fmadd_ps(va, x0, a0);
+        a1 = _mm512_fmadd_ps(va, x1, a1);
+        a2 = _mm512_fmadd_ps(va, x2, a2);
+        a3 = _mm512_fmadd_ps(va, x3, a3);
+        b0 = _mm512_fmadd_ps(vb, x0, b0);
+        b1 = _mm512_fmadd_ps(vb, x1, b1);
+        b2 = _mm512_fmadd_ps(vb, x2, b2);
+        b3 = _mm512_fmadd_ps(vb, x3, b3);
+      }
+      store_pair_scores(a0, a1, a2, a3, sc + (2 * p) * kTile + i, sc + (2 * p + 1) * kTile + i);
+      store_pair_scores(b0, b1, b2, b3, sc + (2 * p + 2) * kTile + i, sc + (2 * p + 3) * kTile + i);
+    }
+    if (p < P) {
+      const float* qa = qp + p * S * 16;
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+      for (int64_t s = 0; s < S; ++s) {
+        const __m512 va = _mm512_loadu_ps(qa + 16 * s);
+        a0 = _mm512_fmadd_ps(va, _mm512_broadcast_f32x8(_mm256_loadu_ps(k0 + 8 * s)), a0);
+        a1 = _mm512_fmadd_ps(va, _mm512_broadcast_f32x8(_mm256_loadu_ps(k1 + 8 * s)), a1);
+        a2 = _mm512_fmadd_ps(va, _mm512_broadcast_f32x8(_mm256_loadu_ps(k2 + 8 * s)), a2);
+        a3 = _mm512_fmadd_ps(va, _mm512_broadcast_f32x8(_mm256_loadu_ps(k3 + 8 * s)), a3);
+      }
+      store_pair_scores(a0, a1, a2, a3, sc + (2 * p) * kTile + i, sc + (2 * p + 1) * kTile + i);
+    }
+  }
+  return i;
+}
+
+// accumulate_pv for two heads at once (accA / pA and accB / pB), D % 16 == 0: each V row is loaded
+// once for both; lane-wise, so each head's bits are accumulate_pv's.
+LLMOPT_AVX512 inline void accumulate_pv2_avx512(float* accA, const float* pA, float* accB, const float* pB,
+                                                const float* const* rows, int64_t n, int64_t D) {
+  int64_t d = 0;
+  for (; d + 64 <= D; d += 64) {
+    __m512 a0 = _mm512_loadu_ps(accA + d), a1 = _mm512_loadu_ps(accA + d + 16);
+    __m512 a2 = _mm512_loadu_ps(accA + d + 32), a3 = _mm512_loadu_ps(accA + d + 48);
+    __m512 b0 = _mm512_loadu_ps(accB + d), b1 = _mm512_loadu_ps(accB + d + 16);
+    __m512 b2 = _mm512_loadu_ps(accB + d + 32), b3 = _mm512_loadu_ps(accB + d + 48);
+    for (int64_t i = 0; i < n; ++i) {
+      const __m512 wa = _mm512_set1_ps(pA[i]), wb = _mm512_set1_ps(pB[i]);
+      const float* v = rows[i] + d;
+      const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
+      const __m512 v2 = _mm512_loadu_ps(v + 32), v3 = _mm512_loadu_ps(v + 48);
+      a0 = _mm512_fmadd_ps(wa, v0, a0);
+      a1 = _mm512_fmadd_ps(wa, v1, a1);
+      a2 = _mm512_fmadd_ps(wa, v2, a2);
+      a3 = _mm512_fmadd_ps(wa, v3, a3);
+      b0 = _mm512_fmadd_ps(wb, v0, b0);
+      b1 = _mm512_fmadd_ps(wb, v1, b1);
+      b2 = _mm512_fmadd_ps(wb, v2, b2);
+      b3 = _mm512_fmadd_ps(wb, v3, b3);
+    }
+    _mm512_storeu_ps(accA + d, a0);
+    _mm512_storeu_ps(accA + d + 16, a1);
+    _mm512_storeu_ps(accA + d + 32, a2);
+    _mm512_storeu_ps(accA + d + 48, a3);
+    _mm512_storeu_ps(accB + d, b0);
+    _mm512_storeu_ps(accB + d + 16, b1);
+    _mm512_storeu_ps(accB + d + 32, b2);
+    _mm512_storeu_ps(accB + d + 48, b3);
+  }
+  for (; d < D; d += 16) {
+    __m512 a = _mm512_loadu_ps(accA + d), b = _mm512_loadu_ps(accB + d);
+    for (int64_t i = 0; i < n; ++i) {
+      const __m512 v = _mm512_loadu_ps(rows[i] + d);
+      a = _mm512_fmadd_ps(_mm512_set1_ps(pA[i]), v, a);
+      b = _mm512_fmadd_ps(_mm512_set1_ps(pB[i]), v, b);
+    }
+    _mm512_storeu_ps(accA + d, a);
+    _mm512_storeu_ps(accB + d, b);
+  }
+}
+
+// exp256 on 16 lanes: the same operations, lane for lane (so the same bits)
+LLMOPT_AVX512 inline __m512 exp512(__m512 x) {
+  const __m512 hi = _mm512_set1_ps(88.3762626647949f);
+  const __m512 lo = _mm512_set1_ps(-87.3365447504f);
+  const __m512 inf_at = _mm512_set1_ps(88.72283935546875f);
+  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+  const __m512 ln2_hi = _mm512_set1_ps(0.693359375f);
+  const __m512 ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
+  const __m512 one = _mm512_set1_ps(1.0f);
+
+  const __mmask16 overflow = _mm512_cmp_ps_mask(x, inf_at, _CMP_GT_OQ);
+  const __mmask16 underflow = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  __m512 xc = _mm512_max_ps(lo, _mm512_min_ps(hi, x));
+
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, ln2_hi, xc);
+  r = _mm512_fnmadd_ps(n, ln2_lo, r);
+
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, one));
+
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+  y = _mm512_mask_blend_ps(overflow, y, _mm512_set1_ps(std::numeric_limits<float>::infinity()));
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~underflow), y);
+}
+
+// attend_tile's exp step for one head's kTile = 32 scores s, in place: s becomes p = exp(s - m_new)
+LLMOPT_AVX512 inline void exp_tile_avx512(float* s, float m_new) {
+  static_assert(kTile == 32, "two 16-float registers per tile");
+  const __m512 vm = _mm512_set1_ps(m_new);
+  _mm512_storeu_ps(s, exp512(_mm512_sub_ps(_mm512_loadu_ps(s), vm)));
+  _mm512_storeu_ps(s + 16, exp512(_mm512_sub_ps(_mm512_loadu_ps(s + 16), vm)));
+}
+
+// sum of a tile's kTile probabilities p (8-float chunks added lane by lane, then across lanes): one
+// out-of-line function for both exp paths, so -ffast-math's reassociation cannot give them two orders
+__attribute__((noinline)) inline float tile_sum(const float* p) {
+  __m256 vsum = _mm256_loadu_ps(p);
+  for (int64_t i = 8; i < kTile; i += 8) vsum = _mm256_add_ps(vsum, _mm256_loadu_ps(p + i));
+  return hsum(vsum);
+}
+
 // sc[g * kTile + i] = qs[g, :] . rows[i][:] for g < G, i < n.
 // Micro-kernel: 4 tokens x 2 heads per pass (6 loads feed 8 independent FMA chains), then one
 // transpose-style reduction writes the 8 scores; D % 8 != 0 and leftover tokens use plain dots.
+// With g_attn_avx512 the head pairs' 4-token groups run in tile_scores_avx512 (same bits).
 inline void tile_scores(const float* qs, const float* const* rows, int64_t n, int64_t G, int64_t D, float* sc) {
   int64_t i = 0;
   if (D % 8 == 0) {
+    if (g_attn_avx512 && G >= 2 && n >= 4) {
+      const int64_t done = tile_scores_avx512(qs, rows, n, G, D, sc);
+      if (G % 2 == 1) {  // the odd last head, as below
+        const float* qa = qs + (G - 1) * D;
+        for (int64_t j = 0; j < done; j += 4) {
+          const float *k0 = rows[j], *k1 = rows[j + 1], *k2 = rows[j + 2], *k3 = rows[j + 3];
+          __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+          for (int64_t d = 0; d < D; d += 8) {
+            const __m256 va = _mm256_loadu_ps(qa + d);
+            a0 = _mm256_fmadd_ps(va, _mm256_loadu_ps(k0 + d), a0);
+            a1 = _mm256_fmadd_ps(va, _mm256_loadu_ps(k1 + d), a1);
+            a2 = _mm256_fmadd_ps(va, _mm256_loadu_ps(k2 + d), a2);
+            a3 = _mm256_fmadd_ps(va, _mm256_loadu_ps(k3 + d), a3);
+          }
+          _mm_storeu_ps(sc + (G - 1) * kTile + j, reduce4(a0, a1, a2, a3));
+        }
+      }
+      i = done;
+    }
     for (; i + 4 <= n; i += 4) {
       const float *k0 = rows[i], *k1 = rows[i + 1], *k2 = rows[i + 2], *k3 = rows[i + 3];
       int64_t g = 0;
@@ -335,20 +562,23 @@ inline void attend_tile(const float* qs, int64_t G, int64_t D, const float* cons
     __m256 vmax = _mm256_set1_ps(neg_inf);
     for (int64_t i = 0; i < kTile; i += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + i));
     const float m_new = std::max(m[g], hmax(vmax));
-    const __m256 vm = _mm256_set1_ps(m_new);
-    __m256 vsum = _mm256_setzero_ps();
-    for (int64_t i = 0; i < kTile; i += 8) {
-      const __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + i), vm));
-      _mm256_storeu_ps(s + i, p);
-      vsum = _mm256_add_ps(vsum, p);
+    if (g_attn_avx512) {
+      exp_tile_avx512(s, m_new);
+    } else {
+      const __m256 vm = _mm256_set1_ps(m_new);
+      for (int64_t i = 0; i < kTile; i += 8) _mm256_storeu_ps(s + i, exp256(_mm256_sub_ps(_mm256_loadu_ps(s + i), vm)));
     }
     const float alpha = std::exp(m[g] - m_new);  // 0 on the first tile (m = -inf)
     if (alpha != 1.0f) scale_inplace(acc + g * D, D, alpha);
-    l[g] = l[g] * alpha + hsum(vsum);
+    l[g] = l[g] * alpha + tile_sum(s);
     m[g] = m_new;
   }
   // acc_g += P_g @ V_tile
-  for (int64_t g = 0; g < G; ++g) accumulate_pv(acc + g * D, sc + g * kTile, vrow, n, D);
+  int64_t g = 0;
+  if (g_attn_avx512 && D % 16 == 0)
+    for (; g + 2 <= G; g += 2)
+      accumulate_pv2_avx512(acc + g * D, sc + g * kTile, acc + (g + 1) * D, sc + (g + 1) * kTile, vrow, n, D);
+  for (; g < G; ++g) accumulate_pv(acc + g * D, sc + g * kTile, vrow, n, D);
 }
 
 // Online-softmax attention of R query rows of one sequence that share a block table and a window

@@ -164,6 +164,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_kv_rows(const at::Tensor& x, bool fp
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  LLMOPT_F_ATTN_AVX512_DEF(m);
   m.def("paged_decode_attention_int8", &paged_decode_attention_int8,
         "single-token paged attention over an int8 KV cache with per-(token, kv head) scales; "
         "sliding_window <= 0: none; group_rows: consecutive prefill rows walked together (1: none)",

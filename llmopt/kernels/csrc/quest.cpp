@@ -203,6 +203,7 @@ at::Tensor quest_select(const at::Tensor& q, const at::Tensor& kmin, const at::T
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using nogil = py::call_guard<py::gil_scoped_release>;
+  LLMOPT_F_ATTN_AVX512_DEF(m);
   m.def("quest_update_", &quest_update_, "per-block key min/max summaries updated with rows written at slots",
         py::arg("kmin"), py::arg("kmax"), py::arg("rows"), py::arg("slots"), py::arg("block_size"), nogil());
   m.def("quest_decode_attention", &quest_decode_attention,
