@@ -28,17 +28,17 @@ def _modules():
 
 @pytest.fixture
 def both(request):
-    """Runs fn() with the AVX2 steps and with the AVX-512 steps (every module switched together) and
+    """Runs fn(*args) with the AVX2 steps and with the AVX-512 steps (every module switched together) and
     returns the two results; the setting in force before is restored."""
     mods = _modules()
     before = {k: m.attn_avx512(-1) for k, m in mods.items()}
 
-    def run(fn):
+    def run(fn, *args):
         out = []
         for on in (0, 1):
             for m in mods.values():
                 m.attn_avx512(on)
-            out.append(fn())
+            out.append(fn(*args))
         return out
 
     yield run
@@ -66,14 +66,14 @@ def test_float_and_8bit_kernels_bit_for_bit(both, G, D, window):
     sw = -1 if window is None else window
     ext = ops._native()
     for group in (1, 16):  # rows alone and grouped (prefill)
-        a, b = both(lambda: ext.paged_decode_attention(q, kc, vc, bt, cl, D ** -0.5, sw, 0, group))
+        a, b = both(ext.paged_decode_attention, q, kc, vc, bt, cl, D ** -0.5, sw, 0, group)
         assert torch.equal(a, b), (G, D, group)
-    a, b = both(lambda: ext.paged_decode_attention(q[:4], kc, vc, bt[:4], cl[:4], D ** -0.5, sw, 3, 1))  # token splits
+    a, b = both(ext.paged_decode_attention, q[:4], kc, vc, bt[:4], cl[:4], D ** -0.5, sw, 3, 1)  # token splits
     assert torch.equal(a, b)
     ext8 = kv_quant._native()
     for codes in (torch.int8, kv_quant.FP8):
         (kq, ks), (vq, vs) = kv_quant.quantize_kv(kc, codes), kv_quant.quantize_kv(vc, codes)
-        a, b = both(lambda: ext8.paged_decode_attention_int8(q, kq, vq, ks, vs, bt, cl, D ** -0.5, sw, 16))
+        a, b = both(ext8.paged_decode_attention_int8, q, kq, vq, ks, vs, bt, cl, D ** -0.5, sw, 16)
         assert torch.equal(a, b), (G, D, codes)
     # and the AVX-512 result is the attention (not merely equal to a wrong AVX2 one)
     torch.testing.assert_close(b, kv_quant.paged_decode_attention_int8_ref(q, kq, vq, ks, vs, bt, cl, D ** -0.5, window),
@@ -87,7 +87,7 @@ def test_extreme_scores_bit_for_bit(both):
     kc[::3] *= 40.0
     vc[1::5] *= 1e-30
     ext = ops._native()
-    a, b = both(lambda: ext.paged_decode_attention(q * 3.0, kc, vc, bt, cl, 0.125, -1, 0, 16))
+    a, b = both(ext.paged_decode_attention, q * 3.0, kc, vc, bt, cl, 0.125, -1, 0, 16)
     assert torch.equal(a, b) and torch.isfinite(b).all()
 
 
@@ -99,7 +99,7 @@ def test_quest_bit_for_bit(both, int8):
     q = torch.randn(len(lens), 6, 64, generator=torch.Generator().manual_seed(4))
     cl = torch.tensor(lens, dtype=torch.int32)
     for topk in (torch.tensor([4, 3, 1, 2], dtype=torch.int32), torch.zeros(4, dtype=torch.int32)):
-        a, b = both(lambda: quest.quest_decode_attention(q, kc, vc, ks, vs, kmin, kmax, tables, cl, topk, 0.125))
+        a, b = both(quest.quest_decode_attention, q, kc, vc, ks, vs, kmin, kmax, tables, cl, topk, 0.125)
         assert torch.equal(a, b)
 
 
