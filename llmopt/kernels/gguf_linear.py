@@ -582,7 +582,8 @@ SMALL_M = {"avx512_amx": 4, "avx512_vnni": 4, "avx512": 4, "avx2": 2}
 
 
 def gguf_linear(x: torch.Tensor, packed: GGUFPacked, bias: torch.Tensor | None = None, *,
-                act: str = "fp32", path: str | None = None, small_m: int | None = None) -> torch.Tensor:
+                act: str = "fp32", path: str | None = None, small_m: int | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., K] @ W.T + bias`` -> ``[..., N]`` in x's dtype, W the packed GGUF weight.
 
     path: None = :func:`cpu_path`; "avx512" / "avx2" force a native build (ValueError if this CPU
@@ -595,7 +596,10 @@ def gguf_linear(x: torch.Tensor, packed: GGUFPacked, bias: torch.Tensor | None =
     int8 (scale amax / 127, round half to even), integer dot products per sub-block (32 k; Q6_K 16), then
     scaled: ``x_hat @ W.T`` with ``x_hat = dequantized int8 x``, up to float rounding; batch-invariant
     too. Types: :func:`supported_types` ("int8"); others raise ValueError. "bf16x3" = fp32 activations on
-    AMX-BF16 tiles (module docstring; same types; ValueError where :func:`bf16x3_available` is False)."""
+    AMX-BF16 tiles (module docstring; same types; ValueError where :func:`bf16x3_available` is False).
+
+    out: where to write the result (a contiguous float32 CPU tensor of the result's shape, e.g. a row
+    range of a larger one; the native kernels write it in place); returned."""
     if not isinstance(packed, GGUFPacked):
         raise ValueError(f"packed must be a GGUFPacked (from pack_gguf), got {type(packed).__name__}")
     n, k = packed.shape
@@ -616,24 +620,31 @@ def gguf_linear(x: torch.Tensor, packed: GGUFPacked, bias: torch.Tensor | None =
     if act == "bf16x3" and (mod is None or not _bf3_ready(mod)):
         raise ValueError(f"act='bf16x3' needs the avx512_amx path on a CPU with AMX-BF16 (path {use!r} here); "
                          "check bf16x3_available() or use act='fp32'")
+    direct = (out is not None and x.dim() == 2 and x.dtype == torch.float32 and out.dtype == torch.float32
+              and out.is_cpu and out.shape == (x.shape[0], n) and out.is_contiguous())
     if mod is None or not x.is_cpu or (x.requires_grad and torch.is_grad_enabled()):
         w = dequantize_packed(packed).to(x.device)
         xf = x.float() if act != "int8" else quantize_act_int8(x.float().reshape(-1, k)).reshape(x.shape)
-        return F.linear(xf, w, None if bias is None else bias.float()).to(x.dtype)
+        y = F.linear(xf, w, None if bias is None else bias.float()).to(x.dtype)
+        return y if out is None else out.copy_(y)
     x2 = x if x.dim() == 2 else x.reshape(-1, k)
     if x2.dtype != torch.float32:
         x2 = x2.float()
     b = None if bias is None or bias.dtype == torch.float32 else bias.float()
     b = bias if b is None else b
+    o = out if direct else None
     if act == "int8":
-        y = mod.gemm_a8(x2, packed.data, packed.ggml_type, n, k, b)
+        y = mod.gemm_a8(x2, packed.data, packed.ggml_type, n, k, b, o)
     elif act == "bf16x3":
-        y = mod.gemm_bf3(x2, packed.data, packed.ggml_type, n, k, b)
+        y = mod.gemm_bf3(x2, packed.data, packed.ggml_type, n, k, b, o)
     else:
-        y = mod.gemm(x2, packed.data, packed.ggml_type, n, k, b, SMALL_M[use] if small_m is None else small_m)
+        y = mod.gemm(x2, packed.data, packed.ggml_type, n, k, b, SMALL_M[use] if small_m is None else small_m, o)
+    if direct:
+        return y
     if x.dim() != 2:
         y = y.reshape(*x.shape[:-1], n)
-    return y if y.dtype == x.dtype else y.to(x.dtype)
+    y = y if y.dtype == x.dtype else y.to(x.dtype)
+    return y if out is None else out.copy_(y)
 
 
 _A8_IDS = frozenset(int(t.qt) for t in _TYPES.values() if t.a8)

@@ -116,17 +116,23 @@ def _pack(shards: list[Shard], in_features: int, name: str) -> list[GGUFPacked]:
     return out
 
 
-_kinds_memo: list = [None, None, None]  # generated, its rows: one step's kinds, for every layer
+_kinds_memo: list = [None, None, None, None]  # generated, its rows, the prompt rows, a two-run split
 
 
-def _kind_rows(generated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(generated rows, prompt rows) as index tensors; computed once per step: every projection of a step
-    gets the same ``generated`` tensor (built per step, never written; the memo holds it, so its identity
-    is not reused while memoized)."""
+def _kind_rows(generated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+    """(generated rows, prompt rows, split) for a step's token kinds; computed once per step: every
+    projection of a step gets the same ``generated`` tensor (built per step, never written; the memo
+    holds it, so its identity is not reused while memoized). split: k when the rows are two runs,
+    rows [0, k) of one kind and [k, rows) of the other (the runner's order: decode rows, then prefill
+    chunks), else None."""
     memo = _kinds_memo
     if memo[0] is not generated:
-        memo[:] = [generated, generated.nonzero().flatten(), (~generated).nonzero().flatten()]
-    return memo[1], memo[2]
+        gen, prompt = generated.nonzero().flatten(), (~generated).nonzero().flatten()
+        first = gen if len(gen) and int(gen[0]) == 0 else prompt
+        k = len(first)
+        split = k if 0 < k < len(generated) and int(first[-1]) == k - 1 else None
+        memo[:] = [generated, gen, prompt, split]
+    return memo[1], memo[2], memo[3]
 
 
 class GGUFLinear(TokenKindLinear):
@@ -183,21 +189,32 @@ class GGUFLinear(TokenKindLinear):
             return self._run(x, self.acts)
         if generated.shape != x.shape[:1]:
             raise ValueError(f"{self.name}: token kinds for {tuple(generated.shape)} rows, x has shape {tuple(x.shape)}")
-        gen_rows, prompt_rows = _kind_rows(generated)
+        gen_rows, prompt_rows, split = _kind_rows(generated)
         if not len(prompt_rows):
             return self._run(x, self.acts)
         if not len(gen_rows):
             return self._run(x, self.prompt_acts)
+        if split is not None:  # two runs: each kind's rows written in place (a 2,047-row prompt chunk's gather
+            # and scatter took 2.3 ms per projection, 280 ms per step over 30 layers)
+            first, second = (self.acts, self.prompt_acts) if bool(generated[0]) else (self.prompt_acts, self.acts)
+            y = x.new_empty(x.shape[0], self.out_features)
+            self._run(x[:split], first, y[:split])
+            self._run(x[split:], second, y[split:])
+            return y
         y = x.new_empty(x.shape[0], self.out_features)
         y[gen_rows] = self._run(x[gen_rows], self.acts)
         y[prompt_rows] = self._run(x[prompt_rows], self.prompt_acts)
         return y
 
-    def _run(self, x: torch.Tensor, acts: list[str]) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, acts: list[str], out: torch.Tensor | None = None) -> torch.Tensor:
         parts = self.parts
         if len(parts) == 1:
-            return gguf_linear(x, parts[0], self.bias, act=acts[0])
-        y = torch.cat([gguf_linear(x, p, None, act=a) for p, a in zip(parts, acts)], -1)
+            return gguf_linear(x, parts[0], self.bias, act=acts[0], out=out)
+        ys = [gguf_linear(x, p, None, act=a) for p, a in zip(parts, acts)]
+        if out is not None:
+            torch.cat(ys, -1, out=out)
+            return out if self.bias is None else out.add_(self.bias.to(out.dtype))
+        y = torch.cat(ys, -1)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:

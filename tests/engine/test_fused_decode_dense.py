@@ -111,3 +111,15 @@ def test_step_checks_its_dense_inputs(hf_dirs):
         step.set_dense(0, 3, lin.packed, torch.zeros(71))
     with pytest.raises(RuntimeError, match="KernelTable capsule"):
         step.set_dense_kernels(object())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_step_with_rows_walked_whole(tmp_path, threads):
+    """3 kv heads and row counts the threads divide: the step's attention takes one item per row over all
+    its kv heads (fused_kernels.h walk_rows_whole / attend_range_heads); the step still equals the
+    op-by-op forward bit for bit (per-row equality of the two walks: tests/kernels/test_attention_isa.py)."""
+    m = tiny_hf_model("qwen2", hidden_size=96, intermediate_size=100, num_attention_heads=6, num_key_value_heads=3,
+                      head_dim=16, num_hidden_layers=2)
+    eng = _engine(save_hf_dir(m, tmp_path / "m"), threads=threads)
+    for lens in ([5, 70], [5, 20, 17, 64], [3, 9, 50, 16, 2, 70, 31, 97]):
+        _assert_step_equals_forward(eng, lens, seed=len(lens))

@@ -114,3 +114,28 @@ def test_env_forces_the_avx2_steps():
         r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-2000:]
         assert r.stdout.split("\n")[-2] == want, (value, r.stdout, r.stderr[-500:])
+
+
+@pytest.mark.parametrize("window", [None, 45])
+@pytest.mark.parametrize("G,D,hk", [(3, 64, 3), (2, 128, 2), (4, 64, 1), (1, 80, 5)])
+def test_decode_rows_walked_whole_equal_each_row_alone(G, D, hk, window):
+    """Decode-only calls with rows enough for the threads walk one item per row over all its kv heads
+    (fused_kernels.h attend_range_heads); every head's bits are those of the row alone (one item per kv
+    head), at any thread count, and the result is the attention."""
+    ext = native_or_skip(ops._native(), "llmopt_fused")
+    spans = [(n, 1) for n in (300, 1, 31, 32, 33, 129, 70, 5)]  # 8 decode rows, contexts 301, 2, 32, ...
+    q, kc, vc, bt, cl = _batch(G * 10 + D + hk, spans, 16, hk=hk, G=G, D=D)
+    sw = -1 if window is None else window
+    alone = torch.cat([ext.paged_decode_attention(q[i:i + 1], kc, vc, bt[i:i + 1], cl[i:i + 1], 0.125, sw, 1, 1)
+                       for i in range(q.shape[0])])
+    old = torch.get_num_threads()
+    try:
+        for nt in (1, 2, 3):
+            torch.set_num_threads(nt)
+            for b in (2, 4, 6, 8):
+                got = ext.paged_decode_attention(q[:b], kc, vc, bt[:b], cl[:b], 0.125, sw, 0, 16)
+                assert torch.equal(got, alone[:b]), (nt, b)
+    finally:
+        torch.set_num_threads(old)
+    torch.testing.assert_close(alone, ops.paged_decode_attention_ref(q, kc, vc, bt, cl, 0.125, window),
+                               rtol=1e-5, atol=1e-5)

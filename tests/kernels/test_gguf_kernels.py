@@ -364,6 +364,27 @@ def test_reference_path_and_other_input_forms(paths):
     assert yb.dtype == torch.bfloat16 and yb.shape == (2, 5, n)
 
 
+def test_out_receives_the_result_in_place(paths):
+    """out=: the native kernels write a row range of a larger result in place (the by-kind linear's two
+    runs); the bits are those of the call without out, on every path and act; other forms copy."""
+    packed, _ = case(QT.Q4_1, seed=5)
+    n, k = packed.shape
+    x = torch.randn(9, k)
+    bias = torch.randn(n)
+    acts = ["fp32", "int8"] + (["bf16x3"] if G.bf16x3_available() else [])
+    for path in [*paths, "reference"]:
+        for act in acts if path == G.cpu_path() else ["fp32", "int8"]:
+            want = G.gguf_linear(x, packed, bias, act=act, path=path)
+            big = torch.full((12, n), float("nan"))
+            got = G.gguf_linear(x[3:7], packed, bias, act=act, path=path, out=big[5:9])
+            assert got.data_ptr() == big[5:9].data_ptr() and torch.equal(big[5:9], want[3:7]), (path, act)
+            assert big[:5].isnan().all() and big[9:].isnan().all()  # nothing outside the range
+    y3 = torch.empty(2, 2, n)
+    assert torch.equal(G.gguf_linear(x[:4].reshape(2, 2, k), packed, bias, out=y3), y3)  # 3-D: copied
+    with pytest.raises(RuntimeError):
+        G.gguf_linear(x, packed, bias, out=torch.empty(8, n))  # wrong shape
+
+
 @pytest.mark.parametrize("qt", [QT.Q4_1, QT.Q4_K, QT.Q5_0, QT.Q5_K, QT.Q6_K], ids=["Q4_1", "Q4_K", "Q5_0", "Q5_K", "Q6_K"])
 def test_lane_major_planes_hold_each_code_where_the_kernels_read_it(qt):
     """4-bit low planes (TypeDesc::LM): low plane byte (g, c, i) = the nibbles of k = 8 g + 2 i, + 1 of

@@ -78,6 +78,16 @@ def test_fused_projection_mixing_types_and_a_float_shard(tiny, tmp_path):
     ref = load_model(path).model
     ids = torch.tensor([4, 8, 15, 16, 23, 42])
     _assert_close(_logits(native, ids), _logits(ref, ids), "mixed")
+    # the two-part qkv with token kinds in two runs: each run written in place, part by part
+    models = {act: load_model(path, gguf_native=True, gguf_act=act).model for act in ("fp32", "int8", "by-kind")}
+    x = torch.randn(6, native.layers[0].self_attn.qkv_proj.in_features, generator=torch.Generator().manual_seed(1))
+    name = "layers.0.self_attn.qkv_proj"
+    with torch.no_grad():
+        for mask in ([True, True, False, False, False, False], [False, False, False, False, True, True]):
+            gen = torch.tensor(mask)
+            y = models["by-kind"].get_submodule(name)(x, gen)
+            assert torch.equal(y[gen], models["int8"].get_submodule(name)(x[gen]))
+            assert torch.equal(y[~gen], models["fp32"].get_submodule(name)(x[~gen]))
 
 
 @pytest.fixture(scope="module")
@@ -165,17 +175,21 @@ def test_by_kind_mode_prompt_rows_fp32_generated_rows_int8(tiny, tmp_path):
     models = {act: load_model(path, gguf_native=True, gguf_act=act).model for act in ("fp32", "int8", "by-kind")}
     prompt_act = "bf16x3" if bf16x3_available() else "fp32"  # fp32 prompt rows on AMX-BF16 tiles where present
     x = torch.randn(7, 256, generator=torch.Generator().manual_seed(3))
-    gen = torch.tensor([True, False, True, True, False, False, True])
+    # kinds interleaved (gathered and scattered), and in two runs either way round (row slices written in place)
+    masks = [[True, False, True, True, False, False, True], [True, True, False, False, False, False, False],
+             [False, False, False, False, False, True, True]]
     with torch.no_grad():
         down = models["by-kind"].layers[1].mlp.down_proj  # Q3_K: no int8 kernel, fp32 for both kinds
         assert down.acts == down.prompt_acts == ["fp32"]
         for name in ("layers.0.self_attn.qkv_proj", "lm_head"):
             lin = models["by-kind"].get_submodule(name)
             assert lin.acts == ["int8"] and lin.prompt_acts == [prompt_act]
-            y = lin(x, gen)
-            assert torch.equal(y[gen], models["int8"].get_submodule(name)(x[gen]))
-            assert torch.equal(y[~gen], models["fp32"].get_submodule(name)(x[~gen]))
-            assert not torch.equal(y[gen], models["fp32"].get_submodule(name)(x[gen]))
+            for mask in masks:
+                gen = torch.tensor(mask)
+                y = lin(x, gen)
+                assert torch.equal(y[gen], models["int8"].get_submodule(name)(x[gen])), mask
+                assert torch.equal(y[~gen], models["fp32"].get_submodule(name)(x[~gen])), mask
+                assert not torch.equal(y[gen], models["fp32"].get_submodule(name)(x[gen]))
             assert torch.equal(lin(x), models["fp32"].get_submodule(name)(x))  # no kinds given: prompt rows
     ids = [4, 8, 15, 16, 23, 42, 7, 99, 3, 250]
     kind = LLM(str(path), num_kv_blocks=128, kernels=KernelSettings(gguf_act="by-kind"))

@@ -579,13 +579,13 @@ class DecodeStep {
     {
       const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
       ThreadScratch& ts = scratch_[tid];
-      ts.qs.resize(G * D_);
-      ts.acc.resize(G * D_);
+      ts.qs.resize(Hq_ * D_);  // G heads per item, or all Hq (attend_range_heads)
+      ts.acc.resize(Hq_ * D_);
       ts.sc.resize(G * F::kTile);
-      ts.m.resize(G);
-      ts.l.resize(G);
-      ts.krow.resize(F::kTile);
-      ts.vrow.resize(F::kTile);
+      ts.m.resize(Hq_);
+      ts.l.resize(Hq_);
+      ts.krow.resize(Hk_ * F::kTile);
+      ts.vrow.resize(Hk_ * F::kTile);
       if (layers_[0].int8 && (int64_t)ts.kf.size() != F::kTile * D_) {
         ts.kf.resize(F::kTile * D_);
         ts.vf.resize(F::kTile * D_);
@@ -703,23 +703,41 @@ class DecodeStep {
           float* kc = L.kc.data_ptr<float>();
           float* vc = L.vc.data_ptr<float>();
           const int64_t ks0 = BS * Hk_ * D_, ks1 = Hk_ * D_;
-          const int64_t items = M * Hk_ * S;
+          // decode rows enough for the threads, no Quest / H2O: one item per row walks all its kv heads
+          // (fused_kernels.h attend_range_heads: every head's bits as below, the cache read front to back)
+          const bool whole = S == 1 && tk == nullptr && mw == nullptr && F::walk_rows_whole(M, Hk_, nth);
+          // step 3 for kv head kvh of row b, inside the item that is its only reader (unless prewrite)
+          auto new_kv = [&](int64_t b, int64_t kvh) {
+            const float* k = norm_rope_group(qkv, QKV, b, kvh, G, half, fptr(L.qn), fptr(L.kn), cs + pos[b] * D_, eps);
+            std::copy(k, k + D_, kc + (slot[b] * Hk_ + kvh) * D_);
+            quest_summarize(li, slot[b], BS, kvh, k);
+            const float* vv = qkv + b * QKV + (Hq_ + Hk_ + kvh) * D_;
+            std::copy(vv, vv + D_, vc + (slot[b] * Hk_ + kvh) * D_);
+          };
+          while (whole) {
+            const int64_t b = ctr[1].fetch_add(1, std::memory_order_relaxed);
+            if (b >= M) break;
+            if (!prewrite)
+              for (int64_t kvh = 0; kvh < Hk_; ++kvh) new_kv(b, kvh);
+            for (int64_t kvh = 0; kvh < Hk_; ++kvh) scale_queries(qkv, QKV, b, kvh, G, ts.qs.data() + kvh * G * D_);
+            const int64_t Lc = cl[b];
+            const int64_t start = L.window > 0 ? std::max<int64_t>(0, Lc - L.window) : 0;
+            const F::PagedKV kv{kc, vc, ks0, ks1, ks0, ks1, bt + b * MB, BS};
+            F::attend_range_heads(ts.qs.data(), Hk_, G, D_, kv, D_, start, Lc, ts.m.data(), ts.l.data(),
+                                  ts.acc.data(), ts.sc.data(), ts.krow.data(), ts.vrow.data());
+            for (int64_t kvh = 0; kvh < Hk_; ++kvh) store_att(att, b, kvh, G, ts, kvh * G);
+          }
+          const int64_t items = whole ? 0 : M * Hk_ * S;
           for (;;) {
             const int64_t item = ctr[1].fetch_add(1, std::memory_order_relaxed);
             if (item >= items) break;
             const int64_t b = item / (Hk_ * S), kvh = (item / S) % Hk_, split = item % S;
-            if (!prewrite) {  // this item is the only reader of kv head kvh of row b: step 3 here
-              const float* k = norm_rope_group(qkv, QKV, b, kvh, G, half, fptr(L.qn), fptr(L.kn), cs + pos[b] * D_, eps);
-              std::copy(k, k + D_, kc + (slot[b] * Hk_ + kvh) * D_);
-              quest_summarize(li, slot[b], BS, kvh, k);
-              const float* vv = qkv + b * QKV + (Hq_ + Hk_ + kvh) * D_;
-              std::copy(vv, vv + D_, vc + (slot[b] * Hk_ + kvh) * D_);
-            }
+            if (!prewrite) new_kv(b, kvh);
             const int64_t Lc = cl[b];
             const int64_t start = L.window > 0 ? std::max<int64_t>(0, Lc - L.window) : 0;
             const int64_t chunk = (Lc - start + S - 1) / S;
             const int64_t t0 = start + split * chunk, t1 = std::min(Lc, t0 + chunk);
-            scale_queries(qkv, QKV, b, kvh, G, ts);
+            scale_queries(qkv, QKV, b, kvh, G, ts.qs.data());
             const F::PagedKV kv{kc + kvh * D_, vc + kvh * D_, ks0, ks1, ks0, ks1, bt + b * MB, BS};
             if (!quest_attend(L, li, tk, b, kvh, G, bt + b * MB, BS, Lc, &kv, nullptr, ts))
               F::attend_range(ts.qs.data(), G, D_, kv, t0, std::max(t0, t1), ts.m.data(), ts.l.data(), ts.acc.data(),
@@ -809,7 +827,7 @@ class DecodeStep {
       }
       const int64_t Lc = cl[b];
       const int64_t start = L.window > 0 ? std::max<int64_t>(0, Lc - L.window) : 0;
-      scale_queries(qkv, QKV, b, kvh, G, ts);
+      scale_queries(qkv, QKV, b, kvh, G, ts.qs.data());
       const llmopt_kv8::PagedKV8 kv{kc + kvh * D_, vc + kvh * D_, ks + kvh, vs + kvh, bt + b * MB, BS, Hk_, L.fp8};
       if (!quest_attend(L, li, tk, b, kvh, G, bt + b * MB, BS, Lc, nullptr, &kv, ts))
         llmopt_kv8::attend_range(ts.qs.data(), G, D_, kv, start, Lc, ts.m.data(), ts.l.data(), ts.acc.data(),
@@ -853,21 +871,22 @@ class DecodeStep {
     }
   }
 
-  // the G query heads of kv head kvh of row b, times the softmax scale, into ts.qs
-  void scale_queries(const float* qkv, int64_t QKV, int64_t b, int64_t kvh, int64_t G, ThreadScratch& ts) const {
+  // the G query heads of kv head kvh of row b, times the softmax scale, into qs [G, D]
+  void scale_queries(const float* qkv, int64_t QKV, int64_t b, int64_t kvh, int64_t G, float* qs) const {
     for (int64_t g = 0; g < G; ++g) {
       const float* src = qkv + b * QKV + (kvh * G + g) * D_;
-      for (int64_t d = 0; d < D_; ++d) ts.qs[g * D_ + d] = src[d] * scale_;
+      for (int64_t d = 0; d < D_; ++d) qs[g * D_ + d] = src[d] * scale_;
     }
   }
 
   // acc / l of an unsplit attention item (row b, kv head kvh) into att (zeros for an empty context)
-  void store_att(float* att, int64_t b, int64_t kvh, int64_t G, const ThreadScratch& ts) const {
+  // (h0: where the item's G heads start in ts.m / l / acc, nonzero when an item held every kv head)
+  void store_att(float* att, int64_t b, int64_t kvh, int64_t G, const ThreadScratch& ts, int64_t h0 = 0) const {
     for (int64_t g = 0; g < G; ++g) {
       float* dst = att + b * Hq_ * D_ + (kvh * G + g) * D_;
-      if (ts.l[g] > 0.0f) {
-        std::copy(ts.acc.begin() + g * D_, ts.acc.begin() + (g + 1) * D_, dst);
-        F::scale_inplace(dst, D_, 1.0f / ts.l[g]);
+      if (ts.l[h0 + g] > 0.0f) {
+        std::copy(ts.acc.begin() + (h0 + g) * D_, ts.acc.begin() + (h0 + g + 1) * D_, dst);
+        F::scale_inplace(dst, D_, 1.0f / ts.l[h0 + g]);
       } else {
         std::fill(dst, dst + D_, 0.0f);
       }

@@ -224,7 +224,12 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
   const int64_t R = S == 1 ? group_rows : 1;
   const std::vector<int64_t> first = group_rows_of(bt, cl, B, MB, BS, sliding_window, R);
   const int64_t ngroups = static_cast<int64_t>(first.size()) - 1;  // == B when R == 1
-  const int64_t items = ngroups * Hk * S;
+  const int64_t ks0 = k_cache.stride(0), ks1 = k_cache.stride(1), ks2 = k_cache.stride(2);
+  const int64_t vs0 = v_cache.stride(0), vs1 = v_cache.stride(1), vs2 = v_cache.stride(2);
+  // decode rows only (no prefill groups), enough of them for the threads: one item per row walks all
+  // its kv heads (attend_range_heads: the same bits, the cache read front to back)
+  const bool heads = S == 1 && ngroups == B && walk_rows_whole(B, Hk, nt) && ks2 == vs2;
+  const int64_t items = heads ? B : ngroups * Hk * S;
 
   // Partial results for split > 1: m, l: [items, G]; acc: [items, G, D].
   std::vector<float> part_m, part_l, part_acc;
@@ -238,19 +243,36 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
   const float* kp = k_cache.data_ptr<float>();
   const float* vp = v_cache.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t ks0 = k_cache.stride(0), ks1 = k_cache.stride(1), ks2 = k_cache.stride(2);
-  const int64_t vs0 = v_cache.stride(0), vs1 = v_cache.stride(1), vs2 = v_cache.stride(2);
   const float fscale = static_cast<float>(scale);
 
 #pragma omp parallel num_threads(nt) if (items > 1)
   {
-    std::vector<float> qs(R * G * D), acc(R * G * D), sc(R * G * kTile), m(R * G), l(R * G);
-    std::vector<const float*> krow(kTile), vrow(kTile);
+    const int64_t RH = heads ? Hk : R;  // query-head groups held at once
+    std::vector<float> qs(RH * G * D), acc(RH * G * D), sc(R * G * kTile), m(RH * G), l(RH * G);
+    std::vector<const float*> krow(RH * kTile), vrow(RH * kTile);
     std::vector<int64_t> ends(R);
 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t item = items - 1 - it;  // the last groups first: a prompt's later rows read the most
+      if (heads) {
+        const int64_t b = item;
+        for (int64_t h = 0; h < Hq; ++h)
+          for (int64_t d = 0; d < D; ++d) qs[h * D + d] = qp[(b * Hq + h) * D + d] * fscale;
+        const int64_t L = cl[b];
+        const int64_t start = sliding_window > 0 ? std::max<int64_t>(0, L - sliding_window) : 0;
+        const PagedKV kv{kp, vp, ks0, ks1, vs0, vs1, bt + b * MB, BS};
+        attend_range_heads(qs.data(), Hk, G, D, kv, ks2, start, L, m.data(), l.data(), acc.data(), sc.data(),
+                           krow.data(), vrow.data());
+        for (int64_t h = 0; h < Hq; ++h) {
+          float* dst = op + (b * Hq + h) * D;
+          if (l[h] > 0.0f) {
+            std::copy(acc.begin() + h * D, acc.begin() + (h + 1) * D, dst);
+            scale_inplace(dst, D, 1.0f / l[h]);
+          }
+        }
+        continue;
+      }
       const int64_t grp = item / (Hk * S);
       const int64_t kvh = (item / S) % Hk;
       const int64_t split = item % S;

@@ -665,6 +665,52 @@ inline void attend_range(const float* qs, int64_t G, int64_t D, const PagedKV& k
   attend_range_rows(qs, 1, G, D, kv, t0, &t1, m, l, acc, sc, krow, vrow);
 }
 
+// attend_range for the kv heads [0, Hk) of one row at once: kv is head 0's view, head h's rows are hk
+// floats further (the cache's head stride, K and V alike); qs [Hk, G, D], m / l [Hk, G], acc [Hk, G, D]
+// (head h's part is what attend_range gives it alone: the same tiles and attend_tile calls), krow / vrow
+// [Hk * kTile]. Each tile's tokens are read for every head in turn, so a token's rows (the heads sit side
+// by side in the cache) are used together: the walk reads the blocks front to back, where a walk per head
+// reads every Hk-th piece of them. Each token prefetches the rows of the token kPrefetchTokens ahead
+// (every head). Decode of 4 rows x 2,048 tokens x 30 layers, SmolLM2 shapes, 2 threads: 27.0 ms per pass
+// with a walk per head (its block prefetch), 22.7 with this walk and a block prefetch, 21.4 with this one.
+constexpr int64_t kPrefetchTokens = 8;
+
+inline void attend_range_heads(const float* qs, int64_t Hk, int64_t G, int64_t D, const PagedKV& kv, int64_t hk,
+                               int64_t t0, int64_t t1, float* m, float* l, float* acc, float* sc, const float** krow,
+                               const float** vrow) {
+  std::fill(acc, acc + Hk * G * D, 0.0f);
+  std::fill(m, m + Hk * G, -std::numeric_limits<float>::infinity());
+  std::fill(l, l + Hk * G, 0.0f);
+  const int64_t width = (Hk - 1) * hk + D;  // floats from head 0's row start to the last head's row end
+  for (int64_t tile = t0; tile < t1; tile += kTile) {
+    const int64_t n = std::min(kTile, t1 - tile);
+    int64_t j = tile / kv.BS, slot = tile % kv.BS;
+    for (int64_t i = 0; i < n; ++i) {
+      if (tile + i + kPrefetchTokens < t1) {
+        int64_t jp = j, sp = slot + kPrefetchTokens;
+        while (sp >= kv.BS) sp -= kv.BS, ++jp;
+        prefetch_rows(kv.k + kv.bt[jp] * kv.ks0 + sp * kv.ks1, 1, 0, width);
+        prefetch_rows(kv.v + kv.bt[jp] * kv.vs0 + sp * kv.vs1, 1, 0, width);
+      }
+      const float* kr = kv.k + kv.bt[j] * kv.ks0 + slot * kv.ks1;
+      const float* vr = kv.v + kv.bt[j] * kv.vs0 + slot * kv.vs1;
+      for (int64_t h = 0; h < Hk; ++h) {
+        krow[h * kTile + i] = kr + h * hk;
+        vrow[h * kTile + i] = vr + h * hk;
+      }
+      if (++slot == kv.BS) slot = 0, ++j;
+    }
+    for (int64_t h = 0; h < Hk; ++h)
+      attend_tile(qs + h * G * D, G, D, krow + h * kTile, vrow + h * kTile, n, m + h * G, l + h * G,
+                  acc + h * G * D, sc);
+  }
+}
+
+// Whether a call with B decode rows (one query each, no token split) on nt threads walks one item per
+// row (attend_range_heads) rather than one per (row, kv head): the rows must keep every thread busy.
+// Either way every head's bits are the same.
+inline bool walk_rows_whole(int64_t B, int64_t Hk, int64_t nt) { return Hk > 1 && B > 0 && (B % nt == 0 || B >= 2 * nt); }
+
 // H2O's attention mass of one query row (engine/kv_policy.py): its G query heads qs [G, D] (already
 // multiplied by the softmax scale) over tokens [0, L), fill(i, t) pointing krow[i] at token t's K row
 // (a float cache's row, or an 8-bit row dequantized into a buffer). out[t] = sum_g exp(s_gt - m_g) / l_g

@@ -686,9 +686,11 @@ void check_data(const at::Tensor& data, int64_t type, int64_t N, int64_t K) {
 }
 
 // The job for y = x @ W.T + bias once the operands are checked: x made contiguous and the bias
-// float32 (both kept alive by the caller's x and bb), y allocated [M, N] and returned.
+// float32 (both kept alive by the caller's x and bb), y allocated [M, N] (or the caller's out: a
+// contiguous float32 CPU [M, N], e.g. a row range of a larger result) and returned.
 static at::Tensor start_job(Job& J, at::Tensor& x, const at::Tensor& data, int64_t type, int64_t N, int64_t K,
-                            const c10::optional<at::Tensor>& bias, at::Tensor& bb, const char* who) {
+                            const c10::optional<at::Tensor>& bias, at::Tensor& bb, const char* who,
+                            const c10::optional<at::Tensor>& out = c10::nullopt) {
   x = x.contiguous();
   if (bias.has_value() && bias->defined()) {
     bb = bias->to(at::kFloat).contiguous();
@@ -696,7 +698,15 @@ static at::Tensor start_job(Job& J, at::Tensor& x, const at::Tensor& data, int64
     J.bias = bb.data_ptr<float>();
   }
   const int64_t M = x.size(0);
-  auto y = at::empty({M, N}, x.options());
+  at::Tensor y;
+  if (out.has_value() && out->defined()) {
+    y = *out;
+    TORCH_CHECK(y.scalar_type() == at::kFloat && y.device().is_cpu() && y.dim() == 2 && y.size(0) == M &&
+                    y.size(1) == N && y.is_contiguous(),
+                who, ": out must be a contiguous float32 CPU tensor [", M, ", ", N, "]");
+  } else {
+    y = at::empty({M, N}, x.options());
+  }
   J.M = M; J.N = N; J.K = K; J.ldy = N;
   if (M == 0) return y;
   J.x = x.data_ptr<float>();
@@ -708,13 +718,13 @@ static at::Tensor start_job(Job& J, at::Tensor& x, const at::Tensor& data, int64
 }
 
 at::Tensor gemm(at::Tensor x, at::Tensor data, int64_t type, int64_t N, int64_t K, c10::optional<at::Tensor> bias,
-                int64_t small_m) {
+                int64_t small_m, c10::optional<at::Tensor> out) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu() && x.size(1) == K,
               "gguf.gemm: x must be a float32 CPU tensor [M, ", K, "]");
   check_data(data, type, N, K);
   at::Tensor bb;
   Job J{};
-  auto y = start_job(J, x, data, type, N, K, bias, bb, "gguf.gemm");
+  auto y = start_job(J, x, data, type, N, K, bias, bb, "gguf.gemm", out);
   if (J.M == 0) return y;
   with_type(type, [&](auto t) {
     using T = decltype(t);
@@ -727,7 +737,8 @@ at::Tensor gemm(at::Tensor x, at::Tensor data, int64_t type, int64_t N, int64_t 
 // y = x @ W.T + bias on a type of the int8 mode's set (kA8), computed by run(T{}, J)
 template <class Run>
 at::Tensor gemm_a8_types(at::Tensor x, const at::Tensor& data, int64_t type, int64_t N, int64_t K,
-                         const c10::optional<at::Tensor>& bias, const char* who, const char* kind, Run&& run) {
+                         const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& out, const char* who,
+                         const char* kind, Run&& run) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu() && x.size(1) == K, who,
               ": x must be a float32 CPU tensor [M, ", K, "]");
   check_data(data, type, N, K);
@@ -736,7 +747,7 @@ at::Tensor gemm_a8_types(at::Tensor x, const at::Tensor& data, int64_t type, int
   TORCH_CHECK(ok, who, ": no ", kind, " kernel for ggml type id ", type);
   at::Tensor bb;
   Job J{};
-  auto y = start_job(J, x, data, type, N, K, bias, bb, who);
+  auto y = start_job(J, x, data, type, N, K, bias, bb, who, out);
   if (J.M == 0) return y;
   with_type(type, [&](auto t) {
     if constexpr (kA8<decltype(t)>) run(t, J);
@@ -745,19 +756,21 @@ at::Tensor gemm_a8_types(at::Tensor x, const at::Tensor& data, int64_t type, int
 }
 
 // y = x @ W.T + bias with x quantized to int8 per row and 32 k (see tile_a8)
-at::Tensor gemm_a8(at::Tensor x, at::Tensor data, int64_t type, int64_t N, int64_t K, c10::optional<at::Tensor> bias) {
-  return gemm_a8_types(x, data, type, N, K, bias, "gguf.gemm_a8", "int8-activation",
+at::Tensor gemm_a8(at::Tensor x, at::Tensor data, int64_t type, int64_t N, int64_t K, c10::optional<at::Tensor> bias,
+                   c10::optional<at::Tensor> out) {
+  return gemm_a8_types(x, data, type, N, K, bias, out, "gguf.gemm_a8", "int8-activation",
                        [](auto t, const Job& J) { run_a8<decltype(t)>(J); });
 }
 
 // y = x @ W.T + bias with x as three bf16 parts on AMX-BF16 tiles (see gguf_amx.h)
-at::Tensor gemm_bf3(at::Tensor x, at::Tensor data, int64_t type, int64_t N, int64_t K, c10::optional<at::Tensor> bias) {
+at::Tensor gemm_bf3(at::Tensor x, at::Tensor data, int64_t type, int64_t N, int64_t K, c10::optional<at::Tensor> bias,
+                    c10::optional<at::Tensor> out) {
 #if defined(LLMOPT_GGUF_AMX_BF16)
   TORCH_CHECK(amx_request(), "gguf.gemm_bf3: the OS did not grant the AMX tile state");
-  return gemm_a8_types(x, data, type, N, K, bias, "gguf.gemm_bf3", "bf16x3",
+  return gemm_a8_types(x, data, type, N, K, bias, out, "gguf.gemm_bf3", "bf16x3",
                        [](auto t, const Job& J) { run_bf3<decltype(t)>(J); });
 #else
-  (void)x, (void)data, (void)type, (void)N, (void)K, (void)bias;
+  (void)x, (void)data, (void)type, (void)N, (void)K, (void)bias, (void)out;
   TORCH_CHECK(false, "gguf.gemm_bf3: this build (", kIsa, ") has no AMX-BF16 kernels");
 #endif
 }
@@ -848,14 +861,18 @@ int64_t& prefetch_slot(int64_t type, int64_t family) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "llmopt native GGUF block-type kernels (one build per instruction set)";
+  // out (optional): the result is written there (a contiguous float32 [M, N]) and returned
   m.def("gemm", &gemm, "y = x @ dequant(W).T + bias on the packed GGUF layout", py::arg("x"), py::arg("data"),
-        py::arg("type"), py::arg("N"), py::arg("K"), py::arg("bias") = py::none(), py::arg("small_m") = 4);
+        py::arg("type"), py::arg("N"), py::arg("K"), py::arg("bias") = py::none(), py::arg("small_m") = 4,
+        py::arg("out") = py::none());
   m.def("gemm_a8", &gemm_a8, "y = x @ dequant(W).T + bias with int8 activations (per row, per 32 k)",
-        py::arg("x"), py::arg("data"), py::arg("type"), py::arg("N"), py::arg("K"), py::arg("bias") = py::none());
+        py::arg("x"), py::arg("data"), py::arg("type"), py::arg("N"), py::arg("K"), py::arg("bias") = py::none(),
+        py::arg("out") = py::none());
   m.def("gemm_bf3", &gemm_bf3,
         "y = x @ dequant(W).T + bias, x split exactly into three bf16 parts on AMX-BF16 tiles (x @ W.T up to fp32 "
         "rounding; bits independent of the batch)",
-        py::arg("x"), py::arg("data"), py::arg("type"), py::arg("N"), py::arg("K"), py::arg("bias") = py::none());
+        py::arg("x"), py::arg("data"), py::arg("type"), py::arg("N"), py::arg("K"), py::arg("bias") = py::none(),
+        py::arg("out") = py::none());
   m.def(
       "bf3_ready",
       []() {
