@@ -653,7 +653,7 @@ inline void attend_range_rows(const float* qs, int64_t R, int64_t G, int64_t D, 
   const int64_t end = t1[R - 1];
   attend_tiles_rows(qs, R, G, D, t0, t1, m, l, acc, sc, krow, vrow, [&](int64_t i, int64_t t) {
     const int64_t j = t / kv.BS, slot = t % kv.BS, blk = kv.bt[j];
-    prefetch_next_block(kv, j, slot, end, D);
+    if (R == 1) prefetch_next_block(kv, j, slot, end, D);  // a group re-reads what the one before it read
     krow[i] = kv.k + blk * kv.ks0 + slot * kv.ks1;
     vrow[i] = kv.v + blk * kv.vs0 + slot * kv.vs1;
   });
