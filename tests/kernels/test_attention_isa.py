@@ -133,9 +133,12 @@ def test_decode_rows_walked_whole_equal_each_row_alone(G, D, hk, window):
         for nt in (1, 2, 3):
             torch.set_num_threads(nt)
             for b in (2, 4, 6, 8):
-                got = ext.paged_decode_attention(q[:b], kc, vc, bt[:b], cl[:b], 0.125, sw, 0, 16)
-                assert torch.equal(got, alone[:b]), (nt, b)
+                for whole in (1, 0):  # the switch (benchmarks/attention_paths.py) changes no bit either
+                    ext.attn_walk_rows(whole)
+                    got = ext.paged_decode_attention(q[:b], kc, vc, bt[:b], cl[:b], 0.125, sw, 0, 16)
+                    assert torch.equal(got, alone[:b]), (nt, b, whole)
     finally:
         torch.set_num_threads(old)
+        ext.attn_walk_rows(1)
     torch.testing.assert_close(alone, ops.paged_decode_attention_ref(q, kc, vc, bt, cl, 0.125, window),
                                rtol=1e-5, atol=1e-5)

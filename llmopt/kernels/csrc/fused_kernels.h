@@ -257,10 +257,20 @@ inline bool attn_avx512_set(int64_t on) {
   if (on >= 0) g_attn_avx512 = on != 0 && attn_avx512_cpu();
   return g_attn_avx512;
 }
+// whether decode rows may be walked whole (walk_rows_whole); attn_walk_rows(on) switches it (benchmarks, tests)
+inline bool g_walk_whole = true;
+inline bool attn_walk_rows_set(int64_t on) {
+  if (on >= 0) g_walk_whole = on != 0;
+  return g_walk_whole;
+}
 #define LLMOPT_F_ATTN_AVX512_DEF(m)                                                                               \
   m.def("attn_avx512", &llmopt_f::attn_avx512_set,                                                             \
         "attention's inner loops on AVX-512 (same bits as AVX2): 1 / 0 sets (never above the CPU), -1 reads; "   \
         "returns the setting in force",                                                                         \
+        py::arg("on") = -1);                                                                                    \
+  m.def("attn_walk_rows", &llmopt_f::attn_walk_rows_set,                                                       \
+        "decode rows walked one row, all kv heads, per item where enough rows (same bits): 1 / 0 sets, -1 "     \
+        "reads; returns the setting in force",                                                                  \
         py::arg("on") = -1)
 
 #define LLMOPT_AVX512 __attribute__((target("avx512f,avx512dq,avx2,fma")))
@@ -709,7 +719,9 @@ inline void attend_range_heads(const float* qs, int64_t Hk, int64_t G, int64_t D
 // Whether a call with B decode rows (one query each, no token split) on nt threads walks one item per
 // row (attend_range_heads) rather than one per (row, kv head): the rows must keep every thread busy.
 // Either way every head's bits are the same.
-inline bool walk_rows_whole(int64_t B, int64_t Hk, int64_t nt) { return Hk > 1 && B > 0 && (B % nt == 0 || B >= 2 * nt); }
+inline bool walk_rows_whole(int64_t B, int64_t Hk, int64_t nt) {
+  return g_walk_whole && Hk > 1 && B > 0 && (B % nt == 0 || B >= 2 * nt);
+}
 
 // H2O's attention mass of one query row (engine/kv_policy.py): its G query heads qs [G, D] (already
 // multiplied by the softmax scale) over tokens [0, L), fill(i, t) pointing krow[i] at token t's K row
