@@ -113,7 +113,7 @@ def test_step_checks_its_dense_inputs(hf_dirs):
         step.set_dense_kernels(object())
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 4])
 def test_step_with_rows_walked_whole(tmp_path, threads):
     """3 kv heads and row counts the threads divide: the step's attention takes one item per row over all
     its kv heads (fused_kernels.h walk_rows_whole / attend_range_heads); the step still equals the
@@ -121,5 +121,7 @@ def test_step_with_rows_walked_whole(tmp_path, threads):
     m = tiny_hf_model("qwen2", hidden_size=96, intermediate_size=100, num_attention_heads=6, num_key_value_heads=3,
                       head_dim=16, num_hidden_layers=2)
     eng = _engine(save_hf_dir(m, tmp_path / "m"), threads=threads)
-    for lens in ([5, 70], [5, 20, 17, 64], [3, 9, 50, 16, 2, 70, 31, 97]):
+    # [700] at 4 threads: one row's 3 kv heads are fewer items than threads, so the step splits its tokens
+    # (per-item partials of G heads, though each thread's scratch holds every head)
+    for lens in ([5, 70], [5, 20, 17, 64], [3, 9, 50, 16, 2, 70, 31, 97], [700]):
         _assert_step_equals_forward(eng, lens, seed=len(lens))

@@ -753,9 +753,10 @@ class DecodeStep {
             if (S == 1) {
               store_att(att, b, kvh, G, ts);
             } else {
-              std::copy(ts.m.begin(), ts.m.end(), part_m_.begin() + item * G);
-              std::copy(ts.l.begin(), ts.l.end(), part_l_.begin() + item * G);
-              std::copy(ts.acc.begin(), ts.acc.end(), part_acc_.begin() + item * G * D_);
+              // the item's G heads only: ts holds room for every head (attend_range_heads)
+              std::copy(ts.m.begin(), ts.m.begin() + G, part_m_.begin() + item * G);
+              std::copy(ts.l.begin(), ts.l.begin() + G, part_l_.begin() + item * G);
+              std::copy(ts.acc.begin(), ts.acc.begin() + G * D_, part_acc_.begin() + item * G * D_);
             }
           }
           if (S > 1) {
