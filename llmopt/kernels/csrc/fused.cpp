@@ -251,26 +251,30 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
     std::vector<float> qs(RH * G * D), acc(RH * G * D), sc(R * G * kTile), m(RH * G), l(RH * G);
     std::vector<const float*> krow(RH * kTile), vrow(RH * kTile);
     std::vector<int64_t> ends(R);
+    // query head src (D floats) times the softmax scale into held head h; held head h's output to dst
+    // (normalized; left zero for an empty context)
+    auto load_q = [&](int64_t h, const float* src) {
+      for (int64_t d = 0; d < D; ++d) qs[h * D + d] = src[d] * fscale;
+    };
+    auto store_out = [&](int64_t h, float* dst) {
+      if (l[h] > 0.0f) {
+        std::copy(acc.begin() + h * D, acc.begin() + (h + 1) * D, dst);
+        scale_inplace(dst, D, 1.0f / l[h]);
+      }
+    };
 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t item = items - 1 - it;  // the last groups first: a prompt's later rows read the most
       if (heads) {
         const int64_t b = item;
-        for (int64_t h = 0; h < Hq; ++h)
-          for (int64_t d = 0; d < D; ++d) qs[h * D + d] = qp[(b * Hq + h) * D + d] * fscale;
+        for (int64_t h = 0; h < Hq; ++h) load_q(h, qp + (b * Hq + h) * D);
         const int64_t L = cl[b];
         const int64_t start = sliding_window > 0 ? std::max<int64_t>(0, L - sliding_window) : 0;
         const PagedKV kv{kp, vp, ks0, ks1, vs0, vs1, bt + b * MB, BS};
         attend_range_heads(qs.data(), Hk, G, D, kv, ks2, start, L, m.data(), l.data(), acc.data(), sc.data(),
                            krow.data(), vrow.data());
-        for (int64_t h = 0; h < Hq; ++h) {
-          float* dst = op + (b * Hq + h) * D;
-          if (l[h] > 0.0f) {
-            std::copy(acc.begin() + h * D, acc.begin() + (h + 1) * D, dst);
-            scale_inplace(dst, D, 1.0f / l[h]);
-          }
-        }
+        for (int64_t h = 0; h < Hq; ++h) store_out(h, op + (b * Hq + h) * D);
         continue;
       }
       const int64_t grp = item / (Hk * S);
@@ -278,10 +282,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
       const int64_t split = item % S;
       const int64_t b = first[grp], rows = first[grp + 1] - b;
       for (int64_t r = 0; r < rows; ++r)  // the kv head's G query heads of rows b .. b + rows - 1, scaled
-        for (int64_t g = 0; g < G; ++g) {
-          const float* src = qp + ((b + r) * Hq + kvh * G + g) * D;
-          for (int64_t d = 0; d < D; ++d) qs[(r * G + g) * D + d] = src[d] * fscale;
-        }
+        for (int64_t g = 0; g < G; ++g) load_q(r * G + g, qp + ((b + r) * Hq + kvh * G + g) * D);
       if (S == 1) {  // rows b .. b + rows - 1 (a prefill group, or one row) walk the tiles together
         for (int64_t r = 0; r < rows; ++r) ends[r] = cl[b + r];
         const int64_t L0 = ends[0];
@@ -290,14 +291,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
         attend_range_rows(qs.data(), rows, G, D, kv, start, ends.data(), m.data(), l.data(), acc.data(), sc.data(),
                           krow.data(), vrow.data());
         for (int64_t r = 0; r < rows; ++r)
-          for (int64_t g = 0; g < G; ++g) {
-            const int64_t h = r * G + g;
-            float* dst = op + ((b + r) * Hq + kvh * G + g) * D;
-            if (l[h] > 0.0f) {
-              std::copy(acc.begin() + h * D, acc.begin() + (h + 1) * D, dst);
-              scale_inplace(dst, D, 1.0f / l[h]);
-            }
-          }
+          for (int64_t g = 0; g < G; ++g) store_out(r * G + g, op + ((b + r) * Hq + kvh * G + g) * D);
         continue;
       }
       // one row's token split: its partial (m, l, acc), merged below

@@ -438,6 +438,20 @@ __attribute__((noinline)) inline float tile_sum(const float* p) {
   return hsum(vsum);
 }
 
+// One head's scores for 4 tokens (tile_scores' odd last head, on either path): out[j] = qa . k[j][:],
+// D % 8 == 0, 8-lane FMA chains reduced as reduce8 reduces each of its heads.
+inline void head_scores4(const float* qa, const float* const* k, int64_t D, float* out) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) {
+    const __m256 va = _mm256_loadu_ps(qa + d);
+    a0 = _mm256_fmadd_ps(va, _mm256_loadu_ps(k[0] + d), a0);
+    a1 = _mm256_fmadd_ps(va, _mm256_loadu_ps(k[1] + d), a1);
+    a2 = _mm256_fmadd_ps(va, _mm256_loadu_ps(k[2] + d), a2);
+    a3 = _mm256_fmadd_ps(va, _mm256_loadu_ps(k[3] + d), a3);
+  }
+  _mm_storeu_ps(out, reduce4(a0, a1, a2, a3));
+}
+
 // sc[g * kTile + i] = qs[g, :] . rows[i][:] for g < G, i < n.
 // Micro-kernel: 4 tokens x 2 heads per pass (6 loads feed 8 independent FMA chains), then one
 // transpose-style reduction writes the 8 scores; D % 8 != 0 and leftover tokens use plain dots.
@@ -447,21 +461,8 @@ inline void tile_scores(const float* qs, const float* const* rows, int64_t n, in
   if (D % 8 == 0) {
     if (g_attn_avx512 && G >= 2 && n >= 4) {
       const int64_t done = tile_scores_avx512(qs, rows, n, G, D, sc);
-      if (G % 2 == 1) {  // the odd last head, as below
-        const float* qa = qs + (G - 1) * D;
-        for (int64_t j = 0; j < done; j += 4) {
-          const float *k0 = rows[j], *k1 = rows[j + 1], *k2 = rows[j + 2], *k3 = rows[j + 3];
-          __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-          for (int64_t d = 0; d < D; d += 8) {
-            const __m256 va = _mm256_loadu_ps(qa + d);
-            a0 = _mm256_fmadd_ps(va, _mm256_loadu_ps(k0 + d), a0);
-            a1 = _mm256_fmadd_ps(va, _mm256_loadu_ps(k1 + d), a1);
-            a2 = _mm256_fmadd_ps(va, _mm256_loadu_ps(k2 + d), a2);
-            a3 = _mm256_fmadd_ps(va, _mm256_loadu_ps(k3 + d), a3);
-          }
-          _mm_storeu_ps(sc + (G - 1) * kTile + j, reduce4(a0, a1, a2, a3));
-        }
-      }
+      if (G % 2 == 1)  // the odd last head, as below
+        for (int64_t j = 0; j < done; j += 4) head_scores4(qs + (G - 1) * D, rows + j, D, sc + (G - 1) * kTile + j);
       i = done;
     }
     for (; i + 4 <= n; i += 4) {
@@ -489,18 +490,7 @@ inline void tile_scores(const float* qs, const float* const* rows, int64_t n, in
         _mm_storeu_ps(sc + g * kTile + i, _mm256_castps256_ps128(r));
         _mm_storeu_ps(sc + (g + 1) * kTile + i, _mm256_extractf128_ps(r, 1));
       }
-      if (g < G) {
-        const float* qa = qs + g * D;
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-        for (int64_t d = 0; d < D; d += 8) {
-          const __m256 va = _mm256_loadu_ps(qa + d);
-          a0 = _mm256_fmadd_ps(va, _mm256_loadu_ps(k0 + d), a0);
-          a1 = _mm256_fmadd_ps(va, _mm256_loadu_ps(k1 + d), a1);
-          a2 = _mm256_fmadd_ps(va, _mm256_loadu_ps(k2 + d), a2);
-          a3 = _mm256_fmadd_ps(va, _mm256_loadu_ps(k3 + d), a3);
-        }
-        _mm_storeu_ps(sc + g * kTile + i, reduce4(a0, a1, a2, a3));
-      }
+      if (g < G) head_scores4(qs + g * D, rows + i, D, sc + g * kTile + i);
     }
   }
   for (; i < n; ++i)
