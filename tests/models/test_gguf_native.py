@@ -13,7 +13,7 @@ import torch
 from llmopt import LLM, SamplingParams
 from llmopt.kernels.dense import PackedLinear
 from llmopt.kernels.gguf_linear import bf16x3_available
-from llmopt.models.gguf_linear import GGUFEmbedding, GGUFLinear
+from llmopt.models.gguf_linear import GGUFEmbedding, GGUFLinear, _kind_rows
 from llmopt.models.loader import load_model
 from tests.conftest import SMOLLM2, gguf_blocks, requires_smollm2, save_hf_dir, tiny_hf_model, write_gguf
 
@@ -184,8 +184,9 @@ def test_by_kind_mode_prompt_rows_fp32_generated_rows_int8(tiny, tmp_path):
         for name in ("layers.0.self_attn.qkv_proj", "lm_head"):
             lin = models["by-kind"].get_submodule(name)
             assert lin.acts == ["int8"] and lin.prompt_acts == [prompt_act]
-            for mask in masks:
+            for mask, split in zip(masks, (None, 2, 5), strict=True):
                 gen = torch.tensor(mask)
+                assert _kind_rows(gen)[2] == split  # two runs: written in place, not gathered / scattered
                 y = lin(x, gen)
                 assert torch.equal(y[gen], models["int8"].get_submodule(name)(x[gen])), mask
                 assert torch.equal(y[~gen], models["fp32"].get_submodule(name)(x[~gen])), mask
