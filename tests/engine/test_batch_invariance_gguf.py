@@ -113,3 +113,29 @@ def test_greedy_under_preemption_equals_single(q4_1_file, act):
     for r in want:
         assert len(got[r]) == len(want[r]) == 20
         assert all(torch.equal(a, b) for a, b in zip(got[r], want[r])), f"{r}: logits differ after preemption"
+
+
+@pytest.mark.skipif(G.kernel_table() is None, reason="native GGUF kernels unavailable")
+def test_logits_alone_equal_logits_in_a_batch_with_fewer_kv_heads_than_threads(tmp_path):
+    """One kv head at 2 threads: a row alone is fewer attention items than threads, so rows past 256
+    tokens split their tokens (flash-decoding). The chunks follow the row's own context, never the batch
+    (fused_kernels.h token_chunks), so decode rows at 521-540 tokens get the same logits alone (split in
+    halves because it was alone, under the old rule: threads / items) and beside a neighbour, in the
+    fused decode step and in mixed prefill + decode steps."""
+    model = tiny_hf_model("llama", hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                          num_key_value_heads=1, head_dim=16, num_hidden_layers=2)
+    path = write_gguf(model, tmp_path / "tiny-hk1.gguf", qtype=lambda name: QT.Q4_1, quantizer=gguf_blocks)
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, 200, (520,), generator=g).tolist()
+    other = [torch.randint(0, 200, (n,), generator=g).tolist() for n in (270, 40)]
+
+    def engine(budget: int) -> LLMEngine:
+        return LLMEngine(str(path), EngineConfig(num_threads=2, num_kv_blocks=96, block_size=16,
+                                                 max_num_batched_tokens=budget))
+
+    alone, _ = _run(engine(128), [(0, prompt, 20)], "r0")
+    together, mixed = _run(engine(512), [(0, other[0], 24), (2, prompt, 20), (12, other[1], 6)], "r1")
+    assert len(alone) == len(together) == 20
+    assert any(mixed), "the batch never mixed the sequence's rows with another prefill"
+    for i, (a, b) in enumerate(zip(alone, together)):
+        assert torch.equal(a, b), f"token {i}: max |diff| {(a - b).abs().max().item():.3g}"

@@ -121,7 +121,8 @@ def test_step_with_rows_walked_whole(tmp_path, threads):
     m = tiny_hf_model("qwen2", hidden_size=96, intermediate_size=100, num_attention_heads=6, num_key_value_heads=3,
                       head_dim=16, num_hidden_layers=2)
     eng = _engine(save_hf_dir(m, tmp_path / "m"), threads=threads)
-    # [700] at 4 threads: one row's 3 kv heads are fewer items than threads, so the step splits its tokens
-    # (per-item partials of G heads, though each thread's scratch holds every head)
-    for lens in ([5, 70], [5, 20, 17, 64], [3, 9, 50, 16, 2, 70, 31, 97], [700]):
+    # at 4 threads the 3 kv heads are fewer than the threads, so rows past 256 tokens split their tokens
+    # into chunks by their own context (per-item partials of G heads, though each thread's scratch holds
+    # every head), beside rows that do not split: the same chunks as the op-by-op forward's
+    for lens in ([5, 70], [5, 20, 17, 64], [3, 9, 50, 16, 2, 70, 31, 97], [700], [300, 5, 257, 40]):
         _assert_step_equals_forward(eng, lens, seed=len(lens))

@@ -126,12 +126,12 @@ def test_decode_rows_walked_whole_equal_each_row_alone(G, D, hk, window):
     spans = [(n, 1) for n in (300, 1, 31, 32, 33, 129, 70, 5)]  # 8 decode rows, contexts 301, 2, 32, ...
     q, kc, vc, bt, cl = _batch(G * 10 + D + hk, spans, 16, hk=hk, G=G, D=D)
     sw = -1 if window is None else window
-    alone = torch.cat([ext.paged_decode_attention(q[i:i + 1], kc, vc, bt[i:i + 1], cl[i:i + 1], 0.125, sw, 1, 1)
-                       for i in range(q.shape[0])])
     old = torch.get_num_threads()
     try:
         for nt in (1, 2, 3):
-            torch.set_num_threads(nt)
+            torch.set_num_threads(nt)  # (the long row splits into token chunks where hk < nt: alone too)
+            alone = torch.cat([ext.paged_decode_attention(q[i:i + 1], kc, vc, bt[i:i + 1], cl[i:i + 1], 0.125, sw,
+                                                          0, 1) for i in range(q.shape[0])])
             for b in (2, 4, 6, 8):
                 for whole in (1, 0):  # the switch (benchmarks/attention_paths.py) changes no bit either
                     ext.attn_walk_rows(whole)
@@ -142,3 +142,34 @@ def test_decode_rows_walked_whole_equal_each_row_alone(G, D, hk, window):
         ext.attn_walk_rows(1)
     torch.testing.assert_close(alone, ops.paged_decode_attention_ref(q, kc, vc, bt, cl, 0.125, window),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 600])
+@pytest.mark.parametrize("G,D,hk", [(4, 64, 1), (3, 64, 2)])
+def test_token_chunks_follow_the_context_not_the_batch(G, D, hk, window):
+    """With fewer kv heads than threads a long row's tokens are cut into chunks by its own context
+    (fused_kernels.h token_chunks), never by the batch: each row's output alone equals its output in every
+    batch at the same thread count (prefill runs that cross chunk boundaries, walked as groups, included),
+    split rows exist, and the result is the attention."""
+    ext = native_or_skip(ops._native(), "llmopt_fused")
+    # decode rows of 1,000 / 257 / 40 / 700 tokens and prompt runs ending past 256 / 512 tokens
+    spans = [(999, 1), (250, 20), (256, 1), (39, 1), (500, 30), (699, 1)]
+    q, kc, vc, bt, cl = _batch(G * 7 + D + hk, spans, 16, hk=hk, G=G, D=D)
+    sw = -1 if window is None else window
+    ref = ops.paged_decode_attention_ref(q, kc, vc, bt, cl, 0.125, window)
+    old = torch.get_num_threads()
+    try:
+        for nt in (1, 2, 4):
+            torch.set_num_threads(nt)
+            alone = torch.cat([ext.paged_decode_attention(q[i:i + 1], kc, vc, bt[i:i + 1], cl[i:i + 1], 0.125, sw)
+                               for i in range(q.shape[0])])
+            split = alone != torch.cat([ext.paged_decode_attention(q[i:i + 1], kc, vc, bt[i:i + 1], cl[i:i + 1],
+                                                                   0.125, sw, 1, 1) for i in range(q.shape[0])])
+            assert split.any() == (hk < nt), nt  # chunked rows change bits (and only where hk < threads)
+            torch.testing.assert_close(alone, ref, rtol=1e-5, atol=1e-5)
+            n = q.shape[0]
+            for lo, hi in ((0, n), (1, n), (0, 21), (21, n), (n - 31, n - 1), (n - 2, n)):
+                got = ext.paged_decode_attention(q[lo:hi], kc, vc, bt[lo:hi], cl[lo:hi], 0.125, sw)
+                assert torch.equal(got, alone[lo:hi]), (nt, lo, hi)
+    finally:
+        torch.set_num_threads(old)

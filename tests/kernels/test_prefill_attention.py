@@ -97,8 +97,9 @@ def _batch(seed, spans, block_size, hk, G, D, pad_junk=True):
 
 
 def _one_row_at_a_time(call, q, bt, cl, scale, sw):
-    """Every row alone (B = 1, no token split, no grouping): the one-row path's bits."""
-    return torch.cat([call(q[i : i + 1], bt[i : i + 1], cl[i : i + 1], scale, sw, 1, 1) for i in range(q.shape[0])])
+    """Every row alone (B = 1, no grouping; token chunks by its own context where the kv heads are fewer
+    than the threads): the one-row path's bits."""
+    return torch.cat([call(q[i : i + 1], bt[i : i + 1], cl[i : i + 1], scale, sw, 0, 1) for i in range(q.shape[0])])
 
 
 def _check(kernel, case, window, group_sizes=(2, 4, 8, 16)):

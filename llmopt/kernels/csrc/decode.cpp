@@ -35,6 +35,7 @@
 #include <torch/csrc/utils/pybind.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <atomic>
 #include <memory>
 #include <mutex>
@@ -522,21 +523,24 @@ class DecodeStep {
 
     const int nt = std::max(1, at::get_num_threads());
     const int64_t QKV = (Hq_ + 2 * Hk_) * D_, G = Hq_ / Hk_, half = D_ / 2;
-    // attention split over tokens when there are fewer (row, kv head) pairs than threads, per layer
-    // (windows differ): the rule of the standalone paged_decode_attention, so both give the same sums
-    // (float caches only: the int8 kernel, kv_int8.cpp, has one item per (row, kv head), and so has the step)
-    std::vector<int64_t> splits(num_layers(), 1);
+    // attention token chunks per layer and row (windows differ by layer): the batch-invariant rule of the
+    // standalone paged_decode_attention (fused_kernels.h token_chunks), so both give the same sums. Float
+    // caches without Quest only (the int8 kernel, kv_int8.cpp, and Quest have one item per (row, kv
+    // head), and so has the step). Layer li: row b has rs[li * M + b] chunks, its items (kv head, chunk)
+    // from ib[li * (M + 1) + b]; a layer with any split row has lsplit[li].
+    std::vector<int64_t> rs(num_layers() * M, 1), ib(num_layers() * (M + 1), 0);
+    std::vector<char> lsplit(num_layers(), 0);
     int64_t max_items = M * Hk_;
-    if (M * Hk_ < nt && tk == nullptr) {  // Quest rows: one item per (row, kv head), as its kernel
-      for (int64_t li = 0; li < num_layers(); ++li) {
-        if (layers_[li].int8) continue;
-        const int64_t w = layers_[li].window;
-        int64_t span = 0;
-        for (int64_t b = 0; b < M; ++b) span = std::max<int64_t>(span, w > 0 ? std::min<int64_t>(cl[b], w) : cl[b]);
-        const int64_t S = std::min<int64_t>((nt + M * Hk_ - 1) / (M * Hk_), std::max<int64_t>(1, span / 256));
-        splits[li] = std::max<int64_t>(1, std::min<int64_t>(S, span));
-        max_items = std::max(max_items, M * Hk_ * splits[li]);
+    for (int64_t li = 0; li < num_layers(); ++li) {
+      const int64_t w = layers_[li].window;
+      for (int64_t b = 0; b < M; ++b) {
+        int64_t c = 1;
+        if (!layers_[li].int8 && tk == nullptr) c = F::token_chunks(w > 0 ? std::min<int64_t>(cl[b], w) : cl[b], Hk_, nt);
+        rs[li * M + b] = c;
+        ib[li * (M + 1) + b + 1] = ib[li * (M + 1) + b] + Hk_ * c;
+        if (c > 1) lsplit[li] = 1;
       }
+      max_items = std::max(max_items, ib[li * (M + 1) + M]);
     }
 
     const int64_t kmax = std::max({H_, Hq_ * D_, I_});
@@ -682,11 +686,12 @@ class DecodeStep {
         }
         // 2. qkv projection
         gemv(L.lin[0], h, qkv, ctr[0], false);
-        const int64_t S = splits[li];
+        const int64_t* ibl = ib.data() + li * (M + 1);
+        const int64_t* rsl = rs.data() + li * M;
         // 3. q/k norm, rope, new k/v into the cache: here, before every attention item, when the
         // attention is split over tokens or rows are chained (a row reads the rows before it); else
         // inside the attention item of their kv head (its only reader)
-        const bool prewrite = S > 1 || chained;
+        const bool prewrite = lsplit[li] || chained;
         if (prewrite) {
           write_new_kv(L, M, QKV, half, pos, slot, qkv, cs, eps, tid, nth);
           if (defined(qmin_)) {  // rows of one block come from different threads: fold them in after a barrier
@@ -705,7 +710,7 @@ class DecodeStep {
           const int64_t ks0 = BS * Hk_ * D_, ks1 = Hk_ * D_;
           // decode rows enough for the threads, no Quest / H2O: one item per row walks all its kv heads
           // (fused_kernels.h attend_range_heads: every head's bits as below, the cache read front to back)
-          const bool whole = S == 1 && tk == nullptr && mw == nullptr && F::walk_rows_whole(M, Hk_, nth);
+          const bool whole = !lsplit[li] && tk == nullptr && mw == nullptr && F::walk_rows_whole(M, Hk_, nth);
           // step 3 for kv head kvh of row b, inside the item that is its only reader (unless prewrite)
           auto new_kv = [&](int64_t b, int64_t kvh) {
             const float* k = norm_rope_group(qkv, QKV, b, kvh, G, half, fptr(L.qn), fptr(L.kn), cs + pos[b] * D_, eps);
@@ -727,16 +732,17 @@ class DecodeStep {
                                   ts.acc.data(), ts.sc.data(), ts.krow.data(), ts.vrow.data());
             for (int64_t kvh = 0; kvh < Hk_; ++kvh) store_att(att, b, kvh, G, ts, kvh * G);
           }
-          const int64_t items = whole ? 0 : M * Hk_ * S;
+          const int64_t items = whole ? 0 : ibl[M];
           for (;;) {
             const int64_t item = ctr[1].fetch_add(1, std::memory_order_relaxed);
             if (item >= items) break;
-            const int64_t b = item / (Hk_ * S), kvh = (item / S) % Hk_, split = item % S;
+            const int64_t b = std::upper_bound(ibl, ibl + M + 1, item) - ibl - 1;
+            const int64_t S = rsl[b], kvh = (item - ibl[b]) / S, split = (item - ibl[b]) % S;
             if (!prewrite) new_kv(b, kvh);
             const int64_t Lc = cl[b];
             const int64_t start = L.window > 0 ? std::max<int64_t>(0, Lc - L.window) : 0;
-            const int64_t chunk = (Lc - start + S - 1) / S;
-            const int64_t t0 = start + split * chunk, t1 = std::min(Lc, t0 + chunk);
+            // chunk split of kSplitTokens tokens from the window start, or the whole window
+            const int64_t t0 = start + split * F::kSplitTokens, t1 = S == 1 ? Lc : std::min(Lc, t0 + F::kSplitTokens);
             scale_queries(qkv, QKV, b, kvh, G, ts.qs.data());
             const F::PagedKV kv{kc + kvh * D_, vc + kvh * D_, ks0, ks1, ks0, ks1, bt + b * MB, BS};
             if (!quest_attend(L, li, tk, b, kvh, G, bt + b * MB, BS, Lc, &kv, nullptr, ts))
@@ -759,9 +765,9 @@ class DecodeStep {
               std::copy(ts.acc.begin(), ts.acc.begin() + G * D_, part_acc_.begin() + item * G * D_);
             }
           }
-          if (S > 1) {
+          if (lsplit[li]) {
 #pragma omp barrier
-            merge_splits(M, S, G, att, tid, nth);
+            merge_splits(M, ibl, rsl, G, att, tid, nth);
           }
         }
 #pragma omp barrier
@@ -939,13 +945,15 @@ class DecodeStep {
     return true;
   }
 
-  // flash-decoding merge of the token splits (pairs split across the threads)
-  void merge_splits(int64_t M, int64_t S, int64_t G, float* att, int tid, int nth) {
+  // flash-decoding merge of the split rows' token chunks (their items' partials, from ibl[b] on; pairs
+  // split across the threads)
+  void merge_splits(int64_t M, const int64_t* ibl, const int64_t* rsl, int64_t G, float* att, int tid, int nth) {
     for (int64_t bh = tid; bh < M * Hk_; bh += nth) {
       const int64_t b = bh / Hk_, kvh = bh % Hk_;
+      if (rsl[b] == 1) continue;
       for (int64_t g = 0; g < G; ++g)
-        F::merge_splits(part_m_.data(), part_l_.data(), part_acc_.data(), S, G, D_, bh, g,
-                        att + b * Hq_ * D_ + (kvh * G + g) * D_);
+        F::merge_splits(part_m_.data() + ibl[b] * G, part_l_.data() + ibl[b] * G, part_acc_.data() + ibl[b] * G * D_,
+                        rsl[b], G, D_, kvh, g, att + b * Hq_ * D_ + (kvh * G + g) * D_);
     }
   }
 

@@ -182,16 +182,17 @@ void rope_(at::Tensor q, at::Tensor k, const at::Tensor& positions, const at::Te
 //    Work item = (sequence, kv head, split). The G = Hq / Hk query heads sharing a kv head are
 //    processed together so each K/V row is read from memory once. Tokens are walked in tiles of
 //    kTile: scores for the tile, one online-softmax rescale per tile, then P @ V with the
-//    accumulator held in registers 64 floats at a time. When there are fewer (seq, kv head) pairs
-//    than threads and contexts are long, the token range is split and the partial (max, sum, acc)
-//    triples are merged afterwards (flash-decoding).
+//    accumulator held in registers 64 floats at a time. When the model has fewer kv heads than
+//    threads, rows with long contexts are cut into token chunks (token_chunks: by the row's context
+//    alone, never by the batch, so a row's bits are the same alone or in any batch) and the chunks'
+//    partial (max, sum, acc) triples are merged afterwards (flash-decoding). num_splits > 0 instead
+//    cuts every row into that many equal parts (tests).
 //
 //    Prefill rows (one row per prompt token, the same block table, context lengths L, L+1, ..) are
-//    grouped when there is no split: up to group_rows consecutive rows whose context lengths grow
-//    by 1, with the same window start and the same blocks, form one work item per kv head that walks
-//    the K/V tiles once for all of them (attend_tiles_rows): each K/V row is loaded once per group
-//    instead of once per row, and every row's output keeps the bits it gets alone. group_rows 1:
-//    no grouping.
+//    grouped: up to group_rows consecutive rows whose context lengths grow by 1, with the same window
+//    start and the same blocks, form one work item per kv head (and token chunk) that walks the K/V
+//    tiles once for all of them (attend_tiles_rows): each K/V row is loaded once per group instead of
+//    once per row, and every row's output keeps the bits it gets alone. group_rows 1: no grouping.
 // ---------------------------------------------------------------------------------------------
 
 at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -213,31 +214,51 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
   if (B == 0 || Hq == 0 || D == 0 || max_len == 0) return out;
 
   const int nt = num_threads();
-  int64_t S = num_splits;
-  if (S <= 0) {
-    S = 1;
-    const int64_t pairs = B * Hk;
-    if (pairs < nt) S = std::min<int64_t>((nt + pairs - 1) / pairs, std::max<int64_t>(1, max_len / 256));
-  }
-  S = std::max<int64_t>(1, std::min<int64_t>(S, max_len));
   TORCH_CHECK(group_rows >= 1, "group_rows must be >= 1");
-  const int64_t R = S == 1 ? group_rows : 1;
+  auto start_of = [&](int64_t L) { return sliding_window > 0 ? std::max<int64_t>(0, L - sliding_window) : 0; };
+  // token chunks per row: num_splits > 0 cuts every row into that many equal parts, rows alone (tests);
+  // else token_chunks (fixed chunks from the window start whatever the batch: batch-invariant)
+  const bool even = num_splits > 0;
+  const int64_t Se = even ? std::max<int64_t>(1, std::min<int64_t>(num_splits, max_len)) : 1;
+  std::vector<int64_t> rs(B);
+  for (int64_t b = 0; b < B; ++b) rs[b] = even ? Se : token_chunks(cl[b] - start_of(cl[b]), Hk, nt);
+  const bool split = *std::max_element(rs.begin(), rs.end()) > 1;
+  const int64_t R = even && Se > 1 ? 1 : group_rows;
   const std::vector<int64_t> first = group_rows_of(bt, cl, B, MB, BS, sliding_window, R);
   const int64_t ngroups = static_cast<int64_t>(first.size()) - 1;  // == B when R == 1
+  // Items: a one-row group (decode rows, every row of an even split) has one per (kv head, chunk), so a
+  // long row alone spreads over the threads, and its partials go to the shared slots from pbase[row]
+  // ([Hk, rs[row]] of them), merged after; a prefill group has one per kv head that walks the group's
+  // chunks (its longest row's) in turn and merges its rows itself. Group j's items from ibase[j].
+  std::vector<int64_t> ibase(ngroups + 1, 0), pbase(B + 1, 0);
+  int64_t smax = 1;  // the most chunks of a prefill group
+  for (int64_t j = 0; j < ngroups; ++j) {
+    const int64_t rows = first[j + 1] - first[j], S = rs[first[j + 1] - 1];
+    ibase[j + 1] = ibase[j] + Hk * (rows == 1 ? S : 1);
+    if (rows > 1) smax = std::max(smax, S);
+  }
+  for (int64_t j = 0; j < ngroups; ++j)
+    for (int64_t b = first[j]; b < first[j + 1]; ++b)
+      pbase[b + 1] = pbase[b] + (first[j + 1] - first[j] == 1 && rs[b] > 1 ? Hk * rs[b] : 0);
   const int64_t ks0 = k_cache.stride(0), ks1 = k_cache.stride(1), ks2 = k_cache.stride(2);
   const int64_t vs0 = v_cache.stride(0), vs1 = v_cache.stride(1), vs2 = v_cache.stride(2);
   // decode rows only (no prefill groups), enough of them for the threads: one item per row walks all
   // its kv heads (attend_range_heads: the same bits, the cache read front to back)
-  const bool heads = S == 1 && ngroups == B && walk_rows_whole(B, Hk, nt) && ks2 == vs2;
-  const int64_t items = heads ? B : ngroups * Hk * S;
+  const bool heads = !split && ngroups == B && walk_rows_whole(B, Hk, nt) && ks2 == vs2;
+  const int64_t items = heads ? B : ibase[ngroups];
 
-  // Partial results for split > 1: m, l: [items, G]; acc: [items, G, D].
-  std::vector<float> part_m, part_l, part_acc;
-  if (S > 1) {
-    part_m.assign(items * G, -std::numeric_limits<float>::infinity());
-    part_l.assign(items * G, 0.0f);
-    part_acc.assign(items * G * D, 0.0f);
-  }
+  // Shared partials of the one-row groups' split rows: m, l: [pbase[B], G]; acc: [pbase[B], G, D],
+  // every slot written by its item. Kept per calling thread (no fresh pages to fault in on every call);
+  // the parallel region reaches them through pm / pl / pacc (its threads' own thread_locals are others).
+  thread_local std::vector<float> part_m, part_l, part_acc;
+  auto grow = [](std::vector<float>& v, int64_t n) {
+    if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+    return v.data();
+  };
+  const bool shared = pbase[B] > 0;
+  float* const pm = shared ? grow(part_m, pbase[B] * G) : nullptr;
+  float* const pl = shared ? grow(part_l, pbase[B] * G) : nullptr;
+  float* const pacc = shared ? grow(part_acc, pbase[B] * G * D) : nullptr;
 
   const float* qp = q_in.data_ptr<float>();
   const float* kp = k_cache.data_ptr<float>();
@@ -251,6 +272,13 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
     std::vector<float> qs(RH * G * D), acc(RH * G * D), sc(R * G * kTile), m(RH * G), l(RH * G);
     std::vector<const float*> krow(RH * kTile), vrow(RH * kTile);
     std::vector<int64_t> ends(R);
+    // a prefill group's partials, row r's chunk k at r * smax + k (merged by the item)
+    std::vector<float> gm, gl, gacc;
+    if (split && R > 1) {
+      gm.resize(R * smax * G);
+      gl.resize(R * smax * G);
+      gacc.resize(R * smax * G * D);
+    }
     // query head src (D floats) times the softmax scale into held head h; held head h's output to dst
     // (normalized; left zero for an empty context)
     auto load_q = [&](int64_t h, const float* src) {
@@ -262,6 +290,12 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
         scale_inplace(dst, D, 1.0f / l[h]);
       }
     };
+    // held row r's partial (m, l, acc of its G heads) to slot `slot` of (m, l, acc) buffers
+    auto keep = [&](int64_t r, int64_t slot, float* dm, float* dl, float* dacc) {
+      std::copy(m.begin() + r * G, m.begin() + (r + 1) * G, dm + slot * G);
+      std::copy(l.begin() + r * G, l.begin() + (r + 1) * G, dl + slot * G);
+      std::copy(acc.begin() + r * G * D, acc.begin() + (r + 1) * G * D, dacc + slot * G * D);
+    };
 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
@@ -270,51 +304,70 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
         const int64_t b = item;
         for (int64_t h = 0; h < Hq; ++h) load_q(h, qp + (b * Hq + h) * D);
         const int64_t L = cl[b];
-        const int64_t start = sliding_window > 0 ? std::max<int64_t>(0, L - sliding_window) : 0;
         const PagedKV kv{kp, vp, ks0, ks1, vs0, vs1, bt + b * MB, BS};
-        attend_range_heads(qs.data(), Hk, G, D, kv, ks2, start, L, m.data(), l.data(), acc.data(), sc.data(),
+        attend_range_heads(qs.data(), Hk, G, D, kv, ks2, start_of(L), L, m.data(), l.data(), acc.data(), sc.data(),
                            krow.data(), vrow.data());
         for (int64_t h = 0; h < Hq; ++h) store_out(h, op + (b * Hq + h) * D);
         continue;
       }
-      const int64_t grp = item / (Hk * S);
-      const int64_t kvh = (item / S) % Hk;
-      const int64_t split = item % S;
+      const int64_t grp = std::upper_bound(ibase.begin(), ibase.end(), item) - ibase.begin() - 1;
       const int64_t b = first[grp], rows = first[grp + 1] - b;
-      for (int64_t r = 0; r < rows; ++r)  // the kv head's G query heads of rows b .. b + rows - 1, scaled
+      const int64_t S = rs[b + rows - 1];
+      const int64_t per = rows == 1 ? S : 1;  // items per kv head
+      const int64_t kvh = (item - ibase[grp]) / per;
+      const int64_t k_lo = rows == 1 ? (item - ibase[grp]) % per : 0, k_hi = rows == 1 ? k_lo + 1 : S;
+      // the kv head's G query heads of the rows, scaled
+      for (int64_t r = 0; r < rows; ++r)
         for (int64_t g = 0; g < G; ++g) load_q(r * G + g, qp + ((b + r) * Hq + kvh * G + g) * D);
-      if (S == 1) {  // rows b .. b + rows - 1 (a prefill group, or one row) walk the tiles together
-        for (int64_t r = 0; r < rows; ++r) ends[r] = cl[b + r];
-        const int64_t L0 = ends[0];
-        const int64_t start = sliding_window > 0 ? std::max<int64_t>(0, L0 - sliding_window) : 0;
-        const PagedKV kv{kp + kvh * ks2, vp + kvh * vs2, ks0, ks1, vs0, vs1, bt + (b + rows - 1) * MB, BS};
-        attend_range_rows(qs.data(), rows, G, D, kv, start, ends.data(), m.data(), l.data(), acc.data(), sc.data(),
-                          krow.data(), vrow.data());
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t g = 0; g < G; ++g) store_out(r * G + g, op + ((b + r) * Hq + kvh * G + g) * D);
-        continue;
+      // chunk k of the group's rows (one window start): tokens [t0, t0 + clen) of every row that reaches
+      // past t0 (all rows on chunk 0; a suffix of the group, context lengths grow), walked together
+      const int64_t start = start_of(cl[b]);
+      const int64_t span = cl[b + rows - 1] - start;  // the longest row's
+      const int64_t clen = S == 1 ? span : even ? (span + S - 1) / S : kSplitTokens;
+      const PagedKV kv{kp + kvh * ks2, vp + kvh * vs2, ks0, ks1, vs0, vs1, bt + (b + rows - 1) * MB, BS};
+      for (int64_t k = k_lo; k < k_hi; ++k) {
+        const int64_t t0 = start + k * clen;
+        int64_t r0 = 0;
+        if (k > 0)
+          while (r0 < rows && cl[b + r0] <= t0) ++r0;
+        if (r0 == rows) {  // an even split past the row's context (rows == 1): an empty partial
+          std::fill_n(pm + (pbase[b] + kvh * S + k) * G, G, -std::numeric_limits<float>::infinity());
+          std::fill_n(pl + (pbase[b] + kvh * S + k) * G, G, 0.0f);
+          continue;
+        }
+        for (int64_t r = r0; r < rows; ++r) ends[r - r0] = std::min<int64_t>(cl[b + r], t0 + clen);
+        attend_range_rows(qs.data() + r0 * G * D, rows - r0, G, D, kv, t0, ends.data(), m.data() + r0 * G,
+                          l.data() + r0 * G, acc.data() + r0 * G * D, sc.data(), krow.data(), vrow.data());
+        for (int64_t r = r0; r < rows; ++r) {
+          const int64_t row = b + r;
+          if (rs[row] == 1) {  // the whole context in one walk (chunk 0): the output
+            for (int64_t g = 0; g < G; ++g) store_out(r * G + g, op + (row * Hq + kvh * G + g) * D);
+          } else if (rows == 1) {
+            keep(r, pbase[row] + kvh * rs[row] + k, pm, pl, pacc);
+          } else {
+            keep(r, r * smax + k, gm.data(), gl.data(), gacc.data());
+          }
+        }
       }
-      // one row's token split: its partial (m, l, acc), merged below
-      const int64_t L = cl[b];
-      const int64_t start = sliding_window > 0 ? std::max<int64_t>(0, L - sliding_window) : 0;
-      const int64_t chunk = (L - start + S - 1) / S;
-      const int64_t t0 = start + split * chunk;
-      const int64_t t1 = std::min(L, t0 + chunk);
-      const PagedKV kv{kp + kvh * ks2, vp + kvh * vs2, ks0, ks1, vs0, vs1, bt + b * MB, BS};
-      attend_range(qs.data(), G, D, kv, t0, t1, m.data(), l.data(), acc.data(), sc.data(), krow.data(), vrow.data());
-      std::copy(m.begin(), m.end(), part_m.begin() + item * G);
-      std::copy(l.begin(), l.end(), part_l.begin() + item * G);
-      std::copy(acc.begin(), acc.end(), part_acc.begin() + item * G * D);
+      if (rows > 1 && S > 1)  // the group's split rows: their chunks merged in order
+        for (int64_t r = 0; r < rows; ++r)
+          if (rs[b + r] > 1)
+            for (int64_t g = 0; g < G; ++g)
+              merge_splits(gm.data() + r * smax * G, gl.data() + r * smax * G, gacc.data() + r * smax * G * D,
+                           rs[b + r], G, D, 0, g, op + ((b + r) * Hq + kvh * G + g) * D);
     }
   }
 
-  if (S > 1) {
-    // Merge splits: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s.
-#pragma omp parallel for num_threads(nt) if (B * Hk * G * D >= kParallelMinElems) schedule(static)
+  if (shared) {
+    // Merge each one-row group's split row's chunks in order: out = sum_s e^(m_s - M) acc_s / sum_s
+    // e^(m_s - M) l_s (merge_splits, as the prefill groups do).
+#pragma omp parallel for num_threads(nt) if (pbase[B] * G * D >= kParallelMinElems) schedule(static)
     for (int64_t bh = 0; bh < B * Hk; ++bh) {
       const int64_t b = bh / Hk, kvh = bh % Hk;
+      if (pbase[b + 1] == pbase[b]) continue;
       for (int64_t g = 0; g < G; ++g)
-        merge_splits(part_m.data(), part_l.data(), part_acc.data(), S, G, D, bh, g, op + (b * Hq + kvh * G + g) * D);
+        merge_splits(pm + pbase[b] * G, pl + pbase[b] * G, pacc + pbase[b] * G * D, rs[b], G, D, kvh, g,
+                     op + (b * Hq + kvh * G + g) * D);
     }
   }
   return out;
@@ -365,7 +418,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("positions"), py::arg("cos_sin_cache"), nogil());
   LLMOPT_F_ATTN_AVX512_DEF(m);
   m.def("paged_decode_attention", &paged_decode_attention,
-        "single-token paged attention with GQA; sliding_window <= 0: none; num_splits 0: auto; group_rows: "
+        "single-token paged attention with GQA; sliding_window <= 0: none; num_splits 0: token chunks by context "
+        "(batch-invariant), N > 0: every row in N equal parts; group_rows: "
         "consecutive prefill rows walked together (1: none)", py::arg("q"),
         py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"),
         py::arg("sliding_window") = -1, py::arg("num_splits") = 0, py::arg("group_rows") = 16, nogil());

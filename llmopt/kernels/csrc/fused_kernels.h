@@ -786,6 +786,18 @@ inline void attention_mass_items(const float* q, int64_t B, int64_t Hk, int64_t 
   }
 }
 
+// Token chunks of one row's attention (flash-decoding), a rule that depends on the row's own context and
+// the model and thread count only, never on the batch: when the model has fewer kv heads than threads
+// (one row alone leaves threads idle), a row whose window holds span > kSplitTokens tokens is cut into
+// chunks of kSplitTokens tokens from its window start (the last one shorter), each an item of its own,
+// and the chunks' partials are merged in order (merge_splits); else one walk. So a row gets the same
+// bits alone or in any batch (prefill groups share their chunk boundaries: the same window start).
+// With Hk >= threads every batch has enough (row, kv head) items and nothing is split.
+constexpr int64_t kSplitTokens = 256;
+inline int64_t token_chunks(int64_t span, int64_t Hk, int64_t nt) {
+  return Hk < nt && span > kSplitTokens ? (span + kSplitTokens - 1) / kSplitTokens : 1;
+}
+
 // Flash-decoding merge of S token splits for one (sequence, kv head) pair bh and query head g:
 // dst[0:D] = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s over the splits' partial (m, l, acc)
 // (pm / pl [pairs * S, G], pacc [pairs * S, G, D]); zeros for an empty context.
