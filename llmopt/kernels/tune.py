@@ -5,8 +5,11 @@ one core reaches. How far ahead to prefetch by hand depends on the CPU's own pre
 type's block layout: on a Zen 4 core (AVX-512 build, int8 activations, a 1536 x 24576 weight > L3)
 no software prefetch streamed Q4_1 at 19.5 GB/s vs 15.2 at 1024 bytes ahead and Q4_K at 21.9 vs
 15.1, while Q5_0 wanted 128 bytes (22.1 vs 14.5 with none); the same core's AVX2 build streamed Q4_1
-fastest at 1024. No single distance is right, so :func:`tune_prefetch` measures each type's
-one-row kernels (fp32 and int8 activations) on this CPU at a few distances and keeps the fastest.
+fastest at 1024. A model's short panels (K = 576: 18 Q4_1 blocks, 5.8 KB a panel) end before the
+hardware prefetcher is up to speed: there prefetching the next group of panels block by block
+(candidate -1, "group") streamed a 576 x 1536 Q4_1 weight at 20.5 GB/s vs 14.5 with none (Zen 4,
+int8 tiles, 1 thread). No single setting is right, so :func:`tune_prefetch` measures each type's
+one-row kernels (fp32 and int8 activations) on this CPU at a few settings and keeps the fastest.
 
 The table is written next to the extension's binary (its build directory: one per source hash,
 instruction-set flags and torch version), in a file named after the CPU model, and applied by
@@ -34,7 +37,9 @@ import torch
 log = logging.getLogger(__name__)
 
 QT = gguf.GGMLQuantizationType
-CANDIDATES = (0, 128, 256, 512, 1024, 2048)  # bytes ahead; 0 = no software prefetch
+# bytes ahead; 0 = no software prefetch; -1 = the next group of panels (gguf_kernels.h kPrefetchGroup)
+CANDIDATES = (0, 128, 256, 512, 1024, 2048, -1)
+GROUP = -1
 FAMILIES = {"fp32": 0, "int8": 1}  # register tiles with fp32 / int8 activations
 # byte offsets of the fp16 scale fields inside one block, so random blocks decode to finite values
 FP16_SCALE_OFFSETS = {QT.Q4_0: [0], QT.Q4_1: [0, 2], QT.Q5_0: [0], QT.Q5_1: [0, 2], QT.Q8_0: [0], QT.Q2_K: [80, 82],
@@ -134,6 +139,10 @@ def _l3_bytes() -> int:
         return 32 << 20
 
 
+def _label(pf: int) -> str:
+    return "group" if pf == GROUP else str(pf)
+
+
 def _time_candidates(run: Callable[[], None], set_pf: Callable[[int], None], rounds: int) -> dict[int, float]:
     """Seconds of ``run`` at each candidate distance: interleaved rounds (each candidate once per
     round, so a change of the machine's load hits all alike), the minimum over rounds."""
@@ -147,14 +156,15 @@ def _time_candidates(run: Callable[[], None], set_pf: Callable[[int], None], rou
     return best
 
 
-def _tune_type(G: ModuleType, mod: ModuleType, path: str, qt: gguf.GGMLQuantizationType, copies: list, x: torch.Tensor,
+def _tune_type(G: ModuleType, mod: ModuleType, path: str, qt: gguf.GGMLQuantizationType, copies: list,
                fams: dict[str, int], rounds: int, progress: Callable[[str], None] | None) -> dict[str, int]:
     """The fastest candidate per kernel family for one type (left applied on ``mod``)."""
     row: dict[str, int] = {}
+    xs = {pk.shape[1]: torch.randn(1, pk.shape[1]) for pk in copies}
     for fam, idx in fams.items():
         def run(fam: str = fam) -> None:
             for pk in copies:
-                G.gguf_linear(x, pk, act=fam, path=path, small_m=4)
+                G.gguf_linear(xs[pk.shape[1]], pk, act=fam, path=path, small_m=4)
 
         def set_pf(pf: int, idx: int = idx) -> None:
             mod.set_prefetch(int(qt), idx, pf)
@@ -163,7 +173,8 @@ def _tune_type(G: ModuleType, mod: ModuleType, path: str, qt: gguf.GGMLQuantizat
         times = _time_candidates(run, set_pf, rounds)
         row[fam] = min(times, key=lambda pf: (times[pf], pf))
         gbs = {pf: sum(c.nbytes for c in copies) / t / 1e9 for pf, t in times.items()}
-        msg = f"{path} {qt.name} {fam}: " + " ".join(f"{pf}:{gbs[pf]:.1f}" for pf in CANDIDATES) + f" GB/s -> {row[fam]}"
+        msg = f"{path} {qt.name} {fam}: " + " ".join(f"{_label(pf)}:{gbs[pf]:.1f}" for pf in CANDIDATES) \
+            + f" GB/s -> {_label(row[fam])}"
         log.debug("llmopt: prefetch %s", msg)
         if progress is not None:
             progress(msg)
@@ -177,9 +188,10 @@ def tune_prefetch(path: str, types: list[str] | None = None, rounds: int = 5, to
     """Measure the fastest prefetch distance of each type's one-row kernels on ``path`` ("avx2",
     "avx512", "avx512_vnni"), write the table next to the extension and apply it.
 
-    Per type: one random weight of K = 1536 and about 24 MB, copied until the copies together are
+    Per type: random weights of K = 576 (a small model's short panels, where the next-group
+    prefetch matters) and of K = 1536, ~2.5 MB each, copied in turn until the copies together are
     ``total_bytes`` (default: 2.5x the L3 cache, at least 64 MB), so each call streams from DRAM like
-    decode does; one-row calls over all copies at every candidate distance, in interleaved rounds,
+    decode does; one-row calls over all copies at every candidate setting, in interleaved rounds,
     the minimum per candidate. Returns ``{type: {"fp32": bytes, "int8": bytes}}``; ~1 s per type.
     ``directory``: write the table there instead of the extension's build directory (tests)."""
     from . import gguf_linear as G
@@ -192,8 +204,6 @@ def tune_prefetch(path: str, types: list[str] | None = None, rounds: int = 5, to
     names = types or G.supported_types()
     total = total_bytes or max(64 << 20, int(2.5 * _l3_bytes()))
     rng = np.random.default_rng(0)
-    k = 1536
-    x = torch.randn(1, k)
     table: dict[str, dict[str, int]] = {}
     saved = torch.get_num_threads()
     torch.set_num_threads(1)  # one core's stream: what each decode thread sees
@@ -201,13 +211,19 @@ def tune_prefetch(path: str, types: list[str] | None = None, rounds: int = 5, to
         for name in names:
             qt = gguf.GGMLQuantizationType[name]
             block, size = gguf.GGML_QUANT_SIZES[qt]
-            n = max(16, (24 << 20) // (k // block * size) // 16 * 16)
-            first = G.pack_gguf(random_blocks(qt, n, k, rng), qt, (n, k))
-            copies = [first] + [G.GGUFPacked(first.ggml_type, first.shape, first.data.clone())
-                                for _ in range(max(0, -(-total // first.nbytes) - 1))]
+            firsts = []
+            for k in (576, 1536):  # as many bytes of each, in weights of ~2.5 MB (K = 576 of Q6_K / Q4_K:
+                # 768, the next multiple of their 256-wide blocks)
+                k = -(-k // block) * block
+                n = max(16, (5 << 19) // (k // block * size) // 16 * 16)
+                firsts.append(G.pack_gguf(random_blocks(qt, n, k, rng), qt, (n, k)))
+            copies = []
+            while sum(c.nbytes for c in copies) < total or len(copies) < 2:
+                f = firsts[len(copies) % 2]
+                copies.append(f if len(copies) < 2 else G.GGUFPacked(f.ggml_type, f.shape, f.data.clone()))
             fams = {"fp32": 0} | ({"int8": 1} if name in G.supported_types("int8") else {})
-            table[name] = _tune_type(G, mod, path, qt, copies, x, fams, rounds, progress)
-            del copies, first
+            table[name] = _tune_type(G, mod, path, qt, copies, fams, rounds, progress)
+            del copies, firsts
     finally:
         torch.set_num_threads(saved)
     out = table_path(mod, directory)

@@ -42,7 +42,7 @@ def test_results_do_not_depend_on_the_prefetch_distance(path_mod, qt: QT) -> Non
     acts = ["fp32"] + (["int8"] if qt.name in G.supported_types("int8") else [])
     for act in acts:
         outs = []
-        for pf in (0, 128, 4096):
+        for pf in (0, 128, 4096, tune.GROUP):  # GROUP: the next group of panels, block by block
             for fam in (0, 1):
                 mod.set_prefetch(int(qt), fam, pf)
             outs.append([G.gguf_linear(x[:m], pk, act=act, path=path) for m in (1, 3)])

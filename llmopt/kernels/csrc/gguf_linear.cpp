@@ -892,7 +892,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the panel-level kernels of this build as a capsule (gguf_kernels.h: KernelTable), for the fused decode step");
   m.def(
       "set_prefetch", [](int64_t type, int64_t family, int64_t bytes) { prefetch_slot(type, family) = bytes; },
-      "set the software prefetch distance (bytes ahead in the weight stream, <= 0 = off) of one ggml type's "
+      "set the software prefetch distance (bytes ahead in the weight stream; 0 = off; -1 = the next group of "
+      "panels, block by block) of one ggml type's "
       "fp32-activation (family 0) or int8-activation (family 1) register tiles; results do not depend on it",
       py::arg("type"), py::arg("family"), py::arg("bytes"));
   m.def(
