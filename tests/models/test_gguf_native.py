@@ -58,6 +58,13 @@ def test_gguf_native_logits_equal_the_dequantized_model(tiny, tmp_path, arch, qt
     # the weights the blocks hold are the dequantized model's, rows in Hugging Face order
     assert torch.equal(native.layers[1].self_attn.qkv_proj.weight, ref.layers[1].self_attn.qkv_proj.weight)
     assert torch.equal(native.embed_tokens(torch.arange(50)), ref.embed_tokens(torch.arange(50)))
+    # decode-sized lookups come from the row cache (rows decoded by an earlier small lookup, or now)
+    emb = native.embed_tokens
+    for ids in (torch.tensor([7]), torch.tensor([[3, 7, 3], [250, 0, 7]]), torch.tensor([9], dtype=torch.int32)):
+        assert torch.equal(emb(ids), ref.embed_tokens(ids.long())), ids
+    assert {0, 3, 7, 9, 250} <= set(emb._rows)
+    with pytest.raises(IndexError, match="out of range"):
+        emb(torch.tensor([1, emb.num_embeddings]))
     ids = torch.tensor([1, 5, 9, 33, 7, 100, 64, 2, 250, 3])
     _assert_close(_logits(native, ids), _logits(ref, ids), f"{arch} {qt.name}")
 
