@@ -217,7 +217,7 @@ def tune_prefetch(path: str, types: list[str] | None = None, rounds: int = 5, to
                 k = -(-k // block) * block
                 n = max(16, (5 << 19) // (k // block * size) // 16 * 16)
                 firsts.append(G.pack_gguf(random_blocks(qt, n, k, rng), qt, (n, k)))
-            copies = []
+            copies: list = []
             while sum(c.nbytes for c in copies) < total or len(copies) < 2:
                 f = firsts[len(copies) % 2]
                 copies.append(f if len(copies) < 2 else G.GGUFPacked(f.ggml_type, f.shape, f.data.clone()))
