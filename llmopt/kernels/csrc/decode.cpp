@@ -57,8 +57,11 @@ namespace Q = llmopt_q;
 
 constexpr int64_t kColsPerTask = 32;  // output columns of a GEMV work item: a multiple of this
 // Work items per thread and GEMV: few and contiguous (see gemv in run). SmolLM2-135M int4 decode
-// step, 2 threads, M=1: 32-column items 5.2 ms, 2 items per thread 2.3 ms (1 thread: 4.2 ms).
-constexpr int64_t kChunksPerThread = 2;
+// step, 2 threads, M=1: 32-column items 5.2 ms, 2 items per thread 2.3 ms (1 thread: 4.2 ms). GGUF
+// Q4_1 step (Zen 4, 2 threads, next-group prefetch; one process, settings alternated, 6 runs, best
+// mean step): 1 run per thread 2.55 ms, 2 runs 2.81, 4 runs 3.08 (each run starts its weight streams
+// cold); 4 and 16 rows the same order (3.93 / 4.32 / 4.36 and 12.0 / 12.8 / 13.1 ms).
+constexpr int64_t kChunksPerThread = 1;
 
 // Rows r0, r0 + step, ... of x [M, K] quantized into the activation buffers of A (xq / sx / xsum,
 // laid out as w4a8_act_shape gives), lane-permuted for the int4 lane layout.
