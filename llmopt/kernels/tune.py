@@ -139,6 +139,29 @@ def _l3_bytes() -> int:
         return 32 << 20
 
 
+BUSY_CORES = 0.25  # other processes' mean CPU use while tuning above which the table is flagged
+
+
+def _cpu_seconds() -> tuple[float, float] | None:
+    """(CPU seconds all processes have used, this process's), from /proc/stat and os.times; None
+    where /proc/stat is not there."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:9]]
+        busy = (sum(vals) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+    except (OSError, ValueError, IndexError):
+        return None
+    t = os.times()
+    return busy, t.user + t.system
+
+
+def _others_cores(before: tuple[float, float] | None, after: tuple[float, float] | None, wall: float) -> float:
+    """Mean number of cores other processes kept busy over ``wall`` seconds (0 if unknown)."""
+    if before is None or after is None or wall <= 0:
+        return 0.0
+    return max(0.0, (after[0] - before[0]) - (after[1] - before[1])) / wall
+
+
 def _label(pf: int) -> str:
     return "group" if pf == GROUP else str(pf)
 
@@ -207,6 +230,7 @@ def tune_prefetch(path: str, types: list[str] | None = None, rounds: int = 5, to
     table: dict[str, dict[str, int]] = {}
     saved = torch.get_num_threads()
     torch.set_num_threads(1)  # one core's stream: what each decode thread sees
+    cpu0, wall0 = _cpu_seconds(), time.perf_counter()
     try:
         for name in names:
             qt = gguf.GGMLQuantizationType[name]
@@ -226,9 +250,18 @@ def tune_prefetch(path: str, types: list[str] | None = None, rounds: int = 5, to
             del copies, firsts
     finally:
         torch.set_num_threads(saved)
+    # other work on the machine while measuring (a compile on the other core made this pick settings
+    # 10-25% slower than on a quiet machine): said, and kept in the table
+    others = _others_cores(cpu0, _cpu_seconds(), time.perf_counter() - wall0)
+    if others > BUSY_CORES:
+        msg = (f"other processes kept {others:.1f} cores busy while the {path} prefetch table was measured: it may "
+               "be off; run `python -m llmopt.kernels.build --retune` on a quiet machine")
+        log.warning("llmopt: %s", msg)
+        if progress is not None:
+            progress(f"warning: {msg}")
     out = table_path(mod, directory)
     data = {"cpu": cpu_signature(), "path": path, "candidates": list(CANDIDATES), "measured": time.strftime("%Y-%m-%d"),
-            "prefetch": table}
+            "others_cores": round(others, 2), "prefetch": table}
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, out)

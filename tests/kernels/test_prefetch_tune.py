@@ -98,3 +98,20 @@ def test_a_broken_table_is_ignored_with_a_warning(path_mod, tmp_path, caplog) ->
 def test_tuning_an_unknown_path_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown path"):
         tune.tune_prefetch("sse2")
+
+
+def test_other_load_while_tuning_is_said_and_stored(path_mod, tmp_path, monkeypatch, caplog) -> None:
+    """Other processes busy while the table is measured (e.g. a compile on the other core): a warning
+    that says to retune, and their load in the stored table; a quiet machine gets none."""
+    path, mod = path_mod
+    assert tune._others_cores((100.0, 10.0), (103.0, 11.0), 2.0) == 1.0  # 3 s used, 1 s ours, over 2 s
+    assert tune._others_cores(None, (1.0, 1.0), 1.0) == 0.0
+    for others, warned in ((1000.0, True), (0.0, False)):
+        readings = iter([(0.0, 0.0), (others, 0.0)])
+        monkeypatch.setattr(tune, "_cpu_seconds", lambda r=readings: next(r))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="llmopt.kernels.tune"):
+            tune.tune_prefetch(path, types=["Q8_0"], rounds=1, total_bytes=2 << 20, directory=tmp_path)
+        assert ("--retune" in caplog.text) is warned, caplog.text
+        stored = json.loads(tune.table_path(mod, tmp_path).read_text())
+        assert (stored["others_cores"] > tune.BUSY_CORES) is warned
