@@ -37,9 +37,8 @@ import torch
 log = logging.getLogger(__name__)
 
 QT = gguf.GGMLQuantizationType
-# bytes ahead; 0 = no software prefetch; -1 = the next group of panels (gguf_kernels.h kPrefetchGroup)
-CANDIDATES = (0, 128, 256, 512, 1024, 2048, -1)
-GROUP = -1
+GROUP = -1  # the next group of panels instead of a distance (gguf_kernels.h kPrefetchGroup)
+CANDIDATES = (0, 128, 256, 512, 1024, 2048, GROUP)  # bytes ahead; 0 = no software prefetch
 FAMILIES = {"fp32": 0, "int8": 1}  # register tiles with fp32 / int8 activations
 # byte offsets of the fp16 scale fields inside one block, so random blocks decode to finite values
 FP16_SCALE_OFFSETS = {QT.Q4_0: [0], QT.Q4_1: [0, 2], QT.Q5_0: [0], QT.Q5_1: [0, 2], QT.Q8_0: [0], QT.Q2_K: [80, 82],

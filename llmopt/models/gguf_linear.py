@@ -265,25 +265,32 @@ class GGUFEmbedding(nn.Module):
         flat = input_ids.reshape(-1)
         if flat.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"{self.name}: input ids must be int64 or int32, got {flat.dtype}")
-        if 0 < flat.numel() <= self.SMALL:
+        if 0 < flat.numel() <= self.SMALL:  # a decode step's ids: rows from the cache
             ids = flat.tolist()
-            for t in ids:
-                if not 0 <= t < n:
-                    raise IndexError(f"{self.name}: token id {t} is out of range [0, {n})")
-            missing = [t for t in dict.fromkeys(ids) if t not in self._rows]
-            if missing:
-                if len(self._rows) + len(missing) > self._cap:
-                    self._rows.clear()
-                rows = dequantize(self.raw[np.asarray(missing)], self.ggml_type, (len(missing), k), self.name)
-                self._rows.update(zip(missing, rows))
-            out = torch.stack([self._rows[t] for t in ids]).reshape(*input_ids.shape, k)
-            return out if out.dtype == self.out_dtype else out.to(self.out_dtype)
-        if flat.numel() and (flat.min() < 0 or flat.max() >= n):
-            bad = flat[(flat < 0) | (flat >= n)][0].item()
-            raise IndexError(f"{self.name}: token id {bad} is out of range [0, {n})")
-        rows = self.raw[flat.cpu().numpy()]
-        out = dequantize(rows, self.ggml_type, (flat.numel(), k), self.name).reshape(*input_ids.shape, k)
+            bad = next((t for t in ids if not 0 <= t < n), None)
+            if bad is not None:
+                raise self._out_of_range(bad)
+            out = self._cached_rows(ids)
+        else:
+            if flat.numel() and (flat.min() < 0 or flat.max() >= n):
+                raise self._out_of_range(int(flat[(flat < 0) | (flat >= n)][0]))
+            out = dequantize(self.raw[flat.cpu().numpy()], self.ggml_type, (flat.numel(), k), self.name)
+        out = out.reshape(*input_ids.shape, k)
         return out if out.dtype == self.out_dtype else out.to(self.out_dtype)
+
+    def _out_of_range(self, t: int) -> IndexError:
+        return IndexError(f"{self.name}: token id {t} is out of range [0, {self.num_embeddings})")
+
+    def _cached_rows(self, ids: list[int]) -> torch.Tensor:
+        """Rows ``ids`` (in range) stacked, each decoded once and kept (the cache starts over when full)."""
+        missing = [t for t in dict.fromkeys(ids) if t not in self._rows]
+        if missing:
+            if len(self._rows) + len(missing) > self._cap:
+                self._rows.clear()
+            rows = dequantize(self.raw[np.asarray(missing)], self.ggml_type, (len(missing), self.embedding_dim),
+                              self.name)
+            self._rows.update(zip(missing, rows))
+        return torch.stack([self._rows[t] for t in ids])
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, gguf={self.type_name}"

@@ -535,10 +535,9 @@ class DecodeStep {
     std::vector<char> lsplit(num_layers(), 0);
     int64_t max_items = M * Hk_;
     for (int64_t li = 0; li < num_layers(); ++li) {
-      const int64_t w = layers_[li].window;
       for (int64_t b = 0; b < M; ++b) {
         int64_t c = 1;
-        if (!layers_[li].int8 && tk == nullptr) c = F::token_chunks(w > 0 ? std::min<int64_t>(cl[b], w) : cl[b], Hk_, nt);
+        if (!layers_[li].int8 && tk == nullptr) c = F::token_chunks(cl[b], layers_[li].window, Hk_, nt);
         rs[li * M + b] = c;
         ib[li * (M + 1) + b + 1] = ib[li * (M + 1) + b] + Hk_ * c;
         if (c > 1) lsplit[li] = 1;
@@ -729,7 +728,7 @@ class DecodeStep {
               for (int64_t kvh = 0; kvh < Hk_; ++kvh) new_kv(b, kvh);
             for (int64_t kvh = 0; kvh < Hk_; ++kvh) scale_queries(qkv, QKV, b, kvh, G, ts.qs.data() + kvh * G * D_);
             const int64_t Lc = cl[b];
-            const int64_t start = L.window > 0 ? std::max<int64_t>(0, Lc - L.window) : 0;
+            const int64_t start = F::window_start(Lc, L.window);
             const F::PagedKV kv{kc, vc, ks0, ks1, ks0, ks1, bt + b * MB, BS};
             F::attend_range_heads(ts.qs.data(), Hk_, G, D_, kv, D_, start, Lc, ts.m.data(), ts.l.data(),
                                   ts.acc.data(), ts.sc.data(), ts.krow.data(), ts.vrow.data());
@@ -743,7 +742,7 @@ class DecodeStep {
             const int64_t S = rsl[b], kvh = (item - ibl[b]) / S, split = (item - ibl[b]) % S;
             if (!prewrite) new_kv(b, kvh);
             const int64_t Lc = cl[b];
-            const int64_t start = L.window > 0 ? std::max<int64_t>(0, Lc - L.window) : 0;
+            const int64_t start = F::window_start(Lc, L.window);
             // chunk split of kSplitTokens tokens from the window start, or the whole window
             const int64_t t0 = start + split * F::kSplitTokens, t1 = S == 1 ? Lc : std::min(Lc, t0 + F::kSplitTokens);
             scale_queries(qkv, QKV, b, kvh, G, ts.qs.data());
@@ -836,7 +835,7 @@ class DecodeStep {
         summarize_key_row(L, li, slot[b], BS, kvh, ts);  // Quest: the row as attention reads it back
       }
       const int64_t Lc = cl[b];
-      const int64_t start = L.window > 0 ? std::max<int64_t>(0, Lc - L.window) : 0;
+      const int64_t start = F::window_start(Lc, L.window);
       scale_queries(qkv, QKV, b, kvh, G, ts.qs.data());
       const llmopt_kv8::PagedKV8 kv{kc + kvh * D_, vc + kvh * D_, ks + kvh, vs + kvh, bt + b * MB, BS, Hk_, L.fp8};
       if (!quest_attend(L, li, tk, b, kvh, G, bt + b * MB, BS, Lc, nullptr, &kv, ts))

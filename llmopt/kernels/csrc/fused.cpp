@@ -215,13 +215,12 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
 
   const int nt = num_threads();
   TORCH_CHECK(group_rows >= 1, "group_rows must be >= 1");
-  auto start_of = [&](int64_t L) { return sliding_window > 0 ? std::max<int64_t>(0, L - sliding_window) : 0; };
   // token chunks per row: num_splits > 0 cuts every row into that many equal parts, rows alone (tests);
   // else token_chunks (fixed chunks from the window start whatever the batch: batch-invariant)
   const bool even = num_splits > 0;
   const int64_t Se = even ? std::max<int64_t>(1, std::min<int64_t>(num_splits, max_len)) : 1;
   std::vector<int64_t> rs(B);
-  for (int64_t b = 0; b < B; ++b) rs[b] = even ? Se : token_chunks(cl[b] - start_of(cl[b]), Hk, nt);
+  for (int64_t b = 0; b < B; ++b) rs[b] = even ? Se : token_chunks(cl[b], sliding_window, Hk, nt);
   const bool split = *std::max_element(rs.begin(), rs.end()) > 1;
   const int64_t R = even && Se > 1 ? 1 : group_rows;
   const std::vector<int64_t> first = group_rows_of(bt, cl, B, MB, BS, sliding_window, R);
@@ -305,7 +304,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
         for (int64_t h = 0; h < Hq; ++h) load_q(h, qp + (b * Hq + h) * D);
         const int64_t L = cl[b];
         const PagedKV kv{kp, vp, ks0, ks1, vs0, vs1, bt + b * MB, BS};
-        attend_range_heads(qs.data(), Hk, G, D, kv, ks2, start_of(L), L, m.data(), l.data(), acc.data(), sc.data(),
+        attend_range_heads(qs.data(), Hk, G, D, kv, ks2, window_start(L, sliding_window), L, m.data(), l.data(), acc.data(), sc.data(),
                            krow.data(), vrow.data());
         for (int64_t h = 0; h < Hq; ++h) store_out(h, op + (b * Hq + h) * D);
         continue;
@@ -321,7 +320,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
         for (int64_t g = 0; g < G; ++g) load_q(r * G + g, qp + ((b + r) * Hq + kvh * G + g) * D);
       // chunk k of the group's rows (one window start): tokens [t0, t0 + clen) of every row that reaches
       // past t0 (all rows on chunk 0; a suffix of the group, context lengths grow), walked together
-      const int64_t start = start_of(cl[b]);
+      const int64_t start = window_start(cl[b], sliding_window);
       const int64_t span = cl[b + rows - 1] - start;  // the longest row's
       const int64_t clen = S == 1 ? span : even ? (span + S - 1) / S : kSplitTokens;
       const PagedKV kv{kp + kvh * ks2, vp + kvh * vs2, ks0, ks1, vs0, vs1, bt + (b + rows - 1) * MB, BS};

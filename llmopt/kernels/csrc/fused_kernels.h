@@ -620,6 +620,11 @@ inline void attend_tiles_rows(const float* qs, int64_t R, int64_t G, int64_t D, 
   }
 }
 
+// The first token a row with context L attends to (sliding_window <= 0: none, token 0).
+inline int64_t window_start(int64_t L, int64_t sliding_window) {
+  return sliding_window > 0 ? std::max<int64_t>(0, L - sliding_window) : 0;
+}
+
 // Splits the rows [0, B) of a paged attention call (block tables bt [B, MB], context lengths cl
 // [B]) into groups for attend_tiles_rows: group j = rows [first[j], first[j + 1]), at most R rows
 // each; row e joins row e - 1's group when its context is one token longer, its window starts at
@@ -627,7 +632,6 @@ inline void attend_tiles_rows(const float* qs, int64_t R, int64_t G, int64_t D, 
 // induction the last row's table serves the whole group).
 inline std::vector<int64_t> group_rows_of(const int32_t* bt, const int32_t* cl, int64_t B, int64_t MB, int64_t BS,
                                           int64_t sliding_window, int64_t R) {
-  auto start_of = [&](int64_t L) { return sliding_window > 0 ? std::max<int64_t>(0, L - sliding_window) : 0; };
   std::vector<int64_t> first;
   first.reserve(B + 1);
   for (int64_t b = 0; b < B;) {
@@ -635,8 +639,8 @@ inline std::vector<int64_t> group_rows_of(const int32_t* bt, const int32_t* cl, 
     int64_t e = b + 1;
     for (; e < B && e - b < R; ++e) {
       const int64_t Lp = cl[e - 1], L = cl[e];
-      if (L != Lp + 1 || start_of(L) != start_of(Lp)) break;
-      const int64_t j0 = start_of(Lp) / BS, j1 = (Lp + BS - 1) / BS;
+      if (L != Lp + 1 || window_start(L, sliding_window) != window_start(Lp, sliding_window)) break;
+      const int64_t j0 = window_start(Lp, sliding_window) / BS, j1 = (Lp + BS - 1) / BS;
       if (!std::equal(bt + (e - 1) * MB + j0, bt + (e - 1) * MB + j1, bt + e * MB + j0)) break;
     }
     b = e;
@@ -786,15 +790,16 @@ inline void attention_mass_items(const float* q, int64_t B, int64_t Hk, int64_t 
   }
 }
 
-// Token chunks of one row's attention (flash-decoding), a rule that depends on the row's own context and
-// the model and thread count only, never on the batch: when the model has fewer kv heads than threads
-// (one row alone leaves threads idle), a row whose window holds span > kSplitTokens tokens is cut into
+// Token chunks of one row's attention (flash-decoding), a rule that depends on the row's own context L
+// and window and the model and thread count only, never on the batch: when the model has fewer kv heads
+// than threads (one row alone leaves threads idle), a row whose window holds span > kSplitTokens tokens is cut into
 // chunks of kSplitTokens tokens from its window start (the last one shorter), each an item of its own,
 // and the chunks' partials are merged in order (merge_splits); else one walk. So a row gets the same
 // bits alone or in any batch (prefill groups share their chunk boundaries: the same window start).
 // With Hk >= threads every batch has enough (row, kv head) items and nothing is split.
 constexpr int64_t kSplitTokens = 256;
-inline int64_t token_chunks(int64_t span, int64_t Hk, int64_t nt) {
+inline int64_t token_chunks(int64_t L, int64_t sliding_window, int64_t Hk, int64_t nt) {
+  const int64_t span = L - window_start(L, sliding_window);
   return Hk < nt && span > kSplitTokens ? (span + kSplitTokens - 1) / kSplitTokens : 1;
 }
 

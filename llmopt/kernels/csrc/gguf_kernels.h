@@ -385,19 +385,16 @@ inline int64_t g_prefetch[2] = {1024, 1024};
 // 20.5 -> 23.7 (2 threads 23.6 -> 29.4 and 33.3 -> 38.4); a distance of 1024 bytes: 12.5 / 16.9.
 constexpr int64_t kPrefetchGroup = -1;
 
+// block b of each of NP panels (of nblk blocks each), with the weight stream prefetched: pf > 0 bytes
+// ahead in each panel, kPrefetchGroup block b of the next NP panels, else none
 template <class T, int NP>
-GGUF_INLINE void group_prefetch(const uint8_t* const (&blk)[NP], int64_t ahead) {
-  for (int p = 0; p < NP; ++p)
-    for (int o = 0; o < T::BB; o += 64) _mm_prefetch((const char*)(blk[p] + ahead + o), _MM_HINT_T2);
-}
-
-// block b of each of NP panels, with the weight stream prefetched pf bytes ahead (pf <= 0: none here)
-template <class T, int NP>
-GGUF_INLINE void block_ptrs(const uint8_t* const* pan, int64_t b, int64_t pf, const uint8_t* (&blk)[NP]) {
+GGUF_INLINE void block_ptrs(const uint8_t* const* pan, int64_t b, int64_t nblk, int64_t pf, const uint8_t* (&blk)[NP]) {
   for (int p = 0; p < NP; ++p) {
     blk[p] = pan[p] + b * T::BB;
     if (pf > 0)
       for (int o = 0; o < T::BB; o += 64) _mm_prefetch((const char*)(blk[p] + o + pf), _MM_HINT_T0);
+    else if (pf == kPrefetchGroup)
+      for (int o = 0; o < T::BB; o += 64) _mm_prefetch((const char*)(blk[p] + NP * nblk * T::BB + o), _MM_HINT_T2);
   }
 }
 
@@ -411,11 +408,9 @@ GGUF_INLINE void tile_reg(const uint8_t* const* pan, const float* const* xr, int
   for (int p = 0; p < NP; ++p)
     for (int r = 0; r < R; ++r) acc[p][r] = V::zero();
   const int64_t pf = g_prefetch<T>[0];
-  const int64_t ahead = pf == kPrefetchGroup ? NP * nblk * T::BB : 0;
   for (int64_t b = 0; b < nblk; ++b) {
     const uint8_t* blk[NP];
-    block_ptrs<T, NP>(pan, b, pf, blk);
-    if (ahead) group_prefetch<T, NP>(blk, ahead);
+    block_ptrs<T, NP>(pan, b, nblk, pf, blk);
     const float* xb[R];
     for (int r = 0; r < R; ++r) xb[r] = xr[r] + b * T::QB;
     for (int s = 0; s < T::NS; ++s) {
@@ -599,11 +594,9 @@ GGUF_INLINE void tile_a8(const uint8_t* const* pan, const A8Row* rows, int64_t n
   for (int p = 0; p < NP; ++p)
     for (int r = 0; r < R; ++r) acc[p][r] = V::zero();
   const int64_t pf = g_prefetch<T>[1];
-  const int64_t ahead = pf == kPrefetchGroup ? NP * nblk * T::BB : 0;
   for (int64_t b = 0; b < nblk; ++b) {
     const uint8_t* blk[NP];
-    block_ptrs<T, NP>(pan, b, pf, blk);
-    if (ahead) group_prefetch<T, NP>(blk, ahead);
+    block_ptrs<T, NP>(pan, b, nblk, pf, blk);
     for (int s = 0; s < T::NS; ++s) {
       const int64_t k0 = b * T::QB + s * T::S;  // first k of the sub-block
       const int64_t sb = k0 / 32;                // its 32-wide activation block

@@ -84,7 +84,7 @@ at::Tensor paged_decode_attention_int8(const at::Tensor& q, const at::Tensor& k_
       const int64_t grp = item / Hk, h = item % Hk;
       const int64_t b = first[grp], rows = first[grp + 1] - b;
       const int64_t L = cl[b];
-      const int64_t start = sliding_window > 0 ? std::max<int64_t>(0, L - sliding_window) : 0;
+      const int64_t start = llmopt_f::window_start(L, sliding_window);
       for (int64_t r = 0; r < rows; ++r) {  // rows b .. b + rows - 1 (a prefill group, or one row)
         ends[r] = cl[b + r];
         for (int64_t g = 0; g < G; ++g) {
