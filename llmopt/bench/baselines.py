@@ -78,6 +78,28 @@ class TransformersSystem:
                      "attn_implementation": getattr(cfg, "_attn_implementation", None),
                      "load_seconds": round(time.perf_counter() - t0, 3)}
 
+    def heldout_ids(self, max_tokens: int) -> list[list[int]]:
+        raise NotImplementedError("the held-out ids come from llmopt's tokenizer (the same vocabulary)")
+
+    def quality(self, id_lists: list[list[int]]) -> dict[str, Any]:
+        """Bits per weight of the linear layers as transformers holds them (fp32) and perplexity over
+        ``id_lists``: one causal forward per text, as llmopt scores them."""
+        import torch
+
+        from llmopt.bench.grid import quality_record
+        from llmopt.tasks.evaluate import linear_bits_per_weight
+
+        nll, n = 0.0, 0
+        with torch.inference_mode():
+            for ids in id_lists:
+                if len(ids) < 2:
+                    raise ValueError(f"a text of {len(ids)} tokens: perplexity needs at least 2")
+                x = torch.tensor([list(ids)])
+                logp = torch.log_softmax(self.model(input_ids=x).logits[0, :-1].double(), -1)
+                nll += -float(logp.gather(1, x[0, 1:, None]).sum())
+                n += len(ids) - 1
+        return quality_record(linear_bits_per_weight(self.model), nll, n)
+
     def run(self, prompts: list[list[int]], output_len: int) -> RunResult:
         import torch
 

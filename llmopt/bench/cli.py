@@ -22,7 +22,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 def results_table(result: dict[str, Any], title: str | None = None) -> Table:
     """The bench table: one row per (cell, system); ratios are against the reference system."""
-    from .grid import TABLE_COLUMNS, _threads, table_rows
+    from .grid import TABLE_COLUMNS, _threads, quality_note, table_rows
 
     m = result["machine"]
     kern = m.get("kernels") or {}
@@ -32,6 +32,7 @@ def results_table(result: dict[str, Any], title: str | None = None) -> Table:
               caption=f"ref = {result['settings']['reference']}; "
                       + ("same greedy tokens n/a = a peer with its own arithmetic (not a correctness check); "
                          if result["settings"].get("peers") else "")
+                      + quality_note(result)
                       + "peak RSS = high-water RSS of the process that runs only that system, during the run; "
                       "timings on a shared machine are noisy")
     for col in TABLE_COLUMNS:
@@ -63,6 +64,7 @@ def bench_command(
     repeat: Annotated[int, typer.Option(help="measured runs per cell and system (order alternates between runs)", min=1)] = 1,
     warmup: Annotated[bool, typer.Option("--warmup/--no-warmup", help="a short run of each cell's shape before measuring it")] = True,
     seed: Annotated[int, typer.Option(help="seed of the random prompts")] = 0,
+    quality: Annotated[bool, typer.Option("--quality/--no-quality", help="score every system once on the held-out texts first: its bits per weight and held-out perplexity in every row (the weights its speed was measured on)")] = True,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write every cell, both systems, ratios and machine info to this JSON file")] = None,
     markdown: Annotated[bool, typer.Option("--markdown", help="also print the table as Markdown (for a README)")] = False,
 ) -> None:
@@ -87,7 +89,7 @@ def bench_command(
     from llmopt.config import usable_cpus
 
     config = GridConfig(model=model, cells=cells, threads=threads or usable_cpus(), baseline=baseline,
-                        quants=quants, peers=peers, repeat=repeat, warmup=warmup, seed=seed)
+                        quants=quants, peers=peers, repeat=repeat, warmup=warmup, seed=seed, quality=quality)
     for name, why in peer_problems(peers, model).items():
         err.print(f"[yellow]skipping {name}:[/yellow] {escape(why)}")
     command = "llmopt " + " ".join(shlex.quote(a) for a in sys.argv[1:])

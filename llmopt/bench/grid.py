@@ -94,6 +94,8 @@ class GridConfig:
     seed: int = 0
     # extra environment for one system's worker process, e.g. {"llmopt[gguf]": {"LLMOPT_FUSED_DECODE": "0"}}
     system_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    # every system's bits per weight and held-out perplexity (the same token ids for all), once per run
+    quality: bool = True
 
     def __post_init__(self) -> None:
         if not self.cells:
@@ -261,6 +263,25 @@ class LLMOptSystem:
                  "preemptions": sum(s.num_preemptions for s in seqs)}
         return t0, t_end, [list(s.output_ids) for s in seqs], [list(s.token_times) for s in seqs], extra
 
+    def heldout_ids(self, max_tokens: int) -> list[list[int]]:
+        from llmopt.quant.calib import heldout_token_ids
+
+        return heldout_token_ids(self.engine.tokenizer, max_tokens)
+
+    def quality(self, id_lists: list[list[int]]) -> dict[str, Any]:
+        from llmopt.quant.calib import score_token_ids
+        from llmopt.tasks.evaluate import linear_bits_per_weight
+
+        nll, n = score_token_ids(self.engine.model, id_lists)
+        return quality_record(linear_bits_per_weight(self.engine.model), nll, n)
+
+
+def quality_record(bits_per_weight: float | None, nll: float, tokens: int) -> dict[str, Any]:
+    """What a system's ``quality`` returns: bits per weight of its linear layers as it holds them (output
+    head left out) and its perplexity over the held-out token ids it was given."""
+    return {"bits_per_weight": None if bits_per_weight is None else round(bits_per_weight, 4),
+            "heldout_ppl": round(math.exp(nll / tokens), 4) if tokens else None, "heldout_tokens": tokens}
+
 
 def _make_system(kind: str, kwargs: dict[str, Any]) -> Any:
     if kind == LLMOPT:
@@ -294,6 +315,12 @@ def serve(conn: Any, make_system: Callable[[], Any]) -> None:
             if hasattr(system, "close"):
                 system.close()  # native resources in order (llama.cpp: contexts before the model)
             return
+        if msg[0] in ("quality", "heldout_ids"):  # one answer, plain data (see quality_of)
+            try:
+                conn.send(("ok", getattr(system, msg[0])(*msg[1:])))
+            except BaseException as e:
+                conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+            continue
         _, prompts, output_len = msg
         try:
             can_reset = reset_peak_rss()
@@ -403,6 +430,14 @@ class Worker:
     def run(self, prompts: list[list[int]], output_len: int) -> RunTrace:
         self.conn.send(("run", prompts, output_len))
         return RunTrace(**self._recv())
+
+    def heldout_ids(self, max_tokens: int) -> list[list[int]]:
+        self.conn.send(("heldout_ids", max_tokens))
+        return self._recv()
+
+    def quality(self, id_lists: list[list[int]]) -> dict[str, Any]:
+        self.conn.send(("quality", id_lists))
+        return self._recv()
 
     def close(self) -> None:
         if self.proc.is_alive():
@@ -656,6 +691,7 @@ def run_grid(config: GridConfig, progress: Progress | None = None, command: str 
             say(f"loading {name} ({config.model})")
             workers[name] = Worker(name, kind, kw, config.threads, config.system_env.get(name))
         vocab = min(w.info["vocab_size"] for w in workers.values())  # prompt ids every system can take
+        quality = quality_of(workers, say) if config.quality else {}
         for i, cell in enumerate(config.cells, 1):
             tag = f"cell {i}/{len(config.cells)}: concurrency {cell.concurrency}, in {cell.input_len}, out {cell.output_len}"
             if config.warmup:
@@ -671,7 +707,7 @@ def run_grid(config: GridConfig, progress: Progress | None = None, command: str 
                     say(f"{tag}: {name} run {r + 1}/{config.repeat}")
                     traces[name].append(workers[name].run(prompts, cell.output_len))
             cells_out.append(_cell_result(cell, traces, config.reference))
-            rows += _rows(cells_out[-1])
+            rows += _rows(cells_out[-1], quality)
     finally:
         for w in workers.values():
             w.close()
@@ -684,6 +720,7 @@ def run_grid(config: GridConfig, progress: Progress | None = None, command: str 
         "model": {"name": config.model, "source": workers[LLMOPT].info["source"], "quant": None},
         "rows": rows,
         "cells": cells_out,
+        "quality": quality,
         "settings": {
             "cells": [asdict(c) for c in config.cells], "threads": config.threads, "repeat": config.repeat,
             "warmup_tokens": WARMUP_TOKENS if config.warmup else 0, "seed": config.seed,
@@ -695,6 +732,25 @@ def run_grid(config: GridConfig, progress: Progress | None = None, command: str 
         "duration_s": round(time.perf_counter() - t_start, 1),
         "method": __doc__.split("Method (the numbers mean exactly this):", 1)[1].split("The workers import", 1)[0].strip(),
     }
+
+
+QUALITY_MAX_TOKENS = 512  # each held-out text's first tokens, as llmopt eval and llmopt quantize score them
+
+
+def quality_of(workers: dict[str, Worker], say: Progress) -> dict[str, dict[str, Any]]:
+    """Every system's bits per weight and held-out perplexity (``llmopt.quant.calib.heldout_texts``,
+    encoded once by llmopt's tokenizer, the same ids for every system): what weights a row's speed was
+    measured on. A system that cannot score (an error) gets its reason instead, the run goes on."""
+    ids = workers[LLMOPT].heldout_ids(QUALITY_MAX_TOKENS)
+    out: dict[str, dict[str, Any]] = {}
+    for name, w in workers.items():
+        say(f"held-out perplexity: {name} ({len(ids)} texts, {sum(len(x) - 1 for x in ids)} scored tokens)")
+        try:
+            out[name] = w.quality(ids)
+        except RuntimeError as e:
+            log.warning("bench: no held-out perplexity for %s: %s", name, e)
+            out[name] = {"bits_per_weight": None, "heldout_ppl": None, "heldout_tokens": 0, "error": str(e)}
+    return out
 
 
 def _cell_result(cell: Cell, traces: dict[str, list[RunTrace]], reference: str) -> dict[str, Any]:
@@ -715,12 +771,13 @@ def _cell_result(cell: Cell, traces: dict[str, list[RunTrace]], reference: str) 
     }
 
 
-def _rows(cell: dict[str, Any]) -> list[dict[str, Any]]:
+def _rows(cell: dict[str, Any], quality: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Flat rows, one per system (what ``llmopt report`` plots)."""
     out = []
     for name, m in cell["systems"].items():
+        q = quality.get(name, {})
         row = {"concurrency": cell["concurrency"], "input_len": cell["input_len"], "output_len": cell["output_len"],
-               "backend": name}
+               "backend": name, "bits_per_weight": q.get("bits_per_weight"), "heldout_ppl": q.get("heldout_ppl")}
         row.update({k: m[k] for k in ("output_tokens_per_s", "stream_decode_tokens_per_s", "prefill_tokens_per_s",
                                       "ttft_p50_ms",
                                       "ttft_p90_ms", "tpot_p50_ms", "tpot_p90_ms", "cpu_ms_per_output_token",
@@ -742,7 +799,7 @@ def _f(x: Any, digits: int = 1) -> str:
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
-TABLE_COLUMNS = ("conc.", "in / out", "system", "output tok/s", "decode tok/s/stream", "prefill tok/s",
+TABLE_COLUMNS = ("conc.", "in / out", "system", "bits/w", "held-out ppl", "output tok/s", "decode tok/s/stream", "prefill tok/s",
                  "TTFT p50 / p90 (ms)",
                  "TPOT p50 / p90 (ms)", "CPU ms/token", "peak RSS (MB)", "tok/s vs ref", "same greedy tokens")
 
@@ -750,12 +807,15 @@ TABLE_COLUMNS = ("conc.", "in / out", "system", "output tok/s", "decode tok/s/st
 def table_rows(result: dict[str, Any]) -> list[list[str]]:
     """The table every front end prints: one row per (cell, system), strings only."""
     out = []
+    quality = result.get("quality", {})
     for cell in result["cells"]:
         for name, m in cell["systems"].items():
             r = cell["ratios"].get(name)
             match = cell["greedy_tokens_vs_reference"].get(name)
+            q = quality.get(name, {})
             out.append([
                 str(cell["concurrency"]), f"{cell['input_len']} / {cell['output_len']}", name,
+                _f(q.get("bits_per_weight"), 2), _f(q.get("heldout_ppl"), 4),
                 _f(m["output_tokens_per_s"]), _f(m["stream_decode_tokens_per_s"]), _f(m.get("prefill_tokens_per_s"), 0),
                 f"{_f(m['ttft_p50_ms'], 0)} / {_f(m['ttft_p90_ms'], 0)}",
                 f"{_f(m['tpot_p50_ms'])} / {_f(m['tpot_p90_ms'])}",
@@ -768,6 +828,16 @@ def table_rows(result: dict[str, Any]) -> list[list[str]]:
     return out
 
 
+def quality_note(result: dict[str, Any]) -> str:
+    """The table's note on its bits/w and held-out ppl columns ("" when the run scored nothing)."""
+    scored = [q for q in result.get("quality", {}).values() if q.get("heldout_tokens")]
+    if not scored:
+        return ""
+    return (f"bits/w = bits per weight of the linear layers as the system holds them (output head left out); "
+            f"held-out ppl = perplexity over the {scored[0]['heldout_tokens']} scored tokens of llmopt's held-out "
+            "texts (never calibration or training text), the same token ids for every system; ")
+
+
 def markdown_table(result: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "|".join("---:" if i not in (2,) else "---"
                                                                      for i in range(len(TABLE_COLUMNS))) + "|"]
@@ -778,6 +848,8 @@ def markdown_table(result: dict[str, Any]) -> str:
                  f"transformers {m['transformers']}, commit {(m['git'].get('commit') or '?')[:10]}"
                  f"{' (dirty)' if m['git'].get('dirty') else ''}; repeat {result['settings']['repeat']}, "
                  f"load average {m['load_average_start']} -> {m['load_average_end']}.")
+    if quality_note(result):
+        lines.append(quality_note(result).rstrip("; ") + ".")
     peer = result["settings"].get("systems", {}).get(LLAMACPP)
     if peer:
         lines.append(f"llama.cpp: llama-cpp-python {peer.get('llama_cpp_python')}, the same GGUF file with its own "

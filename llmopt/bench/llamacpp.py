@@ -100,6 +100,40 @@ class LlamaCppSystem:
             "load_seconds": round(time.perf_counter() - t0, 3),
         }
 
+    def heldout_ids(self, max_tokens: int) -> list[list[int]]:
+        raise NotImplementedError("the held-out ids come from llmopt's tokenizer (the same file's vocabulary)")
+
+    def quality(self, id_lists: list[list[int]]) -> dict[str, Any]:
+        """Bits per weight of the file's decoder linear tensors (``blk.*`` matrices, as llama.cpp holds
+        them) and perplexity over ``id_lists`` by llama.cpp's own arithmetic: a second model object with
+        logits for every position, one text per context reset, freed after."""
+        import gguf
+
+        np = self._np
+        reader = gguf.GGUFReader(self.info["gguf"])
+        mats = [t for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2]
+        bits = sum(int(t.n_bytes) * 8 for t in mats) / max(1, sum(int(t.n_elements) for t in mats))
+        n_ctx = _round_up(max(len(ids) for ids in id_lists), CTX_ALIGN)
+        llm = self._lc.Llama(self.info["gguf"], n_threads=self.info["threads"], n_threads_batch=self.info["threads"],
+                             n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, self.n_ubatch), logits_all=True,
+                             verbose=False)
+        try:
+            nll, n = 0.0, 0
+            for ids in id_lists:
+                if len(ids) < 2:
+                    raise ValueError(f"a text of {len(ids)} tokens: perplexity needs at least 2")
+                llm.reset()
+                llm.eval(list(ids))
+                logits = np.asarray(llm.scores[: len(ids) - 1], dtype=np.float64)
+                top = logits.max(axis=1)
+                lse = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
+                nll += float((lse - logits[np.arange(len(ids) - 1), ids[1:]]).sum())
+                n += len(ids) - 1
+        finally:
+            llm.close()
+        return {"bits_per_weight": round(bits, 4), "heldout_ppl": round(float(np.exp(nll / n)), 4),
+                "heldout_tokens": n}
+
     # ---- helpers -------------------------------------------------------------------------------
     def _argmax(self, ctx: Any, i: int) -> int:
         ptr = self._lc.llama_get_logits_ith(ctx, i)

@@ -38,6 +38,8 @@ __all__ = [
     "paragraphs",
     "calibration_batches",
     "score_texts",
+    "score_token_ids",
+    "heldout_token_ids",
     "perplexity",
 ]
 
@@ -122,20 +124,34 @@ def _token_logprobs(model: torch.nn.Module, token_ids: Sequence[int]) -> torch.T
         return logp.gather(1, ids[1:, None])[:, 0].cpu()
 
 
+def heldout_token_ids(tokenizer: Any, max_tokens: int = 512) -> list[list[int]]:
+    """The held-out texts encoded as :func:`score_texts` scores them (each cut to its first
+    ``max_tokens`` tokens): the ids other systems (``llmopt bench``'s peers) score for the same number."""
+    return [list(tokenizer.encode(text))[:max_tokens] for text in heldout_texts()]
+
+
+def score_token_ids(model: torch.nn.Module, id_lists: Sequence[Sequence[int]]) -> tuple[float, int]:
+    """``(sum of negative log-likelihoods, scored tokens)`` of our ``Transformer`` over token id lists."""
+    nll, n = 0.0, 0
+    for ids in id_lists:
+        if len(ids) < 2:
+            raise ValueError(f"a text of {len(ids)} tokens: perplexity needs at least 2")
+        nll += -float(_token_logprobs(model, ids).double().sum())
+        n += len(ids) - 1
+    return nll, n
+
+
 def score_texts(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str],
                 max_tokens: int = 512) -> tuple[float, int]:
     """``(sum of negative log-likelihoods, scored tokens)`` over ``texts``; each text is cut to
     its first ``max_tokens`` tokens and scored like :func:`llmopt.tasks.ppl.score_text`."""
     if not texts:
         raise ValueError("perplexity needs at least one text")
-    nll, n = 0.0, 0
-    for text in texts:
-        ids = list(tokenizer.encode(text))[:max_tokens]
+    id_lists = [list(tokenizer.encode(text))[:max_tokens] for text in texts]
+    for ids in id_lists:
         if len(ids) < 2:
             raise ValueError(f"text encodes to {len(ids)} tokens: perplexity needs at least 2")
-        nll += -float(_token_logprobs(model, ids).double().sum())
-        n += len(ids) - 1
-    return nll, n
+    return score_token_ids(model, id_lists)
 
 
 def perplexity(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], max_tokens: int = 512) -> float:

@@ -536,33 +536,40 @@ def model_bits_per_weight(llm: Any, quant: str | None) -> tuple[float | None, st
     packed codes, scales and mins of quantized layers, dense weights of the others. The
     nominal value of the quant name if the model cannot be inspected."""
     try:
-        model = llm.engine.model
-        bits = weights = 0
-        for name, mod in model.named_modules():
-            if name.split(".")[-1] == "lm_head":
-                continue
-            n_in, n_out = getattr(mod, "in_features", None), getattr(mod, "out_features", None)
-            if not isinstance(n_in, int) or not isinstance(n_out, int):
-                continue
-            packed = getattr(mod, "_tensor_names", None)
-            gguf_parts = getattr(mod, "parts", None)
-            if gguf_parts:  # a GGUF-native linear: its blocks as stored
-                bits += sum(p.nbytes * 8 for p in gguf_parts)
-                weights += n_in * n_out
-                continue
-            if packed:  # a quantized linear layer: packed tensors as stored
-                tensors = [getattr(mod, t) for t in packed]
-            elif isinstance(getattr(mod, "weight", None), torch_Tensor()):
-                tensors = [mod.weight]
-            else:
-                continue
-            bits += sum(t.numel() * t.element_size() * 8 for t in tensors)
-            weights += n_in * n_out
-        if weights:
-            return bits / weights, "measured (decoder linear layers)"
+        bpw = linear_bits_per_weight(llm.engine.model)
+        if bpw is not None:
+            return bpw, "measured (decoder linear layers)"
     except AttributeError:
         pass
     return nominal_bits_per_weight(quant), "nominal"
+
+
+def linear_bits_per_weight(model: Any) -> float | None:
+    """Bits per weight of a model's linear layers as stored, the output head (``lm_head``) left out:
+    a GGUF-native layer's blocks, a quantized layer's packed tensors, a float layer's weight (so an
+    fp32 transformers model gives 32.0). None when it has no linear layer."""
+    bits = weights = 0
+    for name, mod in model.named_modules():
+        if name.split(".")[-1] == "lm_head":
+            continue
+        n_in, n_out = getattr(mod, "in_features", None), getattr(mod, "out_features", None)
+        if not isinstance(n_in, int) or not isinstance(n_out, int):
+            continue
+        packed = getattr(mod, "_tensor_names", None)
+        gguf_parts = getattr(mod, "parts", None)
+        if gguf_parts:  # a GGUF-native linear: its blocks as stored
+            bits += sum(p.nbytes * 8 for p in gguf_parts)
+            weights += n_in * n_out
+            continue
+        if packed:  # a quantized linear layer: packed tensors as stored
+            tensors = [getattr(mod, t) for t in packed]
+        elif isinstance(getattr(mod, "weight", None), torch_Tensor()):
+            tensors = [mod.weight]
+        else:
+            continue
+        bits += sum(t.numel() * t.element_size() * 8 for t in tensors)
+        weights += n_in * n_out
+    return bits / weights if weights else None
 
 
 def torch_Tensor() -> type:  # noqa: N802 - torch imported lazily, only for a loaded model

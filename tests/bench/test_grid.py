@@ -48,6 +48,37 @@ def test_bench_cli_writes_both_systems_and_they_agree_on_greedy_tokens(tiny_mode
     assert {(r["concurrency"], r["backend"]) for r in data["rows"]} == {(c, s) for c in (1, 3)
                                                                          for s in ("llmopt", "transformers")}
     assert "┏" in res.output and f"wrote {out}" in res.output  # the rich table, then the file
+    # every row says which weights its speed was measured on: bits per weight and held-out perplexity,
+    # scored by each system on the same token ids (the same fp32 weights here: the same perplexity)
+    q = data["quality"]
+    assert set(q) == {"llmopt", "transformers"}
+    assert q["llmopt"]["heldout_tokens"] == q["transformers"]["heldout_tokens"] > 1000
+    assert q["llmopt"]["bits_per_weight"] == q["transformers"]["bits_per_weight"] == 32.0
+    assert abs(q["llmopt"]["heldout_ppl"] / q["transformers"]["heldout_ppl"] - 1) < 1e-4, q
+    assert all(r["heldout_ppl"] == q[r["backend"]]["heldout_ppl"] for r in data["rows"])
+    assert "held-out ppl" in res.output
+
+
+def test_bench_quality_scores_a_gguf_file_on_its_own_blocks(tiny_models, tmp_path):
+    """On a quantized GGUF, llmopt's bits per weight are the file's blocks, transformers' the fp32 it
+    dequantizes to, and both score the same weights (the same perplexity: by-kind prompt rows are fp32)."""
+    from llmopt.bench.grid import markdown_table
+
+    out = tmp_path / "bench.json"
+    res = CliRunner().invoke(app, ["bench", str(tiny_models["llama"][2]), "--concurrency", "1", "--input-len", "5",
+                                   "--output-len", "2", "--threads", "1", "--no-warmup", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    q = data["quality"]
+    assert q["transformers"]["bits_per_weight"] == 32.0
+    assert abs(q["llmopt"]["heldout_ppl"] / q["transformers"]["heldout_ppl"] - 1) < 1e-3, q
+    assert "held-out ppl" in markdown_table(data)
+    res = CliRunner().invoke(app, ["bench", str(tiny_models["llama"][2]), "--concurrency", "1", "--input-len", "5",
+                                   "--output-len", "2", "--threads", "1", "--no-warmup", "--no-quality",
+                                   "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert data["quality"] == {} and all(r["heldout_ppl"] is None for r in data["rows"])
 
 
 def test_bench_rejects_bad_grid_values_with_a_clear_message():

@@ -103,3 +103,8 @@ def test_bench_runs_llama_cpp_side_by_side(tmp_path):
         # its own process never imports torch: far below llmopt's fp32 process
         assert peer["peak_rss_mb"] < cell["systems"]["llmopt"]["peak_rss_mb"]
     assert "| llama.cpp |" in res.output and "n/a" in res.output
+    # the same file's blocks on both sides; llama.cpp's 8-bit activations cost it a little perplexity
+    q = data["quality"]
+    assert q["llama.cpp"]["bits_per_weight"] == q["llmopt"]["bits_per_weight"]
+    assert q["llama.cpp"]["heldout_tokens"] == q["llmopt"]["heldout_tokens"] > 1000
+    assert abs(q["llama.cpp"]["heldout_ppl"] / q["llmopt"]["heldout_ppl"] - 1) < 0.02, q
