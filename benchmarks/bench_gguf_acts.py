@@ -9,8 +9,10 @@ llama.cpp and transformers on the same file.
 ``--peer`` adds it. On a CPU with AMX-INT8 the int8 mode's prompt rows run on AMX tiles
 (``csrc/gguf_amx.h``), which is where the two modes differ most (prefill). The int8 mode is not exact:
 held-out perplexity of SmolLM2-135M Q4_1 17.7629 (by-kind, = the dequantized fp32 model) vs 17.8427
-(int8, +0.45%), 40 texts / 7,227 tokens. Prints one line per cell and system; timings on a shared
-machine are noisy (one run per cell unless --repeat).
+(int8, +0.45%), 40 texts / 7,227 tokens. Every row now carries its system's bits per weight and held-out
+perplexity as ``llmopt bench`` measures them (the same token ids for every system; llama.cpp with its own
+arithmetic). Prints one line per cell and system; timings on a shared machine are noisy (one run per cell
+unless --repeat).
 """
 
 from __future__ import annotations
@@ -53,10 +55,12 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     names = {"llmopt": "llmopt by-kind", INT8_ROW: "llmopt int8"}
-    print(f"{'cell':>14s}  {'system':16s} " + " ".join(f"{k:>27s}" for k in KEYS))
+    print(f"{'cell':>14s}  {'system':16s} {'bits/w':>7s} {'held-out ppl':>13s} " + " ".join(f"{k:>27s}" for k in KEYS))
     for row in res["rows"]:
         cell = f"{row['concurrency']}x{row['input_len']}/{row['output_len']}"
+        bits, ppl = row.get("bits_per_weight"), row.get("heldout_ppl")
         print(f"{cell:>14s}  {names.get(row['backend'], row['backend']):16s} "
+              f"{'-' if bits is None else f'{bits:.3f}':>7s} {'-' if ppl is None else f'{ppl:.4f}':>13s} "
               + " ".join(f"{row[k]:27.1f}" for k in KEYS))
     return 0
 

@@ -15,7 +15,7 @@ The table is written next to the extension's binary (its build directory: one pe
 instruction-set flags and torch version), in a file named after the CPU model, and applied by
 :func:`apply_prefetch_table` whenever the extension is loaded. ``python -m llmopt.kernels.build``
 (``make setup``) measures it for the path this CPU runs; without a table the compiled-in default
-(1024 bytes) stays. The distance never changes results, only speed.
+(the next group, ``GROUP``) stays. The distance never changes results, only speed.
 """
 
 from __future__ import annotations

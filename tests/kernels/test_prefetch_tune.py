@@ -115,3 +115,22 @@ def test_other_load_while_tuning_is_said_and_stored(path_mod, tmp_path, monkeypa
         assert ("--retune" in caplog.text) is warned, caplog.text
         stored = json.loads(tune.table_path(mod, tmp_path).read_text())
         assert (stored["others_cores"] > tune.BUSY_CORES) is warned
+
+
+def test_an_untuned_build_prefetches_the_next_group() -> None:
+    """Without a measured table (a build the tuner has not run on, e.g. the AVX2 build forced by
+    LLMOPT_CPU_PATH) every type streams with the next-group prefetch, which the tuner chose for every
+    type on the CPUs measured (an untuned AVX2 build's Q4_K_M decode step: 7.4 -> 5.2 ms)."""
+    import subprocess
+    import sys
+
+    if not build.native_enabled() or G.cpu_path() not in G.PATHS:
+        pytest.skip("no native GGUF path on this machine")
+    code = ("from llmopt.kernels import tune\n"
+            "tune.load_prefetch_table = lambda *a, **k: None\n"
+            "from llmopt.kernels import gguf_linear as G\n"
+            "import gguf\n"
+            "m = G.native_module(G.cpu_path())\n"
+            "print(sorted({m.prefetch(int(gguf.GGMLQuantizationType[t]), f) for t in G.supported_types() for f in (0, 1)}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == f"[{tune.GROUP}]"

@@ -368,15 +368,6 @@ GGUF_INLINE F weight(const uint8_t* blk, int k0, I& lo, I& hi, const F& A, const
   else return V::mul(qf, A);
 }
 
-// software prefetch distance in the weight stream (bytes; 0: off; kPrefetchGroup: the next group of
-// panels, below), per type and kernel family
-// ([0]: the fp32-activation register tiles, [1]: the int8-activation tiles). The best distance
-// depends on the CPU and the type's layout: on a Zen 4 core none at all streamed Q4_1 / Q8_0 / Q4_K
-// 15-50% faster than 1024 bytes, while Q5_0 wanted 128 and an AVX2 build's Q4_1 1024. The
-// defaults are overwritten at load by the per-CPU table llmopt.kernels.tune measures once.
-template <class T>
-inline int64_t g_prefetch[2] = {1024, 1024};
-
 // g_prefetch's value for prefetching one group ahead instead of a distance: while a tile walks block b
 // of its NP panels, block b of the next NP panels (the tile after it: panels lie one after another)
 // goes to L2/L3 (hint T2). With K = 576 a Q4_1 panel is 18 blocks (5.8 KB): streams that short end
@@ -384,6 +375,18 @@ inline int64_t g_prefetch[2] = {1024, 1024};
 // Zen 4, Q4_1, int8 tiles, one row, 1 thread: 576 x 1536 weights 14.5 -> 20.5 GB/s, 1536 x 24576
 // 20.5 -> 23.7 (2 threads 23.6 -> 29.4 and 33.3 -> 38.4); a distance of 1024 bytes: 12.5 / 16.9.
 constexpr int64_t kPrefetchGroup = -1;
+
+// software prefetch distance in the weight stream (bytes; 0: off; kPrefetchGroup: the next group of
+// panels, above), per type and kernel family
+// ([0]: the fp32-activation register tiles, [1]: the int8-activation tiles). The best distance
+// depends on the CPU and the type's layout: on a Zen 4 core none at all streamed Q4_1 / Q8_0 / Q4_K
+// 15-50% faster than 1024 bytes, while Q5_0 wanted 128 and an AVX2 build's Q4_1 1024. The
+// defaults are overwritten at load by the per-CPU table llmopt.kernels.tune measures once. Without a
+// table (a build the tuner has not measured, e.g. the AVX2 build forced by LLMOPT_CPU_PATH) the next
+// group: the Zen 4 tuner chose it for every type and family of both builds but Q4_K fp32; an untuned
+// AVX2 build's decode step on a Q4_K_M file (mostly Q5_0), 2 threads: 7.4 ms at 1024 bytes, 5.2 ms.
+template <class T>
+inline int64_t g_prefetch[2] = {kPrefetchGroup, kPrefetchGroup};
 
 // block b of each of NP panels (of nblk blocks each), with the weight stream prefetched: pf > 0 bytes
 // ahead in each panel, kPrefetchGroup block b of the next NP panels, else none
