@@ -59,6 +59,16 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Any, Any]:
     return ids, mask
 
 
+def _hf_logprobs(model: Any, ids: Any) -> Any:
+    """log p (float64) of every token after the first under a transformers causal LM, one forward."""
+    import torch
+
+    x = torch.tensor([list(ids)])
+    with torch.inference_mode():
+        logp = torch.log_softmax(model(input_ids=x).logits[0, :-1].double(), -1)
+    return logp.gather(1, x[0, 1:, None])[:, 0]
+
+
 class TransformersSystem:
     """transformers ``generate``, batched at the cell's concurrency (see the module docstring)."""
 
@@ -78,26 +88,14 @@ class TransformersSystem:
                      "attn_implementation": getattr(cfg, "_attn_implementation", None),
                      "load_seconds": round(time.perf_counter() - t0, 3)}
 
-    def heldout_ids(self, max_tokens: int) -> list[list[int]]:
-        raise NotImplementedError("the held-out ids come from llmopt's tokenizer (the same vocabulary)")
-
     def quality(self, id_lists: list[list[int]]) -> dict[str, Any]:
         """Bits per weight of the linear layers as transformers holds them (fp32) and perplexity over
-        ``id_lists``: one causal forward per text, as llmopt scores them."""
-        import torch
-
+        ``id_lists``: one causal forward per text, scored by llmopt's own loop."""
         from llmopt.bench.grid import quality_record
+        from llmopt.quant.calib import score_token_ids
         from llmopt.tasks.evaluate import linear_bits_per_weight
 
-        nll, n = 0.0, 0
-        with torch.inference_mode():
-            for ids in id_lists:
-                if len(ids) < 2:
-                    raise ValueError(f"a text of {len(ids)} tokens: perplexity needs at least 2")
-                x = torch.tensor([list(ids)])
-                logp = torch.log_softmax(self.model(input_ids=x).logits[0, :-1].double(), -1)
-                nll += -float(logp.gather(1, x[0, 1:, None]).sum())
-                n += len(ids) - 1
+        nll, n = score_token_ids(self.model, id_lists, _hf_logprobs)
         return quality_record(linear_bits_per_weight(self.model), nll, n)
 
     def run(self, prompts: list[list[int]], output_len: int) -> RunResult:

@@ -100,13 +100,11 @@ class LlamaCppSystem:
             "load_seconds": round(time.perf_counter() - t0, 3),
         }
 
-    def heldout_ids(self, max_tokens: int) -> list[list[int]]:
-        raise NotImplementedError("the held-out ids come from llmopt's tokenizer (the same file's vocabulary)")
-
     def quality(self, id_lists: list[list[int]]) -> dict[str, Any]:
         """Bits per weight of the file's decoder linear tensors (``blk.*`` matrices, as llama.cpp holds
         them) and perplexity over ``id_lists`` by llama.cpp's own arithmetic: a second model object with
-        logits for every position, one text per context reset, freed after."""
+        logits for every position, one text per context reset, freed after. (Its own loop, not
+        ``calib.score_token_ids``: this process must not import the llmopt package, and with it torch.)"""
         import gguf
 
         np = self._np
@@ -121,7 +119,7 @@ class LlamaCppSystem:
             nll, n = 0.0, 0
             for ids in id_lists:
                 if len(ids) < 2:
-                    raise ValueError(f"a text of {len(ids)} tokens: perplexity needs at least 2")
+                    raise ValueError(f"text encodes to {len(ids)} tokens: perplexity needs at least 2")
                 llm.reset()
                 llm.eval(list(ids))
                 logits = np.asarray(llm.scores[: len(ids) - 1], dtype=np.float64)

@@ -24,7 +24,7 @@ import hashlib
 import math
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -130,13 +130,17 @@ def heldout_token_ids(tokenizer: Any, max_tokens: int = 512) -> list[list[int]]:
     return [list(tokenizer.encode(text))[:max_tokens] for text in heldout_texts()]
 
 
-def score_token_ids(model: torch.nn.Module, id_lists: Sequence[Sequence[int]]) -> tuple[float, int]:
-    """``(sum of negative log-likelihoods, scored tokens)`` of our ``Transformer`` over token id lists."""
+def score_token_ids(model: torch.nn.Module, id_lists: Sequence[Sequence[int]],
+                    logprobs: Callable[[Any, Sequence[int]], torch.Tensor] | None = None) -> tuple[float, int]:
+    """``(sum of negative log-likelihoods, scored tokens)`` over token id lists: ``logprobs(model, ids)``
+    gives log p of every token after the first (default: our ``Transformer``, one causal forward;
+    ``llmopt bench`` passes transformers' forward for its baseline)."""
+    score = _token_logprobs if logprobs is None else logprobs
     nll, n = 0.0, 0
     for ids in id_lists:
         if len(ids) < 2:
-            raise ValueError(f"a text of {len(ids)} tokens: perplexity needs at least 2")
-        nll += -float(_token_logprobs(model, ids).double().sum())
+            raise ValueError(f"text encodes to {len(ids)} tokens: perplexity needs at least 2")
+        nll += -float(score(model, ids).double().sum())
         n += len(ids) - 1
     return nll, n
 
@@ -147,11 +151,7 @@ def score_texts(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str],
     its first ``max_tokens`` tokens and scored like :func:`llmopt.tasks.ppl.score_text`."""
     if not texts:
         raise ValueError("perplexity needs at least one text")
-    id_lists = [list(tokenizer.encode(text))[:max_tokens] for text in texts]
-    for ids in id_lists:
-        if len(ids) < 2:
-            raise ValueError(f"text encodes to {len(ids)} tokens: perplexity needs at least 2")
-    return score_token_ids(model, id_lists)
+    return score_token_ids(model, [list(tokenizer.encode(text))[:max_tokens] for text in texts])
 
 
 def perplexity(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], max_tokens: int = 512) -> float:
