@@ -49,6 +49,7 @@ class Setting:
     gate: float | None = None  # think_budget_threshold: a confidence-gated budget
     cap: int | None = None  # think_budget_max of the gated budget
     jump: bool = False  # jump-forward of the format's scaffolding
+    spec: bool = False  # on the engine with n-gram speculative decoding (the same greedy tokens, fewer steps)
 
 
 @dataclass
@@ -80,9 +81,10 @@ def params_for(s: Setting, args: argparse.Namespace) -> SamplingParams:
                           **({"early_exit_markers": tuple(json.loads(args.markers))} if args.markers else {}))
 
 
-def run_case(engine: LLMEngine, res: Result, items: list[Any], prompts: list[Any], graders: dict[str, Any],
+def run_case(engines: dict[bool, LLMEngine], res: Result, items: list[Any], prompts: list[Any], graders: dict[str, Any],
              params: SamplingParams, args: argparse.Namespace, concurrency: int) -> None:
     """Answer one test case (``items``, ``concurrency`` in flight) under ``res.setting`` and add it to ``res``."""
+    engine = engines[res.setting.spec]
     before = dict(engine.stats)
     t0 = time.perf_counter()
     outs = answer(engine, prompts, params, concurrency)
@@ -133,6 +135,9 @@ def main() -> None:
                     help="jump_forward (the format's scaffolding in one step): off; on for every setting; rest: every "
                          "setting but the plain unlimited (the reference); both: every setting without and with it "
                          "(the plain unlimited stays the reference)")
+    ap.add_argument("--speculative", choices=("off", "rest", "both"), default="off",
+                    help="n-gram speculative decoding (EngineConfig(speculative='ngram'), a second engine): off; rest: "
+                         "every setting but the plain unlimited; both: every setting without and with it")
     ap.add_argument("--concurrency", default="4",
                     help="questions in flight per case; a comma-separated list gives case c the level c mod its "
                          "length (mixed concurrency, as a competition case file: e.g. 1,4,8)")
@@ -155,15 +160,18 @@ def main() -> None:
     if not levels or min(levels) < 1:
         raise SystemExit("--concurrency: one or more positive integers, comma-separated")
     graders = {name: _suite(name, cfg) for name in cfg.suites}
-    engine = LLMEngine(args.model, EngineConfig(num_threads=args.threads,
-                                                max_num_seqs=max(EngineConfig.max_num_seqs, *levels)))
+    engines = {spec: LLMEngine(args.model, EngineConfig(num_threads=args.threads, speculative="ngram" if spec else None,
+                                                        max_num_seqs=max(EngineConfig.max_num_seqs, *levels)))
+               for spec in ((False, True) if args.speculative != "off" else (False,))}
+    engine = engines[False]
     tok = engine.tokenizer
     prompts: list[Any] = [it.messages for it in items]
     if args.prefill_think:
         opener = tok.encode(PREFILL, add_special_tokens=False)
         prompts = [tok.apply_chat_template(m) + opener for m in prompts]
     # warm-up: loads the kernels and puts every prompt in the prefix cache, so no setting pays for that
-    answer(engine, prompts, SamplingParams(max_tokens=1, temperature=0.0), max(levels))
+    for e in engines.values():
+        answer(e, prompts, SamplingParams(max_tokens=1, temperature=0.0), max(levels))
     variants = [Setting(f"budget {b}", think_budget=int(b)) for b in args.budgets.split(",") if b]
     variants += [Setting(f"early exit {t}", threshold=float(t)) for t in args.thresholds.split(",") if t]
     for g in (x for x in args.gated.split(",") if x):
@@ -186,6 +194,11 @@ def main() -> None:
             s.jump, s.name = True, s.name + " + jf"
     elif args.jump_forward == "both":  # every setting without and with it; the plain unlimited is the reference
         settings = [x for s in settings for x in (s, replace(s, name=s.name + " + jf", jump=True))]
+    if args.speculative == "rest":
+        for s in settings[1:]:
+            s.spec, s.name = True, s.name + " + spec"
+    elif args.speculative == "both":
+        settings = [x for s in settings for x in (s, replace(s, name=s.name + " + spec", spec=True))]
     # interleaved: every case is answered under every setting before the next case (the order of the
     # settings rotates from case to case), so a change in the machine's load hits all settings alike
     results = [Result(s) for s in settings]
@@ -197,7 +210,7 @@ def main() -> None:
         end = start + args.case_size
         for j in range(len(settings)):
             i = (j + c) % len(settings)
-            run_case(engine, results[i], items[start:end], prompts[start:end], graders, params[i], args,
+            run_case(engines, results[i], items[start:end], prompts[start:end], graders, params[i], args,
                      levels[c % len(levels)])
         if args.records:
             with open(args.records, "a", encoding="utf-8") as f:
@@ -248,7 +261,7 @@ def main() -> None:
           f"prefill_think={args.prefill_think}, threads={engine.config.num_threads}, min_gap={args.min_gap}, "
           f"probe_tokens={args.probe_tokens}, markers={args.markers}, loop_ngram={args.loop_ngram}, "
           f"loop_repeats={args.loop_repeats}, answer_budget={args.answer_budget} (all but unlimited), "
-          f"jump_forward={args.jump_forward}")
+          f"jump_forward={args.jump_forward}, speculative={args.speculative}")
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     print(" | ".join(h.ljust(w) for h, w in zip(header, widths)))
     print("-|-".join("-" * w for w in widths))

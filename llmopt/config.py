@@ -290,6 +290,29 @@ class KernelSettings:
         )
 
 
+SPECULATIVE_METHODS = ("ngram",)
+
+
+def check_speculative(method: str | None, tokens: int, n_min: int, n_max: int, max_rows: int) -> None:
+    """ValueError naming the bad speculative-decoding setting (engine config, CLI, server flags)."""
+    if method is not None and method not in SPECULATIVE_METHODS:
+        raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE_METHODS)} or None (off), got {method!r}")
+    if not 1 <= tokens <= 16:
+        raise ValueError(f"num_speculative_tokens must be in [1, 16], got {tokens}")
+    if not 1 <= n_min <= n_max <= 16:
+        raise ValueError(f"prompt lookup needs 1 <= prompt_lookup_min <= prompt_lookup_max <= 16, got "
+                         f"min {n_min}, max {n_max}")
+    if max_rows < 2:
+        raise ValueError(f"spec_max_rows must be >= 2 (one decode row and one draft), got {max_rows}")
+
+
+def speculative_kwargs(method: str, tokens: int) -> dict[str, Any]:
+    """EngineConfig fields of a ``--speculative METHOD|off --num-speculative-tokens N`` pair (CLI)."""
+    if method not in (*SPECULATIVE_METHODS, "off"):
+        raise ValueError(f"--speculative must be one of {', '.join(SPECULATIVE_METHODS)} or off, got {method!r}")
+    return {"speculative": None if method == "off" else method, "num_speculative_tokens": tokens}
+
+
 @dataclass
 class EngineConfig:
     """Knobs of the serving engine (defaults sized for a 2-core CPU)."""
@@ -319,6 +342,16 @@ class EngineConfig:
     # prefill, per (layer, kv head), by the prompt's observation-window vote (SnapKV's scores); 0: plain Quest
     kv_quest_pin: float = 0.0
     kv_dtype: str | None = None  # KV cache element type: None = dtype; "float32", "bfloat16" or "int8"
+    # speculative decoding (llmopt/engine/speculative.py): None = off; "ngram" = drafts looked up in the
+    # sequence's own prompt and output (greedy requests), verified in the same step: the same tokens, fewer steps
+    speculative: str | None = None
+    num_speculative_tokens: int = 3  # most drafts per sequence and step
+    prompt_lookup_max: int = 4  # longest n-gram matched
+    prompt_lookup_min: int = 1  # shortest n-gram matched
+    spec_max_rows: int = 16  # most rows of a step (decode rows + drafts) when drafts are handed out
+    # what one more row adds to a decode step's time, relative to the step's fixed cost (weights read,
+    # per-step overhead): drafts join a step only while they pay for their rows (speculative.allot)
+    spec_row_cost: float = 0.2
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
@@ -344,6 +377,10 @@ class EngineConfig:
         if self.kv_dtype in ("float32", "bfloat16") and self.kv_dtype != self.dtype:
             raise ValueError(f"kv_dtype {self.kv_dtype} with dtype {self.dtype} is not supported: a float KV cache "
                              f"has the activations' dtype; leave kv_dtype unset or use 'int8' or 'fp8'")
+        check_speculative(self.speculative, self.num_speculative_tokens, self.prompt_lookup_min,
+                          self.prompt_lookup_max, self.spec_max_rows)
+        if not 0 <= self.spec_row_cost <= 10:
+            raise ValueError(f"spec_row_cost must be in [0, 10], got {self.spec_row_cost}")
         if self.num_threads is None:
             env = os.environ.get("LLMOPT_NUM_THREADS")
             self.num_threads = int(env) if env else usable_cpus()

@@ -97,6 +97,11 @@ def run_command(
     kv_dtype: Annotated[Optional[str], typer.Option(help="KV cache element type: int8 or fp8 (e4m3) (default: the model's "
                                                         "dtype; docs/long_context.md)")] = None,
     kv_quest_pin: Annotated[float, typer.Option(help="quest: the fraction of each decode step's block budget pinned to the blocks the prompt's last 32 tokens attended to most (0.25 measured best; 0 = plain Quest; docs/long_context.md 2b)", min=0.0, max=1.0)] = 0.0,
+    speculative: Annotated[str, typer.Option(help="speculative decoding of greedy answers: 'ngram' (drafts looked up "
+                                                  "in the question and the answer so far, checked by the model in the "
+                                                  "same step: the same tokens, fewer steps) or 'off' (docs/reasoning.md)")] = "ngram",
+    num_speculative_tokens: Annotated[int, typer.Option(help="with --speculative ngram: most draft tokens per "
+                                                             "answer and step", min=1, max=16)] = 3,
     ray: Annotated[Optional[str], typer.Option("--ray", metavar="ADDRESS",
                                                help="split the cases across Ray workers: 'local' (a cluster on "
                                                     "this machine), 'auto' (the one `ray start` runs here) or "
@@ -118,12 +123,12 @@ def run_command(
     from llmopt.batch.cases import load_batch
     from llmopt.batch.runner import DEFAULT_SYSTEM_PROMPT, BatchRun, RunOptions
 
-    from llmopt.config import EngineConfig, parse_kv_budget
+    from llmopt.config import EngineConfig, parse_kv_budget, speculative_kwargs
 
     console, err = Console(), Console(stderr=True)
     t_start = time.perf_counter()
     kv = {"kv_policy": kv_policy, "kv_budget": parse_kv_budget(kv_budget), "kv_dtype": kv_dtype,
-          "kv_quest_pin": kv_quest_pin}
+          "kv_quest_pin": kv_quest_pin, **speculative_kwargs(speculative, num_speculative_tokens)}
     EngineConfig(**kv)  # a bad policy or budget: say so before loading anything
     if ray is None and (workers is not None or threads_per_worker is not None):
         raise ValueError("--workers and --threads-per-worker split the run across Ray workers: add --ray local "

@@ -23,10 +23,12 @@ from llmopt.engine.sampler import sample
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.engine.scheduler import Scheduler
 from llmopt.engine.sequence import RequestOutput, Sequence, TokenLogprob
+from llmopt.engine.speculative import AcceptanceStats, NgramIndex, allot
 from llmopt.kernels import qlinear
 from llmopt.models import gguf_linear as gguf_layers
 from llmopt.models.linear import FLOAT, PACKED, QuantConfig
 from llmopt.models.loader import load_model
+from llmopt.models.registry import default_quant
 from llmopt.quant.linear import rtn_quant_config
 from llmopt.reasoning.budget import (
     ANSWER_CLOSE_TEXT,
@@ -67,6 +69,9 @@ def engine_quant_config(quant: str | None, config: EngineConfig, group_size: int
     fallback = PACKED if config.packed_linear and config.torch_dtype == torch.float32 else FLOAT
     if quant is None or quant in FLOAT_QUANTS or quant == "gguf":
         return QuantConfig(default=fallback)
+    if quant.upper() in gguf_layers.GGUF_QUANTIZE_TYPES:  # blocks of a GGUF type, on the GGUF kernels
+        method = gguf_layers.GGUFQuantizeMethod(quant, config.kernel_settings.gguf_act, fallback)
+        return QuantConfig(default=method, lm_head=method)
     ks = config.kernel_settings
     return rtn_quant_config(quant, group_size, quantize_lm_head=ks.quant_lm_head, lm_head_fmt=ks.lm_head_fmt,
                             quantize_embedding=ks.quant_embed, fallback=fallback)
@@ -76,11 +81,15 @@ class LLMEngine:
     def __init__(self, model: str, config: EngineConfig | None = None, quant: str | None = None,
                  group_size: int = 64, adapter: str | None = None):
         """``quant``: None = the model as stored (a GGUF file runs on its own quantized blocks, other
-        sources in float); "gguf" = the same, required to be a GGUF file; "fp32" = float (a GGUF file
-        dequantized, as before GGUF-native); a format name (int8, int4, ...) = quantized on load
+        sources in float) or, for a registry name that sets one, its own format (``RegistryEntry.quant``);
+        "gguf" = a GGUF file's own blocks, required to be a GGUF file; "fp32" = float (a GGUF file
+        dequantized, as before GGUF-native); q8_0 / q5_1 / q5_0 / q4_1 / q4_0 = quantized on load into
+        that GGUF type's blocks (GGUF kernels); another format name (int8, int4, ...) = quantized on load
         (round-to-nearest) from the float weights. ``adapter``: a LoRA adapter file merged at load
         (in fp32) instead of the registry name's own."""
         self.config = cfg = config or EngineConfig()
+        if quant is None:  # a registry entry's own format (the reasoning model: q8_0)
+            quant = default_quant(model)
         torch.set_num_threads(cfg.threads)
         ks = cfg.kernel_settings
         qlinear.configure(int4_act=ks.int4_act, int4_a8_max_m=ks.int4_a8_max_m, large_m=ks.large_m,
@@ -117,7 +126,8 @@ class LLMEngine:
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "computed_prefill_tokens": 0, "steps": 0,
                       "probes": 0, "early_exits": 0, "budget_probe_exits": 0, "jump_forward_tokens": 0,
                       "probe_generated_tokens": 0, "probe_prompt_tokens": 0,
-                      "probe_cached_tokens": 0}
+                      "probe_cached_tokens": 0, "spec_steps": 0, "spec_draft_tokens": 0, "spec_accepted_tokens": 0}
+        self.spec_stats = AcceptanceStats(cfg.prompt_lookup_max, cfg.num_speculative_tokens)
         # what the engine writes to close a think part / an answer (think budgets, early exit)
         self.close_ids = self.tokenizer.encode(CLOSE_TEXT, add_special_tokens=False)
         self.answer_close_ids = self.tokenizer.encode(ANSWER_CLOSE_TEXT, add_special_tokens=False)
@@ -225,7 +235,10 @@ class LLMEngine:
         if torch.get_num_threads() != self.config.num_threads:  # the setting is per thread
             torch.set_num_threads(self.config.threads)
         with self.lock:
+            drafted = self._draft() if self.config.speculative else []
             batch = self.scheduler.schedule()
+            if drafted:
+                self._fit_drafts(drafted, batch)
         if not batch:
             return []
         seqs, logits = self.runner.execute(batch)
@@ -237,11 +250,26 @@ class LLMEngine:
                 p0 = seq.num_computed_tokens
                 self.stats["computed_prefill_tokens"] += max(0, min(p0 + n, len(seq.prompt_ids)) - p0)
                 seq.num_computed_tokens += n
-                self.block_manager.register_computed(seq)
+                if not seq.draft_ids:  # with drafts: once the kept ones are known (_verify)
+                    self.block_manager.register_computed(seq)
                 if seq.kv_policy is not None:
                     self.compressor.after_step(seq, self.runner.observed.get(seq.seq_id))
             if logits is None:
                 return []
+            if drafted:  # rows of sequences with drafts: verified here, the rest sampled below
+                spec = [i for i, s in enumerate(seqs) if s.draft_ids]
+                if spec:
+                    greedy = logits[spec].argmax(-1).tolist()
+                    rows: dict[int, list[int]] = {}
+                    for i, tok in zip(spec, greedy):
+                        rows.setdefault(seqs[i].seq_id, []).append(tok)
+                    for seq in dict.fromkeys(seqs[i] for i in spec):
+                        outputs.append(RequestOutput.of(seq, self._verify(seq, rows[seq.seq_id], now)))
+                    verified = set(spec)
+                    keep = [i for i in range(len(seqs)) if i not in verified]
+                    seqs, logits = [seqs[i] for i in keep], logits[keep]
+                    if not seqs:
+                        return outputs
             tokens, lps = sample(logits, seqs, self._guided)
             for seq, tok, lp in zip(seqs, tokens, lps):
                 if seq.finished:  # aborted while the step ran
@@ -260,6 +288,78 @@ class LLMEngine:
                 delta += self._steer(seq, len(seq.text) - chars, now)
                 outputs.append(RequestOutput.of(seq, delta))
         return outputs
+
+    # ---- speculative decoding: n-gram drafts verified in the step (engine/speculative.py) --------
+    def _speculates(self, seq: Sequence) -> bool:
+        p = seq.params
+        return (p.greedy and seq.guided is None and p.logprobs is None and seq.kv_policy is None
+                and not seq.is_probe and not seq.paused and not seq.finished and seq.num_to_compute == 1)
+
+    def _draft(self) -> list[Sequence]:
+        """Give running greedy sequences their draft tokens for the next step (``Sequence.draft_ids``),
+        within ``spec_max_rows`` rows for the step. Returns the sequences that got drafts."""
+        cfg = self.config
+        running = [s for s in self.scheduler.running if not s.paused]
+        cands, wants = [], []
+        for seq in running:
+            if not self._speculates(seq):
+                continue
+            k = min(cfg.num_speculative_tokens, seq.params.max_tokens - len(seq.output_ids) - 1,
+                    self.max_model_len - len(seq) - 1)
+            if k <= 0:
+                continue
+            if seq.ngrams is None:
+                seq.ngrams = NgramIndex(cfg.prompt_lookup_min, cfg.prompt_lookup_max)
+            ids, n = seq.ngrams.propose(seq.token_ids, k)
+            if ids:
+                cands.append(seq)
+                wants.append((n, ids))
+        chances = [self.spec_stats.chances(n, len(ids)) for n, ids in wants]
+        takes = allot(chances, cfg.spec_max_rows, len(running), cfg.spec_row_cost)
+        for seq, (n, ids), t in zip(cands, wants, takes):
+            seq.draft_ids, seq.draft_match = ids[:t], n
+        return [s for s in cands if s.draft_ids]
+
+    def _fit_drafts(self, drafted: list[Sequence], batch: list[tuple[Sequence, int]]) -> None:
+        """Cut each drafted sequence's drafts to what the scheduler gave it (the token budget may
+        leave out some; a preempted or unscheduled sequence keeps none)."""
+        given = {s.seq_id: n for s, n in batch}
+        for seq in drafted:
+            n = given.get(seq.seq_id, 0)
+            seq.draft_ids = seq.draft_ids[:max(0, n - 1)]
+            if seq.draft_ids:
+                self.stats["spec_draft_tokens"] += len(seq.draft_ids)
+
+    def _verify(self, seq: Sequence, greedy: list[int], now: float) -> str:
+        """Take the model's greedy tokens of a chunk with drafts: row i's token is appended (and steered,
+        as any sampled token) while the drafts before it matched the model's choices; the first
+        mismatch, a finished sequence or engine-written tokens end it. The sequence's computed
+        length then covers the rows whose input tokens were kept."""
+        drafts, seq.draft_ids = seq.draft_ids, []
+        base = seq.num_computed_tokens - len(greedy)
+        if seq.finished:  # aborted while the step ran
+            return ""
+        delta, used, mismatched = "", 0, False
+        for i, tok in enumerate(greedy):
+            used += 1
+            n_out, chars = len(seq.output_ids), len(seq.text)
+            if self._eos_breaks_format(seq, tok):
+                delta += self._close_on_eos(seq, now)
+                break
+            delta += self._append(seq, tok, None, now)
+            delta += self._steer(seq, len(seq.text) - chars, now)
+            if seq.finished or seq.paused or len(seq.output_ids) != n_out + 1 or i >= len(drafts):
+                break
+            if tok != drafts[i]:
+                mismatched = True
+                break
+        self.spec_stats.record(seq.draft_match, len(drafts), used - 1, mismatched)
+        self.stats["spec_accepted_tokens"] += used - 1
+        self.stats["spec_steps"] += 1
+        if not seq.finished:
+            seq.num_computed_tokens = base + used
+            self.block_manager.register_computed(seq)
+        return delta
 
     # ---- efficient reasoning: think budgets and early-exit probes (llmopt.reasoning) -------------
     def _steer(self, seq: Sequence, new_chars: int, now: float) -> str:

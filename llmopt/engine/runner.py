@@ -142,7 +142,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor | None]:
-        """Run one step. Returns (sequences to sample for, logits [len, V])."""
+        """Run one step. Returns (sequences to sample for, logits [len, V]); a sequence with draft tokens
+        is in the list once per row of its chunk (its last token, then each draft)."""
         decodes = [(s, n) for s, n in batch if n == 1]
         prefills = [(s, n) for s, n in batch if n > 1]
         ids: list[int] = []
@@ -169,7 +170,7 @@ class ModelRunner:
             m = self._mass_span(seq, len(ids), n)
             if m is not None:
                 mass.append(m)
-            ids.extend(seq.token_ids[p:p + n])
+            ids.extend(seq.ids_to_compute(p, n))
             pos.extend(range(p, p + n))
             slots.extend(self._slots(seq, p, n))
         # token kind per row: generated (position at or after the prompt's end) or prompt, whatever the
@@ -200,11 +201,17 @@ class ModelRunner:
             fused_hidden = self.fused.run(input_ids, positions, ctx)
         hidden = self.model(input_ids, positions, ctx) if fused_hidden is None else fused_hidden
         self.observed = {seq.seq_id: span.scores for (seq, _), span in zip(prefills, spans) if span.observe}
-        # sample where the chunk reaches the end of the sequence's known tokens
-        rows, sample_seqs, end = [], [], 0
+        # sample where the chunk reaches the end of the sequence's known tokens; a chunk with draft
+        # tokens (speculative decoding) is sampled at every row: its sequence appears once per row
+        rows: list[int] = []
+        sample_seqs: list[Sequence] = []
+        end = 0
         for seq, n in decodes + prefills:
             end += n
-            if seq.num_computed_tokens + n == len(seq):
+            if seq.draft_ids:
+                rows.extend(range(end - n, end))
+                sample_seqs.extend([seq] * n)
+            elif seq.num_computed_tokens + n == len(seq):
                 rows.append(end - 1)
                 sample_seqs.append(seq)
         if not rows:

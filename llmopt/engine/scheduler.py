@@ -38,6 +38,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.bm.free_seq(seq)
+        seq.draft_ids = []  # recomputed from its tokens later: no drafts in that prefill
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llmopt.engine.sampling_params import SamplingParams
+from llmopt.engine.speculative import NgramIndex
 from llmopt.models.tokenizer import IncrementalDetokenizer, Tokenizer
 from llmopt.reasoning.budget import ReasoningStats, ThinkTracker
 
@@ -92,6 +93,11 @@ class Sequence:
         # (an internal early-exit trial answer, never returned to users) points at its parent
         self.think = ThinkTracker()
         self.probe_parent: Sequence | None = None
+        # speculative decoding (engine/speculative.py): this step's draft tokens (after the last token,
+        # computed with it as one chunk; never part of token_ids) and the n-gram index they come from
+        self.draft_ids: list[int] = []
+        self.draft_match = 0  # length of the n-gram the drafts continue
+        self.ngrams: NgramIndex | None = None
 
     # token ids of prompt + output; the engine computes K/V for these
     @property
@@ -108,7 +114,12 @@ class Sequence:
 
     @property
     def num_to_compute(self) -> int:
-        return len(self) - self.num_computed_tokens
+        return len(self) + len(self.draft_ids) - self.num_computed_tokens
+
+    def ids_to_compute(self, start: int, n: int) -> list[int]:
+        """Token ids of positions ``start..start+n-1``: the sequence's tokens, then its drafts."""
+        ids = self.token_ids
+        return (ids + self.draft_ids)[start:start + n] if self.draft_ids else ids[start:start + n]
 
     @property
     def finished(self) -> bool:

@@ -318,6 +318,45 @@ class GGUFMethod(LinearMethod):
         return module
 
 
+# GGUF types the gguf package quantizes in numpy and the kernels run: what LLM(quant="q8_0", ...) can write
+GGUF_QUANTIZE_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
+
+
+class GGUFQuantizeMethod(LinearMethod):
+    """A float projection quantized once, after loading, into a GGUF type's blocks (``gguf.quants.quantize``,
+    llama.cpp's reference rounding) and run on the native GGUF kernels as a :class:`GGUFLinear`:
+    ``LLM(model, quant="q8_0")``, e.g. for a model whose LoRA adapter was merged into float weights. A
+    weight whose in_features are not a multiple of the block size keeps ``fallback``, with a warning."""
+
+    def __init__(self, qtype: str, act: str = "fp32", fallback: LinearMethod | None = None):
+        if qtype.upper() not in GGUF_QUANTIZE_TYPES:
+            raise ValueError(f"quantize-on-load GGUF types: {', '.join(t.lower() for t in GGUF_QUANTIZE_TYPES)}; "
+                             f"got {qtype!r}")
+        if act not in GGUF_ACTS:
+            raise ValueError(f"GGUF activation mode must be one of {', '.join(GGUF_ACTS)}, got {act!r}")
+        self.qtype = gguf.GGMLQuantizationType[qtype.upper()]
+        self.act = act
+        self.fallback = fallback
+        self.name = qtype.lower()
+
+    def process_after_loading(self, module: nn.Module, name: str) -> nn.Module:
+        if type(module) is not nn.Linear:
+            return module
+        block = gguf.GGML_QUANT_SIZES[self.qtype][0]
+        if module.in_features % block:
+            log.warning("quantize on load: keeping %s in float (in_features=%d not a multiple of %s's %d)",
+                        name, module.in_features, self.qtype.name, block)
+            return module if self.fallback is None else self.fallback.process_after_loading(module, name)
+        w = module.weight.detach().float().cpu().numpy()
+        raw = gguf.quants.quantize(w, self.qtype)
+        out = GGUFLinear(module.in_features, module.out_features, module.bias is not None, name, self.act)
+        out.set_blocks([pack_gguf(raw, self.qtype, tuple(w.shape), name)])
+        if module.bias is not None:
+            assert out.bias is not None
+            out.bias.data = module.bias.detach().float().clone()
+        return out
+
+
 class GGUFEmbeddingMethod(EmbeddingMethod):
     """The input embedding on the GGUF table's own rows (``GGUFEmbedding``)."""
 

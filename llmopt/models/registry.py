@@ -22,6 +22,9 @@ class RegistryEntry:
     filename: str  # file inside the package directory
     description: str
     adapter: str | None = None  # LoRA adapter file inside the llmopt package, merged at load
+    # the format the engine runs the entry in when no quant is asked for (an adapter is merged in fp32
+    # first; "q8_0": those weights then quantized into GGUF Q8_0 blocks); quant="fp32" keeps them float
+    quant: str | None = None
 
     def adapter_path(self) -> Path | None:
         if self.adapter is None:
@@ -57,6 +60,9 @@ REGISTRY: dict[str, RegistryEntry] = {
             filename="SmolLM2-135M-Instruct.Q4_1.gguf",
             description="SmolLM2-135M-Instruct + LoRA trained to answer in <think>/<answer> (docs/train.md)",
             adapter="data/adapters/smollm2-135m-reasoning.safetensors",
+            # merged in fp32, run as Q8_0 (8.5 bits/w): held-out math + logic (seed 9005, n = 400, greedy)
+            # 0.378 vs the fp32 merge's 0.367, held-out ppl 21.807 vs 21.773, 0.65x the JCT (docs/train.md)
+            quant="q8_0",
         ),
     ]
 }
@@ -69,6 +75,12 @@ def adapter_for(model: str | Path) -> Path | None:
     """The LoRA adapter a registry name carries, or None (plain names and paths)."""
     entry = REGISTRY.get(str(model))
     return entry.adapter_path() if entry is not None else None
+
+
+def default_quant(model: str | Path) -> str | None:
+    """The format a registry name runs in when no quant is given (None: as stored)."""
+    entry = REGISTRY.get(str(model))
+    return entry.quant if entry is not None else None
 
 
 def resolve(model: str | Path) -> Path:

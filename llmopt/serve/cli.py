@@ -43,6 +43,11 @@ def serve_command(
     kv_dtype: Annotated[Optional[str], typer.Option(help="KV cache element type: int8 or fp8 (e4m3) (default: the model's "
                                                         "dtype; docs/long_context.md)")] = None,
     kv_quest_pin: Annotated[float, typer.Option(help="quest: the fraction of each decode step's block budget pinned to the blocks the prompt's last 32 tokens attended to most (0.25 measured best; 0 = plain Quest; docs/long_context.md 2b)", min=0.0, max=1.0)] = 0.0,
+    speculative: Annotated[str, typer.Option(help="speculative decoding of greedy requests: 'ngram' (drafts looked up "
+                                                  "in the prompt and output, checked in the same step: the same "
+                                                  "tokens, fewer steps) or 'off'")] = "off",
+    num_speculative_tokens: Annotated[int, typer.Option(help="with --speculative ngram: most draft tokens per "
+                                                             "sequence and step", min=1, max=16)] = 3,
     max_queue: Annotated[int, typer.Option(help="sequences that may wait beyond --max-num-seqs; more get 503 "
                                                 "with Retry-After", min=0)] = 64,
     request_timeout: Annotated[float, typer.Option(help="seconds a request may take before it is aborted "
@@ -75,7 +80,7 @@ def serve_command(
 
     import uvicorn
 
-    from llmopt.config import EngineConfig, parse_kv_budget
+    from llmopt.config import EngineConfig, parse_kv_budget, speculative_kwargs
     from llmopt.engine.engine import LLMEngine
     from llmopt.serve.app import ServeConfig, create_app
     from llmopt.serve.connections import uvicorn_config, warm_up
@@ -98,7 +103,8 @@ def serve_command(
     cfg = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                        kv_cache_memory_gb=kv_cache_gb, max_model_len=max_model_len, num_threads=num_threads,
                        dtype=dtype, kv_policy=kv_policy, kv_budget=parse_kv_budget(kv_budget),
-                       kv_dtype=kv_dtype, kv_quest_pin=kv_quest_pin)
+                       kv_dtype=kv_dtype, kv_quest_pin=kv_quest_pin,
+                       **speculative_kwargs(speculative, num_speculative_tokens))
     cluster, backend = None, None
     if use_ray:
         from llmopt.distributed.cluster import connect

@@ -120,9 +120,10 @@ def eval_command(
     kv_budget: Annotated[Optional[str], typer.Option(help="KV budget: a fraction of the prompt (0.25) or a token count (2048)")] = None,
     kv_dtype: Annotated[Optional[str], typer.Option(help="KV cache element type: int8 or fp8 (e4m3) (default: the model's dtype)")] = None,
     kv_quest_pin: Annotated[float, typer.Option(help="quest: the fraction of each decode step's block budget pinned to the blocks the prompt's last 32 tokens attended to most (0.25 measured best; 0 = plain Quest; docs/long_context.md 2b)", min=0.0, max=1.0)] = 0.0,
+    speculative: Annotated[str, typer.Option(help="speculative decoding of greedy answers: 'ngram' (the same answers in fewer steps: changes JCT, not accuracy) or 'off'")] = "off",
 ) -> None:
     """Accuracy, format score and perplexity on offline suites, with 95% intervals."""
-    from llmopt.config import parse_kv_budget
+    from llmopt.config import parse_kv_budget, speculative_kwargs
 
     from .evaluate import EvalConfig, compare_runs, parse_numbers, parse_spec, parse_suites, save_json
 
@@ -136,7 +137,8 @@ def eval_command(
                         long_lengths=parse_numbers(long_lengths, int, "--long-lengths"),
                         long_depths=parse_numbers(long_depths, float, "--long-depths"),
                         long_ppl_tokens=long_ppl_tokens, kv_policy=kv_policy, kv_budget=parse_kv_budget(kv_budget),
-                        kv_dtype=kv_dtype, kv_quest_pin=kv_quest_pin)
+                        kv_dtype=kv_dtype, kv_quest_pin=kv_quest_pin,
+                        speculative=speculative_kwargs(speculative, 3)["speculative"])
     run = _run_one(model, quant, config, command, str(adapter) if adapter is not None else None)
     console.print(results_table(run, f"{model} [{quant or 'none'}]{' guided' if guided else ''}: n={n}, seed={seed}"))
     result: dict[str, Any] = run

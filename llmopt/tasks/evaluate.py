@@ -100,6 +100,7 @@ class EvalConfig:
     kv_budget: float | int | None = None
     kv_dtype: str | None = None  # None: the model's dtype; "int8" or "fp8"
     kv_quest_pin: float = 0.0  # kv_policy quest: the pinned fraction of each step's block budget
+    speculative: str | None = None  # "ngram": speculative decoding of greedy answers (the same tokens, faster)
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.suites if s not in SUITE_NAMES and not s.startswith(RG_PREFIX)]
@@ -692,7 +693,7 @@ def _quant_or_none(value: str) -> str | None:
 def engine_kwargs(config: EvalConfig) -> dict[str, Any]:
     """The ``EngineConfig`` fields an eval config sets (KV cache policy), for ``LLM(**kwargs)``."""
     return {"kv_policy": config.kv_policy, "kv_budget": config.kv_budget, "kv_dtype": config.kv_dtype,
-            "kv_quest_pin": config.kv_quest_pin}
+            "kv_quest_pin": config.kv_quest_pin, "speculative": config.speculative}
 
 
 def load_llm(model: str, quant: str | None, adapter: str | None = None, **engine: Any) -> Any:
