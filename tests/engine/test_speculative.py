@@ -76,10 +76,10 @@ def test_bad_speculative_settings_are_value_errors(kw, match):
 
 
 # ---- the engine -----------------------------------------------------------------------------------
-def _engine(path, spec: bool, **kw) -> LLMEngine:
+def _engine(path, spec: bool, quant: str | None = None, **kw) -> LLMEngine:
     cfg = dict(num_threads=1, num_kv_blocks=kw.pop("num_kv_blocks", 128), block_size=16,
                speculative="ngram" if spec else None, spec_row_cost=0.0, **kw)
-    return LLMEngine(str(path), EngineConfig(**cfg))
+    return LLMEngine(str(path), EngineConfig(**cfg), quant=quant)
 
 
 def _prompts() -> list[list[int]]:
@@ -96,13 +96,16 @@ def _greedy(eng: LLMEngine, prompts, **kw) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("fmt", ["gguf", "hf"])
+@pytest.mark.parametrize("fmt", ["gguf", "hf", "q8_0", "q4_1"])
 def test_speculative_greedy_output_equals_plain_greedy(tiny_models, arch, fmt):
+    """gguf: the tiny file's F32 tensors (packed fp32); hf: the directory (packed fp32); q8_0 / q4_1: GGUF
+    blocks quantized on load (the GGUF kernels, int8 activations for generated rows)."""
     _, hf_dir, gguf_path = tiny_models[arch]
     path = gguf_path if fmt == "gguf" else hf_dir
+    quant = fmt if fmt.startswith("q") else None
     prompts = _prompts()
-    want = _greedy(_engine(path, False), prompts)
-    eng = _engine(path, True)
+    want = _greedy(_engine(path, False, quant), prompts)
+    eng = _engine(path, True, quant)
     assert _greedy(eng, prompts) == want
     assert eng.stats["spec_draft_tokens"] > 0
 
