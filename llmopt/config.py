@@ -349,9 +349,17 @@ class EngineConfig:
     prompt_lookup_max: int = 4  # longest n-gram matched
     prompt_lookup_min: int = 1  # shortest n-gram matched
     spec_max_rows: int = 16  # most rows of a step (decode rows + drafts) when drafts are handed out
-    # what one more row adds to a decode step's time, relative to the step's fixed cost (weights read,
-    # per-step overhead): drafts join a step only while they pay for their rows (speculative.allot)
-    spec_row_cost: float = 0.2
+    # drafts only while at most this many sequences run: each draft row reads its sequence's whole KV cache
+    # again (the step's attention goes row by row), which one sequence's rows find in L3 and several do not
+    # (GGUF Q8_0 step, Zen 4, 200-token contexts: 1 seq 1 -> 4 rows +0.8 ms; 2 seqs 2 -> 4 rows +1.75 ms;
+    # 4 seqs 4 -> 8 rows +3.6 ms on 8.6)
+    spec_max_batch: int = 2
+    # a decode step's time in units of its fixed part (weights read, per-step work): + spec_row_cost per row
+    # + spec_tile_cost per register tile of spec_tile_rows rows (speculative.step_cost); drafts join a step
+    # only while they pay for their rows (speculative.allot). Measured on the GGUF Q8_0 step, Zen 4.
+    spec_row_cost: float = 0.1
+    spec_tile_cost: float = 0.3
+    spec_tile_rows: int = 4
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
@@ -379,8 +387,13 @@ class EngineConfig:
                              f"has the activations' dtype; leave kv_dtype unset or use 'int8' or 'fp8'")
         check_speculative(self.speculative, self.num_speculative_tokens, self.prompt_lookup_min,
                           self.prompt_lookup_max, self.spec_max_rows)
-        if not 0 <= self.spec_row_cost <= 10:
-            raise ValueError(f"spec_row_cost must be in [0, 10], got {self.spec_row_cost}")
+        if not (0 <= self.spec_row_cost <= 10 and 0 <= self.spec_tile_cost <= 10):
+            raise ValueError(f"spec_row_cost and spec_tile_cost must be in [0, 10], got {self.spec_row_cost}, "
+                             f"{self.spec_tile_cost}")
+        if self.spec_max_batch < 1:
+            raise ValueError(f"spec_max_batch must be >= 1, got {self.spec_max_batch}")
+        if not 1 <= self.spec_tile_rows <= 64:
+            raise ValueError(f"spec_tile_rows must be in [1, 64], got {self.spec_tile_rows}")
         if self.num_threads is None:
             env = os.environ.get("LLMOPT_NUM_THREADS")
             self.num_threads = int(env) if env else usable_cpus()

@@ -300,6 +300,8 @@ class LLMEngine:
         within ``spec_max_rows`` rows for the step. Returns the sequences that got drafts."""
         cfg = self.config
         running = [s for s in self.scheduler.running if not s.paused]
+        if len(running) > cfg.spec_max_batch:
+            return []
         cands, wants = [], []
         for seq in running:
             if not self._speculates(seq):
@@ -315,7 +317,8 @@ class LLMEngine:
                 cands.append(seq)
                 wants.append((n, ids))
         chances = [self.spec_stats.chances(n, len(ids)) for n, ids in wants]
-        takes = allot(chances, cfg.spec_max_rows, len(running), cfg.spec_row_cost)
+        takes = allot(chances, cfg.spec_max_rows, len(running), cfg.spec_row_cost, cfg.spec_tile_cost,
+                      cfg.spec_tile_rows)
         for seq, (n, ids), t in zip(cands, wants, takes):
             seq.draft_ids, seq.draft_match = ids[:t], n
         return [s for s in cands if s.draft_ids]

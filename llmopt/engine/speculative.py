@@ -87,21 +87,43 @@ class AcceptanceStats:
             self.kept[n][j] += j <= kept
 
 
-def allot(chances: list[list[float]], rows: int, base_rows: int, row_cost: float) -> list[int]:
+def step_cost(rows: int, row_cost: float, tile_cost: float, tile_rows: int) -> float:
+    """A decode step's time for ``rows`` rows, in units of its fixed part (weights read, per-step work):
+    ``1 + row_cost * rows + tile_cost * ceil(rows / tile_rows)``: the kernels run rows in register tiles
+    of ``tile_rows`` (4 on the GGUF and packed fp32 paths), and a tile costs about the same however
+    many of its rows are used."""
+    return 1.0 + row_cost * rows + tile_cost * -(-rows // tile_rows)
+
+
+def allot(chances: list[list[float]], rows: int, base_rows: int, row_cost: float, tile_cost: float = 0.0,
+          tile_rows: int = 4) -> list[int]:
     """How many drafts each candidate gets. ``chances[i]`` = candidate i's P(first j drafts kept),
-    nonincreasing in j; ``rows`` = the step's row cap; ``base_rows`` = rows without drafts;
-    ``row_cost`` = what one more row adds to a step's time, relative to the step's fixed cost. Drafts
-    are taken likeliest first while the expected tokens they add pay for their rows: a draft of
-    chance p joins when p >= row_cost * tokens / (1 + row_cost * rows) (tokens = rows expected to be
-    kept so far, the decode rows included): the step's tokens per unit of time then grow."""
+    nonincreasing in j; ``rows`` = the step's row cap; ``base_rows`` = rows without drafts; the step's
+    time follows :func:`step_cost`. Drafts are taken likeliest first, a register tile at a time: the
+    rows still free in the last tile one by one, each new tile with its (up to ``tile_rows``) likeliest
+    drafts, as long as the expected tokens they add at least keep the step's tokens per unit of time
+    (a group of chance sum P joins when P >= tokens * (cost with it - cost without) / cost without,
+    tokens = rows expected to be kept so far, the decode rows included)."""
     items = sorted(((p, j, i) for i, ps in enumerate(chances) for j, p in enumerate(ps)), key=lambda x: (-x[0], x[1]))
     out = [0] * len(chances)
-    used, tokens = base_rows, float(base_rows)
-    for p, j, i in items:
-        if used >= rows or p < row_cost * tokens / (1 + row_cost * used):
+    used, tokens, k = base_rows, float(base_rows), 0
+    while k < len(items) and used < rows:
+        cost = step_cost(used, row_cost, tile_cost, tile_rows)
+        group = items[k:k + 1]
+        if used % tile_rows == 0:  # a new tile: grow the group while each next draft pays for its row
+            room = min(tile_rows, rows - used)
+            while len(group) < room and k + len(group) < len(items):
+                gain = sum(p for p, _, _ in group)
+                c = step_cost(used + len(group), row_cost, tile_cost, tile_rows)
+                if items[k + len(group)][0] < (tokens + gain) * row_cost / c:
+                    break
+                group = items[k:k + len(group) + 1]
+        extra = step_cost(used + len(group), row_cost, tile_cost, tile_rows) - cost
+        if sum(p for p, _, _ in group) < tokens * extra / cost:
             break
-        if out[i] == j:  # a prefix per candidate (ties are taken in depth order)
-            out[i] += 1
-            used += 1
+        for p, j, i in group:
+            out[i] += 1  # sorted by chance, then depth: each candidate's drafts are taken in order
             tokens += p
+        used += len(group)
+        k += len(group)
     return out

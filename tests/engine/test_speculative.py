@@ -46,9 +46,27 @@ def test_allot_hands_out_likely_drafts_first_within_the_row_cap():
     assert allot(chances, rows=5, base_rows=3, row_cost=0.0) == [1, 1, 0]  # two rows: the two likeliest
     assert allot(chances, rows=100, base_rows=3, row_cost=10.0) == [0, 0, 0]  # rows too dear: nothing
     got = allot(chances, rows=100, base_rows=3, row_cost=0.2)
-    assert got == [2, 2, 0]  # p >= 0.2 * tokens / (1 + 0.2 * rows) decides: 0.2 and 0.3 do not pay
+    # one row at a time (no tile cost): p >= tokens * 0.2 / cost decides; 0.3 and 0.2 do not pay
+    assert got == [2, 2, 0]
     for n, ps in zip(got, chances):
         assert n <= len(ps)
+
+
+def test_allot_fills_the_last_register_tile_and_opens_a_new_one_only_for_enough_tokens():
+    step = speculative.step_cost
+    assert step(4, 0.1, 0.3, 4) == pytest.approx(1.7) and step(5, 0.1, 0.3, 4) == pytest.approx(2.1)
+    # 3 decode rows: the tile has one free row, which the likeliest draft takes; a new tile for 4 more
+    # must bring >= tokens * (0.3 + 0.4) / cost = 3.9 * 0.7 / 1.7 = 1.61 expected tokens
+    assert allot([[0.9, 0.5, 0.2], [0.6, 0.55], [0.3]], rows=100, base_rows=3, row_cost=0.1,
+                 tile_cost=0.3) == [2, 2, 1]  # 0.6 + 0.55 + 0.5 + 0.3 = 1.95: it pays
+    assert allot([[0.9, 0.4, 0.2], [0.45, 0.35], [0.3]], rows=100, base_rows=3, row_cost=0.1,
+                 tile_cost=0.3) == [1, 0, 0]  # 0.45 + 0.4 + 0.35 + 0.3 = 1.5: it does not
+    # one decode row: three free rows in its tile, each cheap
+    assert allot([[0.5, 0.3, 0.15]], rows=100, base_rows=1, row_cost=0.1, tile_cost=0.3) == [3]
+    assert allot([[0.5, 0.3, 0.1]], rows=100, base_rows=1, row_cost=0.1, tile_cost=0.3) == [2]  # 0.1 < 1.8 * 0.1 / 1.6
+    # a full tile of decode rows: drafts only as a whole new tile, and only when likely enough
+    assert allot([[0.95, 0.9], [0.9, 0.85]], rows=100, base_rows=4, row_cost=0.1, tile_cost=0.3) == [2, 2]
+    assert allot([[0.5, 0.3], [0.4, 0.3]], rows=100, base_rows=4, row_cost=0.1, tile_cost=0.3) == [0, 0]
 
 
 def test_acceptance_stats_follow_what_was_kept():
@@ -69,6 +87,9 @@ def test_acceptance_stats_follow_what_was_kept():
     (dict(prompt_lookup_min=3, prompt_lookup_max=2), "prompt_lookup"),
     (dict(spec_max_rows=1), "spec_max_rows"),
     (dict(spec_row_cost=-1.0), "spec_row_cost"),
+    (dict(spec_tile_cost=11.0), "spec_tile_cost"),
+    (dict(spec_tile_rows=0), "spec_tile_rows"),
+    (dict(spec_max_batch=0), "spec_max_batch"),
 ])
 def test_bad_speculative_settings_are_value_errors(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -78,7 +99,8 @@ def test_bad_speculative_settings_are_value_errors(kw, match):
 # ---- the engine -----------------------------------------------------------------------------------
 def _engine(path, spec: bool, quant: str | None = None, **kw) -> LLMEngine:
     cfg = dict(num_threads=1, num_kv_blocks=kw.pop("num_kv_blocks", 128), block_size=16,
-               speculative="ngram" if spec else None, spec_row_cost=0.0, **kw)
+               speculative="ngram" if spec else None, spec_row_cost=0.0, spec_tile_cost=0.0,
+               spec_max_batch=kw.pop("spec_max_batch", 64), **kw)
     return LLMEngine(str(path), EngineConfig(**cfg), quant=quant)
 
 
@@ -234,3 +256,19 @@ def test_llmopt_run_speculates_by_default_with_the_same_answers(tiny_models, tmp
     r = CliRunner().invoke(app, ["run", str(cases), "-o", str(tmp_path / "bad.jsonl"), "--speculative", "medusa"])
     assert r.exit_code != 0 and "--speculative must be one of ngram or off" in r.output
     assert not (tmp_path / "bad.jsonl").exists()
+
+
+def test_no_drafts_while_more_sequences_run_than_spec_max_batch(tiny_models):
+    path = tiny_models["llama"][1]
+    prompts = _prompts()
+    eng = _engine(path, True, spec_max_batch=len(prompts) - 1)
+    eng.add_request(prompts[0], SamplingParams(temperature=0.0, max_tokens=8))
+    for p in prompts[1:]:
+        eng.add_request(p, SamplingParams(temperature=0.0, max_tokens=8))
+    eng.step()  # every prompt prefilled: all sequences run
+    before = eng.stats["spec_draft_tokens"]
+    eng.step()
+    assert eng.stats["spec_draft_tokens"] == before  # one too many running: nobody drafts
+    solo = _engine(path, True, spec_max_batch=1)
+    solo.generate([prompts[0]], SamplingParams(temperature=0.0, max_tokens=24))
+    assert solo.stats["spec_draft_tokens"] > 0
