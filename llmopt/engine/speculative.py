@@ -121,7 +121,7 @@ def allot(chances: list[list[float]], rows: int, base_rows: int, row_cost: float
         extra = step_cost(used + len(group), row_cost, tile_cost, tile_rows) - cost
         if sum(p for p, _, _ in group) < tokens * extra / cost:
             break
-        for p, j, i in group:
+        for p, _, i in group:
             out[i] += 1  # sorted by chance, then depth: each candidate's drafts are taken in order
             tokens += p
         used += len(group)
