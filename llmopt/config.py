@@ -349,10 +349,9 @@ class EngineConfig:
     prompt_lookup_max: int = 4  # longest n-gram matched
     prompt_lookup_min: int = 1  # shortest n-gram matched
     spec_max_rows: int = 16  # most rows of a step (decode rows + drafts) when drafts are handed out
-    # drafts only while at most this many sequences run: each draft row reads its sequence's whole KV cache
-    # again (the step's attention goes row by row), which one sequence's rows find in L3 and several do not
-    # (GGUF Q8_0 step, Zen 4, 200-token contexts: 1 seq 1 -> 4 rows +0.8 ms; 2 seqs 2 -> 4 rows +1.75 ms;
-    # 4 seqs 4 -> 8 rows +3.6 ms on 8.6)
+    # drafts only while at most this many sequences run: a draft row costs little in a one-sequence step and
+    # about a decode row's time once several run (GGUF Q8_0 step, Zen 4, 200-token contexts: 1 seq 1 -> 4
+    # rows +0.8 ms; 2 seqs 2 -> 4 rows +1.75 ms; 4 seqs 4 -> 8 rows +3.6 ms on 8.6; docs/reasoning.md)
     spec_max_batch: int = 2
     # a decode step's time in units of its fixed part (weights read, per-step work): + spec_row_cost per row
     # + spec_tile_cost per register tile of spec_tile_rows rows (speculative.step_cost); drafts join a step

@@ -11,11 +11,12 @@ output without speculation; what changes is how many tokens one step yields. Rej
 K/V rows past the sequence's computed length, which the next step overwrites.
 
 Who speculates: greedy requests without a grammar, logprobs, KV compression or an early-exit probe
-of their own (a probe itself does not draft). How much: at most ``num_speculative_tokens`` per
-sequence, and a step holds at most ``spec_max_rows`` rows in all (decode rows + drafts; the fused
-step runs up to 32 chained rows), handed out in order of the lookup's match length (the longer the
-matched n-gram, the likelier the draft is kept: a 2-4 token match kept its first draft in 53-62% of
-the positions on the reasoning model's outputs, a 1-token match in 28%).
+of their own (a probe itself does not draft), while at most ``spec_max_batch`` sequences run (next to other sequences' rows a draft row costs about
+a decode row's time, more than it saves).
+How much: at most ``num_speculative_tokens`` per sequence and ``spec_max_rows`` rows a step, handed
+out likeliest first (the longer the matched n-gram, the likelier the draft is kept: a 2-4 token match
+kept its first draft in 53-62% of the positions on the reasoning model's outputs, a 1-token match in
+28%; the engine keeps counting) while they pay for their rows (:func:`allot`, :func:`step_cost`).
 
 Reading: vLLM's ``NgramProposer`` (prompt_lookup_max / _min) and llama.cpp's lookup decoding.
 """
