@@ -293,24 +293,11 @@ class KernelSettings:
 SPECULATIVE_METHODS = ("ngram",)
 
 
-def check_speculative(method: str | None, tokens: int, n_min: int, n_max: int, max_rows: int) -> None:
-    """ValueError naming the bad speculative-decoding setting (engine config, CLI, server flags)."""
-    if method is not None and method not in SPECULATIVE_METHODS:
-        raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE_METHODS)} or None (off), got {method!r}")
-    if not 1 <= tokens <= 16:
-        raise ValueError(f"num_speculative_tokens must be in [1, 16], got {tokens}")
-    if not 1 <= n_min <= n_max <= 16:
-        raise ValueError(f"prompt lookup needs 1 <= prompt_lookup_min <= prompt_lookup_max <= 16, got "
-                         f"min {n_min}, max {n_max}")
-    if max_rows < 2:
-        raise ValueError(f"spec_max_rows must be >= 2 (one decode row and one draft), got {max_rows}")
-
-
-def speculative_kwargs(method: str, tokens: int) -> dict[str, Any]:
-    """EngineConfig fields of a ``--speculative METHOD|off --num-speculative-tokens N`` pair (CLI)."""
-    if method not in (*SPECULATIVE_METHODS, "off"):
-        raise ValueError(f"--speculative must be one of {', '.join(SPECULATIVE_METHODS)} or off, got {method!r}")
-    return {"speculative": None if method == "off" else method, "num_speculative_tokens": tokens}
+def parse_speculative(value: str) -> str | None:
+    """``--speculative METHOD|off`` -> the ``EngineConfig.speculative`` value (None = off)."""
+    if value not in (*SPECULATIVE_METHODS, "off"):
+        raise ValueError(f"--speculative must be one of {', '.join(SPECULATIVE_METHODS)} or off, got {value!r}")
+    return None if value == "off" else value
 
 
 @dataclass
@@ -384,8 +371,25 @@ class EngineConfig:
         if self.kv_dtype in ("float32", "bfloat16") and self.kv_dtype != self.dtype:
             raise ValueError(f"kv_dtype {self.kv_dtype} with dtype {self.dtype} is not supported: a float KV cache "
                              f"has the activations' dtype; leave kv_dtype unset or use 'int8' or 'fp8'")
-        check_speculative(self.speculative, self.num_speculative_tokens, self.prompt_lookup_min,
-                          self.prompt_lookup_max, self.spec_max_rows)
+        self._check_speculative()
+        if self.num_threads is None:
+            env = os.environ.get("LLMOPT_NUM_THREADS")
+            self.num_threads = int(env) if env else usable_cpus()
+        if self.kernels is None:
+            self.kernels = KernelSettings.from_env()
+
+    def _check_speculative(self) -> None:
+        """ValueError naming the bad speculative-decoding setting."""
+        if self.speculative is not None and self.speculative not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE_METHODS)} or None (off), "
+                             f"got {self.speculative!r}")
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise ValueError(f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max <= 16:
+            raise ValueError(f"prompt lookup needs 1 <= prompt_lookup_min <= prompt_lookup_max <= 16, got "
+                             f"min {self.prompt_lookup_min}, max {self.prompt_lookup_max}")
+        if self.spec_max_rows < 2:
+            raise ValueError(f"spec_max_rows must be >= 2 (one decode row and one draft), got {self.spec_max_rows}")
         if not (0 <= self.spec_row_cost <= 10 and 0 <= self.spec_tile_cost <= 10):
             raise ValueError(f"spec_row_cost and spec_tile_cost must be in [0, 10], got {self.spec_row_cost}, "
                              f"{self.spec_tile_cost}")
@@ -393,11 +397,6 @@ class EngineConfig:
             raise ValueError(f"spec_max_batch must be >= 1, got {self.spec_max_batch}")
         if not 1 <= self.spec_tile_rows <= 64:
             raise ValueError(f"spec_tile_rows must be in [1, 64], got {self.spec_tile_rows}")
-        if self.num_threads is None:
-            env = os.environ.get("LLMOPT_NUM_THREADS")
-            self.num_threads = int(env) if env else usable_cpus()
-        if self.kernels is None:
-            self.kernels = KernelSettings.from_env()
 
     def kv_policy_for(self, policy: str | None = None, budget: float | int | None = None,
                       quest_pin: float | None = None) -> KVPolicy | None:

@@ -123,12 +123,13 @@ def run_command(
     from llmopt.batch.cases import load_batch
     from llmopt.batch.runner import DEFAULT_SYSTEM_PROMPT, BatchRun, RunOptions
 
-    from llmopt.config import EngineConfig, parse_kv_budget, speculative_kwargs
+    from llmopt.config import EngineConfig, parse_kv_budget, parse_speculative
 
     console, err = Console(), Console(stderr=True)
     t_start = time.perf_counter()
     kv = {"kv_policy": kv_policy, "kv_budget": parse_kv_budget(kv_budget), "kv_dtype": kv_dtype,
-          "kv_quest_pin": kv_quest_pin, **speculative_kwargs(speculative, num_speculative_tokens)}
+          "kv_quest_pin": kv_quest_pin, "speculative": parse_speculative(speculative),
+          "num_speculative_tokens": num_speculative_tokens}
     EngineConfig(**kv)  # a bad policy or budget: say so before loading anything
     if ray is None and (workers is not None or threads_per_worker is not None):
         raise ValueError("--workers and --threads-per-worker split the run across Ray workers: add --ray local "

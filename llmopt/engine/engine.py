@@ -291,9 +291,10 @@ class LLMEngine:
 
     # ---- speculative decoding: n-gram drafts verified in the step (engine/speculative.py) --------
     def _speculates(self, seq: Sequence) -> bool:
+        """Whether a running, unpaused sequence may draft this step."""
         p = seq.params
         return (p.greedy and seq.guided is None and p.logprobs is None and seq.kv_policy is None
-                and not seq.is_probe and not seq.paused and not seq.finished and seq.num_to_compute == 1)
+                and not seq.is_probe and seq.num_to_compute == 1)
 
     def _draft(self) -> list[Sequence]:
         """Give running greedy sequences their draft tokens for the next step (``Sequence.draft_ids``),

@@ -80,7 +80,7 @@ def serve_command(
 
     import uvicorn
 
-    from llmopt.config import EngineConfig, parse_kv_budget, speculative_kwargs
+    from llmopt.config import EngineConfig, parse_kv_budget, parse_speculative
     from llmopt.engine.engine import LLMEngine
     from llmopt.serve.app import ServeConfig, create_app
     from llmopt.serve.connections import uvicorn_config, warm_up
@@ -104,7 +104,7 @@ def serve_command(
                        kv_cache_memory_gb=kv_cache_gb, max_model_len=max_model_len, num_threads=num_threads,
                        dtype=dtype, kv_policy=kv_policy, kv_budget=parse_kv_budget(kv_budget),
                        kv_dtype=kv_dtype, kv_quest_pin=kv_quest_pin,
-                       **speculative_kwargs(speculative, num_speculative_tokens))
+                       speculative=parse_speculative(speculative), num_speculative_tokens=num_speculative_tokens)
     cluster, backend = None, None
     if use_ray:
         from llmopt.distributed.cluster import connect

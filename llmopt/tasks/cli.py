@@ -123,7 +123,7 @@ def eval_command(
     speculative: Annotated[str, typer.Option(help="speculative decoding of greedy answers: 'ngram' (the same answers in fewer steps: changes JCT, not accuracy) or 'off'")] = "off",
 ) -> None:
     """Accuracy, format score and perplexity on offline suites, with 95% intervals."""
-    from llmopt.config import parse_kv_budget, speculative_kwargs
+    from llmopt.config import parse_kv_budget, parse_speculative
 
     from .evaluate import EvalConfig, compare_runs, parse_numbers, parse_spec, parse_suites, save_json
 
@@ -138,7 +138,7 @@ def eval_command(
                         long_depths=parse_numbers(long_depths, float, "--long-depths"),
                         long_ppl_tokens=long_ppl_tokens, kv_policy=kv_policy, kv_budget=parse_kv_budget(kv_budget),
                         kv_dtype=kv_dtype, kv_quest_pin=kv_quest_pin,
-                        speculative=speculative_kwargs(speculative, 3)["speculative"])
+                        speculative=parse_speculative(speculative))
     run = _run_one(model, quant, config, command, str(adapter) if adapter is not None else None)
     console.print(results_table(run, f"{model} [{quant or 'none'}]{' guided' if guided else ''}: n={n}, seed={seed}"))
     result: dict[str, Any] = run
