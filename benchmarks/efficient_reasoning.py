@@ -50,6 +50,7 @@ class Setting:
     cap: int | None = None  # think_budget_max of the gated budget
     jump: bool = False  # jump-forward of the format's scaffolding
     spec: bool = False  # on the engine with n-gram speculative decoding (the same greedy tokens, fewer steps)
+    low_conf: float | None = None  # low_confidence_exit
 
 
 @dataclass
@@ -75,6 +76,7 @@ def params_for(s: Setting, args: argparse.Namespace) -> SamplingParams:
                           think_budget_threshold=s.gate, think_budget_max=s.cap, jump_forward=s.jump,
                           early_exit=s.threshold is not None, loop_exit=s.loop_exit,
                           loop_exit_ngram=args.loop_ngram, loop_exit_repeats=args.loop_repeats,
+                          low_confidence_exit=s.low_conf,
                           **({"early_exit_threshold": s.threshold} if s.threshold is not None else {}),
                           **({"early_exit_min_gap": args.min_gap} if args.min_gap else {}),
                           **({"early_exit_probe_tokens": args.probe_tokens} if args.probe_tokens else {}),
@@ -118,6 +120,9 @@ def main() -> None:
     ap.add_argument("--gated", default="", help="confidence-gated budgets to sweep, comma-separated "
                                                  "BUDGET:THRESHOLD:CAP (CAP may be empty: where the answer fits), "
                                                  "e.g. 64:0.9:160")
+    ap.add_argument("--low-confidence", default="",
+                    help="low-confidence exits to sweep, comma-separated P or P:BUDGET (low_confidence_exit P, with "
+                         "think_budget BUDGET), e.g. 0.3,0.3:128")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--answer-budget", type=int, default=None,
                     help="answer_budget of every setting but unlimited (tokens after thinking ends)")
@@ -178,6 +183,10 @@ def main() -> None:
         b, th, cap = g.split(":")
         variants.append(Setting(f"gated {b}@{th} cap {cap or '-'}", think_budget=int(b), gate=float(th),
                                 cap=int(cap) if cap else None))
+    for x in (x for x in args.low_confidence.split(",") if x):
+        lc, _, b = x.partition(":")
+        variants.append(Setting(f"low confidence {lc}" + (f" + budget {b}" if b else ""), think_budget=int(b) if b else None,
+                                low_conf=float(lc)))
     settings = [Setting("unlimited")]
     if not (args.loop_exit and args.no_unlimited_variants):
         settings += variants
@@ -185,7 +194,7 @@ def main() -> None:
         if not args.skip_loop_alone:
             settings += [Setting("loop exit", loop_exit=True)]
         settings += [Setting(f"loop exit + {v.name}", v.think_budget, v.threshold, loop_exit=True, gate=v.gate,
-                             cap=v.cap) for v in variants]
+                             cap=v.cap, low_conf=v.low_conf) for v in variants]
     if args.jump_forward == "on":
         for s in settings:
             s.jump, s.name = True, s.name + " + jf"

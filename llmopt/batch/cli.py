@@ -85,6 +85,9 @@ def run_command(
                                                help="write the rest of a format tag (<think>, </think>, </answer>) in "
                                                     "one step once the model starts it; on by default (with loop "
                                                     "exit 0.80x the JCT, docs/reasoning.md)")] = True,
+    low_confidence_exit: Annotated[Optional[float], typer.Option(
+        help="close <think> in place of a think token the model chose with a probability below this, in (0, 1): "
+             "thinking that turned into guessing (docs/reasoning.md)", min=0.0, max=1.0)] = None,
     quant: Annotated[Optional[str], typer.Option(help="quantize on load: int8, int4, ... (RTN); fp32: float (a .gguf dequantized); default: as stored (a .gguf runs on its own blocks)")] = None,
     adapter: Annotated[Optional[Path], typer.Option(help="LoRA adapter merged at load (`llmopt train`'s OUT/adapter.safetensors)")] = None,
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16")] = "float32",
@@ -145,7 +148,7 @@ def run_command(
                          early_exit=early_exit,
                          early_exit_threshold=early_exit_threshold, loop_exit=loop_exit,
                          think_budget_threshold=think_budget_threshold, think_budget_max=think_budget_max,
-                         jump_forward=jump_forward)
+                         jump_forward=jump_forward, low_confidence_exit=low_confidence_exit)
     run = BatchRun(batch, output, options, resume=resume)
     todo = run.pending_questions
     what = f"{len(batch.cases)} test cases" if batch.kind == "cases" else f"{len(batch.questions)} questions"

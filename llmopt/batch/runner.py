@@ -72,6 +72,7 @@ class RunOptions:
     think_budget_threshold: float | None = None  # gate the think budget: cut there only on a confident trial answer
     think_budget_max: int | None = None  # the gated budget's hard cap (None: where the answer fits max_tokens)
     jump_forward: bool = False  # write the rest of a format tag in one step once the model starts it
+    low_confidence_exit: float | None = None  # close <think> in place of a think token chosen below this probability
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1 or self.concurrency < 1:
@@ -79,7 +80,8 @@ class RunOptions:
         SamplingParams(think_budget=self.think_budget, answer_budget=self.answer_budget, early_exit=self.early_exit,
                        early_exit_threshold=self.early_exit_threshold, loop_exit=self.loop_exit,
                        think_budget_threshold=self.think_budget_threshold, think_budget_max=self.think_budget_max,
-                       jump_forward=self.jump_forward)  # ValueError naming a bad value
+                       jump_forward=self.jump_forward,
+                       low_confidence_exit=self.low_confidence_exit)  # ValueError naming a bad value
 
 
 @dataclass
@@ -279,7 +281,7 @@ class BatchRun:
                               answer_budget=o.answer_budget, early_exit=o.early_exit,
                               early_exit_threshold=o.early_exit_threshold, loop_exit=o.loop_exit,
                               think_budget_threshold=o.think_budget_threshold, think_budget_max=o.think_budget_max,
-                              jump_forward=o.jump_forward)
+                              jump_forward=o.jump_forward, low_confidence_exit=o.low_confidence_exit)
 
     def prompts(self, questions: tuple[Question, ...], case: Case | None = None) -> list[Messages]:
         return [messages_for(q, case and case.system, self.batch.system, self.options.system) for q in questions]

@@ -39,6 +39,7 @@ from llmopt.reasoning.budget import (
     ThinkTracker,
     answer_limit,
     budget_limit,
+    doubts,
     jump_forward_ids,
     prompt_opens_think,
     should_force_answer_close,
@@ -124,8 +125,8 @@ class LLMEngine:
         self.lock = threading.RLock()  # add/abort may come from other threads than step()
         self._guided: GuidedDecoder | None = None  # built on the first guided request
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "computed_prefill_tokens": 0, "steps": 0,
-                      "probes": 0, "early_exits": 0, "budget_probe_exits": 0, "jump_forward_tokens": 0,
-                      "probe_generated_tokens": 0, "probe_prompt_tokens": 0,
+                      "probes": 0, "early_exits": 0, "low_confidence_exits": 0, "budget_probe_exits": 0,
+                      "jump_forward_tokens": 0, "probe_generated_tokens": 0, "probe_prompt_tokens": 0,
                       "probe_cached_tokens": 0, "spec_steps": 0, "spec_draft_tokens": 0, "spec_accepted_tokens": 0}
         self.spec_stats = AcceptanceStats(cfg.prompt_lookup_max, cfg.num_speculative_tokens)
         # what the engine writes to close a think part / an answer (think budgets, early exit)
@@ -259,10 +260,16 @@ class LLMEngine:
             if drafted:  # rows of sequences with drafts: verified here, the rest sampled below
                 spec = [i for i, s in enumerate(seqs) if s.draft_ids]
                 if spec:
-                    greedy = logits[spec].argmax(-1).tolist()
-                    rows: dict[int, list[int]] = {}
-                    for i, tok in zip(spec, greedy):
-                        rows.setdefault(seqs[i].seq_id, []).append(tok)
+                    best = logits[spec].max(-1)
+                    greedy = best.indices.tolist()
+                    # the greedy token's log-probability, for a low-confidence exit (else unused: left at 0)
+                    if any(seqs[i].params.low_confidence_exit is not None for i in spec):
+                        chosen = (best.values - torch.logsumexp(logits[spec], -1)).tolist()
+                    else:
+                        chosen = [0.0] * len(spec)
+                    rows: dict[int, list[tuple[int, float]]] = {}
+                    for i, tok, lp in zip(spec, greedy, chosen):
+                        rows.setdefault(seqs[i].seq_id, []).append((tok, lp))
                     for seq in dict.fromkeys(seqs[i] for i in spec):
                         outputs.append(RequestOutput.of(seq, self._verify(seq, rows[seq.seq_id], now)))
                     verified = set(spec)
@@ -279,7 +286,10 @@ class LLMEngine:
                     delta = self._close_on_eos(seq, now)
                     outputs.append(RequestOutput.of(seq, delta))
                     continue
-                delta = self._append(seq, tok, lp, now)
+                if lp is not None and doubts(seq.think, lp.logprob, seq.params.low_confidence_exit):
+                    outputs.append(RequestOutput.of(seq, self._close_in_doubt(seq, now)))
+                    continue
+                delta = self._append(seq, tok, lp if seq.params.logprobs is not None else None, now)
                 if seq.is_probe:  # internal: no output; a finished probe may end its parent's thinking
                     parent = self._probe_done(seq, now) if seq.finished else None
                     if parent is not None:
@@ -334,21 +344,24 @@ class LLMEngine:
             if seq.draft_ids:
                 self.stats["spec_draft_tokens"] += len(seq.draft_ids)
 
-    def _verify(self, seq: Sequence, greedy: list[int], now: float) -> str:
-        """Take the model's greedy tokens of a chunk with drafts: row i's token is appended (and steered,
-        as any sampled token) while the drafts before it matched the model's choices; the first
-        mismatch, a finished sequence or engine-written tokens end it. The sequence's computed
-        length then covers the rows whose input tokens were kept."""
+    def _verify(self, seq: Sequence, greedy: list[tuple[int, float]], now: float) -> str:
+        """Take the model's greedy tokens (with their log-probabilities) of a chunk with drafts: row i's
+        token is appended (and steered, as any sampled token) while the drafts before it matched the
+        model's choices; the first mismatch, a finished sequence or engine-written tokens end it. The
+        sequence's computed length then covers the rows whose input tokens were kept."""
         drafts, seq.draft_ids = seq.draft_ids, []
         base = seq.num_computed_tokens - len(greedy)
         if seq.finished:  # aborted while the step ran
             return ""
         delta, used, mismatched = "", 0, False
-        for i, tok in enumerate(greedy):
+        for i, (tok, lp) in enumerate(greedy):
             used += 1
             n_out, chars = len(seq.output_ids), len(seq.text)
             if self._eos_breaks_format(seq, tok):
                 delta += self._close_on_eos(seq, now)
+                break
+            if doubts(seq.think, lp, seq.params.low_confidence_exit):
+                delta += self._close_in_doubt(seq, now)
                 break
             delta += self._append(seq, tok, None, now)
             delta += self._steer(seq, len(seq.text) - chars, now)
@@ -428,6 +441,13 @@ class LLMEngine:
             t.close(len(seq.output_ids), "eos")
             return self._force(seq, self.close_ids, now)
         return self._end_answer(seq, now)
+
+    def _close_in_doubt(self, seq: Sequence, now: float) -> str:
+        """Low-confidence exit: the model guessed its next think token (``doubts``); in place of that
+        token the engine writes the closing text and the model answers from what it has."""
+        seq.think.close(len(seq.output_ids), "low_confidence")
+        self.stats["low_confidence_exits"] += 1
+        return self._force(seq, self.close_ids, now)
 
     def _end_answer(self, seq: Sequence, now: float) -> str:
         """Write ``</answer>`` and end the sequence (at its answer budget, max_tokens or an EOS)."""

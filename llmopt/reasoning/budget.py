@@ -32,6 +32,14 @@ probability is above the threshold (the parent adopts the trial answer, ``closed
 tokens, up to the hard cap ``think_budget_max`` (default: where the answer still fits
 ``max_tokens``), where it is closed as a plain budget.
 
+Low-confidence exit (``SamplingParams.low_confidence_exit = p``, :func:`doubts`): when the model
+chooses a think token with a probability below ``p`` (greedy or sampled; the model's probability,
+before temperature and top-k / top-p, as ``logprobs`` reports it), the engine writes ``CLOSE_TEXT`` in place of that token (``closed_by =
+"low_confidence"``) and the model answers from what it has. The opposite of early exit: it stops
+thinking that has turned into guessing (on the shipped 135M model nearly all of it ends wrong and
+runs long), not thinking that is already sure; the idea is DeepConf's online trace termination
+(Fu et al. 2025, lowest group confidence), with a group of one token. docs/reasoning.md measures it.
+
 Jump-forward (``SamplingParams.jump_forward``, :func:`jump_forward_ids`): once the model has written
 the first token of a tag of the format, the engine appends the rest of the tag's scaffolding
 (``<think>\n``, ``</think>\n<answer>\n``, ``</answer>``) as one chunk, computed in the next step
@@ -43,6 +51,7 @@ All functions here are pure; ``ThinkTracker`` is plain state.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -107,6 +116,22 @@ def check_gated_budget(think_budget: int | None, threshold: float | None, budget
             raise ValueError(f"think_budget_max ({budget_max}) must be >= think_budget ({think_budget})")
 
 
+def check_low_confidence_exit(value: float | None) -> None:
+    """``low_confidence_exit``: None (off) or a probability in (0, 1)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise ValueError(f"low_confidence_exit must be a probability in (0, 1) (thinking is closed in place of a think "
+                         f"token the model chose with a lower probability) or None for off, got {value!r}")
+
+
+def doubts(t: ThinkTracker, logprob: float, low_confidence_exit: float | None) -> bool:
+    """Low-confidence exit: the sequence is thinking and the model chose its next token with a
+    probability below ``low_confidence_exit`` (a guess: what follows it is likely wasted)."""
+    return (low_confidence_exit is not None and t.phase == Phase.THINKING and t.closed_by is None
+            and logprob < math.log(low_confidence_exit))
+
+
 def budget_limit(think_budget: int | None, max_tokens: int, close_len: int) -> int | None:
     """Output tokens after which thinking is closed, or None without a budget."""
     if think_budget is None:
@@ -122,7 +147,8 @@ class ThinkTracker:
     phase: Phase = Phase.PENDING
     think_tokens: int = 0
     # "model" | "budget" | "budget_probe" (a gated budget's confident trial answer) | "early_exit" | "loop" |
-    # "eos" (the model ended inside <think>)
+    # "low_confidence" (a think token chosen below SamplingParams.low_confidence_exit) | "eos" (the model ended
+    # inside <think>)
     closed_by: str | None = None
     forced_tokens: int = 0  # tokens the engine wrote (closing texts, adopted trial answers)
     answer_closed: bool = False  # "</answer>" written
@@ -221,7 +247,7 @@ class ReasoningStats:
     think_tokens: int  # 0 when the output never opened <think>
     answer_tokens: int  # the rest of the output (closing tags included)
     closed_by: str | None  # who wrote </think>: "model", or the engine at "budget", "budget_probe", "early_exit",
-    # "loop", "eos";
+    # "loop", "low_confidence", "eos";
     # None: open
     forced_tokens: int  # tokens the engine wrote into the output
     probes: int  # early-exit probes run for this request

@@ -232,7 +232,7 @@ def tokens_per_answer(runs: list[EvalRun], path: Path) -> Figure | None:
 
 
 def reasoning_setting(run: EvalRun) -> str | None:
-    """"unlimited", "budget N", "early exit t", "loop exit" (or several) for an eval run that recorded think
+    """"unlimited", "budget N", "early exit t", "loop exit", "low confidence p" (or several) for an eval run that recorded think
     tokens; None for a run without reasoning-efficiency records."""
     if not any("mean_think_tokens" in s for s in run.data.get("suites", {}).values()):
         return None
@@ -245,6 +245,8 @@ def reasoning_setting(run: EvalRun) -> str | None:
         parts.append(f"early exit {t if t is not None else 'default'}")
     if cfg.get("loop_exit"):
         parts.append("loop exit")
+    if cfg.get("low_confidence_exit"):
+        parts.append(f"low confidence {cfg['low_confidence_exit']}")
     return ", ".join(parts) or "unlimited"
 
 

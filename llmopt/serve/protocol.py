@@ -81,6 +81,7 @@ class _SamplingFields(_Request):
     think_budget_threshold: float | None = None  # gate think_budget: cut there only on a confident trial answer
     think_budget_max: int | None = None  # the gated budget's hard cap
     jump_forward: bool = False  # write the rest of a format tag in one step once the model starts it
+    low_confidence_exit: float | None = None  # close <think> in place of a think token chosen below this probability
 
     def reasoning_fields(self) -> dict[str, Any]:
         """The efficient-reasoning fields that are set, as ``SamplingParams`` keywords."""
@@ -90,7 +91,8 @@ class _SamplingFields(_Request):
             out["early_exit_threshold"] = self.early_exit_threshold
         out["loop_exit"] = self.loop_exit
         out["jump_forward"] = self.jump_forward
-        for k in ("loop_exit_ngram", "loop_exit_repeats", "think_budget_threshold", "think_budget_max"):
+        for k in ("loop_exit_ngram", "loop_exit_repeats", "think_budget_threshold", "think_budget_max",
+                  "low_confidence_exit"):
             if (v := getattr(self, k)) is not None:
                 out[k] = v
         return out

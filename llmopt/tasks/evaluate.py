@@ -88,6 +88,7 @@ class EvalConfig:
     early_exit: bool = False  # DEER-style confidence early exit
     early_exit_threshold: float | None = None  # None: the engine's default
     loop_exit: bool = False  # close <think> when it starts repeating itself
+    low_confidence_exit: float | None = None  # close <think> in place of a think token chosen below this probability
     prefill_think: bool = False  # end the prompt with "<think>\n" (the assistant prefix forced); graded as
     # "<think>\n" + output, for a model that does not open <think> by itself
     # long context (llmopt.tasks.longctx, docs/long_context.md): prompt lengths and needle depths of
@@ -201,6 +202,7 @@ def reasoning_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
         "budget_close_rate": closed.count("budget") / len(rs),
         "early_exit_rate": closed.count("early_exit") / len(rs),
         "loop_exit_rate": closed.count("loop") / len(rs),
+        "low_confidence_exit_rate": closed.count("low_confidence") / len(rs),
         "probe_tokens": int(sum(r.get("probe_tokens") or 0 for r in rs)),
     }
 
@@ -240,6 +242,7 @@ def _sampling_params(config: EvalConfig, sample: int) -> Any:
         answer_budget=config.answer_budget,
         early_exit=config.early_exit,
         loop_exit=config.loop_exit,
+        low_confidence_exit=config.low_confidence_exit,
         **({"early_exit_threshold": config.early_exit_threshold} if config.early_exit_threshold is not None else {}),
     )
 

@@ -23,7 +23,8 @@ def _cases(tmp_path, **extra):
                                 dict(early_exit_threshold=1.01), dict(loop_exit="yes"),
                                 dict(answer_budget=0), dict(think_budget_threshold=0.9),
                                 dict(think_budget=8, think_budget_threshold=0.9, think_budget_max=4),
-                                dict(jump_forward="yes")])
+                                dict(jump_forward="yes"), dict(low_confidence_exit=1.0),
+                                dict(low_confidence_exit=0.0)])
 def test_bad_reasoning_options_are_value_errors(kw):
     with pytest.raises(ValueError):
         RunOptions(**kw)
@@ -38,6 +39,8 @@ def test_case_think_budget_is_validated_and_wins_over_the_run_option(tmp_path):
     assert p.think_budget == 9 and p.early_exit and not p.loop_exit and p.answer_budget is None
     assert BatchRun(batch, tmp_path / "out.jsonl", RunOptions(answer_budget=24)).params(batch.cases[0]).answer_budget == 24
     assert BatchRun(batch, tmp_path / "out.jsonl", RunOptions(loop_exit=True)).params(batch.cases[0]).loop_exit
+    lc = BatchRun(batch, tmp_path / "out.jsonl", RunOptions(low_confidence_exit=0.3)).params(batch.cases[0])
+    assert lc.low_confidence_exit == 0.3
     gated = BatchRun(batch, tmp_path / "out.jsonl", RunOptions(think_budget=20, think_budget_threshold=0.9,
                                                               think_budget_max=40,
                                                               jump_forward=True)).params(batch.cases[0])

@@ -8,17 +8,15 @@ from llmopt import LLM, SamplingParams
 from llmopt.reasoning.early_exit import at_transition, exit_now, trial_confidence
 from llmopt.reasoning.format import format_ok
 from tests.conftest import SMOLLM2, requires_smollm2
+from tests.engine.reasoning_util import OPEN_PROMPT, reasoning_params
 
-OPEN_PROMPT = "Question: what is two and two?\n<think>"
 # byte-level random model: common letters as "pauses" so that probes fork often
 MARKERS = ("a", "e", "i", "o", " ", "\n")
 
 
 def _params(**kw):
-    base = dict(max_tokens=48, temperature=0.0, ignore_eos=True, stop=["</answer>"], include_stop_str_in_output=True,
-                early_exit=True, early_exit_threshold=1e-6, early_exit_min_gap=3, early_exit_probe_tokens=6,
-                early_exit_markers=MARKERS)
-    return SamplingParams(**(base | kw))
+    return reasoning_params(48, **(dict(early_exit=True, early_exit_threshold=1e-6, early_exit_min_gap=3,
+                                        early_exit_probe_tokens=6, early_exit_markers=MARKERS) | kw))
 
 
 @pytest.fixture(scope="module")

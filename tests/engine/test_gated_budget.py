@@ -9,15 +9,11 @@ from llmopt.reasoning.budget import budget_limit
 from llmopt.reasoning.format import format_ok
 from llmopt.tasks.base import REASONING_SYSTEM_PROMPT
 from tests.conftest import requires_smollm2
-
-OPEN_PROMPT = "Question: what is two and two?\n<think>"
-PLAIN_PROMPT = "Question: what is two and two?\n"
+from tests.engine.reasoning_util import OPEN_PROMPT, PLAIN_PROMPT, reasoning_params
 
 
 def _params(**kw):
-    base = dict(max_tokens=80, temperature=0.0, ignore_eos=True, stop=["</answer>"], include_stop_str_in_output=True,
-                early_exit_min_gap=5, early_exit_probe_tokens=6)
-    return SamplingParams(**(base | kw))
+    return reasoning_params(80, **(dict(early_exit_min_gap=5, early_exit_probe_tokens=6) | kw))
 
 
 @pytest.fixture(scope="module")

@@ -6,16 +6,11 @@ from llmopt import LLM, SamplingParams
 from llmopt.reasoning.budget import budget_limit
 from llmopt.reasoning.format import format_ok
 from llmopt.reasoning.loops import DEFAULT_NGRAM, DEFAULT_REPEATS, LoopExitConfig, find_loop
-
-# the tiny random model falls into greedy loops after some tokens; it never writes <think> itself, so
-# the prompt ends with it (the assistant prefix forced by the caller)
-OPEN_PROMPT = "Question: what is two and two?\n<think>"
-PLAIN_PROMPT = "Question: what is two and two?\n"
+from tests.engine.reasoning_util import OPEN_PROMPT, PLAIN_PROMPT, reasoning_params
 
 
 def _params(**kw):
-    base = dict(max_tokens=200, temperature=0.0, ignore_eos=True, stop=["</answer>"], include_stop_str_in_output=True)
-    return SamplingParams(**(base | kw))
+    return reasoning_params(200, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -5,16 +5,11 @@ import pytest
 from llmopt import LLM, SamplingParams
 from llmopt.reasoning.budget import CLOSE_TEXT, Phase, ThinkTracker, budget_limit
 from llmopt.reasoning.format import format_ok
-
-# the tiny random model never writes <think> itself: the prompt ends with it (the assistant prefix
-# forced by the caller), so the output starts inside the think part
-OPEN_PROMPT = "Question: what is two and two?\n<think>"
-PLAIN_PROMPT = "Question: what is two and two?\n"
+from tests.engine.reasoning_util import OPEN_PROMPT, PLAIN_PROMPT, reasoning_params
 
 
 def _params(**kw):
-    base = dict(max_tokens=60, temperature=0.0, ignore_eos=True, stop=["</answer>"], include_stop_str_in_output=True)
-    return SamplingParams(**(base | kw))
+    return reasoning_params(60, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,8 @@ from serve_util import MODEL
                                          ({"loop_exit": True, "loop_exit_ngram": 1}, "loop_exit_ngram"),
                                          ({"loop_exit": True, "loop_exit_repeats": 0}, "loop_exit_repeats"),
                                          ({"think_budget_threshold": 0.9}, "think_budget_threshold"),
+                                         ({"low_confidence_exit": 1.0}, "low_confidence_exit"),
+                                         ({"low_confidence_exit": 0}, "low_confidence_exit"),
                                          ({"think_budget": 8, "think_budget_threshold": 0}, "think_budget_threshold"),
                                          ({"think_budget": 8, "think_budget_threshold": 0.9, "think_budget_max": 4},
                                           "think_budget_max")])
@@ -34,6 +36,16 @@ def test_think_budget_closes_thinking_over_http(client):
                                   extra_body={"think_budget": 6, "include_stop_str_in_output": True})
     text = r.choices[0].text
     assert "</think>\n<answer>\n" in text and format_ok("<think>\n" + text), text
+
+
+def test_low_confidence_exit_closes_thinking_over_http(client):
+    # the tiny random model's tokens are all guesses: at 0.99 thinking closes in place of the first one
+    r = client.completions.create(model=MODEL, prompt="Q: What is 6 times 7? Think first.\n<think>\n",
+                                  max_tokens=40, temperature=0.0, stop=["</answer>"],
+                                  extra_body={"low_confidence_exit": 0.99, "answer_budget": 10,
+                                              "include_stop_str_in_output": True})
+    text = r.choices[0].text
+    assert text.startswith("</think>\n<answer>\n") and format_ok("<think>\n" + text), text
 
 
 def test_answer_budget_closes_the_answer_over_http(client):

@@ -38,6 +38,17 @@ def test_loop_exit_eval_closes_looping_think_parts_and_keeps_the_format(tiny_mod
     assert s["loop_exit_rate"] == sum(r["closed_by"] == "loop" for r in run["items"]) / 2 > 0
 
 
+def test_low_confidence_exit_eval_closes_guessing_think_parts(tiny_models):
+    llm = LLM(str(tiny_models["llama"][1]), kv_cache_memory_gb=0.05)
+    # the random model's tokens are all guesses: at 0.99 thinking closes in place of the first one
+    cfg = EvalConfig(model="tiny", suites=("math",), n=2, max_tokens=40, low_confidence_exit=0.99, answer_budget=8,
+                     prefill_think=True)
+    run = run_eval(llm, cfg, command="test")
+    for r in run["items"]:
+        assert r["closed_by"] == "low_confidence" and r["think_tokens"] == 0 and r["format_ok"], r["output"]
+    assert run["suites"]["math"]["low_confidence_exit_rate"] == 1.0
+
+
 def test_reasoning_summary_counts_correct_answers_per_thousand_think_tokens():
     rs = [{"think_tokens": 300, "answer_tokens": 5, "correct": True, "latency_s": 1.0, "closed_by": "early_exit"},
           {"think_tokens": 200, "answer_tokens": 7, "correct": False, "latency_s": 3.0, "closed_by": "model"}]
@@ -70,8 +81,12 @@ def test_report_draws_accuracy_against_jct_with_the_unlimited_reference(tmp_path
 
     save_json(_reasoning_run(None, 3, 200), tmp_path / "runs" / "unlimited.json")
     save_json(_reasoning_run(64, 2, 64), tmp_path / "runs" / "b64.json")
+    low = _reasoning_run(None, 2, 80)
+    low["config"] |= {"low_confidence_exit": 0.4, "loop_exit": True}
+    save_json(low, tmp_path / "runs" / "low.json")
     runs = load_runs([tmp_path / "runs"])
-    assert sorted(reasoning_setting(r) for r in runs.evals) == ["budget 64", "unlimited"]
+    assert sorted(reasoning_setting(r) for r in runs.evals) == ["budget 64", "loop exit, low confidence 0.4",
+                                                                "unlimited"]
     files = build_report([tmp_path / "runs"], tmp_path / "out")
     assert "accuracy_vs_jct.png" in [p.name for p in files.figures]
     assert "llmopt eval --think-budget 64" in files.markdown.read_text()
