@@ -3,7 +3,8 @@ tokens int8) against ``int8`` (every row int8 per 32 k, like llama.cpp's Q8 acti
 llama.cpp and transformers on the same file.
 
     PYTHONPATH=.:DIR .venv/bin/python benchmarks/bench_gguf_acts.py [--model FILE.gguf] \
-        [--cells 1x128x128,16x128x128,1x512x16] [--threads 2] [--peer] [--baseline hf] [--json out.json]
+        [--cells 1x128x128,16x128x128,1x512x16] [--threads 2] [--peer] [--baseline hf] [--json out.json] \
+        [--prompt-int16]
 
 ``DIR`` (optional) holds the llama-cpp-python build to compare with (e.g. ``pip install --target DIR``);
 ``--peer`` adds it. On a CPU with AMX-INT8 the int8 mode's prompt rows run on AMX tiles
@@ -47,14 +48,19 @@ def main() -> int:
     ap.add_argument("--peer", action="store_true", help="add llama.cpp (llama-cpp-python importable) on the same file")
     ap.add_argument("--baseline", choices=("none", "hf"), default="none", help="hf: add transformers")
     ap.add_argument("--json", default=None, help="write the whole result here")
+    ap.add_argument("--prompt-int16", action="store_true",
+                    help="the second llmopt row runs by-kind with int16 prompt rows (LLMOPT_GGUF_PROMPT_INT16=1) "
+                         "instead of the int8 mode")
     args = ap.parse_args()
     cfg = GridConfig(model=args.model, cells=parse_cells(args.cells), threads=args.threads, baseline=args.baseline,
                      quants=["gguf"], peers=["llamacpp"] if args.peer else [], repeat=args.repeat,
-                     system_env={INT8_ROW: {"LLMOPT_GGUF_ACT": "int8"}, "llmopt": {"LLMOPT_GGUF_ACT": "by-kind"}})
+                     system_env={INT8_ROW: ({"LLMOPT_GGUF_ACT": "by-kind", "LLMOPT_GGUF_PROMPT_INT16": "1"}
+                                            if args.prompt_int16 else {"LLMOPT_GGUF_ACT": "int8"}),
+                                 "llmopt": {"LLMOPT_GGUF_ACT": "by-kind", "LLMOPT_GGUF_PROMPT_INT16": "0"}})
     res = run_grid(cfg, progress=lambda m: print(m, file=sys.stderr, flush=True))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
-    names = {"llmopt": "llmopt by-kind", INT8_ROW: "llmopt int8"}
+    names = {"llmopt": "llmopt by-kind", INT8_ROW: "llmopt i16 prompt" if args.prompt_int16 else "llmopt int8"}
     print(f"{'cell':>14s}  {'system':16s} {'bits/w':>7s} {'held-out ppl':>13s} " + " ".join(f"{k:>27s}" for k in KEYS))
     for row in res["rows"]:
         cell = f"{row['concurrency']}x{row['input_len']}/{row['output_len']}"

@@ -244,6 +244,9 @@ class KernelSettings:
     ``LLMOPT_GGUF_BF16X3``      ``gguf_bf16x3``      fp32 prompt rows of GGUF projections on AMX-BF16
                                                      tiles where the CPU has them ("0": the fp32
                                                      chain, the same bits on every CPU)
+    ``LLMOPT_GGUF_PROMPT_INT16`` ``gguf_prompt_int16`` "1": prompt rows of GGUF projections with int16
+                                                     activations (per 32 k, ~2e-5 relative error;
+                                                     AMX-BF16 tiles still win where the CPU has them)
     ==========================  ===================  =============================================
 
     Build-time variables stay with the build (``kernels/build.py``): ``LLMOPT_NATIVE``,
@@ -260,6 +263,7 @@ class KernelSettings:
     quant_embed: bool = True
     gguf_act: str = "by-kind"
     gguf_bf16x3: bool = True
+    gguf_prompt_int16: bool = False
 
     def __post_init__(self) -> None:
         if self.int4_act not in ("int8", "fp32"):
@@ -287,6 +291,7 @@ class KernelSettings:
             quant_embed=env.get("LLMOPT_QUANT_EMBED", "1").strip().lower() not in _FALSE,
             gguf_act=env.get("LLMOPT_GGUF_ACT", cls.gguf_act),
             gguf_bf16x3=env.get("LLMOPT_GGUF_BF16X3", "1").strip().lower() not in _FALSE,
+            gguf_prompt_int16=env.get("LLMOPT_GGUF_PROMPT_INT16", "0").strip().lower() not in _FALSE,
         )
 
 

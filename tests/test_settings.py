@@ -71,3 +71,10 @@ def test_default_threads_follow_the_affinity_mask_not_the_machine(monkeypatch):
     assert EngineConfig().num_threads == 3
     monkeypatch.setenv("LLMOPT_NUM_THREADS", "2")
     assert EngineConfig().num_threads == 2
+
+
+def test_int16_prompt_rows_are_off_unless_asked_for():
+    assert KernelSettings().gguf_prompt_int16 is False
+    assert KernelSettings.from_env({}).gguf_prompt_int16 is False
+    assert KernelSettings.from_env({"LLMOPT_GGUF_PROMPT_INT16": "1"}).gguf_prompt_int16 is True
+    assert KernelSettings.from_env({"LLMOPT_GGUF_PROMPT_INT16": "0"}).gguf_prompt_int16 is False

@@ -26,7 +26,8 @@ def results_table(result: dict[str, Any], title: str | None = None) -> Table:
 
     m = result["machine"]
     kern = m.get("kernels") or {}
-    bf3 = ", prompt rows on AMX-BF16" if kern.get("prompt_bf16x3") else ""
+    bf3 = (", prompt rows on AMX-BF16" if kern.get("prompt_bf16x3")
+           else ", prompt rows int16" if kern.get("prompt_int16") else "")
     where = f", GGUF kernels {kern['gguf_path']} (prefetch {kern['prefetch']}{bf3})" if kern else ""
     t = Table(title=title or f"{result['model']['name']}: {_threads(m['threads'])}, {m['cpu_model']}{where}",
               caption=f"ref = {result['settings']['reference']}; "

@@ -95,7 +95,7 @@ class LLMEngine:
         ks = cfg.kernel_settings
         qlinear.configure(int4_act=ks.int4_act, int4_a8_max_m=ks.int4_a8_max_m, large_m=ks.large_m,
                           tiles=ks.decode_tiles)
-        gguf_layers.configure(bf16x3=ks.gguf_bf16x3)
+        gguf_layers.configure(bf16x3=ks.gguf_bf16x3, prompt_int16=ks.gguf_prompt_int16)
         self.quant = quant
         self.quant_config = engine_quant_config(quant, cfg, group_size)
         self.loaded = load_model(model, dtype=cfg.torch_dtype, max_positions=cfg.max_model_len or 8192,

@@ -24,7 +24,9 @@ Prompt rows in fp32 (the "fp32" and "by-kind" modes) run on AMX-BF16 tiles where
 (``act="bf16x3"`` in ``kernels/gguf_linear.py``: x @ W.T up to fp32 rounding, batch-invariant, not the
 fp32 chain's bits; same types as int8), unless :func:`configure` turns it off
 (``KernelSettings.gguf_bf16x3``, ``LLMOPT_GGUF_BF16X3=0``). Generated rows never take it (a few rows at a
-time: slower there). Decided when a layer's blocks are set (at load).
+time: slower there). Elsewhere :func:`configure` can put them on int16 activations
+(``LLMOPT_GGUF_PROMPT_INT16=1``: ``act="int16"``, per row and 32 k, ~2e-5 relative error, batch-invariant;
+off by default). Decided when a layer's blocks are set (at load).
 
 Fused projections: ``qkv_proj`` = the q, k, v tensors' rows, ``gate_up_proj`` = gate, up. Shards of
 one type are packed as one weight; shards of different types (a Q4_K_M file's Q6_K ``attn_v``) as
@@ -67,13 +69,16 @@ __all__ = ["GGUFLinear", "GGUFEmbedding", "GGUFMethod", "GGUFEmbeddingMethod", "
 
 GGUF_ACTS = ("fp32", "int8", "by-kind")
 PROMPT_BF16X3 = True  # prompt rows on AMX-BF16 tiles where available (configure)
+PROMPT_INT16 = False  # prompt rows with int16 activations (configure)
 
 
-def configure(bf16x3: bool = True) -> None:
-    """Whether GGUF layers loaded from now on run their fp32 prompt rows on AMX-BF16 tiles where the CPU
-    has them (``KernelSettings.gguf_bf16x3``)."""
-    global PROMPT_BF16X3
+def configure(bf16x3: bool = True, prompt_int16: bool = False) -> None:
+    """How GGUF layers loaded from now on run their fp32 prompt rows: on AMX-BF16 tiles where the CPU
+    has them (``KernelSettings.gguf_bf16x3``), else with int16 activations if ``prompt_int16``
+    (``KernelSettings.gguf_prompt_int16``), else the fp32 chain."""
+    global PROMPT_BF16X3, PROMPT_INT16
     PROMPT_BF16X3 = bool(bf16x3)
+    PROMPT_INT16 = bool(prompt_int16)
 
 
 @dataclass(frozen=True)
@@ -165,7 +170,7 @@ class GGUFLinear(TokenKindLinear):
         self.parts = parts
         a8 = set(supported_types("int8"))
         self.acts = ["int8" if self.act != "fp32" and p.type_name in a8 else "fp32" for p in parts]
-        fp32_prompt = "bf16x3" if PROMPT_BF16X3 and bf16x3_available() else "fp32"
+        fp32_prompt = ("bf16x3" if PROMPT_BF16X3 and bf16x3_available() else "int16" if PROMPT_INT16 else "fp32")
         self.prompt_acts = [("int8" if self.act == "int8" else fp32_prompt) if p.type_name in a8 else "fp32"
                             for p in parts]
 

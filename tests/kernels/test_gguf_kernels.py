@@ -218,6 +218,37 @@ def test_int8_activations_match_the_quantized_activation_reference(paths, parall
     assert ((alone[:16].double() - y32).norm() / y32.norm()).item() < 2e-2
 
 
+@pytest.mark.parametrize("qt", A8_TYPES, ids=[t.name for t in A8_TYPES])
+def test_int16_activations_match_the_quantized_activation_reference(paths, parallel_always, threads, qt):
+    """act="int16" == (x quantized per row and 32 k to int16, dequantized) @ W.T up to float rounding, on
+    every path; exact integer sums, so every path gives the same bits; rows are batch-invariant; and the
+    result is within ~1e-4 of the fp32 product (int8: ~1e-2)."""
+    packed, w = case(qt, seed=6)
+    n, k = packed.shape
+    g = torch.Generator().manual_seed(12)
+    xs = torch.randn(max(MS), k, generator=g) * torch.logspace(-3, 1, max(MS)).unsqueeze(1)
+    xs[5] = 0  # amax == 0: scale 0, codes 0
+    bias = torch.randn(n, generator=g)
+    xhat = G.quantize_act_int16(xs)
+    exact = xhat.double() @ w.double().t() + bias.double()
+    sub = 16 if qt == QT.Q6_K else 32
+    bound = (k // sub + 2) * 2.0 ** -22 * (xhat.double().abs() @ w.double().abs().t() + bias.double().abs())
+    threads(1)
+    alone = torch.cat([G.gguf_linear(xs[i:i + 1], packed, bias, act="int16", path=paths[-1])
+                       for i in range(xs.shape[0])])
+    assert ((alone.double() - exact).abs() <= bound).all(), f"{qt.name}: int16 mode off the quantized reference"
+    for p in paths:
+        for nt in (1, 2):
+            threads(nt)
+            for m in MS:
+                y = G.gguf_linear(xs[:m], packed, bias, act="int16", path=p)
+                assert torch.equal(y, alone[:m]), f"{qt.name} int16 path={p} threads={nt} M={m}"
+    yr = G.gguf_linear(xs[:16], packed, bias, act="int16", path="reference")
+    assert ((yr.double() - exact[:16]).abs() <= bound[:16]).all()
+    y32 = xs[:16].double() @ w.double().t() + bias.double()
+    assert ((alone[:16].double() - y32).norm() / y32.norm()).item() < 1e-4
+
+
 _A8_CHILD = """
 import sys, torch
 from llmopt.kernels import gguf_linear as G
@@ -346,7 +377,9 @@ def test_int8_mode_refuses_types_without_its_kernel(paths):
     packed, _ = case(QT.Q3_K)
     with pytest.raises(ValueError, match=r"'test.Q3_K' \(Q3_K, 37x768\): no int8-activation kernel for Q3_K"):
         G.gguf_linear(torch.randn(1, 768), packed, act="int8")
-    with pytest.raises(ValueError, match="act must be one of fp32, int8, bf16x3"):
+    with pytest.raises(ValueError, match=r"'test.Q3_K' \(Q3_K, 37x768\): no int16 kernel for Q3_K"):
+        G.gguf_linear(torch.randn(1, 768), packed, act="int16")
+    with pytest.raises(ValueError, match="act must be one of fp32, int8, int16, bf16x3"):
         G.gguf_linear(torch.randn(1, 768), packed, act="int4")
 
 
@@ -371,9 +404,9 @@ def test_out_receives_the_result_in_place(paths):
     n, k = packed.shape
     x = torch.randn(9, k)
     bias = torch.randn(n)
-    acts = ["fp32", "int8"] + (["bf16x3"] if G.bf16x3_available() else [])
+    acts = ["fp32", "int8", "int16"] + (["bf16x3"] if G.bf16x3_available() else [])
     for path in [*paths, "reference"]:
-        for act in acts if path == G.cpu_path() else ["fp32", "int8"]:
+        for act in acts if path == G.cpu_path() else ["fp32", "int8", "int16"]:
             want = G.gguf_linear(x, packed, bias, act=act, path=path)
             big = torch.full((12, n), float("nan"))
             got = G.gguf_linear(x[3:7], packed, bias, act=act, path=path, out=big[5:9])

@@ -234,3 +234,28 @@ def test_prompt_rows_on_amx_bf16_where_present_and_the_setting_turns_it_off(tiny
     prompts = [[5, 17, 99, 3], [250, 1, 7, 7, 7, 8, 9, 10, 11], [42]]
     p = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     assert [o.token_ids for o in on.generate(prompts, p)] == [on.generate([q], p)[0].token_ids for q in prompts]
+
+
+def test_prompt_rows_on_int16_activations_when_asked(tiny, tmp_path):
+    """``KernelSettings(gguf_prompt_int16=True)``: prompt rows of types with the int8 kernel take act="int16"
+    (Q3_K stays fp32; AMX-BF16 tiles still win where present), generated rows keep int8. Prompt logits agree
+    with the fp32 chain's to ~1e-4; greedy batched == single; off by default."""
+    from llmopt.config import KernelSettings
+
+    def qtype(name: str):
+        return QT.Q3_K if name.endswith("ffn_down.weight") else QT.Q4_1
+
+    path = write_gguf(tiny["llama"], tmp_path / "i16.gguf", qtype=qtype, quantizer=gguf_blocks)
+    on = LLM(str(path), num_kv_blocks=128, kernels=KernelSettings(gguf_prompt_int16=True, gguf_bf16x3=False))
+    off = LLM(str(path), num_kv_blocks=128, kernels=KernelSettings(gguf_bf16x3=False))
+    m = on.engine.model
+    assert m.layers[0].self_attn.qkv_proj.prompt_acts == ["int16"] and m.layers[0].self_attn.qkv_proj.acts == ["int8"]
+    assert m.layers[0].mlp.down_proj.prompt_acts == ["fp32"]  # Q3_K: no int16 kernel
+    assert off.engine.model.layers[0].self_attn.qkv_proj.prompt_acts == ["fp32"]
+    ids = [4, 8, 15, 16, 23, 42, 7, 99, 3, 250]
+    a, b = on.engine.score(ids), off.engine.score(ids)
+    assert torch.allclose(a, b, rtol=0, atol=1e-3), (a - b).abs().max()
+    assert not torch.equal(a, b)  # really another kernel
+    prompts = [[5, 17, 99, 3], [250, 1, 7, 7, 7, 8, 9, 10, 11], [42]]
+    p = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    assert [o.token_ids for o in on.generate(prompts, p)] == [on.generate([q], p)[0].token_ids for q in prompts]

@@ -134,6 +134,28 @@ struct V {
 #endif
   }
   static GGUF_INLINE F cvti(I a) { return _mm512_cvtepi32_ps(a); }
+  // --- int16 activations ---
+  // bytes 2 SEL, 2 SEL + 1 of each 32-bit lane as two int16 (zero- or, SIGNED, sign-extended)
+  template <int SEL, bool SIGNED> static GGUF_INLINE I pairs16(I a) {
+    constexpr char z = (char)0x80, b0 = 2 * SEL, b1 = 2 * SEL + 1;
+    if constexpr (SIGNED) {
+      const __m512i c = _mm512_broadcast_i32x4(_mm_setr_epi8(z, b0, z, b1, z, b0 + 4, z, b1 + 4, z, b0 + 8, z, b1 + 8,
+                                                             z, b0 + 12, z, b1 + 12));
+      return _mm512_srai_epi16(_mm512_shuffle_epi8(a, c), 8);
+    } else {
+      const __m512i c = _mm512_broadcast_i32x4(_mm_setr_epi8(b0, z, b1, z, b0 + 4, z, b1 + 4, z, b0 + 8, z, b1 + 8, z,
+                                                             b0 + 12, z, b1 + 12, z));
+      return _mm512_shuffle_epi8(a, c);
+    }
+  }
+  // acc += per-lane dot of two int16 pairs (exact in int32 for the operands used here)
+  static GGUF_INLINE I dot16(I acc, I w, I x) {
+#if defined(__AVX512VNNI__)
+    return _mm512_dpwssd_epi32(acc, w, x);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(w, x));
+#endif
+  }
 };
 #if defined(__AVX512VNNI__)
 constexpr int32_t kQ8Bias = 128;
@@ -217,6 +239,22 @@ struct V {
             dot_u1(acc.b, _mm256_abs_epi8(w.b), _mm256_sign_epi8(x.b, w.b))};
   }
   static GGUF_INLINE F cvti(I x) { return cvt(x); }
+  // --- int16 activations (see the AVX-512 struct) ---
+  template <int SEL, bool SIGNED> static GGUF_INLINE I pairs16(I v) {
+    constexpr char z = (char)0x80, b0 = 2 * SEL, b1 = 2 * SEL + 1;
+    if constexpr (SIGNED) {
+      const __m256i c = _mm256_setr_epi8(z, b0, z, b1, z, b0 + 4, z, b1 + 4, z, b0 + 8, z, b1 + 8, z, b0 + 12, z, b1 + 12,
+                                         z, b0, z, b1, z, b0 + 4, z, b1 + 4, z, b0 + 8, z, b1 + 8, z, b0 + 12, z, b1 + 12);
+      return {_mm256_srai_epi16(_mm256_shuffle_epi8(v.a, c), 8), _mm256_srai_epi16(_mm256_shuffle_epi8(v.b, c), 8)};
+    } else {
+      const __m256i c = _mm256_setr_epi8(b0, z, b1, z, b0 + 4, z, b1 + 4, z, b0 + 8, z, b1 + 8, z, b0 + 12, z, b1 + 12, z,
+                                         b0, z, b1, z, b0 + 4, z, b1 + 4, z, b0 + 8, z, b1 + 8, z, b0 + 12, z, b1 + 12, z);
+      return {_mm256_shuffle_epi8(v.a, c), _mm256_shuffle_epi8(v.b, c)};
+    }
+  }
+  static GGUF_INLINE I dot16(I acc, I w, I x) {
+    return {_mm256_add_epi32(acc.a, _mm256_madd_epi16(w.a, x.a)), _mm256_add_epi32(acc.b, _mm256_madd_epi16(w.b, x.b))};
+  }
 };
 constexpr int32_t kQ8Bias = 0;
 #endif
@@ -654,6 +692,197 @@ GGUF_INLINE void tile_a8(const uint8_t* const* pan, const A8Row* rows, int64_t n
   }
   for (int p = 0; p < NP; ++p)
     for (int r = 0; r < R; ++r) V::store(out + (p * R + r) * LANES, acc[p][r]);
+}
+
+// ------------------------------------------------------------------------------------------
+// int16 activations (the "int16" mode; prompt rows): x quantized per row and per 32 k to int16
+// (dx = amax / 32767, xq = round-half-even(x / dx): relative error <= 2^-16 of the 32 k's largest
+// |x|), the int8 mode's code operands (a8_codes4 / a8_codes8) widened to int16 pairs, one integer
+// dot product per sub-block (pmaddwd / vpdpwssd: two multiply-adds per 32-bit lane, exact in int32:
+// |code| <= 127, |xq| <= 32767, 32 k), then the int8 mode's fold per sub-block and column in k order.
+// Activation layout per row as the int8 mode's (4-bit low planes: groups of 8 permuted to
+// (0, 2, 4, 6, 1, 3, 5, 7)), int16. Integer sums exact, fold order fixed: batch-invariant, and the
+// same bits on every ISA build (tests pin both).
+// ------------------------------------------------------------------------------------------
+struct A16Row {
+  const int16_t* xq;
+  const float* dx;
+  const int32_t* xs;
+};
+
+// sum of 16 int16 at p
+GGUF_INLINE int32_t sum16_i16(const int16_t* p) {
+  int32_t s = 0;
+  for (int i = 0; i < 16; ++i) s += p[i];
+  return s;
+}
+
+template <class T>
+GGUF_INLINE int32_t a16_xs(const A16Row& row, int64_t k0) {
+  const int64_t sb = k0 / 32;
+  if constexpr (T::S == 16) {
+    const int32_t first = sum16_i16(row.xq + sb * 32);
+    return (k0 % 32 == 0) ? first : row.xs[sb] - first;
+  } else {
+    return row.xs[sb];
+  }
+}
+
+GGUF_INLINE I bcast_pair(const int16_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return V::iset1(v);
+}
+
+template <class T, int NP, int R>
+GGUF_INLINE void tile_a16(const uint8_t* const* pan, const A16Row* rows, int64_t nblk, float* out) {
+  static_assert(kA8<T>, "no int16-activation kernel for this type");
+  constexpr int32_t off = T::L == 8 ? 0 : T::OFF;  // signed x signed products: Q8_0 needs no bias
+  F acc[NP][R];
+  for (int p = 0; p < NP; ++p)
+    for (int r = 0; r < R; ++r) acc[p][r] = V::zero();
+  const int64_t pf = g_prefetch<T>[1];
+  for (int64_t b = 0; b < nblk; ++b) {
+    const uint8_t* blk[NP];
+    block_ptrs<T, NP>(pan, b, nblk, pf, blk);
+    for (int s = 0; s < T::NS; ++s) {
+      const int64_t k0 = b * T::QB + s * T::S;
+      const int64_t sb = k0 / 32;
+      I is[NP][R];
+      for (int p = 0; p < NP; ++p)
+        for (int r = 0; r < R; ++r) is[p][r] = V::izero();
+      if constexpr (T::L == 4) {
+        I hv[NP];
+        if constexpr (T::H > 0)
+          for (int p = 0; p < NP; ++p) hv[p] = a8_high<T>(blk[p], s);
+        static_for<0, T::S / 8>([&](auto gc) {
+          constexpr int gg = decltype(gc)::value;
+          const int kb = s * T::S + 8 * gg;
+          I w[NP][4];  // codes of k (0, 2), (4, 6), (1, 3), (5, 7) of the group: the activations' order
+          for (int p = 0; p < NP; ++p) {
+            I lo, hi;
+            a8_codes4<T, gg>(blk[p], s, hv[p], lo, hi);
+            w[p][0] = V::template pairs16<0, false>(lo);
+            w[p][1] = V::template pairs16<1, false>(lo);
+            w[p][2] = V::template pairs16<0, false>(hi);
+            w[p][3] = V::template pairs16<1, false>(hi);
+          }
+          for (int r = 0; r < R; ++r) {
+            const int16_t* xg = rows[r].xq + b * T::QB + kb;
+            const I x0 = bcast_pair(xg), x1 = bcast_pair(xg + 2), x2 = bcast_pair(xg + 4), x3 = bcast_pair(xg + 6);
+            for (int p = 0; p < NP; ++p)
+              is[p][r] = V::dot16(V::dot16(V::dot16(V::dot16(is[p][r], w[p][0], x0), w[p][1], x1), w[p][2], x2),
+                                  w[p][3], x3);
+          }
+        });
+      } else {
+        for (int g = 0; g < 32; g += 4) {  // 4 k = 4 signed code bytes per column
+          I w0[NP], w1[NP];
+          for (int p = 0; p < NP; ++p) {
+            const I c = a8_codes8<T>(blk[p], s, g);
+            w0[p] = V::template pairs16<0, true>(c);
+            w1[p] = V::template pairs16<1, true>(c);
+          }
+          for (int r = 0; r < R; ++r) {
+            const int16_t* xg = rows[r].xq + sb * 32 + g;
+            const I x0 = bcast_pair(xg), x1 = bcast_pair(xg + 2);
+            for (int p = 0; p < NP; ++p) is[p][r] = V::dot16(V::dot16(is[p][r], w0[p], x0), w1[p], x1);
+          }
+        }
+      }
+      int32_t xs[R];
+      for (int r = 0; r < R; ++r) xs[r] = a16_xs<T>(rows[r], k0);
+      for (int p = 0; p < NP; ++p) {
+        F A, Bm;
+        params_a8<T>(blk[p], s, A, Bm);
+        for (int r = 0; r < R; ++r) {
+          const float dx = rows[r].dx[sb];
+          I it = is[p][r];
+          if constexpr (off != 0) it = V::isub(it, V::iset1(off * xs[r]));
+          acc[p][r] = V::fma(V::cvti(it), V::mul(A, V::set1(dx)), acc[p][r]);
+          if constexpr (T::M2) acc[p][r] = V::fma(Bm, V::set1(dx * float(xs[r])), acc[p][r]);
+        }
+      }
+    }
+  }
+  for (int p = 0; p < NP; ++p)
+    for (int r = 0; r < R; ++r) V::store(out + (p * R + r) * LANES, acc[p][r]);
+}
+
+// The int16 mode for many rows: one panel's code operands decoded once (a16_decode_panel: per 8 k the four
+// int16-pair vectors tile_a16 builds, w[j] pairing with the activations' stored pairs 2 j, 2 j + 1, then
+// per sub-block A and Bm) and read by every row tile (tile_a16_buf). Same integer sums, same fold: the
+// register tiles' bits.
+template <class T>
+constexpr int64_t kA16SubVecs = T::S / 8 * 4 + 2;  // vectors per sub-block in the decoded panel
+
+template <class T>
+inline void a16_decode_panel(const uint8_t* pan, int64_t nblk, I* out) {
+  for (int64_t b = 0; b < nblk; ++b) {
+    const uint8_t* blk = pan + b * T::BB;
+    for (int s = 0; s < T::NS; ++s) {
+      I* o = out + (b * T::NS + s) * kA16SubVecs<T>;
+      if constexpr (T::L == 4) {
+        I hv{};
+        if constexpr (T::H > 0) hv = a8_high<T>(blk, s);
+        static_for<0, T::S / 8>([&](auto gc) {
+          constexpr int gg = decltype(gc)::value;
+          I lo, hi;
+          a8_codes4<T, gg>(blk, s, hv, lo, hi);
+          o[4 * gg + 0] = V::template pairs16<0, false>(lo);
+          o[4 * gg + 1] = V::template pairs16<1, false>(lo);
+          o[4 * gg + 2] = V::template pairs16<0, false>(hi);
+          o[4 * gg + 3] = V::template pairs16<1, false>(hi);
+        });
+      } else {
+        for (int g = 0; g < 32; g += 4) {
+          const I c = a8_codes8<T>(blk, s, g);
+          o[g / 2 + 0] = V::template pairs16<0, true>(c);
+          o[g / 2 + 1] = V::template pairs16<1, true>(c);
+        }
+      }
+      F A, Bm;
+      params_a8<T>(blk, s, A, Bm);
+      std::memcpy(&o[T::S / 8 * 4], &A, sizeof(F));
+      std::memcpy(&o[T::S / 8 * 4 + 1], &Bm, sizeof(F));
+    }
+  }
+}
+
+template <class T, int R>
+GGUF_INLINE void tile_a16_buf(const I* dec, const A16Row* rows, int64_t nblk, float* out) {
+  constexpr int32_t off = T::L == 8 ? 0 : T::OFF;
+  F acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = V::zero();
+  for (int64_t b = 0; b < nblk; ++b) {
+    for (int s = 0; s < T::NS; ++s) {
+      const int64_t k0 = b * T::QB + s * T::S;
+      const int64_t sb = k0 / 32;
+      const I* o = dec + (b * T::NS + s) * kA16SubVecs<T>;
+      I is[R];
+      for (int r = 0; r < R; ++r) is[r] = V::izero();
+      static_for<0, T::S / 8>([&](auto gc) {
+        constexpr int gg = decltype(gc)::value;
+        const I w0 = o[4 * gg], w1 = o[4 * gg + 1], w2 = o[4 * gg + 2], w3 = o[4 * gg + 3];
+        for (int r = 0; r < R; ++r) {
+          const int16_t* xg = rows[r].xq + k0 + 8 * gg;
+          is[r] = V::dot16(V::dot16(V::dot16(V::dot16(is[r], w0, bcast_pair(xg)), w1, bcast_pair(xg + 2)), w2,
+                                    bcast_pair(xg + 4)), w3, bcast_pair(xg + 6));
+        }
+      });
+      F A, Bm;
+      std::memcpy(&A, &o[T::S / 8 * 4], sizeof(F));
+      std::memcpy(&Bm, &o[T::S / 8 * 4 + 1], sizeof(F));
+      for (int r = 0; r < R; ++r) {
+        const float dx = rows[r].dx[sb];
+        I it = is[r];
+        if constexpr (off != 0) it = V::isub(it, V::iset1(off * a16_xs<T>(rows[r], k0)));
+        acc[r] = V::fma(V::cvti(it), V::mul(A, V::set1(dx)), acc[r]);
+        if constexpr (T::M2) acc[r] = V::fma(Bm, V::set1(dx * float(a16_xs<T>(rows[r], k0))), acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) V::store(out + r * LANES, acc[r]);
 }
 
 // ------------------------------------------------------------------------------------------

@@ -570,6 +570,141 @@ void run_a8(const Job& J) {
                  [&](int64_t g0, int64_t g1) { a8_panels<T>(J, rows.data(), g0 * PG, std::min(J.P, g1 * PG)); });
 }
 
+// ---- int16 activations (tile_a16) -----------------------------------------------------------
+
+#if defined(__AVX512F__)
+constexpr int A16_R = 8;  // rows per int16 register tile (one panel: 8 int32 + 8 fp32 accumulators + 4 code zmm)
+#else
+constexpr int A16_R = 2;  // AVX2: a 16-lane vector is two ymm, 16 of them
+#endif
+
+// one row: per 32 k, dx = amax / 32767 and xq = round-half-even(x * (32767 / amax)) (0 if amax == 0),
+// xs = sum xq; perm8: each group of 8 stored in the order (0, 2, 4, 6, 1, 3, 5, 7)
+void quant_row_a16(const float* x, int64_t K, bool perm8, int16_t* xq, float* dx, int32_t* xs) {
+  static constexpr int kPerm[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+  for (int64_t b = 0; b < K / 32; ++b) {
+    const float* xb = x + b * 32;
+    float amax = 0.f;
+    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    volatile float amax_v = amax;  // the divisions exactly as written (the torch reference does the same)
+    const float inv = amax_v > 0.f ? 32767.0f / amax_v : 0.f;
+    dx[b] = amax_v / 32767.0f;
+    int32_t sum = 0;
+    int16_t q[32];
+    for (int i = 0; i < 32; ++i) {
+      q[i] = (int16_t)std::nearbyint(xb[i] * inv);
+      sum += q[i];
+    }
+    xs[b] = sum;
+    int16_t* o = xq + b * 32;
+    if (perm8) {
+      for (int g = 0; g < 32; g += 8)
+        for (int i = 0; i < 8; ++i) o[g + i] = q[g + kPerm[i]];
+    } else {
+      std::memcpy(o, q, sizeof(q));
+    }
+  }
+}
+
+template <class T, int R>
+void a16_tile(const Job& J, const A16Row* rows, int64_t p, int64_t m0) {
+  const uint8_t* pan[1] = {J.w + p * J.nblk * T::BB};
+  alignas(64) float out[R * LANES];
+  tile_a16<T, 1, R>(pan, rows + m0, J.nblk, out);
+  write_rows(J, p, m0, R, out, LANES);
+}
+
+#if defined(__AVX512F__)
+constexpr int A16_BR = 12;  // rows per tile on a decoded panel (12 int32 + 12 fp32 accumulators + 4 code zmm)
+#else
+constexpr int A16_BR = 2;
+#endif
+int64_t g_a16_buf_min_rows = 16;  // from this many rows, each panel's codes are decoded once for all row tiles
+
+template <class T, int R>
+void a16_buf_tile(const Job& J, const I* dec, const A16Row* rows, int64_t p, int64_t m0) {
+  alignas(64) float out[R * LANES];
+  tile_a16_buf<T, R>(dec, rows + m0, J.nblk, out);
+  write_rows(J, p, m0, R, out, LANES);
+}
+
+// panels [p0, p1), every row: tiles of A16_R rows (or, from g_a16_buf_min_rows rows, of A16_BR rows on the
+// panel decoded once), then the remainder's binary parts (same bits either way)
+template <class T>
+void a16_panels(const Job& J, const A16Row* rows, int64_t p0, int64_t p1) {
+  if (J.M >= g_a16_buf_min_rows) {
+    thread_local std::vector<I> dec;
+    const size_t need = (size_t)(J.nblk * T::NS * kA16SubVecs<T>);
+    if (dec.size() < need) dec.resize(need);
+    // row blocks whose int16 activations (~256 KB) stay in L2 while every panel of [p0, p1) passes over them;
+    // each panel decoded once per row block (a few % of the block's multiply-adds)
+    const int64_t mb = std::max<int64_t>(A16_BR, (int64_t(256) << 10) / (2 * J.K) / A16_BR * A16_BR);
+    for (int64_t mb0 = 0; mb0 < J.M; mb0 += mb) {
+      const int64_t mb1 = std::min(J.M, mb0 + mb);
+      for (int64_t p = p0; p < p1; ++p) {
+        a16_decode_panel<T>(J.w + p * J.nblk * T::BB, J.nblk, dec.data());
+        int64_t m0 = mb0;
+        for (; m0 + A16_BR <= mb1; m0 += A16_BR) a16_buf_tile<T, A16_BR>(J, dec.data(), rows, p, m0);
+        if constexpr (A16_BR > 8) {
+          if (m0 + 8 <= mb1) { a16_buf_tile<T, 8>(J, dec.data(), rows, p, m0); m0 += 8; }
+        }
+        if constexpr (A16_BR > 4) {
+          if (m0 + 4 <= mb1) { a16_buf_tile<T, 4>(J, dec.data(), rows, p, m0); m0 += 4; }
+        }
+        if (m0 + 2 <= mb1) { a16_buf_tile<T, 2>(J, dec.data(), rows, p, m0); m0 += 2; }
+        if (m0 < mb1) a16_buf_tile<T, 1>(J, dec.data(), rows, p, m0);
+      }
+    }
+    return;
+  }
+  for (int64_t p = p0; p < p1; ++p) {
+    int64_t m0 = 0;
+    for (; m0 + A16_R <= J.M; m0 += A16_R) a16_tile<T, A16_R>(J, rows, p, m0);
+    if constexpr (A16_R > 4) {
+      if (m0 + 4 <= J.M) { a16_tile<T, 4>(J, rows, p, m0); m0 += 4; }
+    }
+    if constexpr (A16_R > 2) {
+      if (m0 + 2 <= J.M) { a16_tile<T, 2>(J, rows, p, m0); m0 += 2; }
+    }
+    if (m0 < J.M) a16_tile<T, 1>(J, rows, p, m0);
+  }
+}
+
+template <class T>
+void run_a16(const Job& J) {
+  const int64_t nsb = J.K / 32;
+  // the calling thread's buffers, kept between calls (a fresh 1.5 MB vector per call costs its page faults)
+  thread_local std::vector<int16_t> xq;
+  thread_local std::vector<float> dx;
+  thread_local std::vector<int32_t> xs;
+  thread_local std::vector<A16Row> rows;
+  if (xq.size() < (size_t)(J.M * J.K)) xq.resize((size_t)(J.M * J.K));
+  if (dx.size() < (size_t)(J.M * nsb)) {
+    dx.resize((size_t)(J.M * nsb));
+    xs.resize((size_t)(J.M * nsb));
+  }
+  if (rows.size() < (size_t)J.M) rows.resize((size_t)J.M);
+  // rows are quantized independently: split over the threads for a prompt's hundreds of rows (the lambdas
+  // use these pointers: a thread_local named inside them would be the worker thread's own)
+  int16_t* const xqp = xq.data();
+  float* const dxp = dx.data();
+  int32_t* const xsp = xs.data();
+  A16Row* const rp = rows.data();
+  parallel_units(J.M, J.M * J.K * 64, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      quant_row_a16(J.x + m * J.K, J.K, T::L == 4, xqp + m * J.K, dxp + m * nsb, xsp + m * nsb);
+      rp[m] = {xqp + m * J.K, dxp + m * nsb, xsp + m * nsb};
+    }
+  });
+  parallel_units(J.P, J.M * J.N * J.K / 2, [&](int64_t u0, int64_t u1) { a16_panels<T>(J, rp, u0, u1); });
+  if (xq.size() > ((size_t)32 << 20) / sizeof(int16_t)) {  // keep at most 32 MiB
+    std::vector<int16_t>().swap(xq);
+    std::vector<float>().swap(dx);
+    std::vector<int32_t>().swap(xs);
+    std::vector<A16Row>().swap(rows);
+  }
+}
+
 #if defined(LLMOPT_GGUF_AMX_BF16)
 // ---- fp32 activations as three bf16 parts on AMX-BF16 tiles (gguf_amx.h: "bf16x3") -----------
 
@@ -762,6 +897,13 @@ at::Tensor gemm_a8(at::Tensor x, at::Tensor data, int64_t type, int64_t N, int64
                        [](auto t, const Job& J) { run_a8<decltype(t)>(J); });
 }
 
+// y = x @ W.T + bias with x quantized to int16 per row and 32 k (see tile_a16)
+at::Tensor gemm_a16(at::Tensor x, at::Tensor data, int64_t type, int64_t N, int64_t K, c10::optional<at::Tensor> bias,
+                    c10::optional<at::Tensor> out) {
+  return gemm_a8_types(x, data, type, N, K, bias, out, "gguf.gemm_a16", "int16-activation",
+                       [](auto t, const Job& J) { run_a16<decltype(t)>(J); });
+}
+
 // y = x @ W.T + bias with x as three bf16 parts on AMX-BF16 tiles (see gguf_amx.h)
 at::Tensor gemm_bf3(at::Tensor x, at::Tensor data, int64_t type, int64_t N, int64_t K, c10::optional<at::Tensor> bias,
                     c10::optional<at::Tensor> out) {
@@ -868,6 +1010,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_a8", &gemm_a8, "y = x @ dequant(W).T + bias with int8 activations (per row, per 32 k)",
         py::arg("x"), py::arg("data"), py::arg("type"), py::arg("N"), py::arg("K"), py::arg("bias") = py::none(),
         py::arg("out") = py::none());
+  m.def("gemm_a16", &gemm_a16, "y = x @ dequant(W).T + bias with int16 activations (per row, per 32 k)",
+        py::arg("x"), py::arg("data"), py::arg("type"), py::arg("N"), py::arg("K"), py::arg("bias") = py::none(),
+        py::arg("out") = py::none());
   m.def("gemm_bf3", &gemm_bf3,
         "y = x @ dequant(W).T + bias, x split exactly into three bf16 parts on AMX-BF16 tiles (x @ W.T up to fp32 "
         "rounding; bits independent of the batch)",
@@ -927,6 +1072,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_set_buf_pack_in_caller", [](int64_t v) { g_buf_pack_in_caller = (int)v; },
         "1: the fp32 prompt path's activations are packed by the calling thread before the threads start; 0 "
         "(default): by the threads as they reach each row block (results do not depend on it)");
+  m.def(
+      "_set_a16_buf_min_rows",
+      [](int64_t r) -> int64_t {
+        const int64_t old = g_a16_buf_min_rows;
+        g_a16_buf_min_rows = r;
+        return old;
+      },
+      "rows from which the int16 mode decodes each panel once for all row tiles (results do not depend on "
+      "it); returns the previous value");
   m.def("_set_min_parallel_work", [](int64_t w) { g_min_parallel_work = w; },
         "M*N*K below which a call runs on the calling thread (tests use 0)");
 }
