@@ -559,7 +559,7 @@ GGUF_INLINE void params_a8(const uint8_t* blk, int s, F& A, F& Bm) {
 }
 
 // sum of 16 int8 at p
-GGUF_INLINE int32_t sum16_i8(const int8_t* p) {
+GGUF_INLINE int32_t sum16(const int8_t* p) {
   const __m128i v = _mm_xor_si128(_mm_loadu_si128((const __m128i*)p), _mm_set1_epi8((char)0x80));
   const __m128i s = _mm_sad_epu8(v, _mm_setzero_si128());  // two sums of 8 (x + 128)
   return _mm_cvtsi128_si32(s) + _mm_extract_epi16(s, 4) - 16 * 128;
@@ -614,17 +614,35 @@ GGUF_INLINE I a8_codes8(const uint8_t* blk, int s, int g) {
   return V::t4x16(blk + T::OFF_LOW + 16 * (s * 32 + g));
 }
 
-// sum of one row's activations over the sub-block at k0 (16-wide sub-blocks: the first or second
-// half of the 32 of xs; the halves' sums do not depend on the per-8 permutation)
-template <class T>
-GGUF_INLINE int32_t a8_xs(const A8Row& row, int64_t k0) {
+// sum of 16 int16 at p
+GGUF_INLINE int32_t sum16(const int16_t* p) {
+  int32_t s = 0;
+  for (int i = 0; i < 16; ++i) s += p[i];
+  return s;
+}
+
+// sum of one row's activations (A8Row or A16Row) over the sub-block at k0 (16-wide sub-blocks: the first
+// or second half of the 32 of xs; the halves' sums do not depend on the per-8 permutation)
+template <class T, class Row>
+GGUF_INLINE int32_t a8_xs(const Row& row, int64_t k0) {
   const int64_t sb = k0 / 32;
   if constexpr (T::S == 16) {
-    const int32_t first = sum16_i8(row.xq + sb * 32);
+    const int32_t first = sum16(row.xq + sb * 32);
     return (k0 % 32 == 0) ? first : row.xs[sb] - first;
   } else {
     return row.xs[sb];
   }
+}
+
+// The int8 / int16 modes' fold of one sub-block's integer sums `it` of one row and 16 columns (sub-block
+// at 32-wide activation block sb; xs its activations' sum, off the type's code offset) into acc, in k order
+template <class T, int32_t off, class Row>
+GGUF_INLINE F a8_fold(F acc, I it, const F& A, const F& Bm, const Row& row, int64_t sb, int32_t xs) {
+  const float dx = row.dx[sb];
+  if constexpr (off != 0) it = V::isub(it, V::iset1(off * xs));
+  acc = V::fma(V::cvti(it), V::mul(A, V::set1(dx)), acc);
+  if constexpr (T::M2) acc = V::fma(Bm, V::set1(dx * float(xs)), acc);
+  return acc;
 }
 
 template <class T, int NP, int R>
@@ -680,13 +698,7 @@ GGUF_INLINE void tile_a8(const uint8_t* const* pan, const A8Row* rows, int64_t n
       for (int p = 0; p < NP; ++p) {
         F A, Bm;
         params_a8<T>(blk[p], s, A, Bm);
-        for (int r = 0; r < R; ++r) {
-          const float dx = rows[r].dx[sb];
-          I it = is[p][r];
-          if constexpr (off != 0) it = V::isub(it, V::iset1(off * xs[r]));
-          acc[p][r] = V::fma(V::cvti(it), V::mul(A, V::set1(dx)), acc[p][r]);
-          if constexpr (T::M2) acc[p][r] = V::fma(Bm, V::set1(dx * float(xs[r])), acc[p][r]);
-        }
+        for (int r = 0; r < R; ++r) acc[p][r] = a8_fold<T, off>(acc[p][r], is[p][r], A, Bm, rows[r], sb, xs[r]);
       }
     }
   }
@@ -709,24 +721,6 @@ struct A16Row {
   const float* dx;
   const int32_t* xs;
 };
-
-// sum of 16 int16 at p
-GGUF_INLINE int32_t sum16_i16(const int16_t* p) {
-  int32_t s = 0;
-  for (int i = 0; i < 16; ++i) s += p[i];
-  return s;
-}
-
-template <class T>
-GGUF_INLINE int32_t a16_xs(const A16Row& row, int64_t k0) {
-  const int64_t sb = k0 / 32;
-  if constexpr (T::S == 16) {
-    const int32_t first = sum16_i16(row.xq + sb * 32);
-    return (k0 % 32 == 0) ? first : row.xs[sb] - first;
-  } else {
-    return row.xs[sb];
-  }
-}
 
 GGUF_INLINE I bcast_pair(const int16_t* p) {
   int32_t v;
@@ -791,17 +785,11 @@ GGUF_INLINE void tile_a16(const uint8_t* const* pan, const A16Row* rows, int64_t
         }
       }
       int32_t xs[R];
-      for (int r = 0; r < R; ++r) xs[r] = a16_xs<T>(rows[r], k0);
+      for (int r = 0; r < R; ++r) xs[r] = a8_xs<T>(rows[r], k0);
       for (int p = 0; p < NP; ++p) {
         F A, Bm;
         params_a8<T>(blk[p], s, A, Bm);
-        for (int r = 0; r < R; ++r) {
-          const float dx = rows[r].dx[sb];
-          I it = is[p][r];
-          if constexpr (off != 0) it = V::isub(it, V::iset1(off * xs[r]));
-          acc[p][r] = V::fma(V::cvti(it), V::mul(A, V::set1(dx)), acc[p][r]);
-          if constexpr (T::M2) acc[p][r] = V::fma(Bm, V::set1(dx * float(xs[r])), acc[p][r]);
-        }
+        for (int r = 0; r < R; ++r) acc[p][r] = a8_fold<T, off>(acc[p][r], is[p][r], A, Bm, rows[r], sb, xs[r]);
       }
     }
   }
@@ -873,13 +861,7 @@ GGUF_INLINE void tile_a16_buf(const I* dec, const A16Row* rows, int64_t nblk, fl
       F A, Bm;
       std::memcpy(&A, &o[T::S / 8 * 4], sizeof(F));
       std::memcpy(&Bm, &o[T::S / 8 * 4 + 1], sizeof(F));
-      for (int r = 0; r < R; ++r) {
-        const float dx = rows[r].dx[sb];
-        I it = is[r];
-        if constexpr (off != 0) it = V::isub(it, V::iset1(off * a16_xs<T>(rows[r], k0)));
-        acc[r] = V::fma(V::cvti(it), V::mul(A, V::set1(dx)), acc[r]);
-        if constexpr (T::M2) acc[r] = V::fma(Bm, V::set1(dx * float(a16_xs<T>(rows[r], k0))), acc[r]);
-      }
+      for (int r = 0; r < R; ++r) acc[r] = a8_fold<T, off>(acc[r], is[r], A, Bm, rows[r], sb, a8_xs<T>(rows[r], k0));
     }
   }
   for (int r = 0; r < R; ++r) V::store(out + r * LANES, acc[r]);

@@ -37,6 +37,7 @@
 #include <string>
 #include <thread>
 #include <utility>
+#include <limits>
 #include <vector>
 
 #include "gguf_kernels.h"
@@ -409,32 +410,38 @@ void run_buf(const Job& J) {
 
 // ---- int8 activations ----------------------------------------------------------------------
 
-// one row: per 32 k, dx = amax / 127 and xq = round-half-even(x * (127 / amax)) (0 if amax == 0),
-// xs = sum xq; perm8: store each group of 8 in the order (0, 2, 4, 6, 1, 3, 5, 7)
-void quant_row_a8(const float* x, int64_t K, bool perm8, int8_t* xq, float* dx, int32_t* xs) {
+// one row: per 32 k, dx = amax / QMAX and xq = round-half-even(x * (QMAX / amax)) (0 if amax == 0), QMAX the
+// largest Q (int8: 127, int16: 32767), xs = sum xq; perm8: store each group of 8 in the order (0, 2, 4, 6, 1, 3, 5, 7)
+template <class Q>
+void quant_row(const float* x, int64_t K, bool perm8, Q* xq, float* dx, int32_t* xs) {
   static constexpr int kPerm[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+  constexpr float qmax = float(std::numeric_limits<Q>::max());
   for (int64_t b = 0; b < K / 32; ++b) {
     const float* xb = x + b * 32;
     float amax = 0.f;
     for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
     volatile float amax_v = amax;  // the divisions exactly as written (the torch reference does the same)
-    const float inv = amax_v > 0.f ? 127.0f / amax_v : 0.f;
-    dx[b] = amax_v / 127.0f;
+    const float inv = amax_v > 0.f ? qmax / amax_v : 0.f;
+    dx[b] = amax_v / qmax;
     int32_t sum = 0;
-    int8_t q[32];
+    Q q[32];
     for (int i = 0; i < 32; ++i) {
-      q[i] = (int8_t)std::nearbyint(xb[i] * inv);
+      q[i] = (Q)std::nearbyint(xb[i] * inv);
       sum += q[i];
     }
     xs[b] = sum;
-    int8_t* o = xq + b * 32;
+    Q* o = xq + b * 32;
     if (perm8) {
       for (int g = 0; g < 32; g += 8)
         for (int i = 0; i < 8; ++i) o[g + i] = q[g + kPerm[i]];
     } else {
-      std::memcpy(o, q, 32);
+      std::memcpy(o, q, sizeof(q));
     }
   }
+}
+
+void quant_row_a8(const float* x, int64_t K, bool perm8, int8_t* xq, float* dx, int32_t* xs) {
+  quant_row<int8_t>(x, K, perm8, xq, dx, xs);
 }
 
 template <class T, int NP, int R>
@@ -578,34 +585,6 @@ constexpr int A16_R = 8;  // rows per int16 register tile (one panel: 8 int32 + 
 constexpr int A16_R = 2;  // AVX2: a 16-lane vector is two ymm, 16 of them
 #endif
 
-// one row: per 32 k, dx = amax / 32767 and xq = round-half-even(x * (32767 / amax)) (0 if amax == 0),
-// xs = sum xq; perm8: each group of 8 stored in the order (0, 2, 4, 6, 1, 3, 5, 7)
-void quant_row_a16(const float* x, int64_t K, bool perm8, int16_t* xq, float* dx, int32_t* xs) {
-  static constexpr int kPerm[8] = {0, 2, 4, 6, 1, 3, 5, 7};
-  for (int64_t b = 0; b < K / 32; ++b) {
-    const float* xb = x + b * 32;
-    float amax = 0.f;
-    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
-    volatile float amax_v = amax;  // the divisions exactly as written (the torch reference does the same)
-    const float inv = amax_v > 0.f ? 32767.0f / amax_v : 0.f;
-    dx[b] = amax_v / 32767.0f;
-    int32_t sum = 0;
-    int16_t q[32];
-    for (int i = 0; i < 32; ++i) {
-      q[i] = (int16_t)std::nearbyint(xb[i] * inv);
-      sum += q[i];
-    }
-    xs[b] = sum;
-    int16_t* o = xq + b * 32;
-    if (perm8) {
-      for (int g = 0; g < 32; g += 8)
-        for (int i = 0; i < 8; ++i) o[g + i] = q[g + kPerm[i]];
-    } else {
-      std::memcpy(o, q, sizeof(q));
-    }
-  }
-}
-
 template <class T, int R>
 void a16_tile(const Job& J, const A16Row* rows, int64_t p, int64_t m0) {
   const uint8_t* pan[1] = {J.w + p * J.nblk * T::BB};
@@ -692,7 +671,7 @@ void run_a16(const Job& J) {
   A16Row* const rp = rows.data();
   parallel_units(J.M, J.M * J.K * 64, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
-      quant_row_a16(J.x + m * J.K, J.K, T::L == 4, xqp + m * J.K, dxp + m * nsb, xsp + m * nsb);
+      quant_row<int16_t>(J.x + m * J.K, J.K, T::L == 4, xqp + m * J.K, dxp + m * nsb, xsp + m * nsb);
       rp[m] = {xqp + m * J.K, dxp + m * nsb, xsp + m * nsb};
     }
   });
