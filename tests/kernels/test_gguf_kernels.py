@@ -187,66 +187,40 @@ def test_int8_mode_types():
     assert set(G.supported_types()) == set(IDS)
 
 
+QUANT_ACTS = {"int8": (G.quantize_act_int8, 2e-2), "int16": (G.quantize_act_int16, 1e-4)}  # reference, error vs fp32
+
+
+@pytest.mark.parametrize("act", list(QUANT_ACTS))
 @pytest.mark.parametrize("qt", A8_TYPES, ids=[t.name for t in A8_TYPES])
-def test_int8_activations_match_the_quantized_activation_reference(paths, parallel_always, threads, qt):
-    """act="int8" == (x quantized per row and 32 k, dequantized) @ W.T up to float rounding, on every
-    path; the integer sums are exact, so every path gives the same bits; rows are batch-invariant."""
+def test_quantized_activations_match_the_quantized_activation_reference(paths, parallel_always, threads, qt, act):
+    """act="int8" / "int16" == (x quantized per row and 32 k, dequantized) @ W.T up to float rounding, on
+    every path; the integer sums are exact, so every path gives the same bits; rows are batch-invariant;
+    and the result stays near the exact fp32 product (int8 ~0.5% relative error here, int16 ~2e-5)."""
+    quantize, rel = QUANT_ACTS[act]
     packed, w = case(qt, seed=4)
     n, k = packed.shape
     g = torch.Generator().manual_seed(11)
     xs = torch.randn(max(MS), k, generator=g) * torch.logspace(-3, 1, max(MS)).unsqueeze(1)
     xs[5] = 0  # amax == 0: scale 0, codes 0
     bias = torch.randn(n, generator=g)
-    xhat = G.quantize_act_int8(xs)
+    xhat = quantize(xs)
     exact = xhat.double() @ w.double().t() + bias.double()
     sub = 16 if qt == QT.Q6_K else 32  # k per sub-block: one scaled fma (two with mins) each
     bound = (k // sub + 2) * 2.0 ** -22 * (xhat.double().abs() @ w.double().abs().t() + bias.double().abs())
     threads(1)
-    alone = torch.cat([G.gguf_linear(xs[i:i + 1], packed, bias, act="int8", path=paths[-1])
+    alone = torch.cat([G.gguf_linear(xs[i:i + 1], packed, bias, act=act, path=paths[-1])
                        for i in range(xs.shape[0])])
-    assert ((alone.double() - exact).abs() <= bound).all(), f"{qt.name}: int8 mode off the quantized reference"
+    assert ((alone.double() - exact).abs() <= bound).all(), f"{qt.name}: {act} mode off the quantized reference"
     for p in paths:
         for nt in (1, 2):
             threads(nt)
             for m in MS:
-                y = G.gguf_linear(xs[:m], packed, bias, act="int8", path=p)
-                assert torch.equal(y, alone[:m]), f"{qt.name} int8 path={p} threads={nt} M={m}"
-    yr = G.gguf_linear(xs[:16], packed, bias, act="int8", path="reference")
-    assert ((yr.double() - exact[:16]).abs() <= bound[:16]).all()
-    # and it stays close to the exact fp32 product (int8 activations cost ~0.5% relative error here)
-    y32 = xs[:16].double() @ w.double().t() + bias.double()
-    assert ((alone[:16].double() - y32).norm() / y32.norm()).item() < 2e-2
-
-
-@pytest.mark.parametrize("qt", A8_TYPES, ids=[t.name for t in A8_TYPES])
-def test_int16_activations_match_the_quantized_activation_reference(paths, parallel_always, threads, qt):
-    """act="int16" == (x quantized per row and 32 k to int16, dequantized) @ W.T up to float rounding, on
-    every path; exact integer sums, so every path gives the same bits; rows are batch-invariant; and the
-    result is within ~1e-4 of the fp32 product (int8: ~1e-2)."""
-    packed, w = case(qt, seed=6)
-    n, k = packed.shape
-    g = torch.Generator().manual_seed(12)
-    xs = torch.randn(max(MS), k, generator=g) * torch.logspace(-3, 1, max(MS)).unsqueeze(1)
-    xs[5] = 0  # amax == 0: scale 0, codes 0
-    bias = torch.randn(n, generator=g)
-    xhat = G.quantize_act_int16(xs)
-    exact = xhat.double() @ w.double().t() + bias.double()
-    sub = 16 if qt == QT.Q6_K else 32
-    bound = (k // sub + 2) * 2.0 ** -22 * (xhat.double().abs() @ w.double().abs().t() + bias.double().abs())
-    threads(1)
-    alone = torch.cat([G.gguf_linear(xs[i:i + 1], packed, bias, act="int16", path=paths[-1])
-                       for i in range(xs.shape[0])])
-    assert ((alone.double() - exact).abs() <= bound).all(), f"{qt.name}: int16 mode off the quantized reference"
-    for p in paths:
-        for nt in (1, 2):
-            threads(nt)
-            for m in MS:
-                y = G.gguf_linear(xs[:m], packed, bias, act="int16", path=p)
-                assert torch.equal(y, alone[:m]), f"{qt.name} int16 path={p} threads={nt} M={m}"
-    yr = G.gguf_linear(xs[:16], packed, bias, act="int16", path="reference")
+                y = G.gguf_linear(xs[:m], packed, bias, act=act, path=p)
+                assert torch.equal(y, alone[:m]), f"{qt.name} {act} path={p} threads={nt} M={m}"
+    yr = G.gguf_linear(xs[:16], packed, bias, act=act, path="reference")
     assert ((yr.double() - exact[:16]).abs() <= bound[:16]).all()
     y32 = xs[:16].double() @ w.double().t() + bias.double()
-    assert ((alone[:16].double() - y32).norm() / y32.norm()).item() < 1e-4
+    assert ((alone[:16].double() - y32).norm() / y32.norm()).item() < rel
 
 
 _A8_CHILD = """
