@@ -32,8 +32,9 @@ not exact (see :func:`gguf_linear`). The default is ``act="fp32"``.
 product's norm) and runs integer dot products of int16 pairs (pmaddwd / VNNI vpdpwssd: twice the
 multiply-adds of an fp32 fma per instruction), exact in int32, then the int8 mode's fold per sub-block:
 batch-invariant and the same bits on every build. From 16 rows each panel's codes are decoded once into
-int16 pairs and shared by 12-row tiles over row blocks that stay in L2 (1.4-1.6x the fp32 path at
-128-2048 rows on a Zen 4, 2 threads); fewer rows take register tiles that decode in registers. The model
+int16 pairs (minus the type's code offset) and shared by 12-row tiles over row blocks that stay in L2
+(1.56-1.85x the fp32 path at 128-2048 rows on a Zen 4, 2 threads); fewer rows take register tiles that
+decode in registers. The model
 can run prompt rows with it (``models/gguf_linear.py``, ``LLMOPT_GGUF_PROMPT_INT16=1``).
 
 ``act="bf16x3"`` (the AMX build on a CPU with AMX-BF16, same types as int8: :func:`bf16x3_available`)

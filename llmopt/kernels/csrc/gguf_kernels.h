@@ -148,6 +148,7 @@ struct V {
       return _mm512_shuffle_epi8(a, c);
     }
   }
+  static GGUF_INLINE I isub16(I a, int v) { return _mm512_sub_epi16(a, _mm512_set1_epi16((short)v)); }
   // acc += per-lane dot of two int16 pairs (exact in int32 for the operands used here)
   static GGUF_INLINE I dot16(I acc, I w, I x) {
 #if defined(__AVX512VNNI__)
@@ -251,6 +252,10 @@ struct V {
                                          b0, z, b1, z, b0 + 4, z, b1 + 4, z, b0 + 8, z, b1 + 8, z, b0 + 12, z, b1 + 12, z);
       return {_mm256_shuffle_epi8(v.a, c), _mm256_shuffle_epi8(v.b, c)};
     }
+  }
+  static GGUF_INLINE I isub16(I x, int v) {
+    const __m256i c = _mm256_set1_epi16((short)v);
+    return {_mm256_sub_epi16(x.a, c), _mm256_sub_epi16(x.b, c)};
   }
   static GGUF_INLINE I dot16(I acc, I w, I x) {
     return {_mm256_add_epi32(acc.a, _mm256_madd_epi16(w.a, x.a)), _mm256_add_epi32(acc.b, _mm256_madd_epi16(w.b, x.b))};
@@ -798,7 +803,8 @@ GGUF_INLINE void tile_a16(const uint8_t* const* pan, const A16Row* rows, int64_t
 }
 
 // The int16 mode for many rows: one panel's code operands decoded once (a16_decode_panel: per 8 k the four
-// int16-pair vectors tile_a16 builds, w[j] pairing with the activations' stored pairs 2 j, 2 j + 1, then
+// int16-pair vectors tile_a16 builds, minus the type's code offset, w[j] pairing with the activations'
+// stored pairs 2 j, 2 j + 1, then
 // per sub-block A and Bm) and read by every row tile (tile_a16_buf). Same integer sums, same fold: the
 // register tiles' bits.
 template <class T>
@@ -821,6 +827,8 @@ inline void a16_decode_panel(const uint8_t* pan, int64_t nblk, I* out) {
           o[4 * gg + 1] = V::template pairs16<1, false>(lo);
           o[4 * gg + 2] = V::template pairs16<0, false>(hi);
           o[4 * gg + 3] = V::template pairs16<1, false>(hi);
+          if constexpr (T::OFF != 0)  // codes minus the offset: the dot products then need no correction
+            for (int j = 0; j < 4; ++j) o[4 * gg + j] = V::isub16(o[4 * gg + j], T::OFF);
         });
       } else {
         for (int g = 0; g < 32; g += 4) {
@@ -839,7 +847,8 @@ inline void a16_decode_panel(const uint8_t* pan, int64_t nblk, I* out) {
 
 template <class T, int R>
 GGUF_INLINE void tile_a16_buf(const I* dec, const A16Row* rows, int64_t nblk, float* out) {
-  constexpr int32_t off = T::L == 8 ? 0 : T::OFF;
+  // the decoded codes carry the offset already: sum (q - OFF) x = sum q x - OFF sum x, the same integer
+  constexpr int32_t off = 0;
   F acc[R];
   for (int r = 0; r < R; ++r) acc[r] = V::zero();
   for (int64_t b = 0; b < nblk; ++b) {
