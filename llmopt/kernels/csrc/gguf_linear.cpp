@@ -561,20 +561,55 @@ void a8_panels(const Job& J, const A8Row* rows, int64_t p0, int64_t p1) {
   }
 }
 
+// The rows of one int8 / int16 call (Q, Row: int8_t, A8Row or int16_t, A16Row) quantized by quant_row<Q>,
+// split over the threads (rows are independent: the same bits however split), into buffers of the calling
+// thread kept between calls (a fresh vector per call costs its page faults at a prompt's hundreds of rows)
+template <class Q, class Row>
+struct QuantRows {
+  std::vector<Q> xq;
+  std::vector<float> dx;
+  std::vector<int32_t> xs;
+  std::vector<Row> rows;
+
+  static QuantRows& of_this_thread() {
+    thread_local QuantRows b;
+    return b;
+  }
+
+  const Row* quantize(const Job& J, bool perm8) {
+    const int64_t K = J.K, nsb = K / 32;
+    if (xq.size() < (size_t)(J.M * K)) xq.resize((size_t)(J.M * K));
+    if (dx.size() < (size_t)(J.M * nsb)) {
+      dx.resize((size_t)(J.M * nsb));
+      xs.resize((size_t)(J.M * nsb));
+    }
+    if (rows.size() < (size_t)J.M) rows.resize((size_t)J.M);
+    Q* const xqp = xq.data();  // the caller's buffers: a worker thread naming of_this_thread() gets its own
+    float* const dxp = dx.data();
+    int32_t* const xsp = xs.data();
+    Row* const rp = rows.data();
+    parallel_units(J.M, J.M * K * 64, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        quant_row<Q>(J.x + m * K, K, perm8, xqp + m * K, dxp + m * nsb, xsp + m * nsb);
+        rp[m] = {xqp + m * K, dxp + m * nsb, xsp + m * nsb};
+      }
+    });
+    return rp;
+  }
+
+  void trim() {  // after the call: keep at most 32 MiB of activations
+    if (xq.size() * sizeof(Q) > ((size_t)32 << 20)) *this = QuantRows();
+  }
+};
+
 template <class T>
 void run_a8(const Job& J) {
-  const int64_t nsb = J.K / 32;
-  std::vector<int8_t> xq((size_t)J.M * J.K);
-  std::vector<float> dx((size_t)J.M * nsb);
-  std::vector<int32_t> xs((size_t)J.M * nsb);
-  std::vector<A8Row> rows(J.M);
-  for (int64_t m = 0; m < J.M; ++m) {
-    quant_row_a8(J.x + m * J.K, J.K, T::L == 4, &xq[m * J.K], &dx[m * nsb], &xs[m * nsb]);
-    rows[m] = {&xq[m * J.K], &dx[m * nsb], &xs[m * nsb]};
-  }
+  auto& q = QuantRows<int8_t, A8Row>::of_this_thread();
+  const A8Row* rows = q.quantize(J, T::L == 4);
   const int64_t groups = (J.P + PG - 1) / PG;
   parallel_units(groups, J.M * J.N * J.K / 4,
-                 [&](int64_t g0, int64_t g1) { a8_panels<T>(J, rows.data(), g0 * PG, std::min(J.P, g1 * PG)); });
+                 [&](int64_t g0, int64_t g1) { a8_panels<T>(J, rows, g0 * PG, std::min(J.P, g1 * PG)); });
+  q.trim();
 }
 
 // ---- int16 activations (tile_a16) -----------------------------------------------------------
@@ -651,37 +686,10 @@ void a16_panels(const Job& J, const A16Row* rows, int64_t p0, int64_t p1) {
 
 template <class T>
 void run_a16(const Job& J) {
-  const int64_t nsb = J.K / 32;
-  // the calling thread's buffers, kept between calls (a fresh 1.5 MB vector per call costs its page faults)
-  thread_local std::vector<int16_t> xq;
-  thread_local std::vector<float> dx;
-  thread_local std::vector<int32_t> xs;
-  thread_local std::vector<A16Row> rows;
-  if (xq.size() < (size_t)(J.M * J.K)) xq.resize((size_t)(J.M * J.K));
-  if (dx.size() < (size_t)(J.M * nsb)) {
-    dx.resize((size_t)(J.M * nsb));
-    xs.resize((size_t)(J.M * nsb));
-  }
-  if (rows.size() < (size_t)J.M) rows.resize((size_t)J.M);
-  // rows are quantized independently: split over the threads for a prompt's hundreds of rows (the lambdas
-  // use these pointers: a thread_local named inside them would be the worker thread's own)
-  int16_t* const xqp = xq.data();
-  float* const dxp = dx.data();
-  int32_t* const xsp = xs.data();
-  A16Row* const rp = rows.data();
-  parallel_units(J.M, J.M * J.K * 64, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      quant_row<int16_t>(J.x + m * J.K, J.K, T::L == 4, xqp + m * J.K, dxp + m * nsb, xsp + m * nsb);
-      rp[m] = {xqp + m * J.K, dxp + m * nsb, xsp + m * nsb};
-    }
-  });
-  parallel_units(J.P, J.M * J.N * J.K / 2, [&](int64_t u0, int64_t u1) { a16_panels<T>(J, rp, u0, u1); });
-  if (xq.size() > ((size_t)32 << 20) / sizeof(int16_t)) {  // keep at most 32 MiB
-    std::vector<int16_t>().swap(xq);
-    std::vector<float>().swap(dx);
-    std::vector<int32_t>().swap(xs);
-    std::vector<A16Row>().swap(rows);
-  }
+  auto& q = QuantRows<int16_t, A16Row>::of_this_thread();
+  const A16Row* rows = q.quantize(J, T::L == 4);
+  parallel_units(J.P, J.M * J.N * J.K / 2, [&](int64_t u0, int64_t u1) { a16_panels<T>(J, rows, u0, u1); });
+  q.trim();
 }
 
 #if defined(LLMOPT_GGUF_AMX_BF16)
