@@ -205,6 +205,18 @@ KV_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "int8", "fp8")
 _FALSE = ("0", "", "false", "no", "off")
 
 
+def _env_auto_bool(environ: Mapping[str, str], name: str) -> bool | None:
+    """None when unset, empty or "auto"; True / False for the usual spellings; ValueError otherwise."""
+    raw = environ.get(name, "").strip().lower()
+    if raw in ("", "auto"):
+        return None
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name}={raw!r}: use 1 (on), 0 (off) or auto (unset: auto)")
+
+
 def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
     raw = environ.get(name)
     if raw is None or raw.strip() == "":
@@ -240,13 +252,15 @@ class KernelSettings:
                                                      (= dequantized model up to summation order),
                                                      "int8" (per 32, like llama.cpp's Q8; types with
                                                      an int8 kernel, others stay fp32) or "by-kind"
-                                                     (prompt tokens fp32, generated tokens int8)
+                                                     (prompt tokens int16 or fp32, generated int8)
     ``LLMOPT_GGUF_BF16X3``      ``gguf_bf16x3``      fp32 prompt rows of GGUF projections on AMX-BF16
                                                      tiles where the CPU has them ("0": the fp32
                                                      chain, the same bits on every CPU)
-    ``LLMOPT_GGUF_PROMPT_INT16`` ``gguf_prompt_int16`` "1": prompt rows of GGUF projections with int16
-                                                     activations (per 32 k, ~2e-5 relative error;
-                                                     AMX-BF16 tiles still win where the CPU has them)
+    ``LLMOPT_GGUF_PROMPT_INT16`` ``gguf_prompt_int16`` by-kind prompt rows of GGUF projections with
+                                                     int16 activations (per 32 k, ~2e-5 relative
+                                                     error): unset / "auto" where faster than fp32
+                                                     (VNNI builds), "1" always, "0" never (exact
+                                                     fp32); AMX-BF16 tiles still win where present
     ==========================  ===================  =============================================
 
     Build-time variables stay with the build (``kernels/build.py``): ``LLMOPT_NATIVE``,
@@ -263,7 +277,7 @@ class KernelSettings:
     quant_embed: bool = True
     gguf_act: str = "by-kind"
     gguf_bf16x3: bool = True
-    gguf_prompt_int16: bool = False
+    gguf_prompt_int16: bool | None = None  # None: where int16 is faster (kernels.gguf_linear.int16_fast)
 
     def __post_init__(self) -> None:
         if self.int4_act not in ("int8", "fp32"):
@@ -291,7 +305,7 @@ class KernelSettings:
             quant_embed=env.get("LLMOPT_QUANT_EMBED", "1").strip().lower() not in _FALSE,
             gguf_act=env.get("LLMOPT_GGUF_ACT", cls.gguf_act),
             gguf_bf16x3=env.get("LLMOPT_GGUF_BF16X3", "1").strip().lower() not in _FALSE,
-            gguf_prompt_int16=env.get("LLMOPT_GGUF_PROMPT_INT16", "0").strip().lower() not in _FALSE,
+            gguf_prompt_int16=_env_auto_bool(env, "LLMOPT_GGUF_PROMPT_INT16"),
         )
 
 

@@ -13,6 +13,16 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ARCHS = ("llama", "qwen2", "qwen3")
+
+
+@pytest.fixture(autouse=True)
+def _default_gguf_prompt_rows():
+    """Engines set how GGUF layers loaded later run their prompt rows (``models.gguf_linear.configure``, a
+    module setting): every test starts from the defaults, whatever an earlier test's engine asked for."""
+    from llmopt.models import gguf_linear
+
+    gguf_linear.configure()
+    yield
 VOCAB = 320
 
 

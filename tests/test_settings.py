@@ -73,8 +73,25 @@ def test_default_threads_follow_the_affinity_mask_not_the_machine(monkeypatch):
     assert EngineConfig().num_threads == 2
 
 
-def test_int16_prompt_rows_are_off_unless_asked_for():
-    assert KernelSettings().gguf_prompt_int16 is False
-    assert KernelSettings.from_env({}).gguf_prompt_int16 is False
-    assert KernelSettings.from_env({"LLMOPT_GGUF_PROMPT_INT16": "1"}).gguf_prompt_int16 is True
-    assert KernelSettings.from_env({"LLMOPT_GGUF_PROMPT_INT16": "0"}).gguf_prompt_int16 is False
+def test_int16_prompt_rows_follow_the_cpu_unless_set():
+    assert KernelSettings().gguf_prompt_int16 is None  # auto: where int16 beats fp32 (kernels.gguf_linear.int16_fast)
+    assert KernelSettings.from_env({}).gguf_prompt_int16 is None
+    assert KernelSettings.from_env({"LLMOPT_GGUF_PROMPT_INT16": " Auto "}).gguf_prompt_int16 is None
+    for on in ("1", "on", "true", "YES"):
+        assert KernelSettings.from_env({"LLMOPT_GGUF_PROMPT_INT16": on}).gguf_prompt_int16 is True
+    for off in ("0", "off", "false", "no"):
+        assert KernelSettings.from_env({"LLMOPT_GGUF_PROMPT_INT16": off}).gguf_prompt_int16 is False
+    with pytest.raises(ValueError, match="LLMOPT_GGUF_PROMPT_INT16='maybe'.*1 \\(on\\), 0 \\(off\\) or auto"):
+        KernelSettings.from_env({"LLMOPT_GGUF_PROMPT_INT16": "maybe"})
+
+
+def test_int16_prompt_rows_only_where_the_build_has_vnni():
+    from llmopt.kernels.gguf_linear import bf16x3_available, int16_fast
+    from llmopt.models.gguf_linear import prompt_act
+
+    assert [int16_fast(p) for p in ("avx512_amx", "avx512_vnni", "avx512", "avx2")] == [True, True, False, False]
+    auto = "bf16x3" if bf16x3_available() else "int16" if int16_fast() else "fp32"
+    assert prompt_act("by-kind", True, None) == auto
+    assert prompt_act("by-kind", False, True) == "int16" and prompt_act("by-kind", False, False) == "fp32"
+    assert prompt_act("fp32", False, True) == "fp32"  # the fp32 mode stays the dequantized model's math
+    assert prompt_act("int8", True, None) == "int8"

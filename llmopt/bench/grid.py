@@ -579,18 +579,19 @@ def _version(dist: str) -> str | None:
 
 def kernel_info() -> dict[str, Any]:
     """Which GGUF kernel build runs here (instruction set), whether this CPU's measured prefetch
-    table is in use (``python -m llmopt.kernels.build``) or the compiled-in default, and whether fp32
-    prompt rows run on AMX-BF16 tiles (``bf16x3``: available here and not turned off) or, asked for with
-    ``LLMOPT_GGUF_PROMPT_INT16=1``, with int16 activations."""
+    table is in use (``python -m llmopt.kernels.build``) or the compiled-in default, and whether the
+    default (by-kind) mode's prompt rows run on AMX-BF16 tiles (``bf16x3``: available here and not turned
+    off) or with int16 activations (where faster, or as ``LLMOPT_GGUF_PROMPT_INT16`` says)."""
     from llmopt.config import KernelSettings
     from llmopt.kernels import gguf_linear, tune
+    from llmopt.models import gguf_linear as gguf_layers
 
     path, mod = gguf_linear.native_for()
     table = tune.load_prefetch_table(mod) if mod is not None else None
     ks = KernelSettings.from_env()
-    bf3 = gguf_linear.bf16x3_available() and ks.gguf_bf16x3
-    return {"gguf_path": path, "prefetch": "measured" if table else "default", "prompt_bf16x3": bf3,
-            "prompt_int16": ks.gguf_prompt_int16 and not bf3}
+    prompt = gguf_layers.prompt_act(ks.gguf_act, ks.gguf_bf16x3, ks.gguf_prompt_int16) if mod is not None else "fp32"
+    return {"gguf_path": path, "prefetch": "measured" if table else "default", "prompt_bf16x3": prompt == "bf16x3",
+            "prompt_int16": prompt == "int16"}
 
 
 def machine_info(threads: int) -> dict[str, Any]:

@@ -30,12 +30,13 @@ not exact (see :func:`gguf_linear`). The default is ``act="fp32"``.
 ``act="int16"`` (same types as int8, every build) quantizes the activations to int16 per row and 32 k
 (scale amax / 32767, round half to even: relative error <= 2^-16 of the block's largest |x|, ~2e-5 of a
 product's norm) and runs integer dot products of int16 pairs (pmaddwd / VNNI vpdpwssd: twice the
-multiply-adds of an fp32 fma per instruction), exact in int32, then the int8 mode's fold per sub-block:
-batch-invariant and the same bits on every build. From 16 rows each panel's codes are decoded once into
-int16 pairs (minus the type's code offset) and shared by 12-row tiles over row blocks that stay in L2
-(1.56-1.85x the fp32 path at 128-2048 rows on a Zen 4, 2 threads); fewer rows take register tiles that
-decode in registers. The model
-can run prompt rows with it (``models/gguf_linear.py``, ``LLMOPT_GGUF_PROMPT_INT16=1``).
+multiply-adds of an fp32 fma per instruction with VNNI), exact in int32, then the int8 mode's fold per
+sub-block: batch-invariant and the same bits on every build. From 16 rows each panel's codes are decoded
+once into int16 pairs (minus the type's code offset) and shared by 12-row tiles over row blocks that stay
+in L2 (1.56-1.85x the fp32 path at 128-2048 rows on a Zen 4 with VNNI, 2 threads; slower than the fp32
+path on the builds without VNNI: :func:`int16_fast`); fewer rows take register tiles that decode in
+registers. The model runs the prompt rows of its "by-kind" mode with it where :func:`int16_fast`
+(``models/gguf_linear.py``; ``LLMOPT_GGUF_PROMPT_INT16=0`` / ``1`` turns that off / on everywhere).
 
 ``act="bf16x3"`` (the AMX build on a CPU with AMX-BF16, same types as int8: :func:`bf16x3_available`)
 is fp32 activations on AMX-BF16 tiles: each activation split exactly into three bf16 parts, the codes
@@ -82,6 +83,7 @@ __all__ = [
     "KernelTable",
     "available_paths",
     "bf16x3_available",
+    "int16_fast",
     "cpu_path",
     "dequantize_packed",
     "gguf_embedding",
@@ -677,6 +679,18 @@ def bf16x3_available(path: str | None = None) -> bool:
     AMX-BF16 and granted the tile state. Its types are :func:`supported_types` ("int8")."""
     _, mod = native_for(path)
     return mod is not None and _bf3_ready(mod)
+
+
+INT16_FAST_PATHS = ("avx512_vnni", "avx512_amx")
+
+
+def int16_fast(path: str | None = None) -> bool:
+    """Whether ``act="int16"`` beats the fp32 chain on ``path`` (None: :func:`cpu_path`): only where the
+    build has VNNI's pair dot product (``vpdpwssd``). Without it the int16 pairs take ``pmaddwd`` + an add,
+    no more multiply-adds per instruction than an fp32 FMA: one Q5_0 projection at 128-2048 rows ran at
+    0.70-0.82x the fp32 chain's speed on the AVX2 build and 0.73-0.90x on the AVX-512 build without VNNI
+    (Zen 4, 2 threads), 1.56-1.85x on the VNNI build."""
+    return (path or cpu_path()) in INT16_FAST_PATHS
 
 
 def _raise_bad_input(x: object, packed: GGUFPacked, bias: torch.Tensor | None, act: str) -> None:

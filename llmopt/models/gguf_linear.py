@@ -12,21 +12,23 @@ Activations (``act``, ``KernelSettings.gguf_act``), per row:
 * ``"fp32"``: the dequantized fp32 model up to float summation order;
 * ``"int8"``: the kernels' int8-activation mode (per row and 32 k, like llama.cpp's Q8 activations)
   for every row, prompt and generated alike;
-* ``"by-kind"``: by token kind: prompt tokens (prefill, recompute after preemption: positions before
-  the prompt's end) in fp32, generated tokens (decode rows, speculative-verify rows, recomputed
-  generated tokens) in int8, whatever else is in the batch (the runner marks each row's kind in
-  ``AttnContext.generated``). The prompt's log-probabilities are then exactly the fp32 mode's, and
-  decoding runs at the int8 speed.
+* ``"by-kind"`` (the default): by token kind: prompt tokens (prefill, recompute after preemption:
+  positions before the prompt's end) in int16 where that is faster than fp32 (a build with VNNI:
+  ``kernels.gguf_linear.int16_fast``; per row and 32 k, ~2e-5 relative error, held-out ppl +0.0003%),
+  else in fp32; generated tokens (decode rows, speculative-verify rows, recomputed generated tokens) in
+  int8, whatever else is in the batch (the runner marks each row's kind in ``AttnContext.generated``).
+  With ``LLMOPT_GGUF_PROMPT_INT16=0`` the prompt's log-probabilities are exactly the fp32 mode's.
 
 int8 applies to the types with an int8 kernel (``supported_types("int8")``); other parts keep fp32.
 
-Prompt rows in fp32 (the "fp32" and "by-kind" modes) run on AMX-BF16 tiles where the CPU has them
+Prompt rows (the "fp32" and "by-kind" modes) run on AMX-BF16 tiles where the CPU has them
 (``act="bf16x3"`` in ``kernels/gguf_linear.py``: x @ W.T up to fp32 rounding, batch-invariant, not the
 fp32 chain's bits; same types as int8), unless :func:`configure` turns it off
 (``KernelSettings.gguf_bf16x3``, ``LLMOPT_GGUF_BF16X3=0``). Generated rows never take it (a few rows at a
-time: slower there). Elsewhere :func:`configure` can put them on int16 activations
-(``LLMOPT_GGUF_PROMPT_INT16=1``: ``act="int16"``, per row and 32 k, ~2e-5 relative error, batch-invariant;
-off by default). Decided when a layer's blocks are set (at load).
+time: slower there). Elsewhere the "by-kind" mode's prompt rows take int16 activations
+(``act="int16"``, batch-invariant) where :func:`configure`'s ``prompt_int16`` says so (None, the default:
+where ``int16_fast``; ``KernelSettings.gguf_prompt_int16``, ``LLMOPT_GGUF_PROMPT_INT16``); the "fp32"
+mode's never do. Decided when a layer's blocks are set (at load).
 
 Fused projections: ``qkv_proj`` = the q, k, v tensors' rows, ``gate_up_proj`` = gate, up. Shards of
 one type are packed as one weight; shards of different types (a Q4_K_M file's Q6_K ``attn_v``) as
@@ -57,6 +59,7 @@ from llmopt.kernels.gguf_linear import (
     bf16x3_available,
     dequantize_packed,
     gguf_linear,
+    int16_fast,
     pack_gguf,
     supported_types,
 )
@@ -65,20 +68,33 @@ from llmopt.models.linear import EmbeddingMethod, LinearMethod, QuantConfig, Tok
 log = logging.getLogger(__name__)
 
 __all__ = ["GGUFLinear", "GGUFEmbedding", "GGUFMethod", "GGUFEmbeddingMethod", "gguf_quant_config", "GGUF_ACTS",
-           "configure"]
+           "configure", "prompt_act"]
 
 GGUF_ACTS = ("fp32", "int8", "by-kind")
 PROMPT_BF16X3 = True  # prompt rows on AMX-BF16 tiles where available (configure)
-PROMPT_INT16 = False  # prompt rows with int16 activations (configure)
+PROMPT_INT16: bool | None = None  # by-kind prompt rows with int16 activations (configure); None: where fast
 
 
-def configure(bf16x3: bool = True, prompt_int16: bool = False) -> None:
-    """How GGUF layers loaded from now on run their fp32 prompt rows: on AMX-BF16 tiles where the CPU
-    has them (``KernelSettings.gguf_bf16x3``), else with int16 activations if ``prompt_int16``
-    (``KernelSettings.gguf_prompt_int16``), else the fp32 chain."""
+def configure(bf16x3: bool = True, prompt_int16: bool | None = None) -> None:
+    """How GGUF layers loaded from now on run their prompt rows: on AMX-BF16 tiles where the CPU has them
+    (``KernelSettings.gguf_bf16x3``), else, in the "by-kind" mode, with int16 activations if
+    ``prompt_int16`` (``KernelSettings.gguf_prompt_int16``; None: where ``int16_fast()``), else the fp32
+    chain."""
     global PROMPT_BF16X3, PROMPT_INT16
     PROMPT_BF16X3 = bool(bf16x3)
-    PROMPT_INT16 = bool(prompt_int16)
+    PROMPT_INT16 = None if prompt_int16 is None else bool(prompt_int16)
+
+
+def prompt_act(act: str, bf16x3: bool, prompt_int16: bool | None) -> str:
+    """The activation of prompt rows in mode ``act`` on this CPU (types with the int8 kernel), given
+    :func:`configure`'s two settings."""
+    if act == "int8":
+        return "int8"
+    if bf16x3 and bf16x3_available():
+        return "bf16x3"
+    if act == "by-kind" and (int16_fast() if prompt_int16 is None else prompt_int16):
+        return "int16"
+    return "fp32"
 
 
 @dataclass(frozen=True)
@@ -170,9 +186,8 @@ class GGUFLinear(TokenKindLinear):
         self.parts = parts
         a8 = set(supported_types("int8"))
         self.acts = ["int8" if self.act != "fp32" and p.type_name in a8 else "fp32" for p in parts]
-        fp32_prompt = ("bf16x3" if PROMPT_BF16X3 and bf16x3_available() else "int16" if PROMPT_INT16 else "fp32")
-        self.prompt_acts = [("int8" if self.act == "int8" else fp32_prompt) if p.type_name in a8 else "fp32"
-                            for p in parts]
+        prompt = prompt_act(self.act, PROMPT_BF16X3, PROMPT_INT16)
+        self.prompt_acts = [prompt if p.type_name in a8 else "fp32" for p in parts]
 
     @property
     def type_names(self) -> list[str]:

@@ -33,7 +33,8 @@ def test_bench_cli_writes_both_systems_and_they_agree_on_greedy_tokens(tiny_mode
     assert f"GGUF kernels {kern['gguf_path']}" in res.output
     assert kern["prompt_bf16x3"] == gguf_linear.bf16x3_available()  # (LLMOPT_GGUF_BF16X3 unset in tests)
     assert ("prompt rows on AMX-BF16" in " ".join(res.output.split())) == kern["prompt_bf16x3"]  # (title wraps)
-    assert kern["prompt_int16"] is False and "prompt rows int16" not in " ".join(res.output.split())  # off by default
+    int16 = not kern["prompt_bf16x3"] and gguf_linear.int16_fast()  # by-kind's prompt rows where VNNI makes it faster
+    assert kern["prompt_int16"] is int16 and ("prompt rows int16" in " ".join(res.output.split())) == int16
     assert [(c["concurrency"], c["input_len"], c["output_len"]) for c in data["cells"]] == [(1, 7, 5), (3, 7, 5)]
     for cell in data["cells"]:
         assert cell["reference"] == "transformers"

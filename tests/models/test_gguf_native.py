@@ -13,6 +13,7 @@ import torch
 from llmopt import LLM, SamplingParams
 from llmopt.kernels.dense import PackedLinear
 from llmopt.kernels.gguf_linear import bf16x3_available
+from llmopt.models import gguf_linear as gguf_layers
 from llmopt.models.gguf_linear import GGUFEmbedding, GGUFLinear, _kind_rows
 from llmopt.models.loader import load_model
 from tests.conftest import SMOLLM2, gguf_blocks, requires_smollm2, save_hf_dir, tiny_hf_model, write_gguf
@@ -94,7 +95,12 @@ def test_fused_projection_mixing_types_and_a_float_shard(tiny, tmp_path):
             gen = torch.tensor(mask)
             y = models["by-kind"].get_submodule(name)(x, gen)
             assert torch.equal(y[gen], models["int8"].get_submodule(name)(x[gen]))
-            assert torch.equal(y[~gen], models["fp32"].get_submodule(name)(x[~gen]))
+            assert torch.equal(y[~gen], models["by-kind"].get_submodule(name)(x[~gen]))  # prompt rows alone
+    # by-kind's prompt rows are the fp32 mode's with int16 prompt rows off
+    gguf_layers.configure(prompt_int16=False)
+    exact = load_model(path, gguf_native=True, gguf_act="by-kind").model.get_submodule(name)
+    with torch.no_grad():
+        assert torch.equal(exact(x), models["fp32"].get_submodule(name)(x))
 
 
 @pytest.fixture(scope="module")
@@ -170,15 +176,17 @@ def test_int8_activation_mode_is_opt_in_per_type_and_batch_invariant(tiny, tmp_p
 
 
 def test_by_kind_mode_prompt_rows_fp32_generated_rows_int8(tiny, tmp_path):
-    """``gguf_act="by-kind"``: a row marked generated computes exactly what the int8 mode computes, a
-    prompt row exactly what the fp32 mode computes, in one mixed call; a prompt's log-probabilities
-    equal the fp32 mode's bit for bit; greedy tokens batched == single."""
+    """``gguf_act="by-kind"`` with int16 prompt rows off (``gguf_prompt_int16=False``, the exact variant): a
+    row marked generated computes exactly what the int8 mode computes, a prompt row exactly what the fp32
+    mode computes, in one mixed call; a prompt's log-probabilities equal the fp32 mode's bit for bit; greedy
+    tokens batched == single. (With int16 prompt rows: ``test_prompt_rows_on_int16_activations``.)"""
     from llmopt.config import KernelSettings
 
     def qtype(name: str):
         return QT.Q3_K if name.endswith("ffn_down.weight") else QT.Q4_1
 
     path = write_gguf(tiny["qwen2"], tmp_path / "kind.gguf", qtype=qtype, quantizer=gguf_blocks)
+    gguf_layers.configure(prompt_int16=False)
     models = {act: load_model(path, gguf_native=True, gguf_act=act).model for act in ("fp32", "int8", "by-kind")}
     prompt_act = "bf16x3" if bf16x3_available() else "fp32"  # fp32 prompt rows on AMX-BF16 tiles where present
     x = torch.randn(7, 256, generator=torch.Generator().manual_seed(3))
@@ -200,7 +208,7 @@ def test_by_kind_mode_prompt_rows_fp32_generated_rows_int8(tiny, tmp_path):
                 assert not torch.equal(y[gen], models["fp32"].get_submodule(name)(x[gen]))
             assert torch.equal(lin(x), models["fp32"].get_submodule(name)(x))  # no kinds given: prompt rows
     ids = [4, 8, 15, 16, 23, 42, 7, 99, 3, 250]
-    kind = LLM(str(path), num_kv_blocks=128, kernels=KernelSettings(gguf_act="by-kind"))
+    kind = LLM(str(path), num_kv_blocks=128, kernels=KernelSettings(gguf_act="by-kind", gguf_prompt_int16=False))
     fp32 = LLM(str(path), num_kv_blocks=128, kernels=KernelSettings(gguf_act="fp32"))
     assert torch.equal(kind.engine.score(ids), fp32.engine.score(ids))
     prompts = [[5, 17, 99, 3], [250, 1, 7, 7, 7, 8, 9, 10, 11], [42]]
@@ -236,22 +244,29 @@ def test_prompt_rows_on_amx_bf16_where_present_and_the_setting_turns_it_off(tiny
     assert [o.token_ids for o in on.generate(prompts, p)] == [on.generate([q], p)[0].token_ids for q in prompts]
 
 
-def test_prompt_rows_on_int16_activations_when_asked(tiny, tmp_path):
-    """``KernelSettings(gguf_prompt_int16=True)``: prompt rows of types with the int8 kernel take act="int16"
-    (Q3_K stays fp32; AMX-BF16 tiles still win where present), generated rows keep int8. Prompt logits agree
-    with the fp32 chain's to ~1e-4; greedy batched == single; off by default."""
+def test_prompt_rows_on_int16_activations(tiny, tmp_path):
+    """``KernelSettings(gguf_prompt_int16=True)``: by-kind prompt rows of types with the int8 kernel take
+    act="int16" (Q3_K stays fp32; AMX-BF16 tiles still win where present), generated rows keep int8. Prompt
+    logits agree with the fp32 chain's (``gguf_prompt_int16=False``) to ~1e-4; greedy batched == single. By
+    default (None) int16 where the build has VNNI; the "fp32" mode never takes it."""
     from llmopt.config import KernelSettings
+    from llmopt.kernels.gguf_linear import int16_fast
 
     def qtype(name: str):
         return QT.Q3_K if name.endswith("ffn_down.weight") else QT.Q4_1
 
     path = write_gguf(tiny["llama"], tmp_path / "i16.gguf", qtype=qtype, quantizer=gguf_blocks)
     on = LLM(str(path), num_kv_blocks=128, kernels=KernelSettings(gguf_prompt_int16=True, gguf_bf16x3=False))
-    off = LLM(str(path), num_kv_blocks=128, kernels=KernelSettings(gguf_bf16x3=False))
+    off = LLM(str(path), num_kv_blocks=128, kernels=KernelSettings(gguf_prompt_int16=False, gguf_bf16x3=False))
+    auto = LLM(str(path), num_kv_blocks=128, kernels=KernelSettings(gguf_bf16x3=False))
+    fp32 = LLM(str(path), num_kv_blocks=128, kernels=KernelSettings(gguf_act="fp32", gguf_prompt_int16=True,
+                                                                    gguf_bf16x3=False))
     m = on.engine.model
     assert m.layers[0].self_attn.qkv_proj.prompt_acts == ["int16"] and m.layers[0].self_attn.qkv_proj.acts == ["int8"]
     assert m.layers[0].mlp.down_proj.prompt_acts == ["fp32"]  # Q3_K: no int16 kernel
     assert off.engine.model.layers[0].self_attn.qkv_proj.prompt_acts == ["fp32"]
+    assert auto.engine.model.layers[0].self_attn.qkv_proj.prompt_acts == ["int16" if int16_fast() else "fp32"]
+    assert fp32.engine.model.layers[0].self_attn.qkv_proj.prompt_acts == ["fp32"]
     ids = [4, 8, 15, 16, 23, 42, 7, 99, 3, 250]
     a, b = on.engine.score(ids), off.engine.score(ids)
     assert torch.allclose(a, b, rtol=0, atol=1e-3), (a - b).abs().max()
