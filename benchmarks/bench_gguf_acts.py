@@ -2,7 +2,7 @@
 
     PYTHONPATH=.:DIR .venv/bin/python benchmarks/bench_gguf_acts.py [--model FILE.gguf] \
         [--cells 1x128x128,16x128x128,1x512x16] [--threads 2] [--peer] [--baseline hf] [--json out.json] \
-        [--first default|fp32] [--second int8|exact|default]
+        [--first default|fp32] [--second int8|exact|default] [--repeat N] [--seed S]
 
 Two llmopt rows. The first (``llmopt``, the reference of the greedy-token column unless ``--baseline hf``):
 ``default`` = the default mode, by-kind (prompt rows int16 where the build has VNNI, else fp32; generated
@@ -54,6 +54,7 @@ def main() -> int:
     ap.add_argument("--cells", default="1x128x128,16x128x128,1x512x16", help="CxINxOUT,... (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random prompts (another seed: other prompts)")
     ap.add_argument("--peer", action="store_true", help="add llama.cpp (llama-cpp-python importable) on the same file")
     ap.add_argument("--baseline", choices=("none", "hf"), default="none", help="hf: add transformers")
     ap.add_argument("--json", default=None, help="write the whole result here")
@@ -63,7 +64,7 @@ def main() -> int:
                     help="the second llmopt row: int8, exact (by-kind, fp32 prompt rows) or default (default: %(default)s)")
     args = ap.parse_args()
     cfg = GridConfig(model=args.model, cells=parse_cells(args.cells), threads=args.threads, baseline=args.baseline,
-                     quants=["gguf"], peers=["llamacpp"] if args.peer else [], repeat=args.repeat,
+                     quants=["gguf"], peers=["llamacpp"] if args.peer else [], repeat=args.repeat, seed=args.seed,
                      system_env={"llmopt": MODES[args.first][1], SECOND: MODES[args.second][1]})
     res = run_grid(cfg, progress=lambda m: print(m, file=sys.stderr, flush=True))
     if args.json:
@@ -71,13 +72,13 @@ def main() -> int:
     names = {"llmopt": "llmopt " + MODES[args.first][0], SECOND: "llmopt " + MODES[args.second][0]}
     same = {(c["concurrency"], c["input_len"], c["output_len"], n): f"{t['identical']}/{t['requests']}"
             for c in res["cells"] for n, t in c["greedy_tokens_vs_reference"].items()}
-    print(f"{'cell':>14s}  {'system':20s} {'bits/w':>7s} {'held-out ppl':>13s} "
+    print(f"{'cell':>14s}  {'system':26s} {'bits/w':>7s} {'held-out ppl':>13s} "
           + " ".join(f"{k:>27s}" for k in KEYS) + f" {'same greedy':>12s}")
     for row in res["rows"]:
         key = (row["concurrency"], row["input_len"], row["output_len"])
         cell = "{}x{}/{}".format(*key)
         bits, ppl = row.get("bits_per_weight"), row.get("heldout_ppl")
-        print(f"{cell:>14s}  {names.get(row['backend'], row['backend']):20s} "
+        print(f"{cell:>14s}  {names.get(row['backend'], row['backend']):26s} "
               f"{'-' if bits is None else f'{bits:.3f}':>7s} {'-' if ppl is None else f'{ppl:.4f}':>13s} "
               + " ".join(f"{row[k]:27.1f}" for k in KEYS) + f" {same.get((*key, row['backend']), 'ref'):>12s}")
     return 0
