@@ -13,6 +13,7 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ARCHS = ("llama", "qwen2", "qwen3")
+VOCAB = 320
 
 
 @pytest.fixture(autouse=True)
@@ -23,7 +24,6 @@ def _default_gguf_prompt_rows():
 
     gguf_linear.configure()
     yield
-VOCAB = 320
 
 
 def byte_level_tokens() -> list[str]:

@@ -580,7 +580,7 @@ def _version(dist: str) -> str | None:
 def kernel_info() -> dict[str, Any]:
     """Which GGUF kernel build runs here (instruction set), whether this CPU's measured prefetch
     table is in use (``python -m llmopt.kernels.build``) or the compiled-in default, and whether the
-    default (by-kind) mode's prompt rows run on AMX-BF16 tiles (``bf16x3``: available here and not turned
+    GGUF mode's prompt rows (``LLMOPT_GGUF_ACT``, by default by-kind) run on AMX-BF16 tiles (``bf16x3``: available here and not turned
     off) or with int16 activations (where faster, or as ``LLMOPT_GGUF_PROMPT_INT16`` says)."""
     from llmopt.config import KernelSettings
     from llmopt.kernels import gguf_linear, tune
