@@ -1,6 +1,7 @@
 """What int16 prompt rows cost in quality: held-out perplexity at full precision and greedy agreement,
-fp32 prompt rows (by-kind, the default) vs int16 prompt rows (``LLMOPT_GGUF_PROMPT_INT16=1``), two
-engines in one process on the same GGUF file and the same token ids.
+by-kind with exact fp32 prompt rows (``LLMOPT_GGUF_PROMPT_INT16=0``) vs int16 prompt rows (``=1``; the
+default where the kernel build has VNNI), two engines in one process on the same GGUF file and the same
+token ids.
 
     .venv/bin/python benchmarks/prompt_int16_quality.py --model SmolLM2-135M-Instruct.Q4_K_M.gguf
 """

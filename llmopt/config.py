@@ -203,6 +203,7 @@ class KVPolicy:
 KV_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "int8", "fp8")
 
 _FALSE = ("0", "", "false", "no", "off")
+_TRUE = ("1", "true", "yes", "on")
 
 
 def _env_auto_bool(environ: Mapping[str, str], name: str) -> bool | None:
@@ -210,10 +211,8 @@ def _env_auto_bool(environ: Mapping[str, str], name: str) -> bool | None:
     raw = environ.get(name, "").strip().lower()
     if raw in ("", "auto"):
         return None
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
+    if raw in _TRUE or raw in _FALSE:
+        return raw in _TRUE
     raise ValueError(f"{name}={raw!r}: use 1 (on), 0 (off) or auto (unset: auto)")
 
 
@@ -293,7 +292,6 @@ class KernelSettings:
         env = os.environ if environ is None else environ
         large_m = _env_int(env, "LLMOPT_QLINEAR_LARGE_M", cls.large_m)
         head = env.get("LLMOPT_QUANT_LM_HEAD", "int8").strip()
-        on = ("1", "true", "yes", "on")
         return cls(
             int4_act=env.get("LLMOPT_INT4_ACT", cls.int4_act),
             int4_a8_max_m=_env_int(env, "LLMOPT_INT4_A8_MAX_M", large_m),
@@ -301,7 +299,7 @@ class KernelSettings:
             decode_tiles=env.get("LLMOPT_DECODE_TILES", "1") != "0",
             fused_decode=env.get("LLMOPT_FUSED_DECODE", "1").strip().lower() not in _FALSE,
             quant_lm_head=head.lower() not in _FALSE,
-            lm_head_fmt=None if head.lower() in _FALSE + on else head,
+            lm_head_fmt=None if head.lower() in _FALSE + _TRUE else head,
             quant_embed=env.get("LLMOPT_QUANT_EMBED", "1").strip().lower() not in _FALSE,
             gguf_act=env.get("LLMOPT_GGUF_ACT", cls.gguf_act),
             gguf_bf16x3=env.get("LLMOPT_GGUF_BF16X3", "1").strip().lower() not in _FALSE,
