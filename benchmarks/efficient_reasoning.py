@@ -51,6 +51,7 @@ class Setting:
     jump: bool = False  # jump-forward of the format's scaffolding
     spec: bool = False  # on the engine with n-gram speculative decoding (the same greedy tokens, fewer steps)
     low_conf: float | None = None  # low_confidence_exit
+    think_gate: tuple[int, float] | None = None  # think_gate, think_gate_threshold
 
 
 @dataclass
@@ -77,6 +78,8 @@ def params_for(s: Setting, args: argparse.Namespace) -> SamplingParams:
                           early_exit=s.threshold is not None, loop_exit=s.loop_exit,
                           loop_exit_ngram=args.loop_ngram, loop_exit_repeats=args.loop_repeats,
                           low_confidence_exit=s.low_conf,
+                          **({"think_gate": s.think_gate[0], "think_gate_threshold": s.think_gate[1]}
+                             if s.think_gate else {}),
                           **({"early_exit_threshold": s.threshold} if s.threshold is not None else {}),
                           **({"early_exit_min_gap": args.min_gap} if args.min_gap else {}),
                           **({"early_exit_probe_tokens": args.probe_tokens} if args.probe_tokens else {}),
@@ -123,6 +126,9 @@ def main() -> None:
     ap.add_argument("--low-confidence", default="",
                     help="low-confidence exits to sweep, comma-separated P or P:BUDGET (low_confidence_exit P, with "
                          "think_budget BUDGET), e.g. 0.3,0.3:128")
+    ap.add_argument("--think-gate", default="",
+                    help="think gates to sweep, comma-separated K:P or K:P:BUDGET (think_gate K, think_gate_threshold P, "
+                         "with think_budget BUDGET), e.g. 24:0.86:96")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--answer-budget", type=int, default=None,
                     help="answer_budget of every setting but unlimited (tokens after thinking ends)")
@@ -187,6 +193,10 @@ def main() -> None:
         lc, _, b = x.partition(":")
         variants.append(Setting(f"low confidence {lc}" + (f" + budget {b}" if b else ""), think_budget=int(b) if b else None,
                                 low_conf=float(lc)))
+    for x in (x for x in args.think_gate.split(",") if x):
+        k, p, *b = x.split(":")
+        variants.append(Setting(f"think gate {k}@{p}" + (f" + budget {b[0]}" if b else ""),
+                                think_budget=int(b[0]) if b else None, think_gate=(int(k), float(p))))
     settings = [Setting("unlimited")]
     if not (args.loop_exit and args.no_unlimited_variants):
         settings += variants
@@ -194,7 +204,7 @@ def main() -> None:
         if not args.skip_loop_alone:
             settings += [Setting("loop exit", loop_exit=True)]
         settings += [Setting(f"loop exit + {v.name}", v.think_budget, v.threshold, loop_exit=True, gate=v.gate,
-                             cap=v.cap, low_conf=v.low_conf) for v in variants]
+                             cap=v.cap, low_conf=v.low_conf, think_gate=v.think_gate) for v in variants]
     if args.jump_forward == "on":
         for s in settings:
             s.jump, s.name = True, s.name + " + jf"

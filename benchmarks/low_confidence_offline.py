@@ -12,6 +12,15 @@ measures the real thing (accuracy and JCT, side by side).
     python benchmarks/low_confidence_offline.py --model smollm2-135m-reasoning --n 200 --seed 9004 \\
         --records lc_records.jsonl
     python benchmarks/low_confidence_offline.py --from-records lc_records.jsonl   # replay only
+
+The think gate (``SamplingParams(think_gate=K, think_gate_threshold=P)``: close thinking in place of the
+K-th think token if the first K think tokens' geometric-mean probability is below P) is replayed the same
+way with ``--gates K:P,...``, optionally on top of loop exit and a think budget as the engine combines
+them (``--loop-exit --budget 96``; loop exit needs records with ``token_ids``, written since the
+twentieth session), against the same setting without the gate:
+
+    python benchmarks/low_confidence_offline.py --from-records lc_records.jsonl --gates 24:0.86,16:0.86 \
+        --loop-exit --budget 96
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
             g = grader.grade(it, extract_answer(out.text), out.text)
             records.append({"suite": suite, "task": getattr(it, "task", None), "correct": bool(g.correct),
                             "output_tokens": len(out.token_ids), "think_tokens": out.reasoning.think_tokens,
+                            "token_ids": list(out.token_ids),
                             "logprobs": [round(lp.logprob, 5) for lp in out.logprobs], "text": out.text})
     return records
 
@@ -66,6 +76,37 @@ def replay(records: list[dict[str, Any]], p: float, answer_tokens: int) -> dict[
             "saved_share": saved / max(1, sum(r["output_tokens"] for r in records))}
 
 
+def replay_gate(records: list[dict[str, Any]], gate: tuple[int, float] | None, budget: int | None,
+                loop_exit: bool, answer_tokens: int) -> dict[str, Any]:
+    """Loop exit, a think budget and the think gate (any of them) on unlimited records: where each output
+    would be cut first (think tokens counted after a leading ``<think>`` token), right answers lost (a cut
+    right answer counts as lost), and the share of all output tokens left."""
+    from llmopt.reasoning.loops import find_loop
+
+    left = lost = cut_wrong = 0
+    for r in records:
+        think, lps, n = r["think_tokens"], r["logprobs"], r["output_tokens"]
+        cuts = []
+        if loop_exit and "token_ids" in r:
+            at = find_loop(r["token_ids"][1:think])
+            if at is not None:
+                cuts.append(at + 1)
+        if budget is not None and think > budget:
+            cuts.append(budget)
+        if gate is not None:
+            k, p = gate
+            if think > k and sum(lps[1:1 + k]) / k < math.log(p):
+                cuts.append(k)
+        at = min(cuts) if cuts else None
+        if at is None or at >= think:
+            left += n
+            continue
+        left += at + answer_tokens
+        lost += bool(r["correct"])
+        cut_wrong += not r["correct"]
+    return {"lost_right": lost, "cut_wrong": cut_wrong, "tokens_left": left / max(1, sum(r["output_tokens"] for r in records))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-reasoning")
@@ -80,6 +121,10 @@ def main() -> None:
                     help="tokens an answer after a cut is assumed to take (closing text included)")
     ap.add_argument("--records", default=None, help="write the unlimited records (with logprobs) here")
     ap.add_argument("--from-records", default=None, help="replay records written before (no model run)")
+    ap.add_argument("--gates", default="", help="think gates to replay, comma-separated K:P (think_gate K, "
+                                              "think_gate_threshold P); rows with and without each")
+    ap.add_argument("--budget", type=int, default=None, help="with --gates: a think budget under every row")
+    ap.add_argument("--loop-exit", action="store_true", help="with --gates: loop exit under every row")
     args = ap.parse_args()
 
     if args.from_records:
@@ -99,6 +144,14 @@ def main() -> None:
     for p in (float(x) for x in args.thresholds.split(",") if x):
         row = replay(records, p, args.answer_tokens)
         print(f"{p:>5} | {row['cuts_wrong']:>10} | {row['cuts_right']:>10} | {row['saved_share']:.0%}")
+    if args.gates:
+        base = ("loop exit + " if args.loop_exit else "") + (f"budget {args.budget}" if args.budget else "no budget")
+        print(f"\nthink gate on {base} ({args.answer_tokens} tokens after a cut)")
+        print(f"{'gate':>12} | {'right lost':>10} | {'wrong cut':>9} | output tokens left")
+        for g in [None] + [(int(k), float(p)) for k, p in (x.split(":") for x in args.gates.split(",") if x)]:
+            row = replay_gate(records, g, args.budget, args.loop_exit, args.answer_tokens)
+            name = "none" if g is None else f"{g[0]}@{g[1]}"
+            print(f"{name:>12} | {row['lost_right']:>10} | {row['cut_wrong']:>9} | {row['tokens_left']:.2f}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import typer
 
 from llmopt.models.registry import REASONING_MODEL  # already imported by the main CLI
 from llmopt.reasoning.early_exit import DEFAULT_THRESHOLD  # pure, no heavy imports
+from llmopt.reasoning.budget import DEFAULT_THINK_GATE_THRESHOLD  # pure, no heavy imports
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -88,6 +89,13 @@ def run_command(
     low_confidence_exit: Annotated[Optional[float], typer.Option(
         help="close <think> in place of a think token the model chose with a probability below this, in (0, 1): "
              "thinking that turned into guessing (docs/reasoning.md)", min=0.0, max=1.0)] = None,
+    think_gate: Annotated[Optional[int], typer.Option(
+        help="after this many think tokens close <think> if the model was unsure of them (their geometric-mean "
+             "probability below --think-gate-threshold): an unsure start rarely ends right; 24 measured "
+             "(docs/reasoning.md)", min=1)] = None,
+    think_gate_threshold: Annotated[float, typer.Option(
+        help="with --think-gate: the geometric-mean token probability below which thinking is closed, in (0, 1)",
+        min=0.0, max=1.0)] = DEFAULT_THINK_GATE_THRESHOLD,
     quant: Annotated[Optional[str], typer.Option(help="quantize on load: int8, int4, ... (RTN); fp32: float (a .gguf dequantized); default: as stored (a .gguf runs on its own blocks)")] = None,
     adapter: Annotated[Optional[Path], typer.Option(help="LoRA adapter merged at load (`llmopt train`'s OUT/adapter.safetensors)")] = None,
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16")] = "float32",
@@ -148,7 +156,8 @@ def run_command(
                          early_exit=early_exit,
                          early_exit_threshold=early_exit_threshold, loop_exit=loop_exit,
                          think_budget_threshold=think_budget_threshold, think_budget_max=think_budget_max,
-                         jump_forward=jump_forward, low_confidence_exit=low_confidence_exit)
+                         jump_forward=jump_forward, low_confidence_exit=low_confidence_exit,
+                         think_gate=think_gate, think_gate_threshold=think_gate_threshold)
     run = BatchRun(batch, output, options, resume=resume)
     todo = run.pending_questions
     what = f"{len(batch.cases)} test cases" if batch.kind == "cases" else f"{len(batch.questions)} questions"

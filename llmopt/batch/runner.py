@@ -42,6 +42,7 @@ from typing import Any
 from llmopt.batch.cases import Batch, Case, Id, Question
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.engine.sequence import RequestOutput
+from llmopt.reasoning.budget import DEFAULT_THINK_GATE_THRESHOLD
 from llmopt.reasoning.early_exit import DEFAULT_THRESHOLD
 from llmopt.tasks.base import REASONING_SYSTEM_PROMPT
 
@@ -73,6 +74,8 @@ class RunOptions:
     think_budget_max: int | None = None  # the gated budget's hard cap (None: where the answer fits max_tokens)
     jump_forward: bool = False  # write the rest of a format tag in one step once the model starts it
     low_confidence_exit: float | None = None  # close <think> in place of a think token chosen below this probability
+    think_gate: int | None = None  # after this many think tokens, close <think> if the model was unsure of them
+    think_gate_threshold: float = DEFAULT_THINK_GATE_THRESHOLD  # their geometric-mean probability, below: close
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1 or self.concurrency < 1:
@@ -81,7 +84,8 @@ class RunOptions:
                        early_exit_threshold=self.early_exit_threshold, loop_exit=self.loop_exit,
                        think_budget_threshold=self.think_budget_threshold, think_budget_max=self.think_budget_max,
                        jump_forward=self.jump_forward,
-                       low_confidence_exit=self.low_confidence_exit)  # ValueError naming a bad value
+                       low_confidence_exit=self.low_confidence_exit, think_gate=self.think_gate,
+                       think_gate_threshold=self.think_gate_threshold)  # ValueError naming a bad value
 
 
 @dataclass
@@ -281,7 +285,8 @@ class BatchRun:
                               answer_budget=o.answer_budget, early_exit=o.early_exit,
                               early_exit_threshold=o.early_exit_threshold, loop_exit=o.loop_exit,
                               think_budget_threshold=o.think_budget_threshold, think_budget_max=o.think_budget_max,
-                              jump_forward=o.jump_forward, low_confidence_exit=o.low_confidence_exit)
+                              jump_forward=o.jump_forward, low_confidence_exit=o.low_confidence_exit,
+                              think_gate=o.think_gate, think_gate_threshold=o.think_gate_threshold)
 
     def prompts(self, questions: tuple[Question, ...], case: Case | None = None) -> list[Messages]:
         return [messages_for(q, case and case.system, self.batch.system, self.options.system) for q in questions]

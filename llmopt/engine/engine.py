@@ -125,8 +125,8 @@ class LLMEngine:
         self.lock = threading.RLock()  # add/abort may come from other threads than step()
         self._guided: GuidedDecoder | None = None  # built on the first guided request
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "computed_prefill_tokens": 0, "steps": 0,
-                      "probes": 0, "early_exits": 0, "low_confidence_exits": 0, "budget_probe_exits": 0,
-                      "jump_forward_tokens": 0, "probe_generated_tokens": 0, "probe_prompt_tokens": 0,
+                      "probes": 0, "early_exits": 0, "low_confidence_exits": 0, "think_gate_exits": 0,
+                      "budget_probe_exits": 0, "jump_forward_tokens": 0, "probe_generated_tokens": 0, "probe_prompt_tokens": 0,
                       "probe_cached_tokens": 0, "spec_steps": 0, "spec_draft_tokens": 0, "spec_accepted_tokens": 0}
         self.spec_stats = AcceptanceStats(cfg.prompt_lookup_max, cfg.num_speculative_tokens)
         # what the engine writes to close a think part / an answer (think budgets, early exit)
@@ -262,8 +262,9 @@ class LLMEngine:
                 if spec:
                     best = logits[spec].max(-1)
                     greedy = best.indices.tolist()
-                    # the greedy token's log-probability, for a low-confidence exit (else unused: left at 0)
-                    if any(seqs[i].params.low_confidence_exit is not None for i in spec):
+                    # the greedy token's log-probability, for a low-confidence exit or a think gate (else unused: 0)
+                    if any(seqs[i].params.low_confidence_exit is not None
+                           or seqs[i].think.gate_open(seqs[i].params.think_gate) for i in spec):
                         chosen = (best.values - torch.logsumexp(logits[spec], -1)).tolist()
                     else:
                         chosen = [0.0] * len(spec)
@@ -288,6 +289,10 @@ class LLMEngine:
                     continue
                 if lp is not None and doubts(seq.think, lp.logprob, seq.params.low_confidence_exit):
                     outputs.append(RequestOutput.of(seq, self._close_in_doubt(seq, now)))
+                    continue
+                if lp is not None and seq.think.gate_fails(lp.logprob, seq.params.think_gate,
+                                                           seq.params.think_gate_threshold):
+                    outputs.append(RequestOutput.of(seq, self._close_in_doubt(seq, now, "think_gate")))
                     continue
                 delta = self._append(seq, tok, lp if seq.params.logprobs is not None else None, now)
                 if seq.is_probe:  # internal: no output; a finished probe may end its parent's thinking
@@ -362,6 +367,9 @@ class LLMEngine:
                 break
             if doubts(seq.think, lp, seq.params.low_confidence_exit):
                 delta += self._close_in_doubt(seq, now)
+                break
+            if seq.think.gate_fails(lp, seq.params.think_gate, seq.params.think_gate_threshold):
+                delta += self._close_in_doubt(seq, now, "think_gate")
                 break
             delta += self._append(seq, tok, None, now)
             delta += self._steer(seq, len(seq.text) - chars, now)
@@ -442,11 +450,12 @@ class LLMEngine:
             return self._force(seq, self.close_ids, now)
         return self._end_answer(seq, now)
 
-    def _close_in_doubt(self, seq: Sequence, now: float) -> str:
-        """Low-confidence exit: the model guessed its next think token (``doubts``); in place of that
-        token the engine writes the closing text and the model answers from what it has."""
-        seq.think.close(len(seq.output_ids), "low_confidence")
-        self.stats["low_confidence_exits"] += 1
+    def _close_in_doubt(self, seq: Sequence, now: float, by: str = "low_confidence") -> str:
+        """Low-confidence exit (``by`` "low_confidence": the model guessed its next think token, ``doubts``)
+        or think gate ("think_gate": its first think tokens were unsure, ``ThinkTracker.gate_fails``): in place
+        of that token the engine writes the closing text and the model answers from what it has."""
+        seq.think.close(len(seq.output_ids), by)
+        self.stats[f"{by}_exits"] += 1
         return self._force(seq, self.close_ids, now)
 
     def _end_answer(self, seq: Sequence, now: float) -> str:

@@ -88,7 +88,7 @@ def mask_guided(logits: torch.Tensor, seqs: list[Sequence], decoder: GuidedDecod
 def sample(logits: torch.Tensor, seqs: list[Sequence],
            guided: GuidedDecoder | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits [S, V] float32, one row per sequence -> next token per sequence (+ logprobs if asked, or the
-    chosen token's alone for a sequence with ``low_confidence_exit``).
+    chosen token's alone for a sequence with ``low_confidence_exit`` or an open ``think_gate``).
     ``guided``: the engine's grammar side, needed when a sequence has a grammar (masks in place)."""
     if guided is not None:
         mask_guided(logits, seqs, guided)
@@ -105,8 +105,10 @@ def sample(logits: torch.Tensor, seqs: list[Sequence],
         for i, tok in zip(rows, picked):
             tokens[i] = tok
     lps: list[TokenLogprob | None] = [None] * len(seqs)
-    # logprobs asked for, or the chosen token's for a low-confidence exit (TokenLogprob with no top list)
-    want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None or s.params.low_confidence_exit is not None]
+    # logprobs asked for, or the chosen token's for a low-confidence exit or an open think gate (TokenLogprob
+    # with no top list)
+    want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None or s.params.low_confidence_exit is not None
+            or s.think.gate_open(s.params.think_gate)]
     if want:
         logp = torch.log_softmax(logits if len(want) == len(seqs) else logits[want], -1)
         for j, i in enumerate(want):

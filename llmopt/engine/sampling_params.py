@@ -7,10 +7,12 @@ from typing import TYPE_CHECKING, Any
 
 from llmopt.config import check_kv_policy, check_quest_pin
 from llmopt.reasoning.budget import (
+    DEFAULT_THINK_GATE_THRESHOLD,
     check_answer_budget,
     check_gated_budget,
     check_low_confidence_exit,
     check_think_budget,
+    check_think_gate,
 )
 from llmopt.reasoning.early_exit import (
     DEFAULT_MARKERS,
@@ -68,6 +70,11 @@ class SamplingParams:
     # close <think> in place of a think token the model chose with a probability below this (a guess: thinking that
     # has turned into guessing rarely ends right; llmopt.reasoning.budget.doubts); None = off
     low_confidence_exit: float | None = None
+    # think gate: after think_gate think tokens, close <think> (in place of the last of them) if their
+    # geometric-mean probability is below think_gate_threshold (an unsure start rarely ends right;
+    # llmopt.reasoning.budget.ThinkTracker.gate_fails); None = off
+    think_gate: int | None = None
+    think_gate_threshold: float = DEFAULT_THINK_GATE_THRESHOLD
     # jump-forward of the think/answer format's scaffolding: once the model writes the first token of <think>,
     # </think>\n<answer> or </answer>, the engine appends the rest in one step (llmopt.reasoning.budget)
     jump_forward: bool = False
@@ -122,12 +129,14 @@ class SamplingParams:
             raise ValueError(f"loop_exit must be true or false, got {self.loop_exit!r}")
         check_loop_exit(self.loop_exit_ngram, self.loop_exit_repeats)
         check_low_confidence_exit(self.low_confidence_exit)
+        check_think_gate(self.think_gate, self.think_gate_threshold)
         if not isinstance(self.jump_forward, bool):
             raise ValueError(f"jump_forward must be true or false, got {self.jump_forward!r}")
         if self.guided is not None and self.jump_forward:
             raise ValueError("jump_forward cannot be combined with guided decoding (the grammar decides every token)")
         if self.guided is not None and self.steers_thinking:
-            raise ValueError("think_budget, answer_budget, early_exit, loop_exit and low_confidence_exit cannot be combined with "
+            raise ValueError("think_budget, answer_budget, early_exit, loop_exit, low_confidence_exit and think_gate cannot be "
+                             "combined with "
                              "guided decoding (the engine's "
                              "forced closing text would fight the grammar); cap the think part in the grammar instead")
 
@@ -144,7 +153,7 @@ class SamplingParams:
     def steers_thinking(self) -> bool:
         """The engine may write into this output to keep it in the think/answer format."""
         return (self.think_budget is not None or self.answer_budget is not None or self.early_exit or self.loop_exit
-                or self.low_confidence_exit is not None)
+                or self.low_confidence_exit is not None or self.think_gate is not None)
 
     @property
     def greedy(self) -> bool:

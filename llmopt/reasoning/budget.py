@@ -40,6 +40,16 @@ thinking that has turned into guessing (on the shipped 135M model nearly all of 
 runs long), not thinking that is already sure; the idea is DeepConf's online trace termination
 (Fu et al. 2025, lowest group confidence), with a group of one token. docs/reasoning.md measures it.
 
+Think gate (``SamplingParams.think_gate = K``, ``think_gate_threshold = p``, :meth:`ThinkTracker.gate_fails`):
+when the model has chosen K think tokens, the engine looks at how sure it was of them: if their mean token
+log-probability is below ``log(p)`` (their geometric-mean probability below p), it writes ``CLOSE_TEXT``
+in place of the K-th token (``closed_by = "think_gate"``) and the model answers from what it has; one
+look per request, at token K. On the shipped 135M model an unsure start of the think part predicts a
+wrong end (docs/reasoning.md: among the outputs still thinking after 32 tokens, the mean log-probability
+of those 32 ranks right above wrong with AUC 0.84), while its right answers start sure of themselves.
+DeepConf (Fu et al. 2025) terminates traces on a low sliding-window confidence; a sliding window
+cut the long right answers here, a fixed early window did not.
+
 Jump-forward (``SamplingParams.jump_forward``, :func:`jump_forward_ids`): once the model has written
 the first token of a tag of the format, the engine appends the rest of the tag's scaffolding
 (``<think>\n``, ``</think>\n<answer>\n``, ``</answer>``) as one chunk, computed in the next step
@@ -125,6 +135,19 @@ def check_low_confidence_exit(value: float | None) -> None:
                          f"token the model chose with a lower probability) or None for off, got {value!r}")
 
 
+DEFAULT_THINK_GATE_THRESHOLD = 0.86  # their geometric-mean probability below which thinking is closed
+
+
+def check_think_gate(tokens: int | None, threshold: float) -> None:
+    """``think_gate``: None (off) or think tokens >= 1; ``think_gate_threshold``: a probability in (0, 1)."""
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+        raise ValueError(f"think_gate must be a whole number of think tokens >= 1 (after them the engine judges how "
+                         f"sure the model was of them) or None for off, got {tokens!r}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
+        raise ValueError(f"think_gate_threshold must be a probability in (0, 1) (thinking is closed when the first "
+                         f"think_gate think tokens' geometric-mean probability is below it), got {threshold!r}")
+
+
 def doubts(t: ThinkTracker, logprob: float, low_confidence_exit: float | None) -> bool:
     """Low-confidence exit: the sequence is thinking and the model chose its next token with a
     probability below ``low_confidence_exit`` (a guess: what follows it is likely wasted)."""
@@ -147,8 +170,8 @@ class ThinkTracker:
     phase: Phase = Phase.PENDING
     think_tokens: int = 0
     # "model" | "budget" | "budget_probe" (a gated budget's confident trial answer) | "early_exit" | "loop" |
-    # "low_confidence" (a think token chosen below SamplingParams.low_confidence_exit) | "eos" (the model ended
-    # inside <think>)
+    # "low_confidence" (a think token chosen below SamplingParams.low_confidence_exit) | "think_gate" (an unsure
+    # start: SamplingParams.think_gate) | "eos" (the model ended inside <think>)
     closed_by: str | None = None
     forced_tokens: int = 0  # tokens the engine wrote (closing texts, adopted trial answers)
     answer_closed: bool = False  # "</answer>" written
@@ -164,6 +187,8 @@ class ThinkTracker:
     confidences: list[float] = field(default_factory=list)  # of each finished probe, -1 = no answer
     exit_at: int | None = None  # think tokens when early exit (or a gated budget's probe) closed thinking
     loop: LoopDetector | None = None  # loop exit (llmopt.reasoning.loops): fed the sampled think tokens
+    gate_tokens: int = 0  # think gate: think tokens seen (up to SamplingParams.think_gate), and their logprob sum
+    gate_logprob: float = 0.0
     _scanned: int = 0  # text chars already searched for the closing tag
 
     def __post_init__(self) -> None:
@@ -189,6 +214,22 @@ class ThinkTracker:
             self._scanned = len(text)
         if self.phase == Phase.ANSWER and not self.answer_closed:
             self.answer_closed = ANSWER_CLOSE_TEXT in text[max(0, text.find(THINK_CLOSE)):]
+
+    def gate_open(self, tokens: int | None) -> bool:
+        """The think gate of ``tokens`` still wants the chosen tokens' log-probabilities."""
+        return tokens is not None and self.gate_tokens < tokens and self.phase in (Phase.PENDING, Phase.THINKING) \
+            and self.closed_by is None
+
+    def gate_fails(self, logprob: float, tokens: int | None, threshold: float) -> bool:
+        """Think gate: take the log-probability of the think token the model just chose (before it is
+        appended); True at the ``tokens``-th think token if their mean is below ``log(threshold)``
+        (then thinking is closed in place of that token). Tokens before ``<think>`` is complete and
+        after thinking ended do not count."""
+        if tokens is None or self.phase != Phase.THINKING or self.closed_by is not None or self.gate_tokens >= tokens:
+            return False
+        self.gate_tokens += 1
+        self.gate_logprob += logprob
+        return self.gate_tokens == tokens and self.gate_logprob / tokens < math.log(threshold)
 
     def close(self, num_output_tokens: int, by: str) -> None:
         """The engine ends thinking now (before appending the closing text)."""
@@ -247,7 +288,7 @@ class ReasoningStats:
     think_tokens: int  # 0 when the output never opened <think>
     answer_tokens: int  # the rest of the output (closing tags included)
     closed_by: str | None  # who wrote </think>: "model", or the engine at "budget", "budget_probe", "early_exit",
-    # "loop", "low_confidence", "eos";
+    # "loop", "low_confidence", "think_gate", "eos";
     # None: open
     forced_tokens: int  # tokens the engine wrote into the output
     probes: int  # early-exit probes run for this request

@@ -247,6 +247,9 @@ def reasoning_setting(run: EvalRun) -> str | None:
         parts.append("loop exit")
     if cfg.get("low_confidence_exit"):
         parts.append(f"low confidence {cfg['low_confidence_exit']}")
+    if cfg.get("think_gate"):
+        p = cfg.get("think_gate_threshold")
+        parts.append(f"think gate {cfg['think_gate']}@{p if p is not None else 'default'}")
     return ", ".join(parts) or "unlimited"
 
 

@@ -82,6 +82,8 @@ class _SamplingFields(_Request):
     think_budget_max: int | None = None  # the gated budget's hard cap
     jump_forward: bool = False  # write the rest of a format tag in one step once the model starts it
     low_confidence_exit: float | None = None  # close <think> in place of a think token chosen below this probability
+    think_gate: int | None = None  # after this many think tokens, close <think> if the model was unsure of them
+    think_gate_threshold: float | None = None  # their geometric-mean probability below which (default 0.86)
 
     def reasoning_fields(self) -> dict[str, Any]:
         """The efficient-reasoning fields that are set, as ``SamplingParams`` keywords."""
@@ -92,7 +94,7 @@ class _SamplingFields(_Request):
         out["loop_exit"] = self.loop_exit
         out["jump_forward"] = self.jump_forward
         for k in ("loop_exit_ngram", "loop_exit_repeats", "think_budget_threshold", "think_budget_max",
-                  "low_confidence_exit"):
+                  "low_confidence_exit", "think_gate", "think_gate_threshold"):
             if (v := getattr(self, k)) is not None:
                 out[k] = v
         return out

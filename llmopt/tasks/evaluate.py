@@ -89,6 +89,8 @@ class EvalConfig:
     early_exit_threshold: float | None = None  # None: the engine's default
     loop_exit: bool = False  # close <think> when it starts repeating itself
     low_confidence_exit: float | None = None  # close <think> in place of a think token chosen below this probability
+    think_gate: int | None = None  # after this many think tokens, close <think> if the model was unsure of them
+    think_gate_threshold: float | None = None  # their geometric-mean probability below which (None: the default)
     prefill_think: bool = False  # end the prompt with "<think>\n" (the assistant prefix forced); graded as
     # "<think>\n" + output, for a model that does not open <think> by itself
     # long context (llmopt.tasks.longctx, docs/long_context.md): prompt lengths and needle depths of
@@ -203,6 +205,7 @@ def reasoning_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
         "early_exit_rate": closed.count("early_exit") / len(rs),
         "loop_exit_rate": closed.count("loop") / len(rs),
         "low_confidence_exit_rate": closed.count("low_confidence") / len(rs),
+        "think_gate_exit_rate": closed.count("think_gate") / len(rs),
         "probe_tokens": int(sum(r.get("probe_tokens") or 0 for r in rs)),
     }
 
@@ -243,6 +246,8 @@ def _sampling_params(config: EvalConfig, sample: int) -> Any:
         early_exit=config.early_exit,
         loop_exit=config.loop_exit,
         low_confidence_exit=config.low_confidence_exit,
+        think_gate=config.think_gate,
+        **({"think_gate_threshold": config.think_gate_threshold} if config.think_gate_threshold is not None else {}),
         **({"early_exit_threshold": config.early_exit_threshold} if config.early_exit_threshold is not None else {}),
     )
 

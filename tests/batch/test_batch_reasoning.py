@@ -24,7 +24,8 @@ def _cases(tmp_path, **extra):
                                 dict(answer_budget=0), dict(think_budget_threshold=0.9),
                                 dict(think_budget=8, think_budget_threshold=0.9, think_budget_max=4),
                                 dict(jump_forward="yes"), dict(low_confidence_exit=1.0),
-                                dict(low_confidence_exit=0.0)])
+                                dict(low_confidence_exit=0.0), dict(think_gate=0),
+                                dict(think_gate=8, think_gate_threshold=1.0)])
 def test_bad_reasoning_options_are_value_errors(kw):
     with pytest.raises(ValueError):
         RunOptions(**kw)
@@ -41,6 +42,8 @@ def test_case_think_budget_is_validated_and_wins_over_the_run_option(tmp_path):
     assert BatchRun(batch, tmp_path / "out.jsonl", RunOptions(loop_exit=True)).params(batch.cases[0]).loop_exit
     lc = BatchRun(batch, tmp_path / "out.jsonl", RunOptions(low_confidence_exit=0.3)).params(batch.cases[0])
     assert lc.low_confidence_exit == 0.3
+    tg = BatchRun(batch, tmp_path / "out.jsonl", RunOptions(think_gate=24, think_gate_threshold=0.8)).params(batch.cases[0])
+    assert (tg.think_gate, tg.think_gate_threshold) == (24, 0.8)
     gated = BatchRun(batch, tmp_path / "out.jsonl", RunOptions(think_budget=20, think_budget_threshold=0.9,
                                                               think_budget_max=40,
                                                               jump_forward=True)).params(batch.cases[0])

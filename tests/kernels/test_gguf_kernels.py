@@ -60,11 +60,10 @@ def paths() -> list[str]:
 @pytest.fixture
 def parallel_always(paths):
     """Every call splits over the threads (the default keeps small problems on one thread)."""
-    for p in paths:
-        G.native_module(p)._set_min_parallel_work(0)
+    before = {p: G.native_module(p)._set_min_parallel_work(0) for p in paths}
     yield
-    for p in paths:
-        G.native_module(p)._set_min_parallel_work(1 << 22)
+    for p, w in before.items():
+        G.native_module(p)._set_min_parallel_work(w)
 
 
 @pytest.fixture

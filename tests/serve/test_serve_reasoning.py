@@ -19,6 +19,8 @@ from serve_util import MODEL
                                          ({"think_budget_threshold": 0.9}, "think_budget_threshold"),
                                          ({"low_confidence_exit": 1.0}, "low_confidence_exit"),
                                          ({"low_confidence_exit": 0}, "low_confidence_exit"),
+                                         ({"think_gate": 0}, "think_gate"),
+                                         ({"think_gate": 8, "think_gate_threshold": 1.5}, "think_gate_threshold"),
                                          ({"think_budget": 8, "think_budget_threshold": 0}, "think_budget_threshold"),
                                          ({"think_budget": 8, "think_budget_threshold": 0.9, "think_budget_max": 4},
                                           "think_budget_max")])
@@ -43,6 +45,16 @@ def test_low_confidence_exit_closes_thinking_over_http(client):
     r = client.completions.create(model=MODEL, prompt="Q: What is 6 times 7? Think first.\n<think>\n",
                                   max_tokens=40, temperature=0.0, stop=["</answer>"],
                                   extra_body={"low_confidence_exit": 0.99, "answer_budget": 10,
+                                              "include_stop_str_in_output": True})
+    text = r.choices[0].text
+    assert text.startswith("</think>\n<answer>\n") and format_ok("<think>\n" + text), text
+
+
+def test_think_gate_closes_thinking_over_http(client):
+    # the tiny random model is unsure of every token: a one-token gate at 0.99 closes in place of the first one
+    r = client.completions.create(model=MODEL, prompt="Q: What is 6 times 7? Think first.\n<think>\n",
+                                  max_tokens=40, temperature=0.0, stop=["</answer>"],
+                                  extra_body={"think_gate": 1, "think_gate_threshold": 0.99, "answer_budget": 10,
                                               "include_stop_str_in_output": True})
     text = r.choices[0].text
     assert text.startswith("</think>\n<answer>\n") and format_ok("<think>\n" + text), text

@@ -49,6 +49,17 @@ def test_low_confidence_exit_eval_closes_guessing_think_parts(tiny_models):
     assert run["suites"]["math"]["low_confidence_exit_rate"] == 1.0
 
 
+def test_think_gate_eval_closes_unsure_think_parts(tiny_models):
+    llm = LLM(str(tiny_models["llama"][1]), kv_cache_memory_gb=0.05)
+    # the random model is unsure of every token: a 2-token gate at 0.99 closes in place of the second one
+    cfg = EvalConfig(model="tiny", suites=("math",), n=2, max_tokens=40, think_gate=2, think_gate_threshold=0.99,
+                     answer_budget=8, prefill_think=True)
+    run = run_eval(llm, cfg, command="test")
+    for r in run["items"]:
+        assert r["closed_by"] == "think_gate" and r["think_tokens"] == 1 and r["format_ok"], r["output"]
+    assert run["suites"]["math"]["think_gate_exit_rate"] == 1.0
+
+
 def test_reasoning_summary_counts_correct_answers_per_thousand_think_tokens():
     rs = [{"think_tokens": 300, "answer_tokens": 5, "correct": True, "latency_s": 1.0, "closed_by": "early_exit"},
           {"think_tokens": 200, "answer_tokens": 7, "correct": False, "latency_s": 3.0, "closed_by": "model"}]
@@ -84,8 +95,12 @@ def test_report_draws_accuracy_against_jct_with_the_unlimited_reference(tmp_path
     low = _reasoning_run(None, 2, 80)
     low["config"] |= {"low_confidence_exit": 0.4, "loop_exit": True}
     save_json(low, tmp_path / "runs" / "low.json")
+    gate = _reasoning_run(128, 2, 60)
+    gate["config"] |= {"think_gate": 24, "loop_exit": True}
+    save_json(gate, tmp_path / "runs" / "gate.json")
     runs = load_runs([tmp_path / "runs"])
-    assert sorted(reasoning_setting(r) for r in runs.evals) == ["budget 64", "loop exit, low confidence 0.4",
+    assert sorted(reasoning_setting(r) for r in runs.evals) == ["budget 128, loop exit, think gate 24@default",
+                                                                "budget 64", "loop exit, low confidence 0.4",
                                                                 "unlimited"]
     files = build_report([tmp_path / "runs"], tmp_path / "out")
     assert "accuracy_vs_jct.png" in [p.name for p in files.figures]

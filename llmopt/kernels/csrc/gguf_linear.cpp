@@ -77,7 +77,13 @@ constexpr int BUF_R = LLMOPT_BUF_R;   // rows per micro-kernel tile (AVX-512: 12
 constexpr int64_t KC = LLMOPT_BUF_KC; // k per dequantized chunk (at least one block: max(KC, QB))
 constexpr int64_t XB = LLMOPT_BUF_XB; // bytes of packed activations per row block (L2)
 
-int64_t g_min_parallel_work = int64_t(1) << 22;  // M*N*K below this: the calling thread only
+// M*N*K below this (int8 calls count a quarter of it, int16 a half): the calling thread only. Measured
+// (Zen 4, 2 threads, Q5_0, 30 distinct weights per shape so that they stream from DRAM as a model's layers
+// do; benchmarks/bench_gguf_threads.py): 1 << 18 against the first 1 << 22, per call
+// 3072 x 576 int8 M=1 56 -> 43 us, M=8 131 -> 79, int16 M=4 113 -> 71, fp32 M=1 121 -> 63; 576 x 1536
+// int8 M=8 71 -> 50, int16 M=8 137 -> 74; only 576 x 576 at M=4 lost (int8 14 -> 17 us). The fused decode
+// step splits its own work; these are the op-by-op calls (steps mixing prompt rows with decode rows).
+int64_t g_min_parallel_work = int64_t(1) << 18;
 constexpr int64_t kItemsPerThread = 2;
 
 template <class Fn>
@@ -1068,6 +1074,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "rows from which the int16 mode decodes each panel once for all row tiles (results do not depend on "
       "it); returns the previous value");
-  m.def("_set_min_parallel_work", [](int64_t w) { g_min_parallel_work = w; },
-        "M*N*K below which a call runs on the calling thread (tests use 0)");
+  m.def("_set_min_parallel_work",
+        [](int64_t w) {
+          const int64_t old = g_min_parallel_work;
+          g_min_parallel_work = w;
+          return old;
+        },
+        "M*N*K below which a call runs on the calling thread (tests use 0); returns the previous value");
 }
