@@ -1,4 +1,5 @@
-"""Shared by the efficient-reasoning engine tests (budgets, loop exit, early exit, low-confidence exit)."""
+"""Shared by the efficient-reasoning engine tests (budgets, loop exit, early exit, low-confidence exit, think
+gate)."""
 
 from llmopt import SamplingParams
 
@@ -14,3 +15,16 @@ def reasoning_params(default_max_tokens: int, **kw) -> SamplingParams:
     base = dict(max_tokens=default_max_tokens, temperature=0.0, ignore_eos=True, stop=["</answer>"],
                 include_stop_str_in_output=True)
     return SamplingParams(**(base | kw))
+
+
+def assert_batched_matches_single(llm, prompts: list[str], params: list[SamplingParams], closed_by: str,
+                                  min_fired: int) -> None:
+    """The prompts run together give each one's tokens alone; the exit ``closed_by`` fired at least
+    ``min_fired`` times, each counted once in the engine's ``f"{closed_by}_exits"`` stat; no block leaks."""
+    singles = [llm.generate([p], sp)[0] for p, sp in zip(prompts, params)]
+    before = llm.engine.stats[f"{closed_by}_exits"]
+    batched = llm.engine.generate(prompts, params)
+    assert [o.token_ids for o in batched] == [o.token_ids for o in singles]
+    fired = sum(o.reasoning.closed_by == closed_by for o in batched)
+    assert fired >= min_fired and llm.engine.stats[f"{closed_by}_exits"] - before == fired
+    assert llm.engine.block_manager.num_used_blocks == 0

@@ -7,7 +7,7 @@ import pytest
 
 from llmopt import LLM, SamplingParams
 from llmopt.reasoning.format import format_ok
-from tests.engine.reasoning_util import OPEN_PROMPT, PLAIN_PROMPT, reasoning_params
+from tests.engine.reasoning_util import OPEN_PROMPT, PLAIN_PROMPT, assert_batched_matches_single, reasoning_params
 
 
 def _params(**kw):
@@ -81,13 +81,7 @@ def test_batched_low_confidence_exit_matches_single(llm):
         thresholds.append(_threshold_firing_at(ref, lo=3)[0])
     params = [_params(low_confidence_exit=p, answer_budget=8 if i % 2 else None, jump_forward=i % 3 == 0)
               for i, p in enumerate(thresholds)]
-    singles = [llm.generate([p], sp)[0] for p, sp in zip(prompts, params)]
-    before = llm.engine.stats["low_confidence_exits"]
-    batched = llm.engine.generate(prompts, params)
-    assert [o.token_ids for o in batched] == [o.token_ids for o in singles]
-    fired = sum(o.reasoning.closed_by == "low_confidence" for o in batched)
-    assert fired >= 3 and llm.engine.stats["low_confidence_exits"] - before == fired
-    assert llm.engine.block_manager.num_used_blocks == 0
+    assert_batched_matches_single(llm, prompts, params, "low_confidence", 3)
 
 
 def test_speculative_decoding_exits_where_plain_decoding_does(tiny_models):

@@ -8,7 +8,7 @@ import pytest
 
 from llmopt import LLM, SamplingParams
 from llmopt.reasoning.format import format_ok
-from tests.engine.reasoning_util import OPEN_PROMPT, PLAIN_PROMPT, reasoning_params
+from tests.engine.reasoning_util import OPEN_PROMPT, PLAIN_PROMPT, assert_batched_matches_single, reasoning_params
 
 
 def _params(**kw):
@@ -92,13 +92,7 @@ def test_batched_think_gate_matches_single(llm):
         g = _gmean(ref, k)
         params.append(_params(think_gate=k, think_gate_threshold=min(0.999999, g * 1.0001) if fire else g * 0.9999,
                               answer_budget=8 if i % 3 == 0 else None, jump_forward=i == 1))
-    singles = [llm.generate([p], sp)[0] for p, sp in zip(prompts, params)]
-    before = llm.engine.stats["think_gate_exits"]
-    batched = llm.engine.generate(prompts, params)
-    assert [o.token_ids for o in batched] == [o.token_ids for o in singles]
-    fired = sum(o.reasoning.closed_by == "think_gate" for o in batched)
-    assert fired >= 2 and llm.engine.stats["think_gate_exits"] - before == fired
-    assert llm.engine.block_manager.num_used_blocks == 0
+    assert_batched_matches_single(llm, prompts, params, "think_gate", 2)
 
 
 def test_speculative_decoding_gates_where_plain_decoding_does(tiny_models):
