@@ -67,8 +67,9 @@ def run_command(
     think_budget: Annotated[Optional[int], typer.Option(help="close <think> after this many tokens where the file "
                                                              "sets no think_budget (docs/reasoning.md)",
                                                         min=1)] = None,
-    answer_budget: Annotated[Optional[int], typer.Option(help="close <answer> this many tokens after thinking ended "
-                                                              "(tags included; docs/reasoning.md)", min=1)] = None,
+    answer_budget: Annotated[Optional[int], typer.Option(help="close <answer> this many tokens after thinking the "
+                                                              "engine closed (tags included; an answer after the "
+                                                              "model's own </think> is not capped; docs/reasoning.md)", min=1)] = None,
     early_exit: Annotated[bool, typer.Option("--early-exit/--no-early-exit",
                                              help="stop thinking when a trial answer at a pause is confident")] = False,
     early_exit_threshold: Annotated[float, typer.Option(help="mean token probability a trial answer needs, (0, 1]",

@@ -55,8 +55,9 @@ class SamplingParams:
     # on, trying again every early_exit_min_gap tokens, up to think_budget_max (None: where the answer fits)
     think_budget_threshold: float | None = None
     think_budget_max: int | None = None
-    # most output tokens after thinking ended (however it ended; the closing tags included): then the
-    # engine writes </answer>. A model that rambles on in its answer after a forced close stops there.
+    # most output tokens after thinking the engine closed (a budget, an exit, the gate; the closing tags
+    # included): then the engine writes </answer>. A model that rambles on in its answer after a forced close
+    # stops there; an answer after the model's own </think> runs to max_tokens.
     answer_budget: int | None = None
     early_exit: bool = False
     early_exit_threshold: float = DEFAULT_THRESHOLD  # mean token probability of the trial answer, (0, 1]

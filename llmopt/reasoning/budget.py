@@ -267,8 +267,11 @@ def jump_forward_ids(t: ThinkTracker, output_ids: list[int], open_ids: list[int]
 
 def answer_limit(t: ThinkTracker, max_tokens: int, answer_budget: int | None) -> int:
     """Output tokens at which a steered sequence's answer must be closed: ``max_tokens``, or with an
-    ``answer_budget`` that many tokens after thinking ended (the closing tags included), if sooner."""
-    if answer_budget is None:
+    ``answer_budget`` and thinking closed by the engine (a budget, an exit, the gate, an EOS inside it),
+    that many tokens after thinking ended (the closing tags included), if sooner. An answer after the
+    model's own ``</think>`` is not capped: it is the model's finished answer (a code answer needs more
+    than the 24 tokens measured for cut-off math and logic answers)."""
+    if answer_budget is None or t.closed_by == "model":
         return max_tokens
     return min(max_tokens, t.think_tokens + answer_budget)
 

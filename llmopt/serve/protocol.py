@@ -72,7 +72,7 @@ class _SamplingFields(_Request):
 
     # llmopt extensions: efficient reasoning (docs/reasoning.md); values are checked by SamplingParams
     think_budget: int | None = None  # close <think> after this many tokens
-    answer_budget: int | None = None  # close <answer> this many tokens after thinking ended
+    answer_budget: int | None = None  # close <answer> this many tokens after thinking the engine closed
     early_exit: bool = False  # stop thinking when a trial answer at a pause is confident
     early_exit_threshold: float | None = None  # (0, 1]; default: llmopt.reasoning.early_exit.DEFAULT_THRESHOLD
     loop_exit: bool = False  # close <think> when it starts repeating itself

@@ -107,7 +107,7 @@ def eval_command(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write suites and every item to this JSON file")] = None,
     compare: Annotated[Optional[str], typer.Option("--compare", help="baseline to run on the same items: 'fp32', 'quant=int8' or 'model=PATH,quant=none'")] = None,
     think_budget: Annotated[Optional[int], typer.Option(help="close <think> after this many tokens (docs/reasoning.md)", min=1)] = None,
-    answer_budget: Annotated[Optional[int], typer.Option(help="close <answer> this many tokens after thinking ended (tags included)", min=1)] = None,
+    answer_budget: Annotated[Optional[int], typer.Option(help="close <answer> this many tokens after thinking the engine closed (tags included; the model's own answers are not capped)", min=1)] = None,
     early_exit: Annotated[bool, typer.Option("--early-exit", help="stop thinking when a trial answer at a pause is confident")] = False,
     early_exit_threshold: Annotated[Optional[float], typer.Option(help="mean token probability a trial answer needs, (0, 1]")] = None,
     loop_exit: Annotated[bool, typer.Option("--loop-exit", help="close <think> when it starts repeating itself (a greedy loop)")] = False,
