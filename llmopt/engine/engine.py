@@ -19,7 +19,7 @@ from llmopt.config import EngineConfig
 from llmopt.engine.kv_cache import BlockManager
 from llmopt.engine.kv_policy import KVCompressor
 from llmopt.engine.runner import ModelRunner
-from llmopt.engine.sampler import sample
+from llmopt.engine.sampler import needs_chosen_logprob, sample
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.engine.scheduler import Scheduler
 from llmopt.engine.sequence import RequestOutput, Sequence, TokenLogprob
@@ -263,8 +263,7 @@ class LLMEngine:
                     best = logits[spec].max(-1)
                     greedy = best.indices.tolist()
                     # the greedy token's log-probability, for a low-confidence exit or a think gate (else unused: 0)
-                    if any(seqs[i].params.low_confidence_exit is not None
-                           or seqs[i].think.gate_open(seqs[i].params.think_gate) for i in spec):
+                    if any(needs_chosen_logprob(seqs[i]) for i in spec):
                         chosen = (best.values - torch.logsumexp(logits[spec], -1)).tolist()
                     else:
                         chosen = [0.0] * len(spec)
@@ -287,12 +286,8 @@ class LLMEngine:
                     delta = self._close_on_eos(seq, now)
                     outputs.append(RequestOutput.of(seq, delta))
                     continue
-                if lp is not None and doubts(seq.think, lp.logprob, seq.params.low_confidence_exit):
-                    outputs.append(RequestOutput.of(seq, self._close_in_doubt(seq, now)))
-                    continue
-                if lp is not None and seq.think.gate_fails(lp.logprob, seq.params.think_gate,
-                                                           seq.params.think_gate_threshold):
-                    outputs.append(RequestOutput.of(seq, self._close_in_doubt(seq, now, "think_gate")))
+                if lp is not None and (by := self._doubt(seq, lp.logprob)):
+                    outputs.append(RequestOutput.of(seq, self._close_in_doubt(seq, now, by)))
                     continue
                 delta = self._append(seq, tok, lp if seq.params.logprobs is not None else None, now)
                 if seq.is_probe:  # internal: no output; a finished probe may end its parent's thinking
@@ -365,11 +360,8 @@ class LLMEngine:
             if self._eos_breaks_format(seq, tok):
                 delta += self._close_on_eos(seq, now)
                 break
-            if doubts(seq.think, lp, seq.params.low_confidence_exit):
-                delta += self._close_in_doubt(seq, now)
-                break
-            if seq.think.gate_fails(lp, seq.params.think_gate, seq.params.think_gate_threshold):
-                delta += self._close_in_doubt(seq, now, "think_gate")
+            if by := self._doubt(seq, lp):
+                delta += self._close_in_doubt(seq, now, by)
                 break
             delta += self._append(seq, tok, None, now)
             delta += self._steer(seq, len(seq.text) - chars, now)
@@ -450,10 +442,21 @@ class LLMEngine:
             return self._force(seq, self.close_ids, now)
         return self._end_answer(seq, now)
 
-    def _close_in_doubt(self, seq: Sequence, now: float, by: str = "low_confidence") -> str:
-        """Low-confidence exit (``by`` "low_confidence": the model guessed its next think token, ``doubts``)
-        or think gate ("think_gate": its first think tokens were unsure, ``ThinkTracker.gate_fails``): in place
-        of that token the engine writes the closing text and the model answers from what it has."""
+    @staticmethod
+    def _doubt(seq: Sequence, logprob: float) -> str | None:
+        """Whether the think token the model just chose (with this log-probability, not yet appended) ends
+        its thinking: "low_confidence" (a guess, ``doubts``), "think_gate" (an unsure start,
+        ``ThinkTracker.gate_fails``, which also counts the token), else None."""
+        p = seq.params
+        if doubts(seq.think, logprob, p.low_confidence_exit):
+            return "low_confidence"
+        if seq.think.gate_fails(logprob, p.think_gate, p.think_gate_threshold):
+            return "think_gate"
+        return None
+
+    def _close_in_doubt(self, seq: Sequence, now: float, by: str) -> str:
+        """Low-confidence exit or think gate (``by``, from ``_doubt``): in place of the token the model
+        chose the engine writes the closing text and the model answers from what it has."""
         seq.think.close(len(seq.output_ids), by)
         self.stats[f"{by}_exits"] += 1
         return self._force(seq, self.close_ids, now)

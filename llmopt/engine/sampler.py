@@ -85,6 +85,12 @@ def mask_guided(logits: torch.Tensor, seqs: list[Sequence], decoder: GuidedDecod
     decoder.seconds += time.perf_counter() - t0
 
 
+def needs_chosen_logprob(seq: Sequence) -> bool:
+    """The chosen token's log-probability is needed to decide an exit: a low-confidence exit, or a think
+    gate still counting (``ThinkTracker.gate_open``)."""
+    return seq.params.low_confidence_exit is not None or seq.think.gate_open(seq.params.think_gate)
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence],
            guided: GuidedDecoder | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits [S, V] float32, one row per sequence -> next token per sequence (+ logprobs if asked, or the
@@ -107,8 +113,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence],
     lps: list[TokenLogprob | None] = [None] * len(seqs)
     # logprobs asked for, or the chosen token's for a low-confidence exit or an open think gate (TokenLogprob
     # with no top list)
-    want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None or s.params.low_confidence_exit is not None
-            or s.think.gate_open(s.params.think_gate)]
+    want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None or needs_chosen_logprob(s)]
     if want:
         logp = torch.log_softmax(logits if len(want) == len(seqs) else logits[want], -1)
         for j, i in enumerate(want):

@@ -216,16 +216,17 @@ class ThinkTracker:
             self.answer_closed = ANSWER_CLOSE_TEXT in text[max(0, text.find(THINK_CLOSE)):]
 
     def gate_open(self, tokens: int | None) -> bool:
-        """The think gate of ``tokens`` still wants the chosen tokens' log-probabilities."""
-        return tokens is not None and self.gate_tokens < tokens and self.phase in (Phase.PENDING, Phase.THINKING) \
-            and self.closed_by is None
+        """The think gate of ``tokens`` still counts: thinking (``<think>`` complete, not closed) and fewer
+        than ``tokens`` think tokens seen."""
+        return tokens is not None and self.phase == Phase.THINKING and self.closed_by is None \
+            and self.gate_tokens < tokens
 
     def gate_fails(self, logprob: float, tokens: int | None, threshold: float) -> bool:
         """Think gate: take the log-probability of the think token the model just chose (before it is
         appended); True at the ``tokens``-th think token if their mean is below ``log(threshold)``
         (then thinking is closed in place of that token). Tokens before ``<think>`` is complete and
         after thinking ended do not count."""
-        if tokens is None or self.phase != Phase.THINKING or self.closed_by is not None or self.gate_tokens >= tokens:
+        if tokens is None or not self.gate_open(tokens):
             return False
         self.gate_tokens += 1
         self.gate_logprob += logprob
