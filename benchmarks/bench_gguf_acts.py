@@ -62,14 +62,19 @@ def main() -> int:
                     help="the first llmopt row (reference of the greedy column): default or fp32 (default: %(default)s)")
     ap.add_argument("--second", choices=sorted(MODES), default="int8",
                     help="the second llmopt row: int8, exact (by-kind, fp32 prompt rows) or default (default: %(default)s)")
+    ap.add_argument("--second-kv-dtype", default=None,
+                    help="the second llmopt row's KV cache type, e.g. float16 (llama.cpp's default; its held-out "
+                         "perplexity then scored through the cache); default: float32 like the first row")
     args = ap.parse_args()
     cfg = GridConfig(model=args.model, cells=parse_cells(args.cells), threads=args.threads, baseline=args.baseline,
                      quants=["gguf"], peers=["llamacpp"] if args.peer else [], repeat=args.repeat, seed=args.seed,
-                     system_env={"llmopt": MODES[args.first][1], SECOND: MODES[args.second][1]})
+                     system_env={"llmopt": MODES[args.first][1], SECOND: MODES[args.second][1]},
+                     system_kv_dtype={SECOND: args.second_kv_dtype} if args.second_kv_dtype else {})
     res = run_grid(cfg, progress=lambda m: print(m, file=sys.stderr, flush=True))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
-    names = {"llmopt": "llmopt " + MODES[args.first][0], SECOND: "llmopt " + MODES[args.second][0]}
+    names = {"llmopt": "llmopt " + MODES[args.first][0],
+             SECOND: "llmopt " + MODES[args.second][0] + (f" kv {args.second_kv_dtype}" if args.second_kv_dtype else "")}
     same = {(c["concurrency"], c["input_len"], c["output_len"], n): f"{t['identical']}/{t['requests']}"
             for c in res["cells"] for n, t in c["greedy_tokens_vs_reference"].items()}
     print(f"{'cell':>14s}  {'system':26s} {'bits/w':>7s} {'held-out ppl':>13s} "

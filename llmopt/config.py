@@ -200,7 +200,7 @@ class KVPolicy:
         return None if keep >= length else keep
 
 
-KV_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "int8", "fp8")
+KV_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16", "int8", "fp8")
 
 _FALSE = ("0", "", "false", "no", "off")
 _TRUE = ("1", "true", "yes", "on")
@@ -345,7 +345,9 @@ class EngineConfig:
     # quest: up to this fraction of each decode step's block budget goes to blocks pinned at the end of the
     # prefill, per (layer, kv head), by the prompt's observation-window vote (SnapKV's scores); 0: plain Quest
     kv_quest_pin: float = 0.0
-    kv_dtype: str | None = None  # KV cache element type: None = dtype; "float32", "bfloat16" or "int8"
+    # KV cache element type: None = dtype; "float32", "bfloat16", "float16" (a float32 model's K/V at half the
+    # bytes, llama.cpp's default cache type), "int8" or "fp8" (per-token, per-head scales)
+    kv_dtype: str | None = None
     # speculative decoding (llmopt/engine/speculative.py): None = off; "ngram" = drafts looked up in the
     # sequence's own prompt and output (greedy requests), verified in the same step: the same tokens, fewer steps
     speculative: str | None = None
@@ -388,6 +390,12 @@ class EngineConfig:
         if self.kv_dtype in ("float32", "bfloat16") and self.kv_dtype != self.dtype:
             raise ValueError(f"kv_dtype {self.kv_dtype} with dtype {self.dtype} is not supported: a float KV cache "
                              f"has the activations' dtype; leave kv_dtype unset or use 'int8' or 'fp8'")
+        if self.kv_dtype == "float16" and self.dtype != "float32":
+            raise ValueError(f"kv_dtype float16 stores a float32 model's K/V at half the bytes; with dtype {self.dtype} "
+                             f"leave kv_dtype unset or use 'int8' or 'fp8'")
+        if self.kv_dtype == "float16" and self.kv_policy == "quest":
+            raise ValueError("kv_policy 'quest' does not read a float16 KV cache: use kv_dtype float32 (unset), int8 "
+                             "or fp8 with Quest")
         self._check_speculative()
         if self.num_threads is None:
             env = os.environ.get("LLMOPT_NUM_THREADS")
@@ -444,7 +452,8 @@ class EngineConfig:
     @property
     def torch_kv_dtype(self) -> torch.dtype:
         """The KV cache's element type (int8 / fp8 e4m3: with per-token, per-head float32 scales)."""
-        return {"int8": torch.int8, "fp8": torch.float8_e4m3fn}.get(self.kv_dtype or "", self.torch_dtype)
+        return {"int8": torch.int8, "fp8": torch.float8_e4m3fn, "float16": torch.float16}.get(self.kv_dtype or "",
+                                                                                          self.torch_dtype)
 
     @property
     def torch_dtype(self) -> torch.dtype:

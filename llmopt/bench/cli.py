@@ -65,6 +65,7 @@ def bench_command(
     repeat: Annotated[int, typer.Option(help="measured runs per cell and system (order alternates between runs)", min=1)] = 1,
     warmup: Annotated[bool, typer.Option("--warmup/--no-warmup", help="a short run of each cell's shape before measuring it")] = True,
     seed: Annotated[int, typer.Option(help="seed of the random prompts")] = 0,
+    kv_dtype: Annotated[Optional[str], typer.Option(help="the llmopt rows' KV cache type: float16 (half the bytes of a float32 cache, llama.cpp's default), int8 or fp8 (default: the model's dtype); their held-out perplexity is then scored through the cache")] = None,
     quality: Annotated[bool, typer.Option("--quality/--no-quality", help="score every system once on the held-out texts first: its bits per weight and held-out perplexity in every row (the weights its speed was measured on)")] = True,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write every cell, both systems, ratios and machine info to this JSON file")] = None,
     markdown: Annotated[bool, typer.Option("--markdown", help="also print the table as Markdown (for a README)")] = False,
@@ -90,7 +91,8 @@ def bench_command(
     from llmopt.config import usable_cpus
 
     config = GridConfig(model=model, cells=cells, threads=threads or usable_cpus(), baseline=baseline,
-                        quants=quants, peers=peers, repeat=repeat, warmup=warmup, seed=seed, quality=quality)
+                        quants=quants, peers=peers, repeat=repeat, warmup=warmup, seed=seed, quality=quality,
+                        kv_dtype=kv_dtype)
     for name, why in peer_problems(peers, model).items():
         err.print(f"[yellow]skipping {name}:[/yellow] {escape(why)}")
     command = "llmopt " + " ".join(shlex.quote(a) for a in sys.argv[1:])

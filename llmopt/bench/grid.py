@@ -94,6 +94,9 @@ class GridConfig:
     seed: int = 0
     # extra environment for one system's worker process, e.g. {"llmopt[gguf]": {"LLMOPT_FUSED_DECODE": "0"}}
     system_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    kv_dtype: str | None = None  # every llmopt row's KV cache type (EngineConfig.kv_dtype; None: the model's dtype)
+    # one llmopt row's KV cache type instead, e.g. {"llmopt[gguf]": "float16"}
+    system_kv_dtype: dict[str, str] = field(default_factory=dict)
     # every system's bits per weight and held-out perplexity (the same token ids for all), once per run
     quality: bool = True
 
@@ -111,6 +114,11 @@ class GridConfig:
         for peer in self.peers:
             if peer not in PEERS:
                 raise ValueError(f"unknown --peer {peer!r}; known: {', '.join(PEERS)}")
+        for kv in [self.kv_dtype, *self.system_kv_dtype.values()]:
+            if kv is not None:
+                from llmopt.config import EngineConfig
+
+                EngineConfig(kv_dtype=kv)  # a bad type: ValueError naming the ones there are, before any load
 
     @property
     def systems(self) -> list[str]:
@@ -232,15 +240,18 @@ class LLMOptSystem:
     """llmopt's ``LLMEngine`` driven the way a server drives it: add every request, step until done."""
 
     def __init__(self, model: str, threads: int, quant: str | None = None, num_kv_blocks: int | None = None,
-                 max_num_seqs: int = 64):
+                 max_num_seqs: int = 64, kv_dtype: str | None = None):
         from llmopt.config import EngineConfig
         from llmopt.engine.engine import LLMEngine
         from llmopt.kernels import ops
 
-        cfg = EngineConfig(num_threads=threads, num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs)
+        cfg = EngineConfig(num_threads=threads, num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
+                           kv_dtype=kv_dtype)
         self.engine = LLMEngine(model, cfg, quant=quant)
+        self.kv_dtype = kv_dtype
         self.vocab_size = self.engine.model_config.vocab_size
-        self.info = {"engine_config": asdict(cfg), "quant": quant, "native_kernels": ops.native_available(),
+        self.info = {"engine_config": asdict(cfg), "quant": quant, "kv_dtype": kv_dtype,
+                     "native_kernels": ops.native_available(),
                      "source": str(self.engine.loaded.source), "load_seconds": self.engine.loaded.load_seconds}
         self._n = 0
 
@@ -272,7 +283,9 @@ class LLMOptSystem:
         from llmopt.quant.calib import score_token_ids
         from llmopt.tasks.evaluate import linear_bits_per_weight
 
-        nll, n = score_token_ids(self.engine.model, id_lists)
+        # a KV cache in another type than the activations changes what attention reads: scored through it
+        through = None if self.kv_dtype is None else (lambda _model, ids: self.engine.score(list(ids)))
+        nll, n = score_token_ids(self.engine.model, id_lists, through)
         return quality_record(linear_bits_per_weight(self.engine.model), nll, n)
 
 
@@ -672,6 +685,11 @@ def run_grid(config: GridConfig, progress: Progress | None = None, command: str 
                  "max_num_seqs": max(64, max_c)}
     specs: list[tuple[str, str, dict[str, Any]]] = [(LLMOPT, LLMOPT, dict(llmopt_kw))]
     specs += [(f"{LLMOPT}[{q}]", LLMOPT, {**llmopt_kw, "quant": q}) for q in config.quants]
+    for name, _, kw in specs:
+        kv = config.system_kv_dtype.get(name, config.kv_dtype)
+        if kv is not None:  # its quality is scored through the cache: room for one held-out text
+            kw["kv_dtype"] = kv
+            kw["num_kv_blocks"] = max(kw["num_kv_blocks"], math.ceil(QUALITY_MAX_TOKENS / 16) + 1)
     skipped = peer_problems(config.peers, config.model)
     for name, why in skipped.items():
         say(f"skipping {name}: {why}")

@@ -19,7 +19,7 @@ from llmopt.config import EngineConfig
 from llmopt.engine.kv_cache import BlockManager
 from llmopt.engine.kv_policy import KVCompressor
 from llmopt.engine.runner import ModelRunner
-from llmopt.engine.sampler import needs_chosen_logprob, sample
+from llmopt.engine.sampler import greedy_rows, needs_chosen_logprob, sample
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.engine.scheduler import Scheduler
 from llmopt.engine.sequence import RequestOutput, Sequence, TokenLogprob
@@ -260,11 +260,11 @@ class LLMEngine:
             if drafted:  # rows of sequences with drafts: verified here, the rest sampled below
                 spec = [i for i, s in enumerate(seqs) if s.draft_ids]
                 if spec:
-                    best = logits[spec].max(-1)
-                    greedy = best.indices.tolist()
+                    top, best = greedy_rows(logits[spec])
+                    greedy = best.tolist()
                     # the greedy token's log-probability, for a low-confidence exit or a think gate (else unused: 0)
                     if any(needs_chosen_logprob(seqs[i]) for i in spec):
-                        chosen = (best.values - torch.logsumexp(logits[spec], -1)).tolist()
+                        chosen = (top - torch.logsumexp(logits[spec], -1)).tolist()
                     else:
                         chosen = [0.0] * len(spec)
                     rows: dict[int, list[tuple[int, float]]] = {}
@@ -614,13 +614,13 @@ class LLMEngine:
     def score(self, token_ids: list[int]) -> torch.Tensor:
         if len(token_ids) > self.max_model_len:
             raise PromptTooLongError(f"{len(token_ids)} tokens do not fit the context window of {self.max_model_len}")
-        if self.runner.k_scale is None:
+        if self.runner.k_scale is None and self.config.torch_kv_dtype == self.config.torch_dtype:
             return self.runner.score(token_ids)
-        # a quantized cache changes what attention reads: score through it, in blocks borrowed for the call
+        # a quantized or float16 cache changes what attention reads: score through it, in blocks borrowed for the call
         with self.lock:
             blocks = self.block_manager.borrow(self.block_manager.blocks_needed(len(token_ids)))
         if blocks is None:
-            raise RuntimeError(f"scoring {len(token_ids)} tokens through the 8-bit KV cache needs "
+            raise RuntimeError(f"scoring {len(token_ids)} tokens through the {self.config.kv_dtype} KV cache needs "
                                f"{self.block_manager.blocks_needed(len(token_ids))} free blocks; wait for running "
                                f"requests to finish or raise kv_cache_memory_gb")
         try:

@@ -103,10 +103,10 @@ def _why_not_cache(attn) -> str | None:
     kc, vc = attn.k_cache, attn.v_cache
     if kc is None or vc is None or not kc.is_contiguous() or not vc.is_contiguous():
         return "no contiguous KV cache"
-    if kc.dtype == torch.float32:
+    if kc.dtype in (torch.float32, torch.float16):
         return None
     if not kv_quant.is_quantized(kc.dtype):
-        return f"the KV cache is {kc.dtype} (the step takes float32, int8 or fp8)"
+        return f"the KV cache is {kc.dtype} (the step takes float32, float16, int8 or fp8)"
     ks, vs = attn.k_scale, attn.v_scale
     if ks is None or vs is None or ks.dtype != torch.float32 or not ks.is_contiguous() or not vs.is_contiguous():
         return "the 8-bit KV cache has no contiguous float32 scales"
@@ -316,10 +316,13 @@ class FusedDecoder:
                     self.steps += 1
                     return self.step.run(x.contiguous(), positions, ctx.slot_mapping, tables, lens, chained, topk,
                                          None, None, _quest_pins(ctx, m, tables.shape[1]))
-                if topk is None:
+                if self.kv_dtype == torch.float16:
+                    why = "h2o rows on a float16 KV cache (their attention mass is computed op by op)"
+                elif topk is None:
                     self.steps += 1
                     return self._run_with_mass(x, positions, ctx.slot_mapping, tables, lens, chained, spans)
-                why = "the step has h2o rows and Quest rows"
+                else:
+                    why = "the step has h2o rows and Quest rows"
             else:
                 why = f"the embeddings are {x.dtype}, not float32"
         self._fallback(why)

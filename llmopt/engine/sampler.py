@@ -85,6 +85,33 @@ def mask_guided(logits: torch.Tensor, seqs: list[Sequence], decoder: GuidedDecod
     decoder.seconds += time.perf_counter() - t0
 
 
+_CHUNK = 512  # vocabulary chunk of greedy_rows' first pass
+
+
+def greedy_rows(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(maximum, index of its first occurrence) per row of ``logits`` [R, V]: ``logits.max(-1)``'s answer.
+    torch's CPU arg-max walks a row on one thread without vector reductions (0.65 ms for 16 x 49,152
+    float32 logits, ~2.5% of a 16-stream decode step); here two vectorized passes find it: every chunk's
+    maximum, then the first chunk holding the row's maximum, then its first index there (~0.1 ms). Rows with
+    a NaN (torch's maximum), a single row, small vocabularies and other dtypes take ``max`` itself."""
+    R, V = logits.shape
+    n = V // _CHUNK * _CHUNK
+    if logits.dtype != torch.float32 or n < 4 * _CHUNK or logits.stride(-1) != 1 or R < 2:
+        best = logits.max(-1)
+        return best.values, best.indices
+    m = logits[:, :n].view(R, n // _CHUNK, _CHUNK).amax(-1)
+    if n < V:
+        m = torch.cat([m, logits[:, n:].amax(-1, keepdim=True)], 1)
+    top = m.amax(-1)
+    if bool(torch.isnan(top).any()):
+        best = logits.max(-1)
+        return best.values, best.indices
+    first = (m == top[:, None]).to(torch.uint8).argmax(-1) * _CHUNK  # start of the first chunk holding it
+    cols = (first[:, None] + torch.arange(_CHUNK)).clamp_(max=V - 1)  # the tail chunk repeats column V - 1
+    within = (logits.gather(1, cols) == top[:, None]).to(torch.uint8).argmax(-1)
+    return top, first + within
+
+
 def needs_chosen_logprob(seq: Sequence) -> bool:
     """The chosen token's log-probability is needed to decide an exit: a low-confidence exit, or a think
     gate still counting (``ThinkTracker.gate_open``)."""
@@ -104,7 +131,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence],
     greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
     tokens = [0] * len(seqs)
     if greedy:
-        for i, tok in zip(greedy, (logits if len(greedy) == len(seqs) else logits[greedy]).argmax(-1).tolist()):
+        for i, tok in zip(greedy, greedy_rows(logits if len(greedy) == len(seqs) else logits[greedy])[1].tolist()):
             tokens[i] = tok
     if rows:
         picked = sample_rows(logits[rows], [seqs[i].params for i in rows], [seqs[i].generator for i in rows])

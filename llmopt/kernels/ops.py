@@ -39,6 +39,12 @@ def native_available() -> bool:
     return _native() is not None
 
 
+def _float_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """A K/V cache the native paged attention reads: float32, or float16 (converted per tile), on the CPU."""
+    return (k_cache.device.type == v_cache.device.type == "cpu" and k_cache.dtype == v_cache.dtype
+            and k_cache.dtype in (torch.float32, torch.float16) and not k_cache.requires_grad)
+
+
 def _f32cpu(*tensors: torch.Tensor) -> bool:
     grad = torch.is_grad_enabled()
     for t in tensors:
@@ -229,8 +235,8 @@ def paged_decode_attention_ref(
     blocks = block_tables.to(device=dev, dtype=torch.long)[:, t // BS]  # [B, L]
     blocks = torch.where(valid, blocks, torch.zeros_like(blocks))  # padding entries may be garbage
     slots = (t % BS).expand(B, -1)
-    k = k_cache[blocks, slots].permute(0, 2, 1, 3)  # [B, Hk, L, D]
-    v = v_cache[blocks, slots].permute(0, 2, 1, 3)
+    k = k_cache[blocks, slots].permute(0, 2, 1, 3).to(q.dtype)  # [B, Hk, L, D] (a float16 cache: widened)
+    v = v_cache[blocks, slots].permute(0, 2, 1, 3).to(q.dtype)
     scores = torch.matmul(q.reshape(B, Hk, G, D), k.transpose(-1, -2)) * scale  # [B, Hk, G, L]
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).nan_to_num(0.0).to(q.dtype)
@@ -256,7 +262,8 @@ def paged_decode_attention(
     ext = _native()
     if (
         ext is not None
-        and _f32cpu(q, k_cache, v_cache)
+        and _f32cpu(q)
+        and _float_cache(k_cache, v_cache)
         and _idx_cpu(block_tables, context_lens)
         and q.dim() == 3
         and k_cache.dim() == 4

@@ -40,7 +40,8 @@ def serve_command(
                                                 "(docs/long_context.md); a request may override it")] = "full",
     kv_budget: Annotated[Optional[str], typer.Option(help="KV budget with --kv-policy: a fraction of the prompt "
                                                           "(0.25) or a token count (2048)")] = None,
-    kv_dtype: Annotated[Optional[str], typer.Option(help="KV cache element type: int8 or fp8 (e4m3) (default: the model's "
+    kv_dtype: Annotated[Optional[str], typer.Option(help="KV cache element type: float16 (half the bytes of a float32 cache), int8 or fp8 "
+                                                        "(e4m3) (default: the model's "
                                                         "dtype; docs/long_context.md)")] = None,
     kv_quest_pin: Annotated[float, typer.Option(help="quest: the fraction of each decode step's block budget pinned to the blocks the prompt's last 32 tokens attended to most (0.25 measured best; 0 = plain Quest; docs/long_context.md 2b)", min=0.0, max=1.0)] = 0.0,
     speculative: Annotated[str, typer.Option(help="speculative decoding of greedy requests: 'ngram' (drafts looked up "

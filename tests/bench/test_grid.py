@@ -134,3 +134,22 @@ def test_peers_are_validated_and_a_missing_llama_cpp_is_skipped_with_a_message(t
     assert "skipping llama.cpp" in res.output and "not installed" in res.output
     data = json.loads(out.read_text())
     assert list(data["cells"][0]["systems"]) == ["llmopt"] and "llama.cpp" in data["settings"]["skipped"]
+
+
+def test_bench_kv_dtype_rows_score_their_quality_through_the_cache(tiny_models, tmp_path):
+    """``--kv-dtype float16``: the llmopt row runs a float16 KV cache and its held-out perplexity is scored
+    through that cache (close to transformers' on the same fp32 weights, not equal); a bad type is refused
+    before anything loads."""
+    out = tmp_path / "bench.json"
+    res = CliRunner().invoke(app, ["bench", str(tiny_models["llama"][1]), "--concurrency", "2", "--input-len", "7",
+                                   "--output-len", "3", "--threads", "1", "--no-warmup", "--kv-dtype", "float16",
+                                   "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert data["settings"]["systems"]["llmopt"]["kv_dtype"] == "float16"
+    assert data["settings"]["systems"]["llmopt"]["engine_config"]["kv_dtype"] == "float16"
+    q = data["quality"]
+    ratio = q["llmopt"]["heldout_ppl"] / q["transformers"]["heldout_ppl"]
+    assert ratio != 1.0 and abs(ratio - 1) < 1e-2, q
+    res = CliRunner().invoke(app, ["bench", str(tiny_models["llama"][1]), "--kv-dtype", "int4", "--concurrency", "1"])
+    assert res.exit_code != 0 and "kv_dtype must be one of" in res.output

@@ -61,3 +61,39 @@ def test_a_seeded_row_samples_the_same_tokens_whatever_else_is_in_the_batch():
 def test_sample_rows_needs_one_setting_and_generator_per_row():
     with pytest.raises(ValueError, match="one SamplingParams and one generator per row"):
         sample_rows(torch.zeros(2, 5), [SamplingParams(temperature=1.0)], [None])
+
+
+def _same_as_max(x: torch.Tensor) -> None:
+    from llmopt.engine.sampler import greedy_rows
+
+    want = x.max(-1)
+    top, idx = greedy_rows(x)
+    assert torch.equal(idx, want.indices), (idx, want.indices)
+    assert torch.equal(top, want.values) or (torch.isnan(top) == torch.isnan(want.values)).all()
+
+
+@pytest.mark.parametrize("vocab", [49152, 151936, 5000, 2049, 512, 7])
+def test_greedy_rows_equals_torch_max_first_index(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(9, vocab, generator=g)
+    _same_as_max(x)
+    # ties: the maximum twice in one chunk, in two chunks, in the tail chunk and at the very last column
+    t = x.clone()
+    for r, cols in enumerate([(3, 7), (1, vocab - 1), (vocab // 2, vocab // 2 + 600), (vocab - 2, vocab - 1),
+                              (0, vocab - 1), (vocab - 1,)]):
+        for c in cols:
+            t[r, min(c, vocab - 1)] = 50.0
+    _same_as_max(t)
+    # masked rows (guided decoding): a few finite entries, or none at all
+    m = torch.full((3, vocab), float("-inf"))
+    m[0, vocab - 1] = -3.0
+    m[1, [vocab // 3, vocab // 5]] = 1.0
+    _same_as_max(m)
+    # a NaN is torch's maximum
+    n = x.clone()
+    n[2, vocab // 2] = float("nan")
+    _same_as_max(n)
+    # selected rows (a copy), one row, other dtypes
+    _same_as_max(x[[0, 4, 8]])
+    _same_as_max(x[:1])
+    _same_as_max(x.to(torch.bfloat16))

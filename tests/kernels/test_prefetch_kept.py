@@ -20,6 +20,7 @@ SOURCE = """
 #include "kv_int8.h"
 void f32(const llmopt_f::PagedKV& kv, int64_t j, int64_t n, int64_t D) { kv.prefetch_block(j, n, D); }
 void f8(const llmopt_kv8::PagedKV8& kv, int64_t j, int64_t n, int64_t D) { kv.prefetch_block(j, n, D); }
+void f16(const llmopt_f::PagedKV16& kv, int64_t j, int64_t n, int64_t D) { kv.prefetch_block(j, n, D); }
 void next32(const llmopt_f::PagedKV& kv, int64_t j, int64_t s, int64_t e, int64_t D) {
   llmopt_f::prefetch_next_block(kv, j, s, e, D);
 }
@@ -47,5 +48,5 @@ def test_prefetch_only_functions_keep_their_prefetches(tmp_path: Path) -> None:
     flags = [f for f in CFLAGS if f != "-fopenmp"]
     subprocess.run(["g++", *flags, "-std=c++17", f"-I{CSRC}", "-c", str(src), "-o", str(obj)], check=True)
     counts = _prefetches_by_function(obj)
-    for fn in ("f32", "f8", "next32"):
+    for fn in ("f32", "f8", "f16", "next32"):
         assert counts.get(fn, 0) > 0, f"{fn}: the compiler dropped the prefetches ({counts})"

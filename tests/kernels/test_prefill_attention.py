@@ -1,5 +1,6 @@
 """Grouped prefill rows in the native paged attention (fused.cpp: consecutive rows of one sequence with
-context lengths L, L+1, .. walk the K/V tiles together) give every row the bits it gets alone."""
+context lengths L, L+1, .. walk the K/V tiles together) give every row the bits it gets alone: float32,
+float16, int8 and fp8 caches."""
 
 from __future__ import annotations
 
@@ -25,13 +26,15 @@ def ext8():
     return native_or_skip(kv_quant._native(), "llmopt_kv")
 
 
-@pytest.fixture(params=["float32", "int8", "fp8"])
+@pytest.fixture(params=["float32", "float16", "int8", "fp8"])
 def kernel(request, ext):
     """The cache kind under test: (call(q, bt, cl, scale, sw, num_splits, group_rows), public op, reference),
-    built for one case by calling the fixture's value with it."""
-    if request.param == "float32":
+    built for one case by calling the fixture's value with it (float16: the case's cache rounded to halves)."""
+    if request.param in ("float32", "float16"):
         def make(case):
             q, kc, vc, _, _ = case
+            if request.param == "float16":
+                kc, vc = kc.half(), vc.half()
 
             def call(q, bt, cl, scale, sw, splits, r):
                 return ext.paged_decode_attention(q, kc, vc, bt, cl, scale, sw, splits, r)

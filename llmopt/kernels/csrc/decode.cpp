@@ -39,6 +39,7 @@
 #include <atomic>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "dense_kernels.h"
@@ -216,6 +217,7 @@ struct Layer {
   int64_t window = -1;
   bool int8 = false;  // kc / vc are an 8-bit cache (kv_int8.h layout), else float32
   bool fp8 = false;   // ... whose codes are e4m3fn (kv_int8.h quant_row_fp8), else int8
+  bool f16 = false;   // kc / vc are a float16 cache (fused_kernels.h PagedKV16), else float32 (when not int8)
 
   int8_t* kbytes() const { return static_cast<int8_t*>(kc.data_ptr()); }
   int8_t* vbytes() const { return static_cast<int8_t*>(vc.data_ptr()); }
@@ -273,10 +275,12 @@ class DecodeStep {
       L.vs = t[7];
       L.fp8 = L.kc.scalar_type() == at::kFloat8_e4m3fn;
       L.int8 = L.fp8 || L.kc.scalar_type() == at::kChar;
+      L.f16 = L.kc.scalar_type() == at::kHalf;
       for (const at::Tensor* c : {&L.kc, &L.vc}) {
-        TORCH_CHECK(c->device().is_cpu() && c->scalar_type() == (L.int8 ? L.kc.scalar_type() : at::kFloat) &&
+        TORCH_CHECK(c->device().is_cpu() &&
+                        c->scalar_type() == (L.int8 || L.f16 ? L.kc.scalar_type() : at::kFloat) &&
                         c->is_contiguous() && c->dim() == 4 && c->size(2) == Hk_ && c->size(3) == D_,
-                    "k/v cache must be a contiguous float32, int8 or float8_e4m3fn [num_blocks, block_size, "
+                    "k/v cache must be a contiguous float32, float16, int8 or float8_e4m3fn [num_blocks, block_size, "
                     "num_kv_heads, head_dim] tensor (k and v of one type)");
       }
       TORCH_CHECK(L.kc.sizes() == L.vc.sizes(), "k and v caches must have one shape");
@@ -289,7 +293,7 @@ class DecodeStep {
                           c->size(0) == L.kc.size(0) && c->size(1) == L.kc.size(1) && c->size(2) == Hk_,
                       "an 8-bit k/v cache needs contiguous float32 [num_blocks, block_size, num_kv_heads] scales");
       } else {
-        TORCH_CHECK(!defined(L.ks) && !defined(L.vs), "a float32 k/v cache takes no scales (pass empty tensors)");
+        TORCH_CHECK(!defined(L.ks) && !defined(L.vs), "a float32 or float16 k/v cache takes no scales (pass empty tensors)");
       }
       L.window = windows[i];
       layers_.push_back(std::move(L));
@@ -491,6 +495,8 @@ class DecodeStep {
       for (int64_t li = 0; li < num_layers(); ++li)
         TORCH_CHECK(layers_[li].window <= 0, "mass needs full-attention layers");
     }
+    TORCH_CHECK(!layers_[0].f16 || (tk == nullptr && mw == nullptr),
+                "a float16 KV cache has no Quest (topk) or H2O (mass) rows in the decode step");
     bool a8[2] = {false, false};
     for (int64_t li = 0; li < num_layers(); ++li)
       for (int64_t s = 0; s < 4; ++s) {
@@ -707,8 +713,17 @@ class DecodeStep {
           attend_int8(L, li, tk, M, G, QKV, half, pos, slot, bt, cl, MB, BS, qkv, att, cs, eps, !prewrite, ctr[1],
                       ts, mw, mrow, mlen);
         } else {
-          float* kc = L.kc.data_ptr<float>();
-          float* vc = L.vc.data_ptr<float>();
+          // a float32 cache, or a float16 one (E = uint16_t: rows converted per tile, fused_kernels.h PagedKV16;
+          // no Quest / H2O there, checked at the call)
+          auto attend_float = [&](auto* kc, auto* vc) {
+          using E = std::remove_pointer_t<decltype(kc)>;
+          using KV = std::conditional_t<std::is_same_v<E, float>, F::PagedKV, F::PagedKV16>;
+          auto store_row = [&](const float* src, E* dst) {  // a new K / V row into the cache
+            if constexpr (std::is_same_v<E, float>)
+              std::copy(src, src + D_, dst);
+            else
+              F::float_to_half(src, dst, D_);
+          };
           const int64_t ks0 = BS * Hk_ * D_, ks1 = Hk_ * D_;
           // decode rows enough for the threads, no Quest / H2O: one item per row walks all its kv heads
           // (fused_kernels.h attend_range_heads: every head's bits as below, the cache read front to back)
@@ -716,10 +731,10 @@ class DecodeStep {
           // step 3 for kv head kvh of row b, inside the item that is its only reader (unless prewrite)
           auto new_kv = [&](int64_t b, int64_t kvh) {
             const float* k = norm_rope_group(qkv, QKV, b, kvh, G, half, fptr(L.qn), fptr(L.kn), cs + pos[b] * D_, eps);
-            std::copy(k, k + D_, kc + (slot[b] * Hk_ + kvh) * D_);
+            store_row(k, kc + (slot[b] * Hk_ + kvh) * D_);
             quest_summarize(li, slot[b], BS, kvh, k);
             const float* vv = qkv + b * QKV + (Hq_ + Hk_ + kvh) * D_;
-            std::copy(vv, vv + D_, vc + (slot[b] * Hk_ + kvh) * D_);
+            store_row(vv, vc + (slot[b] * Hk_ + kvh) * D_);
           };
           while (whole) {
             const int64_t b = ctr[1].fetch_add(1, std::memory_order_relaxed);
@@ -729,7 +744,7 @@ class DecodeStep {
             for (int64_t kvh = 0; kvh < Hk_; ++kvh) scale_queries(qkv, QKV, b, kvh, G, ts.qs.data() + kvh * G * D_);
             const int64_t Lc = cl[b];
             const int64_t start = F::window_start(Lc, L.window);
-            const F::PagedKV kv{kc, vc, ks0, ks1, ks0, ks1, bt + b * MB, BS};
+            const KV kv{kc, vc, ks0, ks1, ks0, ks1, bt + b * MB, BS};
             F::attend_range_heads(ts.qs.data(), Hk_, G, D_, kv, D_, start, Lc, ts.m.data(), ts.l.data(),
                                   ts.acc.data(), ts.sc.data(), ts.krow.data(), ts.vrow.data());
             for (int64_t kvh = 0; kvh < Hk_; ++kvh) store_att(att, b, kvh, G, ts, kvh * G);
@@ -746,10 +761,13 @@ class DecodeStep {
             // chunk split of kSplitTokens tokens from the window start, or the whole window
             const int64_t t0 = start + split * F::kSplitTokens, t1 = S == 1 ? Lc : std::min(Lc, t0 + F::kSplitTokens);
             scale_queries(qkv, QKV, b, kvh, G, ts.qs.data());
-            const F::PagedKV kv{kc + kvh * D_, vc + kvh * D_, ks0, ks1, ks0, ks1, bt + b * MB, BS};
-            if (!quest_attend(L, li, tk, b, kvh, G, bt + b * MB, BS, Lc, &kv, nullptr, ts))
+            const KV kv{kc + kvh * D_, vc + kvh * D_, ks0, ks1, ks0, ks1, bt + b * MB, BS};
+            bool quest_done = false;
+            if constexpr (std::is_same_v<E, float>) quest_done = quest_attend(L, li, tk, b, kvh, G, bt + b * MB, BS, Lc, &kv, nullptr, ts);
+            if (!quest_done)
               F::attend_range(ts.qs.data(), G, D_, kv, t0, std::max(t0, t1), ts.m.data(), ts.l.data(), ts.acc.data(),
                               ts.sc.data(), ts.krow.data(), ts.vrow.data());
+            if constexpr (std::is_same_v<E, float>)
             if (mw != nullptr && mrow[b] && split == 0) {  // H2O: the row's probabilities (its whole context)
               if ((int64_t)ts.mass_s.size() < G * Lc) ts.mass_s.resize(G * Lc);
               const int32_t* tb = bt + b * MB;
@@ -771,6 +789,11 @@ class DecodeStep {
 #pragma omp barrier
             merge_splits(M, ibl, rsl, G, att, tid, nth);
           }
+          };
+          if (L.f16)
+            attend_float(static_cast<uint16_t*>(L.kc.data_ptr()), static_cast<uint16_t*>(L.vc.data_ptr()));
+          else
+            attend_float(L.kc.data_ptr<float>(), L.vc.data_ptr<float>());
         }
 #pragma omp barrier
         // 5. output projection, residual add + post-attention RMSNorm
@@ -873,6 +896,9 @@ class DecodeStep {
       if (L.int8) {
         llmopt_kv8::quant_row_as(L.fp8, v, D_, L.kbytes() + row * D_, L.ks.data_ptr<float>() + row);
         llmopt_kv8::quant_row_as(L.fp8, vv, D_, L.vbytes() + row * D_, L.vs.data_ptr<float>() + row);
+      } else if (L.f16) {
+        F::float_to_half(v, static_cast<uint16_t*>(L.kc.data_ptr()) + row * D_, D_);
+        F::float_to_half(vv, static_cast<uint16_t*>(L.vc.data_ptr()) + row * D_, D_);
       } else {
         std::copy(v, v + D_, L.kc.data_ptr<float>() + row * D_);
         std::copy(vv, vv + D_, L.vc.data_ptr<float>() + row * D_);

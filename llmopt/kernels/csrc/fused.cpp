@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "fused_kernels.h"
@@ -195,12 +196,12 @@ void rope_(at::Tensor q, at::Tensor k, const at::Tensor& positions, const at::Te
 //    once per row, and every row's output keeps the bits it gets alone. group_rows 1: no grouping.
 // ---------------------------------------------------------------------------------------------
 
-at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                     const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
-                                     int64_t sliding_window, int64_t num_splits, int64_t group_rows) {
-  check_f32_contig(q_in, "q");
-  check_f32(k_cache, "k_cache");
-  check_f32(v_cache, "v_cache");
+// E: the cache's element (float, or uint16_t for a float16 cache: fused_kernels.h PagedKV16)
+template <class E>
+at::Tensor paged_attention_impl(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                                int64_t sliding_window, int64_t num_splits, int64_t group_rows) {
+  using KV = std::conditional_t<std::is_same_v<E, float>, PagedKV, PagedKV16>;
   TORCH_CHECK(q_in.dim() == 3, "q must be [B, Hq, D]");
   TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4, "k_cache / v_cache must be [num_blocks, block_size, Hk, D]");
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache must have the same shape");
@@ -260,8 +261,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
   float* const pacc = shared ? grow(part_acc, pbase[B] * G * D) : nullptr;
 
   const float* qp = q_in.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
+  const E* kp = static_cast<const E*>(k_cache.data_ptr());
+  const E* vp = static_cast<const E*>(v_cache.data_ptr());
   float* op = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
 
@@ -303,7 +304,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
         const int64_t b = item;
         for (int64_t h = 0; h < Hq; ++h) load_q(h, qp + (b * Hq + h) * D);
         const int64_t L = cl[b];
-        const PagedKV kv{kp, vp, ks0, ks1, vs0, vs1, bt + b * MB, BS};
+        const KV kv{kp, vp, ks0, ks1, vs0, vs1, bt + b * MB, BS};
         attend_range_heads(qs.data(), Hk, G, D, kv, ks2, window_start(L, sliding_window), L, m.data(), l.data(), acc.data(), sc.data(),
                            krow.data(), vrow.data());
         for (int64_t h = 0; h < Hq; ++h) store_out(h, op + (b * Hq + h) * D);
@@ -323,7 +324,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
       const int64_t start = window_start(cl[b], sliding_window);
       const int64_t span = cl[b + rows - 1] - start;  // the longest row's
       const int64_t clen = S == 1 ? span : even ? (span + S - 1) / S : kSplitTokens;
-      const PagedKV kv{kp + kvh * ks2, vp + kvh * vs2, ks0, ks1, vs0, vs1, bt + (b + rows - 1) * MB, BS};
+      const KV kv{kp + kvh * ks2, vp + kvh * vs2, ks0, ks1, vs0, vs1, bt + (b + rows - 1) * MB, BS};
       for (int64_t k = k_lo; k < k_hi; ++k) {
         const int64_t t0 = start + k * clen;
         int64_t r0 = 0;
@@ -370,6 +371,21 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
     }
   }
   return out;
+}
+
+// float32 caches, or float16 ones (EngineConfig(kv_dtype="float16"): halves converted per tile)
+at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                     const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                                     int64_t sliding_window, int64_t num_splits, int64_t group_rows) {
+  check_f32_contig(q_in, "q");
+  TORCH_CHECK(k_cache.device().is_cpu() && v_cache.device().is_cpu(), "k_cache / v_cache must be CPU tensors");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k_cache and v_cache must have one dtype");
+  if (k_cache.scalar_type() == at::kHalf)
+    return paged_attention_impl<uint16_t>(q_in, k_cache, v_cache, block_tables, context_lens, scale, sliding_window,
+                                          num_splits, group_rows);
+  TORCH_CHECK(k_cache.scalar_type() == at::kFloat, "k_cache / v_cache must be float32 or float16");
+  return paged_attention_impl<float>(q_in, k_cache, v_cache, block_tables, context_lens, scale, sliding_window,
+                                     num_splits, group_rows);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -710,6 +710,118 @@ inline void attend_range_heads(const float* qs, int64_t Hk, int64_t G, int64_t D
   }
 }
 
+// ---- float16 KV cache (EngineConfig(kv_dtype="float16")) --------------------------------------
+// K/V rows stored as IEEE half (uint16_t bits: torch.float16), half the bytes of float rows. The walks
+// convert each tile's rows to floats (F16C, exact) in a per-thread buffer and run the float attend_tile
+// on them: every output bit is the float walk's on a float cache holding the same (rounded) values.
+
+// n halves from src to floats
+inline void half_to_float(const uint16_t* src, float* dst, int64_t n) {
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8)
+    _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d))));
+  for (; d < n; ++d) dst[d] = _cvtsh_ss(src[d]);
+}
+
+// n floats from src to halves, rounded to nearest even (the cache write; torch's .to(torch.float16))
+inline void float_to_half(const float* src, uint16_t* dst, int64_t n) {
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + d),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + d), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  for (; d < n; ++d) dst[d] = _cvtss_sh(src[d], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+// The cache lines of n bytes from p into the cache
+inline void prefetch_bytes(const void* p, int64_t n) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < n; b += 64) prefetch_line(c + b);
+}
+
+// PagedKV of a float16 cache (strides in halves)
+struct PagedKV16 {
+  const uint16_t* k;
+  const uint16_t* v;
+  int64_t ks0, ks1, vs0, vs1;
+  const int32_t* bt;
+  int64_t BS;
+
+  void prefetch_block(int64_t j, int64_t n, int64_t D) const {
+    for (int64_t r = 0; r < n; ++r) {
+      prefetch_bytes(k + bt[j] * ks0 + r * ks1, D * 2);
+      prefetch_bytes(v + bt[j] * vs0 + r * vs1, D * 2);
+    }
+  }
+};
+
+// Per-thread float rows of a float16 tile: [2 * n * D] (K rows, then V rows)
+inline float* half_tile_buffer(int64_t n, int64_t D) {
+  thread_local std::vector<float> buf;
+  if (static_cast<int64_t>(buf.size()) < 2 * n * D) buf.resize(2 * n * D);
+  return buf.data();
+}
+
+// attend_range_rows over a float16 cache: each tile's rows converted into the thread's buffer first
+inline void attend_range_rows(const float* qs, int64_t R, int64_t G, int64_t D, const PagedKV16& kv, int64_t t0,
+                              const int64_t* t1, float* m, float* l, float* acc, float* sc, const float** krow,
+                              const float** vrow) {
+  const int64_t end = t1[R - 1];
+  float* const kf = half_tile_buffer(kTile, D);
+  float* const vf = kf + kTile * D;
+  attend_tiles_rows(qs, R, G, D, t0, t1, m, l, acc, sc, krow, vrow, [&](int64_t i, int64_t t) {
+    const int64_t j = t / kv.BS, slot = t % kv.BS, blk = kv.bt[j];
+    if (R == 1) prefetch_next_block(kv, j, slot, end, D);
+    half_to_float(kv.k + blk * kv.ks0 + slot * kv.ks1, kf + i * D, D);
+    half_to_float(kv.v + blk * kv.vs0 + slot * kv.vs1, vf + i * D, D);
+    krow[i] = kf + i * D;
+    vrow[i] = vf + i * D;
+  });
+}
+
+inline void attend_range(const float* qs, int64_t G, int64_t D, const PagedKV16& kv, int64_t t0, int64_t t1,
+                         float* m, float* l, float* acc, float* sc, const float** krow, const float** vrow) {
+  attend_range_rows(qs, 1, G, D, kv, t0, &t1, m, l, acc, sc, krow, vrow);
+}
+
+// attend_range_heads over a float16 cache (hk: the head stride in halves): a token's Hk heads converted
+// together (one run of Hk * D halves when the heads sit side by side), head h's rows at buffer row h * kTile
+inline void attend_range_heads(const float* qs, int64_t Hk, int64_t G, int64_t D, const PagedKV16& kv, int64_t hk,
+                               int64_t t0, int64_t t1, float* m, float* l, float* acc, float* sc, const float** krow,
+                               const float** vrow) {
+  std::fill(acc, acc + Hk * G * D, 0.0f);
+  std::fill(m, m + Hk * G, -std::numeric_limits<float>::infinity());
+  std::fill(l, l + Hk * G, 0.0f);
+  float* const kf = half_tile_buffer(Hk * kTile, D);
+  float* const vf = kf + Hk * kTile * D;
+  const int64_t width = (Hk - 1) * hk + D;
+  for (int64_t tile = t0; tile < t1; tile += kTile) {
+    const int64_t n = std::min(kTile, t1 - tile);
+    int64_t j = tile / kv.BS, slot = tile % kv.BS;
+    for (int64_t i = 0; i < n; ++i) {
+      if (tile + i + kPrefetchTokens < t1) {
+        int64_t jp = j, sp = slot + kPrefetchTokens;
+        while (sp >= kv.BS) sp -= kv.BS, ++jp;
+        prefetch_bytes(kv.k + kv.bt[jp] * kv.ks0 + sp * kv.ks1, width * 2);
+        prefetch_bytes(kv.v + kv.bt[jp] * kv.vs0 + sp * kv.vs1, width * 2);
+      }
+      const uint16_t* kr = kv.k + kv.bt[j] * kv.ks0 + slot * kv.ks1;
+      const uint16_t* vr = kv.v + kv.bt[j] * kv.vs0 + slot * kv.vs1;
+      for (int64_t h = 0; h < Hk; ++h) {
+        float* kd = kf + (h * kTile + i) * D;
+        float* vd = vf + (h * kTile + i) * D;
+        half_to_float(kr + h * hk, kd, D);
+        half_to_float(vr + h * hk, vd, D);
+        krow[h * kTile + i] = kd;
+        vrow[h * kTile + i] = vd;
+      }
+      if (++slot == kv.BS) slot = 0, ++j;
+    }
+    for (int64_t h = 0; h < Hk; ++h)
+      attend_tile(qs + h * G * D, G, D, krow + h * kTile, vrow + h * kTile, n, m + h * G, l + h * G,
+                  acc + h * G * D, sc);
+  }
+}
+
 // Whether a call with B decode rows (one query each, no token split) on nt threads walks one item per
 // row (attend_range_heads) rather than one per (row, kv head): the rows must keep every thread busy.
 // Either way every head's bits are the same.
