@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace llmopt_f {
@@ -649,71 +650,11 @@ inline std::vector<int64_t> group_rows_of(const int32_t* bt, const int32_t* cl, 
   return first;
 }
 
-// attend_tiles_rows over a float paged cache (kv.bt: a block table valid up to t1[R-1]): krow / vrow
-// point straight at the cache's rows.
-inline void attend_range_rows(const float* qs, int64_t R, int64_t G, int64_t D, const PagedKV& kv, int64_t t0,
-                              const int64_t* t1, float* m, float* l, float* acc, float* sc, const float** krow,
-                              const float** vrow) {
-  const int64_t end = t1[R - 1];
-  attend_tiles_rows(qs, R, G, D, t0, t1, m, l, acc, sc, krow, vrow, [&](int64_t i, int64_t t) {
-    const int64_t j = t / kv.BS, slot = t % kv.BS, blk = kv.bt[j];
-    if (R == 1) prefetch_next_block(kv, j, slot, end, D);  // a group re-reads what the one before it read
-    krow[i] = kv.k + blk * kv.ks0 + slot * kv.ks1;
-    vrow[i] = kv.v + blk * kv.vs0 + slot * kv.vs1;
-  });
-}
-
-// attend_range_rows for one row over tokens [t0, t1) (qs [G, D], m / l [G], acc [G, D]).
-inline void attend_range(const float* qs, int64_t G, int64_t D, const PagedKV& kv, int64_t t0, int64_t t1,
-                         float* m, float* l, float* acc, float* sc, const float** krow, const float** vrow) {
-  attend_range_rows(qs, 1, G, D, kv, t0, &t1, m, l, acc, sc, krow, vrow);
-}
-
-// attend_range for the kv heads [0, Hk) of one row at once: kv is head 0's view, head h's rows are hk
-// floats further (the cache's head stride, K and V alike); qs [Hk, G, D], m / l [Hk, G], acc [Hk, G, D]
-// (head h's part is what attend_range gives it alone: the same tiles and attend_tile calls), krow / vrow
-// [Hk * kTile]. Each tile's tokens are read for every head in turn, so a token's rows (the heads sit side
-// by side in the cache) are used together: the walk reads the blocks front to back, where a walk per head
-// reads every Hk-th piece of them. Each token prefetches the rows of the token kPrefetchTokens ahead
-// (every head). Decode of 4 rows x 2,048 tokens x 30 layers, SmolLM2 shapes, 2 threads: 27.0 ms per pass
-// with a walk per head (its block prefetch), 22.7 with this walk and a block prefetch, 21.4 with this one.
-constexpr int64_t kPrefetchTokens = 8;
-
-inline void attend_range_heads(const float* qs, int64_t Hk, int64_t G, int64_t D, const PagedKV& kv, int64_t hk,
-                               int64_t t0, int64_t t1, float* m, float* l, float* acc, float* sc, const float** krow,
-                               const float** vrow) {
-  std::fill(acc, acc + Hk * G * D, 0.0f);
-  std::fill(m, m + Hk * G, -std::numeric_limits<float>::infinity());
-  std::fill(l, l + Hk * G, 0.0f);
-  const int64_t width = (Hk - 1) * hk + D;  // floats from head 0's row start to the last head's row end
-  for (int64_t tile = t0; tile < t1; tile += kTile) {
-    const int64_t n = std::min(kTile, t1 - tile);
-    int64_t j = tile / kv.BS, slot = tile % kv.BS;
-    for (int64_t i = 0; i < n; ++i) {
-      if (tile + i + kPrefetchTokens < t1) {
-        int64_t jp = j, sp = slot + kPrefetchTokens;
-        while (sp >= kv.BS) sp -= kv.BS, ++jp;
-        prefetch_rows(kv.k + kv.bt[jp] * kv.ks0 + sp * kv.ks1, 1, 0, width);
-        prefetch_rows(kv.v + kv.bt[jp] * kv.vs0 + sp * kv.vs1, 1, 0, width);
-      }
-      const float* kr = kv.k + kv.bt[j] * kv.ks0 + slot * kv.ks1;
-      const float* vr = kv.v + kv.bt[j] * kv.vs0 + slot * kv.vs1;
-      for (int64_t h = 0; h < Hk; ++h) {
-        krow[h * kTile + i] = kr + h * hk;
-        vrow[h * kTile + i] = vr + h * hk;
-      }
-      if (++slot == kv.BS) slot = 0, ++j;
-    }
-    for (int64_t h = 0; h < Hk; ++h)
-      attend_tile(qs + h * G * D, G, D, krow + h * kTile, vrow + h * kTile, n, m + h * G, l + h * G,
-                  acc + h * G * D, sc);
-  }
-}
-
 // ---- float16 KV cache (EngineConfig(kv_dtype="float16")) --------------------------------------
 // K/V rows stored as IEEE half (uint16_t bits: torch.float16), half the bytes of float rows. The walks
-// convert each tile's rows to floats (F16C, exact) in a per-thread buffer and run the float attend_tile
-// on them: every output bit is the float walk's on a float cache holding the same (rounded) values.
+// below take either view (PagedKV, PagedKV16); on a float16 one each tile's rows are converted to floats
+// (F16C, exact) in a per-thread buffer and the float attend_tile runs on them: every output bit is the
+// float walk's on a float cache holding the same (rounded) values.
 
 // n halves from src to floats
 inline void half_to_float(const uint16_t* src, float* dst, int64_t n) {
@@ -761,39 +702,67 @@ inline float* half_tile_buffer(int64_t n, int64_t D) {
   return buf.data();
 }
 
-// attend_range_rows over a float16 cache: each tile's rows converted into the thread's buffer first
-inline void attend_range_rows(const float* qs, int64_t R, int64_t G, int64_t D, const PagedKV16& kv, int64_t t0,
+// Row r of a walk's tile as floats: a float cache's row itself; a float16 row converted into buf + r * D
+inline const float* tile_row(const float* row, float*, int64_t, int64_t) { return row; }
+inline const float* tile_row(const uint16_t* row, float* buf, int64_t r, int64_t D) {
+  half_to_float(row, buf + r * D, D);
+  return buf + r * D;
+}
+
+// The element of a paged view's rows (float or uint16_t), and the views the walks below accept
+template <class KV>
+using kv_elem_t = std::remove_cv_t<std::remove_pointer_t<decltype(KV::k)>>;
+template <class KV>
+constexpr bool is_float_view = std::is_same_v<KV, PagedKV> || std::is_same_v<KV, PagedKV16>;
+
+// attend_tiles_rows over a paged cache (kv.bt: a block table valid up to t1[R-1]): krow / vrow point straight
+// at a float cache's rows, or at a float16 cache's rows converted into the thread's buffer.
+template <class KV>
+inline void attend_range_rows(const float* qs, int64_t R, int64_t G, int64_t D, const KV& kv, int64_t t0,
                               const int64_t* t1, float* m, float* l, float* acc, float* sc, const float** krow,
                               const float** vrow) {
+  static_assert(is_float_view<KV>, "a float32 or float16 paged view (kv_int8.h walks the 8-bit ones)");
   const int64_t end = t1[R - 1];
-  float* const kf = half_tile_buffer(kTile, D);
-  float* const vf = kf + kTile * D;
+  float* const kf = std::is_same_v<KV, PagedKV> ? nullptr : half_tile_buffer(kTile, D);
+  float* const vf = kf == nullptr ? nullptr : kf + kTile * D;
   attend_tiles_rows(qs, R, G, D, t0, t1, m, l, acc, sc, krow, vrow, [&](int64_t i, int64_t t) {
     const int64_t j = t / kv.BS, slot = t % kv.BS, blk = kv.bt[j];
-    if (R == 1) prefetch_next_block(kv, j, slot, end, D);
-    half_to_float(kv.k + blk * kv.ks0 + slot * kv.ks1, kf + i * D, D);
-    half_to_float(kv.v + blk * kv.vs0 + slot * kv.vs1, vf + i * D, D);
-    krow[i] = kf + i * D;
-    vrow[i] = vf + i * D;
+    if (R == 1) prefetch_next_block(kv, j, slot, end, D);  // a group re-reads what the one before it read
+    krow[i] = tile_row(kv.k + blk * kv.ks0 + slot * kv.ks1, kf, i, D);
+    vrow[i] = tile_row(kv.v + blk * kv.vs0 + slot * kv.vs1, vf, i, D);
   });
 }
 
-inline void attend_range(const float* qs, int64_t G, int64_t D, const PagedKV16& kv, int64_t t0, int64_t t1,
+// attend_range_rows for one row over tokens [t0, t1) (qs [G, D], m / l [G], acc [G, D]).
+template <class KV>
+inline void attend_range(const float* qs, int64_t G, int64_t D, const KV& kv, int64_t t0, int64_t t1,
                          float* m, float* l, float* acc, float* sc, const float** krow, const float** vrow) {
   attend_range_rows(qs, 1, G, D, kv, t0, &t1, m, l, acc, sc, krow, vrow);
 }
 
-// attend_range_heads over a float16 cache (hk: the head stride in halves): a token's Hk heads converted
-// together (one run of Hk * D halves when the heads sit side by side), head h's rows at buffer row h * kTile
-inline void attend_range_heads(const float* qs, int64_t Hk, int64_t G, int64_t D, const PagedKV16& kv, int64_t hk,
+// attend_range for the kv heads [0, Hk) of one row at once: kv is head 0's view, head h's rows are hk
+// elements further (the cache's head stride, K and V alike); qs [Hk, G, D], m / l [Hk, G], acc [Hk, G, D]
+// (head h's part is what attend_range gives it alone: the same tiles and attend_tile calls), krow / vrow
+// [Hk * kTile]. Each tile's tokens are read for every head in turn, so a token's rows (the heads sit side
+// by side in the cache) are used together: the walk reads the blocks front to back, where a walk per head
+// reads every Hk-th piece of them. Each token prefetches the rows of the token kPrefetchTokens ahead
+// (every head). Decode of 4 rows x 2,048 tokens x 30 layers, SmolLM2 shapes, 2 threads: 27.0 ms per pass
+// with a walk per head (its block prefetch), 22.7 with this walk and a block prefetch, 21.4 with this one.
+// A float16 view converts each token's Hk rows into the thread's buffer (head h's at row h * kTile + i).
+constexpr int64_t kPrefetchTokens = 8;
+
+template <class KV>
+inline void attend_range_heads(const float* qs, int64_t Hk, int64_t G, int64_t D, const KV& kv, int64_t hk,
                                int64_t t0, int64_t t1, float* m, float* l, float* acc, float* sc, const float** krow,
                                const float** vrow) {
+  static_assert(is_float_view<KV>, "a float32 or float16 paged view");
+  using E = kv_elem_t<KV>;
   std::fill(acc, acc + Hk * G * D, 0.0f);
   std::fill(m, m + Hk * G, -std::numeric_limits<float>::infinity());
   std::fill(l, l + Hk * G, 0.0f);
-  float* const kf = half_tile_buffer(Hk * kTile, D);
-  float* const vf = kf + Hk * kTile * D;
-  const int64_t width = (Hk - 1) * hk + D;
+  float* const kf = std::is_same_v<KV, PagedKV> ? nullptr : half_tile_buffer(Hk * kTile, D);
+  float* const vf = kf == nullptr ? nullptr : kf + Hk * kTile * D;
+  const int64_t width = ((Hk - 1) * hk + D) * static_cast<int64_t>(sizeof(E));  // bytes of a token's heads
   for (int64_t tile = t0; tile < t1; tile += kTile) {
     const int64_t n = std::min(kTile, t1 - tile);
     int64_t j = tile / kv.BS, slot = tile % kv.BS;
@@ -801,18 +770,14 @@ inline void attend_range_heads(const float* qs, int64_t Hk, int64_t G, int64_t D
       if (tile + i + kPrefetchTokens < t1) {
         int64_t jp = j, sp = slot + kPrefetchTokens;
         while (sp >= kv.BS) sp -= kv.BS, ++jp;
-        prefetch_bytes(kv.k + kv.bt[jp] * kv.ks0 + sp * kv.ks1, width * 2);
-        prefetch_bytes(kv.v + kv.bt[jp] * kv.vs0 + sp * kv.vs1, width * 2);
+        prefetch_bytes(kv.k + kv.bt[jp] * kv.ks0 + sp * kv.ks1, width);
+        prefetch_bytes(kv.v + kv.bt[jp] * kv.vs0 + sp * kv.vs1, width);
       }
-      const uint16_t* kr = kv.k + kv.bt[j] * kv.ks0 + slot * kv.ks1;
-      const uint16_t* vr = kv.v + kv.bt[j] * kv.vs0 + slot * kv.vs1;
+      const E* kr = kv.k + kv.bt[j] * kv.ks0 + slot * kv.ks1;
+      const E* vr = kv.v + kv.bt[j] * kv.vs0 + slot * kv.vs1;
       for (int64_t h = 0; h < Hk; ++h) {
-        float* kd = kf + (h * kTile + i) * D;
-        float* vd = vf + (h * kTile + i) * D;
-        half_to_float(kr + h * hk, kd, D);
-        half_to_float(vr + h * hk, vd, D);
-        krow[h * kTile + i] = kd;
-        vrow[h * kTile + i] = vd;
+        krow[h * kTile + i] = tile_row(kr + h * hk, kf, h * kTile + i, D);
+        vrow[h * kTile + i] = tile_row(vr + h * hk, vf, h * kTile + i, D);
       }
       if (++slot == kv.BS) slot = 0, ++j;
     }
