@@ -716,79 +716,81 @@ class DecodeStep {
           // a float32 cache, or a float16 one (E = uint16_t: rows converted per tile, fused_kernels.h PagedKV16;
           // no Quest / H2O there, checked at the call)
           auto attend_float = [&](auto* kc, auto* vc) {
-          using E = std::remove_pointer_t<decltype(kc)>;
-          using KV = std::conditional_t<std::is_same_v<E, float>, F::PagedKV, F::PagedKV16>;
-          auto store_row = [&](const float* src, E* dst) {  // a new K / V row into the cache
-            if constexpr (std::is_same_v<E, float>)
-              std::copy(src, src + D_, dst);
-            else
-              F::float_to_half(src, dst, D_);
-          };
-          const int64_t ks0 = BS * Hk_ * D_, ks1 = Hk_ * D_;
-          // decode rows enough for the threads, no Quest / H2O: one item per row walks all its kv heads
-          // (fused_kernels.h attend_range_heads: every head's bits as below, the cache read front to back)
-          const bool whole = !lsplit[li] && tk == nullptr && mw == nullptr && F::walk_rows_whole(M, Hk_, nth);
-          // step 3 for kv head kvh of row b, inside the item that is its only reader (unless prewrite)
-          auto new_kv = [&](int64_t b, int64_t kvh) {
-            const float* k = norm_rope_group(qkv, QKV, b, kvh, G, half, fptr(L.qn), fptr(L.kn), cs + pos[b] * D_, eps);
-            store_row(k, kc + (slot[b] * Hk_ + kvh) * D_);
-            quest_summarize(li, slot[b], BS, kvh, k);
-            const float* vv = qkv + b * QKV + (Hq_ + Hk_ + kvh) * D_;
-            store_row(vv, vc + (slot[b] * Hk_ + kvh) * D_);
-          };
-          while (whole) {
-            const int64_t b = ctr[1].fetch_add(1, std::memory_order_relaxed);
-            if (b >= M) break;
-            if (!prewrite)
-              for (int64_t kvh = 0; kvh < Hk_; ++kvh) new_kv(b, kvh);
-            for (int64_t kvh = 0; kvh < Hk_; ++kvh) scale_queries(qkv, QKV, b, kvh, G, ts.qs.data() + kvh * G * D_);
-            const int64_t Lc = cl[b];
-            const int64_t start = F::window_start(Lc, L.window);
-            const KV kv{kc, vc, ks0, ks1, ks0, ks1, bt + b * MB, BS};
-            F::attend_range_heads(ts.qs.data(), Hk_, G, D_, kv, D_, start, Lc, ts.m.data(), ts.l.data(),
-                                  ts.acc.data(), ts.sc.data(), ts.krow.data(), ts.vrow.data());
-            for (int64_t kvh = 0; kvh < Hk_; ++kvh) store_att(att, b, kvh, G, ts, kvh * G);
-          }
-          const int64_t items = whole ? 0 : ibl[M];
-          for (;;) {
-            const int64_t item = ctr[1].fetch_add(1, std::memory_order_relaxed);
-            if (item >= items) break;
-            const int64_t b = std::upper_bound(ibl, ibl + M + 1, item) - ibl - 1;
-            const int64_t S = rsl[b], kvh = (item - ibl[b]) / S, split = (item - ibl[b]) % S;
-            if (!prewrite) new_kv(b, kvh);
-            const int64_t Lc = cl[b];
-            const int64_t start = F::window_start(Lc, L.window);
-            // chunk split of kSplitTokens tokens from the window start, or the whole window
-            const int64_t t0 = start + split * F::kSplitTokens, t1 = S == 1 ? Lc : std::min(Lc, t0 + F::kSplitTokens);
-            scale_queries(qkv, QKV, b, kvh, G, ts.qs.data());
-            const KV kv{kc + kvh * D_, vc + kvh * D_, ks0, ks1, ks0, ks1, bt + b * MB, BS};
-            bool quest_done = false;
-            if constexpr (std::is_same_v<E, float>) quest_done = quest_attend(L, li, tk, b, kvh, G, bt + b * MB, BS, Lc, &kv, nullptr, ts);
-            if (!quest_done)
-              F::attend_range(ts.qs.data(), G, D_, kv, t0, std::max(t0, t1), ts.m.data(), ts.l.data(), ts.acc.data(),
-                              ts.sc.data(), ts.krow.data(), ts.vrow.data());
-            if constexpr (std::is_same_v<E, float>)
-            if (mw != nullptr && mrow[b] && split == 0) {  // H2O: the row's probabilities (its whole context)
-              if ((int64_t)ts.mass_s.size() < G * Lc) ts.mass_s.resize(G * Lc);
-              const int32_t* tb = bt + b * MB;
-              const float* kb = kc + kvh * D_;
-              F::attention_mass_row(ts.qs.data(), G, D_, Lc, mw + ((b * num_layers() + li) * Hk_ + kvh) * mlen,
-                                    ts.mass_s.data(), ts.sc.data(), ts.krow.data(),
-                                    [&](int64_t i, int64_t t) { ts.krow[i] = kb + tb[t / BS] * ks0 + (t % BS) * ks1; });
+            using E = std::remove_pointer_t<decltype(kc)>;
+            using KV = std::conditional_t<std::is_same_v<E, float>, F::PagedKV, F::PagedKV16>;
+            auto store_row = [&](const float* src, E* dst) {  // a new K / V row into the cache
+              if constexpr (std::is_same_v<E, float>)
+                std::copy(src, src + D_, dst);
+              else
+                F::float_to_half(src, dst, D_);
+            };
+            const int64_t ks0 = BS * Hk_ * D_, ks1 = Hk_ * D_;
+            // decode rows enough for the threads, no Quest / H2O: one item per row walks all its kv heads
+            // (fused_kernels.h attend_range_heads: every head's bits as below, the cache read front to back)
+            const bool whole = !lsplit[li] && tk == nullptr && mw == nullptr && F::walk_rows_whole(M, Hk_, nth);
+            // step 3 for kv head kvh of row b, inside the item that is its only reader (unless prewrite)
+            auto new_kv = [&](int64_t b, int64_t kvh) {
+              const float* k = norm_rope_group(qkv, QKV, b, kvh, G, half, fptr(L.qn), fptr(L.kn), cs + pos[b] * D_, eps);
+              store_row(k, kc + (slot[b] * Hk_ + kvh) * D_);
+              quest_summarize(li, slot[b], BS, kvh, k);
+              const float* vv = qkv + b * QKV + (Hq_ + Hk_ + kvh) * D_;
+              store_row(vv, vc + (slot[b] * Hk_ + kvh) * D_);
+            };
+            while (whole) {
+              const int64_t b = ctr[1].fetch_add(1, std::memory_order_relaxed);
+              if (b >= M) break;
+              if (!prewrite)
+                for (int64_t kvh = 0; kvh < Hk_; ++kvh) new_kv(b, kvh);
+              for (int64_t kvh = 0; kvh < Hk_; ++kvh) scale_queries(qkv, QKV, b, kvh, G, ts.qs.data() + kvh * G * D_);
+              const int64_t Lc = cl[b];
+              const int64_t start = F::window_start(Lc, L.window);
+              const KV kv{kc, vc, ks0, ks1, ks0, ks1, bt + b * MB, BS};
+              F::attend_range_heads(ts.qs.data(), Hk_, G, D_, kv, D_, start, Lc, ts.m.data(), ts.l.data(),
+                                    ts.acc.data(), ts.sc.data(), ts.krow.data(), ts.vrow.data());
+              for (int64_t kvh = 0; kvh < Hk_; ++kvh) store_att(att, b, kvh, G, ts, kvh * G);
             }
-            if (S == 1) {
-              store_att(att, b, kvh, G, ts);
-            } else {
-              // the item's G heads only: ts holds room for every head (attend_range_heads)
-              std::copy(ts.m.begin(), ts.m.begin() + G, part_m_.begin() + item * G);
-              std::copy(ts.l.begin(), ts.l.begin() + G, part_l_.begin() + item * G);
-              std::copy(ts.acc.begin(), ts.acc.begin() + G * D_, part_acc_.begin() + item * G * D_);
+            const int64_t items = whole ? 0 : ibl[M];
+            for (;;) {
+              const int64_t item = ctr[1].fetch_add(1, std::memory_order_relaxed);
+              if (item >= items) break;
+              const int64_t b = std::upper_bound(ibl, ibl + M + 1, item) - ibl - 1;
+              const int64_t S = rsl[b], kvh = (item - ibl[b]) / S, split = (item - ibl[b]) % S;
+              if (!prewrite) new_kv(b, kvh);
+              const int64_t Lc = cl[b];
+              const int64_t start = F::window_start(Lc, L.window);
+              // chunk split of kSplitTokens tokens from the window start, or the whole window
+              const int64_t t0 = start + split * F::kSplitTokens, t1 = S == 1 ? Lc : std::min(Lc, t0 + F::kSplitTokens);
+              scale_queries(qkv, QKV, b, kvh, G, ts.qs.data());
+              const KV kv{kc + kvh * D_, vc + kvh * D_, ks0, ks1, ks0, ks1, bt + b * MB, BS};
+              bool quest_done = false;  // Quest reads float32 caches only
+              if constexpr (std::is_same_v<E, float>)
+                quest_done = quest_attend(L, li, tk, b, kvh, G, bt + b * MB, BS, Lc, &kv, nullptr, ts);
+              if (!quest_done)
+                F::attend_range(ts.qs.data(), G, D_, kv, t0, std::max(t0, t1), ts.m.data(), ts.l.data(), ts.acc.data(),
+                                ts.sc.data(), ts.krow.data(), ts.vrow.data());
+              if constexpr (std::is_same_v<E, float>) {  // H2O reads float32 caches only
+                if (mw != nullptr && mrow[b] && split == 0) {  // H2O: the row's probabilities (its whole context)
+                  if ((int64_t)ts.mass_s.size() < G * Lc) ts.mass_s.resize(G * Lc);
+                  const int32_t* tb = bt + b * MB;
+                  const float* kb = kc + kvh * D_;
+                  F::attention_mass_row(ts.qs.data(), G, D_, Lc, mw + ((b * num_layers() + li) * Hk_ + kvh) * mlen,
+                                        ts.mass_s.data(), ts.sc.data(), ts.krow.data(),
+                                        [&](int64_t i, int64_t t) { ts.krow[i] = kb + tb[t / BS] * ks0 + (t % BS) * ks1; });
+                }
+              }
+              if (S == 1) {
+                store_att(att, b, kvh, G, ts);
+              } else {
+                // the item's G heads only: ts holds room for every head (attend_range_heads)
+                std::copy(ts.m.begin(), ts.m.begin() + G, part_m_.begin() + item * G);
+                std::copy(ts.l.begin(), ts.l.begin() + G, part_l_.begin() + item * G);
+                std::copy(ts.acc.begin(), ts.acc.begin() + G * D_, part_acc_.begin() + item * G * D_);
+              }
             }
-          }
-          if (lsplit[li]) {
+            if (lsplit[li]) {
 #pragma omp barrier
-            merge_splits(M, ibl, rsl, G, att, tid, nth);
-          }
+              merge_splits(M, ibl, rsl, G, att, tid, nth);
+            }
           };
           if (L.f16)
             attend_float(static_cast<uint16_t*>(L.kc.data_ptr()), static_cast<uint16_t*>(L.vc.data_ptr()));
