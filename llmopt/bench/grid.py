@@ -248,7 +248,6 @@ class LLMOptSystem:
         cfg = EngineConfig(num_threads=threads, num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
                            kv_dtype=kv_dtype)
         self.engine = LLMEngine(model, cfg, quant=quant)
-        self.kv_dtype = kv_dtype
         self.vocab_size = self.engine.model_config.vocab_size
         self.info = {"engine_config": asdict(cfg), "quant": quant, "kv_dtype": kv_dtype,
                      "native_kernels": ops.native_available(),
@@ -284,7 +283,7 @@ class LLMOptSystem:
         from llmopt.tasks.evaluate import linear_bits_per_weight
 
         # a KV cache in another type than the activations changes what attention reads: scored through it
-        through = None if self.kv_dtype is None else (lambda _model, ids: self.engine.score(list(ids)))
+        through = None if self.engine.config.kv_dtype is None else (lambda _model, ids: self.engine.score(list(ids)))
         nll, n = score_token_ids(self.engine.model, id_lists, through)
         return quality_record(linear_bits_per_weight(self.engine.model), nll, n)
 

@@ -614,7 +614,7 @@ class LLMEngine:
     def score(self, token_ids: list[int]) -> torch.Tensor:
         if len(token_ids) > self.max_model_len:
             raise PromptTooLongError(f"{len(token_ids)} tokens do not fit the context window of {self.max_model_len}")
-        if self.runner.k_scale is None and self.config.torch_kv_dtype == self.config.torch_dtype:
+        if self.config.torch_kv_dtype == self.config.torch_dtype:
             return self.runner.score(token_ids)
         # a quantized or float16 cache changes what attention reads: score through it, in blocks borrowed for the call
         with self.lock:

@@ -39,18 +39,17 @@ def native_available() -> bool:
     return _native() is not None
 
 
-def _float_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    """A K/V cache the native paged attention reads: float32, or float16 (converted per tile), on the CPU."""
-    return (k_cache.device.type == v_cache.device.type == "cpu" and k_cache.dtype == v_cache.dtype
-            and k_cache.dtype in (torch.float32, torch.float16) and not k_cache.requires_grad)
+def _cpu_of(dtypes: tuple[torch.dtype, ...], *tensors: torch.Tensor) -> bool:
+    """Every tensor on the CPU with a dtype in ``dtypes`` (and none requiring grad while grad is on)."""
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype not in dtypes or (grad and t.requires_grad):
+            return False
+    return True
 
 
 def _f32cpu(*tensors: torch.Tensor) -> bool:
-    grad = torch.is_grad_enabled()
-    for t in tensors:
-        if t.device.type != "cpu" or t.dtype != torch.float32 or (grad and t.requires_grad):
-            return False
-    return True
+    return _cpu_of((torch.float32,), *tensors)
 
 
 def _idx_cpu(*tensors: torch.Tensor) -> bool:
@@ -263,7 +262,9 @@ def paged_decode_attention(
     if (
         ext is not None
         and _f32cpu(q)
-        and _float_cache(k_cache, v_cache)
+        # a float32 cache, or a float16 one (converted per tile)
+        and _cpu_of((torch.float32, torch.float16), k_cache, v_cache)
+        and k_cache.dtype == v_cache.dtype
         and _idx_cpu(block_tables, context_lens)
         and q.dim() == 3
         and k_cache.dim() == 4
