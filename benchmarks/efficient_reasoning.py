@@ -32,6 +32,7 @@ from llmopt.batch.runner import answer
 from llmopt.config import EngineConfig
 from llmopt.engine.engine import LLMEngine
 from llmopt.engine.sampling_params import SamplingParams
+from llmopt.reasoning.budget import DEFAULT_DIFFICULTY_TOKENS
 from llmopt.reasoning.format import extract_answer, format_ok
 from llmopt.reasoning.loops import DEFAULT_NGRAM, DEFAULT_REPEATS
 from llmopt.tasks import stats
@@ -52,6 +53,7 @@ class Setting:
     spec: bool = False  # on the engine with n-gram speculative decoding (the same greedy tokens, fewer steps)
     low_conf: float | None = None  # low_confidence_exit
     think_gate: tuple[int, float] | None = None  # think_gate, think_gate_threshold
+    difficulty: tuple[float, int] | None = None  # difficulty_exit, difficulty_exit_tokens
 
 
 @dataclass
@@ -80,6 +82,8 @@ def params_for(s: Setting, args: argparse.Namespace) -> SamplingParams:
                           low_confidence_exit=s.low_conf,
                           **({"think_gate": s.think_gate[0], "think_gate_threshold": s.think_gate[1]}
                              if s.think_gate else {}),
+                          **({"difficulty_exit": s.difficulty[0], "difficulty_exit_tokens": s.difficulty[1]}
+                             if s.difficulty else {}),
                           **({"early_exit_threshold": s.threshold} if s.threshold is not None else {}),
                           **({"early_exit_min_gap": args.min_gap} if args.min_gap else {}),
                           **({"early_exit_probe_tokens": args.probe_tokens} if args.probe_tokens else {}),
@@ -129,6 +133,12 @@ def main() -> None:
     ap.add_argument("--think-gate", default="",
                     help="think gates to sweep, comma-separated K:P or K:P:BUDGET (think_gate K, think_gate_threshold P, "
                          "with think_budget BUDGET), e.g. 24:0.86:96")
+    ap.add_argument("--difficulty-exit", default="",
+                    help="difficulty exits added to every budget / gate / exit setting above, comma-separated T or "
+                         "T:K (difficulty_exit T, difficulty_exit_tokens K, default 16): each setting runs without and "
+                         "with each, e.g. 0.95")
+    ap.add_argument("--difficulty-probe", default=None,
+                    help="difficulty probe file (default: the model's own); its training seeds are refused as --seed")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--answer-budget", type=int, default=None,
                     help="answer_budget of every setting but unlimited (tokens after thinking ends)")
@@ -172,9 +182,16 @@ def main() -> None:
         raise SystemExit("--concurrency: one or more positive integers, comma-separated")
     graders = {name: _suite(name, cfg) for name in cfg.suites}
     engines = {spec: LLMEngine(args.model, EngineConfig(num_threads=args.threads, speculative="ngram" if spec else None,
-                                                        max_num_seqs=max(EngineConfig.max_num_seqs, *levels)))
+                                                        max_num_seqs=max(EngineConfig.max_num_seqs, *levels),
+                                                        difficulty_probe=args.difficulty_probe))
                for spec in ((False, True) if args.speculative != "off" else (False,))}
     engine = engines[False]
+    probe = engine.difficulty_probe
+    if args.difficulty_exit and probe is None:
+        raise SystemExit(f"--difficulty-exit: {args.model} ships no difficulty probe; give --difficulty-probe FILE")
+    if args.difficulty_exit and probe is not None and args.seed in probe.meta.get("seeds", []):
+        raise SystemExit(f"--seed {args.seed} is one of the seeds the difficulty probe was trained on "
+                         f"({probe.meta['seeds']}): measure it on held-out seeds")
     tok = engine.tokenizer
     prompts: list[Any] = [it.messages for it in items]
     if args.prefill_think:
@@ -197,14 +214,18 @@ def main() -> None:
         k, p, *b = x.split(":")
         variants.append(Setting(f"think gate {k}@{p}" + (f" + budget {b[0]}" if b else ""),
                                 think_budget=int(b[0]) if b else None, think_gate=(int(k), float(p))))
+    for x in (x for x in args.difficulty_exit.split(",") if x):
+        t, _, k = x.partition(":")
+        variants += [replace(v, name=f"{v.name} + difficulty {t}@{k or DEFAULT_DIFFICULTY_TOKENS}",
+                             difficulty=(float(t), int(k or DEFAULT_DIFFICULTY_TOKENS))) for v in list(variants)
+                     if v.difficulty is None]
     settings = [Setting("unlimited")]
     if not (args.loop_exit and args.no_unlimited_variants):
         settings += variants
     if args.loop_exit:
         if not args.skip_loop_alone:
             settings += [Setting("loop exit", loop_exit=True)]
-        settings += [Setting(f"loop exit + {v.name}", v.think_budget, v.threshold, loop_exit=True, gate=v.gate,
-                             cap=v.cap, low_conf=v.low_conf, think_gate=v.think_gate) for v in variants]
+        settings += [replace(v, name=f"loop exit + {v.name}", loop_exit=True) for v in variants]
     if args.jump_forward == "on":
         for s in settings:
             s.jump, s.name = True, s.name + " + jf"
@@ -242,7 +263,8 @@ def main() -> None:
     base = results[0]
     header = ("setting", "acc", "95% CI", "d acc vs unl. [95% CI]", "JCT s", "JCT ratio", "out tok ratio",
               "decoded ratio", "think tok",
-              "format", "closed by engine", "loop exits (acc)", "probe tok / saved", "probe hit")
+              "format", "closed by engine", "loop exits (acc)", "gate / difficulty exits (right)",
+              "probe tok / saved", "probe hit")
     rows = []
     out_json = []
     for r in results:
@@ -254,12 +276,16 @@ def main() -> None:
         engine_closed = sum(1 for c in r.closed_by if c not in (None, "model")) / n
         looped = [i for i, c in enumerate(r.closed_by) if c == "loop"]
         loop_acc = sum(r.correct[i] for i in looped) / len(looped) if looped else None
+        gated = [i for i, c in enumerate(r.closed_by) if c == "think_gate"]
+        judged = [i for i, c in enumerate(r.closed_by) if c == "difficulty"]
+        exits = (f"{len(gated)} ({sum(r.correct[i] for i in gated)}) / {len(judged)} "
+                 f"({sum(r.correct[i] for i in judged)})")
         hit = r.probe_cached / r.probe_prompt if r.probe_prompt else None
         rows.append((r.setting.name, f"{acc:.3f}", f"[{lo:.3f}, {hi:.3f}]", f"{d:+.3f} [{dlo:+.3f}, {dhi:+.3f}]",
                      f"{r.jct_s:.1f}", f"{r.jct_s / base.jct_s:.2f}", f"{sum(r.out_tokens) / sum(base.out_tokens):.2f}",
                      f"{sum(r.sampled) / sum(base.sampled):.2f}", f"{sum(r.think) / n:.1f}",
                      f"{sum(r.format_ok) / n:.2f}", f"{engine_closed:.2f}",
-                     f"{len(looped) / n:.3f} ({loop_acc:.2f})" if looped else "-",
+                     f"{len(looped) / n:.3f} ({loop_acc:.2f})" if looped else "-", exits,
                      f"{r.probe_tokens}/{saved}" if r.probe_prompt else "-",
                      f"{hit:.2f}" if hit is not None else "-"))
         out_json.append({"setting": r.setting.name, "think_budget": r.setting.think_budget,
@@ -272,6 +298,9 @@ def main() -> None:
                          "decoded_token_ratio": sum(r.sampled) / sum(base.sampled), "mean_think_tokens": sum(r.think) / n,
                          "format_rate": sum(r.format_ok) / n, "engine_closed_rate": engine_closed,
                          "loop_exit": r.setting.loop_exit, "loop_exit_rate": len(looped) / n,
+                         "difficulty_exit": r.setting.difficulty,
+                         "difficulty_exit_rate": r.closed_by.count("difficulty") / n,
+                         "think_gate_exit_rate": r.closed_by.count("think_gate") / n,
                          "loop_exit_accuracy": loop_acc,
                          "probe_tokens": r.probe_tokens, "think_tokens_saved": saved, "probe_prefix_hit_rate": hit})
     print(f"\nmodel {args.model}, suites {args.suites}, n={args.n} per suite ({len(items)} items), seed {args.seed}, "

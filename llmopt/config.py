@@ -365,6 +365,9 @@ class EngineConfig:
     spec_row_cost: float = 0.1
     spec_tile_cost: float = 0.3
     spec_tile_rows: int = 4
+    # difficulty probe (llmopt.reasoning.difficulty) for requests with SamplingParams.difficulty_exit: a probe file
+    # (`llmopt train probe`); None = the one a registry model ships (its own weights, no other adapter), if any
+    difficulty_probe: str | None = None
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:

@@ -10,7 +10,7 @@ import typer
 
 from llmopt.models.registry import REASONING_MODEL  # already imported by the main CLI
 from llmopt.reasoning.early_exit import DEFAULT_THRESHOLD  # pure, no heavy imports
-from llmopt.reasoning.budget import DEFAULT_THINK_GATE_THRESHOLD  # pure, no heavy imports
+from llmopt.reasoning.budget import DEFAULT_DIFFICULTY_TOKENS, DEFAULT_THINK_GATE_THRESHOLD  # pure, no heavy imports
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -97,6 +97,15 @@ def run_command(
     think_gate_threshold: Annotated[float, typer.Option(
         help="with --think-gate: the geometric-mean token probability below which thinking is closed, in (0, 1)",
         min=0.0, max=1.0)] = DEFAULT_THINK_GATE_THRESHOLD,
+    difficulty_exit: Annotated[Optional[float], typer.Option(
+        help="close <think> at --difficulty-exit-tokens think tokens for questions the model's difficulty probe "
+             "gives a chance of a wrong answer above this, in (0, 1) (the reasoning model ships one; "
+             "docs/reasoning.md)", min=0.0, max=1.0)] = None,
+    difficulty_exit_tokens: Annotated[int, typer.Option(
+        help="with --difficulty-exit: think tokens a question judged hard gets", min=1)] = DEFAULT_DIFFICULTY_TOKENS,
+    difficulty_probe: Annotated[Optional[Path], typer.Option(
+        help="difficulty probe file for --difficulty-exit (`llmopt train probe`; default: the model's own, "
+             "if it ships one)")] = None,
     quant: Annotated[Optional[str], typer.Option(help="quantize on load: int8, int4, ... (RTN); fp32: float (a .gguf dequantized); default: as stored (a .gguf runs on its own blocks)")] = None,
     adapter: Annotated[Optional[Path], typer.Option(help="LoRA adapter merged at load (`llmopt train`'s OUT/adapter.safetensors)")] = None,
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16")] = "float32",
@@ -142,7 +151,8 @@ def run_command(
     t_start = time.perf_counter()
     kv = {"kv_policy": kv_policy, "kv_budget": parse_kv_budget(kv_budget), "kv_dtype": kv_dtype,
           "kv_quest_pin": kv_quest_pin, "speculative": parse_speculative(speculative),
-          "num_speculative_tokens": num_speculative_tokens}
+          "num_speculative_tokens": num_speculative_tokens,
+          "difficulty_probe": str(difficulty_probe) if difficulty_probe is not None else None}
     EngineConfig(**kv)  # a bad policy or budget: say so before loading anything
     if ray is None and (workers is not None or threads_per_worker is not None):
         raise ValueError("--workers and --threads-per-worker split the run across Ray workers: add --ray local "
@@ -159,7 +169,8 @@ def run_command(
                          early_exit_threshold=early_exit_threshold, loop_exit=loop_exit,
                          think_budget_threshold=think_budget_threshold, think_budget_max=think_budget_max,
                          jump_forward=jump_forward, low_confidence_exit=low_confidence_exit,
-                         think_gate=think_gate, think_gate_threshold=think_gate_threshold)
+                         think_gate=think_gate, think_gate_threshold=think_gate_threshold,
+                         difficulty_exit=difficulty_exit, difficulty_exit_tokens=difficulty_exit_tokens)
     run = BatchRun(batch, output, options, resume=resume)
     todo = run.pending_questions
     what = f"{len(batch.cases)} test cases" if batch.kind == "cases" else f"{len(batch.questions)} questions"

@@ -42,7 +42,7 @@ from typing import Any
 from llmopt.batch.cases import Batch, Case, Id, Question
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.engine.sequence import RequestOutput
-from llmopt.reasoning.budget import DEFAULT_THINK_GATE_THRESHOLD
+from llmopt.reasoning.budget import DEFAULT_DIFFICULTY_TOKENS, DEFAULT_THINK_GATE_THRESHOLD
 from llmopt.reasoning.early_exit import DEFAULT_THRESHOLD
 from llmopt.tasks.base import REASONING_SYSTEM_PROMPT
 
@@ -76,6 +76,8 @@ class RunOptions:
     low_confidence_exit: float | None = None  # close <think> in place of a think token chosen below this probability
     think_gate: int | None = None  # after this many think tokens, close <think> if the model was unsure of them
     think_gate_threshold: float = DEFAULT_THINK_GATE_THRESHOLD  # their geometric-mean probability, below: close
+    difficulty_exit: float | None = None  # close <think> early for prompts the difficulty probe gives P(wrong) above
+    difficulty_exit_tokens: int = DEFAULT_DIFFICULTY_TOKENS  # ... at this many think tokens
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1 or self.concurrency < 1:
@@ -85,7 +87,8 @@ class RunOptions:
                        think_budget_threshold=self.think_budget_threshold, think_budget_max=self.think_budget_max,
                        jump_forward=self.jump_forward,
                        low_confidence_exit=self.low_confidence_exit, think_gate=self.think_gate,
-                       think_gate_threshold=self.think_gate_threshold)  # ValueError naming a bad value
+                       think_gate_threshold=self.think_gate_threshold, difficulty_exit=self.difficulty_exit,
+                       difficulty_exit_tokens=self.difficulty_exit_tokens)  # ValueError naming a bad value
 
 
 @dataclass
@@ -208,6 +211,8 @@ def reasoning_record(qid: Id, out: RequestOutput) -> dict[str, Any]:
         rec |= {"think_tokens": r.think_tokens, "answer_tokens": r.answer_tokens, "closed_by": r.closed_by,
                 "early_exit_at": r.exit_at, "probes": r.probes, "probe_tokens": r.probe_tokens,
                 "probe_prefix_hit_rate": r.probe_prefix_hit_rate}
+        if r.p_wrong is not None:  # --difficulty-exit: the probe's estimate for this question
+            rec["p_wrong"] = round(r.p_wrong, 4)
     return rec
 
 
@@ -286,7 +291,8 @@ class BatchRun:
                               early_exit_threshold=o.early_exit_threshold, loop_exit=o.loop_exit,
                               think_budget_threshold=o.think_budget_threshold, think_budget_max=o.think_budget_max,
                               jump_forward=o.jump_forward, low_confidence_exit=o.low_confidence_exit,
-                              think_gate=o.think_gate, think_gate_threshold=o.think_gate_threshold)
+                              think_gate=o.think_gate, think_gate_threshold=o.think_gate_threshold,
+                              difficulty_exit=o.difficulty_exit, difficulty_exit_tokens=o.difficulty_exit_tokens)
 
     def prompts(self, questions: tuple[Question, ...], case: Case | None = None) -> list[Messages]:
         return [messages_for(q, case and case.system, self.batch.system, self.options.system) for q in questions]

@@ -28,7 +28,7 @@ from llmopt.kernels import qlinear
 from llmopt.models import gguf_linear as gguf_layers
 from llmopt.models.linear import FLOAT, PACKED, QuantConfig
 from llmopt.models.loader import load_model
-from llmopt.models.registry import default_quant
+from llmopt.models.registry import default_quant, probe_for
 from llmopt.quant.linear import rtn_quant_config
 from llmopt.reasoning.budget import (
     ANSWER_CLOSE_TEXT,
@@ -44,6 +44,7 @@ from llmopt.reasoning.budget import (
     prompt_opens_think,
     should_force_answer_close,
 )
+from llmopt.reasoning.difficulty import DifficultyProbe
 from llmopt.reasoning.early_exit import exit_now, should_probe, trial_confidence
 from llmopt.reasoning.loops import LoopDetector
 
@@ -126,7 +127,7 @@ class LLMEngine:
         self._guided: GuidedDecoder | None = None  # built on the first guided request
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "computed_prefill_tokens": 0, "steps": 0,
                       "probes": 0, "early_exits": 0, "low_confidence_exits": 0, "think_gate_exits": 0,
-                      "budget_probe_exits": 0, "jump_forward_tokens": 0, "probe_generated_tokens": 0, "probe_prompt_tokens": 0,
+                      "budget_probe_exits": 0, "difficulty_exits": 0, "jump_forward_tokens": 0, "probe_generated_tokens": 0, "probe_prompt_tokens": 0,
                       "probe_cached_tokens": 0, "spec_steps": 0, "spec_draft_tokens": 0, "spec_accepted_tokens": 0}
         self.spec_stats = AcceptanceStats(cfg.prompt_lookup_max, cfg.num_speculative_tokens)
         # what the engine writes to close a think part / an answer (think budgets, early exit)
@@ -134,9 +135,35 @@ class LLMEngine:
         self.answer_close_ids = self.tokenizer.encode(ANSWER_CLOSE_TEXT, add_special_tokens=False)
         self.open_ids = self.tokenizer.encode(THINK_OPEN, add_special_tokens=False)  # jump-forward
         self.think_end_ids = self.tokenizer.encode(THINK_END_TEXT, add_special_tokens=False)
+        self.difficulty_probe = self._load_probe(model, cfg.difficulty_probe, adapter is None)
         log.info("engine: %d KV blocks x %d tokens, max_model_len %d, %d threads, linears %s (%d packed fp32)",
                  num_blocks, cfg.block_size, self.max_model_len, cfg.num_threads,
                  self.model.quant_config.describe(), self.packed_linears)
+
+    def _load_probe(self, model: str, path: str | None, own_weights: bool) -> DifficultyProbe | None:
+        """The difficulty probe for ``difficulty_exit`` requests: ``path``, else the registry model's own (when
+        ``own_weights``: no other adapter merged), else None; a probe for another hidden size is refused."""
+        source = path if path is not None else probe_for(model) if own_weights else None
+        if source is None:
+            return None
+        probe = DifficultyProbe.load(source)
+        if probe.hidden_size != self.model_config.hidden_size:
+            raise ValueError(f"difficulty probe {str(source)!r} reads hidden states of size {probe.hidden_size} "
+                             f"(trained on {probe.meta.get('model', 'another model')!r}); {model!r} has "
+                             f"{self.model_config.hidden_size}: train one for it with `llmopt train probe`")
+        return probe
+
+    def prompt_states(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Final-norm hidden state at each prompt's last token, float32 [len(prompts), hidden]: what the
+        difficulty probe reads (one causal pass per prompt, no cache)."""
+        out = []
+        for ids in prompts:
+            if not ids or len(ids) > self.max_model_len:
+                raise ValueError(f"a prompt of {len(ids)} tokens has no state here (1..{self.max_model_len} tokens)")
+            with torch.inference_mode():
+                h = self.model(torch.tensor(ids, dtype=torch.long), torch.arange(len(ids)), None)
+            out.append(h[-1].float())
+        return torch.stack(out) if out else torch.zeros(0, self.model_config.hidden_size)
 
     def kv_info(self) -> dict[str, Any]:
         """The KV cache as configured: element type, bytes per cached token (K and V of every layer,
@@ -194,6 +221,10 @@ class LLMEngine:
             raise ValueError("kv_policy 'quest' per request needs an engine built with EngineConfig(kv_policy='quest') "
                              "(it keeps per-block key summaries next to the cache); requests there may still ask "
                              "for kv_policy='full'")
+        if params.difficulty_exit is not None and self.difficulty_probe is None:
+            raise ValueError("difficulty_exit needs a difficulty probe for this model: train one with `llmopt train "
+                             "probe --model MODEL --out FILE` and load it with EngineConfig(difficulty_probe=FILE) "
+                             "(--difficulty-probe FILE)")
         seq.think = ThinkTracker(opened_in_prompt=prompt_opens_think(self.tokenizer.decode(ids[-8:])))
         if params.guided is not None:
             with self.lock:  # the decoder's cache is shared with step()
@@ -257,6 +288,7 @@ class LLMEngine:
                     self.compressor.after_step(seq, self.runner.observed.get(seq.seq_id))
             if logits is None:
                 return []
+            self._judge_prompts(seqs)
             if drafted:  # rows of sequences with drafts: verified here, the rest sampled below
                 spec = [i for i, s in enumerate(seqs) if s.draft_ids]
                 if spec:
@@ -286,7 +318,7 @@ class LLMEngine:
                     delta = self._close_on_eos(seq, now)
                     outputs.append(RequestOutput.of(seq, delta))
                     continue
-                if lp is not None and (by := self._doubt(seq, lp.logprob)):
+                if seq.params.steers_thinking and (by := self._doubt(seq, None if lp is None else lp.logprob)):
                     outputs.append(RequestOutput.of(seq, self._close_in_doubt(seq, now, by)))
                     continue
                 delta = self._append(seq, tok, lp if seq.params.logprobs is not None else None, now)
@@ -442,20 +474,35 @@ class LLMEngine:
             return self._force(seq, self.close_ids, now)
         return self._end_answer(seq, now)
 
+    def _judge_prompts(self, seqs: list[Sequence]) -> None:
+        """Difficulty exit: P(wrong) of each sequence sampled for the first time this step (its prompt's last
+        row is in the runner's sampled hidden states), for requests that ask for it."""
+        rows = [i for i, s in enumerate(seqs) if s.params.difficulty_exit is not None and s.think.p_wrong is None
+                and not s.output_ids and not s.draft_ids]
+        hidden = self.runner.sampled_hidden
+        if not rows or hidden is None or self.difficulty_probe is None:
+            return
+        for i, p in zip(rows, self.difficulty_probe.p_wrong(hidden[rows]).tolist()):
+            seqs[i].think.p_wrong = p
+
     @staticmethod
-    def _doubt(seq: Sequence, logprob: float) -> str | None:
-        """Whether the think token the model just chose (with this log-probability, not yet appended) ends
-        its thinking: "low_confidence" (a guess, ``doubts``), "think_gate" (an unsure start,
-        ``ThinkTracker.gate_fails``, which also counts the token), else None."""
-        p = seq.params
-        if doubts(seq.think, logprob, p.low_confidence_exit):
+    def _doubt(seq: Sequence, logprob: float | None) -> str | None:
+        """Whether the think token the model just chose (not yet appended; ``logprob`` its log-probability,
+        given whenever a low-confidence exit or an open think gate needs it) ends its thinking: "low_confidence" (a
+        guess, ``doubts``), "think_gate" (an unsure start, ``ThinkTracker.gate_fails``, which also counts the
+        token), "difficulty" (a prompt the difficulty probe judged hard, at its token count,
+        ``ThinkTracker.difficulty_fails``), else None."""
+        p, t = seq.params, seq.think
+        if logprob is not None and doubts(t, logprob, p.low_confidence_exit):
             return "low_confidence"
-        if seq.think.gate_fails(logprob, p.think_gate, p.think_gate_threshold):
+        if logprob is not None and t.gate_fails(logprob, p.think_gate, p.think_gate_threshold):
             return "think_gate"
+        if t.difficulty_fails(p.difficulty_exit, p.difficulty_exit_tokens):
+            return "difficulty"
         return None
 
     def _close_in_doubt(self, seq: Sequence, now: float, by: str) -> str:
-        """Low-confidence exit or think gate (``by``, from ``_doubt``): in place of the token the model
+        """Low-confidence exit, think gate or difficulty exit (``by``, from ``_doubt``): in place of the token the model
         chose the engine writes the closing text and the model answers from what it has."""
         seq.think.close(len(seq.output_ids), by)
         self.stats[f"{by}_exits"] += 1

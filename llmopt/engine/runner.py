@@ -35,6 +35,9 @@ class ModelRunner:
             self.k_scale = torch.zeros(shape[:-1], dtype=torch.float32)
             self.v_scale = torch.zeros(shape[:-1], dtype=torch.float32)
         self.observed: dict[int, list[torch.Tensor]] = {}  # SnapKV scores of the last step, by seq_id
+        # final-norm hidden states of the last step's sampled rows (the rows of its logits; the difficulty probe reads
+        # a prompt's last one), None before the first step and after a step that sampled nothing
+        self.sampled_hidden: torch.Tensor | None = None
         # Quest: per-block min / max of the K rows, [layers, blocks, kv_heads, head_dim] each
         self.quest_dense_layers = quest_dense_layers
         self.k_min: torch.Tensor | None = None
@@ -214,10 +217,11 @@ class ModelRunner:
             elif seq.num_computed_tokens + n == len(seq):
                 rows.append(end - 1)
                 sample_seqs.append(seq)
+        self.sampled_hidden = None
         if not rows:
             return [], None
         index = torch.tensor(rows)
-        hidden = hidden[index]
+        hidden = self.sampled_hidden = hidden[index]
         logits = self.fused.logits(hidden) if self.fused is not None and fused_hidden is not None else None
         return sample_seqs, self.model.compute_logits(hidden, generated[index]) if logits is None else logits
 

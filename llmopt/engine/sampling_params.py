@@ -7,8 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 from llmopt.config import check_kv_policy, check_quest_pin
 from llmopt.reasoning.budget import (
+    DEFAULT_DIFFICULTY_TOKENS,
     DEFAULT_THINK_GATE_THRESHOLD,
     check_answer_budget,
+    check_difficulty_exit,
     check_gated_budget,
     check_low_confidence_exit,
     check_think_budget,
@@ -76,6 +78,11 @@ class SamplingParams:
     # llmopt.reasoning.budget.ThinkTracker.gate_fails); None = off
     think_gate: int | None = None
     think_gate_threshold: float = DEFAULT_THINK_GATE_THRESHOLD
+    # difficulty exit: when the engine's difficulty probe (llmopt.reasoning.difficulty, EngineConfig.difficulty_probe)
+    # gives the prompt a P(wrong) above difficulty_exit, close <think> in place of the difficulty_exit_tokens-th think
+    # token; None = off
+    difficulty_exit: float | None = None
+    difficulty_exit_tokens: int = DEFAULT_DIFFICULTY_TOKENS
     # jump-forward of the think/answer format's scaffolding: once the model writes the first token of <think>,
     # </think>\n<answer> or </answer>, the engine appends the rest in one step (llmopt.reasoning.budget)
     jump_forward: bool = False
@@ -131,15 +138,15 @@ class SamplingParams:
         check_loop_exit(self.loop_exit_ngram, self.loop_exit_repeats)
         check_low_confidence_exit(self.low_confidence_exit)
         check_think_gate(self.think_gate, self.think_gate_threshold)
+        check_difficulty_exit(self.difficulty_exit, self.difficulty_exit_tokens)
         if not isinstance(self.jump_forward, bool):
             raise ValueError(f"jump_forward must be true or false, got {self.jump_forward!r}")
         if self.guided is not None and self.jump_forward:
             raise ValueError("jump_forward cannot be combined with guided decoding (the grammar decides every token)")
         if self.guided is not None and self.steers_thinking:
-            raise ValueError("think_budget, answer_budget, early_exit, loop_exit, low_confidence_exit and think_gate cannot be "
-                             "combined with "
-                             "guided decoding (the engine's "
-                             "forced closing text would fight the grammar); cap the think part in the grammar instead")
+            raise ValueError("think_budget, answer_budget, early_exit, loop_exit, low_confidence_exit, think_gate and "
+                             "difficulty_exit cannot be combined with guided decoding (the engine's forced closing "
+                             "text would fight the grammar); cap the think part in the grammar instead")
 
     @property
     def early_exit_config(self) -> EarlyExitConfig:
@@ -154,7 +161,8 @@ class SamplingParams:
     def steers_thinking(self) -> bool:
         """The engine may write into this output to keep it in the think/answer format."""
         return (self.think_budget is not None or self.answer_budget is not None or self.early_exit or self.loop_exit
-                or self.low_confidence_exit is not None or self.think_gate is not None)
+                or self.low_confidence_exit is not None or self.think_gate is not None
+                or self.difficulty_exit is not None)
 
     @property
     def greedy(self) -> bool:

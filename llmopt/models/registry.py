@@ -25,11 +25,18 @@ class RegistryEntry:
     # the format the engine runs the entry in when no quant is asked for (an adapter is merged in fp32
     # first; "q8_0": those weights then quantized into GGUF Q8_0 blocks); quant="fp32" keeps them float
     quant: str | None = None
+    # difficulty probe file inside the llmopt package, trained on this entry's own answers (llmopt.reasoning.difficulty)
+    probe: str | None = None
 
     def adapter_path(self) -> Path | None:
         if self.adapter is None:
             return None
         return Path(__file__).resolve().parent.parent / self.adapter
+
+    def probe_path(self) -> Path | None:
+        if self.probe is None:
+            return None
+        return Path(__file__).resolve().parent.parent / self.probe
 
     def path(self) -> Path | None:
         spec = importlib.util.find_spec(self.package)
@@ -63,6 +70,8 @@ REGISTRY: dict[str, RegistryEntry] = {
             # merged in fp32, run as Q8_0 (8.5 bits/w): held-out math + logic (seed 9005, n = 400, greedy)
             # 0.378 vs the fp32 merge's 0.367, held-out ppl 21.807 vs 21.773, 0.65x the JCT (docs/train.md)
             quant="q8_0",
+            # `llmopt train probe --model smollm2-135m-reasoning --seeds 9004,9008,9101,9102,9103,9104` (docs/reasoning.md)
+            probe="data/probes/smollm2-135m-reasoning.safetensors",
         ),
     ]
 }
@@ -75,6 +84,13 @@ def adapter_for(model: str | Path) -> Path | None:
     """The LoRA adapter a registry name carries, or None (plain names and paths)."""
     entry = REGISTRY.get(str(model))
     return entry.adapter_path() if entry is not None else None
+
+
+def probe_for(model: str | Path) -> Path | None:
+    """The difficulty probe a registry name ships (trained on its own weights), or None."""
+    entry = REGISTRY.get(str(model))
+    path = entry.probe_path() if entry is not None else None
+    return path if path is not None and path.is_file() else None
 
 
 def default_quant(model: str | Path) -> str | None:

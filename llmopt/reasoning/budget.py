@@ -50,6 +50,13 @@ of those 32 ranks right above wrong with AUC 0.84), while its right answers star
 DeepConf (Fu et al. 2025) terminates traces on a low sliding-window confidence; a sliding window
 cut the long right answers here, a fixed early window did not.
 
+Difficulty exit (``SamplingParams.difficulty_exit = t``, ``difficulty_exit_tokens = K``,
+:meth:`ThinkTracker.difficulty_fails`): the engine's difficulty probe (``llmopt.reasoning.difficulty``)
+reads the prompt's last hidden state when the prompt is computed and gives P(wrong); above ``t`` the
+engine closes thinking in place of the K-th think token (``closed_by = "difficulty"``), as the think
+gate does: a budget set from the prompt's difficulty. The gate catches unsure starts; this catches the
+sure-looking starts of prompts the model gets wrong anyway (on the shipped 135M model: leg counting).
+
 Jump-forward (``SamplingParams.jump_forward``, :func:`jump_forward_ids`): once the model has written
 the first token of a tag of the format, the engine appends the rest of the tag's scaffolding
 (``<think>\n``, ``</think>\n<answer>\n``, ``</answer>``) as one chunk, computed in the next step
@@ -148,6 +155,23 @@ def check_think_gate(tokens: int | None, threshold: float) -> None:
                          f"think_gate think tokens' geometric-mean probability is below it), got {threshold!r}")
 
 
+# difficulty exit (llmopt.reasoning.difficulty): think tokens a prompt judged hard gets; chosen on the probe's
+# training records (16 cut as many right answers as 24 and left 3 points fewer of the tokens; docs/reasoning.md)
+DEFAULT_DIFFICULTY_TOKENS = 16
+
+
+def check_difficulty_exit(threshold: float | None, tokens: int) -> None:
+    """``difficulty_exit``: None (off) or a probability in (0, 1); ``difficulty_exit_tokens``: think tokens >= 1."""
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not 0.0 < threshold < 1.0):
+        raise ValueError(f"difficulty_exit must be a probability in (0, 1) (thinking is closed early when the model's "
+                         f"difficulty probe gives the prompt a higher chance of a wrong answer) or None for off, "
+                         f"got {threshold!r}")
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(f"difficulty_exit_tokens must be a whole number of think tokens >= 1 (where a prompt judged "
+                         f"hard stops thinking), got {tokens!r}")
+
+
 def doubts(t: ThinkTracker, logprob: float, low_confidence_exit: float | None) -> bool:
     """Low-confidence exit: the sequence is thinking and the model chose its next token with a
     probability below ``low_confidence_exit`` (a guess: what follows it is likely wasted)."""
@@ -171,7 +195,8 @@ class ThinkTracker:
     think_tokens: int = 0
     # "model" | "budget" | "budget_probe" (a gated budget's confident trial answer) | "early_exit" | "loop" |
     # "low_confidence" (a think token chosen below SamplingParams.low_confidence_exit) | "think_gate" (an unsure
-    # start: SamplingParams.think_gate) | "eos" (the model ended inside <think>)
+    # start: SamplingParams.think_gate) | "difficulty" (a prompt judged hard: SamplingParams.difficulty_exit) |
+    # "eos" (the model ended inside <think>)
     closed_by: str | None = None
     forced_tokens: int = 0  # tokens the engine wrote (closing texts, adopted trial answers)
     answer_closed: bool = False  # "</answer>" written
@@ -189,6 +214,10 @@ class ThinkTracker:
     loop: LoopDetector | None = None  # loop exit (llmopt.reasoning.loops): fed the sampled think tokens
     gate_tokens: int = 0  # think gate: think tokens seen (up to SamplingParams.think_gate), and their logprob sum
     gate_logprob: float = 0.0
+    # difficulty exit: the difficulty probe's P(wrong) of the prompt (set when the prompt's last row is computed)
+    # and the think tokens counted towards SamplingParams.difficulty_exit_tokens
+    p_wrong: float | None = None
+    judged_tokens: int = 0
     _scanned: int = 0  # text chars already searched for the closing tag
 
     def __post_init__(self) -> None:
@@ -232,6 +261,16 @@ class ThinkTracker:
         self.gate_logprob += logprob
         return self.gate_tokens == tokens and self.gate_logprob / tokens < math.log(threshold)
 
+    def difficulty_fails(self, threshold: float | None, tokens: int) -> bool:
+        """Difficulty exit: counts a think token the model chose (before it is appended; as ``gate_fails``
+        counts); True at the ``tokens``-th if the prompt's P(wrong) is above ``threshold`` (then thinking is
+        closed in place of that token). Off without a threshold or a judged prompt."""
+        if threshold is None or self.p_wrong is None or self.phase != Phase.THINKING or self.closed_by is not None \
+                or self.judged_tokens >= tokens:
+            return False
+        self.judged_tokens += 1
+        return self.judged_tokens == tokens and self.p_wrong > threshold
+
     def close(self, num_output_tokens: int, by: str) -> None:
         """The engine ends thinking now (before appending the closing text)."""
         self.think_tokens = num_output_tokens
@@ -242,7 +281,7 @@ class ThinkTracker:
         cached = self.probe_cached_tokens / self.probe_prompt_tokens if self.probe_prompt_tokens else None
         return ReasoningStats(self.phase.value, think, num_output_tokens - think, self.closed_by,
                               self.forced_tokens, self.probes, self.probe_tokens, cached,
-                              list(self.confidences), self.exit_at)
+                              list(self.confidences), self.exit_at, self.p_wrong)
 
 
 def jump_forward_ids(t: ThinkTracker, output_ids: list[int], open_ids: list[int], think_end_ids: list[int],
@@ -292,7 +331,7 @@ class ReasoningStats:
     think_tokens: int  # 0 when the output never opened <think>
     answer_tokens: int  # the rest of the output (closing tags included)
     closed_by: str | None  # who wrote </think>: "model", or the engine at "budget", "budget_probe", "early_exit",
-    # "loop", "low_confidence", "think_gate", "eos";
+    # "loop", "low_confidence", "think_gate", "difficulty", "eos";
     # None: open
     forced_tokens: int  # tokens the engine wrote into the output
     probes: int  # early-exit probes run for this request
@@ -300,6 +339,7 @@ class ReasoningStats:
     probe_prefix_hit_rate: float | None  # share of the probes' prompt tokens served by the prefix cache
     probe_confidences: list[float]  # confidence of each probe's trial answer (-1: it wrote no answer)
     exit_at: int | None  # think tokens when early exit fired
+    p_wrong: float | None = None  # the difficulty probe's P(wrong) of the prompt (requests with difficulty_exit)
 
     def as_dict(self) -> dict[str, Any]:
         from dataclasses import asdict

@@ -250,6 +250,9 @@ def reasoning_setting(run: EvalRun) -> str | None:
     if cfg.get("think_gate"):
         p = cfg.get("think_gate_threshold")
         parts.append(f"think gate {cfg['think_gate']}@{p if p is not None else 'default'}")
+    if cfg.get("difficulty_exit"):
+        k = cfg.get("difficulty_exit_tokens")
+        parts.append(f"difficulty {cfg['difficulty_exit']}@{k if k is not None else 'default'}")
     return ", ".join(parts) or "unlimited"
 
 

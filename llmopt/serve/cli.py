@@ -43,6 +43,9 @@ def serve_command(
     kv_dtype: Annotated[Optional[str], typer.Option(help="KV cache element type: float16 (half the bytes of a float32 cache), int8 or fp8 "
                                                         "(e4m3) (default: the model's "
                                                         "dtype; docs/long_context.md)")] = None,
+    difficulty_probe: Annotated[Optional[str], typer.Option(help="difficulty probe file for requests with "
+                                                                 "difficulty_exit (`llmopt train probe`; default: the "
+                                                                 "model's own, if it ships one)")] = None,
     kv_quest_pin: Annotated[float, typer.Option(help="quest: the fraction of each decode step's block budget pinned to the blocks the prompt's last 32 tokens attended to most (0.25 measured best; 0 = plain Quest; docs/long_context.md 2b)", min=0.0, max=1.0)] = 0.0,
     speculative: Annotated[str, typer.Option(help="speculative decoding of greedy requests: 'ngram' (drafts looked up "
                                                   "in the prompt and output, checked in the same step: the same "
@@ -105,7 +108,8 @@ def serve_command(
                        kv_cache_memory_gb=kv_cache_gb, max_model_len=max_model_len, num_threads=num_threads,
                        dtype=dtype, kv_policy=kv_policy, kv_budget=parse_kv_budget(kv_budget),
                        kv_dtype=kv_dtype, kv_quest_pin=kv_quest_pin,
-                       speculative=parse_speculative(speculative), num_speculative_tokens=num_speculative_tokens)
+                       speculative=parse_speculative(speculative), num_speculative_tokens=num_speculative_tokens,
+                       difficulty_probe=difficulty_probe)
     cluster, backend = None, None
     if use_ray:
         from llmopt.distributed.cluster import connect

@@ -84,6 +84,8 @@ class _SamplingFields(_Request):
     low_confidence_exit: float | None = None  # close <think> in place of a think token chosen below this probability
     think_gate: int | None = None  # after this many think tokens, close <think> if the model was unsure of them
     think_gate_threshold: float | None = None  # their geometric-mean probability below which (default 0.86)
+    difficulty_exit: float | None = None  # close <think> early when the server's difficulty probe gives P(wrong) above
+    difficulty_exit_tokens: int | None = None  # ... at this many think tokens (default 16)
 
     def reasoning_fields(self) -> dict[str, Any]:
         """The efficient-reasoning fields that are set, as ``SamplingParams`` keywords."""
@@ -94,7 +96,8 @@ class _SamplingFields(_Request):
         out["loop_exit"] = self.loop_exit
         out["jump_forward"] = self.jump_forward
         for k in ("loop_exit_ngram", "loop_exit_repeats", "think_budget_threshold", "think_budget_max",
-                  "low_confidence_exit", "think_gate", "think_gate_threshold"):
+                  "low_confidence_exit", "think_gate", "think_gate_threshold", "difficulty_exit",
+                  "difficulty_exit_tokens"):
             if (v := getattr(self, k)) is not None:
                 out[k] = v
         return out

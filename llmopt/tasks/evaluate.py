@@ -91,6 +91,9 @@ class EvalConfig:
     low_confidence_exit: float | None = None  # close <think> in place of a think token chosen below this probability
     think_gate: int | None = None  # after this many think tokens, close <think> if the model was unsure of them
     think_gate_threshold: float | None = None  # their geometric-mean probability below which (None: the default)
+    difficulty_exit: float | None = None  # close <think> early when the difficulty probe's P(wrong) is above this
+    difficulty_exit_tokens: int | None = None  # ... at this many think tokens (None: the default, 24)
+    difficulty_probe: str | None = None  # the probe file (None: the model's own, if it ships one)
     prefill_think: bool = False  # end the prompt with "<think>\n" (the assistant prefix forced); graded as
     # "<think>\n" + output, for a model that does not open <think> by itself
     # long context (llmopt.tasks.longctx, docs/long_context.md): prompt lengths and needle depths of
@@ -206,6 +209,7 @@ def reasoning_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
         "loop_exit_rate": closed.count("loop") / len(rs),
         "low_confidence_exit_rate": closed.count("low_confidence") / len(rs),
         "think_gate_exit_rate": closed.count("think_gate") / len(rs),
+        "difficulty_exit_rate": closed.count("difficulty") / len(rs),
         "probe_tokens": int(sum(r.get("probe_tokens") or 0 for r in rs)),
     }
 
@@ -248,6 +252,9 @@ def _sampling_params(config: EvalConfig, sample: int) -> Any:
         low_confidence_exit=config.low_confidence_exit,
         think_gate=config.think_gate,
         **({"think_gate_threshold": config.think_gate_threshold} if config.think_gate_threshold is not None else {}),
+        difficulty_exit=config.difficulty_exit,
+        **({"difficulty_exit_tokens": config.difficulty_exit_tokens} if config.difficulty_exit_tokens is not None
+           else {}),
         **({"early_exit_threshold": config.early_exit_threshold} if config.early_exit_threshold is not None else {}),
     )
 
@@ -701,7 +708,8 @@ def _quant_or_none(value: str) -> str | None:
 def engine_kwargs(config: EvalConfig) -> dict[str, Any]:
     """The ``EngineConfig`` fields an eval config sets (KV cache policy), for ``LLM(**kwargs)``."""
     return {"kv_policy": config.kv_policy, "kv_budget": config.kv_budget, "kv_dtype": config.kv_dtype,
-            "kv_quest_pin": config.kv_quest_pin, "speculative": config.speculative}
+            "kv_quest_pin": config.kv_quest_pin, "speculative": config.speculative,
+            "difficulty_probe": config.difficulty_probe}
 
 
 def load_llm(model: str, quant: str | None, adapter: str | None = None, **engine: Any) -> Any:

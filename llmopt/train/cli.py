@@ -1,4 +1,4 @@
-"""``llmopt train sft`` and ``llmopt train grpo``: typer commands over ``llmopt.train``.
+"""``llmopt train sft``, ``llmopt train grpo`` and ``llmopt train probe``: typer commands over ``llmopt.train``.
 
 Heavy imports (torch, PEFT, the engine) stay inside the commands so that ``llmopt --help``
 stays fast. Bad input exits non-zero with one line that says what to change.
@@ -16,7 +16,8 @@ train_app = typer.Typer(
     help="Fine-tune a model to answer in <think>...</think><answer>...</answer> and get more right: "
          "SFT (gold targets or STaR rejection sampling) and GRPO on llmopt's engine, LoRA, fp32 on CPU. "
          "Runs resume from their newest complete checkpoint (same command again); the result is "
-         "OUT/adapter.safetensors, loadable with llmopt.models.adapter.",
+         "OUT/adapter.safetensors, loadable with llmopt.models.adapter. `train probe` fits a difficulty probe "
+         "(P(wrong) from the prompt) for --difficulty-exit.",
     no_args_is_help=True,
 )
 
@@ -169,3 +170,61 @@ def grpo_command(
     with bar:
         path = run_grpo(cfg, progress=update)
     typer.echo(f"adapter: {path}")
+
+
+@train_app.command("probe")
+@_guarded
+def probe_command(
+    out: Annotated[Path, typer.Option("--out", "-o", help="the probe file to write (.safetensors); its answers are "
+                                                         "kept beside it in OUT.records/ (reused by a rerun)")],
+    model: Annotated[str, typer.Option(help="the model the probe is for: registry name, HF directory or .gguf")] = "smollm2-135m-reasoning",
+    seeds: Annotated[str, typer.Option(help="eval-item seeds to learn from, comma-separated (evaluate the probe on "
+                                            "other seeds)")] = "9004,9008",
+    suites: Annotated[str, typer.Option(help="graded reasoning suites: math, logic, rg:TASK (comma-separated)")] = "math,logic",
+    n: Annotated[int, typer.Option(help="items per suite and seed", min=1)] = 200,
+    think_tokens: Annotated[int, typer.Option(help="examples are the outputs still thinking after this many tokens "
+                                                   "(the ones a difficulty exit could cut; 24 for an exit at 16-24)",
+                                              min=1)] = 24,
+    l2: Annotated[float, typer.Option(help="L2 penalty of the logistic regression (on standardized states)")] = 10.0,
+    max_tokens: Annotated[int, typer.Option(help="most tokens per answer (unlimited thinking up to this)", min=2)] = 512,
+    concurrency: Annotated[int, typer.Option(help="answers generated together", min=1)] = 16,
+    quant: Annotated[Optional[str], typer.Option(help="run the model in this format (default: its own)")] = None,
+    adapter: Annotated[Optional[Path], typer.Option(help="a LoRA adapter merged at load (the probe is then for "
+                                                         "that model)")] = None,
+    records_dir: Annotated[Optional[Path], typer.Option(help="where answers and prompt states are kept per seed "
+                                                            "(default OUT.records/; runs may share one)")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="torch threads (default: all cores)")] = None,
+):
+    """Fit a difficulty probe: P(wrong answer) from the prompt's last hidden state, for
+    SamplingParams(difficulty_exit=...) / --difficulty-exit (docs/reasoning.md)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    from llmopt.train.probe import ProbeConfig, run_probe
+
+    try:
+        seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
+    except ValueError:
+        raise ValueError(f"--seeds takes comma-separated integers, got {seeds!r}") from None
+    if adapter is not None and not adapter.is_file():
+        raise FileNotFoundError(f"--adapter {str(adapter)!r} does not exist")
+    cfg = ProbeConfig(model=model, out=str(out), seeds=seed_list,
+                      suites=tuple(s.strip() for s in suites.split(",") if s.strip()), n=n,
+                      think_tokens=think_tokens, l2=l2, max_tokens=max_tokens, concurrency=concurrency, quant=quant,
+                      adapter=str(adapter) if adapter else None, num_threads=threads,
+                      records_dir=str(records_dir) if records_dir else None)
+    cfg.validate()
+    bar = Progress(TextColumn("answering"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeElapsedColumn(), TimeRemainingColumn())
+    task = bar.add_task("answer", total=None)
+    with bar:
+        path, summary = run_probe(cfg, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    table = Table(title=f"difficulty probe examples (thinking after {think_tokens} tokens)")
+    for col in ("seed", "items", "right", "examples", "wrong", "AUC, seed left out"):
+        table.add_column(col, justify="right")
+    for seed, row in summary["seeds"].items():
+        table.add_row(str(seed), str(row["items"]), str(row["right"]), str(row["examples"]), str(row["wrong"]),
+                      f"{row['auc_left_out']:.3f}" if "auc_left_out" in row else "-")
+    Console().print(table)
+    typer.echo(f"training AUC {summary['auc_train']:.3f}; probe: {path}")

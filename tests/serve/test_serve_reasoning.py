@@ -21,6 +21,9 @@ from serve_util import MODEL
                                          ({"low_confidence_exit": 0}, "low_confidence_exit"),
                                          ({"think_gate": 0}, "think_gate"),
                                          ({"think_gate": 8, "think_gate_threshold": 1.5}, "think_gate_threshold"),
+                                         ({"difficulty_exit": 1.0}, "difficulty_exit"),
+                                         ({"difficulty_exit": 0.9, "difficulty_exit_tokens": 0},
+                                          "difficulty_exit_tokens"),
                                          ({"think_budget": 8, "think_budget_threshold": 0}, "think_budget_threshold"),
                                          ({"think_budget": 8, "think_budget_threshold": 0.9, "think_budget_max": 4},
                                           "think_budget_max")])
@@ -80,3 +83,14 @@ def test_gated_budget_fields_reach_the_engine_over_http(client):
     text = r.choices[0].text
     assert format_ok("<think>\n" + text), text
     assert r.usage.completion_tokens >= 12 + 8  # thinking ran to the cap, then the closing text
+
+
+def test_difficulty_exit_without_a_probe_is_a_400_that_says_what_to_do(server):
+    """The test server's tiny model ships no difficulty probe: the request is refused, the server goes on."""
+    body = {"model": MODEL, "prompt": "hi<think>", "max_tokens": 4, "difficulty_exit": 0.9}
+    r = httpx.post(server.url + "/v1/completions", json=body, headers=server.headers, timeout=60)
+    assert r.status_code == 400, r.text
+    assert "llmopt train probe" in r.json()["error"]["message"]
+    ok = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2},
+                    headers=server.headers, timeout=60)
+    assert ok.status_code == 200

@@ -60,6 +60,24 @@ def test_think_gate_eval_closes_unsure_think_parts(tiny_models):
     assert run["suites"]["math"]["think_gate_exit_rate"] == 1.0
 
 
+def test_difficulty_exit_eval_closes_thinking_of_items_judged_hard(tiny_models, tmp_path):
+    import torch
+
+    from llmopt.reasoning.difficulty import DifficultyProbe
+    from llmopt.tasks.evaluate import engine_kwargs
+
+    h = LLM(str(tiny_models["llama"][1]), kv_cache_memory_gb=0.05).engine.model_config.hidden_size
+    probe = DifficultyProbe(torch.zeros(h), 3.0).save(tmp_path / "p.safetensors")  # P(wrong) 0.95 for all
+    cfg = EvalConfig(model="tiny", suites=("math",), n=2, max_tokens=40, difficulty_exit=0.9, difficulty_exit_tokens=3,
+                     difficulty_probe=str(probe), answer_budget=8, prefill_think=True)
+    assert engine_kwargs(cfg)["difficulty_probe"] == str(probe)
+    llm = LLM(str(tiny_models["llama"][1]), kv_cache_memory_gb=0.05, difficulty_probe=str(probe))
+    run = run_eval(llm, cfg, command="test")
+    for r in run["items"]:
+        assert r["closed_by"] == "difficulty" and r["think_tokens"] == 2 and r["format_ok"], r["output"]
+    assert run["suites"]["math"]["difficulty_exit_rate"] == 1.0
+
+
 def test_reasoning_summary_counts_correct_answers_per_thousand_think_tokens():
     rs = [{"think_tokens": 300, "answer_tokens": 5, "correct": True, "latency_s": 1.0, "closed_by": "early_exit"},
           {"think_tokens": 200, "answer_tokens": 7, "correct": False, "latency_s": 3.0, "closed_by": "model"}]
@@ -98,10 +116,13 @@ def test_report_draws_accuracy_against_jct_with_the_unlimited_reference(tmp_path
     gate = _reasoning_run(128, 2, 60)
     gate["config"] |= {"think_gate": 24, "loop_exit": True}
     save_json(gate, tmp_path / "runs" / "gate.json")
+    hard = _reasoning_run(128, 2, 50)
+    hard["config"] |= {"think_gate": 24, "loop_exit": True, "difficulty_exit": 0.95}
+    save_json(hard, tmp_path / "runs" / "hard.json")
     runs = load_runs([tmp_path / "runs"])
-    assert sorted(reasoning_setting(r) for r in runs.evals) == ["budget 128, loop exit, think gate 24@default",
-                                                                "budget 64", "loop exit, low confidence 0.4",
-                                                                "unlimited"]
+    assert sorted(reasoning_setting(r) for r in runs.evals) == [
+        "budget 128, loop exit, think gate 24@default", "budget 128, loop exit, think gate 24@default, difficulty 0.95@default",
+        "budget 64", "loop exit, low confidence 0.4", "unlimited"]
     files = build_report([tmp_path / "runs"], tmp_path / "out")
     assert "accuracy_vs_jct.png" in [p.name for p in files.figures]
     assert "llmopt eval --think-budget 64" in files.markdown.read_text()
