@@ -80,7 +80,8 @@ def _collect(engine: Any, cfg: ProbeConfig, seed: int, progress: Callable[[int],
     from llmopt.batch.runner import answer
     from llmopt.engine.sampling_params import SamplingParams
     from llmopt.reasoning.format import extract_answer
-    from llmopt.tasks.evaluate import EvalConfig, _suite, build_items
+    from llmopt.tasks.evaluate import EvalConfig, build_items
+    from llmopt.tasks.mathlogic import reasoning_gym_suite
 
     rec_file, state_file = records_files(cfg, seed)
     ecfg = EvalConfig(model=cfg.model, suites=cfg.suites, n=cfg.n, seed=seed)
@@ -97,7 +98,7 @@ def _collect(engine: Any, cfg: ProbeConfig, seed: int, progress: Callable[[int],
                             include_stop_str_in_output=True)
     records, prompts = [], []
     for suite in cfg.suites:
-        grader = _suite(suite, ecfg)
+        grader = reasoning_gym_suite(suite)
         items = by_suite[suite]
         outs = answer(engine, [it.messages for it in items], params, cfg.concurrency,
                       on_answer=(lambda i, o: progress(1)) if progress else None)
