@@ -241,3 +241,21 @@ def test_the_reasoning_model_ships_a_probe_for_its_own_weights():
     assert len(probe.meta["seeds"]) >= 4 and probe.meta["think_tokens"] == 24
     assert min(probe.meta["auc_left_out"].values()) > 0.8
     assert probe_for("smollm2-135m-instruct") is None
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("source", ["hf", "gguf"])
+def test_the_state_the_engine_judges_is_transformers_last_hidden_state(tiny_models, arch, source):
+    """The probe's feature is the final-norm hidden state at the prompt's last token: the engine's (read at
+    prefill, several prompts in one step) gives the P(wrong) of transformers' ``last_hidden_state`` on the
+    same weights, for every architecture and for the HF directory and the GGUF file alike."""
+    hf, hf_dir, gguf_path = tiny_models[arch]
+    llm = LLM(str(hf_dir if source == "hf" else gguf_path), quant="fp32" if source == "gguf" else None,
+              kv_cache_memory_gb=0.05, block_size=8)
+    torch.manual_seed(5)
+    probe = _probe(llm, 0.2, torch.randn(llm.engine.model_config.hidden_size) * 0.3)
+    prompts = [[3, 17, 29, 5, 8], [11, 2, 40, 7, 19, 23, 4, 9, 31], [6, 6]]
+    with torch.no_grad():
+        want = [probe.p_wrong(hf.model(torch.tensor([p])).last_hidden_state[0, -1:].float()).item() for p in prompts]
+    outs = llm.generate(prompts, _params(max_tokens=2, difficulty_exit=0.5))
+    assert [o.reasoning.p_wrong for o in outs] == pytest.approx(want, abs=1e-4)
