@@ -54,6 +54,7 @@ class Setting:
     low_conf: float | None = None  # low_confidence_exit
     think_gate: tuple[int, float] | None = None  # think_gate, think_gate_threshold
     difficulty: tuple[float, int] | None = None  # difficulty_exit, difficulty_exit_tokens
+    difficulty_budget: tuple[float, int] | None = None  # difficulty_budget_threshold, difficulty_budget
 
 
 @dataclass
@@ -84,6 +85,8 @@ def params_for(s: Setting, args: argparse.Namespace) -> SamplingParams:
                              if s.think_gate else {}),
                           **({"difficulty_exit": s.difficulty[0], "difficulty_exit_tokens": s.difficulty[1]}
                              if s.difficulty else {}),
+                          **({"difficulty_budget_threshold": s.difficulty_budget[0],
+                              "difficulty_budget": s.difficulty_budget[1]} if s.difficulty_budget else {}),
                           **({"early_exit_threshold": s.threshold} if s.threshold is not None else {}),
                           **({"early_exit_min_gap": args.min_gap} if args.min_gap else {}),
                           **({"early_exit_probe_tokens": args.probe_tokens} if args.probe_tokens else {}),
@@ -134,9 +137,10 @@ def main() -> None:
                     help="think gates to sweep, comma-separated K:P or K:P:BUDGET (think_gate K, think_gate_threshold P, "
                          "with think_budget BUDGET), e.g. 24:0.86:96")
     ap.add_argument("--difficulty-exit", default="",
-                    help="difficulty exits added to every budget / gate / exit setting above, comma-separated T or "
-                         "T:K (difficulty_exit T, difficulty_exit_tokens K, default 16): each setting runs without and "
-                         "with each, e.g. 0.95")
+                    help="difficulty exits added to every budget / gate / exit setting above, comma-separated T, "
+                         "T:K or T:K:T2:B (difficulty_exit T, difficulty_exit_tokens K, default 16; with a difficulty "
+                         "budget of B think tokens above P(wrong) T2): each setting runs without and with each, e.g. "
+                         "0.95,0.95:16:0.8:64")
     ap.add_argument("--difficulty-probe", default=None,
                     help="difficulty probe file (default: the model's own); its training seeds are refused as --seed")
     ap.add_argument("--max-tokens", type=int, default=256)
@@ -214,11 +218,13 @@ def main() -> None:
         k, p, *b = x.split(":")
         variants.append(Setting(f"think gate {k}@{p}" + (f" + budget {b[0]}" if b else ""),
                                 think_budget=int(b[0]) if b else None, think_gate=(int(k), float(p))))
+    plain = list(variants)
     for x in (x for x in args.difficulty_exit.split(",") if x):
-        t, _, k = x.partition(":")
-        variants += [replace(v, name=f"{v.name} + difficulty {t}@{k or DEFAULT_DIFFICULTY_TOKENS}",
-                             difficulty=(float(t), int(k or DEFAULT_DIFFICULTY_TOKENS))) for v in list(variants)
-                     if v.difficulty is None]
+        t, k, *tier = x.split(":") + ([] if ":" in x else [str(DEFAULT_DIFFICULTY_TOKENS)])
+        k = k or str(DEFAULT_DIFFICULTY_TOKENS)
+        extra = f" + difficulty budget {tier[1]}@{tier[0]}" if tier else ""
+        variants += [replace(v, name=f"{v.name} + difficulty {t}@{k}{extra}", difficulty=(float(t), int(k)),
+                             difficulty_budget=(float(tier[0]), int(tier[1])) if tier else None) for v in plain]
     settings = [Setting("unlimited")]
     if not (args.loop_exit and args.no_unlimited_variants):
         settings += variants

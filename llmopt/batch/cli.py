@@ -10,7 +10,11 @@ import typer
 
 from llmopt.models.registry import REASONING_MODEL  # already imported by the main CLI
 from llmopt.reasoning.early_exit import DEFAULT_THRESHOLD  # pure, no heavy imports
-from llmopt.reasoning.budget import DEFAULT_DIFFICULTY_TOKENS, DEFAULT_THINK_GATE_THRESHOLD  # pure, no heavy imports
+from llmopt.reasoning.budget import (  # pure, no heavy imports
+    DEFAULT_DIFFICULTY_BUDGET_THRESHOLD,
+    DEFAULT_DIFFICULTY_TOKENS,
+    DEFAULT_THINK_GATE_THRESHOLD,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -103,6 +107,12 @@ def run_command(
              "docs/reasoning.md)", min=0.0, max=1.0)] = None,
     difficulty_exit_tokens: Annotated[int, typer.Option(
         help="with --difficulty-exit: think tokens a question judged hard gets", min=1)] = DEFAULT_DIFFICULTY_TOKENS,
+    difficulty_budget: Annotated[Optional[int], typer.Option(
+        help="a looser second tier: cap thinking at this many tokens for questions the difficulty probe gives a "
+             "chance of a wrong answer above --difficulty-budget-threshold (docs/reasoning.md)", min=1)] = None,
+    difficulty_budget_threshold: Annotated[float, typer.Option(
+        help="with --difficulty-budget: the P(wrong) above which it applies, in (0, 1)", min=0.0,
+        max=1.0)] = DEFAULT_DIFFICULTY_BUDGET_THRESHOLD,
     difficulty_probe: Annotated[Optional[Path], typer.Option(
         help="difficulty probe file for --difficulty-exit (`llmopt train probe`; default: the model's own, "
              "if it ships one)")] = None,
@@ -170,7 +180,8 @@ def run_command(
                          think_budget_threshold=think_budget_threshold, think_budget_max=think_budget_max,
                          jump_forward=jump_forward, low_confidence_exit=low_confidence_exit,
                          think_gate=think_gate, think_gate_threshold=think_gate_threshold,
-                         difficulty_exit=difficulty_exit, difficulty_exit_tokens=difficulty_exit_tokens)
+                         difficulty_exit=difficulty_exit, difficulty_exit_tokens=difficulty_exit_tokens,
+                         difficulty_budget=difficulty_budget, difficulty_budget_threshold=difficulty_budget_threshold)
     run = BatchRun(batch, output, options, resume=resume)
     todo = run.pending_questions
     what = f"{len(batch.cases)} test cases" if batch.kind == "cases" else f"{len(batch.questions)} questions"

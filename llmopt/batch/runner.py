@@ -42,7 +42,11 @@ from typing import Any
 from llmopt.batch.cases import Batch, Case, Id, Question
 from llmopt.engine.sampling_params import SamplingParams
 from llmopt.engine.sequence import RequestOutput
-from llmopt.reasoning.budget import DEFAULT_DIFFICULTY_TOKENS, DEFAULT_THINK_GATE_THRESHOLD
+from llmopt.reasoning.budget import (
+    DEFAULT_DIFFICULTY_BUDGET_THRESHOLD,
+    DEFAULT_DIFFICULTY_TOKENS,
+    DEFAULT_THINK_GATE_THRESHOLD,
+)
 from llmopt.reasoning.early_exit import DEFAULT_THRESHOLD
 from llmopt.tasks.base import REASONING_SYSTEM_PROMPT
 
@@ -78,6 +82,8 @@ class RunOptions:
     think_gate_threshold: float = DEFAULT_THINK_GATE_THRESHOLD  # their geometric-mean probability, below: close
     difficulty_exit: float | None = None  # close <think> early for prompts the difficulty probe gives P(wrong) above
     difficulty_exit_tokens: int = DEFAULT_DIFFICULTY_TOKENS  # ... at this many think tokens
+    difficulty_budget: int | None = None  # cap thinking at this many tokens for prompts with P(wrong) above ...
+    difficulty_budget_threshold: float = DEFAULT_DIFFICULTY_BUDGET_THRESHOLD  # ... this
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1 or self.concurrency < 1:
@@ -88,7 +94,8 @@ class RunOptions:
                        jump_forward=self.jump_forward,
                        low_confidence_exit=self.low_confidence_exit, think_gate=self.think_gate,
                        think_gate_threshold=self.think_gate_threshold, difficulty_exit=self.difficulty_exit,
-                       difficulty_exit_tokens=self.difficulty_exit_tokens)  # ValueError naming a bad value
+                       difficulty_exit_tokens=self.difficulty_exit_tokens, difficulty_budget=self.difficulty_budget,
+                       difficulty_budget_threshold=self.difficulty_budget_threshold)  # ValueError naming a bad value
 
 
 @dataclass
@@ -292,7 +299,9 @@ class BatchRun:
                               think_budget_threshold=o.think_budget_threshold, think_budget_max=o.think_budget_max,
                               jump_forward=o.jump_forward, low_confidence_exit=o.low_confidence_exit,
                               think_gate=o.think_gate, think_gate_threshold=o.think_gate_threshold,
-                              difficulty_exit=o.difficulty_exit, difficulty_exit_tokens=o.difficulty_exit_tokens)
+                              difficulty_exit=o.difficulty_exit, difficulty_exit_tokens=o.difficulty_exit_tokens,
+                              difficulty_budget=o.difficulty_budget,
+                              difficulty_budget_threshold=o.difficulty_budget_threshold)
 
     def prompts(self, questions: tuple[Question, ...], case: Case | None = None) -> list[Messages]:
         return [messages_for(q, case and case.system, self.batch.system, self.options.system) for q in questions]

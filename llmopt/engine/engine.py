@@ -221,8 +221,8 @@ class LLMEngine:
             raise ValueError("kv_policy 'quest' per request needs an engine built with EngineConfig(kv_policy='quest') "
                              "(it keeps per-block key summaries next to the cache); requests there may still ask "
                              "for kv_policy='full'")
-        if params.difficulty_exit is not None and self.difficulty_probe is None:
-            raise ValueError("difficulty_exit needs a difficulty probe for this model: train one with `llmopt train "
+        if params.judges_difficulty and self.difficulty_probe is None:
+            raise ValueError("difficulty_exit and difficulty_budget need a difficulty probe for this model: train one with `llmopt train "
                              "probe --model MODEL --out FILE` and load it with EngineConfig(difficulty_probe=FILE) "
                              "(--difficulty-probe FILE)")
         seq.think = ThinkTracker(opened_in_prompt=prompt_opens_think(self.tokenizer.decode(ids[-8:])))
@@ -477,7 +477,7 @@ class LLMEngine:
     def _judge_prompts(self, seqs: list[Sequence]) -> None:
         """Difficulty exit: P(wrong) of each sequence sampled for the first time this step (its prompt's last
         row is in the runner's sampled hidden states), for requests that ask for it."""
-        rows = [i for i, s in enumerate(seqs) if s.params.difficulty_exit is not None and s.think.p_wrong is None
+        rows = [i for i, s in enumerate(seqs) if s.params.judges_difficulty and s.think.p_wrong is None
                 and not s.output_ids and not s.draft_ids]
         hidden = self.runner.sampled_hidden
         if not rows or hidden is None or self.difficulty_probe is None:
@@ -497,7 +497,7 @@ class LLMEngine:
             return "low_confidence"
         if logprob is not None and t.gate_fails(logprob, p.think_gate, p.think_gate_threshold):
             return "think_gate"
-        if t.difficulty_fails(p.difficulty_exit, p.difficulty_exit_tokens):
+        if t.p_wrong is not None and t.difficulty_fails(p.difficulty_tiers):
             return "difficulty"
         return None
 

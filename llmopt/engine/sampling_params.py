@@ -7,9 +7,11 @@ from typing import TYPE_CHECKING, Any
 
 from llmopt.config import check_kv_policy, check_quest_pin
 from llmopt.reasoning.budget import (
+    DEFAULT_DIFFICULTY_BUDGET_THRESHOLD,
     DEFAULT_DIFFICULTY_TOKENS,
     DEFAULT_THINK_GATE_THRESHOLD,
     check_answer_budget,
+    check_difficulty_budget,
     check_difficulty_exit,
     check_gated_budget,
     check_low_confidence_exit,
@@ -83,6 +85,10 @@ class SamplingParams:
     # token; None = off
     difficulty_exit: float | None = None
     difficulty_exit_tokens: int = DEFAULT_DIFFICULTY_TOKENS
+    # difficulty budget: the same for prompts with P(wrong) above difficulty_budget_threshold, at difficulty_budget
+    # think tokens (a looser second tier; the smaller cap wins); None = off
+    difficulty_budget: int | None = None
+    difficulty_budget_threshold: float = DEFAULT_DIFFICULTY_BUDGET_THRESHOLD
     # jump-forward of the think/answer format's scaffolding: once the model writes the first token of <think>,
     # </think>\n<answer> or </answer>, the engine appends the rest in one step (llmopt.reasoning.budget)
     jump_forward: bool = False
@@ -139,13 +145,14 @@ class SamplingParams:
         check_low_confidence_exit(self.low_confidence_exit)
         check_think_gate(self.think_gate, self.think_gate_threshold)
         check_difficulty_exit(self.difficulty_exit, self.difficulty_exit_tokens)
+        check_difficulty_budget(self.difficulty_budget, self.difficulty_budget_threshold)
         if not isinstance(self.jump_forward, bool):
             raise ValueError(f"jump_forward must be true or false, got {self.jump_forward!r}")
         if self.guided is not None and self.jump_forward:
             raise ValueError("jump_forward cannot be combined with guided decoding (the grammar decides every token)")
         if self.guided is not None and self.steers_thinking:
             raise ValueError("think_budget, answer_budget, early_exit, loop_exit, low_confidence_exit, think_gate and "
-                             "difficulty_exit cannot be combined with guided decoding (the engine's forced closing "
+                             "difficulty_exit / difficulty_budget cannot be combined with guided decoding (the engine's forced closing "
                              "text would fight the grammar); cap the think part in the grammar instead")
 
     @property
@@ -162,7 +169,19 @@ class SamplingParams:
         """The engine may write into this output to keep it in the think/answer format."""
         return (self.think_budget is not None or self.answer_budget is not None or self.early_exit or self.loop_exit
                 or self.low_confidence_exit is not None or self.think_gate is not None
-                or self.difficulty_exit is not None)
+                or self.judges_difficulty)
+
+    @property
+    def judges_difficulty(self) -> bool:
+        """The engine's difficulty probe judges this request's prompt (a difficulty exit or budget)."""
+        return self.difficulty_exit is not None or self.difficulty_budget is not None
+
+    @property
+    def difficulty_tiers(self) -> tuple[tuple[float | None, int | None], ...]:
+        """(P(wrong) threshold, think tokens) of the difficulty exit and budget, for ``difficulty_cap``."""
+        return ((self.difficulty_exit, self.difficulty_exit_tokens),
+                (self.difficulty_budget_threshold if self.difficulty_budget is not None else None,
+                 self.difficulty_budget))
 
     @property
     def greedy(self) -> bool:

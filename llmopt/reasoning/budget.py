@@ -54,7 +54,9 @@ Difficulty exit (``SamplingParams.difficulty_exit = t``, ``difficulty_exit_token
 :meth:`ThinkTracker.difficulty_fails`): the engine's difficulty probe (``llmopt.reasoning.difficulty``)
 reads the prompt's last hidden state when the prompt is computed and gives P(wrong); above ``t`` the
 engine closes thinking in place of the K-th think token (``closed_by = "difficulty"``), as the think
-gate does: a budget set from the prompt's difficulty. The gate catches unsure starts; this catches the
+gate does: a budget set from the prompt's difficulty. A second, looser tier (``difficulty_budget = B``,
+``difficulty_budget_threshold = t2``) caps the thinking of prompts above ``t2`` at B think tokens the
+same way; a prompt above both gets the smaller cap. The gate catches unsure starts; this catches the
 sure-looking starts of prompts the model gets wrong anyway (on the shipped 135M model: leg counting).
 
 Jump-forward (``SamplingParams.jump_forward``, :func:`jump_forward_ids`): once the model has written
@@ -158,6 +160,26 @@ def check_think_gate(tokens: int | None, threshold: float) -> None:
 # difficulty exit (llmopt.reasoning.difficulty): think tokens a prompt judged hard gets; chosen on the probe's
 # training records (16 cut as many right answers as 24 and left 3 points fewer of the tokens; docs/reasoning.md)
 DEFAULT_DIFFICULTY_TOKENS = 16
+# difficulty budget: the P(wrong) above which a prompt's thinking is capped at SamplingParams.difficulty_budget
+DEFAULT_DIFFICULTY_BUDGET_THRESHOLD = 0.8
+
+
+def check_difficulty_budget(tokens: int | None, threshold: float) -> None:
+    """``difficulty_budget``: None (off) or think tokens >= 1; ``difficulty_budget_threshold``: a probability in (0, 1)."""
+    _check_token_budget("difficulty_budget", tokens, "think tokens of a prompt the difficulty probe judges likely wrong",
+                        "off")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
+        raise ValueError(f"difficulty_budget_threshold must be a probability in (0, 1) (the P(wrong) above which "
+                         f"difficulty_budget caps thinking), got {threshold!r}")
+
+
+def difficulty_cap(p_wrong: float | None, tiers: tuple[tuple[float | None, int | None], ...]) -> int | None:
+    """Think tokens a prompt with this P(wrong) gets under ``tiers`` of (threshold, think tokens): the fewest
+    of the tiers whose threshold it is above; None without an estimate or when none applies."""
+    if p_wrong is None:
+        return None
+    caps = [k for t, k in tiers if t is not None and k is not None and p_wrong > t]
+    return min(caps) if caps else None
 
 
 def check_difficulty_exit(threshold: float | None, tokens: int) -> None:
@@ -261,15 +283,15 @@ class ThinkTracker:
         self.gate_logprob += logprob
         return self.gate_tokens == tokens and self.gate_logprob / tokens < math.log(threshold)
 
-    def difficulty_fails(self, threshold: float | None, tokens: int) -> bool:
-        """Difficulty exit: counts a think token the model chose (before it is appended; as ``gate_fails``
-        counts); True at the ``tokens``-th if the prompt's P(wrong) is above ``threshold`` (then thinking is
-        closed in place of that token). Off without a threshold or a judged prompt."""
-        if threshold is None or self.p_wrong is None or self.phase != Phase.THINKING or self.closed_by is not None \
-                or self.judged_tokens >= tokens:
+    def difficulty_fails(self, tiers: tuple[tuple[float | None, int | None], ...]) -> bool:
+        """Difficulty exit and budget: counts a think token the model chose (before it is appended; as
+        ``gate_fails`` counts); True at the ``difficulty_cap``-th for the prompt's P(wrong) under ``tiers``
+        (then thinking is closed in place of that token). Off without a judged prompt or a tier that applies."""
+        cap = difficulty_cap(self.p_wrong, tiers)
+        if cap is None or self.phase != Phase.THINKING or self.closed_by is not None or self.judged_tokens >= cap:
             return False
         self.judged_tokens += 1
-        return self.judged_tokens == tokens and self.p_wrong > threshold
+        return self.judged_tokens == cap
 
     def close(self, num_output_tokens: int, by: str) -> None:
         """The engine ends thinking now (before appending the closing text)."""

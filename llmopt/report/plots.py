@@ -253,6 +253,9 @@ def reasoning_setting(run: EvalRun) -> str | None:
     if cfg.get("difficulty_exit"):
         k = cfg.get("difficulty_exit_tokens")
         parts.append(f"difficulty {cfg['difficulty_exit']}@{k if k is not None else 'default'}")
+    if cfg.get("difficulty_budget"):
+        p = cfg.get("difficulty_budget_threshold")
+        parts.append(f"difficulty budget {cfg['difficulty_budget']}@{p if p is not None else 'default'}")
     return ", ".join(parts) or "unlimited"
 
 

@@ -86,6 +86,8 @@ class _SamplingFields(_Request):
     think_gate_threshold: float | None = None  # their geometric-mean probability below which (default 0.86)
     difficulty_exit: float | None = None  # close <think> early when the server's difficulty probe gives P(wrong) above
     difficulty_exit_tokens: int | None = None  # ... at this many think tokens (default 16)
+    difficulty_budget: int | None = None  # cap thinking at this many tokens when P(wrong) is above ...
+    difficulty_budget_threshold: float | None = None  # ... this (default 0.8)
 
     def reasoning_fields(self) -> dict[str, Any]:
         """The efficient-reasoning fields that are set, as ``SamplingParams`` keywords."""
@@ -97,7 +99,7 @@ class _SamplingFields(_Request):
         out["jump_forward"] = self.jump_forward
         for k in ("loop_exit_ngram", "loop_exit_repeats", "think_budget_threshold", "think_budget_max",
                   "low_confidence_exit", "think_gate", "think_gate_threshold", "difficulty_exit",
-                  "difficulty_exit_tokens"):
+                  "difficulty_exit_tokens", "difficulty_budget", "difficulty_budget_threshold"):
             if (v := getattr(self, k)) is not None:
                 out[k] = v
         return out

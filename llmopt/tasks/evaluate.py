@@ -92,7 +92,9 @@ class EvalConfig:
     think_gate: int | None = None  # after this many think tokens, close <think> if the model was unsure of them
     think_gate_threshold: float | None = None  # their geometric-mean probability below which (None: the default)
     difficulty_exit: float | None = None  # close <think> early when the difficulty probe's P(wrong) is above this
-    difficulty_exit_tokens: int | None = None  # ... at this many think tokens (None: the default, 24)
+    difficulty_exit_tokens: int | None = None  # ... at this many think tokens (None: the default, 16)
+    difficulty_budget: int | None = None  # cap thinking at this many tokens when P(wrong) is above ...
+    difficulty_budget_threshold: float | None = None  # ... this (None: the default, 0.8)
     difficulty_probe: str | None = None  # the probe file (None: the model's own, if it ships one)
     prefill_think: bool = False  # end the prompt with "<think>\n" (the assistant prefix forced); graded as
     # "<think>\n" + output, for a model that does not open <think> by itself
@@ -255,6 +257,9 @@ def _sampling_params(config: EvalConfig, sample: int) -> Any:
         difficulty_exit=config.difficulty_exit,
         **({"difficulty_exit_tokens": config.difficulty_exit_tokens} if config.difficulty_exit_tokens is not None
            else {}),
+        difficulty_budget=config.difficulty_budget,
+        **({"difficulty_budget_threshold": config.difficulty_budget_threshold}
+           if config.difficulty_budget_threshold is not None else {}),
         **({"early_exit_threshold": config.early_exit_threshold} if config.early_exit_threshold is not None else {}),
     )
 

@@ -84,6 +84,25 @@ def test_a_hard_prompt_stops_thinking_in_place_of_its_kth_think_token(llm, k, sa
     assert llm.engine.stats["difficulty_exits"] == before + 1
 
 
+@pytest.mark.parametrize("p_bias, want", [(1.0, 7), (3.0, 3), (-1.0, None)])
+def test_the_difficulty_budget_is_a_looser_second_tier_and_the_smaller_cap_wins(llm, p_bias, want):
+    """P(wrong) 0.73: above the budget's 0.7, below the exit's 0.9: capped at the budget's 7; 0.95: above both,
+    the exit's 3 wins; 0.27: neither applies."""
+    _probe(llm, p_bias)
+    ref = llm.generate([OPEN_PROMPT], _params())[0]
+    out = llm.generate([OPEN_PROMPT], _params(difficulty_exit=0.9, difficulty_exit_tokens=3, difficulty_budget=7,
+                                              difficulty_budget_threshold=0.7))[0]
+    if want is None:
+        assert out.token_ids == ref.token_ids and out.reasoning.closed_by != "difficulty"
+        return
+    assert out.reasoning.closed_by == "difficulty" and out.reasoning.think_tokens == want - 1
+    assert out.token_ids[:want - 1] == ref.token_ids[:want - 1]
+    assert out.token_ids[want - 1:want - 1 + len(llm.engine.close_ids)] == llm.engine.close_ids
+    alone = llm.generate([OPEN_PROMPT], _params(difficulty_budget=7, difficulty_budget_threshold=0.7))[0]
+    assert alone.reasoning.closed_by == ("difficulty" if p_bias > 0.85 else out.reasoning.closed_by)
+    assert alone.reasoning.think_tokens == 6
+
+
 def test_an_easy_prompt_thinks_on_and_nothing_changes(llm):
     _probe(llm, 4.0)
     ref = llm.generate([OPEN_PROMPT], _params())[0]
@@ -119,7 +138,8 @@ def test_batched_difficulty_exit_matches_single(llm):
     p = probe.p_wrong(llm.engine.prompt_states([_ids(llm, x) for x in PROMPTS])).tolist()
     params = [_params(difficulty_exit=min(0.999, max(0.001, x - 0.01 if i % 2 == 0 else x + 0.01)),
                       difficulty_exit_tokens=3 + i, answer_budget=8 if i % 3 == 0 else None, jump_forward=i == 1,
-                      think_gate=30 if i == 4 else None)
+                      think_gate=30 if i == 4 else None, difficulty_budget=12 if i == 1 else None,
+                      difficulty_budget_threshold=min(0.999, max(0.001, x - 0.02)))
               for i, x in enumerate(p)]
     assert_batched_matches_single(llm, PROMPTS, params, "difficulty", 2)
 
@@ -141,8 +161,9 @@ def test_speculative_decoding_exits_where_plain_decoding_does(tiny_models):
 def test_a_request_needs_a_probe(tiny_models):
     llm = LLM(str(tiny_models["llama"][1]), kv_cache_memory_gb=0.05, block_size=8)
     assert llm.engine.difficulty_probe is None  # a plain path ships none
-    with pytest.raises(ValueError, match="llmopt train probe"):
-        llm.generate([OPEN_PROMPT], _params(difficulty_exit=0.9))
+    for kw in (dict(difficulty_exit=0.9), dict(difficulty_budget=32)):
+        with pytest.raises(ValueError, match="llmopt train probe"):
+            llm.generate([OPEN_PROMPT], _params(**kw))
     assert llm.engine.block_manager.num_used_blocks == 0 and not llm.engine.has_unfinished()
 
 
@@ -183,15 +204,26 @@ def test_bad_thresholds_are_value_errors(value):
         SamplingParams(difficulty_exit=value)
 
 
+@pytest.mark.parametrize("kw, match", [(dict(difficulty_budget=0), "difficulty_budget must"),
+                                       (dict(difficulty_budget=True), "difficulty_budget must"),
+                                       (dict(difficulty_budget=8, difficulty_budget_threshold=1.0),
+                                        "difficulty_budget_threshold"),
+                                       (dict(difficulty_budget=8, difficulty_budget_threshold=0), "difficulty_budget_threshold")])
+def test_bad_difficulty_budgets_are_value_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kw)
+
+
 @pytest.mark.parametrize("value", [0, -1, True, 1.5, "8"])
 def test_bad_token_counts_are_value_errors(value):
     with pytest.raises(ValueError, match="difficulty_exit_tokens"):
         SamplingParams(difficulty_exit=0.9, difficulty_exit_tokens=value)
 
 
-def test_difficulty_exit_cannot_be_combined_with_guided_decoding():
-    with pytest.raises(ValueError, match="difficulty_exit cannot be combined with guided decoding"):
-        SamplingParams(difficulty_exit=0.9, guided_choice=["a", "b"])
+@pytest.mark.parametrize("kw", [dict(difficulty_exit=0.9), dict(difficulty_budget=32)])
+def test_difficulty_exit_cannot_be_combined_with_guided_decoding(kw):
+    with pytest.raises(ValueError, match="difficulty_budget cannot be combined with guided decoding"):
+        SamplingParams(guided_choice=["a", "b"], **kw)
 
 
 def test_a_saved_probe_loads_as_it_was(tmp_path):
