@@ -217,7 +217,7 @@ class ThinkTracker:
     think_tokens: int = 0
     # "model" | "budget" | "budget_probe" (a gated budget's confident trial answer) | "early_exit" | "loop" |
     # "low_confidence" (a think token chosen below SamplingParams.low_confidence_exit) | "think_gate" (an unsure
-    # start: SamplingParams.think_gate) | "difficulty" (a prompt judged hard: SamplingParams.difficulty_exit) |
+    # start: SamplingParams.think_gate) | "difficulty" (a prompt judged hard: difficulty_exit / difficulty_budget) |
     # "eos" (the model ended inside <think>)
     closed_by: str | None = None
     forced_tokens: int = 0  # tokens the engine wrote (closing texts, adopted trial answers)
@@ -236,8 +236,8 @@ class ThinkTracker:
     loop: LoopDetector | None = None  # loop exit (llmopt.reasoning.loops): fed the sampled think tokens
     gate_tokens: int = 0  # think gate: think tokens seen (up to SamplingParams.think_gate), and their logprob sum
     gate_logprob: float = 0.0
-    # difficulty exit: the difficulty probe's P(wrong) of the prompt (set when the prompt's last row is computed)
-    # and the think tokens counted towards SamplingParams.difficulty_exit_tokens
+    # difficulty exit / budget: the difficulty probe's P(wrong) of the prompt (set when the prompt's last row is
+    # computed) and the think tokens counted towards its cap (difficulty_cap)
     p_wrong: float | None = None
     judged_tokens: int = 0
     _scanned: int = 0  # text chars already searched for the closing tag
@@ -361,7 +361,7 @@ class ReasoningStats:
     probe_prefix_hit_rate: float | None  # share of the probes' prompt tokens served by the prefix cache
     probe_confidences: list[float]  # confidence of each probe's trial answer (-1: it wrote no answer)
     exit_at: int | None  # think tokens when early exit fired
-    p_wrong: float | None = None  # the difficulty probe's P(wrong) of the prompt (requests with difficulty_exit)
+    p_wrong: float | None = None  # the difficulty probe's P(wrong) of the prompt (difficulty_exit / difficulty_budget)
 
     def as_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
