@@ -114,7 +114,7 @@ def test_long_context_options_parse_and_reach_the_engine_config():
         parse_numbers("0,half", float, "--long-depths")
     cfg = EvalConfig(suites=("passkey",), kv_policy="snapkv", kv_budget=0.25, kv_dtype="int8")
     assert engine_kwargs(cfg) == {"kv_policy": "snapkv", "kv_budget": 0.25, "kv_dtype": "int8", "kv_quest_pin": 0.0,
-                                  "speculative": None}
+                                  "speculative": None, "difficulty_probe": None}
     cfg = EvalConfig(suites=("passkey",), kv_policy="quest", kv_budget=0.25, kv_quest_pin=0.25)
     assert EngineConfig(**engine_kwargs(cfg)).kv_quest_pin == 0.25  # --kv-quest-pin reaches the engine
 
