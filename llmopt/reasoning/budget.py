@@ -102,6 +102,25 @@ def _check_token_budget(name: str, value: int | None, unit: str, none_means: str
         raise ValueError(f"{name} must be an integer >= 1 ({unit}) or None for {none_means}, got {value!r}")
 
 
+def _check_probability(name: str, value: float | None, meaning: str, optional: bool) -> None:
+    """``value`` is a probability in (0, 1) (not a bool), or None when ``optional`` (off); else a ValueError
+    naming ``name`` and saying what it means."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise ValueError(f"{name} must be a probability in (0, 1) ({meaning}){' or None for off' if optional else ''}, "
+                         f"got {value!r}")
+
+
+def _check_think_tokens(name: str, value: int | None, meaning: str, optional: bool) -> None:
+    """``value`` is a whole number of think tokens >= 1 (not a bool), or None when ``optional`` (off)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a whole number of think tokens >= 1 ({meaning})"
+                         f"{' or None for off' if optional else ''}, got {value!r}")
+
+
 def check_think_budget(think_budget: int | None) -> None:
     _check_token_budget("think_budget", think_budget, "tokens of thinking", "no budget")
 
@@ -137,11 +156,8 @@ def check_gated_budget(think_budget: int | None, threshold: float | None, budget
 
 def check_low_confidence_exit(value: float | None) -> None:
     """``low_confidence_exit``: None (off) or a probability in (0, 1)."""
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
-        raise ValueError(f"low_confidence_exit must be a probability in (0, 1) (thinking is closed in place of a think "
-                         f"token the model chose with a lower probability) or None for off, got {value!r}")
+    _check_probability("low_confidence_exit", value, "thinking is closed in place of a think token the model chose "
+                       "with a lower probability", optional=True)
 
 
 DEFAULT_THINK_GATE_THRESHOLD = 0.86  # their geometric-mean probability below which thinking is closed
@@ -149,12 +165,10 @@ DEFAULT_THINK_GATE_THRESHOLD = 0.86  # their geometric-mean probability below wh
 
 def check_think_gate(tokens: int | None, threshold: float) -> None:
     """``think_gate``: None (off) or think tokens >= 1; ``think_gate_threshold``: a probability in (0, 1)."""
-    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
-        raise ValueError(f"think_gate must be a whole number of think tokens >= 1 (after them the engine judges how "
-                         f"sure the model was of them) or None for off, got {tokens!r}")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
-        raise ValueError(f"think_gate_threshold must be a probability in (0, 1) (thinking is closed when the first "
-                         f"think_gate think tokens' geometric-mean probability is below it), got {threshold!r}")
+    _check_think_tokens("think_gate", tokens, "after them the engine judges how sure the model was of them",
+                        optional=True)
+    _check_probability("think_gate_threshold", threshold, "thinking is closed when the first think_gate think tokens' "
+                       "geometric-mean probability is below it", optional=False)
 
 
 # difficulty exit (llmopt.reasoning.difficulty): think tokens a prompt judged hard gets; chosen on the probe's
@@ -168,9 +182,8 @@ def check_difficulty_budget(tokens: int | None, threshold: float) -> None:
     """``difficulty_budget``: None (off) or think tokens >= 1; ``difficulty_budget_threshold``: a probability in (0, 1)."""
     _check_token_budget("difficulty_budget", tokens, "think tokens of a prompt the difficulty probe judges likely wrong",
                         "off")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
-        raise ValueError(f"difficulty_budget_threshold must be a probability in (0, 1) (the P(wrong) above which "
-                         f"difficulty_budget caps thinking), got {threshold!r}")
+    _check_probability("difficulty_budget_threshold", threshold, "the P(wrong) above which difficulty_budget caps "
+                       "thinking", optional=False)
 
 
 def difficulty_cap(p_wrong: float | None, tiers: tuple[tuple[float | None, int | None], ...]) -> int | None:
@@ -184,14 +197,9 @@ def difficulty_cap(p_wrong: float | None, tiers: tuple[tuple[float | None, int |
 
 def check_difficulty_exit(threshold: float | None, tokens: int) -> None:
     """``difficulty_exit``: None (off) or a probability in (0, 1); ``difficulty_exit_tokens``: think tokens >= 1."""
-    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
-                                  or not 0.0 < threshold < 1.0):
-        raise ValueError(f"difficulty_exit must be a probability in (0, 1) (thinking is closed early when the model's "
-                         f"difficulty probe gives the prompt a higher chance of a wrong answer) or None for off, "
-                         f"got {threshold!r}")
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
-        raise ValueError(f"difficulty_exit_tokens must be a whole number of think tokens >= 1 (where a prompt judged "
-                         f"hard stops thinking), got {tokens!r}")
+    _check_probability("difficulty_exit", threshold, "thinking is closed early when the model's difficulty probe "
+                       "gives the prompt a higher chance of a wrong answer", optional=True)
+    _check_think_tokens("difficulty_exit_tokens", tokens, "where a prompt judged hard stops thinking", optional=False)
 
 
 def doubts(t: ThinkTracker, logprob: float, low_confidence_exit: float | None) -> bool:

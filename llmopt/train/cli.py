@@ -214,7 +214,6 @@ def probe_command(
                       think_tokens=think_tokens, l2=l2, max_tokens=max_tokens, concurrency=concurrency, quant=quant,
                       adapter=str(adapter) if adapter else None, num_threads=threads,
                       records_dir=str(records_dir) if records_dir else None)
-    cfg.validate()
     bar = Progress(TextColumn("answering"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TimeElapsedColumn(), TimeRemainingColumn())
     task = bar.add_task("answer", total=None)

@@ -167,7 +167,7 @@ def run_probe(cfg: ProbeConfig, progress: Callable[[int, int], None] | None = No
                          f"{cfg.records_path})")
     meta = dict(cfg.meta, model=cfg.model, quant=cfg.quant, adapter=cfg.adapter, hidden_size=int(x.shape[1]),
                 think_tokens=cfg.think_tokens, suites=list(cfg.suites), n=cfg.n, seeds=list(cfg.seeds),
-                max_tokens=cfg.max_tokens, examples=len(y), wrong=wrong, auc_left_out=loso)
+                max_tokens=cfg.max_tokens, wrong=wrong, auc_left_out=loso)  # fit_probe adds l2 and examples
     probe = fit_probe(x, y, cfg.l2, meta=meta)
     summary["auc_train"] = round(auc(probe.p_wrong(x), y), 4)
     probe.meta["auc_train"] = summary["auc_train"]

@@ -1,7 +1,7 @@
 """Shared by the efficient-reasoning engine tests (budgets, loop exit, early exit, low-confidence exit, think
 gate)."""
 
-from llmopt import SamplingParams
+from llmopt import LLM, SamplingParams
 
 # the tiny random model never writes <think> itself: the prompt ends with it (the assistant prefix forced by
 # the caller), so the output starts inside the think part
@@ -28,3 +28,11 @@ def assert_batched_matches_single(llm, prompts: list[str], params: list[Sampling
     fired = sum(o.reasoning.closed_by == closed_by for o in batched)
     assert fired >= min_fired and llm.engine.stats[f"{closed_by}_exits"] - before == fired
     assert llm.engine.block_manager.num_used_blocks == 0
+
+
+def plain_and_speculative(tiny_models) -> tuple[LLM, LLM]:
+    """The tiny Llama twice: decoding plainly and with n-gram speculative decoding (for "speculative decoding
+    exits where plain decoding does" checks)."""
+    path = str(tiny_models["llama"][1])
+    return (LLM(path, kv_cache_memory_gb=0.05, block_size=8),
+            LLM(path, kv_cache_memory_gb=0.05, block_size=8, speculative="ngram"))

@@ -14,7 +14,13 @@ from llmopt.engine.engine import LLMEngine
 from llmopt.models.registry import REGISTRY, probe_for
 from llmopt.reasoning.difficulty import DifficultyProbe, auc, fit_probe
 from llmopt.reasoning.format import format_ok
-from tests.engine.reasoning_util import OPEN_PROMPT, PLAIN_PROMPT, assert_batched_matches_single, reasoning_params
+from tests.engine.reasoning_util import (
+    OPEN_PROMPT,
+    PLAIN_PROMPT,
+    assert_batched_matches_single,
+    plain_and_speculative,
+    reasoning_params,
+)
 
 PROMPTS = [OPEN_PROMPT, "x<think>", "Why?\n<think>\n", OPEN_PROMPT + " then", "Count the legs.<think>"]
 
@@ -145,9 +151,7 @@ def test_batched_difficulty_exit_matches_single(llm):
 
 
 def test_speculative_decoding_exits_where_plain_decoding_does(tiny_models):
-    path = str(tiny_models["llama"][1])
-    plain = LLM(path, kv_cache_memory_gb=0.05, block_size=8)
-    spec = LLM(path, kv_cache_memory_gb=0.05, block_size=8, speculative="ngram")
+    plain, spec = plain_and_speculative(tiny_models)
     for e in (plain, spec):
         _probe(e, 4.0)
     for prompt in (OPEN_PROMPT, "x<think>"):

@@ -7,7 +7,13 @@ import pytest
 
 from llmopt import LLM, SamplingParams
 from llmopt.reasoning.format import format_ok
-from tests.engine.reasoning_util import OPEN_PROMPT, PLAIN_PROMPT, assert_batched_matches_single, reasoning_params
+from tests.engine.reasoning_util import (
+    OPEN_PROMPT,
+    PLAIN_PROMPT,
+    assert_batched_matches_single,
+    plain_and_speculative,
+    reasoning_params,
+)
 
 
 def _params(**kw):
@@ -86,9 +92,7 @@ def test_batched_low_confidence_exit_matches_single(llm):
 
 def test_speculative_decoding_exits_where_plain_decoding_does(tiny_models):
     """Draft tokens the model keeps are checked like sampled ones: the same exit, the same tokens."""
-    path = str(tiny_models["llama"][1])
-    plain = LLM(path, kv_cache_memory_gb=0.05, block_size=8)
-    spec = LLM(path, kv_cache_memory_gb=0.05, block_size=8, speculative="ngram")
+    plain, spec = plain_and_speculative(tiny_models)
     prompts = [OPEN_PROMPT, "x<think>", "Why?\n<think>\n"]
     for prompt in prompts:
         ref = plain.generate([prompt], _params(max_tokens=120, logprobs=0))[0]
