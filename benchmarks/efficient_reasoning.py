@@ -5,7 +5,9 @@ Each setting answers the same items as competition-style test cases: the items a
 of ``--case-size`` questions answered with ``--concurrency`` in flight (the batch runner's
 ``answer``), and JCT is the sum of the cases' wall times. The settings are interleaved case by case
 (each case under every setting, in an order that rotates), so a change in the machine's load
-during the run falls on all settings alike. Per setting it prints accuracy with a
+during the run falls on all settings alike. Before each setting's run of a case the prefix cache is
+reset to the same state (``--prompts``): by default it holds only the prompts' shared prefix (the
+system prompt), so every setting computes its own questions, as a competition run does. Per setting it prints accuracy with a
 Wilson 95% interval, the paired accuracy delta against unlimited (bootstrap 95% interval), the
 JCT ratio, mean think tokens, the format rate, how often the engine closed the think part, the
 probes' token cost against the think tokens saved, and the probes' prefix-cache hit rate.
@@ -93,10 +95,35 @@ def params_for(s: Setting, args: argparse.Namespace) -> SamplingParams:
                           **({"early_exit_markers": tuple(json.loads(args.markers))} if args.markers else {}))
 
 
+def shared_prefix(engine: LLMEngine, prompts: list[Any]) -> list[int]:
+    """The token ids every prompt of a case starts with (the chat template and the system prompt)."""
+    ids = [engine.encode_prompt(p)[0] for p in prompts]
+    n = 0
+    while all(len(x) > n for x in ids) and len({x[n] for x in ids}) == 1:
+        n += 1
+    return ids[0][:n]
+
+
+def prepare_cache(engine: LLMEngine, prompts: list[Any], mode: str) -> None:
+    """The same prefix-cache state before every setting's run of a case (untimed). ``fresh``: as in a
+    competition run, where each question arrives once: only the prefix all the case's prompts share (the
+    system prompt) is cached, so every setting computes its questions' own tokens. ``cached``: every prompt
+    of the case is cached, so the JCT is the decoding's alone. Without this, the setting that ran a case
+    first paid for prompts that longer answers of other settings had evicted, and the others did not."""
+    engine.reset_prefix_cache()
+    if mode == "cached":
+        answer(engine, prompts, SamplingParams(max_tokens=1, temperature=0.0), len(prompts))
+        return
+    prefix = shared_prefix(engine, prompts)
+    if prefix:
+        answer(engine, [prefix], SamplingParams(max_tokens=1, temperature=0.0), 1)
+
+
 def run_case(engines: dict[bool, LLMEngine], res: Result, items: list[Any], prompts: list[Any], graders: dict[str, Any],
              params: SamplingParams, args: argparse.Namespace, concurrency: int) -> None:
     """Answer one test case (``items``, ``concurrency`` in flight) under ``res.setting`` and add it to ``res``."""
     engine = engines[res.setting.spec]
+    prepare_cache(engine, prompts, args.prompts)
     before = dict(engine.stats)
     t0 = time.perf_counter()
     outs = answer(engine, prompts, params, concurrency)
@@ -169,6 +196,10 @@ def main() -> None:
     ap.add_argument("--interleave", action="store_true",
                     help="alternate the suites' items (each case mixes math and logic) instead of suite after suite")
     ap.add_argument("--case-size", type=int, default=8)
+    ap.add_argument("--prompts", choices=("fresh", "cached"), default="fresh",
+                    help="prefix cache before each setting's run of a case: fresh (competition-style: only the "
+                         "prompts' shared prefix, the system prompt, is cached; every setting computes its "
+                         "questions) or cached (every prompt of the case cached: the JCT of decoding alone)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--prefill-think", action="store_true")
     ap.add_argument("--json", default=None, help="write the per-setting numbers here")
@@ -201,7 +232,7 @@ def main() -> None:
     if args.prefill_think:
         opener = tok.encode(PREFILL, add_special_tokens=False)
         prompts = [tok.apply_chat_template(m) + opener for m in prompts]
-    # warm-up: loads the kernels and puts every prompt in the prefix cache, so no setting pays for that
+    # warm-up: loads the kernels (the prefix cache is set before every setting's run of a case: --prompts)
     for e in engines.values():
         answer(e, prompts, SamplingParams(max_tokens=1, temperature=0.0), max(levels))
     variants = [Setting(f"budget {b}", think_budget=int(b)) for b in args.budgets.split(",") if b]
@@ -255,7 +286,9 @@ def main() -> None:
     for c, start in enumerate(starts):
         end = start + args.case_size
         for j in range(len(settings)):
-            i = (j + c) % len(settings)
+            # at each concurrency level the first setting cycles through all of them (case c runs at level
+            # c mod L: its round c // L shifts the order), whatever the numbers of settings and levels
+            i = (j + c % len(levels) + c // len(levels)) % len(settings)
             run_case(engines, results[i], items[start:end], prompts[start:end], graders, params[i], args,
                      levels[c % len(levels)])
         if args.records:

@@ -108,8 +108,9 @@ def run_command(
     difficulty_exit_tokens: Annotated[int, typer.Option(
         help="with --difficulty-exit: think tokens a question judged hard gets", min=1)] = DEFAULT_DIFFICULTY_TOKENS,
     difficulty_budget: Annotated[Optional[int], typer.Option(
-        help="a looser second tier: cap thinking at this many tokens for questions the difficulty probe gives a "
-             "chance of a wrong answer above --difficulty-budget-threshold (docs/reasoning.md)", min=1)] = None,
+        help="a second tier (looser: a lower threshold, more tokens; or stricter: a higher threshold, fewer "
+             "tokens): cap thinking at this many tokens for questions the difficulty probe gives a chance of a "
+             "wrong answer above --difficulty-budget-threshold (docs/reasoning.md)", min=1)] = None,
     difficulty_budget_threshold: Annotated[float, typer.Option(
         help="with --difficulty-budget: the P(wrong) above which it applies, in (0, 1)", min=0.0,
         max=1.0)] = DEFAULT_DIFFICULTY_BUDGET_THRESHOLD,

@@ -86,7 +86,7 @@ class SamplingParams:
     difficulty_exit: float | None = None
     difficulty_exit_tokens: int = DEFAULT_DIFFICULTY_TOKENS
     # difficulty budget: the same for prompts with P(wrong) above difficulty_budget_threshold, at difficulty_budget
-    # think tokens (a looser second tier; the smaller cap wins); None = off
+    # think tokens (a second tier, looser or stricter; the smaller cap wins); None = off
     difficulty_budget: int | None = None
     difficulty_budget_threshold: float = DEFAULT_DIFFICULTY_BUDGET_THRESHOLD
     # jump-forward of the think/answer format's scaffolding: once the model writes the first token of <think>,

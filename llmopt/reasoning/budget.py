@@ -54,7 +54,7 @@ Difficulty exit (``SamplingParams.difficulty_exit = t``, ``difficulty_exit_token
 :meth:`ThinkTracker.difficulty_fails`): the engine's difficulty probe (``llmopt.reasoning.difficulty``)
 reads the prompt's last hidden state when the prompt is computed and gives P(wrong); above ``t`` the
 engine closes thinking in place of the K-th think token (``closed_by = "difficulty"``), as the think
-gate does: a budget set from the prompt's difficulty. A second, looser tier (``difficulty_budget = B``,
+gate does: a budget set from the prompt's difficulty. A second tier (``difficulty_budget = B``,
 ``difficulty_budget_threshold = t2``) caps the thinking of prompts above ``t2`` at B think tokens the
 same way; a prompt above both gets the smaller cap. The gate catches unsure starts; this catches the
 sure-looking starts of prompts the model gets wrong anyway (on the shipped 135M model: leg counting).

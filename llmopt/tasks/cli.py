@@ -116,7 +116,7 @@ def eval_command(
     think_gate_threshold: Annotated[Optional[float], typer.Option(help="with --think-gate: the geometric-mean token probability below which thinking is closed, in (0, 1) (default 0.86)")] = None,
     difficulty_exit: Annotated[Optional[float], typer.Option(help="close <think> at --difficulty-exit-tokens think tokens for items the model's difficulty probe gives a chance of a wrong answer above this, in (0, 1) (docs/reasoning.md)")] = None,
     difficulty_exit_tokens: Annotated[Optional[int], typer.Option(help="with --difficulty-exit: think tokens an item judged hard gets (default 16)", min=1)] = None,
-    difficulty_budget: Annotated[Optional[int], typer.Option(help="a looser second tier: cap thinking at this many tokens for items the difficulty probe gives P(wrong) above --difficulty-budget-threshold", min=1)] = None,
+    difficulty_budget: Annotated[Optional[int], typer.Option(help="a second tier (looser: a lower threshold, more tokens; or stricter: a higher threshold, fewer tokens): cap thinking at this many tokens for items the difficulty probe gives P(wrong) above --difficulty-budget-threshold", min=1)] = None,
     difficulty_budget_threshold: Annotated[Optional[float], typer.Option(help="with --difficulty-budget: the P(wrong) above which it applies, in (0, 1) (default 0.8)")] = None,
     difficulty_probe: Annotated[Optional[Path], typer.Option(help="difficulty probe file (`llmopt train probe`; default: the model's own, if it ships one)")] = None,
     prefill_think: Annotated[bool, typer.Option("--prefill-think", help="end each prompt with '<think>\\n' (for a model that does not open <think> itself)")] = False,

@@ -91,7 +91,7 @@ def test_a_hard_prompt_stops_thinking_in_place_of_its_kth_think_token(llm, k, sa
 
 
 @pytest.mark.parametrize("p_bias, want", [(1.0, 7), (3.0, 3), (-1.0, None)])
-def test_the_difficulty_budget_is_a_looser_second_tier_and_the_smaller_cap_wins(llm, p_bias, want):
+def test_a_looser_second_tier_and_the_smaller_cap_wins(llm, p_bias, want):
     """P(wrong) 0.73: above the budget's 0.7, below the exit's 0.9: capped at the budget's 7; 0.95: above both,
     the exit's 3 wins; 0.27: neither applies."""
     _probe(llm, p_bias)
@@ -107,6 +107,22 @@ def test_the_difficulty_budget_is_a_looser_second_tier_and_the_smaller_cap_wins(
     alone = llm.generate([OPEN_PROMPT], _params(difficulty_budget=7, difficulty_budget_threshold=0.7))[0]
     assert alone.reasoning.closed_by == ("difficulty" if p_bias > 0.85 else out.reasoning.closed_by)
     assert alone.reasoning.think_tokens == 6
+
+
+@pytest.mark.parametrize("p_bias, want", [(4.0, 1), (2.5, 6)])
+def test_a_stricter_second_tier_skips_thinking_for_the_hopeless(llm, p_bias, want):
+    """The budget tier above the exit's threshold with fewer tokens: P(wrong) 0.982 is above both (0.97 -> 1
+    token: thinking closed in place of the first think token, the answer follows in the format); 0.924 only
+    above the exit's 0.9 (6 tokens)."""
+    _probe(llm, p_bias)
+    ref = llm.generate([OPEN_PROMPT], _params())[0]
+    out = llm.generate([OPEN_PROMPT], _params(difficulty_exit=0.9, difficulty_exit_tokens=6, difficulty_budget=1,
+                                              difficulty_budget_threshold=0.97))[0]
+    close = llm.engine.close_ids
+    assert out.reasoning.closed_by == "difficulty" and out.reasoning.think_tokens == want - 1
+    assert out.token_ids[:want - 1] == ref.token_ids[:want - 1]
+    assert out.token_ids[want - 1:want - 1 + len(close)] == close
+    assert format_ok("<think>" + out.text) or len(out.token_ids) == 60
 
 
 def test_an_easy_prompt_thinks_on_and_nothing_changes(llm):
