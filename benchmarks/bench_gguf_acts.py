@@ -5,7 +5,7 @@
         [--first default|fp32] [--second int8|exact|default] [--repeat N] [--seed S]
 
 Two llmopt rows. The first (``llmopt``, the reference of the greedy-token column unless ``--baseline hf``):
-``default`` = the default mode, by-kind (prompt rows int16 where the build has VNNI, else fp32; generated
+``default`` = the default mode, by-kind (prompt rows int16 where that is faster: VNNI and AVX2 builds; generated
 rows int8), or ``fp32`` = the dequantized fp32 model's math for every row (the reference the issue's
 "greedy tokens equal to our fp32 engine's" asks for). The second: ``int8`` (every row int8 per 32 k, like
 llama.cpp's Q8 activations), ``exact`` (by-kind with exact fp32 prompt rows, ``LLMOPT_GGUF_PROMPT_INT16=0``)

@@ -85,11 +85,11 @@ def test_int16_prompt_rows_follow_the_cpu_unless_set():
         KernelSettings.from_env({"LLMOPT_GGUF_PROMPT_INT16": "maybe"})
 
 
-def test_int16_prompt_rows_only_where_the_build_has_vnni():
+def test_int16_prompt_rows_where_the_build_makes_them_faster():
     from llmopt.kernels.gguf_linear import bf16x3_available, int16_fast
     from llmopt.models.gguf_linear import prompt_act
 
-    assert [int16_fast(p) for p in ("avx512_amx", "avx512_vnni", "avx512", "avx2")] == [True, True, False, False]
+    assert [int16_fast(p) for p in ("avx512_amx", "avx512_vnni", "avx512", "avx2")] == [True, True, False, True]
     auto = "bf16x3" if bf16x3_available() else "int16" if int16_fast() else "fp32"
     assert prompt_act("by-kind", True, None) == auto
     assert prompt_act("by-kind", False, True) == "int16" and prompt_act("by-kind", False, False) == "fp32"

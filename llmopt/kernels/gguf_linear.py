@@ -32,10 +32,10 @@ not exact (see :func:`gguf_linear`). The default is ``act="fp32"``.
 product's norm) and runs integer dot products of int16 pairs (pmaddwd / VNNI vpdpwssd: twice the
 multiply-adds of an fp32 fma per instruction with VNNI), exact in int32, then the int8 mode's fold per
 sub-block: batch-invariant and the same bits on every build. From 16 rows each panel's codes are decoded
-once into int16 pairs (minus the type's code offset) and shared by 12-row tiles over row blocks that stay
-in L2 (1.56-1.85x the fp32 path at 128-2048 rows on a Zen 4 with VNNI, 2 threads; slower than the fp32
-path on the builds without VNNI: :func:`int16_fast`); fewer rows take register tiles that decode in
-registers. The model runs the prompt rows of its "by-kind" mode with it where :func:`int16_fast`
+once into int16 pairs (minus the type's code offset) and shared by 12-row tiles (AVX2: 6-row tiles from
+4 rows) over row blocks that stay in L2 (1.56-1.85x the fp32 path at 128-2048 rows on a Zen 4 with VNNI,
+2 threads; 1.1-1.25x on a Zen 3's AVX2 build; slower than the fp32 path on the AVX-512 build without
+VNNI: :func:`int16_fast`); fewer rows take register tiles that decode in registers. The model runs the prompt rows of its "by-kind" mode with it where :func:`int16_fast`
 (``models/gguf_linear.py``; ``LLMOPT_GGUF_PROMPT_INT16=0`` / ``1`` turns that off / on everywhere).
 
 ``act="bf16x3"`` (the AMX build on a CPU with AMX-BF16, same types as int8: :func:`bf16x3_available`)
@@ -681,15 +681,15 @@ def bf16x3_available(path: str | None = None) -> bool:
     return mod is not None and _bf3_ready(mod)
 
 
-INT16_FAST_PATHS = ("avx512_vnni", "avx512_amx")
+INT16_FAST_PATHS = ("avx2", "avx512_vnni", "avx512_amx")
 
 
 def int16_fast(path: str | None = None) -> bool:
-    """Whether ``act="int16"`` beats the fp32 chain on ``path`` (None: :func:`cpu_path`): only where the
-    build has VNNI's pair dot product (``vpdpwssd``). Without it the int16 pairs take ``pmaddwd`` + an add,
-    no more multiply-adds per instruction than an fp32 FMA: one Q5_0 projection at 128-2048 rows ran at
-    0.70-0.82x the fp32 chain's speed on the AVX2 build and 0.73-0.90x on the AVX-512 build without VNNI
-    (Zen 4, 2 threads), 1.56-1.85x on the VNNI build."""
+    """Whether ``act="int16"`` beats the fp32 chain on ``path`` (None: :func:`cpu_path`): the builds with
+    VNNI's pair dot product (``vpdpwssd``; one Q5_0 projection at 128-2048 rows 1.56-1.85x the fp32 chain's
+    speed, Zen 4, 2 threads) and the AVX2 build (``pmaddwd`` + an add on 6-row tiles of a decoded panel:
+    1.1-1.25x at 16-512 rows for Q8_0 / Q4_1 / Q5_0, Zen 3, one thread; 0.7-0.8x before those tiles). Not
+    the AVX-512 build without VNNI (0.73-0.90x on a Zen 4; its tiles were not re-measured)."""
     return (path or cpu_path()) in INT16_FAST_PATHS
 
 

@@ -13,7 +13,7 @@ Activations (``act``, ``KernelSettings.gguf_act``), per row:
 * ``"int8"``: the kernels' int8-activation mode (per row and 32 k, like llama.cpp's Q8 activations)
   for every row, prompt and generated alike;
 * ``"by-kind"`` (the default): by token kind: prompt tokens (prefill, recompute after preemption:
-  positions before the prompt's end) in int16 where that is faster than fp32 (a build with VNNI:
+  positions before the prompt's end) in int16 where that is faster than fp32 (a build with VNNI, or AVX2:
   ``kernels.gguf_linear.int16_fast``; per row and 32 k, ~2e-5 relative error, held-out ppl +0.0003%),
   else in fp32; generated tokens (decode rows, speculative-verify rows, recomputed generated tokens) in
   int8, whatever else is in the batch (the runner marks each row's kind in ``AttnContext.generated``).

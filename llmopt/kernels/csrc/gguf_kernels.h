@@ -134,6 +134,7 @@ struct V {
 #endif
   }
   static GGUF_INLINE F cvti(I a) { return _mm512_cvtepi32_ps(a); }
+  static GGUF_INLINE void pin(I&) {}  // see the AVX2 struct's
   // --- int16 activations ---
   // bytes 2 SEL, 2 SEL + 1 of each 32-bit lane as two int16 (zero- or, SIGNED, sign-extended)
   template <int SEL, bool SIGNED> static GGUF_INLINE I pairs16(I a) {
@@ -240,6 +241,10 @@ struct V {
             dot_u1(acc.b, _mm256_abs_epi8(w.b), _mm256_sign_epi8(x.b, w.b))};
   }
   static GGUF_INLINE F cvti(I x) { return cvt(x); }
+  // An empty asm that "writes" an integer accumulator: GCC otherwise reassociates a chain of integer
+  // adds (the dot products of a sub-block) into a tree, keeps every product live and spills them to the
+  // stack (a 4-row int8 tile stored ~57 ymm per sub-block). Integer sums are exact: no bits change.
+  static GGUF_INLINE void pin(I& x) { __asm__("" : "+x"(x.a), "+x"(x.b)); }
   // --- int16 activations (see the AVX-512 struct) ---
   template <int SEL, bool SIGNED> static GGUF_INLINE I pairs16(I v) {
     constexpr char z = (char)0x80, b0 = 2 * SEL, b1 = 2 * SEL + 1;
@@ -683,7 +688,10 @@ GGUF_INLINE void tile_a8(const uint8_t* const* pan, const A8Row* rows, int64_t n
             std::memcpy(&x0, xg, 4);
             std::memcpy(&x1, xg + 4, 4);
             const I xv0 = V::iset1(x0), xv1 = V::iset1(x1);
-            for (int p = 0; p < NP; ++p) is[p][r] = V::dot_u(V::dot_u(is[p][r], lo[p], xv0), hi[p], xv1);
+            for (int p = 0; p < NP; ++p) {
+              is[p][r] = V::dot_u(V::dot_u(is[p][r], lo[p], xv0), hi[p], xv1);
+              if constexpr (T::H == 0) V::pin(is[p][r]);  // (measured: the 5-bit types ran 0.9x with it at 1-2 rows)
+            }
           }
         });
       } else {
@@ -694,7 +702,10 @@ GGUF_INLINE void tile_a8(const uint8_t* const* pan, const A8Row* rows, int64_t n
             int32_t x0;
             std::memcpy(&x0, rows[r].xq + sb * 32 + g, 4);
             const I xv = V::iset1(x0);
-            for (int p = 0; p < NP; ++p) is[p][r] = V::dot_s(is[p][r], w[p], xv);
+            for (int p = 0; p < NP; ++p) {
+              is[p][r] = V::dot_s(is[p][r], w[p], xv);
+              V::pin(is[p][r]);
+            }
           }
         }
       }
@@ -769,9 +780,11 @@ GGUF_INLINE void tile_a16(const uint8_t* const* pan, const A16Row* rows, int64_t
           for (int r = 0; r < R; ++r) {
             const int16_t* xg = rows[r].xq + b * T::QB + kb;
             const I x0 = bcast_pair(xg), x1 = bcast_pair(xg + 2), x2 = bcast_pair(xg + 4), x3 = bcast_pair(xg + 6);
-            for (int p = 0; p < NP; ++p)
+            for (int p = 0; p < NP; ++p) {
               is[p][r] = V::dot16(V::dot16(V::dot16(V::dot16(is[p][r], w[p][0], x0), w[p][1], x1), w[p][2], x2),
                                   w[p][3], x3);
+              V::pin(is[p][r]);
+            }
           }
         });
       } else {
@@ -785,7 +798,10 @@ GGUF_INLINE void tile_a16(const uint8_t* const* pan, const A16Row* rows, int64_t
           for (int r = 0; r < R; ++r) {
             const int16_t* xg = rows[r].xq + sb * 32 + g;
             const I x0 = bcast_pair(xg), x1 = bcast_pair(xg + 2);
-            for (int p = 0; p < NP; ++p) is[p][r] = V::dot16(V::dot16(is[p][r], w0[p], x0), w1[p], x1);
+            for (int p = 0; p < NP; ++p) {
+              is[p][r] = V::dot16(V::dot16(is[p][r], w0[p], x0), w1[p], x1);
+              V::pin(is[p][r]);
+            }
           }
         }
       }
@@ -875,6 +891,49 @@ GGUF_INLINE void tile_a16_buf(const I* dec, const A16Row* rows, int64_t nblk, fl
   }
   for (int r = 0; r < R; ++r) V::store(out + r * LANES, acc[r]);
 }
+
+#if !defined(__AVX512F__)
+// tile_a16_buf for AVX2, where a 16-lane vector is two of only 16 ymm registers: tile_a16_buf's
+// fp32 accumulators, integer sums and four code vectors need 4 R + 8 ymm, so it ran 2-row tiles (0.7-0.8x
+// the fp32 chain's speed). Here the fp32 accumulators wait in `out` (L1) between sub-blocks and the codes
+// are read one vector pair (2 k, 16 columns) at a time: 2 R + 3 ymm, 6-row tiles. The same integer sums
+// (exact, any order) and the same fold per sub-block in k order: tile_a16_buf's bits.
+template <class T, int R>
+GGUF_INLINE void tile_a16_buf_ymm(const I* dec, const A16Row* rows, int64_t nblk, float* out) {
+  constexpr int NV = T::S / 2;  // code vectors (2 k each) per sub-block
+  for (int r = 0; r < R; ++r) V::store(out + r * LANES, V::zero());
+  for (int64_t b = 0; b < nblk; ++b) {
+    for (int s = 0; s < T::NS; ++s) {
+      const int64_t k0 = b * T::QB + s * T::S;
+      const I* o = dec + (b * T::NS + s) * kA16SubVecs<T>;
+      __m256i sa[R], sb[R];
+      for (int r = 0; r < R; ++r) sa[r] = sb[r] = _mm256_setzero_si256();
+      static_for<0, NV>([&](auto vc) {
+        constexpr int v = decltype(vc)::value;
+        const __m256i wa = _mm256_load_si256(&o[v].a), wb = _mm256_load_si256(&o[v].b);
+        for (int r = 0; r < R; ++r) {
+          int32_t xv;
+          std::memcpy(&xv, rows[r].xq + k0 + 2 * v, 4);
+          const __m256i x = _mm256_set1_epi32(xv);
+          sa[r] = _mm256_add_epi32(sa[r], _mm256_madd_epi16(wa, x));
+          sb[r] = _mm256_add_epi32(sb[r], _mm256_madd_epi16(wb, x));
+          // an empty asm "writes" the sums: GCC otherwise reassociates the integer adds into a tree,
+          // keeps all 2 R * NV products live and spills them to the stack (1.6-1.8x slower than fp32)
+          __asm__("" : "+x"(sa[r]), "+x"(sb[r]));
+        }
+      });
+      F A, Bm;
+      std::memcpy(&A, &o[NV], sizeof(F));
+      std::memcpy(&Bm, &o[NV + 1], sizeof(F));
+      const int64_t sbk = k0 / 32;
+      for (int r = 0; r < R; ++r) {
+        const F acc = a8_fold<T, 0>(V::load(out + r * LANES), I{sa[r], sb[r]}, A, Bm, rows[r], sbk, a8_xs<T>(rows[r], k0));
+        V::store(out + r * LANES, acc);
+      }
+    }
+  }
+}
+#endif
 
 // ------------------------------------------------------------------------------------------
 // The kernel table: the panel-level entry points of one ISA build (gguf_linear.cpp exports its

@@ -637,14 +637,24 @@ void a16_tile(const Job& J, const A16Row* rows, int64_t p, int64_t m0) {
 #if defined(__AVX512F__)
 constexpr int A16_BR = 12;  // rows per tile on a decoded panel (12 int32 + 12 fp32 accumulators + 4 code zmm)
 #else
-constexpr int A16_BR = 2;
+constexpr int A16_BR = 6;  // AVX2 (tile_a16_buf_ymm): 12 int32 accumulator ymm + 2 code ymm + 1 activation ymm
 #endif
-int64_t g_a16_buf_min_rows = 16;  // from this many rows, each panel's codes are decoded once for all row tiles
+// from this many rows, each panel's codes are decoded once for all row tiles (AVX2: 4; the 2-row register
+// tiles ran 0.9-1.5x the fp32 chain's time at 4-12 rows, the decoded panel's 6-row tiles 0.8-0.9x)
+#if defined(__AVX512F__)
+int64_t g_a16_buf_min_rows = 16;
+#else
+int64_t g_a16_buf_min_rows = 4;
+#endif
 
 template <class T, int R>
 void a16_buf_tile(const Job& J, const I* dec, const A16Row* rows, int64_t p, int64_t m0) {
   alignas(64) float out[R * LANES];
+#if defined(__AVX512F__)
   tile_a16_buf<T, R>(dec, rows + m0, J.nblk, out);
+#else
+  tile_a16_buf_ymm<T, R>(dec, rows + m0, J.nblk, out);
+#endif
   write_rows(J, p, m0, R, out, LANES);
 }
 
