@@ -1,6 +1,7 @@
 """Native GGUF linear (llmopt.kernels.gguf_linear) vs dequantized fp32 torch matmul (MKL) vs fbgemm
-dynamic int8, side by side in one run, per type, per CPU path (and, on a CPU with AMX-BF16, the
-act="bf16x3" prompt path: fp32 activations as three bf16 parts on AMX tiles).
+dynamic int8, side by side in one run, per type, per CPU path: fp32 activations, int16 (prompt rows where
+int16_fast) and int8 (generated rows), and, on a CPU with AMX-BF16, the act="bf16x3" prompt path (fp32
+activations as three bf16 parts on AMX tiles).
 
     python benchmarks/bench_gguf_linear.py [--threads 2] [--types Q4_0,Q4_K] [--ms 1,16,512]
 
@@ -94,8 +95,9 @@ def main() -> None:
     a8_types = set(G.supported_types("int8"))
     bf3 = G.bf16x3_available()
     cols = (["mkl", "fbgemm8"] + [f"fp32 {p}" for p in fp32_paths] + (["bf16x3"] if bf3 else [])
-            + [f"int8 {p}" for p in paths])
-    print("cells: ms (MKL time / this time); int8 = the act='int8' mode (generated rows; every row with LLMOPT_GGUF_ACT=int8)")
+            + [f"int16 {p}" for p in paths] + [f"int8 {p}" for p in paths])
+    print("cells: ms (MKL time / this time); int16 = the act='int16' mode (prompt rows where int16_fast); "
+          "int8 = the act='int8' mode (generated rows; every row with LLMOPT_GGUF_ACT=int8)")
     for k, n in shapes:
         w32 = torch.randn(n, k) * 0.05
         lin = torch.ao.nn.quantized.dynamic.Linear(k, n, dtype=torch.qint8)
@@ -117,6 +119,7 @@ def main() -> None:
                     fns[f"{qt.name} bf16x3"] = lambda x=x, pk=pk: G.gguf_linear(x, pk, act="bf16x3")
                 if qt.name in a8_types:
                     for p in paths:
+                        fns[f"{qt.name} int16 {p}"] = lambda x=x, pk=pk, p=p: G.gguf_linear(x, pk, act="int16", path=p)
                         fns[f"{qt.name} int8 {p}"] = lambda x=x, pk=pk, p=p: G.gguf_linear(x, pk, act="int8", path=p)
             res[m] = time_interleaved(fns, args.budget, stat=args.stat)
         for qt in types:
@@ -127,7 +130,7 @@ def main() -> None:
                 r = res[m]
                 cells = [f"{r['mkl'] * 1e3:9.3f}        "]
                 keys = ["fbgemm8"] + [f"{qt.name} fp32 {p}" for p in fp32_paths] + ([f"{qt.name} bf16x3"] if bf3 else [])
-                for key in keys + [f"{qt.name} int8 {p}" for p in paths]:
+                for key in keys + [f"{qt.name} int{b} {p}" for b in (16, 8) for p in paths]:
                     cells.append(f"{r[key] * 1e3:9.3f} ({r['mkl'] / r[key]:5.2f})" if key in r else f"{'-':>17s}")
                 print(f"{qt.name:6s} {packs[qt].bits_per_weight:5.2f} {m:4d} " + " ".join(cells))
 
