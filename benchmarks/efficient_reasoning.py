@@ -104,7 +104,7 @@ def shared_prefix(engine: LLMEngine, prompts: list[Any]) -> list[int]:
     return ids[0][:n]
 
 
-def prepare_cache(engine: LLMEngine, prompts: list[Any], mode: str) -> None:
+def prepare_cache(engine: LLMEngine, prompts: list[Any], mode: str, prefix: list[int]) -> None:
     """The same prefix-cache state before every setting's run of a case (untimed). ``fresh``: as in a
     competition run, where each question arrives once: only the prefix all the case's prompts share (the
     system prompt) is cached, so every setting computes its questions' own tokens. ``cached``: every prompt
@@ -114,16 +114,16 @@ def prepare_cache(engine: LLMEngine, prompts: list[Any], mode: str) -> None:
     if mode == "cached":
         answer(engine, prompts, SamplingParams(max_tokens=1, temperature=0.0), len(prompts))
         return
-    prefix = shared_prefix(engine, prompts)
-    if prefix:
+    if prefix:  # shared_prefix(engine, prompts), computed once per case by the caller
         answer(engine, [prefix], SamplingParams(max_tokens=1, temperature=0.0), 1)
 
 
 def run_case(engines: dict[bool, LLMEngine], res: Result, items: list[Any], prompts: list[Any], graders: dict[str, Any],
-             params: SamplingParams, args: argparse.Namespace, concurrency: int) -> None:
-    """Answer one test case (``items``, ``concurrency`` in flight) under ``res.setting`` and add it to ``res``."""
+             params: SamplingParams, args: argparse.Namespace, concurrency: int, prefix: list[int]) -> None:
+    """Answer one test case (``items``, ``concurrency`` in flight) under ``res.setting`` and add it to ``res``
+    (``prefix``: the case's shared prompt prefix, see prepare_cache)."""
     engine = engines[res.setting.spec]
-    prepare_cache(engine, prompts, args.prompts)
+    prepare_cache(engine, prompts, args.prompts, prefix)
     before = dict(engine.stats)
     t0 = time.perf_counter()
     outs = answer(engine, prompts, params, concurrency)
@@ -285,12 +285,13 @@ def main() -> None:
         open(args.records, "w", encoding="utf-8").close()
     for c, start in enumerate(starts):
         end = start + args.case_size
+        prefix = shared_prefix(next(iter(engines.values())), prompts[start:end])
         for j in range(len(settings)):
             # at each concurrency level the first setting cycles through all of them (case c runs at level
             # c mod L: its round c // L shifts the order), whatever the numbers of settings and levels
             i = (j + c % len(levels) + c // len(levels)) % len(settings)
             run_case(engines, results[i], items[start:end], prompts[start:end], graders, params[i], args,
-                     levels[c % len(levels)])
+                     levels[c % len(levels)], prefix)
         if args.records:
             with open(args.records, "a", encoding="utf-8") as f:
                 for r in results:
