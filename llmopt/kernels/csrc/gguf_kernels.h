@@ -906,20 +906,14 @@ GGUF_INLINE void tile_a16_buf_ymm(const I* dec, const A16Row* rows, int64_t nblk
     for (int s = 0; s < T::NS; ++s) {
       const int64_t k0 = b * T::QB + s * T::S;
       const I* o = dec + (b * T::NS + s) * kA16SubVecs<T>;
-      __m256i sa[R], sb[R];
-      for (int r = 0; r < R; ++r) sa[r] = sb[r] = _mm256_setzero_si256();
+      I is[R];
+      for (int r = 0; r < R; ++r) is[r] = V::izero();
       static_for<0, NV>([&](auto vc) {
         constexpr int v = decltype(vc)::value;
-        const __m256i wa = _mm256_load_si256(&o[v].a), wb = _mm256_load_si256(&o[v].b);
+        const I w = o[v];
         for (int r = 0; r < R; ++r) {
-          int32_t xv;
-          std::memcpy(&xv, rows[r].xq + k0 + 2 * v, 4);
-          const __m256i x = _mm256_set1_epi32(xv);
-          sa[r] = _mm256_add_epi32(sa[r], _mm256_madd_epi16(wa, x));
-          sb[r] = _mm256_add_epi32(sb[r], _mm256_madd_epi16(wb, x));
-          // an empty asm "writes" the sums: GCC otherwise reassociates the integer adds into a tree,
-          // keeps all 2 R * NV products live and spills them to the stack (1.6-1.8x slower than fp32)
-          __asm__("" : "+x"(sa[r]), "+x"(sb[r]));
+          is[r] = V::dot16(is[r], w, bcast_pair(rows[r].xq + k0 + 2 * v));
+          V::pin(is[r]);  // without it: all 2 R * NV products live and spilled, 1.6-1.8x slower than fp32
         }
       });
       F A, Bm;
@@ -927,7 +921,7 @@ GGUF_INLINE void tile_a16_buf_ymm(const I* dec, const A16Row* rows, int64_t nblk
       std::memcpy(&Bm, &o[NV + 1], sizeof(F));
       const int64_t sbk = k0 / 32;
       for (int r = 0; r < R; ++r) {
-        const F acc = a8_fold<T, 0>(V::load(out + r * LANES), I{sa[r], sb[r]}, A, Bm, rows[r], sbk, a8_xs<T>(rows[r], k0));
+        const F acc = a8_fold<T, 0>(V::load(out + r * LANES), is[r], A, Bm, rows[r], sbk, a8_xs<T>(rows[r], k0));
         V::store(out + r * LANES, acc);
       }
     }

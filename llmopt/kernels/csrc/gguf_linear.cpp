@@ -634,16 +634,14 @@ void a16_tile(const Job& J, const A16Row* rows, int64_t p, int64_t m0) {
   write_rows(J, p, m0, R, out, LANES);
 }
 
+// A16_BR: rows per tile on a decoded panel; g_a16_buf_min_rows: from this many rows, each panel's codes are
+// decoded once for all row tiles (AVX2: 4; its 2-row register tiles ran 0.9-1.5x the fp32 chain's time at
+// 4-12 rows, the decoded panel's 6-row tiles 0.8-0.9x)
 #if defined(__AVX512F__)
-constexpr int A16_BR = 12;  // rows per tile on a decoded panel (12 int32 + 12 fp32 accumulators + 4 code zmm)
-#else
-constexpr int A16_BR = 6;  // AVX2 (tile_a16_buf_ymm): 12 int32 accumulator ymm + 2 code ymm + 1 activation ymm
-#endif
-// from this many rows, each panel's codes are decoded once for all row tiles (AVX2: 4; the 2-row register
-// tiles ran 0.9-1.5x the fp32 chain's time at 4-12 rows, the decoded panel's 6-row tiles 0.8-0.9x)
-#if defined(__AVX512F__)
+constexpr int A16_BR = 12;  // 12 int32 + 12 fp32 accumulators + 4 code zmm
 int64_t g_a16_buf_min_rows = 16;
 #else
+constexpr int A16_BR = 6;  // tile_a16_buf_ymm: 12 int32 accumulator ymm + 2 code ymm + 1 activation ymm
 int64_t g_a16_buf_min_rows = 4;
 #endif
 
